@@ -1,0 +1,5 @@
+"""Tailguard control plane (Django)."""
+
+from controlplane.celery import app as celery_app
+
+__all__ = ["celery_app"]

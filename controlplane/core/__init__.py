@@ -1,0 +1,1 @@
+"""Shared foundations: base models, DRF base classes, tenant scoping, permissions."""

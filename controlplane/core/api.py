@@ -1,0 +1,78 @@
+"""DRF base classes: strict serializers, tenant fields and tenant-scoped viewsets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import models
+from django.db.models import QuerySet
+from rest_framework import serializers, viewsets
+
+from controlplane.core.scoping import scope, writable_tenant_ids
+from controlplane.tenancy.models import Tenant
+
+
+class StrictCharField(serializers.CharField):
+    """A string field that refuses numbers and booleans instead of turning them into text."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return str(super().to_internal_value(data))
+
+
+class StrictSerializer(serializers.ModelSerializer):
+    """Rejects unknown and read-only fields by name instead of silently dropping them.
+
+    Automation that sends `hostname` to a node PATCH believes it changed something;
+    a 400 naming the field tells it otherwise.
+    """
+
+    serializer_field_mapping = {
+        **serializers.ModelSerializer.serializer_field_mapping,
+        models.CharField: StrictCharField,
+        models.TextField: StrictCharField,
+    }
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, dict):
+            writable = {name for name, field in self.fields.items() if not field.read_only}
+            errors = {}
+            for key in data:
+                if key not in self.fields:
+                    errors[key] = ["Unknown field."]
+                elif key not in writable:
+                    errors[key] = ["This field is read-only."]
+            if errors:
+                raise serializers.ValidationError(errors)
+        return super().to_internal_value(data)
+
+
+class WritableTenantField(serializers.PrimaryKeyRelatedField):
+    """A tenant reference limited to tenants the caller administers.
+
+    Another tenant's id then fails exactly like an unknown id: 400, no leak.
+    """
+
+    def get_queryset(self) -> QuerySet[Tenant]:
+        request = self.context.get("request")
+        queryset = Tenant.objects.filter(is_active=True)
+        tenant_ids = writable_tenant_ids(request.user if request else None)
+        return queryset if tenant_ids is None else queryset.filter(id__in=tenant_ids)
+
+
+class TenantScopedMixin:
+    """Cuts a viewset's queryset down to the caller's tenants, always.
+
+    Subclasses set `queryset` (with its select/prefetch) and, where the tenant is
+    reached through a relation, `tenant_field`.
+    """
+
+    tenant_field = "tenant"
+
+    def get_queryset(self) -> QuerySet[Any]:
+        return scope(super().get_queryset(), self.request.user, self.tenant_field)  # type: ignore[misc]
+
+
+class TenantScopedViewSet(TenantScopedMixin, viewsets.ModelViewSet):
+    pass

@@ -1,0 +1,1 @@
+"""Nodes and what the agent discovered on them: GPUs, RDMA NICs, NVMe drives, NUMA."""

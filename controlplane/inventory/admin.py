@@ -1,0 +1,79 @@
+from django.contrib import admin
+
+from controlplane.inventory.models import Drive, Gpu, Nic, Node, NumaNode
+
+
+class ReadOnlyInline(admin.TabularInline):
+    """Discovered facts: shown, never edited by hand (the next report would undo it)."""
+
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):  # noqa: ANN001, ANN201
+        return False
+
+    def get_readonly_fields(self, request, obj=None):  # noqa: ANN001, ANN201
+        return [field.name for field in self.model._meta.fields]
+
+
+class NumaInline(ReadOnlyInline):
+    model = NumaNode
+
+
+class GpuInline(ReadOnlyInline):
+    model = Gpu
+
+
+class NicInline(ReadOnlyInline):
+    model = Nic
+
+
+class DriveInline(ReadOnlyInline):
+    model = Drive
+
+
+@admin.register(Node)
+class NodeAdmin(admin.ModelAdmin):
+    list_display = ["hostname", "status", "maintenance", "tenant", "agent_version",
+                    "last_heartbeat_at", "cpu_count"]
+    list_filter = ["status", "maintenance", "tenant", "agent_version"]
+    search_fields = ["hostname", "labels"]
+    readonly_fields = ["status", "agent_version", "last_heartbeat_at", "kernel", "os",
+                       "cpu_model", "cpu_count", "memory_total_bytes", "created_at", "updated_at"]
+    fields = ["hostname", "tenant", "labels", "maintenance", "maintenance_reason", *readonly_fields]
+    inlines = [NumaInline, GpuInline, NicInline, DriveInline]
+
+    def get_readonly_fields(self, request, obj=None):  # noqa: ANN001, ANN201
+        return [*self.readonly_fields, "hostname"] if obj else self.readonly_fields
+
+
+class HardwareAdmin(admin.ModelAdmin):
+    list_select_related = ["node"]
+
+    def has_add_permission(self, request):  # noqa: ANN001, ANN201
+        return False
+
+    def has_change_permission(self, request, obj=None):  # noqa: ANN001, ANN201
+        return False
+
+
+@admin.register(Gpu)
+class GpuAdmin(HardwareAdmin):
+    list_display = ["node", "index", "name", "memory_total_bytes", "mig_mode", "pci_bus_id",
+                    "numa_node"]
+    list_filter = ["name", "mig_mode", "numa_node"]
+    search_fields = ["uuid", "node__hostname", "pci_bus_id"]
+
+
+@admin.register(Nic)
+class NicAdmin(HardwareAdmin):
+    list_display = ["node", "device", "port", "state", "speed_gbps", "link_layer", "numa_node"]
+    list_filter = ["state", "link_layer", "numa_node"]
+    search_fields = ["device", "netdev", "node__hostname"]
+
+
+@admin.register(Drive)
+class DriveAdmin(HardwareAdmin):
+    list_display = ["node", "name", "model", "capacity_bytes", "numa_node"]
+    list_filter = ["model", "numa_node"]
+    search_fields = ["serial", "model", "node__hostname"]

@@ -1,0 +1,77 @@
+"""Thin viewsets over inventory selectors and services."""
+
+from __future__ import annotations
+
+from rest_framework import mixins, viewsets
+from rest_framework.serializers import Serializer
+
+from controlplane.core.api import TenantScopedMixin
+from controlplane.core.permissions import IsPlatformAdmin, TenantRolePermission
+from controlplane.inventory import selectors, services
+from controlplane.inventory.api import serializers as s
+from controlplane.inventory.filtersets import (
+    DriveFilterSet,
+    GpuFilterSet,
+    NicFilterSet,
+    NodeFilterSet,
+)
+from controlplane.inventory.models import Drive, Gpu, Nic
+
+
+class NodeViewSet(
+    TenantScopedMixin,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.UpdateModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
+):
+    """Nodes join by enrolling their agent; people edit labels, maintenance and dedication.
+
+    Tenant users see the nodes dedicated to their tenant; the shared fleet is the
+    platform admins'. Deleting (decommissioning) a node is for platform admins.
+    """
+
+    queryset = selectors.nodes_with_hardware()
+    serializer_class = s.NodeSerializer
+    filterset_class = NodeFilterSet
+    search_fields = ["hostname"]
+    ordering_fields = ["hostname", "status", "last_heartbeat_at", "created_at"]
+
+    def get_permissions(self) -> list[object]:
+        if self.action == "destroy":
+            return [IsPlatformAdmin()]
+        return [TenantRolePermission()]
+
+    def perform_update(self, serializer: Serializer) -> None:
+        serializer.instance = services.update_node(serializer.instance, **serializer.validated_data)
+
+
+class HardwareViewSet(TenantScopedMixin, viewsets.ReadOnlyModelViewSet):
+    """Discovered hardware, read-only; scoped through the node's tenant."""
+
+    tenant_field = "node__tenant"
+
+
+class GpuViewSet(HardwareViewSet):
+    queryset = Gpu.objects.all()
+    serializer_class = s.GpuSerializer
+    filterset_class = GpuFilterSet
+    search_fields = ["name", "uuid", "pci_bus_id"]
+    ordering_fields = ["node", "index", "memory_total_bytes"]
+
+
+class NicViewSet(HardwareViewSet):
+    queryset = Nic.objects.all()
+    serializer_class = s.NicSerializer
+    filterset_class = NicFilterSet
+    search_fields = ["device", "netdev"]
+    ordering_fields = ["node", "device", "speed_gbps"]
+
+
+class DriveViewSet(HardwareViewSet):
+    queryset = Drive.objects.all()
+    serializer_class = s.DriveSerializer
+    filterset_class = DriveFilterSet
+    search_fields = ["name", "model", "serial"]
+    ordering_fields = ["node", "name", "capacity_bytes"]

@@ -1,0 +1,121 @@
+"""Nodes and their discovered hardware.
+
+Hardware rows are written by the agent's inventory reports and are read-only to
+people; operators change only labels, maintenance and tenant dedication.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+
+from controlplane.core.models import BaseModel
+from controlplane.inventory.choices import LinkLayer, MigMode, NodeStatus
+from controlplane.inventory.validators import validate_labels
+
+
+class Node(BaseModel):
+    hostname = models.CharField(max_length=253, unique=True)
+    tenant = models.ForeignKey(
+        "tenancy.Tenant",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="dedicated_nodes",
+        help_text="Set to dedicate the node to one tenant; empty means the shared fleet.",
+    )
+    labels = models.JSONField(default=dict, blank=True, validators=[validate_labels])
+    status = models.CharField(max_length=16, choices=NodeStatus.choices, default=NodeStatus.PENDING)
+    maintenance = models.BooleanField(
+        default=False, help_text="Drained: placement puts nothing new here."
+    )
+    maintenance_reason = models.CharField(max_length=200, blank=True)
+    agent_version = models.CharField(max_length=64, blank=True)
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    kernel = models.CharField(max_length=200, blank=True)
+    os = models.CharField(max_length=200, blank=True)
+    cpu_model = models.CharField(max_length=200, blank=True)
+    cpu_count = models.PositiveIntegerField(default=0)
+    memory_total_bytes = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["hostname"]
+        indexes = [models.Index(fields=["status"])]
+
+    def __str__(self) -> str:
+        return self.hostname
+
+
+class NodePart(models.Model):
+    """A piece of discovered hardware; the agent replaces the set on every report."""
+
+    id = models.BigAutoField(primary_key=True)
+    numa_node = models.IntegerField(null=True, blank=True)
+
+    class Meta:
+        abstract = True
+
+
+class NumaNode(NodePart):
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="numa_nodes")
+    index = models.PositiveIntegerField()
+    cpulist = models.CharField(max_length=1000, help_text="Kernel cpulist, e.g. 0-15,32-47.")
+    memory_total_bytes = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["node", "index"]
+        constraints = [models.UniqueConstraint(fields=["node", "index"], name="numa_index_per_node")]
+
+
+class Gpu(NodePart):
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="gpus")
+    index = models.PositiveIntegerField()
+    uuid = models.CharField(max_length=64)
+    name = models.CharField(max_length=200, help_text="Model, as NVML names it.")
+    memory_total_bytes = models.PositiveBigIntegerField()
+    mig_mode = models.CharField(max_length=16, choices=MigMode.choices, default=MigMode.UNSUPPORTED)
+    pci_bus_id = models.CharField(max_length=32)
+    driver_version = models.CharField(max_length=64, blank=True)
+
+    class Meta:
+        ordering = ["node", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["node", "index"], name="gpu_index_per_node"),
+            models.UniqueConstraint(fields=["uuid"], name="gpu_uuid_unique"),
+        ]
+
+
+class Nic(NodePart):
+    """An RDMA-capable port (one row per device and port)."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="nics")
+    device = models.CharField(max_length=64)
+    port = models.PositiveIntegerField(default=1)
+    state = models.CharField(max_length=32)
+    speed_gbps = models.FloatField(default=0)
+    width = models.CharField(max_length=8, blank=True)
+    link_layer = models.CharField(max_length=16, choices=LinkLayer.choices)
+    netdev = models.CharField(max_length=64, blank=True)
+    pci_bus_id = models.CharField(max_length=32, blank=True)
+
+    class Meta:
+        ordering = ["node", "device", "port"]
+        constraints = [
+            models.UniqueConstraint(fields=["node", "device", "port"], name="nic_port_per_node")
+        ]
+
+
+class Drive(NodePart):
+    """An NVMe namespace."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="drives")
+    name = models.CharField(max_length=64)
+    model = models.CharField(max_length=200, blank=True)
+    serial = models.CharField(max_length=100, blank=True)
+    firmware = models.CharField(max_length=64, blank=True)
+    capacity_bytes = models.PositiveBigIntegerField()
+    logical_block_size = models.PositiveIntegerField(default=512)
+    pci_bus_id = models.CharField(max_length=32, blank=True)
+
+    class Meta:
+        ordering = ["node", "name"]
+        constraints = [models.UniqueConstraint(fields=["node", "name"], name="drive_name_per_node")]

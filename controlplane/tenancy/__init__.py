@@ -1,0 +1,1 @@
+"""Tenants, memberships and roles, API tokens and inference API keys."""

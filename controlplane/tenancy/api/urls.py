@@ -1,0 +1,12 @@
+from django.urls import path
+from rest_framework.routers import SimpleRouter
+
+from controlplane.tenancy.api import views
+
+router = SimpleRouter()
+router.register("tenants", views.TenantViewSet)
+router.register("memberships", views.MembershipViewSet)
+router.register("api-tokens", views.ApiTokenViewSet, basename="apitoken")
+router.register("inference-keys", views.InferenceKeyViewSet)
+
+urlpatterns = [path("me/", views.MeView.as_view(), name="me"), *router.urls]

@@ -1,0 +1,145 @@
+"""Thin viewsets over tenancy services and selectors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from django.db.models import QuerySet
+from drf_spectacular.utils import extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.serializers import Serializer
+from rest_framework.views import APIView
+
+from controlplane.core.api import TenantScopedMixin, TenantScopedViewSet
+from controlplane.core.permissions import IsPlatformAdmin, TenantRolePermission
+from controlplane.core.scoping import is_platform_admin
+from controlplane.tenancy import services
+from controlplane.tenancy.api import serializers as s
+from controlplane.tenancy.filtersets import (
+    InferenceKeyFilterSet,
+    MembershipFilterSet,
+    TenantFilterSet,
+)
+from controlplane.tenancy.models import ApiToken, InferenceKey, Membership, Tenant
+
+
+class TenantViewSet(TenantScopedViewSet):
+    """Tenants the caller belongs to. Creating and deleting tenants is for platform admins."""
+
+    queryset = Tenant.objects.all()
+    serializer_class = s.TenantSerializer
+    filterset_class = TenantFilterSet
+    search_fields = ["slug", "name"]
+    ordering_fields = ["slug", "name", "created_at"]
+    tenant_field = "id"
+
+    def get_permissions(self) -> list[Any]:
+        if self.action in ("create", "destroy"):
+            return [IsPlatformAdmin()]
+        return [TenantRolePermission()]
+
+    def perform_create(self, serializer: Serializer) -> None:
+        serializer.instance = services.create_tenant(**serializer.validated_data)
+
+
+class MembershipViewSet(TenantScopedViewSet):
+    queryset = Membership.objects.select_related("tenant", "user")
+    serializer_class = s.MembershipSerializer
+    filterset_class = MembershipFilterSet
+    ordering_fields = ["created_at", "role"]
+
+    def perform_create(self, serializer: Serializer) -> None:
+        serializer.instance = services.set_membership(**serializer.validated_data)
+
+
+class IssueSecretMixin:
+    """Create returns the plaintext secret once; delete revokes instead of erasing history."""
+
+    created_serializer_class: type[Serializer]
+    secret_field: str
+    issue: Callable[[dict[str, Any]], services.Issued]  # each viewset names its service
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        serializer = self.get_serializer(data=request.data)  # type: ignore[attr-defined]
+        serializer.is_valid(raise_exception=True)
+        issued = self.issue(serializer.validated_data)
+        setattr(issued.obj, self.secret_field, issued.secret)
+        body = self.created_serializer_class(issued.obj, context={"request": request}).data
+        return Response(body, status=status.HTTP_201_CREATED)
+
+    def perform_destroy(self, instance: ApiToken | InferenceKey) -> None:
+        services.revoke(instance)
+
+
+class ApiTokenViewSet(
+    IssueSecretMixin,
+    mixins.CreateModelMixin,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
+):
+    """The caller's own API tokens."""
+
+    queryset = ApiToken.objects.all()
+    serializer_class = s.ApiTokenSerializer
+    created_serializer_class = s.ApiTokenCreatedSerializer
+    secret_field = "token"
+    permission_classes = [IsAuthenticated]
+    ordering_fields = ["created_at", "name"]
+
+    def get_queryset(self) -> QuerySet[ApiToken]:
+        return super().get_queryset().filter(user_id=self.request.user.pk)
+
+    def issue(self, validated: dict[str, Any]) -> services.Issued:
+        return services.issue_api_token(user=self.request.user, **validated)
+
+    @extend_schema(responses={201: s.ApiTokenCreatedSerializer})
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().create(request, *args, **kwargs)
+
+
+class InferenceKeyViewSet(
+    IssueSecretMixin,
+    mixins.CreateModelMixin,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.DestroyModelMixin,
+    TenantScopedMixin,
+    viewsets.GenericViewSet,
+):
+    """Keys that name a tenant to inference workers."""
+
+    queryset = InferenceKey.objects.all()
+    serializer_class = s.InferenceKeySerializer
+    created_serializer_class = s.InferenceKeyCreatedSerializer
+    secret_field = "key"
+    filterset_class = InferenceKeyFilterSet
+    ordering_fields = ["created_at", "name"]
+
+    def issue(self, validated: dict[str, Any]) -> services.Issued:
+        return services.issue_inference_key(created_by=self.request.user, **validated)
+
+    @extend_schema(responses={201: s.InferenceKeyCreatedSerializer})
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().create(request, *args, **kwargs)
+
+
+class MeView(APIView):
+    """Who the caller is and what they may do."""
+
+    permission_classes = [IsAuthenticated]
+
+    @extend_schema(responses=s.MeSerializer)
+    def get(self, request: Request) -> Response:
+        user = request.user
+        body = {
+            "username": user.get_username(),
+            "is_platform_admin": is_platform_admin(user),
+            "memberships": user.memberships.select_related("tenant"),
+        }
+        return Response(s.MeSerializer(body).data)

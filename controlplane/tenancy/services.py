@@ -1,0 +1,109 @@
+"""All mutations of tenancy objects; views, commands and the demo share these."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.db import transaction
+from django.utils import timezone
+
+from controlplane.tenancy.choices import Role
+from controlplane.tenancy.models import ApiToken, InferenceKey, Membership, Tenant
+
+API_TOKEN_PREFIX = "tg_"
+INFERENCE_KEY_PREFIX = "tgi_"
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _new_secret(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A freshly created secret object with its plaintext, which is never stored."""
+
+    obj: ApiToken | InferenceKey
+    secret: str
+
+
+def create_tenant(*, slug: str, name: str, description: str = "", is_active: bool = True) -> Tenant:
+    tenant = Tenant(slug=slug, name=name, description=description, is_active=is_active)
+    tenant.full_clean()
+    tenant.save()
+    return tenant
+
+
+def set_membership(*, tenant: Tenant, user: Any, role: str) -> Membership:
+    membership, _ = Membership.objects.update_or_create(
+        tenant=tenant, user=user, defaults={"role": role}
+    )
+    return membership
+
+
+def issue_api_token(*, user: Any, name: str, expires_at: datetime | None = None) -> Issued:
+    secret = _new_secret(API_TOKEN_PREFIX)
+    token = ApiToken.objects.create(
+        user=user, name=name, prefix=secret[:10], digest=digest(secret), expires_at=expires_at
+    )
+    return Issued(token, secret)
+
+
+def issue_inference_key(*, tenant: Tenant, name: str, created_by: Any = None) -> Issued:
+    secret = _new_secret(INFERENCE_KEY_PREFIX)
+    key = InferenceKey.objects.create(
+        tenant=tenant, name=name, prefix=secret[:11], digest=digest(secret), created_by=created_by
+    )
+    return Issued(key, secret)
+
+
+def revoke(obj: ApiToken | InferenceKey) -> None:
+    if obj.revoked_at is None:
+        obj.revoked_at = timezone.now()
+        obj.save(update_fields=["revoked_at", "updated_at"])
+
+
+@dataclass(frozen=True)
+class DemoAccounts:
+    tenant: Tenant
+    operator: tuple[str, str]
+    tenant_admin: tuple[str, str]
+    api_token: str
+
+
+@transaction.atomic
+def seed_demo() -> DemoAccounts:
+    """Idempotently create the demo tenant and users, with fresh passwords each run."""
+    user_model = get_user_model()
+    tenant = Tenant.objects.filter(slug="acme").first() or create_tenant(
+        slug="acme", name="Acme Research", description="Demo tenant"
+    )
+
+    def account(username: str, *, superuser: bool) -> tuple[Any, str]:
+        user, _ = user_model.objects.get_or_create(username=username)
+        password = secrets.token_urlsafe(12)
+        user.set_password(password)
+        user.is_staff = superuser
+        user.is_superuser = superuser
+        user.save()
+        return user, password
+
+    operator, operator_password = account("operator", superuser=True)
+    admin, admin_password = account("acme-admin", superuser=False)
+    set_membership(tenant=tenant, user=admin, role=Role.ADMIN)
+    ApiToken.objects.filter(user=admin, name="demo").delete()
+    token = issue_api_token(user=admin, name="demo")
+    return DemoAccounts(
+        tenant=tenant,
+        operator=(operator.username, operator_password),
+        tenant_admin=(admin.username, admin_password),
+        api_token=token.secret,
+    )
