@@ -20,9 +20,9 @@ def _setup_django() -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    _setup_django()
     from controlplane.demo import run_demo
 
-    _setup_django()
     return run_demo(host=args.host, port=args.port)
 
 

@@ -63,7 +63,11 @@ class NumaNode(NodePart):
 
     class Meta:
         ordering = ["node", "index"]
+        verbose_name = "NUMA node"
         constraints = [models.UniqueConstraint(fields=["node", "index"], name="numa_index_per_node")]
+
+    def __str__(self) -> str:
+        return f"node{self.index}"
 
 
 class Gpu(NodePart):
@@ -78,10 +82,14 @@ class Gpu(NodePart):
 
     class Meta:
         ordering = ["node", "index"]
+        verbose_name = "GPU"
         constraints = [
             models.UniqueConstraint(fields=["node", "index"], name="gpu_index_per_node"),
             models.UniqueConstraint(fields=["uuid"], name="gpu_uuid_unique"),
         ]
+
+    def __str__(self) -> str:
+        return f"GPU {self.index}: {self.name}"
 
 
 class Nic(NodePart):
@@ -99,9 +107,13 @@ class Nic(NodePart):
 
     class Meta:
         ordering = ["node", "device", "port"]
+        verbose_name = "RDMA NIC port"
         constraints = [
             models.UniqueConstraint(fields=["node", "device", "port"], name="nic_port_per_node")
         ]
+
+    def __str__(self) -> str:
+        return f"{self.device}/{self.port}"
 
 
 class Drive(NodePart):
@@ -118,4 +130,8 @@ class Drive(NodePart):
 
     class Meta:
         ordering = ["node", "name"]
+        verbose_name = "NVMe drive"
         constraints = [models.UniqueConstraint(fields=["node", "name"], name="drive_name_per_node")]
+
+    def __str__(self) -> str:
+        return self.name

@@ -1,0 +1,406 @@
+"""Stand-ins for hardware this CI machine lacks: sysfs/procfs trees and pynvml/pyverbs look-alikes.
+
+The trees copy the kernel's layout (class links into /sys/devices, `device` links to the PCI
+function) and the exact text the kernel writes, trailing newline included. The library fakes
+use the real libraries' function names and, for NVML, raise pynvml's own exception classes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pynvml
+
+
+def write(root: Path, relative: str, content: str) -> Path:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    return path
+
+
+def link(root: Path, relative: str, target: str) -> None:
+    """A symlink at `relative` whose (relative) target is written as the kernel writes it."""
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(target, path)
+
+
+def _pci_function(sys: Path, address: str, numa_node: int) -> str:
+    """Create /sys/devices/pci<domain>:<bus>/<address> with its numa_node; return its path."""
+    device = f"devices/pci{address[:7]}/{address}"
+    write(sys, f"{device}/numa_node", f"{numa_node}\n")
+    link(sys, f"bus/pci/devices/{address}", f"../../../{device}")
+    return device
+
+
+# --- host -------------------------------------------------------------------------------
+
+CPUINFO_BLOCK = """processor\t: {n}
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC 9454 48-Core Processor
+stepping\t: 1
+cpu MHz\t\t: 2750.000
+cache size\t: 1024 KB
+flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep
+
+"""
+
+MEMINFO = """MemTotal:       1584711680 kB
+MemFree:        1501234567 kB
+MemAvailable:   1540000000 kB
+Buffers:            123456 kB
+HugePages_Total:       0
+Hugepagesize:       2048 kB
+"""
+
+NODE_MEMINFO = """Node {n} MemTotal:       {kb} kB
+Node {n} MemFree:        750000000 kB
+Node {n} MemUsed:         42355840 kB
+Node {n} HugePages_Total:     0
+"""
+
+OS_RELEASE = """PRETTY_NAME="Ubuntu 24.04.1 LTS"
+NAME="Ubuntu"
+VERSION_ID="24.04"
+VERSION="24.04.1 LTS (Noble Numbat)"
+ID=ubuntu
+"""
+
+
+@dataclass(frozen=True)
+class HostRoots:
+    sys: Path
+    proc: Path
+    os_release: Path
+
+
+def host_tree(tmp: Path, numa: dict[int, tuple[str, int]] | None = None) -> HostRoots:
+    """A 2-socket, 192-CPU host; `numa` maps node index to (cpulist, MemTotal kB), {} for none."""
+    sys, proc = tmp / "sys", tmp / "proc"
+    write(proc, "sys/kernel/hostname", "gpu-node-01\n")
+    write(proc, "sys/kernel/osrelease", "6.8.0-45-generic\n")
+    write(proc, "cpuinfo", "".join(CPUINFO_BLOCK.format(n=n) for n in range(4)))
+    write(proc, "meminfo", MEMINFO)
+    write(sys, "devices/system/cpu/online", "0-191\n")
+    nodes = (
+        {0: ("0-47,96-143", 792355840), 1: ("48-95,144-191", 792355840)} if numa is None else numa
+    )
+    for index, (cpulist, kb) in nodes.items():
+        write(sys, f"devices/system/node/node{index}/cpulist", f"{cpulist}\n")
+        write(sys, f"devices/system/node/node{index}/meminfo", NODE_MEMINFO.format(n=index, kb=kb))
+    if nodes:
+        write(sys, "devices/system/node/online", f"0-{max(nodes)}\n")
+        write(sys, "devices/system/node/possible", f"0-{max(nodes)}\n")
+    return HostRoots(sys=sys, proc=proc, os_release=write(tmp / "etc", "os-release", OS_RELEASE))
+
+
+# --- NVML ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FakeMemory:
+    """Shape of pynvml's c_nvmlMemory_t."""
+
+    total: int
+    free: int
+    used: int
+
+
+@dataclass(frozen=True)
+class FakePciInfo:
+    """Shape of pynvml's nvmlPciInfo_t (the fields the collector reads, and their neighbours)."""
+
+    busId: str  # pynvml's field name
+    domain: int
+    bus: int
+    device: int
+
+
+@dataclass(frozen=True)
+class FakeGpu:
+    name: str
+    uuid: str
+    memory_total: int
+    bus_id: str
+    """As NVML spells it: eight-digit domain, upper-case hex."""
+    mig_mode: tuple[int, int] | None
+    """(current, pending), or None for a GPU without MIG (NVML raises NotSupported)."""
+
+
+H100 = FakeGpu(
+    name="NVIDIA H100 80GB HBM3",
+    uuid="GPU-5b3f3d0e-8c1a-2b7e-4f61-9d0a7c3e2b18",
+    memory_total=85_520_809_984,
+    bus_id="00000000:17:00.0",
+    mig_mode=(pynvml.NVML_DEVICE_MIG_DISABLE, pynvml.NVML_DEVICE_MIG_DISABLE),
+)
+A100_MIG = FakeGpu(
+    name="NVIDIA A100-SXM4-80GB",
+    uuid="GPU-0e2f1a3b-4c5d-6e7f-8091-a2b3c4d5e6f7",
+    memory_total=85_899_345_920,
+    bus_id="00000000:B1:00.0",
+    mig_mode=(pynvml.NVML_DEVICE_MIG_ENABLE, pynvml.NVML_DEVICE_MIG_ENABLE),
+)
+L4 = FakeGpu(
+    name="NVIDIA L4",
+    uuid="GPU-9f8e7d6c-5b4a-3928-1706-f5e4d3c2b1a0",
+    memory_total=24_152_899_584,
+    bus_id="00000000:CA:00.0",
+    mig_mode=None,
+)
+
+
+def gpu_pci_tree(sys: Path) -> None:
+    """PCI functions of H100 (node 0), A100_MIG (node 1); L4's sysfs reports no affinity."""
+    _pci_function(sys, "0000:17:00.0", 0)
+    _pci_function(sys, "0000:b1:00.0", 1)
+    _pci_function(sys, "0000:ca:00.0", -1)
+
+
+@dataclass
+class FakeNvml:
+    """pynvml look-alike: same function names, same exception classes, same init discipline."""
+
+    gpus: list[FakeGpu]
+    init_error: Exception | None = None
+    device_error: Exception | None = None
+    driver_version: str = "550.90.07"
+    cuda_driver_version: int = 12040
+    initialised: bool = False
+    shutdowns: int = field(default=0)
+
+    def _require_init(self) -> None:
+        if not self.initialised:
+            raise pynvml.NVMLError_Uninitialized()
+
+    def _gpu(self, handle: object) -> FakeGpu:
+        self._require_init()
+        assert isinstance(handle, FakeGpu), (
+            f"not a handle from nvmlDeviceGetHandleByIndex: {handle!r}"
+        )
+        return handle
+
+    def nvmlInit(self) -> None:
+        if self.init_error is not None:
+            raise self.init_error
+        self.initialised = True
+
+    def nvmlShutdown(self) -> None:
+        self._require_init()
+        self.initialised = False
+        self.shutdowns += 1
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        self._require_init()
+        return self.driver_version
+
+    def nvmlSystemGetCudaDriverVersion(self) -> int:
+        self._require_init()
+        return self.cuda_driver_version
+
+    def nvmlDeviceGetCount(self) -> int:
+        self._require_init()
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> object:
+        self._require_init()
+        if self.device_error is not None:
+            raise self.device_error
+        if not 0 <= index < len(self.gpus):
+            raise pynvml.NVMLError_InvalidArgument()
+        return self.gpus[index]
+
+    def nvmlDeviceGetName(self, handle: object) -> str:
+        return self._gpu(handle).name
+
+    def nvmlDeviceGetUUID(self, handle: object) -> str:
+        return self._gpu(handle).uuid
+
+    def nvmlDeviceGetMemoryInfo(self, handle: object) -> FakeMemory:
+        total = self._gpu(handle).memory_total
+        return FakeMemory(total=total, free=total - (512 << 20), used=512 << 20)
+
+    def nvmlDeviceGetMigMode(self, handle: object) -> list[int]:
+        mode = self._gpu(handle).mig_mode
+        if mode is None:
+            raise pynvml.NVMLError_NotSupported()
+        return list(mode)
+
+    def nvmlDeviceGetPciInfo(self, handle: object) -> FakePciInfo:
+        bus_id = self._gpu(handle).bus_id
+        domain, bus, rest = bus_id.split(":")
+        return FakePciInfo(
+            busId=bus_id, domain=int(domain, 16), bus=int(bus, 16), device=int(rest[:2], 16)
+        )
+
+
+# --- RDMA ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FakePortAttr:
+    """Shape of pyverbs.device.PortAttr (ibv_port_attr): enum values, not strings."""
+
+    state: int
+    active_speed: int
+    active_width: int
+    link_layer: int
+
+
+@dataclass(frozen=True)
+class FakeDeviceAttr:
+    phys_port_cnt: int
+
+
+@dataclass(frozen=True)
+class FakeDevice:
+    """Shape of pyverbs.device.Device: `name` is bytes, as ibv_device.name."""
+
+    name: bytes
+
+
+@dataclass(frozen=True)
+class RdmaPort:
+    """One port described both ways: as verbs reports it and as the kernel prints it."""
+
+    device: str
+    port: int
+    verbs: FakePortAttr
+    state_file: str
+    rate_file: str
+    link_layer_file: str
+    gid_file: str | None
+    """None makes gids/0 unreadable, as on RoCE ports with an empty table entry."""
+
+
+RDMA_PORTS = [
+    RdmaPort("mlx5_0", 1, FakePortAttr(4, 64, 2, 1), "4: ACTIVE", "200 Gb/sec (4X HDR)",
+             "InfiniBand", "fe80:0000:0000:0000:a088:c203:0045:6a2c"),
+    RdmaPort("mlx5_1", 1, FakePortAttr(4, 32, 2, 2), "4: ACTIVE", "100 Gb/sec (4X EDR)",
+             "Ethernet", "fe80:0000:0000:0000:0e42:a1ff:fe2b:3c4d"),
+    RdmaPort("mlx5_2", 1, FakePortAttr(4, 128, 2, 1), "4: ACTIVE", "400 Gb/sec (4X NDR)",
+             "InfiniBand", "fe80:0000:0000:0000:a088:c203:0045:7b10"),
+    RdmaPort("mlx5_2", 2, FakePortAttr(1, 1, 1, 1), "1: DOWN", "2.5 Gb/sec (1X SDR)",
+             "InfiniBand", "0000:0000:0000:0000:0000:0000:0000:0000"),
+    RdmaPort("mlx5_10", 1, FakePortAttr(2, 8, 2, 1), "2: INIT", "40 Gb/sec (4X FDR10)",
+             "InfiniBand", None),
+    RdmaPort("rxe0", 1, FakePortAttr(4, 4, 1, 2), "4: ACTIVE", "10 Gb/sec (1X QDR)",
+             "Ethernet", "fe80:0000:0000:0000:5054:00ff:fe12:3456"),
+]  # fmt: skip
+
+
+def rdma_tree(sys: Path) -> None:
+    """mlx5_0 (IB, node 0), mlx5_1 (RoCE, no affinity), mlx5_2 (dual-port IB, node 1),
+    mlx5_10 (IB, node 0, no netdev), rxe0 (soft RoCE, no PCI parent)."""
+    pci = {
+        "mlx5_0": ("0000:17:00.1", 0, {"ibp23s0f1": 0}),
+        "mlx5_1": ("0000:31:00.0", -1, {"ens1f0np0": 0}),
+        "mlx5_2": ("0000:4b:00.0", 1, {"ibp75s0": 0, "ibp75s0d1": 1}),
+        "mlx5_10": ("0000:9a:00.0", 0, {}),
+    }
+    ib_dirs: dict[str, str] = {}
+    for device in dict.fromkeys(port.device for port in RDMA_PORTS):
+        if device in pci:
+            address, node, netdevs = pci[device]
+            function = _pci_function(sys, address, node)
+            ib_dirs[device] = f"{function}/infiniband/{device}"
+            link(sys, f"{ib_dirs[device]}/device", f"../../../{address}")
+            for netdev, dev_port in netdevs.items():
+                write(sys, f"{function}/net/{netdev}/dev_port", f"{dev_port}\n")
+        else:
+            ib_dirs[device] = f"devices/virtual/infiniband/{device}"
+        link(sys, f"class/infiniband/{device}", f"../../{ib_dirs[device]}")
+    for port in RDMA_PORTS:
+        port_dir = f"{ib_dirs[port.device]}/ports/{port.port}"
+        write(sys, f"{port_dir}/state", port.state_file + "\n")
+        write(sys, f"{port_dir}/rate", port.rate_file + "\n")
+        write(sys, f"{port_dir}/link_layer", port.link_layer_file + "\n")
+        write(sys, f"{port_dir}/phys_state", "5: LinkUp\n")
+        if port.gid_file is None:
+            (sys / port_dir / "gids/0").mkdir(parents=True)  # reading it fails with an OSError
+        else:
+            write(sys, f"{port_dir}/gids/0", port.gid_file + "\n")
+
+
+class FakeContext:
+    """Shape of pyverbs.device.Context, opened on one device."""
+
+    def __init__(self, ports: dict[int, FakePortAttr], closed: list[str], name: str) -> None:
+        self._ports, self._closed, self._name = ports, closed, name
+
+    def query_device(self) -> FakeDeviceAttr:
+        return FakeDeviceAttr(phys_port_cnt=len(self._ports))
+
+    def query_port(self, port_num: int) -> FakePortAttr:
+        return self._ports[port_num]
+
+    def close(self) -> None:
+        self._closed.append(self._name)
+
+
+class FakeVerbs:
+    """Shape of the pyverbs.device module: get_device_list() and the Context class."""
+
+    def __init__(self, ports: list[RdmaPort]) -> None:
+        self._devices: dict[str, dict[int, FakePortAttr]] = {}
+        for port in ports:
+            self._devices.setdefault(port.device, {})[port.port] = port.verbs
+        self.closed: list[str] = []
+
+    def get_device_list(self) -> list[FakeDevice]:
+        return [FakeDevice(name.encode()) for name in self._devices]
+
+    def Context(self, *, name: str) -> FakeContext:  # a class in pyverbs, hence the case
+        return FakeContext(self._devices[name], self.closed, name)
+
+
+# --- NVMe ---------------------------------------------------------------------------------
+
+
+def _controller(sys: Path, ctrl: str, *, transport: str, address: str) -> None:
+    name = ctrl.rsplit("/", 1)[1]
+    write(sys, f"{ctrl}/model", "SAMSUNG MZQL23T8HCLS-00A07              \n")
+    write(sys, f"{ctrl}/serial", f"S64HNE0T1234{name[-1]}      \n")
+    write(sys, f"{ctrl}/firmware_rev", "GDC5602Q\n")
+    write(sys, f"{ctrl}/transport", f"{transport}\n")
+    write(sys, f"{ctrl}/address", f"{address}\n")
+    write(sys, f"{ctrl}/state", "live\n")
+    link(sys, f"class/nvme/{name}", f"../../{ctrl}")
+    if transport == "pcie":
+        link(sys, f"{ctrl}/device", f"../../../{address}")
+
+
+def _namespace(sys: Path, directory: str, name: str, sectors: int, block_size: int) -> None:
+    write(sys, f"{directory}/size", f"{sectors}\n")
+    write(sys, f"{directory}/queue/logical_block_size", f"{block_size}\n")
+    write(sys, f"{directory}/queue/physical_block_size", f"{block_size}\n")
+    link(sys, f"block/{name}", "../" + directory)
+
+
+def nvme_tree(sys: Path) -> None:
+    """nvme0: PCIe, node 0, one 512-byte namespace. nvme1: PCIe with native multipath, no
+    affinity, two 4 KiB namespaces. nvme2: NVMe/TCP (remote, not a local drive).
+    nvme10: PCIe, node 1, namespace sorts after nvme2n1 only with natural ordering."""
+    ctrl0 = _pci_function(sys, "0000:c1:00.0", 0) + "/nvme/nvme0"
+    _controller(sys, ctrl0, transport="pcie", address="0000:c1:00.0")
+    _namespace(sys, f"{ctrl0}/nvme0n1", "nvme0n1", 7_501_476_528, 512)
+
+    ctrl1 = _pci_function(sys, "0000:c2:00.0", -1) + "/nvme/nvme1"
+    _controller(sys, ctrl1, transport="pcie", address="0000:c2:00.0")
+    subsystem = "devices/virtual/nvme-subsystem/nvme-subsys1"
+    for nsid in (1, 2):
+        write(sys, f"{ctrl1}/nvme1c1n{nsid}/ana_state", "optimized\n")
+        _namespace(sys, f"{subsystem}/nvme1n{nsid}", f"nvme1n{nsid}", 1_875_385_008 * 8, 4096)
+
+    ctrl2 = "devices/virtual/nvme-fabrics/ctl/nvme2"
+    _controller(sys, ctrl2, transport="tcp", address="traddr=10.0.0.5,trsvcid=4420")
+    _namespace(sys, f"{ctrl2}/nvme2n1", "nvme2n1", 2_000_000, 512)
+
+    ctrl10 = _pci_function(sys, "0001:03:00.0", 1) + "/nvme/nvme10"
+    _controller(sys, ctrl10, transport="pcie", address="0001:03:00.0")
+    _namespace(sys, f"{ctrl10}/nvme10n1", "nvme10n1", 1_000_215_216, 512)

@@ -1,0 +1,50 @@
+"""The README's main command, run as a user would, on embedded defaults."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def test_demo_starts_seeds_serves_and_stops_cleanly(tmp_path: Path, free_port: int) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env["TAILGUARD_DATA_DIR"] = str(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controlplane.cli", "demo", "--port", str(free_port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    output = []
+    try:
+        deadline = time.monotonic() + 120
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "demo exited early:\n" + "".join(output)
+            output.append(line)
+            if "Press Ctrl-C" in line:
+                break
+        text = "".join(output)
+        token = re.search(r"API token \(tenant admin\)\s+(\S+)", text).group(1)  # type: ignore[union-attr]
+        operator = re.search(r"Platform operator\s+(\S+) / (\S+)", text)
+        assert operator and operator.group(1) == "operator"
+        assert (tmp_path / "tailguard.sqlite3").exists()
+
+        base = f"http://127.0.0.1:{free_port}"
+        me = httpx.get(f"{base}/api/v1/me/", headers={"Authorization": f"Bearer {token}"})
+        assert me.status_code == 200
+        assert me.json()["memberships"][0]["tenant_slug"] == "acme"
+        assert httpx.get(f"{base}/admin/login/").status_code == 200
+        assert httpx.get(f"{base}/api/docs/").status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert "Stopped." in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
