@@ -17,6 +17,7 @@ import hashlib
 import json
 from collections.abc import Callable, Hashable, Iterable
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 from uuid import UUID
 
@@ -31,6 +32,7 @@ from pydantic import (
     StringConstraints,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -315,12 +317,28 @@ class Heartbeat(_Message):
 # --- Desired state ----------------------------------------------------------------------
 
 
+SYNTHETIC_SCHEME = "synthetic://"
+
+
 class ArtifactRef(_Model):
-    """Where model weights live and the digest the agent checks them against before use."""
+    """Where model weights live and the digest the agent checks them against before use.
+
+    `synthetic://<name>?layers=..&hidden=..` names a built-in synthetic model that the
+    node generates from seeded weights: nothing to download, so no digest or size.
+    """
 
     uri: Url
-    sha256: Sha256Hex
-    size_bytes: Positive
+    sha256: Sha256Hex | None = None
+    size_bytes: Positive | None = None
+
+    @model_validator(mode="after")
+    def _digest_unless_synthetic(self) -> ArtifactRef:
+        synthetic = self.uri.startswith(SYNTHETIC_SCHEME)
+        if not synthetic and (self.sha256 is None or self.size_bytes is None):
+            raise ValueError("sha256 and size_bytes are required for a downloadable artifact")
+        if synthetic and (self.sha256 is not None or self.size_bytes is not None):
+            raise ValueError("a synthetic:// artifact has no sha256 or size_bytes")
+        return self
 
 
 class TenantServing(_Model):
@@ -682,3 +700,16 @@ def encode_public_key(key: Ed25519PublicKey) -> str:
 def decode_public_key(text: str) -> Ed25519PublicKey:
     """The inverse of `encode_public_key`; raises ValueError on anything but 32 raw bytes."""
     return Ed25519PublicKey.from_public_bytes(base64.b64decode(_base64_of(32)(text), validate=True))
+
+
+def broker_transport_options(broker_url: str) -> dict[str, object]:
+    """Kombu transport options both ends derive from the same broker URL.
+
+    `filesystem:///path` (the embedded default) names a folder shared by the processes
+    of one machine; other brokers need nothing beyond their URL.
+    """
+    if not broker_url.startswith("filesystem://"):
+        return {}
+    folder = broker_url.removeprefix("filesystem://") or "."
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return {"data_folder_in": folder, "data_folder_out": folder, "store_processed": False}

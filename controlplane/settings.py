@@ -13,6 +13,8 @@ from pathlib import Path
 
 import dj_database_url
 
+from agent.protocol import broker_transport_options
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("TAILGUARD_DATA_DIR", BASE_DIR / "var")).resolve()
 
@@ -58,6 +60,7 @@ INSTALLED_APPS = [
     "controlplane.core",
     "controlplane.tenancy",
     "controlplane.inventory",
+    "controlplane.fleet",
 ]
 
 MIDDLEWARE = [
@@ -117,18 +120,12 @@ LOGIN_URL = "admin:login"
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
 
-# Celery: Redis in production; without it a broker that needs no server.
-CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or REDIS_URL or "filesystem://"
-CELERY_BROKER_TRANSPORT_OPTIONS = (
-    {
-        "data_folder_in": str(DATA_DIR / "broker"),
-        "data_folder_out": str(DATA_DIR / "broker"),
-        "processed_folder": str(DATA_DIR / "broker-processed"),
-        "store_processed": False,
-    }
-    if CELERY_BROKER_URL.startswith("filesystem")
-    else {}
+# Celery: Redis in production; without it a broker that needs no server (a folder
+# shared by the processes of one machine: filesystem:///path).
+CELERY_BROKER_URL = (
+    os.environ.get("CELERY_BROKER_URL") or REDIS_URL or f"filesystem://{DATA_DIR / 'broker'}"
 )
+CELERY_BROKER_TRANSPORT_OPTIONS = broker_transport_options(CELERY_BROKER_URL)
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_ACKS_LATE = True
@@ -168,11 +165,16 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "Tailguard API",
     "DESCRIPTION": "Tenants, inventory, deployments, storage and latency SLOs of an AI inference fleet.",
     "VERSION": "1",
+    "OAS_VERSION": "3.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {
+        "NodeStatusEnum": "controlplane.inventory.choices.NodeStatus",
+        "RevisionStatusEnum": "controlplane.fleet.choices.RevisionStatus",
+    },
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "controlplane.core.schema.add_error_responses",
@@ -185,4 +187,18 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "INFO"}},
+}
+
+# Fleet: how agents are told apart from the dead, and how desired state is signed.
+HEARTBEAT_INTERVAL_S = float(os.environ.get("HEARTBEAT_INTERVAL_S", "5"))
+NODE_UNREACHABLE_AFTER_S = float(os.environ.get("NODE_UNREACHABLE_AFTER_S", "30"))
+BOOTSTRAP_TOKEN_TTL_S = int(os.environ.get("BOOTSTRAP_TOKEN_TTL_S", str(24 * 3600)))
+SIGNING_KEY_FILE = Path(os.environ.get("SIGNING_KEY_FILE", DATA_DIR / "signing_key.pem"))
+# The broker URL agents are given; defaults to the control plane's own.
+AGENT_BROKER_URL = os.environ.get("AGENT_BROKER_URL") or CELERY_BROKER_URL
+CELERY_BEAT_SCHEDULE = {
+    "mark-silent-nodes-unreachable": {
+        "task": "inventory.mark_silent_nodes_unreachable",
+        "schedule": max(1.0, NODE_UNREACHABLE_AFTER_S / 3),
+    },
 }

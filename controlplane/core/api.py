@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from django.db import models
 from django.db.models import QuerySet
-from rest_framework import serializers, viewsets
+from rest_framework import serializers, status, viewsets
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.serializers import Serializer
 
 from controlplane.core.scoping import scope, writable_tenant_ids
+from controlplane.core.secrets import Issued
 from controlplane.tenancy.models import Tenant
 
 
@@ -76,3 +81,24 @@ class TenantScopedMixin:
 
 class TenantScopedViewSet(TenantScopedMixin, viewsets.ModelViewSet):
     pass
+
+
+class IssueSecretMixin:
+    """Create returns the plaintext secret once; delete revokes instead of erasing history."""
+
+    created_serializer_class: type[Serializer]
+    secret_field: str
+    # each viewset names its services
+    issue: Callable[[dict[str, Any]], Issued]
+    revoke: Callable[[Any], None]
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        serializer = self.get_serializer(data=request.data)  # type: ignore[attr-defined]
+        serializer.is_valid(raise_exception=True)
+        issued = self.issue(serializer.validated_data)
+        setattr(issued.obj, self.secret_field, issued.secret)
+        body = self.created_serializer_class(issued.obj, context={"request": request}).data
+        return Response(body, status=status.HTTP_201_CREATED)
+
+    def perform_destroy(self, instance: Any) -> None:
+        self.revoke(instance)

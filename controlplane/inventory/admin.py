@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from controlplane.inventory.models import Drive, Gpu, Nic, Node, NumaNode
+from controlplane.inventory.models import BootstrapToken, Drive, Gpu, Nic, Node, NumaNode
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -38,8 +38,10 @@ class NodeAdmin(admin.ModelAdmin):
                     "last_heartbeat_at", "cpu_count"]
     list_filter = ["status", "maintenance", "tenant", "agent_version"]
     search_fields = ["hostname", "labels"]
-    readonly_fields = ["status", "agent_version", "last_heartbeat_at", "kernel", "os",
-                       "cpu_model", "cpu_count", "memory_total_bytes", "created_at", "updated_at"]
+    readonly_fields = ["status", "agent_version", "last_heartbeat_at", "applied_generation",
+                       "pinned", "last_rejection_reason", "last_rejection_detail",
+                       "last_rejection_at", "kernel", "os", "cpu_model", "cpu_count",
+                       "memory_total_bytes", "created_at", "updated_at"]
     fields = ["hostname", "tenant", "labels", "maintenance", "maintenance_reason", *readonly_fields]
     inlines = [NumaInline, GpuInline, NicInline, DriveInline]
 
@@ -77,3 +79,17 @@ class DriveAdmin(HardwareAdmin):
     list_display = ["node", "name", "model", "capacity_bytes", "numa_node"]
     list_filter = ["model", "numa_node"]
     search_fields = ["serial", "model", "node__hostname"]
+
+
+@admin.register(BootstrapToken)
+class BootstrapTokenAdmin(admin.ModelAdmin):
+    """Tokens are issued through the API, where the plaintext is shown once."""
+
+    list_display = ["name", "prefix", "tenant", "uses_left", "expires_at", "used_at", "node",
+                    "revoked_at"]
+    list_filter = ["tenant", "revoked_at"]
+    readonly_fields = ["prefix", "uses_left", "used_at", "node", "created_by", "created_at"]
+    exclude = ["digest"]
+
+    def has_add_permission(self, request):  # noqa: ANN001, ANN201
+        return False

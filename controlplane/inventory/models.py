@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from django.db import models
 
-from controlplane.core.models import BaseModel
+from controlplane.core.models import BaseModel, HashedSecret
 from controlplane.inventory.choices import LinkLayer, MigMode, NodeStatus
 from controlplane.inventory.validators import validate_labels
 
@@ -36,10 +36,21 @@ class Node(BaseModel):
     cpu_model = models.CharField(max_length=200, blank=True)
     cpu_count = models.PositiveIntegerField(default=0)
     memory_total_bytes = models.PositiveBigIntegerField(default=0)
+    credential_digest = models.CharField(max_length=64, unique=True, null=True, editable=False)
+    applied_generation = models.PositiveBigIntegerField(
+        default=0, help_text="The newest desired-state generation the agent reports applied."
+    )
+    last_rejection_reason = models.CharField(max_length=32, blank=True)
+    last_rejection_detail = models.TextField(blank=True)
+    last_rejection_at = models.DateTimeField(null=True, blank=True)
+    pinned = models.BooleanField(
+        default=False,
+        help_text="Held at a rolled-back revision: fleet changes skip it until released.",
+    )
 
     class Meta:
         ordering = ["hostname"]
-        indexes = [models.Index(fields=["status"])]
+        indexes = [models.Index(fields=["status", "last_heartbeat_at"])]
 
     def __str__(self) -> str:
         return self.hostname
@@ -135,3 +146,21 @@ class Drive(NodePart):
 
     def __str__(self) -> str:
         return self.name
+
+
+class BootstrapToken(HashedSecret):
+    """A one-time token an agent trades for its node identity on first start."""
+
+    tenant = models.ForeignKey(
+        "tenancy.Tenant", on_delete=models.CASCADE, null=True, blank=True, related_name="+",
+        help_text="Dedicate the enrolling node to this tenant; empty joins the shared fleet.",
+    )
+    expires_at = models.DateTimeField()
+    uses_left = models.PositiveIntegerField(
+        default=1, help_text="1 for one node; more to enroll a batch of nodes with one token."
+    )
+    used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    node = models.ForeignKey(Node, on_delete=models.SET_NULL, null=True, blank=True, editable=False)
+    created_by = models.ForeignKey(
+        "auth.User", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )

@@ -1,12 +1,26 @@
-"""Mutations of nodes made by people; agents' reports come through here too."""
+"""Mutations of nodes: operators' edits, and what agents report (enrollment, inventory, liveness)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
-from controlplane.inventory.models import Node
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from agent.protocol import Enrollment, Heartbeat, Inventory
+from controlplane.core.secrets import Issued, digest, new_secret
+from controlplane.inventory.choices import NodeStatus
+from controlplane.inventory.models import BootstrapToken, Drive, Gpu, Nic, Node, NumaNode
 
 OPERATOR_FIELDS = frozenset({"labels", "maintenance", "maintenance_reason", "tenant"})
+BOOTSTRAP_PREFIX = "tgb_"
+CREDENTIAL_PREFIX = "tgn_"
+
+
+class EnrollmentRefused(Exception):
+    """The bootstrap token is unknown, used or expired; the agent must get a new one."""
 
 
 def update_node(node: Node, **changes: Any) -> Node:
@@ -20,3 +34,110 @@ def update_node(node: Node, **changes: Any) -> Node:
     node.full_clean()
     node.save()
     return node
+
+
+def create_bootstrap_token(
+    *, name: str, created_by: Any = None, tenant: Any = None, ttl_s: int | None = None,
+    uses: int = 1,
+) -> Issued:
+    secret = new_secret(BOOTSTRAP_PREFIX)
+    expires = timezone.now() + timedelta(seconds=ttl_s or settings.BOOTSTRAP_TOKEN_TTL_S)
+    token = BootstrapToken.objects.create(
+        name=name, prefix=secret[:11], digest=digest(secret), expires_at=expires,
+        tenant=tenant, created_by=created_by, uses_left=uses,
+    )
+    return Issued(token, secret)
+
+
+def revoke_bootstrap_token(token: BootstrapToken) -> None:
+    if token.revoked_at is None:
+        token.revoked_at = timezone.now()
+        token.save(update_fields=["revoked_at", "updated_at"])
+
+
+@transaction.atomic
+def enroll(message: Enrollment) -> tuple[Node, str]:
+    """Trade a bootstrap token for a node and its credential (shown once).
+
+    A host that enrolls again (reinstalled agent) keeps its node and gets a new
+    credential; the old one stops working.
+    """
+    token = (
+        BootstrapToken.objects.select_for_update()
+        .filter(digest=digest(message.bootstrap_token), uses_left__gt=0, revoked_at__isnull=True)
+        .first()
+    )
+    now = timezone.now()
+    if token is None or token.expires_at <= now:
+        raise EnrollmentRefused("the bootstrap token is unknown, already used, revoked or expired")
+    node, _ = Node.objects.get_or_create(hostname=message.hostname, defaults={"tenant": token.tenant})
+    credential = new_secret(CREDENTIAL_PREFIX)
+    node.credential_digest = digest(credential)
+    node.agent_version = message.agent_version
+    _set_host_facts(node, message.host)
+    node.save()
+    token.used_at, token.node, token.uses_left = now, node, token.uses_left - 1
+    token.save(update_fields=["used_at", "node", "uses_left", "updated_at"])
+    return node, credential
+
+
+def authenticate_node(credential: str) -> Node | None:
+    return Node.objects.filter(credential_digest=digest(credential)).first()
+
+
+def _set_host_facts(node: Node, host: Any) -> None:
+    node.kernel, node.os, node.cpu_model = host.kernel, host.os, host.cpu_model
+    node.cpu_count, node.memory_total_bytes = host.cpu_count, host.memory_bytes
+
+
+@transaction.atomic
+def record_inventory(node: Node, inventory: Inventory) -> None:
+    """Replace the node's hardware rows with what the agent just discovered."""
+    _set_host_facts(node, inventory.host)
+    node.save()
+    for model in (NumaNode, Gpu, Nic, Drive):
+        model.objects.filter(node=node).delete()
+    NumaNode.objects.bulk_create(
+        NumaNode(node=node, index=n.index, cpulist=n.cpulist, memory_total_bytes=n.memory_total_bytes)
+        for n in inventory.numa
+    )
+    Gpu.objects.bulk_create(
+        Gpu(node=node, index=g.index, uuid=g.uuid, name=g.name,
+            memory_total_bytes=g.memory_total_bytes, mig_mode=g.mig_mode,
+            pci_bus_id=g.pci_bus_id, numa_node=g.numa_node, driver_version=g.driver_version or "")
+        for g in inventory.gpus
+    )
+    Nic.objects.bulk_create(
+        Nic(node=node, device=n.device, port=n.port, state=n.state, speed_gbps=n.speed_gbps,
+            width=n.width or "", link_layer=n.link_layer, netdev=n.netdev or "",
+            pci_bus_id=n.pci_bus_id or "", numa_node=n.numa_node)
+        for n in inventory.nics
+    )
+    Drive.objects.bulk_create(
+        Drive(node=node, name=d.name, model=d.model, serial=d.serial, firmware=d.firmware,
+              capacity_bytes=d.capacity_bytes, logical_block_size=d.logical_block_size,
+              pci_bus_id=d.pci_bus_id or "", numa_node=d.numa_node)
+        for d in inventory.drives
+    )
+
+
+def record_heartbeat(node: Node, heartbeat: Heartbeat) -> None:
+    """A node that is heard is ready again, whatever it was; becoming ready may place work."""
+    from controlplane.fleet.services import reconcile_fleet  # fleet builds on inventory
+
+    now = timezone.now()
+    became_ready = Node.objects.filter(pk=node.pk).exclude(status=NodeStatus.READY).update(
+        status=NodeStatus.READY, last_heartbeat_at=now, updated_at=now
+    )
+    Node.objects.filter(pk=node.pk).update(
+        last_heartbeat_at=now, agent_version=heartbeat.agent_version
+    )
+    if became_ready:
+        reconcile_fleet(cause=f"node {node.hostname} ready")
+
+
+def mark_silent_nodes_unreachable() -> int:
+    cutoff = timezone.now() - timedelta(seconds=settings.NODE_UNREACHABLE_AFTER_S)
+    return Node.objects.filter(status=NodeStatus.READY, last_heartbeat_at__lt=cutoff).update(
+        status=NodeStatus.UNREACHABLE, updated_at=timezone.now()
+    )

@@ -9,7 +9,7 @@ from django.utils import timezone
 from rest_framework import authentication, exceptions
 
 from controlplane.tenancy.models import ApiToken
-from controlplane.tenancy.services import digest
+from controlplane.core.secrets import digest
 
 # Writing last_used_at on every request would turn reads into writes.
 LAST_USED_RESOLUTION = timedelta(minutes=1)

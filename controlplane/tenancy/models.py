@@ -6,7 +6,7 @@ from django.conf import settings
 from django.core.validators import RegexValidator
 from django.db import models
 
-from controlplane.core.models import BaseModel, TenantOwnedModel
+from controlplane.core.models import BaseModel, HashedSecret, TenantOwnedModel
 from controlplane.tenancy.choices import Role
 
 slug_validator = RegexValidator(
@@ -43,27 +43,6 @@ class Membership(TenantOwnedModel):
 
     def __str__(self) -> str:
         return f"{self.user} @ {self.tenant} ({self.role})"
-
-
-class HashedSecret(BaseModel):
-    """A secret shown once at creation; only its sha256 digest is stored.
-
-    Secrets are 256-bit random strings, so a fast hash is enough and lets the
-    inference worker match keys with the same digest.
-    """
-
-    name = models.CharField(max_length=100)
-    prefix = models.CharField(max_length=16, editable=False, help_text="First characters, to tell keys apart.")
-    digest = models.CharField(max_length=64, unique=True, editable=False)
-    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
-    revoked_at = models.DateTimeField(null=True, blank=True)
-
-    class Meta:
-        abstract = True
-        ordering = ["-created_at"]
-
-    def __str__(self) -> str:
-        return f"{self.name} ({self.prefix}…)"
 
 
 class ApiToken(HashedSecret):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -12,27 +11,12 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
+from controlplane.core.secrets import Issued, digest, new_secret
 from controlplane.tenancy.choices import Role
 from controlplane.tenancy.models import ApiToken, InferenceKey, Membership, Tenant
 
 API_TOKEN_PREFIX = "tg_"
 INFERENCE_KEY_PREFIX = "tgi_"
-
-
-def digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def _new_secret(prefix: str) -> str:
-    return prefix + secrets.token_urlsafe(32)
-
-
-@dataclass(frozen=True)
-class Issued:
-    """A freshly created secret object with its plaintext, which is never stored."""
-
-    obj: ApiToken | InferenceKey
-    secret: str
 
 
 def create_tenant(*, slug: str, name: str, description: str = "", is_active: bool = True) -> Tenant:
@@ -50,25 +34,37 @@ def set_membership(*, tenant: Tenant, user: Any, role: str) -> Membership:
 
 
 def issue_api_token(*, user: Any, name: str, expires_at: datetime | None = None) -> Issued:
-    secret = _new_secret(API_TOKEN_PREFIX)
+    secret = new_secret(API_TOKEN_PREFIX)
     token = ApiToken.objects.create(
         user=user, name=name, prefix=secret[:10], digest=digest(secret), expires_at=expires_at
     )
     return Issued(token, secret)
 
 
+def _keys_changed(tenant_id: Any) -> None:
+    """Workers match keys themselves, so a key change is a fleet change."""
+    from controlplane.fleet.services import reconcile_fleet  # fleet builds on tenancy
+
+    reconcile_fleet(cause="inference keys changed", tenants=[tenant_id])
+
+
+@transaction.atomic
 def issue_inference_key(*, tenant: Tenant, name: str, created_by: Any = None) -> Issued:
-    secret = _new_secret(INFERENCE_KEY_PREFIX)
+    secret = new_secret(INFERENCE_KEY_PREFIX)
     key = InferenceKey.objects.create(
         tenant=tenant, name=name, prefix=secret[:11], digest=digest(secret), created_by=created_by
     )
+    _keys_changed(tenant.pk)
     return Issued(key, secret)
 
 
+@transaction.atomic
 def revoke(obj: ApiToken | InferenceKey) -> None:
     if obj.revoked_at is None:
         obj.revoked_at = timezone.now()
         obj.save(update_fields=["revoked_at", "updated_at"])
+        if isinstance(obj, InferenceKey):
+            _keys_changed(obj.tenant_id)
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
 from rest_framework.serializers import Serializer
 
-from controlplane.core.api import TenantScopedMixin
+from controlplane.core.api import IssueSecretMixin, TenantScopedMixin
+from controlplane.core.secrets import Issued
+from controlplane.fleet import services as fleet_services
 from controlplane.core.permissions import IsPlatformAdmin, TenantRolePermission
 from controlplane.inventory import selectors, services
 from controlplane.inventory.api import serializers as s
@@ -15,7 +23,7 @@ from controlplane.inventory.filtersets import (
     NicFilterSet,
     NodeFilterSet,
 )
-from controlplane.inventory.models import Drive, Gpu, Nic
+from controlplane.inventory.models import BootstrapToken, Drive, Gpu, Nic
 
 
 class NodeViewSet(
@@ -45,6 +53,45 @@ class NodeViewSet(
 
     def perform_update(self, serializer: Serializer) -> None:
         serializer.instance = services.update_node(serializer.instance, **serializer.validated_data)
+
+    @extend_schema(request=None, responses={200: s.NodeSerializer})
+    @action(detail=True, methods=["post"])
+    def release(self, request: Request, pk: str | None = None) -> Response:
+        """Release a node held at a rolled-back revision; it gets the current plan again."""
+        node = self.get_object()
+        fleet_services.release(node)
+        return Response(self.get_serializer(self.get_queryset().get(pk=node.pk)).data)
+
+
+class BootstrapTokenViewSet(
+    IssueSecretMixin,
+    mixins.CreateModelMixin,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
+):
+    """One-time (or N-time) tokens agents trade for a node identity. Platform admins only."""
+
+    queryset = BootstrapToken.objects.all()
+    serializer_class = s.BootstrapTokenSerializer
+    created_serializer_class = s.BootstrapTokenCreatedSerializer
+    secret_field = "token"
+    permission_classes = [IsPlatformAdmin]
+    ordering_fields = ["created_at", "expires_at"]
+
+    def issue(self, validated: dict[str, Any]) -> Issued:
+        return services.create_bootstrap_token(
+            name=validated["name"], tenant=validated.get("tenant"), uses=validated["uses"],
+            ttl_s=validated.get("ttl_s"), created_by=self.request.user,
+        )
+
+    def revoke(self, instance: BootstrapToken) -> None:
+        services.revoke_bootstrap_token(instance)
+
+    @extend_schema(responses={201: s.BootstrapTokenCreatedSerializer})
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().create(request, *args, **kwargs)
 
 
 class HardwareViewSet(TenantScopedMixin, viewsets.ReadOnlyModelViewSet):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from django.db.models import QuerySet
@@ -14,7 +13,8 @@ from rest_framework.response import Response
 from rest_framework.serializers import Serializer
 from rest_framework.views import APIView
 
-from controlplane.core.api import TenantScopedMixin, TenantScopedViewSet
+from controlplane.core.api import IssueSecretMixin, TenantScopedMixin, TenantScopedViewSet
+from controlplane.core.secrets import Issued
 from controlplane.core.permissions import IsPlatformAdmin, TenantRolePermission
 from controlplane.core.scoping import is_platform_admin
 from controlplane.tenancy import services
@@ -56,25 +56,6 @@ class MembershipViewSet(TenantScopedViewSet):
         serializer.instance = services.set_membership(**serializer.validated_data)
 
 
-class IssueSecretMixin:
-    """Create returns the plaintext secret once; delete revokes instead of erasing history."""
-
-    created_serializer_class: type[Serializer]
-    secret_field: str
-    issue: Callable[[dict[str, Any]], services.Issued]  # each viewset names its service
-
-    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        serializer = self.get_serializer(data=request.data)  # type: ignore[attr-defined]
-        serializer.is_valid(raise_exception=True)
-        issued = self.issue(serializer.validated_data)
-        setattr(issued.obj, self.secret_field, issued.secret)
-        body = self.created_serializer_class(issued.obj, context={"request": request}).data
-        return Response(body, status=status.HTTP_201_CREATED)
-
-    def perform_destroy(self, instance: ApiToken | InferenceKey) -> None:
-        services.revoke(instance)
-
-
 class ApiTokenViewSet(
     IssueSecretMixin,
     mixins.CreateModelMixin,
@@ -95,8 +76,11 @@ class ApiTokenViewSet(
     def get_queryset(self) -> QuerySet[ApiToken]:
         return super().get_queryset().filter(user_id=self.request.user.pk)
 
-    def issue(self, validated: dict[str, Any]) -> services.Issued:
+    def issue(self, validated: dict[str, Any]) -> Issued:
         return services.issue_api_token(user=self.request.user, **validated)
+
+    def revoke(self, instance: ApiToken) -> None:
+        services.revoke(instance)
 
     @extend_schema(responses={201: s.ApiTokenCreatedSerializer})
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
@@ -121,8 +105,11 @@ class InferenceKeyViewSet(
     filterset_class = InferenceKeyFilterSet
     ordering_fields = ["created_at", "name"]
 
-    def issue(self, validated: dict[str, Any]) -> services.Issued:
+    def issue(self, validated: dict[str, Any]) -> Issued:
         return services.issue_inference_key(created_by=self.request.user, **validated)
+
+    def revoke(self, instance: InferenceKey) -> None:
+        services.revoke(instance)
 
     @extend_schema(responses={201: s.InferenceKeyCreatedSerializer})
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:

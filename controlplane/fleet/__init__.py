@@ -1,0 +1,1 @@
+"""Deployments, placement, desired-state revisions and their rollout to nodes."""

@@ -1,0 +1,31 @@
+import django_filters
+
+from controlplane.fleet.choices import RevisionStatus
+from controlplane.fleet.models import Deployment, Replica, Revision
+
+
+class DeploymentFilterSet(django_filters.FilterSet):
+    tenant = django_filters.UUIDFilter()
+
+    class Meta:
+        model = Deployment
+        fields = ["tenant", "name", "model_name"]
+
+
+class ReplicaFilterSet(django_filters.FilterSet):
+    deployment = django_filters.UUIDFilter()
+    node = django_filters.UUIDFilter()
+    placed = django_filters.BooleanFilter(field_name="node", lookup_expr="isnull", exclude=True)
+
+    class Meta:
+        model = Replica
+        fields = ["deployment", "node", "placed"]
+
+
+class RevisionFilterSet(django_filters.FilterSet):
+    node = django_filters.UUIDFilter()
+    status = django_filters.ChoiceFilter(choices=RevisionStatus.choices)
+
+    class Meta:
+        model = Revision
+        fields = ["node", "status", "generation"]

@@ -1,0 +1,98 @@
+"""Deployments, their replicas' placement, and the desired-state revisions sent to nodes."""
+
+from __future__ import annotations
+
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+
+from controlplane.core.models import BaseModel, TenantOwnedModel
+from controlplane.fleet.choices import RevisionStatus
+from controlplane.inventory.validators import validate_labels
+from controlplane.tenancy.models import slug_validator
+
+
+class Deployment(TenantOwnedModel):
+    """A model served for one tenant: what to run, how many, on what hardware, how batched."""
+
+    name = models.CharField(max_length=63, validators=[slug_validator])
+    model_name = models.CharField(
+        max_length=128, help_text="The name clients pass as `model` to the OpenAI-compatible API."
+    )
+    artifact_uri = models.CharField(
+        max_length=2048,
+        help_text="Where the model comes from: an artifact URL, or synthetic://NAME?layers=..&hidden=..",
+    )
+    artifact_sha256 = models.CharField(max_length=64, blank=True)
+    artifact_size_bytes = models.PositiveBigIntegerField(null=True, blank=True)
+    runtime_options = models.JSONField(default=dict, blank=True)
+    replicas = models.PositiveSmallIntegerField(default=1, validators=[MaxValueValidator(256)])
+    gpus_per_replica = models.PositiveSmallIntegerField(default=0, validators=[MaxValueValidator(16)])
+    gpu_model = models.CharField(
+        max_length=100, blank=True, help_text="Only GPUs whose name contains this (e.g. H100)."
+    )
+    min_gpu_memory_bytes = models.PositiveBigIntegerField(default=0)
+    node_selector = models.JSONField(
+        default=dict, blank=True, validators=[validate_labels],
+        help_text="Labels a node must carry, e.g. {\"zone\": \"eu-1\"}.",
+    )
+    max_batch_size = models.PositiveIntegerField(default=32, validators=[MinValueValidator(1)])
+    max_tokens_per_step = models.PositiveIntegerField(default=512, validators=[MinValueValidator(1)])
+    max_queue_delay_ms = models.PositiveIntegerField(default=0)
+    max_queue_len = models.PositiveIntegerField(default=128, validators=[MinValueValidator(1)])
+
+    class Meta:
+        ordering = ["tenant__slug", "name"]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "name"], name="deployment_name_per_tenant")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id}/{self.name}"
+
+
+class Replica(BaseModel):
+    """One copy of a deployment: where placement put it, or why it could not."""
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="instances")
+    index = models.PositiveSmallIntegerField()
+    node = models.ForeignKey(
+        "inventory.Node", on_delete=models.SET_NULL, null=True, blank=True, related_name="replicas"
+    )
+    gpu_indices = models.JSONField(default=list, blank=True)
+    port = models.PositiveIntegerField(null=True, blank=True)
+    reason = models.TextField(blank=True, help_text="Why here, or why not placed.")
+
+    class Meta:
+        ordering = ["deployment", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["deployment", "index"], name="replica_index_per_deployment")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.deployment.name}#{self.index}"
+
+
+class Revision(BaseModel):
+    """One signed desired state for one node. Generations only grow; a rollback is a new one."""
+
+    node = models.ForeignKey("inventory.Node", on_delete=models.CASCADE, related_name="revisions")
+    generation = models.PositiveBigIntegerField()
+    content_hash = models.CharField(max_length=64)
+    document = models.JSONField(help_text="The SignedDesiredState exactly as sent.")
+    cause = models.CharField(max_length=200, blank=True)
+    status = models.CharField(
+        max_length=16, choices=RevisionStatus.choices, default=RevisionStatus.PENDING
+    )
+    results = models.JSONField(default=list, blank=True, help_text="Per-component outcome.")
+    rejection_reason = models.CharField(max_length=32, blank=True)
+    reported_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["node", "-generation"]
+        constraints = [
+            models.UniqueConstraint(fields=["node", "generation"], name="generation_per_node")
+        ]
+        indexes = [models.Index(fields=["node", "-generation"])]
+
+    def __str__(self) -> str:
+        return f"{self.node_id}@{self.generation}"

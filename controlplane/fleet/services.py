@@ -1,0 +1,268 @@
+"""All fleet mutations: deployments, placement, revisions, rollout reports.
+
+Every change that can alter what a node should run ends in `reconcile_fleet`, which
+re-plans placement, renders each affected node's desired state, stores a new signed
+revision where the content changed, and pushes it to the node's queue after commit.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+from typing import Any
+from uuid import UUID
+
+from django.db import connection, transaction
+from django.db.models import Max, OuterRef, Subquery
+from django.utils import timezone
+
+from agent.protocol import (
+    AppliedStatus,
+    ArtifactRef,
+    Components,
+    DesiredState,
+    TenantServing,
+    WorkerSpec,
+    queue_name,
+    sign_state,
+)
+from controlplane.celery import app as celery_app
+from controlplane.fleet import placement
+from controlplane.fleet.choices import RevisionStatus
+from controlplane.fleet.models import Deployment, Replica, Revision
+from controlplane.fleet.signing import private_key
+from controlplane.inventory.models import Node
+from controlplane.tenancy.models import InferenceKey
+
+APPLY_TASK = "agent.apply_revision"
+FLEET_LOCK_ID = 0x7461696C  # one advisory lock serialises planning across processes
+
+
+def _lock_fleet() -> None:
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [FLEET_LOCK_ID])
+
+
+# --- Deployments ------------------------------------------------------------------------
+
+
+@transaction.atomic
+def create_deployment(**fields: Any) -> Deployment:
+    deployment = Deployment(**fields)
+    deployment.full_clean()
+    deployment.save()
+    reconcile_fleet(cause=f"deployment {deployment.name} created", touched=[deployment.pk])
+    return deployment
+
+
+@transaction.atomic
+def update_deployment(deployment: Deployment, **changes: Any) -> Deployment:
+    for name, value in changes.items():
+        setattr(deployment, name, value)
+    deployment.full_clean()
+    deployment.save()
+    reconcile_fleet(cause=f"deployment {deployment.name} changed", touched=[deployment.pk])
+    return deployment
+
+
+@transaction.atomic
+def delete_deployment(deployment: Deployment) -> None:
+    nodes = set(deployment.instances.exclude(node=None).values_list("node_id", flat=True))
+    name = deployment.name
+    deployment.delete()
+    reconcile_fleet(cause=f"deployment {name} deleted", nodes=nodes)
+
+
+# --- Planning and rendering -------------------------------------------------------------
+
+
+@transaction.atomic
+def reconcile_fleet(
+    *, cause: str, touched: Iterable[UUID] = (), nodes: Iterable[UUID] = (),
+    tenants: Iterable[UUID] = (),
+) -> list[Revision]:
+    """Re-plan placement and issue revisions to every node whose desired state changed.
+
+    `touched` deployments, `nodes` and `tenants` name what changed besides placement, so
+    their nodes are re-rendered too (a new batching knob, a revoked key, a removed replica).
+    """
+    _lock_fleet()
+    all_nodes = {n.pk: n for n in Node.objects.prefetch_related("gpus")}
+    deployments = list(Deployment.objects.all())
+    replicas = list(Replica.objects.all())
+    before = {r.pk: (r.node_id, list(r.gpu_indices), r.port) for r in replicas}
+    rooms = {pk: placement.NodeRoom(node, list(node.gpus.all())) for pk, node in all_nodes.items()}
+    to_save, to_delete = placement.plan(
+        deployments, rooms, replicas,
+        lambda deployment, index: Replica(deployment=deployment, index=index),
+    )
+
+    affected = set(nodes)
+    for replica in to_delete:
+        affected.add(replica.node_id)
+    Replica.objects.filter(pk__in=[r.pk for r in to_delete]).delete()
+    existing = [r for r in to_save if r.pk in before]
+    Replica.objects.bulk_create([r for r in to_save if r.pk not in before])
+    Replica.objects.bulk_update(existing, ["node", "gpu_indices", "port", "reason"])
+    touched, tenants = set(touched), set(tenants)
+    tenant_of = {d.pk: d.tenant_id for d in deployments}
+    for replica in to_save:
+        old = before.get(replica.pk)
+        if old is not None and old != (replica.node_id, replica.gpu_indices, replica.port):
+            affected.add(old[0])  # the node it left
+        if old != (replica.node_id, replica.gpu_indices, replica.port) or (
+            replica.deployment_id in touched or tenant_of[replica.deployment_id] in tenants
+        ):
+            affected.add(replica.node_id)
+    affected.discard(None)
+    targets = [all_nodes[pk] for pk in affected if pk in all_nodes and not all_nodes[pk].pinned]
+    return issue_revisions(targets, cause=cause)
+
+
+def render_components(nodes: list[Node]) -> dict[UUID, Components]:
+    """Each node's desired components, from the placed replicas (few queries for any N)."""
+    replicas = Replica.objects.filter(node__in=nodes).select_related("deployment")
+    tenant_ids = {r.deployment.tenant_id for r in replicas}
+    keys: dict[UUID, list[str]] = defaultdict(list)
+    for tenant_id, digest in InferenceKey.objects.filter(
+        tenant_id__in=tenant_ids, revoked_at__isnull=True
+    ).order_by("digest").values_list("tenant_id", "digest"):
+        keys[tenant_id].append(digest)
+    workers: dict[UUID, list[WorkerSpec]] = defaultdict(list)
+    for replica in replicas:
+        d = replica.deployment
+        workers[replica.node_id].append(WorkerSpec(
+            replica_id=replica.pk, deployment_id=d.pk, tenant_id=d.tenant_id,
+            model_name=d.model_name,
+            artifact=ArtifactRef(uri=d.artifact_uri, sha256=d.artifact_sha256 or None,
+                                 size_bytes=d.artifact_size_bytes),
+            runtime_options=d.runtime_options, gpu_indices=list(replica.gpu_indices),
+            port=replica.port, max_batch_size=d.max_batch_size,
+            max_tokens_per_step=d.max_tokens_per_step, max_queue_delay_ms=d.max_queue_delay_ms,
+            max_queue_len=d.max_queue_len,
+            tenants=[TenantServing(tenant_id=d.tenant_id, weight=1.0, priority=0,
+                                   key_hashes=keys[d.tenant_id])],
+        ))
+    return {
+        node.pk: Components(workers=sorted(workers[node.pk], key=lambda w: w.port))
+        for node in nodes
+    }
+
+
+def issue_revisions(
+    nodes: list[Node], *, cause: str, components: dict[UUID, Components] | None = None
+) -> list[Revision]:
+    """Store and push a new signed revision for each node whose content changed."""
+    if not nodes:
+        return []
+    components = components if components is not None else render_components(nodes)
+    latest = Revision.objects.filter(node=OuterRef("pk")).order_by("-generation")
+    heads = {
+        row["pk"]: row
+        for row in Node.objects.filter(pk__in=[n.pk for n in nodes])
+        .annotate(head_generation=Max("revisions__generation"),
+                  head_hash=Subquery(latest.values("content_hash")[:1]))
+        .values("pk", "head_generation", "head_hash")
+    }
+    now = timezone.now()
+    key = private_key()
+    revisions = []
+    for node in nodes:
+        head = heads[node.pk]
+        wanted = components[node.pk]
+        state = DesiredState.build(node.pk, (head["head_generation"] or 0) + 1, now, wanted)
+        if state.content_hash == head["head_hash"] or (head["head_hash"] is None and not wanted.workers):
+            continue  # unchanged, or nothing to say to a node that never had work
+        signed = sign_state(state, key)
+        revisions.append(Revision(
+            node=node, generation=state.generation, content_hash=state.content_hash,
+            document=signed.model_dump(mode="json"), cause=cause[:200],
+        ))
+    Revision.objects.bulk_create(revisions)
+    push_after_commit(revisions)
+    return revisions
+
+
+def push_after_commit(revisions: list[Revision]) -> None:
+    """Send each revision to its node's queue once the transaction that made it commits."""
+    messages = [(queue_name(r.node_id), r.document) for r in revisions]
+
+    def send() -> None:
+        for queue, document in messages:
+            celery_app.send_task(APPLY_TASK, args=[document], queue=queue, routing_key=queue)
+
+    if messages:
+        transaction.on_commit(send)
+
+
+# --- Rollback -----------------------------------------------------------------------------
+
+
+@transaction.atomic
+def rollback(revision: Revision) -> Revision:
+    """Re-issue an earlier revision's components as a new generation and hold the node there.
+
+    The node is pinned, so later fleet changes do not silently undo the rollback;
+    `release` un-pins it and renders the current plan again.
+    """
+    _lock_fleet()
+    node = Node.objects.select_for_update().get(pk=revision.node_id)
+    node.pinned = True
+    node.save(update_fields=["pinned", "updated_at"])
+    components = Components.model_validate(revision.document["state"]["components"])
+    issued = issue_revisions([node], cause=f"rollback to generation {revision.generation}",
+                             components={node.pk: components})
+    return issued[0] if issued else Revision.objects.filter(node=node).order_by("-generation").first()
+
+
+@transaction.atomic
+def release(node: Node) -> list[Revision]:
+    Node.objects.filter(pk=node.pk).update(pinned=False)
+    node.pinned = False
+    return reconcile_fleet(cause="released from rollback", nodes=[node.pk])
+
+
+# --- Reports from agents ------------------------------------------------------------------
+
+
+@transaction.atomic
+def record_applied_status(node: Node, status: AppliedStatus) -> None:
+    """Record the agent's outcome; rejections also land on the node for operators to see."""
+    revision = (
+        Revision.objects.select_for_update()
+        .filter(node=node, generation=status.generation, content_hash=status.content_hash)
+        .first()
+    )
+    if revision is not None:
+        revision.status = status.state
+        revision.results = [c.model_dump(mode="json") for c in status.components]
+        revision.rejection_reason = status.rejection_reason or ""
+        revision.reported_at = status.reported_at
+        revision.save()
+    if status.state == "rejected":
+        detail = "; ".join(c.error for c in status.components if c.error) or status.rejection_reason
+        Node.objects.filter(pk=node.pk).update(
+            last_rejection_reason=status.rejection_reason, last_rejection_detail=detail or "",
+            last_rejection_at=status.reported_at,
+        )
+    elif revision is not None:
+        Node.objects.filter(pk=node.pk, applied_generation__lt=status.generation).update(
+            applied_generation=status.generation
+        )
+
+
+def latest_document(node: Node) -> dict[str, Any] | None:
+    revision = Revision.objects.filter(node=node).order_by("-generation").first()
+    return revision.document if revision else None
+
+
+def rollout_state(desired: int | None, applied: int, head_status: str | None) -> str:
+    if desired is None:
+        return "none"
+    if head_status in (RevisionStatus.FAILED, RevisionStatus.REJECTED):
+        return str(head_status)
+    return "in_sync" if applied >= desired else "pending"
+
+
