@@ -536,6 +536,8 @@ class AppliedStatus(_Message):
     components: list[ComponentResult]
     reported_at: AwareDatetime
     rejection_reason: RejectionReason | None = None
+    detail: Annotated[str, StringConstraints(strict=True, max_length=4096)] | None = None
+    """Why it was rejected, in words an operator can act on."""
 
     @field_validator("rejection_reason")
     @classmethod

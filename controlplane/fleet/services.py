@@ -242,9 +242,8 @@ def record_applied_status(node: Node, status: AppliedStatus) -> None:
         revision.reported_at = status.reported_at
         revision.save()
     if status.state == "rejected":
-        detail = "; ".join(c.error for c in status.components if c.error) or status.rejection_reason
         Node.objects.filter(pk=node.pk).update(
-            last_rejection_reason=status.rejection_reason, last_rejection_detail=detail or "",
+            last_rejection_reason=status.rejection_reason, last_rejection_detail=status.detail or "",
             last_rejection_at=status.reported_at,
         )
     elif revision is not None:

@@ -1,0 +1,123 @@
+"""`tailguard-agent`: run the node agent, simulate many, or print what discovery sees."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+
+from agent.client import ControlPlaneClient, ControlPlaneError
+from agent.discovery import discover
+from agent.enroll import EnrollmentError, load_or_enroll
+from agent.protocol import Inventory, decode_public_key
+from agent.reconciler import Reconciler
+from agent.runner import NodeAgent
+from agent.settings import AgentSettings
+from agent.simulate import simulate
+from agent.supervisor import SupervisorSettings, WorkerSupervisor
+from agent.tasks import Consumer
+
+log = logging.getLogger("agent")
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+async def run_agent(settings: AgentSettings) -> None:
+    def inventory() -> Inventory:
+        found = discover(settings.sysfs_root)
+        return found.model_copy(update={"host": found.host.model_copy(update={"hostname": settings.hostname})})
+
+    stop = _stop_on_signals()
+    facts = await asyncio.to_thread(inventory)
+    async with httpx.AsyncClient(timeout=30) as http:
+        anon = ControlPlaneClient(http, settings.control_plane_url)
+        identity = await load_or_enroll(anon, settings.state_dir, settings.hostname, facts.host,
+                                        settings.bootstrap_token)
+        log.info("node %s (%s) consuming %s", identity.node_id, settings.hostname, identity.queue)
+        workers = WorkerSupervisor(SupervisorSettings(work_dir=settings.state_dir))
+        reconciler = Reconciler(identity.node_id, decode_public_key(identity.control_plane_public_key),
+                                [workers], settings.state_dir)
+        agent = NodeAgent(identity, anon.with_credential(identity.credential), reconciler,
+                          inventory,
+                          inventory_interval_s=settings.inventory_interval_s,
+                          resync_interval_s=settings.resync_interval_s)
+        consumer = Consumer(identity.broker_url, {identity.queue: agent.receive},
+                            name=f"agent@{settings.hostname}")
+        consumer.start()
+        try:
+            await agent.run(stop)
+        finally:
+            await workers.close()
+            await asyncio.to_thread(consumer.stop)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tailguard-agent", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument("--config", type=Path, help="TOML settings file")
+        cmd.add_argument("--control-plane", dest="control_plane_url")
+        cmd.add_argument("--bootstrap-token")
+        cmd.add_argument("--state-dir", type=Path)
+
+    run = sub.add_parser("run", help="run the agent for this node")
+    common(run)
+    run.add_argument("--hostname")
+    sim = sub.add_parser("simulate", help="run N simulated agents in this process")
+    common(sim)
+    sim.add_argument("--count", type=int, required=True)
+    sim.add_argument("--prefix", default="sim", help="simulated hostnames are PREFIX-0000, ...")
+    sub.add_parser("discover", help="print this machine's inventory as JSON")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> AgentSettings:
+    settings = AgentSettings.load(args.config)
+    overrides = {name: getattr(args, name) for name in
+                 ("control_plane_url", "bootstrap_token", "state_dir", "hostname")
+                 if getattr(args, name, None) is not None}
+    return replace(settings, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "discover":
+        print(discover().model_dump_json(indent=2))
+        return 0
+    try:
+        settings = settings_from(args)
+        if args.command == "run":
+            asyncio.run(run_agent(settings))
+        else:
+            if args.count < 1:
+                raise ValueError("--count must be at least 1")
+
+            async def go() -> None:
+                await simulate(count=args.count, control_plane_url=settings.control_plane_url,
+                               bootstrap_token=settings.bootstrap_token,
+                               state_dir=settings.state_dir / "simulated", prefix=args.prefix,
+                               stop=_stop_on_signals(),
+                               inventory_interval_s=settings.inventory_interval_s,
+                               resync_interval_s=settings.resync_interval_s)
+
+            asyncio.run(go())
+    except (EnrollmentError, ControlPlaneError, ValueError, OSError) as exc:
+        print(f"tailguard-agent: {exc}", file=sys.stderr)
+        return 2
+    return 0

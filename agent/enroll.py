@@ -1,0 +1,72 @@
+"""Enrollment: trade the bootstrap token for a node identity once, then keep it safe on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from uuid import UUID
+
+from agent import __version__
+from agent.client import ControlPlaneClient
+from agent.protocol import Enrollment, HostFacts
+
+IDENTITY_FILE = "identity.json"
+
+
+class EnrollmentError(Exception):
+    """The agent cannot enroll: no token, or the control plane refused it."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    node_id: UUID
+    credential: str
+    control_plane_public_key: str
+    queue: str
+    broker_url: str
+    heartbeat_interval_s: float
+
+    def save(self, state_dir: Path) -> None:
+        """Write with owner-only permissions: the credential is the node's password."""
+        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.chmod(0o700)
+        path = state_dir / IDENTITY_FILE
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({**asdict(self), "node_id": str(self.node_id)}, handle)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, state_dir: Path) -> Identity | None:
+        path = state_dir / IDENTITY_FILE
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        return cls(**{**data, "node_id": UUID(data["node_id"])})
+
+
+async def load_or_enroll(
+    client: ControlPlaneClient, state_dir: Path, hostname: str, host: HostFacts,
+    bootstrap_token: str | None,
+) -> Identity:
+    identity = Identity.load(state_dir)
+    if identity is not None:
+        return identity
+    if not bootstrap_token:
+        raise EnrollmentError(
+            f"not enrolled yet ({state_dir / IDENTITY_FILE} is missing) and no bootstrap token "
+            "given: create one with POST /api/v1/bootstrap-tokens/ and pass --bootstrap-token"
+        )
+    grant = await client.enroll(Enrollment(
+        bootstrap_token=bootstrap_token, hostname=hostname, agent_version=__version__, host=host,
+    ))
+    identity = Identity(
+        node_id=grant.node_id, credential=grant.node_credential,
+        control_plane_public_key=grant.control_plane_public_key, queue=grant.queue,
+        broker_url=grant.broker_url, heartbeat_interval_s=grant.heartbeat_interval_s,
+    )
+    identity.save(state_dir)
+    return identity

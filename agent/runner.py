@@ -1,0 +1,147 @@
+"""The agent proper: a few root asyncio tasks sharing one stop flag.
+
+heartbeat   - liveness and the applied generation, every interval the control plane set
+inventory   - discovery at start and every inventory_interval_s
+config      - applies pushed revisions (from the Celery consumer) and pulls the desired
+              state at start, after a reconnect and every resync_interval_s
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from agent import __version__
+from agent.client import ControlPlaneClient, ControlPlaneError
+from agent.enroll import Identity
+from agent.protocol import AppliedStatus, Heartbeat, Inventory, SignedDesiredState
+from agent.reconciler import Reconciler
+
+log = logging.getLogger(__name__)
+
+
+class NodeAgent:
+    def __init__(
+        self, identity: Identity, client: ControlPlaneClient, reconciler: Reconciler,
+        discover: Callable[[], Inventory], *, inventory_interval_s: float,
+        resync_interval_s: float,
+    ) -> None:
+        self.identity = identity
+        self._client = client
+        self._reconciler = reconciler
+        self._discover = discover
+        self._inventory_interval_s = inventory_interval_s
+        self._resync_interval_s = resync_interval_s
+        self._pushed: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._resync = asyncio.Event()
+        self._started = time.monotonic()
+        self._unsent: AppliedStatus | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def receive(self, document: dict[str, Any]) -> None:
+        """Called from the Celery consumer's thread with a pushed revision."""
+        self._loop.call_soon_threadsafe(self._pushed.put_nowait, document)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks = [
+            asyncio.create_task(self._heartbeat(stop), name="heartbeat"),
+            asyncio.create_task(self._inventory(stop), name="inventory"),
+            asyncio.create_task(self._config(stop), name="config"),
+        ]
+        await stop.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _heartbeat(self, stop: asyncio.Event) -> None:
+        connected = True
+        while not stop.is_set():
+            try:
+                await self._client.post_heartbeat(Heartbeat(
+                    node_id=self.identity.node_id, sent_at=datetime.now(UTC),
+                    agent_version=__version__,
+                    applied_generation=self._reconciler.applied.generation,
+                    uptime_s=time.monotonic() - self._started,
+                ))
+                if not connected:
+                    log.info("control plane reachable again; pulling desired state")
+                    self._resync.set()
+                connected = True
+            except ControlPlaneError as exc:
+                if connected:
+                    log.warning("heartbeat failed: %s", exc)
+                connected = False
+            await _sleep(stop, self.identity.heartbeat_interval_s)
+
+    async def _inventory(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                inventory = await asyncio.to_thread(self._discover)
+                await self._client.post_inventory(inventory)
+                wait = self._inventory_interval_s
+            except ControlPlaneError as exc:
+                log.warning("inventory report failed: %s", exc)
+                wait = min(self._inventory_interval_s, 5.0)
+            await _sleep(stop, wait)
+
+    async def _config(self, stop: asyncio.Event) -> None:
+        self._resync.set()  # pull once at start
+        while not stop.is_set():
+            pushed = asyncio.create_task(self._pushed.get())
+            resync = asyncio.create_task(self._resync.wait())
+            done, pending = await asyncio.wait(
+                {pushed, resync}, timeout=self._resync_interval_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for task in pending:
+                task.cancel()
+            if pushed in done:
+                await self._apply_pushed(pushed.result())
+            elif pushed.done() and not pushed.cancelled():
+                self._pushed.put_nowait(pushed.result())  # raced with resync: keep it
+            if resync in done or not done:
+                self._resync.clear()
+                await self._pull()
+
+    async def _apply_pushed(self, document: dict[str, Any]) -> None:
+        try:
+            signed = SignedDesiredState.model_validate(document)
+        except ValidationError as exc:
+            log.error("dropped a malformed revision message: %s", exc)
+            return
+        await self._report(await self._reconciler.handle(signed, pulled=False))
+
+    async def _pull(self) -> None:
+        if self._unsent is not None:
+            await self._report(self._unsent)
+        try:
+            signed = await self._client.desired_state()
+        except ControlPlaneError as exc:
+            log.warning("desired state pull failed: %s", exc)
+            return
+        if signed is not None:
+            await self._report(await self._reconciler.handle(signed, pulled=True))
+
+    async def _report(self, status: AppliedStatus | None) -> None:
+        """Send a report; one that cannot be sent now is resent at the next resync."""
+        if status is None:
+            return
+        try:
+            await self._client.post_status(status)
+            self._unsent = None
+        except ControlPlaneError as exc:
+            log.warning("status report for generation %s failed: %s", status.generation, exc)
+            self._unsent = status
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        pass

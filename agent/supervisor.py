@@ -1,0 +1,251 @@
+"""Inference worker processes: start one per placed replica, keep it healthy, stop it when gone.
+
+Each worker is `python -m dataplane.inference --config FILE --port PORT`. A config
+change that a running worker can take (keys, tenants, batching knobs, thresholds) is
+written to its file and signalled with SIGHUP, so requests in flight are not dropped;
+a change to what it serves (model, runtime) replaces the process. A worker that dies
+or stops answering its health check is restarted with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+from uuid import UUID
+
+import httpx
+
+from agent.protocol import SYNTHETIC_SCHEME, ArtifactRef, ComponentResult, Components, WorkerSpec
+from dataplane.inference.config import (
+    BatchingConfig,
+    RuntimeConfig,
+    SloThreshold,
+    TenantConfig,
+    WorkerConfig,
+)
+from dataplane.inference.synthetic import SyntheticModelSpec, write_synthetic_model
+
+log = logging.getLogger(__name__)
+WORKER_METRICS = frozenset({"ttft", "tpot", "itl", "e2e", "queue"})
+
+
+@dataclass(frozen=True)
+class SupervisorSettings:
+    work_dir: Path
+    host: str = "127.0.0.1"
+    python: str = sys.executable
+    ready_timeout_s: float = 300.0
+    health_interval_s: float = 5.0
+    unhealthy_after: int = 3
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+
+
+def materialize_model(artifact: ArtifactRef, models_dir: Path) -> Path:
+    """The directory a worker loads its model from, creating a synthetic model if named."""
+    if not artifact.uri.startswith(SYNTHETIC_SCHEME):
+        raise ValueError(
+            f"artifact {artifact.uri} is not on this node: only synthetic:// models can be "
+            "generated here until it has been staged"
+        )
+    parts = urlsplit(artifact.uri)
+    fields = {k: int(v) for k, v in parse_qsl(parts.query)}
+    spec = SyntheticModelSpec(**fields)
+    sizes = "-".join(f"{k}{v}" for k, v in sorted(asdict(spec).items()))
+    directory = models_dir / f"synthetic-{parts.netloc or 'model'}-{sizes}"
+    if not (directory / "model.onnx").exists():
+        write_synthetic_model(directory.with_suffix(".tmp"), spec)
+        directory.with_suffix(".tmp").rename(directory)
+    return directory
+
+
+def render_config(
+    spec: WorkerSpec, components: Components, model_dir: Path, cache_dir: Path
+) -> WorkerConfig:
+    thresholds = [
+        SloThreshold.model_validate({"tenant": str(t.tenant_id), "metric": t.metric,
+                                     "threshold_seconds": t.threshold_seconds})
+        for t in components.slo_thresholds
+        if t.metric in WORKER_METRICS and t.threshold_seconds is not None
+        and t.deployment_id in (None, spec.deployment_id)
+        and any(s.tenant_id == t.tenant_id for s in spec.tenants)
+    ]
+    return WorkerConfig(
+        deployment_id=str(spec.deployment_id), served_model_name=spec.model_name,
+        model_dir=model_dir, cache_dir=cache_dir,
+        batching=BatchingConfig(
+            max_batch_size=spec.max_batch_size, max_tokens_per_step=spec.max_tokens_per_step,
+            max_queue_delay_ms=spec.max_queue_delay_ms, max_queue_len=spec.max_queue_len,
+        ),
+        runtime=RuntimeConfig.model_validate(spec.runtime_options),
+        tenants={
+            str(t.tenant_id): TenantConfig(weight=t.weight, priority=t.priority, key_sha256=t.key_hashes)
+            for t in spec.tenants
+        },
+        slo_thresholds=thresholds,
+    )
+
+
+class ManagedWorker:
+    """One worker process and the task that keeps it alive."""
+
+    def __init__(self, spec: WorkerSpec, config: WorkerConfig, settings: SupervisorSettings) -> None:
+        self.spec = spec
+        self.config = config
+        self.restarts = 0
+        self._settings = settings
+        self._dir = settings.work_dir / "workers" / str(spec.replica_id)
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self._dir / "config.json"
+        self._process: asyncio.subprocess.Process | None = None
+        self._ready = asyncio.Event()
+        self._failed: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._settings.host}:{self.spec.port}"
+
+    def write_config(self, config: WorkerConfig) -> None:
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(config.model_dump_json())
+        tmp.replace(self.config_path)
+        self.config = config
+
+    async def start(self) -> None:
+        self.write_config(self.config)
+        self._task = asyncio.create_task(self._keep_alive(), name=f"worker-{self.spec.replica_id}")
+
+    async def wait_ready(self) -> None:
+        """Return once healthy; raise with the reason if it could not get there in time."""
+        try:
+            await asyncio.wait_for(self._ready.wait(), self._settings.ready_timeout_s)
+        except TimeoutError:
+            raise RuntimeError(self._failed or "worker did not become healthy in time") from None
+
+    async def reconfigure(self, config: WorkerConfig) -> None:
+        self.write_config(config)
+        if self._process is not None and self._process.returncode is None:
+            self._process.send_signal(signal.SIGHUP)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._terminate()
+
+    async def _terminate(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.returncode is not None:
+            return
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), 15)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, self.spec.gpu_indices))}
+        log_file = open(self._dir / "worker.log", "ab")  # noqa: SIM115  (owned by the child)
+        try:
+            return await asyncio.create_subprocess_exec(
+                self._settings.python, "-m", "dataplane.inference", "--config", str(self.config_path),
+                "--host", self._settings.host, "--port", str(self.spec.port), "--log-level", "warning",
+                env=env, stdout=log_file, stderr=log_file,
+            )
+        finally:
+            log_file.close()
+
+    async def _keep_alive(self) -> None:
+        backoff = self._settings.backoff_initial_s
+        async with httpx.AsyncClient(timeout=5) as http:
+            while True:
+                self._process = await self._spawn()
+                healthy_once = await self._watch(http)
+                code = self._process.returncode if self._process else None
+                await self._terminate()
+                self._ready.clear()
+                self.restarts += 1
+                self._failed = f"worker exited (code {code}); see {self._dir / 'worker.log'}"
+                log.warning("replica %s: %s; restarting in %.0f s", self.spec.replica_id,
+                            self._failed, backoff)
+                await asyncio.sleep(backoff)
+                backoff = self._settings.backoff_initial_s if healthy_once else min(
+                    backoff * 2, self._settings.backoff_max_s)
+
+    async def _watch(self, http: httpx.AsyncClient) -> bool:
+        """Poll health until the process dies or fails the check repeatedly."""
+        assert self._process is not None
+        failures, healthy_once = 0, False
+        while self._process.returncode is None:
+            try:
+                ok = (await http.get(f"{self.url}/health")).status_code == 200
+            except httpx.TransportError:
+                ok = False
+            if ok:
+                failures, healthy_once = 0, True
+                self._ready.set()
+            elif healthy_once:
+                failures += 1
+                if failures >= self._settings.unhealthy_after:
+                    return healthy_once
+            interval = self._settings.health_interval_s if healthy_once else 0.2
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._process.wait(), interval)
+        return healthy_once
+
+
+class WorkerSupervisor:
+    """The reconciler's driver for worker components."""
+
+    def __init__(self, settings: SupervisorSettings) -> None:
+        self._settings = settings
+        self.workers: dict[UUID, ManagedWorker] = {}
+
+    async def apply(self, components: Components) -> list[ComponentResult]:
+        desired = {w.replica_id: w for w in components.workers}
+        for replica_id in [r for r in self.workers if r not in desired]:
+            await self.workers.pop(replica_id).stop()
+        return list(await asyncio.gather(*(self._converge(spec, components) for spec in desired.values())))
+
+    async def _converge(self, spec: WorkerSpec, components: Components) -> ComponentResult:
+        name = f"replica-{spec.replica_id}"
+        try:
+            model_dir = await asyncio.to_thread(materialize_model, spec.artifact,
+                                                self._settings.work_dir / "models")
+            config = render_config(spec, components, model_dir,
+                                   self._settings.work_dir / "cache" / str(spec.deployment_id))
+            current = self.workers.get(spec.replica_id)
+            if current is not None and self._same_process(current, spec, config):
+                if config != current.config:
+                    await current.reconfigure(config)
+            else:
+                if current is not None:
+                    await current.stop()
+                current = self.workers[spec.replica_id] = ManagedWorker(spec, config, self._settings)
+                await current.start()
+            await current.wait_ready()
+            return ComponentResult(kind="worker", name=name, ok=True, error=None)
+        except Exception as exc:  # every failure becomes the component's error text
+            log.exception("replica %s failed to converge", spec.replica_id)
+            return ComponentResult(kind="worker", name=name, ok=False, error=f"{exc}"[:4000] or repr(exc))
+
+    @staticmethod
+    def _same_process(current: ManagedWorker, spec: WorkerSpec, config: WorkerConfig) -> bool:
+        return (
+            current.spec.port == spec.port and current.spec.gpu_indices == spec.gpu_indices
+            and not current.config.restart_fields_changed(config)
+        )
+
+    async def close(self) -> None:
+        await asyncio.gather(*(worker.stop() for worker in self.workers.values()))
+        self.workers.clear()

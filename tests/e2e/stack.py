@@ -1,0 +1,96 @@
+"""Real processes for end-to-end tests: the control plane (ASGI), its Celery worker with
+beat, and node agents, all against the test database and the test Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from django.db import connection
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Stack:
+    def __init__(self, tmp: Path, port: int, **env: str) -> None:
+        db = connection.settings_dict
+        self.url = f"http://127.0.0.1:{port}"
+        self.tmp = tmp
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
+        self.port = port
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def spawn(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
+        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115  (owned by the child)
+        proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=self.env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def start_control_plane(self) -> None:
+        self.spawn("web", "-m", "uvicorn", "controlplane.asgi:application", "--port",
+                   str(self.port), "--log-level", "warning")
+        self.spawn("celery", "-m", "celery", "-A", "controlplane", "worker", "-B", "--pool", "solo",
+                   "--loglevel", "warning", "-s", str(self.tmp / "beat-schedule"))
+        wait_for(self._answers, 60, "the control plane to answer")
+
+    def _answers(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/api/schema/", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def start_agent(self, hostname: str, token: str) -> subprocess.Popen[bytes]:
+        return self.spawn(hostname, "-m", "agent", "run", "--control-plane", self.url,
+                          "--bootstrap-token", token, "--state-dir", str(self.tmp / hostname),
+                          "--hostname", hostname)
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+
+@contextmanager
+def running_stack(tmp: Path, port: int, **env: str) -> Iterator[Stack]:
+    stack = Stack(tmp, port, **env)
+    try:
+        stack.start_control_plane()
+        yield stack
+    finally:
+        stack.close()
