@@ -44,7 +44,7 @@ async def run_agent(settings: AgentSettings) -> None:
     async with httpx.AsyncClient(timeout=30) as http:
         anon = ControlPlaneClient(http, settings.control_plane_url)
         identity = await load_or_enroll(anon, settings.state_dir, settings.hostname, facts.host,
-                                        settings.bootstrap_token)
+                                        settings.bootstrap_token, stop)
         log.info("node %s (%s) consuming %s", identity.node_id, settings.hostname, identity.queue)
         workers = WorkerSupervisor(SupervisorSettings(work_dir=settings.state_dir))
         reconciler = Reconciler(identity.node_id, decode_public_key(identity.control_plane_public_key),

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from uuid import UUID
 
 from agent import __version__
-from agent.client import ControlPlaneClient
+from agent.client import ControlPlaneClient, ControlPlaneError
 from agent.protocol import Enrollment, HostFacts
 
 IDENTITY_FILE = "identity.json"
+MAX_BACKOFF_S = 30.0
+log = logging.getLogger(__name__)
 
 
 class EnrollmentError(Exception):
@@ -50,8 +54,10 @@ class Identity:
 
 async def load_or_enroll(
     client: ControlPlaneClient, state_dir: Path, hostname: str, host: HostFacts,
-    bootstrap_token: str | None,
+    bootstrap_token: str | None, stop: asyncio.Event | None = None,
 ) -> Identity:
+    """The saved identity, or a new one; waits out an unreachable or failing control plane
+    (agents may start first), but gives up at once when the token is refused."""
     identity = Identity.load(state_dir)
     if identity is not None:
         return identity
@@ -60,9 +66,22 @@ async def load_or_enroll(
             f"not enrolled yet ({state_dir / IDENTITY_FILE} is missing) and no bootstrap token "
             "given: create one with POST /api/v1/bootstrap-tokens/ and pass --bootstrap-token"
         )
-    grant = await client.enroll(Enrollment(
+    message = Enrollment(
         bootstrap_token=bootstrap_token, hostname=hostname, agent_version=__version__, host=host,
-    ))
+    )
+    backoff = 0.5
+    while True:
+        try:
+            grant = await client.enroll(message)
+            break
+        except ControlPlaneError as exc:
+            if 400 <= exc.status < 500:
+                raise EnrollmentError(f"enrollment refused: {exc}") from exc
+            log.warning("enrollment failed, retrying in %.1f s: %s", backoff, exc)
+        if stop is not None and stop.is_set():
+            raise EnrollmentError("stopped before enrollment completed")
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, MAX_BACKOFF_S)
     identity = Identity(
         node_id=grant.node_id, credential=grant.node_credential,
         control_plane_public_key=grant.control_plane_public_key, queue=grant.queue,

@@ -88,7 +88,7 @@ async def simulate(
         hostnames = [f"{prefix}-{i:04d}" for i in range(count)]
         inventories = {h: synthetic_inventory(h) for h in hostnames}
         identities = await asyncio.gather(*(
-            load_or_enroll(anon, state_dir / h, h, inventories[h].host, bootstrap_token)
+            load_or_enroll(anon, state_dir / h, h, inventories[h].host, bootstrap_token, stop)
             for h in hostnames
         ))
         agents = []

@@ -94,11 +94,15 @@ TEMPLATES = [
 
 DATABASES = {
     "default": dj_database_url.parse(
-        os.environ.get("DATABASE_URL", f"sqlite:///{DATA_DIR / 'tailguard.sqlite3'}"),
-        conn_max_age=int(os.environ.get("DATABASE_CONN_MAX_AGE", "60")),
-        conn_health_checks=True,
+        os.environ.get("DATABASE_URL", f"sqlite:///{DATA_DIR / 'tailguard.sqlite3'}")
     )
 }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # Under ASGI each request's sync code may run on a new thread, so per-thread persistent
+    # connections would be reopened per request; a pool shares them across threads.
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 2, "max_size": int(os.environ.get("DATABASE_POOL_SIZE", "20")), "timeout": 30,
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -186,12 +190,12 @@ LOGGING = {
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "INFO"}},
+    "loggers": {"django.db.backends": {"level": "INFO"}, "httpx": {"level": "WARNING"}},
 }
 
 # Fleet: how agents are told apart from the dead, and how desired state is signed.
-HEARTBEAT_INTERVAL_S = float(os.environ.get("HEARTBEAT_INTERVAL_S", "5"))
-NODE_UNREACHABLE_AFTER_S = float(os.environ.get("NODE_UNREACHABLE_AFTER_S", "30"))
+HEARTBEAT_INTERVAL_S = float(os.environ.get("HEARTBEAT_INTERVAL_S", "10"))
+NODE_UNREACHABLE_AFTER_S = float(os.environ.get("NODE_UNREACHABLE_AFTER_S", "40"))
 BOOTSTRAP_TOKEN_TTL_S = int(os.environ.get("BOOTSTRAP_TOKEN_TTL_S", str(24 * 3600)))
 SIGNING_KEY_FILE = Path(os.environ.get("SIGNING_KEY_FILE", DATA_DIR / "signing_key.pem"))
 # The broker URL agents are given; defaults to the control plane's own.

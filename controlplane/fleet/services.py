@@ -92,7 +92,7 @@ def reconcile_fleet(
     all_nodes = {n.pk: n for n in Node.objects.prefetch_related("gpus")}
     deployments = list(Deployment.objects.all())
     replicas = list(Replica.objects.all())
-    before = {r.pk: (r.node_id, list(r.gpu_indices), r.port) for r in replicas}
+    before = {r.pk: (r.node_id, list(r.gpu_indices), r.port, r.reason) for r in replicas}
     rooms = {pk: placement.NodeRoom(node, list(node.gpus.all())) for pk, node in all_nodes.items()}
     to_save, to_delete = placement.plan(
         deployments, rooms, replicas,
@@ -103,18 +103,20 @@ def reconcile_fleet(
     for replica in to_delete:
         affected.add(replica.node_id)
     Replica.objects.filter(pk__in=[r.pk for r in to_delete]).delete()
-    existing = [r for r in to_save if r.pk in before]
     Replica.objects.bulk_create([r for r in to_save if r.pk not in before])
-    Replica.objects.bulk_update(existing, ["node", "gpu_indices", "port", "reason"])
+    Replica.objects.bulk_update(
+        [r for r in to_save if r.pk in before
+         and before[r.pk] != (r.node_id, r.gpu_indices, r.port, r.reason)],
+        ["node", "gpu_indices", "port", "reason"],
+    )
     touched, tenants = set(touched), set(tenants)
     tenant_of = {d.pk: d.tenant_id for d in deployments}
     for replica in to_save:
         old = before.get(replica.pk)
-        if old is not None and old != (replica.node_id, replica.gpu_indices, replica.port):
+        moved = old is None or old[:3] != (replica.node_id, replica.gpu_indices, replica.port)
+        if old is not None and moved:
             affected.add(old[0])  # the node it left
-        if old != (replica.node_id, replica.gpu_indices, replica.port) or (
-            replica.deployment_id in touched or tenant_of[replica.deployment_id] in tenants
-        ):
+        if moved or replica.deployment_id in touched or tenant_of[replica.deployment_id] in tenants:
             affected.add(replica.node_id)
     affected.discard(None)
     targets = [all_nodes[pk] for pk in affected if pk in all_nodes and not all_nodes[pk].pinned]
@@ -190,8 +192,10 @@ def push_after_commit(revisions: list[Revision]) -> None:
     messages = [(queue_name(r.node_id), r.document) for r in revisions]
 
     def send() -> None:
-        for queue, document in messages:
-            celery_app.send_task(APPLY_TASK, args=[document], queue=queue, routing_key=queue)
+        with celery_app.producer_or_acquire() as producer:  # one connection for the batch
+            for queue, document in messages:
+                celery_app.send_task(APPLY_TASK, args=[document], queue=queue, routing_key=queue,
+                                     producer=producer)
 
     if messages:
         transaction.on_commit(send)
@@ -227,26 +231,25 @@ def release(node: Node) -> list[Revision]:
 # --- Reports from agents ------------------------------------------------------------------
 
 
-@transaction.atomic
 def record_applied_status(node: Node, status: AppliedStatus) -> None:
-    """Record the agent's outcome; rejections also land on the node for operators to see."""
-    revision = (
-        Revision.objects.select_for_update()
-        .filter(node=node, generation=status.generation, content_hash=status.content_hash)
-        .first()
+    """Record the agent's outcome; rejections also land on the node for operators to see.
+
+    Updates in place: a revision's document can be large and is never rewritten here. The
+    two updates need no shared transaction: each is atomic and either order is consistent.
+    """
+    matched = Revision.objects.filter(
+        node=node, generation=status.generation, content_hash=status.content_hash
+    ).update(
+        status=status.state, results=[c.model_dump(mode="json") for c in status.components],
+        rejection_reason=status.rejection_reason or "", reported_at=status.reported_at,
+        updated_at=timezone.now(),
     )
-    if revision is not None:
-        revision.status = status.state
-        revision.results = [c.model_dump(mode="json") for c in status.components]
-        revision.rejection_reason = status.rejection_reason or ""
-        revision.reported_at = status.reported_at
-        revision.save()
     if status.state == "rejected":
         Node.objects.filter(pk=node.pk).update(
             last_rejection_reason=status.rejection_reason, last_rejection_detail=status.detail or "",
             last_rejection_at=status.reported_at,
         )
-    elif revision is not None:
+    elif matched:
         Node.objects.filter(pk=node.pk, applied_generation__lt=status.generation).update(
             applied_generation=status.generation
         )

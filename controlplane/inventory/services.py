@@ -90,9 +90,17 @@ def _set_host_facts(node: Node, host: Any) -> None:
     node.cpu_count, node.memory_total_bytes = host.cpu_count, host.memory_bytes
 
 
+def _gpu_signature(gpus: Any) -> list[tuple[Any, ...]]:
+    return sorted((g.index, g.uuid, g.name, g.memory_total_bytes, g.numa_node) for g in gpus)
+
+
 @transaction.atomic
 def record_inventory(node: Node, inventory: Inventory) -> None:
-    """Replace the node's hardware rows with what the agent just discovered."""
+    """Replace the node's hardware rows with what the agent just discovered.
+
+    Different GPUs can change placement, so they re-plan the fleet.
+    """
+    gpus_before = _gpu_signature(node.gpus.all())
     _set_host_facts(node, inventory.host)
     node.save()
     for model in (NumaNode, Gpu, Nic, Drive):
@@ -119,20 +127,21 @@ def record_inventory(node: Node, inventory: Inventory) -> None:
               pci_bus_id=d.pci_bus_id or "", numa_node=d.numa_node)
         for d in inventory.drives
     )
+    if _gpu_signature(inventory.gpus) != gpus_before:
+        from controlplane.fleet.services import reconcile_fleet  # fleet builds on inventory
+
+        reconcile_fleet(cause=f"hardware of {node.hostname} changed")
 
 
 def record_heartbeat(node: Node, heartbeat: Heartbeat) -> None:
     """A node that is heard is ready again, whatever it was; becoming ready may place work."""
     from controlplane.fleet.services import reconcile_fleet  # fleet builds on inventory
 
-    now = timezone.now()
-    became_ready = Node.objects.filter(pk=node.pk).exclude(status=NodeStatus.READY).update(
-        status=NodeStatus.READY, last_heartbeat_at=now, updated_at=now
-    )
     Node.objects.filter(pk=node.pk).update(
-        last_heartbeat_at=now, agent_version=heartbeat.agent_version
+        status=NodeStatus.READY, last_heartbeat_at=timezone.now(),
+        agent_version=heartbeat.agent_version,
     )
-    if became_ready:
+    if node.status != NodeStatus.READY:  # as loaded when the request was authenticated
         reconcile_fleet(cause=f"node {node.hostname} ready")
 
 

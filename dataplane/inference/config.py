@@ -1,0 +1,126 @@
+"""The inference worker's configuration: the JSON file the agent writes.
+
+The agent renders one ``WorkerConfig`` per worker from the control plane's desired state
+and starts ``python -m dataplane.inference --config PATH``. Rewriting the file (or
+sending SIGHUP) applies new keys, tenants, batching knobs, scheduling policy and SLO
+thresholds without dropping requests in flight; the fields under ``RESTART_FIELDS``
+need a new process.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SloMetric = Literal["ttft", "tpot", "itl", "e2e", "queue"]
+Policy = Literal["fair", "fcfs"]
+
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+RESTART_FIELDS = ("deployment_id", "served_model_name", "model_dir", "cache_dir", "runtime")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_hashes(hashes: list[str]) -> list[str]:
+    for digest in hashes:
+        if not _SHA256_HEX.match(digest):
+            raise ValueError("key hashes are lowercase sha256 hex digests (64 characters)")
+    return hashes
+
+
+class TenantConfig(_Frozen):
+    """A tenant's share of the worker and the API keys that name it."""
+
+    weight: float = Field(default=1.0, gt=0, description="share of tokens under fair queuing")
+    priority: int = Field(default=0, description="higher classes are served first")
+    key_sha256: list[str] = Field(default_factory=list, description="sha256 hex of each key")
+
+    _hashes = field_validator("key_sha256")(_check_hashes)
+
+
+class SloThreshold(_Frozen):
+    """One latency objective to count exactly: good means value <= threshold."""
+
+    tenant: str
+    metric: SloMetric
+    threshold_seconds: float = Field(gt=0)
+
+
+class BatchingConfig(_Frozen):
+    """Continuous batching knobs."""
+
+    max_batch_size: int = Field(default=32, ge=1, description="sequences decoded together")
+    max_tokens_per_step: int = Field(
+        default=512, ge=1, description="decode tokens + prompt tokens one step may process")
+    max_queue_delay_ms: float = Field(
+        default=0.0, ge=0,
+        description="when idle, wait this long for more arrivals to prefill together")
+    max_queue_len: int = Field(
+        default=128, ge=1, description="waiting requests per tenant before 429")
+    max_rows_per_forward: int = Field(
+        default=16, ge=0,
+        description="decode the batch in forward calls of at most this many rows, grouped "
+                    "by length (0: one call); on a CPU smaller calls pad less and stay in "
+                    "cache, on a GPU one call is usually best")
+
+
+class SchedulingConfig(_Frozen):
+    """Who goes next: ``fair`` (virtual token counters + priority) or ``fcfs``."""
+
+    policy: Policy = "fair"
+    preemption: bool = Field(
+        default=True,
+        description="fair policy may pause a running request of an over-served tenant")
+    input_token_weight: float = Field(default=1.0, ge=0)
+    output_token_weight: float = Field(default=2.0, ge=0)
+
+
+class RuntimeConfig(_Frozen):
+    """ONNX Runtime session settings."""
+
+    intra_op_threads: int = Field(default=0, ge=0, description="0 lets ONNX Runtime choose")
+    allow_spinning: bool = False
+
+
+class WorkerConfig(_Frozen):
+    """Everything one inference worker process needs."""
+
+    deployment_id: str = Field(min_length=1)
+    served_model_name: str = Field(min_length=1)
+    model_dir: Path
+    cache_dir: Path
+    batching: BatchingConfig = BatchingConfig()
+    scheduling: SchedulingConfig = SchedulingConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    tenants: dict[str, TenantConfig] = Field(default_factory=dict)
+    slo_thresholds: list[SloThreshold] = Field(default_factory=list)
+    max_request_bytes: int = Field(default=1 << 20, ge=1024)
+    stats_key_sha256: list[str] = Field(
+        default_factory=list,
+        description="keys allowed to read /v1/internal/stats; empty means loopback only")
+
+    _hashes = field_validator("stats_key_sha256")(_check_hashes)
+
+    @model_validator(mode="after")
+    def _keys_name_one_tenant(self) -> WorkerConfig:
+        seen: dict[str, str] = {}
+        for tenant, cfg in self.tenants.items():
+            for digest in cfg.key_sha256:
+                if digest in seen:
+                    raise ValueError(
+                        f"key hash {digest[:12]}... names both {seen[digest]!r} and {tenant!r}")
+                seen[digest] = tenant
+        return self
+
+    @classmethod
+    def load(cls, path: Path) -> WorkerConfig:
+        return cls.model_validate_json(path.read_bytes())
+
+    def restart_fields_changed(self, other: WorkerConfig) -> list[str]:
+        """Fields that differ between the two and only take effect in a new process."""
+        return [name for name in RESTART_FIELDS if getattr(self, name) != getattr(other, name)]

@@ -1,0 +1,535 @@
+"""Iteration-level continuous batching with per-tenant fair queuing and admission control.
+
+Two asyncio tasks share one engine. The decode lane runs one decode step after another
+for the whole batch; between steps, cancelled, finished and paused sequences leave and
+prefilled ones join. The prefill lane admits waiting requests into free batch slots,
+highest priority class first and then by the policy, under a per-step token budget
+(prompt tokens of new requests plus one decode token per sequence in the batch), and
+prefills them together. Each lane computes in its own thread (ONNX Runtime releases the
+GIL), so the event loop keeps serving HTTP and a prefill overlaps the decode step in
+flight instead of waiting for it: what a new request waits for is its own prefill.
+
+The ``fair`` policy is the Virtual Token Counter of Sheng et al., "Fairness in Serving
+Large Language Models" (OSDI 2024): every tenant has a counter that advances by the
+weighted prompt and output tokens it is served divided by its weight; the next request
+comes from the backlogged tenant with the smallest counter; a tenant that becomes
+backlogged is lifted to the smallest counter among active tenants, so idling banks no
+credit. With ``preemption`` on, a tenant holding fewer batch slots than its weighted
+share may pause the newest request of a tenant holding more than its own share (and
+not behind it on the counter); the paused request keeps its KV cache and resumes
+without a new prefill. A higher priority class may pause a lower one's request.
+``fcfs`` is plain arrival order, kept for comparison.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from dataplane.inference.config import (
+    BatchingConfig,
+    SchedulingConfig,
+    TenantConfig,
+)
+from dataplane.inference.engine import FINISH_STOP, BatchEngine, EngineSequence
+from dataplane.inference.metrics import RequestTiming, TelemetryStats, WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+FINISH_ERROR = "error"
+_DEFAULT_TENANT = TenantConfig.model_validate({})
+
+
+class QueueFull(Exception):
+    """The tenant's queue is at ``max_queue_len``; retry after ``retry_after_s``."""
+
+    def __init__(self, tenant: str, retry_after_s: int) -> None:
+        super().__init__(f"tenant {tenant!r} has too many queued requests")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    """A request's handle shared by the HTTP handler and the scheduler.
+
+    The scheduler appends delivered tokens to ``output_ids`` (with their timestamps in
+    ``timing``) and sets ``finish_reason``; the handler waits on ``next_update``.
+    """
+
+    tenant: str
+    priority: int
+    seq: EngineSequence
+    timing: RequestTiming
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    cancelled: bool = False
+    _updated: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def done(self) -> bool:
+        return self.cancelled or self.finish_reason is not None
+
+    async def next_update(self) -> None:
+        """Return once new tokens or a finish have been delivered since the last call."""
+        await self._updated.wait()
+        self._updated.clear()
+
+    def notify(self) -> None:
+        self._updated.set()
+
+
+class QueuePolicy(Protocol):
+    """Order of admission among waiting requests."""
+
+    def push(self, request: GenerationRequest, active: Collection[str]) -> None:
+        """Queue a request; ``active`` names the tenants with sequences in the batch."""
+        ...
+
+    def remove(self, request: GenerationRequest) -> bool: ...
+
+    def peek(self) -> GenerationRequest | None: ...
+
+    def pop(self) -> GenerationRequest: ...
+
+    def waiting(self, tenant: str) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def drain(self) -> list[GenerationRequest]:
+        """Remove and return every waiting request in arrival order."""
+        ...
+
+    def charge(self, tenant: str, input_tokens: int, output_tokens: int) -> None: ...
+
+    def preempt_for(self, candidate: GenerationRequest, running: Sequence[GenerationRequest],
+                    max_batch_size: int) -> GenerationRequest | None:
+        """A running request to pause so ``candidate`` gets a slot, already queued again
+        at the head of its tenant's line; None if nobody should be paused."""
+        ...
+
+
+class FcfsPolicy:
+    """Arrival order across all tenants; never preempts."""
+
+    def __init__(self) -> None:
+        self._queue: deque[GenerationRequest] = deque()
+        self._per_tenant: Counter[str] = Counter()
+
+    def push(self, request: GenerationRequest, active: Collection[str]) -> None:
+        self._queue.append(request)
+        self._per_tenant[request.tenant] += 1
+
+    def remove(self, request: GenerationRequest) -> bool:
+        try:
+            self._queue.remove(request)
+        except ValueError:
+            return False
+        self._per_tenant[request.tenant] -= 1
+        return True
+
+    def peek(self) -> GenerationRequest | None:
+        return self._queue[0] if self._queue else None
+
+    def pop(self) -> GenerationRequest:
+        request = self._queue.popleft()
+        self._per_tenant[request.tenant] -= 1
+        return request
+
+    def waiting(self, tenant: str) -> int:
+        return self._per_tenant[tenant]
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def drain(self) -> list[GenerationRequest]:
+        drained = list(self._queue)
+        self._queue.clear()
+        self._per_tenant.clear()
+        return drained
+
+    def charge(self, tenant: str, input_tokens: int, output_tokens: int) -> None:
+        """Arrival order ignores service received."""
+
+    def preempt_for(self, candidate: GenerationRequest, running: Sequence[GenerationRequest],
+                    max_batch_size: int) -> GenerationRequest | None:
+        return None
+
+
+class FairPolicy:
+    """Priority classes, then weighted virtual token counters (VTC) within a class."""
+
+    def __init__(self, tenants: Mapping[str, TenantConfig], scheduling: SchedulingConfig
+                 ) -> None:
+        self.tenants = tenants
+        self._input_weight = scheduling.input_token_weight
+        self._output_weight = scheduling.output_token_weight
+        self._preemption = scheduling.preemption
+        self._queues: dict[str, deque[GenerationRequest]] = {}
+        self.counters: dict[str, float] = {}
+        # Ties on the counter go to the tenant admitted least recently (round robin).
+        self._last_admitted: dict[str, int] = {}
+        self._admissions = 0
+
+    def _weight(self, tenant: str) -> float:
+        return self.tenants.get(tenant, _DEFAULT_TENANT).weight
+
+    def _backlogged(self) -> list[str]:
+        return [tenant for tenant, queue in self._queues.items() if queue]
+
+    def push(self, request: GenerationRequest, active: Collection[str]) -> None:
+        tenant = request.tenant
+        queue = self._queues.setdefault(tenant, deque())
+        counter = self.counters.setdefault(tenant, 0.0)
+        if not queue:
+            others = [self.counters[t] for t in {*self._backlogged(), *active} - {tenant}
+                      if t in self.counters]
+            if others:
+                self.counters[tenant] = max(counter, min(others))
+        queue.append(request)
+
+    def remove(self, request: GenerationRequest) -> bool:
+        queue = self._queues.get(request.tenant)
+        if queue is None or request not in queue:
+            return False
+        queue.remove(request)
+        return True
+
+    def peek(self) -> GenerationRequest | None:
+        best: GenerationRequest | None = None
+        best_key: tuple[int, float, int] | None = None
+        for tenant, queue in self._queues.items():
+            if not queue:
+                continue
+            head = queue[0]
+            key = (-head.priority, self.counters[tenant], self._last_admitted.get(tenant, -1))
+            if best_key is None or key < best_key:
+                best, best_key = head, key
+        return best
+
+    def pop(self) -> GenerationRequest:
+        head = self.peek()
+        if head is None:
+            raise IndexError("pop from an empty queue")
+        self._queues[head.tenant].popleft()
+        self._admissions += 1
+        self._last_admitted[head.tenant] = self._admissions
+        return head
+
+    def waiting(self, tenant: str) -> int:
+        return len(self._queues.get(tenant, ()))
+
+    def __len__(self) -> int:
+        return sum(len(queue) for queue in self._queues.values())
+
+    def drain(self) -> list[GenerationRequest]:
+        drained = [r for queue in self._queues.values() for r in queue]
+        self._queues.clear()
+        return sorted(drained, key=lambda r: r.timing.arrival)
+
+    def charge(self, tenant: str, input_tokens: int, output_tokens: int) -> None:
+        cost = input_tokens * self._input_weight + output_tokens * self._output_weight
+        self.counters[tenant] = self.counters.get(tenant, 0.0) + cost / self._weight(tenant)
+
+    def preempt_for(self, candidate: GenerationRequest, running: Sequence[GenerationRequest],
+                    max_batch_size: int) -> GenerationRequest | None:
+        if not self._preemption or not running:
+            return None
+        victims = [r for r in running if r.priority < candidate.priority]
+        if not victims:
+            victims = self._over_share(candidate, running, max_batch_size)
+        if not victims:
+            return None
+        victim = min(victims, key=lambda r: (r.priority, -(r.timing.scheduled or 0.0)))
+        self._queues.setdefault(victim.tenant, deque()).appendleft(victim)
+        return victim
+
+    def _over_share(self, candidate: GenerationRequest, running: Sequence[GenerationRequest],
+                    max_batch_size: int) -> list[GenerationRequest]:
+        """Same-class requests of the tenant furthest past its weighted slot share, if the
+        candidate's tenant is under its own share and not ahead of that tenant's counter
+        (a newly backlogged tenant is lifted to exactly the active minimum)."""
+        peers = [r for r in running if r.priority == candidate.priority]
+        slots = Counter(r.tenant for r in peers)
+        contenders = {*slots, *(t for t in self._backlogged()
+                                if self._queues[t][0].priority == candidate.priority)}
+        total_weight = sum(self._weight(t) for t in contenders | {candidate.tenant})
+
+        def share(tenant: str) -> float:
+            return max_batch_size * self._weight(tenant) / total_weight
+
+        mine = candidate.tenant
+        if slots[mine] + 1 > share(mine):
+            return []
+        over = [t for t in slots if t != mine and slots[t] > share(t)
+                and self.counters.get(t, 0.0) >= self.counters.get(mine, 0.0)]
+        if not over:
+            return []
+        target = max(over, key=lambda t: self.counters.get(t, 0.0))
+        return [r for r in peers if r.tenant == target]
+
+
+def make_policy(scheduling: SchedulingConfig, tenants: Mapping[str, TenantConfig]
+                ) -> QueuePolicy:
+    if scheduling.policy == "fcfs":
+        return FcfsPolicy()
+    return FairPolicy(tenants, scheduling)
+
+
+class Scheduler:
+    """The batching loop: owns the waiting queue, the batch's membership and delivery.
+
+    Two lanes share one engine, each with its own compute thread. The decode lane runs
+    one decode step after another for the sequences in the batch; sequences join and
+    leave between steps. The prefill lane admits waiting requests into free slots
+    (pausing a running request when the policy says so), prefills them together under
+    the step token budget, hands out their first tokens and queues them to join at the
+    next decode step. A prefill overlaps the decode step in flight, so a newly admitted
+    request waits for its own prefill, not for the batch's step.
+    """
+
+    def __init__(self, engine: BatchEngine, batching: BatchingConfig,
+                 scheduling: SchedulingConfig, tenants: Mapping[str, TenantConfig],
+                 metrics: WorkerMetrics, stats: TelemetryStats) -> None:
+        self._engine = engine
+        self.batching = batching
+        self.scheduling = scheduling
+        self.tenants = dict(tenants)
+        self.policy = make_policy(scheduling, self.tenants)
+        self._metrics = metrics
+        self._stats = stats
+        # Requests holding a batch slot: being prefilled, ready to join, or in the batch.
+        self.running: list[GenerationRequest] = []
+        self._in_batch: list[GenerationRequest] = []
+        self._ready: list[GenerationRequest] = []
+        self._pausing: list[GenerationRequest] = []
+        self._leaving: list[EngineSequence] = []
+        self._owners: dict[EngineSequence, GenerationRequest] = {}
+        self._admission = asyncio.Event()
+        self._decode_work = asyncio.Event()
+        self._decode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        self._prefill_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill")
+        self._mean_e2e = 1.0
+
+    # -- called from request handlers ------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue a request or raise QueueFull (the handler answers 429)."""
+        waiting = self.policy.waiting(request.tenant)
+        if waiting >= self.batching.max_queue_len:
+            self._metrics.count(request.tenant, "rejected")
+            self._stats.count_rejected(request.tenant)
+            drain = (waiting + 1) * self._mean_e2e / self.batching.max_batch_size
+            raise QueueFull(request.tenant, max(1, math.ceil(drain)))
+        self.policy.push(request, {r.tenant for r in self.running})
+        self._admission.set()
+
+    def cancel(self, request: GenerationRequest) -> None:
+        """The client went away: free its queue entry or batch slot and KV right away."""
+        if request.done:
+            return
+        request.cancelled = True
+        self._release(request)
+        self._metrics.count(request.tenant, "cancelled")
+        self._stats.count_cancelled(request.tenant)
+        request.notify()
+
+    def stop(self, request: GenerationRequest) -> None:
+        """The handler matched a stop string: finished (and measured), not cancelled."""
+        if request.done:
+            return
+        self._release(request)
+        request.finish_reason = FINISH_STOP
+        self._finish(request)
+        request.notify()
+
+    def _release(self, request: GenerationRequest) -> None:
+        """Take a request out of the queue or its slot; the engine drops its row (and
+        so its KV) at the next step."""
+        if not self.policy.remove(request) and request in self.running:
+            self.running.remove(request)
+            for holder in (self._ready, self._in_batch):
+                if request in holder:
+                    holder.remove(request)
+            self._leaving.append(request.seq)
+            self._decode_work.set()
+        self._owners.pop(request.seq, None)
+        self._admission.set()
+
+    def reconfigure(self, batching: BatchingConfig, scheduling: SchedulingConfig,
+                    tenants: Mapping[str, TenantConfig]) -> None:
+        """Apply new knobs between steps; waiting and running requests carry over."""
+        self.batching = batching
+        self._engine.rows_per_call = batching.max_rows_per_forward
+        self.tenants = dict(tenants)
+        if scheduling != self.scheduling:
+            old = self.policy.drain()
+            self.scheduling = scheduling
+            self.policy = make_policy(scheduling, self.tenants)
+            active = {r.tenant for r in self.running}
+            for request in old:
+                self.policy.push(request, active)
+        elif isinstance(self.policy, FairPolicy):
+            self.policy.tenants = self.tenants
+        self._admission.set()
+
+    def close(self) -> None:
+        for pool in (self._decode_pool, self._prefill_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- the lanes -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Batch forever (until the task is cancelled)."""
+        await asyncio.gather(self._prefill_lane(), self._decode_lane())
+
+    async def _prefill_lane(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._admission.clear()
+            delay = self.batching.max_queue_delay_ms / 1000.0
+            if delay > 0 and not self.running and len(self.policy):
+                # Idle engine: give more arrivals a moment to share the prefill.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._fill_batch(), delay)
+            fresh = self._admit()
+            if not fresh:
+                await self._admission.wait()
+                continue
+            started = time.perf_counter()
+            try:
+                await loop.run_in_executor(self._prefill_pool, self._engine.prefill,
+                                           [r.seq for r in fresh])
+            except Exception:
+                log.exception("prefill failed; failing its requests")
+                self._fail(fresh)
+                continue
+            now = time.perf_counter()
+            self._metrics.step_seconds.labels("prefill").observe(now - started)
+            for request in fresh:
+                self.policy.charge(request.tenant, len(request.seq.prompt), 1)
+                self._deliver(request, now)
+                if not request.done:
+                    self._ready.append(request)
+            self._decode_work.set()
+
+    async def _fill_batch(self) -> None:
+        while len(self.policy) < self.batching.max_batch_size:
+            self._admission.clear()
+            await self._admission.wait()
+
+    def _admit(self) -> list[GenerationRequest]:
+        """Give free slots to waiting requests (pausing others to make room where the
+        policy says so); return those that need a prefill, at most a step's budget."""
+        batching = self.batching
+        slots = batching.max_batch_size - len(self.running)
+        budget = batching.max_tokens_per_step - len(self._in_batch)
+        fresh: list[GenerationRequest] = []
+        prefill_tokens = 0
+        now = time.perf_counter()
+        while (head := self.policy.peek()) is not None and head not in self._pausing:
+            cost = 0 if head.seq.tokens else len(head.seq.prompt)
+            if cost > budget and prefill_tokens > 0:
+                break
+            if slots <= 0:
+                victim = self.policy.preempt_for(head, self._in_batch,
+                                                 batching.max_batch_size)
+                if victim is None:
+                    break
+                self._in_batch.remove(victim)
+                self.running.remove(victim)
+                self._pausing.append(victim)
+                self._decode_work.set()
+                slots += 1
+                continue
+            self.policy.pop()
+            if head.timing.scheduled is None:
+                head.timing.scheduled = now
+            self.running.append(head)
+            self._owners[head.seq] = head
+            slots -= 1
+            if cost:
+                fresh.append(head)
+                budget -= cost
+                prefill_tokens += cost
+            else:
+                self._ready.append(head)
+                self._decode_work.set()
+        return fresh
+
+    async def _decode_lane(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._decode_work.clear()
+            if not (self._in_batch or self._ready or self._leaving or self._pausing):
+                await self._decode_work.wait()
+                continue
+            join, self._ready = self._ready, []
+            leave, self._leaving = self._leaving, []
+            pause, self._pausing = self._pausing, []
+            started = time.perf_counter()
+            try:
+                stepped = await loop.run_in_executor(
+                    self._decode_pool, self._engine.step, leave, [r.seq for r in pause],
+                    [r.seq for r in join])
+            except Exception:
+                log.exception("decode step failed; failing the batch")
+                self._fail([*self._in_batch, *join, *pause])
+                self._engine.reset()
+                continue
+            now = time.perf_counter()
+            self._in_batch += [r for r in join if r in self.running]
+            if stepped:
+                self._metrics.step_seconds.labels("decode").observe(now - started)
+            served: Counter[str] = Counter()
+            for seq in stepped:
+                owner = self._owners.get(seq)
+                if owner is not None:
+                    served[owner.tenant] += 1
+                    self._deliver(owner, now)
+            for tenant, tokens in served.items():
+                self.policy.charge(tenant, 0, tokens)
+            self._metrics.running.set(len(self.running))
+            self._metrics.waiting.set(len(self.policy))
+            self._admission.set()
+
+    def _deliver(self, request: GenerationRequest, now: float) -> None:
+        if request.done:
+            return
+        for token in request.seq.tokens[len(request.output_ids):]:
+            request.output_ids.append(token)
+            request.timing.token_times.append(now)
+        if request.seq.finish_reason is not None:
+            request.finish_reason = request.seq.finish_reason
+            self._finish(request)
+        request.notify()
+
+    def _finish(self, request: GenerationRequest) -> None:
+        self.policy.remove(request)
+        for holder in (self.running, self._in_batch, self._ready):
+            if request in holder:
+                holder.remove(request)
+        self._owners.pop(request.seq, None)
+        self._admission.set()
+        timing = request.timing
+        self._metrics.count(request.tenant, request.finish_reason or FINISH_ERROR)
+        if request.finish_reason == FINISH_ERROR:
+            return
+        self._metrics.observe_request(request.tenant, timing)
+        self._stats.record(request.tenant, timing)
+        if timing.e2e is not None:
+            self._mean_e2e = 0.9 * self._mean_e2e + 0.1 * timing.e2e
+
+    def _fail(self, requests: list[GenerationRequest]) -> None:
+        for request in requests:
+            if not request.done:
+                request.finish_reason = FINISH_ERROR
+                self._finish(request)
+                request.notify()

@@ -1,0 +1,429 @@
+"""Serving benchmark for the inference worker: throughput, latency and tenant fairness.
+
+Writes a synthetic model, measures the engine alone, then starts real worker processes
+and drives them with streaming HTTP clients (closed-loop streams for throughput,
+Poisson arrivals for the fairness scenarios). Client-side clocks: TTFT is request sent
+-> first streamed chunk, TPOT is (last chunk - first chunk) / (tokens - 1).
+
+    .venv/bin/python -m tests.bench.serving --quick --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httptools
+import httpx
+import numpy as np
+from tqdm import tqdm
+
+from dataplane.inference.config import BatchingConfig, RuntimeConfig
+from dataplane.inference.engine import BatchEngine, EngineSequence
+from dataplane.inference.kvcache import KVBatch
+from dataplane.inference.runtime import OnnxRuntime
+from dataplane.inference.sampling import SamplingParams
+from dataplane.inference.synthetic import SyntheticModelSpec, write_synthetic_model
+from tests.dataplane.inference.procs import WorkerProcess, worker_config
+
+KEYS = {"bench": "bench-key", "victim": "victim-key", "aggressor": "aggressor-key"}
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens":(\d+)')
+
+
+@dataclass(frozen=True)
+class Sizes:
+    prompt_tokens: int
+    output_tokens: int
+    concurrency: int
+    served_s: float
+    batch1_s: float
+    fairness_s: float
+    warmup_s: float
+    raw_rounds: int
+
+
+QUICK = Sizes(prompt_tokens=32, output_tokens=64, concurrency=32, served_s=10, batch1_s=6,
+              fairness_s=9, warmup_s=2, raw_rounds=4)
+FULL = Sizes(prompt_tokens=32, output_tokens=64, concurrency=32, served_s=40, batch1_s=20,
+             fairness_s=45, warmup_s=3, raw_rounds=12)
+
+
+@dataclass
+class Result:
+    """One streamed request as the client saw it."""
+
+    tenant: str
+    sent: float
+    chunks: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens so far)
+    rejected: bool = False
+
+    @property
+    def ttft(self) -> float | None:
+        return self.chunks[0][0] - self.sent if self.chunks else None
+
+    @property
+    def tpot(self) -> float | None:
+        if len(self.chunks) < 2 or self.chunks[-1][1] < 2:
+            return None
+        return (self.chunks[-1][0] - self.chunks[0][0]) / (self.chunks[-1][1] - 1)
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection whose streamed responses are parsed by
+    httptools (uvicorn's parser). The load generator shares two cores with the worker,
+    so it stays this thin: no per-event JSON parsing, no connection pool."""
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._parser: Any = None
+        self._result: Result | None = None
+        self._done: asyncio.Future[int] | None = None
+
+    @classmethod
+    async def open(cls, base_url: str) -> Connection:
+        url = httpx.URL(base_url)
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_connection(cls, url.host, url.port or 80)
+        return protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._parser.feed_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_exception(ConnectionError("worker closed the connection"))
+
+    def on_body(self, body: bytes) -> None:
+        counts = _COMPLETION_TOKENS.findall(body)
+        result = self._result
+        if result is not None and counts:
+            tokens = int(counts[-1])
+            if tokens > (result.chunks[-1][1] if result.chunks else 0):
+                result.chunks.append((time.perf_counter(), tokens))
+
+    def on_message_complete(self) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(self._parser.get_status_code())
+
+    async def stream(self, key: str, body: dict[str, Any], result: Result) -> int:
+        """Send one completion request and record its chunks; returns the status."""
+        assert self._transport is not None, "connection not open"
+        payload = json.dumps(body).encode()
+        self._parser = httptools.HttpResponseParser(self)
+        self._result = result
+        self._done = asyncio.get_running_loop().create_future()
+        self._transport.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\n"
+            b"Authorization: Bearer " + key.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: "
+            + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        return await self._done
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+async def stream_one(conn: Connection, tenant: str, sizes: Sizes, rng: random.Random,
+                     results: list[Result]) -> None:
+    prompt = [rng.randrange(5, 250) for _ in range(sizes.prompt_tokens)]
+    body = {"model": "synthetic", "prompt": prompt, "max_tokens": sizes.output_tokens,
+            "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    result = Result(tenant=tenant, sent=time.perf_counter())
+    results.append(result)
+    status = await conn.stream(KEYS[tenant], body, result)
+    if status == 429:
+        result.rejected = True
+    elif status != 200:
+        raise RuntimeError(f"worker answered {status}")
+
+
+async def closed_loop(base_url: str, sizes: Sizes, duration: float) -> list[Result]:
+    """``concurrency`` clients each streaming one request after another."""
+    results: list[Result] = []
+    deadline = time.perf_counter() + duration
+
+    async def client(i: int) -> None:
+        rng = random.Random(i)
+        conn = await Connection.open(base_url)
+        try:
+            while time.perf_counter() < deadline:
+                await stream_one(conn, "bench", sizes, rng, results)
+        finally:
+            conn.close()
+
+    tasks = [asyncio.create_task(client(i)) for i in range(sizes.concurrency)]
+    await asyncio.sleep(duration)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return results
+
+
+async def poisson(base_url: str, sizes: Sizes, rates: dict[str, float], duration: float,
+                  grace: float = 30.0) -> list[Result]:
+    """Open-loop Poisson arrivals per tenant, one connection per request; at the end the
+    aggressor's requests are dropped and the others get ``grace`` seconds to finish."""
+    results: list[Result] = []
+    inflight: dict[str, list[asyncio.Task[None]]] = {t: [] for t in rates}
+
+    async def one(tenant: str, rng: random.Random) -> None:
+        conn = await Connection.open(base_url)
+        try:
+            await stream_one(conn, tenant, sizes, rng, results)
+        finally:
+            conn.close()
+
+    async def arrivals(tenant: str, rate: float, seed: int) -> None:
+        rng = random.Random(seed)
+        deadline = time.perf_counter() + duration
+        while True:
+            await asyncio.sleep(rng.expovariate(rate))
+            if time.perf_counter() >= deadline:
+                return
+            inflight[tenant].append(asyncio.create_task(one(tenant, rng)))
+
+    await asyncio.gather(*(arrivals(t, r, i) for i, (t, r) in enumerate(rates.items())))
+    for task in inflight.get("aggressor", []):
+        task.cancel()
+    others = [t for tenant, tasks in inflight.items() if tenant != "aggressor" for t in tasks]
+    await asyncio.wait_for(asyncio.gather(*others, return_exceptions=True), grace)
+    await asyncio.gather(*inflight.get("aggressor", []), return_exceptions=True)
+    return results
+
+
+def window_tokens_per_s(results: list[Result], start: float, end: float) -> float:
+    """Tokens whose chunk arrived inside [start, end), per second."""
+    tokens = 0
+    for result in results:
+        previous = 0
+        for at, count in result.chunks:
+            if start <= at < end:
+                tokens += count - previous
+            previous = count
+    return tokens / (end - start)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def measure_engine(model_dir: Path, cache_dir: Path, sizes: Sizes,
+                   runtime_config: RuntimeConfig, rows_per_call: int) -> dict[str, float]:
+    """The runtime's own loop at the serving batch size, without HTTP or asyncio."""
+    runtime = OnnxRuntime(model_dir, cache_dir, runtime_config)
+    spec = runtime.spec
+    rng = np.random.default_rng(0)
+    width = sizes.prompt_tokens + sizes.output_tokens // 2
+    shape = (sizes.concurrency, spec.num_kv_heads, width, spec.head_dim)
+    cache = KVBatch(keys=tuple(rng.standard_normal(shape, np.float32)
+                               for _ in range(spec.num_layers)),
+                    values=tuple(rng.standard_normal(shape, np.float32)
+                                 for _ in range(spec.num_layers)),
+                    lengths=np.full(sizes.concurrency, width, np.int64))
+    tokens = np.ones(sizes.concurrency, np.int64)
+    step_times = []
+    for _ in range(30):
+        started = time.perf_counter()
+        runtime.decode(cache, tokens)
+        step_times.append(time.perf_counter() - started)
+
+    def sequence(tokens: int, seed: int) -> EngineSequence:
+        return EngineSequence(rng.integers(5, 250, sizes.prompt_tokens).tolist(),
+                              SamplingParams(max_new_tokens=tokens, ignore_eos=True, seed=seed))
+
+    # Lock-step: all sequences start and finish together, so no row is ever padded.
+    engine = BatchEngine(runtime, rows_per_call)
+    produced = 0
+    started = time.perf_counter()
+    for round_ in range(sizes.raw_rounds):
+        seqs = [sequence(sizes.output_tokens, round_ * 1000 + i)
+                for i in range(sizes.concurrency)]
+        engine.prefill(seqs)
+        engine.step(join=seqs)
+        while engine.running:
+            engine.step()
+        produced += sum(len(s.tokens) for s in seqs)
+    lockstep = produced / (time.perf_counter() - started)
+
+    # Staggered, as a busy server runs: a finished sequence is replaced at once, and the
+    # first generation's lengths are spread so the batch holds every age at once (rows
+    # are padded to the oldest one).
+    engine = BatchEngine(runtime, rows_per_call)
+    fresh = [sequence(1 + i * sizes.output_tokens // sizes.concurrency, i)
+             for i in range(sizes.concurrency)]
+    steps, produced, started = 0, 0, 0.0
+    while steps < (sizes.raw_rounds + 1) * sizes.output_tokens:
+        if steps == sizes.output_tokens:
+            produced, started = 0, time.perf_counter()
+        if fresh:
+            engine.prefill(fresh)
+            produced += len(fresh)
+        produced += len(engine.step(join=fresh))
+        steps += 1
+        fresh = [sequence(sizes.output_tokens, steps * 100 + i)
+                 for i, s in enumerate(engine.running) if s.finish_reason is not None]
+    return {"decode_step_ms_b32": float(np.median(step_times) * 1000),
+            "raw_engine_tokens_per_s": lockstep,
+            "raw_engine_staggered_tokens_per_s": produced / (time.perf_counter() - started)}
+
+
+@contextmanager
+def worker(model_dir: Path, workdir: Path, name: str, **overrides: Any
+           ) -> Iterator[WorkerProcess]:
+    config = worker_config(model_dir, workdir / "cache", KEYS, **overrides)
+    with WorkerProcess(config, workdir / name) as proc:
+        yield proc
+
+
+def run(sizes: Sizes, spec: SyntheticModelSpec, runtime: RuntimeConfig,
+        batching: BatchingConfig, progress: tqdm[Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"prompt_tokens": sizes.prompt_tokens,
+                           "output_tokens": sizes.output_tokens,
+                           "concurrency": sizes.concurrency,
+                           "intra_op_threads": runtime.intra_op_threads,
+                           "max_tokens_per_step": batching.max_tokens_per_step,
+                           "max_rows_per_forward": batching.max_rows_per_forward}
+    with tempfile.TemporaryDirectory(prefix="tailguard-bench-") as tmp:
+        workdir = Path(tmp)
+        model_dir = workdir / "model"
+        progress.set_description("writing model")
+        out["model_params"] = write_synthetic_model(model_dir, spec)
+        progress.update()
+
+        progress.set_description("engine alone")
+        out.update(measure_engine(model_dir, workdir / "cache", sizes, runtime,
+                                  batching.max_rows_per_forward))
+        progress.update()
+
+        batching_json = batching.model_dump()
+        runtime_json = runtime.model_dump()
+        progress.set_description(f"served, {sizes.concurrency} streams")
+        with worker(model_dir, workdir, "served", batching=batching_json,
+                    runtime=runtime_json) as proc:
+            total = sizes.warmup_s + sizes.served_s
+            results = asyncio.run(closed_loop(proc.base_url, sizes, total))
+        begin = min(r.sent for r in results) + sizes.warmup_s
+        out["served_tokens_per_s"] = window_tokens_per_s(results, begin,
+                                                         begin + sizes.served_s)
+        measured = [r for r in results if r.sent >= begin and r.chunks
+                    and r.chunks[-1][1] == sizes.output_tokens]
+        ttfts = [r.ttft for r in measured if r.ttft is not None]
+        tpots = [r.tpot for r in measured if r.tpot is not None]
+        out.update(ttft_p50_s=percentile(ttfts, 50), ttft_p99_s=percentile(ttfts, 99),
+                   tpot_p50_s=percentile(tpots, 50), tpot_p99_s=percentile(tpots, 99),
+                   served_requests=len(measured))
+        progress.update()
+
+        progress.set_description("batch size 1")
+        with worker(model_dir, workdir, "batch1", runtime=runtime_json,
+                    batching={**batching_json, "max_batch_size": 1}) as proc:
+            results = asyncio.run(closed_loop(proc.base_url, sizes,
+                                              sizes.warmup_s + sizes.batch1_s))
+        begin = min(r.sent for r in results) + sizes.warmup_s
+        out["batch1_tokens_per_s"] = window_tokens_per_s(results, begin,
+                                                         begin + sizes.batch1_s)
+        progress.update()
+
+        # Fairness: the aggressor alone would overload the worker; the victim sends a
+        # tenth of the aggressor's rate.
+        capacity_rps = out["served_tokens_per_s"] / sizes.output_tokens
+        victim_rps = 0.13 * capacity_rps
+        out["victim_rps"] = victim_rps
+        out["aggressor_rps"] = 10 * victim_rps
+        scenarios = [("solo", "fair", {"victim": victim_rps}),
+                     ("fair", "fair", {"victim": victim_rps, "aggressor": 10 * victim_rps}),
+                     ("fcfs", "fcfs", {"victim": victim_rps, "aggressor": 10 * victim_rps})]
+        for label, policy, rates in scenarios:
+            progress.set_description(f"victim {label}")
+            with worker(model_dir, workdir, f"victim-{label}", batching=batching_json,
+                        runtime=runtime_json, scheduling={"policy": policy}) as proc:
+                results = asyncio.run(poisson(proc.base_url, sizes, rates, sizes.fairness_s))
+            victim = [r.ttft for r in results if r.tenant == "victim" and r.ttft is not None]
+            out[f"victim_ttft_p99_{label}_s"] = percentile(victim, 99)
+            out[f"victim_ttft_p50_{label}_s"] = percentile(victim, 50)
+            out[f"victim_requests_{label}"] = len(victim)
+            if "aggressor" in rates:
+                out[f"aggressor_rejected_{label}"] = sum(
+                    r.rejected for r in results if r.tenant == "aggressor")
+            progress.update()
+
+    def ratio(a: str, b: str) -> float | None:
+        return out[a] / out[b] if out.get(a) and out.get(b) else None
+
+    out["served_over_raw"] = ratio("served_tokens_per_s", "raw_engine_tokens_per_s")
+    out["served_over_raw_staggered"] = ratio("served_tokens_per_s",
+                                             "raw_engine_staggered_tokens_per_s")
+    out["batching_speedup"] = ratio("served_tokens_per_s", "batch1_tokens_per_s")
+    out["fair_over_solo"] = ratio("victim_ttft_p99_fair_s", "victim_ttft_p99_solo_s")
+    out["fcfs_over_solo"] = ratio("victim_ttft_p99_fcfs_s", "victim_ttft_p99_solo_s")
+    return out
+
+
+GOALS = (("served_over_raw", ">=", 0.9), ("batching_speedup", ">=", 4.0),
+         ("fair_over_solo", "<=", 1.5))
+
+
+def table(out: dict[str, Any]) -> str:
+    lines = [f"{key:32} {value:.4g}" if isinstance(value, float) else f"{key:32} {value}"
+             for key, value in out.items()]
+    for key, op, goal in GOALS:
+        value = out.get(key)
+        met = value is not None and (value >= goal if op == ">=" else value <= goal)
+        lines.append(f"goal {key} {op} {goal}: {'met' if met else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.serving",
+                                     description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quick", action="store_true", help="about two minutes")
+    defaults = SyntheticModelSpec()
+    parser.add_argument("--layers", type=int, default=defaults.layers)
+    parser.add_argument("--hidden", type=int, default=defaults.hidden)
+    parser.add_argument("--heads", type=int, default=defaults.heads)
+    parser.add_argument("--vocab", type=int, default=defaults.vocab)
+    parser.add_argument("--concurrency", type=int, default=None)
+    parser.add_argument("--prompt-tokens", type=int, default=None)
+    parser.add_argument("--output-tokens", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="ONNX Runtime intra-op threads, for the engine alone and the "
+                             "workers alike (one leaves a core for HTTP on a 2-core box)")
+    parser.add_argument("--max-tokens-per-step", type=int, default=512)
+    parser.add_argument("--max-rows-per-forward", type=int, default=16)
+    args = parser.parse_args(argv)
+    base = QUICK if args.quick else FULL
+    sizes = Sizes(**{**base.__dict__, **{k: v for k, v in {
+        "concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens,
+        "output_tokens": args.output_tokens}.items() if v is not None}})
+    spec = SyntheticModelSpec(layers=args.layers, hidden=args.hidden, heads=args.heads,
+                              kv_heads=args.heads, vocab=args.vocab)
+    with tqdm(total=8, file=sys.stderr, unit="phase") as progress:
+        batching = BatchingConfig(max_batch_size=sizes.concurrency, max_queue_len=64,
+                                  max_tokens_per_step=args.max_tokens_per_step,
+                                  max_rows_per_forward=args.max_rows_per_forward)
+        out = run(sizes, spec, RuntimeConfig(intra_op_threads=args.threads), batching,
+                  progress)
+    print(json.dumps(out, indent=2) if args.json else table(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,19 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dataplane.inference.synthetic import SyntheticModelSpec, write_synthetic_model
+
+# Small enough that a decode step takes well under a millisecond, with grouped-query
+# attention (4 heads over 2 KV heads) so that path is exercised everywhere.
+TEST_MODEL = SyntheticModelSpec(layers=2, hidden=64, heads=4, kv_heads=2, vocab=320,
+                                max_context=512, seed=7)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("model")
+    write_synthetic_model(directory, TEST_MODEL)
+    return directory

@@ -1,0 +1,147 @@
+"""Reading Optimum-layout model directories, including ones the generator did not write."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from dataplane.inference.config import RuntimeConfig
+from dataplane.inference.engine import BatchEngine, EngineSequence
+from dataplane.inference.model import load_model_spec
+from dataplane.inference.runtime import OnnxRuntime, select_providers
+from dataplane.inference.sampling import SamplingParams
+from dataplane.inference.synthetic import SyntheticModelSpec, write_synthetic_model
+
+from .conftest import TEST_MODEL
+
+
+def greedy(model_dir: Path, cache_dir: Path, prompt: list[int], tokens: int = 12) -> list[int]:
+    engine = BatchEngine(OnnxRuntime(model_dir, cache_dir, RuntimeConfig()))
+    seq = EngineSequence(prompt, SamplingParams(max_new_tokens=tokens, temperature=0.0,
+                                                ignore_eos=True))
+    engine.prefill([seq])
+    engine.step(join=[seq])
+    while engine.running:
+        engine.step()
+    return seq.tokens
+
+
+def test_generator_writes_the_optimum_layout(model_dir: Path) -> None:
+    assert {p.name for p in model_dir.iterdir()} >= {"model.onnx", "config.json",
+                                                       "tokenizer.json"}
+    graph = onnx.load(str(model_dir / "model.onnx")).graph
+    inputs = [i.name for i in graph.input]
+    outputs = [o.name for o in graph.output]
+    assert inputs[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert "past_key_values.1.value" in inputs and "present.1.value" in outputs
+    spec = load_model_spec(model_dir)
+    assert (spec.num_layers, spec.num_attention_heads, spec.num_kv_heads, spec.head_dim) == (
+        TEST_MODEL.layers, TEST_MODEL.heads, TEST_MODEL.kv_heads, TEST_MODEL.head_dim)
+    assert spec.vocab_size == TEST_MODEL.vocab
+    assert spec.max_context == TEST_MODEL.max_context
+    assert spec.kv_dtype == "float32" and spec.eos_token_ids
+
+
+def _symbolic_head_dims(source: Path, target: Path, config: dict[str, object]) -> None:
+    """Copy a model, leaving KV head count and head size symbolic in the graph (as many
+    exporters do) and writing the given config.json instead of the generator's."""
+    shutil.copytree(source, target)
+    model = onnx.load(str(target / "model.onnx"))
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.name.startswith(("past_key_values.", "present.")):
+            dims = value.type.tensor_type.shape.dim
+            dims[1].dim_param = "num_key_value_heads"
+            dims[3].dim_param = "head_dim"
+    onnx.save(model, str(target / "model.onnx"))
+    (target / "config.json").write_text(json.dumps(config))
+
+
+def test_llama_style_config_with_grouped_query_attention(model_dir: Path,
+                                                         tmp_path: Path) -> None:
+    llama = tmp_path / "llama"
+    _symbolic_head_dims(model_dir, llama, {
+        "model_type": "llama", "num_hidden_layers": TEST_MODEL.layers,
+        "num_attention_heads": TEST_MODEL.heads, "num_key_value_heads": TEST_MODEL.kv_heads,
+        "hidden_size": TEST_MODEL.hidden, "vocab_size": TEST_MODEL.vocab,
+        "max_position_embeddings": TEST_MODEL.max_context, "eos_token_id": 0,
+    })
+    spec = load_model_spec(llama)
+    assert spec.num_kv_heads == TEST_MODEL.kv_heads
+    assert spec.head_dim == TEST_MODEL.hidden // TEST_MODEL.heads
+    assert spec.eos_token_ids == (0,)
+    prompt = [5, 17, 99, 3]
+    assert greedy(llama, tmp_path / "c1", prompt) == greedy(model_dir, tmp_path / "c2", prompt)
+
+
+def test_gpt2_style_config_names(tmp_path: Path) -> None:
+    plain = SyntheticModelSpec(layers=1, hidden=32, heads=2, kv_heads=2, vocab=300,
+                               max_context=64, seed=1)
+    source = tmp_path / "source"
+    write_synthetic_model(source, plain)
+    gpt2 = tmp_path / "gpt2"
+    _symbolic_head_dims(source, gpt2, {
+        "model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "vocab_size": 300,
+        "n_positions": 64, "eos_token_id": 0,
+    })
+    spec = load_model_spec(gpt2)
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.max_context) == (
+        1, 2, 16, 64)
+    assert len(greedy(gpt2, tmp_path / "cache", [1, 2, 3], tokens=5)) == 5
+
+
+def test_graph_and_config_disagreeing_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["num_key_value_heads"] = TEST_MODEL.kv_heads * 2
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        load_model_spec(broken)
+
+
+def test_missing_context_length_is_named(model_dir: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare)
+    (bare / "config.json").unlink()
+    with pytest.raises(ValueError, match="max_context"):
+        load_model_spec(bare)
+
+
+def test_provider_chain_prefers_tensorrt_with_caches(tmp_path: Path) -> None:
+    chain = select_providers(
+        ["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"],
+        tmp_path)
+    assert [name for name, _ in chain] == [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    trt = chain[0][1]
+    assert trt["trt_engine_cache_enable"] == "True"
+    assert trt["trt_timing_cache_enable"] == "True"
+    assert Path(trt["trt_engine_cache_path"]).is_dir()
+    assert Path(trt["trt_timing_cache_path"]).is_dir()
+    assert trt["trt_engine_cache_path"].startswith(str(tmp_path))
+
+
+def test_provider_chain_falls_back() -> None:
+    cuda = select_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], Path("/x"))
+    assert [name for name, _ in cuda] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert select_providers(["CPUExecutionProvider"], Path("/x")) == [
+        ("CPUExecutionProvider", {})]
+    with pytest.raises(RuntimeError):
+        select_providers(["AzureExecutionProvider"], Path("/x"))
+
+
+def test_tokenizer_is_byte_level_with_specials(model_dir: Path) -> None:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    text = "héllo wörld ✓"
+    assert tokenizer.decode(tokenizer.encode(text).ids) == text
+    assert tokenizer.token_to_id("<|endoftext|>") is not None
+    assert tokenizer.get_vocab_size() == TEST_MODEL.vocab
+    ids = np.array(tokenizer.encode("<|user|>hi<|end|>").ids)
+    assert tokenizer.token_to_id("<|user|>") in ids

@@ -1,0 +1,270 @@
+"""The emulator itself, and engine paths only the emulator can drive here (NVMe drives,
+injected I/O, a target without RDMA). These always run against the emulator."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from spdk.rpc.client import JSONRPCClient
+from spdk.rpc.cmd_parser import remove_null
+from spdk.spdk_rpc import create_parser, suppress_cli_prints
+
+from dataplane.storage.engine import (
+    Device,
+    ExportSpec,
+    PoolSpec,
+    RpcError,
+    StorageSpec,
+    VolumeSpec,
+)
+from dataplane.storage.spdk import SpdkEngine
+
+from .conftest import Target
+from .spdk_emulator import NESTED, PARAMS, SpdkEmulator
+
+MIB = 1 << 20
+HOST = "nqn.2014-08.org.nvmexpress:uuid:0a0a0a0a-0000-4000-8000-00000000000a"
+
+
+# ---- the method/parameter table cannot drift from the spdk package ------------------
+
+
+class _Recorder:
+    """Stands in for JSONRPCClient under spdk's CLI functions and records the request."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+
+    def __getattr__(self, method: str) -> Callable[..., None]:
+        if method.startswith("_"):
+            raise AttributeError(method)
+        return lambda **params: self.requests.append((method, remove_null(params)))
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> None:
+        self.requests.append((method, params or {}))
+
+
+def _sample(action: argparse.Action) -> Any:
+    """A value for every CLI option so the CLI function sends every parameter it knows."""
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+        return True
+    if action.choices:
+        return list(action.choices)[0]
+    if action.type in (int, float):
+        return action.type(1)
+    if action.type in (None, str):
+        return "x"
+    return action.type("all")  # comma-split lists
+
+
+def client_request(
+    cli: tuple[argparse.Namespace, dict[str, argparse.ArgumentParser]], method: str
+) -> tuple[str, dict[str, Any]]:
+    """The request spdk's rpc.py sends for `method` with every option given."""
+    global_defaults, subparsers = cli
+    subparser = subparsers[method]
+    values = {
+        a.dest: _sample(a) for a in subparser._actions if not isinstance(a, argparse._HelpAction)
+    }
+    args = argparse.Namespace(
+        **{**vars(global_defaults), **values, "func": subparser.get_default("func")}
+    )
+    args.client = recorder = _Recorder()
+    args.func(args)
+    (request,) = recorder.requests
+    return request
+
+
+@pytest.fixture(scope="module")
+def spdk_cli() -> tuple[argparse.Namespace, dict[str, argparse.ArgumentParser]]:
+    suppress_cli_prints()
+    parser, subparsers = create_parser()
+    return parser.parse_args([]), dict(subparsers.choices)
+
+
+def test_emulator_accepts_exactly_what_the_spdk_client_sends(
+    spdk_cli: tuple[argparse.Namespace, dict[str, argparse.ArgumentParser]],
+) -> None:
+    unknown = sorted(set(PARAMS) - set(spdk_cli[1]))
+    assert not unknown, f"methods the spdk package does not define: {unknown}"
+    for method, allowed in PARAMS.items():
+        name, params = client_request(spdk_cli, method)
+        assert name == method
+        assert set(params) == allowed, f"{method}: update PARAMS to {sorted(params)}"
+        for key, value in params.items():
+            if isinstance(value, dict):
+                assert NESTED.get((method, key)) == set(value), (
+                    f"{method}.{key}: update NESTED to {sorted(value)}"
+                )
+    assert {m for m, _ in NESTED} <= set(PARAMS)
+
+
+def test_engine_uses_only_methods_the_emulator_knows() -> None:
+    from dataplane.storage.spdk import NVMF_METHODS, REQUIRED_METHODS
+
+    assert REQUIRED_METHODS | NVMF_METHODS <= set(PARAMS)
+
+
+# ---- protocol errors like spdk_tgt ------------------------------------------------
+
+
+@pytest.fixture
+def raw(target: Target) -> Iterator[Callable[..., dict[str, Any]]]:
+    with JSONRPCClient(str(target.socket)) as client:
+
+        def request(method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+            client.send(method, params)
+            response: dict[str, Any] = client.recv()
+            return response
+
+        yield request
+
+
+def test_unknown_method_and_params_are_rejected(raw: Callable[..., dict[str, Any]]) -> None:
+    assert raw("bdev_make_coffee")["error"]["code"] == -32601
+    assert raw("bdev_get_bdevs", {"colour": "blue"})["error"]["code"] == -32602
+    assert (
+        raw("bdev_malloc_create", {"num_blocks": 8, "block_size": 4096, "name": "m0"})["result"]
+        == "m0"
+    )
+    ns = {"nqn": "nqn.2016-06.io.spdk:x", "namespace": {"bdev_name": "m0", "colour": "blue"}}
+    assert raw("nvmf_subsystem_add_ns", ns)["error"]["code"] == -32602
+    assert (
+        raw("bdev_lvol_create", {"size_in_mib": 4})["error"]["code"] == -32602
+    )  # lvol_name missing
+
+
+def test_lvol_create_returns_the_uuid_and_bdev_shape(raw: Callable[..., dict[str, Any]]) -> None:
+    raw("bdev_malloc_create", {"num_blocks": 16384, "block_size": 4096, "name": "m0"})
+    lvs_uuid = raw("bdev_lvol_create_lvstore", {"bdev_name": "m0", "lvs_name": "lvs"})["result"]
+    lvol_uuid = raw("bdev_lvol_create", {"lvs_name": "lvs", "lvol_name": "v", "size_in_mib": 5})[
+        "result"
+    ]
+    (bdev,) = raw("bdev_get_bdevs", {"name": "lvs/v"})["result"]
+    assert bdev["name"] == bdev["uuid"] == lvol_uuid
+    assert bdev["aliases"] == ["lvs/v"] and bdev["product_name"] == "Logical Volume"
+    assert bdev["block_size"] * bdev["num_blocks"] == 8 * MIB
+    assert bdev["driver_specific"]["lvol"]["lvol_store_uuid"] == lvs_uuid
+    assert bdev["assigned_rate_limits"] == {
+        "rw_ios_per_sec": 0,
+        "rw_mbytes_per_sec": 0,
+        "r_mbytes_per_sec": 0,
+        "w_mbytes_per_sec": 0,
+    }
+
+
+# ---- engine paths that need emulated hardware -------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_iostat_deltas_become_iops_mb_s_and_latency(short_dir: Path) -> None:
+    clock = FakeClock()
+    with SpdkEmulator(short_dir / "s.sock", clock=clock, tick_rate=1_000_000) as emulator:
+        engine = SpdkEngine(emulator.socket_path)
+        engine.reconcile(
+            StorageSpec(
+                pools=(
+                    PoolSpec(name="fast", devices=(Device(kind="malloc", size_bytes=64 * MIB),)),
+                ),
+                volumes=(VolumeSpec(name="llama", pool="fast", tenant="acme", size_bytes=8 * MIB),),
+            )
+        )
+        emulator.record_io("fast/acme.llama", reads=10, bytes_read=10 * MIB, read_latency_s=0.01)
+        assert engine.stats() == {}
+        emulator.record_io(
+            "fast/acme.llama",
+            reads=4000,
+            bytes_read=400 * MIB,
+            read_latency_s=0.8,
+            writes=1000,
+            bytes_written=100 * MIB,
+            write_latency_s=2.0,
+        )
+        clock.now += 2.0
+        rates = engine.stats()["llama"]
+        assert rates.interval_s == pytest.approx(2.0)
+        assert (rates.read_iops, rates.write_iops) == (pytest.approx(2000), pytest.approx(500))
+        assert (rates.read_mb_s, rates.write_mb_s) == (pytest.approx(200), pytest.approx(50))
+        assert rates.mean_read_latency_us == pytest.approx(200)
+        assert rates.mean_write_latency_us == pytest.approx(2000)
+        engine.close()
+
+
+def test_nvme_pool_is_attached_by_pcie_address_and_survives_restart(short_dir: Path) -> None:
+    drive = short_dir / "nvme0.img"
+    drive.write_bytes(b"")
+    with open(drive, "wb") as f:
+        f.truncate(256 * MIB)
+    traddr = "0000:5e:00.0"
+    emulator = SpdkEmulator(short_dir / "s.sock", nvme_devices={traddr: drive}).start()
+    target = Target(emulator.socket_path, emulator)
+    spec = StorageSpec(
+        pools=(PoolSpec(name="nvme", devices=(Device(kind="nvme", address=traddr),)),),
+        volumes=(VolumeSpec(name="llama", pool="nvme", tenant="acme", size_bytes=100 * MIB),),
+        exports=(ExportSpec(tenant="acme", hosts=(HOST,), listen_address="127.0.0.1"),),
+    )
+    engine = SpdkEngine(target.socket)
+    engine.reconcile(spec)
+    assert (
+        "bdev_nvme_attach_controller",
+        {"name": "nvme_nvme", "trtype": "PCIe", "traddr": traddr},
+    ) in emulator.calls
+    assert engine.observe().pools[0].backing == ("nvme_nvmen1",)
+    before = engine.observe()
+    engine.save_config(short_dir / "spdk.json")
+    engine.close()
+
+    target.restart(short_dir / "spdk.json")
+    again = SpdkEngine(target.socket)
+    assert again.observe() == before
+    assert not again.reconcile(spec).changed
+    again.reconcile(StorageSpec())
+    assert (
+        target.emulator is not None
+        and ("bdev_nvme_detach_controller", {"name": "nvme_nvme"}) in target.emulator.calls
+    )
+    again.close()
+    target.emulator.stop()
+
+
+def test_malloc_pools_come_back_empty_after_restart(
+    target: Target, engine: SpdkEngine, short_dir: Path
+) -> None:
+    spec = StorageSpec(
+        pools=(PoolSpec(name="ram", devices=(Device(kind="malloc", size_bytes=64 * MIB),)),),
+        volumes=(VolumeSpec(name="scratch", pool="ram", tenant="acme", size_bytes=4 * MIB),),
+    )
+    engine.reconcile(spec)
+    engine.save_config(short_dir / "spdk.json")
+    target.restart(short_dir / "spdk.json")
+    again = SpdkEngine(target.socket)
+    assert again.observe().volumes == ()
+    assert {str(a) for a in again.reconcile(spec).actions} == {
+        "create pool ram (lvstore on ram_malloc)",
+        "create volume acme/scratch (4194304 bytes in ram)",
+    }
+    again.close()
+
+
+def test_rdma_export_on_a_target_without_rdma_fails_with_the_method(short_dir: Path) -> None:
+    with SpdkEmulator(short_dir / "s.sock", rdma_capable=False) as emulator:
+        engine = SpdkEngine(emulator.socket_path, rdma_port_active=True)
+        spec = StorageSpec(
+            pools=(PoolSpec(name="fast", devices=(Device(kind="malloc", size_bytes=64 * MIB),)),),
+            exports=(ExportSpec(tenant="acme", hosts=(HOST,), listen_address="127.0.0.1"),),
+        )
+        with pytest.raises(RpcError) as caught:
+            engine.reconcile(spec)
+        assert (caught.value.method, caught.value.code) == ("nvmf_create_transport", -32603)
+        engine.close()
