@@ -712,6 +712,7 @@ def broker_transport_options(broker_url: str) -> dict[str, object]:
     """
     if not broker_url.startswith("filesystem://"):
         return {}
-    folder = broker_url.removeprefix("filesystem://") or "."
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    return {"data_folder_in": folder, "data_folder_out": folder, "store_processed": False}
+    folder = Path(broker_url.removeprefix("filesystem://") or ".")
+    (folder / "control").mkdir(parents=True, exist_ok=True)
+    return {"data_folder_in": str(folder), "data_folder_out": str(folder),
+            "control_folder": str(folder / "control"), "store_processed": False}

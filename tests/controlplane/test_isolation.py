@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from controlplane.fleet import services as fleet
+from controlplane.fleet.models import Replica, Revision
 from controlplane.inventory.models import Drive, Nic
 from controlplane.tenancy.choices import Role
 from controlplane.tenancy.services import issue_api_token, issue_inference_key, set_membership
@@ -22,6 +24,23 @@ def _drive(tenant: Any) -> Drive:
 def _nic(tenant: Any) -> Nic:
     node = make_node(f"nic-host-{tenant.slug}", tenant)
     return Nic.objects.create(node=node, device="mlx5_0", state="active", link_layer="Ethernet")
+
+
+def _deployment(tenant: Any) -> Any:
+    return fleet.create_deployment(tenant=tenant, name=f"chat-{tenant.slug}", model_name="chat",
+                                   artifact_uri="synthetic://chat", replicas=1)
+
+
+def _replica(tenant: Any) -> Replica:
+    return _deployment(tenant).instances.get()
+
+
+def _revision(tenant: Any) -> Revision:
+    node = make_node(f"dedicated-{tenant.slug}", tenant)
+    node.status = "ready"
+    node.save()
+    _deployment(tenant)
+    return Revision.objects.get(node=node)
 
 
 @dataclass(frozen=True)
@@ -51,6 +70,13 @@ ENDPOINTS = [
     Endpoint("nodes", lambda w, t: make_node(f"node-{t.slug}", t, gpus=1), {"labels": {"a": "b"}}, None),
     Endpoint("gpus", lambda w, t: make_node(f"gpu-host-{t.slug}", t, gpus=1).gpus.get(), None, None),
     Endpoint("nics", lambda w, t: _nic(t), None, None),
+    Endpoint(
+        "deployments", lambda w, t: _deployment(t), {"replicas": 2},
+        lambda w, t: {"tenant": str(t.id), "name": "x", "model_name": "x",
+                      "artifact_uri": "synthetic://x"},
+    ),
+    Endpoint("replicas", lambda w, t: _replica(t), None, None),
+    Endpoint("revisions", lambda w, t: _revision(t), None, None),
     Endpoint("drives", lambda w, t: _drive(t), None, None),
 ]
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+from openai import OpenAI
 
 
 def test_demo_starts_seeds_serves_and_stops_cleanly(tmp_path: Path, free_port: int) -> None:
@@ -22,7 +23,7 @@ def test_demo_starts_seeds_serves_and_stops_cleanly(tmp_path: Path, free_port: i
     )
     output = []
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         assert proc.stdout is not None
         while time.monotonic() < deadline:
             line = proc.stdout.readline()
@@ -42,6 +43,16 @@ def test_demo_starts_seeds_serves_and_stops_cleanly(tmp_path: Path, free_port: i
         assert me.json()["memberships"][0]["tenant_slug"] == "acme"
         assert httpx.get(f"{base}/admin/login/").status_code == 200
         assert httpx.get(f"{base}/api/docs/").status_code == 200
+
+        # the agent enrolled this machine and runs the demo worker behind the printed key
+        key = re.search(r"Inference key \(tenant acme\)\s+(\S+)", text).group(1)  # type: ignore[union-attr]
+        worker = re.search(r"runs deployment 'chat' \(model demo-chat\) at (\S+)", text).group(1)  # type: ignore[union-attr]
+        client = OpenAI(base_url=f"{worker}/v1", api_key=key)
+        reply = client.chat.completions.create(
+            model="demo-chat", messages=[{"role": "user", "content": "hello"}], max_tokens=5)
+        assert reply.usage is not None and reply.usage.completion_tokens == 5
+        nodes = httpx.get(f"{base}/api/v1/nodes/", headers={"Authorization": f"Bearer {token}"})
+        assert nodes.status_code == 200
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         assert "Stopped." in proc.stdout.read()

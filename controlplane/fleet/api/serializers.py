@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
+from pydantic import ValidationError as PydanticValidationError
 from rest_framework import serializers
 
 from agent.protocol import ArtifactRef
@@ -49,8 +50,9 @@ class DeploymentSerializer(StrictSerializer):
         try:
             ArtifactRef(uri=merged.get("artifact_uri", ""), sha256=merged.get("artifact_sha256") or None,
                         size_bytes=merged.get("artifact_size_bytes"))
-        except ValueError as exc:
-            raise serializers.ValidationError({"artifact_uri": [str(exc).splitlines()[-1].strip()]}) from None
+        except PydanticValidationError as exc:
+            messages = [error["msg"].removeprefix("Value error, ") for error in exc.errors()]
+            raise serializers.ValidationError({"artifact_uri": messages}) from None
         return attrs
 
 

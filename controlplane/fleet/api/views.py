@@ -29,12 +29,12 @@ class DeploymentViewSet(TenantScopedViewSet):
     ordering_fields = ["name", "created_at", "replicas"]
 
     def perform_create(self, serializer: Serializer) -> None:
-        serializer.instance = services.create_deployment(**serializer.validated_data)
+        created = services.create_deployment(**serializer.validated_data)
+        serializer.instance = self.get_queryset().get(pk=created.pk)  # with placed_replicas
 
     def perform_update(self, serializer: Serializer) -> None:
-        serializer.instance = services.update_deployment(
-            serializer.instance, **serializer.validated_data
-        )
+        services.update_deployment(serializer.instance, **serializer.validated_data)
+        serializer.instance = self.get_queryset().get(pk=serializer.instance.pk)
 
     def perform_destroy(self, instance: Deployment) -> None:
         services.delete_deployment(instance)
