@@ -7,7 +7,7 @@ from typing import Any
 
 from django.db import models
 from django.db.models import QuerySet
-from rest_framework import serializers, status, viewsets
+from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import Serializer
@@ -83,6 +83,15 @@ class TenantScopedViewSet(TenantScopedMixin, viewsets.ModelViewSet):
     pass
 
 
+class SecretSerializer(StrictSerializer):
+    """A secret-bearing object: its digest never leaves; `revoked` says if it still works."""
+
+    revoked = serializers.SerializerMethodField()
+
+    def get_revoked(self, obj: Any) -> bool:
+        return obj.revoked_at is not None
+
+
 class IssueSecretMixin:
     """Create returns the plaintext secret once; delete revokes instead of erasing history."""
 
@@ -102,3 +111,14 @@ class IssueSecretMixin:
 
     def perform_destroy(self, instance: Any) -> None:
         self.revoke(instance)
+
+
+class SecretViewSet(
+    IssueSecretMixin,
+    mixins.CreateModelMixin,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
+):
+    """List, show, issue (plaintext once) and revoke; secrets are never edited."""

@@ -36,7 +36,9 @@ class Node(BaseModel):
     cpu_model = models.CharField(max_length=200, blank=True)
     cpu_count = models.PositiveIntegerField(default=0)
     memory_total_bytes = models.PositiveBigIntegerField(default=0)
-    credential_digest = models.CharField(max_length=64, unique=True, null=True, editable=False)
+    credential_digest = models.CharField(  # noqa: DJ001  (NULL, unlike "", may repeat under UNIQUE)
+        max_length=64, unique=True, null=True, editable=False
+    )
     applied_generation = models.PositiveBigIntegerField(
         default=0, help_text="The newest desired-state generation the agent reports applied."
     )

@@ -9,7 +9,14 @@ from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from agent.protocol import Enrollment, EnrollmentGrant, Heartbeat, Inventory, encode_public_key, queue_name
+from agent.protocol import (
+    Enrollment,
+    EnrollmentGrant,
+    Heartbeat,
+    Inventory,
+    encode_public_key,
+    queue_name,
+)
 from controlplane.core.agentapi import AgentAPIView, parse_message
 from controlplane.fleet.signing import public_key
 from controlplane.inventory import services

@@ -7,7 +7,7 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from controlplane.core.api import StrictSerializer, WritableTenantField
+from controlplane.core.api import SecretSerializer, StrictSerializer, WritableTenantField
 from controlplane.fleet.choices import RolloutState
 from controlplane.fleet.services import rollout_state
 from controlplane.inventory.models import BootstrapToken, Drive, Gpu, Nic, Node, NumaNode
@@ -98,12 +98,11 @@ class NodeSerializer(StrictSerializer):
         return value
 
 
-class BootstrapTokenSerializer(StrictSerializer):
+class BootstrapTokenSerializer(SecretSerializer):
     tenant = WritableTenantField(allow_null=True, required=False)
     uses = serializers.IntegerField(min_value=1, max_value=10000, default=1, write_only=True)
     ttl_s = serializers.IntegerField(min_value=60, max_value=30 * 86400, required=False,
                                      write_only=True)
-    revoked = serializers.SerializerMethodField()
 
     class Meta:
         model = BootstrapToken
@@ -111,9 +110,6 @@ class BootstrapTokenSerializer(StrictSerializer):
                   "used_at", "node", "revoked", "created_at"]
         read_only_fields = ["id", "prefix", "uses_left", "expires_at", "used_at", "node",
                             "created_at"]
-
-    def get_revoked(self, obj: BootstrapToken) -> bool:
-        return obj.revoked_at is not None
 
 
 class BootstrapTokenCreatedSerializer(BootstrapTokenSerializer):

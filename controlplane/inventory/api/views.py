@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import mixins, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import Serializer
 
-from controlplane.core.api import IssueSecretMixin, TenantScopedMixin
+from controlplane.core.api import SecretViewSet, TenantScopedMixin
+from controlplane.core.permissions import IsPlatformAdmin, TenantRolePermission
 from controlplane.core.secrets import Issued
 from controlplane.fleet import services as fleet_services
-from controlplane.core.permissions import IsPlatformAdmin, TenantRolePermission
 from controlplane.inventory import selectors, services
 from controlplane.inventory.api import serializers as s
 from controlplane.inventory.filtersets import (
@@ -63,14 +63,8 @@ class NodeViewSet(
         return Response(self.get_serializer(self.get_queryset().get(pk=node.pk)).data)
 
 
-class BootstrapTokenViewSet(
-    IssueSecretMixin,
-    mixins.CreateModelMixin,
-    mixins.ListModelMixin,
-    mixins.RetrieveModelMixin,
-    mixins.DestroyModelMixin,
-    viewsets.GenericViewSet,
-):
+@extend_schema_view(create=extend_schema(responses={201: s.BootstrapTokenCreatedSerializer}))
+class BootstrapTokenViewSet(SecretViewSet):
     """One-time (or N-time) tokens agents trade for a node identity. Platform admins only."""
 
     queryset = BootstrapToken.objects.all()
@@ -88,10 +82,6 @@ class BootstrapTokenViewSet(
 
     def revoke(self, instance: BootstrapToken) -> None:
         services.revoke_bootstrap_token(instance)
-
-    @extend_schema(responses={201: s.BootstrapTokenCreatedSerializer})
-    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        return super().create(request, *args, **kwargs)
 
 
 class HardwareViewSet(TenantScopedMixin, viewsets.ReadOnlyModelViewSet):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.contrib.auth import get_user_model
 from rest_framework import serializers
 
-from controlplane.core.api import StrictSerializer, WritableTenantField
+from controlplane.core.api import SecretSerializer, StrictSerializer, WritableTenantField
 from controlplane.tenancy.models import ApiToken, InferenceKey, Membership, Tenant
 
 
@@ -28,16 +28,12 @@ class MembershipSerializer(StrictSerializer):
         read_only_fields = ["id", "created_at", "updated_at"]
 
 
-class ApiTokenSerializer(StrictSerializer):
-    revoked = serializers.SerializerMethodField()
+class ApiTokenSerializer(SecretSerializer):
 
     class Meta:
         model = ApiToken
         fields = ["id", "name", "prefix", "expires_at", "last_used_at", "revoked", "created_at"]
         read_only_fields = ["id", "prefix", "last_used_at", "created_at"]
-
-    def get_revoked(self, obj: ApiToken) -> bool:
-        return obj.revoked_at is not None
 
 
 class ApiTokenCreatedSerializer(ApiTokenSerializer):
@@ -47,17 +43,13 @@ class ApiTokenCreatedSerializer(ApiTokenSerializer):
         fields = [*ApiTokenSerializer.Meta.fields, "token"]
 
 
-class InferenceKeySerializer(StrictSerializer):
+class InferenceKeySerializer(SecretSerializer):
     tenant = WritableTenantField()
-    revoked = serializers.SerializerMethodField()
 
     class Meta:
         model = InferenceKey
         fields = ["id", "tenant", "name", "prefix", "last_used_at", "revoked", "created_at"]
         read_only_fields = ["id", "prefix", "last_used_at", "created_at"]
-
-    def get_revoked(self, obj: InferenceKey) -> bool:
-        return obj.revoked_at is not None
 
 
 class InferenceKeyCreatedSerializer(InferenceKeySerializer):

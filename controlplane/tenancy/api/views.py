@@ -5,18 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from django.db.models import QuerySet
-from drf_spectacular.utils import extend_schema
-from rest_framework import mixins, status, viewsets
+from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import Serializer
 from rest_framework.views import APIView
 
-from controlplane.core.api import IssueSecretMixin, TenantScopedMixin, TenantScopedViewSet
-from controlplane.core.secrets import Issued
+from controlplane.core.api import SecretViewSet, TenantScopedMixin, TenantScopedViewSet
 from controlplane.core.permissions import IsPlatformAdmin, TenantRolePermission
 from controlplane.core.scoping import is_platform_admin
+from controlplane.core.secrets import Issued
 from controlplane.tenancy import services
 from controlplane.tenancy.api import serializers as s
 from controlplane.tenancy.filtersets import (
@@ -56,14 +55,8 @@ class MembershipViewSet(TenantScopedViewSet):
         serializer.instance = services.set_membership(**serializer.validated_data)
 
 
-class ApiTokenViewSet(
-    IssueSecretMixin,
-    mixins.CreateModelMixin,
-    mixins.ListModelMixin,
-    mixins.RetrieveModelMixin,
-    mixins.DestroyModelMixin,
-    viewsets.GenericViewSet,
-):
+@extend_schema_view(create=extend_schema(responses={201: s.ApiTokenCreatedSerializer}))
+class ApiTokenViewSet(SecretViewSet):
     """The caller's own API tokens."""
 
     queryset = ApiToken.objects.all()
@@ -82,20 +75,9 @@ class ApiTokenViewSet(
     def revoke(self, instance: ApiToken) -> None:
         services.revoke(instance)
 
-    @extend_schema(responses={201: s.ApiTokenCreatedSerializer})
-    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        return super().create(request, *args, **kwargs)
 
-
-class InferenceKeyViewSet(
-    IssueSecretMixin,
-    mixins.CreateModelMixin,
-    mixins.ListModelMixin,
-    mixins.RetrieveModelMixin,
-    mixins.DestroyModelMixin,
-    TenantScopedMixin,
-    viewsets.GenericViewSet,
-):
+@extend_schema_view(create=extend_schema(responses={201: s.InferenceKeyCreatedSerializer}))
+class InferenceKeyViewSet(TenantScopedMixin, SecretViewSet):
     """Keys that name a tenant to inference workers."""
 
     queryset = InferenceKey.objects.all()
@@ -110,10 +92,6 @@ class InferenceKeyViewSet(
 
     def revoke(self, instance: InferenceKey) -> None:
         services.revoke(instance)
-
-    @extend_schema(responses={201: s.InferenceKeyCreatedSerializer})
-    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        return super().create(request, *args, **kwargs)
 
 
 class MeView(APIView):
