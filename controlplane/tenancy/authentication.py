@@ -8,8 +8,8 @@ from typing import Any
 from django.utils import timezone
 from rest_framework import authentication, exceptions
 
-from controlplane.tenancy.models import ApiToken
 from controlplane.core.secrets import digest
+from controlplane.tenancy.models import ApiToken
 
 # Writing last_used_at on every request would turn reads into writes.
 LAST_USED_RESOLUTION = timedelta(minutes=1)

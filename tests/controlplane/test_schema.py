@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import schemathesis
-from schemathesis import checks
 from django.core.wsgi import get_wsgi_application
 from hypothesis import HealthCheck, settings
+from schemathesis import checks
 
 from controlplane.tenancy.services import issue_api_token, issue_inference_key
 from tests.controlplane.conftest import World, make_node
