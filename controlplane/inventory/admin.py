@@ -1,6 +1,8 @@
 from django.contrib import admin
 
+from controlplane.fleet.services import rollout_state
 from controlplane.inventory.models import BootstrapToken, Drive, Gpu, Nic, Node, NumaNode
+from controlplane.inventory.selectors import nodes_with_hardware
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -34,7 +36,7 @@ class DriveInline(ReadOnlyInline):
 
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
-    list_display = ["hostname", "status", "maintenance", "tenant", "agent_version",
+    list_display = ["hostname", "status", "maintenance", "tenant", "rollout", "agent_version",
                     "last_heartbeat_at", "cpu_count"]
     list_filter = ["status", "maintenance", "tenant", "agent_version"]
     search_fields = ["hostname", "labels"]
@@ -47,6 +49,16 @@ class NodeAdmin(admin.ModelAdmin):
 
     def get_readonly_fields(self, request, obj=None):  # noqa: ANN001, ANN201
         return [*self.readonly_fields, "hostname"] if obj else self.readonly_fields
+
+    def get_queryset(self, request):  # noqa: ANN001, ANN201
+        return nodes_with_hardware()
+
+    @admin.display(description="Rollout")
+    def rollout(self, node: Node) -> str:
+        """Desired vs applied generation, and the state operators act on."""
+        state = rollout_state(node.desired_generation, node.applied_generation, node.head_status)
+        pinned = ", pinned" if node.pinned else ""
+        return f"{state} ({node.applied_generation}/{node.desired_generation or 0}{pinned})"
 
 
 class HardwareAdmin(admin.ModelAdmin):

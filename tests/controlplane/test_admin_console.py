@@ -28,6 +28,7 @@ def test_operator_browses_nodes_and_cannot_edit_discovered_facts(
         page.fill("#id_password", "operator-pass")
         page.click("input[type=submit]")
         page.goto(f"{live_server.url}/admin/inventory/node/?q=gpu-node")
+        assert "none (0/0)" in page.locator("#result_list").inner_text()  # rollout column
         page.click("text=gpu-node-7")
         page.wait_for_selector("#gpus-group")
         page.screenshot(path=screenshot_path("admin-node"), full_page=True)
