@@ -1,12 +1,14 @@
 """Iteration-level continuous batching with per-tenant fair queuing and admission control.
 
-Two asyncio tasks share one engine. The decode lane runs one decode step after another
-for the whole batch; between steps, cancelled, finished and paused sequences leave and
-prefilled ones join. The prefill lane admits waiting requests into free batch slots,
-highest priority class first and then by the policy, under a per-step token budget
-(prompt tokens of new requests plus one decode token per sequence in the batch), and
-prefills them together. Each lane computes in its own thread (ONNX Runtime releases the
-GIL), so the event loop keeps serving HTTP and a prefill overlaps the decode step in
+The decode lane is a thread that runs one decode step after another for the whole
+batch, taking membership changes (join, leave, park) from a queue between steps and
+handing each step's tokens to the event loop without waiting for it: a step never
+waits for HTTP work, which on a small CPU would otherwise idle the engine for a
+quarter of the time. The prefill lane is an asyncio task that admits waiting requests
+into free batch slots, highest priority class first and then by the policy, under a
+per-step token budget (prompt tokens of new requests plus one decode token per sequence
+in the batch), and prefills them together in its own thread. ONNX Runtime releases the
+GIL, so the event loop keeps serving HTTP and a prefill overlaps the decode step in
 flight instead of waiting for it: what a new request waits for is its own prefill.
 
 The ``fair`` policy is the Virtual Token Counter of Sheng et al., "Fairness in Serving
@@ -32,6 +34,7 @@ from collections import Counter, deque
 from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from queue import Empty, SimpleQueue
 from typing import Protocol
 
 from dataplane.inference.config import (
@@ -45,6 +48,9 @@ from dataplane.inference.metrics import RequestTiming, TelemetryStats, WorkerMet
 log = logging.getLogger(__name__)
 
 FINISH_ERROR = "error"
+# What the event loop tells the decode thread: a request to join, leave or park, or None
+# to stop.
+_Command = tuple[str, "GenerationRequest"] | None
 _DEFAULT_TENANT = TenantConfig.model_validate({})
 
 
@@ -286,13 +292,14 @@ def make_policy(scheduling: SchedulingConfig, tenants: Mapping[str, TenantConfig
 class Scheduler:
     """The batching loop: owns the waiting queue, the batch's membership and delivery.
 
-    Two lanes share one engine, each with its own compute thread. The decode lane runs
+    Two lanes share one engine, each with its own compute thread. The decode thread runs
     one decode step after another for the sequences in the batch; sequences join and
-    leave between steps. The prefill lane admits waiting requests into free slots
-    (pausing a running request when the policy says so), prefills them together under
-    the step token budget, hands out their first tokens and queues them to join at the
-    next decode step. A prefill overlaps the decode step in flight, so a newly admitted
-    request waits for its own prefill, not for the batch's step.
+    leave between steps, as the event loop queues them. The prefill lane admits waiting
+    requests into free slots (pausing a running request when the policy says so),
+    prefills them together under the step token budget, hands out their first tokens
+    and queues them to join at the next decode step. A prefill overlaps the decode step
+    in flight, so a newly admitted request waits for its own prefill, not for the
+    batch's step.
     """
 
     def __init__(self, engine: BatchEngine, batching: BatchingConfig,
@@ -305,15 +312,14 @@ class Scheduler:
         self.policy = make_policy(scheduling, self.tenants)
         self._metrics = metrics
         self._stats = stats
-        # Requests holding a batch slot: being prefilled, ready to join, or in the batch.
+        # Requests holding a batch slot: being prefilled, joining, or in the batch.
         self.running: list[GenerationRequest] = []
         self._in_batch: list[GenerationRequest] = []
-        self._ready: list[GenerationRequest] = []
+        self._joining: list[GenerationRequest] = []
         self._pausing: list[GenerationRequest] = []
-        self._leaving: list[EngineSequence] = []
         self._owners: dict[EngineSequence, GenerationRequest] = {}
         self._admission = asyncio.Event()
-        self._decode_work = asyncio.Event()
+        self._commands: SimpleQueue[_Command] = SimpleQueue()
         self._decode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self._prefill_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill")
         self._mean_e2e = 1.0
@@ -355,11 +361,10 @@ class Scheduler:
         so its KV) at the next step."""
         if not self.policy.remove(request) and request in self.running:
             self.running.remove(request)
-            for holder in (self._ready, self._in_batch):
+            for holder in (self._joining, self._in_batch):
                 if request in holder:
                     holder.remove(request)
-            self._leaving.append(request.seq)
-            self._decode_work.set()
+            self._commands.put(("leave", request))
         self._owners.pop(request.seq, None)
         self._admission.set()
 
@@ -381,6 +386,7 @@ class Scheduler:
         self._admission.set()
 
     def close(self) -> None:
+        self._commands.put(None)
         for pool in (self._decode_pool, self._prefill_pool):
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -417,8 +423,7 @@ class Scheduler:
                 self.policy.charge(request.tenant, len(request.seq.prompt), 1)
                 self._deliver(request, now)
                 if not request.done:
-                    self._ready.append(request)
-            self._decode_work.set()
+                    self._join(request)
 
     async def _fill_batch(self) -> None:
         while len(self.policy) < self.batching.max_batch_size:
@@ -446,7 +451,7 @@ class Scheduler:
                 self._in_batch.remove(victim)
                 self.running.remove(victim)
                 self._pausing.append(victim)
-                self._decode_work.set()
+                self._commands.put(("park", victim))
                 slots += 1
                 continue
             self.policy.pop()
@@ -460,60 +465,97 @@ class Scheduler:
                 budget -= cost
                 prefill_tokens += cost
             else:
-                self._ready.append(head)
-                self._decode_work.set()
+                self._join(head)
         return fresh
+
+    def _join(self, request: GenerationRequest) -> None:
+        self._joining.append(request)
+        self._commands.put(("join", request))
 
     async def _decode_lane(self) -> None:
         loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._decode_pool, self._decode_loop, loop)
+        finally:
+            self._commands.put(None)
+
+    def _decode_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The decode thread: step while anyone is in the batch, sleep on the command
+        queue otherwise; each step's results go to the event loop as a callback."""
         while True:
-            self._decode_work.clear()
-            if not (self._in_batch or self._ready or self._leaving or self._pausing):
-                await self._decode_work.wait()
-                continue
-            join, self._ready = self._ready, []
-            leave, self._leaving = self._leaving, []
-            pause, self._pausing = self._pausing, []
+            commands: list[_Command] = []
+            if not self._engine.running:
+                commands.append(self._commands.get())
+            with contextlib.suppress(Empty):
+                while True:
+                    commands.append(self._commands.get_nowait())
+            if None in commands:
+                return
+            moves: dict[str, list[GenerationRequest]] = {"join": [], "leave": [], "park": []}
+            for command in commands:
+                if command is not None:
+                    moves[command[0]].append(command[1])
+            leave = {r.seq for r in moves["leave"]}
+            join = [r for r in moves["join"] if r.seq not in leave]
+            park = moves["park"]
             started = time.perf_counter()
             try:
-                stepped = await loop.run_in_executor(
-                    self._decode_pool, self._engine.step, leave, [r.seq for r in pause],
-                    [r.seq for r in join])
+                stepped = self._engine.step(leave, {r.seq for r in park},
+                                            [r.seq for r in join])
             except Exception:
                 log.exception("decode step failed; failing the batch")
-                self._fail([*self._in_batch, *join, *pause])
                 self._engine.reset()
-                continue
-            now = time.perf_counter()
-            self._in_batch += [r for r in join if r in self.running]
-            if stepped:
-                self._metrics.step_seconds.labels("decode").observe(now - started)
-            served: Counter[str] = Counter()
-            for seq in stepped:
-                owner = self._owners.get(seq)
-                if owner is not None:
-                    served[owner.tenant] += 1
-                    self._deliver(owner, now)
-            for tenant, tokens in served.items():
-                self.policy.charge(tenant, 0, tokens)
-            self._metrics.running.set(len(self.running))
-            self._metrics.waiting.set(len(self.policy))
-            self._admission.set()
+                stepped = None
+            done = time.perf_counter()
+            try:
+                loop.call_soon_threadsafe(self._stepped, join, park, stepped, done - started)
+            except RuntimeError:  # the event loop is closed: nobody is listening
+                return
+
+    def _stepped(self, joined: list[GenerationRequest], parked: list[GenerationRequest],
+                 stepped: list[EngineSequence] | None, seconds: float) -> None:
+        """A decode step's outcome, in the event loop: deliver its tokens and charge
+        them; ``stepped`` None means the step failed and the batch is gone."""
+        self._pausing = [r for r in self._pausing if r not in parked]
+        for request in joined:
+            if request in self._joining:
+                self._joining.remove(request)
+                self._in_batch.append(request)
+        if stepped is None:
+            self._fail([*self._in_batch, *joined, *parked])
+            return
+        if stepped:
+            self._metrics.step_seconds.labels("decode").observe(seconds)
+        now = time.perf_counter()
+        served: Counter[str] = Counter()
+        for seq in stepped:
+            owner = self._owners.get(seq)
+            if owner is not None:
+                served[owner.tenant] += 1
+                self._deliver(owner, now)
+        for tenant, tokens in served.items():
+            self.policy.charge(tenant, 0, tokens)
+        self._metrics.running.set(len(self.running))
+        self._metrics.waiting.set(len(self.policy))
+        self._admission.set()
 
     def _deliver(self, request: GenerationRequest, now: float) -> None:
         if request.done:
             return
+        # The decode thread may be appending the next step's token meanwhile: read the
+        # finish first, since it is set only after the last token is appended.
+        finish_reason = request.seq.finish_reason
         for token in request.seq.tokens[len(request.output_ids):]:
             request.output_ids.append(token)
             request.timing.token_times.append(now)
-        if request.seq.finish_reason is not None:
-            request.finish_reason = request.seq.finish_reason
+        if finish_reason is not None:
+            request.finish_reason = finish_reason
             self._finish(request)
         request.notify()
 
     def _finish(self, request: GenerationRequest) -> None:
         self.policy.remove(request)
-        for holder in (self.running, self._in_batch, self._ready):
+        for holder in (self.running, self._in_batch, self._joining):
             if request in holder:
                 holder.remove(request)
         self._owners.pop(request.seq, None)

@@ -56,7 +56,6 @@ class Detokenizer:
         self._stream = DecodeStream(skip_special_tokens=True)
 
     def feed(self, ids: Sequence[int]) -> str:
-        if not ids:
-            return ""
-        text = self._stream.step(self._tokenizer, list(ids))
-        return text or ""
+        # One id per step: given several at once, DecodeStream (tokenizers 0.23) drops
+        # text.
+        return "".join([self._stream.step(self._tokenizer, token) or "" for token in ids])

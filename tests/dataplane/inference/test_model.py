@@ -145,3 +145,16 @@ def test_tokenizer_is_byte_level_with_specials(model_dir: Path) -> None:
     assert tokenizer.get_vocab_size() == TEST_MODEL.vocab
     ids = np.array(tokenizer.encode("<|user|>hi<|end|>").ids)
     assert tokenizer.token_to_id("<|user|>") in ids
+
+
+def test_streamed_text_does_not_depend_on_how_tokens_are_grouped(model_dir: Path) -> None:
+    # The decode thread may hand a stream several tokens at once.
+    from dataplane.inference.tokenizer import TextTokenizer
+
+    tokenizer = TextTokenizer(model_dir)
+    ids = tokenizer.encode("héllo wörld, stream me ✓ please")
+    one_by_one = tokenizer.stream()
+    grouped = tokenizer.stream()
+    expected = "".join(one_by_one.feed([token]) for token in ids)
+    assert "".join(grouped.feed(ids[i:i + 3]) for i in range(0, len(ids), 3)) == expected
+    assert expected == "héllo wörld, stream me ✓ please"
