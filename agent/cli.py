@@ -1,4 +1,4 @@
-"""`tailguard-agent`: run the node agent, simulate many, or print what discovery sees."""
+"""`tailguard-agent`: run the node agent, simulate many, stage a model, or print discovery."""
 
 from __future__ import annotations
 
@@ -11,17 +11,24 @@ from dataclasses import replace
 from pathlib import Path
 
 import httpx
+from tqdm import tqdm
 
 from agent.client import ControlPlaneClient, ControlPlaneError
 from agent.discovery import discover
-from agent.enroll import EnrollmentError, load_or_enroll
-from agent.protocol import Inventory, decode_public_key
+from agent.enroll import EnrollmentError, Identity, load_or_enroll
+from agent.protocol import EXPORT_NQN_PREFIX, ArtifactRef, Inventory, decode_public_key
 from agent.reconciler import Reconciler
 from agent.runner import NodeAgent
 from agent.settings import AgentSettings
 from agent.simulate import simulate
+from agent.staging import ModelStager, credential_headers, stage_model
+from agent.storage import StorageDriver
 from agent.supervisor import SupervisorSettings, WorkerSupervisor
 from agent.tasks import Consumer
+from dataplane.storage.artifacts import DirectoryVolumes
+from dataplane.storage.engine import StorageError
+from dataplane.storage.local import LocalEngine
+from dataplane.storage.spdk import SpdkEngine
 
 log = logging.getLogger("agent")
 
@@ -32,6 +39,20 @@ def _stop_on_signals() -> asyncio.Event:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     return stop
+
+
+def open_storage(settings: AgentSettings, inventory: Inventory) -> StorageDriver:
+    """SPDK when the agent knows spdk_tgt's socket, else the local engine in the state dir.
+
+    Exports use RDMA when discovery found an active RDMA port, TCP otherwise.
+    """
+    if settings.spdk_rpc_socket:
+        rdma = any(nic.state == "active" for nic in inventory.nics)
+        engine = SpdkEngine(settings.spdk_rpc_socket, rdma_port_active=rdma,
+                            nqn_prefix=EXPORT_NQN_PREFIX)
+        return StorageDriver(engine, "spdk", listen_address=settings.nvmf_listen_address,
+                             config_path=settings.state_dir / "spdk-config.json")
+    return StorageDriver(LocalEngine(settings.state_dir / "storage"), "local")
 
 
 async def run_agent(settings: AgentSettings) -> None:
@@ -46,21 +67,44 @@ async def run_agent(settings: AgentSettings) -> None:
         identity = await load_or_enroll(anon, settings.state_dir, settings.hostname, facts.host,
                                         settings.bootstrap_token, stop)
         log.info("node %s (%s) consuming %s", identity.node_id, settings.hostname, identity.queue)
-        workers = WorkerSupervisor(SupervisorSettings(work_dir=settings.state_dir))
+        client = anon.with_credential(identity.credential)
+        storage = open_storage(settings, facts)
+        stager = ModelStager(storage.file_volumes, settings.control_plane_url, identity.credential)
+        workers = WorkerSupervisor(SupervisorSettings(work_dir=settings.state_dir), stager)
+        # Storage first: a worker's model is staged into a volume the storage driver made.
         reconciler = Reconciler(identity.node_id, decode_public_key(identity.control_plane_public_key),
-                                [workers], settings.state_dir)
-        agent = NodeAgent(identity, anon.with_credential(identity.credential), reconciler,
-                          inventory,
+                                [storage, workers], settings.state_dir)
+        agent = NodeAgent(identity, client, reconciler, inventory,
                           inventory_interval_s=settings.inventory_interval_s,
                           resync_interval_s=settings.resync_interval_s)
         consumer = Consumer(identity.broker_url, {identity.queue: agent.receive},
                             name=f"agent@{settings.hostname}")
         consumer.start()
         try:
-            await agent.run(stop)
+            await asyncio.gather(
+                agent.run(stop),
+                storage.report_forever(client, identity.node_id, stop,
+                                       settings.storage_report_interval_s),
+            )
         finally:
             await workers.close()
             await asyncio.to_thread(consumer.stop)
+
+
+def stage(settings: AgentSettings, args: argparse.Namespace) -> Path:
+    """Stage an artifact into a directory as a worker's volume gets it, with a progress bar.
+
+    The node's saved credential (in the state dir) is sent when the URL is the control plane's.
+    """
+    identity = Identity.load(settings.state_dir)
+    headers = credential_headers(args.artifact_url, settings.control_plane_url,
+                                 identity.credential if identity else None)
+    artifact = ArtifactRef(uri=args.artifact_url, sha256=args.sha256, size_bytes=args.size)
+    args.dest.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=args.size, unit="B", unit_scale=True, unit_divisor=1024,
+              desc="staging") as bar:
+        return stage_model(DirectoryVolumes(args.dest), "", artifact, headers=headers,
+                           on_progress=lambda done, _total: bar.update(done - bar.n))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--count", type=int, required=True)
     sim.add_argument("--prefix", default="sim", help="simulated hostnames are PREFIX-0000, ...")
     sub.add_parser("discover", help="print this machine's inventory as JSON")
+    stg = sub.add_parser("stage", help="download and unpack a model artifact into a directory")
+    common(stg)
+    stg.add_argument("--artifact-url", required=True)
+    stg.add_argument("--sha256", required=True, help="the artifact's sha256 (hex)")
+    stg.add_argument("--size", type=int, required=True, help="the artifact's size in bytes")
+    stg.add_argument("--dest", type=Path, required=True, help="directory to stage into")
     return parser
 
 
@@ -104,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from(args)
         if args.command == "run":
             asyncio.run(run_agent(settings))
+        elif args.command == "stage":
+            print(stage(settings, args))
         else:
             if args.count < 1:
                 raise ValueError("--count must be at least 1")
@@ -117,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                                resync_interval_s=settings.resync_interval_s)
 
             asyncio.run(go())
-    except (EnrollmentError, ControlPlaneError, ValueError, OSError) as exc:
+    except (EnrollmentError, ControlPlaneError, StorageError, ValueError, OSError) as exc:
         print(f"tailguard-agent: {exc}", file=sys.stderr)
         return 2
     return 0

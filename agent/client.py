@@ -14,6 +14,7 @@ from agent.protocol import (
     Heartbeat,
     Inventory,
     SignedDesiredState,
+    StorageReport,
 )
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -65,3 +66,6 @@ class ControlPlaneClient:
 
     async def post_status(self, status: AppliedStatus) -> None:
         await self._call("POST", "status/", status)
+
+    async def post_storage(self, report: StorageReport) -> None:
+        await self._call("POST", "storage/", report)

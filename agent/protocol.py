@@ -29,6 +29,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyAddress,
     StringConstraints,
     ValidationInfo,
     field_validator,
@@ -71,6 +72,9 @@ Url = Annotated[
     StringConstraints(strict=True, max_length=2048, pattern=r"^[a-z][a-z0-9+.-]*://[\x21-\x7e]*$"),
 ]
 Sha256Hex = Annotated[str, StringConstraints(strict=True, pattern=r"^[0-9a-f]{64}$")]
+AbsolutePath = Annotated[
+    str, StringConstraints(strict=True, max_length=1024, pattern=r"^/[^\x00-\x1f\x7f]*$")
+]
 PciBusId = Annotated[
     str,
     StringConstraints(
@@ -135,7 +139,10 @@ PortState = Literal["nop", "down", "init", "armed", "active", "active_defer"]
 LinkLayer = Literal["InfiniBand", "Ethernet"]
 SloMetric = Literal["ttft", "tpot", "itl", "e2e", "queue", "availability", "storage_read"]
 LatencyMetric = Literal["ttft", "tpot", "itl", "e2e", "queue", "storage_read"]
-ComponentKind = Literal["worker", "volume", "export", "qos", "slo_threshold"]
+ComponentKind = Literal["worker", "pool", "volume", "export", "qos", "slo_threshold"]
+PoolKind = Literal["local", "spdk"]
+"""`local`: a directory for the local engine; `spdk`: an lvstore on one NVMe drive."""
+NvmfTransport = Literal["rdma", "tcp"]
 ApplyState = Literal["applied", "failed", "rejected"]
 RejectionReason = Literal[
     "bad_signature", "unsigned", "stale_generation", "replayed", "hash_mismatch", "wrong_node"
@@ -166,6 +173,13 @@ class _Model(BaseModel):
     """Strict base: unknown fields are errors and instances are immutable once validated."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _unset(value: object) -> bool:
+    """For `exclude_if` of fields added after schema version 1 shipped: left out of the wire
+    form while unset, a state that does not use them stays byte-identical (and hash-identical)
+    to what earlier agents accept."""
+    return value is None or value == []
 
 
 class _Message(_Model):
@@ -372,6 +386,8 @@ class WorkerSpec(_Model):
     max_queue_delay_ms: Count
     max_queue_len: Positive
     tenants: list[TenantServing]
+    volume: Name | None = Field(default=None, exclude_if=_unset)
+    """The volume a downloadable artifact is staged into; its TensorRT cache lives there too."""
 
     @field_validator("gpu_indices")
     @classmethod
@@ -384,6 +400,27 @@ class WorkerSpec(_Model):
         return _unique(value, lambda t: t.tenant_id, "tenant")
 
 
+class PoolSpec(_Model):
+    """Where this node's volumes are carved from; the node's engine must be of the pool's kind."""
+
+    name: Name
+    kind: PoolKind
+    directory: AbsolutePath | None = None
+    """local: the pool's directory; None puts it under the agent's state directory."""
+    device: PciBusId | None = None
+    """spdk: the NVMe drive (PCI address) the pool's lvstore sits on."""
+    capacity_bytes: Positive | None = None
+    """local: a cap on what volumes may take; None means the filesystem's size."""
+
+    @model_validator(mode="after")
+    def _backing_matches_kind(self) -> PoolSpec:
+        if self.kind == "spdk" and (self.device is None or self.directory or self.capacity_bytes):
+            raise ValueError("an spdk pool names its NVMe device and no directory or capacity")
+        if self.kind == "local" and self.device is not None:
+            raise ValueError("a local pool is a directory; it names no device")
+        return self
+
+
 class VolumeSpec(_Model):
     """A logical volume the storage engine keeps on this node for one tenant."""
 
@@ -394,13 +431,18 @@ class VolumeSpec(_Model):
 
 
 class ExportSpec(_Model):
-    """An NVMe-oF subsystem that exposes one volume to the listed host NQNs."""
+    """One volume exposed over NVMe-oF in subsystem `nqn`, to the listed host NQNs only.
+
+    Exports that share an `nqn` are one subsystem (the tenant's, see `export_nqn`), so they
+    name the same tenant and hosts. `transport` None lets the agent choose: RDMA when the
+    node has an active RDMA port, TCP otherwise.
+    """
 
     volume: Name
     tenant_id: UUID
     nqn: Nqn
     hosts: list[Nqn]
-    transport: Literal["rdma", "tcp"]
+    transport: NvmfTransport | None = None
 
 
 class QosSpec(_Model):
@@ -438,6 +480,7 @@ class Components(_Model):
     """Everything a node should run; `content_hash` covers exactly this."""
 
     workers: list[WorkerSpec] = Field(default_factory=list)
+    pools: list[PoolSpec] = Field(default_factory=list, exclude_if=_unset)
     volumes: list[VolumeSpec] = Field(default_factory=list)
     exports: list[ExportSpec] = Field(default_factory=list)
     qos: list[QosSpec] = Field(default_factory=list)
@@ -449,6 +492,11 @@ class Components(_Model):
         _unique(value, lambda w: w.replica_id, "replica_id")
         return _unique(value, lambda w: w.port, "worker port")
 
+    @field_validator("pools")
+    @classmethod
+    def _distinct_pools(cls, value: list[PoolSpec]) -> list[PoolSpec]:
+        return _unique(value, lambda p: p.name, "pool name")
+
     @field_validator("volumes")
     @classmethod
     def _distinct_volumes(cls, value: list[VolumeSpec]) -> list[VolumeSpec]:
@@ -459,7 +507,12 @@ class Components(_Model):
     def _exports_known(cls, value: list[ExportSpec], info: ValidationInfo) -> list[ExportSpec]:
         if "volumes" in info.data:
             _all_known((e.volume for e in value), {v.name for v in info.data["volumes"]}, "export")
-        return _unique(value, lambda e: e.nqn, "export nqn")
+        subsystems: dict[str, tuple[UUID, frozenset[str]]] = {}
+        for export in value:
+            same = subsystems.setdefault(export.nqn, (export.tenant_id, frozenset(export.hosts)))
+            if same != (export.tenant_id, frozenset(export.hosts)):
+                raise ValueError(f"exports in subsystem {export.nqn} differ in tenant or hosts")
+        return _unique(value, lambda e: e.volume, "export volume")
 
     @field_validator("qos")
     @classmethod
@@ -472,6 +525,12 @@ class Components(_Model):
     @classmethod
     def _distinct_thresholds(cls, value: list[SloThreshold]) -> list[SloThreshold]:
         return _unique(value, lambda s: (s.slo_id, s.deployment_id), "slo_id/deployment_id")
+
+    @model_validator(mode="after")
+    def _worker_volumes_known(self) -> Components:
+        wanted = (w.volume for w in self.workers if w.volume is not None)
+        _all_known(wanted, {v.name for v in self.volumes}, "worker")
+        return self
 
 
 class DesiredState(_Message):
@@ -584,6 +643,53 @@ class SeriesSketch(_Model):
     thresholds: list[ThresholdCount]
 
 
+class PoolUsage(_Model):
+    """A pool as the engine holds it: what it can take and what is still free."""
+
+    name: Name
+    capacity_bytes: Count
+    free_bytes: Count
+
+
+class VolumeIo(_Model):
+    """One volume's I/O since the previous report; MB is 2**20 bytes, as in QoS limits."""
+
+    name: Name
+    pool: Name
+    read_iops: NonNegativeFloat
+    write_iops: NonNegativeFloat
+    read_mb_s: NonNegativeFloat
+    write_mb_s: NonNegativeFloat
+    mean_read_latency_us: NonNegativeFloat
+    mean_write_latency_us: NonNegativeFloat
+
+
+class ExportEndpoint(_Model):
+    """Where a tenant's subsystem listens on this node, with the transport the agent chose."""
+
+    tenant_id: UUID
+    nqn: Nqn
+    transport: NvmfTransport
+    address: IPvAnyAddress
+    port: Port
+
+
+class StorageReport(_Message):
+    """The node's storage engine as it is: pool capacity, per-volume I/O, export endpoints."""
+
+    node_id: UUID
+    reported_at: AwareDatetime
+    engine: PoolKind
+    pools: list[PoolUsage]
+    volumes: list[VolumeIo]
+    exports: list[ExportEndpoint]
+
+    @field_validator("pools")
+    @classmethod
+    def _distinct_pools(cls, value: list[PoolUsage]) -> list[PoolUsage]:
+        return _unique(value, lambda p: p.name, "pool name")
+
+
 class TelemetryBatch(_Message):
     """One interval of measurements; `seq` makes a resend after an outage idempotent."""
 
@@ -605,6 +711,14 @@ class TelemetryBatch(_Message):
 
 
 # --- Helpers ----------------------------------------------------------------------------
+
+
+EXPORT_NQN_PREFIX = "nqn.2024-06.io.tailguard"
+
+
+def export_nqn(tenant_id: UUID) -> str:
+    """The NQN of a tenant's NVMe-oF subsystem; the SPDK engine names it the same way."""
+    return f"{EXPORT_NQN_PREFIX}:{tenant_id.hex}"
 
 
 def queue_name(node_id: UUID) -> str:

@@ -23,6 +23,11 @@ class AgentSettings:
     resync_interval_s: float = 60.0
     """Pull the desired state this often even when no push arrived (level-triggered)."""
     sysfs_root: Path = Path("/sys")
+    spdk_rpc_socket: str | None = None
+    """spdk_tgt's JSON-RPC socket; set, storage runs on SPDK, unset on the local engine."""
+    nvmf_listen_address: str = "0.0.0.0"
+    """The address NVMe-oF exports listen on (an RDMA listener needs the port's own address)."""
+    storage_report_interval_s: float = 30.0
 
     @classmethod
     def load(cls, path: Path | None = None, env: Mapping[str, str] = os.environ) -> AgentSettings:

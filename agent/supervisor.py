@@ -23,6 +23,7 @@ from uuid import UUID
 import httpx
 
 from agent.protocol import SYNTHETIC_SCHEME, ArtifactRef, ComponentResult, Components, WorkerSpec
+from agent.staging import ModelStager
 from dataplane.inference.config import (
     BatchingConfig,
     RuntimeConfig,
@@ -48,13 +49,24 @@ class SupervisorSettings:
     backoff_max_s: float = 60.0
 
 
-def materialize_model(artifact: ArtifactRef, models_dir: Path) -> Path:
-    """The directory a worker loads its model from, creating a synthetic model if named."""
-    if not artifact.uri.startswith(SYNTHETIC_SCHEME):
-        raise ValueError(
-            f"artifact {artifact.uri} is not on this node: only synthetic:// models can be "
-            "generated here until it has been staged"
-        )
+def materialize_model(
+    spec: WorkerSpec, work_dir: Path, stager: ModelStager | None
+) -> tuple[Path, Path]:
+    """(model directory, TensorRT cache directory) of a worker, getting the model there first.
+
+    A synthetic model is generated under `work_dir`; a downloadable one is staged into the
+    replica's volume, which then holds the cache too.
+    """
+    if not spec.artifact.uri.startswith(SYNTHETIC_SCHEME):
+        if spec.volume is None or stager is None:
+            raise ValueError(f"artifact {spec.artifact.uri} needs a volume on this node to be "
+                             "staged into; give the deployment a storage pool on this node")
+        return stager.stage(spec.artifact, spec.volume)
+    cache_dir = work_dir / "cache" / str(spec.deployment_id)
+    return _synthetic_model(spec.artifact, work_dir / "models"), cache_dir
+
+
+def _synthetic_model(artifact: ArtifactRef, models_dir: Path) -> Path:
     parts = urlsplit(artifact.uri)
     fields = {k: int(v) for k, v in parse_qsl(parts.query)}
     spec = SyntheticModelSpec(**fields)
@@ -207,8 +219,9 @@ class ManagedWorker:
 class WorkerSupervisor:
     """The reconciler's driver for worker components."""
 
-    def __init__(self, settings: SupervisorSettings) -> None:
+    def __init__(self, settings: SupervisorSettings, stager: ModelStager | None = None) -> None:
         self._settings = settings
+        self._stager = stager
         self.workers: dict[UUID, ManagedWorker] = {}
 
     async def apply(self, components: Components) -> list[ComponentResult]:
@@ -220,10 +233,9 @@ class WorkerSupervisor:
     async def _converge(self, spec: WorkerSpec, components: Components) -> ComponentResult:
         name = f"replica-{spec.replica_id}"
         try:
-            model_dir = await asyncio.to_thread(materialize_model, spec.artifact,
-                                                self._settings.work_dir / "models")
-            config = render_config(spec, components, model_dir,
-                                   self._settings.work_dir / "cache" / str(spec.deployment_id))
+            model_dir, cache_dir = await asyncio.to_thread(
+                materialize_model, spec, self._settings.work_dir, self._stager)
+            config = render_config(spec, components, model_dir, cache_dir)
             current = self.workers.get(spec.replica_id)
             if current is not None and self._same_process(current, spec, config):
                 if config != current.config:

@@ -60,6 +60,7 @@ INSTALLED_APPS = [
     "controlplane.core",
     "controlplane.tenancy",
     "controlplane.inventory",
+    "controlplane.storage",
     "controlplane.fleet",
 ]
 
@@ -207,6 +208,14 @@ BOOTSTRAP_TOKEN_TTL_S = int(os.environ.get("BOOTSTRAP_TOKEN_TTL_S", str(24 * 360
 SIGNING_KEY_FILE = Path(os.environ.get("SIGNING_KEY_FILE", DATA_DIR / "signing_key.pem"))
 # The broker URL agents are given; defaults to the control plane's own.
 AGENT_BROKER_URL = os.environ.get("AGENT_BROKER_URL") or CELERY_BROKER_URL
+# How agents (and people) reach this control plane: artifact URLs in desired state use it.
+PUBLIC_URL = os.environ.get("PUBLIC_URL", "http://127.0.0.1:8000")
+
+# Storage: uploaded model artifacts stream into FILE_UPLOAD_TEMP_DIR, beside where they are kept.
+ARTIFACT_MAX_BYTES = int(os.environ.get("ARTIFACT_MAX_BYTES", str(256 * 2**30)))
+FILE_UPLOAD_TEMP_DIR = DATA_DIR / "artifacts" / "incoming"
+FILE_UPLOAD_TEMP_DIR.mkdir(parents=True, exist_ok=True)
+
 CELERY_BEAT_SCHEDULE = {
     "mark-silent-nodes-unreachable": {
         "task": "inventory.mark_silent_nodes_unreachable",

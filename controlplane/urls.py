@@ -5,6 +5,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 api_v1 = [
     path("", include("controlplane.tenancy.api.urls")),
     path("", include("controlplane.inventory.api.urls")),
+    path("", include("controlplane.storage.api.urls")),
     path("", include("controlplane.fleet.api.urls")),
 ]
 

@@ -66,6 +66,23 @@ class WritableTenantField(serializers.PrimaryKeyRelatedField):
         return queryset if tenant_ids is None else queryset.filter(id__in=tenant_ids)
 
 
+class WritableTenantObjectField(serializers.PrimaryKeyRelatedField):
+    """A reference to an object of a tenant the caller administers, reached through
+    `tenant_field`; like WritableTenantField, another tenant's object reads as unknown."""
+
+    def __init__(self, *, tenant_field: str = "tenant", **kwargs: Any) -> None:
+        self.tenant_field = tenant_field
+        super().__init__(**kwargs)
+
+    def get_queryset(self) -> QuerySet[Any]:
+        request = self.context.get("request")
+        queryset = super().get_queryset()
+        tenant_ids = writable_tenant_ids(request.user if request else None)
+        if tenant_ids is None:
+            return queryset
+        return queryset.filter(**{f"{self.tenant_field}__in": tenant_ids})
+
+
 class TenantScopedMixin:
     """Cuts a viewset's queryset down to the caller's tenants, always.
 

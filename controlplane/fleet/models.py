@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from controlplane.core.models import BaseModel, TenantOwnedModel
 from controlplane.fleet.choices import RevisionStatus
 from controlplane.inventory.validators import validate_labels
+from controlplane.storage.models import wire_name
 from controlplane.tenancy.models import slug_validator
+
+MIB = 1 << 20
 
 
 class Deployment(TenantOwnedModel):
@@ -19,8 +23,18 @@ class Deployment(TenantOwnedModel):
         max_length=128, help_text="The name clients pass as `model` to the OpenAI-compatible API."
     )
     artifact_uri = models.CharField(
-        max_length=2048,
-        help_text="Where the model comes from: an artifact URL, or synthetic://NAME?layers=..&hidden=..",
+        max_length=2048, blank=True,
+        help_text="Where the model comes from: an artifact URL, or synthetic://NAME?layers=..&hidden=..; "
+                  "empty when `artifact` names an uploaded one.",
+    )
+    artifact = models.ForeignKey(
+        "storage.Artifact", on_delete=models.PROTECT, null=True, blank=True,
+        related_name="deployments", help_text="An uploaded model archive of the same tenant.",
+    )
+    model_volume_bytes = models.PositiveBigIntegerField(
+        null=True, blank=True,
+        help_text="With an artifact: the size of each replica's model volume (the archive, its "
+                  "files and the TensorRT cache). Default: the archive plus twice its files.",
     )
     artifact_sha256 = models.CharField(max_length=64, blank=True)
     artifact_size_bytes = models.PositiveBigIntegerField(null=True, blank=True)
@@ -49,6 +63,26 @@ class Deployment(TenantOwnedModel):
     def __str__(self) -> str:
         return f"{self.tenant_id}/{self.name}"
 
+    def clean(self) -> None:
+        """Exactly one model source; an uploaded one gets a volume that can hold it."""
+        if (self.artifact_id is None) == (not self.artifact_uri):
+            raise ValidationError({"artifact": [
+                "Name exactly one of artifact (an uploaded archive) and artifact_uri "
+                "(synthetic:// or a URL)."]})
+        if self.artifact is None:
+            if self.model_volume_bytes is not None:
+                raise ValidationError({"model_volume_bytes": [
+                    "Only deployments of an uploaded artifact stage their model into a volume."]})
+            return
+        if self.artifact.tenant_id != self.tenant_id:
+            raise ValidationError({"artifact": ["The artifact belongs to another tenant."]})
+        needed = self.artifact.size_bytes + self.artifact.unpacked_bytes
+        if self.model_volume_bytes is None:
+            self.model_volume_bytes = -(-(needed + self.artifact.unpacked_bytes) // MIB) * MIB
+        elif self.model_volume_bytes < needed:
+            raise ValidationError({"model_volume_bytes": [
+                f"Too small for the artifact: it needs {needed} bytes (the archive and its files)."]})
+
 
 class Replica(BaseModel):
     """One copy of a deployment: where placement put it, or why it could not."""
@@ -60,6 +94,10 @@ class Replica(BaseModel):
     )
     gpu_indices = models.JSONField(default=list, blank=True)
     port = models.PositiveIntegerField(null=True, blank=True)
+    pool = models.ForeignKey(
+        "storage.Pool", on_delete=models.SET_NULL, null=True, blank=True,
+        related_name="model_volumes", help_text="The pool on the replica's node holding its model volume.",
+    )
     reason = models.TextField(blank=True, help_text="Why here, or why not placed.")
 
     class Meta:
@@ -70,6 +108,11 @@ class Replica(BaseModel):
 
     def __str__(self) -> str:
         return f"{self.deployment.name}#{self.index}"
+
+    @property
+    def volume_name(self) -> str:
+        """The model volume's name on the node."""
+        return wire_name("m", self.pk)
 
 
 class Revision(BaseModel):

@@ -2,7 +2,9 @@
 
 Pure functions over in-memory rows, so the whole fleet is planned at once and tests
 need no database. Replicas keep their place while it stays valid; unplaced ones go
-to an eligible node, spread across nodes, and record why when none fits.
+to an eligible node, spread across nodes, and record why when none fits. A replica of
+a deployment with a model volume also needs a storage pool on its node with room for
+it (the roomiest), and records that pool.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ class NodeRoom:
 
     node: Any
     gpus: list[Any]
+    pools: dict[Any, int] = field(default_factory=dict)
+    """Free bytes for model volumes in each of the node's pools (by pool id)."""
     used_gpus: set[int] = field(default_factory=set)
     used_ports: set[int] = field(default_factory=set)
     replicas_of: Counter[Any] = field(default_factory=Counter)
@@ -34,13 +38,24 @@ class NodeRoom:
             and gpu.memory_total_bytes >= deployment.min_gpu_memory_bytes
         ]
 
-    def take(self, replica: Any, gpu_indices: list[int], port: int | None = None) -> None:
+    def fitting_pool(self, size_bytes: int) -> Any:
+        """The pool with the most room if it can hold `size_bytes`, else None."""
+        best = max(self.pools, key=lambda pk: self.pools[pk], default=None)
+        return best if best is not None and self.pools[best] >= size_bytes else None
+
+    def take(
+        self, replica: Any, gpu_indices: list[int], port: int | None = None,
+        pool: Any = None, volume_bytes: int = 0,
+    ) -> None:
         replica.node = self.node
         replica.gpu_indices = gpu_indices
         replica.port = port if port is not None else self.free_port()
+        replica.pool_id = pool
         self.used_gpus.update(gpu_indices)
         self.used_ports.add(replica.port)
         self.replicas_of[replica.deployment_id] += 1
+        if pool is not None:
+            self.pools[pool] -= volume_bytes
 
     def free_port(self) -> int:
         port = WORKER_PORT_BASE
@@ -64,14 +79,19 @@ def why_not(deployment: Any, room: NodeRoom) -> str | None:
     if len(room.fitting_gpus(deployment)) < deployment.gpus_per_replica:
         wanted = f"{deployment.gpu_model} " if deployment.gpu_model else ""
         return f"has fewer than {deployment.gpus_per_replica} free {wanted}GPUs"
+    if deployment.model_volume_bytes and room.fitting_pool(deployment.model_volume_bytes) is None:
+        return f"has no storage pool with {deployment.model_volume_bytes} bytes free"
     return None
 
 
-def _still_valid(replica: Any, room: NodeRoom | None) -> bool:
+def _still_valid(replica: Any, deployment: Any, room: NodeRoom | None) -> bool:
     if room is None:
         return False
     owned = {gpu.index for gpu in room.gpus}
-    return set(replica.gpu_indices) <= owned - room.used_gpus and replica.port not in room.used_ports
+    needed = deployment.model_volume_bytes
+    volume_fits = not needed or room.pools.get(replica.pool_id, -1) >= needed
+    return (set(replica.gpu_indices) <= owned - room.used_gpus
+            and replica.port not in room.used_ports and volume_fits)
 
 
 def plan(
@@ -99,8 +119,10 @@ def plan(
             replica = existing.get(index) or new_replica(deployment, index)
             to_save.append(replica)
             room = rooms.get(replica.node_id) if replica.node_id else None
-            if room is not None and _still_valid(replica, room):
-                room.take(replica, list(replica.gpu_indices), replica.port)
+            if room is not None and _still_valid(replica, deployment, room):
+                pool = replica.pool_id if deployment.model_volume_bytes else None
+                room.take(replica, list(replica.gpu_indices), replica.port, pool,
+                          deployment.model_volume_bytes or 0)
             else:
                 unplaced.append((deployment, replica))
 
@@ -114,7 +136,7 @@ def plan(
             else:
                 refusals[reason] += 1
         if not fits:
-            replica.node, replica.gpu_indices, replica.port = None, [], None
+            replica.node, replica.gpu_indices, replica.port, replica.pool_id = None, [], None, None
             detail = "; ".join(f"{count} {reason}" for reason, count in refusals.most_common())
             replica.reason = f"not placed: no node fits ({detail or 'no nodes'})"
             continue
@@ -122,7 +144,9 @@ def plan(
             fits,
             key=lambda r: (r.replicas_of[deployment.pk], sum(r.replicas_of.values()), r.node.hostname),
         )
-        room.take(replica, room.fitting_gpus(deployment)[: deployment.gpus_per_replica])
+        size = deployment.model_volume_bytes or 0
+        room.take(replica, room.fitting_gpus(deployment)[: deployment.gpus_per_replica],
+                  pool=room.fitting_pool(size) if size else None, volume_bytes=size)
         replica.reason = (
             f"placed on {room.node.hostname}: {len(fits)} of {len(rooms)} nodes fit; "
             f"fewest replicas of this deployment"

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-
 from typing import Any
 from uuid import UUID
 
+from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Max, OuterRef, Subquery
+from django.urls import reverse
 from django.utils import timezone
 
 from agent.protocol import (
@@ -33,13 +34,16 @@ from controlplane.fleet.choices import RevisionStatus
 from controlplane.fleet.models import Deployment, Replica, Revision
 from controlplane.fleet.signing import private_key
 from controlplane.inventory.models import Node
+from controlplane.storage import selectors as storage_selectors
+from controlplane.storage.render import render_storage
 from controlplane.tenancy.models import InferenceKey
 
 APPLY_TASK = "agent.apply_revision"
 FLEET_LOCK_ID = 0x7461696C  # one advisory lock serialises planning across processes
 
 
-def _lock_fleet() -> None:
+def lock_fleet() -> None:
+    """Serialise planning (placement of replicas and volumes) until the transaction ends."""
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [FLEET_LOCK_ID])
@@ -88,12 +92,14 @@ def reconcile_fleet(
     `touched` deployments, `nodes` and `tenants` name what changed besides placement, so
     their nodes are re-rendered too (a new batching knob, a revoked key, a removed replica).
     """
-    _lock_fleet()
+    lock_fleet()
     all_nodes = {n.pk: n for n in Node.objects.prefetch_related("gpus")}
     deployments = list(Deployment.objects.all())
     replicas = list(Replica.objects.all())
-    before = {r.pk: (r.node_id, list(r.gpu_indices), r.port, r.reason) for r in replicas}
-    rooms = {pk: placement.NodeRoom(node, list(node.gpus.all())) for pk, node in all_nodes.items()}
+    before = {r.pk: (r.node_id, list(r.gpu_indices), r.port, r.pool_id, r.reason) for r in replicas}
+    pools = storage_selectors.model_volume_room()
+    rooms = {pk: placement.NodeRoom(node, list(node.gpus.all()), pools.get(pk, {}))
+             for pk, node in all_nodes.items()}
     to_save, to_delete = placement.plan(
         deployments, rooms, replicas,
         lambda deployment, index: Replica(deployment=deployment, index=index),
@@ -106,14 +112,15 @@ def reconcile_fleet(
     Replica.objects.bulk_create([r for r in to_save if r.pk not in before])
     Replica.objects.bulk_update(
         [r for r in to_save if r.pk in before
-         and before[r.pk] != (r.node_id, r.gpu_indices, r.port, r.reason)],
-        ["node", "gpu_indices", "port", "reason"],
+         and before[r.pk] != (r.node_id, r.gpu_indices, r.port, r.pool_id, r.reason)],
+        ["node", "gpu_indices", "port", "pool", "reason"],
     )
     touched, tenants = set(touched), set(tenants)
     tenant_of = {d.pk: d.tenant_id for d in deployments}
     for replica in to_save:
         old = before.get(replica.pk)
-        moved = old is None or old[:3] != (replica.node_id, replica.gpu_indices, replica.port)
+        moved = old is None or old[:4] != (replica.node_id, replica.gpu_indices, replica.port,
+                                           replica.pool_id)
         if old is not None and moved:
             affected.add(old[0])  # the node it left
         if moved or replica.deployment_id in touched or tenant_of[replica.deployment_id] in tenants:
@@ -123,9 +130,20 @@ def reconcile_fleet(
     return issue_revisions(targets, cause=cause)
 
 
+def _artifact(deployment: Deployment) -> ArtifactRef:
+    """An uploaded artifact is fetched from the control plane's agent endpoint."""
+    if deployment.artifact is None:
+        return ArtifactRef(uri=deployment.artifact_uri, sha256=deployment.artifact_sha256 or None,
+                           size_bytes=deployment.artifact_size_bytes)
+    path = reverse("agent-artifact", args=[deployment.artifact_id])
+    return ArtifactRef(uri=settings.PUBLIC_URL.rstrip("/") + path,
+                       sha256=deployment.artifact.sha256, size_bytes=deployment.artifact.size_bytes)
+
+
 def render_components(nodes: list[Node]) -> dict[UUID, Components]:
-    """Each node's desired components, from the placed replicas (few queries for any N)."""
-    replicas = Replica.objects.filter(node__in=nodes).select_related("deployment")
+    """Each node's desired components from placed replicas and volumes (few queries for any N)."""
+    replicas = list(Replica.objects.filter(node__in=nodes)
+                    .select_related("deployment__artifact", "pool"))
     tenant_ids = {r.deployment.tenant_id for r in replicas}
     keys: dict[UUID, list[str]] = defaultdict(list)
     for tenant_id, digest in InferenceKey.objects.filter(
@@ -137,9 +155,8 @@ def render_components(nodes: list[Node]) -> dict[UUID, Components]:
         d = replica.deployment
         workers[replica.node_id].append(WorkerSpec(
             replica_id=replica.pk, deployment_id=d.pk, tenant_id=d.tenant_id,
-            model_name=d.model_name,
-            artifact=ArtifactRef(uri=d.artifact_uri, sha256=d.artifact_sha256 or None,
-                                 size_bytes=d.artifact_size_bytes),
+            model_name=d.model_name, artifact=_artifact(d),
+            volume=replica.volume_name if replica.pool_id else None,
             runtime_options=d.runtime_options, gpu_indices=list(replica.gpu_indices),
             port=replica.port, max_batch_size=d.max_batch_size,
             max_tokens_per_step=d.max_tokens_per_step, max_queue_delay_ms=d.max_queue_delay_ms,
@@ -147,8 +164,10 @@ def render_components(nodes: list[Node]) -> dict[UUID, Components]:
             tenants=[TenantServing(tenant_id=d.tenant_id, weight=1.0, priority=0,
                                    key_hashes=keys[d.tenant_id])],
         ))
+    storage = render_storage(nodes, replicas)
     return {
-        node.pk: Components(workers=sorted(workers[node.pk], key=lambda w: w.port))
+        node.pk: Components(workers=sorted(workers[node.pk], key=lambda w: w.port),
+                            **storage[node.pk])
         for node in nodes
     }
 
@@ -175,7 +194,8 @@ def issue_revisions(
         head = heads[node.pk]
         wanted = components[node.pk]
         state = DesiredState.build(node.pk, (head["head_generation"] or 0) + 1, now, wanted)
-        if state.content_hash == head["head_hash"] or (head["head_hash"] is None and not wanted.workers):
+        never_had_work = head["head_hash"] is None and wanted == Components()
+        if state.content_hash == head["head_hash"] or never_had_work:
             continue  # unchanged, or nothing to say to a node that never had work
         signed = sign_state(state, key)
         revisions.append(Revision(
@@ -211,7 +231,7 @@ def rollback(revision: Revision) -> Revision:
     The node is pinned, so later fleet changes do not silently undo the rollback;
     `release` un-pins it and renders the current plan again.
     """
-    _lock_fleet()
+    lock_fleet()
     node = Node.objects.select_for_update().get(pk=revision.node_id)
     node.pinned = True
     node.save(update_fields=["pinned", "updated_at"])

@@ -21,6 +21,8 @@ import json
 import os
 import queue
 import re
+import shutil
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from .aligned import ALIGN, AlignedBuffer
+from .aligned import ALIGN, AlignedBuffer, AlignedFile
 from .engine import FileVolumes, StorageError, VolumeFile
 
 ProgressCallback = Callable[[int, int], None]
@@ -405,3 +407,71 @@ def stage_artifact(
     finally:
         if own_client:
             http.close()
+
+
+class DirectoryVolumes:
+    """`FileVolumes` over one plain directory, for staging outside an engine (the operator's
+    `tailguard-agent stage`): every volume name means that directory and there is no quota."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def volume_path(self, volume: str) -> Path:
+        return self.root
+
+    def create_file(self, volume: str, relpath: str, size_bytes: int) -> VolumeFile:
+        path = (self.root / relpath).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise ValueError(f"{relpath!r} is not a file path inside {self.root}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = AlignedFile(path, reserved_bytes=size_bytes)
+        try:
+            file.reserve()
+        except OSError:
+            file.close()
+            raise
+        return file
+
+
+def unpack_archive(
+    volumes: FileVolumes,
+    volume: str,
+    archive_relpath: str,
+    dest_relpath: str,
+    sha256: str,
+    *,
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+) -> Path:
+    """Unpack a staged tar archive (plain or compressed) into `dest_relpath` of the volume.
+
+    Every file goes through the engine's `create_file`, so the volume's quota holds and the
+    writes are aligned; only regular files and directories are accepted. A `<dest>.sha256`
+    marker names the archive unpacked there, so unpacking it again is a no-op.
+    """
+    base = volumes.volume_path(volume)
+    dest, marker = base / dest_relpath, base / f"{dest_relpath}.sha256"
+    if dest.is_dir() and marker.is_file() and marker.read_text().strip() == sha256:
+        return dest
+    marker.unlink(missing_ok=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    with tarfile.open(base / archive_relpath, "r:*") as tar, AlignedBuffer(buffer_bytes) as buf:
+        for member in tar:
+            if member.isdir():
+                continue
+            source = tar.extractfile(member) if member.isreg() else None
+            if source is None:
+                raise ArtifactIntegrityError(
+                    f"archive member {member.name!r} is not a regular file; model archives "
+                    "hold only files and directories"
+                )
+            file = volumes.create_file(volume, f"{dest_relpath}/{member.name}", member.size)
+            try:
+                offset = 0
+                while got := source.readinto(buf.raw):  # type: ignore[attr-defined]
+                    file.write_at(offset, buf.raw[:got])
+                    offset += got
+                file.finish(member.size)
+            finally:
+                file.close()
+    marker.write_text(sha256 + "\n")
+    return dest

@@ -64,8 +64,10 @@ class Stack:
         except httpx.TransportError:
             return False
 
-    def start_agent(self, hostname: str, token: str) -> subprocess.Popen[bytes]:
-        return self.spawn(hostname, "-m", "agent", "run", "--control-plane", self.url,
+    def start_agent(self, hostname: str, token: str, control_plane: str | None = None
+                    ) -> subprocess.Popen[bytes]:
+        """An agent of this stack; `control_plane` reaches it another way (e.g. via a proxy)."""
+        return self.spawn(hostname, "-m", "agent", "run", "--control-plane", control_plane or self.url,
                           "--bootstrap-token", token, "--state-dir", str(self.tmp / hostname),
                           "--hostname", hostname)
 

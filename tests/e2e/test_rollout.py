@@ -43,7 +43,8 @@ def test_deployment_change_reaches_both_agents(transactional_db: Any, tmp_path: 
         stack.start_agent("e2e-node-a", bootstrap)
         stack.start_agent("e2e-node-b", bootstrap)
         nodes = wait_for(lambda: _nodes_ready(2), 60, "both agents to enroll and heartbeat")
-        assert Node.objects.get(hostname="e2e-node-a").numa_nodes.exists()  # inventory landed
+        wait_for(lambda: Node.objects.get(hostname="e2e-node-a").numa_nodes.exists(), 30,
+                 "the inventory to land (it is reported beside heartbeats, not before them)")
 
         response = api.post(f"{stack.url}/api/v1/deployments/", json={
             "tenant": str(tenant.pk), "name": "tiny", "model_name": "tiny-chat",

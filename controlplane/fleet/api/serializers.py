@@ -9,9 +9,10 @@ from pydantic import ValidationError as PydanticValidationError
 from rest_framework import serializers
 
 from agent.protocol import ArtifactRef
-from controlplane.core.api import StrictSerializer, WritableTenantField
+from controlplane.core.api import StrictSerializer, WritableTenantField, WritableTenantObjectField
 from controlplane.fleet.models import Deployment, Replica, Revision
 from controlplane.inventory.validators import validate_labels
+from controlplane.storage.models import Artifact
 
 
 class DeploymentSerializer(StrictSerializer):
@@ -19,11 +20,14 @@ class DeploymentSerializer(StrictSerializer):
     node_selector = serializers.DictField(child=serializers.CharField(allow_blank=True), required=False)
     runtime_options = serializers.DictField(required=False)
     placed_replicas = serializers.IntegerField(read_only=True, required=False)
+    artifact = WritableTenantObjectField(
+        queryset=Artifact.objects.all(), allow_null=True, required=False,
+        help_text="An uploaded model archive of the same tenant; instead of artifact_uri.")
 
     class Meta:
         model = Deployment
-        fields = ["id", "tenant", "name", "model_name", "artifact_uri", "artifact_sha256",
-                  "artifact_size_bytes", "runtime_options", "replicas", "placed_replicas",
+        fields = ["id", "tenant", "name", "model_name", "artifact", "model_volume_bytes",
+                  "artifact_uri", "artifact_sha256", "artifact_size_bytes", "runtime_options", "replicas", "placed_replicas",
                   "gpus_per_replica", "gpu_model", "min_gpu_memory_bytes", "node_selector",
                   "max_batch_size", "max_tokens_per_step", "max_queue_delay_ms", "max_queue_len",
                   "created_at", "updated_at"]
@@ -43,10 +47,13 @@ class DeploymentSerializer(StrictSerializer):
         return value
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        """The artifact fields must make a reference the agent protocol accepts."""
+        """An artifact_uri must make a reference the agent protocol accepts (the model checks
+        that exactly one of artifact and artifact_uri is given)."""
         current = {f: getattr(self.instance, f) for f in ("artifact_uri", "artifact_sha256",
                                                           "artifact_size_bytes")} if self.instance else {}
         merged = {**current, **attrs}
+        if not merged.get("artifact_uri"):
+            return attrs
         try:
             ArtifactRef(uri=merged.get("artifact_uri", ""), sha256=merged.get("artifact_sha256") or None,
                         size_bytes=merged.get("artifact_size_bytes"))
@@ -58,12 +65,16 @@ class DeploymentSerializer(StrictSerializer):
 
 class ReplicaSerializer(serializers.ModelSerializer):
     hostname = serializers.CharField(source="node.hostname", read_only=True, default=None)
+    volume = serializers.SerializerMethodField(help_text="The model volume's name on the node.")
 
     class Meta:
         model = Replica
-        fields = ["id", "deployment", "index", "node", "hostname", "gpu_indices", "port", "reason",
-                  "updated_at"]
+        fields = ["id", "deployment", "index", "node", "hostname", "gpu_indices", "port", "pool",
+                  "volume", "reason", "updated_at"]
         read_only_fields = fields
+
+    def get_volume(self, replica: Replica) -> str | None:
+        return replica.volume_name if replica.pool_id else None
 
 
 class RevisionSummarySerializer(serializers.ModelSerializer):

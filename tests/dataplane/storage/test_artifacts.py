@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from dataplane.storage.artifacts import (
     ArtifactSource,
     ProgressCallback,
     stage_artifact,
+    unpack_archive,
 )
 from dataplane.storage.engine import PoolSpec, QuotaExceeded, StorageSpec, VolumeSpec
 from dataplane.storage.local import LocalEngine
@@ -224,3 +227,37 @@ def test_empty_artifact(engine: LocalEngine, server: RangeServer) -> None:
     empty = ArtifactSource(url=server.url, sha256=hashlib.sha256(b"").hexdigest(), size_bytes=0)
     path = stage_artifact(engine, "llama", "empty.bin", empty, headers=AUTH)
     assert path.read_bytes() == b"" and server.requests == []
+
+
+def _tar(path: Path, files: dict[str, bytes], link: str | None = None) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if link:
+            info = tarfile.TarInfo(link)
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+    return path
+
+
+def test_unpack_writes_regular_files_within_the_quota_once(engine: LocalEngine) -> None:
+    volume = engine.volume_path("llama")
+    files = {"model.onnx": os.urandom(MIB + 5), "sub/config.json": b"{}"}
+    _tar(volume / "m.tar", files)
+    dest = unpack_archive(engine, "llama", "m.tar", "model", "a" * 64)
+    assert {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == files
+    (dest / "model.onnx").unlink()
+    assert unpack_archive(engine, "llama", "m.tar", "model", "a" * 64) == dest  # marker: no-op
+    assert not (dest / "model.onnx").exists()
+
+    _tar(engine.volume_path("tiny") / "big.tar", {"model.onnx": os.urandom(2 * MIB)})
+    with pytest.raises(QuotaExceeded):
+        unpack_archive(engine, "tiny", "big.tar", "model", "b" * 64)
+
+
+def test_unpack_refuses_links(engine: LocalEngine) -> None:
+    _tar(engine.volume_path("llama") / "evil.tar", {"model.onnx": b"x"}, link="passwd")
+    with pytest.raises(ArtifactIntegrityError, match="not a regular file"):
+        unpack_archive(engine, "llama", "evil.tar", "model", "c" * 64)
