@@ -144,12 +144,20 @@ def test_shared_fleet_nodes_are_platform_admins_alone(world: World, client_for: 
     assert client_for(world.platform).get(f"/api/v1/nodes/{shared.pk}/").status_code == 200
 
 
-def test_unauthenticated_requests_are_refused(world: World) -> None:
+def test_unauthenticated_requests_are_refused(world: World, client_for: Any) -> None:
+    import uuid
+
+    from django.urls import reverse
     from rest_framework.test import APIClient
 
-    for path in ("tenants", "nodes", "inference-keys", "api-tokens"):
+    for path in ("tenants", "nodes", "inference-keys", "api-tokens", "deployments", "replicas",
+                 "revisions", "bootstrap-tokens", "pools", "volumes", "qos-policies", "exports",
+                 "artifacts"):
         response = APIClient().get(f"/api/v1/{path}/")
         assert response.status_code == 401, path
     response = APIClient().get("/api/v1/nodes/", HTTP_AUTHORIZATION="Bearer tg_not-a-token")
     assert response.status_code == 401
     assert "Invalid" in response.json()["detail"]
+    # a person's API token is no node credential, even a platform admin's
+    artifact = reverse("agent-artifact", args=[uuid.uuid4()])
+    assert client_for(world.platform).get(artifact).status_code == 401
