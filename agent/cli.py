@@ -48,43 +48,62 @@ def open_storage(settings: AgentSettings, inventory: Inventory) -> StorageDriver
     """
     if settings.spdk_rpc_socket:
         rdma = any(nic.state == "active" for nic in inventory.nics)
-        engine = SpdkEngine(settings.spdk_rpc_socket, rdma_port_active=rdma,
-                            nqn_prefix=EXPORT_NQN_PREFIX)
-        return StorageDriver(engine, "spdk", listen_address=settings.nvmf_listen_address,
-                             config_path=settings.state_dir / "spdk-config.json")
+        engine = SpdkEngine(
+            settings.spdk_rpc_socket, rdma_port_active=rdma, nqn_prefix=EXPORT_NQN_PREFIX
+        )
+        return StorageDriver(
+            engine,
+            "spdk",
+            listen_address=settings.nvmf_listen_address,
+            config_path=settings.state_dir / "spdk-config.json",
+        )
     return StorageDriver(LocalEngine(settings.state_dir / "storage"), "local")
 
 
 async def run_agent(settings: AgentSettings) -> None:
     def inventory() -> Inventory:
         found = discover(settings.sysfs_root)
-        return found.model_copy(update={"host": found.host.model_copy(update={"hostname": settings.hostname})})
+        return found.model_copy(
+            update={"host": found.host.model_copy(update={"hostname": settings.hostname})}
+        )
 
     stop = _stop_on_signals()
     facts = await asyncio.to_thread(inventory)
     async with httpx.AsyncClient(timeout=30) as http:
         anon = ControlPlaneClient(http, settings.control_plane_url)
-        identity = await load_or_enroll(anon, settings.state_dir, settings.hostname, facts.host,
-                                        settings.bootstrap_token, stop)
+        identity = await load_or_enroll(
+            anon, settings.state_dir, settings.hostname, facts.host, settings.bootstrap_token, stop
+        )
         log.info("node %s (%s) consuming %s", identity.node_id, settings.hostname, identity.queue)
         client = anon.with_credential(identity.credential)
         storage = open_storage(settings, facts)
         stager = ModelStager(storage.file_volumes, settings.control_plane_url, identity.credential)
         workers = WorkerSupervisor(SupervisorSettings(work_dir=settings.state_dir), stager)
         # Storage first: a worker's model is staged into a volume the storage driver made.
-        reconciler = Reconciler(identity.node_id, decode_public_key(identity.control_plane_public_key),
-                                [storage, workers], settings.state_dir)
-        agent = NodeAgent(identity, client, reconciler, inventory,
-                          inventory_interval_s=settings.inventory_interval_s,
-                          resync_interval_s=settings.resync_interval_s)
-        consumer = Consumer(identity.broker_url, {identity.queue: agent.receive},
-                            name=f"agent@{settings.hostname}")
+        reconciler = Reconciler(
+            identity.node_id,
+            decode_public_key(identity.control_plane_public_key),
+            [storage, workers],
+            settings.state_dir,
+        )
+        agent = NodeAgent(
+            identity,
+            client,
+            reconciler,
+            inventory,
+            inventory_interval_s=settings.inventory_interval_s,
+            resync_interval_s=settings.resync_interval_s,
+        )
+        consumer = Consumer(
+            identity.broker_url, {identity.queue: agent.receive}, name=f"agent@{settings.hostname}"
+        )
         consumer.start()
         try:
             await asyncio.gather(
                 agent.run(stop),
-                storage.report_forever(client, identity.node_id, stop,
-                                       settings.storage_report_interval_s),
+                storage.report_forever(
+                    client, identity.node_id, stop, settings.storage_report_interval_s
+                ),
             )
         finally:
             await workers.close()
@@ -97,14 +116,19 @@ def stage(settings: AgentSettings, args: argparse.Namespace) -> Path:
     The node's saved credential (in the state dir) is sent when the URL is the control plane's.
     """
     identity = Identity.load(settings.state_dir)
-    headers = credential_headers(args.artifact_url, settings.control_plane_url,
-                                 identity.credential if identity else None)
+    headers = credential_headers(
+        args.artifact_url, settings.control_plane_url, identity.credential if identity else None
+    )
     artifact = ArtifactRef(uri=args.artifact_url, sha256=args.sha256, size_bytes=args.size)
     args.dest.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=args.size, unit="B", unit_scale=True, unit_divisor=1024,
-              desc="staging") as bar:
-        return stage_model(DirectoryVolumes(args.dest), "", artifact, headers=headers,
-                           on_progress=lambda done, _total: bar.update(done - bar.n))
+    with tqdm(total=args.size, unit="B", unit_scale=True, unit_divisor=1024, desc="staging") as bar:
+        return stage_model(
+            DirectoryVolumes(args.dest),
+            "",
+            artifact,
+            headers=headers,
+            on_progress=lambda done, _total: bar.update(done - bar.n),
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,16 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from(args: argparse.Namespace) -> AgentSettings:
     settings = AgentSettings.load(args.config)
-    overrides = {name: getattr(args, name) for name in
-                 ("control_plane_url", "bootstrap_token", "state_dir", "hostname")
-                 if getattr(args, name, None) is not None}
+    overrides = {
+        name: getattr(args, name)
+        for name in ("control_plane_url", "bootstrap_token", "state_dir", "hostname")
+        if getattr(args, name, None) is not None
+    }
     return replace(settings, **overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.command == "discover":
         print(discover().model_dump_json(indent=2))
         return 0
@@ -161,12 +188,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--count must be at least 1")
 
             async def go() -> None:
-                await simulate(count=args.count, control_plane_url=settings.control_plane_url,
-                               bootstrap_token=settings.bootstrap_token,
-                               state_dir=settings.state_dir / "simulated", prefix=args.prefix,
-                               stop=_stop_on_signals(),
-                               inventory_interval_s=settings.inventory_interval_s,
-                               resync_interval_s=settings.resync_interval_s)
+                await simulate(
+                    count=args.count,
+                    control_plane_url=settings.control_plane_url,
+                    bootstrap_token=settings.bootstrap_token,
+                    state_dir=settings.state_dir / "simulated",
+                    prefix=args.prefix,
+                    stop=_stop_on_signals(),
+                    inventory_interval_s=settings.inventory_interval_s,
+                    resync_interval_s=settings.resync_interval_s,
+                )
 
             asyncio.run(go())
     except (EnrollmentError, ControlPlaneError, StorageError, ValueError, OSError) as exc:

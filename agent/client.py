@@ -29,7 +29,9 @@ class ControlPlaneError(Exception):
 
 
 class ControlPlaneClient:
-    def __init__(self, http: httpx.AsyncClient, base_url: str, credential: str | None = None) -> None:
+    def __init__(
+        self, http: httpx.AsyncClient, base_url: str, credential: str | None = None
+    ) -> None:
         self._http = http
         self._base = base_url.rstrip("/") + "/api/v1/agent/"
         self._headers = {"Authorization": f"Node {credential}"} if credential else {}
@@ -39,9 +41,13 @@ class ControlPlaneClient:
 
     async def _call(self, method: str, path: str, body: BaseModel | None = None) -> httpx.Response:
         content = body.model_dump_json().encode() if body is not None else None
-        headers = {**self._headers, "Content-Type": "application/json"} if content else self._headers
+        headers = (
+            {**self._headers, "Content-Type": "application/json"} if content else self._headers
+        )
         try:
-            response = await self._http.request(method, self._base + path, content=content, headers=headers)
+            response = await self._http.request(
+                method, self._base + path, content=content, headers=headers
+            )
         except httpx.TransportError as exc:
             raise ControlPlaneError(0, f"control plane unreachable: {exc!r}") from exc
         if response.status_code >= 400:

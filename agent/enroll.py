@@ -53,8 +53,12 @@ class Identity:
 
 
 async def load_or_enroll(
-    client: ControlPlaneClient, state_dir: Path, hostname: str, host: HostFacts,
-    bootstrap_token: str | None, stop: asyncio.Event | None = None,
+    client: ControlPlaneClient,
+    state_dir: Path,
+    hostname: str,
+    host: HostFacts,
+    bootstrap_token: str | None,
+    stop: asyncio.Event | None = None,
 ) -> Identity:
     """The saved identity, or a new one; waits out an unreachable or failing control plane
     (agents may start first), but gives up at once when the token is refused."""
@@ -67,7 +71,10 @@ async def load_or_enroll(
             "given: create one with POST /api/v1/bootstrap-tokens/ and pass --bootstrap-token"
         )
     message = Enrollment(
-        bootstrap_token=bootstrap_token, hostname=hostname, agent_version=__version__, host=host,
+        bootstrap_token=bootstrap_token,
+        hostname=hostname,
+        agent_version=__version__,
+        host=host,
     )
     backoff = 0.5
     while True:
@@ -83,9 +90,12 @@ async def load_or_enroll(
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, MAX_BACKOFF_S)
     identity = Identity(
-        node_id=grant.node_id, credential=grant.node_credential,
-        control_plane_public_key=grant.control_plane_public_key, queue=grant.queue,
-        broker_url=grant.broker_url, heartbeat_interval_s=grant.heartbeat_interval_s,
+        node_id=grant.node_id,
+        credential=grant.node_credential,
+        control_plane_public_key=grant.control_plane_public_key,
+        queue=grant.queue,
+        broker_url=grant.broker_url,
+        heartbeat_interval_s=grant.heartbeat_interval_s,
     )
     identity.save(state_dir)
     return identity

@@ -828,5 +828,9 @@ def broker_transport_options(broker_url: str) -> dict[str, object]:
         return {}
     folder = Path(broker_url.removeprefix("filesystem://") or ".")
     (folder / "control").mkdir(parents=True, exist_ok=True)
-    return {"data_folder_in": str(folder), "data_folder_out": str(folder),
-            "control_folder": str(folder / "control"), "store_processed": False}
+    return {
+        "data_folder_in": str(folder),
+        "data_folder_out": str(folder),
+        "control_folder": str(folder / "control"),
+        "store_processed": False,
+    }

@@ -45,7 +45,10 @@ class Applied:
 
 class Reconciler:
     def __init__(
-        self, node_id: UUID, public_key: Ed25519PublicKey, drivers: list[ComponentDriver],
+        self,
+        node_id: UUID,
+        public_key: Ed25519PublicKey,
+        drivers: list[ComponentDriver],
         state_dir: Path,
     ) -> None:
         self.node_id = node_id
@@ -53,7 +56,9 @@ class Reconciler:
         self._drivers = drivers
         self._path = state_dir / APPLIED_FILE
         self._lock = asyncio.Lock()
-        self.applied = Applied(**json.loads(self._path.read_text())) if self._path.exists() else Applied()
+        self.applied = (
+            Applied(**json.loads(self._path.read_text())) if self._path.exists() else Applied()
+        )
 
     async def handle(self, signed: SignedDesiredState, *, pulled: bool) -> AppliedStatus | None:
         """Apply a pushed or pulled state; returns the report to send, or None if nothing to say.
@@ -65,12 +70,17 @@ class Reconciler:
             if pulled and state.generation <= self.applied.generation:
                 return None  # steady state, or a push overtook the pull
             try:
-                verify_state(signed, self._public_key, node_id=self.node_id,
-                             applied_generation=self.applied.generation)
+                verify_state(
+                    signed,
+                    self._public_key,
+                    node_id=self.node_id,
+                    applied_generation=self.applied.generation,
+                )
             except SignatureError as exc:
                 log.warning("rejected desired state generation %s: %s", state.generation, exc)
-                return self._report(state.generation, state.content_hash, "rejected", [],
-                                    reason=exc)
+                return self._report(
+                    state.generation, state.content_hash, "rejected", [], reason=exc
+                )
             results = []
             for driver in self._drivers:
                 results.extend(await driver.apply(state.components))
@@ -81,12 +91,22 @@ class Reconciler:
             return self._report(state.generation, state.content_hash, outcome, results)
 
     def _report(
-        self, generation: int, content_hash: str, outcome: str, results: list[ComponentResult],
+        self,
+        generation: int,
+        content_hash: str,
+        outcome: str,
+        results: list[ComponentResult],
         reason: SignatureError | None = None,
     ) -> AppliedStatus:
-        return AppliedStatus.model_validate({
-            "node_id": self.node_id, "generation": generation, "content_hash": content_hash,
-            "state": outcome, "components": results, "reported_at": datetime.now(UTC),
-            "rejection_reason": reason.reason if reason else None,
-            "detail": reason.detail if reason else None,
-        })
+        return AppliedStatus.model_validate(
+            {
+                "node_id": self.node_id,
+                "generation": generation,
+                "content_hash": content_hash,
+                "state": outcome,
+                "components": results,
+                "reported_at": datetime.now(UTC),
+                "rejection_reason": reason.reason if reason else None,
+                "detail": reason.detail if reason else None,
+            }
+        )

@@ -28,8 +28,13 @@ log = logging.getLogger(__name__)
 
 class NodeAgent:
     def __init__(
-        self, identity: Identity, client: ControlPlaneClient, reconciler: Reconciler,
-        discover: Callable[[], Inventory], *, inventory_interval_s: float,
+        self,
+        identity: Identity,
+        client: ControlPlaneClient,
+        reconciler: Reconciler,
+        discover: Callable[[], Inventory],
+        *,
+        inventory_interval_s: float,
         resync_interval_s: float,
     ) -> None:
         self.identity = identity
@@ -63,12 +68,15 @@ class NodeAgent:
         connected = True
         while not stop.is_set():
             try:
-                await self._client.post_heartbeat(Heartbeat(
-                    node_id=self.identity.node_id, sent_at=datetime.now(UTC),
-                    agent_version=__version__,
-                    applied_generation=self._reconciler.applied.generation,
-                    uptime_s=time.monotonic() - self._started,
-                ))
+                await self._client.post_heartbeat(
+                    Heartbeat(
+                        node_id=self.identity.node_id,
+                        sent_at=datetime.now(UTC),
+                        agent_version=__version__,
+                        applied_generation=self._reconciler.applied.generation,
+                        uptime_s=time.monotonic() - self._started,
+                    )
+                )
                 if not connected:
                     log.info("control plane reachable again; pulling desired state")
                     self._resync.set()
@@ -96,7 +104,8 @@ class NodeAgent:
             pushed = asyncio.create_task(self._pushed.get())
             resync = asyncio.create_task(self._resync.wait())
             done, pending = await asyncio.wait(
-                {pushed, resync}, timeout=self._resync_interval_s,
+                {pushed, resync},
+                timeout=self._resync_interval_s,
                 return_when=asyncio.FIRST_COMPLETED,
             )
             for task in pending:

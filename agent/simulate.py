@@ -43,25 +43,60 @@ def synthetic_inventory(hostname: str) -> Inventory:
         return uuid.uuid5(SIM_NAMESPACE, f"{hostname}/{kind}/{index}").hex
 
     return Inventory(
-        host=HostFacts(hostname=hostname, kernel="6.8.0-sim", os="Simulated Linux",
-                       cpu_model="Simulated Xeon 8480", cpu_count=112, memory_bytes=2 * 1024**4),
-        numa=[NumaNodeFacts(index=n, cpulist=f"{n * 56}-{n * 56 + 55}", memory_total_bytes=1024**4)
-              for n in range(2)],
-        gpus=[GpuFacts(index=i, uuid=f"GPU-{hexid('gpu', i)}", name="NVIDIA H100 80GB HBM3",
-                       memory_total_bytes=80 * 1024**3, mig_mode="disabled",
-                       pci_bus_id=f"0000:{0x18 + i * 0x10:02x}:00.0", numa_node=i // 4,
-                       driver_version="550.54.15", cuda_driver_version="12.4")
-              for i in range(8)],
-        nics=[NicFacts(device=f"mlx5_{i}", port=1, state="active", speed_gbps=400.0, width="4X",
-                       link_layer="InfiniBand", netdev=None,
-                       pci_bus_id=f"0000:{0x1a + i * 0x10:02x}:00.0", numa_node=i // 4,
-                       gid=None)
-              for i in range(8)],
-        drives=[DriveFacts(name=f"nvme{i}n1", model="Simulated NVMe 7.68TB",
-                           serial=hexid("nvme", i)[:16], firmware="SIM1",
-                           capacity_bytes=7_680_000_000_000, logical_block_size=4096,
-                           pci_bus_id=f"0000:{0x1c + i * 0x10:02x}:00.0", numa_node=i // 2)
-                for i in range(4)],
+        host=HostFacts(
+            hostname=hostname,
+            kernel="6.8.0-sim",
+            os="Simulated Linux",
+            cpu_model="Simulated Xeon 8480",
+            cpu_count=112,
+            memory_bytes=2 * 1024**4,
+        ),
+        numa=[
+            NumaNodeFacts(index=n, cpulist=f"{n * 56}-{n * 56 + 55}", memory_total_bytes=1024**4)
+            for n in range(2)
+        ],
+        gpus=[
+            GpuFacts(
+                index=i,
+                uuid=f"GPU-{hexid('gpu', i)}",
+                name="NVIDIA H100 80GB HBM3",
+                memory_total_bytes=80 * 1024**3,
+                mig_mode="disabled",
+                pci_bus_id=f"0000:{0x18 + i * 0x10:02x}:00.0",
+                numa_node=i // 4,
+                driver_version="550.54.15",
+                cuda_driver_version="12.4",
+            )
+            for i in range(8)
+        ],
+        nics=[
+            NicFacts(
+                device=f"mlx5_{i}",
+                port=1,
+                state="active",
+                speed_gbps=400.0,
+                width="4X",
+                link_layer="InfiniBand",
+                netdev=None,
+                pci_bus_id=f"0000:{0x1A + i * 0x10:02x}:00.0",
+                numa_node=i // 4,
+                gid=None,
+            )
+            for i in range(8)
+        ],
+        drives=[
+            DriveFacts(
+                name=f"nvme{i}n1",
+                model="Simulated NVMe 7.68TB",
+                serial=hexid("nvme", i)[:16],
+                firmware="SIM1",
+                capacity_bytes=7_680_000_000_000,
+                logical_block_size=4096,
+                pci_bus_id=f"0000:{0x1C + i * 0x10:02x}:00.0",
+                numa_node=i // 2,
+            )
+            for i in range(4)
+        ],
     )
 
 
@@ -73,13 +108,21 @@ class SimulatedWorkers:
 
     async def apply(self, components: Components) -> list[ComponentResult]:
         self.running = {str(w.replica_id): w.model_name for w in components.workers}
-        return [ComponentResult(kind="worker", name=f"replica-{w.replica_id}", ok=True, error=None)
-                for w in components.workers]
+        return [
+            ComponentResult(kind="worker", name=f"replica-{w.replica_id}", ok=True, error=None)
+            for w in components.workers
+        ]
 
 
 async def simulate(
-    *, count: int, control_plane_url: str, bootstrap_token: str | None, state_dir: Path,
-    prefix: str, stop: asyncio.Event, inventory_interval_s: float = 300.0,
+    *,
+    count: int,
+    control_plane_url: str,
+    bootstrap_token: str | None,
+    state_dir: Path,
+    prefix: str,
+    stop: asyncio.Event,
+    inventory_interval_s: float = 300.0,
     resync_interval_s: float = 60.0,
 ) -> None:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
@@ -87,21 +130,35 @@ async def simulate(
         anon = ControlPlaneClient(http, control_plane_url)
         hostnames = [f"{prefix}-{i:04d}" for i in range(count)]
         inventories = {h: synthetic_inventory(h) for h in hostnames}
-        identities = await asyncio.gather(*(
-            load_or_enroll(anon, state_dir / h, h, inventories[h].host, bootstrap_token, stop)
-            for h in hostnames
-        ))
+        identities = await asyncio.gather(
+            *(
+                load_or_enroll(anon, state_dir / h, h, inventories[h].host, bootstrap_token, stop)
+                for h in hostnames
+            )
+        )
         agents = []
         for hostname, identity in zip(hostnames, identities, strict=True):
-            reconciler = Reconciler(identity.node_id, decode_public_key(identity.control_plane_public_key),
-                                    [SimulatedWorkers()], state_dir / hostname)
-            agents.append(NodeAgent(
-                identity, anon.with_credential(identity.credential), reconciler,
-                functools.partial(inventories.__getitem__, hostname),
-                inventory_interval_s=inventory_interval_s, resync_interval_s=resync_interval_s,
-            ))
-        consumer = Consumer(identities[0].broker_url, {a.identity.queue: a.receive for a in agents},
-                            name=f"simulator@{prefix}")
+            reconciler = Reconciler(
+                identity.node_id,
+                decode_public_key(identity.control_plane_public_key),
+                [SimulatedWorkers()],
+                state_dir / hostname,
+            )
+            agents.append(
+                NodeAgent(
+                    identity,
+                    anon.with_credential(identity.credential),
+                    reconciler,
+                    functools.partial(inventories.__getitem__, hostname),
+                    inventory_interval_s=inventory_interval_s,
+                    resync_interval_s=resync_interval_s,
+                )
+            )
+        consumer = Consumer(
+            identities[0].broker_url,
+            {a.identity.queue: a.receive for a in agents},
+            name=f"simulator@{prefix}",
+        )
         consumer.start()
         try:
             await asyncio.gather(*(agent.run(stop) for agent in agents))

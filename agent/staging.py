@@ -33,14 +33,19 @@ def credential_headers(url: str, control_plane_url: str, credential: str | None)
 
 
 def stage_model(
-    volumes: FileVolumes, volume: str, artifact: ArtifactRef, *, headers: dict[str, str],
+    volumes: FileVolumes,
+    volume: str,
+    artifact: ArtifactRef,
+    *,
+    headers: dict[str, str],
     on_progress: ProgressCallback | None = None,
 ) -> Path:
     """Download and unpack `artifact` into the volume; returns the model directory."""
     if artifact.sha256 is None or artifact.size_bytes is None:
         raise ValueError(f"artifact {artifact.uri} has no sha256 and size to verify against")
-    source = ArtifactSource(url=artifact.uri, sha256=artifact.sha256,
-                            size_bytes=artifact.size_bytes)
+    source = ArtifactSource(
+        url=artifact.uri, sha256=artifact.sha256, size_bytes=artifact.size_bytes
+    )
     stage_artifact(volumes, volume, ARCHIVE, source, headers=headers, on_progress=on_progress)
     return unpack_archive(volumes, volume, ARCHIVE, MODEL_DIR, artifact.sha256)
 

@@ -36,7 +36,9 @@ from dataplane.storage.local import LocalEngine
 
 log = logging.getLogger(__name__)
 _TRANSPORT: dict[eng.Transport, NvmfTransport] = {
-    eng.Transport.RDMA: "rdma", eng.Transport.TCP: "tcp"}
+    eng.Transport.RDMA: "rdma",
+    eng.Transport.TCP: "tcp",
+}
 
 
 def storage_spec(components: Components, kind: PoolKind, listen_address: str) -> eng.StorageSpec:
@@ -49,27 +51,46 @@ def storage_spec(components: Components, kind: PoolKind, listen_address: str) ->
                 f"{kind} engine; change the pool's kind or the agent's spdk_rpc_socket setting"
             )
         devices = (eng.Device(kind="nvme", address=pool.device),) if pool.device else ()
-        pools.append(eng.PoolSpec(name=pool.name, devices=devices, directory=pool.directory,
-                                  capacity_bytes=pool.capacity_bytes))
+        pools.append(
+            eng.PoolSpec(
+                name=pool.name,
+                devices=devices,
+                directory=pool.directory,
+                capacity_bytes=pool.capacity_bytes,
+            )
+        )
     exports: dict[UUID, eng.ExportSpec] = {}
     for export in components.exports:
         if export.nqn != export_nqn(export.tenant_id):
-            raise eng.SpecError(f"export nqn {export.nqn} is not tenant {export.tenant_id}'s "
-                                f"subsystem {export_nqn(export.tenant_id)}")
+            raise eng.SpecError(
+                f"export nqn {export.nqn} is not tenant {export.tenant_id}'s "
+                f"subsystem {export_nqn(export.tenant_id)}"
+            )
         exports[export.tenant_id] = eng.ExportSpec(
-            tenant=export.tenant_id.hex, hosts=tuple(sorted(export.hosts)),
+            tenant=export.tenant_id.hex,
+            hosts=tuple(sorted(export.hosts)),
             listen_address=listen_address,
             transport=eng.Transport(export.transport.upper()) if export.transport else None,
         )
     return eng.StorageSpec(
         pools=tuple(pools),
-        volumes=tuple(eng.VolumeSpec(name=v.name, pool=v.pool, tenant=v.tenant_id.hex,
-                                     size_bytes=v.size_bytes) for v in components.volumes),
+        volumes=tuple(
+            eng.VolumeSpec(
+                name=v.name, pool=v.pool, tenant=v.tenant_id.hex, size_bytes=v.size_bytes
+            )
+            for v in components.volumes
+        ),
         exports=tuple(exports.values()),
-        qos=tuple(eng.QosSpec(volume=q.volume, rw_ios_per_sec=q.rw_ios_per_sec,
-                              rw_mbytes_per_sec=q.rw_mbytes_per_sec,
-                              r_mbytes_per_sec=q.r_mbytes_per_sec,
-                              w_mbytes_per_sec=q.w_mbytes_per_sec) for q in components.qos),
+        qos=tuple(
+            eng.QosSpec(
+                volume=q.volume,
+                rw_ios_per_sec=q.rw_ios_per_sec,
+                rw_mbytes_per_sec=q.rw_mbytes_per_sec,
+                r_mbytes_per_sec=q.r_mbytes_per_sec,
+                w_mbytes_per_sec=q.w_mbytes_per_sec,
+            )
+            for q in components.qos
+        ),
     )
 
 
@@ -86,7 +107,11 @@ class StorageDriver:
     """Drives one engine; engine calls run in threads, one at a time."""
 
     def __init__(
-        self, engine: StorageEngine, kind: PoolKind, *, listen_address: str = "0.0.0.0",
+        self,
+        engine: StorageEngine,
+        kind: PoolKind,
+        *,
+        listen_address: str = "0.0.0.0",
         config_path: Path | None = None,
     ) -> None:
         self.kind = kind
@@ -111,8 +136,9 @@ class StorageDriver:
         except Exception as exc:  # every failure becomes the components' error text
             log.warning("storage not applied: %s", exc)
             error = f"{exc}"[:4000] or repr(exc)
-            return [ComponentResult(kind=kind, name=name, ok=False, error=error)
-                    for kind, name in named]
+            return [
+                ComponentResult(kind=kind, name=name, ok=False, error=error) for kind, name in named
+            ]
         finally:
             self._applied.set()
         return [ComponentResult(kind=kind, name=name, ok=True, error=None) for kind, name in named]
@@ -135,27 +161,48 @@ class StorageDriver:
         rates = self._engine.stats()
         pool_of = {v.name: v.pool for v in state.volumes}
         return StorageReport(
-            node_id=node_id, reported_at=datetime.now(UTC), engine=self.kind,
-            pools=[PoolUsage(name=p.name, capacity_bytes=p.capacity_bytes,
-                             free_bytes=max(0, p.free_bytes)) for p in state.pools],
+            node_id=node_id,
+            reported_at=datetime.now(UTC),
+            engine=self.kind,
+            pools=[
+                PoolUsage(
+                    name=p.name, capacity_bytes=p.capacity_bytes, free_bytes=max(0, p.free_bytes)
+                )
+                for p in state.pools
+            ],
             volumes=[
-                VolumeIo(name=name, pool=pool_of[name], read_iops=r.read_iops,
-                         write_iops=r.write_iops, read_mb_s=r.read_mb_s, write_mb_s=r.write_mb_s,
-                         mean_read_latency_us=r.mean_read_latency_us,
-                         mean_write_latency_us=r.mean_write_latency_us)
-                for name, r in sorted(rates.items()) if name in pool_of
+                VolumeIo(
+                    name=name,
+                    pool=pool_of[name],
+                    read_iops=r.read_iops,
+                    write_iops=r.write_iops,
+                    read_mb_s=r.read_mb_s,
+                    write_mb_s=r.write_mb_s,
+                    mean_read_latency_us=r.mean_read_latency_us,
+                    mean_write_latency_us=r.mean_write_latency_us,
+                )
+                for name, r in sorted(rates.items())
+                if name in pool_of
             ],
             exports=[
-                ExportEndpoint(tenant_id=UUID(hex=e.tenant), nqn=e.nqn,
-                               transport=_TRANSPORT[e.transport],
-                               address=ipaddress.ip_address(e.listen_address), port=e.listen_port)
+                ExportEndpoint(
+                    tenant_id=UUID(hex=e.tenant),
+                    nqn=e.nqn,
+                    transport=_TRANSPORT[e.transport],
+                    address=ipaddress.ip_address(e.listen_address),
+                    port=e.listen_port,
+                )
                 for e in state.exports
                 if e.transport is not None and e.listen_address is not None and e.listen_port
             ],
         )
 
     async def report_forever(
-        self, client: ControlPlaneClient, node_id: UUID, stop: asyncio.Event, interval_s: float,
+        self,
+        client: ControlPlaneClient,
+        node_id: UUID,
+        stop: asyncio.Event,
+        interval_s: float,
     ) -> None:
         """Report after every apply and at least every `interval_s` until `stop`."""
         failing = False
@@ -172,7 +219,8 @@ class StorageDriver:
                 failing = True
             woken = asyncio.create_task(self._applied.wait())
             stopped = asyncio.create_task(stop.wait())
-            await asyncio.wait({woken, stopped}, timeout=interval_s,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {woken, stopped}, timeout=interval_s, return_when=asyncio.FIRST_COMPLETED
+            )
             woken.cancel()
             stopped.cancel()

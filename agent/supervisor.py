@@ -59,8 +59,10 @@ def materialize_model(
     """
     if not spec.artifact.uri.startswith(SYNTHETIC_SCHEME):
         if spec.volume is None or stager is None:
-            raise ValueError(f"artifact {spec.artifact.uri} needs a volume on this node to be "
-                             "staged into; give the deployment a storage pool on this node")
+            raise ValueError(
+                f"artifact {spec.artifact.uri} needs a volume on this node to be "
+                "staged into; give the deployment a storage pool on this node"
+            )
         return stager.stage(spec.artifact, spec.volume)
     cache_dir = work_dir / "cache" / str(spec.deployment_id)
     return _synthetic_model(spec.artifact, work_dir / "models"), cache_dir
@@ -82,23 +84,35 @@ def render_config(
     spec: WorkerSpec, components: Components, model_dir: Path, cache_dir: Path
 ) -> WorkerConfig:
     thresholds = [
-        SloThreshold.model_validate({"tenant": str(t.tenant_id), "metric": t.metric,
-                                     "threshold_seconds": t.threshold_seconds})
+        SloThreshold.model_validate(
+            {
+                "tenant": str(t.tenant_id),
+                "metric": t.metric,
+                "threshold_seconds": t.threshold_seconds,
+            }
+        )
         for t in components.slo_thresholds
-        if t.metric in WORKER_METRICS and t.threshold_seconds is not None
+        if t.metric in WORKER_METRICS
+        and t.threshold_seconds is not None
         and t.deployment_id in (None, spec.deployment_id)
         and any(s.tenant_id == t.tenant_id for s in spec.tenants)
     ]
     return WorkerConfig(
-        deployment_id=str(spec.deployment_id), served_model_name=spec.model_name,
-        model_dir=model_dir, cache_dir=cache_dir,
+        deployment_id=str(spec.deployment_id),
+        served_model_name=spec.model_name,
+        model_dir=model_dir,
+        cache_dir=cache_dir,
         batching=BatchingConfig(
-            max_batch_size=spec.max_batch_size, max_tokens_per_step=spec.max_tokens_per_step,
-            max_queue_delay_ms=spec.max_queue_delay_ms, max_queue_len=spec.max_queue_len,
+            max_batch_size=spec.max_batch_size,
+            max_tokens_per_step=spec.max_tokens_per_step,
+            max_queue_delay_ms=spec.max_queue_delay_ms,
+            max_queue_len=spec.max_queue_len,
         ),
         runtime=RuntimeConfig.model_validate(spec.runtime_options),
         tenants={
-            str(t.tenant_id): TenantConfig(weight=t.weight, priority=t.priority, key_sha256=t.key_hashes)
+            str(t.tenant_id): TenantConfig(
+                weight=t.weight, priority=t.priority, key_sha256=t.key_hashes
+            )
             for t in spec.tenants
         },
         slo_thresholds=thresholds,
@@ -108,7 +122,9 @@ def render_config(
 class ManagedWorker:
     """One worker process and the task that keeps it alive."""
 
-    def __init__(self, spec: WorkerSpec, config: WorkerConfig, settings: SupervisorSettings) -> None:
+    def __init__(
+        self, spec: WorkerSpec, config: WorkerConfig, settings: SupervisorSettings
+    ) -> None:
         self.spec = spec
         self.config = config
         self.restarts = 0
@@ -170,9 +186,20 @@ class ManagedWorker:
         log_file = open(self._dir / "worker.log", "ab")  # noqa: SIM115  (owned by the child)
         try:
             return await asyncio.create_subprocess_exec(
-                self._settings.python, "-m", "dataplane.inference", "--config", str(self.config_path),
-                "--host", self._settings.host, "--port", str(self.spec.port), "--log-level", "warning",
-                env=env, stdout=log_file, stderr=log_file,
+                self._settings.python,
+                "-m",
+                "dataplane.inference",
+                "--config",
+                str(self.config_path),
+                "--host",
+                self._settings.host,
+                "--port",
+                str(self.spec.port),
+                "--log-level",
+                "warning",
+                env=env,
+                stdout=log_file,
+                stderr=log_file,
             )
         finally:
             log_file.close()
@@ -188,11 +215,18 @@ class ManagedWorker:
                 self._ready.clear()
                 self.restarts += 1
                 self._failed = f"worker exited (code {code}); see {self._dir / 'worker.log'}"
-                log.warning("replica %s: %s; restarting in %.0f s", self.spec.replica_id,
-                            self._failed, backoff)
+                log.warning(
+                    "replica %s: %s; restarting in %.0f s",
+                    self.spec.replica_id,
+                    self._failed,
+                    backoff,
+                )
                 await asyncio.sleep(backoff)
-                backoff = self._settings.backoff_initial_s if healthy_once else min(
-                    backoff * 2, self._settings.backoff_max_s)
+                backoff = (
+                    self._settings.backoff_initial_s
+                    if healthy_once
+                    else min(backoff * 2, self._settings.backoff_max_s)
+                )
 
     async def _watch(self, http: httpx.AsyncClient) -> bool:
         """Poll health until the process dies or fails the check repeatedly."""
@@ -228,13 +262,16 @@ class WorkerSupervisor:
         desired = {w.replica_id: w for w in components.workers}
         for replica_id in [r for r in self.workers if r not in desired]:
             await self.workers.pop(replica_id).stop()
-        return list(await asyncio.gather(*(self._converge(spec, components) for spec in desired.values())))
+        return list(
+            await asyncio.gather(*(self._converge(spec, components) for spec in desired.values()))
+        )
 
     async def _converge(self, spec: WorkerSpec, components: Components) -> ComponentResult:
         name = f"replica-{spec.replica_id}"
         try:
             model_dir, cache_dir = await asyncio.to_thread(
-                materialize_model, spec, self._settings.work_dir, self._stager)
+                materialize_model, spec, self._settings.work_dir, self._stager
+            )
             config = render_config(spec, components, model_dir, cache_dir)
             current = self.workers.get(spec.replica_id)
             if current is not None and self._same_process(current, spec, config):
@@ -243,18 +280,23 @@ class WorkerSupervisor:
             else:
                 if current is not None:
                     await current.stop()
-                current = self.workers[spec.replica_id] = ManagedWorker(spec, config, self._settings)
+                current = self.workers[spec.replica_id] = ManagedWorker(
+                    spec, config, self._settings
+                )
                 await current.start()
             await current.wait_ready()
             return ComponentResult(kind="worker", name=name, ok=True, error=None)
         except Exception as exc:  # every failure becomes the component's error text
             log.exception("replica %s failed to converge", spec.replica_id)
-            return ComponentResult(kind="worker", name=name, ok=False, error=f"{exc}"[:4000] or repr(exc))
+            return ComponentResult(
+                kind="worker", name=name, ok=False, error=f"{exc}"[:4000] or repr(exc)
+            )
 
     @staticmethod
     def _same_process(current: ManagedWorker, spec: WorkerSpec, config: WorkerConfig) -> bool:
         return (
-            current.spec.port == spec.port and current.spec.gpu_indices == spec.gpu_indices
+            current.spec.port == spec.port
+            and current.spec.gpu_indices == spec.gpu_indices
             and not current.config.restart_fields_changed(config)
         )
 

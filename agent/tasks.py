@@ -25,9 +25,13 @@ Receiver = Callable[[dict[str, Any]], None]
 
 app = Celery("tailguard-agent", set_as_current=False)
 app.conf.update(
-    task_serializer="json", accept_content=["json"], task_acks_late=True,
-    worker_prefetch_multiplier=16, worker_hijack_root_logger=False,
-    broker_connection_retry_on_startup=True, broker_connection_max_retries=None,
+    task_serializer="json",
+    accept_content=["json"],
+    task_acks_late=True,
+    worker_prefetch_multiplier=16,
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+    broker_connection_max_retries=None,
     task_ignore_result=True,
 )
 _receivers: dict[str, Receiver] = {}
@@ -51,11 +55,20 @@ class Consumer:
         app.conf.broker_url = broker_url
         app.conf.broker_transport_options = broker_transport_options(broker_url)
         self._worker = WorkController(
-            app=app, pool="solo", concurrency=1, queues=list(receivers), hostname=name,
-            without_heartbeat=True, without_mingle=True, without_gossip=True,
-            loglevel="WARNING", ready_callback=None,
+            app=app,
+            pool="solo",
+            concurrency=1,
+            queues=list(receivers),
+            hostname=name,
+            without_heartbeat=True,
+            without_mingle=True,
+            without_gossip=True,
+            loglevel="WARNING",
+            ready_callback=None,
         )
-        self._thread = threading.Thread(target=self._worker.start, name="celery-consumer", daemon=True)
+        self._thread = threading.Thread(
+            target=self._worker.start, name="celery-consumer", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -64,5 +77,3 @@ class Consumer:
         worker_state.should_terminate = 0
         self._thread.join(timeout)
         worker_state.should_terminate = None
-
-

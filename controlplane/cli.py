@@ -35,7 +35,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         module = importlib.import_module(f"tests.bench.{args.name}")
     except ModuleNotFoundError:
-        print(f"No benchmark named {args.name!r}; choose from {', '.join(BENCHES)}.", file=sys.stderr)
+        print(
+            f"No benchmark named {args.name!r}; choose from {', '.join(BENCHES)}.", file=sys.stderr
+        )
         return 2
     return int(module.main(args.rest))
 

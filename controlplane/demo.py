@@ -47,14 +47,20 @@ def _children() -> Iterator[dict[str, subprocess.Popen[bytes]]]:
                 proc.kill()
 
 
-def _wait(what: str, ready: Callable[[], Any], procs: dict[str, subprocess.Popen[bytes]],
-          timeout: float = 180) -> Any:
+def _wait(
+    what: str,
+    ready: Callable[[], Any],
+    procs: dict[str, subprocess.Popen[bytes]],
+    timeout: float = 180,
+) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for name, proc in procs.items():
             if proc.poll() is not None:
-                raise SystemExit(f"the {name} process exited with code {proc.returncode}; "
-                                 f"see {settings.DATA_DIR / 'logs' / name}.log")
+                raise SystemExit(
+                    f"the {name} process exited with code {proc.returncode}; "
+                    f"see {settings.DATA_DIR / 'logs' / name}.log"
+                )
         value = ready()
         if value:
             return value
@@ -76,9 +82,14 @@ def _seed_fleet(tenant: Any) -> str:
         revoke(old)
     key = issue_inference_key(tenant=tenant, name="demo").secret
     if not Deployment.objects.filter(tenant=tenant, name="chat").exists():
-        fleet.create_deployment(tenant=tenant, name="chat", model_name="demo-chat",
-                                artifact_uri=DEMO_MODEL, replicas=1,
-                                runtime_options={"intra_op_threads": 1})
+        fleet.create_deployment(
+            tenant=tenant,
+            name="chat",
+            model_name="demo-chat",
+            artifact_uri=DEMO_MODEL,
+            replicas=1,
+            runtime_options={"intra_op_threads": 1},
+        )
     return key
 
 
@@ -100,25 +111,68 @@ def run_demo(*, host: str, port: int) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     with _children() as procs:
+
         def spawn(name: str, *argv: str) -> None:
             with open(logs / f"{name}.log", "ab") as log:
-                procs[name] = subprocess.Popen([sys.executable, *argv], stdout=log,
-                                               stderr=subprocess.STDOUT)
+                procs[name] = subprocess.Popen(
+                    [sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT
+                )
 
-        spawn("web", "-m", "uvicorn", "controlplane.asgi:application", "--host", host,
-              "--port", str(port), "--log-level", "warning")
-        spawn("celery", "-m", "celery", "-A", "controlplane", "worker", "-B", "--pool", "solo",
-              "--loglevel", "warning", "-s", str(data / "celerybeat-schedule"))
+        spawn(
+            "web",
+            "-m",
+            "uvicorn",
+            "controlplane.asgi:application",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        )
+        spawn(
+            "celery",
+            "-m",
+            "celery",
+            "-A",
+            "controlplane",
+            "worker",
+            "-B",
+            "--pool",
+            "solo",
+            "--loglevel",
+            "warning",
+            "-s",
+            str(data / "celerybeat-schedule"),
+        )
         _wait("the control plane", lambda: _answers(f"{base}/api/schema/"), procs)
-        spawn("agent", "-m", "agent", "run", "--control-plane", base, "--bootstrap-token",
-              bootstrap, "--state-dir", str(data / "agent"), "--hostname", socket.gethostname())
-        print("Control plane up; the agent is enrolling and starting the inference worker...",
-              flush=True)
+        spawn(
+            "agent",
+            "-m",
+            "agent",
+            "run",
+            "--control-plane",
+            base,
+            "--bootstrap-token",
+            bootstrap,
+            "--state-dir",
+            str(data / "agent"),
+            "--hostname",
+            socket.gethostname(),
+        )
+        print(
+            "Control plane up; the agent is enrolling and starting the inference worker...",
+            flush=True,
+        )
 
         def serving() -> Replica | None:
-            replica = Replica.objects.filter(deployment__tenant=accounts.tenant,
-                                             deployment__name="chat", port__isnull=False
-                                             ).select_related("node").first()
+            replica = (
+                Replica.objects.filter(
+                    deployment__tenant=accounts.tenant, deployment__name="chat", port__isnull=False
+                )
+                .select_related("node")
+                .first()
+            )
             up = replica and _answers(f"http://127.0.0.1:{replica.port}/health")
             return replica if up else None
 
@@ -137,7 +191,7 @@ def run_demo(*, host: str, port: int) -> int:
             f"  Try: curl -H 'Authorization: Bearer {accounts.api_token}' {base}/api/v1/nodes/\n"
             f"       curl {worker}/v1/chat/completions -H 'Authorization: Bearer {key}' "
             "-H 'Content-Type: application/json' "
-            "-d '{\"model\": \"demo-chat\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'\n"
+            '-d \'{"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}\'\n'
             f"  Logs: {logs}\n"
             "Press Ctrl-C to stop.",
             flush=True,

@@ -102,14 +102,17 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # The demo's processes (web, Celery, beat) share the file: WAL lets readers run
     # beside the writer, IMMEDIATE transactions queue writers instead of failing them.
     DATABASES["default"]["OPTIONS"] = {
-        "transaction_mode": "IMMEDIATE", "timeout": 20,
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # Under ASGI each request's sync code may run on a new thread, so per-thread persistent
     # connections would be reopened per request; a pool shares them across threads.
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
-        "min_size": 2, "max_size": int(os.environ.get("DATABASE_POOL_SIZE", "20")), "timeout": 30,
+        "min_size": 2,
+        "max_size": int(os.environ.get("DATABASE_POOL_SIZE", "20")),
+        "timeout": 30,
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

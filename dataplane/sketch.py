@@ -23,8 +23,7 @@ class LatencySketch:
     """A DDSketch of latencies in seconds with bytes round-trip and merge."""
 
     def __init__(self, sketch: BaseDDSketch | None = None) -> None:
-        self._sketch: BaseDDSketch = sketch if sketch is not None else DDSketch(
-            RELATIVE_ACCURACY)
+        self._sketch: BaseDDSketch = sketch if sketch is not None else DDSketch(RELATIVE_ACCURACY)
 
     def add(self, value: float) -> None:
         self._sketch.add(value)
@@ -49,7 +48,7 @@ class LatencySketch:
         for store in (message.positiveValues, message.negativeValues):
             counts = list(store.contiguousBinCounts)
             nonzero = [i for i, c in enumerate(counts) if c]
-            kept = counts[nonzero[0]:nonzero[-1] + 1] if nonzero else []
+            kept = counts[nonzero[0] : nonzero[-1] + 1] if nonzero else []
             store.contiguousBinIndexOffset += nonzero[0] if nonzero else 0
             del store.contiguousBinCounts[:]
             store.contiguousBinCounts.extend(kept)

@@ -46,7 +46,9 @@ def ensure_packages() -> None:
     if find_postgres_bindir() is None and not os.environ.get("DATABASE_URL"):
         missing.append(DEBIAN_PACKAGES["postgres"])
     for binary in ("redis-server", "chromium"):
-        if shutil.which(binary) is None and not (binary == "redis-server" and os.environ.get("REDIS_URL")):
+        if shutil.which(binary) is None and not (
+            binary == "redis-server" and os.environ.get("REDIS_URL")
+        ):
             missing.append(DEBIAN_PACKAGES[binary])
     if not missing:
         return
@@ -59,7 +61,9 @@ def ensure_packages() -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
     subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True, env=env
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+        check=True,
+        env=env,
     )
 
 
@@ -87,23 +91,62 @@ def postgres(workdir: Path) -> Iterator[str]:
         shutil.chown(workdir, user)
         shutil.chown(datadir, user)
     subprocess.run(
-        [bindir / "initdb", "-D", datadir, "-U", "tailguard", "--auth=trust", "-E", "UTF8",
-         "--no-sync"],
-        check=True, user=user, stdout=subprocess.DEVNULL,
+        [
+            bindir / "initdb",
+            "-D",
+            datadir,
+            "-U",
+            "tailguard",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ],
+        check=True,
+        user=user,
+        stdout=subprocess.DEVNULL,
     )
     port = free_port()
     proc = subprocess.Popen(
-        [bindir / "postgres", "-D", datadir, "-p", str(port), "-k", datadir,
-         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
-         "-c", "full_page_writes=off", "-c", "max_connections=200"],
-        user=user, stdout=subprocess.DEVNULL, stderr=open(workdir / "postgres.log", "wb"),
+        [
+            bindir / "postgres",
+            "-D",
+            datadir,
+            "-p",
+            str(port),
+            "-k",
+            datadir,
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "max_connections=200",
+        ],
+        user=user,
+        stdout=subprocess.DEVNULL,
+        stderr=open(workdir / "postgres.log", "wb"),
     )
     try:
         wait_port(port, proc, "PostgreSQL")
         for _ in range(100):  # accepting TCP precedes accepting logins by a moment
             done = subprocess.run(
-                [bindir / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "tailguard",
-                 "tailguard"], user=user, capture_output=True,
+                [
+                    bindir / "createdb",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "-U",
+                    "tailguard",
+                    "tailguard",
+                ],
+                user=user,
+                capture_output=True,
             )
             if done.returncode == 0:
                 break
@@ -120,8 +163,19 @@ def postgres(workdir: Path) -> Iterator[str]:
 def redis(workdir: Path) -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(workdir)],
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
         stdout=subprocess.DEVNULL,
     )
     try:

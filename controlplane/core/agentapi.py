@@ -30,7 +30,9 @@ class NodeCredentialAuthentication(authentication.BaseAuthentication):
             return None
         node = authenticate_node(parts[1].decode(errors="replace")) if len(parts) == 2 else None
         if node is None:
-            raise exceptions.AuthenticationFailed("Invalid node credential; enroll the agent again.")
+            raise exceptions.AuthenticationFailed(
+                "Invalid node credential; enroll the agent again."
+            )
         return AnonymousUser(), node
 
     def authenticate_header(self, request: Request) -> str:
@@ -42,8 +44,12 @@ class NodeCredentialScheme(OpenApiAuthenticationExtension):
     name = "nodeCredential"
 
     def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
-        return {"type": "apiKey", "in": "header", "name": "Authorization",
-                "description": "`Node <credential>` as granted at enrollment."}
+        return {
+            "type": "apiKey",
+            "in": "header",
+            "name": "Authorization",
+            "description": "`Node <credential>` as granted at enrollment.",
+        }
 
 
 class IsNodeAgent(permissions.BasePermission):

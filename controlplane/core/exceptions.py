@@ -17,8 +17,11 @@ from rest_framework.views import exception_handler as drf_exception_handler
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, DjangoValidationError):
-        exc = ValidationError(as_serializer_error(exc) if hasattr(exc, "error_dict")
-                              else {"detail": " ".join(exc.messages)})
+        exc = ValidationError(
+            as_serializer_error(exc)
+            if hasattr(exc, "error_dict")
+            else {"detail": " ".join(exc.messages)}
+        )
     response = drf_exception_handler(exc, context)
     if response is not None and isinstance(response.data, list):
         # e.g. a filter's bare ValidationError(["..."]): clients expect an object

@@ -35,7 +35,9 @@ class HashedSecret(BaseModel):
     """
 
     name = models.CharField(max_length=100)
-    prefix = models.CharField(max_length=16, editable=False, help_text="First characters, to tell keys apart.")
+    prefix = models.CharField(
+        max_length=16, editable=False, help_text="First characters, to tell keys apart."
+    )
     digest = models.CharField(max_length=64, unique=True, editable=False)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
     revoked_at = models.DateTimeField(null=True, blank=True)

@@ -11,7 +11,7 @@ from typing import Any
 ERROR_SCHEMA = {
     "type": "object",
     "description": (
-        "Either {\"detail\": message} or, for invalid input, an object mapping each "
+        'Either {"detail": message} or, for invalid input, an object mapping each '
         "offending field to a list of messages."
     ),
     "properties": {"detail": {"type": "string"}},
@@ -28,7 +28,9 @@ ERRORS = {
 }
 
 
-def add_error_responses(result: dict[str, Any], generator: Any, request: Any, public: bool) -> dict[str, Any]:
+def add_error_responses(
+    result: dict[str, Any], generator: Any, request: Any, public: bool
+) -> dict[str, Any]:
     result.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
     ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     for path_item in result.get("paths", {}).values():

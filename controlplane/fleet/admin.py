@@ -30,10 +30,17 @@ class DeploymentAdmin(admin.ModelAdmin):
             services.update_deployment(obj, **fields)
         else:
             created = services.create_deployment(
-                **{f.attname: getattr(obj, f.attname) for f in obj._meta.concrete_fields
-                   if f.name not in ("id", "created_at", "updated_at")}
+                **{
+                    f.attname: getattr(obj, f.attname)
+                    for f in obj._meta.concrete_fields
+                    if f.name not in ("id", "created_at", "updated_at")
+                }
             )
-            obj.pk, obj.created_at, obj.updated_at = created.pk, created.created_at, created.updated_at
+            obj.pk, obj.created_at, obj.updated_at = (
+                created.pk,
+                created.created_at,
+                created.updated_at,
+            )
 
     def delete_model(self, request, obj):  # noqa: ANN001, ANN201
         from controlplane.fleet import services
@@ -43,12 +50,29 @@ class DeploymentAdmin(admin.ModelAdmin):
 
 @admin.register(Revision)
 class RevisionAdmin(admin.ModelAdmin):
-    list_display = ["node", "generation", "status", "cause", "rejection_reason", "created_at",
-                    "reported_at"]
+    list_display = [
+        "node",
+        "generation",
+        "status",
+        "cause",
+        "rejection_reason",
+        "created_at",
+        "reported_at",
+    ]
     list_filter = ["status", "rejection_reason"]
     search_fields = ["node__hostname", "content_hash", "cause"]
-    readonly_fields = ["node", "generation", "content_hash", "document", "cause", "status",
-                       "results", "rejection_reason", "reported_at", "created_at"]
+    readonly_fields = [
+        "node",
+        "generation",
+        "content_hash",
+        "document",
+        "cause",
+        "status",
+        "results",
+        "rejection_reason",
+        "reported_at",
+        "created_at",
+    ]
 
     def has_add_permission(self, request):  # noqa: ANN001, ANN201
         return False

@@ -23,34 +23,46 @@ class Deployment(TenantOwnedModel):
         max_length=128, help_text="The name clients pass as `model` to the OpenAI-compatible API."
     )
     artifact_uri = models.CharField(
-        max_length=2048, blank=True,
+        max_length=2048,
+        blank=True,
         help_text="Where the model comes from: an artifact URL, or synthetic://NAME?layers=..&hidden=..; "
-                  "empty when `artifact` names an uploaded one.",
+        "empty when `artifact` names an uploaded one.",
     )
     artifact = models.ForeignKey(
-        "storage.Artifact", on_delete=models.PROTECT, null=True, blank=True,
-        related_name="deployments", help_text="An uploaded model archive of the same tenant.",
+        "storage.Artifact",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="deployments",
+        help_text="An uploaded model archive of the same tenant.",
     )
     model_volume_bytes = models.PositiveBigIntegerField(
-        null=True, blank=True,
+        null=True,
+        blank=True,
         help_text="With an artifact: the size of each replica's model volume (the archive, its "
-                  "files and the TensorRT cache). Default: the archive plus twice its files.",
+        "files and the TensorRT cache). Default: the archive plus twice its files.",
     )
     artifact_sha256 = models.CharField(max_length=64, blank=True)
     artifact_size_bytes = models.PositiveBigIntegerField(null=True, blank=True)
     runtime_options = models.JSONField(default=dict, blank=True)
     replicas = models.PositiveSmallIntegerField(default=1, validators=[MaxValueValidator(256)])
-    gpus_per_replica = models.PositiveSmallIntegerField(default=0, validators=[MaxValueValidator(16)])
+    gpus_per_replica = models.PositiveSmallIntegerField(
+        default=0, validators=[MaxValueValidator(16)]
+    )
     gpu_model = models.CharField(
         max_length=100, blank=True, help_text="Only GPUs whose name contains this (e.g. H100)."
     )
     min_gpu_memory_bytes = models.PositiveBigIntegerField(default=0)
     node_selector = models.JSONField(
-        default=dict, blank=True, validators=[validate_labels],
-        help_text="Labels a node must carry, e.g. {\"zone\": \"eu-1\"}.",
+        default=dict,
+        blank=True,
+        validators=[validate_labels],
+        help_text='Labels a node must carry, e.g. {"zone": "eu-1"}.',
     )
     max_batch_size = models.PositiveIntegerField(default=32, validators=[MinValueValidator(1)])
-    max_tokens_per_step = models.PositiveIntegerField(default=512, validators=[MinValueValidator(1)])
+    max_tokens_per_step = models.PositiveIntegerField(
+        default=512, validators=[MinValueValidator(1)]
+    )
     max_queue_delay_ms = models.PositiveIntegerField(default=0)
     max_queue_len = models.PositiveIntegerField(default=128, validators=[MinValueValidator(1)])
 
@@ -66,13 +78,23 @@ class Deployment(TenantOwnedModel):
     def clean(self) -> None:
         """Exactly one model source; an uploaded one gets a volume that can hold it."""
         if (self.artifact_id is None) == (not self.artifact_uri):
-            raise ValidationError({"artifact": [
-                "Name exactly one of artifact (an uploaded archive) and artifact_uri "
-                "(synthetic:// or a URL)."]})
+            raise ValidationError(
+                {
+                    "artifact": [
+                        "Name exactly one of artifact (an uploaded archive) and artifact_uri "
+                        "(synthetic:// or a URL)."
+                    ]
+                }
+            )
         if self.artifact is None:
             if self.model_volume_bytes is not None:
-                raise ValidationError({"model_volume_bytes": [
-                    "Only deployments of an uploaded artifact stage their model into a volume."]})
+                raise ValidationError(
+                    {
+                        "model_volume_bytes": [
+                            "Only deployments of an uploaded artifact stage their model into a volume."
+                        ]
+                    }
+                )
             return
         if self.artifact.tenant_id != self.tenant_id:
             raise ValidationError({"artifact": ["The artifact belongs to another tenant."]})
@@ -80,8 +102,13 @@ class Deployment(TenantOwnedModel):
         if self.model_volume_bytes is None:
             self.model_volume_bytes = -(-(needed + self.artifact.unpacked_bytes) // MIB) * MIB
         elif self.model_volume_bytes < needed:
-            raise ValidationError({"model_volume_bytes": [
-                f"Too small for the artifact: it needs {needed} bytes (the archive and its files)."]})
+            raise ValidationError(
+                {
+                    "model_volume_bytes": [
+                        f"Too small for the artifact: it needs {needed} bytes (the archive and its files)."
+                    ]
+                }
+            )
 
 
 class Replica(BaseModel):
@@ -95,15 +122,21 @@ class Replica(BaseModel):
     gpu_indices = models.JSONField(default=list, blank=True)
     port = models.PositiveIntegerField(null=True, blank=True)
     pool = models.ForeignKey(
-        "storage.Pool", on_delete=models.SET_NULL, null=True, blank=True,
-        related_name="model_volumes", help_text="The pool on the replica's node holding its model volume.",
+        "storage.Pool",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="model_volumes",
+        help_text="The pool on the replica's node holding its model volume.",
     )
     reason = models.TextField(blank=True, help_text="Why here, or why not placed.")
 
     class Meta:
         ordering = ["deployment", "index"]
         constraints = [
-            models.UniqueConstraint(fields=["deployment", "index"], name="replica_index_per_deployment")
+            models.UniqueConstraint(
+                fields=["deployment", "index"], name="replica_index_per_deployment"
+            )
         ]
 
     def __str__(self) -> str:

@@ -32,7 +32,8 @@ class NodeRoom:
 
     def fitting_gpus(self, deployment: Any) -> list[int]:
         return [
-            gpu.index for gpu in self.gpus
+            gpu.index
+            for gpu in self.gpus
             if gpu.index not in self.used_gpus
             and deployment.gpu_model.lower() in gpu.name.lower()
             and gpu.memory_total_bytes >= deployment.min_gpu_memory_bytes
@@ -44,8 +45,12 @@ class NodeRoom:
         return best if best is not None and self.pools[best] >= size_bytes else None
 
     def take(
-        self, replica: Any, gpu_indices: list[int], port: int | None = None,
-        pool: Any = None, volume_bytes: int = 0,
+        self,
+        replica: Any,
+        gpu_indices: list[int],
+        port: int | None = None,
+        pool: Any = None,
+        volume_bytes: int = 0,
     ) -> None:
         replica.node = self.node
         replica.gpu_indices = gpu_indices
@@ -90,8 +95,11 @@ def _still_valid(replica: Any, deployment: Any, room: NodeRoom | None) -> bool:
     owned = {gpu.index for gpu in room.gpus}
     needed = deployment.model_volume_bytes
     volume_fits = not needed or room.pools.get(replica.pool_id, -1) >= needed
-    return (set(replica.gpu_indices) <= owned - room.used_gpus
-            and replica.port not in room.used_ports and volume_fits)
+    return (
+        set(replica.gpu_indices) <= owned - room.used_gpus
+        and replica.port not in room.used_ports
+        and volume_fits
+    )
 
 
 def plan(
@@ -121,8 +129,13 @@ def plan(
             room = rooms.get(replica.node_id) if replica.node_id else None
             if room is not None and _still_valid(replica, deployment, room):
                 pool = replica.pool_id if deployment.model_volume_bytes else None
-                room.take(replica, list(replica.gpu_indices), replica.port, pool,
-                          deployment.model_volume_bytes or 0)
+                room.take(
+                    replica,
+                    list(replica.gpu_indices),
+                    replica.port,
+                    pool,
+                    deployment.model_volume_bytes or 0,
+                )
             else:
                 unplaced.append((deployment, replica))
 
@@ -142,11 +155,19 @@ def plan(
             continue
         room = min(
             fits,
-            key=lambda r: (r.replicas_of[deployment.pk], sum(r.replicas_of.values()), r.node.hostname),
+            key=lambda r: (
+                r.replicas_of[deployment.pk],
+                sum(r.replicas_of.values()),
+                r.node.hostname,
+            ),
         )
         size = deployment.model_volume_bytes or 0
-        room.take(replica, room.fitting_gpus(deployment)[: deployment.gpus_per_replica],
-                  pool=room.fitting_pool(size) if size else None, volume_bytes=size)
+        room.take(
+            replica,
+            room.fitting_gpus(deployment)[: deployment.gpus_per_replica],
+            pool=room.fitting_pool(size) if size else None,
+            volume_bytes=size,
+        )
         replica.reason = (
             f"placed on {room.node.hostname}: {len(fits)} of {len(rooms)} nodes fit; "
             f"fewest replicas of this deployment"

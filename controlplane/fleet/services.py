@@ -84,7 +84,10 @@ def delete_deployment(deployment: Deployment) -> None:
 
 @transaction.atomic
 def reconcile_fleet(
-    *, cause: str, touched: Iterable[UUID] = (), nodes: Iterable[UUID] = (),
+    *,
+    cause: str,
+    touched: Iterable[UUID] = (),
+    nodes: Iterable[UUID] = (),
     tenants: Iterable[UUID] = (),
 ) -> list[Revision]:
     """Re-plan placement and issue revisions to every node whose desired state changed.
@@ -98,10 +101,14 @@ def reconcile_fleet(
     replicas = list(Replica.objects.all())
     before = {r.pk: (r.node_id, list(r.gpu_indices), r.port, r.pool_id, r.reason) for r in replicas}
     pools = storage_selectors.model_volume_room()
-    rooms = {pk: placement.NodeRoom(node, list(node.gpus.all()), pools.get(pk, {}))
-             for pk, node in all_nodes.items()}
+    rooms = {
+        pk: placement.NodeRoom(node, list(node.gpus.all()), pools.get(pk, {}))
+        for pk, node in all_nodes.items()
+    }
     to_save, to_delete = placement.plan(
-        deployments, rooms, replicas,
+        deployments,
+        rooms,
+        replicas,
         lambda deployment, index: Replica(deployment=deployment, index=index),
     )
 
@@ -111,16 +118,24 @@ def reconcile_fleet(
     Replica.objects.filter(pk__in=[r.pk for r in to_delete]).delete()
     Replica.objects.bulk_create([r for r in to_save if r.pk not in before])
     Replica.objects.bulk_update(
-        [r for r in to_save if r.pk in before
-         and before[r.pk] != (r.node_id, r.gpu_indices, r.port, r.pool_id, r.reason)],
+        [
+            r
+            for r in to_save
+            if r.pk in before
+            and before[r.pk] != (r.node_id, r.gpu_indices, r.port, r.pool_id, r.reason)
+        ],
         ["node", "gpu_indices", "port", "pool", "reason"],
     )
     touched, tenants = set(touched), set(tenants)
     tenant_of = {d.pk: d.tenant_id for d in deployments}
     for replica in to_save:
         old = before.get(replica.pk)
-        moved = old is None or old[:4] != (replica.node_id, replica.gpu_indices, replica.port,
-                                           replica.pool_id)
+        moved = old is None or old[:4] != (
+            replica.node_id,
+            replica.gpu_indices,
+            replica.port,
+            replica.pool_id,
+        )
         if old is not None and moved:
             affected.add(old[0])  # the node it left
         if moved or replica.deployment_id in touched or tenant_of[replica.deployment_id] in tenants:
@@ -133,41 +148,62 @@ def reconcile_fleet(
 def _artifact(deployment: Deployment) -> ArtifactRef:
     """An uploaded artifact is fetched from the control plane's agent endpoint."""
     if deployment.artifact is None:
-        return ArtifactRef(uri=deployment.artifact_uri, sha256=deployment.artifact_sha256 or None,
-                           size_bytes=deployment.artifact_size_bytes)
+        return ArtifactRef(
+            uri=deployment.artifact_uri,
+            sha256=deployment.artifact_sha256 or None,
+            size_bytes=deployment.artifact_size_bytes,
+        )
     path = reverse("agent-artifact", args=[deployment.artifact_id])
-    return ArtifactRef(uri=settings.PUBLIC_URL.rstrip("/") + path,
-                       sha256=deployment.artifact.sha256, size_bytes=deployment.artifact.size_bytes)
+    return ArtifactRef(
+        uri=settings.PUBLIC_URL.rstrip("/") + path,
+        sha256=deployment.artifact.sha256,
+        size_bytes=deployment.artifact.size_bytes,
+    )
 
 
 def render_components(nodes: list[Node]) -> dict[UUID, Components]:
     """Each node's desired components from placed replicas and volumes (few queries for any N)."""
-    replicas = list(Replica.objects.filter(node__in=nodes)
-                    .select_related("deployment__artifact", "pool"))
+    replicas = list(
+        Replica.objects.filter(node__in=nodes).select_related("deployment__artifact", "pool")
+    )
     tenant_ids = {r.deployment.tenant_id for r in replicas}
     keys: dict[UUID, list[str]] = defaultdict(list)
-    for tenant_id, digest in InferenceKey.objects.filter(
-        tenant_id__in=tenant_ids, revoked_at__isnull=True
-    ).order_by("digest").values_list("tenant_id", "digest"):
+    for tenant_id, digest in (
+        InferenceKey.objects.filter(tenant_id__in=tenant_ids, revoked_at__isnull=True)
+        .order_by("digest")
+        .values_list("tenant_id", "digest")
+    ):
         keys[tenant_id].append(digest)
     workers: dict[UUID, list[WorkerSpec]] = defaultdict(list)
     for replica in replicas:
         d = replica.deployment
-        workers[replica.node_id].append(WorkerSpec(
-            replica_id=replica.pk, deployment_id=d.pk, tenant_id=d.tenant_id,
-            model_name=d.model_name, artifact=_artifact(d),
-            volume=replica.volume_name if replica.pool_id else None,
-            runtime_options=d.runtime_options, gpu_indices=list(replica.gpu_indices),
-            port=replica.port, max_batch_size=d.max_batch_size,
-            max_tokens_per_step=d.max_tokens_per_step, max_queue_delay_ms=d.max_queue_delay_ms,
-            max_queue_len=d.max_queue_len,
-            tenants=[TenantServing(tenant_id=d.tenant_id, weight=1.0, priority=0,
-                                   key_hashes=keys[d.tenant_id])],
-        ))
+        workers[replica.node_id].append(
+            WorkerSpec(
+                replica_id=replica.pk,
+                deployment_id=d.pk,
+                tenant_id=d.tenant_id,
+                model_name=d.model_name,
+                artifact=_artifact(d),
+                volume=replica.volume_name if replica.pool_id else None,
+                runtime_options=d.runtime_options,
+                gpu_indices=list(replica.gpu_indices),
+                port=replica.port,
+                max_batch_size=d.max_batch_size,
+                max_tokens_per_step=d.max_tokens_per_step,
+                max_queue_delay_ms=d.max_queue_delay_ms,
+                max_queue_len=d.max_queue_len,
+                tenants=[
+                    TenantServing(
+                        tenant_id=d.tenant_id, weight=1.0, priority=0, key_hashes=keys[d.tenant_id]
+                    )
+                ],
+            )
+        )
     storage = render_storage(nodes, replicas)
     return {
-        node.pk: Components(workers=sorted(workers[node.pk], key=lambda w: w.port),
-                            **storage[node.pk])
+        node.pk: Components(
+            workers=sorted(workers[node.pk], key=lambda w: w.port), **storage[node.pk]
+        )
         for node in nodes
     }
 
@@ -183,8 +219,10 @@ def issue_revisions(
     heads = {
         row["pk"]: row
         for row in Node.objects.filter(pk__in=[n.pk for n in nodes])
-        .annotate(head_generation=Max("revisions__generation"),
-                  head_hash=Subquery(latest.values("content_hash")[:1]))
+        .annotate(
+            head_generation=Max("revisions__generation"),
+            head_hash=Subquery(latest.values("content_hash")[:1]),
+        )
         .values("pk", "head_generation", "head_hash")
     }
     now = timezone.now()
@@ -198,10 +236,15 @@ def issue_revisions(
         if state.content_hash == head["head_hash"] or never_had_work:
             continue  # unchanged, or nothing to say to a node that never had work
         signed = sign_state(state, key)
-        revisions.append(Revision(
-            node=node, generation=state.generation, content_hash=state.content_hash,
-            document=signed.model_dump(mode="json"), cause=cause[:200],
-        ))
+        revisions.append(
+            Revision(
+                node=node,
+                generation=state.generation,
+                content_hash=state.content_hash,
+                document=signed.model_dump(mode="json"),
+                cause=cause[:200],
+            )
+        )
     Revision.objects.bulk_create(revisions)
     push_after_commit(revisions)
     return revisions
@@ -214,8 +257,9 @@ def push_after_commit(revisions: list[Revision]) -> None:
     def send() -> None:
         with celery_app.producer_or_acquire() as producer:  # one connection for the batch
             for queue, document in messages:
-                celery_app.send_task(APPLY_TASK, args=[document], queue=queue, routing_key=queue,
-                                     producer=producer)
+                celery_app.send_task(
+                    APPLY_TASK, args=[document], queue=queue, routing_key=queue, producer=producer
+                )
 
     if messages:
         transaction.on_commit(send)
@@ -236,9 +280,14 @@ def rollback(revision: Revision) -> Revision:
     node.pinned = True
     node.save(update_fields=["pinned", "updated_at"])
     components = Components.model_validate(revision.document["state"]["components"])
-    issued = issue_revisions([node], cause=f"rollback to generation {revision.generation}",
-                             components={node.pk: components})
-    return issued[0] if issued else Revision.objects.filter(node=node).order_by("-generation").first()
+    issued = issue_revisions(
+        [node],
+        cause=f"rollback to generation {revision.generation}",
+        components={node.pk: components},
+    )
+    return (
+        issued[0] if issued else Revision.objects.filter(node=node).order_by("-generation").first()
+    )
 
 
 @transaction.atomic
@@ -260,13 +309,16 @@ def record_applied_status(node: Node, status: AppliedStatus) -> None:
     matched = Revision.objects.filter(
         node=node, generation=status.generation, content_hash=status.content_hash
     ).update(
-        status=status.state, results=[c.model_dump(mode="json") for c in status.components],
-        rejection_reason=status.rejection_reason or "", reported_at=status.reported_at,
+        status=status.state,
+        results=[c.model_dump(mode="json") for c in status.components],
+        rejection_reason=status.rejection_reason or "",
+        reported_at=status.reported_at,
         updated_at=timezone.now(),
     )
     if status.state == "rejected":
         Node.objects.filter(pk=node.pk).update(
-            last_rejection_reason=status.rejection_reason, last_rejection_detail=status.detail or "",
+            last_rejection_reason=status.rejection_reason,
+            last_rejection_detail=status.detail or "",
             last_rejection_at=status.reported_at,
         )
     elif matched:
@@ -286,5 +338,3 @@ def rollout_state(desired: int | None, applied: int, head_status: str | None) ->
     if head_status in (RevisionStatus.FAILED, RevisionStatus.REJECTED):
         return str(head_status)
     return "in_sync" if applied >= desired else "pending"
-
-

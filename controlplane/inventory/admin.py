@@ -36,14 +36,35 @@ class DriveInline(ReadOnlyInline):
 
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
-    list_display = ["hostname", "status", "maintenance", "tenant", "rollout", "agent_version",
-                    "last_heartbeat_at", "cpu_count"]
+    list_display = [
+        "hostname",
+        "status",
+        "maintenance",
+        "tenant",
+        "rollout",
+        "agent_version",
+        "last_heartbeat_at",
+        "cpu_count",
+    ]
     list_filter = ["status", "maintenance", "tenant", "agent_version"]
     search_fields = ["hostname", "labels"]
-    readonly_fields = ["status", "agent_version", "last_heartbeat_at", "applied_generation",
-                       "pinned", "last_rejection_reason", "last_rejection_detail",
-                       "last_rejection_at", "kernel", "os", "cpu_model", "cpu_count",
-                       "memory_total_bytes", "created_at", "updated_at"]
+    readonly_fields = [
+        "status",
+        "agent_version",
+        "last_heartbeat_at",
+        "applied_generation",
+        "pinned",
+        "last_rejection_reason",
+        "last_rejection_detail",
+        "last_rejection_at",
+        "kernel",
+        "os",
+        "cpu_model",
+        "cpu_count",
+        "memory_total_bytes",
+        "created_at",
+        "updated_at",
+    ]
     fields = ["hostname", "tenant", "labels", "maintenance", "maintenance_reason", *readonly_fields]
     inlines = [NumaInline, GpuInline, NicInline, DriveInline]
 
@@ -73,8 +94,15 @@ class HardwareAdmin(admin.ModelAdmin):
 
 @admin.register(Gpu)
 class GpuAdmin(HardwareAdmin):
-    list_display = ["node", "index", "name", "memory_total_bytes", "mig_mode", "pci_bus_id",
-                    "numa_node"]
+    list_display = [
+        "node",
+        "index",
+        "name",
+        "memory_total_bytes",
+        "mig_mode",
+        "pci_bus_id",
+        "numa_node",
+    ]
     list_filter = ["name", "mig_mode", "numa_node"]
     search_fields = ["uuid", "node__hostname", "pci_bus_id"]
 
@@ -97,8 +125,16 @@ class DriveAdmin(HardwareAdmin):
 class BootstrapTokenAdmin(admin.ModelAdmin):
     """Tokens are issued through the API, where the plaintext is shown once."""
 
-    list_display = ["name", "prefix", "tenant", "uses_left", "expires_at", "used_at", "node",
-                    "revoked_at"]
+    list_display = [
+        "name",
+        "prefix",
+        "tenant",
+        "uses_left",
+        "expires_at",
+        "used_at",
+        "node",
+        "revoked_at",
+    ]
     list_filter = ["tenant", "revoked_at"]
     readonly_fields = ["prefix", "uses_left", "used_at", "node", "created_by", "created_at"]
     exclude = ["digest"]

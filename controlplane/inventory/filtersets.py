@@ -12,7 +12,9 @@ class NodeFilterSet(django_filters.FilterSet):
     label = django_filters.CharFilter(
         method="filter_label", label="Label selector key=value (repeat with commas)"
     )
-    gpu_name = django_filters.CharFilter(field_name="gpus__name", lookup_expr="icontains", distinct=True)
+    gpu_name = django_filters.CharFilter(
+        field_name="gpus__name", lookup_expr="icontains", distinct=True
+    )
     tenant = django_filters.UUIDFilter()
 
     class Meta:
@@ -25,7 +27,9 @@ class NodeFilterSet(django_filters.FilterSet):
             if not LABEL_KEY.match(key):
                 raise ValidationError({"label": [f"{key!r} is not a valid label key."]})
             if wanted:  # KeyTextTransform: a key with "__" stays one key, not a path
-                queryset = queryset.alias(_label=KeyTextTransform(key, "labels")).filter(_label=wanted)
+                queryset = queryset.alias(_label=KeyTextTransform(key, "labels")).filter(
+                    _label=wanted
+                )
             else:
                 queryset = queryset.filter(labels__has_key=key)
         return queryset

@@ -77,7 +77,9 @@ class NumaNode(NodePart):
     class Meta:
         ordering = ["node", "index"]
         verbose_name = "NUMA node"
-        constraints = [models.UniqueConstraint(fields=["node", "index"], name="numa_index_per_node")]
+        constraints = [
+            models.UniqueConstraint(fields=["node", "index"], name="numa_index_per_node")
+        ]
 
     def __str__(self) -> str:
         return f"node{self.index}"
@@ -154,7 +156,11 @@ class BootstrapToken(HashedSecret):
     """A one-time token an agent trades for its node identity on first start."""
 
     tenant = models.ForeignKey(
-        "tenancy.Tenant", on_delete=models.CASCADE, null=True, blank=True, related_name="+",
+        "tenancy.Tenant",
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="+",
         help_text="Dedicate the enrolling node to this tenant; empty joins the shared fleet.",
     )
     expires_at = models.DateTimeField()

@@ -37,14 +37,23 @@ def update_node(node: Node, **changes: Any) -> Node:
 
 
 def create_bootstrap_token(
-    *, name: str, created_by: Any = None, tenant: Any = None, ttl_s: int | None = None,
+    *,
+    name: str,
+    created_by: Any = None,
+    tenant: Any = None,
+    ttl_s: int | None = None,
     uses: int = 1,
 ) -> Issued:
     secret = new_secret(BOOTSTRAP_PREFIX)
     expires = timezone.now() + timedelta(seconds=ttl_s or settings.BOOTSTRAP_TOKEN_TTL_S)
     token = BootstrapToken.objects.create(
-        name=name, prefix=secret[:11], digest=digest(secret), expires_at=expires,
-        tenant=tenant, created_by=created_by, uses_left=uses,
+        name=name,
+        prefix=secret[:11],
+        digest=digest(secret),
+        expires_at=expires,
+        tenant=tenant,
+        created_by=created_by,
+        uses_left=uses,
     )
     return Issued(token, secret)
 
@@ -70,7 +79,9 @@ def enroll(message: Enrollment) -> tuple[Node, str]:
     now = timezone.now()
     if token is None or token.expires_at <= now:
         raise EnrollmentRefused("the bootstrap token is unknown, already used, revoked or expired")
-    node, _ = Node.objects.get_or_create(hostname=message.hostname, defaults={"tenant": token.tenant})
+    node, _ = Node.objects.get_or_create(
+        hostname=message.hostname, defaults={"tenant": token.tenant}
+    )
     credential = new_secret(CREDENTIAL_PREFIX)
     node.credential_digest = digest(credential)
     node.agent_version = message.agent_version
@@ -106,25 +117,52 @@ def record_inventory(node: Node, inventory: Inventory) -> None:
     for model in (NumaNode, Gpu, Nic, Drive):
         model.objects.filter(node=node).delete()
     NumaNode.objects.bulk_create(
-        NumaNode(node=node, index=n.index, cpulist=n.cpulist, memory_total_bytes=n.memory_total_bytes)
+        NumaNode(
+            node=node, index=n.index, cpulist=n.cpulist, memory_total_bytes=n.memory_total_bytes
+        )
         for n in inventory.numa
     )
     Gpu.objects.bulk_create(
-        Gpu(node=node, index=g.index, uuid=g.uuid, name=g.name,
-            memory_total_bytes=g.memory_total_bytes, mig_mode=g.mig_mode,
-            pci_bus_id=g.pci_bus_id, numa_node=g.numa_node, driver_version=g.driver_version or "")
+        Gpu(
+            node=node,
+            index=g.index,
+            uuid=g.uuid,
+            name=g.name,
+            memory_total_bytes=g.memory_total_bytes,
+            mig_mode=g.mig_mode,
+            pci_bus_id=g.pci_bus_id,
+            numa_node=g.numa_node,
+            driver_version=g.driver_version or "",
+        )
         for g in inventory.gpus
     )
     Nic.objects.bulk_create(
-        Nic(node=node, device=n.device, port=n.port, state=n.state, speed_gbps=n.speed_gbps,
-            width=n.width or "", link_layer=n.link_layer, netdev=n.netdev or "",
-            pci_bus_id=n.pci_bus_id or "", numa_node=n.numa_node)
+        Nic(
+            node=node,
+            device=n.device,
+            port=n.port,
+            state=n.state,
+            speed_gbps=n.speed_gbps,
+            width=n.width or "",
+            link_layer=n.link_layer,
+            netdev=n.netdev or "",
+            pci_bus_id=n.pci_bus_id or "",
+            numa_node=n.numa_node,
+        )
         for n in inventory.nics
     )
     Drive.objects.bulk_create(
-        Drive(node=node, name=d.name, model=d.model, serial=d.serial, firmware=d.firmware,
-              capacity_bytes=d.capacity_bytes, logical_block_size=d.logical_block_size,
-              pci_bus_id=d.pci_bus_id or "", numa_node=d.numa_node)
+        Drive(
+            node=node,
+            name=d.name,
+            model=d.model,
+            serial=d.serial,
+            firmware=d.firmware,
+            capacity_bytes=d.capacity_bytes,
+            logical_block_size=d.logical_block_size,
+            pci_bus_id=d.pci_bus_id or "",
+            numa_node=d.numa_node,
+        )
         for d in inventory.drives
     )
     if _gpu_signature(inventory.gpus) != gpus_before:
@@ -138,7 +176,8 @@ def record_heartbeat(node: Node, heartbeat: Heartbeat) -> None:
     from controlplane.fleet.services import reconcile_fleet  # fleet builds on inventory
 
     Node.objects.filter(pk=node.pk).update(
-        status=NodeStatus.READY, last_heartbeat_at=timezone.now(),
+        status=NodeStatus.READY,
+        last_heartbeat_at=timezone.now(),
         agent_version=heartbeat.agent_version,
     )
     if node.status != NodeStatus.READY:  # as loaded when the request was authenticated

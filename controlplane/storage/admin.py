@@ -18,8 +18,15 @@ class ViewOnlyAdmin(admin.ModelAdmin):
 
 @admin.register(Pool)
 class PoolAdmin(ViewOnlyAdmin):
-    list_display = ["name", "node", "kind", "capacity_bytes", "reported_capacity_bytes",
-                    "reported_free_bytes", "reported_at"]
+    list_display = [
+        "name",
+        "node",
+        "kind",
+        "capacity_bytes",
+        "reported_capacity_bytes",
+        "reported_free_bytes",
+        "reported_at",
+    ]
     list_filter = ["kind"]
     list_select_related = ["node"]
     search_fields = ["name", "node__hostname"]
@@ -35,8 +42,14 @@ class VolumeAdmin(ViewOnlyAdmin):
 
 @admin.register(QosPolicy)
 class QosPolicyAdmin(ViewOnlyAdmin):
-    list_display = ["name", "tenant", "rw_ios_per_sec", "rw_mbytes_per_sec", "r_mbytes_per_sec",
-                    "w_mbytes_per_sec"]
+    list_display = [
+        "name",
+        "tenant",
+        "rw_ios_per_sec",
+        "rw_mbytes_per_sec",
+        "r_mbytes_per_sec",
+        "w_mbytes_per_sec",
+    ]
     list_filter = ["tenant"]
 
 

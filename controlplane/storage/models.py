@@ -37,27 +37,33 @@ class Pool(BaseModel):
     """Where a node's volumes are carved from: a directory (local engine) or an NVMe drive
     (SPDK)."""
 
-    node = models.ForeignKey("inventory.Node", on_delete=models.CASCADE,
-                             related_name="storage_pools")
+    node = models.ForeignKey(
+        "inventory.Node", on_delete=models.CASCADE, related_name="storage_pools"
+    )
     name = models.CharField(max_length=48, validators=[pool_name_validator])
     kind = models.CharField(max_length=8, choices=PoolKind.choices, default=PoolKind.LOCAL)
     directory = models.CharField(
-        max_length=1024, blank=True,
+        max_length=1024,
+        blank=True,
         help_text="local: an absolute directory on the node; empty puts it under the agent's "
-                  "state directory.",
+        "state directory.",
     )
     device = models.CharField(
-        max_length=32, blank=True,
+        max_length=32,
+        blank=True,
         help_text="spdk: the PCI address of the NVMe drive, e.g. 0000:5e:00.0.",
     )
     capacity_bytes = models.PositiveBigIntegerField(
-        null=True, blank=True,
+        null=True,
+        blank=True,
         help_text="local: a cap on what volumes may take; empty means the filesystem's size.",
     )
     reported_capacity_bytes = models.PositiveBigIntegerField(null=True, blank=True, editable=False)
     reported_free_bytes = models.PositiveBigIntegerField(null=True, blank=True, editable=False)
     volume_io = models.JSONField(
-        default=dict, blank=True, editable=False,
+        default=dict,
+        blank=True,
+        editable=False,
         help_text="The latest per-volume I/O rates the agent reported, by volume name on the node.",
     )
     reported_at = models.DateTimeField(null=True, blank=True, editable=False)
@@ -76,8 +82,13 @@ class Pool(BaseModel):
         return reported if reported is not None else self.capacity_bytes
 
     def spec(self) -> PoolSpec:
-        return PoolSpec(name=self.name, kind=self.kind, directory=self.directory or None,
-                        device=self.device or None, capacity_bytes=self.capacity_bytes)
+        return PoolSpec(
+            name=self.name,
+            kind=self.kind,
+            directory=self.directory or None,
+            device=self.device or None,
+            capacity_bytes=self.capacity_bytes,
+        )
 
     def clean(self) -> None:
         """The agent protocol decides what a valid pool is; its messages name the fields."""
@@ -96,7 +107,8 @@ class QosPolicy(TenantOwnedModel):
 
     name = models.CharField(max_length=63, validators=[slug_validator])
     rw_ios_per_sec = models.PositiveBigIntegerField(
-        default=0, help_text="Read+write IO/s; SPDK rounds up to a multiple of 1000.")
+        default=0, help_text="Read+write IO/s; SPDK rounds up to a multiple of 1000."
+    )
     rw_mbytes_per_sec = models.PositiveBigIntegerField(default=0, help_text="Read+write MiB/s.")
     r_mbytes_per_sec = models.PositiveBigIntegerField(default=0, help_text="Read MiB/s.")
     w_mbytes_per_sec = models.PositiveBigIntegerField(default=0, help_text="Write MiB/s.")
@@ -106,7 +118,8 @@ class QosPolicy(TenantOwnedModel):
         verbose_name = "storage QoS policy"
         verbose_name_plural = "storage QoS policies"
         constraints = [
-            models.UniqueConstraint(fields=["tenant", "name"], name="qos_name_per_tenant")]
+            models.UniqueConstraint(fields=["tenant", "name"], name="qos_name_per_tenant")
+        ]
 
     def __str__(self) -> str:
         return f"{self.tenant_id}/{self.name}"
@@ -119,13 +132,18 @@ class Volume(TenantOwnedModel):
     size_bytes = models.PositiveBigIntegerField(validators=[MinValueValidator(1)])
     pool = models.ForeignKey(Pool, on_delete=models.PROTECT, related_name="volumes")
     qos_policy = models.ForeignKey(
-        QosPolicy, on_delete=models.PROTECT, null=True, blank=True, related_name="volumes",
+        QosPolicy,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="volumes",
     )
 
     class Meta:
         ordering = ["tenant__slug", "name"]
         constraints = [
-            models.UniqueConstraint(fields=["tenant", "name"], name="volume_name_per_tenant")]
+            models.UniqueConstraint(fields=["tenant", "name"], name="volume_name_per_tenant")
+        ]
 
     def __str__(self) -> str:
         return f"{self.tenant_id}/{self.name}"
@@ -164,8 +182,9 @@ class Export(TenantOwnedModel):
         try:
             _HOSTS.validate_python(self.hosts)
         except PydanticValidationError as exc:
-            messages = [f"{'.'.join(map(str, e['loc'])) or 'hosts'}: {e['msg']}"
-                        for e in exc.errors()]
+            messages = [
+                f"{'.'.join(map(str, e['loc'])) or 'hosts'}: {e['msg']}" for e in exc.errors()
+            ]
             raise ValidationError({"hosts": messages}) from None
 
 
@@ -182,13 +201,15 @@ class Artifact(TenantOwnedModel):
     sha256 = models.CharField(max_length=64, editable=False)
     size_bytes = models.PositiveBigIntegerField(editable=False)
     unpacked_bytes = models.PositiveBigIntegerField(editable=False)
-    files = models.JSONField(default=list, editable=False,
-                             help_text="[{name, size_bytes}] in the archive.")
+    files = models.JSONField(
+        default=list, editable=False, help_text="[{name, size_bytes}] in the archive."
+    )
 
     class Meta:
         ordering = ["tenant__slug", "name"]
         constraints = [
-            models.UniqueConstraint(fields=["tenant", "name"], name="artifact_name_per_tenant")]
+            models.UniqueConstraint(fields=["tenant", "name"], name="artifact_name_per_tenant")
+        ]
 
     def __str__(self) -> str:
         return f"{self.tenant_id}/{self.name}"

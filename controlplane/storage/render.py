@@ -24,21 +24,41 @@ def render_storage(nodes: list[Any], replicas: list[Any]) -> dict[UUID, dict[str
     qos: dict[UUID, list[QosSpec]] = defaultdict(list)
     for volume in Volume.objects.filter(pool__node__in=nodes).select_related("pool", "qos_policy"):
         node = volume.pool.node_id
-        volumes[node].append((VolumeSpec(name=volume.wire_name, tenant_id=volume.tenant_id,
-                                         pool=volume.pool.name, size_bytes=volume.size_bytes),
-                              volume.pool.kind))
+        volumes[node].append(
+            (
+                VolumeSpec(
+                    name=volume.wire_name,
+                    tenant_id=volume.tenant_id,
+                    pool=volume.pool.name,
+                    size_bytes=volume.size_bytes,
+                ),
+                volume.pool.kind,
+            )
+        )
         if (policy := volume.qos_policy) is not None:
-            qos[node].append(QosSpec(
-                volume=volume.wire_name, rw_ios_per_sec=policy.rw_ios_per_sec,
-                rw_mbytes_per_sec=policy.rw_mbytes_per_sec,
-                r_mbytes_per_sec=policy.r_mbytes_per_sec, w_mbytes_per_sec=policy.w_mbytes_per_sec,
-            ))
+            qos[node].append(
+                QosSpec(
+                    volume=volume.wire_name,
+                    rw_ios_per_sec=policy.rw_ios_per_sec,
+                    rw_mbytes_per_sec=policy.rw_mbytes_per_sec,
+                    r_mbytes_per_sec=policy.r_mbytes_per_sec,
+                    w_mbytes_per_sec=policy.w_mbytes_per_sec,
+                )
+            )
     for replica in replicas:
         if replica.pool is not None:
             d = replica.deployment
-            volumes[replica.node_id].append((VolumeSpec(
-                name=replica.volume_name, tenant_id=d.tenant_id, pool=replica.pool.name,
-                size_bytes=d.model_volume_bytes), replica.pool.kind))
+            volumes[replica.node_id].append(
+                (
+                    VolumeSpec(
+                        name=replica.volume_name,
+                        tenant_id=d.tenant_id,
+                        pool=replica.pool.name,
+                        size_bytes=d.model_volume_bytes,
+                    ),
+                    replica.pool.kind,
+                )
+            )
     tenants = {spec.tenant_id for placed in volumes.values() for spec, _ in placed}
     exports = {e.tenant_id: e for e in Export.objects.filter(tenant_id__in=tenants)}
     rendered = {}
@@ -48,8 +68,12 @@ def render_storage(nodes: list[Any], replicas: list[Any]) -> dict[UUID, dict[str
             "pools": pools[node.pk],
             "volumes": [spec for spec, _ in placed],
             "exports": [
-                ExportSpec(volume=spec.name, tenant_id=spec.tenant_id, nqn=export.nqn,
-                           hosts=sorted(export.hosts))
+                ExportSpec(
+                    volume=spec.name,
+                    tenant_id=spec.tenant_id,
+                    nqn=export.nqn,
+                    hosts=sorted(export.hosts),
+                )
                 for spec, kind in placed
                 if kind == PoolKind.SPDK and (export := exports.get(spec.tenant_id)) is not None
             ],

@@ -16,8 +16,9 @@ def _placed_in_pool() -> Any:
     from controlplane.fleet.models import Replica  # fleet builds on storage
 
     def total(queryset: QuerySet[Any], field: str) -> Any:
-        rows = (queryset.filter(pool=OuterRef("pk")).values("pool")
-                .annotate(t=Sum(field)).values("t"))
+        rows = (
+            queryset.filter(pool=OuterRef("pk")).values("pool").annotate(t=Sum(field)).values("t")
+        )
         return Coalesce(Subquery(rows, output_field=BigIntegerField()), Value(0))
 
     return total(Volume.objects.all(), "size_bytes") + total(
@@ -32,8 +33,9 @@ def pools_with_allocation() -> QuerySet[Pool]:
 
 def volume_allocation(pool_ids: Iterable[Any]) -> dict[Any, int]:
     """Bytes tenants' volumes take in each pool (model volumes are placed with their replicas)."""
-    rows = (Volume.objects.filter(pool__in=list(pool_ids)).values("pool")
-            .annotate(t=Sum("size_bytes")))
+    rows = (
+        Volume.objects.filter(pool__in=list(pool_ids)).values("pool").annotate(t=Sum("size_bytes"))
+    )
     return {row["pool"]: int(row["t"]) for row in rows}
 
 
@@ -56,7 +58,8 @@ def model_volume_room() -> dict[Any, dict[Any, int]]:
     rooms: dict[Any, dict[Any, int]] = {}
     for pool in pools:
         rooms.setdefault(pool.node_id, {})[pool.pk] = max(
-            0, (pool.known_capacity_bytes or 0) - used.get(pool.pk, 0))
+            0, (pool.known_capacity_bytes or 0) - used.get(pool.pk, 0)
+        )
     return rooms
 
 

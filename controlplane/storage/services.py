@@ -44,8 +44,11 @@ def _tenant_nodes(tenant_id: Any) -> set[UUID]:
     from controlplane.fleet.models import Replica  # fleet builds on storage
 
     nodes = set(Volume.objects.filter(tenant_id=tenant_id).values_list("pool__node_id", flat=True))
-    nodes.update(Replica.objects.filter(deployment__tenant_id=tenant_id, pool__isnull=False)
-                 .values_list("pool__node_id", flat=True))
+    nodes.update(
+        Replica.objects.filter(deployment__tenant_id=tenant_id, pool__isnull=False).values_list(
+            "pool__node_id", flat=True
+        )
+    )
     return nodes
 
 
@@ -68,14 +71,20 @@ def update_pool(pool: Pool, **changes: Any) -> Pool:
     moved = [f for f in BACKING_FIELDS if f in changes and changes[f] != getattr(pool, f)]
     allocated = selectors.allocated_bytes(pool)
     if moved and allocated:
-        raise ValidationError({moved[0]: [
-            f"Pool {pool.name} holds {allocated} bytes of volumes; moving it would strand them."]})
+        raise ValidationError(
+            {
+                moved[0]: [
+                    f"Pool {pool.name} holds {allocated} bytes of volumes; moving it would strand them."
+                ]
+            }
+        )
     old_node = pool.node_id
     for field, value in changes.items():
         setattr(pool, field, value)
     if pool.capacity_bytes is not None and pool.capacity_bytes < allocated:
-        raise ValidationError({"capacity_bytes": [
-            f"Pool {pool.name} already holds {allocated} bytes of volumes."]})
+        raise ValidationError(
+            {"capacity_bytes": [f"Pool {pool.name} already holds {allocated} bytes of volumes."]}
+        )
     pool.full_clean()
     pool.save()
     _reconcile(f"pool {pool} changed", {old_node, pool.node_id})
@@ -88,7 +97,8 @@ def delete_pool(pool: Pool) -> None:
     allocated = selectors.allocated_bytes(pool)
     if allocated:
         raise ValidationError(
-            f"Pool {pool.name} holds {allocated} bytes of volumes; delete or move them first.")
+            f"Pool {pool.name} holds {allocated} bytes of volumes; delete or move them first."
+        )
     node, name = pool.node_id, str(pool)
     pool.delete()
     _reconcile(f"pool {name} deleted", [node])
@@ -99,30 +109,41 @@ def delete_pool(pool: Pool) -> None:
 
 def _room_error(pool: Pool, size_bytes: int, free: int | None) -> ValidationError:
     if free is None:
-        text = (f"Pool {pool.name} on node {pool.node.hostname} has not reported its capacity yet; "
-                "give it capacity_bytes or wait for its agent.")
+        text = (
+            f"Pool {pool.name} on node {pool.node.hostname} has not reported its capacity yet; "
+            "give it capacity_bytes or wait for its agent."
+        )
     else:
-        text = (f"Pool {pool.name} on node {pool.node.hostname} has {free} bytes free; "
-                f"{size_bytes} bytes do not fit.")
+        text = (
+            f"Pool {pool.name} on node {pool.node.hostname} has {free} bytes free; "
+            f"{size_bytes} bytes do not fit."
+        )
     return ValidationError({"size_bytes": [text]})
 
 
 def _choose_pool(tenant: Any, size_bytes: int) -> Pool:
     """The pool with the most room on a node the tenant may use (its own or the shared fleet)."""
     candidates = [
-        (free, pool) for pool in selectors.pools_with_allocation()
+        (free, pool)
+        for pool in selectors.pools_with_allocation()
         .filter(Q(node__tenant__isnull=True) | Q(node__tenant=tenant), node__maintenance=False)
         .order_by("node__hostname", "name")
         if (free := _free(pool)) is not None
     ]
     if not candidates:
-        raise ValidationError({"size_bytes": [
-            "No storage pool with a known capacity is available to this tenant."]})
+        raise ValidationError(
+            {"size_bytes": ["No storage pool with a known capacity is available to this tenant."]}
+        )
     free, pool = max(candidates, key=lambda c: c[0])
     if free < size_bytes:
-        raise ValidationError({"size_bytes": [
-            f"No storage pool has room for {size_bytes} bytes; the most free is pool {pool.name} "
-            f"on node {pool.node.hostname} with {free} bytes."]})
+        raise ValidationError(
+            {
+                "size_bytes": [
+                    f"No storage pool has room for {size_bytes} bytes; the most free is pool {pool.name} "
+                    f"on node {pool.node.hostname} with {free} bytes."
+                ]
+            }
+        )
     return pool
 
 
@@ -133,8 +154,14 @@ def _free(pool: Any) -> int | None:
 
 
 @transaction.atomic
-def create_volume(*, tenant: Any, name: str, size_bytes: int, pool: Pool | None = None,
-                  qos_policy: QosPolicy | None = None) -> Volume:
+def create_volume(
+    *,
+    tenant: Any,
+    name: str,
+    size_bytes: int,
+    pool: Pool | None = None,
+    qos_policy: QosPolicy | None = None,
+) -> Volume:
     """Place a new volume: in `pool` if named and it has room, else where there is most room."""
     _lock()
     if pool is None:
@@ -143,8 +170,9 @@ def create_volume(*, tenant: Any, name: str, size_bytes: int, pool: Pool | None 
         free = selectors.free_bytes(pool)
         if free is None or free < size_bytes:
             raise _room_error(pool, size_bytes, free)
-    volume = Volume(tenant=tenant, name=name, size_bytes=size_bytes, pool=pool,
-                    qos_policy=qos_policy)
+    volume = Volume(
+        tenant=tenant, name=name, size_bytes=size_bytes, pool=pool, qos_policy=qos_policy
+    )
     volume.full_clean()
     volume.save()
     _reconcile(f"volume {name} created", [pool.node_id])
@@ -157,8 +185,13 @@ def update_volume(volume: Volume, **changes: Any) -> Volume:
     _lock()
     size = changes.get("size_bytes", volume.size_bytes)
     if size < volume.size_bytes:
-        raise ValidationError({"size_bytes": [
-            f"Volumes never shrink: {volume.name} holds {volume.size_bytes} bytes."]})
+        raise ValidationError(
+            {
+                "size_bytes": [
+                    f"Volumes never shrink: {volume.name} holds {volume.size_bytes} bytes."
+                ]
+            }
+        )
     if size > volume.size_bytes:
         free = selectors.free_bytes(volume.pool)
         if free is None or free < size - volume.size_bytes:
@@ -203,7 +236,8 @@ def delete_qos_policy(policy: QosPolicy) -> None:
     used = policy.volumes.count()
     if used:
         raise ValidationError(
-            f"Storage QoS policy {policy.name} is attached to {used} volume(s); detach it first.")
+            f"Storage QoS policy {policy.name} is attached to {used} volume(s); detach it first."
+        )
     policy.delete()
 
 
@@ -250,15 +284,26 @@ def create_artifact(
     """
     actual = file.sha256  # type: ignore[attr-defined]
     if sha256 is not None and sha256 != actual:
-        raise ValidationError({"sha256": [
-            f"The upload's sha256 is {actual}, not {sha256}: it was corrupted on the way or is "
-            "not the file you meant; upload it again."]})
+        raise ValidationError(
+            {
+                "sha256": [
+                    f"The upload's sha256 is {actual}, not {sha256}: it was corrupted on the way or is "
+                    "not the file you meant; upload it again."
+                ]
+            }
+        )
     try:
         contents = inspect_archive(file.temporary_file_path())
     except ValueError as exc:
         raise ValidationError({"file": [str(exc)]}) from None
-    artifact = Artifact(tenant=tenant, name=name, sha256=actual, size_bytes=file.size,
-                        unpacked_bytes=contents.unpacked_bytes, files=contents.files)
+    artifact = Artifact(
+        tenant=tenant,
+        name=name,
+        sha256=actual,
+        size_bytes=file.size,
+        unpacked_bytes=contents.unpacked_bytes,
+        files=contents.files,
+    )
     artifact.full_clean()
     artifact.save()
     artifact_dir().mkdir(parents=True, exist_ok=True)
@@ -271,7 +316,8 @@ def delete_artifact(artifact: Artifact) -> None:
     names = list(artifact.deployments.values_list("name", flat=True))
     if names:
         raise ValidationError(
-            f"Artifact {artifact.name} is used by deployment(s) {', '.join(names)}.")
+            f"Artifact {artifact.name} is used by deployment(s) {', '.join(names)}."
+        )
     path = artifact.path
     artifact.delete()
     transaction.on_commit(lambda: path.unlink(missing_ok=True))
@@ -300,17 +346,33 @@ def record_storage_report(node: Node, report: StorageReport) -> None:
         pool.reported_free_bytes = reported.free_bytes if reported else None
         pool.volume_io = io.get(pool.name, {})
         pool.reported_at = report.reported_at
-        pool.save(update_fields=["reported_capacity_bytes", "reported_free_bytes", "volume_io",
-                                 "reported_at", "updated_at"])
+        pool.save(
+            update_fields=[
+                "reported_capacity_bytes",
+                "reported_free_bytes",
+                "volume_io",
+                "reported_at",
+                "updated_at",
+            ]
+        )
     endpoints = {e.tenant_id: e for e in report.exports}
     for export in Export.objects.select_for_update().filter(
         Q(tenant_id__in=list(endpoints)) | Q(endpoints__icontains=str(node.pk))
     ):
         mine = endpoints.get(export.tenant_id)
         export.endpoints = [e for e in export.endpoints if e["node"] != str(node.pk)] + (
-            [{"node": str(node.pk), "hostname": node.hostname, "nqn": mine.nqn,
-              "transport": mine.transport, "address": str(mine.address), "port": mine.port}]
-            if mine else []
+            [
+                {
+                    "node": str(node.pk),
+                    "hostname": node.hostname,
+                    "nqn": mine.nqn,
+                    "transport": mine.transport,
+                    "address": str(mine.address),
+                    "port": mine.port,
+                }
+            ]
+            if mine
+            else []
         )
         export.save(update_fields=["endpoints", "updated_at"])
     if resized:

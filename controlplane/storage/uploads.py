@@ -25,7 +25,8 @@ class HashingUploadHandler(TemporaryFileUploadHandler):
     def receive_data_chunk(self, raw_data: bytes, start: int) -> bytes | None:
         if start + len(raw_data) > settings.ARTIFACT_MAX_BYTES:
             raise MultiPartParserError(
-                f"an artifact may hold at most {settings.ARTIFACT_MAX_BYTES} bytes")
+                f"an artifact may hold at most {settings.ARTIFACT_MAX_BYTES} bytes"
+            )
         self.hasher.update(raw_data)
         return super().receive_data_chunk(raw_data, start)
 

@@ -22,7 +22,9 @@ class MembershipFilterSet(django_filters.FilterSet):
 
 class InferenceKeyFilterSet(django_filters.FilterSet):
     tenant = django_filters.UUIDFilter()
-    revoked = django_filters.BooleanFilter(field_name="revoked_at", lookup_expr="isnull", exclude=True)
+    revoked = django_filters.BooleanFilter(
+        field_name="revoked_at", lookup_expr="isnull", exclude=True
+    )
 
     class Meta:
         model = InferenceKey

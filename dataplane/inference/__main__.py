@@ -16,18 +16,27 @@ from dataplane.inference.server import InferenceApp, Worker
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dataplane.inference",
-                                     description="Tailguard inference worker")
+    parser = argparse.ArgumentParser(
+        prog="python -m dataplane.inference", description="Tailguard inference worker"
+    )
     parser.add_argument("--config", type=Path, required=True, help="WorkerConfig JSON file")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     worker = Worker(WorkerConfig.load(args.config), args.config)
-    uvicorn.run(InferenceApp(worker), host=args.host, port=args.port, lifespan="on",
-                log_level=args.log_level, access_log=False, timeout_graceful_shutdown=10)
+    uvicorn.run(
+        InferenceApp(worker),
+        host=args.host,
+        port=args.port,
+        lifespan="on",
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
     return 0
 
 

@@ -56,17 +56,23 @@ class BatchingConfig(_Frozen):
 
     max_batch_size: int = Field(default=32, ge=1, description="sequences decoded together")
     max_tokens_per_step: int = Field(
-        default=512, ge=1, description="decode tokens + prompt tokens one step may process")
+        default=512, ge=1, description="decode tokens + prompt tokens one step may process"
+    )
     max_queue_delay_ms: float = Field(
-        default=0.0, ge=0,
-        description="when idle, wait this long for more arrivals to prefill together")
+        default=0.0,
+        ge=0,
+        description="when idle, wait this long for more arrivals to prefill together",
+    )
     max_queue_len: int = Field(
-        default=128, ge=1, description="waiting requests per tenant before 429")
+        default=128, ge=1, description="waiting requests per tenant before 429"
+    )
     max_rows_per_forward: int = Field(
-        default=16, ge=0,
+        default=16,
+        ge=0,
         description="decode the batch in forward calls of at most this many rows, grouped "
-                    "by length (0: one call); on a CPU smaller calls pad less and stay in "
-                    "cache, on a GPU one call is usually best")
+        "by length (0: one call); on a CPU smaller calls pad less and stay in "
+        "cache, on a GPU one call is usually best",
+    )
 
 
 class SchedulingConfig(_Frozen):
@@ -74,8 +80,8 @@ class SchedulingConfig(_Frozen):
 
     policy: Policy = "fair"
     preemption: bool = Field(
-        default=True,
-        description="fair policy may pause a running request of an over-served tenant")
+        default=True, description="fair policy may pause a running request of an over-served tenant"
+    )
     input_token_weight: float = Field(default=1.0, ge=0)
     output_token_weight: float = Field(default=2.0, ge=0)
 
@@ -102,7 +108,8 @@ class WorkerConfig(_Frozen):
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
     stats_key_sha256: list[str] = Field(
         default_factory=list,
-        description="keys allowed to read /v1/internal/stats; empty means loopback only")
+        description="keys allowed to read /v1/internal/stats; empty means loopback only",
+    )
 
     _hashes = field_validator("stats_key_sha256")(_check_hashes)
 
@@ -113,7 +120,8 @@ class WorkerConfig(_Frozen):
             for digest in cfg.key_sha256:
                 if digest in seen:
                     raise ValueError(
-                        f"key hash {digest[:12]}... names both {seen[digest]!r} and {tenant!r}")
+                        f"key hash {digest[:12]}... names both {seen[digest]!r} and {tenant!r}"
+                    )
                 seen[digest] = tenant
         return self
 

@@ -118,8 +118,7 @@ class BatchEngine:
             tokens = np.zeros(len(group.slots), np.int64)
             tokens[live] = [seq.tokens[-1] for seq in members]
             group_logits, group.cache = self.runtime.decode(group.cache, tokens)
-            group.cache.lengths[[slot for slot, seq in enumerate(group.slots)
-                                 if seq is None]] = 0
+            group.cache.lengths[[slot for slot, seq in enumerate(group.slots) if seq is None]] = 0
             logits.append(group_logits[live])
             sequences += members
         if sequences:
@@ -132,10 +131,13 @@ class BatchEngine:
         for seq in joining:
             assert seq.parked is not None
             length = seq.parked.width
-            fits = [(group.cache.width - length, index, slot)
-                    for index, group in enumerate(self._groups)
-                    if group.cache.width >= length
-                    for slot, other in enumerate(group.slots) if other is None]
+            fits = [
+                (group.cache.width - length, index, slot)
+                for index, group in enumerate(self._groups)
+                if group.cache.width >= length
+                for slot, other in enumerate(group.slots)
+                if other is None
+            ]
             if not fits:
                 unplaced.append(seq)
                 continue
@@ -149,16 +151,20 @@ class BatchEngine:
         rows: list[tuple[int, EngineSequence, KVBatch, int]] = [
             (int(group.cache.lengths[slot]), seq, group.cache, slot)
             for group in self._groups
-            for slot, seq in enumerate(group.slots) if seq is not None
+            for slot, seq in enumerate(group.slots)
+            if seq is not None
         ]
-        rows += [(seq.parked.width, seq, seq.parked, 0) for seq in unplaced
-                 if seq.parked is not None]
+        rows += [
+            (seq.parked.width, seq, seq.parked, 0) for seq in unplaced if seq.parked is not None
+        ]
         rows.sort(key=lambda row: row[0])
         size = self.rows_per_call or max(len(rows), 1)
         self._groups = [
-            _Group(slots=[seq for _, seq, _, _ in chunk],
-                   cache=KVBatch.gather([(cache, [slot]) for _, _, cache, slot in chunk]))
-            for chunk in (rows[i:i + size] for i in range(0, len(rows), size))
+            _Group(
+                slots=[seq for _, seq, _, _ in chunk],
+                cache=KVBatch.gather([(cache, [slot]) for _, _, cache, slot in chunk]),
+            )
+            for chunk in (rows[i : i + size] for i in range(0, len(rows), size))
         ]
         for seq in unplaced:
             seq.parked = None
@@ -167,13 +173,16 @@ class BatchEngine:
         """Forget the batch after a failed step; its sequences are failed by the caller."""
         self._groups = []
 
-    def _accept(self, sequences: Sequence[EngineSequence], logits: np.typing.NDArray[
-            np.float32]) -> None:
+    def _accept(
+        self, sequences: Sequence[EngineSequence], logits: np.typing.NDArray[np.float32]
+    ) -> None:
         tokens = sample(logits, [s.params for s in sequences], [s.rng for s in sequences])
         for seq, token in zip(sequences, tokens.tolist(), strict=True):
             seq.tokens.append(token)
             if token in self._eos and not seq.params.ignore_eos:
                 seq.finish_reason = FINISH_STOP
-            elif (len(seq.tokens) >= seq.params.max_new_tokens
-                  or len(seq.prompt) + len(seq.tokens) >= self._max_context):
+            elif (
+                len(seq.tokens) >= seq.params.max_new_tokens
+                or len(seq.prompt) + len(seq.tokens) >= self._max_context
+            ):
                 seq.finish_reason = FINISH_LENGTH

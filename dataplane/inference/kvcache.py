@@ -32,8 +32,9 @@ class KVBatch:
     lengths: IntArray
 
     @classmethod
-    def empty(cls, layers: int, kv_heads: int, head_dim: int, batch: int,
-              dtype: np.dtype[Any]) -> KVBatch:
+    def empty(
+        cls, layers: int, kv_heads: int, head_dim: int, batch: int, dtype: np.dtype[Any]
+    ) -> KVBatch:
         """Zero-width cache: what a prompt's first forward pass takes as its past."""
         shape = (batch, kv_heads, 0, head_dim)
         return cls(
@@ -59,9 +60,9 @@ class KVBatch:
         """One row without its padding, as views: cheap, but keeps this batch alive."""
         start = self.width - int(self.lengths[index])
         return KVBatch(
-            keys=tuple(k[index:index + 1, :, start:, :] for k in self.keys),
-            values=tuple(v[index:index + 1, :, start:, :] for v in self.values),
-            lengths=self.lengths[index:index + 1].copy(),
+            keys=tuple(k[index : index + 1, :, start:, :] for k in self.keys),
+            values=tuple(v[index : index + 1, :, start:, :] for v in self.values),
+            lengths=self.lengths[index : index + 1].copy(),
         )
 
     def detached(self) -> KVBatch:
@@ -85,7 +86,7 @@ class KVBatch:
         for mine, theirs in ((self.keys, source.keys), (self.values, source.values)):
             for layer, array in enumerate(mine):
                 array[index, :, :start, :] = 0
-                array[index, :, start:, :] = theirs[layer][0, :, source.width - length:, :]
+                array[index, :, start:, :] = theirs[layer][0, :, source.width - length :, :]
         self.lengths[index] = length
 
     @staticmethod
@@ -103,22 +104,23 @@ class KVBatch:
 
         def stack(arrays: list[tuple[FloatArray, int, IntArray]]) -> FloatArray:
             first = arrays[0][0]
-            dest = np.zeros((int(lengths.shape[0]), first.shape[1], width, first.shape[3]),
-                            first.dtype)
+            dest = np.zeros(
+                (int(lengths.shape[0]), first.shape[1], width, first.shape[3]), first.dtype
+            )
             offset = 0
             for source, source_width, rows in arrays:
                 keep = min(width, source_width)
-                dest[offset:offset + rows.shape[0], :, width - keep:, :] = (
-                    source[rows, :, source_width - keep:, :]
-                )
+                dest[offset : offset + rows.shape[0], :, width - keep :, :] = source[
+                    rows, :, source_width - keep :, :
+                ]
                 offset += int(rows.shape[0])
             return dest
 
         layers = range(len(selected[0][0].keys))
         return KVBatch(
-            keys=tuple(stack([(b.keys[i], b.width, rows) for b, rows in selected])
-                       for i in layers),
-            values=tuple(stack([(b.values[i], b.width, rows) for b, rows in selected])
-                         for i in layers),
+            keys=tuple(stack([(b.keys[i], b.width, rows) for b, rows in selected]) for i in layers),
+            values=tuple(
+                stack([(b.values[i], b.width, rows) for b, rows in selected]) for i in layers
+            ),
             lengths=lengths,
         )

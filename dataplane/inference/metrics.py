@@ -72,7 +72,10 @@ class RequestTiming:
     def samples(self) -> dict[SloMetric, list[float]]:
         """Every metric's observations for this request (ITL has one per gap)."""
         single: dict[SloMetric, float | None] = {
-            "queue": self.queue, "ttft": self.ttft, "tpot": self.tpot, "e2e": self.e2e,
+            "queue": self.queue,
+            "ttft": self.ttft,
+            "tpot": self.tpot,
+            "e2e": self.e2e,
         }
         out: dict[SloMetric, list[float]] = {
             name: [value] for name, value in single.items() if value is not None
@@ -82,12 +85,59 @@ class RequestTiming:
 
 
 # Bucket boundaries recommended by the OpenTelemetry GenAI semantic conventions.
-_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                 2.5, 5.0, 7.5, 10.0)
-_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2,
-                 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
-_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24,
-                     20.48, 40.96, 81.92)
+_TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+)
+_TPOT_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
+_DURATION_BUCKETS = (
+    0.01,
+    0.02,
+    0.04,
+    0.08,
+    0.16,
+    0.32,
+    0.64,
+    1.28,
+    2.56,
+    5.12,
+    10.24,
+    20.48,
+    40.96,
+    81.92,
+)
 
 
 class WorkerMetrics:
@@ -99,33 +149,61 @@ class WorkerMetrics:
         labels = ("tenant", "model")
         r = self.registry
         self._histograms: dict[SloMetric, Histogram] = {
-            "ttft": Histogram("gen_ai_server_time_to_first_token_seconds",
-                              "Time to generate the first token", labels,
-                              buckets=_TTFT_BUCKETS, registry=r),
-            "tpot": Histogram("gen_ai_server_time_per_output_token_seconds",
-                              "Time per output token after the first", labels,
-                              buckets=_TPOT_BUCKETS, registry=r),
-            "e2e": Histogram("gen_ai_server_request_duration_seconds",
-                             "Arrival to last token", labels,
-                             buckets=_DURATION_BUCKETS, registry=r),
-            "queue": Histogram("tailguard_request_queue_time_seconds",
-                               "Arrival to first scheduled", labels,
-                               buckets=_TTFT_BUCKETS, registry=r),
-            "itl": Histogram("tailguard_inter_token_latency_seconds",
-                             "Gap between consecutive output tokens", labels,
-                             buckets=_TPOT_BUCKETS, registry=r),
+            "ttft": Histogram(
+                "gen_ai_server_time_to_first_token_seconds",
+                "Time to generate the first token",
+                labels,
+                buckets=_TTFT_BUCKETS,
+                registry=r,
+            ),
+            "tpot": Histogram(
+                "gen_ai_server_time_per_output_token_seconds",
+                "Time per output token after the first",
+                labels,
+                buckets=_TPOT_BUCKETS,
+                registry=r,
+            ),
+            "e2e": Histogram(
+                "gen_ai_server_request_duration_seconds",
+                "Arrival to last token",
+                labels,
+                buckets=_DURATION_BUCKETS,
+                registry=r,
+            ),
+            "queue": Histogram(
+                "tailguard_request_queue_time_seconds",
+                "Arrival to first scheduled",
+                labels,
+                buckets=_TTFT_BUCKETS,
+                registry=r,
+            ),
+            "itl": Histogram(
+                "tailguard_inter_token_latency_seconds",
+                "Gap between consecutive output tokens",
+                labels,
+                buckets=_TPOT_BUCKETS,
+                registry=r,
+            ),
         }
-        self.tokens = Counter("tailguard_tokens", "Tokens processed",
-                              (*labels, "direction"), registry=r)
-        self.requests = Counter("tailguard_requests", "Requests by outcome",
-                                (*labels, "outcome"), registry=r)
-        self.running = Gauge("tailguard_running_requests", "Sequences in the decode batch",
-                             registry=r)
-        self.waiting = Gauge("tailguard_waiting_requests", "Requests queued for admission",
-                             registry=r)
-        self.step_seconds = Histogram("tailguard_engine_step_seconds",
-                                      "Wall time of one prefill or decode step", ("kind",),
-                                      buckets=_TPOT_BUCKETS, registry=r)
+        self.tokens = Counter(
+            "tailguard_tokens", "Tokens processed", (*labels, "direction"), registry=r
+        )
+        self.requests = Counter(
+            "tailguard_requests", "Requests by outcome", (*labels, "outcome"), registry=r
+        )
+        self.running = Gauge(
+            "tailguard_running_requests", "Sequences in the decode batch", registry=r
+        )
+        self.waiting = Gauge(
+            "tailguard_waiting_requests", "Requests queued for admission", registry=r
+        )
+        self.step_seconds = Histogram(
+            "tailguard_engine_step_seconds",
+            "Wall time of one prefill or decode step",
+            ("kind",),
+            buckets=_TPOT_BUCKETS,
+            registry=r,
+        )
 
     def observe_request(self, tenant: str, timing: RequestTiming) -> None:
         for name, values in timing.samples().items():
@@ -169,8 +247,7 @@ class TelemetryStats:
     a reader when that happened, so it starts again from ``after=0``.
     """
 
-    def __init__(self, deployment_id: str, model: str,
-                 thresholds: Iterable[SloThreshold]) -> None:
+    def __init__(self, deployment_id: str, model: str, thresholds: Iterable[SloThreshold]) -> None:
         self.deployment_id = deployment_id
         self.model = model
         self._thresholds: dict[tuple[str, SloMetric], list[float]] = {}
@@ -234,14 +311,24 @@ class TelemetryStats:
             "interval_start": window.start,
             "interval_end": now,
             "sketches": [
-                {"tenant": tenant, "deployment_id": dep, "metric": metric,
-                 "count": sketch.count,
-                 "sketch": base64.b64encode(sketch.to_bytes()).decode("ascii")}
+                {
+                    "tenant": tenant,
+                    "deployment_id": dep,
+                    "metric": metric,
+                    "count": sketch.count,
+                    "sketch": base64.b64encode(sketch.to_bytes()).decode("ascii"),
+                }
                 for (tenant, metric), sketch in sorted(window.sketches.items())
             ],
             "slo": [
-                {"tenant": tenant, "deployment_id": dep, "metric": metric,
-                 "threshold_seconds": threshold, "good": c.good, "total": c.total}
+                {
+                    "tenant": tenant,
+                    "deployment_id": dep,
+                    "metric": metric,
+                    "threshold_seconds": threshold,
+                    "good": c.good,
+                    "total": c.total,
+                }
                 for (tenant, metric, threshold), c in sorted(window.slo.items())
             ],
             "requests": [

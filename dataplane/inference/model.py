@@ -72,8 +72,7 @@ def _agree(name: str, from_graph: int | None, from_config: Any) -> int:
     value = from_graph if from_graph is not None else from_config
     if value is None:
         raise ValueError(
-            f"cannot tell {name}: the graph leaves it symbolic and config.json does not "
-            "name it"
+            f"cannot tell {name}: the graph leaves it symbolic and config.json does not name it"
         )
     return int(value)
 
@@ -84,9 +83,7 @@ def load_model_spec(model_dir: Path) -> ModelSpec:
     if not model_path.is_file():
         raise ValueError(f"{model_path} not found: the worker expects an Optimum export")
     config_path = model_dir / CONFIG_FILE
-    config: dict[str, Any] = (
-        json.loads(config_path.read_text()) if config_path.is_file() else {}
-    )
+    config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.is_file() else {}
     graph = onnx.load(str(model_path), load_external_data=False).graph
     inputs = {vi.name: vi for vi in graph.input}
     outputs = {vi.name: vi for vi in graph.output}
@@ -133,8 +130,10 @@ def load_model_spec(model_dir: Path) -> ModelSpec:
         _first(config, "max_position_embeddings", "n_positions", "n_ctx"),
     )
     eos = config.get("eos_token_id")
-    eos_ids = tuple(int(e) for e in eos) if isinstance(eos, list) else (
-        (int(eos),) if eos is not None else ()
+    eos_ids = (
+        tuple(int(e) for e in eos)
+        if isinstance(eos, list)
+        else ((int(eos),) if eos is not None else ())
     )
     elem_type = past0.type.tensor_type.elem_type
     if elem_type not in _ONNX_FLOAT_TYPES:

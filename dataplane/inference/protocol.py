@@ -16,9 +16,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 class ApiError(Exception):
     """An error answered in OpenAI's body shape with an HTTP status."""
 
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -28,8 +35,14 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 def validation_error(exc: ValidationError) -> ApiError:
@@ -37,10 +50,15 @@ def validation_error(exc: ValidationError) -> ApiError:
     first = exc.errors()[0]
     param = ".".join(str(part) for part in first["loc"]) or None
     if first["type"] == "extra_forbidden":
-        return ApiError(400, f"Unrecognized request argument supplied: {param}",
-                        code="unknown_parameter", param=param)
-    return ApiError(400, f"Invalid value for '{param}': {first['msg']}",
-                    code="invalid_value", param=param)
+        return ApiError(
+            400,
+            f"Unrecognized request argument supplied: {param}",
+            code="unknown_parameter",
+            param=param,
+        )
+    return ApiError(
+        400, f"Invalid value for '{param}': {first['msg']}", code="invalid_value", param=param
+    )
 
 
 class _Body(BaseModel):
@@ -70,8 +88,9 @@ class _Generation(_Body):
             return []
         strings = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         if len(strings) > 4 or any(not s for s in strings):
-            raise ApiError(400, "stop takes up to 4 non-empty strings", param="stop",
-                           code="invalid_value")
+            raise ApiError(
+                400, "stop takes up to 4 non-empty strings", param="stop", code="invalid_value"
+            )
         return strings
 
 
@@ -101,8 +120,11 @@ class ChatRequest(_Generation):
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 class ResponseShape:
@@ -112,34 +134,57 @@ class ResponseShape:
         self.chat = chat
         self._head = {"id": request_id, "created": created, "model": model}
 
-    def _choice(self, text: str | None, finish_reason: str | None, *, first: bool = False,
-                whole: bool = False) -> dict[str, Any]:
+    def _choice(
+        self,
+        text: str | None,
+        finish_reason: str | None,
+        *,
+        first: bool = False,
+        whole: bool = False,
+    ) -> dict[str, Any]:
         """A completion choice, a chat message (``whole``) or a chat delta."""
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None,
-                    "finish_reason": finish_reason}
+            return {
+                "index": 0,
+                "text": text or "",
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
         if whole:
-            return {"index": 0, "message": {"role": "assistant", "content": text},
-                    "logprobs": None, "finish_reason": finish_reason}
+            return {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
         delta: dict[str, str] = {"role": "assistant"} if first else {}
         if text is not None:
             delta["content"] = text
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
-    def complete(self, text: str, finish_reason: str, usage_: dict[str, int]
-                 ) -> dict[str, Any]:
+    def complete(self, text: str, finish_reason: str, usage_: dict[str, int]) -> dict[str, Any]:
         """The non-streaming body."""
         obj = "chat.completion" if self.chat else "text_completion"
-        return {**self._head, "object": obj,
-                "choices": [self._choice(text, finish_reason, whole=True)],
-                "usage": usage_}
+        return {
+            **self._head,
+            "object": obj,
+            "choices": [self._choice(text, finish_reason, whole=True)],
+            "usage": usage_,
+        }
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, *,
-              first: bool = False, usage_: dict[str, int] | None = None) -> dict[str, Any]:
+    def chunk(
+        self,
+        text: str | None,
+        finish_reason: str | None = None,
+        *,
+        first: bool = False,
+        usage_: dict[str, int] | None = None,
+    ) -> dict[str, Any]:
         """One streamed chunk; ``text=None`` with ``finish_reason`` is the closing one."""
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         body: dict[str, Any] = {
-            **self._head, "object": obj,
+            **self._head,
+            "object": obj,
             "choices": [self._choice(text, finish_reason, first=first)],
         }
         if usage_ is not None:

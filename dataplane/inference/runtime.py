@@ -108,17 +108,24 @@ class OnnxRuntime:
         width = int(lengths.max())
         ids = np.zeros((len(prompts), width), np.int64)
         for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = prompt
-        empty = KVBatch.empty(self._spec.num_layers, self._spec.num_kv_heads,
-                              self._spec.head_dim, len(prompts), self._dtype)
+            ids[row, width - len(prompt) :] = prompt
+        empty = KVBatch.empty(
+            self._spec.num_layers,
+            self._spec.num_kv_heads,
+            self._spec.head_dim,
+            len(prompts),
+            self._dtype,
+        )
         return self._forward(empty, ids, lengths)
 
     def decode(self, cache: KVBatch, tokens: IntArray) -> tuple[FloatArray, KVBatch]:
-        return self._forward(cache, tokens.reshape(-1, 1).astype(np.int64),
-                             np.ones(cache.size, np.int64))
+        return self._forward(
+            cache, tokens.reshape(-1, 1).astype(np.int64), np.ones(cache.size, np.int64)
+        )
 
-    def _forward(self, cache: KVBatch, ids: IntArray, new_lengths: IntArray
-                 ) -> tuple[FloatArray, KVBatch]:
+    def _forward(
+        self, cache: KVBatch, ids: IntArray, new_lengths: IntArray
+    ) -> tuple[FloatArray, KVBatch]:
         """Run ``ids`` (left-padded to a common width) after ``cache``.
 
         Only two shapes are used: an empty cache with whole prompts, or any cache with
@@ -127,7 +134,7 @@ class OnnxRuntime:
         steps = ids.shape[1]
         new_pad = steps - new_lengths
         mask = cache.attention_mask(steps)
-        mask[:, cache.width:] = (np.arange(steps)[None, :] >= new_pad[:, None])
+        mask[:, cache.width :] = np.arange(steps)[None, :] >= new_pad[:, None]
         feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         if self._spec.has_position_ids:
             positions = cache.lengths[:, None] + np.arange(steps)[None, :] - new_pad[:, None]

@@ -33,8 +33,9 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
 
 
-def sample(logits: FloatArray, params: Sequence[SamplingParams],
-           rngs: Sequence[np.random.Generator]) -> IntArray:
+def sample(
+    logits: FloatArray, params: Sequence[SamplingParams], rngs: Sequence[np.random.Generator]
+) -> IntArray:
     """One token per row of ``logits`` [B, vocab]; vectorised over the batch."""
     chosen: IntArray = logits.argmax(axis=-1).astype(np.int64)
     temperatures = np.array([p.temperature for p in params], np.float32)

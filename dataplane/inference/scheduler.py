@@ -115,8 +115,12 @@ class QueuePolicy(Protocol):
 
     def charge(self, tenant: str, input_tokens: int, output_tokens: int) -> None: ...
 
-    def preempt_for(self, candidate: GenerationRequest, running: Sequence[GenerationRequest],
-                    max_batch_size: int) -> GenerationRequest | None:
+    def preempt_for(
+        self,
+        candidate: GenerationRequest,
+        running: Sequence[GenerationRequest],
+        max_batch_size: int,
+    ) -> GenerationRequest | None:
         """A running request to pause so ``candidate`` gets a slot, already queued again
         at the head of its tenant's line; None if nobody should be paused."""
         ...
@@ -164,16 +168,19 @@ class FcfsPolicy:
     def charge(self, tenant: str, input_tokens: int, output_tokens: int) -> None:
         """Arrival order ignores service received."""
 
-    def preempt_for(self, candidate: GenerationRequest, running: Sequence[GenerationRequest],
-                    max_batch_size: int) -> GenerationRequest | None:
+    def preempt_for(
+        self,
+        candidate: GenerationRequest,
+        running: Sequence[GenerationRequest],
+        max_batch_size: int,
+    ) -> GenerationRequest | None:
         return None
 
 
 class FairPolicy:
     """Priority classes, then weighted virtual token counters (VTC) within a class."""
 
-    def __init__(self, tenants: Mapping[str, TenantConfig], scheduling: SchedulingConfig
-                 ) -> None:
+    def __init__(self, tenants: Mapping[str, TenantConfig], scheduling: SchedulingConfig) -> None:
         self.tenants = tenants
         self._input_weight = scheduling.input_token_weight
         self._output_weight = scheduling.output_token_weight
@@ -195,8 +202,11 @@ class FairPolicy:
         queue = self._queues.setdefault(tenant, deque())
         counter = self.counters.setdefault(tenant, 0.0)
         if not queue:
-            others = [self.counters[t] for t in {*self._backlogged(), *active} - {tenant}
-                      if t in self.counters]
+            others = [
+                self.counters[t]
+                for t in {*self._backlogged(), *active} - {tenant}
+                if t in self.counters
+            ]
             if others:
                 self.counters[tenant] = max(counter, min(others))
         queue.append(request)
@@ -244,8 +254,12 @@ class FairPolicy:
         cost = input_tokens * self._input_weight + output_tokens * self._output_weight
         self.counters[tenant] = self.counters.get(tenant, 0.0) + cost / self._weight(tenant)
 
-    def preempt_for(self, candidate: GenerationRequest, running: Sequence[GenerationRequest],
-                    max_batch_size: int) -> GenerationRequest | None:
+    def preempt_for(
+        self,
+        candidate: GenerationRequest,
+        running: Sequence[GenerationRequest],
+        max_batch_size: int,
+    ) -> GenerationRequest | None:
         if not self._preemption or not running:
             return None
         victims = [r for r in running if r.priority < candidate.priority]
@@ -257,15 +271,21 @@ class FairPolicy:
         self._queues.setdefault(victim.tenant, deque()).appendleft(victim)
         return victim
 
-    def _over_share(self, candidate: GenerationRequest, running: Sequence[GenerationRequest],
-                    max_batch_size: int) -> list[GenerationRequest]:
+    def _over_share(
+        self,
+        candidate: GenerationRequest,
+        running: Sequence[GenerationRequest],
+        max_batch_size: int,
+    ) -> list[GenerationRequest]:
         """Same-class requests of the tenant furthest past its weighted slot share, if the
         candidate's tenant is under its own share and not ahead of that tenant's counter
         (a newly backlogged tenant is lifted to exactly the active minimum)."""
         peers = [r for r in running if r.priority == candidate.priority]
         slots = Counter(r.tenant for r in peers)
-        contenders = {*slots, *(t for t in self._backlogged()
-                                if self._queues[t][0].priority == candidate.priority)}
+        contenders = {
+            *slots,
+            *(t for t in self._backlogged() if self._queues[t][0].priority == candidate.priority),
+        }
         total_weight = sum(self._weight(t) for t in contenders | {candidate.tenant})
 
         def share(tenant: str) -> float:
@@ -274,16 +294,20 @@ class FairPolicy:
         mine = candidate.tenant
         if slots[mine] + 1 > share(mine):
             return []
-        over = [t for t in slots if t != mine and slots[t] > share(t)
-                and self.counters.get(t, 0.0) >= self.counters.get(mine, 0.0)]
+        over = [
+            t
+            for t in slots
+            if t != mine
+            and slots[t] > share(t)
+            and self.counters.get(t, 0.0) >= self.counters.get(mine, 0.0)
+        ]
         if not over:
             return []
         target = max(over, key=lambda t: self.counters.get(t, 0.0))
         return [r for r in peers if r.tenant == target]
 
 
-def make_policy(scheduling: SchedulingConfig, tenants: Mapping[str, TenantConfig]
-                ) -> QueuePolicy:
+def make_policy(scheduling: SchedulingConfig, tenants: Mapping[str, TenantConfig]) -> QueuePolicy:
     if scheduling.policy == "fcfs":
         return FcfsPolicy()
     return FairPolicy(tenants, scheduling)
@@ -302,9 +326,15 @@ class Scheduler:
     batch's step.
     """
 
-    def __init__(self, engine: BatchEngine, batching: BatchingConfig,
-                 scheduling: SchedulingConfig, tenants: Mapping[str, TenantConfig],
-                 metrics: WorkerMetrics, stats: TelemetryStats) -> None:
+    def __init__(
+        self,
+        engine: BatchEngine,
+        batching: BatchingConfig,
+        scheduling: SchedulingConfig,
+        tenants: Mapping[str, TenantConfig],
+        metrics: WorkerMetrics,
+        stats: TelemetryStats,
+    ) -> None:
         self._engine = engine
         self.batching = batching
         self.scheduling = scheduling
@@ -368,8 +398,12 @@ class Scheduler:
         self._owners.pop(request.seq, None)
         self._admission.set()
 
-    def reconfigure(self, batching: BatchingConfig, scheduling: SchedulingConfig,
-                    tenants: Mapping[str, TenantConfig]) -> None:
+    def reconfigure(
+        self,
+        batching: BatchingConfig,
+        scheduling: SchedulingConfig,
+        tenants: Mapping[str, TenantConfig],
+    ) -> None:
         """Apply new knobs between steps; waiting and running requests carry over."""
         self.batching = batching
         self._engine.rows_per_call = batching.max_rows_per_forward
@@ -411,8 +445,9 @@ class Scheduler:
                 continue
             started = time.perf_counter()
             try:
-                await loop.run_in_executor(self._prefill_pool, self._engine.prefill,
-                                           [r.seq for r in fresh])
+                await loop.run_in_executor(
+                    self._prefill_pool, self._engine.prefill, [r.seq for r in fresh]
+                )
             except Exception:
                 log.exception("prefill failed; failing its requests")
                 self._fail(fresh)
@@ -444,8 +479,7 @@ class Scheduler:
             if cost > budget and prefill_tokens > 0:
                 break
             if slots <= 0:
-                victim = self.policy.preempt_for(head, self._in_batch,
-                                                 batching.max_batch_size)
+                victim = self.policy.preempt_for(head, self._in_batch, batching.max_batch_size)
                 if victim is None:
                     break
                 self._in_batch.remove(victim)
@@ -500,8 +534,7 @@ class Scheduler:
             park = moves["park"]
             started = time.perf_counter()
             try:
-                stepped = self._engine.step(leave, {r.seq for r in park},
-                                            [r.seq for r in join])
+                stepped = self._engine.step(leave, {r.seq for r in park}, [r.seq for r in join])
             except Exception:
                 log.exception("decode step failed; failing the batch")
                 self._engine.reset()
@@ -512,8 +545,13 @@ class Scheduler:
             except RuntimeError:  # the event loop is closed: nobody is listening
                 return
 
-    def _stepped(self, joined: list[GenerationRequest], parked: list[GenerationRequest],
-                 stepped: list[EngineSequence] | None, seconds: float) -> None:
+    def _stepped(
+        self,
+        joined: list[GenerationRequest],
+        parked: list[GenerationRequest],
+        stepped: list[EngineSequence] | None,
+        seconds: float,
+    ) -> None:
         """A decode step's outcome, in the event loop: deliver its tokens and charge
         them; ``stepped`` None means the step failed and the batch is gone."""
         self._pausing = [r for r in self._pausing if r not in parked]
@@ -545,7 +583,7 @@ class Scheduler:
         # The decode thread may be appending the next step's token meanwhile: read the
         # finish first, since it is set only after the last token is appended.
         finish_reason = request.seq.finish_reason
-        for token in request.seq.tokens[len(request.output_ids):]:
+        for token in request.seq.tokens[len(request.output_ids) :]:
             request.output_ids.append(token)
             request.timing.token_times.append(now)
         if finish_reason is not None:

@@ -82,17 +82,20 @@ class Worker:
         self.runtime = OnnxRuntime(config.model_dir, config.cache_dir, config.runtime)
         self.tokenizer = TextTokenizer(config.model_dir)
         self.metrics = WorkerMetrics(config.served_model_name)
-        self.stats = TelemetryStats(config.deployment_id, config.served_model_name,
-                                    config.slo_thresholds)
+        self.stats = TelemetryStats(
+            config.deployment_id, config.served_model_name, config.slo_thresholds
+        )
         engine = BatchEngine(self.runtime, config.batching.max_rows_per_forward)
-        self.scheduler = Scheduler(engine, config.batching,
-                                   config.scheduling, config.tenants, self.metrics, self.stats)
+        self.scheduler = Scheduler(
+            engine, config.batching, config.scheduling, config.tenants, self.metrics, self.stats
+        )
         self._keys = self._key_table(config)
 
     @staticmethod
     def _key_table(config: WorkerConfig) -> list[tuple[str, str]]:
-        return [(digest, tenant) for tenant, cfg in config.tenants.items()
-                for digest in cfg.key_sha256]
+        return [
+            (digest, tenant) for tenant, cfg in config.tenants.items() for digest in cfg.key_sha256
+        ]
 
     def tenant_for(self, key: str) -> str | None:
         """Constant-time match of the key's digest against every configured digest."""
@@ -111,8 +114,7 @@ class Worker:
         """Apply a new config between engine steps; in-flight requests carry on."""
         stuck = self.config.restart_fields_changed(new)
         if stuck:
-            log.warning("config fields %s change only on restart; keeping the old values",
-                        stuck)
+            log.warning("config fields %s change only on restart; keeping the old values", stuck)
             new = new.model_copy(update={name: getattr(self.config, name) for name in stuck})
         self.config = new
         self._keys = self._key_table(new)
@@ -159,12 +161,12 @@ class _Call:
         return None
 
 
-async def _send_json(send: Send, status: int, body: Any,
-                     headers: dict[str, str] | None = None) -> None:
+async def _send_json(
+    send: Send, status: int, body: Any, headers: dict[str, str] | None = None
+) -> None:
     payload = json.dumps(body).encode()
     extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*_JSON, *extra]})
+    await send({"type": "http.response.start", "status": status, "headers": [*_JSON, *extra]})
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -185,7 +187,7 @@ class _StopMatcher:
         self._pending += text
         hits = [i for i in (self._pending.find(s) for s in self._stops) if i >= 0]
         if hits:
-            out, self._pending = self._pending[:min(hits)], ""
+            out, self._pending = self._pending[: min(hits)], ""
             return out, True
         cut = max(0, len(self._pending) - self._hold)
         out, self._pending = self._pending[:cut], self._pending[cut:]
@@ -206,8 +208,9 @@ def _single_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> str
     if len(texts) + len(id_lists) == 1:
         return texts[0] if texts else id_lists[0]
     if texts or id_lists:
-        raise ApiError(400, "Only one prompt per request is supported.", param="prompt",
-                       code="invalid_value")
+        raise ApiError(
+            400, "Only one prompt per request is supported.", param="prompt", code="invalid_value"
+        )
     return ids
 
 
@@ -239,8 +242,12 @@ class InferenceApp:
                 raise ApiError(404, f"Unknown path {scope['path']}", code="not_found")
             method, handler = route
             if scope["method"] != method:
-                raise ApiError(405, f"{scope['path']} takes {method}",
-                               code="method_not_allowed", headers={"allow": method})
+                raise ApiError(
+                    405,
+                    f"{scope['path']} takes {method}",
+                    code="method_not_allowed",
+                    headers={"allow": method},
+                )
             await handler(call)
         except ApiError as exc:
             await _send_json(send, exc.status, exc.body(), exc.headers)
@@ -250,8 +257,10 @@ class InferenceApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 loop = asyncio.get_running_loop()
-                self._tasks = [loop.create_task(self.worker.scheduler.run()),
-                               loop.create_task(self.worker.watch_config())]
+                self._tasks = [
+                    loop.create_task(self.worker.scheduler.run()),
+                    loop.create_task(self.worker.watch_config()),
+                ]
                 loop.add_signal_handler(signal.SIGHUP, self.worker.reload)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -267,8 +276,11 @@ class InferenceApp:
         value = call.header(b"authorization") or b""
         scheme, _, key = value.decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
-            raise ApiError(401, "You didn't provide an API key (Authorization: Bearer KEY).",
-                           code="invalid_api_key")
+            raise ApiError(
+                401,
+                "You didn't provide an API key (Authorization: Bearer KEY).",
+                code="invalid_api_key",
+            )
         tenant = self.worker.tenant_for(key.strip())
         if tenant is None:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
@@ -277,8 +289,7 @@ class InferenceApp:
     async def _read_body(self, call: _Call) -> bytes:
         limit = self.worker.config.max_request_bytes
         declared = call.header(b"content-length")
-        too_big = ApiError(413, f"Request body exceeds {limit} bytes.",
-                           code="request_too_large")
+        too_big = ApiError(413, f"Request body exceeds {limit} bytes.", code="request_too_large")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise too_big
         chunks: list[bytes] = []
@@ -314,15 +325,17 @@ class InferenceApp:
             ids = prompt
             vocab = self.worker.runtime.spec.vocab_size
             if any(not 0 <= t < vocab for t in ids):
-                raise ApiError(400, f"Token ids must be in [0, {vocab}).", param="prompt",
-                               code="invalid_value")
+                raise ApiError(
+                    400, f"Token ids must be in [0, {vocab}).", param="prompt", code="invalid_value"
+                )
         await self._generate(call, tenant, body, ids, body.max_tokens or 16, chat=False)
 
     async def _chat(self, call: _Call) -> None:
         tenant = self._authenticate(call)
         body = await self._parse(call, ChatRequest)
-        messages = [("system" if m.role == "developer" else m.role, m.text())
-                    for m in body.messages]
+        messages = [
+            ("system" if m.role == "developer" else m.role, m.text()) for m in body.messages
+        ]
         ids = self.worker.tokenizer.render_chat(messages)
         limit = body.max_completion_tokens or body.max_tokens
         room = self.worker.runtime.spec.max_context - len(ids)
@@ -334,16 +347,29 @@ class InferenceApp:
             body = model.model_validate_json(raw)
         except ValidationError as exc:
             if exc.errors()[0]["type"] == "json_invalid":
-                raise ApiError(400, "We could not parse the JSON body of your request.",
-                               code="invalid_json") from None
+                raise ApiError(
+                    400, "We could not parse the JSON body of your request.", code="invalid_json"
+                ) from None
             raise validation_error(exc) from None
         if body.model != self.worker.config.served_model_name:
-            raise ApiError(404, f"The model `{body.model}` does not exist.", param="model",
-                           code="model_not_found")
+            raise ApiError(
+                404,
+                f"The model `{body.model}` does not exist.",
+                param="model",
+                code="model_not_found",
+            )
         return body
 
-    async def _generate(self, call: _Call, tenant: str, body: CompletionRequest | ChatRequest,
-                        ids: list[int], max_tokens: int, *, chat: bool) -> None:
+    async def _generate(
+        self,
+        call: _Call,
+        tenant: str,
+        body: CompletionRequest | ChatRequest,
+        ids: list[int],
+        max_tokens: int,
+        *,
+        chat: bool,
+    ) -> None:
         spec = self.worker.runtime.spec
         param = "messages" if chat else "prompt"
         if not ids:
@@ -354,10 +380,17 @@ class InferenceApp:
                 f"This model's maximum context length is {spec.max_context} tokens. However, "
                 f"you requested {len(ids) + max_tokens} tokens ({len(ids)} in the {param}, "
                 f"{max_tokens} in the completion).",
-                param=param, code="context_length_exceeded")
+                param=param,
+                code="context_length_exceeded",
+            )
         stops = body.stop_strings()
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature,
-                                top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos)
+        params = SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            ignore_eos=body.ignore_eos,
+        )
         tenant_cfg = self.worker.config.tenants.get(tenant)
         request = GenerationRequest(
             tenant=tenant,
@@ -368,10 +401,19 @@ class InferenceApp:
         try:
             self.worker.scheduler.submit(request)
         except QueueFull as exc:
-            raise ApiError(429, str(exc), type_="rate_limit_error", code="rate_limit_exceeded",
-                           headers={"retry-after": str(exc.retry_after_s)}) from None
-        shape = ResponseShape(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-                              int(time.time()), self.worker.config.served_model_name)
+            raise ApiError(
+                429,
+                str(exc),
+                type_="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"retry-after": str(exc.retry_after_s)},
+            ) from None
+        shape = ResponseShape(
+            chat,
+            f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            int(time.time()),
+            self.worker.config.served_model_name,
+        )
         watcher = asyncio.create_task(self._watch_disconnect(call, request))
         try:
             if body.stream:
@@ -382,8 +424,7 @@ class InferenceApp:
             watcher.cancel()
             self.worker.scheduler.cancel(request)
 
-    async def _tokens(self, request: GenerationRequest, stops: list[str]
-                      ) -> AsyncIterator[str]:
+    async def _tokens(self, request: GenerationRequest, stops: list[str]) -> AsyncIterator[str]:
         """Yield text as tokens arrive; ends the request early on a stop string."""
         detok = self.worker.tokenizer.stream()
         matcher = _StopMatcher(stops)
@@ -403,20 +444,34 @@ class InferenceApp:
                 yield text
             await request.next_update()
 
-    async def _respond(self, call: _Call, request: GenerationRequest, shape: ResponseShape,
-                       stops: list[str]) -> None:
+    async def _respond(
+        self, call: _Call, request: GenerationRequest, shape: ResponseShape, stops: list[str]
+    ) -> None:
         text = "".join([piece async for piece in self._tokens(request, stops)])
         if request.cancelled:
             return
         if request.finish_reason == FINISH_ERROR:
-            raise ApiError(500, "The engine failed while serving this request.",
-                           type_="server_error", code="engine_error")
-        body = shape.complete(text, request.finish_reason or "stop",
-                              usage(request.timing.input_tokens, len(request.output_ids)))
+            raise ApiError(
+                500,
+                "The engine failed while serving this request.",
+                type_="server_error",
+                code="engine_error",
+            )
+        body = shape.complete(
+            text,
+            request.finish_reason or "stop",
+            usage(request.timing.input_tokens, len(request.output_ids)),
+        )
         await _send_json(call.send, 200, body)
 
-    async def _stream(self, call: _Call, request: GenerationRequest, shape: ResponseShape,
-                      stops: list[str], body: CompletionRequest | ChatRequest) -> None:
+    async def _stream(
+        self,
+        call: _Call,
+        request: GenerationRequest,
+        shape: ResponseShape,
+        stops: list[str],
+        body: CompletionRequest | ChatRequest,
+    ) -> None:
         options = body.stream_options
         running_usage = options is not None and options.continuous_usage_stats
         send = call.send
@@ -437,11 +492,24 @@ class InferenceApp:
         final_usage = usage(prompt_tokens, len(request.output_ids))
         tail = []
         if request.finish_reason == FINISH_ERROR:
-            tail.append(_sse(ApiError(500, "The engine failed while serving this request.",
-                                      type_="server_error", code="engine_error").body()))
+            tail.append(
+                _sse(
+                    ApiError(
+                        500,
+                        "The engine failed while serving this request.",
+                        type_="server_error",
+                        code="engine_error",
+                    ).body()
+                )
+            )
         else:
-            tail.append(_sse(shape.chunk(None, request.finish_reason,
-                                         usage_=final_usage if running_usage else None)))
+            tail.append(
+                _sse(
+                    shape.chunk(
+                        None, request.finish_reason, usage_=final_usage if running_usage else None
+                    )
+                )
+            )
         if options is not None and options.include_usage:
             tail.append(_sse(shape.usage_chunk(final_usage)))
         tail.append(b"data: [DONE]\n\n")
@@ -450,47 +518,67 @@ class InferenceApp:
     async def _models(self, call: _Call) -> None:
         self._authenticate(call)
         config = self.worker.config
-        await _send_json(call.send, 200, {"object": "list", "data": [{
-            "id": config.served_model_name, "object": "model", "created": 0,
-            "owned_by": "tailguard", "max_model_len": self.worker.runtime.spec.max_context,
-        }]})
+        await _send_json(
+            call.send,
+            200,
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": config.served_model_name,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "tailguard",
+                        "max_model_len": self.worker.runtime.spec.max_context,
+                    }
+                ],
+            },
+        )
 
     # -- operations ---------------------------------------------------------------------
 
     async def _health(self, call: _Call) -> None:
         worker = self.worker
         scheduler = worker.scheduler
-        await _send_json(call.send, 200, {
-            "status": "ok",
-            "deployment_id": worker.config.deployment_id,
-            "model": worker.config.served_model_name,
-            "providers": worker.runtime.providers,
-            "running": len(scheduler.running),
-            "waiting": len(scheduler.policy),
-            "max_batch_size": worker.config.batching.max_batch_size,
-            "policy": worker.config.scheduling.policy,
-            "config_generation": worker.config_generation,
-        })
+        await _send_json(
+            call.send,
+            200,
+            {
+                "status": "ok",
+                "deployment_id": worker.config.deployment_id,
+                "model": worker.config.served_model_name,
+                "providers": worker.runtime.providers,
+                "running": len(scheduler.running),
+                "waiting": len(scheduler.policy),
+                "max_batch_size": worker.config.batching.max_batch_size,
+                "policy": worker.config.scheduling.policy,
+                "config_generation": worker.config_generation,
+            },
+        )
 
     async def _metrics(self, call: _Call) -> None:
         payload = self.worker.metrics.render()
-        await call.send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]})
+        await call.send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")],
+            }
+        )
         await call.send({"type": "http.response.body", "body": payload})
 
     async def _stats(self, call: _Call) -> None:
         client = call.scope.get("client") or ("", 0)
         if self.worker.config.stats_key_sha256:
-            scheme, _, key = (call.header(b"authorization") or b"").decode(
-                "latin-1").partition(" ")
+            scheme, _, key = (call.header(b"authorization") or b"").decode("latin-1").partition(" ")
             if scheme.lower() != "bearer" or not self.worker.stats_key_ok(key.strip()):
                 raise ApiError(401, "A stats key is required.", code="invalid_api_key")
         elif client[0] not in _LOOPBACK:
-            raise ApiError(403, "Stats are served to loopback clients only.",
-                           code="forbidden")
+            raise ApiError(403, "Stats are served to loopback clients only.", code="forbidden")
         query = parse_qs(call.scope.get("query_string", b"").decode())
         after_values = query.get("after", ["0"])
         if not after_values[0].isdigit():
-            raise ApiError(400, "after must be a sequence number", param="after",
-                           code="invalid_value")
+            raise ApiError(
+                400, "after must be a sequence number", param="after", code="invalid_value"
+            )
         await _send_json(call.send, 200, self.worker.stats.collect(int(after_values[0])))

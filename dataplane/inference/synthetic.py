@@ -66,13 +66,39 @@ class SyntheticModelSpec:
 def _corpus(seed: int) -> Iterator[str]:
     """Seeded pseudo-English so BPE has frequent pairs to merge up to the target vocab."""
     rng = random.Random(seed)
-    onsets = ["", "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t",
-              "v", "w", "st", "tr", "ch", "sh", "th", "pl", "gr"]
+    onsets = [
+        "",
+        "b",
+        "c",
+        "d",
+        "f",
+        "g",
+        "h",
+        "k",
+        "l",
+        "m",
+        "n",
+        "p",
+        "r",
+        "s",
+        "t",
+        "v",
+        "w",
+        "st",
+        "tr",
+        "ch",
+        "sh",
+        "th",
+        "pl",
+        "gr",
+    ]
     vowels = ["a", "e", "i", "o", "u", "ai", "ea", "ou", "io"]
     codas = ["", "", "n", "r", "s", "t", "l", "m", "nd", "st", "ng"]
     words = [
-        "".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
-                for _ in range(rng.randint(1, 3)))
+        "".join(
+            rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
+            for _ in range(rng.randint(1, 3))
+        )
         for _ in range(3000)
     ]
     weights = [1.0 / (rank + 1) for rank in range(len(words))]
@@ -118,8 +144,9 @@ class _GraphBuilder:
         self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], hint: str = "", output: str = "",
-           **attrs: Any) -> str:
+    def op(
+        self, op_type: str, inputs: list[str], hint: str = "", output: str = "", **attrs: Any
+    ) -> str:
         out = output or self._name(hint or op_type.lower())
         self.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
         return out
@@ -147,11 +174,17 @@ def build_graph(spec: SyntheticModelSpec, vocab: int) -> onnx.ModelProto:
     g.const("shape_ctx5", [0, kvh, group, -1, hd], np.int64)
     g.const("shape_out", [0, 0, spec.hidden], np.int64)
 
-    x = g.op("Add", [
-        g.op("Gather", [g.weight("embed_tokens", (vocab, spec.hidden), std), "input_ids"]),
-        g.op("Gather", [g.weight("embed_positions", (spec.max_context, spec.hidden), std),
-                        "position_ids"]),
-    ], "embeddings")
+    x = g.op(
+        "Add",
+        [
+            g.op("Gather", [g.weight("embed_tokens", (vocab, spec.hidden), std), "input_ids"]),
+            g.op(
+                "Gather",
+                [g.weight("embed_positions", (spec.max_context, spec.hidden), std), "position_ids"],
+            ),
+        ],
+        "embeddings",
+    )
 
     # Mask [B, 1, 1, S, T]: key t is visible to query s when t <= past + s and the
     # attention_mask marks t as a real token.
@@ -161,14 +194,17 @@ def build_graph(spec: SyntheticModelSpec, vocab: int) -> onnx.ModelProto:
     key_pos = g.op("Range", ["zero_i64", total_len, "one_i64"], "key_pos")
     query_pos = g.op("Unsqueeze", [g.op("Range", [past_len, total_len, "one_i64"]), "axes_1"])
     causal = g.op("LessOrEqual", [key_pos, query_pos], "causal")
-    padding = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], to=TensorProto.BOOL),
-                                 "axes_1_2_3"])
+    padding = g.op(
+        "Unsqueeze", [g.op("Cast", ["attention_mask"], to=TensorProto.BOOL), "axes_1_2_3"]
+    )
     visible = g.op("And", [causal, padding], "visible")
     total_1d = g.op("Unsqueeze", [total_len, "zero_1d"])
-    scores5_shape = g.op("Concat", [g.const("shape_scores5_prefix", [0, kvh, group, -1],
-                                            np.int64), total_1d], axis=0)
-    scores4_shape = g.op("Concat", [g.const("shape_scores4_prefix", [0, kvh, -1], np.int64),
-                                    total_1d], axis=0)
+    scores5_shape = g.op(
+        "Concat", [g.const("shape_scores5_prefix", [0, kvh, group, -1], np.int64), total_1d], axis=0
+    )
+    scores4_shape = g.op(
+        "Concat", [g.const("shape_scores4_prefix", [0, kvh, -1], np.int64), total_1d], axis=0
+    )
 
     for layer in range(spec.layers):
         h = g.op("LayerNormalization", [x, ones, zeros], f"ln_attn{layer}", axis=-1)
@@ -177,26 +213,43 @@ def build_graph(spec: SyntheticModelSpec, vocab: int) -> onnx.ModelProto:
         v = g.op("MatMul", [h, g.weight(f"l{layer}.v", (spec.hidden, kvh * hd), std)])
         # Queries grouped per KV head: [B, kvh, group*S, hd], so both attention MatMuls
         # are plain 4-D products (ORT fuses the K transpose into the MatMul).
-        q4 = g.op("Reshape", [
-            g.op("Transpose", [g.op("Reshape", [q, "shape_q"])], perm=[0, 2, 3, 1, 4]),
-            "shape_grouped"])
+        q4 = g.op(
+            "Reshape",
+            [
+                g.op("Transpose", [g.op("Reshape", [q, "shape_q"])], perm=[0, 2, 3, 1, 4]),
+                "shape_grouped",
+            ],
+        )
         present = {}
         for kind, proj in (("key", k), ("value", v)):
             new = g.op("Transpose", [g.op("Reshape", [proj, "shape_kv"])], perm=[0, 2, 1, 3])
-            present[kind] = g.op("Concat", [f"past_key_values.{layer}.{kind}", new],
-                                 output=f"present.{layer}.{kind}", axis=2)
+            present[kind] = g.op(
+                "Concat",
+                [f"past_key_values.{layer}.{kind}", new],
+                output=f"present.{layer}.{kind}",
+                axis=2,
+            )
         k_t = g.op("Transpose", [present["key"]], perm=[0, 1, 3, 2])
-        scores = g.op("Reshape", [g.op("Mul", [g.op("MatMul", [q4, k_t]), "scale"]),
-                                  scores5_shape])
+        scores = g.op("Reshape", [g.op("Mul", [g.op("MatMul", [q4, k_t]), "scale"]), scores5_shape])
         probs = g.op("Softmax", [g.op("Where", [visible, scores, "masked"])], axis=-1)
         grouped_probs = g.op("Reshape", [probs, scores4_shape])
-        ctx = g.op("Reshape", [
-            g.op("Transpose", [g.op("Reshape", [g.op("MatMul", [grouped_probs, present["value"]]),
-                                                "shape_ctx5"])], perm=[0, 3, 1, 2, 4]),
-            "shape_out",
-        ])
-        attn_out = g.op("MatMul", [ctx, g.weight(f"l{layer}.o", (spec.hidden, spec.hidden),
-                                                 std)])
+        ctx = g.op(
+            "Reshape",
+            [
+                g.op(
+                    "Transpose",
+                    [
+                        g.op(
+                            "Reshape",
+                            [g.op("MatMul", [grouped_probs, present["value"]]), "shape_ctx5"],
+                        )
+                    ],
+                    perm=[0, 3, 1, 2, 4],
+                ),
+                "shape_out",
+            ],
+        )
+        attn_out = g.op("MatMul", [ctx, g.weight(f"l{layer}.o", (spec.hidden, spec.hidden), std)])
         x = g.op("Add", [x, attn_out], f"resid_attn{layer}")
         h = g.op("LayerNormalization", [x, ones, zeros], f"ln_mlp{layer}", axis=-1)
         up = g.op("MatMul", [h, g.weight(f"l{layer}.up", (spec.hidden, ffn), std)])
@@ -205,30 +258,45 @@ def build_graph(spec: SyntheticModelSpec, vocab: int) -> onnx.ModelProto:
         x = g.op("Add", [x, down], f"resid_mlp{layer}")
 
     final = g.op("LayerNormalization", [x, ones, zeros], "ln_final", axis=-1)
-    g.op("MatMul", [final, g.weight("lm_head", (spec.hidden, vocab), 1.0 / np.sqrt(
-        spec.hidden))], output="logits")
+    g.op(
+        "MatMul",
+        [final, g.weight("lm_head", (spec.hidden, vocab), 1.0 / np.sqrt(spec.hidden))],
+        output="logits",
+    )
 
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     inputs = [
         helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info("attention_mask", i64,
-                                      ["batch_size", "past_sequence_length + sequence_length"]),
+        helper.make_tensor_value_info(
+            "attention_mask", i64, ["batch_size", "past_sequence_length + sequence_length"]
+        ),
         helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", f32,
-                                             ["batch_size", "sequence_length", vocab])]
+    outputs = [
+        helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length", vocab])
+    ]
     for layer in range(spec.layers):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(
-                f"past_key_values.{layer}.{kind}", f32,
-                ["batch_size", kvh, "past_sequence_length", hd]))
-            outputs.append(helper.make_tensor_value_info(
-                f"present.{layer}.{kind}", f32,
-                ["batch_size", kvh, "past_sequence_length + sequence_length", hd]))
-    graph = helper.make_graph(g.nodes, "tailguard_synthetic_decoder", inputs, outputs,
-                              g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="tailguard-synthetic")
+            inputs.append(
+                helper.make_tensor_value_info(
+                    f"past_key_values.{layer}.{kind}",
+                    f32,
+                    ["batch_size", kvh, "past_sequence_length", hd],
+                )
+            )
+            outputs.append(
+                helper.make_tensor_value_info(
+                    f"present.{layer}.{kind}",
+                    f32,
+                    ["batch_size", kvh, "past_sequence_length + sequence_length", hd],
+                )
+            )
+    graph = helper.make_graph(
+        g.nodes, "tailguard_synthetic_decoder", inputs, outputs, g.initializers
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tailguard-synthetic"
+    )
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
@@ -270,22 +338,32 @@ def write_synthetic_model(directory: Path, spec: SyntheticModelSpec) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     defaults = SyntheticModelSpec()
-    parser = argparse.ArgumentParser(prog="python -m dataplane.inference.synthetic",
-                                     description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="python -m dataplane.inference.synthetic",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+    )
     parser.add_argument("directory", type=Path)
     parser.add_argument("--layers", type=int, default=defaults.layers)
     parser.add_argument("--hidden", type=int, default=defaults.hidden)
     parser.add_argument("--heads", type=int, default=defaults.heads)
-    parser.add_argument("--kv-heads", type=int, default=None,
-                        help="grouped-query attention: fewer KV heads than heads")
+    parser.add_argument(
+        "--kv-heads",
+        type=int,
+        default=None,
+        help="grouped-query attention: fewer KV heads than heads",
+    )
     parser.add_argument("--vocab", type=int, default=defaults.vocab)
     parser.add_argument("--max-context", type=int, default=defaults.max_context)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args(argv)
     spec = SyntheticModelSpec(
-        layers=args.layers, hidden=args.hidden, heads=args.heads,
-        kv_heads=args.kv_heads or args.heads, vocab=args.vocab,
-        max_context=args.max_context, seed=args.seed,
+        layers=args.layers,
+        hidden=args.hidden,
+        heads=args.heads,
+        kv_heads=args.kv_heads or args.heads,
+        vocab=args.vocab,
+        max_context=args.max_context,
+        seed=args.seed,
     )
     params = write_synthetic_model(args.directory, spec)
     print(f"wrote {args.directory} ({params} parameters)")

@@ -20,9 +20,15 @@ class Recorder:
 
     async def apply(self, wanted: Components) -> list[ComponentResult]:
         self.seen.append(wanted)
-        return [ComponentResult(kind="worker", name=f"replica-{w.replica_id}", ok=not self.fail,
-                                error="model missing" if self.fail else None)
-                for w in wanted.workers]
+        return [
+            ComponentResult(
+                kind="worker",
+                name=f"replica-{w.replica_id}",
+                ok=not self.fail,
+                error="model missing" if self.fail else None,
+            )
+            for w in wanted.workers
+        ]
 
 
 def signed(generation: int):  # noqa: ANN201
@@ -57,10 +63,16 @@ async def test_failures_are_reported_per_component(tmp_path: Path) -> None:
     assert status.components[0].error == "model missing"
 
 
-@pytest.mark.parametrize("mutate, reason", [
-    (lambda s: s.model_copy(update={"signature": None}), "unsigned"),
-    (lambda s: s.model_copy(update={"state": s.state.model_copy(update={"generation": 9})}), "bad_signature"),
-])
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda s: s.model_copy(update={"signature": None}), "unsigned"),
+        (
+            lambda s: s.model_copy(update={"state": s.state.model_copy(update={"generation": 9})}),
+            "bad_signature",
+        ),
+    ],
+)
 async def test_untrusted_states_never_reach_a_driver(tmp_path: Path, mutate, reason) -> None:  # noqa: ANN001
     driver = Recorder()
     status = await reconciler(tmp_path, driver).handle(mutate(signed(4)), pulled=False)

@@ -26,12 +26,21 @@ def free_port() -> int:
 
 def spec(port: int, replica: uuid.UUID, max_batch_size: int = 4) -> WorkerSpec:
     return WorkerSpec(
-        replica_id=replica, deployment_id=uuid.UUID(int=1), tenant_id=uuid.UUID(int=2),
-        model_name="tiny", artifact=ArtifactRef(uri=TINY), runtime_options={"intra_op_threads": 1},
-        gpu_indices=[], port=port, max_batch_size=max_batch_size, max_tokens_per_step=256,
-        max_queue_delay_ms=0, max_queue_len=8,
-        tenants=[TenantServing(tenant_id=uuid.UUID(int=2), weight=1.0, priority=0,
-                               key_hashes=[KEY_HASH])],
+        replica_id=replica,
+        deployment_id=uuid.UUID(int=1),
+        tenant_id=uuid.UUID(int=2),
+        model_name="tiny",
+        artifact=ArtifactRef(uri=TINY),
+        runtime_options={"intra_op_threads": 1},
+        gpu_indices=[],
+        port=port,
+        max_batch_size=max_batch_size,
+        max_tokens_per_step=256,
+        max_queue_delay_ms=0,
+        max_queue_len=8,
+        tenants=[
+            TenantServing(tenant_id=uuid.UUID(int=2), weight=1.0, priority=0, key_hashes=[KEY_HASH])
+        ],
     )
 
 
@@ -41,8 +50,11 @@ async def health(port: int) -> dict[str, object]:
 
 
 async def test_workers_follow_the_desired_state(tmp_path: Path) -> None:
-    supervisor = WorkerSupervisor(SupervisorSettings(
-        work_dir=tmp_path, health_interval_s=0.2, backoff_initial_s=0.2, ready_timeout_s=120))
+    supervisor = WorkerSupervisor(
+        SupervisorSettings(
+            work_dir=tmp_path, health_interval_s=0.2, backoff_initial_s=0.2, ready_timeout_s=120
+        )
+    )
     replica, port = uuid.uuid4(), free_port()
     try:
         results = await supervisor.apply(Components(workers=[spec(port, replica)]))

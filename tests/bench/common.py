@@ -49,8 +49,9 @@ class Processes:
 
     def spawn(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
         with open(self.logs / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=log,
-                                    stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [sys.executable, *argv], cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+            )
         self.procs.append(proc)
         return proc
 

@@ -27,7 +27,9 @@ from tests.bench.common import Processes, control_plane_environment, percentile,
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tailguard bench push", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="tailguard bench push", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--agents", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--port", type=int, default=18765)
@@ -69,27 +71,72 @@ def main(argv: list[str] | None = None) -> int:
         token = issue_api_token(user=admin, name="bench").secret
         bootstrap = create_bootstrap_token(name="bench", uses=args.agents).secret
         url = f"http://127.0.0.1:{args.port}"
-        procs.spawn("web", "-m", "uvicorn", "controlplane.asgi:application", "--port",
-                    str(args.port), "--workers", str(args.web_workers), "--log-level", "warning")
+        procs.spawn(
+            "web",
+            "-m",
+            "uvicorn",
+            "controlplane.asgi:application",
+            "--port",
+            str(args.port),
+            "--workers",
+            str(args.web_workers),
+            "--log-level",
+            "warning",
+        )
         wait(lambda: _answers(url), 60, "the control plane", procs)
-        procs.spawn("agents", "-m", "agent", "--log-level", "WARNING", "simulate", "--count",
-                    str(args.agents), "--control-plane", url, "--bootstrap-token", bootstrap,
-                    "--state-dir", str(work / "agents"))
+        procs.spawn(
+            "agents",
+            "-m",
+            "agent",
+            "--log-level",
+            "WARNING",
+            "simulate",
+            "--count",
+            str(args.agents),
+            "--control-plane",
+            url,
+            "--bootstrap-token",
+            bootstrap,
+            "--state-dir",
+            str(work / "agents"),
+        )
         print(f"waiting for {args.agents} simulated agents to enroll...", file=sys.stderr)
-        wait(lambda: Node.objects.filter(status="ready").count() == args.agents
-             and Gpu.objects.count() == 8 * args.agents, 300,
-             "the simulated agents to become ready and report their GPUs", procs)
+        wait(
+            lambda: (
+                Node.objects.filter(status="ready").count() == args.agents
+                and Gpu.objects.count() == 8 * args.agents
+            ),
+            300,
+            "the simulated agents to become ready and report their GPUs",
+            procs,
+        )
 
         api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120)
-        created = api.post("/api/v1/deployments/", json={
-            "tenant": str(tenant.pk), "name": "bench", "model_name": "bench",
-            "artifact_uri": "synthetic://bench", "replicas": args.agents, "gpus_per_replica": 1,
-        })
+        created = api.post(
+            "/api/v1/deployments/",
+            json={
+                "tenant": str(tenant.pk),
+                "name": "bench",
+                "model_name": "bench",
+                "artifact_uri": "synthetic://bench",
+                "replicas": args.agents,
+                "gpus_per_replica": 1,
+            },
+        )
         created.raise_for_status()
         deployment = created.json()["id"]
-        wait(lambda: Revision.objects.filter(status="applied").values("node").distinct().count()
-             == args.agents, 300, "the first rollout", procs)
-        first_generation = Revision.objects.order_by("-generation").values_list("generation", flat=True)[0]
+        wait(
+            lambda: (
+                Revision.objects.filter(status="applied").values("node").distinct().count()
+                == args.agents
+            ),
+            300,
+            "the first rollout",
+            procs,
+        )
+        first_generation = Revision.objects.order_by("-generation").values_list(
+            "generation", flat=True
+        )[0]
 
         samples: list[float] = []
         applied_at: list[float] = []
@@ -97,33 +144,44 @@ def main(argv: list[str] | None = None) -> int:
         rounds: list[float] = []
         for round_no in tqdm(range(args.rounds), desc="push rounds", file=sys.stderr):
             started_wall = time.time()
-            response = api.patch(f"/api/v1/deployments/{deployment}/",
-                                 json={"max_batch_size": 64 + round_no})
+            response = api.patch(
+                f"/api/v1/deployments/{deployment}/", json={"max_batch_size": 64 + round_no}
+            )
             response.raise_for_status()
             commit.append(time.time() - started_wall)
             generation = first_generation + round_no + 1
-            wait(lambda g=generation: Revision.objects.filter(
-                generation=g, status="applied").count() == args.agents, 120, f"round {round_no}", procs)
+            wait(
+                lambda g=generation: (
+                    Revision.objects.filter(generation=g, status="applied").count() == args.agents
+                ),
+                120,
+                f"round {round_no}",
+                procs,
+            )
             rows = Revision.objects.filter(generation=generation).values_list(
-                "created_at", "reported_at", "updated_at")
+                "created_at", "reported_at", "updated_at"
+            )
             committed = min(created for created, _, _ in rows).timestamp()
             times = [stored.timestamp() - committed for _, _, stored in rows]
             applied_at.extend(agent.timestamp() - committed for _, agent, _ in rows)
             samples.extend(times)
             rounds.append(max(times))
-        report({
-            "agents": args.agents,
-            "web_workers": args.web_workers,
-            "rounds": args.rounds,
-            "push_p50_s": round(percentile(samples, 50), 4),
-            "push_p99_s": round(percentile(samples, 99), 4),
-            "push_all_applied_max_s": round(max(rounds), 4),
-            # where the time goes: the API call that plans, signs, commits and sends; the
-            # agents applying (their own clock); their status reports being stored
-            "api_call_p50_s": round(percentile(commit, 50), 4),
-            "agent_applied_p50_s": round(percentile(applied_at, 50), 4),
-            "agent_applied_p99_s": round(percentile(applied_at, 99), 4),
-        }, args.json)
+        report(
+            {
+                "agents": args.agents,
+                "web_workers": args.web_workers,
+                "rounds": args.rounds,
+                "push_p50_s": round(percentile(samples, 50), 4),
+                "push_p99_s": round(percentile(samples, 99), 4),
+                "push_all_applied_max_s": round(max(rounds), 4),
+                # where the time goes: the API call that plans, signs, commits and sends; the
+                # agents applying (their own clock); their status reports being stored
+                "api_call_p50_s": round(percentile(commit, 50), 4),
+                "agent_applied_p50_s": round(percentile(applied_at, 50), 4),
+                "agent_applied_p99_s": round(percentile(applied_at, 99), 4),
+            },
+            args.json,
+        )
     return 0
 
 

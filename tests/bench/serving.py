@@ -53,10 +53,26 @@ class Sizes:
     raw_rounds: int
 
 
-QUICK = Sizes(prompt_tokens=32, output_tokens=64, concurrency=32, served_s=10, batch1_s=6,
-              fairness_s=9, warmup_s=2, raw_rounds=4)
-FULL = Sizes(prompt_tokens=32, output_tokens=64, concurrency=32, served_s=40, batch1_s=20,
-             fairness_s=45, warmup_s=3, raw_rounds=12)
+QUICK = Sizes(
+    prompt_tokens=32,
+    output_tokens=64,
+    concurrency=32,
+    served_s=10,
+    batch1_s=6,
+    fairness_s=9,
+    warmup_s=2,
+    raw_rounds=4,
+)
+FULL = Sizes(
+    prompt_tokens=32,
+    output_tokens=64,
+    concurrency=32,
+    served_s=40,
+    batch1_s=20,
+    fairness_s=45,
+    warmup_s=3,
+    raw_rounds=12,
+)
 
 
 @dataclass
@@ -131,7 +147,10 @@ class Connection(asyncio.Protocol):
             b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\n"
             b"Authorization: Bearer " + key.encode() + b"\r\n"
             b"Content-Type: application/json\r\nContent-Length: "
-            + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+            + str(len(payload)).encode()
+            + b"\r\n\r\n"
+            + payload
+        )
         return await self._done
 
     def close(self) -> None:
@@ -139,12 +158,18 @@ class Connection(asyncio.Protocol):
             self._transport.close()
 
 
-async def stream_one(conn: Connection, tenant: str, sizes: Sizes, rng: random.Random,
-                     results: list[Result]) -> None:
+async def stream_one(
+    conn: Connection, tenant: str, sizes: Sizes, rng: random.Random, results: list[Result]
+) -> None:
     prompt = [rng.randrange(5, 250) for _ in range(sizes.prompt_tokens)]
-    body = {"model": "synthetic", "prompt": prompt, "max_tokens": sizes.output_tokens,
-            "stream": True, "ignore_eos": True,
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    body = {
+        "model": "synthetic",
+        "prompt": prompt,
+        "max_tokens": sizes.output_tokens,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
     result = Result(tenant=tenant, sent=time.perf_counter())
     results.append(result)
     status = await conn.stream(KEYS[tenant], body, result)
@@ -176,8 +201,9 @@ async def closed_loop(base_url: str, sizes: Sizes, duration: float) -> list[Resu
     return results
 
 
-async def poisson(base_url: str, sizes: Sizes, rates: dict[str, float], duration: float,
-                  grace: float = 30.0) -> list[Result]:
+async def poisson(
+    base_url: str, sizes: Sizes, rates: dict[str, float], duration: float, grace: float = 30.0
+) -> list[Result]:
     """Open-loop Poisson arrivals per tenant, one connection per request; at the end the
     aggressor's requests are dropped and the others get ``grace`` seconds to finish."""
     results: list[Result] = []
@@ -224,19 +250,24 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def measure_engine(model_dir: Path, cache_dir: Path, sizes: Sizes,
-                   runtime_config: RuntimeConfig, rows_per_call: int) -> dict[str, float]:
+def measure_engine(
+    model_dir: Path,
+    cache_dir: Path,
+    sizes: Sizes,
+    runtime_config: RuntimeConfig,
+    rows_per_call: int,
+) -> dict[str, float]:
     """The runtime's own loop at the serving batch size, without HTTP or asyncio."""
     runtime = OnnxRuntime(model_dir, cache_dir, runtime_config)
     spec = runtime.spec
     rng = np.random.default_rng(0)
     width = sizes.prompt_tokens + sizes.output_tokens // 2
     shape = (sizes.concurrency, spec.num_kv_heads, width, spec.head_dim)
-    cache = KVBatch(keys=tuple(rng.standard_normal(shape, np.float32)
-                               for _ in range(spec.num_layers)),
-                    values=tuple(rng.standard_normal(shape, np.float32)
-                                 for _ in range(spec.num_layers)),
-                    lengths=np.full(sizes.concurrency, width, np.int64))
+    cache = KVBatch(
+        keys=tuple(rng.standard_normal(shape, np.float32) for _ in range(spec.num_layers)),
+        values=tuple(rng.standard_normal(shape, np.float32) for _ in range(spec.num_layers)),
+        lengths=np.full(sizes.concurrency, width, np.int64),
+    )
     tokens = np.ones(sizes.concurrency, np.int64)
     step_times = []
     for _ in range(30):
@@ -245,16 +276,17 @@ def measure_engine(model_dir: Path, cache_dir: Path, sizes: Sizes,
         step_times.append(time.perf_counter() - started)
 
     def sequence(tokens: int, seed: int) -> EngineSequence:
-        return EngineSequence(rng.integers(5, 250, sizes.prompt_tokens).tolist(),
-                              SamplingParams(max_new_tokens=tokens, ignore_eos=True, seed=seed))
+        return EngineSequence(
+            rng.integers(5, 250, sizes.prompt_tokens).tolist(),
+            SamplingParams(max_new_tokens=tokens, ignore_eos=True, seed=seed),
+        )
 
     # Lock-step: all sequences start and finish together, so no row is ever padded.
     engine = BatchEngine(runtime, rows_per_call)
     produced = 0
     started = time.perf_counter()
     for round_ in range(sizes.raw_rounds):
-        seqs = [sequence(sizes.output_tokens, round_ * 1000 + i)
-                for i in range(sizes.concurrency)]
+        seqs = [sequence(sizes.output_tokens, round_ * 1000 + i) for i in range(sizes.concurrency)]
         engine.prefill(seqs)
         engine.step(join=seqs)
         while engine.running:
@@ -266,8 +298,10 @@ def measure_engine(model_dir: Path, cache_dir: Path, sizes: Sizes,
     # first generation's lengths are spread so the batch holds every age at once (rows
     # are padded to the oldest one).
     engine = BatchEngine(runtime, rows_per_call)
-    fresh = [sequence(1 + i * sizes.output_tokens // sizes.concurrency, i)
-             for i in range(sizes.concurrency)]
+    fresh = [
+        sequence(1 + i * sizes.output_tokens // sizes.concurrency, i)
+        for i in range(sizes.concurrency)
+    ]
     steps, produced, started = 0, 0, 0.0
     while steps < (sizes.raw_rounds + 1) * sizes.output_tokens:
         if steps == sizes.output_tokens:
@@ -277,29 +311,40 @@ def measure_engine(model_dir: Path, cache_dir: Path, sizes: Sizes,
             produced += len(fresh)
         produced += len(engine.step(join=fresh))
         steps += 1
-        fresh = [sequence(sizes.output_tokens, steps * 100 + i)
-                 for i, s in enumerate(engine.running) if s.finish_reason is not None]
-    return {"decode_step_ms_b32": float(np.median(step_times) * 1000),
-            "raw_engine_tokens_per_s": lockstep,
-            "raw_engine_staggered_tokens_per_s": produced / (time.perf_counter() - started)}
+        fresh = [
+            sequence(sizes.output_tokens, steps * 100 + i)
+            for i, s in enumerate(engine.running)
+            if s.finish_reason is not None
+        ]
+    return {
+        "decode_step_ms_b32": float(np.median(step_times) * 1000),
+        "raw_engine_tokens_per_s": lockstep,
+        "raw_engine_staggered_tokens_per_s": produced / (time.perf_counter() - started),
+    }
 
 
 @contextmanager
-def worker(model_dir: Path, workdir: Path, name: str, **overrides: Any
-           ) -> Iterator[WorkerProcess]:
+def worker(model_dir: Path, workdir: Path, name: str, **overrides: Any) -> Iterator[WorkerProcess]:
     config = worker_config(model_dir, workdir / "cache", KEYS, **overrides)
     with WorkerProcess(config, workdir / name) as proc:
         yield proc
 
 
-def run(sizes: Sizes, spec: SyntheticModelSpec, runtime: RuntimeConfig,
-        batching: BatchingConfig, progress: tqdm[Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"prompt_tokens": sizes.prompt_tokens,
-                           "output_tokens": sizes.output_tokens,
-                           "concurrency": sizes.concurrency,
-                           "intra_op_threads": runtime.intra_op_threads,
-                           "max_tokens_per_step": batching.max_tokens_per_step,
-                           "max_rows_per_forward": batching.max_rows_per_forward}
+def run(
+    sizes: Sizes,
+    spec: SyntheticModelSpec,
+    runtime: RuntimeConfig,
+    batching: BatchingConfig,
+    progress: tqdm[Any],
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "prompt_tokens": sizes.prompt_tokens,
+        "output_tokens": sizes.output_tokens,
+        "concurrency": sizes.concurrency,
+        "intra_op_threads": runtime.intra_op_threads,
+        "max_tokens_per_step": batching.max_tokens_per_step,
+        "max_rows_per_forward": batching.max_rows_per_forward,
+    }
     with tempfile.TemporaryDirectory(prefix="tailguard-bench-") as tmp:
         workdir = Path(tmp)
         model_dir = workdir / "model"
@@ -308,37 +353,52 @@ def run(sizes: Sizes, spec: SyntheticModelSpec, runtime: RuntimeConfig,
         progress.update()
 
         progress.set_description("engine alone")
-        out.update(measure_engine(model_dir, workdir / "cache", sizes, runtime,
-                                  batching.max_rows_per_forward))
+        out.update(
+            measure_engine(
+                model_dir, workdir / "cache", sizes, runtime, batching.max_rows_per_forward
+            )
+        )
         progress.update()
 
         batching_json = batching.model_dump()
         runtime_json = runtime.model_dump()
         progress.set_description(f"served, {sizes.concurrency} streams")
-        with worker(model_dir, workdir, "served", batching=batching_json,
-                    runtime=runtime_json) as proc:
+        with worker(
+            model_dir, workdir, "served", batching=batching_json, runtime=runtime_json
+        ) as proc:
             total = sizes.warmup_s + sizes.served_s
             results = asyncio.run(closed_loop(proc.base_url, sizes, total))
         begin = min(r.sent for r in results) + sizes.warmup_s
-        out["served_tokens_per_s"] = window_tokens_per_s(results, begin,
-                                                         begin + sizes.served_s)
-        measured = [r for r in results if r.sent >= begin and r.chunks
-                    and r.chunks[-1][1] == sizes.output_tokens]
+        out["served_tokens_per_s"] = window_tokens_per_s(results, begin, begin + sizes.served_s)
+        measured = [
+            r
+            for r in results
+            if r.sent >= begin and r.chunks and r.chunks[-1][1] == sizes.output_tokens
+        ]
         ttfts = [r.ttft for r in measured if r.ttft is not None]
         tpots = [r.tpot for r in measured if r.tpot is not None]
-        out.update(ttft_p50_s=percentile(ttfts, 50), ttft_p99_s=percentile(ttfts, 99),
-                   tpot_p50_s=percentile(tpots, 50), tpot_p99_s=percentile(tpots, 99),
-                   served_requests=len(measured))
+        out.update(
+            ttft_p50_s=percentile(ttfts, 50),
+            ttft_p99_s=percentile(ttfts, 99),
+            tpot_p50_s=percentile(tpots, 50),
+            tpot_p99_s=percentile(tpots, 99),
+            served_requests=len(measured),
+        )
         progress.update()
 
         progress.set_description("batch size 1")
-        with worker(model_dir, workdir, "batch1", runtime=runtime_json,
-                    batching={**batching_json, "max_batch_size": 1}) as proc:
-            results = asyncio.run(closed_loop(proc.base_url, sizes,
-                                              sizes.warmup_s + sizes.batch1_s))
+        with worker(
+            model_dir,
+            workdir,
+            "batch1",
+            runtime=runtime_json,
+            batching={**batching_json, "max_batch_size": 1},
+        ) as proc:
+            results = asyncio.run(
+                closed_loop(proc.base_url, sizes, sizes.warmup_s + sizes.batch1_s)
+            )
         begin = min(r.sent for r in results) + sizes.warmup_s
-        out["batch1_tokens_per_s"] = window_tokens_per_s(results, begin,
-                                                         begin + sizes.batch1_s)
+        out["batch1_tokens_per_s"] = window_tokens_per_s(results, begin, begin + sizes.batch1_s)
         progress.update()
 
         # Fairness: the aggressor alone would overload the worker; the victim sends a
@@ -347,13 +407,21 @@ def run(sizes: Sizes, spec: SyntheticModelSpec, runtime: RuntimeConfig,
         victim_rps = 0.13 * capacity_rps
         out["victim_rps"] = victim_rps
         out["aggressor_rps"] = 10 * victim_rps
-        scenarios = [("solo", "fair", {"victim": victim_rps}),
-                     ("fair", "fair", {"victim": victim_rps, "aggressor": 10 * victim_rps}),
-                     ("fcfs", "fcfs", {"victim": victim_rps, "aggressor": 10 * victim_rps})]
+        scenarios = [
+            ("solo", "fair", {"victim": victim_rps}),
+            ("fair", "fair", {"victim": victim_rps, "aggressor": 10 * victim_rps}),
+            ("fcfs", "fcfs", {"victim": victim_rps, "aggressor": 10 * victim_rps}),
+        ]
         for label, policy, rates in scenarios:
             progress.set_description(f"victim {label}")
-            with worker(model_dir, workdir, f"victim-{label}", batching=batching_json,
-                        runtime=runtime_json, scheduling={"policy": policy}) as proc:
+            with worker(
+                model_dir,
+                workdir,
+                f"victim-{label}",
+                batching=batching_json,
+                runtime=runtime_json,
+                scheduling={"policy": policy},
+            ) as proc:
                 results = asyncio.run(poisson(proc.base_url, sizes, rates, sizes.fairness_s))
             victim = [r.ttft for r in results if r.tenant == "victim" and r.ttft is not None]
             out[f"victim_ttft_p99_{label}_s"] = percentile(victim, 99)
@@ -361,28 +429,35 @@ def run(sizes: Sizes, spec: SyntheticModelSpec, runtime: RuntimeConfig,
             out[f"victim_requests_{label}"] = len(victim)
             if "aggressor" in rates:
                 out[f"aggressor_rejected_{label}"] = sum(
-                    r.rejected for r in results if r.tenant == "aggressor")
+                    r.rejected for r in results if r.tenant == "aggressor"
+                )
             progress.update()
 
     def ratio(a: str, b: str) -> float | None:
         return out[a] / out[b] if out.get(a) and out.get(b) else None
 
     out["served_over_raw"] = ratio("served_tokens_per_s", "raw_engine_tokens_per_s")
-    out["served_over_raw_staggered"] = ratio("served_tokens_per_s",
-                                             "raw_engine_staggered_tokens_per_s")
+    out["served_over_raw_staggered"] = ratio(
+        "served_tokens_per_s", "raw_engine_staggered_tokens_per_s"
+    )
     out["batching_speedup"] = ratio("served_tokens_per_s", "batch1_tokens_per_s")
     out["fair_over_solo"] = ratio("victim_ttft_p99_fair_s", "victim_ttft_p99_solo_s")
     out["fcfs_over_solo"] = ratio("victim_ttft_p99_fcfs_s", "victim_ttft_p99_solo_s")
     return out
 
 
-GOALS = (("served_over_raw", ">=", 0.9), ("batching_speedup", ">=", 4.0),
-         ("fair_over_solo", "<=", 1.5))
+GOALS = (
+    ("served_over_raw", ">=", 0.9),
+    ("batching_speedup", ">=", 4.0),
+    ("fair_over_solo", "<=", 1.5),
+)
 
 
 def table(out: dict[str, Any]) -> str:
-    lines = [f"{key:32} {value:.4g}" if isinstance(value, float) else f"{key:32} {value}"
-             for key, value in out.items()]
+    lines = [
+        f"{key:32} {value:.4g}" if isinstance(value, float) else f"{key:32} {value}"
+        for key, value in out.items()
+    ]
     for key, op, goal in GOALS:
         value = out.get(key)
         met = value is not None and (value >= goal if op == ">=" else value <= goal)
@@ -391,8 +466,10 @@ def table(out: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.serving",
-                                     description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.serving",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quick", action="store_true", help="about two minutes")
     defaults = SyntheticModelSpec()
@@ -403,24 +480,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=None)
     parser.add_argument("--prompt-tokens", type=int, default=None)
     parser.add_argument("--output-tokens", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="ONNX Runtime intra-op threads, for the engine alone and the "
-                             "workers alike (one leaves a core for HTTP on a 2-core box)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="ONNX Runtime intra-op threads, for the engine alone and the "
+        "workers alike (one leaves a core for HTTP on a 2-core box)",
+    )
     parser.add_argument("--max-tokens-per-step", type=int, default=512)
     parser.add_argument("--max-rows-per-forward", type=int, default=16)
     args = parser.parse_args(argv)
     base = QUICK if args.quick else FULL
-    sizes = Sizes(**{**base.__dict__, **{k: v for k, v in {
-        "concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens,
-        "output_tokens": args.output_tokens}.items() if v is not None}})
-    spec = SyntheticModelSpec(layers=args.layers, hidden=args.hidden, heads=args.heads,
-                              kv_heads=args.heads, vocab=args.vocab)
+    sizes = Sizes(
+        **{
+            **base.__dict__,
+            **{
+                k: v
+                for k, v in {
+                    "concurrency": args.concurrency,
+                    "prompt_tokens": args.prompt_tokens,
+                    "output_tokens": args.output_tokens,
+                }.items()
+                if v is not None
+            },
+        }
+    )
+    spec = SyntheticModelSpec(
+        layers=args.layers,
+        hidden=args.hidden,
+        heads=args.heads,
+        kv_heads=args.heads,
+        vocab=args.vocab,
+    )
     with tqdm(total=8, file=sys.stderr, unit="phase") as progress:
-        batching = BatchingConfig(max_batch_size=sizes.concurrency, max_queue_len=64,
-                                  max_tokens_per_step=args.max_tokens_per_step,
-                                  max_rows_per_forward=args.max_rows_per_forward)
-        out = run(sizes, spec, RuntimeConfig(intra_op_threads=args.threads), batching,
-                  progress)
+        batching = BatchingConfig(
+            max_batch_size=sizes.concurrency,
+            max_queue_len=64,
+            max_tokens_per_step=args.max_tokens_per_step,
+            max_rows_per_forward=args.max_rows_per_forward,
+        )
+        out = run(sizes, spec, RuntimeConfig(intra_op_threads=args.threads), batching, progress)
     print(json.dumps(out, indent=2) if args.json else table(out))
     return 0
 

@@ -46,7 +46,9 @@ def client_for(db: Any) -> Callable[[Any], APIClient]:
 
     def make(user: Any) -> APIClient:
         client = APIClient()
-        client.credentials(HTTP_AUTHORIZATION=f"Bearer {issue_api_token(user=user, name='t').secret}")
+        client.credentials(
+            HTTP_AUTHORIZATION=f"Bearer {issue_api_token(user=user, name='t').secret}"
+        )
         return client
 
     return make
@@ -55,8 +57,15 @@ def client_for(db: Any) -> Callable[[Any], APIClient]:
 def make_node(hostname: str, tenant: Any = None, gpus: int = 0) -> Node:
     node = Node.objects.create(hostname=hostname, tenant=tenant, cpu_count=64)
     Gpu.objects.bulk_create(
-        Gpu(node=node, index=i, uuid=f"GPU-{hostname}-{i}", name="NVIDIA H100 80GB HBM3",
-            memory_total_bytes=80 * 2**30, pci_bus_id=f"0000:{i + 16:02x}:00.0", numa_node=i // 4)
+        Gpu(
+            node=node,
+            index=i,
+            uuid=f"GPU-{hostname}-{i}",
+            name="NVIDIA H100 80GB HBM3",
+            memory_total_bytes=80 * 2**30,
+            pci_bus_id=f"0000:{i + 16:02x}:00.0",
+            numa_node=i // 4,
+        )
         for i in range(gpus)
     )
     return node

@@ -28,13 +28,17 @@ def archive_bytes(files: dict[str, bytes] = MODEL_FILES) -> bytes:
     return buffer.getvalue()
 
 
-def upload(client: APIClient, tenant: Any, name: str = "tiny", data: bytes | None = None,
-           **fields: str) -> Any:
+def upload(
+    client: APIClient, tenant: Any, name: str = "tiny", data: bytes | None = None, **fields: str
+) -> Any:
     """POST an archive the way clients do: multipart/form-data."""
     file = io.BytesIO(archive_bytes() if data is None else data)
     file.name = f"{name}.tar"
-    return client.post("/api/v1/artifacts/", {"tenant": str(tenant.pk), "name": name, "file": file,
-                                              **fields}, format="multipart")
+    return client.post(
+        "/api/v1/artifacts/",
+        {"tenant": str(tenant.pk), "name": name, "file": file, **fields},
+        format="multipart",
+    )
 
 
 def ready_node(hostname: str, tenant: Any = None) -> Node:
@@ -50,8 +54,14 @@ def make_pool(node: Node, capacity: int = 100 * MIB, name: str = "models", **fie
 
 def make_artifact(tenant: Any, name: str = "tiny") -> Artifact:
     """An artifact row without a file, for tests that never download it."""
-    return Artifact.objects.create(tenant=tenant, name=name, sha256="a" * 64, size_bytes=3 * MIB,
-                                   unpacked_bytes=3 * MIB, files=[])
+    return Artifact.objects.create(
+        tenant=tenant,
+        name=name,
+        sha256="a" * 64,
+        size_bytes=3 * MIB,
+        unpacked_bytes=3 * MIB,
+        files=[],
+    )
 
 
 def as_node(node: Node) -> APIClient:

@@ -15,8 +15,14 @@ def test_operator_browses_nodes_and_cannot_edit_discovered_facts(
     live_server: Any, world: World
 ) -> None:
     node = make_node("gpu-node-7", world.tenant_a, gpus=8)
-    Nic.objects.create(node=node, device="mlx5_0", state="active", speed_gbps=400,
-                       link_layer="InfiniBand", numa_node=0)
+    Nic.objects.create(
+        node=node,
+        device="mlx5_0",
+        state="active",
+        speed_gbps=400,
+        link_layer="InfiniBand",
+        numa_node=0,
+    )
     get_user_model().objects.filter(pk=world.platform.pk).update()
     world.platform.set_password("operator-pass")
     world.platform.save()

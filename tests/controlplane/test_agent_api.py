@@ -18,14 +18,27 @@ from controlplane.inventory.services import create_bootstrap_token, mark_silent_
 from tests.agent.samples import inventory as sample_inventory
 from tests.controlplane.conftest import World
 
-HOST = {"hostname": "gpu-17", "kernel": "6.8.0", "os": "Debian 12", "cpu_model": "Xeon",
-        "cpu_count": 64, "memory_bytes": 2**38}
+HOST = {
+    "hostname": "gpu-17",
+    "kernel": "6.8.0",
+    "os": "Debian 12",
+    "cpu_model": "Xeon",
+    "cpu_count": 64,
+    "memory_bytes": 2**38,
+}
 
 
 def enroll(token: str, hostname: str = "gpu-17") -> Any:
-    body = {"schema_version": 1, "bootstrap_token": token, "hostname": hostname,
-            "agent_version": "0.1.0", "host": {**HOST, "hostname": hostname}}
-    return APIClient().post("/api/v1/agent/enroll/", json.dumps(body), content_type="application/json")
+    body = {
+        "schema_version": 1,
+        "bootstrap_token": token,
+        "hostname": hostname,
+        "agent_version": "0.1.0",
+        "host": {**HOST, "hostname": hostname},
+    }
+    return APIClient().post(
+        "/api/v1/agent/enroll/", json.dumps(body), content_type="application/json"
+    )
 
 
 def as_node(credential: str) -> APIClient:
@@ -70,29 +83,33 @@ def test_malformed_messages_get_a_400_naming_the_field(enrolled: tuple[Node, str
     body["gpus"][0]["pci_bus_id"] = "not-a-bus-id"
     body["nics"][0]["speed_gbps"] = "fast"
     body["surprise"] = 1
-    response = as_node(credential).post("/api/v1/agent/inventory/", json.dumps(body),
-                                        content_type="application/json")
+    response = as_node(credential).post(
+        "/api/v1/agent/inventory/", json.dumps(body), content_type="application/json"
+    )
     assert response.status_code == 400
     errors = response.json()
     assert {"gpus.0.pci_bus_id", "nics.0.speed_gbps", "surprise"} <= set(errors), errors
     assert not node.gpus.exists()
-    response = as_node(credential).post("/api/v1/agent/inventory/", "{oops",
-                                        content_type="application/json")
+    response = as_node(credential).post(
+        "/api/v1/agent/inventory/", "{oops", content_type="application/json"
+    )
     assert response.status_code == 400
 
 
 def test_inventory_replaces_hardware_rows(enrolled: tuple[Node, str]) -> None:
     node, credential = enrolled
     inventory = sample_inventory()
-    response = as_node(credential).post("/api/v1/agent/inventory/", inventory.model_dump_json(),
-                                        content_type="application/json")
+    response = as_node(credential).post(
+        "/api/v1/agent/inventory/", inventory.model_dump_json(), content_type="application/json"
+    )
     assert response.status_code == 204, response.content
     assert node.gpus.count() == len(inventory.gpus)
     assert node.nics.count() == len(inventory.nics) and node.drives.count() == len(inventory.drives)
     assert node.gpus.count() >= 1
     fewer = inventory.model_copy(update={"gpus": []})
-    as_node(credential).post("/api/v1/agent/inventory/", fewer.model_dump_json(),
-                             content_type="application/json")
+    as_node(credential).post(
+        "/api/v1/agent/inventory/", fewer.model_dump_json(), content_type="application/json"
+    )
     assert node.gpus.count() == 0
 
 
@@ -100,10 +117,19 @@ def test_heartbeats_make_nodes_ready_and_silence_makes_them_unreachable(
     enrolled: tuple[Node, str], settings: Any
 ) -> None:
     node, credential = enrolled
-    beat = Heartbeat(node_id=node.pk, sent_at=datetime.now(UTC), agent_version="0.1.1",
-                     applied_generation=0, uptime_s=3.0)
-    assert as_node(credential).post("/api/v1/agent/heartbeat/", beat.model_dump_json(),
-                                    content_type="application/json").status_code == 204
+    beat = Heartbeat(
+        node_id=node.pk,
+        sent_at=datetime.now(UTC),
+        agent_version="0.1.1",
+        applied_generation=0,
+        uptime_s=3.0,
+    )
+    assert (
+        as_node(credential)
+        .post("/api/v1/agent/heartbeat/", beat.model_dump_json(), content_type="application/json")
+        .status_code
+        == 204
+    )
     node.refresh_from_db()
     assert node.status == "ready" and node.agent_version == "0.1.1"
 
@@ -114,16 +140,25 @@ def test_heartbeats_make_nodes_ready_and_silence_makes_them_unreachable(
     assert node.status == "unreachable"
 
     other = beat.model_copy(update={"node_id": Node.objects.create(hostname="x").pk})
-    response = as_node(credential).post("/api/v1/agent/heartbeat/", other.model_dump_json(),
-                                        content_type="application/json")
+    response = as_node(credential).post(
+        "/api/v1/agent/heartbeat/", other.model_dump_json(), content_type="application/json"
+    )
     assert response.status_code == 400 and "node_id" in response.json()
 
 
 def test_agent_endpoints_need_a_node_credential(world: World, client_for: Any) -> None:
     for path in ("heartbeat/", "inventory/", "status/"):
-        assert APIClient().post(f"/api/v1/agent/{path}", "{}", content_type="application/json").status_code == 401
+        assert (
+            APIClient()
+            .post(f"/api/v1/agent/{path}", "{}", content_type="application/json")
+            .status_code
+            == 401
+        )
         # a person's API token is not a node credential
-        assert client_for(world.platform).post(f"/api/v1/agent/{path}", {}).status_code in (401, 403)
+        assert client_for(world.platform).post(f"/api/v1/agent/{path}", {}).status_code in (
+            401,
+            403,
+        )
     assert as_node("tgn_" + "z" * 40).get("/api/v1/agent/desired-state/").status_code == 401
 
 
@@ -132,21 +167,36 @@ def test_desired_state_and_status_round_trip(enrolled: tuple[Node, str], world: 
     client = as_node(credential)
     assert client.get("/api/v1/agent/desired-state/").status_code == 204
     Node.objects.filter(pk=node.pk).update(status="ready")
-    fleet.create_deployment(tenant=world.tenant_a, name="chat", model_name="chat",
-                            artifact_uri="synthetic://chat", replicas=1)
+    fleet.create_deployment(
+        tenant=world.tenant_a,
+        name="chat",
+        model_name="chat",
+        artifact_uri="synthetic://chat",
+        replicas=1,
+    )
     body = client.get("/api/v1/agent/desired-state/").json()
     signed = SignedDesiredState.model_validate(body)
-    public = decode_public_key(enroll(create_bootstrap_token(name="k").secret, "other").json()[
-        "control_plane_public_key"])
+    public = decode_public_key(
+        enroll(create_bootstrap_token(name="k").secret, "other").json()["control_plane_public_key"]
+    )
     state = verify_state(signed, public, node_id=node.pk)
     assert state.generation == 1 and state.components.workers[0].model_name == "chat"
 
-    status = {"schema_version": 1, "node_id": str(node.pk), "generation": 1,
-              "content_hash": state.content_hash, "state": "applied", "components": [
-                  {"kind": "worker", "name": "replica-x", "ok": True, "error": None}],
-              "reported_at": datetime.now(UTC).isoformat()}
-    assert client.post("/api/v1/agent/status/", json.dumps(status),
-                       content_type="application/json").status_code == 204
+    status = {
+        "schema_version": 1,
+        "node_id": str(node.pk),
+        "generation": 1,
+        "content_hash": state.content_hash,
+        "state": "applied",
+        "components": [{"kind": "worker", "name": "replica-x", "ok": True, "error": None}],
+        "reported_at": datetime.now(UTC).isoformat(),
+    }
+    assert (
+        client.post(
+            "/api/v1/agent/status/", json.dumps(status), content_type="application/json"
+        ).status_code
+        == 204
+    )
     revision = Revision.objects.get(node=node, generation=1)
     assert revision.status == "applied" and revision.results[0]["name"] == "replica-x"
     node.refresh_from_db()
@@ -154,9 +204,13 @@ def test_desired_state_and_status_round_trip(enrolled: tuple[Node, str], world: 
 
 
 def test_bootstrap_tokens_are_for_platform_admins(world: World, client_for: Any) -> None:
-    assert client_for(world.admin_a).post("/api/v1/bootstrap-tokens/", {"name": "x"}).status_code == 403
-    response = client_for(world.platform).post("/api/v1/bootstrap-tokens/",
-                                               {"name": "rack-7", "uses": 3})
+    assert (
+        client_for(world.admin_a).post("/api/v1/bootstrap-tokens/", {"name": "x"}).status_code
+        == 403
+    )
+    response = client_for(world.platform).post(
+        "/api/v1/bootstrap-tokens/", {"name": "rack-7", "uses": 3}
+    )
     assert response.status_code == 201, response.content
     body = response.json()
     assert body["token"].startswith("tgb_") and body["uses_left"] == 3

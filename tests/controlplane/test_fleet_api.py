@@ -16,16 +16,26 @@ def test_bad_deployments_are_refused_by_field(world: World, client_for: Any) -> 
     tenant = str(world.tenant_a.id)
     cases = [
         ({"artifact_uri": "https://models.example/chat.tar"}, "artifact_uri", "sha256"),
-        ({"artifact_uri": "synthetic://x", "artifact_sha256": "ab" * 32}, "artifact_uri", "no sha256"),
+        (
+            {"artifact_uri": "synthetic://x", "artifact_sha256": "ab" * 32},
+            "artifact_uri",
+            "no sha256",
+        ),
         ({"replicas": 1000}, "replicas", "less than or equal to 256"),
         ({"replicas": -1}, "replicas", "greater than or equal to 0"),
-        ({"runtime_options": {"threads": [1, 2]}}, "runtime_options", "strings, numbers or booleans"),
+        (
+            {"runtime_options": {"threads": [1, 2]}},
+            "runtime_options",
+            "strings, numbers or booleans",
+        ),
         ({"node_selector": {"bad key!": "x"}}, "node_selector", "invalid"),
         ({"name": "Not A Slug"}, "name", "lowercase"),
         ({"max_batch_size": 0}, "max_batch_size", "greater than or equal to 1"),
     ]
     for change, field, words in cases:
-        response = client.post("/api/v1/deployments/", {**BODY, "tenant": tenant, **change}, format="json")
+        response = client.post(
+            "/api/v1/deployments/", {**BODY, "tenant": tenant, **change}, format="json"
+        )
         assert response.status_code == 400, (change, response.content)
         assert words in str(response.json()[field]), (change, response.json())
     assert not Revision.objects.exists()
@@ -35,11 +45,16 @@ def test_why_here_and_why_not_placed(world: World, client_for: Any) -> None:
     node = make_node("gpu-1", world.tenant_a, gpus=2)
     Node.objects.filter(pk=node.pk).update(status="ready")
     client = client_for(world.admin_a)
-    response = client.post("/api/v1/deployments/", {**BODY, "tenant": str(world.tenant_a.id),
-                                                    "replicas": 2, "gpus_per_replica": 2}, format="json")
+    response = client.post(
+        "/api/v1/deployments/",
+        {**BODY, "tenant": str(world.tenant_a.id), "replicas": 2, "gpus_per_replica": 2},
+        format="json",
+    )
     assert response.status_code == 201, response.content
     assert response.json()["placed_replicas"] == 1
-    replicas = client.get("/api/v1/replicas/", {"deployment": response.json()["id"]}).json()["results"]
+    replicas = client.get("/api/v1/replicas/", {"deployment": response.json()["id"]}).json()[
+        "results"
+    ]
     placed, unplaced = sorted(replicas, key=lambda r: r["node"] is None)
     assert placed["hostname"] == "gpu-1" and placed["gpu_indices"] == [0, 1]
     assert "placed on gpu-1" in placed["reason"]
@@ -51,8 +66,9 @@ def test_changes_issue_new_generations_and_rollback_pins(world: World, client_fo
     node = make_node("gpu-2", world.tenant_a, gpus=1)
     Node.objects.filter(pk=node.pk).update(status="ready")
     client = client_for(world.admin_a)
-    created = client.post("/api/v1/deployments/", {**BODY, "tenant": str(world.tenant_a.id)},
-                          format="json").json()
+    created = client.post(
+        "/api/v1/deployments/", {**BODY, "tenant": str(world.tenant_a.id)}, format="json"
+    ).json()
     client.patch(f"/api/v1/deployments/{created['id']}/", {"max_batch_size": 8}, format="json")
     client.patch(f"/api/v1/deployments/{created['id']}/", {"max_batch_size": 8}, format="json")
     revisions = client.get("/api/v1/revisions/", {"node": str(node.pk)}).json()["results"]

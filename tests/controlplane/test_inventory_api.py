@@ -16,8 +16,11 @@ def test_operator_edits_labels_and_maintenance(world: World, client_for: Any) ->
     client = client_for(world.admin_a)
     response = client.patch(
         f"/api/v1/nodes/{node.pk}/",
-        {"labels": {"zone": "eu-1", "tailguard.io/pool": "h100"}, "maintenance": True,
-         "maintenance_reason": "firmware"},
+        {
+            "labels": {"zone": "eu-1", "tailguard.io/pool": "h100"},
+            "maintenance": True,
+            "maintenance_reason": "firmware",
+        },
     )
     assert response.status_code == 200, response.content
     node.refresh_from_db()
@@ -28,7 +31,9 @@ def test_operator_edits_labels_and_maintenance(world: World, client_for: Any) ->
     assert node.maintenance_reason == ""
 
 
-def test_discovered_facts_are_read_only_and_bad_input_is_named(world: World, client_for: Any) -> None:
+def test_discovered_facts_are_read_only_and_bad_input_is_named(
+    world: World, client_for: Any
+) -> None:
     node = make_node("gpu-02", world.tenant_a, gpus=1)
     client = client_for(world.admin_a)
     cases = [
@@ -78,9 +83,16 @@ def test_listing_1000_nodes_with_8_gpus_is_a_bounded_number_of_queries(
         Node(hostname=f"h{i:04d}", tenant=world.tenant_a) for i in range(1000)
     )
     Gpu.objects.bulk_create(
-        Gpu(node=n, index=g, uuid=f"GPU-{n.hostname}-{g}", name="H100", memory_total_bytes=1,
-            pci_bus_id=f"0000:{g:02x}:00.0")
-        for n in nodes for g in range(8)
+        Gpu(
+            node=n,
+            index=g,
+            uuid=f"GPU-{n.hostname}-{g}",
+            name="H100",
+            memory_total_bytes=1,
+            pci_bus_id=f"0000:{g:02x}:00.0",
+        )
+        for n in nodes
+        for g in range(8)
     )
     client = client_for(world.admin_a)
     with CaptureQueriesContext(connection) as queries:

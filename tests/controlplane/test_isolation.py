@@ -27,8 +27,13 @@ def _nic(tenant: Any) -> Nic:
 
 
 def _deployment(tenant: Any) -> Any:
-    return fleet.create_deployment(tenant=tenant, name=f"chat-{tenant.slug}", model_name="chat",
-                                   artifact_uri="synthetic://chat", replicas=1)
+    return fleet.create_deployment(
+        tenant=tenant,
+        name=f"chat-{tenant.slug}",
+        model_name="chat",
+        artifact_uri="synthetic://chat",
+        replicas=1,
+    )
 
 
 def _replica(tenant: Any) -> Replica:
@@ -55,9 +60,11 @@ ENDPOINTS = [
     Endpoint("tenants", lambda w, t: t, {"name": "renamed"}, None),
     Endpoint(
         "memberships",
-        lambda w, t: set_membership(tenant=t, user=w.viewer_a, role=Role.VIEWER)
-        if t == w.tenant_b
-        else w.viewer_a.memberships.get(tenant=t),
+        lambda w, t: (
+            set_membership(tenant=t, user=w.viewer_a, role=Role.VIEWER)
+            if t == w.tenant_b
+            else w.viewer_a.memberships.get(tenant=t)
+        ),
         {"role": "admin"},
         lambda w, t: {"tenant": str(t.id), "user": "viewer-a", "role": "viewer"},
     ),
@@ -67,13 +74,23 @@ ENDPOINTS = [
         None,
         lambda w, t: {"tenant": str(t.id), "name": "mine"},
     ),
-    Endpoint("nodes", lambda w, t: make_node(f"node-{t.slug}", t, gpus=1), {"labels": {"a": "b"}}, None),
-    Endpoint("gpus", lambda w, t: make_node(f"gpu-host-{t.slug}", t, gpus=1).gpus.get(), None, None),
+    Endpoint(
+        "nodes", lambda w, t: make_node(f"node-{t.slug}", t, gpus=1), {"labels": {"a": "b"}}, None
+    ),
+    Endpoint(
+        "gpus", lambda w, t: make_node(f"gpu-host-{t.slug}", t, gpus=1).gpus.get(), None, None
+    ),
     Endpoint("nics", lambda w, t: _nic(t), None, None),
     Endpoint(
-        "deployments", lambda w, t: _deployment(t), {"replicas": 2},
-        lambda w, t: {"tenant": str(t.id), "name": "x", "model_name": "x",
-                      "artifact_uri": "synthetic://x"},
+        "deployments",
+        lambda w, t: _deployment(t),
+        {"replicas": 2},
+        lambda w, t: {
+            "tenant": str(t.id),
+            "name": "x",
+            "model_name": "x",
+            "artifact_uri": "synthetic://x",
+        },
     ),
     Endpoint("replicas", lambda w, t: _replica(t), None, None),
     Endpoint("revisions", lambda w, t: _revision(t), None, None),
@@ -82,7 +99,9 @@ ENDPOINTS = [
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS, ids=lambda e: e.path)
-def test_tenant_sees_and_changes_only_its_own(endpoint: Endpoint, world: World, client_for: Any) -> None:
+def test_tenant_sees_and_changes_only_its_own(
+    endpoint: Endpoint, world: World, client_for: Any
+) -> None:
     own = endpoint.make(world, world.tenant_a)
     other = endpoint.make(world, world.tenant_b)
     client = client_for(world.admin_a)
@@ -93,7 +112,10 @@ def test_tenant_sees_and_changes_only_its_own(endpoint: Endpoint, world: World, 
     assert str(other.pk) not in listed
 
     assert client.get(f"{base}{other.pk}/").status_code == 404
-    assert client.patch(f"{base}{other.pk}/", endpoint.patch or {}, format="json").status_code in (404, 405)
+    assert client.patch(f"{base}{other.pk}/", endpoint.patch or {}, format="json").status_code in (
+        404,
+        405,
+    )
     assert client.delete(f"{base}{other.pk}/").status_code in (403, 404, 405)
     other.refresh_from_db()  # still there, unchanged
 
@@ -103,7 +125,9 @@ def test_tenant_sees_and_changes_only_its_own(endpoint: Endpoint, world: World, 
         assert "tenant" in response.json()
 
     platform = client_for(world.platform)
-    everything = {str(row["id"]) for row in platform.get(base, {"page_size": 1000}).json()["results"]}
+    everything = {
+        str(row["id"]) for row in platform.get(base, {"page_size": 1000}).json()["results"]
+    }
     assert {str(own.pk), str(other.pk)} <= everything
 
 
@@ -133,7 +157,9 @@ def test_me_lists_only_the_callers_memberships(world: World, client_for: Any) ->
     assert body == {
         "username": "admin-a",
         "is_platform_admin": False,
-        "memberships": [{"tenant": str(world.tenant_a.id), "tenant_slug": "tenant-a", "role": "admin"}],
+        "memberships": [
+            {"tenant": str(world.tenant_a.id), "tenant_slug": "tenant-a", "role": "admin"}
+        ],
     }
 
 
@@ -150,9 +176,21 @@ def test_unauthenticated_requests_are_refused(world: World, client_for: Any) -> 
     from django.urls import reverse
     from rest_framework.test import APIClient
 
-    for path in ("tenants", "nodes", "inference-keys", "api-tokens", "deployments", "replicas",
-                 "revisions", "bootstrap-tokens", "pools", "volumes", "qos-policies", "exports",
-                 "artifacts"):
+    for path in (
+        "tenants",
+        "nodes",
+        "inference-keys",
+        "api-tokens",
+        "deployments",
+        "replicas",
+        "revisions",
+        "bootstrap-tokens",
+        "pools",
+        "volumes",
+        "qos-policies",
+        "exports",
+        "artifacts",
+    ):
         response = APIClient().get(f"/api/v1/{path}/")
         assert response.status_code == 401, path
     response = APIClient().get("/api/v1/nodes/", HTTP_AUTHORIZATION="Bearer tg_not-a-token")

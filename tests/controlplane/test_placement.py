@@ -11,18 +11,33 @@ from controlplane.inventory.models import Gpu, Node
 TENANT, OTHER = uuid.uuid4(), uuid.uuid4()
 
 
-def room(hostname: str, gpus: int = 8, *, model: str = "NVIDIA H100 80GB HBM3", status: str = "ready",
-         labels: dict[str, str] | None = None, tenant: uuid.UUID | None = None,
-         maintenance: bool = False) -> NodeRoom:
-    node = Node(hostname=hostname, status=status, labels=labels or {}, tenant_id=tenant,
-                maintenance=maintenance)
-    return NodeRoom(node, [Gpu(node=node, index=i, name=model, memory_total_bytes=80 * 2**30)
-                           for i in range(gpus)])
+def room(
+    hostname: str,
+    gpus: int = 8,
+    *,
+    model: str = "NVIDIA H100 80GB HBM3",
+    status: str = "ready",
+    labels: dict[str, str] | None = None,
+    tenant: uuid.UUID | None = None,
+    maintenance: bool = False,
+) -> NodeRoom:
+    node = Node(
+        hostname=hostname,
+        status=status,
+        labels=labels or {},
+        tenant_id=tenant,
+        maintenance=maintenance,
+    )
+    return NodeRoom(
+        node,
+        [Gpu(node=node, index=i, name=model, memory_total_bytes=80 * 2**30) for i in range(gpus)],
+    )
 
 
 def deployment(replicas: int, gpus: int = 1, **fields: object) -> Deployment:
-    return Deployment(tenant_id=TENANT, name="d", replicas=replicas, gpus_per_replica=gpus,
-                      **fields)
+    return Deployment(
+        tenant_id=TENANT, name="d", replicas=replicas, gpus_per_replica=gpus, **fields
+    )
 
 
 def new_replica(d: Deployment, index: int) -> Replica:
@@ -46,11 +61,17 @@ def test_replicas_spread_across_nodes_and_gpus_are_not_shared() -> None:
 
 
 def test_requirements_filter_and_the_reason_names_each_refusal() -> None:
-    rooms = {r.node.pk: r for r in (
-        room("busy", 1), room("a100", 8, model="NVIDIA A100-SXM4-40GB"),
-        room("down", status="unreachable"), room("drained", maintenance=True),
-        room("theirs", tenant=OTHER), room("eu", labels={"zone": "eu-1"}),
-    )}
+    rooms = {
+        r.node.pk: r
+        for r in (
+            room("busy", 1),
+            room("a100", 8, model="NVIDIA A100-SXM4-40GB"),
+            room("down", status="unreachable"),
+            room("drained", maintenance=True),
+            room("theirs", tenant=OTHER),
+            room("eu", labels={"zone": "eu-1"}),
+        )
+    }
     d = deployment(replicas=2, gpus=2, gpu_model="H100", node_selector={"zone": "eu-1"})
     saved, _ = plan([d], rooms, [], new_replica)
     assert placed_on(saved) == ["eu", "eu"]
@@ -58,8 +79,12 @@ def test_requirements_filter_and_the_reason_names_each_refusal() -> None:
     d = deployment(replicas=1, gpus=2, gpu_model="H100", node_selector={"zone": "us-2"})
     (unplaced,), _ = plan([d], rooms, [], new_replica)
     assert unplaced.node is None
-    for words in ("lacks label zone=us-2", "node is unreachable", "node is in maintenance",
-                  "dedicated to another tenant"):
+    for words in (
+        "lacks label zone=us-2",
+        "node is unreachable",
+        "node is in maintenance",
+        "dedicated to another tenant",
+    ):
         assert words in unplaced.reason, unplaced.reason
 
 

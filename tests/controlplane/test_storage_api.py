@@ -38,7 +38,11 @@ def test_upload_checksum_is_computed_by_the_server_and_ranges_are_served(
     assert response.status_code == 201, response.content
     body = response.json()
     assert (body["sha256"], body["size_bytes"]) == (hashlib.sha256(data).hexdigest(), len(data))
-    assert sorted(f["name"] for f in body["files"]) == ["config.json", "model.onnx", "tokenizer.json"]
+    assert sorted(f["name"] for f in body["files"]) == [
+        "config.json",
+        "model.onnx",
+        "tokenizer.json",
+    ]
     assert Artifact.objects.get(pk=body["id"]).path.read_bytes() == data
 
     url = body["download_url"]
@@ -56,8 +60,9 @@ def test_a_corrupted_upload_is_refused_and_nothing_is_kept(world: World, client_
     corrupted = bytearray(archive_bytes())
     corrupted[700] ^= 0xFF
     kept = set((settings.DATA_DIR / "artifacts").glob("*.tar"))
-    response = upload(client_for(world.admin_a), world.tenant_a, data=bytes(corrupted),
-                      sha256=expected)
+    response = upload(
+        client_for(world.admin_a), world.tenant_a, data=bytes(corrupted), sha256=expected
+    )
     assert response.status_code == 400
     assert f"not {expected}" in response.json()["sha256"][0]
     assert not Artifact.objects.exists()
@@ -68,7 +73,11 @@ def test_bad_uploads_are_refused_by_field(world: World, client_for: Any) -> None
     client = client_for(world.admin_a)
     cases = [
         ({"data": b"not a tar at all"}, "file", "Not a readable tar archive"),
-        ({"data": archive_bytes({"model.onnx": b"x", "config.json": b"{}"})}, "file", "tokenizer.json"),
+        (
+            {"data": archive_bytes({"model.onnx": b"x", "config.json": b"{}"})},
+            "file",
+            "tokenizer.json",
+        ),
         ({"sha256": "ABC"}, "sha256", "does not match"),
         ({"name": "Not A Slug"}, "name", "lowercase"),
         ({"colour": "blue"}, "colour", "Unknown field"),
@@ -77,8 +86,9 @@ def test_bad_uploads_are_refused_by_field(world: World, client_for: Any) -> None
         response = upload(client, world.tenant_a, **change)
         assert response.status_code == 400, (change, response.content)
         assert words in str(response.json()[field]), (change, response.json())
-    response = client.post("/api/v1/artifacts/", {"tenant": str(world.tenant_a.pk), "name": "x"},
-                           format="json")
+    response = client.post(
+        "/api/v1/artifacts/", {"tenant": str(world.tenant_a.pk), "name": "x"}, format="json"
+    )
     assert response.status_code == 415  # uploads are multipart
 
 
@@ -90,22 +100,34 @@ def test_volumes_are_placed_where_there_is_room_and_refused_naming_the_pool(
     client = client_for(world.admin_a)
     tenant = str(world.tenant_a.pk)
 
-    response = client.post("/api/v1/volumes/", {"tenant": tenant, "name": "data",
-                                                "size_bytes": 60 * MIB}, format="json")
+    response = client.post(
+        "/api/v1/volumes/",
+        {"tenant": tenant, "name": "data", "size_bytes": 60 * MIB},
+        format="json",
+    )
     assert response.status_code == 201, response.content
     volume = response.json()
     assert (volume["pool"], volume["node"]) == (str(pool.pk), str(node.pk))
 
-    response = client.post("/api/v1/volumes/", {"tenant": tenant, "name": "more",
-                                                "size_bytes": 60 * MIB}, format="json")
+    response = client.post(
+        "/api/v1/volumes/",
+        {"tenant": tenant, "name": "more", "size_bytes": 60 * MIB},
+        format="json",
+    )
     assert response.status_code == 400
     assert response.json()["size_bytes"] == [
         f"No storage pool has room for {60 * MIB} bytes; the most free is pool models on node "
-        f"store-1 with {40 * MIB} bytes."]
-    response = client.post("/api/v1/volumes/", {"tenant": tenant, "name": "more", "pool": str(pool.pk),
-                                                "size_bytes": 60 * MIB}, format="json")
+        f"store-1 with {40 * MIB} bytes."
+    ]
+    response = client.post(
+        "/api/v1/volumes/",
+        {"tenant": tenant, "name": "more", "pool": str(pool.pk), "size_bytes": 60 * MIB},
+        format="json",
+    )
     assert response.status_code == 400
-    assert f"Pool models on node store-1 has {40 * MIB} bytes free" in response.json()["size_bytes"][0]
+    assert (
+        f"Pool models on node store-1 has {40 * MIB} bytes free" in response.json()["size_bytes"][0]
+    )
 
     url = f"/api/v1/volumes/{volume['id']}/"
     for change, field, words in [
@@ -121,12 +143,16 @@ def test_volumes_are_placed_where_there_is_room_and_refused_naming_the_pool(
     assert client.patch(url, {"size_bytes": 90 * MIB}, format="json").status_code == 200
 
     other = client_for(world.admin_b).post(
-        "/api/v1/volumes/", {"tenant": str(world.tenant_b.pk), "name": "x", "pool": str(pool.pk),
-                             "size_bytes": MIB}, format="json")
+        "/api/v1/volumes/",
+        {"tenant": str(world.tenant_b.pk), "name": "x", "pool": str(pool.pk), "size_bytes": MIB},
+        format="json",
+    )
     assert other.status_code == 400 and "does not exist" in str(other.json()["pool"])
 
 
-def test_pools_are_checked_and_changed_by_platform_admins_only(world: World, client_for: Any) -> None:
+def test_pools_are_checked_and_changed_by_platform_admins_only(
+    world: World, client_for: Any
+) -> None:
     node = ready_node("store-2", world.tenant_a)
     body = {"node": str(node.pk), "name": "nvme0", "kind": "spdk", "device": "0000:5e:00.0"}
     assert client_for(world.admin_a).post("/api/v1/pools/", body, format="json").status_code == 403
@@ -149,7 +175,9 @@ def test_pools_are_checked_and_changed_by_platform_admins_only(world: World, cli
     storage.create_volume(tenant=world.tenant_a, name="kept", size_bytes=MIB, pool=pool)
     response = client.delete(f"/api/v1/pools/{pool.pk}/")
     assert response.status_code == 400 and "holds 1048576 bytes" in response.json()["detail"]
-    response = client.patch(f"/api/v1/pools/{pool.pk}/", {"directory": "/srv/elsewhere"}, format="json")
+    response = client.patch(
+        f"/api/v1/pools/{pool.pk}/", {"directory": "/srv/elsewhere"}, format="json"
+    )
     assert response.status_code == 400 and "strand" in str(response.json()["directory"])
 
 
@@ -159,32 +187,70 @@ def test_storage_reports_land_on_pools_and_exports(world: World) -> None:
     Export.objects.create(tenant=world.tenant_a, hosts=[HOST_NQN])
     agent = as_node(node)
     report = {
-        "schema_version": 1, "node_id": str(node.pk), "reported_at": datetime.now(UTC).isoformat(),
-        "engine": "spdk", "pools": [{"name": "nvme0", "capacity_bytes": 64 * MIB, "free_bytes": 60 * MIB}],
-        "volumes": [{"name": "v-1", "pool": "nvme0", "read_iops": 10.0, "write_iops": 0.0,
-                     "read_mb_s": 1.5, "write_mb_s": 0.0, "mean_read_latency_us": 80.0,
-                     "mean_write_latency_us": 0.0}],
-        "exports": [{"tenant_id": str(world.tenant_a.pk), "nqn": f"nqn.2024-06.io.tailguard:{world.tenant_a.pk.hex}",
-                     "transport": "tcp", "address": "10.0.0.7", "port": 4420}],
+        "schema_version": 1,
+        "node_id": str(node.pk),
+        "reported_at": datetime.now(UTC).isoformat(),
+        "engine": "spdk",
+        "pools": [{"name": "nvme0", "capacity_bytes": 64 * MIB, "free_bytes": 60 * MIB}],
+        "volumes": [
+            {
+                "name": "v-1",
+                "pool": "nvme0",
+                "read_iops": 10.0,
+                "write_iops": 0.0,
+                "read_mb_s": 1.5,
+                "write_mb_s": 0.0,
+                "mean_read_latency_us": 80.0,
+                "mean_write_latency_us": 0.0,
+            }
+        ],
+        "exports": [
+            {
+                "tenant_id": str(world.tenant_a.pk),
+                "nqn": f"nqn.2024-06.io.tailguard:{world.tenant_a.pk.hex}",
+                "transport": "tcp",
+                "address": "10.0.0.7",
+                "port": 4420,
+            }
+        ],
     }
-    response = agent.post("/api/v1/agent/storage/", json.dumps(report), content_type="application/json")
+    response = agent.post(
+        "/api/v1/agent/storage/", json.dumps(report), content_type="application/json"
+    )
     assert response.status_code == 204, response.content
     pool.refresh_from_db()
     assert (pool.reported_capacity_bytes, pool.reported_free_bytes) == (64 * MIB, 60 * MIB)
     assert pool.volume_io["v-1"]["read_mb_s"] == 1.5
     (endpoint,) = Export.objects.get().endpoints
-    assert endpoint == {"node": str(node.pk), "hostname": "store-3", "nqn": report["exports"][0]["nqn"],
-                        "transport": "tcp", "address": "10.0.0.7", "port": 4420}
+    assert endpoint == {
+        "node": str(node.pk),
+        "hostname": "store-3",
+        "nqn": report["exports"][0]["nqn"],
+        "transport": "tcp",
+        "address": "10.0.0.7",
+        "port": 4420,
+    }
 
-    for change, field in [({"node_id": str(world.tenant_b.pk)}, "node_id"),
-                          ({"engine": "ceph"}, "engine"), ({"pools": [{"name": "x"}]}, "pools.0.capacity_bytes")]:
-        response = agent.post("/api/v1/agent/storage/", json.dumps({**report, **change}),
-                              content_type="application/json")
+    for change, field in [
+        ({"node_id": str(world.tenant_b.pk)}, "node_id"),
+        ({"engine": "ceph"}, "engine"),
+        ({"pools": [{"name": "x"}]}, "pools.0.capacity_bytes"),
+    ]:
+        response = agent.post(
+            "/api/v1/agent/storage/",
+            json.dumps({**report, **change}),
+            content_type="application/json",
+        )
         assert response.status_code == 400 and field in response.json(), (change, response.content)
 
 
 def _components(node: Any) -> dict[str, Any]:
-    return Revision.objects.filter(node=node).order_by("-generation").first().document["state"]["components"]
+    return (
+        Revision.objects.filter(node=node)
+        .order_by("-generation")
+        .first()
+        .document["state"]["components"]
+    )
 
 
 def test_desired_state_carries_pools_volumes_exports_qos_and_the_staged_model(
@@ -198,12 +264,15 @@ def test_desired_state_carries_pools_volumes_exports_qos_and_the_staged_model(
     nvme.refresh_from_db()
     local = make_pool(node, capacity=64 * MIB, name="models")
     policy = storage.create_qos_policy(tenant=tenant, name="gold", rw_ios_per_sec=5000)
-    fast = storage.create_volume(tenant=tenant, name="fast", size_bytes=8 * MIB, pool=nvme,
-                                 qos_policy=policy)
+    fast = storage.create_volume(
+        tenant=tenant, name="fast", size_bytes=8 * MIB, pool=nvme, qos_policy=policy
+    )
     slow = storage.create_volume(tenant=tenant, name="slow", size_bytes=MIB, pool=local)
     storage.create_export(tenant=tenant, hosts=[HOST_NQN])
     artifact = make_artifact(tenant)
-    deployment = fleet.create_deployment(tenant=tenant, name="chat", model_name="chat", artifact=artifact)
+    deployment = fleet.create_deployment(
+        tenant=tenant, name="chat", model_name="chat", artifact=artifact
+    )
     assert deployment.model_volume_bytes == 9 * MIB  # the archive and twice its files, in MiB
 
     components = _components(node)
@@ -211,23 +280,39 @@ def test_desired_state_carries_pools_volumes_exports_qos_and_the_staged_model(
     assert replica.pool == local  # the roomier pool
     assert [p["name"] for p in components["pools"]] == ["models", "nvme0"]
     assert {v["name"]: (v["pool"], v["size_bytes"]) for v in components["volumes"]} == {
-        fast.wire_name: ("nvme0", 8 * MIB), slow.wire_name: ("models", MIB),
-        replica.volume_name: ("models", 9 * MIB)}
+        fast.wire_name: ("nvme0", 8 * MIB),
+        slow.wire_name: ("models", MIB),
+        replica.volume_name: ("models", 9 * MIB),
+    }
     (export,) = components["exports"]  # volumes in SPDK pools only
     assert (export["volume"], export["hosts"]) == (fast.wire_name, [HOST_NQN])
-    assert components["qos"] == [{"volume": fast.wire_name, "rw_ios_per_sec": 5000,
-                                  "rw_mbytes_per_sec": 0, "r_mbytes_per_sec": 0, "w_mbytes_per_sec": 0}]
+    assert components["qos"] == [
+        {
+            "volume": fast.wire_name,
+            "rw_ios_per_sec": 5000,
+            "rw_mbytes_per_sec": 0,
+            "r_mbytes_per_sec": 0,
+            "w_mbytes_per_sec": 0,
+        }
+    ]
     (worker,) = components["workers"]
     assert worker["volume"] == replica.volume_name
-    assert worker["artifact"] == {"uri": f"https://cp.example/api/v1/agent/artifacts/{artifact.pk}/",
-                                  "sha256": "a" * 64, "size_bytes": 3 * MIB}
+    assert worker["artifact"] == {
+        "uri": f"https://cp.example/api/v1/agent/artifacts/{artifact.pk}/",
+        "sha256": "a" * 64,
+        "size_bytes": 3 * MIB,
+    }
 
 
 def test_a_replica_waits_for_a_pool_with_room_for_its_model(world: World) -> None:
     node = ready_node("store-5", world.tenant_a)
     pool = make_pool(node, capacity=4 * MIB)
-    deployment = fleet.create_deployment(tenant=world.tenant_a, name="chat", model_name="chat",
-                                         artifact=make_artifact(world.tenant_a))
+    deployment = fleet.create_deployment(
+        tenant=world.tenant_a,
+        name="chat",
+        model_name="chat",
+        artifact=make_artifact(world.tenant_a),
+    )
     replica = Replica.objects.get(deployment=deployment)
     assert replica.node is None and replica.pool is None
     assert f"1 has no storage pool with {9 * MIB} bytes free" in replica.reason
@@ -237,7 +322,9 @@ def test_a_replica_waits_for_a_pool_with_room_for_its_model(world: World) -> Non
     assert (replica.node, replica.pool) == (node, pool)
 
 
-def test_deployments_name_exactly_one_model_of_their_own_tenant(world: World, client_for: Any) -> None:
+def test_deployments_name_exactly_one_model_of_their_own_tenant(
+    world: World, client_for: Any
+) -> None:
     client = client_for(world.admin_a)
     mine, theirs = make_artifact(world.tenant_a), make_artifact(world.tenant_b)
     body = {"tenant": str(world.tenant_a.pk), "name": "chat", "model_name": "chat"}
@@ -246,13 +333,19 @@ def test_deployments_name_exactly_one_model_of_their_own_tenant(world: World, cl
         ({}, "artifact", "exactly one"),
         ({"artifact": str(theirs.pk)}, "artifact", "does not exist"),
         ({"artifact": str(mine.pk), "model_volume_bytes": MIB}, "model_volume_bytes", "Too small"),
-        ({"artifact_uri": "synthetic://x", "model_volume_bytes": MIB}, "model_volume_bytes", "Only"),
+        (
+            {"artifact_uri": "synthetic://x", "model_volume_bytes": MIB},
+            "model_volume_bytes",
+            "Only",
+        ),
     ]
     for change, field, words in cases:
         response = client.post("/api/v1/deployments/", {**body, **change}, format="json")
         assert response.status_code == 400, (change, response.content)
         assert words in str(response.json()[field]), (change, response.json())
-    response = client.post("/api/v1/deployments/", {**body, "artifact": str(mine.pk)}, format="json")
+    response = client.post(
+        "/api/v1/deployments/", {**body, "artifact": str(mine.pk)}, format="json"
+    )
     assert response.status_code == 201, response.content
     assert response.json()["model_volume_bytes"] == 9 * MIB
     assert client.delete(f"/api/v1/artifacts/{mine.pk}/").status_code == 400  # in use
@@ -262,12 +355,22 @@ def test_agents_download_only_artifacts_their_replicas_use(world: World) -> None
     data = archive_bytes()
     node, stranger = ready_node("store-6", world.tenant_a), make_node("store-7", world.tenant_a)
     make_pool(node)
-    artifact = Artifact.objects.create(tenant=world.tenant_a, name="tiny", size_bytes=len(data),
-                                       sha256=hashlib.sha256(data).hexdigest(), unpacked_bytes=1)
+    artifact = Artifact.objects.create(
+        tenant=world.tenant_a,
+        name="tiny",
+        size_bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        unpacked_bytes=1,
+    )
     artifact.path.parent.mkdir(parents=True, exist_ok=True)
     artifact.path.write_bytes(data)
-    fleet.create_deployment(tenant=world.tenant_a, name="chat", model_name="chat", artifact=artifact,
-                            model_volume_bytes=MIB)
+    fleet.create_deployment(
+        tenant=world.tenant_a,
+        name="chat",
+        model_name="chat",
+        artifact=artifact,
+        model_volume_bytes=MIB,
+    )
     url = f"/api/v1/agent/artifacts/{artifact.pk}/"
 
     response = as_node(node).get(url, HTTP_RANGE="bytes=100-")
@@ -285,7 +388,12 @@ def test_bad_exports_and_qos_policies_are_refused_by_field(world: World, client_
         ("exports", {"hosts": []}, "hosts", "at least 1"),
         ("exports", {"hosts": [7]}, "hosts", "Not a valid string"),
         ("qos-policies", {"name": "gold", "rw_ios_per_sec": -1}, "rw_ios_per_sec", "greater than"),
-        ("qos-policies", {"name": "gold", "w_mbytes_per_sec": "fast"}, "w_mbytes_per_sec", "integer"),
+        (
+            "qos-policies",
+            {"name": "gold", "w_mbytes_per_sec": "fast"},
+            "w_mbytes_per_sec",
+            "integer",
+        ),
     ]
     for path, body, field, words in cases:
         response = client.post(f"/api/v1/{path}/", {"tenant": tenant, **body}, format="json")

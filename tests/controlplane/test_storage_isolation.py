@@ -51,19 +51,32 @@ class Endpoint:
 
 ENDPOINTS = [
     Endpoint("pools", _pool, {"capacity_bytes": 200 * MIB}, None, tenant_writes=False),
-    Endpoint("volumes", _volume, {"name": "renamed"},
-             lambda t: {"tenant": str(t.pk), "name": "x", "size_bytes": MIB}),
-    Endpoint("qos-policies", lambda t: storage.create_qos_policy(tenant=t, name="gold"),
-             {"rw_ios_per_sec": 1000}, lambda t: {"tenant": str(t.pk), "name": "x"}),
-    Endpoint("exports", lambda t: storage.create_export(tenant=t, hosts=[HOST_NQN]),
-             {"hosts": [HOST_NQN, HOST_NQN.replace("0a0a", "0b0b")]},
-             lambda t: {"tenant": str(t.pk), "hosts": [HOST_NQN]}),
+    Endpoint(
+        "volumes",
+        _volume,
+        {"name": "renamed"},
+        lambda t: {"tenant": str(t.pk), "name": "x", "size_bytes": MIB},
+    ),
+    Endpoint(
+        "qos-policies",
+        lambda t: storage.create_qos_policy(tenant=t, name="gold"),
+        {"rw_ios_per_sec": 1000},
+        lambda t: {"tenant": str(t.pk), "name": "x"},
+    ),
+    Endpoint(
+        "exports",
+        lambda t: storage.create_export(tenant=t, hosts=[HOST_NQN]),
+        {"hosts": [HOST_NQN, HOST_NQN.replace("0a0a", "0b0b")]},
+        lambda t: {"tenant": str(t.pk), "hosts": [HOST_NQN]},
+    ),
     Endpoint("artifacts", make_artifact, None, _archive_body, create_format="multipart"),
 ]
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS, ids=lambda e: e.path)
-def test_tenant_sees_and_changes_only_its_own(endpoint: Endpoint, world: World, client_for: Any) -> None:
+def test_tenant_sees_and_changes_only_its_own(
+    endpoint: Endpoint, world: World, client_for: Any
+) -> None:
     own = endpoint.make(world.tenant_a)
     other = endpoint.make(world.tenant_b)
     client = client_for(world.admin_a)
@@ -76,7 +89,10 @@ def test_tenant_sees_and_changes_only_its_own(endpoint: Endpoint, world: World, 
     refused = (404, 405) if endpoint.tenant_writes else (403,)
     assert client.get(f"{base}{other.pk}/").status_code == 404
     before = type(other).objects.values().get(pk=other.pk)
-    assert client.patch(f"{base}{other.pk}/", endpoint.patch or {}, format="json").status_code in refused
+    assert (
+        client.patch(f"{base}{other.pk}/", endpoint.patch or {}, format="json").status_code
+        in refused
+    )
     assert client.delete(f"{base}{other.pk}/").status_code in (*refused, 403)
     assert type(other).objects.values().get(pk=other.pk) == before  # still there, unchanged
 
@@ -86,12 +102,15 @@ def test_tenant_sees_and_changes_only_its_own(endpoint: Endpoint, world: World, 
         assert "tenant" in response.json()
 
     platform = client_for(world.platform)
-    everything = {str(row["id"]) for row in platform.get(base, {"page_size": 1000}).json()["results"]}
+    everything = {
+        str(row["id"]) for row in platform.get(base, {"page_size": 1000}).json()["results"]
+    }
     assert {str(own.pk), str(other.pk)} <= everything
 
 
-@pytest.mark.parametrize("endpoint", [e for e in ENDPOINTS if e.patch and e.tenant_writes],
-                         ids=lambda e: e.path)
+@pytest.mark.parametrize(
+    "endpoint", [e for e in ENDPOINTS if e.patch and e.tenant_writes], ids=lambda e: e.path
+)
 def test_viewer_reads_but_cannot_change(endpoint: Endpoint, world: World, client_for: Any) -> None:
     own = endpoint.make(world.tenant_a)
     client = client_for(world.viewer_a)
@@ -115,33 +134,55 @@ def test_shared_pools_are_platform_admins_alone_but_take_any_tenants_volumes(
     shared = make_pool(ready_node("shared-store"))
     client = client_for(world.admin_a)
     assert client.get(f"/api/v1/pools/{shared.pk}/").status_code == 404
-    response = client.post("/api/v1/volumes/", {"tenant": str(world.tenant_a.pk), "name": "data",
-                                                "size_bytes": MIB}, format="json")
+    response = client.post(
+        "/api/v1/volumes/",
+        {"tenant": str(world.tenant_a.pk), "name": "data", "size_bytes": MIB},
+        format="json",
+    )
     assert response.status_code == 201 and response.json()["pool"] == str(shared.pk)
 
 
 def test_placement_never_uses_another_tenants_dedicated_pool(world: World, client_for: Any) -> None:
     _pool(world.tenant_b)
     response = client_for(world.admin_a).post(
-        "/api/v1/volumes/", {"tenant": str(world.tenant_a.pk), "name": "data", "size_bytes": MIB},
-        format="json")
+        "/api/v1/volumes/",
+        {"tenant": str(world.tenant_a.pk), "name": "data", "size_bytes": MIB},
+        format="json",
+    )
     assert response.status_code == 400
     assert "No storage pool" in response.json()["size_bytes"][0]
 
 
-def test_references_to_another_tenants_objects_read_as_unknown(world: World, client_for: Any) -> None:
+def test_references_to_another_tenants_objects_read_as_unknown(
+    world: World, client_for: Any
+) -> None:
     client = client_for(world.admin_a)
     theirs = storage.create_qos_policy(tenant=world.tenant_b, name="gold")
     pool = _pool(world.tenant_a)
-    response = client.post("/api/v1/volumes/", {"tenant": str(world.tenant_a.pk), "name": "data",
-                                                "size_bytes": MIB, "pool": str(pool.pk),
-                                                "qos_policy": str(theirs.pk)}, format="json")
+    response = client.post(
+        "/api/v1/volumes/",
+        {
+            "tenant": str(world.tenant_a.pk),
+            "name": "data",
+            "size_bytes": MIB,
+            "pool": str(pool.pk),
+            "qos_policy": str(theirs.pk),
+        },
+        format="json",
+    )
     assert response.status_code == 400 and "does not exist" in str(response.json()["qos_policy"])
     artifact = make_artifact(world.tenant_b)
     assert client.get(f"/api/v1/artifacts/{artifact.pk}/download/").status_code == 404
-    response = client.post("/api/v1/deployments/", {"tenant": str(world.tenant_a.pk), "name": "chat",
-                                                    "model_name": "chat", "artifact": str(artifact.pk)},
-                           format="json")
+    response = client.post(
+        "/api/v1/deployments/",
+        {
+            "tenant": str(world.tenant_a.pk),
+            "name": "chat",
+            "model_name": "chat",
+            "artifact": str(artifact.pk),
+        },
+        format="json",
+    )
     assert response.status_code == 400 and "does not exist" in str(response.json()["artifact"])
 
 
@@ -149,6 +190,10 @@ def test_a_node_fetches_no_artifact_of_a_tenant_it_serves_nothing_for(world: Wor
     ours = make_artifact(world.tenant_a)
     node_b = ready_node("store-b", world.tenant_b)
     make_pool(node_b)
-    fleet.create_deployment(tenant=world.tenant_b, name="chat", model_name="chat",
-                            artifact=make_artifact(world.tenant_b, "theirs"))
+    fleet.create_deployment(
+        tenant=world.tenant_b,
+        name="chat",
+        model_name="chat",
+        artifact=make_artifact(world.tenant_b, "theirs"),
+    )
     assert as_node(node_b).get(f"/api/v1/agent/artifacts/{ours.pk}/").status_code == 404

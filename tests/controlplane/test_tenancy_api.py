@@ -55,7 +55,9 @@ def test_api_token_is_shown_once_stored_hashed_and_revocable(world: World, clien
 
 def test_inference_keys_per_tenant(world: World, client_for: Any) -> None:
     admin = client_for(world.admin_a)
-    response = admin.post("/api/v1/inference-keys/", {"tenant": str(world.tenant_a.id), "name": "prod"})
+    response = admin.post(
+        "/api/v1/inference-keys/", {"tenant": str(world.tenant_a.id), "name": "prod"}
+    )
     assert response.status_code == 201, response.content
     key = response.json()["key"]
     assert key.startswith("tgi_")
@@ -63,7 +65,12 @@ def test_inference_keys_per_tenant(world: World, client_for: Any) -> None:
     assert stored.digest == hashlib.sha256(key.encode()).hexdigest()
     assert stored.tenant == world.tenant_a
     viewer = client_for(world.viewer_a)
-    assert viewer.post("/api/v1/inference-keys/", {"tenant": str(world.tenant_a.id), "name": "v"}).status_code == 400
+    assert (
+        viewer.post(
+            "/api/v1/inference-keys/", {"tenant": str(world.tenant_a.id), "name": "v"}
+        ).status_code
+        == 400
+    )
     assert viewer.delete(f"/api/v1/inference-keys/{stored.pk}/").status_code == 403
     assert admin.delete(f"/api/v1/inference-keys/{stored.pk}/").status_code == 204
     stored.refresh_from_db()
@@ -78,8 +85,13 @@ def test_tenant_admin_manages_memberships(world: World, client_for: Any) -> None
     response = admin.post("/api/v1/memberships/", body)
     assert response.status_code == 201, response.content
     membership_id = response.json()["id"]
-    assert admin.patch(f"/api/v1/memberships/{membership_id}/", {"role": "owner"}).status_code == 400
-    assert admin.patch(f"/api/v1/memberships/{membership_id}/", {"role": "admin"}).json()["role"] == "admin"
+    assert (
+        admin.patch(f"/api/v1/memberships/{membership_id}/", {"role": "owner"}).status_code == 400
+    )
+    assert (
+        admin.patch(f"/api/v1/memberships/{membership_id}/", {"role": "admin"}).json()["role"]
+        == "admin"
+    )
     response = admin.post("/api/v1/memberships/", {**body, "user": "nobody"})
     assert response.status_code == 400
     assert "user" in response.json()

@@ -12,8 +12,14 @@ from typing import Any
 
 import httpx
 
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding",
-              "host"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "content-encoding",
+    "host",
+}
 ARTIFACTS = "/api/v1/agent/artifacts/"
 
 
@@ -29,8 +35,9 @@ class CorruptingProxy:
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def __enter__(self) -> CorruptingProxy:
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
+        threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -63,10 +70,15 @@ class CorruptingProxy:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
-                upstream = proxy._http.request(self.command, self.path, headers=headers,
-                                               content=self.rfile.read(length) if length else None)
-                body = proxy._tamper(self.path, upstream.status_code, upstream.content,
-                                     self.headers.get("Range"))
+                upstream = proxy._http.request(
+                    self.command,
+                    self.path,
+                    headers=headers,
+                    content=self.rfile.read(length) if length else None,
+                )
+                body = proxy._tamper(
+                    self.path, upstream.status_code, upstream.content, self.headers.get("Range")
+                )
                 self.send_response(upstream.status_code)
                 for key, value in upstream.headers.items():
                     if key.lower() not in HOP_BY_HOP:

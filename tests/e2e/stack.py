@@ -45,17 +45,39 @@ class Stack:
 
     def spawn(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115  (owned by the child)
-        proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=self.env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, *argv], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
         log.close()
         self.procs[name] = proc
         return proc
 
     def start_control_plane(self) -> None:
-        self.spawn("web", "-m", "uvicorn", "controlplane.asgi:application", "--port",
-                   str(self.port), "--log-level", "warning")
-        self.spawn("celery", "-m", "celery", "-A", "controlplane", "worker", "-B", "--pool", "solo",
-                   "--loglevel", "warning", "-s", str(self.tmp / "beat-schedule"))
+        self.spawn(
+            "web",
+            "-m",
+            "uvicorn",
+            "controlplane.asgi:application",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        )
+        self.spawn(
+            "celery",
+            "-m",
+            "celery",
+            "-A",
+            "controlplane",
+            "worker",
+            "-B",
+            "--pool",
+            "solo",
+            "--loglevel",
+            "warning",
+            "-s",
+            str(self.tmp / "beat-schedule"),
+        )
         wait_for(self._answers, 60, "the control plane to answer")
 
     def _answers(self) -> bool:
@@ -64,12 +86,24 @@ class Stack:
         except httpx.TransportError:
             return False
 
-    def start_agent(self, hostname: str, token: str, control_plane: str | None = None
-                    ) -> subprocess.Popen[bytes]:
+    def start_agent(
+        self, hostname: str, token: str, control_plane: str | None = None
+    ) -> subprocess.Popen[bytes]:
         """An agent of this stack; `control_plane` reaches it another way (e.g. via a proxy)."""
-        return self.spawn(hostname, "-m", "agent", "run", "--control-plane", control_plane or self.url,
-                          "--bootstrap-token", token, "--state-dir", str(self.tmp / hostname),
-                          "--hostname", hostname)
+        return self.spawn(
+            hostname,
+            "-m",
+            "agent",
+            "run",
+            "--control-plane",
+            control_plane or self.url,
+            "--bootstrap-token",
+            token,
+            "--state-dir",
+            str(self.tmp / hostname),
+            "--hostname",
+            hostname,
+        )
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name)

@@ -39,10 +39,14 @@ def test_bad_revisions_are_rejected_and_lost_ones_recovered(
     with running_stack(tmp_path, free_port, NODE_UNREACHABLE_AFTER_S="3") as stack:
         stack.start_agent("trust-node", bootstrap)
         node = wait_for(lambda: Node.objects.filter(status="ready").first(), 60, "the agent")
-        deployment = fleet.create_deployment(tenant=tenant, name="tiny", model_name="tiny",
-                                             artifact_uri=TINY_MODEL, replicas=1)
-        wait_for(lambda: Revision.objects.filter(node=node, status="applied").exists(), 120,
-                 "generation 1 applied")
+        deployment = fleet.create_deployment(
+            tenant=tenant, name="tiny", model_name="tiny", artifact_uri=TINY_MODEL, replicas=1
+        )
+        wait_for(
+            lambda: Revision.objects.filter(node=node, status="applied").exists(),
+            120,
+            "generation 1 applied",
+        )
         good = Revision.objects.get(node=node, generation=1).document
 
         tampered = copy.deepcopy(good)
@@ -61,8 +65,11 @@ def test_bad_revisions_are_rejected_and_lost_ones_recovered(
         wait_for(lambda: _rejected(node, "replayed"), 30, "the replayed revision rejected")
 
         fleet.update_deployment(deployment, max_batch_size=4)
-        wait_for(lambda: Revision.objects.filter(node=node, generation=2, status="applied").exists(),
-                 60, "generation 2 applied")
+        wait_for(
+            lambda: Revision.objects.filter(node=node, generation=2, status="applied").exists(),
+            60,
+            "generation 2 applied",
+        )
         _push(node, good)  # generation 1 is now older than what runs
         wait_for(lambda: _rejected(node, "stale_generation"), 30, "the stale revision rejected")
         node.refresh_from_db()
@@ -77,5 +84,8 @@ def test_bad_revisions_are_rejected_and_lost_ones_recovered(
         redis.Redis.from_url(settings.REDIS_URL).delete(queue_name(node.pk))
         stack.start_agent("trust-node", bootstrap)
         wait_for(lambda: Node.objects.get(pk=node.pk).status == "ready", 60, "ready again")
-        wait_for(lambda: Revision.objects.filter(node=node, generation=3, status="applied").exists(),
-                 60, "the missed generation 3 applied after the pull")
+        wait_for(
+            lambda: Revision.objects.filter(node=node, generation=3, status="applied").exists(),
+            60,
+            "the missed generation 3 applied after the pull",
+        )

@@ -26,8 +26,10 @@ POOL_BYTES = 256 << 20
 def pack_model(tmp_path: Path) -> Path:
     """A synthetic model as the upload API takes it: a tar of the model directory's files."""
     model = tmp_path / "model"
-    write_synthetic_model(model, SyntheticModelSpec(layers=1, hidden=64, heads=2, kv_heads=2,
-                                                    vocab=320, max_context=256))
+    write_synthetic_model(
+        model,
+        SyntheticModelSpec(layers=1, hidden=64, heads=2, kv_heads=2, vocab=320, max_context=256),
+    )
     archive = tmp_path / "tiny.tar"
     with tarfile.open(archive, "w") as tar:
         for file in sorted(model.iterdir()):
@@ -36,8 +38,10 @@ def pack_model(tmp_path: Path) -> Path:
 
 
 def _serving_revision(node: Node) -> bool:
-    return any(r.document["state"]["components"]["workers"]
-               for r in Revision.objects.filter(node=node, status="applied"))
+    return any(
+        r.document["state"]["components"]["workers"]
+        for r in Revision.objects.filter(node=node, status="applied")
+    )
 
 
 @pytest.mark.e2e
@@ -46,40 +50,68 @@ def test_uploaded_model_is_staged_verified_and_served(
 ) -> None:
     tenant = create_tenant(slug="acme", name="Acme")
     admin = django_user_model.objects.create_user("ops", is_superuser=True)
-    api = httpx.Client(headers={"Authorization": f"Bearer {issue_api_token(user=admin, name='e2e').secret}"},
-                       base_url=f"http://127.0.0.1:{free_port}/api/v1", timeout=30)
+    api = httpx.Client(
+        headers={"Authorization": f"Bearer {issue_api_token(user=admin, name='e2e').secret}"},
+        base_url=f"http://127.0.0.1:{free_port}/api/v1",
+        timeout=30,
+    )
     key = issue_inference_key(tenant=tenant, name="e2e").secret
     bootstrap = create_bootstrap_token(name="e2e").secret
     archive = pack_model(tmp_path)
     sha256 = hashlib.sha256(archive.read_bytes()).hexdigest()
 
-    with CorruptingProxy(f"http://127.0.0.1:{free_port}", corrupt=1) as proxy, \
-            running_stack(tmp_path, free_port, PUBLIC_URL=proxy.url) as stack:
+    with (
+        CorruptingProxy(f"http://127.0.0.1:{free_port}", corrupt=1) as proxy,
+        running_stack(tmp_path, free_port, PUBLIC_URL=proxy.url) as stack,
+    ):
         stack.start_agent("store-node", bootstrap, control_plane=proxy.url)
         node = wait_for(lambda: Node.objects.filter(status="ready").first(), 60, "the agent")
-        response = api.post("/pools/", json={"node": str(node.pk), "name": "models", "kind": "local",
-                                             "capacity_bytes": POOL_BYTES})
+        response = api.post(
+            "/pools/",
+            json={
+                "node": str(node.pk),
+                "name": "models",
+                "kind": "local",
+                "capacity_bytes": POOL_BYTES,
+            },
+        )
         assert response.status_code == 201, response.text
-        wait_for(lambda: Pool.objects.filter(reported_capacity_bytes=POOL_BYTES).exists(), 60,
-                 "the agent to create the pool and report it")
+        wait_for(
+            lambda: Pool.objects.filter(reported_capacity_bytes=POOL_BYTES).exists(),
+            60,
+            "the agent to create the pool and report it",
+        )
 
-        response = api.post("/artifacts/", data={"tenant": str(tenant.pk), "name": "tiny",
-                                                 "sha256": sha256},
-                            files={"file": ("tiny.tar", archive.read_bytes())})
+        response = api.post(
+            "/artifacts/",
+            data={"tenant": str(tenant.pk), "name": "tiny", "sha256": sha256},
+            files={"file": ("tiny.tar", archive.read_bytes())},
+        )
         assert response.status_code == 201, response.text
-        assert (response.json()["sha256"], response.json()["size_bytes"]) == (sha256, archive.stat().st_size)
-        response = api.post("/deployments/", json={
-            "tenant": str(tenant.pk), "name": "tiny", "model_name": "tiny-chat",
-            "artifact": response.json()["id"], "runtime_options": {"intra_op_threads": 1},
-        })
+        assert (response.json()["sha256"], response.json()["size_bytes"]) == (
+            sha256,
+            archive.stat().st_size,
+        )
+        response = api.post(
+            "/deployments/",
+            json={
+                "tenant": str(tenant.pk),
+                "name": "tiny",
+                "model_name": "tiny-chat",
+                "artifact": response.json()["id"],
+                "runtime_options": {"intra_op_threads": 1},
+            },
+        )
         assert response.status_code == 201, response.text
         wait_for(lambda: _serving_revision(node), 120, "the worker's revision applied")
 
         replica = Replica.objects.select_related("pool").get(deployment__name="tiny")
         assert replica.pool is not None and replica.pool.name == "models"
         completion = httpx.post(
-            f"http://127.0.0.1:{replica.port}/v1/completions", headers={"Authorization": f"Bearer {key}"},
-            json={"model": "tiny-chat", "prompt": "hello", "max_tokens": 4}, timeout=60,
+            f"http://127.0.0.1:{replica.port}/v1/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": "tiny-chat", "prompt": "hello", "max_tokens": 4},
+            timeout=60,
         )
         assert completion.status_code == 200, completion.text
         assert completion.json()["usage"]["completion_tokens"] == 4

@@ -19,7 +19,10 @@ def test_demo_starts_seeds_serves_and_stops_cleanly(tmp_path: Path, free_port: i
     env["TAILGUARD_DATA_DIR"] = str(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "controlplane.cli", "demo", "--port", str(free_port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     output = []
     try:
@@ -49,7 +52,8 @@ def test_demo_starts_seeds_serves_and_stops_cleanly(tmp_path: Path, free_port: i
         worker = re.search(r"runs deployment 'chat' \(model demo-chat\) at (\S+)", text).group(1)  # type: ignore[union-attr]
         client = OpenAI(base_url=f"{worker}/v1", api_key=key)
         reply = client.chat.completions.create(
-            model="demo-chat", messages=[{"role": "user", "content": "hello"}], max_tokens=5)
+            model="demo-chat", messages=[{"role": "user", "content": "hello"}], max_tokens=5
+        )
         assert reply.usage is not None and reply.usage.completion_tokens == 5
         nodes = httpx.get(f"{base}/api/v1/nodes/", headers={"Authorization": f"Bearer {token}"})
         assert nodes.status_code == 200

@@ -30,8 +30,9 @@ def _applied(generation_of: dict[Any, int]) -> bool:
 
 
 @pytest.mark.e2e
-def test_deployment_change_reaches_both_agents(transactional_db: Any, tmp_path: Path, free_port: int,
-                                                django_user_model: Any) -> None:
+def test_deployment_change_reaches_both_agents(
+    transactional_db: Any, tmp_path: Path, free_port: int, django_user_model: Any
+) -> None:
     tenant = create_tenant(slug="acme", name="Acme")
     admin = django_user_model.objects.create_user("ops", is_superuser=True)
     token = issue_api_token(user=admin, name="e2e").secret
@@ -43,31 +44,45 @@ def test_deployment_change_reaches_both_agents(transactional_db: Any, tmp_path: 
         stack.start_agent("e2e-node-a", bootstrap)
         stack.start_agent("e2e-node-b", bootstrap)
         nodes = wait_for(lambda: _nodes_ready(2), 60, "both agents to enroll and heartbeat")
-        wait_for(lambda: Node.objects.get(hostname="e2e-node-a").numa_nodes.exists(), 30,
-                 "the inventory to land (it is reported beside heartbeats, not before them)")
+        wait_for(
+            lambda: Node.objects.get(hostname="e2e-node-a").numa_nodes.exists(),
+            30,
+            "the inventory to land (it is reported beside heartbeats, not before them)",
+        )
 
-        response = api.post(f"{stack.url}/api/v1/deployments/", json={
-            "tenant": str(tenant.pk), "name": "tiny", "model_name": "tiny-chat",
-            "artifact_uri": TINY_MODEL, "replicas": 2, "max_batch_size": 8,
-        })
+        response = api.post(
+            f"{stack.url}/api/v1/deployments/",
+            json={
+                "tenant": str(tenant.pk),
+                "name": "tiny",
+                "model_name": "tiny-chat",
+                "artifact_uri": TINY_MODEL,
+                "replicas": 2,
+                "max_batch_size": 8,
+            },
+        )
         assert response.status_code == 201, response.text
         deployment_id = response.json()["id"]
         first = {n.pk: 1 for n in nodes}
         wait_for(lambda: _applied(first), 120, "generation 1 applied on both nodes")
 
-        replicas = api.get(f"{stack.url}/api/v1/replicas/", params={"deployment": deployment_id}).json()
+        replicas = api.get(
+            f"{stack.url}/api/v1/replicas/", params={"deployment": deployment_id}
+        ).json()
         assert {r["hostname"] for r in replicas["results"]} == {"e2e-node-a", "e2e-node-b"}
         for replica in replicas["results"]:  # each worker really serves, with the tenant's key
             completion = httpx.post(
                 f"http://127.0.0.1:{replica['port']}/v1/completions",
                 headers={"Authorization": f"Bearer {key}"},
-                json={"model": "tiny-chat", "prompt": "hello", "max_tokens": 4}, timeout=60,
+                json={"model": "tiny-chat", "prompt": "hello", "max_tokens": 4},
+                timeout=60,
             )
             assert completion.status_code == 200, completion.text
             assert completion.json()["usage"]["completion_tokens"] == 4
 
-        response = api.patch(f"{stack.url}/api/v1/deployments/{deployment_id}/",
-                             json={"max_batch_size": 16})
+        response = api.patch(
+            f"{stack.url}/api/v1/deployments/{deployment_id}/", json={"max_batch_size": 16}
+        )
         assert response.status_code == 200, response.text
         wait_for(lambda: _applied({n.pk: 2 for n in nodes}), 60, "generation 2 applied")
         listed = api.get(f"{stack.url}/api/v1/nodes/").json()["results"]

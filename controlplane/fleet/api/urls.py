@@ -9,7 +9,9 @@ router.register("replicas", views.ReplicaViewSet)
 router.register("revisions", views.RevisionViewSet)
 
 urlpatterns = [
-    path("agent/desired-state/", agent_views.DesiredStateView.as_view(), name="agent-desired-state"),
+    path(
+        "agent/desired-state/", agent_views.DesiredStateView.as_view(), name="agent-desired-state"
+    ),
     path("agent/status/", agent_views.AppliedStatusView.as_view(), name="agent-status"),
     *router.urls,
 ]

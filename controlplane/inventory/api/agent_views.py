@@ -36,9 +36,11 @@ class EnrollView(AgentAPIView):
         except services.EnrollmentRefused as exc:
             return Response({"detail": str(exc)}, status=status.HTTP_403_FORBIDDEN)
         grant = EnrollmentGrant(
-            node_id=node.pk, node_credential=credential,
+            node_id=node.pk,
+            node_credential=credential,
             control_plane_public_key=encode_public_key(public_key()),
-            queue=queue_name(node.pk), broker_url=settings.AGENT_BROKER_URL,
+            queue=queue_name(node.pk),
+            broker_url=settings.AGENT_BROKER_URL,
             heartbeat_interval_s=settings.HEARTBEAT_INTERVAL_S,
         )
         return Response(grant.model_dump(mode="json"), status=status.HTTP_201_CREATED)

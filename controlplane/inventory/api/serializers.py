@@ -16,24 +16,55 @@ from controlplane.inventory.models import BootstrapToken, Drive, Gpu, Nic, Node,
 class GpuSerializer(serializers.ModelSerializer):
     class Meta:
         model = Gpu
-        fields = ["id", "node", "index", "uuid", "name", "memory_total_bytes", "mig_mode",
-                  "pci_bus_id", "numa_node", "driver_version"]
+        fields = [
+            "id",
+            "node",
+            "index",
+            "uuid",
+            "name",
+            "memory_total_bytes",
+            "mig_mode",
+            "pci_bus_id",
+            "numa_node",
+            "driver_version",
+        ]
         read_only_fields = fields
 
 
 class NicSerializer(serializers.ModelSerializer):
     class Meta:
         model = Nic
-        fields = ["id", "node", "device", "port", "state", "speed_gbps", "width", "link_layer",
-                  "netdev", "pci_bus_id", "numa_node"]
+        fields = [
+            "id",
+            "node",
+            "device",
+            "port",
+            "state",
+            "speed_gbps",
+            "width",
+            "link_layer",
+            "netdev",
+            "pci_bus_id",
+            "numa_node",
+        ]
         read_only_fields = fields
 
 
 class DriveSerializer(serializers.ModelSerializer):
     class Meta:
         model = Drive
-        fields = ["id", "node", "name", "model", "serial", "firmware", "capacity_bytes",
-                  "logical_block_size", "pci_bus_id", "numa_node"]
+        fields = [
+            "id",
+            "node",
+            "name",
+            "model",
+            "serial",
+            "firmware",
+            "capacity_bytes",
+            "logical_block_size",
+            "pci_bus_id",
+            "numa_node",
+        ]
         read_only_fields = fields
 
 
@@ -65,13 +96,43 @@ class NodeSerializer(StrictSerializer):
 
     class Meta:
         model = Node
-        fields = ["id", "hostname", "tenant", "labels", "status", "maintenance",
-                  "maintenance_reason", "agent_version", "last_heartbeat_at", "kernel", "os",
-                  "cpu_model", "cpu_count", "memory_total_bytes", "numa_nodes", "gpus", "nics",
-                  "drives", "rollout", "created_at", "updated_at"]
-        read_only_fields = ["id", "hostname", "status", "agent_version", "last_heartbeat_at",
-                            "kernel", "os", "cpu_model", "cpu_count", "memory_total_bytes",
-                            "created_at", "updated_at"]
+        fields = [
+            "id",
+            "hostname",
+            "tenant",
+            "labels",
+            "status",
+            "maintenance",
+            "maintenance_reason",
+            "agent_version",
+            "last_heartbeat_at",
+            "kernel",
+            "os",
+            "cpu_model",
+            "cpu_count",
+            "memory_total_bytes",
+            "numa_nodes",
+            "gpus",
+            "nics",
+            "drives",
+            "rollout",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = [
+            "id",
+            "hostname",
+            "status",
+            "agent_version",
+            "last_heartbeat_at",
+            "kernel",
+            "os",
+            "cpu_model",
+            "cpu_count",
+            "memory_total_bytes",
+            "created_at",
+            "updated_at",
+        ]
 
     @extend_schema_field(RolloutSerializer)
     def get_rollout(self, node: Node) -> dict[str, Any]:
@@ -79,7 +140,9 @@ class NodeSerializer(StrictSerializer):
         return {
             "desired_generation": desired,
             "applied_generation": node.applied_generation,
-            "state": rollout_state(desired, node.applied_generation, getattr(node, "head_status", None)),
+            "state": rollout_state(
+                desired, node.applied_generation, getattr(node, "head_status", None)
+            ),
             "pinned": node.pinned,
             "last_rejection_reason": node.last_rejection_reason,
             "last_rejection_detail": node.last_rejection_detail,
@@ -101,15 +164,35 @@ class NodeSerializer(StrictSerializer):
 class BootstrapTokenSerializer(SecretSerializer):
     tenant = WritableTenantField(allow_null=True, required=False)
     uses = serializers.IntegerField(min_value=1, max_value=10000, default=1, write_only=True)
-    ttl_s = serializers.IntegerField(min_value=60, max_value=30 * 86400, required=False,
-                                     write_only=True)
+    ttl_s = serializers.IntegerField(
+        min_value=60, max_value=30 * 86400, required=False, write_only=True
+    )
 
     class Meta:
         model = BootstrapToken
-        fields = ["id", "name", "prefix", "tenant", "uses", "ttl_s", "uses_left", "expires_at",
-                  "used_at", "node", "revoked", "created_at"]
-        read_only_fields = ["id", "prefix", "uses_left", "expires_at", "used_at", "node",
-                            "created_at"]
+        fields = [
+            "id",
+            "name",
+            "prefix",
+            "tenant",
+            "uses",
+            "ttl_s",
+            "uses_left",
+            "expires_at",
+            "used_at",
+            "node",
+            "revoked",
+            "created_at",
+        ]
+        read_only_fields = [
+            "id",
+            "prefix",
+            "uses_left",
+            "expires_at",
+            "used_at",
+            "node",
+            "created_at",
+        ]
 
 
 class BootstrapTokenCreatedSerializer(BootstrapTokenSerializer):

@@ -76,8 +76,11 @@ class BootstrapTokenViewSet(SecretViewSet):
 
     def issue(self, validated: dict[str, Any]) -> Issued:
         return services.create_bootstrap_token(
-            name=validated["name"], tenant=validated.get("tenant"), uses=validated["uses"],
-            ttl_s=validated.get("ttl_s"), created_by=self.request.user,
+            name=validated["name"],
+            tenant=validated.get("tenant"),
+            uses=validated["uses"],
+            ttl_s=validated.get("ttl_s"),
+            created_by=self.request.user,
         )
 
     def revoke(self, instance: BootstrapToken) -> None:

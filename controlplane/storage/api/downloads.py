@@ -18,8 +18,11 @@ from werkzeug.http import parse_range_header
 
 CHUNK_BYTES = 1 << 20
 RANGE_PARAMETER = OpenApiParameter(
-    "Range", OpenApiTypes.STR, OpenApiParameter.HEADER,
-    description="bytes=START-END (one range) to fetch part of the file, e.g. to resume.")
+    "Range",
+    OpenApiTypes.STR,
+    OpenApiParameter.HEADER,
+    description="bytes=START-END (one range) to fetch part of the file, e.g. to resume.",
+)
 RESPONSES = {
     (200, "application/octet-stream"): OpenApiResponse(OpenApiTypes.BINARY, "The file."),
     (206, "application/octet-stream"): OpenApiResponse(OpenApiTypes.BINARY, "The range asked for."),
@@ -42,11 +45,15 @@ def file_response(request: Request, path: Path, size: int, sha256: str) -> HttpR
     if ranges is not None and len(ranges.ranges) == 1:
         span = ranges.range_for_length(size)
         if span is None:
-            return Response({"detail": f"Range not satisfiable: the file holds {size} bytes."},
-                            status=416, headers={"Content-Range": f"bytes */{size}"})
+            return Response(
+                {"detail": f"Range not satisfiable: the file holds {size} bytes."},
+                status=416,
+                headers={"Content-Range": f"bytes */{size}"},
+            )
         (start, stop), status = span, 206
-    response = StreamingHttpResponse(_chunks(path, start, stop), status=status,
-                                     content_type="application/octet-stream")
+    response = StreamingHttpResponse(
+        _chunks(path, start, stop), status=status, content_type="application/octet-stream"
+    )
     response["Content-Length"] = str(stop - start)
     response["Accept-Ranges"] = "bytes"
     response["ETag"] = f'"{sha256}"'

@@ -11,8 +11,9 @@ router.register("exports", views.ExportViewSet)
 router.register("artifacts", views.ArtifactViewSet)
 
 urlpatterns = [
-    path("agent/artifacts/<uuid:pk>/", agent_views.AgentArtifactView.as_view(),
-         name="agent-artifact"),
+    path(
+        "agent/artifacts/<uuid:pk>/", agent_views.AgentArtifactView.as_view(), name="agent-artifact"
+    ),
     path("agent/storage/", agent_views.StorageReportView.as_view(), name="agent-storage"),
     *router.urls,
 ]

@@ -70,8 +70,9 @@ class VolumeViewSet(TenantScopedViewSet):
         serializer.instance = services.create_volume(**serializer.validated_data)
 
     def perform_update(self, serializer: Serializer) -> None:
-        serializer.instance = services.update_volume(serializer.instance,
-                                                     **serializer.validated_data)
+        serializer.instance = services.update_volume(
+            serializer.instance, **serializer.validated_data
+        )
 
     def perform_destroy(self, instance: Volume) -> None:
         services.delete_volume(instance)
@@ -90,8 +91,9 @@ class QosPolicyViewSet(TenantScopedViewSet):
         serializer.instance = services.create_qos_policy(**serializer.validated_data)
 
     def perform_update(self, serializer: Serializer) -> None:
-        serializer.instance = services.update_qos_policy(serializer.instance,
-                                                         **serializer.validated_data)
+        serializer.instance = services.update_qos_policy(
+            serializer.instance, **serializer.validated_data
+        )
 
     def perform_destroy(self, instance: QosPolicy) -> None:
         services.delete_qos_policy(instance)
@@ -109,8 +111,9 @@ class ExportViewSet(TenantScopedViewSet):
         serializer.instance = services.create_export(**serializer.validated_data)
 
     def perform_update(self, serializer: Serializer) -> None:
-        serializer.instance = services.update_export(serializer.instance,
-                                                     **serializer.validated_data)
+        serializer.instance = services.update_export(
+            serializer.instance, **serializer.validated_data
+        )
 
     def perform_destroy(self, instance: Export) -> None:
         services.delete_export(instance)

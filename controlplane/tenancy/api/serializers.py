@@ -29,7 +29,6 @@ class MembershipSerializer(StrictSerializer):
 
 
 class ApiTokenSerializer(SecretSerializer):
-
     class Meta:
         model = ApiToken
         fields = ["id", "name", "prefix", "expires_at", "last_used_at", "revoked", "created_at"]

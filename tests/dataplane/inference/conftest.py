@@ -8,8 +8,9 @@ from dataplane.inference.synthetic import SyntheticModelSpec, write_synthetic_mo
 
 # Small enough that a decode step takes well under a millisecond, with grouped-query
 # attention (4 heads over 2 KV heads) so that path is exercised everywhere.
-TEST_MODEL = SyntheticModelSpec(layers=2, hidden=64, heads=4, kv_heads=2, vocab=320,
-                                max_context=512, seed=7)
+TEST_MODEL = SyntheticModelSpec(
+    layers=2, hidden=64, heads=4, kv_heads=2, vocab=320, max_context=512, seed=7
+)
 
 
 @pytest.fixture(scope="session")

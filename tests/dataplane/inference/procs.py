@@ -33,8 +33,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def worker_config(model_dir: Path, cache_dir: Path, tenants: Mapping[str, str | list[str]],
-                  **overrides: Any) -> dict[str, Any]:
+def worker_config(
+    model_dir: Path, cache_dir: Path, tenants: Mapping[str, str | list[str]], **overrides: Any
+) -> dict[str, Any]:
     """A config dict serving ``model_dir`` as model "synthetic"; tenants map to keys."""
     config: dict[str, Any] = {
         "deployment_id": "dep-test",
@@ -42,8 +43,7 @@ def worker_config(model_dir: Path, cache_dir: Path, tenants: Mapping[str, str | 
         "model_dir": str(model_dir),
         "cache_dir": str(cache_dir),
         "tenants": {
-            name: {"key_sha256": [key_hash(k) for k in ([keys] if isinstance(keys, str)
-                                                        else keys)]}
+            name: {"key_sha256": [key_hash(k) for k in ([keys] if isinstance(keys, str) else keys)]}
             for name, keys in tenants.items()
         },
     }
@@ -71,9 +71,20 @@ class WorkerProcess:
     def __enter__(self) -> WorkerProcess:
         log = self.log_path.open("wb")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "dataplane.inference", "--config", str(self.config_path),
-             "--port", str(self.port), "--log-level", "warning"],
-            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "dataplane.inference",
+                "--config",
+                str(self.config_path),
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -87,8 +98,12 @@ class WorkerProcess:
             time.sleep(0.1)
         raise RuntimeError(f"worker did not become healthy: {self.log_path.read_text()}")
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     def stop(self) -> None:

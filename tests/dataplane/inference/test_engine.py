@@ -43,8 +43,9 @@ def alone(runtime: OnnxRuntime, prompt: list[int], params: SamplingParams) -> li
 
 
 @pytest.mark.parametrize("rows_per_call", [0, 2])
-def test_greedy_tokens_alone_equal_tokens_in_a_batch(runtime: OnnxRuntime,
-                                                     rows_per_call: int) -> None:
+def test_greedy_tokens_alone_equal_tokens_in_a_batch(
+    runtime: OnnxRuntime, rows_per_call: int
+) -> None:
     expected = [alone(runtime, p, greedy()) for p in prompts()]
     engine = BatchEngine(runtime, rows_per_call)
     seqs = [EngineSequence(p, greedy()) for p in prompts()]
@@ -55,8 +56,9 @@ def test_greedy_tokens_alone_equal_tokens_in_a_batch(runtime: OnnxRuntime,
 
 
 @pytest.mark.parametrize("rows_per_call", [0, 2])
-def test_joining_and_leaving_mid_stream_changes_nothing(runtime: OnnxRuntime,
-                                                        rows_per_call: int) -> None:
+def test_joining_and_leaving_mid_stream_changes_nothing(
+    runtime: OnnxRuntime, rows_per_call: int
+) -> None:
     all_prompts = prompts()
     lengths = [24, 5, 30, 11, 17]
     expected = [alone(runtime, p, greedy(n)) for p, n in zip(all_prompts, lengths, strict=True)]
@@ -77,8 +79,9 @@ def test_joining_and_leaving_mid_stream_changes_nothing(runtime: OnnxRuntime,
 
 
 @pytest.mark.parametrize("rows_per_call", [0, 1])
-def test_paused_sequence_resumes_from_its_own_cache(runtime: OnnxRuntime,
-                                                    rows_per_call: int) -> None:
+def test_paused_sequence_resumes_from_its_own_cache(
+    runtime: OnnxRuntime, rows_per_call: int
+) -> None:
     first, second = prompts()[:2]
     expected = alone(runtime, first, greedy(20))
     engine = BatchEngine(runtime, rows_per_call)
@@ -109,15 +112,17 @@ def test_cancelled_sequence_leaves_the_batch(runtime: OnnxRuntime) -> None:
 
 
 def test_seeded_sampling_is_independent_of_the_batch(runtime: OnnxRuntime) -> None:
-    params = SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.8, seed=1234,
-                            ignore_eos=True)
+    params = SamplingParams(
+        max_new_tokens=16, temperature=0.9, top_p=0.8, seed=1234, ignore_eos=True
+    )
     target = prompts()[0]
     expected = alone(runtime, target, params)
     assert alone(runtime, target, params) == expected
     engine = BatchEngine(runtime)
     seqs = [EngineSequence(target, params)] + [
         EngineSequence(p, SamplingParams(max_new_tokens=16, temperature=1.0, seed=i))
-        for i, p in enumerate(prompts()[1:])]
+        for i, p in enumerate(prompts()[1:])
+    ]
     engine.prefill(seqs)
     engine.step(join=seqs)
     run_to_end(engine)
@@ -154,7 +159,7 @@ def test_gather_keeps_rows_right_aligned() -> None:
     def batch(lengths: list[int], width: int, fill: float) -> KVBatch:
         keys = np.zeros((len(lengths), 1, width, 1), np.float32)
         for row, n in enumerate(lengths):
-            keys[row, 0, width - n:, 0] = fill + row
+            keys[row, 0, width - n :, 0] = fill + row
         return KVBatch(keys=(keys,), values=(keys.copy(),), lengths=np.array(lengths))
 
     a = batch([3, 6], 6, 10.0)

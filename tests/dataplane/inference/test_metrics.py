@@ -13,8 +13,9 @@ from dataplane.sketch import RELATIVE_ACCURACY, LatencySketch, ThresholdCounter
 
 
 def timing() -> RequestTiming:
-    return RequestTiming(arrival=10.0, input_tokens=7, scheduled=10.25,
-                         token_times=[10.5, 10.75, 11.0, 11.5, 12.5])
+    return RequestTiming(
+        arrival=10.0, input_tokens=7, scheduled=10.25, token_times=[10.5, 10.75, 11.0, 11.5, 12.5]
+    )
 
 
 def test_definitions_on_recorded_timestamps() -> None:
@@ -40,9 +41,11 @@ def test_single_token_and_tokenless_requests() -> None:
 
 
 def thresholds() -> list[SloThreshold]:
-    return [SloThreshold(tenant="a", metric="ttft", threshold_seconds=0.5),
-            SloThreshold(tenant="a", metric="itl", threshold_seconds=0.25),
-            SloThreshold(tenant="b", metric="e2e", threshold_seconds=1.0)]
+    return [
+        SloThreshold(tenant="a", metric="ttft", threshold_seconds=0.5),
+        SloThreshold(tenant="a", metric="itl", threshold_seconds=0.25),
+        SloThreshold(tenant="b", metric="e2e", threshold_seconds=1.0),
+    ]
 
 
 def test_slo_counters_are_exact_and_inclusive_at_the_threshold() -> None:
@@ -50,14 +53,24 @@ def test_slo_counters_are_exact_and_inclusive_at_the_threshold() -> None:
     stats.record("a", timing())  # ttft exactly 0.5: good; itl 0.25, 0.25 good, 0.5, 1.0 bad
     stats.record("a", RequestTiming(arrival=0.0, scheduled=0.0, token_times=[0.75]))
     snap = stats.collect(after=0)
-    slo = {(s["tenant"], s["metric"], s["threshold_seconds"]): (s["good"], s["total"])
-           for s in snap["slo"]}
+    slo = {
+        (s["tenant"], s["metric"], s["threshold_seconds"]): (s["good"], s["total"])
+        for s in snap["slo"]
+    }
     assert slo[("a", "ttft", 0.5)] == (1, 2)
     assert slo[("a", "itl", 0.25)] == (2, 4)
     assert slo[("b", "e2e", 1.0)] == (0, 0)
-    assert snap["requests"] == [{"tenant": "a", "deployment_id": "dep", "completed": 2,
-                                 "cancelled": 0, "rejected": 0, "input_tokens": 7,
-                                 "output_tokens": 6}]
+    assert snap["requests"] == [
+        {
+            "tenant": "a",
+            "deployment_id": "dep",
+            "completed": 2,
+            "cancelled": 0,
+            "rejected": 0,
+            "input_tokens": 7,
+            "output_tokens": 6,
+        }
+    ]
 
 
 def test_collect_resends_until_acknowledged_and_never_double_counts() -> None:
@@ -70,8 +83,9 @@ def test_collect_resends_until_acknowledged_and_never_double_counts() -> None:
     assert stats.collect(after=0) is first
     second = stats.collect(after=1)
     assert second["seq"] == 2
-    counts = [{s["metric"]: s["count"] for s in snap["sketches"]}["ttft"]
-              for snap in (first, second)]
+    counts = [
+        {s["metric"]: s["count"] for s in snap["sketches"]}["ttft"] for snap in (first, second)
+    ]
     assert counts == [1, 1]
     third = stats.collect(after=2)
     assert third["seq"] == 3 and third["sketches"] == []
@@ -83,8 +97,10 @@ def test_reloaded_thresholds_count_from_then_on() -> None:
     stats.record("a", timing())
     stats.set_thresholds([SloThreshold(tenant="a", metric="ttft", threshold_seconds=0.1)])
     stats.record("a", timing())
-    slo = {(s["metric"], s["threshold_seconds"]): (s["good"], s["total"])
-           for s in stats.collect(after=0)["slo"]}
+    slo = {
+        (s["metric"], s["threshold_seconds"]): (s["good"], s["total"])
+        for s in stats.collect(after=0)["slo"]
+    }
     assert slo[("ttft", 0.5)] == (1, 1)
     assert slo[("ttft", 0.1)] == (0, 1)
 
@@ -104,11 +120,13 @@ def test_prometheus_names_follow_genai_conventions() -> None:
     metrics.observe_request("a", timing())
     metrics.count("a", "length")
     text = metrics.render().decode()
-    for name in ("gen_ai_server_time_to_first_token_seconds",
-                 "gen_ai_server_time_per_output_token_seconds",
-                 "gen_ai_server_request_duration_seconds",
-                 "tailguard_request_queue_time_seconds",
-                 "tailguard_inter_token_latency_seconds"):
+    for name in (
+        "gen_ai_server_time_to_first_token_seconds",
+        "gen_ai_server_time_per_output_token_seconds",
+        "gen_ai_server_request_duration_seconds",
+        "tailguard_request_queue_time_seconds",
+        "tailguard_inter_token_latency_seconds",
+    ):
         assert f'{name}_count{{model="synthetic",tenant="a"}}' in text, name
     assert 'tailguard_tokens_total{direction="output",model="synthetic",tenant="a"} 5.0' in text
     assert 'tailguard_inter_token_latency_seconds_count{model="synthetic",tenant="a"} 4.0' in text

@@ -22,8 +22,9 @@ from .conftest import TEST_MODEL
 
 def greedy(model_dir: Path, cache_dir: Path, prompt: list[int], tokens: int = 12) -> list[int]:
     engine = BatchEngine(OnnxRuntime(model_dir, cache_dir, RuntimeConfig()))
-    seq = EngineSequence(prompt, SamplingParams(max_new_tokens=tokens, temperature=0.0,
-                                                ignore_eos=True))
+    seq = EngineSequence(
+        prompt, SamplingParams(max_new_tokens=tokens, temperature=0.0, ignore_eos=True)
+    )
     engine.prefill([seq])
     engine.step(join=[seq])
     while engine.running:
@@ -32,8 +33,7 @@ def greedy(model_dir: Path, cache_dir: Path, prompt: list[int], tokens: int = 12
 
 
 def test_generator_writes_the_optimum_layout(model_dir: Path) -> None:
-    assert {p.name for p in model_dir.iterdir()} >= {"model.onnx", "config.json",
-                                                       "tokenizer.json"}
+    assert {p.name for p in model_dir.iterdir()} >= {"model.onnx", "config.json", "tokenizer.json"}
     graph = onnx.load(str(model_dir / "model.onnx")).graph
     inputs = [i.name for i in graph.input]
     outputs = [o.name for o in graph.output]
@@ -41,7 +41,11 @@ def test_generator_writes_the_optimum_layout(model_dir: Path) -> None:
     assert "past_key_values.1.value" in inputs and "present.1.value" in outputs
     spec = load_model_spec(model_dir)
     assert (spec.num_layers, spec.num_attention_heads, spec.num_kv_heads, spec.head_dim) == (
-        TEST_MODEL.layers, TEST_MODEL.heads, TEST_MODEL.kv_heads, TEST_MODEL.head_dim)
+        TEST_MODEL.layers,
+        TEST_MODEL.heads,
+        TEST_MODEL.kv_heads,
+        TEST_MODEL.head_dim,
+    )
     assert spec.vocab_size == TEST_MODEL.vocab
     assert spec.max_context == TEST_MODEL.max_context
     assert spec.kv_dtype == "float32" and spec.eos_token_ids
@@ -61,15 +65,22 @@ def _symbolic_head_dims(source: Path, target: Path, config: dict[str, object]) -
     (target / "config.json").write_text(json.dumps(config))
 
 
-def test_llama_style_config_with_grouped_query_attention(model_dir: Path,
-                                                         tmp_path: Path) -> None:
+def test_llama_style_config_with_grouped_query_attention(model_dir: Path, tmp_path: Path) -> None:
     llama = tmp_path / "llama"
-    _symbolic_head_dims(model_dir, llama, {
-        "model_type": "llama", "num_hidden_layers": TEST_MODEL.layers,
-        "num_attention_heads": TEST_MODEL.heads, "num_key_value_heads": TEST_MODEL.kv_heads,
-        "hidden_size": TEST_MODEL.hidden, "vocab_size": TEST_MODEL.vocab,
-        "max_position_embeddings": TEST_MODEL.max_context, "eos_token_id": 0,
-    })
+    _symbolic_head_dims(
+        model_dir,
+        llama,
+        {
+            "model_type": "llama",
+            "num_hidden_layers": TEST_MODEL.layers,
+            "num_attention_heads": TEST_MODEL.heads,
+            "num_key_value_heads": TEST_MODEL.kv_heads,
+            "hidden_size": TEST_MODEL.hidden,
+            "vocab_size": TEST_MODEL.vocab,
+            "max_position_embeddings": TEST_MODEL.max_context,
+            "eos_token_id": 0,
+        },
+    )
     spec = load_model_spec(llama)
     assert spec.num_kv_heads == TEST_MODEL.kv_heads
     assert spec.head_dim == TEST_MODEL.hidden // TEST_MODEL.heads
@@ -79,18 +90,27 @@ def test_llama_style_config_with_grouped_query_attention(model_dir: Path,
 
 
 def test_gpt2_style_config_names(tmp_path: Path) -> None:
-    plain = SyntheticModelSpec(layers=1, hidden=32, heads=2, kv_heads=2, vocab=300,
-                               max_context=64, seed=1)
+    plain = SyntheticModelSpec(
+        layers=1, hidden=32, heads=2, kv_heads=2, vocab=300, max_context=64, seed=1
+    )
     source = tmp_path / "source"
     write_synthetic_model(source, plain)
     gpt2 = tmp_path / "gpt2"
-    _symbolic_head_dims(source, gpt2, {
-        "model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "vocab_size": 300,
-        "n_positions": 64, "eos_token_id": 0,
-    })
+    _symbolic_head_dims(
+        source,
+        gpt2,
+        {
+            "model_type": "gpt2",
+            "n_layer": 1,
+            "n_head": 2,
+            "n_embd": 32,
+            "vocab_size": 300,
+            "n_positions": 64,
+            "eos_token_id": 0,
+        },
+    )
     spec = load_model_spec(gpt2)
-    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.max_context) == (
-        1, 2, 16, 64)
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.max_context) == (1, 2, 16, 64)
     assert len(greedy(gpt2, tmp_path / "cache", [1, 2, 3], tokens=5)) == 5
 
 
@@ -114,10 +134,13 @@ def test_missing_context_length_is_named(model_dir: Path, tmp_path: Path) -> Non
 
 def test_provider_chain_prefers_tensorrt_with_caches(tmp_path: Path) -> None:
     chain = select_providers(
-        ["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"],
-        tmp_path)
+        ["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"], tmp_path
+    )
     assert [name for name, _ in chain] == [
-        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
     trt = chain[0][1]
     assert trt["trt_engine_cache_enable"] == "True"
     assert trt["trt_timing_cache_enable"] == "True"
@@ -129,8 +152,7 @@ def test_provider_chain_prefers_tensorrt_with_caches(tmp_path: Path) -> None:
 def test_provider_chain_falls_back() -> None:
     cuda = select_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], Path("/x"))
     assert [name for name, _ in cuda] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert select_providers(["CPUExecutionProvider"], Path("/x")) == [
-        ("CPUExecutionProvider", {})]
+    assert select_providers(["CPUExecutionProvider"], Path("/x")) == [("CPUExecutionProvider", {})]
     with pytest.raises(RuntimeError):
         select_providers(["AzureExecutionProvider"], Path("/x"))
 
@@ -156,5 +178,5 @@ def test_streamed_text_does_not_depend_on_how_tokens_are_grouped(model_dir: Path
     one_by_one = tokenizer.stream()
     grouped = tokenizer.stream()
     expected = "".join(one_by_one.feed([token]) for token in ids)
-    assert "".join(grouped.feed(ids[i:i + 3]) for i in range(0, len(ids), 3)) == expected
+    assert "".join(grouped.feed(ids[i : i + 3]) for i in range(0, len(ids), 3)) == expected
     assert expected == "héllo wörld, stream me ✓ please"

@@ -15,9 +15,11 @@ PROMPT, OUTPUT = 20, 30
 
 def request(tenant: str, arrival: float, priority: int = 0) -> GenerationRequest:
     return GenerationRequest(
-        tenant=tenant, priority=priority,
+        tenant=tenant,
+        priority=priority,
         seq=EngineSequence([1] * PROMPT, SamplingParams(max_new_tokens=OUTPUT)),
-        timing=RequestTiming(arrival=arrival, input_tokens=PROMPT))
+        timing=RequestTiming(arrival=arrival, input_tokens=PROMPT),
+    )
 
 
 def fair(**tenants: TenantConfig) -> FairPolicy:

@@ -32,22 +32,30 @@ class Harness:
         policy = knobs.pop("policy", "fair")
         self.metrics = WorkerMetrics("synthetic")
         self.scheduler = Scheduler(
-            BatchEngine(runtime), BatchingConfig(**knobs),
-            SchedulingConfig(policy=policy), {}, self.metrics,
-            TelemetryStats("dep", "synthetic", []))
+            BatchEngine(runtime),
+            BatchingConfig(**knobs),
+            SchedulingConfig(policy=policy),
+            {},
+            self.metrics,
+            TelemetryStats("dep", "synthetic", []),
+        )
 
     def submit(self, tenant: str, prompt: list[int], tokens: int) -> GenerationRequest:
         request = GenerationRequest(
-            tenant=tenant, priority=0,
-            seq=EngineSequence(prompt, SamplingParams(max_new_tokens=tokens, temperature=0.0,
-                                                      ignore_eos=True)),
-            timing=RequestTiming(arrival=time.perf_counter(), input_tokens=len(prompt)))
+            tenant=tenant,
+            priority=0,
+            seq=EngineSequence(
+                prompt, SamplingParams(max_new_tokens=tokens, temperature=0.0, ignore_eos=True)
+            ),
+            timing=RequestTiming(arrival=time.perf_counter(), input_tokens=len(prompt)),
+        )
         self.scheduler.submit(request)
         return request
 
     def steps(self, kind: str) -> float:
         value = self.metrics.registry.get_sample_value(
-            "tailguard_engine_step_seconds_count", {"kind": kind})
+            "tailguard_engine_step_seconds_count", {"kind": kind}
+        )
         return value or 0.0
 
 
@@ -69,13 +77,15 @@ async def finished(request: GenerationRequest) -> None:
     async def wait() -> None:
         while not request.done:
             await request.next_update()
+
     await asyncio.wait_for(wait(), timeout=30)
 
 
 def alone(runtime: OnnxRuntime, prompt: list[int], tokens: int) -> list[int]:
     engine = BatchEngine(runtime)
-    seq = EngineSequence(prompt, SamplingParams(max_new_tokens=tokens, temperature=0.0,
-                                                ignore_eos=True))
+    seq = EngineSequence(
+        prompt, SamplingParams(max_new_tokens=tokens, temperature=0.0, ignore_eos=True)
+    )
     engine.prefill([seq])
     engine.step(join=[seq])
     while engine.running:
@@ -84,12 +94,12 @@ def alone(runtime: OnnxRuntime, prompt: list[int], tokens: int) -> list[int]:
 
 
 async def test_victim_preempts_the_aggressor_and_everyone_gets_exact_tokens(
-        runtime: OnnxRuntime, harness_factory: Any) -> None:
+    runtime: OnnxRuntime, harness_factory: Any
+) -> None:
     h = harness_factory(max_batch_size=4)
     prompts = [[10 + i, 20 + i, 30 + i] for i in range(12)]
     aggressors = [h.submit("aggressor", p, 120) for p in prompts]
-    while len(h.scheduler.running) < 4 or not all(r.output_ids for r in
-                                                  h.scheduler.running):
+    while len(h.scheduler.running) < 4 or not all(r.output_ids for r in h.scheduler.running):
         await asyncio.sleep(0.001)
     victim = h.submit("victim", [7, 8, 9], 10)
     while not victim.output_ids:
@@ -115,8 +125,10 @@ async def test_fcfs_makes_the_victim_wait_for_the_backlog(harness_factory: Any) 
     for request in [*aggressors, victim]:
         await finished(request)
     assert victim.timing.scheduled is not None
-    assert all(r.timing.scheduled is not None and r.timing.scheduled <= victim.timing.scheduled
-               for r in aggressors)
+    assert all(
+        r.timing.scheduled is not None and r.timing.scheduled <= victim.timing.scheduled
+        for r in aggressors
+    )
 
 
 async def test_token_budget_spreads_prefills_over_steps(harness_factory: Any) -> None:

@@ -22,7 +22,9 @@ KEYS = {"alice": "key-alice", "bob": "key-bob"}
 def worker(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     workdir = tmp_path_factory.mktemp("worker")
     config = worker_config(
-        model_dir, workdir / "cache", KEYS,
+        model_dir,
+        workdir / "cache",
+        KEYS,
         max_request_bytes=16_384,
         slo_thresholds=[{"tenant": "alice", "metric": "ttft", "threshold_seconds": 5.0}],
     )
@@ -32,13 +34,11 @@ def worker(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def client(worker: WorkerProcess, tenant: str = "alice") -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{worker.base_url}/v1", api_key=KEYS[tenant],
-                         max_retries=0)
+    return openai.OpenAI(base_url=f"{worker.base_url}/v1", api_key=KEYS[tenant], max_retries=0)
 
 
 def async_client(worker: WorkerProcess, tenant: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{worker.base_url}/v1", api_key=KEYS[tenant],
-                              max_retries=0)
+    return openai.AsyncOpenAI(base_url=f"{worker.base_url}/v1", api_key=KEYS[tenant], max_retries=0)
 
 
 GREEDY: dict[str, Any] = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
@@ -46,16 +46,22 @@ GREEDY: dict[str, Any] = {"temperature": 0.0, "extra_body": {"ignore_eos": True}
 
 def test_completion_and_chat_non_streaming(worker: WorkerProcess) -> None:
     c = client(worker)
-    completion = c.completions.create(model="synthetic", prompt="Hello there", max_tokens=8,
-                                      **GREEDY)
+    completion = c.completions.create(
+        model="synthetic", prompt="Hello there", max_tokens=8, **GREEDY
+    )
     assert completion.choices[0].finish_reason == "length"
     assert isinstance(completion.choices[0].text, str)
     assert completion.usage is not None and completion.usage.completion_tokens == 8
     assert completion.usage.prompt_tokens > 0
     chat = c.chat.completions.create(
-        model="synthetic", max_tokens=6, **GREEDY,
-        messages=[{"role": "system", "content": "Be brief."},
-                  {"role": "user", "content": "What is tail latency?"}])
+        model="synthetic",
+        max_tokens=6,
+        **GREEDY,
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is tail latency?"},
+        ],
+    )
     assert chat.object == "chat.completion"
     assert chat.choices[0].message.role == "assistant"
     assert chat.usage is not None and chat.usage.completion_tokens == 6
@@ -64,30 +70,41 @@ def test_completion_and_chat_non_streaming(worker: WorkerProcess) -> None:
 def test_streaming_matches_non_streaming(worker: WorkerProcess) -> None:
     c = client(worker)
     messages: Any = [{"role": "user", "content": "Stream me something"}]
-    whole = c.chat.completions.create(model="synthetic", messages=messages, max_tokens=20,
-                                      **GREEDY)
-    chunks = list(c.chat.completions.create(
-        model="synthetic", messages=messages, max_tokens=20, stream=True,
-        stream_options={"include_usage": True}, **GREEDY))
+    whole = c.chat.completions.create(model="synthetic", messages=messages, max_tokens=20, **GREEDY)
+    chunks = list(
+        c.chat.completions.create(
+            model="synthetic",
+            messages=messages,
+            max_tokens=20,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == whole.choices[0].message.content
     finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices]
     assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
-    completion_chunks = list(c.completions.create(model="synthetic", prompt="abc",
-                                                  max_tokens=5, stream=True, **GREEDY))
+    completion_chunks = list(
+        c.completions.create(model="synthetic", prompt="abc", max_tokens=5, stream=True, **GREEDY)
+    )
     assert completion_chunks[-1].choices[0].finish_reason == "length"
 
 
 def test_stop_string_ends_the_request_early(worker: WorkerProcess) -> None:
     c = client(worker)
-    full = c.completions.create(model="synthetic", prompt="Once upon", max_tokens=40,
-                                **GREEDY).choices[0].text
-    stop = full[len(full) // 2:len(full) // 2 + 3]
-    cut = c.completions.create(model="synthetic", prompt="Once upon", max_tokens=40,
-                               stop=[stop], **GREEDY)
+    full = (
+        c.completions.create(model="synthetic", prompt="Once upon", max_tokens=40, **GREEDY)
+        .choices[0]
+        .text
+    )
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    cut = c.completions.create(
+        model="synthetic", prompt="Once upon", max_tokens=40, stop=[stop], **GREEDY
+    )
     assert cut.choices[0].finish_reason == "stop"
-    assert cut.choices[0].text == full[:full.index(stop)]
+    assert cut.choices[0].text == full[: full.index(stop)]
     assert cut.usage is not None and cut.usage.completion_tokens < 40
 
 
@@ -101,9 +118,15 @@ def test_models_and_health(worker: WorkerProcess) -> None:
 async def test_concurrent_tenants_streaming(worker: WorkerProcess) -> None:
     async def one(tenant: str, tokens: int) -> tuple[str, int, str | None]:
         stream = await async_client(worker, tenant).completions.create(
-            model="synthetic", prompt=f"{tenant} says", max_tokens=tokens, stream=True,
-            stream_options={"include_usage": True}, temperature=0.8, seed=tokens,
-            extra_body={"ignore_eos": True})
+            model="synthetic",
+            prompt=f"{tenant} says",
+            max_tokens=tokens,
+            stream=True,
+            stream_options={"include_usage": True},
+            temperature=0.8,
+            seed=tokens,
+            extra_body={"ignore_eos": True},
+        )
         finish, used = None, 0
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].finish_reason:
@@ -114,11 +137,9 @@ async def test_concurrent_tenants_streaming(worker: WorkerProcess) -> None:
 
     jobs = [one("alice" if i % 2 else "bob", 10 + i) for i in range(16)]
     results = await asyncio.gather(*jobs)
-    assert all(used == 10 + i and finish == "length"
-               for i, (_, used, finish) in enumerate(results))
+    assert all(used == 10 + i and finish == "length" for i, (_, used, finish) in enumerate(results))
     assert worker.metric("tailguard_requests_total", tenant="bob", outcome="length") >= 8
-    assert worker.metric("gen_ai_server_time_to_first_token_seconds_count",
-                         tenant="alice") >= 8
+    assert worker.metric("gen_ai_server_time_to_first_token_seconds_count", tenant="alice") >= 8
 
 
 def error_of(response: httpx.Response) -> dict[str, Any]:
@@ -129,8 +150,7 @@ def error_of(response: httpx.Response) -> dict[str, Any]:
     return error
 
 
-def test_bad_requests_get_openai_errors_and_the_worker_keeps_serving(
-        worker: WorkerProcess) -> None:
+def test_bad_requests_get_openai_errors_and_the_worker_keeps_serving(worker: WorkerProcess) -> None:
     url = f"{worker.base_url}/v1/completions"
     auth = {"Authorization": f"Bearer {KEYS['alice']}"}
     ok = {"model": "synthetic", "prompt": "hi", "max_tokens": 2}
@@ -140,10 +160,13 @@ def test_bad_requests_get_openai_errors_and_the_worker_keeps_serving(
         (auth, json.dumps({**ok, "frobnicate": 1}).encode(), 400, "unknown_parameter"),
         (auth, json.dumps({**ok, "temperature": 9}).encode(), 400, "invalid_value"),
         (auth, json.dumps({**ok, "model": "gpt-9"}).encode(), 404, "model_not_found"),
-        (auth, json.dumps({**ok, "prompt": "word " * 600}).encode(), 400,
-         "context_length_exceeded"),
-        (auth, json.dumps({**ok, "max_tokens": 100_000}).encode(), 400,
-         "context_length_exceeded"),
+        (
+            auth,
+            json.dumps({**ok, "prompt": "word " * 600}).encode(),
+            400,
+            "context_length_exceeded",
+        ),
+        (auth, json.dumps({**ok, "max_tokens": 100_000}).encode(), 400, "context_length_exceeded"),
         ({}, json.dumps(ok).encode(), 401, "invalid_api_key"),
         ({"Authorization": "Bearer wrong"}, json.dumps(ok).encode(), 401, "invalid_api_key"),
         (auth, json.dumps({**ok, "prompt": "x" * 20_000}).encode(), 413, "request_too_large"),
@@ -157,11 +180,11 @@ def test_bad_requests_get_openai_errors_and_the_worker_keeps_serving(
     with pytest.raises(openai.NotFoundError):
         client(worker).completions.create(model="other", prompt="x", max_tokens=1)
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{worker.base_url}/v1", api_key="nope",
-                      max_retries=0).models.list()
+        openai.OpenAI(base_url=f"{worker.base_url}/v1", api_key="nope", max_retries=0).models.list()
     with pytest.raises(openai.BadRequestError):
         client(worker).chat.completions.create(
-            model="synthetic", messages=[{"role": "user", "content": "y " * 600}])
+            model="synthetic", messages=[{"role": "user", "content": "y " * 600}]
+        )
     good = httpx.post(url, json=ok, headers=auth, timeout=10)
     assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] <= 2
 
@@ -175,11 +198,22 @@ def wait_for(predicate: Any, timeout: float = 10.0) -> None:
 
 def test_client_disconnect_frees_the_slot(worker: WorkerProcess) -> None:
     cancelled_before = worker.metric("tailguard_requests_total", outcome="cancelled")
-    body = {"model": "synthetic", "prompt": "go", "max_tokens": 480, "stream": True,
-            "ignore_eos": True}
-    with httpx.Client(timeout=10) as http, http.stream(
-            "POST", f"{worker.base_url}/v1/completions", json=body,
-            headers={"Authorization": f"Bearer {KEYS['bob']}"}) as response:
+    body = {
+        "model": "synthetic",
+        "prompt": "go",
+        "max_tokens": 480,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    with (
+        httpx.Client(timeout=10) as http,
+        http.stream(
+            "POST",
+            f"{worker.base_url}/v1/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {KEYS['bob']}"},
+        ) as response,
+    ):
         assert response.status_code == 200
         lines = 0
         for line in response.iter_lines():
@@ -187,10 +221,14 @@ def test_client_disconnect_frees_the_slot(worker: WorkerProcess) -> None:
             if lines == 3:
                 break
     wait_for(lambda: worker.health()["running"] == 0)
-    wait_for(lambda: worker.metric("tailguard_requests_total", outcome="cancelled")
-             == cancelled_before + 1)
-    done = client(worker, "bob").completions.create(model="synthetic", prompt="again",
-                                                    max_tokens=3, **GREEDY)
+    wait_for(
+        lambda: (
+            worker.metric("tailguard_requests_total", outcome="cancelled") == cancelled_before + 1
+        )
+    )
+    done = client(worker, "bob").completions.create(
+        model="synthetic", prompt="again", max_tokens=3, **GREEDY
+    )
     assert done.usage is not None and done.usage.completion_tokens == 3
 
 
@@ -198,16 +236,22 @@ def test_non_streaming_disconnect_is_cancelled_too(worker: WorkerProcess) -> Non
     cancelled_before = worker.metric("tailguard_requests_total", outcome="cancelled")
     body = {"model": "synthetic", "prompt": "go", "max_tokens": 480, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{worker.base_url}/v1/completions", json=body, timeout=0.05,
-                   headers={"Authorization": f"Bearer {KEYS['bob']}"})
-    wait_for(lambda: worker.metric("tailguard_requests_total", outcome="cancelled")
-             == cancelled_before + 1)
+        httpx.post(
+            f"{worker.base_url}/v1/completions",
+            json=body,
+            timeout=0.05,
+            headers={"Authorization": f"Bearer {KEYS['bob']}"},
+        )
+    wait_for(
+        lambda: (
+            worker.metric("tailguard_requests_total", outcome="cancelled") == cancelled_before + 1
+        )
+    )
     wait_for(lambda: worker.health()["running"] == 0)
 
 
 def test_stats_endpoint_sequence_numbers(worker: WorkerProcess) -> None:
-    client(worker).completions.create(model="synthetic", prompt="count me", max_tokens=4,
-                                      **GREEDY)
+    client(worker).completions.create(model="synthetic", prompt="count me", max_tokens=4, **GREEDY)
     url = f"{worker.base_url}/v1/internal/stats"
     first = httpx.get(url, params={"after": 0}).json()
     again = httpx.get(url, params={"after": 0}).json()
@@ -215,7 +259,12 @@ def test_stats_endpoint_sequence_numbers(worker: WorkerProcess) -> None:
     tenants = {r["tenant"] for r in first["requests"]}
     assert "alice" in tenants
     assert {s["metric"] for s in first["sketches"] if s["tenant"] == "alice"} >= {
-        "ttft", "tpot", "itl", "e2e", "queue"}
+        "ttft",
+        "tpot",
+        "itl",
+        "e2e",
+        "queue",
+    }
     slo = [s for s in first["slo"] if s["tenant"] == "alice"]
     assert slo and slo[0]["metric"] == "ttft" and slo[0]["good"] == slo[0]["total"] > 0
     following = httpx.get(url, params={"after": first["seq"]}).json()
@@ -224,45 +273,61 @@ def test_stats_endpoint_sequence_numbers(worker: WorkerProcess) -> None:
 
 
 def test_queue_full_is_429_with_retry_after_and_other_tenants_still_served(
-        model_dir: Path, tmp_path: Path) -> None:
-    config = worker_config(model_dir, tmp_path / "cache", KEYS,
-                           batching={"max_batch_size": 1, "max_queue_len": 2})
+    model_dir: Path, tmp_path: Path
+) -> None:
+    config = worker_config(
+        model_dir, tmp_path / "cache", KEYS, batching={"max_batch_size": 1, "max_queue_len": 2}
+    )
     with WorkerProcess(config, tmp_path) as proc:
+
         async def flood() -> list[int | str]:
             async def one(tenant: str) -> int | str:
                 try:
                     await async_client(proc, tenant).completions.create(
-                        model="synthetic", prompt="busy", max_tokens=200,
-                        extra_body={"ignore_eos": True})
+                        model="synthetic",
+                        prompt="busy",
+                        max_tokens=200,
+                        extra_body={"ignore_eos": True},
+                    )
                 except openai.RateLimitError as exc:
                     retry = exc.response.headers["retry-after"]
                     assert int(retry) >= 1
                     assert exc.response.json()["error"]["code"] == "rate_limit_exceeded"
                     return 429
                 return tenant
+
             return list(await asyncio.gather(*[one("alice") for _ in range(8)], one("bob")))
 
         outcomes = asyncio.run(flood())
         assert outcomes.count(429) >= 4
         assert "bob" in outcomes
-        assert proc.metric("tailguard_requests_total", tenant="alice",
-                           outcome="rejected") == outcomes.count(429)
-        assert client(proc).completions.create(model="synthetic", prompt="after",
-                                               max_tokens=2).usage is not None
+        assert proc.metric(
+            "tailguard_requests_total", tenant="alice", outcome="rejected"
+        ) == outcomes.count(429)
+        assert (
+            client(proc).completions.create(model="synthetic", prompt="after", max_tokens=2).usage
+            is not None
+        )
 
 
 def test_reload_under_load_drops_nothing(model_dir: Path, tmp_path: Path) -> None:
     config = worker_config(model_dir, tmp_path / "cache", {"alice": KEYS["alice"]})
     tokens = 300
     with WorkerProcess(config, tmp_path) as proc:
+
         async def load() -> list[tuple[int, str | None]]:
             started = asyncio.Event()
             counts = [0] * 12
 
             async def one(i: int) -> tuple[int, str | None]:
                 stream = await async_client(proc, "alice").completions.create(
-                    model="synthetic", prompt=f"stream {i}", max_tokens=tokens, stream=True,
-                    stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+                    model="synthetic",
+                    prompt=f"stream {i}",
+                    max_tokens=tokens,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_body={"ignore_eos": True},
+                )
                 finish, used = None, 0
                 async for chunk in stream:
                     counts[i] += 1
@@ -276,11 +341,14 @@ def test_reload_under_load_drops_nothing(model_dir: Path, tmp_path: Path) -> Non
 
             jobs = [asyncio.create_task(one(i)) for i in range(12)]
             await started.wait()
-            new = worker_config(model_dir, tmp_path / "cache", {"carol": "key-carol"},
-                                batching={"max_batch_size": 4},
-                                scheduling={"policy": "fcfs"},
-                                slo_thresholds=[{"tenant": "carol", "metric": "e2e",
-                                                 "threshold_seconds": 1.0}])
+            new = worker_config(
+                model_dir,
+                tmp_path / "cache",
+                {"carol": "key-carol"},
+                batching={"max_batch_size": 4},
+                scheduling={"policy": "fcfs"},
+                slo_thresholds=[{"tenant": "carol", "metric": "e2e", "threshold_seconds": 1.0}],
+            )
             new["tenants"]["alice"] = {"key_sha256": [key_hash(KEYS["alice"])], "weight": 3}
             proc.write_config(new)
             proc.signal_reload()
@@ -292,14 +360,13 @@ def test_reload_under_load_drops_nothing(model_dir: Path, tmp_path: Path) -> Non
         assert results == [(tokens, "length")] * 12
         health = proc.health()
         assert health["max_batch_size"] == 4 and health["policy"] == "fcfs"
-        carol = openai.OpenAI(base_url=f"{proc.base_url}/v1", api_key="key-carol",
-                              max_retries=0)
-        assert carol.completions.create(model="synthetic", prompt="hi",
-                                        max_tokens=2).usage is not None
+        carol = openai.OpenAI(base_url=f"{proc.base_url}/v1", api_key="key-carol", max_retries=0)
+        assert (
+            carol.completions.create(model="synthetic", prompt="hi", max_tokens=2).usage is not None
+        )
         # Editing the file alone (no signal) is picked up too: carol's key goes away.
         generation = health["config_generation"]
-        proc.write_config(worker_config(model_dir, tmp_path / "cache",
-                                        {"alice": KEYS["alice"]}))
+        proc.write_config(worker_config(model_dir, tmp_path / "cache", {"alice": KEYS["alice"]}))
         wait_for(lambda: proc.health()["config_generation"] > generation)
         with pytest.raises(openai.AuthenticationError):
             carol.completions.create(model="synthetic", prompt="hi", max_tokens=2)

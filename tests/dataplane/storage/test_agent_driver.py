@@ -46,10 +46,19 @@ PCI = "0000:5e:00.0"
 
 def local_components(pool_dir: Path, volume_bytes: int = 8 * MIB) -> Components:
     return Components(
-        pools=[PoolSpec(name="models", kind="local", directory=str(pool_dir), capacity_bytes=64 * MIB)],
+        pools=[
+            PoolSpec(name="models", kind="local", directory=str(pool_dir), capacity_bytes=64 * MIB)
+        ],
         volumes=[VolumeSpec(name="v-1", tenant_id=TENANT, pool="models", size_bytes=volume_bytes)],
-        qos=[QosSpec(volume="v-1", rw_ios_per_sec=2000, rw_mbytes_per_sec=0, r_mbytes_per_sec=100,
-                     w_mbytes_per_sec=0)],
+        qos=[
+            QosSpec(
+                volume="v-1",
+                rw_ios_per_sec=2000,
+                rw_mbytes_per_sec=0,
+                r_mbytes_per_sec=100,
+                w_mbytes_per_sec=0,
+            )
+        ],
     )
 
 
@@ -60,20 +69,30 @@ async def test_local_engine_converges_idempotently_and_reports(tmp_path: Path) -
     for _ in range(2):
         results = await driver.apply(components)
         assert [(r.kind, r.name, r.ok) for r in results] == [
-            ("pool", "models", True), ("volume", "v-1", True), ("qos", "v-1", True)]
+            ("pool", "models", True),
+            ("volume", "v-1", True),
+            ("qos", "v-1", True),
+        ]
     (volume,) = engine.observe().volumes
-    assert (volume.tenant, volume.size_bytes, volume.qos.rw_ios_per_sec) == (TENANT.hex, 8 * MIB, 2000)
+    assert (volume.tenant, volume.size_bytes, volume.qos.rw_ios_per_sec) == (
+        TENANT.hex,
+        8 * MIB,
+        2000,
+    )
     assert driver.file_volumes is engine
 
     first, second = driver.report(NODE), driver.report(NODE)
     assert first.engine == "local" and first.node_id == NODE
     assert [(p.name, p.capacity_bytes, p.free_bytes) for p in first.pools] == [
-        ("models", 64 * MIB, 56 * MIB)]
+        ("models", 64 * MIB, 56 * MIB)
+    ]
     assert first.volumes == []  # the first sample is the baseline of the rates
     assert [(v.name, v.pool, v.read_iops) for v in second.volumes] == [("v-1", "models", 0.0)]
 
 
-async def test_a_refused_spec_fails_every_storage_component_and_changes_nothing(tmp_path: Path) -> None:
+async def test_a_refused_spec_fails_every_storage_component_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
     engine = LocalEngine(tmp_path / "root")
     driver = StorageDriver(engine, "local")
     results = await driver.apply(local_components(tmp_path / "pool", volume_bytes=128 * MIB))
@@ -101,15 +120,25 @@ def nvme_target(short_dir: Path) -> Iterator[SpdkEmulator]:
 async def test_spdk_exports_use_the_transport_the_node_can_offer(
     nvme_target: SpdkEmulator, short_dir: Path, rdma: bool, transport: str
 ) -> None:
-    engine = SpdkEngine(nvme_target.socket_path, rdma_port_active=rdma, nqn_prefix=EXPORT_NQN_PREFIX)
-    driver = StorageDriver(engine, "spdk", listen_address="127.0.0.1",
-                           config_path=short_dir / "spdk-config.json")
+    engine = SpdkEngine(
+        nvme_target.socket_path, rdma_port_active=rdma, nqn_prefix=EXPORT_NQN_PREFIX
+    )
+    driver = StorageDriver(
+        engine, "spdk", listen_address="127.0.0.1", config_path=short_dir / "spdk-config.json"
+    )
     components = Components(
         pools=[PoolSpec(name="nvme0", kind="spdk", device=PCI)],
         volumes=[VolumeSpec(name="v-1", tenant_id=TENANT, pool="nvme0", size_bytes=8 * MIB)],
         exports=[ExportSpec(volume="v-1", tenant_id=TENANT, nqn=export_nqn(TENANT), hosts=[HOST])],
-        qos=[QosSpec(volume="v-1", rw_ios_per_sec=3000, rw_mbytes_per_sec=0, r_mbytes_per_sec=0,
-                     w_mbytes_per_sec=50)],
+        qos=[
+            QosSpec(
+                volume="v-1",
+                rw_ios_per_sec=3000,
+                rw_mbytes_per_sec=0,
+                r_mbytes_per_sec=0,
+                w_mbytes_per_sec=50,
+            )
+        ],
     )
     try:
         results = await driver.apply(components)
@@ -121,11 +150,20 @@ async def test_spdk_exports_use_the_transport_the_node_can_offer(
         assert pool.name == "nvme0" and 0 < pool.free_bytes < pool.capacity_bytes <= 64 * MIB
         (endpoint,) = report.exports
         assert (endpoint.tenant_id, endpoint.nqn, endpoint.transport, str(endpoint.address)) == (
-            TENANT, export_nqn(TENANT), transport, "127.0.0.1")
+            TENANT,
+            export_nqn(TENANT),
+            transport,
+            "127.0.0.1",
+        )
         assert (await driver.apply(components)) == results  # idempotent
 
-        wrong = components.model_copy(update={"exports": [
-            components.exports[0].model_copy(update={"nqn": "nqn.2024-01.io.example:other"})]})
+        wrong = components.model_copy(
+            update={
+                "exports": [
+                    components.exports[0].model_copy(update={"nqn": "nqn.2024-01.io.example:other"})
+                ]
+            }
+        )
         assert {r.ok for r in await driver.apply(wrong)} == {False}
     finally:
         engine.close()
@@ -134,7 +172,11 @@ async def test_spdk_exports_use_the_transport_the_node_can_offer(
 def model_archive(tmp_path: Path) -> tuple[Path, str]:
     archive = tmp_path / "model.tar"
     with tarfile.open(archive, "w") as tar:
-        for name, size in (("model.onnx", 3 * MIB + 17), ("config.json", 40), ("tokenizer.json", 9000)):
+        for name, size in (
+            ("model.onnx", 3 * MIB + 17),
+            ("config.json", 40),
+            ("tokenizer.json", 9000),
+        ):
             info = tarfile.TarInfo(name)
             info.size = size
             tar.addfile(info, io.BytesIO(bytes(range(256)) * (size // 256) + b"x" * (size % 256)))
@@ -148,9 +190,21 @@ def test_stage_command_refetches_a_corrupted_download_and_unpacks(
     dest = tmp_path / "staged"
     with RangeServer(archive) as server:
         server.corrupt_offset, server.corrupt_times = MIB, 1
-        code = main(["stage", "--artifact-url", server.url, "--sha256", sha256,
-                     "--size", str(archive.stat().st_size), "--dest", str(dest),
-                     "--state-dir", str(tmp_path / "no-agent-here")])
+        code = main(
+            [
+                "stage",
+                "--artifact-url",
+                server.url,
+                "--sha256",
+                sha256,
+                "--size",
+                str(archive.stat().st_size),
+                "--dest",
+                str(dest),
+                "--state-dir",
+                str(tmp_path / "no-agent-here"),
+            ]
+        )
         fetches = server.requests
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -167,10 +221,19 @@ def test_a_workers_model_is_staged_into_its_volume(tmp_path: Path) -> None:
     engine.reconcile(storage_spec(local_components(tmp_path / "pool"), "local", "0.0.0.0"))
     with RangeServer(archive) as server:
         spec = WorkerSpec(
-            replica_id=uuid.uuid4(), deployment_id=uuid.uuid4(), tenant_id=TENANT, model_name="m",
+            replica_id=uuid.uuid4(),
+            deployment_id=uuid.uuid4(),
+            tenant_id=TENANT,
+            model_name="m",
             artifact=ArtifactRef(uri=server.url, sha256=sha256, size_bytes=archive.stat().st_size),
-            runtime_options={}, gpu_indices=[], port=18000, max_batch_size=1, max_tokens_per_step=8,
-            max_queue_delay_ms=0, max_queue_len=1, volume="v-1",
+            runtime_options={},
+            gpu_indices=[],
+            port=18000,
+            max_batch_size=1,
+            max_tokens_per_step=8,
+            max_queue_delay_ms=0,
+            max_queue_len=1,
+            volume="v-1",
             tenants=[TenantServing(tenant_id=TENANT, weight=1.0, priority=0, key_hashes=[])],
         )
         stager = ModelStager(engine, "http://control-plane.example", "tgn_" + "x" * 40)
@@ -188,6 +251,7 @@ def test_a_workers_model_is_staged_into_its_volume(tmp_path: Path) -> None:
 def test_the_node_credential_goes_to_the_control_plane_only() -> None:
     cp = "https://cp.example:8443"
     assert credential_headers(f"{cp}/api/v1/agent/artifacts/1/", cp + "/", "tgn_secret") == {
-        "Authorization": "Node tgn_secret"}
+        "Authorization": "Node tgn_secret"
+    }
     assert credential_headers("https://cp.example:8443.evil/x", cp, "tgn_secret") == {}
     assert credential_headers("https://models.example/m.tar", cp, "tgn_secret") == {}

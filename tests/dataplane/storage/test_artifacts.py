@@ -247,7 +247,9 @@ def test_unpack_writes_regular_files_within_the_quota_once(engine: LocalEngine) 
     files = {"model.onnx": os.urandom(MIB + 5), "sub/config.json": b"{}"}
     _tar(volume / "m.tar", files)
     dest = unpack_archive(engine, "llama", "m.tar", "model", "a" * 64)
-    assert {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == files
+    assert {
+        p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()
+    } == files
     (dest / "model.onnx").unlink()
     assert unpack_archive(engine, "llama", "m.tar", "model", "a" * 64) == dest  # marker: no-op
     assert not (dest / "model.onnx").exists()
