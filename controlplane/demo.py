@@ -100,16 +100,25 @@ def run_demo(*, host: str, port: int) -> int:
     accounts = seed_demo()
     key = _seed_fleet(accounts.tenant)
     bootstrap = create_bootstrap_token(name="demo agent").secret
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: it may arrive ignored
+        signal.signal(signum, _interrupt)
+    try:
+        return _run(host, port, accounts, key, bootstrap)
+    except KeyboardInterrupt:
+        print("Stopped.")
+        return 0
+
+
+def _interrupt(*_: object) -> None:
+    """Ctrl-C or SIGTERM, at any stage: unwind, so every started child is stopped."""
+    raise KeyboardInterrupt
+
+
+def _run(host: str, port: int, accounts: Any, key: str, bootstrap: str) -> int:
     base = f"http://{host}:{port}"
+    data = settings.DATA_DIR
     logs = data / "logs"
     logs.mkdir(exist_ok=True)
-    stop = False
-
-    def _stop(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, _stop)
     with _children() as procs:
 
         def spawn(name: str, *argv: str) -> None:
@@ -196,14 +205,9 @@ def run_demo(*, host: str, port: int) -> int:
             "Press Ctrl-C to stop.",
             flush=True,
         )
-        try:
-            while not stop:
-                for name, proc in procs.items():
-                    if proc.poll() is not None:
-                        print(f"the {name} process exited with code {proc.returncode}; stopping")
-                        return 1
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-    print("Stopped.")
-    return 0
+        while True:
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    print(f"the {name} process exited with code {proc.returncode}; stopping")
+                    return 1
+            time.sleep(0.5)
