@@ -11,7 +11,6 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.db import transaction
 
+from controlplane import processes
 from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Deployment, Replica
 from controlplane.inventory.services import create_bootstrap_token
@@ -121,54 +121,14 @@ def _run(host: str, port: int, accounts: Any, key: str, bootstrap: str) -> int:
     logs.mkdir(exist_ok=True)
     with _children() as procs:
 
-        def spawn(name: str, *argv: str) -> None:
+        def spawn(name: str, argv: list[str]) -> None:
             with open(logs / f"{name}.log", "ab") as log:
-                procs[name] = subprocess.Popen(
-                    [sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT
-                )
+                procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
 
-        spawn(
-            "web",
-            "-m",
-            "uvicorn",
-            "controlplane.asgi:application",
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        )
-        spawn(
-            "celery",
-            "-m",
-            "celery",
-            "-A",
-            "controlplane",
-            "worker",
-            "-B",
-            "--pool",
-            "solo",
-            "--loglevel",
-            "warning",
-            "-s",
-            str(data / "celerybeat-schedule"),
-        )
+        spawn("web", processes.web(host, port))
+        spawn("celery", processes.celery_worker(data / "celerybeat-schedule"))
         _wait("the control plane", lambda: _answers(f"{base}/api/schema/"), procs)
-        spawn(
-            "agent",
-            "-m",
-            "agent",
-            "run",
-            "--control-plane",
-            base,
-            "--bootstrap-token",
-            bootstrap,
-            "--state-dir",
-            str(data / "agent"),
-            "--hostname",
-            socket.gethostname(),
-        )
+        spawn("agent", processes.agent(base, bootstrap, data / "agent", socket.gethostname()))
         print(
             "Control plane up; the agent is enrolling and starting the inference worker...",
             flush=True,

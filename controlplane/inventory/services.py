@@ -7,6 +7,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import CharField, Model
 from django.utils import timezone
 
 from agent.protocol import Enrollment, Heartbeat, Inventory
@@ -101,6 +102,19 @@ def _set_host_facts(node: Node, host: Any) -> None:
     node.cpu_count, node.memory_total_bytes = host.cpu_count, host.memory_bytes
 
 
+def _rows(model: type[Model], node: Node, facts: Any) -> list[Model]:
+    """Hardware rows from discovered facts: same-named fields, absent text as ""."""
+    fields = {f.name: f for f in model._meta.concrete_fields}
+    rows = []
+    for fact in facts:
+        values = {k: v for k, v in fact.model_dump().items() if k in fields}
+        for name, value in values.items():
+            if value is None and isinstance(fields[name], CharField):
+                values[name] = ""
+        rows.append(model(node=node, **values))
+    return rows
+
+
 def _gpu_signature(gpus: Any) -> list[tuple[Any, ...]]:
     return sorted((g.index, g.uuid, g.name, g.memory_total_bytes, g.numa_node) for g in gpus)
 
@@ -116,55 +130,13 @@ def record_inventory(node: Node, inventory: Inventory) -> None:
     node.save()
     for model in (NumaNode, Gpu, Nic, Drive):
         model.objects.filter(node=node).delete()
-    NumaNode.objects.bulk_create(
-        NumaNode(
-            node=node, index=n.index, cpulist=n.cpulist, memory_total_bytes=n.memory_total_bytes
-        )
-        for n in inventory.numa
-    )
-    Gpu.objects.bulk_create(
-        Gpu(
-            node=node,
-            index=g.index,
-            uuid=g.uuid,
-            name=g.name,
-            memory_total_bytes=g.memory_total_bytes,
-            mig_mode=g.mig_mode,
-            pci_bus_id=g.pci_bus_id,
-            numa_node=g.numa_node,
-            driver_version=g.driver_version or "",
-        )
-        for g in inventory.gpus
-    )
-    Nic.objects.bulk_create(
-        Nic(
-            node=node,
-            device=n.device,
-            port=n.port,
-            state=n.state,
-            speed_gbps=n.speed_gbps,
-            width=n.width or "",
-            link_layer=n.link_layer,
-            netdev=n.netdev or "",
-            pci_bus_id=n.pci_bus_id or "",
-            numa_node=n.numa_node,
-        )
-        for n in inventory.nics
-    )
-    Drive.objects.bulk_create(
-        Drive(
-            node=node,
-            name=d.name,
-            model=d.model,
-            serial=d.serial,
-            firmware=d.firmware,
-            capacity_bytes=d.capacity_bytes,
-            logical_block_size=d.logical_block_size,
-            pci_bus_id=d.pci_bus_id or "",
-            numa_node=d.numa_node,
-        )
-        for d in inventory.drives
-    )
+    for model, facts in (
+        (NumaNode, inventory.numa),
+        (Gpu, inventory.gpus),
+        (Nic, inventory.nics),
+        (Drive, inventory.drives),
+    ):
+        model.objects.bulk_create(_rows(model, node, facts))
     if _gpu_signature(inventory.gpus) != gpus_before:
         from controlplane.fleet.services import reconcile_fleet  # fleet builds on inventory
 

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     with control_plane_environment() as work, Processes(work) as procs:
         from django.contrib.auth import get_user_model
 
+        from controlplane import processes
         from controlplane.fleet.models import Revision
         from controlplane.inventory.models import Gpu, Node
         from controlplane.inventory.services import create_bootstrap_token
@@ -71,34 +72,26 @@ def main(argv: list[str] | None = None) -> int:
         token = issue_api_token(user=admin, name="bench").secret
         bootstrap = create_bootstrap_token(name="bench", uses=args.agents).secret
         url = f"http://127.0.0.1:{args.port}"
-        procs.spawn(
-            "web",
-            "-m",
-            "uvicorn",
-            "controlplane.asgi:application",
-            "--port",
-            str(args.port),
-            "--workers",
-            str(args.web_workers),
-            "--log-level",
-            "warning",
-        )
+        procs.spawn("web", processes.web("127.0.0.1", args.port, args.web_workers))
         wait(lambda: _answers(url), 60, "the control plane", procs)
         procs.spawn(
             "agents",
-            "-m",
-            "agent",
-            "--log-level",
-            "WARNING",
-            "simulate",
-            "--count",
-            str(args.agents),
-            "--control-plane",
-            url,
-            "--bootstrap-token",
-            bootstrap,
-            "--state-dir",
-            str(work / "agents"),
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "--log-level",
+                "WARNING",
+                "simulate",
+                "--count",
+                str(args.agents),
+                "--control-plane",
+                url,
+                "--bootstrap-token",
+                bootstrap,
+                "--state-dir",
+                str(work / "agents"),
+            ],
         )
         print(f"waiting for {args.agents} simulated agents to enroll...", file=sys.stderr)
         wait(

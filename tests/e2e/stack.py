@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,6 +14,8 @@ from typing import Any
 
 import httpx
 from django.db import connection
+
+from controlplane import processes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,41 +44,17 @@ class Stack:
         self.port = port
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def spawn(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115  (owned by the child)
-        proc = subprocess.Popen(
-            [sys.executable, *argv], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        with open(self.tmp / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
         self.procs[name] = proc
         return proc
 
     def start_control_plane(self) -> None:
-        self.spawn(
-            "web",
-            "-m",
-            "uvicorn",
-            "controlplane.asgi:application",
-            "--port",
-            str(self.port),
-            "--log-level",
-            "warning",
-        )
-        self.spawn(
-            "celery",
-            "-m",
-            "celery",
-            "-A",
-            "controlplane",
-            "worker",
-            "-B",
-            "--pool",
-            "solo",
-            "--loglevel",
-            "warning",
-            "-s",
-            str(self.tmp / "beat-schedule"),
-        )
+        self.spawn("web", processes.web("127.0.0.1", self.port))
+        self.spawn("celery", processes.celery_worker(self.tmp / "beat-schedule"))
         wait_for(self._answers, 60, "the control plane to answer")
 
     def _answers(self) -> bool:
@@ -92,17 +69,7 @@ class Stack:
         """An agent of this stack; `control_plane` reaches it another way (e.g. via a proxy)."""
         return self.spawn(
             hostname,
-            "-m",
-            "agent",
-            "run",
-            "--control-plane",
-            control_plane or self.url,
-            "--bootstrap-token",
-            token,
-            "--state-dir",
-            str(self.tmp / hostname),
-            "--hostname",
-            hostname,
+            processes.agent(control_plane or self.url, token, self.tmp / hostname, hostname),
         )
 
     def stop(self, name: str) -> None:
