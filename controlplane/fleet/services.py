@@ -29,6 +29,7 @@ from agent.protocol import (
     sign_state,
 )
 from controlplane.celery import app as celery_app
+from controlplane.core import services as core
 from controlplane.fleet import placement
 from controlplane.fleet.choices import RevisionStatus
 from controlplane.fleet.models import Deployment, Replica, Revision
@@ -54,19 +55,14 @@ def lock_fleet() -> None:
 
 @transaction.atomic
 def create_deployment(**fields: Any) -> Deployment:
-    deployment = Deployment(**fields)
-    deployment.full_clean()
-    deployment.save()
+    deployment = core.create(Deployment, **fields)
     reconcile_fleet(cause=f"deployment {deployment.name} created", touched=[deployment.pk])
     return deployment
 
 
 @transaction.atomic
 def update_deployment(deployment: Deployment, **changes: Any) -> Deployment:
-    for name, value in changes.items():
-        setattr(deployment, name, value)
-    deployment.full_clean()
-    deployment.save()
+    core.update(deployment, **changes)
     reconcile_fleet(cause=f"deployment {deployment.name} changed", touched=[deployment.pk])
     return deployment
 

@@ -11,6 +11,7 @@ from django.db.models import CharField, Model
 from django.utils import timezone
 
 from agent.protocol import Enrollment, Heartbeat, Inventory
+from controlplane.core import services as core
 from controlplane.core.secrets import Issued, digest, new_secret
 from controlplane.inventory.choices import NodeStatus
 from controlplane.inventory.models import BootstrapToken, Drive, Gpu, Nic, Node, NumaNode
@@ -28,13 +29,9 @@ def update_node(node: Node, **changes: Any) -> Node:
     """Apply operator edits; leaving maintenance clears its reason."""
     unknown = set(changes) - OPERATOR_FIELDS
     assert not unknown, f"update_node() changes only operator fields, not {sorted(unknown)}"
-    for field, value in changes.items():
-        setattr(node, field, value)
-    if not node.maintenance:
-        node.maintenance_reason = ""
-    node.full_clean()
-    node.save()
-    return node
+    if not changes.get("maintenance", node.maintenance):
+        changes["maintenance_reason"] = ""
+    return core.update(node, **changes)
 
 
 def create_bootstrap_token(

@@ -19,6 +19,7 @@ from django.db import transaction
 from django.db.models import Q
 
 from agent.protocol import StorageReport
+from controlplane.core import services as core
 from controlplane.inventory.models import Node
 from controlplane.storage import selectors
 from controlplane.storage.archives import inspect_archive
@@ -57,9 +58,7 @@ def _tenant_nodes(tenant_id: Any) -> set[UUID]:
 
 @transaction.atomic
 def create_pool(**fields: Any) -> Pool:
-    pool = Pool(**fields)
-    pool.full_clean()
-    pool.save()
+    pool = core.create(Pool, **fields)
     _reconcile(f"pool {pool} created", [pool.node_id])
     return pool
 
@@ -79,14 +78,12 @@ def update_pool(pool: Pool, **changes: Any) -> Pool:
             }
         )
     old_node = pool.node_id
-    for field, value in changes.items():
-        setattr(pool, field, value)
-    if pool.capacity_bytes is not None and pool.capacity_bytes < allocated:
+    capacity = changes.get("capacity_bytes", pool.capacity_bytes)
+    if capacity is not None and capacity < allocated:
         raise ValidationError(
             {"capacity_bytes": [f"Pool {pool.name} already holds {allocated} bytes of volumes."]}
         )
-    pool.full_clean()
-    pool.save()
+    core.update(pool, **changes)
     _reconcile(f"pool {pool} changed", {old_node, pool.node_id})
     return pool
 
@@ -170,11 +167,9 @@ def create_volume(
         free = selectors.free_bytes(pool)
         if free is None or free < size_bytes:
             raise _room_error(pool, size_bytes, free)
-    volume = Volume(
-        tenant=tenant, name=name, size_bytes=size_bytes, pool=pool, qos_policy=qos_policy
+    volume = core.create(
+        Volume, tenant=tenant, name=name, size_bytes=size_bytes, pool=pool, qos_policy=qos_policy
     )
-    volume.full_clean()
-    volume.save()
     _reconcile(f"volume {name} created", [pool.node_id])
     return volume
 
@@ -196,10 +191,7 @@ def update_volume(volume: Volume, **changes: Any) -> Volume:
         free = selectors.free_bytes(volume.pool)
         if free is None or free < size - volume.size_bytes:
             raise _room_error(volume.pool, size - volume.size_bytes, free)
-    for field, value in changes.items():
-        setattr(volume, field, value)
-    volume.full_clean()
-    volume.save()
+    core.update(volume, **changes)
     _reconcile(f"volume {volume.name} changed", [volume.pool.node_id])
     return volume
 
@@ -215,18 +207,12 @@ def delete_volume(volume: Volume) -> None:
 
 
 def create_qos_policy(**fields: Any) -> QosPolicy:
-    policy = QosPolicy(**fields)
-    policy.full_clean()
-    policy.save()
-    return policy
+    return core.create(QosPolicy, **fields)
 
 
 @transaction.atomic
 def update_qos_policy(policy: QosPolicy, **changes: Any) -> QosPolicy:
-    for field, value in changes.items():
-        setattr(policy, field, value)
-    policy.full_clean()
-    policy.save()
+    core.update(policy, **changes)
     nodes = set(policy.volumes.values_list("pool__node_id", flat=True))
     _reconcile(f"storage QoS policy {policy.name} changed", nodes)
     return policy
@@ -246,19 +232,14 @@ def delete_qos_policy(policy: QosPolicy) -> None:
 
 @transaction.atomic
 def create_export(**fields: Any) -> Export:
-    export = Export(**fields)
-    export.full_clean()
-    export.save()
+    export = core.create(Export, **fields)
     _reconcile(f"export of tenant {export.tenant_id} created", _tenant_nodes(export.tenant_id))
     return export
 
 
 @transaction.atomic
 def update_export(export: Export, **changes: Any) -> Export:
-    for field, value in changes.items():
-        setattr(export, field, value)
-    export.full_clean()
-    export.save()
+    core.update(export, **changes)
     _reconcile(f"export of tenant {export.tenant_id} changed", _tenant_nodes(export.tenant_id))
     return export
 

@@ -11,6 +11,7 @@ from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.utils import timezone
 
+from controlplane.core import services as core
 from controlplane.core.secrets import Issued, digest, new_secret
 from controlplane.tenancy.choices import Role
 from controlplane.tenancy.models import ApiToken, InferenceKey, Membership, Tenant
@@ -20,10 +21,7 @@ INFERENCE_KEY_PREFIX = "tgi_"
 
 
 def create_tenant(*, slug: str, name: str, description: str = "", is_active: bool = True) -> Tenant:
-    tenant = Tenant(slug=slug, name=name, description=description, is_active=is_active)
-    tenant.full_clean()
-    tenant.save()
-    return tenant
+    return core.create(Tenant, slug=slug, name=name, description=description, is_active=is_active)
 
 
 def set_membership(*, tenant: Tenant, user: Any, role: str) -> Membership:
