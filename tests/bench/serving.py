@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,16 +63,7 @@ QUICK = Sizes(
     warmup_s=2,
     raw_rounds=4,
 )
-FULL = Sizes(
-    prompt_tokens=32,
-    output_tokens=64,
-    concurrency=32,
-    served_s=40,
-    batch1_s=20,
-    fairness_s=45,
-    warmup_s=3,
-    raw_rounds=12,
-)
+FULL = replace(QUICK, served_s=40, batch1_s=20, fairness_s=45, warmup_s=3, raw_rounds=12)
 
 
 @dataclass
