@@ -1,15 +1,47 @@
+import json
+
 from django.contrib import admin
+from django.utils.html import format_html
 
 from controlplane.fleet.models import Deployment, Replica, Revision
+
+
+@admin.display(description="Explanation")
+def explanation(replica: Replica) -> str:
+    """The placement explanation, indented, for reading rather than editing."""
+    return format_html("<pre>{}</pre>", json.dumps(replica.explanation, indent=2))
 
 
 class ReplicaInline(admin.TabularInline):
     model = Replica
     extra = 0
     can_delete = False
-    readonly_fields = ["index", "node", "gpu_indices", "port", "reason"]
+    show_change_link = True  # the replica's page shows the full explanation
+    fields = ["index", "node", "gpu_indices", "port", "reason"]
+    readonly_fields = fields
 
     def has_add_permission(self, request, obj=None):  # noqa: ANN001, ANN201
+        return False
+
+
+@admin.register(Replica)
+class ReplicaAdmin(admin.ModelAdmin):
+    """Where each replica runs and why, or why not; placement alone writes these."""
+
+    list_display = ["__str__", "node", "gpu_indices", "port", "reason"]
+    list_select_related = ["deployment", "node"]
+    list_filter = [("node", admin.EmptyFieldListFilter), "deployment__tenant", "node"]
+    search_fields = ["deployment__name", "node__hostname", "reason"]
+    fields = ["deployment", "index", "node", "gpu_indices", "port", "pool", "reason", explanation]
+    readonly_fields = fields
+
+    def has_add_permission(self, request):  # noqa: ANN001, ANN201
+        return False
+
+    def has_change_permission(self, request, obj=None):  # noqa: ANN001, ANN201
+        return False
+
+    def has_delete_permission(self, request, obj=None):  # noqa: ANN001, ANN201
         return False
 
 
@@ -17,8 +49,16 @@ class ReplicaInline(admin.TabularInline):
 class DeploymentAdmin(admin.ModelAdmin):
     """Edits here go through the same placement and rollout as the API."""
 
-    list_display = ["name", "tenant", "model_name", "replicas", "gpus_per_replica", "gpu_model"]
-    list_filter = ["tenant", "gpu_model"]
+    list_display = [
+        "name",
+        "tenant",
+        "model_name",
+        "replicas",
+        "gpus_per_replica",
+        "gpu_model",
+        "placement_strategy",
+    ]
+    list_filter = ["tenant", "gpu_model", "placement_strategy"]
     search_fields = ["name", "model_name"]
     inlines = [ReplicaInline]
 

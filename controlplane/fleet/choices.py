@@ -14,3 +14,8 @@ class RolloutState(models.TextChoices):
     PENDING = "pending", "Rolling out"
     FAILED = "failed", "Failed"
     REJECTED = "rejected", "Rejected"
+
+
+class PlacementStrategy(models.TextChoices):
+    SPREAD = "spread", "Spread: fewest replicas of the deployment per node"
+    PACK = "pack", "Pack: fill nodes that already run it, then the fullest"

@@ -9,7 +9,7 @@ class DeploymentFilterSet(django_filters.FilterSet):
 
     class Meta:
         model = Deployment
-        fields = ["tenant", "name", "model_name"]
+        fields = ["tenant", "name", "model_name", "placement_strategy"]
 
 
 class ReplicaFilterSet(django_filters.FilterSet):

@@ -7,7 +7,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from controlplane.core.models import BaseModel, TenantOwnedModel
-from controlplane.fleet.choices import RevisionStatus
+from controlplane.fleet.choices import PlacementStrategy, RevisionStatus
 from controlplane.inventory.validators import validate_labels
 from controlplane.storage.models import wire_name
 from controlplane.tenancy.models import slug_validator
@@ -58,6 +58,13 @@ class Deployment(TenantOwnedModel):
         blank=True,
         validators=[validate_labels],
         help_text='Labels a node must carry, e.g. {"zone": "eu-1"}.',
+    )
+    placement_strategy = models.CharField(
+        max_length=8,
+        choices=PlacementStrategy.choices,
+        default=PlacementStrategy.SPREAD,
+        help_text="Among nodes equally well wired: spread replicas (availability) or pack them "
+        "(keep whole nodes free).",
     )
     max_batch_size = models.PositiveIntegerField(default=32, validators=[MinValueValidator(1)])
     max_tokens_per_step = models.PositiveIntegerField(
@@ -130,6 +137,12 @@ class Replica(BaseModel):
         help_text="The pool on the replica's node holding its model volume.",
     )
     reason = models.TextField(blank=True, help_text="Why here, or why not placed.")
+    explanation = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="The reason as data: chosen GPUs and their NUMA neighbours, the strategy's "
+        "count, nodes that fit and why the others were ruled out.",
+    )
 
     class Meta:
         ordering = ["deployment", "index"]

@@ -7,6 +7,7 @@ revision where the content changed, and pushes it to the node's queue after comm
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -14,7 +15,7 @@ from uuid import UUID
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Max, OuterRef, Subquery
+from django.db.models import Max, OuterRef, Q, Subquery
 from django.urls import reverse
 from django.utils import timezone
 
@@ -37,7 +38,7 @@ from controlplane.fleet.signing import private_key
 from controlplane.inventory.models import Node
 from controlplane.storage import selectors as storage_selectors
 from controlplane.storage.render import render_storage
-from controlplane.tenancy.models import InferenceKey
+from controlplane.tenancy.models import InferenceKey, Tenant
 
 APPLY_TASK = "agent.apply_revision"
 FLEET_LOCK_ID = 0x7461696C  # one advisory lock serialises planning across processes
@@ -75,6 +76,31 @@ def delete_deployment(deployment: Deployment) -> None:
     reconcile_fleet(cause=f"deployment {name} deleted", nodes=nodes)
 
 
+# --- Node loss, drains and quotas ------------------------------------------------------
+
+
+def replace_from_nodes(node_ids: Iterable[UUID], *, why: str) -> list[Revision]:
+    """Re-place replicas after nodes were lost, drained or came back; run after commit.
+
+    Idempotent, like every plan: a second call with nothing changed issues nothing, and
+    replicas that already moved stay where they are when their old node returns.
+    """
+    node_ids = list(node_ids)
+    hostnames = sorted(Node.objects.filter(pk__in=node_ids).values_list("hostname", flat=True))
+    return reconcile_fleet(cause=f"{why}: {', '.join(hostnames)}", nodes=node_ids)
+
+
+@transaction.atomic
+def set_tenant_quota(tenant: Tenant, **quota: int | None) -> Tenant:
+    """Change a tenant's caps (`max_gpus`, `max_replicas`; None is unlimited) and re-plan:
+    lowering one unplaces the surplus, raising one places what waited."""
+    unknown = set(quota) - {"max_gpus", "max_replicas"}
+    assert not unknown, f"set_tenant_quota() changes only quota fields, not {sorted(unknown)}"
+    core.update(tenant, **quota)
+    reconcile_fleet(cause=f"quota of tenant {tenant.slug} changed")
+    return tenant
+
+
 # --- Planning and rendering -------------------------------------------------------------
 
 
@@ -92,20 +118,38 @@ def reconcile_fleet(
     their nodes are re-rendered too (a new batching knob, a revoked key, a removed replica).
     """
     lock_fleet()
-    all_nodes = {n.pk: n for n in Node.objects.prefetch_related("gpus")}
+    all_nodes = {n.pk: n for n in Node.objects.prefetch_related("gpus", "nics", "drives")}
     deployments = list(Deployment.objects.all())
     replicas = list(Replica.objects.all())
-    before = {r.pk: (r.node_id, list(r.gpu_indices), r.port, r.pool_id, r.reason) for r in replicas}
+    fields = ("node_id", "gpu_indices", "port", "pool_id", "reason", "explanation")
+
+    def state(replica: Replica) -> tuple[Any, ...]:
+        return tuple(getattr(replica, name) for name in fields)
+
+    before = {r.pk: copy.deepcopy(state(r)) for r in replicas}
     pools = storage_selectors.model_volume_room()
     rooms = {
-        pk: placement.NodeRoom(node, list(node.gpus.all()), pools.get(pk, {}))
+        pk: placement.NodeRoom(
+            node,
+            list(node.gpus.all()),
+            pools.get(pk, {}),
+            nics=list(node.nics.all()),
+            drives=list(node.drives.all()),
+        )
         for pk, node in all_nodes.items()
+    }
+    quotas = {
+        tenant.pk: placement.Quota(tenant.slug, tenant.max_gpus, tenant.max_replicas)
+        for tenant in Tenant.objects.filter(
+            Q(max_gpus__isnull=False) | Q(max_replicas__isnull=False)
+        )
     }
     to_save, to_delete = placement.plan(
         deployments,
         rooms,
         replicas,
         lambda deployment, index: Replica(deployment=deployment, index=index),
+        quotas,
     )
 
     affected = set(nodes)
@@ -114,24 +158,14 @@ def reconcile_fleet(
     Replica.objects.filter(pk__in=[r.pk for r in to_delete]).delete()
     Replica.objects.bulk_create([r for r in to_save if r.pk not in before])
     Replica.objects.bulk_update(
-        [
-            r
-            for r in to_save
-            if r.pk in before
-            and before[r.pk] != (r.node_id, r.gpu_indices, r.port, r.pool_id, r.reason)
-        ],
-        ["node", "gpu_indices", "port", "pool", "reason"],
+        [r for r in to_save if r.pk in before and before[r.pk] != state(r)],
+        ["node", "gpu_indices", "port", "pool", "reason", "explanation"],
     )
     touched, tenants = set(touched), set(tenants)
     tenant_of = {d.pk: d.tenant_id for d in deployments}
     for replica in to_save:
         old = before.get(replica.pk)
-        moved = old is None or old[:4] != (
-            replica.node_id,
-            replica.gpu_indices,
-            replica.port,
-            replica.pool_id,
-        )
+        moved = old is None or old[:4] != state(replica)[:4]  # node, GPUs, port, pool
         if old is not None and moved:
             affected.add(old[0])  # the node it left
         if moved or replica.deployment_id in touched or tenant_of[replica.deployment_id] in tenants:
@@ -196,9 +230,14 @@ def render_components(nodes: list[Node]) -> dict[UUID, Components]:
             )
         )
     storage = render_storage(nodes, replicas)
+    from controlplane.slo.selectors import thresholds_for_nodes  # SLOs build on the fleet
+
+    thresholds = thresholds_for_nodes(nodes, replicas)
     return {
         node.pk: Components(
-            workers=sorted(workers[node.pk], key=lambda w: w.port), **storage[node.pk]
+            workers=sorted(workers[node.pk], key=lambda w: w.port),
+            slo_thresholds=thresholds[node.pk],
+            **storage[node.pk],
         )
         for node in nodes
     }
@@ -302,9 +341,14 @@ def record_applied_status(node: Node, status: AppliedStatus) -> None:
     Updates in place: a revision's document can be large and is never rewritten here. The
     two updates need no shared transaction: each is atomic and either order is consistent.
     """
-    matched = Revision.objects.filter(
+    revisions = Revision.objects.filter(
         node=node, generation=status.generation, content_hash=status.content_hash
-    ).update(
+    )
+    if status.rejection_reason in ("replayed", "stale_generation"):
+        # A second delivery of a revision (pushed and also pulled) is refused as a replay;
+        # that says nothing against the copy that was applied.
+        revisions = revisions.exclude(status="applied")
+    matched = revisions.update(
         status=status.state,
         results=[c.model_dump(mode="json") for c in status.components],
         rejection_reason=status.rejection_reason or "",

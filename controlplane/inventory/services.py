@@ -25,13 +25,34 @@ class EnrollmentRefused(Exception):
     """The bootstrap token is unknown, used or expired; the agent must get a new one."""
 
 
+PLACEMENT_FIELDS = ("labels", "maintenance", "tenant_id")
+
+
+def _replace_after_commit(node_ids: list[Any], why: str) -> None:
+    """Re-place the replicas of nodes that were lost, drained or changed, once committed."""
+    from controlplane.fleet.services import replace_from_nodes  # fleet builds on inventory
+
+    transaction.on_commit(lambda: replace_from_nodes(node_ids, why=why))
+
+
+@transaction.atomic
 def update_node(node: Node, **changes: Any) -> Node:
-    """Apply operator edits; leaving maintenance clears its reason."""
+    """Apply operator edits; leaving maintenance clears its reason. A drain, a return from
+    maintenance, new labels or a new dedication re-place replicas after commit."""
     unknown = set(changes) - OPERATOR_FIELDS
     assert not unknown, f"update_node() changes only operator fields, not {sorted(unknown)}"
     if not changes.get("maintenance", node.maintenance):
         changes["maintenance_reason"] = ""
-    return core.update(node, **changes)
+    was_drained = node.maintenance
+    before = [getattr(node, name) for name in PLACEMENT_FIELDS]
+    core.update(node, **changes)
+    if [getattr(node, name) for name in PLACEMENT_FIELDS] != before:
+        if node.maintenance != was_drained:
+            why = "node drained" if node.maintenance else "node back from maintenance"
+        else:
+            why = "node labels or dedication changed"
+        _replace_after_commit([node.pk], why)
+    return node
 
 
 def create_bootstrap_token(
@@ -153,8 +174,17 @@ def record_heartbeat(node: Node, heartbeat: Heartbeat) -> None:
         reconcile_fleet(cause=f"node {node.hostname} ready")
 
 
+@transaction.atomic
 def mark_silent_nodes_unreachable() -> int:
+    """Nodes not heard for NODE_UNREACHABLE_AFTER_S turn unreachable; their replicas are
+    re-placed after commit where other nodes have room."""
     cutoff = timezone.now() - timedelta(seconds=settings.NODE_UNREACHABLE_AFTER_S)
-    return Node.objects.filter(status=NodeStatus.READY, last_heartbeat_at__lt=cutoff).update(
+    silent = Node.objects.filter(status=NodeStatus.READY, last_heartbeat_at__lt=cutoff)
+    node_ids = list(silent.values_list("pk", flat=True))
+    # The same conditions again: a heartbeat that landed in between keeps its node ready.
+    marked = silent.filter(pk__in=node_ids).update(
         status=NodeStatus.UNREACHABLE, updated_at=timezone.now()
     )
+    if marked:
+        _replace_after_commit(node_ids, "node unreachable")
+    return marked

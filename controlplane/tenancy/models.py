@@ -20,6 +20,16 @@ class Tenant(BaseModel):
     name = models.CharField(max_length=200)
     description = models.TextField(blank=True)
     is_active = models.BooleanField(default=True)
+    max_gpus = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Most GPUs the tenant's placed replicas may hold; empty means unlimited.",
+    )
+    max_replicas = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Most replicas of the tenant placed at once; empty means unlimited.",
+    )
 
     class Meta:
         ordering = ["slug"]

@@ -202,6 +202,15 @@ def test_desired_state_and_status_round_trip(enrolled: tuple[Node, str], world: 
     node.refresh_from_db()
     assert node.applied_generation == 1
 
+    # The same revision delivered twice (pushed and pulled): the second copy is refused as a
+    # replay, which must not mark the applied revision rejected.
+    replay = {**status, "state": "rejected", "components": [], "rejection_reason": "replayed"}
+    response = client.post(
+        "/api/v1/agent/status/", json.dumps(replay), content_type="application/json"
+    )
+    assert response.status_code == 204
+    assert Revision.objects.get(node=node, generation=1).status == "applied"
+
 
 def test_bootstrap_tokens_are_for_platform_admins(world: World, client_for: Any) -> None:
     assert (

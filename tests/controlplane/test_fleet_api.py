@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.test import Client
+
 from controlplane.fleet.models import Revision
-from controlplane.inventory.models import Node
+from controlplane.inventory.models import Drive, Nic, Node
 from tests.controlplane.conftest import World, make_node
 
 BODY = {"name": "chat", "model_name": "chat-8b", "artifact_uri": "synthetic://chat"}
@@ -31,6 +33,7 @@ def test_bad_deployments_are_refused_by_field(world: World, client_for: Any) -> 
         ({"node_selector": {"bad key!": "x"}}, "node_selector", "invalid"),
         ({"name": "Not A Slug"}, "name", "lowercase"),
         ({"max_batch_size": 0}, "max_batch_size", "greater than or equal to 1"),
+        ({"placement_strategy": "random"}, "placement_strategy", "not a valid choice"),
     ]
     for change, field, words in cases:
         response = client.post(
@@ -44,6 +47,10 @@ def test_bad_deployments_are_refused_by_field(world: World, client_for: Any) -> 
 def test_why_here_and_why_not_placed(world: World, client_for: Any) -> None:
     node = make_node("gpu-1", world.tenant_a, gpus=2)
     Node.objects.filter(pk=node.pk).update(status="ready")
+    Nic.objects.create(
+        node=node, device="mlx5_0", state="active", link_layer="InfiniBand", numa_node=0
+    )
+    Drive.objects.create(node=node, name="nvme0n1", capacity_bytes=2**40, numa_node=0)
     client = client_for(world.admin_a)
     response = client.post(
         "/api/v1/deployments/",
@@ -52,14 +59,38 @@ def test_why_here_and_why_not_placed(world: World, client_for: Any) -> None:
     )
     assert response.status_code == 201, response.content
     assert response.json()["placed_replicas"] == 1
+    assert response.json()["placement_strategy"] == "spread"
     replicas = client.get("/api/v1/replicas/", {"deployment": response.json()["id"]}).json()[
         "results"
     ]
     placed, unplaced = sorted(replicas, key=lambda r: r["node"] is None)
     assert placed["hostname"] == "gpu-1" and placed["gpu_indices"] == [0, 1]
-    assert "placed on gpu-1" in placed["reason"]
+    assert placed["reason"].startswith(
+        "placed on gpu-1: GPUs 0,1 on NUMA 0 with mlx5_0 and nvme0n1 (same NUMA), "
+        "NVIDIA H100 80GB HBM3 (80 GiB); spread: 0 replicas of this deployment already there"
+    ), placed["reason"]
+    explained = placed["explanation"]
+    assert (explained["node"], explained["gpus"], explained["numa_nodes"]) == ("gpu-1", [0, 1], [0])
+    assert (explained["rdma_nics"], explained["nvme_drives"]) == (["mlx5_0"], ["nvme0n1"])
+    assert explained["strategy"] == "spread" and explained["nodes_fit"] == 1
     assert unplaced["node"] is None
-    assert "fewer than 2 free GPUs" in unplaced["reason"]
+    assert unplaced["reason"] == (
+        "not placed: no node fits (1 has busy GPUs: 0 of 2 GPUs free, needs 2 [gpu-1])"
+    )
+    assert unplaced["explanation"] == {
+        "placed": False,
+        "ruled_out": [
+            {"reason": "has busy GPUs: 0 of 2 GPUs free, needs 2", "count": 1, "nodes": ["gpu-1"]}
+        ],
+    }
+
+    admin = Client()
+    admin.force_login(world.platform)
+    page = admin.get(f"/admin/fleet/replica/{placed['id']}/change/")
+    assert page.status_code == 200
+    assert "&quot;rdma_nics&quot;: [" in page.content.decode()
+    listing = admin.get("/admin/fleet/replica/", {"q": "busy GPUs"}).content.decode()
+    assert "not placed: no node fits" in listing and "placed on gpu-1" not in listing
 
 
 def test_changes_issue_new_generations_and_rollback_pins(world: World, client_for: Any) -> None:

@@ -6,7 +6,7 @@ import uuid
 
 from controlplane.fleet.models import Deployment, Replica
 from controlplane.fleet.placement import NodeRoom, plan
-from controlplane.inventory.models import Gpu, Node
+from controlplane.inventory.models import Drive, Gpu, Nic, Node
 
 TENANT, OTHER = uuid.uuid4(), uuid.uuid4()
 
@@ -16,11 +16,17 @@ def room(
     gpus: int = 8,
     *,
     model: str = "NVIDIA H100 80GB HBM3",
+    memory: int = 80 * 2**30,
+    numa: list[int | None] | None = None,
+    nics: dict[str, int] | None = None,
+    down_nics: dict[str, int] | None = None,
+    drives: dict[str, int] | None = None,
     status: str = "ready",
     labels: dict[str, str] | None = None,
     tenant: uuid.UUID | None = None,
     maintenance: bool = False,
 ) -> NodeRoom:
+    """A node's room; `numa` gives each GPU's NUMA node, `nics`/`drives` map names to theirs."""
     node = Node(
         hostname=hostname,
         status=status,
@@ -28,9 +34,22 @@ def room(
         tenant_id=tenant,
         maintenance=maintenance,
     )
+    numa = numa or [None] * gpus
     return NodeRoom(
         node,
-        [Gpu(node=node, index=i, name=model, memory_total_bytes=80 * 2**30) for i in range(gpus)],
+        [
+            Gpu(node=node, index=i, name=model, memory_total_bytes=memory, numa_node=numa[i])
+            for i in range(gpus)
+        ],
+        nics=[
+            Nic(node=node, device=name, state=state, numa_node=at)
+            for state, names in (("active", nics or {}), ("down", down_nics or {}))
+            for name, at in names.items()
+        ],
+        drives=[
+            Drive(node=node, name=name, numa_node=at, capacity_bytes=2**40)
+            for name, at in (drives or {}).items()
+        ],
     )
 
 
@@ -90,7 +109,7 @@ def test_requirements_filter_and_the_reason_names_each_refusal() -> None:
 
 def fresh(*rooms: NodeRoom) -> dict[uuid.UUID, NodeRoom]:
     """Rooms as a new planning pass sees them: the same nodes, nothing taken yet."""
-    return {r.node.pk: NodeRoom(r.node, r.gpus) for r in rooms}
+    return {r.node.pk: NodeRoom(r.node, r.gpus, nics=r.nics, drives=r.drives) for r in rooms}
 
 
 def test_existing_placements_stay_and_scale_down_removes_the_highest_indices() -> None:

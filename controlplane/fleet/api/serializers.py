@@ -48,6 +48,7 @@ class DeploymentSerializer(StrictSerializer):
             "gpu_model",
             "min_gpu_memory_bytes",
             "node_selector",
+            "placement_strategy",
             "max_batch_size",
             "max_tokens_per_step",
             "max_queue_delay_ms",
@@ -115,6 +116,7 @@ class ReplicaSerializer(serializers.ModelSerializer):
             "pool",
             "volume",
             "reason",
+            "explanation",
             "updated_at",
         ]
         read_only_fields = fields

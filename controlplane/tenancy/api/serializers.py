@@ -2,18 +2,60 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib.auth import get_user_model
+from django.db import transaction
 from rest_framework import serializers
+from rest_framework.exceptions import PermissionDenied
 
 from controlplane.core.api import SecretSerializer, StrictSerializer, WritableTenantField
+from controlplane.core.scoping import is_platform_admin
 from controlplane.tenancy.models import ApiToken, InferenceKey, Membership, Tenant
+
+QUOTA_FIELDS = ("max_gpus", "max_replicas")
 
 
 class TenantSerializer(StrictSerializer):
+    """Quotas are read by the tenant's members and set by platform admins alone."""
+
     class Meta:
         model = Tenant
-        fields = ["id", "slug", "name", "description", "is_active", "created_at", "updated_at"]
+        fields = [
+            "id",
+            "slug",
+            "name",
+            "description",
+            "is_active",
+            *QUOTA_FIELDS,
+            "created_at",
+            "updated_at",
+        ]
         read_only_fields = ["id", "created_at", "updated_at"]
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        quota = [name for name in QUOTA_FIELDS if name in attrs]
+        if not quota:
+            return attrs
+        request = self.context.get("request")
+        if not is_platform_admin(request.user if request else None):
+            raise PermissionDenied("Only platform admins change tenant quotas.")
+        if self.instance is None:
+            raise serializers.ValidationError(
+                {name: ["Set quotas once the tenant exists (PATCH it)."] for name in quota}
+            )
+        return attrs
+
+    def update(self, instance: Tenant, validated_data: dict[str, Any]) -> Tenant:
+        """Quota changes re-plan placement, so they go through the fleet's service."""
+        from controlplane.fleet.services import set_tenant_quota  # fleet builds on tenancy
+
+        quota = {name: validated_data.pop(name) for name in QUOTA_FIELDS if name in validated_data}
+        with transaction.atomic():
+            instance = super().update(instance, validated_data)
+            if quota:
+                set_tenant_quota(instance, **quota)
+        return instance
 
 
 class MembershipSerializer(StrictSerializer):
