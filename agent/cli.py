@@ -11,15 +11,19 @@ from dataclasses import replace
 from pathlib import Path
 
 import httpx
+import pynvml
 from tqdm import tqdm
 
 from agent.client import ControlPlaneClient, ControlPlaneError
 from agent.discovery import discover
 from agent.enroll import EnrollmentError, Identity, load_or_enroll
+from agent.gauges import AppliedComponents, GpuGauges, HostGauges, StorageGauges, WorkerStats
+from agent.metrics import AgentCollector, MetricsServer
 from agent.protocol import EXPORT_NQN_PREFIX, ArtifactRef, Inventory, decode_public_key
 from agent.reconciler import Reconciler
 from agent.runner import NodeAgent
 from agent.settings import AgentSettings
+from agent.shipper import open_shipper
 from agent.simulate import simulate
 from agent.staging import ModelStager, credential_headers, stage_model
 from agent.storage import StorageDriver
@@ -79,12 +83,26 @@ async def run_agent(settings: AgentSettings) -> None:
         storage = open_storage(settings, facts)
         stager = ModelStager(storage.file_volumes, settings.control_plane_url, identity.credential)
         workers = WorkerSupervisor(SupervisorSettings(work_dir=settings.state_dir), stager)
+        applied = AppliedComponents(settings.state_dir / "applied-components.json")
         # Storage first: a worker's model is staged into a volume the storage driver made.
         reconciler = Reconciler(
             identity.node_id,
             decode_public_key(identity.control_plane_public_key),
-            [storage, workers],
+            [storage, workers, applied],
             settings.state_dir,
+        )
+        telemetry = open_shipper(
+            identity.node_id,
+            settings.state_dir,
+            client,
+            [
+                GpuGauges(pynvml),
+                HostGauges(),
+                StorageGauges(storage, identity.node_id),
+                WorkerStats(workers, applied, http),
+            ],
+            interval_s=settings.telemetry_interval_s,
+            buffer_batches=settings.telemetry_buffer_batches,
         )
         agent = NodeAgent(
             identity,
@@ -93,6 +111,10 @@ async def run_agent(settings: AgentSettings) -> None:
             inventory,
             inventory_interval_s=settings.inventory_interval_s,
             resync_interval_s=settings.resync_interval_s,
+            telemetry=telemetry,
+        )
+        metrics = serve_metrics(
+            settings, AgentCollector(telemetry, lambda: reconciler.applied.generation)
         )
         consumer = Consumer(
             identity.broker_url, {identity.queue: agent.receive}, name=f"agent@{settings.hostname}"
@@ -106,6 +128,8 @@ async def run_agent(settings: AgentSettings) -> None:
                 ),
             )
         finally:
+            if metrics is not None:
+                metrics.stop()
             await workers.close()
             await asyncio.to_thread(consumer.stop)
 
@@ -131,6 +155,22 @@ def stage(settings: AgentSettings, args: argparse.Namespace) -> Path:
         )
 
 
+def serve_metrics(settings: AgentSettings, collector: AgentCollector) -> MetricsServer | None:
+    """The agent's /metrics; a port already taken costs the endpoint, never the agent."""
+    if not settings.metrics_port:
+        return None
+    try:
+        return MetricsServer(collector, settings.metrics_port, settings.metrics_bind_address)
+    except OSError as exc:
+        log.error(
+            "agent /metrics not served on %s:%d: %s (set metrics_port)",
+            settings.metrics_bind_address,
+            settings.metrics_port,
+            exc,
+        )
+        return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tailguard-agent", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -149,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(sim)
     sim.add_argument("--count", type=int, required=True)
     sim.add_argument("--prefix", default="sim", help="simulated hostnames are PREFIX-0000, ...")
+    sim.add_argument(
+        "--telemetry-interval",
+        type=float,
+        help="seconds between each simulated node's telemetry batches (0: none; "
+        "default: the telemetry_interval_s setting)",
+    )
     sub.add_parser("discover", help="print this machine's inventory as JSON")
     stg = sub.add_parser("stage", help="download and unpack a model artifact into a directory")
     common(stg)
@@ -197,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
                     stop=_stop_on_signals(),
                     inventory_interval_s=settings.inventory_interval_s,
                     resync_interval_s=settings.resync_interval_s,
+                    telemetry_interval_s=(
+                        settings.telemetry_interval_s
+                        if args.telemetry_interval is None
+                        else args.telemetry_interval
+                    ),
+                    telemetry_buffer_batches=settings.telemetry_buffer_batches,
                 )
 
             asyncio.run(go())

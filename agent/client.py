@@ -1,8 +1,10 @@
-"""The agent's authenticated REST client for the control plane's `/api/v1/agent/` endpoints."""
+"""The agent's authenticated REST client for the control plane's `/api/v1/agent/` endpoints,
+and where its telemetry WebSocket (`/ws/agent/`) is."""
 
 from __future__ import annotations
 
 from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from pydantic import BaseModel
@@ -15,6 +17,7 @@ from agent.protocol import (
     Inventory,
     SignedDesiredState,
     StorageReport,
+    TelemetryAck,
 )
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -35,6 +38,19 @@ class ControlPlaneClient:
         self._http = http
         self._base = base_url.rstrip("/") + "/api/v1/agent/"
         self._headers = {"Authorization": f"Node {credential}"} if credential else {}
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """`Authorization: Node <credential>`, for the telemetry WebSocket handshake."""
+        return dict(self._headers)
+
+    @property
+    def telemetry_socket_url(self) -> str:
+        """`ws://` (or `wss://` behind https) `<control plane>/ws/agent/`."""
+        parts = urlsplit(self._base)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        path = parts.path.removesuffix("api/v1/agent/") + "ws/agent/"
+        return urlunsplit((scheme, parts.netloc, path, "", ""))
 
     def with_credential(self, credential: str) -> ControlPlaneClient:
         return ControlPlaneClient(self._http, self._base.removesuffix("/api/v1/agent/"), credential)
@@ -75,3 +91,43 @@ class ControlPlaneClient:
 
     async def post_storage(self, report: StorageReport) -> None:
         await self._call("POST", "storage/", report)
+
+    async def post_telemetry(self, seq: int, batch_json: bytes) -> TelemetryAck:
+        """POST one serialised TelemetryBatch (the WebSocket's fallback), answered as an ack.
+
+        200 carries the ack; 400 means rejected for good; 429 means retry after
+        Retry-After. Anything else (5xx, unreachable) raises ControlPlaneError: keep it.
+        """
+        headers = {**self._headers, "Content-Type": "application/json"}
+        try:
+            response = await self._http.post(
+                self._base + "telemetry/", content=batch_json, headers=headers
+            )
+        except httpx.TransportError as exc:
+            raise ControlPlaneError(0, f"control plane unreachable: {exc!r}") from exc
+        if response.status_code == 200:
+            return TelemetryAck.model_validate_json(response.content)
+        if response.status_code == 400:
+            return TelemetryAck(seq=seq, outcome="rejected", reason=_detail(response))
+        if response.status_code == 429:
+            return TelemetryAck(
+                seq=seq, outcome="retry", retry_after_s=_retry_after(response), reason="429"
+            )
+        raise ControlPlaneError(response.status_code, response.text[:2000])
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:4000]
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    return str(detail)[:4000]
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """Retry-After in seconds (an HTTP date is rare from our server; then one second)."""
+    try:
+        return max(0.0, float(response.headers.get("retry-after", "1")))
+    except ValueError:
+        return 1.0

@@ -144,6 +144,10 @@ PoolKind = Literal["local", "spdk"]
 """`local`: a directory for the local engine; `spdk`: an lvstore on one NVMe drive."""
 NvmfTransport = Literal["rdma", "tcp"]
 ApplyState = Literal["applied", "failed", "rejected"]
+TelemetryOutcome = Literal["stored", "duplicate", "rejected", "retry"]
+"""`stored`: durable; `duplicate`: seq at or under the node's high-watermark, already stored;
+`rejected`: invalid for good (log the reason, drop it); `retry`: the control plane is busy
+or failing, send it again after `retry_after_s`."""
 RejectionReason = Literal[
     "bad_signature", "unsigned", "stale_generation", "replayed", "hash_mismatch", "wrong_node"
 ]
@@ -690,8 +694,30 @@ class StorageReport(_Message):
         return _unique(value, lambda p: p.name, "pool name")
 
 
+class UsageCount(_Model):
+    """One tenant's requests and tokens on one deployment over the batch interval.
+
+    Availability counts `completed` as good and `failed + rejected` as bad; a request the
+    client cancelled counts for neither.
+    """
+
+    tenant_id: UUID
+    deployment_id: UUID
+    completed: Count
+    failed: Count
+    rejected: Count
+    cancelled: Count
+    input_tokens: Count
+    output_tokens: Count
+
+
 class TelemetryBatch(_Message):
-    """One interval of measurements; `seq` makes a resend after an outage idempotent."""
+    """One interval of measurements; `seq` makes a resend after an outage idempotent.
+
+    Gauge keys: `gpu.<index>.<name>`, `host.<name>`, `storage.<volume>.<name>`,
+    `pool.<pool>.<name>`, `worker.<deployment_id>.<name>` (see agent/shipper.py).
+    `counters` are node-level counts over the interval; `usage` is per tenant+deployment.
+    """
 
     node_id: UUID
     seq: Count
@@ -700,6 +726,7 @@ class TelemetryBatch(_Message):
     gauges: dict[MetricKey, Finite]
     series: list[SeriesSketch]
     counters: dict[MetricKey, Count]
+    usage: list[UsageCount] = Field(default_factory=list)
 
     @field_validator("interval_end")
     @classmethod
@@ -708,6 +735,15 @@ class TelemetryBatch(_Message):
         if start is not None and value < start:
             raise ValueError("must not be before interval_start")
         return value
+
+
+class TelemetryAck(_Message):
+    """The control plane's answer to one batch, on the WebSocket or as the HTTP body."""
+
+    seq: Count
+    outcome: TelemetryOutcome
+    reason: Annotated[str, StringConstraints(strict=True, max_length=4096)] | None = None
+    retry_after_s: NonNegativeFloat | None = None
 
 
 # --- Helpers ----------------------------------------------------------------------------

@@ -4,6 +4,8 @@ heartbeat   - liveness and the applied generation, every interval the control pl
 inventory   - discovery at start and every inventory_interval_s
 config      - applies pushed revisions (from the Celery consumer) and pulls the desired
               state at start, after a reconnect and every resync_interval_s
+telemetry   - one batch every telemetry_interval_s into the disk buffer, shipped over the
+              telemetry WebSocket (agent/shipper.py), when the agent is given a shipper
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from agent.client import ControlPlaneClient, ControlPlaneError
 from agent.enroll import Identity
 from agent.protocol import AppliedStatus, Heartbeat, Inventory, SignedDesiredState
 from agent.reconciler import Reconciler
+from agent.shipper import TelemetryShipper
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ class NodeAgent:
         *,
         inventory_interval_s: float,
         resync_interval_s: float,
+        telemetry: TelemetryShipper | None = None,
     ) -> None:
         self.identity = identity
         self._client = client
@@ -43,6 +47,7 @@ class NodeAgent:
         self._discover = discover
         self._inventory_interval_s = inventory_interval_s
         self._resync_interval_s = resync_interval_s
+        self.telemetry = telemetry
         self._pushed: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._resync = asyncio.Event()
         self._started = time.monotonic()
@@ -59,6 +64,8 @@ class NodeAgent:
             asyncio.create_task(self._inventory(stop), name="inventory"),
             asyncio.create_task(self._config(stop), name="config"),
         ]
+        if self.telemetry is not None:
+            tasks.append(asyncio.create_task(self.telemetry.run(stop), name="telemetry"))
         await stop.wait()
         for task in tasks:
             task.cancel()

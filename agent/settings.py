@@ -28,6 +28,14 @@ class AgentSettings:
     nvmf_listen_address: str = "0.0.0.0"
     """The address NVMe-oF exports listen on (an RDMA listener needs the port's own address)."""
     storage_report_interval_s: float = 30.0
+    telemetry_interval_s: float = 1.0
+    """One telemetry batch (gauges, latency sketches, SLO counts, usage) per interval."""
+    telemetry_buffer_batches: int = 21600
+    """Batches kept on disk while the control plane is away (6 h at 1 Hz); beyond it the
+    oldest are dropped and counted."""
+    metrics_port: int = 9810
+    """The agent's Prometheus endpoint; 0 turns it off."""
+    metrics_bind_address: str = "127.0.0.1"
 
     @classmethod
     def load(cls, path: Path | None = None, env: Mapping[str, str] = os.environ) -> AgentSettings:
@@ -53,6 +61,11 @@ class AgentSettings:
 def _coerce(default: object, value: object, name: str) -> object:
     if isinstance(default, Path):
         return Path(str(value))
+    if isinstance(default, int):
+        try:
+            return int(str(value))
+        except ValueError:
+            raise ValueError(f"setting {name} must be an integer, not {value!r}") from None
     if isinstance(default, float):
         try:
             return float(value)  # type: ignore[arg-type]

@@ -5,19 +5,28 @@ two NUMA nodes, RDMA ports, NVMe drives) and applies signed revisions through th
 same reconciler as a real agent; its workers are recorded, not started. One Celery
 consumer serves all the simulated nodes' queues and one HTTP connection pool all
 their requests, so hundreds fit on a small machine.
+
+Each node also ships telemetry through the real shipper, buffer and WebSocket sender:
+a few GPU gauges and, for the workers of its desired state, latency sketches, exact SLO
+counts and usage per tenant+deployment. Those payloads are computed once per desired
+state (a handful of variants, rotated), so a batch costs little more than its JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
+import random
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
 
 from agent.client import ControlPlaneClient
 from agent.enroll import load_or_enroll
+from agent.gauges import Reading
 from agent.protocol import (
     ComponentResult,
     Components,
@@ -25,13 +34,19 @@ from agent.protocol import (
     GpuFacts,
     HostFacts,
     Inventory,
+    LatencyMetric,
     NicFacts,
     NumaNodeFacts,
+    SeriesSketch,
+    ThresholdCount,
+    UsageCount,
     decode_public_key,
 )
 from agent.reconciler import Reconciler
 from agent.runner import NodeAgent
+from agent.shipper import open_shipper
 from agent.tasks import Consumer
+from dataplane.sketch import LatencySketch
 
 SIM_NAMESPACE = uuid.UUID("5e1f1d2c-7b0a-4f5e-9a1b-3c2d4e5f6a7b")
 
@@ -105,13 +120,125 @@ class SimulatedWorkers:
 
     def __init__(self) -> None:
         self.running: dict[str, str] = {}
+        self.components = Components()
 
     async def apply(self, components: Components) -> list[ComponentResult]:
         self.running = {str(w.replica_id): w.model_name for w in components.workers}
+        self.components = components
         return [
             ComponentResult(kind="worker", name=f"replica-{w.replica_id}", ok=True, error=None)
             for w in components.workers
         ]
+
+
+# Median seconds of each synthetic latency (log-normal, sigma 0.5) and samples per interval.
+_MEDIAN_S: dict[LatencyMetric, float] = {
+    "queue": 0.01,
+    "ttft": 0.12,
+    "tpot": 0.02,
+    "itl": 0.02,
+    "e2e": 2.5,
+}
+_REQUESTS = 20
+_VARIANTS = 4
+
+
+class SyntheticTelemetry:
+    """A collector of plausible figures for a simulated node (see the module docstring)."""
+
+    name = "synthetic"
+
+    def __init__(self, workers: SimulatedWorkers, hostname: str, gpus: int = 8) -> None:
+        self._workers = workers
+        self._random = random.Random(hostname)
+        self._gpus = gpus
+        self._components: Components | None = None
+        self._variants: list[Reading] = []
+        self._tick = 0
+
+    async def collect(self, cursors: Mapping[str, str]) -> Reading:
+        if self._workers.components is not self._components:
+            self._components = self._workers.components
+            self._variants = [self._variant(self._components) for _ in range(_VARIANTS)]
+        self._tick += 1
+        return self._variants[self._tick % len(self._variants)]
+
+    def _variant(self, components: Components) -> Reading:
+        rnd = self._random
+        gauges: dict[str, float] = {"host.load1": round(rnd.uniform(2, 20), 2)}
+        busy = {i for w in components.workers for i in w.gpu_indices}
+        for i in range(self._gpus):
+            util = rnd.uniform(60, 99) if i in busy else rnd.uniform(0, 3)
+            gauges[f"gpu.{i}.utilization_pct"] = round(util, 1)
+            gauges[f"gpu.{i}.memory_used_bytes"] = float(int(util / 100 * 70 * 1024**3))
+            gauges[f"gpu.{i}.memory_total_bytes"] = float(80 * 1024**3)
+            gauges[f"gpu.{i}.power_w"] = round(90 + util * 6, 1)
+            gauges[f"gpu.{i}.temperature_c"] = float(int(35 + util * 0.4))
+        series: list[SeriesSketch] = []
+        usage: list[UsageCount] = []
+        pairs = sorted(
+            {(t.tenant_id, w.deployment_id) for w in components.workers for t in w.tenants}
+            | {(w.tenant_id, w.deployment_id) for w in components.workers},
+            key=str,
+        )
+        for w in components.workers:
+            gauges[f"worker.{w.deployment_id}.queue_depth"] = float(rnd.randint(0, 8))
+            gauges[f"worker.{w.deployment_id}.running"] = float(rnd.randint(1, w.max_batch_size))
+        for tenant, deployment in pairs:
+            slos = [
+                s
+                for s in components.slo_thresholds
+                if s.tenant_id == tenant and s.deployment_id in (None, deployment)
+            ]
+            failed = int(rnd.random() < 0.2)
+            for metric, median in _MEDIAN_S.items():
+                values = [rnd.lognormvariate(0, 0.5) * median for _ in range(_REQUESTS)]
+                sketch = LatencySketch()
+                for value in values:
+                    sketch.add(value)
+                counts = [
+                    ThresholdCount(
+                        slo_id=s.slo_id,
+                        threshold_seconds=s.threshold_seconds,
+                        good=sum(v <= s.threshold_seconds for v in values),
+                        total=len(values),
+                    )
+                    for s in slos
+                    if s.metric == metric and s.threshold_seconds is not None
+                ]
+                if metric == "e2e":
+                    counts += [
+                        ThresholdCount(
+                            slo_id=s.slo_id,
+                            threshold_seconds=None,
+                            good=_REQUESTS,
+                            total=_REQUESTS + failed,
+                        )
+                        for s in slos
+                        if s.metric == "availability"
+                    ]
+                series.append(
+                    SeriesSketch(
+                        tenant_id=tenant,
+                        deployment_id=deployment,
+                        metric=metric,
+                        sketch=base64.b64encode(sketch.to_bytes()).decode("ascii"),
+                        thresholds=counts,
+                    )
+                )
+            usage.append(
+                UsageCount(
+                    tenant_id=tenant,
+                    deployment_id=deployment,
+                    completed=_REQUESTS,
+                    failed=failed,
+                    rejected=0,
+                    cancelled=0,
+                    input_tokens=_REQUESTS * 200,
+                    output_tokens=_REQUESTS * 120,
+                )
+            )
+        return Reading(gauges=gauges, series=series, usage=usage)
 
 
 async def simulate(
@@ -124,7 +251,10 @@ async def simulate(
     stop: asyncio.Event,
     inventory_interval_s: float = 300.0,
     resync_interval_s: float = 60.0,
+    telemetry_interval_s: float = 1.0,
+    telemetry_buffer_batches: int = 21600,
 ) -> None:
+    """Run `count` simulated nodes until `stop`; `telemetry_interval_s` 0 ships none."""
     # A few shared connections: dozens of concurrent requests into one ASGI process cost
     # more in thread contention than they gain (push p99 6.2 s with 64, about 3 s with 8).
     limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
@@ -140,20 +270,36 @@ async def simulate(
         )
         agents = []
         for hostname, identity in zip(hostnames, identities, strict=True):
+            workers = SimulatedWorkers()
+            client = anon.with_credential(identity.credential)
             reconciler = Reconciler(
                 identity.node_id,
                 decode_public_key(identity.control_plane_public_key),
-                [SimulatedWorkers()],
+                [workers],
                 state_dir / hostname,
+            )
+            telemetry = (
+                open_shipper(
+                    identity.node_id,
+                    state_dir / hostname,
+                    client,
+                    [SyntheticTelemetry(workers, hostname)],
+                    interval_s=telemetry_interval_s,
+                    buffer_batches=telemetry_buffer_batches,
+                    durable=False,
+                )
+                if telemetry_interval_s > 0
+                else None
             )
             agents.append(
                 NodeAgent(
                     identity,
-                    anon.with_credential(identity.credential),
+                    client,
                     reconciler,
                     functools.partial(inventories.__getitem__, hostname),
                     inventory_interval_s=inventory_interval_s,
                     resync_interval_s=resync_interval_s,
+                    telemetry=telemetry,
                 )
             )
         consumer = Consumer(

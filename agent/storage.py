@@ -197,6 +197,11 @@ class StorageDriver:
             ],
         )
 
+    async def snapshot(self, node_id: UUID) -> StorageReport:
+        """`report` taken between applies (engine calls are not run concurrently)."""
+        async with self._lock:
+            return await asyncio.to_thread(self.report, node_id)
+
     async def report_forever(
         self,
         client: ControlPlaneClient,
@@ -209,9 +214,7 @@ class StorageDriver:
         while not stop.is_set():
             self._applied.clear()
             try:
-                async with self._lock:
-                    report = await asyncio.to_thread(self.report, node_id)
-                await client.post_storage(report)
+                await client.post_storage(await self.snapshot(node_id))
                 failing = False
             except (StorageError, ControlPlaneError, OSError, ValueError) as exc:
                 if not failing:

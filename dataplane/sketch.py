@@ -10,7 +10,10 @@ read it; it carries the bins and zero count (hence the count) but not min/max/su
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from ddsketch import DDSketch
 from ddsketch.ddsketch import BaseDDSketch
 from ddsketch.pb.ddsketch_pb2 import DDSketch as DDSketchMessage
@@ -79,3 +82,95 @@ class ThresholdCounter:
             raise ValueError("only counters of the same threshold can be merged")
         self.good += other.good
         self.total += other.total
+
+
+class _Bins:
+    """One store's counts as a dense array starting at bin index `offset`."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+        self.counts: npt.NDArray[np.float64] = np.zeros(0)
+
+    def add(self, offset: int, counts: npt.NDArray[np.float64]) -> None:
+        if not counts.size:
+            return
+        if not self.counts.size:
+            self.offset, self.counts = offset, counts.copy()
+            return
+        low = min(self.offset, offset)
+        high = max(self.offset + self.counts.size, offset + counts.size)
+        if (low, high) != (self.offset, self.offset + self.counts.size):
+            grown = np.zeros(high - low)
+            grown[self.offset - low : self.offset - low + self.counts.size] = self.counts
+            self.offset, self.counts = low, grown
+        self.counts[offset - low : offset - low + counts.size] += counts
+
+    def add_store(self, store: Any) -> None:
+        self.add(store.contiguousBinIndexOffset, np.array(store.contiguousBinCounts, dtype=float))
+        for index, count in store.binCounts.items():
+            self.add(index, np.array([count]))
+
+    def write(self, store: Any) -> None:
+        nonzero = np.flatnonzero(self.counts)
+        if nonzero.size:
+            store.contiguousBinIndexOffset = self.offset + int(nonzero[0])
+            store.contiguousBinCounts.extend(self.counts[nonzero[0] : nonzero[-1] + 1].tolist())
+
+
+class SketchSum:
+    """Encoded sketches summed bin by bin: a merge that never builds DDSketch objects.
+
+    Decoding a sketch into the library's stores adds one bin per call, which is too slow
+    where thousands of sketches a second are merged (telemetry ingest). Sketches of the
+    same index mapping merge exactly by adding bin counts, which is what this does.
+    """
+
+    def __init__(self) -> None:
+        self._mapping: Any = None
+        self._positive = _Bins()
+        self._negative = _Bins()
+        self._zero = 0.0
+
+    def add_bytes(self, data: bytes) -> None:
+        message = DDSketchMessage()
+        message.ParseFromString(data)
+        self._add_mapping(message.mapping)
+        self._zero += message.zeroCount
+        self._positive.add_store(message.positiveValues)
+        self._negative.add_store(message.negativeValues)
+
+    def add(self, other: SketchSum) -> None:
+        if other._mapping is None:
+            return
+        self._add_mapping(other._mapping)
+        self._zero += other._zero
+        self._positive.add(other._positive.offset, other._positive.counts)
+        self._negative.add(other._negative.offset, other._negative.counts)
+
+    def _add_mapping(self, mapping: Any) -> None:
+        if self._mapping is None:
+            self._mapping = mapping
+        elif (mapping.gamma, mapping.indexOffset, mapping.interpolation) != (
+            self._mapping.gamma,
+            self._mapping.indexOffset,
+            self._mapping.interpolation,
+        ):
+            raise ValueError("only sketches of the same index mapping can be summed")
+
+    @property
+    def count(self) -> int:
+        return round(self._zero + float(self._positive.counts.sum() + self._negative.counts.sum()))
+
+    def to_bytes(self) -> bytes:
+        if self._mapping is None:
+            return LatencySketch().to_bytes()
+        message = DDSketchMessage()
+        message.mapping.CopyFrom(self._mapping)
+        message.zeroCount = self._zero
+        self._positive.write(message.positiveValues)
+        self._negative.write(message.negativeValues)
+        return bytes(message.SerializeToString())
+
+    def sketch(self) -> LatencySketch:
+        """The sum as a sketch that answers quantiles."""
+        return LatencySketch.from_bytes(self.to_bytes())

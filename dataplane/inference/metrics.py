@@ -223,6 +223,7 @@ class WorkerMetrics:
 @dataclass
 class _TenantTotals:
     completed: int = 0
+    failed: int = 0
     cancelled: int = 0
     rejected: int = 0
     input_tokens: int = 0
@@ -291,6 +292,10 @@ class TelemetryStats:
 
     def count_rejected(self, tenant: str) -> None:
         self._totals(tenant).rejected += 1
+
+    def count_failed(self, tenant: str) -> None:
+        """A request the engine failed (HTTP 500): bad for availability, not measured."""
+        self._totals(tenant).failed += 1
 
     def collect(self, after: int) -> dict[str, Any]:
         """The pending interval if the reader has not stored it yet, else a new one."""

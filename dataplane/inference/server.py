@@ -3,10 +3,10 @@
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE when ``stream``),
 ``GET /v1/models`` (those three need ``Authorization: Bearer <key>``; the key's sha256
 names the tenant), ``GET /health``, ``GET /metrics`` (Prometheus text) and
-``GET /v1/internal/stats?after=SEQ`` (sketches and exact SLO counts for the agent; a
-stats key or a loopback client). No web framework: six routes, JSON in and out, and
-streaming that must notice a departed client are little enough to write against ASGI
-directly.
+``GET /v1/internal/stats?after=SEQ`` (sketches, exact SLO counts and request totals for
+the agent, plus the queue depth and running count now; a stats key or a loopback
+client). No web framework: six routes, JSON in and out, and streaming that must notice a
+departed client are little enough to write against ASGI directly.
 
 ``Worker`` assembles runtime, engine, scheduler, tokenizer and measurement from a
 ``WorkerConfig`` and re-applies the config file on SIGHUP or when its mtime changes.
@@ -423,6 +423,8 @@ class InferenceApp:
         finally:
             watcher.cancel()
             self.worker.scheduler.cancel(request)
+            if request.finish_reason == FINISH_ERROR:
+                self.worker.stats.count_failed(tenant)
 
     async def _tokens(self, request: GenerationRequest, stops: list[str]) -> AsyncIterator[str]:
         """Yield text as tokens arrive; ends the request early on a stop string."""
@@ -581,4 +583,8 @@ class InferenceApp:
             raise ApiError(
                 400, "after must be a sequence number", param="after", code="invalid_value"
             )
-        await _send_json(call.send, 200, self.worker.stats.collect(int(after_values[0])))
+        scheduler = self.worker.scheduler
+        window = self.worker.stats.collect(int(after_values[0]))
+        # Queue depth and running are right now, not part of the (possibly resent) window.
+        live = {"queue_depth": len(scheduler.policy), "running": len(scheduler.running)}
+        await _send_json(call.send, 200, {**window, **live})

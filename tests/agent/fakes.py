@@ -1,4 +1,5 @@
-"""Stand-ins for hardware this CI machine lacks: sysfs/procfs trees and pynvml/pyverbs look-alikes.
+"""Stand-ins for hardware this CI machine lacks: sysfs/procfs trees and pynvml/pyverbs look-alikes,
+and the control plane's side of the telemetry contract (written concurrently elsewhere).
 
 The trees copy the kernel's layout (class links into /sys/devices, `device` links to the PCI
 function) and the exact text the kernel writes, trailing newline included. The library fakes
@@ -7,11 +8,20 @@ use the real libraries' function names and, for NVML, raise pynvml's own excepti
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import os
+import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pynvml
+import uvicorn
+
+from agent.protocol import TelemetryBatch
 
 
 def write(root: Path, relative: str, content: str) -> Path:
@@ -112,6 +122,14 @@ class FakeMemory:
 
 
 @dataclass(frozen=True)
+class FakeUtilization:
+    """Shape of pynvml's c_nvmlUtilization_t."""
+
+    gpu: int
+    memory: int
+
+
+@dataclass(frozen=True)
 class FakePciInfo:
     """Shape of pynvml's nvmlPciInfo_t (the fields the collector reads, and their neighbours)."""
 
@@ -130,6 +148,16 @@ class FakeGpu:
     """As NVML spells it: eight-digit domain, upper-case hex."""
     mig_mode: tuple[int, int] | None
     """(current, pending), or None for a GPU without MIG (NVML raises NotSupported)."""
+    utilization: tuple[int, int] = (87, 41)
+    """(gpu, memory) percent, as nvmlUtilization_t."""
+    memory_used: int = 512 << 20
+    power_mw: int = 412_345
+    temperature_c: int = 61
+    sm_clock_mhz: int = 1755
+    mem_clock_mhz: int = 2619
+    ecc: tuple[int, int] | None = (3, 0)
+    """(corrected, uncorrected) volatile counts, or None without ECC (NotSupported)."""
+    throttle_reasons: int = pynvml.nvmlClocksThrottleReasonSwPowerCap
 
 
 H100 = FakeGpu(
@@ -222,8 +250,42 @@ class FakeNvml:
         return self._gpu(handle).uuid
 
     def nvmlDeviceGetMemoryInfo(self, handle: object) -> FakeMemory:
-        total = self._gpu(handle).memory_total
-        return FakeMemory(total=total, free=total - (512 << 20), used=512 << 20)
+        gpu = self._gpu(handle)
+        total, used = gpu.memory_total, gpu.memory_used
+        return FakeMemory(total=total, free=total - used, used=used)
+
+    def nvmlDeviceGetUtilizationRates(self, handle: object) -> FakeUtilization:
+        gpu, memory = self._gpu(handle).utilization
+        return FakeUtilization(gpu=gpu, memory=memory)
+
+    def nvmlDeviceGetPowerUsage(self, handle: object) -> int:
+        return self._gpu(handle).power_mw
+
+    def nvmlDeviceGetTemperature(self, handle: object, sensor: int) -> int:
+        if sensor != pynvml.NVML_TEMPERATURE_GPU:
+            raise pynvml.NVMLError_InvalidArgument()
+        return self._gpu(handle).temperature_c
+
+    def nvmlDeviceGetClockInfo(self, handle: object, clock_type: int) -> int:
+        gpu = self._gpu(handle)
+        clocks = {pynvml.NVML_CLOCK_SM: gpu.sm_clock_mhz, pynvml.NVML_CLOCK_MEM: gpu.mem_clock_mhz}
+        if clock_type not in clocks:
+            raise pynvml.NVMLError_InvalidArgument()
+        return clocks[clock_type]
+
+    def nvmlDeviceGetTotalEccErrors(
+        self, handle: object, error_type: int, counter_type: int
+    ) -> int:
+        ecc = self._gpu(handle).ecc
+        if ecc is None:
+            raise pynvml.NVMLError_NotSupported()
+        if counter_type != pynvml.NVML_VOLATILE_ECC:
+            raise pynvml.NVMLError_InvalidArgument()
+        corrected = error_type == pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED
+        return ecc[0] if corrected else ecc[1]
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: object) -> int:
+        return self._gpu(handle).throttle_reasons
 
     def nvmlDeviceGetMigMode(self, handle: object) -> list[int]:
         mode = self._gpu(handle).mig_mode
@@ -404,3 +466,158 @@ def nvme_tree(sys: Path) -> None:
     ctrl10 = _pci_function(sys, "0001:03:00.0", 1) + "/nvme/nvme10"
     _controller(sys, ctrl10, transport="pcie", address="0001:03:00.0")
     _namespace(sys, f"{ctrl10}/nvme10n1", "nvme10n1", 1_000_215_216, 512)
+
+
+# --- the control plane's side of the telemetry contract ----------------------------------
+
+
+class TelemetryControlPlane:
+    """An ASGI app speaking the control plane's side of the telemetry contract.
+
+    `/ws/agent/` (Authorization `Node <credential>`, else close code 4401) and the POST
+    fallback `/api/v1/agent/telemetry/`, over a per-node high-watermark: a seq at or
+    under it is a duplicate. Scripted behaviours: `reject` (seqs answered rejected),
+    `retry_once` (the first arrival of each is answered retry, and every later seq on
+    that connection too until it comes again), `http_script` (statuses the POST answers
+    first, in order: 429 or 5xx), `websocket=False` (refuse the upgrade), `hold_acks`
+    (hold acks until the agent pauses, then answer them newest first, as acks may come
+    in any order).
+    """
+
+    def __init__(
+        self,
+        credential: str,
+        *,
+        websocket: bool = True,
+        reject: frozenset[int] = frozenset(),
+        retry_once: frozenset[int] = frozenset(),
+        http_script: list[int] | None = None,
+        hold_acks: bool = False,
+        last_seq: int = 0,
+    ) -> None:
+        self.credential = credential
+        self.websocket = websocket
+        self.reject = reject
+        self.retry_pending = set(retry_once)
+        self.http_script = list(http_script or [])
+        self.hold_acks = hold_acks
+        self.last_seq = last_seq
+        self.stored: list[int] = []
+        self.received: list[tuple[str, int]] = []
+        self.max_outstanding = 0
+
+    def _answer(self, seq: int, missing: list[int]) -> dict[str, object]:
+        """The ack for one batch; `missing` holds the seq this connection waits for."""
+        if seq <= self.last_seq:
+            return {"seq": seq, "outcome": "duplicate"}
+        if missing and seq != missing[0]:
+            return {"seq": seq, "outcome": "retry", "retry_after_s": 0.05}
+        if seq in self.retry_pending:
+            self.retry_pending.discard(seq)
+            missing[:] = [seq]
+            return {"seq": seq, "outcome": "retry", "retry_after_s": 0.05}
+        if seq in self.reject:
+            return {"seq": seq, "outcome": "rejected", "reason": f"batch {seq} is malformed"}
+        missing.clear()
+        self.last_seq = seq
+        self.stored.append(seq)
+        return {"seq": seq, "outcome": "stored"}
+
+    def _authorised(self, scope: dict[str, Any]) -> bool:
+        headers = dict(scope["headers"])
+        return headers.get(b"authorization") == f"Node {self.credential}".encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket" and scope["path"] == "/ws/agent/":
+            await self._socket(scope, receive, send)
+        elif scope["type"] == "http" and scope["path"] == "/api/v1/agent/telemetry/":
+            await self._post(scope, receive, send)
+        elif scope["type"] == "http":
+            await _respond(send, 404, {"detail": "not found"})
+
+    async def _socket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()  # websocket.connect
+        if not self.websocket:
+            await send({"type": "websocket.close", "code": 1008})  # refused: HTTP 403
+            return
+        await send({"type": "websocket.accept"})
+        if not self._authorised(scope):
+            await send({"type": "websocket.close", "code": 4401})
+            return
+        missing: list[int] = []
+        held: list[dict[str, object]] = []
+        outstanding = 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), 0.05 if held else None)
+            except TimeoutError:  # the agent has stopped sending: answer, newest first
+                for ack in reversed(held):
+                    await send({"type": "websocket.send", "text": json.dumps(ack)})
+                outstanding -= len(held)
+                held.clear()
+                continue
+            if message["type"] != "websocket.receive":
+                return
+            batch = TelemetryBatch.model_validate_json(message["text"])
+            self.received.append(("ws", batch.seq))
+            outstanding += 1
+            self.max_outstanding = max(self.max_outstanding, outstanding)
+            ack = self._answer(batch.seq, missing)
+            if self.hold_acks:
+                held.append(ack)
+            else:
+                await send({"type": "websocket.send", "text": json.dumps(ack)})
+                outstanding -= 1
+
+    async def _post(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        if not self._authorised(scope):
+            await _respond(send, 401, {"detail": "bad node credential"})
+            return
+        batch = TelemetryBatch.model_validate_json(body)
+        self.received.append(("http", batch.seq))
+        if self.http_script:
+            status = self.http_script.pop(0)
+            headers = [(b"retry-after", b"0")] if status == 429 else []
+            await _respond(send, status, {"detail": "busy"}, headers)
+            return
+        ack = self._answer(batch.seq, [])
+        if ack["outcome"] == "rejected":
+            await _respond(send, 400, {"detail": ack["reason"]})
+        else:
+            await _respond(send, 200, ack)
+
+
+async def _respond(
+    send: Any, status: int, body: object, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), *(headers or [])],
+        }
+    )
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any) -> AsyncIterator[str]:
+    """Serve an ASGI app with uvicorn on a free loopback port; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()

@@ -7,10 +7,14 @@ import json
 import math
 import os
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,6 +74,115 @@ class Processes:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def wait(predicate: Any, timeout: float, what: str, procs: Processes) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}\n{procs.tails()}")
+        time.sleep(0.05)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/api/schema/", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def start_web(procs: Processes, port: int, workers: int = 1) -> str:
+    """The control plane's ASGI server; returns its URL once it answers."""
+    from controlplane import processes
+
+    url = f"http://127.0.0.1:{port}"
+    procs.spawn("web", processes.web("127.0.0.1", port, workers))
+    wait(lambda: _answers(url), 60, "the control plane", procs)
+    return url
+
+
+def start_simulated_fleet(procs: Processes, work: Path, url: str, agents: int, *extra: str) -> None:
+    """`tailguard-agent simulate` with `agents` nodes; returns once all are ready with GPUs."""
+    from controlplane.inventory.models import Gpu, Node
+    from controlplane.inventory.services import create_bootstrap_token
+
+    bootstrap = create_bootstrap_token(name="bench", uses=agents).secret
+    procs.spawn(
+        "agents",
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "--log-level",
+            "WARNING",
+            "simulate",
+            "--count",
+            str(agents),
+            "--control-plane",
+            url,
+            "--bootstrap-token",
+            bootstrap,
+            "--state-dir",
+            str(work / "agents"),
+            *extra,
+        ],
+    )
+    print(f"waiting for {agents} simulated agents to enroll...", file=sys.stderr)
+    wait(
+        lambda: (
+            Node.objects.filter(status="ready").count() == agents
+            and Gpu.objects.count() == 8 * agents
+        ),
+        300,
+        "the simulated agents to become ready and report their GPUs",
+        procs,
+    )
+
+
+def deploy_everywhere(procs: Processes, url: str, agents: int) -> tuple[httpx.Client, str]:
+    """A tenant and a one-GPU deployment with a replica on every node, rolled out; returns
+    an API client (platform admin) and the deployment's id."""
+    from django.contrib.auth import get_user_model
+
+    from controlplane.fleet.models import Revision
+    from controlplane.tenancy.services import create_tenant, issue_api_token
+
+    tenant = create_tenant(slug="bench", name="Bench")
+    admin = get_user_model().objects.create_user("bench", is_superuser=True)
+    token = issue_api_token(user=admin, name="bench").secret
+    api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    created = api.post(
+        "/api/v1/deployments/",
+        json={
+            "tenant": str(tenant.pk),
+            "name": "bench",
+            "model_name": "bench",
+            "artifact_uri": "synthetic://bench",
+            "replicas": agents,
+            "gpus_per_replica": 1,
+        },
+    )
+    created.raise_for_status()
+
+    def rolled_out() -> bool:
+        return (
+            Revision.objects.filter(
+                status="applied", document__state__components__workers__0__isnull=False
+            )
+            .values("node")
+            .distinct()
+            .count()
+            == agents
+        )
+
+    wait(rolled_out, 300, "the first rollout", procs)
+    return api, created.json()["id"]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -18,12 +18,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
 
-import httpx
 from tqdm import tqdm
 
-from tests.bench.common import Processes, control_plane_environment, percentile, report
+from tests.bench.common import (
+    Processes,
+    control_plane_environment,
+    deploy_everywhere,
+    percentile,
+    report,
+    start_simulated_fleet,
+    start_web,
+    wait,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,92 +48,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def wait(predicate: Any, timeout: float, what: str, procs: Processes) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}\n{procs.tails()}")
-        time.sleep(0.05)
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/api/schema/", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with control_plane_environment() as work, Processes(work) as procs:
-        from django.contrib.auth import get_user_model
-
-        from controlplane import processes
         from controlplane.fleet.models import Revision
-        from controlplane.inventory.models import Gpu, Node
-        from controlplane.inventory.services import create_bootstrap_token
-        from controlplane.tenancy.services import create_tenant, issue_api_token
 
-        tenant = create_tenant(slug="bench", name="Bench")
-        admin = get_user_model().objects.create_user("bench", is_superuser=True)
-        token = issue_api_token(user=admin, name="bench").secret
-        bootstrap = create_bootstrap_token(name="bench", uses=args.agents).secret
-        url = f"http://127.0.0.1:{args.port}"
-        procs.spawn("web", processes.web("127.0.0.1", args.port, args.web_workers))
-        wait(lambda: _answers(url), 60, "the control plane", procs)
-        procs.spawn(
-            "agents",
-            [
-                sys.executable,
-                "-m",
-                "agent",
-                "--log-level",
-                "WARNING",
-                "simulate",
-                "--count",
-                str(args.agents),
-                "--control-plane",
-                url,
-                "--bootstrap-token",
-                bootstrap,
-                "--state-dir",
-                str(work / "agents"),
-            ],
-        )
-        print(f"waiting for {args.agents} simulated agents to enroll...", file=sys.stderr)
-        wait(
-            lambda: (
-                Node.objects.filter(status="ready").count() == args.agents
-                and Gpu.objects.count() == 8 * args.agents
-            ),
-            300,
-            "the simulated agents to become ready and report their GPUs",
-            procs,
-        )
-
-        api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120)
-        created = api.post(
-            "/api/v1/deployments/",
-            json={
-                "tenant": str(tenant.pk),
-                "name": "bench",
-                "model_name": "bench",
-                "artifact_uri": "synthetic://bench",
-                "replicas": args.agents,
-                "gpus_per_replica": 1,
-            },
-        )
-        created.raise_for_status()
-        deployment = created.json()["id"]
-        wait(
-            lambda: (
-                Revision.objects.filter(status="applied").values("node").distinct().count()
-                == args.agents
-            ),
-            300,
-            "the first rollout",
-            procs,
-        )
+        url = start_web(procs, args.port, args.web_workers)
+        start_simulated_fleet(procs, work, url, args.agents, "--telemetry-interval", "0")
+        api, deployment = deploy_everywhere(procs, url, args.agents)
         first_generation = Revision.objects.order_by("-generation").values_list(
             "generation", flat=True
         )[0]

@@ -65,6 +65,7 @@ def test_slo_counters_are_exact_and_inclusive_at_the_threshold() -> None:
             "tenant": "a",
             "deployment_id": "dep",
             "completed": 2,
+            "failed": 0,
             "cancelled": 0,
             "rejected": 0,
             "input_tokens": 7,

@@ -1,0 +1,113 @@
+"""`/ws/agent/`: the WebSocket each agent streams its telemetry batches over.
+
+One text frame in is one `TelemetryBatch`; one `TelemetryAck` frame goes back for each,
+once the batch is durable (or at once when it is rejected or must be retried). Acks may
+overtake each other; the agent matches them by `seq`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from channels.consumer import get_handler_name
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from pydantic import ValidationError
+
+from agent.protocol import TelemetryAck, TelemetryBatch
+from controlplane.inventory.models import Node
+from controlplane.inventory.services import authenticate_node
+from controlplane.telemetry import metrics
+from controlplane.telemetry.ingest import ingestor
+
+log = logging.getLogger(__name__)
+
+MAX_FRAME_BYTES = 4 * 2**20
+CLOSE_UNAUTHENTICATED = 4401
+
+
+def node_credential(scope: dict[str, Any]) -> str | None:
+    """The credential of an `Authorization: Node <credential>` handshake header."""
+    for name, value in scope.get("headers", []):
+        if name.lower() == b"authorization":
+            parts = value.decode(errors="replace").split()
+            if len(parts) == 2 and parts[0].lower() == "node":
+                return parts[1]
+    return None
+
+
+class AgentTelemetryConsumer(AsyncWebsocketConsumer):
+    node: Node | None = None
+    # No channel layer: acks come from the in-process ingestor, so a channel per agent
+    # would only add a Redis poll per connection (hundreds of agents, hundreds of polls).
+    channel_layer_alias = "none"
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """As Channels' own, minus closing stale DB connections before every frame: after
+        connect this consumer never touches the database (the ingestor does, on its own
+        thread), and a thread hop per frame is most of its cost at 1 Hz per agent."""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"no handler for message type {message['type']}")
+        await handler(message)
+
+    async def connect(self) -> None:
+        credential = node_credential(self.scope)
+        self.node = (
+            await database_sync_to_async(authenticate_node)(credential) if credential else None
+        )
+        await self.accept()
+        if self.node is None:
+            await self.close(code=CLOSE_UNAUTHENTICATED, reason="invalid node credential")
+        self._sends: set[asyncio.Task[None]] = set()
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.node is None:
+            return
+        raw = text_data if text_data is not None else (bytes_data or b"").decode(errors="replace")
+        problem, batch = _parse(raw)
+        if batch is not None and batch.node_id != self.node.pk:
+            problem = f"node_id {batch.node_id} is not this connection's node"
+        if problem is not None:
+            metrics.BATCHES.labels("rejected").inc()
+            log.warning("rejected a telemetry batch from %s: %s", self.node.hostname, problem)
+            ack = TelemetryAck(seq=_seq_of(raw), outcome="rejected", reason=problem)
+            await self.send(text_data=ack.model_dump_json())
+            return
+        assert batch is not None
+        ingestor().submit(batch).add_done_callback(self._send_ack)
+
+    def _send_ack(self, done: asyncio.Future[TelemetryAck]) -> None:
+        task = asyncio.ensure_future(self._send_quietly(done.result().model_dump_json()))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    async def _send_quietly(self, text: str) -> None:
+        try:
+            await self.send(text_data=text)
+        except Exception:  # the agent went away; it resends what it has no ack for
+            log.debug("could not deliver a telemetry ack", exc_info=True)
+
+
+def _parse(raw: str) -> tuple[str | None, TelemetryBatch | None]:
+    if len(raw) > MAX_FRAME_BYTES:
+        return f"frame larger than {MAX_FRAME_BYTES} bytes", None
+    try:
+        return None, TelemetryBatch.model_validate_json(raw)
+    except ValidationError as exc:
+        return "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
+            for err in exc.errors()[:10]
+        ), None
+
+
+def _seq_of(raw: str) -> int:
+    """The seq of a batch too broken to parse, if it has one, so the agent can drop it."""
+    try:
+        seq = json.loads(raw).get("seq")
+    except (ValueError, AttributeError):
+        return 0
+    return seq if isinstance(seq, int) and 0 <= seq < 2**63 else 0

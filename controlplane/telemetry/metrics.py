@@ -1,0 +1,123 @@
+"""The control plane's `/metrics`: fleet state read from the database at scrape time, and
+this process's ingest counters.
+
+Fleet figures come from a collector object (prometheus client_python's pattern), so a
+scrape always sees the database as it is, whichever process answers; the ingest
+counters are per process, as Prometheus expects of counters behind several processes.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+
+from django.apps import apps
+from django.conf import settings
+from django.db.models import Count
+from django.http import HttpRequest, HttpResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+REGISTRY = CollectorRegistry()
+
+BATCHES = Counter(
+    "tailguard_telemetry_batches",
+    "Telemetry batches answered by this process, by outcome.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+FLUSH_SECONDS = Histogram(
+    "tailguard_telemetry_flush_seconds",
+    "Time to store one flush of telemetry batches.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+    registry=REGISTRY,
+)
+LAG_SECONDS = Gauge(
+    "tailguard_telemetry_lag_seconds",
+    "Age of the newest batch in the last flush when it was stored.",
+    registry=REGISTRY,
+)
+
+GPU_GAUGES = {
+    "utilization_pct": ("tailguard_gpu_utilization_ratio", "GPU utilisation, 0 to 1.", 0.01),
+    "memory_used_bytes": ("tailguard_gpu_memory_used_bytes", "GPU memory in use.", 1.0),
+    "power_w": ("tailguard_gpu_power_watts", "GPU power draw.", 1.0),
+    "temperature_c": ("tailguard_gpu_temperature_celsius", "GPU temperature.", 1.0),
+}
+
+
+class FleetCollector(Collector):
+    """Nodes, GPUs, deployments and replicas as stored, and each GPU's latest gauges."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from controlplane.fleet.models import Deployment, Replica
+        from controlplane.inventory.choices import NodeStatus
+        from controlplane.inventory.models import Gpu, Node
+        from controlplane.telemetry.models import NodeStream
+
+        nodes = GaugeMetricFamily("tailguard_nodes", "Nodes by status.", labels=["status"])
+        by_status = dict(Node.objects.values_list("status").annotate(n=Count("pk")))
+        for status in NodeStatus.values:
+            nodes.add_metric([status], by_status.get(status, 0))
+        yield nodes
+
+        gpus = GaugeMetricFamily("tailguard_gpus", "GPUs by model.", labels=["model"])
+        for model, n in Gpu.objects.values_list("name").annotate(n=Count("pk")).order_by("name"):
+            gpus.add_metric([model], n)
+        yield gpus
+
+        deployments = GaugeMetricFamily(
+            "tailguard_deployments", "Deployments by tenant.", labels=["tenant"]
+        )
+        for slug, n in (
+            Deployment.objects.values_list("tenant__slug")
+            .annotate(n=Count("pk"))
+            .order_by("tenant__slug")
+        ):
+            deployments.add_metric([slug], n)
+        yield deployments
+
+        replicas = GaugeMetricFamily(
+            "tailguard_replicas", "Replicas, placed on a node or not.", labels=["placed"]
+        )
+        placed = Replica.objects.filter(node__isnull=False).count()
+        replicas.add_metric(["true"], placed)
+        replicas.add_metric(["false"], Replica.objects.count() - placed)
+        yield replicas
+
+        families = {
+            suffix: GaugeMetricFamily(name, doc, labels=["node", "gpu"])
+            for suffix, (name, doc, _) in GPU_GAUGES.items()
+        }
+        for hostname, gauges in NodeStream.objects.values_list("node__hostname", "gauges"):
+            for key, value in sorted(gauges.items()):
+                parts = key.split(".")
+                if len(parts) == 3 and parts[0] == "gpu" and parts[2] in GPU_GAUGES:
+                    scale = GPU_GAUGES[parts[2]][2]
+                    families[parts[2]].add_metric([hostname, parts[1]], value * scale)
+        yield from families.values()
+
+
+def register_collectors() -> None:
+    """Called once from the app's ready(): fleet state, and SLO state when that app is on."""
+    REGISTRY.register(FleetCollector())
+    if apps.is_installed("controlplane.slo"):
+        from controlplane.slo.metrics import SloCollector
+
+        REGISTRY.register(SloCollector())
+
+
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    """Open unless METRICS_TOKEN is set; then Prometheus sends it as a bearer token."""
+    token = settings.METRICS_TOKEN
+    if token:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return HttpResponse(
+                "A bearer token (METRICS_TOKEN) is required.\n",
+                status=401,
+                content_type="text/plain",
+            )
+    return HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)

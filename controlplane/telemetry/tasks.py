@@ -1,0 +1,15 @@
+"""Rollup upkeep (Celery beat): retention and coarse gauge rows."""
+
+from celery import shared_task
+
+from controlplane.telemetry import services
+
+
+@shared_task(name="telemetry.prune_rollups")
+def prune_rollups() -> int:
+    return services.prune_rollups()
+
+
+@shared_task(name="telemetry.compact_gauges")
+def compact_gauges() -> int:
+    return services.compact_gauges()

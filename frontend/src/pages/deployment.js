@@ -1,0 +1,76 @@
+// Deployment: TTFT and TPOT p50/p99, tokens/s, queue depth and errors over the window.
+import { TimeChart, mergePoint } from "../chart.js";
+import { el, ms, num, tile } from "../format.js";
+import { windowPicker } from "./window.js";
+
+const pick = (points, f) => points.map((p) => f(p) ?? null);
+
+export function deploymentPage(root, context) {
+  let windowS = 300;
+  let points = [];
+  let summary = null;
+  let latest = null;
+  const page = { streams: () => context.streams };
+  const span = () => windowS;
+
+  const tiles = el("div", { class: "tiles" });
+  const charts = el("div", { class: "charts" });
+  root.append(el("div", { class: "toolbar" }, windowPicker(windowS, (w) => {
+    windowS = w;
+    page.reload();
+  })), tiles, charts);
+  const ttft = new TimeChart(charts, { span, title: "Time to first token", format: ms });
+  const tpot = new TimeChart(charts, { span, title: "Time per output token", format: ms });
+  const tokens = new TimeChart(charts, { span, title: "Output tokens/s", format: (v) => num(v, 0) });
+  const queue = new TimeChart(charts, { span, title: "Queue depth", format: (v) => num(v, 1) });
+  const errors = new TimeChart(charts, { span, title: "Errors/s", format: (v) => num(v, 2) });
+  ttft.panel.id = "chart-ttft";
+  tpot.panel.id = "chart-tpot";
+
+  function draw() {
+    const xs = points.map((p) => p.t);
+    ttft.update(xs, {
+      p50: pick(points, (p) => p.latency.ttft?.p50),
+      p99: pick(points, (p) => p.latency.ttft?.p99),
+    });
+    tpot.update(xs, {
+      p50: pick(points, (p) => p.latency.tpot?.p50),
+      p99: pick(points, (p) => p.latency.tpot?.p99),
+    });
+    tokens.update(xs, { "tokens/s": pick(points, (p) => p.tokens_per_s) });
+    queue.update(xs, { queued: pick(points, (p) => p.queue_depth) });
+    errors.update(xs, {
+      failed: pick(points, (p) => p.usage.failed / p.window_s),
+      rejected: pick(points, (p) => p.usage.rejected / p.window_s),
+    });
+    const now = latest || summary;
+    const usage = summary.usage;
+    tiles.replaceChildren(
+      tile("TTFT p50", ms(now.latency.ttft?.p50), { id: "tile-ttft-p50" }),
+      tile("TTFT p99", ms(now.latency.ttft?.p99), { id: "tile-ttft-p99" }),
+      tile("TPOT p50", ms(now.latency.tpot?.p50)),
+      tile("TPOT p99", ms(now.latency.tpot?.p99)),
+      tile("tokens/s", num(now.tokens_per_s, 0)),
+      tile("queue", num(now.queue_depth, 0)),
+      tile("completed", String(usage.completed)),
+      tile("errors", String(usage.failed + usage.rejected), { class: usage.failed + usage.rejected ? "tile bad" : "tile" }),
+    );
+  }
+
+  page.snapshotUrl = () => `${context.snapshot}?window=${windowS}`;
+  page.render = (snapshot) => {
+    windowS = snapshot.window_s;
+    points = snapshot.points.slice();
+    summary = snapshot.summary;
+    latest = null;
+    draw();
+  };
+  page.apply = (delta) => {
+    if (delta.type !== "deployment.delta") return;
+    mergePoint(points, delta.point, windowS);
+    latest = delta.point;
+    for (const [name, value] of Object.entries(delta.point.usage)) summary.usage[name] += value;
+    draw();
+  };
+  return page;
+}

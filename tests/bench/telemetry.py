@@ -1,0 +1,168 @@
+"""Telemetry benchmark: simulated agents at 1 Hz -> ingest -> a live dashboard client.
+
+    tailguard bench telemetry [--agents 500] [--seconds 60] [--json]
+
+Starts throwaway PostgreSQL and Redis, the control plane (one uvicorn process, the Redis
+channel layer), and one `tailguard-agent simulate` process whose agents each stream one
+TelemetryBatch a second over their WebSocket (GPU gauges, and TTFT/TPOT/ITL/e2e/queue
+sketches with exact SLO counts for the replica a deployment placed on every node). A
+dashboard client logged in as a platform admin subscribes to the fleet stream; a batch's
+end-to-end time is from its emission (its interval_end, on the agent's clock, which is
+this machine's) to the client receiving the delta that carries it. Prints the ingest
+rate over the measured seconds, e2e percentiles, and where the time goes: the
+control plane's flush times (from its /metrics), and CPU used by each process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+import time
+from typing import Any
+
+import httpx
+import websockets
+from tqdm import tqdm
+
+from tests.bench.common import (
+    Processes,
+    control_plane_environment,
+    cpu_seconds,
+    deploy_everywhere,
+    percentile,
+    report,
+    start_simulated_fleet,
+    start_web,
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="tailguard bench telemetry", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--agents", type=int, default=500)
+    parser.add_argument("--seconds", type=int, default=60, help="measured seconds")
+    parser.add_argument("--warmup", type=int, default=10, help="seconds before measuring")
+    parser.add_argument("--port", type=int, default=18766)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.agents < 1 or args.seconds < 1 or args.warmup < 0:
+        parser.error("--agents and --seconds must be at least 1, --warmup at least 0")
+    return args
+
+
+def session_cookie() -> str:
+    """A logged-in session for a platform admin, as the console's login would make it."""
+    from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY, get_user_model
+    from django.contrib.sessions.backends.db import SessionStore
+
+    user = get_user_model().objects.create_user("dashboard", is_superuser=True, is_staff=True)
+    session = SessionStore()
+    session[SESSION_KEY] = str(user.pk)
+    session[HASH_SESSION_KEY] = user.get_session_auth_hash()
+    session["_auth_user_backend"] = "django.contrib.auth.backends.ModelBackend"
+    session.create()
+    return f"sessionid={session.session_key}"
+
+
+async def watch(url: str, cookie: str, seconds: float, samples: list[float]) -> None:
+    """Receive fleet deltas for `seconds`; one sample per node entry: now - its batch's end."""
+    uri = url.replace("http://", "ws://") + "/ws/dashboard/"
+    headers = {"Cookie": cookie, "Origin": url}
+    async with websockets.connect(uri, additional_headers=headers, max_size=2**26) as ws:
+        await ws.send(json.dumps({"subscribe": "fleet"}))
+        answer = json.loads(await ws.recv())
+        if answer.get("type") != "subscribed":
+            raise SystemExit(f"the dashboard refused the fleet stream: {answer}")
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                message = json.loads(await asyncio.wait_for(ws.recv(), left))
+            except TimeoutError:
+                break
+            now = time.time()
+            samples.extend(now - node["t"] for node in message.get("nodes", ()))
+
+
+def flush_stats(url: str) -> tuple[float, float]:
+    """(count, sum) of the control plane's telemetry flush-time histogram."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    found = {
+        name: float(value)
+        for name, value in re.findall(
+            r"^tailguard_telemetry_flush_seconds_(count|sum) (\S+)$", text, re.M
+        )
+    }
+    return found.get("count", 0.0), found.get("sum", 0.0)
+
+
+def stored_batches() -> int:
+    from django.db.models import Sum
+
+    from controlplane.telemetry.models import NodeStream
+
+    return NodeStream.objects.aggregate(n=Sum("batches"))["n"] or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with control_plane_environment() as work, Processes(work) as procs:
+        url = start_web(procs, args.port)
+        start_simulated_fleet(procs, work, url, args.agents, "--telemetry-interval", "1")
+        deploy_everywhere(procs, url, args.agents)
+        cookie = session_cookie()
+        for _ in tqdm(range(args.warmup), desc="warm-up", unit="s", file=sys.stderr):
+            time.sleep(1)
+
+        web, agents = procs.procs[0].pid, procs.procs[1].pid
+        cpu_before = {"web": cpu_seconds(web), "agents": cpu_seconds(agents)}
+        flushes_before, flush_sum_before = flush_stats(url)
+        batches_before, started = stored_batches(), time.monotonic()
+        samples: list[float] = []
+        with tqdm(total=args.seconds, desc="measuring", unit="s", file=sys.stderr) as bar:
+
+            async def tick() -> None:
+                for _ in range(args.seconds):
+                    await asyncio.sleep(1)
+                    bar.update(1)
+
+            async def both() -> None:
+                await asyncio.gather(watch(url, cookie, args.seconds, samples), tick())
+
+            asyncio.run(both())
+        elapsed = time.monotonic() - started
+        batches = stored_batches() - batches_before
+        flushes, flush_sum = flush_stats(url)
+        flushes -= flushes_before
+        flush_sum -= flush_sum_before
+        cpu = {
+            name: (cpu_seconds(pid) - cpu_before[name]) / elapsed
+            for name, pid in (("web", web), ("agents", agents))
+        }
+        if not samples:
+            raise SystemExit(f"the dashboard client received no deltas\n{procs.tails()}")
+        results: dict[str, Any] = {
+            "agents": args.agents,
+            "seconds": round(elapsed, 1),
+            "ingest_batches_per_s": round(batches / elapsed, 1),
+            "offered_batches_per_s": args.agents,
+            "e2e_p50_s": round(percentile(samples, 50), 4),
+            "e2e_p99_s": round(percentile(samples, 99), 4),
+            "e2e_max_s": round(max(samples), 4),
+            "e2e_samples": len(samples),
+            # where the time goes
+            "flushes_per_s": round(flushes / elapsed, 2),
+            "batches_per_flush": round(batches / flushes, 1) if flushes else 0,
+            "flush_mean_s": round(flush_sum / flushes, 4) if flushes else 0,
+            "web_cpu_cores": round(cpu["web"], 2),
+            "agents_cpu_cores": round(cpu["agents"], 2),
+        }
+        report(results, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

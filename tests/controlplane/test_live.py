@@ -1,0 +1,177 @@
+"""The dashboard WebSocket through the real ASGI application (session auth, origin check):
+who may subscribe to which stream, and which deltas reach whom."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+from django.test import Client
+
+from controlplane.asgi import application
+from controlplane.fleet import services as fleet
+from controlplane.fleet.models import Replica
+from controlplane.storage.models import Volume
+from controlplane.telemetry import services, streams
+from tests.controlplane.conftest import World, make_node
+from tests.controlplane.storage_helpers import make_pool
+from tests.controlplane.telemetry_helpers import batch
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+Connect = Callable[[Any], Awaitable[WebsocketCommunicator]]
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Connect]:
+    """Open /ws/dashboard/ as a user signed in to the console (None: anonymous)."""
+    opened: list[WebsocketCommunicator] = []
+
+    async def open_as(user: Any) -> WebsocketCommunicator:
+        headers = [(b"origin", b"http://testserver")]
+        if user is not None:
+            client = Client()
+            await sync_to_async(client.force_login)(user)
+            headers.append((b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode()))
+        communicator = WebsocketCommunicator(application, "/ws/dashboard/", headers=headers)
+        opened.append(communicator)
+        return communicator
+
+    yield open_as
+    for communicator in opened:
+        await communicator.disconnect()
+
+
+async def subscribed(connect: Connect, user: Any, *names: str) -> WebsocketCommunicator:
+    ws = await connect(user)
+    connected, _ = await ws.connect()
+    assert connected
+    for name in names:
+        await ws.send_json_to({"subscribe": name})
+        assert await ws.receive_json_from() == {"type": "subscribed", "stream": name}
+    return ws
+
+
+@pytest.fixture
+def chats(world: World) -> tuple[Any, Any]:
+    return tuple(  # type: ignore[return-value]
+        fleet.create_deployment(
+            tenant=tenant, name="chat", model_name="chat", artifact_uri="synthetic://chat"
+        )
+        for tenant in (world.tenant_a, world.tenant_b)
+    )
+
+
+async def send(stream: str, payload: dict[str, Any]) -> None:
+    await get_channel_layer().group_send(
+        streams.group_name(stream), {"type": "live.delta", "stream": stream, "payload": payload}
+    )
+
+
+async def test_anonymous_connections_are_refused(connect: Connect) -> None:
+    connected, code = await (await connect(None)).connect()
+    assert (connected, code) == (False, 4401)
+
+
+async def test_tenant_users_subscribe_to_their_streams_only(
+    connect: Connect, world: World, chats: tuple[Any, Any]
+) -> None:
+    chat_a, chat_b = chats
+    node_a = await sync_to_async(make_node)("gpu-a", world.tenant_a)
+    node_b = await sync_to_async(make_node)("gpu-b", world.tenant_b)
+    ws = await subscribed(
+        connect,
+        world.viewer_a,
+        streams.deployment(chat_a.pk),
+        streams.tenant(world.tenant_a.pk),
+        streams.node(node_a.pk),
+    )
+    for name in (
+        streams.deployment(chat_b.pk),
+        streams.tenant(world.tenant_b.pk),
+        streams.node(node_b.pk),
+        streams.FLEET,
+        "deployment:not-a-uuid",
+        "everything",
+    ):
+        await ws.send_json_to({"subscribe": name})
+        answer = await ws.receive_json_from()
+        assert answer["type"] == "error" and answer["stream"] == name, answer
+    await ws.send_json_to({"subscribe": 42})
+    assert (await ws.receive_json_from())["type"] == "error"
+    await ws.send_to(text_data="{not json")
+    assert "subscribe" in (await ws.receive_json_from())["detail"]
+
+    # a refused subscription receives nothing from that stream
+    await send(streams.deployment(chat_b.pk), {"type": "deployment.delta", "point": {}})
+    assert await ws.receive_nothing(timeout=0.3)
+
+    admin = await subscribed(connect, world.platform, streams.FLEET, streams.deployment(chat_b.pk))
+    await admin.disconnect()
+
+
+async def test_a_delta_reaches_only_the_subscribers_of_its_stream(
+    connect: Connect, world: World, chats: tuple[Any, Any]
+) -> None:
+    chat_a, chat_b = chats
+    viewer = await subscribed(connect, world.viewer_a, streams.deployment(chat_a.pk))
+    other = await subscribed(connect, world.admin_b, streams.deployment(chat_b.pk))
+    operator = await subscribed(connect, world.platform, streams.deployment(chat_a.pk))
+
+    delta = {"type": "deployment.delta", "deployment_id": str(chat_a.pk), "point": {"t": 1.0}}
+    await send(streams.deployment(chat_a.pk), delta)
+
+    expected = {**delta, "stream": streams.deployment(chat_a.pk)}
+    assert await viewer.receive_json_from() == expected
+    assert await operator.receive_json_from() == expected
+    assert await other.receive_nothing(timeout=0.3)
+
+
+async def test_ingest_publishes_to_subscribers_with_gauges_cut_to_the_tenant(
+    connect: Connect, world: World, chats: tuple[Any, Any]
+) -> None:
+    """On a shared node serving both tenants, tenant A sees the GPUs but not B's volume."""
+    chat_a, chat_b = chats
+
+    def shared_node() -> tuple[Any, str, str]:
+        node = make_node("shared-1", gpus=1)
+        Replica.objects.filter(deployment__in=chats).update(node=node)
+        pool = make_pool(node)
+        mine = Volume.objects.create(tenant=world.tenant_a, name="v", size_bytes=1, pool=pool)
+        theirs = Volume.objects.create(tenant=world.tenant_b, name="v", size_bytes=1, pool=pool)
+        return node, mine.wire_name, theirs.wire_name
+
+    node, mine, theirs = await sync_to_async(shared_node)()
+    viewer = await subscribed(
+        connect, world.viewer_a, streams.node(node.pk), streams.deployment(chat_a.pk)
+    )
+    gauges = {
+        "gpu.0.utilization_pct": 75.0,
+        f"storage.{mine}.read_iops": 10.0,
+        f"storage.{theirs}.read_iops": 20.0,
+        f"worker.{chat_b.pk}.queue_depth": 3.0,
+    }
+    sample = batch(
+        node, 1, deployment=chat_a, ttft=[0.2, 0.4], gauges=gauges, end=datetime.now(UTC)
+    )
+    acks = await sync_to_async(services.ingest)([sample])
+    assert [a.outcome for a in acks] == ["stored"]
+
+    received = {}
+    for _ in range(2):
+        message = await viewer.receive_json_from(timeout=5)
+        received[message["type"]] = message
+    node_delta = received["node.delta"]
+    assert node_delta["stream"] == streams.node(node.pk)
+    assert node_delta["point"]["gauges"] == {
+        "gpu.0.utilization_pct": 75.0,
+        f"storage.{mine}.read_iops": 10.0,
+    }
+    point = received["deployment.delta"]["point"]
+    assert point["latency"]["ttft"]["count"] == 2
+    assert point["usage"]["completed"] == 2
