@@ -1,0 +1,189 @@
+"""Read-side queries: exact SLI counts over windows, percentiles, thresholds for nodes.
+
+Every window is answered by one query over the rollups, with the ranges `sli.tile` picked;
+several windows of one SLO share one query through filtered aggregates.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from django.apps import apps
+from django.db.models import Q, QuerySet, Sum
+
+from agent.protocol import SloThreshold
+from controlplane.fleet.models import Deployment, Replica
+from controlplane.slo.choices import Scope, Sli
+from controlplane.slo.models import Slo
+from controlplane.slo.sli import Counts, tile
+from controlplane.storage.models import Volume
+from controlplane.telemetry.choices import LatencyMetric
+from controlplane.telemetry.models import LatencyRollup, SloRollup
+from dataplane.sketch import LatencySketch
+
+QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "p999": 0.999}
+REPORT_METRICS = (LatencyMetric.TTFT, LatencyMetric.TPOT, LatencyMetric.ITL, LatencyMetric.E2E)
+
+
+def window_filter(start: datetime, end: datetime, now: datetime) -> Q:
+    """Rollup rows that tile [start, end) exactly (see `sli.tile`)."""
+    q = Q(pk__in=[])
+    for resolution, lo, hi in tile(start, end, now):
+        q |= Q(resolution=resolution, bucket__gte=lo, bucket__lt=hi)
+    return q
+
+
+def slo_counts(
+    slo: Slo, windows: Mapping[str, tuple[datetime, datetime]], now: datetime
+) -> dict[str, Counts]:
+    """Good/total of one SLO over each named window, in one query (only rows of the SLO's
+    own tenant count, whatever a node reported)."""
+    if not windows:
+        return {}
+    aggregates: dict[str, Any] = {}
+    for i, (start, end) in enumerate(windows.values()):
+        where = window_filter(start, end, now)
+        aggregates[f"good{i}"] = Sum("good", filter=where)
+        aggregates[f"total{i}"] = Sum("total", filter=where)
+    row = SloRollup.objects.filter(slo_id=slo.pk, tenant_id=slo.tenant_id).aggregate(**aggregates)
+    return {
+        name: Counts(good=int(row[f"good{i}"] or 0), total=int(row[f"total{i}"] or 0))
+        for i, name in enumerate(windows)
+    }
+
+
+def deployment_totals(slo: Slo, start: datetime, end: datetime, now: datetime) -> dict[Any, int]:
+    """Events per deployment of one SLO over a window."""
+    rows = (
+        SloRollup.objects.filter(
+            window_filter(start, end, now), slo_id=slo.pk, tenant_id=slo.tenant_id
+        )
+        .values("deployment_id")
+        .annotate(t=Sum("total"))
+    )
+    return {row["deployment_id"]: int(row["t"] or 0) for row in rows}
+
+
+def covers(slo: Slo, deployment: Deployment) -> bool:
+    """Whether the SLO measures requests served by this deployment."""
+    if slo.tenant_id != deployment.tenant_id or slo.sli == Sli.STORAGE_READ:
+        return False
+    if slo.scope == Scope.DEPLOYMENT:
+        return slo.deployment_id == deployment.pk
+    if slo.scope == Scope.MODEL:
+        return slo.model_name == deployment.model_name
+    return True
+
+
+def deployments_with_replicas(tenant_ids: Iterable[Any]) -> list[Deployment]:
+    """The tenants' deployments that have at least one placed replica."""
+    return list(
+        Deployment.objects.filter(tenant_id__in=list(tenant_ids), instances__node__isnull=False)
+        .distinct()
+        .order_by("name")
+    )
+
+
+def latency_percentiles(
+    tenant_id: Any, start: datetime, end: datetime, now: datetime
+) -> list[dict[str, Any]]:
+    """Per deployment and metric: events and p50/p90/p99/p99.9 from the merged sketches."""
+    rows = (
+        LatencyRollup.objects.filter(
+            window_filter(start, end, now),
+            tenant_id=tenant_id,
+            deployment__isnull=False,
+            metric__in=REPORT_METRICS,
+        )
+        .values_list("deployment_id", "deployment__name", "metric", "sketch")
+        .order_by("deployment__name", "metric")
+    )
+    merged: dict[tuple[Any, str, str], LatencySketch] = {}
+    for deployment_id, name, metric, blob in rows.iterator(chunk_size=2000):
+        sketch = LatencySketch.from_bytes(bytes(blob))
+        if (deployment_id, name, metric) in merged:
+            merged[(deployment_id, name, metric)].merge(sketch)
+        else:
+            merged[(deployment_id, name, metric)] = sketch
+    return [
+        {
+            "deployment": str(deployment_id),
+            "deployment_name": name,
+            "metric": metric,
+            "count": sketch.count,
+            **{label: sketch.quantile(q) for label, q in QUANTILES.items()},
+        }
+        for (deployment_id, name, metric), sketch in merged.items()
+    ]
+
+
+def alerts_in_period(tenant_id: Any, start: datetime, end: datetime) -> list[Any]:
+    """The tenant's SLO alert episodes that were firing at some point of [start, end)."""
+    if not apps.is_installed("controlplane.alerts"):
+        return []
+    from controlplane.alerts.models import Alert  # alerts is optional to SLOs
+
+    return list(
+        Alert.objects.filter(tenant_id=tenant_id, labels__has_key="slo", starts_at__lt=end)
+        .filter(Q(ends_at__isnull=True) | Q(ends_at__gte=start))
+        .order_by("starts_at")
+    )
+
+
+def slos_of_tenant(tenant_id: Any) -> QuerySet[Slo]:
+    return Slo.objects.filter(tenant_id=tenant_id).select_related("deployment").order_by("name")
+
+
+def thresholds_for_nodes(
+    nodes: Iterable[Any], replicas: Iterable[Replica]
+) -> dict[Any, list[SloThreshold]]:
+    """What each node's workers count good/total against (two queries for any number of nodes).
+
+    Latency and availability SLOs go to every node running a deployment they cover, one
+    threshold per deployment; storage-read SLOs, measured per node, go with no deployment
+    to the nodes holding the tenant's volumes or replicas.
+    """
+    node_ids = [getattr(n, "pk", n) for n in nodes]
+    replicas = list(replicas)
+    tenant_ids = {r.deployment.tenant_id for r in replicas}
+    slos = list(Slo.objects.filter(Q(tenant_id__in=tenant_ids) | Q(sli=Sli.STORAGE_READ)))
+    storage_tenants = {s.tenant_id for s in slos if s.sli == Sli.STORAGE_READ}
+    holds: set[tuple[Any, Any]] = {(r.node_id, r.deployment.tenant_id) for r in replicas}
+    if storage_tenants:
+        holds.update(
+            Volume.objects.filter(pool__node_id__in=node_ids, tenant_id__in=storage_tenants)
+            .values_list("pool__node_id", "tenant_id")
+            .distinct()
+        )
+    wanted: dict[Any, dict[tuple[UUID, UUID | None], SloThreshold]] = defaultdict(dict)
+    by_tenant: dict[Any, list[Slo]] = defaultdict(list)
+    for slo in slos:
+        by_tenant[slo.tenant_id].append(slo)
+    for replica in replicas:
+        for slo in by_tenant[replica.deployment.tenant_id]:
+            if covers(slo, replica.deployment):
+                wanted[replica.node_id][(slo.pk, replica.deployment_id)] = _threshold(
+                    slo, replica.deployment_id
+                )
+    for node_id, tenant_id in holds:
+        for slo in by_tenant[tenant_id]:
+            if slo.sli == Sli.STORAGE_READ:
+                wanted[node_id][(slo.pk, None)] = _threshold(slo, None)
+    return {
+        node_id: [t for _, t in sorted(wanted[node_id].items(), key=lambda kv: str(kv[0]))]
+        for node_id in node_ids
+    }
+
+
+def _threshold(slo: Slo, deployment_id: UUID | None) -> SloThreshold:
+    return SloThreshold(
+        slo_id=slo.pk,
+        tenant_id=slo.tenant_id,
+        deployment_id=deployment_id,
+        metric=slo.sli,
+        threshold_seconds=slo.threshold_seconds,
+    )
