@@ -62,6 +62,10 @@ INSTALLED_APPS = [
     "controlplane.inventory",
     "controlplane.storage",
     "controlplane.fleet",
+    "controlplane.telemetry",
+    "controlplane.slo",
+    "controlplane.console",
+    "controlplane.alerts",
 ]
 
 MIDDLEWARE = [
@@ -130,8 +134,10 @@ STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 WHITENOISE_USE_FINDERS = True
+# The console's dashboards, built by `npm run build` in frontend/ (./tailguard does it).
+STATICFILES_DIRS = [("console", BASE_DIR / "frontend" / "dist")]
 
-LOGIN_URL = "admin:login"
+LOGIN_URL = "console:login"
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
 
@@ -214,14 +220,39 @@ AGENT_BROKER_URL = os.environ.get("AGENT_BROKER_URL") or CELERY_BROKER_URL
 # How agents (and people) reach this control plane: artifact URLs in desired state use it.
 PUBLIC_URL = os.environ.get("PUBLIC_URL", "http://127.0.0.1:8000")
 
+# Prometheus: when set, /metrics wants `Authorization: Bearer <METRICS_TOKEN>`.
+METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
+
 # Storage: uploaded model artifacts stream into FILE_UPLOAD_TEMP_DIR, beside where they are kept.
 ARTIFACT_MAX_BYTES = int(os.environ.get("ARTIFACT_MAX_BYTES", str(256 * 2**30)))
 FILE_UPLOAD_TEMP_DIR = DATA_DIR / "artifacts" / "incoming"
 FILE_UPLOAD_TEMP_DIR.mkdir(parents=True, exist_ok=True)
 
+# SLOs: evaluation runs as telemetry arrives (debounced per SLO) and every 30 s for silence;
+# burn-rate and exhausted-budget alerts need this many events in their long window.
+SLO_EVALUATE_DEBOUNCE_S = float(os.environ.get("SLO_EVALUATE_DEBOUNCE_S", "1"))
+SLO_ALERT_MIN_EVENTS = int(os.environ.get("SLO_ALERT_MIN_EVENTS", "100"))
+SLO_NO_DATA_AFTER_S = float(os.environ.get("SLO_NO_DATA_AFTER_S", "600"))
+
 CELERY_BEAT_SCHEDULE = {
+    "alerts-enqueue-due-messages": {
+        "task": "alerts.enqueue_due_messages",
+        "schedule": float(os.environ.get("ALERTS_SWEEP_INTERVAL_S", "5")),
+    },
     "mark-silent-nodes-unreachable": {
         "task": "inventory.mark_silent_nodes_unreachable",
         "schedule": max(1.0, NODE_UNREACHABLE_AFTER_S / 3),
     },
+    "evaluate-slos": {"task": "slo.evaluate_all", "schedule": 30.0},
+    "telemetry-compact-gauges": {"task": "telemetry.compact_gauges", "schedule": 60.0},
+    "telemetry-prune-rollups": {"task": "telemetry.prune_rollups", "schedule": 3600.0},
 }
+
+# Alerts: webhook delivery (Standard Webhooks signatures, retries from a database outbox).
+ALERTS_DELIVERY_TIMEOUT_S = float(os.environ.get("ALERTS_DELIVERY_TIMEOUT_S", "10"))
+ALERTS_MAX_ATTEMPTS = int(os.environ.get("ALERTS_MAX_ATTEMPTS", "15"))
+ALERTS_BACKOFF_BASE_S = float(os.environ.get("ALERTS_BACKOFF_BASE_S", "10"))
+ALERTS_BACKOFF_MAX_S = float(os.environ.get("ALERTS_BACKOFF_MAX_S", "3600"))
+ALERTS_RETRY_AFTER_MAX_S = float(os.environ.get("ALERTS_RETRY_AFTER_MAX_S", str(24 * 3600)))
+# How long a rotated-out secret keeps signing deliveries beside the new one.
+ALERTS_SECRET_GRACE_S = int(os.environ.get("ALERTS_SECRET_GRACE_S", str(24 * 3600)))

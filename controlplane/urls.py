@@ -2,11 +2,18 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from controlplane.telemetry.api.agent_views import TelemetryView
+from controlplane.telemetry.metrics import metrics_view
+
 api_v1 = [
     path("", include("controlplane.tenancy.api.urls")),
     path("", include("controlplane.inventory.api.urls")),
     path("", include("controlplane.storage.api.urls")),
     path("", include("controlplane.fleet.api.urls")),
+    path("", include("controlplane.slo.api.urls")),
+    path("", include("controlplane.alerts.api.urls")),
+    path("telemetry/", include("controlplane.telemetry.api.urls")),
+    path("agent/telemetry/", TelemetryView.as_view(), name="agent-telemetry"),
 ]
 
 urlpatterns = [
@@ -15,6 +22,9 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("api-auth/", include("rest_framework.urls")),
+    path("console/", include("controlplane.console.urls")),
+    path("", include("controlplane.slo.urls")),
+    path("metrics", metrics_view, name="metrics"),
 ]
 
 handler404 = "controlplane.core.views.not_found"

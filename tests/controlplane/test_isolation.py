@@ -13,7 +13,15 @@ from controlplane.fleet.models import Replica, Revision
 from controlplane.inventory.models import Drive, Nic
 from controlplane.tenancy.choices import Role
 from controlplane.tenancy.services import issue_api_token, issue_inference_key, set_membership
+from tests.controlplane.alerts_helpers import (
+    PUBLIC_URL,
+    fire,
+    make_attempt,
+    make_endpoint,
+    make_message,
+)
 from tests.controlplane.conftest import World, make_node
+from tests.controlplane.test_slo_math import make_slo
 
 
 def _drive(tenant: Any) -> Drive:
@@ -95,6 +103,21 @@ ENDPOINTS = [
     Endpoint("replicas", lambda w, t: _replica(t), None, None),
     Endpoint("revisions", lambda w, t: _revision(t), None, None),
     Endpoint("drives", lambda w, t: _drive(t), None, None),
+    Endpoint(
+        "webhook-endpoints",
+        lambda w, t: make_endpoint(t).obj,
+        {"name": "renamed"},
+        lambda w, t: {"tenant": str(t.id), "name": "x", "url": PUBLIC_URL},
+    ),
+    Endpoint("alerts", lambda w, t: fire(t), None, None),
+    Endpoint("webhook-messages", lambda w, t: make_message(t), None, None),
+    Endpoint("delivery-attempts", lambda w, t: make_attempt(t), None, None),
+    Endpoint(
+        "slos",
+        lambda w, t: make_slo(t, name=f"slo-{t.slug}"),
+        {"objective": 0.95},
+        lambda w, t: {"tenant": str(t.id), "name": "x", "sli": "availability", "objective": 0.99},
+    ),
 ]
 
 
@@ -190,6 +213,8 @@ def test_unauthenticated_requests_are_refused(world: World, client_for: Any) -> 
         "qos-policies",
         "exports",
         "artifacts",
+        "slos",
+        "slo-reports",
     ):
         response = APIClient().get(f"/api/v1/{path}/")
         assert response.status_code == 401, path
