@@ -35,6 +35,7 @@ from controlplane.fleet import placement
 from controlplane.fleet.choices import RevisionStatus
 from controlplane.fleet.models import Deployment, Replica, Revision
 from controlplane.fleet.signing import private_key
+from controlplane.inventory.choices import NodeStatus
 from controlplane.inventory.models import Node
 from controlplane.storage import selectors as storage_selectors
 from controlplane.storage.render import render_storage
@@ -102,6 +103,20 @@ def set_tenant_quota(tenant: Tenant, **quota: int | None) -> Tenant:
 
 
 # --- Planning and rendering -------------------------------------------------------------
+
+
+def reconcile_if_work_waits(node: Node, *, cause: str) -> None:
+    """Re-plan after a node came up or changed, unless nothing could move because of it.
+
+    Only unplaced replicas, the node's own, and replicas kept on nodes that are not ready
+    can be placed differently; with none of those, a fleet-wide re-plan per enrolling node
+    would make enrolling N nodes cost O(N^2).
+    """
+    waiting = Replica.objects.filter(
+        Q(node__isnull=True) | Q(node=node) | ~Q(node__status=NodeStatus.READY)
+    )
+    if waiting.exists():
+        reconcile_fleet(cause=cause)
 
 
 @transaction.atomic

@@ -156,14 +156,14 @@ def record_inventory(node: Node, inventory: Inventory) -> None:
     ):
         model.objects.bulk_create(_rows(model, node, facts))
     if _gpu_signature(inventory.gpus) != gpus_before:
-        from controlplane.fleet.services import reconcile_fleet  # fleet builds on inventory
+        from controlplane.fleet.services import reconcile_if_work_waits  # fleet builds on us
 
-        reconcile_fleet(cause=f"hardware of {node.hostname} changed")
+        reconcile_if_work_waits(node, cause=f"hardware of {node.hostname} changed")
 
 
 def record_heartbeat(node: Node, heartbeat: Heartbeat) -> None:
     """A node that is heard is ready again, whatever it was; becoming ready may place work."""
-    from controlplane.fleet.services import reconcile_fleet  # fleet builds on inventory
+    from controlplane.fleet.services import reconcile_if_work_waits  # fleet builds on us
 
     Node.objects.filter(pk=node.pk).update(
         status=NodeStatus.READY,
@@ -171,7 +171,7 @@ def record_heartbeat(node: Node, heartbeat: Heartbeat) -> None:
         agent_version=heartbeat.agent_version,
     )
     if node.status != NodeStatus.READY:  # as loaded when the request was authenticated
-        reconcile_fleet(cause=f"node {node.hostname} ready")
+        reconcile_if_work_waits(node, cause=f"node {node.hostname} ready")
 
 
 @transaction.atomic

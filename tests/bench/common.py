@@ -133,7 +133,7 @@ def start_simulated_fleet(procs: Processes, work: Path, url: str, agents: int, *
             Node.objects.filter(status="ready").count() == agents
             and Gpu.objects.count() == 8 * agents
         ),
-        300,
+        600,
         "the simulated agents to become ready and report their GPUs",
         procs,
     )
@@ -175,7 +175,7 @@ def deploy_everywhere(procs: Processes, url: str, agents: int) -> tuple[httpx.Cl
             == agents
         )
 
-    wait(rolled_out, 300, "the first rollout", procs)
+    wait(rolled_out, 600, "the first rollout", procs)
     return api, created.json()["id"]
 
 
