@@ -139,9 +139,13 @@ def start_simulated_fleet(procs: Processes, work: Path, url: str, agents: int, *
     )
 
 
-def deploy_everywhere(procs: Processes, url: str, agents: int) -> tuple[httpx.Client, str]:
-    """A tenant and a one-GPU deployment with a replica on every node, rolled out; returns
-    an API client (platform admin) and the deployment's id."""
+MAX_REPLICAS = 256
+"""A deployment's replica bound; larger fleets get several deployments."""
+
+
+def deploy_everywhere(procs: Processes, url: str, agents: int) -> tuple[httpx.Client, list[str]]:
+    """A tenant and one-GPU deployments with a replica on every node, rolled out; returns
+    an API client (platform admin) and the deployments' ids."""
     from django.contrib.auth import get_user_model
 
     from controlplane.fleet.models import Revision
@@ -151,18 +155,22 @@ def deploy_everywhere(procs: Processes, url: str, agents: int) -> tuple[httpx.Cl
     admin = get_user_model().objects.create_user("bench", is_superuser=True)
     token = issue_api_token(user=admin, name="bench").secret
     api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120)
-    created = api.post(
-        "/api/v1/deployments/",
-        json={
-            "tenant": str(tenant.pk),
-            "name": "bench",
-            "model_name": "bench",
-            "artifact_uri": "synthetic://bench",
-            "replicas": agents,
-            "gpus_per_replica": 1,
-        },
-    )
-    created.raise_for_status()
+    ids = []
+    for index, start in enumerate(range(0, agents, MAX_REPLICAS)):
+        created = api.post(
+            "/api/v1/deployments/",
+            json={
+                "tenant": str(tenant.pk),
+                "name": f"bench-{index}",
+                "model_name": "bench",
+                "artifact_uri": "synthetic://bench",
+                "replicas": min(MAX_REPLICAS, agents - start),
+                "gpus_per_replica": 1,
+            },
+        )
+        if created.status_code != 201:
+            raise SystemExit(f"creating a deployment failed: {created.text}")
+        ids.append(created.json()["id"])
 
     def rolled_out() -> bool:
         return (
@@ -176,7 +184,7 @@ def deploy_everywhere(procs: Processes, url: str, agents: int) -> tuple[httpx.Cl
         )
 
     wait(rolled_out, 600, "the first rollout", procs)
-    return api, created.json()["id"]
+    return api, ids
 
 
 def cpu_seconds(pid: int) -> float:

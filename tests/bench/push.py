@@ -22,6 +22,7 @@ import time
 from tqdm import tqdm
 
 from tests.bench.common import (
+    MAX_REPLICAS,
     Processes,
     control_plane_environment,
     deploy_everywhere,
@@ -45,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.agents < 1 or args.rounds < 1:
         parser.error("--agents and --rounds must be at least 1")
+    if args.agents > MAX_REPLICAS:
+        parser.error(f"--agents is at most {MAX_REPLICAS}: one deployment changes per round")
     return args
 
 
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
         url = start_web(procs, args.port, args.web_workers)
         start_simulated_fleet(procs, work, url, args.agents, "--telemetry-interval", "0")
-        api, deployment = deploy_everywhere(procs, url, args.agents)
+        api, (deployment,) = deploy_everywhere(procs, url, args.agents)
         first_generation = Revision.objects.order_by("-generation").values_list(
             "generation", flat=True
         )[0]
