@@ -2,7 +2,7 @@
 
 Rollups are keyed by (resolution, bucket start, tenant, deployment, ...) and merged at
 ingest: sketches by DDSketch merge, counts by addition, so any window is answered by
-merging rows. `deployment` is null for node-level series (storage reads). Gauges are
+merging rows. A batch lands in the bucket holding the midpoint of its interval. `deployment` is null for node-level series (storage reads). Gauges are
 per node, one row per bucket holding every gauge key as [sum, count, min, max, last].
 """
 
