@@ -230,7 +230,7 @@ FILE_UPLOAD_TEMP_DIR.mkdir(parents=True, exist_ok=True)
 
 # SLOs: evaluation runs as telemetry arrives (debounced per SLO) and every 30 s for silence;
 # burn-rate and exhausted-budget alerts need this many events in their long window.
-SLO_EVALUATE_DEBOUNCE_S = float(os.environ.get("SLO_EVALUATE_DEBOUNCE_S", "1"))
+SLO_EVALUATE_DEBOUNCE_S = float(os.environ.get("SLO_EVALUATE_DEBOUNCE_S", "0.5"))
 SLO_ALERT_MIN_EVENTS = int(os.environ.get("SLO_ALERT_MIN_EVENTS", "100"))
 SLO_NO_DATA_AFTER_S = float(os.environ.get("SLO_NO_DATA_AFTER_S", "600"))
 
