@@ -360,13 +360,27 @@ class ArtifactRef(_Model):
 
 
 class TenantServing(_Model):
-    """A tenant a worker serves, its fair-queuing share, and the inference keys that name it."""
+    """A tenant a worker serves, its fair-queuing share, its limits, and the inference keys
+    that name it. A limit left out (None) is unlimited."""
 
     tenant_id: UUID
     weight: PositiveFloat
     """Relative share of the worker under contention; only ratios between tenants matter."""
     priority: Count
+    """Higher classes are admitted first and may pause lower ones."""
     key_hashes: list[Sha256Hex]
+    max_concurrency: Positive | None = Field(default=None, exclude_if=_unset)
+    """Most of the tenant's requests holding a batch slot at once; more wait in its queue."""
+    tokens_per_s: PositiveFloat | None = Field(default=None, exclude_if=_unset)
+    """Output tokens per second the tenant may receive from this worker (a token bucket)."""
+    burst_tokens: Positive | None = Field(default=None, exclude_if=_unset)
+    """The bucket's size; None means one second's worth of `tokens_per_s`."""
+
+    @model_validator(mode="after")
+    def _burst_needs_rate(self) -> TenantServing:
+        if self.burst_tokens is not None and self.tokens_per_s is None:
+            raise ValueError("burst_tokens sizes the tokens_per_s bucket; set tokens_per_s too")
+        return self
 
     @field_validator("key_hashes")
     @classmethod

@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
@@ -75,8 +77,17 @@ def _synthetic_model(artifact: ArtifactRef, models_dir: Path) -> Path:
     sizes = "-".join(f"{k}{v}" for k, v in sorted(asdict(spec).items()))
     directory = models_dir / f"synthetic-{parts.netloc or 'model'}-{sizes}"
     if not (directory / "model.onnx").exists():
-        write_synthetic_model(directory.with_suffix(".tmp"), spec)
-        directory.with_suffix(".tmp").rename(directory)
+        # Two replicas of the same model on one node materialise it at the same time: each
+        # writes its own copy and the first rename wins.
+        models_dir.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f"{directory.name}.", dir=models_dir))
+        write_synthetic_model(scratch / "model", spec)
+        try:
+            (scratch / "model").rename(directory)
+        except OSError:
+            if not (directory / "model.onnx").exists():
+                raise
+        shutil.rmtree(scratch, ignore_errors=True)
     return directory
 
 
@@ -111,7 +122,12 @@ def render_config(
         runtime=RuntimeConfig.model_validate(spec.runtime_options),
         tenants={
             str(t.tenant_id): TenantConfig(
-                weight=t.weight, priority=t.priority, key_sha256=t.key_hashes
+                weight=t.weight,
+                priority=t.priority,
+                key_sha256=t.key_hashes,
+                max_concurrency=t.max_concurrency,
+                tokens_per_s=t.tokens_per_s,
+                burst_tokens=t.burst_tokens,
             )
             for t in spec.tenants
         },

@@ -23,7 +23,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _setup_django()
     from controlplane.demo import run_demo
 
-    return run_demo(host=args.host, port=args.port)
+    if args.nodes < 0:
+        raise SystemExit("--nodes must be 0 or more")
+    return run_demo(host=args.host, port=args.port, nodes=args.nodes, tour_enabled=not args.no_tour)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -57,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the control plane on embedded defaults, seeded")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--nodes", type=int, default=0, help="simulated nodes to add")
+    demo.add_argument(
+        "--no-tour", action="store_true", help="start and seed everything, but send no load"
+    )
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help=f"run a benchmark ({', '.join(BENCHES)})")

@@ -1,9 +1,13 @@
 """`tailguard demo`: the whole system on embedded defaults, in the foreground.
 
-Migrates, seeds demo accounts, a bootstrap token, an inference key and a deployment
-of a synthetic model, then starts the control plane (ASGI), its Celery worker with
-beat, and a node agent for this machine, which enrolls and starts the inference
-worker. Prints where to look. Ctrl-C (or SIGTERM) stops every child cleanly.
+Migrates, seeds demo accounts, a bootstrap token, inference keys and two tenants'
+deployments of a synthetic model (acme's `chat` with a TTFT SLO, and the noisy
+globex's `batch`, capped by its tenant policy), then starts the control plane (ASGI),
+its Celery worker with beat, and a node agent for this machine, which enrolls and
+starts both inference workers; `--nodes N` adds N simulated nodes. Prints where to look,
+then runs the tour: both tenants' load, globex's policy removed until acme's SLO pages
+(through a signed webhook to a receiver in this process) and restored until the page
+resolves, then the SLO report. Ctrl-C (or SIGTERM) stops every child cleanly.
 """
 
 from __future__ import annotations
@@ -20,13 +24,22 @@ import httpx
 from django.conf import settings
 from django.core.management import call_command
 from django.db import transaction
+from django.utils import timezone
 
-from controlplane import processes
+from controlplane import processes, tour
+from controlplane.alerts.models import Alert
 from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Deployment, Replica
 from controlplane.inventory.services import create_bootstrap_token
+from controlplane.slo.models import SloStatus
 from controlplane.tenancy.models import InferenceKey
-from controlplane.tenancy.services import issue_inference_key, revoke, seed_demo
+from controlplane.tenancy.services import (
+    issue_inference_key,
+    remove_tenant_policy,
+    revoke,
+    seed_demo,
+    set_tenant_policy,
+)
 
 DEMO_MODEL = "synthetic://demo-chat?layers=4&hidden=256&heads=4&kv_heads=4&vocab=1024"
 
@@ -93,20 +106,40 @@ def _seed_fleet(tenant: Any) -> str:
     return key
 
 
-def run_demo(*, host: str, port: int) -> int:
+NOISY_POLICY = {"tokens_per_s": 150.0, "max_concurrency": 2, "priority_class": "low"}
+"""globex's cap: enough for its batch work, little enough to leave acme its latency."""
+
+
+def run_demo(*, host: str, port: int, nodes: int = 0, tour_enabled: bool = True) -> int:
     data = settings.DATA_DIR
     print(f"Data directory: {data}")
     call_command("migrate", interactive=False, verbosity=0)
     accounts = seed_demo()
     key = _seed_fleet(accounts.tenant)
-    bootstrap = create_bootstrap_token(name="demo agent").secret
+    receiver = tour.WebhookReceiver(_report_alert)
+    tenants = tour.seed_tour(accounts.tenant, DEMO_MODEL, receiver.url)
+    receiver.secret = tenants.webhook_secret
+    set_tenant_policy(tenants.noisy, **NOISY_POLICY)
+    bootstrap = create_bootstrap_token(name="demo agent", uses=1 + nodes).secret
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: it may arrive ignored
         signal.signal(signum, _interrupt)
     try:
-        return _run(host, port, accounts, key, bootstrap)
+        return _run(host, port, accounts, key, bootstrap, tenants, nodes, tour_enabled)
     except KeyboardInterrupt:
         print("Stopped.")
         return 0
+    finally:
+        receiver.close()
+
+
+def _report_alert(status: str, alert: dict[str, Any]) -> None:
+    labels = alert.get("labels", {})
+    print(
+        f"  webhook received (signature verified): {status} {labels.get('alertname', '')} "
+        f"tenant={labels.get('tenant', '')} slo={labels.get('slo', '')} "
+        f"{alert.get('annotations', {}).get('summary', '')}",
+        flush=True,
+    )
 
 
 def _interrupt(*_: object) -> None:
@@ -114,7 +147,16 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
-def _run(host: str, port: int, accounts: Any, key: str, bootstrap: str) -> int:
+def _run(
+    host: str,
+    port: int,
+    accounts: Any,
+    key: str,
+    bootstrap: str,
+    tenants: tour.TourTenants,
+    nodes: int,
+    tour_enabled: bool,
+) -> int:
     base = f"http://{host}:{port}"
     data = settings.DATA_DIR
     logs = data / "logs"
@@ -129,26 +171,43 @@ def _run(host: str, port: int, accounts: Any, key: str, bootstrap: str) -> int:
         spawn("celery", processes.celery_worker(data / "celerybeat-schedule"))
         _wait("the control plane", lambda: _answers(f"{base}/api/schema/"), procs)
         spawn("agent", processes.agent(base, bootstrap, data / "agent", socket.gethostname()))
+        if nodes:
+            spawn(
+                "simulated-nodes", processes.simulated_nodes(base, bootstrap, data / "sim", nodes)
+            )
         print(
             "Control plane up; the agent is enrolling and starting the inference worker...",
             flush=True,
         )
 
-        def serving() -> Replica | None:
-            replica = (
-                Replica.objects.filter(
-                    deployment__tenant=accounts.tenant, deployment__name="chat", port__isnull=False
+        def serving(tenant: Any, name: str) -> Callable[[], Replica | None]:
+            def up() -> Replica | None:
+                replica = (
+                    Replica.objects.filter(
+                        deployment__tenant=tenant,
+                        deployment__name=name,
+                        port__isnull=False,
+                        node__hostname=socket.gethostname(),
+                    )
+                    .select_related("node", "deployment")
+                    .first()
                 )
-                .select_related("node")
-                .first()
-            )
-            up = replica and _answers(f"http://127.0.0.1:{replica.port}/health")
-            return replica if up else None
+                ok = replica and _answers(f"http://127.0.0.1:{replica.port}/health")
+                return replica if ok else None
 
-        replica = _wait("the inference worker", serving, procs, timeout=300)
+            return up
+
+        replica = _wait("the inference worker", serving(accounts.tenant, "chat"), procs, 300)
+        batch = _wait("globex's worker", serving(tenants.noisy, "batch"), procs, 300)
         worker = f"http://127.0.0.1:{replica.port}"
+        if nodes:  # after the local workers are placed, so they stay on this machine
+            spawn(
+                "simulated-nodes", processes.simulated_nodes(base, bootstrap, data / "sim", nodes)
+            )
         print(
             "\nTailguard is up.\n"
+            f"  Live console    {base}/console/   (log in as the operator or the tenant admin)\n"
+            f"  Chat dashboard  {base}/console/deployments/{replica.deployment_id}/\n"
             f"  Admin console   {base}/admin/\n"
             f"  REST API        {base}/api/v1/   (docs: {base}/api/docs/)\n"
             f"  Platform operator  {accounts.operator[0]} / {accounts.operator[1]}\n"
@@ -165,9 +224,84 @@ def _run(host: str, port: int, accounts: Any, key: str, bootstrap: str) -> int:
             "Press Ctrl-C to stop.",
             flush=True,
         )
-        while True:
-            for name, proc in procs.items():
-                if proc.poll() is not None:
-                    print(f"the {name} process exited with code {proc.returncode}; stopping")
-                    return 1
-            time.sleep(0.5)
+        if not tour_enabled:
+            return _watch(procs)
+        load = tour.LoadGenerator(
+            (worker, tenants.quiet_key, "demo-chat"),
+            (f"http://127.0.0.1:{batch.port}", tenants.noisy_key, "demo-batch"),
+        )
+        load.start()
+        try:
+            _tour(base, tenants, procs)
+            return _watch(procs)
+        finally:
+            load.stop()
+
+
+def _wait_quietly(
+    ready: Callable[[], Any], procs: dict[str, subprocess.Popen[bytes]], timeout: float
+) -> bool:
+    """Like _wait, but running out of time is an answer (False), not an error."""
+    deadline = time.monotonic() + timeout
+    _wait("the tour", lambda: ready() or time.monotonic() > deadline, procs, timeout + 5)
+    return bool(ready())
+
+
+def _hold(seconds: float, procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    """Let the demo run for `seconds`, stopping early if a child died."""
+    deadline = time.monotonic() + seconds
+    _wait("a child to exit", lambda: time.monotonic() > deadline, procs, seconds + 5)
+
+
+def _watch(procs: dict[str, subprocess.Popen[bytes]]) -> int:
+    while True:
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                print(f"the {name} process exited with code {proc.returncode}; stopping")
+                return 1
+        time.sleep(0.5)
+
+
+def _tour(base: str, tenants: tour.TourTenants, procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    """The noisy-neighbour story, step by step, each step waiting on what it shows."""
+    started = timezone.now()
+    quiet = tenants.quiet
+
+    def page(state: str) -> Callable[[], bool]:
+        return lambda: Alert.objects.filter(
+            tenant=quiet, labels__alertname="SLOBurnRatePage", state=state
+        ).exists()
+
+    print(
+        f"\nTour: acme chats while globex runs batch jobs, capped by its tenant policy "
+        f"{NOISY_POLICY}. Watch {base}/console/tenants/{quiet.pk}/",
+        flush=True,
+    )
+    _hold(60, procs)
+    print("Tour: removing globex's policy: its batch jobs now compete freely...", flush=True)
+    remove_tenant_policy(tenants.noisy)
+    paged = _wait_quietly(page("firing"), procs, timeout=240)
+    if paged:
+        print("Tour: acme's TTFT SLO is burning its error budget fast: paged.", flush=True)
+    else:
+        status = SloStatus.objects.filter(slo__tenant=quiet).first()
+        burn = max((status.burn_rates or {}).values(), default=0.0) if status else 0.0
+        print(
+            f"Tour: acme's SLO held without globex's policy (highest burn rate {burn:.1f}x; "
+            "a page needs 14.4x): this machine has room for both.",
+            flush=True,
+        )
+    print("Tour: restoring globex's policy...", flush=True)
+    set_tenant_policy(tenants.noisy, **NOISY_POLICY)
+    if paged:
+        _wait("the page to resolve", lambda: not page("firing")(), procs, timeout=900)
+        print("Tour: the page resolved.", flush=True)
+    end = timezone.now()
+    period = f"from={started:%Y-%m-%dT%H:%M:%SZ}&to={end:%Y-%m-%dT%H:%M:%SZ}"
+    print(
+        "Tour: acme's SLO report for the tour:\n"
+        f"  {base}/console/tenants/{quiet.pk}/slo-report/?{period}\n"
+        f"  {base}/api/v1/slo-reports/?tenant={quiet.pk}&{period}&format=pdf\n"
+        "The demo keeps running; Ctrl-C stops it.",
+        flush=True,
+    )

@@ -59,3 +59,25 @@ def agent(control_plane: str, bootstrap_token: str, state_dir: Path, hostname: s
         "--hostname",
         hostname,
     ]
+
+
+def simulated_nodes(
+    control_plane: str, bootstrap_token: str, state_dir: Path, count: int
+) -> list[str]:
+    """`count` lightweight simulated nodes in one process (scale without hardware)."""
+    return [
+        sys.executable,
+        "-m",
+        "agent",
+        "--log-level",
+        "WARNING",
+        "simulate",
+        "--count",
+        str(count),
+        "--control-plane",
+        control_plane,
+        "--bootstrap-token",
+        bootstrap_token,
+        "--state-dir",
+        str(state_dir),
+    ]

@@ -24,7 +24,6 @@ from agent.protocol import (
     ArtifactRef,
     Components,
     DesiredState,
-    TenantServing,
     WorkerSpec,
     queue_name,
     sign_state,
@@ -39,6 +38,7 @@ from controlplane.inventory.choices import NodeStatus
 from controlplane.inventory.models import Node
 from controlplane.storage import selectors as storage_selectors
 from controlplane.storage.render import render_storage
+from controlplane.tenancy import selectors as tenancy_selectors
 from controlplane.tenancy.models import InferenceKey, Tenant
 
 APPLY_TASK = "agent.apply_revision"
@@ -212,6 +212,7 @@ def render_components(nodes: list[Node]) -> dict[UUID, Components]:
         Replica.objects.filter(node__in=nodes).select_related("deployment__artifact", "pool")
     )
     tenant_ids = {r.deployment.tenant_id for r in replicas}
+    policies = tenancy_selectors.policies_for(tenant_ids)
     keys: dict[UUID, list[str]] = defaultdict(list)
     for tenant_id, digest in (
         InferenceKey.objects.filter(tenant_id__in=tenant_ids, revoked_at__isnull=True)
@@ -237,11 +238,7 @@ def render_components(nodes: list[Node]) -> dict[UUID, Components]:
                 max_tokens_per_step=d.max_tokens_per_step,
                 max_queue_delay_ms=d.max_queue_delay_ms,
                 max_queue_len=d.max_queue_len,
-                tenants=[
-                    TenantServing(
-                        tenant_id=d.tenant_id, weight=1.0, priority=0, key_hashes=keys[d.tenant_id]
-                    )
-                ],
+                tenants=[policies[d.tenant_id].serving(keys[d.tenant_id])],
             )
         )
     storage = render_storage(nodes, replicas)

@@ -2,6 +2,13 @@
 
 Tenants' volumes come from their rows, model volumes from the placed replicas; a tenant's
 export covers its volumes in SPDK pools (the local engine has no NVMe-oF).
+
+A tenant's policy may cap storage too (`storage_iops`, `storage_mb_s`). Each of its
+volumes then gets, field by field, the stricter of that cap and its own QoS policy's
+(`rw_ios_per_sec`, `rw_mbytes_per_sec`; the read-only and write-only MiB/s come from the
+QoS policy alone). The caps hold per volume, as SPDK's QoS does, and apply to the
+tenant's own volumes, not to model volumes, which only stage and load a deployment's
+weights.
 """
 
 from __future__ import annotations
@@ -10,9 +17,36 @@ from collections import defaultdict
 from typing import Any
 from uuid import UUID
 
+from django.db.models import Q
+
 from agent.protocol import ExportSpec, PoolSpec, QosSpec, VolumeSpec
 from controlplane.storage.choices import PoolKind
-from controlplane.storage.models import Export, Pool, Volume
+from controlplane.storage.models import Export, Pool, QosPolicy, Volume
+from controlplane.tenancy.models import TenantPolicy
+
+
+def _stricter(limit: int, cap: int | None) -> int:
+    """The stricter of a QoS limit (0: unlimited) and a tenant's cap (None: unlimited)."""
+    if cap is None:
+        return limit
+    return cap if limit == 0 else min(limit, cap)
+
+
+def _qos(volume: Volume, policy: QosPolicy | None, caps: TenantPolicy | None) -> QosSpec | None:
+    """The volume's limits, or None when neither its QoS policy nor its tenant limits it."""
+    if policy is None and caps is None:
+        return None
+    return QosSpec(
+        volume=volume.wire_name,
+        rw_ios_per_sec=_stricter(
+            policy.rw_ios_per_sec if policy else 0, caps and caps.storage_iops
+        ),
+        rw_mbytes_per_sec=_stricter(
+            policy.rw_mbytes_per_sec if policy else 0, caps and caps.storage_mb_s
+        ),
+        r_mbytes_per_sec=policy.r_mbytes_per_sec if policy else 0,
+        w_mbytes_per_sec=policy.w_mbytes_per_sec if policy else 0,
+    )
 
 
 def render_storage(nodes: list[Any], replicas: list[Any]) -> dict[UUID, dict[str, list[Any]]]:
@@ -22,7 +56,17 @@ def render_storage(nodes: list[Any], replicas: list[Any]) -> dict[UUID, dict[str
         pools[pool.node_id].append(pool.spec())
     volumes: dict[UUID, list[tuple[VolumeSpec, str]]] = defaultdict(list)
     qos: dict[UUID, list[QosSpec]] = defaultdict(list)
-    for volume in Volume.objects.filter(pool__node__in=nodes).select_related("pool", "qos_policy"):
+    tenant_volumes = list(
+        Volume.objects.filter(pool__node__in=nodes).select_related("pool", "qos_policy")
+    )
+    caps = {
+        p.tenant_id: p
+        for p in TenantPolicy.objects.filter(
+            Q(storage_iops__isnull=False) | Q(storage_mb_s__isnull=False),
+            tenant_id__in={v.tenant_id for v in tenant_volumes},
+        )
+    }
+    for volume in tenant_volumes:
         node = volume.pool.node_id
         volumes[node].append(
             (
@@ -35,16 +79,8 @@ def render_storage(nodes: list[Any], replicas: list[Any]) -> dict[UUID, dict[str
                 volume.pool.kind,
             )
         )
-        if (policy := volume.qos_policy) is not None:
-            qos[node].append(
-                QosSpec(
-                    volume=volume.wire_name,
-                    rw_ios_per_sec=policy.rw_ios_per_sec,
-                    rw_mbytes_per_sec=policy.rw_mbytes_per_sec,
-                    r_mbytes_per_sec=policy.r_mbytes_per_sec,
-                    w_mbytes_per_sec=policy.w_mbytes_per_sec,
-                )
-            )
+        if (spec := _qos(volume, volume.qos_policy, caps.get(volume.tenant_id))) is not None:
+            qos[node].append(spec)
     for replica in replicas:
         if replica.pool is not None:
             d = replica.deployment

@@ -1,6 +1,14 @@
 from django.contrib import admin
 
-from controlplane.tenancy.models import ApiToken, InferenceKey, Membership, Tenant
+from controlplane.tenancy import services
+from controlplane.tenancy.models import (
+    POLICY_FIELDS,
+    ApiToken,
+    InferenceKey,
+    Membership,
+    Tenant,
+    TenantPolicy,
+)
 
 
 class MembershipInline(admin.TabularInline):
@@ -15,6 +23,33 @@ class TenantAdmin(admin.ModelAdmin):
     list_filter = ["is_active"]
     search_fields = ["slug", "name"]
     inlines = [MembershipInline]
+
+
+@admin.register(TenantPolicy)
+class TenantPolicyAdmin(admin.ModelAdmin):
+    """Saved through the service, so the nodes serving the tenant get the change."""
+
+    list_display = ["tenant", *POLICY_FIELDS, "updated_at"]
+    list_filter = ["priority_class"]
+    search_fields = ["tenant__slug"]
+    autocomplete_fields = ["tenant"]
+    fields = ["tenant", *POLICY_FIELDS]
+
+    def get_readonly_fields(self, request, obj=None):  # noqa: ANN001, ANN201
+        return ["tenant"] if obj else []
+
+    def save_model(self, request, obj, form, change):  # noqa: ANN001, ANN201
+        saved = services.set_tenant_policy(
+            obj.tenant, **{name: getattr(obj, name) for name in POLICY_FIELDS}
+        )
+        obj.pk, obj.created_at, obj.updated_at = saved.pk, saved.created_at, saved.updated_at
+
+    def delete_model(self, request, obj):  # noqa: ANN001, ANN201
+        services.remove_tenant_policy(obj.tenant)
+
+    def delete_queryset(self, request, queryset):  # noqa: ANN001, ANN201
+        for policy in queryset.select_related("tenant"):
+            services.remove_tenant_policy(policy.tenant)
 
 
 @admin.register(Membership)

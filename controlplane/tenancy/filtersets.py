@@ -1,7 +1,7 @@
 import django_filters
 
-from controlplane.tenancy.choices import Role
-from controlplane.tenancy.models import InferenceKey, Membership, Tenant
+from controlplane.tenancy.choices import PriorityClass, Role
+from controlplane.tenancy.models import InferenceKey, Membership, Tenant, TenantPolicy
 
 
 class TenantFilterSet(django_filters.FilterSet):
@@ -29,3 +29,12 @@ class InferenceKeyFilterSet(django_filters.FilterSet):
     class Meta:
         model = InferenceKey
         fields = ["tenant", "revoked"]
+
+
+class TenantPolicyFilterSet(django_filters.FilterSet):
+    tenant = django_filters.UUIDFilter()
+    priority_class = django_filters.ChoiceFilter(choices=PriorityClass.choices)
+
+    class Meta:
+        model = TenantPolicy
+        fields = ["tenant", "priority_class"]

@@ -14,7 +14,14 @@ from django.utils import timezone
 from controlplane.core import services as core
 from controlplane.core.secrets import Issued, digest, new_secret
 from controlplane.tenancy.choices import Role
-from controlplane.tenancy.models import ApiToken, InferenceKey, Membership, Tenant
+from controlplane.tenancy.models import (
+    POLICY_FIELDS,
+    ApiToken,
+    InferenceKey,
+    Membership,
+    Tenant,
+    TenantPolicy,
+)
 
 API_TOKEN_PREFIX = "tg_"
 INFERENCE_KEY_PREFIX = "tgi_"
@@ -63,6 +70,38 @@ def revoke(obj: ApiToken | InferenceKey) -> None:
         obj.save(update_fields=["revoked_at", "updated_at"])
         if isinstance(obj, InferenceKey):
             _keys_changed(obj.tenant_id)
+
+
+def _policy_changed(tenant: Tenant, what: str) -> None:
+    """Workers enforce the policy and storage engines the volumes' limits: re-render and
+    push (after commit) every node that serves the tenant or holds its volumes."""
+    from controlplane.fleet.services import reconcile_fleet  # fleet builds on tenancy
+    from controlplane.storage.models import Volume  # storage builds on tenancy
+
+    volume_nodes = Volume.objects.filter(tenant=tenant).values_list("pool__node_id", flat=True)
+    reconcile_fleet(
+        cause=f"policy of tenant {tenant.slug} {what}", tenants=[tenant.pk], nodes=volume_nodes
+    )
+
+
+@transaction.atomic
+def set_tenant_policy(tenant: Tenant, **fields: Any) -> TenantPolicy:
+    """Create or change the tenant's policy; fields left out keep their current value."""
+    unknown = set(fields) - set(POLICY_FIELDS)
+    assert not unknown, f"set_tenant_policy() changes only policy fields, not {sorted(unknown)}"
+    Tenant.objects.select_for_update().filter(pk=tenant.pk).first()  # one writer per tenant
+    policy = TenantPolicy.objects.filter(tenant=tenant).first() or TenantPolicy(tenant=tenant)
+    core.update(policy, **fields)
+    _policy_changed(tenant, "changed")
+    return policy
+
+
+@transaction.atomic
+def remove_tenant_policy(tenant: Tenant) -> None:
+    """Back to the defaults (nothing limited); a tenant without a policy is left alone."""
+    deleted, _ = TenantPolicy.objects.filter(tenant=tenant).delete()
+    if deleted:
+        _policy_changed(tenant, "removed")
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,14 @@
 
 The agent renders one ``WorkerConfig`` per worker from the control plane's desired state
 and starts ``python -m dataplane.inference --config PATH``. Rewriting the file (or
-sending SIGHUP) applies new keys, tenants, batching knobs, scheduling policy and SLO
-thresholds without dropping requests in flight; the fields under ``RESTART_FIELDS``
-need a new process.
+sending SIGHUP) applies new keys, tenants and their limits, batching knobs, scheduling
+policy and SLO thresholds without dropping requests in flight; the fields under
+``RESTART_FIELDS`` need a new process.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Literal
@@ -34,13 +35,42 @@ def _check_hashes(hashes: list[str]) -> list[str]:
 
 
 class TenantConfig(_Frozen):
-    """A tenant's share of the worker and the API keys that name it."""
+    """A tenant's share of the worker, its limits, and the API keys that name it.
+
+    The limits hold under either policy (the scheduler's module docstring states the exact
+    rules); None means unlimited. All of them apply on reload, to requests already
+    running too.
+    """
 
     weight: float = Field(default=1.0, gt=0, description="share of tokens under fair queuing")
     priority: int = Field(default=0, description="higher classes are served first")
     key_sha256: list[str] = Field(default_factory=list, description="sha256 hex of each key")
+    max_concurrency: int | None = Field(
+        default=None, ge=1, description="requests holding a batch slot at once"
+    )
+    tokens_per_s: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="output tokens per second"
+    )
+    burst_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="token bucket size; default one second's worth of tokens_per_s",
+    )
 
     _hashes = field_validator("key_sha256")(_check_hashes)
+
+    @model_validator(mode="after")
+    def _burst_needs_rate(self) -> TenantConfig:
+        if self.burst_tokens is not None and self.tokens_per_s is None:
+            raise ValueError("burst_tokens sizes the tokens_per_s bucket; set tokens_per_s too")
+        return self
+
+    @property
+    def bucket_tokens(self) -> int:
+        """The bucket's capacity: ``burst_tokens``, else one second's worth (at least 1)."""
+        if self.burst_tokens is not None:
+            return self.burst_tokens
+        return max(1, math.ceil(self.tokens_per_s or 0))
 
 
 class SloThreshold(_Frozen):

@@ -21,6 +21,24 @@ share may pause the newest request of a tenant holding more than its own share (
 not behind it on the counter); the paused request keeps its KV cache and resumes
 without a new prefill. A higher priority class may pause a lower one's request.
 ``fcfs`` is plain arrival order, kept for comparison.
+
+Tenant limits hold under either policy and win over it; a limited tenant's requests wait
+in its own queue (429 with Retry-After once that is full) while others are admitted:
+
+- ``max_concurrency``: at most that many of the tenant's requests hold a batch slot
+  (being prefilled, joining or decoding). A lowered limit pauses the newest ones.
+- ``tokens_per_s`` with ``burst_tokens``: a token bucket of output tokens. It starts
+  full, refills continuously at the rate up to its size, and every output token the
+  tenant receives (a prefill's first token and each decode token) takes one. A request
+  of the tenant is admitted only while the bucket holds one token for each request the
+  tenant would then have running (the whole bucket if that is more than it holds), and
+  after every step the newest running requests are paused until the bucket holds one
+  token for each that is left, so the tenant's share of each decode step is what its
+  bucket can pay. Paused requests keep their KV cache and resume without a new prefill.
+  Steps the decode thread ran before a pause reached it (normally the one under way)
+  still deliver their tokens: that debt is paid back before the tenant runs again, so
+  over any interval T the tenant receives at most ``burst + rate * T`` tokens plus
+  those steps' rows, and its long-run rate is exactly ``rate``.
 """
 
 from __future__ import annotations
@@ -31,7 +49,7 @@ import logging
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from queue import Empty, SimpleQueue
@@ -101,9 +119,15 @@ class QueuePolicy(Protocol):
 
     def remove(self, request: GenerationRequest) -> bool: ...
 
-    def peek(self) -> GenerationRequest | None: ...
+    def requeue(self, request: GenerationRequest) -> None:
+        """Put a paused request back at the head of its tenant's line."""
+        ...
 
-    def pop(self) -> GenerationRequest: ...
+    def peek(self, skip: Collection[str] = ()) -> GenerationRequest | None:
+        """The next request to admit, from tenants not in ``skip``."""
+        ...
+
+    def pop(self, skip: Collection[str] = ()) -> GenerationRequest: ...
 
     def waiting(self, tenant: str) -> int: ...
 
@@ -145,12 +169,18 @@ class FcfsPolicy:
         self._per_tenant[request.tenant] -= 1
         return True
 
-    def peek(self) -> GenerationRequest | None:
-        return self._queue[0] if self._queue else None
+    def requeue(self, request: GenerationRequest) -> None:
+        self._queue.appendleft(request)
+        self._per_tenant[request.tenant] += 1
 
-    def pop(self) -> GenerationRequest:
-        request = self._queue.popleft()
-        self._per_tenant[request.tenant] -= 1
+    def peek(self, skip: Collection[str] = ()) -> GenerationRequest | None:
+        return next((r for r in self._queue if r.tenant not in skip), None)
+
+    def pop(self, skip: Collection[str] = ()) -> GenerationRequest:
+        request = self.peek(skip)
+        if request is None:
+            raise IndexError("pop from an empty queue")
+        self.remove(request)
         return request
 
     def waiting(self, tenant: str) -> int:
@@ -218,11 +248,14 @@ class FairPolicy:
         queue.remove(request)
         return True
 
-    def peek(self) -> GenerationRequest | None:
+    def requeue(self, request: GenerationRequest) -> None:
+        self._queues.setdefault(request.tenant, deque()).appendleft(request)
+
+    def peek(self, skip: Collection[str] = ()) -> GenerationRequest | None:
         best: GenerationRequest | None = None
         best_key: tuple[int, float, int] | None = None
         for tenant, queue in self._queues.items():
-            if not queue:
+            if not queue or tenant in skip:
                 continue
             head = queue[0]
             key = (-head.priority, self.counters[tenant], self._last_admitted.get(tenant, -1))
@@ -230,8 +263,8 @@ class FairPolicy:
                 best, best_key = head, key
         return best
 
-    def pop(self) -> GenerationRequest:
-        head = self.peek()
+    def pop(self, skip: Collection[str] = ()) -> GenerationRequest:
+        head = self.peek(skip)
         if head is None:
             raise IndexError("pop from an empty queue")
         self._queues[head.tenant].popleft()
@@ -268,7 +301,7 @@ class FairPolicy:
         if not victims:
             return None
         victim = min(victims, key=lambda r: (r.priority, -(r.timing.scheduled or 0.0)))
-        self._queues.setdefault(victim.tenant, deque()).appendleft(victim)
+        self.requeue(victim)
         return victim
 
     def _over_share(
@@ -313,6 +346,35 @@ def make_policy(scheduling: SchedulingConfig, tenants: Mapping[str, TenantConfig
     return FairPolicy(tenants, scheduling)
 
 
+class TokenBucket:
+    """A tenant's output-token allowance: ``rate`` per second up to ``capacity``.
+
+    ``level`` may go below zero (debt) by tokens delivered after it ran dry.
+    """
+
+    def __init__(self, rate: float, capacity: int, now: float) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self.level = float(capacity)
+        self._at = now
+
+    def refill(self, now: float) -> float:
+        """Bring the level up to ``now`` and return it."""
+        if now > self._at:
+            self.level = min(float(self.capacity), self.level + (now - self._at) * self.rate)
+            self._at = now
+        return self.level
+
+    def take(self, tokens: int, now: float) -> None:
+        self.refill(now)
+        self.level -= tokens
+
+    def seconds_until(self, tokens: float, now: float) -> float:
+        """How long until the bucket holds ``tokens`` (which may exceed its capacity when
+        they are to be paid for over time)."""
+        return max(0.0, tokens - self.refill(now)) / self.rate
+
+
 class Scheduler:
     """The batching loop: owns the waiting queue, the batch's membership and delivery.
 
@@ -334,6 +396,7 @@ class Scheduler:
         tenants: Mapping[str, TenantConfig],
         metrics: WorkerMetrics,
         stats: TelemetryStats,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._engine = engine
         self.batching = batching
@@ -342,6 +405,10 @@ class Scheduler:
         self.policy = make_policy(scheduling, self.tenants)
         self._metrics = metrics
         self._stats = stats
+        # Token buckets run on `clock` (seconds); tests pass one that counts steps.
+        self._clock = clock
+        self.buckets: dict[str, TokenBucket] = {}
+        self._set_buckets()
         # Requests holding a batch slot: being prefilled, joining, or in the batch.
         self.running: list[GenerationRequest] = []
         self._in_batch: list[GenerationRequest] = []
@@ -353,6 +420,9 @@ class Scheduler:
         self._decode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self._prefill_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill")
         self._mean_e2e = 1.0
+        self._mean_output_tokens = 16.0
+        # When the prefill lane should look again for requests held back by a bucket.
+        self._refill_wait: float | None = None
 
     # -- called from request handlers ------------------------------------------------
 
@@ -362,10 +432,21 @@ class Scheduler:
         if waiting >= self.batching.max_queue_len:
             self._metrics.count(request.tenant, "rejected")
             self._stats.count_rejected(request.tenant)
-            drain = (waiting + 1) * self._mean_e2e / self.batching.max_batch_size
-            raise QueueFull(request.tenant, max(1, math.ceil(drain)))
+            raise QueueFull(request.tenant, self._retry_after(request.tenant, waiting))
         self.policy.push(request, {r.tenant for r in self.running})
         self._admission.set()
+
+    def _retry_after(self, tenant: str, waiting: int) -> int:
+        """Whole seconds until the tenant's queue has drained by one request: its requests
+        run at most ``max_concurrency`` at a time and take tokens at its bucket's rate."""
+        limits = self.tenants.get(tenant, _DEFAULT_TENANT)
+        lanes = min(self.batching.max_batch_size, limits.max_concurrency or math.inf)
+        seconds = (waiting + 1) * self._mean_e2e / lanes
+        bucket = self.buckets.get(tenant)
+        if bucket is not None:
+            tokens = (waiting + 1) * self._mean_output_tokens
+            seconds = max(seconds, bucket.seconds_until(tokens, self._clock()))
+        return max(1, math.ceil(seconds))
 
     def cancel(self, request: GenerationRequest) -> None:
         """The client went away: free its queue entry or batch slot and KV right away."""
@@ -408,6 +489,7 @@ class Scheduler:
         self.batching = batching
         self._engine.rows_per_call = batching.max_rows_per_forward
         self.tenants = dict(tenants)
+        self._set_buckets()
         if scheduling != self.scheduling:
             old = self.policy.drain()
             self.scheduling = scheduling
@@ -417,7 +499,71 @@ class Scheduler:
                 self.policy.push(request, active)
         elif isinstance(self.policy, FairPolicy):
             self.policy.tenants = self.tenants
+        self._enforce_limits()
         self._admission.set()
+
+    def _set_buckets(self) -> None:
+        """A bucket per rate-limited tenant; one whose rate and size did not change keeps
+        its level, a new or changed one starts full, an unlimited tenant has none."""
+        now = self._clock()
+        buckets = {}
+        for tenant, limits in self.tenants.items():
+            if limits.tokens_per_s is None:
+                continue
+            bucket = self.buckets.get(tenant)
+            if bucket is None or (bucket.rate, bucket.capacity) != (
+                limits.tokens_per_s,
+                limits.bucket_tokens,
+            ):
+                bucket = TokenBucket(limits.tokens_per_s, limits.bucket_tokens, now)
+            buckets[tenant] = bucket
+        self.buckets = buckets
+
+    def _may_start(self, tenant: str, now: float) -> bool:
+        """Whether the tenant's limits let one more of its requests hold a slot."""
+        limits = self.tenants.get(tenant, _DEFAULT_TENANT)
+        running = sum(1 for r in self.running if r.tenant == tenant)
+        if limits.max_concurrency is not None and running >= limits.max_concurrency:
+            return False
+        bucket = self.buckets.get(tenant)
+        if bucket is None:
+            return True
+        need = min(bucket.capacity, running + 1)
+        if bucket.refill(now) >= need:
+            return True
+        wait = bucket.seconds_until(need, now)
+        self._refill_wait = wait if self._refill_wait is None else min(self._refill_wait, wait)
+        return False
+
+    def _enforce_limits(self) -> None:
+        """Pause the newest running requests of every tenant over its concurrency limit
+        or holding more than its bucket can pay one token each for the next step."""
+        now = self._clock()
+        for tenant, limits in self.tenants.items():
+            bucket = self.buckets.get(tenant)
+            allowed = limits.max_concurrency or math.inf
+            if bucket is not None:
+                allowed = min(allowed, max(0, math.floor(bucket.refill(now))))
+            excess = sum(1 for r in self.running if r.tenant == tenant) - allowed
+            if excess <= 0:
+                continue
+            mine = [r for r in self._in_batch if r.tenant == tenant]
+            mine.sort(key=lambda r: r.timing.scheduled or 0.0, reverse=True)
+            for victim in mine[: int(excess)]:
+                self.policy.requeue(victim)
+                self._pause(victim)
+
+    def _pause(self, victim: GenerationRequest) -> None:
+        """Take a request (already queued again) out of the batch; its KV is kept."""
+        self._in_batch.remove(victim)
+        self.running.remove(victim)
+        self._pausing.append(victim)
+        self._commands.put(("park", victim))
+
+    def _take_tokens(self, tenant: str, tokens: int) -> None:
+        bucket = self.buckets.get(tenant)
+        if bucket is not None:
+            bucket.take(tokens, self._clock())
 
     def close(self) -> None:
         self._commands.put(None)
@@ -441,7 +587,9 @@ class Scheduler:
                     await asyncio.wait_for(self._fill_batch(), delay)
             fresh = self._admit()
             if not fresh:
-                await self._admission.wait()
+                # A request held back by its bucket is admitted once it has refilled.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._admission.wait(), self._refill_wait)
                 continue
             started = time.perf_counter()
             try:
@@ -456,6 +604,7 @@ class Scheduler:
             self._metrics.step_seconds.labels("prefill").observe(now - started)
             for request in fresh:
                 self.policy.charge(request.tenant, len(request.seq.prompt), 1)
+                self._take_tokens(request.tenant, 1)
                 self._deliver(request, now)
                 if not request.done:
                     self._join(request)
@@ -474,7 +623,14 @@ class Scheduler:
         fresh: list[GenerationRequest] = []
         prefill_tokens = 0
         now = time.perf_counter()
-        while (head := self.policy.peek()) is not None and head not in self._pausing:
+        clock = self._clock()
+        self._refill_wait = None
+        # Tenants passed over in this round: still being paused, or held by their limits.
+        skip: set[str] = set()
+        while (head := self.policy.peek(skip)) is not None:
+            if head in self._pausing or not self._may_start(head.tenant, clock):
+                skip.add(head.tenant)
+                continue
             cost = 0 if head.seq.tokens else len(head.seq.prompt)
             if cost > budget and prefill_tokens > 0:
                 break
@@ -482,13 +638,10 @@ class Scheduler:
                 victim = self.policy.preempt_for(head, self._in_batch, batching.max_batch_size)
                 if victim is None:
                     break
-                self._in_batch.remove(victim)
-                self.running.remove(victim)
-                self._pausing.append(victim)
-                self._commands.put(("park", victim))
+                self._pause(victim)
                 slots += 1
                 continue
-            self.policy.pop()
+            self.policy.pop(skip)
             if head.timing.scheduled is None:
                 head.timing.scheduled = now
             self.running.append(head)
@@ -573,6 +726,8 @@ class Scheduler:
                 self._deliver(owner, now)
         for tenant, tokens in served.items():
             self.policy.charge(tenant, 0, tokens)
+            self._take_tokens(tenant, tokens)
+        self._enforce_limits()
         self._metrics.running.set(len(self.running))
         self._metrics.waiting.set(len(self.policy))
         self._admission.set()
@@ -606,6 +761,7 @@ class Scheduler:
         self._stats.record(request.tenant, timing)
         if timing.e2e is not None:
             self._mean_e2e = 0.9 * self._mean_e2e + 0.1 * timing.e2e
+        self._mean_output_tokens = 0.9 * self._mean_output_tokens + 0.1 * len(request.output_ids)
 
     def _fail(self, requests: list[GenerationRequest]) -> None:
         for request in requests:

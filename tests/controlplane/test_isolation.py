@@ -12,7 +12,12 @@ from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Replica, Revision
 from controlplane.inventory.models import Drive, Nic
 from controlplane.tenancy.choices import Role
-from controlplane.tenancy.services import issue_api_token, issue_inference_key, set_membership
+from controlplane.tenancy.services import (
+    issue_api_token,
+    issue_inference_key,
+    set_membership,
+    set_tenant_policy,
+)
 from tests.controlplane.alerts_helpers import (
     PUBLIC_URL,
     fire,
@@ -66,6 +71,7 @@ class Endpoint:
 
 ENDPOINTS = [
     Endpoint("tenants", lambda w, t: t, {"name": "renamed"}, None),
+    Endpoint("tenant-policies", lambda w, t: set_tenant_policy(t, weight=2.0), None, None),
     Endpoint(
         "memberships",
         lambda w, t: (

@@ -97,3 +97,18 @@ def running_stack(tmp: Path, port: int, **env: str) -> Iterator[Stack]:
         yield stack
     finally:
         stack.close()
+
+
+def seed_tenant(user_model: Any, port: int) -> tuple[Any, httpx.Client, str]:
+    """Tenant `acme`, an API client of a platform admin for the stack on `port`, and an
+    inference key of the tenant."""
+    from controlplane.tenancy.services import create_tenant, issue_api_token, issue_inference_key
+
+    tenant = create_tenant(slug="acme", name="Acme")
+    admin = user_model.objects.create_user("ops", is_superuser=True)
+    api = httpx.Client(
+        headers={"Authorization": f"Bearer {issue_api_token(user=admin, name='e2e').secret}"},
+        base_url=f"http://127.0.0.1:{port}/api/v1",
+        timeout=30,
+    )
+    return tenant, api, issue_inference_key(tenant=tenant, name="e2e").secret

@@ -15,10 +15,9 @@ from controlplane.fleet.models import Replica, Revision
 from controlplane.inventory.models import Node
 from controlplane.inventory.services import create_bootstrap_token
 from controlplane.storage.models import Pool
-from controlplane.tenancy.services import create_tenant, issue_api_token, issue_inference_key
 from dataplane.inference.synthetic import SyntheticModelSpec, write_synthetic_model
 from tests.e2e.proxy import CorruptingProxy
-from tests.e2e.stack import running_stack, wait_for
+from tests.e2e.stack import running_stack, seed_tenant, wait_for
 
 POOL_BYTES = 256 << 20
 
@@ -48,14 +47,7 @@ def _serving_revision(node: Node) -> bool:
 def test_uploaded_model_is_staged_verified_and_served(
     transactional_db: Any, tmp_path: Path, free_port: int, django_user_model: Any
 ) -> None:
-    tenant = create_tenant(slug="acme", name="Acme")
-    admin = django_user_model.objects.create_user("ops", is_superuser=True)
-    api = httpx.Client(
-        headers={"Authorization": f"Bearer {issue_api_token(user=admin, name='e2e').secret}"},
-        base_url=f"http://127.0.0.1:{free_port}/api/v1",
-        timeout=30,
-    )
-    key = issue_inference_key(tenant=tenant, name="e2e").secret
+    tenant, api, key = seed_tenant(django_user_model, free_port)
     bootstrap = create_bootstrap_token(name="e2e").secret
     archive = pack_model(tmp_path)
     sha256 = hashlib.sha256(archive.read_bytes()).hexdigest()

@@ -18,7 +18,17 @@ def test_demo_starts_seeds_serves_and_stops_cleanly(tmp_path: Path, free_port: i
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env["TAILGUARD_DATA_DIR"] = str(tmp_path)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "controlplane.cli", "demo", "--port", str(free_port)],
+        [
+            sys.executable,
+            "-m",
+            "controlplane.cli",
+            "demo",
+            "--port",
+            str(free_port),
+            "--nodes",
+            "2",
+            "--no-tour",
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -57,6 +67,12 @@ def test_demo_starts_seeds_serves_and_stops_cleanly(tmp_path: Path, free_port: i
         assert reply.usage is not None and reply.usage.completion_tokens == 5
         nodes = httpx.get(f"{base}/api/v1/nodes/", headers={"Authorization": f"Bearer {token}"})
         assert nodes.status_code == 200
+        # the tour's pieces are seeded: acme's TTFT SLO, and the console and its live page
+        slos = httpx.get(f"{base}/api/v1/slos/", headers={"Authorization": f"Bearer {token}"})
+        assert [s["name"] for s in slos.json()["results"]] == ["chat-ttft"]
+        assert "Live console" in text and httpx.get(f"{base}/console/login/").status_code == 200
+        dashboard = re.search(r"Chat dashboard\s+(\S+)", text).group(1)  # type: ignore[union-attr]
+        assert httpx.get(dashboard, follow_redirects=False).status_code == 302  # login first
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         assert "Stopped." in proc.stdout.read()

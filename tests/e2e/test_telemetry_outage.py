@@ -20,8 +20,7 @@ from django.db.models import Sum
 from controlplane.inventory.models import Node
 from controlplane.inventory.services import create_bootstrap_token
 from controlplane.telemetry.models import CounterRollup, NodeStream
-from controlplane.tenancy.services import create_tenant, issue_api_token, issue_inference_key
-from tests.e2e.stack import running_stack, wait_for
+from tests.e2e.stack import running_stack, seed_tenant, wait_for
 from tests.e2e.test_rollout import TINY_MODEL
 
 OUTAGE_S = 30
@@ -58,13 +57,7 @@ def completed(deployment_id: str) -> int:
 def test_every_batch_arrives_after_a_30_s_outage(
     transactional_db: Any, tmp_path: Path, free_port: int, django_user_model: Any
 ) -> None:
-    tenant = create_tenant(slug="acme", name="Acme")
-    admin = django_user_model.objects.create_user("ops", is_superuser=True)
-    api = httpx.Client(
-        headers={"Authorization": f"Bearer {issue_api_token(user=admin, name='e2e').secret}"},
-        timeout=30,
-    )
-    key = issue_inference_key(tenant=tenant, name="e2e").secret
+    tenant, api, key = seed_tenant(django_user_model, free_port)
 
     with running_stack(tmp_path, free_port) as stack:
         stack.start_agent("outage-node", create_bootstrap_token(name="e2e").secret)
@@ -74,7 +67,7 @@ def test_every_batch_arrives_after_a_30_s_outage(
             "the agent to enroll",
         )
         created = api.post(
-            f"{stack.url}/api/v1/deployments/",
+            "/deployments/",
             json={
                 "tenant": str(tenant.pk),
                 "name": "tiny",
@@ -85,9 +78,9 @@ def test_every_batch_arrives_after_a_30_s_outage(
         assert created.status_code == 201, created.text
         deployment_id = created.json()["id"]
         replica = wait_for(
-            lambda: api.get(
-                f"{stack.url}/api/v1/replicas/", params={"deployment": deployment_id}
-            ).json()["results"][0],
+            lambda: api.get("/replicas/", params={"deployment": deployment_id}).json()["results"][
+                0
+            ],
             30,
             "the replica",
         )

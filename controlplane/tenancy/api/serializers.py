@@ -11,7 +11,14 @@ from rest_framework.exceptions import PermissionDenied
 
 from controlplane.core.api import SecretSerializer, StrictSerializer, WritableTenantField
 from controlplane.core.scoping import is_platform_admin
-from controlplane.tenancy.models import ApiToken, InferenceKey, Membership, Tenant
+from controlplane.tenancy.models import (
+    POLICY_FIELDS,
+    ApiToken,
+    InferenceKey,
+    Membership,
+    Tenant,
+    TenantPolicy,
+)
 
 QUOTA_FIELDS = ("max_gpus", "max_replicas")
 
@@ -56,6 +63,22 @@ class TenantSerializer(StrictSerializer):
             if quota:
                 set_tenant_quota(instance, **quota)
         return instance
+
+
+class TenantPolicySerializer(StrictSerializer):
+    """A tenant's data-plane policy; `is_default` marks a tenant that has none (no `id`)."""
+
+    id = serializers.UUIDField(read_only=True, allow_null=True)
+    tenant = serializers.PrimaryKeyRelatedField(read_only=True)
+    is_default = serializers.SerializerMethodField()
+    updated_at = serializers.DateTimeField(read_only=True, allow_null=True)
+
+    class Meta:
+        model = TenantPolicy
+        fields = ["id", "tenant", *POLICY_FIELDS, "is_default", "updated_at"]
+
+    def get_is_default(self, obj: TenantPolicy) -> bool:
+        return obj.pk is None
 
 
 class MembershipSerializer(StrictSerializer):

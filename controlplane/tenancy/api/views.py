@@ -6,7 +6,9 @@ from typing import Any
 
 from django.db.models import QuerySet
 from drf_spectacular.utils import extend_schema, extend_schema_view
-from rest_framework.permissions import IsAuthenticated
+from rest_framework import status, viewsets
+from rest_framework.generics import GenericAPIView
+from rest_framework.permissions import SAFE_METHODS, BasePermission, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import Serializer
@@ -16,14 +18,15 @@ from controlplane.core.api import SecretViewSet, TenantScopedMixin, TenantScoped
 from controlplane.core.permissions import IsPlatformAdmin, TenantRolePermission
 from controlplane.core.scoping import is_platform_admin
 from controlplane.core.secrets import Issued
-from controlplane.tenancy import services
+from controlplane.tenancy import selectors, services
 from controlplane.tenancy.api import serializers as s
 from controlplane.tenancy.filtersets import (
     InferenceKeyFilterSet,
     MembershipFilterSet,
     TenantFilterSet,
+    TenantPolicyFilterSet,
 )
-from controlplane.tenancy.models import ApiToken, InferenceKey, Membership, Tenant
+from controlplane.tenancy.models import ApiToken, InferenceKey, Membership, Tenant, TenantPolicy
 
 
 class TenantViewSet(TenantScopedViewSet):
@@ -43,6 +46,70 @@ class TenantViewSet(TenantScopedViewSet):
 
     def perform_create(self, serializer: Serializer) -> None:
         serializer.instance = services.create_tenant(**serializer.validated_data)
+
+
+class PlatformAdminWrites(BasePermission):
+    message = "Only platform admins change tenant policies; tenant members may read them."
+
+    def has_permission(self, request: Any, view: Any) -> bool:
+        return bool(request.user and request.user.is_authenticated)
+
+    def has_object_permission(self, request: Any, view: Any, obj: Any) -> bool:
+        return request.method in SAFE_METHODS or is_platform_admin(request.user)
+
+
+class TenantPolicyView(TenantScopedMixin, GenericAPIView):
+    """A tenant's data-plane policy: its share and class on inference workers and the
+    limits workers and storage engines enforce. Members read their tenant's; platform
+    admins change it. PUT sets every field (those left out go back to their defaults),
+    PATCH the fields given; DELETE removes the policy, so the tenant runs on the
+    defaults. Every change reaches the nodes that serve the tenant or hold its volumes."""
+
+    queryset = Tenant.objects.all()
+    tenant_field = "id"
+    serializer_class = s.TenantPolicySerializer
+    permission_classes = [PlatformAdminWrites]
+    filter_backends: list[Any] = []
+    pagination_class = None
+
+    def _policy(self, tenant: Tenant) -> Response:
+        return Response(self.get_serializer(selectors.policy_of(tenant)).data)
+
+    def _write(self, *, partial: bool) -> Response:
+        tenant = self.get_object()
+        serializer = self.get_serializer(
+            selectors.policy_of(tenant), data=self.request.data, partial=partial
+        )
+        serializer.is_valid(raise_exception=True)
+        fields = dict(serializer.validated_data)
+        services.set_tenant_policy(
+            tenant, **(fields if partial else {**TenantPolicy.defaults(), **fields})
+        )
+        return self._policy(tenant)
+
+    def get(self, request: Request, pk: str) -> Response:
+        return self._policy(self.get_object())
+
+    def put(self, request: Request, pk: str) -> Response:
+        return self._write(partial=False)
+
+    def patch(self, request: Request, pk: str) -> Response:
+        return self._write(partial=True)
+
+    @extend_schema(responses={204: None})
+    def delete(self, request: Request, pk: str) -> Response:
+        services.remove_tenant_policy(self.get_object())
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class TenantPolicyViewSet(TenantScopedMixin, viewsets.ReadOnlyModelViewSet):
+    """Stored tenant policies; a tenant without one runs on the defaults. Change one at
+    /tenants/{id}/policy/."""
+
+    queryset = TenantPolicy.objects.select_related("tenant")
+    serializer_class = s.TenantPolicySerializer
+    filterset_class = TenantPolicyFilterSet
+    ordering_fields = ["updated_at", "weight", "priority_class"]
 
 
 class MembershipViewSet(TenantScopedViewSet):

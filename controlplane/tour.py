@@ -1,0 +1,180 @@
+"""The demo's tour: two tenants sharing a node, one of them noisy, an SLO, signed webhooks.
+
+`seed_tour` adds what the tour needs beside the demo's `acme` tenant: the noisy tenant
+`globex` with its own deployment on the same node, a TTFT SLO for acme, and a webhook
+endpoint for acme pointing at a receiver inside the demo process, which verifies every
+delivery's Standard Webhooks signature and prints it. `LoadGenerator` sends both tenants'
+traffic: acme a steady trickle, globex long generations from many clients at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+from django.db import transaction
+from standardwebhooks import Webhook, WebhookVerificationError
+
+from controlplane.alerts import services as alerts
+from controlplane.alerts.models import WebhookEndpoint
+from controlplane.fleet import services as fleet
+from controlplane.fleet.models import Deployment
+from controlplane.slo import services as slo
+from controlplane.slo.models import Slo
+from controlplane.tenancy.models import InferenceKey, Tenant
+from controlplane.tenancy.services import create_tenant, issue_inference_key, revoke
+
+NOISY_SLUG = "globex"
+SLO_NAME = "chat-ttft"
+TTFT_THRESHOLD_S = 0.25
+
+
+@dataclass
+class TourTenants:
+    quiet: Tenant
+    noisy: Tenant
+    quiet_key: str
+    noisy_key: str
+    webhook_secret: str
+
+
+class WebhookReceiver:
+    """An HTTP receiver on 127.0.0.1 that verifies signatures and reports each alert."""
+
+    def __init__(self, on_alert: Callable[[str, dict[str, Any]], None]) -> None:
+        self.secret = ""
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                try:
+                    payload = Webhook(receiver.secret).verify(body, dict(self.headers))
+                except WebhookVerificationError as exc:
+                    self.send_response(401)
+                    self.end_headers()
+                    on_alert("unverified", {"error": str(exc)})
+                    return
+                self.send_response(204)
+                self.end_headers()
+                for alert in payload.get("alerts", []):
+                    on_alert(alert["status"], alert)
+
+            def log_message(self, *args: Any) -> None:
+                """Deliveries are reported through on_alert, not access logs."""
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_port}/alerts"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+
+
+@transaction.atomic
+def seed_tour(quiet: Tenant, model_uri: str, receiver_url: str) -> TourTenants:
+    """Idempotent: the noisy tenant and its deployment, acme's SLO and webhook endpoint."""
+    noisy = Tenant.objects.filter(slug=NOISY_SLUG).first() or create_tenant(
+        slug=NOISY_SLUG, name="Globex Batch", description="Demo tenant with heavy batch traffic"
+    )
+    if not Deployment.objects.filter(tenant=noisy, name="batch").exists():
+        fleet.create_deployment(
+            tenant=noisy,
+            name="batch",
+            model_name="demo-batch",
+            artifact_uri=model_uri,
+            replicas=1,
+            max_batch_size=64,
+            runtime_options={"intra_op_threads": 1},
+        )
+    chat = Deployment.objects.get(tenant=quiet, name="chat")
+    if not Slo.objects.filter(tenant=quiet, name=SLO_NAME).exists():
+        slo.create_slo(
+            tenant=quiet,
+            name=SLO_NAME,
+            display_name="Chat: 99% of requests see a first token within 250 ms",
+            scope="deployment",
+            deployment=chat,
+            sli="ttft",
+            threshold_seconds=TTFT_THRESHOLD_S,
+            objective=0.99,
+            window="rolling_7d",
+        )
+    WebhookEndpoint.objects.filter(tenant=quiet, name="demo receiver").delete()
+    endpoint = alerts.create_endpoint(
+        tenant=quiet, name="demo receiver", url=receiver_url, allow_private_targets=True
+    )
+    keys = {}
+    for tenant in (quiet, noisy):
+        for old in InferenceKey.objects.filter(tenant=tenant, name="tour", revoked_at__isnull=True):
+            revoke(old)
+        keys[tenant.slug] = issue_inference_key(tenant=tenant, name="tour").secret
+    return TourTenants(quiet, noisy, keys[quiet.slug], keys[NOISY_SLUG], endpoint.secret)
+
+
+class LoadGenerator:
+    """Both tenants' traffic, on a thread of its own: acme's chats one after another,
+    globex's long generations from `noisy_clients` clients at once."""
+
+    def __init__(
+        self, quiet: tuple[str, str, str], noisy: tuple[str, str, str], noisy_clients: int = 12
+    ) -> None:
+        self._quiet, self._noisy, self._clients = quiet, noisy, noisy_clients
+        self.sent = {"quiet": 0, "noisy": 0}
+        self.failed = {"quiet": 0, "noisy": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    async def _run(self) -> None:
+        async with httpx.AsyncClient(timeout=60) as http:
+            await asyncio.gather(
+                self._client(http, "quiet", self._quiet, max_tokens=16, pause_s=0.2),
+                *(
+                    self._client(http, "noisy", self._noisy, max_tokens=256, pause_s=0.0)
+                    for _ in range(self._clients)
+                ),
+            )
+
+    async def _client(
+        self,
+        http: httpx.AsyncClient,
+        who: str,
+        target: tuple[str, str, str],
+        *,
+        max_tokens: int,
+        pause_s: float,
+    ) -> None:
+        url, key, model = target
+        body = json.dumps(
+            {
+                "model": model,
+                "messages": [{"role": "user", "content": "Tell me about tail latency."}],
+                "max_tokens": max_tokens,
+            }
+        )
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        while not self._stop.is_set():
+            try:
+                response = await http.post(
+                    f"{url}/v1/chat/completions", content=body, headers=headers
+                )
+                ok = response.status_code == 200
+                retry_after = float(response.headers.get("retry-after", 0) or 0)
+            except httpx.HTTPError:
+                ok, retry_after = False, 1.0
+            self.sent[who] += 1
+            self.failed[who] += 0 if ok else 1
+            await asyncio.sleep(max(pause_s, retry_after if not ok else 0.0))
