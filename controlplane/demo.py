@@ -171,10 +171,6 @@ def _run(
         spawn("celery", processes.celery_worker(data / "celerybeat-schedule"))
         _wait("the control plane", lambda: _answers(f"{base}/api/schema/"), procs)
         spawn("agent", processes.agent(base, bootstrap, data / "agent", socket.gethostname()))
-        if nodes:
-            spawn(
-                "simulated-nodes", processes.simulated_nodes(base, bootstrap, data / "sim", nodes)
-            )
         print(
             "Control plane up; the agent is enrolling and starting the inference worker...",
             flush=True,

@@ -82,7 +82,7 @@ def test_a_fast_burn_pages_and_resolves_as_the_short_windows_clear(
     assert serving.status.budget_remaining_ratio == pytest.approx(1 - 300 / 729)
 
     # the same evaluation again changes nothing (and is skipped within the debounce)
-    assert services.evaluate([serving.pk], now=now + timedelta(seconds=0.5)) == 0
+    assert services.evaluate([serving.pk], now=now + timedelta(seconds=0.1)) == 0
     assert services.evaluate([serving.pk], now=now + timedelta(seconds=2)) == 1
     assert Alert.objects.filter(tenant=world.tenant_a).count() == 4
 

@@ -3,6 +3,7 @@ beat, and node agents, all against the test database and the test Redis."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -47,7 +48,12 @@ class Stack:
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         with open(self.tmp / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
-                argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
+                argv,
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group: stopping it stops its children too
             )
         self.procs[name] = proc
         return proc
@@ -78,8 +84,15 @@ class Stack:
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            pass
+        self.kill_group(proc)
+
+    @staticmethod
+    def kill_group(proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL a process and whatever it started (Celery's embedded beat, workers)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text(errors="replace")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -33,6 +34,7 @@ def test_demo_starts_seeds_serves_and_stops_cleanly(tmp_path: Path, free_port: i
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
     output = []
     try:
@@ -45,6 +47,7 @@ def test_demo_starts_seeds_serves_and_stops_cleanly(tmp_path: Path, free_port: i
             if "Press Ctrl-C" in line:
                 break
         text = "".join(output)
+        assert "Press Ctrl-C" in text, "the demo did not come up:\n" + text
         token = re.search(r"API token \(tenant admin\)\s+(\S+)", text).group(1)  # type: ignore[union-attr]
         operator = re.search(r"Platform operator\s+(\S+) / (\S+)", text)
         assert operator and operator.group(1) == "operator"
@@ -76,6 +79,7 @@ def test_demo_starts_seeds_serves_and_stops_cleanly(tmp_path: Path, free_port: i
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         assert "Stopped." in proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    finally:  # whatever happened, nothing the demo started outlives the test
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -43,8 +43,7 @@ def test_a_worker_killed_mid_delivery_loses_nothing(
 
         in_flight = wait_for(lambda: receiver.deliveries, 60, "the worker to start a delivery")[0]
         worker = stack.procs.pop("celery")
-        worker.kill()  # SIGKILL while the receiver still holds the request
-        worker.wait()
+        stack.kill_group(worker)  # SIGKILL while the receiver still holds the request
         assert not DeliveryAttempt.objects.exists()  # it died before recording anything
         assert OutboxMessage.objects.filter(status="pending").count() == ALERTS
 
