@@ -21,7 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEBIAN_PACKAGES = {"postgres": "postgresql", "redis-server": "redis-server", "chromium": "chromium"}
+DEBIAN_PACKAGES = {
+    "postgres": "postgresql",
+    "redis-server": "redis-server",
+    "chromium": "chromium",
+    "systemd-analyze": "systemd",  # checks the deploy/ units
+}
 
 
 def free_port() -> int:
@@ -45,7 +50,7 @@ def ensure_packages() -> None:
     missing = []
     if find_postgres_bindir() is None and not os.environ.get("DATABASE_URL"):
         missing.append(DEBIAN_PACKAGES["postgres"])
-    for binary in ("redis-server", "chromium"):
+    for binary in ("redis-server", "chromium", "systemd-analyze"):
         if shutil.which(binary) is None and not (
             binary == "redis-server" and os.environ.get("REDIS_URL")
         ):

@@ -40,8 +40,8 @@ class DashboardPage(ConsolePage):
 
     def dashboard(self) -> dict[str, Any]:
         """The page's title, snapshot URL and fixed streams (the fleet and storage pages
-        add node streams from their snapshot)."""
-        raise NotImplementedError
+        add node streams from their snapshot); each page defines it."""
+        raise NotImplementedError(f"{type(self).__name__} must define dashboard()")
 
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
         context = super().get_context_data(**kwargs)

@@ -30,8 +30,8 @@ from controlplane.telemetry.services import (
     COMPACTION_LOOKBACK,
     QUANTILES,
     USAGE_FIELDS,
-    _fold_gauge,
     bucket_of,
+    fold_gauge,
     latency_summary,
 )
 from controlplane.tenancy.models import Tenant
@@ -374,7 +374,7 @@ def _gauge_rows(where: Q, resolution: int, since: datetime) -> list[GaugeRow]:
         if node_id in compacted and coarse <= compacted[node_id]:
             continue
         for key, stats in values.items():
-            _fold_gauge(pending[(node_id, coarse)], key, stats)
+            fold_gauge(pending[(node_id, coarse)], key, stats)
     rows += [(node_id, bucket, values) for (node_id, bucket), values in pending.items()]
     return sorted(rows, key=lambda row: row[1])
 

@@ -242,7 +242,7 @@ GaugeStats = list[float]
 """[sum, count, min, max, last]"""
 
 
-def _fold_gauge(into: dict[str, GaugeStats], key: str, stats: GaugeStats) -> None:
+def fold_gauge(into: dict[str, GaugeStats], key: str, stats: GaugeStats) -> None:
     have = into.get(key)
     if have is None:
         into[key] = list(stats)
@@ -296,7 +296,7 @@ class _Rollups:
                     )
             node_gauges = gauges[(bucket, batch.node_id)]
             for key, value in batch.gauges.items():
-                _fold_gauge(node_gauges, key, [value, 1, value, value, value])
+                fold_gauge(node_gauges, key, [value, 1, value, value, value])
         for resolution in (int(Resolution.ONE_MINUTE), int(Resolution.ONE_HOUR)):
             for key, summed in list(latency.items()):
                 if key[0] == ten:
@@ -377,7 +377,7 @@ class _Rollups:
 
         def fold_values(row: GaugeRollup, values: dict[str, GaugeStats]) -> None:
             for key, stats in values.items():
-                _fold_gauge(row.values, key, stats)
+                fold_gauge(row.values, key, stats)
 
         _upsert(
             GaugeRollup,
@@ -478,7 +478,7 @@ def compact_gauges(now: datetime | None = None) -> int:
         ).order_by("bucket"):
             target = merged[(bucket_of(row.bucket, int(coarse)), row.node_id)]
             for key, stats in row.values.items():
-                _fold_gauge(target, key, stats)
+                fold_gauge(target, key, stats)
         with transaction.atomic():
             GaugeRollup.objects.filter(
                 resolution=coarse, bucket__gte=start, bucket__lt=end
