@@ -19,6 +19,7 @@ from collections.abc import Callable, Hashable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
+from urllib.parse import urlsplit
 from uuid import UUID
 
 from cryptography.exceptions import InvalidSignature
@@ -871,12 +872,13 @@ def decode_public_key(text: str) -> Ed25519PublicKey:
 def broker_transport_options(broker_url: str) -> dict[str, object]:
     """Kombu transport options both ends derive from the same broker URL.
 
-    `filesystem:///path` (the embedded default) names a folder shared by the processes
-    of one machine; other brokers need nothing beyond their URL.
+    `filesystem://localhost/path` (the embedded default; `filesystem:///path` works too, but
+    kombu then warns on every connection that it has no hostname) names a folder shared by
+    the processes of one machine; other brokers need nothing beyond their URL.
     """
     if not broker_url.startswith("filesystem://"):
         return {}
-    folder = Path(broker_url.removeprefix("filesystem://") or ".")
+    folder = Path(urlsplit(broker_url).path or ".")
     (folder / "control").mkdir(parents=True, exist_ok=True)
     return {
         "data_folder_in": str(folder),

@@ -1,13 +1,13 @@
 """`tailguard demo`: the whole system on embedded defaults, in the foreground.
 
-Migrates, seeds demo accounts, a bootstrap token, inference keys and two tenants'
-deployments of a synthetic model (acme's `chat` with a TTFT SLO, and the noisy
-globex's `batch`, capped by its tenant policy), then starts the control plane (ASGI),
-its Celery worker with beat, and a node agent for this machine, which enrolls and
-starts both inference workers; `--nodes N` adds N simulated nodes. Prints where to look,
-then runs the tour: both tenants' load, globex's policy removed until acme's SLO pages
-(through a signed webhook to a receiver in this process) and restored until the page
-resolves, then the SLO report. Ctrl-C (or SIGTERM) stops every child cleanly.
+Migrates, seeds demo accounts, a bootstrap token, inference keys, acme's `chat`
+deployment of a synthetic model with TTFT and TPOT SLOs, and the noisy tenant globex,
+with whom `chat` is shared and whose tenant policy caps it; then starts the control plane
+(ASGI), its Celery worker with beat, and a node agent for this machine, which enrolls and
+starts the inference worker; `--nodes N` adds N simulated nodes. Prints where to look,
+then runs the tour: both tenants' load, globex's policy removed until acme's TPOT SLO
+pages (through a signed webhook to a receiver in this process) and restored until the
+page resolves, then the SLO report. Ctrl-C (or SIGTERM) stops every child cleanly.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from django.db import transaction
 from django.utils import timezone
 
 from controlplane import processes, tour
-from controlplane.alerts.models import Alert
 from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Deployment, Replica
 from controlplane.inventory.services import create_bootstrap_token
+from controlplane.slo.choices import AlertName
 from controlplane.slo.models import SloStatus
 from controlplane.tenancy.models import InferenceKey
 from controlplane.tenancy.services import (
@@ -107,7 +107,8 @@ def _seed_fleet(tenant: Any) -> str:
 
 
 NOISY_POLICY = {"tokens_per_s": 150.0, "max_concurrency": 2, "priority_class": "low"}
-"""globex's cap: enough for its batch work, little enough to leave acme its latency."""
+"""globex's cap: enough for its batch work, few enough sequences in each decode step to
+leave acme its per-token latency."""
 
 
 def run_demo(*, host: str, port: int, nodes: int = 0, tour_enabled: bool = True) -> int:
@@ -117,14 +118,14 @@ def run_demo(*, host: str, port: int, nodes: int = 0, tour_enabled: bool = True)
     accounts = seed_demo()
     key = _seed_fleet(accounts.tenant)
     receiver = tour.WebhookReceiver(_report_alert)
-    tenants = tour.seed_tour(accounts.tenant, DEMO_MODEL, receiver.url)
+    tenants = tour.seed_tour(accounts.tenant, receiver.url)
     receiver.secret = tenants.webhook_secret
     set_tenant_policy(tenants.noisy, **NOISY_POLICY)
     bootstrap = create_bootstrap_token(name="demo agent", uses=1 + nodes).secret
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: it may arrive ignored
         signal.signal(signum, _interrupt)
     try:
-        return _run(host, port, accounts, key, bootstrap, tenants, nodes, tour_enabled)
+        return _run(host, port, accounts, key, bootstrap, tenants, receiver, nodes, tour_enabled)
     except KeyboardInterrupt:
         print("Stopped.")
         return 0
@@ -154,6 +155,7 @@ def _run(
     key: str,
     bootstrap: str,
     tenants: tour.TourTenants,
+    receiver: tour.WebhookReceiver,
     nodes: int,
     tour_enabled: bool,
 ) -> int:
@@ -176,25 +178,21 @@ def _run(
             flush=True,
         )
 
-        def serving(tenant: Any, name: str) -> Callable[[], Replica | None]:
-            def up() -> Replica | None:
-                replica = (
-                    Replica.objects.filter(
-                        deployment__tenant=tenant,
-                        deployment__name=name,
-                        port__isnull=False,
-                        node__hostname=socket.gethostname(),
-                    )
-                    .select_related("node", "deployment")
-                    .first()
+        def serving() -> Replica | None:
+            replica = (
+                Replica.objects.filter(
+                    deployment__tenant=accounts.tenant,
+                    deployment__name="chat",
+                    port__isnull=False,
+                    node__hostname=socket.gethostname(),
                 )
-                ok = replica and _answers(f"http://127.0.0.1:{replica.port}/health")
-                return replica if ok else None
+                .select_related("node", "deployment")
+                .first()
+            )
+            ok = replica and _answers(f"http://127.0.0.1:{replica.port}/health")
+            return replica if ok else None
 
-            return up
-
-        replica = _wait("the inference worker", serving(accounts.tenant, "chat"), procs, 300)
-        batch = _wait("globex's worker", serving(tenants.noisy, "batch"), procs, 300)
+        replica = _wait("the inference worker", serving, procs, 300)
         worker = f"http://127.0.0.1:{replica.port}"
         if nodes:  # after the local workers are placed, so they stay on this machine
             spawn(
@@ -211,6 +209,7 @@ def _run(
             f"   (tenant {accounts.tenant.slug})\n"
             f"  API token (tenant admin)  {accounts.api_token}\n"
             f"  Node {replica.node.hostname} runs deployment 'chat' (model demo-chat) at {worker}\n"
+            f"    (shared by tenants {accounts.tenant.slug} and {tenants.noisy.slug})\n"
             f"  Inference key (tenant {accounts.tenant.slug})  {key}\n"
             f"  Try: curl -H 'Authorization: Bearer {accounts.api_token}' {base}/api/v1/nodes/\n"
             f"       curl {worker}/v1/chat/completions -H 'Authorization: Bearer {key}' "
@@ -223,12 +222,11 @@ def _run(
         if not tour_enabled:
             return _watch(procs)
         load = tour.LoadGenerator(
-            (worker, tenants.quiet_key, "demo-chat"),
-            (f"http://127.0.0.1:{batch.port}", tenants.noisy_key, "demo-batch"),
+            (worker, tenants.quiet_key, "demo-chat"), (worker, tenants.noisy_key, "demo-chat")
         )
         load.start()
         try:
-            _tour(base, tenants, procs)
+            _tour(base, tenants, receiver, procs)
             return _watch(procs)
         finally:
             load.stop()
@@ -258,39 +256,62 @@ def _watch(procs: dict[str, subprocess.Popen[bytes]]) -> int:
         time.sleep(0.5)
 
 
-def _tour(base: str, tenants: tour.TourTenants, procs: dict[str, subprocess.Popen[bytes]]) -> None:
-    """The noisy-neighbour story, step by step, each step waiting on what it shows."""
+def _tour(
+    base: str,
+    tenants: tour.TourTenants,
+    receiver: tour.WebhookReceiver,
+    procs: dict[str, subprocess.Popen[bytes]],
+) -> None:
+    """The noisy-neighbour story, step by step, each step waiting on what it shows: a
+    step about a page waits for its webhook to reach the receiver."""
     started = timezone.now()
     quiet = tenants.quiet
 
-    def page(state: str) -> Callable[[], bool]:
-        return lambda: Alert.objects.filter(
-            tenant=quiet, labels__alertname="SLOBurnRatePage", state=state
-        ).exists()
-
     print(
-        f"\nTour: acme chats while globex runs batch jobs, capped by its tenant policy "
-        f"{NOISY_POLICY}. Watch {base}/console/tenants/{quiet.pk}/",
+        "\nTour: acme chats while globex runs batch jobs on the same deployment, capped by "
+        f"its tenant policy {NOISY_POLICY}. Watch {base}/console/tenants/{quiet.pk}/",
         flush=True,
     )
     _hold(60, procs)
-    print("Tour: removing globex's policy: its batch jobs now compete freely...", flush=True)
+    print(
+        "Tour: removing globex's policy: its batch jobs now fill the shared worker's batches...",
+        flush=True,
+    )
     remove_tenant_policy(tenants.noisy)
-    paged = _wait_quietly(page("firing"), procs, timeout=240)
+    paged = _wait_quietly(
+        lambda: receiver.got("firing", AlertName.BURN_RATE_PAGE), procs, timeout=240
+    )
     if paged:
-        print("Tour: acme's TTFT SLO is burning its error budget fast: paged.", flush=True)
-    else:
-        status = SloStatus.objects.filter(slo__tenant=quiet).first()
-        burn = max((status.burn_rates or {}).values(), default=0.0) if status else 0.0
         print(
-            f"Tour: acme's SLO held without globex's policy (highest burn rate {burn:.1f}x; "
+            "Tour: acme's first tokens still come fast (fair queuing), but every decode step "
+            "now carries globex's sequences: acme's TPOT SLO is burning its error budget "
+            "fast: paged.",
+            flush=True,
+        )
+    else:
+        burn = max(
+            (
+                rate
+                for status in SloStatus.objects.filter(slo__tenant=quiet)
+                for rate in (status.burn_rates or {}).values()
+            ),
+            default=0.0,
+        )
+        print(
+            f"Tour: acme's SLOs held without globex's policy (highest burn rate {burn:.1f}x; "
             "a page needs 14.4x): this machine has room for both.",
             flush=True,
         )
     print("Tour: restoring globex's policy...", flush=True)
+    restored = len(receiver.received)
     set_tenant_policy(tenants.noisy, **NOISY_POLICY)
     if paged:
-        _wait("the page to resolve", lambda: not page("firing")(), procs, timeout=900)
+        _wait(
+            "the page to resolve",
+            lambda: receiver.got("resolved", AlertName.BURN_RATE_PAGE, since=restored),
+            procs,
+            timeout=900,
+        )
         print("Tour: the page resolved.", flush=True)
     end = timezone.now()
     period = f"from={started:%Y-%m-%dT%H:%M:%SZ}&to={end:%Y-%m-%dT%H:%M:%SZ}"

@@ -142,9 +142,11 @@ LOGIN_URL = "console:login"
 REDIS_URL = os.environ.get("REDIS_URL", "")
 
 # Celery: Redis in production; without it a broker that needs no server (a folder
-# shared by the processes of one machine: filesystem:///path).
+# shared by the processes of one machine: filesystem://localhost/path).
 CELERY_BROKER_URL = (
-    os.environ.get("CELERY_BROKER_URL") or REDIS_URL or f"filesystem://{DATA_DIR / 'broker'}"
+    os.environ.get("CELERY_BROKER_URL")
+    or REDIS_URL
+    or f"filesystem://localhost{DATA_DIR / 'broker'}"
 )
 CELERY_BROKER_TRANSPORT_OPTIONS = broker_transport_options(CELERY_BROKER_URL)
 CELERY_TASK_SERIALIZER = "json"

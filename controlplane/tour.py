@@ -1,10 +1,17 @@
-"""The demo's tour: two tenants sharing a node, one of them noisy, an SLO, signed webhooks.
+"""The demo's tour: two tenants sharing one deployment, one of them noisy, SLOs, webhooks.
 
 `seed_tour` adds what the tour needs beside the demo's `acme` tenant: the noisy tenant
-`globex` with its own deployment on the same node, a TTFT SLO for acme, and a webhook
-endpoint for acme pointing at a receiver inside the demo process, which verifies every
-delivery's Standard Webhooks signature and prints it. `LoadGenerator` sends both tenants'
-traffic: acme a steady trickle, globex long generations from many clients at once.
+`globex`, with acme's `chat` deployment shared with it (so both tenants' requests are
+batched together by the same worker, each under its own tenant policy), TTFT and TPOT
+SLOs for acme, and a webhook endpoint for acme pointing at a receiver inside the demo
+process, which verifies every delivery's Standard Webhooks signature and prints it.
+`LoadGenerator` sends both tenants' traffic: acme a steady trickle of short chats, globex
+long generations from many clients at once.
+
+Fair queuing admits acme's requests ahead of globex's backlog, so acme's TTFT holds
+either way; but every sequence in a batch makes each decode step longer, so without
+globex's concurrency and token-rate limits acme's time per output token (TPOT) grows
+several times over, and the TPOT SLO pages.
 """
 
 from __future__ import annotations
@@ -31,8 +38,20 @@ from controlplane.tenancy.models import InferenceKey, Tenant
 from controlplane.tenancy.services import create_tenant, issue_inference_key, revoke
 
 NOISY_SLUG = "globex"
-SLO_NAME = "chat-ttft"
-TTFT_THRESHOLD_S = 0.25
+SLOS = (
+    {
+        "name": "chat-ttft",
+        "display_name": "Chat: 99% of requests see a first token within 250 ms",
+        "sli": "ttft",
+        "threshold_seconds": 0.25,
+    },
+    {
+        "name": "chat-tpot",
+        "display_name": "Chat: 99% of requests stream at 8 ms or less per output token",
+        "sli": "tpot",
+        "threshold_seconds": 0.008,
+    },
+)
 
 
 @dataclass
@@ -45,10 +64,12 @@ class TourTenants:
 
 
 class WebhookReceiver:
-    """An HTTP receiver on 127.0.0.1 that verifies signatures and reports each alert."""
+    """An HTTP receiver on 127.0.0.1 that verifies signatures, reports each alert, and keeps
+    the verified ones (status, alert) in `received`, in order of arrival."""
 
     def __init__(self, on_alert: Callable[[str, dict[str, Any]], None]) -> None:
         self.secret = ""
+        self.received: list[tuple[str, dict[str, Any]]] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -65,6 +86,7 @@ class WebhookReceiver:
                 self.end_headers()
                 for alert in payload.get("alerts", []):
                     on_alert(alert["status"], alert)
+                    receiver.received.append((alert["status"], alert))
 
             def log_message(self, *args: Any) -> None:
                 """Deliveries are reported through on_alert, not access logs."""
@@ -73,39 +95,36 @@ class WebhookReceiver:
         self.url = f"http://127.0.0.1:{self._server.server_port}/alerts"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
+    def got(self, status: str, alertname: str, since: int = 0) -> bool:
+        """Whether a verified delivery of that status and alert arrived after the first
+        `since` ones."""
+        return any(
+            got == status and alert.get("labels", {}).get("alertname") == alertname
+            for got, alert in self.received[since:]
+        )
+
     def close(self) -> None:
         self._server.shutdown()
 
 
 @transaction.atomic
-def seed_tour(quiet: Tenant, model_uri: str, receiver_url: str) -> TourTenants:
-    """Idempotent: the noisy tenant and its deployment, acme's SLO and webhook endpoint."""
+def seed_tour(quiet: Tenant, receiver_url: str) -> TourTenants:
+    """Idempotent: the noisy tenant sharing acme's chat, acme's SLOs and webhook endpoint."""
     noisy = Tenant.objects.filter(slug=NOISY_SLUG).first() or create_tenant(
         slug=NOISY_SLUG, name="Globex Batch", description="Demo tenant with heavy batch traffic"
     )
-    if not Deployment.objects.filter(tenant=noisy, name="batch").exists():
-        fleet.create_deployment(
-            tenant=noisy,
-            name="batch",
-            model_name="demo-batch",
-            artifact_uri=model_uri,
-            replicas=1,
-            max_batch_size=64,
-            runtime_options={"intra_op_threads": 1},
-        )
     chat = Deployment.objects.get(tenant=quiet, name="chat")
-    if not Slo.objects.filter(tenant=quiet, name=SLO_NAME).exists():
-        slo.create_slo(
-            tenant=quiet,
-            name=SLO_NAME,
-            display_name="Chat: 99% of requests see a first token within 250 ms",
-            scope="deployment",
-            deployment=chat,
-            sli="ttft",
-            threshold_seconds=TTFT_THRESHOLD_S,
-            objective=0.99,
-            window="rolling_7d",
-        )
+    fleet.share_deployment(chat, [noisy])
+    for spec in SLOS:
+        if not Slo.objects.filter(tenant=quiet, name=spec["name"]).exists():
+            slo.create_slo(
+                tenant=quiet,
+                scope="deployment",
+                deployment=chat,
+                objective=0.99,
+                window="rolling_7d",
+                **spec,
+            )
     WebhookEndpoint.objects.filter(tenant=quiet, name="demo receiver").delete()
     endpoint = alerts.create_endpoint(
         tenant=quiet, name="demo receiver", url=receiver_url, allow_private_targets=True

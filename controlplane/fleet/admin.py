@@ -60,12 +60,15 @@ class DeploymentAdmin(admin.ModelAdmin):
     ]
     list_filter = ["tenant", "gpu_model", "placement_strategy"]
     search_fields = ["name", "model_name"]
+    filter_horizontal = ["shared_with"]
     inlines = [ReplicaInline]
 
     def save_model(self, request, obj, form, change):  # noqa: ANN001, ANN201
         from controlplane.fleet import services
 
-        fields = {name: form.cleaned_data[name] for name in form.changed_data}
+        fields = {
+            name: form.cleaned_data[name] for name in form.changed_data if name != "shared_with"
+        }
         if change:
             services.update_deployment(obj, **fields)
         else:
@@ -81,6 +84,12 @@ class DeploymentAdmin(admin.ModelAdmin):
                 created.created_at,
                 created.updated_at,
             )
+
+    def save_related(self, request, form, formsets, change):  # noqa: ANN001, ANN201
+        """Sharing goes through the service as well, so the workers hear of it."""
+        from controlplane.fleet import services
+
+        services.share_deployment(form.instance, form.cleaned_data.get("shared_with", []))
 
     def delete_model(self, request, obj):  # noqa: ANN001, ANN201
         from controlplane.fleet import services

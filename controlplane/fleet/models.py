@@ -16,7 +16,13 @@ MIB = 1 << 20
 
 
 class Deployment(TenantOwnedModel):
-    """A model served for one tenant: what to run, how many, on what hardware, how batched."""
+    """A model served for its tenant, and for the tenants it is shared with: what to run,
+    how many, on what hardware, how batched.
+
+    A shared deployment's workers serve every one of those tenants, each under its own
+    tenant policy (fair-share weight, priority, limits), so one tenant's load shows in
+    the others' latency unless its policy holds it back.
+    """
 
     name = models.CharField(max_length=63, validators=[slug_validator])
     model_name = models.CharField(
@@ -72,6 +78,13 @@ class Deployment(TenantOwnedModel):
     )
     max_queue_delay_ms = models.PositiveIntegerField(default=0)
     max_queue_len = models.PositiveIntegerField(default=128, validators=[MinValueValidator(1)])
+    shared_with = models.ManyToManyField(
+        "tenancy.Tenant",
+        blank=True,
+        related_name="shared_deployments",
+        help_text="Other tenants this deployment's workers also serve (platform admins set it); "
+        "they use it with their own inference keys and see only their own traffic.",
+    )
 
     class Meta:
         ordering = ["tenant__slug", "name"]

@@ -13,7 +13,9 @@ from collections.abc import Iterable
 from typing import Any
 from uuid import UUID
 
+from django.apps import apps
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.db.models import Max, OuterRef, Q, Subquery
 from django.urls import reverse
@@ -31,6 +33,7 @@ from agent.protocol import (
 from controlplane.celery import app as celery_app
 from controlplane.core import services as core
 from controlplane.fleet import placement
+from controlplane.fleet import selectors as fleet_selectors
 from controlplane.fleet.choices import RevisionStatus
 from controlplane.fleet.models import Deployment, Replica, Revision
 from controlplane.fleet.signing import private_key
@@ -57,16 +60,64 @@ def lock_fleet() -> None:
 
 @transaction.atomic
 def create_deployment(**fields: Any) -> Deployment:
+    """`shared_with` (tenants) may come along; see `share_deployment`."""
+    shared_with = fields.pop("shared_with", ())
     deployment = core.create(Deployment, **fields)
+    _set_shares(deployment, shared_with)
     reconcile_fleet(cause=f"deployment {deployment.name} created", touched=[deployment.pk])
     return deployment
 
 
 @transaction.atomic
 def update_deployment(deployment: Deployment, **changes: Any) -> Deployment:
+    shared_with = changes.pop("shared_with", None)
     core.update(deployment, **changes)
+    if shared_with is not None:
+        _set_shares(deployment, shared_with)
     reconcile_fleet(cause=f"deployment {deployment.name} changed", touched=[deployment.pk])
     return deployment
+
+
+@transaction.atomic
+def share_deployment(deployment: Deployment, tenants: Iterable[Tenant]) -> Deployment:
+    """Make the deployment's workers serve exactly these other tenants besides its own.
+
+    Each of them sends requests with its own inference keys and is scheduled under its
+    own tenant policy; the rollout carries their keys and policies to the workers.
+    """
+    if _set_shares(deployment, tenants):
+        reconcile_fleet(
+            cause=f"sharing of deployment {deployment.name} changed", touched=[deployment.pk]
+        )
+    return deployment
+
+
+def _set_shares(deployment: Deployment, tenants: Iterable[Tenant]) -> bool:
+    """Store the sharers; False when they were already these. Refuses the owner itself, an
+    inactive tenant, and dropping a tenant whose SLOs still measure the deployment."""
+    wanted = {tenant.pk: tenant for tenant in tenants}
+    problems = []
+    if deployment.tenant_id in wanted:
+        problems.append("A deployment always serves its own tenant; list only other tenants.")
+    problems += [f"Tenant {t.slug} is inactive." for t in wanted.values() if not t.is_active]
+    current = set(deployment.shared_with.values_list("pk", flat=True))
+    dropped = current - set(wanted)
+    if dropped and apps.is_installed("controlplane.slo"):
+        from controlplane.slo.models import Slo  # SLOs build on the fleet
+
+        problems += [
+            f"SLO {slo.tenant.slug}/{slo.name} measures this deployment; delete it or "
+            "rescope it before unsharing."
+            for slo in Slo.objects.filter(deployment=deployment, tenant__in=dropped)
+            .select_related("tenant")
+            .order_by("name")
+        ]
+    if problems:
+        raise ValidationError({"shared_with": problems})
+    if current == set(wanted):
+        return False
+    deployment.shared_with.set(wanted.values())
+    return True
 
 
 @transaction.atomic
@@ -177,13 +228,17 @@ def reconcile_fleet(
         ["node", "gpu_indices", "port", "pool", "reason", "explanation"],
     )
     touched, tenants = set(touched), set(tenants)
-    tenant_of = {d.pk: d.tenant_id for d in deployments}
+    served = fleet_selectors.tenants_served(deployments) if tenants else {}
     for replica in to_save:
         old = before.get(replica.pk)
         moved = old is None or old[:4] != state(replica)[:4]  # node, GPUs, port, pool
         if old is not None and moved:
             affected.add(old[0])  # the node it left
-        if moved or replica.deployment_id in touched or tenant_of[replica.deployment_id] in tenants:
+        if (
+            moved
+            or replica.deployment_id in touched
+            or not tenants.isdisjoint(served.get(replica.deployment_id, ()))
+        ):
             affected.add(replica.node_id)
     affected.discard(None)
     targets = [all_nodes[pk] for pk in affected if pk in all_nodes and not all_nodes[pk].pinned]
@@ -211,7 +266,8 @@ def render_components(nodes: list[Node]) -> dict[UUID, Components]:
     replicas = list(
         Replica.objects.filter(node__in=nodes).select_related("deployment__artifact", "pool")
     )
-    tenant_ids = {r.deployment.tenant_id for r in replicas}
+    served = fleet_selectors.tenants_served({r.deployment for r in replicas})
+    tenant_ids = {t for tenants in served.values() for t in tenants}
     policies = tenancy_selectors.policies_for(tenant_ids)
     keys: dict[UUID, list[str]] = defaultdict(list)
     for tenant_id, digest in (
@@ -238,13 +294,13 @@ def render_components(nodes: list[Node]) -> dict[UUID, Components]:
                 max_tokens_per_step=d.max_tokens_per_step,
                 max_queue_delay_ms=d.max_queue_delay_ms,
                 max_queue_len=d.max_queue_len,
-                tenants=[policies[d.tenant_id].serving(keys[d.tenant_id])],
+                tenants=[policies[t].serving(keys[t]) for t in served[d.pk]],
             )
         )
     storage = render_storage(nodes, replicas)
     from controlplane.slo.selectors import thresholds_for_nodes  # SLOs build on the fleet
 
-    thresholds = thresholds_for_nodes(nodes, replicas)
+    thresholds = thresholds_for_nodes(nodes, replicas, served)
     return {
         node.pk: Components(
             workers=sorted(workers[node.pk], key=lambda w: w.port),

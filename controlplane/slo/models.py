@@ -74,8 +74,13 @@ class Slo(TenantOwnedModel):
         if self.scope == Scope.DEPLOYMENT:
             if self.deployment_id is None:
                 errors["deployment"] = ["Scope deployment names the deployment."]
-            elif self.deployment.tenant_id != self.tenant_id:
-                errors["deployment"] = ["The deployment belongs to another tenant."]
+            elif not (
+                self.deployment.tenant_id == self.tenant_id
+                or self.deployment.shared_with.filter(pk=self.tenant_id).exists()
+            ):
+                errors["deployment"] = [
+                    "The deployment belongs to another tenant and is not shared with this one."
+                ]
         elif self.deployment_id is not None:
             errors["deployment"] = ["Only scope deployment names a deployment."]
         if self.scope == Scope.MODEL and not self.model_name:

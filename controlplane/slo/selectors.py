@@ -16,6 +16,7 @@ from django.apps import apps
 from django.db.models import Q, QuerySet, Sum
 
 from agent.protocol import SloThreshold
+from controlplane.fleet import selectors as fleet_selectors
 from controlplane.fleet.models import Deployment, Replica
 from controlplane.slo.choices import Scope, Sli
 from controlplane.slo.models import Slo
@@ -69,8 +70,9 @@ def deployment_totals(slo: Slo, start: datetime, end: datetime, now: datetime) -
 
 
 def covers(slo: Slo, deployment: Deployment) -> bool:
-    """Whether the SLO measures requests served by this deployment."""
-    if slo.tenant_id != deployment.tenant_id or slo.sli == Sli.STORAGE_READ:
+    """Whether the SLO measures requests served by this deployment, one of those serving the
+    SLO's tenant (its own or shared with it)."""
+    if slo.sli == Sli.STORAGE_READ:
         return False
     if slo.scope == Scope.DEPLOYMENT:
         return slo.deployment_id == deployment.pk
@@ -79,13 +81,21 @@ def covers(slo: Slo, deployment: Deployment) -> bool:
     return True
 
 
-def deployments_with_replicas(tenant_ids: Iterable[Any]) -> list[Deployment]:
-    """The tenants' deployments that have at least one placed replica."""
-    return list(
-        Deployment.objects.filter(tenant_id__in=list(tenant_ids), instances__node__isnull=False)
-        .distinct()
-        .order_by("name")
+def deployments_with_replicas(tenant_ids: Iterable[Any]) -> dict[Any, list[Deployment]]:
+    """Per tenant, the deployments serving it (own or shared) that have a placed replica."""
+    tenant_ids = set(tenant_ids)
+    deployments = list(
+        Deployment.objects.filter(
+            fleet_selectors.serving(tenant_ids),
+            pk__in=Replica.objects.filter(node__isnull=False).values("deployment"),
+        ).order_by("name")
     )
+    served = fleet_selectors.tenants_served(deployments)
+    found: dict[Any, list[Deployment]] = {tenant_id: [] for tenant_id in tenant_ids}
+    for deployment in deployments:
+        for tenant_id in tenant_ids.intersection(served[deployment.pk]):
+            found[tenant_id].append(deployment)
+    return found
 
 
 def latency_percentiles(
@@ -139,17 +149,18 @@ def slos_of_tenant(tenant_id: Any) -> QuerySet[Slo]:
 
 
 def thresholds_for_nodes(
-    nodes: Iterable[Any], replicas: Iterable[Replica]
+    nodes: Iterable[Any], replicas: Iterable[Replica], served: Mapping[UUID, list[UUID]]
 ) -> dict[Any, list[SloThreshold]]:
     """What each node's workers count good/total against (two queries for any number of nodes).
 
     Latency and availability SLOs go to every node running a deployment they cover, one
-    threshold per deployment; storage-read SLOs, measured per node, go with no deployment
-    to the nodes holding the tenant's volumes or replicas.
+    threshold per deployment and tenant it serves (`served`, from fleet selectors);
+    storage-read SLOs, measured per node, go with no deployment to the nodes holding the
+    tenant's volumes or replicas.
     """
     node_ids = [getattr(n, "pk", n) for n in nodes]
     replicas = list(replicas)
-    tenant_ids = {r.deployment.tenant_id for r in replicas}
+    tenant_ids = {t for r in replicas for t in served[r.deployment_id]}
     slos = list(Slo.objects.filter(Q(tenant_id__in=tenant_ids) | Q(sli=Sli.STORAGE_READ)))
     storage_tenants = {s.tenant_id for s in slos if s.sli == Sli.STORAGE_READ}
     holds: set[tuple[Any, Any]] = {(r.node_id, r.deployment.tenant_id) for r in replicas}
@@ -164,7 +175,7 @@ def thresholds_for_nodes(
     for slo in slos:
         by_tenant[slo.tenant_id].append(slo)
     for replica in replicas:
-        for slo in by_tenant[replica.deployment.tenant_id]:
+        for slo in (s for t in served[replica.deployment_id] for s in by_tenant[t]):
             if covers(slo, replica.deployment):
                 wanted[replica.node_id][(slo.pk, replica.deployment_id)] = _threshold(
                     slo, replica.deployment_id

@@ -17,11 +17,12 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Case, Q, When
 from django.utils import timezone
 
 from controlplane.alerts.services import sync_alert
 from controlplane.core import services as core
+from controlplane.fleet import selectors as fleet_selectors
 from controlplane.fleet.models import Deployment
 from controlplane.fleet.services import reconcile_fleet
 from controlplane.slo import openslo, selectors
@@ -89,14 +90,16 @@ def import_openslo(*, tenant: Any, text: str) -> tuple[Slo, bool]:
     deployment_name = fields.pop("deployment")
     fields["deployment"] = None
     if deployment_name is not None:
-        fields["deployment"] = Deployment.objects.filter(
-            tenant=tenant, name=deployment_name
-        ).first()
+        fields["deployment"] = (  # its own first, then one shared with it
+            Deployment.objects.filter(fleet_selectors.serving([tenant.pk]), name=deployment_name)
+            .order_by(Case(When(tenant=tenant, then=0), default=1), "tenant__slug")
+            .first()
+        )
         if fields["deployment"] is None:
             raise ValidationError(
                 {
                     openslo.FIELD_PATHS["deployment"]: [
-                        f"The tenant has no deployment named {deployment_name!r}."
+                        f"No deployment named {deployment_name!r} serves the tenant."
                     ]
                 }
             )
@@ -139,7 +142,7 @@ def evaluate(slo_ids: Iterable[Any] | None = None, *, now: datetime | None = Non
             return 0
         serving = selectors.deployments_with_replicas({s.slo.tenant_id for s in claimed})
         for status in claimed:
-            _evaluate_one(status, serving, now)
+            _evaluate_one(status, serving[status.slo.tenant_id], now)
     return len(claimed)
 
 

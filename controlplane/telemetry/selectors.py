@@ -1,10 +1,12 @@
 """Read-side queries over telemetry for the dashboards: snapshots and who may see what.
 
 Visibility: platform admins see everything. A tenant user sees the nodes dedicated to one
-of their tenants or running a replica of one of their deployments, and on those nodes the
-node-wide GPU and host gauges but only their own volumes', deployments' and (on dedicated
-nodes) pools' gauges. Points have the shapes of streams.py's deltas, so a page treats a
-snapshot and a delta alike.
+of their tenants or running a replica of a deployment serving them (their own or one shared
+with them), and on those nodes the node-wide GPU and host gauges, the worker gauges of the
+deployments serving them, but only their own volumes' and (on dedicated nodes) pools'
+gauges. A deployment's own dashboard is its owner's (it shows every tenant's traffic
+together); a tenant's page shows each deployment serving it with that tenant's traffic only.
+Points have the shapes of streams.py's deltas, so a page treats a snapshot and a delta alike.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from django.utils import timezone
 
 from controlplane.core.scoping import is_platform_admin, readable_tenant_ids, scope
 from controlplane.fleet.models import Deployment, Replica
+from controlplane.fleet.selectors import serving
 from controlplane.inventory.models import Node
 from controlplane.storage.models import Volume, wire_name
 from controlplane.telemetry import streams
@@ -56,16 +59,19 @@ DEPLOYMENT_METRICS = (
 
 
 def visible_nodes(user: Any) -> QuerySet[Node]:
-    """Nodes dedicated to the user's tenants or running a replica of their deployments."""
+    """Nodes dedicated to the user's tenants or running a replica of a deployment serving
+    them (owned or shared with them)."""
     tenant_ids = readable_tenant_ids(user)
     nodes = Node.objects.all()
     if tenant_ids is None:
         return nodes
-    serving = Replica.objects.filter(deployment__tenant__in=tenant_ids).values("node")
-    return nodes.filter(Q(tenant__in=tenant_ids) | Q(pk__in=serving))
+    replicas = Replica.objects.filter(serving(tenant_ids, "deployment")).values("node")
+    return nodes.filter(Q(tenant__in=tenant_ids) | Q(pk__in=replicas))
 
 
 def visible_deployments(user: Any) -> QuerySet[Deployment]:
+    """Deployments whose own dashboard the user may open: their tenants' only, since it
+    shows the traffic of every tenant the deployment serves."""
     return scope(Deployment.objects.select_related("tenant"), user)
 
 
@@ -107,7 +113,10 @@ EVERYTHING = GaugeScope()
 
 
 def gauge_scopes(user: Any, nodes: Iterable[Node]) -> dict[UUID, GaugeScope]:
-    """Each node's GaugeScope for the user, in three queries whatever the number of nodes."""
+    """Each node's GaugeScope for the user, in three queries whatever the number of nodes.
+
+    Worker gauges are those of every deployment serving the user's tenants; the model
+    volumes of replicas stay their deployment owner's, like any volume."""
     nodes = list(nodes)
     tenant_ids = readable_tenant_ids(user)
     if tenant_ids is None:
@@ -124,7 +133,7 @@ def gauge_scopes(user: Any, nodes: Iterable[Node]) -> dict[UUID, GaugeScope]:
         volumes[node_id].add(wire_name("m", pk))
     deployments = frozenset(
         str(pk)
-        for pk in Deployment.objects.filter(tenant__in=tenant_ids).values_list("pk", flat=True)
+        for pk in Deployment.objects.filter(serving(tenant_ids)).values_list("pk", flat=True)
     )
     return {
         node.pk: GaugeScope(
@@ -230,11 +239,19 @@ class _Series:
 
 
 def _deployment_series(
-    deployment_ids: list[UUID], resolution: int, since: datetime
+    deployment_ids: list[UUID], resolution: int, since: datetime, tenant: Tenant | None = None
 ) -> dict[UUID, _Series]:
-    """Merge the rollups of several deployments, bucket by bucket, in three queries."""
+    """Merge the rollups of several deployments, bucket by bucket, in three queries: every
+    tenant's series together, or with `tenant` only that tenant's (queue depth is the
+    workers', whoever waits)."""
     series: dict[UUID, _Series] = {pk: _Series() for pk in deployment_ids}
-    rollups = {"deployment__in": deployment_ids, "resolution": resolution, "bucket__gte": since}
+    rollups: dict[str, Any] = {
+        "deployment__in": deployment_ids,
+        "resolution": resolution,
+        "bucket__gte": since,
+    }
+    if tenant is not None:
+        rollups["tenant"] = tenant
     for deployment_id, bucket, metric, blob in LatencyRollup.objects.filter(
         metric__in=DEPLOYMENT_METRICS, **rollups
     ).values_list("deployment", "bucket", "metric", "sketch"):
@@ -290,11 +307,14 @@ def _deployment_facts(deployment: Deployment) -> dict[str, Any]:
 
 
 def tenant_snapshot(tenant: Tenant, window_s: int) -> dict[str, Any]:
-    """Every deployment of the tenant with its summary point over the window."""
+    """Every deployment serving the tenant (its own and those shared with it) with a
+    summary point over the window of the tenant's own traffic on it."""
     resolution = resolution_for(window_s)
     since = _window_start(window_s, resolution)
-    deployments = list(Deployment.objects.filter(tenant=tenant).order_by("name"))
-    series = _deployment_series([d.pk for d in deployments], resolution, since)
+    deployments = list(
+        Deployment.objects.filter(serving([tenant.pk])).order_by("name", "tenant__slug")
+    )
+    series = _deployment_series([d.pk for d in deployments], resolution, since, tenant)
     return {
         "tenant": {"id": tenant.pk, "slug": tenant.slug, "name": tenant.name},
         "window_s": window_s,

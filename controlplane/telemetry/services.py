@@ -86,15 +86,15 @@ def store_batches(batches: Sequence[TelemetryBatch]) -> Stored:
             with connection.cursor() as cursor:
                 cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_INGEST_LOCK])
         node_streams = _node_streams({b.node_id for b in batches})
-        owners = _deployment_owners(batches)
-        known_tenants = _known_tenants(batches, owners)
+        served = _deployment_tenants(batches)
+        known_tenants = _known_tenants(batches, served)
         now = datetime.now(UTC)
         acks: list[TelemetryAck] = []
         accepted: list[TelemetryBatch] = []
         for batch in batches:
             stream = node_streams.get(batch.node_id)
             reason = (
-                "unknown node" if stream is None else _invalid(batch, owners, known_tenants, now)
+                "unknown node" if stream is None else _invalid(batch, served, known_tenants, now)
             )
             if stream is not None and reason is None and not _claim(stream, batch.seq):
                 acks.append(TelemetryAck(seq=batch.seq, outcome="duplicate"))
@@ -109,7 +109,7 @@ def store_batches(batches: Sequence[TelemetryBatch]) -> Stored:
             rollups = _Rollups.of(accepted)
             rollups.write()
             _advance_streams(node_streams, accepted)
-            stored.deltas = _deltas(accepted, node_streams, owners, rollups)
+            stored.deltas = _deltas(accepted, node_streams, rollups)
             stored.slo_ids = rollups.slo_ids
             stored.newest = max(b.interval_end for b in accepted)
             if stored.slo_ids and apps.is_installed("controlplane.slo"):
@@ -163,23 +163,31 @@ def _claim(stream: NodeStream, seq: int) -> bool:
     return True
 
 
-def _deployment_owners(batches: Sequence[TelemetryBatch]) -> dict[UUID, UUID]:
+def _deployment_tenants(batches: Sequence[TelemetryBatch]) -> dict[UUID, set[UUID]]:
+    """The tenants each deployment the batches name serves: its owner and those it is
+    shared with, in one query for the whole flush (a row per share, or one with none)."""
     ids = {s.deployment_id for b in batches for s in b.series if s.deployment_id is not None}
     ids |= {u.deployment_id for b in batches for u in b.usage}
-    return dict(Deployment.objects.filter(pk__in=ids).values_list("pk", "tenant_id"))
+    served: dict[UUID, set[UUID]] = defaultdict(set)
+    rows = Deployment.objects.filter(pk__in=ids).order_by()  # no join for the default order
+    for pk, owner, sharer in rows.values_list("pk", "tenant_id", "shared_with"):
+        served[pk].add(owner)
+        if sharer is not None:
+            served[pk].add(sharer)
+    return dict(served)
 
 
-def _known_tenants(batches: Sequence[TelemetryBatch], owners: dict[UUID, UUID]) -> set[UUID]:
+def _known_tenants(batches: Sequence[TelemetryBatch], served: dict[UUID, set[UUID]]) -> set[UUID]:
     from controlplane.tenancy.models import Tenant
 
     wanted = {s.tenant_id for b in batches for s in b.series if s.deployment_id is None}
-    return set(Tenant.objects.filter(pk__in=wanted).values_list("pk", flat=True)) | set(
-        owners.values()
+    return set(Tenant.objects.filter(pk__in=wanted).values_list("pk", flat=True)).union(
+        *served.values()
     )
 
 
 def _invalid(
-    batch: TelemetryBatch, owners: dict[UUID, UUID], tenants: set[UUID], now: datetime
+    batch: TelemetryBatch, served: dict[UUID, set[UUID]], tenants: set[UUID], now: datetime
 ) -> str | None:
     """Why this batch can never be stored, in words the agent logs; None if it can."""
     if batch.interval_end > now + MAX_CLOCK_AHEAD:
@@ -194,7 +202,7 @@ def _invalid(
         if deployment_id is None:
             if tenant_id not in tenants:
                 return f"unknown tenant {tenant_id}"
-        elif owners.get(deployment_id) != tenant_id:
+        elif tenant_id not in served.get(deployment_id, ()):
             return f"no deployment {deployment_id} of tenant {tenant_id}"
     return None
 
@@ -509,7 +517,6 @@ def latency_summary(sketch: LatencySketch) -> dict[str, float | int | None]:
 def _deltas(
     accepted: list[TelemetryBatch],
     node_streams: dict[UUID, NodeStream],
-    owners: dict[UUID, UUID],
     rollups: _Rollups,
 ) -> list[tuple[str, dict[str, Any]]]:
     deltas: list[tuple[str, dict[str, Any]]] = []
@@ -530,15 +537,18 @@ def _deltas(
             }
         )
     deltas.append((streams.FLEET, {"type": "fleet.delta", "nodes": fleet}))
-    per_tenant: dict[UUID, dict[str, Any]] = defaultdict(dict)
-    for deployment_id, point in _deployment_points(accepted, rollups).items():
+    for deployment_id, point in _points(accepted, rollups, lambda _, d: d).items():
         deltas.append(
             (
                 streams.deployment(deployment_id),
                 {"type": "deployment.delta", "deployment_id": str(deployment_id), "point": point},
             )
         )
-        per_tenant[owners[deployment_id]][str(deployment_id)] = point
+    per_tenant: dict[UUID, dict[str, Any]] = defaultdict(dict)
+    for (tenant_id, deployment_id), point in _points(
+        accepted, rollups, lambda t, d: (t, d)
+    ).items():
+        per_tenant[tenant_id][str(deployment_id)] = point
     for tenant_id, points in per_tenant.items():
         deltas.append(
             (
@@ -549,44 +559,49 @@ def _deltas(
     return deltas
 
 
-def _deployment_points(
-    accepted: list[TelemetryBatch], rollups: _Rollups
-) -> dict[UUID, dict[str, Any]]:
-    """One point per deployment from this flush's batches, merged across nodes and tenants."""
-    sketches: dict[UUID, dict[str, SketchSum]] = defaultdict(dict)
-    for (resolution, _, _, deployment_id, metric), summed in rollups.latency.items():
+_Key = TypeVar("_Key", bound=Hashable)
+
+
+def _points(
+    accepted: list[TelemetryBatch],
+    rollups: _Rollups,
+    key: Callable[[UUID, UUID], _Key],
+) -> dict[_Key, dict[str, Any]]:
+    """One point per key from this flush's batches, merging every (tenant, deployment)
+    series that `key` maps alike: per deployment, its tenants together; per tenant and
+    deployment, that tenant's own. Queue depth is the worker's, whoever's requests wait."""
+    sketches: dict[_Key, dict[str, SketchSum]] = defaultdict(dict)
+    for (resolution, _, tenant_id, deployment_id, metric), summed in rollups.latency.items():
         if resolution == Resolution.TEN_SECONDS and deployment_id is not None:
-            sketches[deployment_id].setdefault(metric, SketchSum()).add(summed)
-    usage: dict[UUID, dict[str, int]] = defaultdict(lambda: dict.fromkeys(USAGE_FIELDS, 0))
-    spans: dict[UUID, list[datetime]] = {}
-    queue: dict[UUID, float] = defaultdict(float)
+            sketches[key(tenant_id, deployment_id)].setdefault(metric, SketchSum()).add(summed)
+    usage: dict[_Key, dict[str, int]] = defaultdict(lambda: dict.fromkeys(USAGE_FIELDS, 0))
+    spans: dict[_Key, list[datetime]] = {}
+    queue: dict[_Key, float] = defaultdict(float)
     for batch in accepted:
-        touched: set[UUID] = set()
+        touched: dict[_Key, UUID] = {}
         for series in batch.series:
-            if series.deployment_id is None:
-                continue
-            touched.add(series.deployment_id)
+            if series.deployment_id is not None:
+                touched[key(series.tenant_id, series.deployment_id)] = series.deployment_id
         for u in batch.usage:
-            touched.add(u.deployment_id)
+            k = key(u.tenant_id, u.deployment_id)
+            touched[k] = u.deployment_id
             for name in USAGE_FIELDS:
-                usage[u.deployment_id][name] += getattr(u, name)
-        for deployment_id in touched:
-            span = spans.setdefault(deployment_id, [batch.interval_start, batch.interval_end])
+                usage[k][name] += getattr(u, name)
+        for k, deployment_id in touched.items():
+            span = spans.setdefault(k, [batch.interval_start, batch.interval_end])
             span[0] = min(span[0], batch.interval_start)
             span[1] = max(span[1], batch.interval_end)
-            queue[deployment_id] += batch.gauges.get(f"worker.{deployment_id}.queue_depth", 0.0)
+            queue[k] += batch.gauges.get(f"worker.{deployment_id}.queue_depth", 0.0)
     points = {}
-    for deployment_id, (start, end) in spans.items():
+    for k, (start, end) in spans.items():
         window_s = max((end - start).total_seconds(), 1e-3)
-        counts = usage[deployment_id]
-        points[deployment_id] = {
+        counts = usage[k]
+        points[k] = {
             "t": end.timestamp(),
             "window_s": window_s,
-            "latency": {
-                m: latency_summary(s.sketch()) for m, s in sorted(sketches[deployment_id].items())
-            },
+            "latency": {m: latency_summary(s.sketch()) for m, s in sorted(sketches[k].items())},
             "usage": counts,
             "tokens_per_s": counts["output_tokens"] / window_s,
-            "queue_depth": queue[deployment_id],
+            "queue_depth": queue[k],
         }
     return points

@@ -16,7 +16,14 @@ Streams and their deltas (``point`` has the same shape as the snapshot API's poi
                             "input_tokens", "output_tokens"}, "tokens_per_s",
                             "queue_depth"}}``
 ``tenant:<tenant id>``    ``{"type": "tenant.delta", "tenant_id", "deployments":
-                            {deployment id: point}}`` (the same points, grouped)
+                            {deployment id: point}}`` (points of the same shape, grouped)
+
+A deployment serves its owner tenant and the tenants it is shared with. Its own stream's
+points total every tenant it serves, and only its owner's members (and platform admins)
+may subscribe. A tenant's stream has a point for each deployment serving it, owned or
+shared, made of that tenant's own series and usage only; ``queue_depth`` is the workers'
+queue, whoever's requests wait in it. A flush sends a tenant a point only for the
+deployments that tenant's own traffic touched.
 
 ``t`` is the newest ``interval_end`` among the batches merged, in Unix seconds, so a client
 can tell how far behind the agent's clock it is.

@@ -314,9 +314,22 @@ def measure_engine(
     }
 
 
+CAPPED = {"max_concurrency": 2, "tokens_per_s": 150.0, "priority": -1}
+"""The aggressor's limits in the capped scenario, as the demo's policy caps its noisy tenant."""
+
+
 @contextmanager
-def worker(model_dir: Path, workdir: Path, name: str, **overrides: Any) -> Iterator[WorkerProcess]:
+def worker(
+    model_dir: Path,
+    workdir: Path,
+    name: str,
+    limits: dict[str, dict[str, Any]] | None = None,
+    **overrides: Any,
+) -> Iterator[WorkerProcess]:
+    """A worker serving KEYS' tenants, `limits` added to theirs (a TenantConfig's fields)."""
     config = worker_config(model_dir, workdir / "cache", KEYS, **overrides)
+    for tenant, extra in (limits or {}).items():
+        config["tenants"][tenant].update(extra)
     with WorkerProcess(config, workdir / name) as proc:
         yield proc
 
@@ -393,31 +406,40 @@ def run(
         progress.update()
 
         # Fairness: the aggressor alone would overload the worker; the victim sends a
-        # tenth of the aggressor's rate.
+        # tenth of the aggressor's rate. Fair queuing keeps the victim's TTFT; its TPOT
+        # pays for every aggressor sequence sharing its decode steps, which only the
+        # aggressor's limits ("capped") hold back.
         capacity_rps = out["served_tokens_per_s"] / sizes.output_tokens
         victim_rps = 0.13 * capacity_rps
         out["victim_rps"] = victim_rps
         out["aggressor_rps"] = 10 * victim_rps
+        both = {"victim": victim_rps, "aggressor": 10 * victim_rps}
         scenarios = [
-            ("solo", "fair", {"victim": victim_rps}),
-            ("fair", "fair", {"victim": victim_rps, "aggressor": 10 * victim_rps}),
-            ("fcfs", "fcfs", {"victim": victim_rps, "aggressor": 10 * victim_rps}),
+            ("solo", "fair", {"victim": victim_rps}, {}),
+            ("fair", "fair", both, {}),
+            ("fcfs", "fcfs", both, {}),
+            ("capped", "fair", both, {"aggressor": CAPPED}),
         ]
-        for label, policy, rates in scenarios:
+        for label, policy, rates, limits in scenarios:
             progress.set_description(f"victim {label}")
             with worker(
                 model_dir,
                 workdir,
                 f"victim-{label}",
+                limits,
                 batching=batching_json,
                 runtime=runtime_json,
                 scheduling={"policy": policy},
             ) as proc:
                 results = asyncio.run(poisson(proc.base_url, sizes, rates, sizes.fairness_s))
-            victim = [r.ttft for r in results if r.tenant == "victim" and r.ttft is not None]
-            out[f"victim_ttft_p99_{label}_s"] = percentile(victim, 99)
-            out[f"victim_ttft_p50_{label}_s"] = percentile(victim, 50)
-            out[f"victim_requests_{label}"] = len(victim)
+            victim = [r for r in results if r.tenant == "victim"]
+            ttfts = [r.ttft for r in victim if r.ttft is not None]
+            tpots = [r.tpot for r in victim if r.tpot is not None]
+            out[f"victim_ttft_p99_{label}_s"] = percentile(ttfts, 99)
+            out[f"victim_ttft_p50_{label}_s"] = percentile(ttfts, 50)
+            out[f"victim_tpot_p99_{label}_s"] = percentile(tpots, 99)
+            out[f"victim_tpot_p50_{label}_s"] = percentile(tpots, 50)
+            out[f"victim_requests_{label}"] = len(ttfts)
             if "aggressor" in rates:
                 out[f"aggressor_rejected_{label}"] = sum(
                     r.rejected for r in results if r.tenant == "aggressor"
@@ -434,6 +456,7 @@ def run(
     out["batching_speedup"] = ratio("served_tokens_per_s", "batch1_tokens_per_s")
     out["fair_over_solo"] = ratio("victim_ttft_p99_fair_s", "victim_ttft_p99_solo_s")
     out["fcfs_over_solo"] = ratio("victim_ttft_p99_fcfs_s", "victim_ttft_p99_solo_s")
+    out["tpot_fair_over_capped"] = ratio("victim_tpot_p50_fair_s", "victim_tpot_p50_capped_s")
     return out
 
 
@@ -503,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         kv_heads=args.heads,
         vocab=args.vocab,
     )
-    with tqdm(total=8, file=sys.stderr, unit="phase") as progress:
+    with tqdm(total=9, file=sys.stderr, unit="phase") as progress:
         batching = BatchingConfig(
             max_batch_size=sizes.concurrency,
             max_queue_len=64,

@@ -189,7 +189,7 @@ def test_import_errors_name_the_document_path(world: World, client_for: Any) -> 
         ),
         (_document(alertPolicies=[]), "spec.alertPolicies", "Extra inputs"),
         (prometheus, f"{good_source}.type", "tailguard"),
-        (deployment_scoped, f"{good_source}.spec.deployment", "no deployment named 'nope'"),
+        (deployment_scoped, f"{good_source}.spec.deployment", "No deployment named 'nope' serves"),
         ({**ok, "metadata": {"name": "Bad Name"}}, "metadata.name", "lowercase"),
     ]
     for document, path, words in cases:

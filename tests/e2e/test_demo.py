@@ -1,4 +1,4 @@
-"""The README's main command, run as a user would, on embedded defaults."""
+"""The README's main command, run as a user would, on embedded defaults, tour included."""
 
 from __future__ import annotations
 
@@ -15,7 +15,22 @@ import httpx
 from openai import OpenAI
 
 
-def test_demo_starts_seeds_serves_and_stops_cleanly(tmp_path: Path, free_port: int) -> None:
+def read_until(proc: subprocess.Popen[str], output: list[str], marker: str, seconds: float) -> str:
+    """The demo's output up to the first line containing `marker`."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        assert line, "demo exited early:\n" + "".join(output)
+        output.append(line)
+        if marker in line:
+            return "".join(output)
+    raise AssertionError(f"no {marker!r} within {seconds:.0f} s:\n" + "".join(output))
+
+
+def test_demo_serves_tours_the_noisy_neighbour_and_stops_cleanly(
+    tmp_path: Path, free_port: int
+) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env["TAILGUARD_DATA_DIR"] = str(tmp_path)
     proc = subprocess.Popen(
@@ -28,7 +43,6 @@ def test_demo_starts_seeds_serves_and_stops_cleanly(tmp_path: Path, free_port: i
             str(free_port),
             "--nodes",
             "2",
-            "--no-tour",
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -36,18 +50,9 @@ def test_demo_starts_seeds_serves_and_stops_cleanly(tmp_path: Path, free_port: i
         text=True,
         start_new_session=True,
     )
-    output = []
+    output: list[str] = []
     try:
-        deadline = time.monotonic() + 300
-        assert proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            assert line, "demo exited early:\n" + "".join(output)
-            output.append(line)
-            if "Press Ctrl-C" in line:
-                break
-        text = "".join(output)
-        assert "Press Ctrl-C" in text, "the demo did not come up:\n" + text
+        text = read_until(proc, output, "Press Ctrl-C", 300)
         token = re.search(r"API token \(tenant admin\)\s+(\S+)", text).group(1)  # type: ignore[union-attr]
         operator = re.search(r"Platform operator\s+(\S+) / (\S+)", text)
         assert operator and operator.group(1) == "operator"
@@ -70,12 +75,30 @@ def test_demo_starts_seeds_serves_and_stops_cleanly(tmp_path: Path, free_port: i
         assert reply.usage is not None and reply.usage.completion_tokens == 5
         nodes = httpx.get(f"{base}/api/v1/nodes/", headers={"Authorization": f"Bearer {token}"})
         assert nodes.status_code == 200
-        # the tour's pieces are seeded: acme's TTFT SLO, and the console and its live page
+        # the tour's pieces are seeded: acme's TPOT and TTFT SLOs, and the console and its live page
         slos = httpx.get(f"{base}/api/v1/slos/", headers={"Authorization": f"Bearer {token}"})
-        assert [s["name"] for s in slos.json()["results"]] == ["chat-ttft"]
+        assert [s["name"] for s in slos.json()["results"]] == ["chat-tpot", "chat-ttft"]
         assert "Live console" in text and httpx.get(f"{base}/console/login/").status_code == 200
         dashboard = re.search(r"Chat dashboard\s+(\S+)", text).group(1)  # type: ignore[union-attr]
         assert httpx.get(dashboard, follow_redirects=False).status_code == 302  # login first
+
+        # the tour: globex's policy removed, acme paged through a verified webhook, the
+        # policy restored, the page resolved, and a report of it all
+        tour = read_until(proc, output, "The demo keeps running", 600)[len(text) :]
+        steps = [
+            "removing globex's policy",
+            "webhook received (signature verified): firing SLOBurnRatePage tenant=acme",
+            "TPOT SLO is burning its error budget fast: paged",
+            "restoring globex's policy",
+            "webhook received (signature verified): resolved SLOBurnRatePage tenant=acme",
+            "the page resolved",
+        ]
+        found = [tour.find(step) for step in steps]
+        assert -1 not in found and found == sorted(found), tour
+        assert "unverified" not in tour
+        report = re.search(r"(\S+/api/v1/slo-reports/\S+format=pdf)", tour).group(1)  # type: ignore[union-attr]
+        pdf = httpx.get(report, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         assert "Stopped." in proc.stdout.read()

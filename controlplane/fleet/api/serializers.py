@@ -5,14 +5,30 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db.models import QuerySet
 from pydantic import ValidationError as PydanticValidationError
 from rest_framework import serializers
+from rest_framework.exceptions import PermissionDenied
 
 from agent.protocol import ArtifactRef
 from controlplane.core.api import StrictSerializer, WritableTenantField, WritableTenantObjectField
+from controlplane.core.scoping import is_platform_admin, writable_tenant_ids
+from controlplane.fleet import selectors
 from controlplane.fleet.models import Deployment, Replica, Revision
 from controlplane.inventory.validators import validate_labels
 from controlplane.storage.models import Artifact
+from controlplane.tenancy.models import Tenant
+
+
+class ServingDeploymentField(serializers.PrimaryKeyRelatedField):
+    """A deployment serving a tenant the caller administers: its own or one shared with it.
+    Any other reads as unknown."""
+
+    def get_queryset(self) -> QuerySet[Deployment]:
+        request = self.context.get("request")
+        tenant_ids = writable_tenant_ids(request.user if request else None)
+        queryset = Deployment.objects.all()
+        return queryset if tenant_ids is None else queryset.filter(selectors.serving(tenant_ids))
 
 
 class DeploymentSerializer(StrictSerializer):
@@ -27,6 +43,13 @@ class DeploymentSerializer(StrictSerializer):
         allow_null=True,
         required=False,
         help_text="An uploaded model archive of the same tenant; instead of artifact_uri.",
+    )
+    shared_with = serializers.PrimaryKeyRelatedField(
+        many=True,
+        queryset=Tenant.objects.filter(is_active=True),
+        required=False,
+        help_text="Other tenants this deployment's workers also serve, each under its own "
+        "tenant policy. Platform admins set it, and only they see it.",
     )
 
     class Meta:
@@ -53,10 +76,27 @@ class DeploymentSerializer(StrictSerializer):
             "max_tokens_per_step",
             "max_queue_delay_ms",
             "max_queue_len",
+            "shared_with",
             "created_at",
             "updated_at",
         ]
         read_only_fields = ["id", "created_at", "updated_at"]
+
+    def _by_platform_admin(self) -> bool:
+        request = self.context.get("request")
+        return is_platform_admin(request.user if request else None)
+
+    def to_representation(self, instance: Deployment) -> dict[str, Any]:
+        """Who else a deployment serves is the platform's business, not its tenants'."""
+        data = super().to_representation(instance)
+        if not self._by_platform_admin():
+            data.pop("shared_with", None)
+        return data
+
+    def validate_shared_with(self, value: list[Tenant]) -> list[Tenant]:
+        if not self._by_platform_admin():
+            raise PermissionDenied("Only platform admins share deployments with other tenants.")
+        return value
 
     def validate_node_selector(self, value: Any) -> Any:
         try:

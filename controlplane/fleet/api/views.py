@@ -2,31 +2,57 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.db.models import Count, Q, QuerySet
 from drf_spectacular.utils import extend_schema
 from rest_framework import status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import PermissionDenied
+from rest_framework.permissions import SAFE_METHODS
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import Serializer
 
-from controlplane.core.api import TenantScopedMixin, TenantScopedViewSet
-from controlplane.fleet import services
+from controlplane.core.api import TenantScopedMixin
+from controlplane.core.scoping import can_write, readable_tenant_ids
+from controlplane.fleet import selectors, services
 from controlplane.fleet.api import serializers as s
 from controlplane.fleet.filtersets import DeploymentFilterSet, ReplicaFilterSet, RevisionFilterSet
 from controlplane.fleet.models import Deployment, Replica, Revision
 
 
-class DeploymentViewSet(TenantScopedViewSet):
-    """Model deployments; every change re-plans placement and rolls out to the nodes."""
+class DeploymentViewSet(viewsets.ModelViewSet):
+    """Model deployments; every change re-plans placement and rolls out to the nodes.
 
-    queryset = Deployment.objects.annotate(
-        placed_replicas=Count("instances", filter=Q(instances__node__isnull=False))
-    ).order_by("tenant__slug", "name")
+    Tenants also read the deployments shared with them; only the owner changes one.
+    """
+
+    queryset = (
+        Deployment.objects.annotate(
+            placed_replicas=Count("instances", filter=Q(instances__node__isnull=False))
+        )
+        .prefetch_related("shared_with")
+        .order_by("tenant__slug", "name")
+    )
     serializer_class = s.DeploymentSerializer
     filterset_class = DeploymentFilterSet
     search_fields = ["name", "model_name"]
     ordering_fields = ["name", "created_at", "replicas"]
+
+    def get_queryset(self) -> QuerySet[Deployment]:
+        return selectors.visible(super().get_queryset(), self.request.user)
+
+    def check_object_permissions(self, request: Request, obj: Any) -> None:
+        if (
+            request.method not in SAFE_METHODS
+            and not can_write(request.user, obj)
+            and obj.tenant_id not in (readable_tenant_ids(request.user) or ())
+        ):
+            raise PermissionDenied(
+                "This deployment is shared with your tenant; only its owner's admins change it."
+            )
+        super().check_object_permissions(request, obj)
 
     def perform_create(self, serializer: Serializer) -> None:
         created = services.create_deployment(**serializer.validated_data)
@@ -40,14 +66,17 @@ class DeploymentViewSet(TenantScopedViewSet):
         services.delete_deployment(instance)
 
 
-class ReplicaViewSet(TenantScopedMixin, viewsets.ReadOnlyModelViewSet):
-    """Where each replica runs, and why, or why it could not be placed."""
+class ReplicaViewSet(viewsets.ReadOnlyModelViewSet):
+    """Where each replica runs, and why, or why it could not be placed (for deployments
+    shared with the caller's tenant too: that is where its requests go)."""
 
     queryset = Replica.objects.select_related("node")
     serializer_class = s.ReplicaSerializer
     filterset_class = ReplicaFilterSet
-    tenant_field = "deployment__tenant"
     ordering_fields = ["index", "updated_at"]
+
+    def get_queryset(self) -> QuerySet[Replica]:
+        return selectors.visible(super().get_queryset(), self.request.user, "deployment")
 
 
 class RevisionViewSet(TenantScopedMixin, viewsets.ReadOnlyModelViewSet):

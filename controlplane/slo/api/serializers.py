@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
-from controlplane.core.api import StrictSerializer, WritableTenantField, WritableTenantObjectField
-from controlplane.fleet.models import Deployment
+from controlplane.core.api import StrictSerializer, WritableTenantField
+from controlplane.fleet.api.serializers import ServingDeploymentField
 from controlplane.slo.models import Slo, SloStatus
 from controlplane.storage.api.serializers import CreateOnlyMixin
 
@@ -32,8 +32,7 @@ class SloStatusSerializer(serializers.ModelSerializer):
 
 class SloSerializer(CreateOnlyMixin, StrictSerializer):
     tenant = WritableTenantField()
-    deployment = WritableTenantObjectField(
-        queryset=Deployment.objects.all(),
+    deployment = ServingDeploymentField(
         allow_null=True,
         required=False,
         help_text="scope deployment: the deployment measured.",

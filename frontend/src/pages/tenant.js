@@ -1,8 +1,11 @@
-// Tenant: every deployment of the tenant with its latest latency, throughput and errors.
+// Tenant: every deployment serving the tenant (its own and those shared with it) with the
+// tenant's own latest latency, throughput and errors on it. A shared deployment's own page
+// is its owner's, so only the tenant's own deployments link there.
 import { el, ms, num, tile } from "../format.js";
 
 export function tenantPage(root, context) {
   let deployments = new Map();
+  let tenantId = null;
   const tiles = el("div", { class: "tiles" });
   const body = el("tbody");
   const headers = ["Deployment", "Model", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "tokens/s", "Queue", "Completed", "Errors"];
@@ -19,7 +22,9 @@ export function tenantPage(root, context) {
       errors += failed;
       return el(
         "tr", { dataset: { deployment: d.id } },
-        el("td", {}, el("a", { href: `${context.consoleUrl}deployments/${d.id}/` }, d.name)),
+        el("td", {}, d.tenant === tenantId
+          ? el("a", { href: `${context.consoleUrl}deployments/${d.id}/` }, d.name)
+          : el("span", { title: "shared with this tenant" }, `${d.name} (shared)`)),
         el("td", {}, d.model_name),
         el("td", {}, ms(p.latency.ttft?.p50)),
         el("td", {}, ms(p.latency.ttft?.p99)),
@@ -42,6 +47,7 @@ export function tenantPage(root, context) {
     snapshotUrl: () => context.snapshot,
     streams: () => context.streams,
     render(snapshot) {
+      tenantId = snapshot.tenant.id;
       deployments = new Map(snapshot.deployments.map((d) => [d.id, { ...d, latest: d.summary }]));
       draw();
     },

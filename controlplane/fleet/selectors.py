@@ -1,0 +1,53 @@
+"""Read-side queries for the fleet: which deployments serve which tenants.
+
+A deployment serves its own tenant and the tenants it is shared with. Everything that
+asks "may this tenant's requests, SLOs or telemetry name this deployment" asks here.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+from uuid import UUID
+
+from django.db.models import Q, QuerySet
+
+from controlplane.core.scoping import readable_tenant_ids
+from controlplane.fleet.models import Deployment
+
+Shares = Deployment.shared_with.through
+
+
+def serving(tenant_ids: Iterable[Any], field: str = "") -> Q:
+    """Deployments (reached through `field`, a FK path to one; "" for Deployment itself)
+    that serve any of the tenants: their own and those shared with them.
+
+    The shared ones come from a subquery, not a join, so annotations stay uncounted twice.
+    """
+    tenant_ids = list(tenant_ids)
+    prefix = f"{field}__" if field else ""
+    shared = Shares.objects.filter(tenant__in=tenant_ids).values("deployment")
+    return Q(**{f"{prefix}tenant__in": tenant_ids}) | Q(**{f"{field or 'pk'}__in": shared})
+
+
+def tenants_served(deployments: Iterable[Deployment]) -> dict[UUID, list[UUID]]:
+    """Each deployment's tenants, its owner first and then the sharers in a stable order."""
+    deployments = list(deployments)
+    served: dict[UUID, list[UUID]] = {d.pk: [d.tenant_id] for d in deployments}
+    shares: dict[UUID, list[UUID]] = defaultdict(list)
+    for deployment_id, tenant_id in (
+        Shares.objects.filter(deployment__in=served)
+        .order_by("tenant_id")
+        .values_list("deployment_id", "tenant_id")
+    ):
+        shares[deployment_id].append(tenant_id)
+    for deployment_id, tenants in shares.items():
+        served[deployment_id] += [t for t in tenants if t not in served[deployment_id]]
+    return served
+
+
+def visible(queryset: QuerySet[Any], user: Any, field: str = "") -> QuerySet[Any]:
+    """Cut `queryset` down to what serves the user's tenants (everything for platform admins)."""
+    tenant_ids = readable_tenant_ids(user)
+    return queryset if tenant_ids is None else queryset.filter(serving(tenant_ids, field))
