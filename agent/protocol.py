@@ -232,6 +232,8 @@ class GpuFacts(_Model):
     memory_total_bytes: Count
     mig_mode: MigMode
     pci_bus_id: PciBusId
+    pci_root: PciBusId | None = Field(default=None, exclude_if=_unset)
+    """The PCIe root port above it; None where unknown (older agents, no PCI parent)."""
     numa_node: NumaIndex | None
     driver_version: FactText
     cuda_driver_version: Annotated[str, StringConstraints(strict=True, pattern=r"^\d+\.\d+$")]
@@ -249,6 +251,8 @@ class NicFacts(_Model):
     netdev: Name | None
     pci_bus_id: PciBusId | None
     """None for software devices (rxe, siw) that sit on no PCI function."""
+    pci_root: PciBusId | None = Field(default=None, exclude_if=_unset)
+    """The PCIe root port above it; None where unknown (older agents, no PCI parent)."""
     numa_node: NumaIndex | None
     gid: Gid | None
 
@@ -263,6 +267,8 @@ class DriveFacts(_Model):
     capacity_bytes: Count
     logical_block_size: Annotated[int, Field(strict=True, ge=512, le=1 << 16)]
     pci_bus_id: PciBusId
+    pci_root: PciBusId | None = Field(default=None, exclude_if=_unset)
+    """The PCIe root port above it; None where unknown (older agents, no PCI parent)."""
     numa_node: NumaIndex | None
 
     @field_validator("logical_block_size")

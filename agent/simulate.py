@@ -52,10 +52,15 @@ SIM_NAMESPACE = uuid.UUID("5e1f1d2c-7b0a-4f5e-9a1b-3c2d4e5f6a7b")
 
 
 def synthetic_inventory(hostname: str) -> Inventory:
-    """A plausible 8-GPU node whose ids are stable for a given hostname."""
+    """A plausible 8-GPU node whose ids are stable for a given hostname: as in DGX-class
+    machines, each GPU shares a PCIe root port with one RDMA NIC, every other one also
+    with an NVMe drive."""
 
     def hexid(kind: str, index: int) -> str:
         return uuid.uuid5(SIM_NAMESPACE, f"{hostname}/{kind}/{index}").hex
+
+    def root(gpu: int) -> str:
+        return f"0000:{0x15 + gpu * 0x10:02x}:01.0"
 
     return Inventory(
         host=HostFacts(
@@ -78,6 +83,7 @@ def synthetic_inventory(hostname: str) -> Inventory:
                 memory_total_bytes=80 * 1024**3,
                 mig_mode="disabled",
                 pci_bus_id=f"0000:{0x18 + i * 0x10:02x}:00.0",
+                pci_root=root(i),
                 numa_node=i // 4,
                 driver_version="550.54.15",
                 cuda_driver_version="12.4",
@@ -94,6 +100,7 @@ def synthetic_inventory(hostname: str) -> Inventory:
                 link_layer="InfiniBand",
                 netdev=None,
                 pci_bus_id=f"0000:{0x1A + i * 0x10:02x}:00.0",
+                pci_root=root(i),
                 numa_node=i // 4,
                 gid=None,
             )
@@ -107,7 +114,8 @@ def synthetic_inventory(hostname: str) -> Inventory:
                 firmware="SIM1",
                 capacity_bytes=7_680_000_000_000,
                 logical_block_size=4096,
-                pci_bus_id=f"0000:{0x1C + i * 0x10:02x}:00.0",
+                pci_bus_id=f"0000:{0x1C + i * 0x20:02x}:00.0",
+                pci_root=root(2 * i),
                 numa_node=i // 2,
             )
             for i in range(4)

@@ -273,6 +273,14 @@ def _tour(
         flush=True,
     )
     _hold(60, procs)
+    fitted = tour.calibrate_tpot_slo(quiet, started)
+    if fitted:
+        print(
+            f"Tour: with globex capped, acme's TPOT p90 on this machine is "
+            f"{fitted[0] * 1000:.1f} ms; chat-tpot now counts requests slower than "
+            f"{fitted[1] * 1000:.1f} ms per token ({tour.TPOT_HEADROOM:g}x) as bad.",
+            flush=True,
+        )
     print(
         "Tour: removing globex's policy: its batch jobs now fill the shared worker's batches...",
         flush=True,

@@ -21,17 +21,20 @@ import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 from django.db import transaction
+from django.utils import timezone
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from controlplane.alerts import services as alerts
 from controlplane.alerts.models import WebhookEndpoint
 from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Deployment
+from controlplane.slo import selectors as slo_selectors
 from controlplane.slo import services as slo
 from controlplane.slo.models import Slo
 from controlplane.tenancy.models import InferenceKey, Tenant
@@ -61,6 +64,38 @@ class TourTenants:
     quiet_key: str
     noisy_key: str
     webhook_secret: str
+
+
+TPOT_HEADROOM = 3.0
+"""chat-tpot's threshold, in multiples of acme's TPOT p90 while globex is capped."""
+
+
+def calibrate_tpot_slo(quiet: Tenant, since: datetime) -> tuple[float, float] | None:
+    """Fit acme's TPOT threshold to this machine: TPOT_HEADROOM times the p90 measured
+    since `since` (globex capped); returns (p90, threshold), or None without enough data.
+
+    A CPU twice as fast halves every decode step, capped or not, so a fixed threshold
+    would page on a slow machine before globex is let loose, or never on a fast one.
+    """
+    now = timezone.now()
+    p90 = next(
+        (
+            row["p90"]
+            for row in slo_selectors.latency_percentiles(quiet.pk, since, now, now)
+            if row["metric"] == "tpot" and row["deployment_name"] == "chat" and row["count"] >= 50
+        ),
+        None,
+    )
+    if p90 is None:
+        return None
+    threshold = round(TPOT_HEADROOM * p90, 4)
+    slo.update_slo(
+        Slo.objects.get(tenant=quiet, name="chat-tpot"),
+        threshold_seconds=threshold,
+        display_name=f"Chat: 99% of requests stream at {threshold * 1000:.1f} ms or less "
+        "per output token",
+    )
+    return p90, threshold
 
 
 class WebhookReceiver:

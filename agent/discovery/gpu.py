@@ -1,4 +1,4 @@
-"""NVIDIA GPUs through NVML (nvidia-ml-py), with NUMA affinity from sysfs.
+"""NVIDIA GPUs through NVML (nvidia-ml-py), with NUMA affinity and PCIe root port from sysfs.
 
 A machine without the NVIDIA driver is an ordinary CPU node: NVML's "library not found"
 and "driver not loaded" mean zero GPUs, not a failure. NVML is passed in as an object of
@@ -21,7 +21,7 @@ from pynvml import (
     NVMLError_NotSupported,
 )
 
-from agent.discovery.sysfs import numa_node
+from agent.discovery.sysfs import numa_node, pci_root_port
 from agent.protocol import GpuFacts, MigMode
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class GpuCollector:
     def _gpu(self, index: int, driver: str, cuda: str) -> GpuFacts:
         handle = self.nvml.nvmlDeviceGetHandleByIndex(index)
         bus_id = normalise_pci_bus_id(self.nvml.nvmlDeviceGetPciInfo(handle).busId)
+        device_dir = self.sysfs_root / "bus/pci/devices" / bus_id
         return GpuFacts(
             index=index,
             uuid=self.nvml.nvmlDeviceGetUUID(handle),
@@ -102,7 +103,8 @@ class GpuCollector:
             memory_total_bytes=self.nvml.nvmlDeviceGetMemoryInfo(handle).total,
             mig_mode=self._mig_mode(handle),
             pci_bus_id=bus_id,
-            numa_node=numa_node(self.sysfs_root / "bus/pci/devices" / bus_id),
+            pci_root=pci_root_port(device_dir),
+            numa_node=numa_node(device_dir),
             driver_version=driver,
             cuda_driver_version=cuda,
         )

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.discovery.sysfs import natural_key, numa_node, read_int, read_text
+from agent.discovery.sysfs import natural_key, numa_node, pci_root_port, read_int, read_text
 from agent.protocol import DriveFacts
 
 log = logging.getLogger(__name__)
@@ -77,5 +77,6 @@ class NvmeCollector:
             capacity_bytes=sectors * _SECTOR_BYTES,
             logical_block_size=block_size,
             pci_bus_id=_required(controller / "address"),
+            pci_root=pci_root_port(controller / "device"),
             numa_node=numa_node(controller / "device"),
         )

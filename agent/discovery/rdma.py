@@ -2,7 +2,7 @@
 
 pyverbs needs rdma-core's native libraries, which most machines lack, so it is loaded only
 on demand (`load_pyverbs`) and the kernel's /sys/class/infiniband files give the same link
-facts. Location facts (PCI address, NUMA node, netdev, GID 0) come from sysfs either way:
+facts. Location facts (PCI address and root port, NUMA node, netdev, GID 0) come from sysfs either way:
 verbs does not report them.
 """
 
@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from agent.discovery.sysfs import natural_key, numa_node, pci_address, read_int, read_text
+from agent.discovery.sysfs import (
+    natural_key,
+    numa_node,
+    pci_address,
+    pci_root_port,
+    read_int,
+    read_text,
+)
 from agent.protocol import LinkLayer, NicFacts, PortState
 
 log = logging.getLogger(__name__)
@@ -205,6 +212,7 @@ class RdmaCollector:
             link_layer=link.link_layer,
             netdev=_netdev(parent, port),
             pci_bus_id=pci_address(parent),
+            pci_root=pci_root_port(parent),
             numa_node=numa_node(parent),
             gid=_gid0(ib_dir / "ports" / str(port)),
         )

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 _PCI_ADDRESS = re.compile(r"^[0-9a-f]{4,8}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+_HOST_BRIDGE = re.compile(r"^pci[0-9a-f]{4,8}:[0-9a-f]{2}$")
 
 
 def read_text(path: Path) -> str | None:
@@ -38,6 +39,27 @@ def pci_address(device_link: Path) -> str | None:
         return None
     name = device_link.resolve().name
     return name if _PCI_ADDRESS.match(name) else None
+
+
+def pci_root_port(device_dir: Path) -> str | None:
+    """The PCIe root port a PCI device sits under, from where its sysfs directory lives.
+
+    `/sys/bus/pci/devices/<bdf>` (and a class device's `device` link) resolves to
+    `/sys/devices/pci<domain>:<bus>/<root port>/.../<bdf>`: the first address after the
+    host bridge is the root port. A device right on the root bus (an integrated endpoint,
+    or a VM without emulated root ports) has no port above it and is reported as its own
+    root, so it shares a root with nothing else. Behind a VMD controller the path holds a
+    second host bridge (`pci10000:e0`); the last one counts, since it is the device's own
+    domain. None when the entry is missing or has no PCI parent (rxe, siw).
+    """
+    if not device_dir.exists():
+        return None
+    parts = device_dir.resolve().parts
+    bridges = [i for i, part in enumerate(parts) if _HOST_BRIDGE.match(part)]
+    if not bridges or not _PCI_ADDRESS.match(parts[-1]):
+        return None
+    below = parts[bridges[-1] + 1]
+    return below if _PCI_ADDRESS.match(below) else None
 
 
 def natural_key(name: str) -> tuple[str | int, ...]:

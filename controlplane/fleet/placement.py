@@ -12,12 +12,13 @@ need no database. The rules, in order:
    surplus stays unplaced with the reason "tenant quota: ...".
 3. Among the nodes that fit (ready, not drained, not another tenant's, labels, GPU
    model, GPU memory, free GPUs, storage pool), the best GPU set wins by topology:
-   most GPUs sharing their NUMA node with an active RDMA NIC, then with an NVMe drive,
-   then all GPUs on one NUMA node. The inventory holds no upstream-bridge facts, and a
-   bus id alone does not name its PCIe root port, so the NUMA node is the finest
-   locality known. Ties go to the deployment's strategy (spread: fewest replicas of it,
-   then fewest replicas in all; pack: most replicas of it, then fewest free GPUs), then
-   to the hostname.
+   most GPUs sharing their PCIe root port with an active RDMA NIC (GPUDirect RDMA then
+   stays below that port instead of crossing the CPU's interconnect), then their NUMA
+   node with one; then most sharing their root port with an NVMe drive, then their NUMA
+   node with one; then all GPUs on one NUMA node. Where agents report no root port the
+   root-port tiers count nothing and the NUMA tiers decide alone. Ties go to the
+   deployment's strategy (spread: fewest replicas of it, then fewest replicas in all;
+   pack: most replicas of it, then fewest free GPUs), then to the hostname.
 
 Every replica records why: `reason` in words, `explanation` as JSON.
 """
@@ -43,6 +44,10 @@ ALTERNATIVES = 3  # runner-up nodes shown in `explanation`
 
 def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _gpu_ids(indices: list[int]) -> str:
+    return f"GPU{'s' if len(indices) > 1 else ''} {','.join(str(i) for i in indices)}"
 
 
 def _gib(size: int) -> str:
@@ -88,11 +93,15 @@ class Usage:
 
 @dataclass(frozen=True)
 class GpuChoice:
-    """A set of free GPUs on one node, scored by what shares their NUMA nodes."""
+    """A set of free GPUs on one node, scored by what shares their root ports and NUMA nodes."""
 
     gpus: tuple[Any, ...]
+    nic_root: int
+    """GPUs whose PCIe root port has an active RDMA NIC under it."""
     near_nic: int
     """GPUs whose NUMA node has an active RDMA NIC."""
+    drive_root: int
+    """GPUs whose PCIe root port has an NVMe drive under it."""
     near_drive: int
     """GPUs whose NUMA node has an NVMe drive."""
     one_numa: bool
@@ -105,8 +114,9 @@ class GpuChoice:
         return [gpu.index for gpu in self.gpus]
 
     @property
-    def topology(self) -> tuple[int, int, int]:
-        return self.near_nic, self.near_drive, int(self.one_numa)
+    def topology(self) -> tuple[int, ...]:
+        """The score, strongest tier first."""
+        return self.nic_root, self.near_nic, self.drive_root, self.near_drive, int(self.one_numa)
 
 
 @dataclass
@@ -128,17 +138,21 @@ class NodeRoom:
     def __post_init__(self) -> None:
         self.nics_on: dict[int, list[str]] = defaultdict(list)
         self.drives_on: dict[int, list[str]] = defaultdict(list)
+        self.nics_under: dict[str, list[str]] = defaultdict(list)
+        """Active RDMA NICs by PCIe root port ("" and None, unknown, are left out)."""
+        self.drives_under: dict[str, list[str]] = defaultdict(list)
         for nic in self.nics:
-            active = nic.state.lower() == "active"
-            if (
-                active
-                and nic.numa_node is not None
-                and nic.device not in self.nics_on[nic.numa_node]
-            ):
+            if nic.state.lower() != "active":
+                continue
+            if nic.numa_node is not None and nic.device not in self.nics_on[nic.numa_node]:
                 self.nics_on[nic.numa_node].append(nic.device)
+            if nic.pci_root and nic.device not in self.nics_under[nic.pci_root]:
+                self.nics_under[nic.pci_root].append(nic.device)
         for drive in self.drives:
             if drive.numa_node is not None:
                 self.drives_on[drive.numa_node].append(drive.name)
+            if drive.pci_root:
+                self.drives_under[drive.pci_root].append(drive.name)
 
     @property
     def free_gpus(self) -> int:
@@ -154,7 +168,7 @@ class NodeRoom:
         """The best free GPU set for one replica, or why the node has none."""
         wanted = deployment.gpus_per_replica
         if wanted == 0:
-            return GpuChoice((), 0, 0, False, 0)
+            return GpuChoice((), 0, 0, 0, 0, one_numa=False, fit=0)
         model = deployment.gpu_model
         label = f"{model} GPUs" if model else "GPUs"
         matching = [g for g in self.gpus if model.lower() in g.name.lower()]
@@ -183,11 +197,12 @@ class NodeRoom:
 
     def _options(self, free: list[Any], wanted: int) -> list[GpuChoice]:
         """Candidate sets among GPUs of one model: each NUMA node that holds enough on its
-        own, and one set across NUMA nodes, best-wired first."""
+        own, and one set across NUMA nodes, best-wired first (by NUMA node, then within
+        one by root port)."""
         if len(free) < wanted:
             return []
         by_numa: dict[int | None, list[Any]] = defaultdict(list)
-        for gpu in free:
+        for gpu in sorted(free, key=lambda g: (-self._root_nearness(g.pci_root), g.index)):
             by_numa[gpu.numa_node].append(gpu)
         options = [
             self._choice(group[:wanted], len(group))
@@ -196,7 +211,7 @@ class NodeRoom:
         ]
         ordered = sorted(
             by_numa.values(),
-            key=lambda g: (-self._nearness(g[0].numa_node), -len(g), g[0].index),
+            key=lambda g: (-self._nearness(g[0].numa_node), -len(g), min(x.index for x in g)),
         )
         options.append(
             self._choice([gpu for group in ordered for gpu in group][:wanted], len(free))
@@ -208,13 +223,20 @@ class NodeRoom:
             return 0
         return 2 * bool(self.nics_on.get(numa)) + bool(self.drives_on.get(numa))
 
+    def _root_nearness(self, root: str | None) -> int:
+        if not root:
+            return 0
+        return 2 * bool(self.nics_under.get(root)) + bool(self.drives_under.get(root))
+
     def _choice(self, gpus: list[Any], fit: int) -> GpuChoice:
         numas = {g.numa_node for g in gpus}
         return GpuChoice(
             gpus=tuple(sorted(gpus, key=lambda g: g.index)),
+            nic_root=sum(1 for g in gpus if g.pci_root and self.nics_under.get(g.pci_root)),
             near_nic=sum(
                 1 for g in gpus if g.numa_node is not None and self.nics_on.get(g.numa_node)
             ),
+            drive_root=sum(1 for g in gpus if g.pci_root and self.drives_under.get(g.pci_root)),
             near_drive=sum(
                 1 for g in gpus if g.numa_node is not None and self.drives_on.get(g.numa_node)
             ),
@@ -222,15 +244,30 @@ class NodeRoom:
             fit=fit,
         )
 
+    def _shared_roots(self, choice: GpuChoice) -> list[dict[str, Any]]:
+        """Each known root port of the chosen GPUs with what else sits under it."""
+        gpus_under: dict[str, list[int]] = defaultdict(list)
+        for gpu in choice.gpus:
+            if gpu.pci_root:
+                gpus_under[gpu.pci_root].append(gpu.index)
+        return [
+            {
+                "root": root,
+                "gpus": gpus,
+                "rdma_nics": list(self.nics_under.get(root, [])),
+                "nvme_drives": list(self.drives_under.get(root, [])),
+            }
+            for root, gpus in sorted(gpus_under.items(), key=lambda item: item[1])
+        ]
+
     def describe(self, choice: GpuChoice) -> str:
-        """The chosen GPUs and their NUMA neighbours in words."""
+        """The chosen GPUs and their NUMA and root-port neighbours in words."""
         if not choice.gpus:
             return "no GPUs needed"
         parts = []
         by_numa = sorted(choice.gpus, key=lambda g: (g.numa_node is None, g.numa_node or 0))
         for numa, group in groupby(by_numa, key=lambda g: g.numa_node):
-            members = list(group)
-            ids = f"GPU{'s' if len(members) > 1 else ''} {','.join(str(g.index) for g in members)}"
+            ids = _gpu_ids([g.index for g in group])
             if numa is None:
                 parts.append(f"{ids} (NUMA node unknown)")
                 continue
@@ -244,6 +281,15 @@ class NodeRoom:
                 if near
                 else f"{ids} on NUMA {numa} with no RDMA NIC or NVMe drive there"
             )
+        for shared in self._shared_roots(choice):
+            near = " and ".join(
+                ", ".join(names) for names in (shared["rdma_nics"], shared["nvme_drives"]) if names
+            )
+            if near:
+                verb = "share" if len(shared["gpus"]) > 1 else "shares"
+                parts.append(
+                    f"{_gpu_ids(shared['gpus'])} {verb} PCIe root port {shared['root']} with {near}"
+                )
         memory = min(g.memory_total_bytes for g in choice.gpus)
         return f"{'; '.join(parts)}, {choice.gpus[0].name} ({_gib(memory)})"
 
@@ -256,8 +302,11 @@ class NodeRoom:
             "numa_nodes": numas,
             "rdma_nics": [nic for numa in numas for nic in self.nics_on.get(numa, [])],
             "nvme_drives": [drive for numa in numas for drive in self.drives_on.get(numa, [])],
+            "pcie_roots": self._shared_roots(choice),
             "topology": {
+                "gpus_same_root_as_rdma_nic": choice.nic_root,
                 "gpus_near_rdma_nic": choice.near_nic,
+                "gpus_same_root_as_nvme_drive": choice.drive_root,
                 "gpus_near_nvme_drive": choice.near_drive,
                 "one_numa_node": choice.one_numa,
             },

@@ -101,6 +101,7 @@ class GpuAdmin(HardwareAdmin):
         "memory_total_bytes",
         "mig_mode",
         "pci_bus_id",
+        "pci_root",
         "numa_node",
     ]
     list_filter = ["name", "mig_mode", "numa_node"]
@@ -109,14 +110,23 @@ class GpuAdmin(HardwareAdmin):
 
 @admin.register(Nic)
 class NicAdmin(HardwareAdmin):
-    list_display = ["node", "device", "port", "state", "speed_gbps", "link_layer", "numa_node"]
+    list_display = [
+        "node",
+        "device",
+        "port",
+        "state",
+        "speed_gbps",
+        "link_layer",
+        "pci_root",
+        "numa_node",
+    ]
     list_filter = ["state", "link_layer", "numa_node"]
     search_fields = ["device", "netdev", "node__hostname"]
 
 
 @admin.register(Drive)
 class DriveAdmin(HardwareAdmin):
-    list_display = ["node", "name", "model", "capacity_bytes", "numa_node"]
+    list_display = ["node", "name", "model", "capacity_bytes", "pci_root", "numa_node"]
     list_filter = ["model", "numa_node"]
     search_fields = ["serial", "model", "node__hostname"]
 

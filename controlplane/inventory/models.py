@@ -93,6 +93,9 @@ class Gpu(NodePart):
     memory_total_bytes = models.PositiveBigIntegerField()
     mig_mode = models.CharField(max_length=16, choices=MigMode.choices, default=MigMode.UNSUPPORTED)
     pci_bus_id = models.CharField(max_length=32)
+    pci_root = models.CharField(
+        max_length=32, blank=True, help_text="PCIe root port above it; empty where unknown."
+    )
     driver_version = models.CharField(max_length=64, blank=True)
 
     class Meta:
@@ -119,6 +122,9 @@ class Nic(NodePart):
     link_layer = models.CharField(max_length=16, choices=LinkLayer.choices)
     netdev = models.CharField(max_length=64, blank=True)
     pci_bus_id = models.CharField(max_length=32, blank=True)
+    pci_root = models.CharField(
+        max_length=32, blank=True, help_text="PCIe root port above it; empty where unknown."
+    )
 
     class Meta:
         ordering = ["node", "device", "port"]
@@ -142,6 +148,9 @@ class Drive(NodePart):
     capacity_bytes = models.PositiveBigIntegerField()
     logical_block_size = models.PositiveIntegerField(default=512)
     pci_bus_id = models.CharField(max_length=32, blank=True)
+    pci_root = models.CharField(
+        max_length=32, blank=True, help_text="PCIe root port above it; empty where unknown."
+    )
 
     class Meta:
         ordering = ["node", "name"]

@@ -38,9 +38,12 @@ def link(root: Path, relative: str, target: str) -> None:
     os.symlink(target, path)
 
 
-def _pci_function(sys: Path, address: str, numa_node: int) -> str:
-    """Create /sys/devices/pci<domain>:<bus>/<address> with its numa_node; return its path."""
-    device = f"devices/pci{address[:7]}/{address}"
+def _pci_function(sys: Path, address: str, numa_node: int, *upstream: str) -> str:
+    """Create /sys/devices/pci<domain>:<bus>/<upstream bridges...>/<address> with its
+    numa_node; return its path. `upstream` starts at the root port; none puts the function
+    right on the root bus."""
+    host_bridge = f"pci{(upstream or (address,))[0][:7]}"
+    device = "/".join(("devices", host_bridge, *upstream, address))
     write(sys, f"{device}/numa_node", f"{numa_node}\n")
     link(sys, f"bus/pci/devices/{address}", f"../../../{device}")
     return device
@@ -183,10 +186,17 @@ L4 = FakeGpu(
 )
 
 
+H100_ROOT = "0000:14:01.0"
+"""The root port above H100's PCIe switch, which mlx5_0 sits behind too."""
+H100_SWITCH = (H100_ROOT, "0000:15:00.0", "0000:16:00.0")
+"""Root port, switch upstream port, switch downstream port."""
+
+
 def gpu_pci_tree(sys: Path) -> None:
-    """PCI functions of H100 (node 0), A100_MIG (node 1); L4's sysfs reports no affinity."""
-    _pci_function(sys, "0000:17:00.0", 0)
-    _pci_function(sys, "0000:b1:00.0", 1)
+    """PCI functions of H100 (node 0, behind a switch), A100_MIG (node 1, right below its
+    root port); L4's sysfs reports no affinity and it sits on the root bus itself."""
+    _pci_function(sys, "0000:17:00.0", 0, *H100_SWITCH)
+    _pci_function(sys, "0000:b1:00.0", 1, "0000:b0:01.0")
     _pci_function(sys, "0000:ca:00.0", -1)
 
 
@@ -357,19 +367,20 @@ RDMA_PORTS = [
 
 
 def rdma_tree(sys: Path) -> None:
-    """mlx5_0 (IB, node 0), mlx5_1 (RoCE, no affinity), mlx5_2 (dual-port IB, node 1),
-    mlx5_10 (IB, node 0, no netdev), rxe0 (soft RoCE, no PCI parent)."""
-    pci = {
-        "mlx5_0": ("0000:17:00.1", 0, {"ibp23s0f1": 0}),
-        "mlx5_1": ("0000:31:00.0", -1, {"ens1f0np0": 0}),
-        "mlx5_2": ("0000:4b:00.0", 1, {"ibp75s0": 0, "ibp75s0d1": 1}),
-        "mlx5_10": ("0000:9a:00.0", 0, {}),
+    """mlx5_0 (IB, node 0, behind H100's switch), mlx5_1 (RoCE, no affinity), mlx5_2
+    (dual-port IB, node 1), mlx5_10 (IB, node 0, no netdev, behind a switch), rxe0 (soft
+    RoCE, no PCI parent)."""
+    pci: dict[str, tuple[str, int, dict[str, int], tuple[str, ...]]] = {
+        "mlx5_0": ("0000:17:00.1", 0, {"ibp23s0f1": 0}, H100_SWITCH),
+        "mlx5_1": ("0000:31:00.0", -1, {"ens1f0np0": 0}, ("0000:30:02.0",)),
+        "mlx5_2": ("0000:4b:00.0", 1, {"ibp75s0": 0, "ibp75s0d1": 1}, ("0000:4a:01.0",)),
+        "mlx5_10": ("0000:9a:00.0", 0, {}, ("0000:97:01.0", "0000:98:00.0", "0000:99:08.0")),
     }
     ib_dirs: dict[str, str] = {}
     for device in dict.fromkeys(port.device for port in RDMA_PORTS):
         if device in pci:
-            address, node, netdevs = pci[device]
-            function = _pci_function(sys, address, node)
+            address, node, netdevs, upstream = pci[device]
+            function = _pci_function(sys, address, node, *upstream)
             ib_dirs[device] = f"{function}/infiniband/{device}"
             link(sys, f"{ib_dirs[device]}/device", f"../../../{address}")
             for netdev, dev_port in netdevs.items():
@@ -446,13 +457,14 @@ def _namespace(sys: Path, directory: str, name: str, sectors: int, block_size: i
 
 def nvme_tree(sys: Path) -> None:
     """nvme0: PCIe, node 0, one 512-byte namespace. nvme1: PCIe with native multipath, no
-    affinity, two 4 KiB namespaces. nvme2: NVMe/TCP (remote, not a local drive).
-    nvme10: PCIe, node 1, namespace sorts after nvme2n1 only with natural ordering."""
-    ctrl0 = _pci_function(sys, "0000:c1:00.0", 0) + "/nvme/nvme0"
+    affinity, two 4 KiB namespaces; both below root ports of host bridge pci0000:c0.
+    nvme2: NVMe/TCP (remote, not a local drive). nvme10: PCIe, node 1, behind a switch in
+    domain 0001, namespace sorts after nvme2n1 only with natural ordering."""
+    ctrl0 = _pci_function(sys, "0000:c1:00.0", 0, "0000:c0:01.1") + "/nvme/nvme0"
     _controller(sys, ctrl0, transport="pcie", address="0000:c1:00.0")
     _namespace(sys, f"{ctrl0}/nvme0n1", "nvme0n1", 7_501_476_528, 512)
 
-    ctrl1 = _pci_function(sys, "0000:c2:00.0", -1) + "/nvme/nvme1"
+    ctrl1 = _pci_function(sys, "0000:c2:00.0", -1, "0000:c0:01.2") + "/nvme/nvme1"
     _controller(sys, ctrl1, transport="pcie", address="0000:c2:00.0")
     subsystem = "devices/virtual/nvme-subsystem/nvme-subsys1"
     for nsid in (1, 2):
@@ -463,7 +475,10 @@ def nvme_tree(sys: Path) -> None:
     _controller(sys, ctrl2, transport="tcp", address="traddr=10.0.0.5,trsvcid=4420")
     _namespace(sys, f"{ctrl2}/nvme2n1", "nvme2n1", 2_000_000, 512)
 
-    ctrl10 = _pci_function(sys, "0001:03:00.0", 1) + "/nvme/nvme10"
+    ctrl10 = (
+        _pci_function(sys, "0001:03:00.0", 1, "0001:00:03.0", "0001:01:00.0", "0001:02:01.0")
+        + "/nvme/nvme10"
+    )
     _controller(sys, ctrl10, transport="pcie", address="0001:03:00.0")
     _namespace(sys, f"{ctrl10}/nvme10n1", "nvme10n1", 1_000_215_216, 512)
 

@@ -43,6 +43,10 @@ def test_whole_fake_machine(tmp_path: Path) -> None:
         ("0000:b1:00.0", 1),
     ]
     assert len(inventory.nics) == len(RDMA_PORTS)
+    # H100 and mlx5_0 sit behind one switch, so under one root port; nothing else does.
+    assert inventory.gpus[0].pci_root == inventory.nics[0].pci_root == "0000:14:01.0"
+    others = [g.pci_root for g in inventory.gpus[1:]] + [n.pci_root for n in inventory.nics[1:]]
+    assert "0000:14:01.0" not in others
     assert [d.name for d in inventory.drives] == ["nvme0n1", "nvme1n1", "nvme1n2", "nvme10n1"]
     assert Inventory.model_validate_json(inventory.model_dump_json()) == inventory
 

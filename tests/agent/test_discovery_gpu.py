@@ -51,6 +51,7 @@ def test_gpus_through_nvml(tmp_path: Path) -> None:
             memory_total_bytes=85_520_809_984,
             mig_mode="disabled",
             pci_bus_id="0000:17:00.0",
+            pci_root="0000:14:01.0",  # above the switch, not the switch's own ports
             numa_node=0,
             **common,
         ),
@@ -61,6 +62,7 @@ def test_gpus_through_nvml(tmp_path: Path) -> None:
             memory_total_bytes=85_899_345_920,
             mig_mode="enabled",
             pci_bus_id="0000:b1:00.0",
+            pci_root="0000:b0:01.0",
             numa_node=1,
             **common,
         ),
@@ -71,6 +73,7 @@ def test_gpus_through_nvml(tmp_path: Path) -> None:
             memory_total_bytes=24_152_899_584,
             mig_mode="unsupported",
             pci_bus_id="0000:ca:00.0",
+            pci_root="0000:ca:00.0",  # on the root bus itself: its own root
             numa_node=None,
             **common,
         ),
@@ -78,8 +81,9 @@ def test_gpus_through_nvml(tmp_path: Path) -> None:
     assert nvml.shutdowns == 1 and not nvml.initialised
 
 
-def test_gpu_without_sysfs_entry_has_no_numa_node(tmp_path: Path) -> None:
-    assert GpuCollector(FakeNvml([H100]), tmp_path).collect()[0].numa_node is None
+def test_gpu_without_sysfs_entry_has_no_numa_node_or_root(tmp_path: Path) -> None:
+    (gpu,) = GpuCollector(FakeNvml([H100]), tmp_path).collect()
+    assert gpu.numa_node is None and gpu.pci_root is None
 
 
 @pytest.mark.parametrize(

@@ -20,22 +20,22 @@ def test_local_namespaces_in_natural_order(tmp_path: Path) -> None:
         DriveFacts(
             name="nvme0n1", model=MODEL, serial="S64HNE0T12340", firmware="GDC5602Q",
             capacity_bytes=7_501_476_528 * 512, logical_block_size=512,
-            pci_bus_id="0000:c1:00.0", numa_node=0,
+            pci_bus_id="0000:c1:00.0", pci_root="0000:c0:01.1", numa_node=0,
         ),
         DriveFacts(
             name="nvme1n1", model=MODEL, serial="S64HNE0T12341", firmware="GDC5602Q",
             capacity_bytes=1_875_385_008 * 8 * 512, logical_block_size=4096,
-            pci_bus_id="0000:c2:00.0", numa_node=None,
+            pci_bus_id="0000:c2:00.0", pci_root="0000:c0:01.2", numa_node=None,
         ),
         DriveFacts(
             name="nvme1n2", model=MODEL, serial="S64HNE0T12341", firmware="GDC5602Q",
             capacity_bytes=1_875_385_008 * 8 * 512, logical_block_size=4096,
-            pci_bus_id="0000:c2:00.0", numa_node=None,
+            pci_bus_id="0000:c2:00.0", pci_root="0000:c0:01.2", numa_node=None,
         ),
         DriveFacts(
             name="nvme10n1", model=MODEL, serial="S64HNE0T12340", firmware="GDC5602Q",
             capacity_bytes=1_000_215_216 * 512, logical_block_size=512,
-            pci_bus_id="0001:03:00.0", numa_node=1,
+            pci_bus_id="0001:03:00.0", pci_root="0001:00:03.0", numa_node=1,
         ),
     ]  # fmt: skip
 

@@ -16,30 +16,35 @@ EXPECTED = [
     NicFacts(
         device="mlx5_0", port=1, state="active", speed_gbps=200.0, width="4X",
         link_layer="InfiniBand", netdev="ibp23s0f1", pci_bus_id="0000:17:00.1", numa_node=0,
+        pci_root="0000:14:01.0",
         gid="fe80:0000:0000:0000:a088:c203:0045:6a2c",
     ),
     NicFacts(
         device="mlx5_1", port=1, state="active", speed_gbps=100.0, width="4X",
         link_layer="Ethernet", netdev="ens1f0np0", pci_bus_id="0000:31:00.0", numa_node=None,
+        pci_root="0000:30:02.0",
         gid="fe80:0000:0000:0000:0e42:a1ff:fe2b:3c4d",
     ),
     NicFacts(
         device="mlx5_2", port=1, state="active", speed_gbps=400.0, width="4X",
         link_layer="InfiniBand", netdev="ibp75s0", pci_bus_id="0000:4b:00.0", numa_node=1,
+        pci_root="0000:4a:01.0",
         gid="fe80:0000:0000:0000:a088:c203:0045:7b10",
     ),
     NicFacts(
         device="mlx5_2", port=2, state="down", speed_gbps=2.5, width="1X",
         link_layer="InfiniBand", netdev="ibp75s0d1", pci_bus_id="0000:4b:00.0", numa_node=1,
+        pci_root="0000:4a:01.0",
         gid=None,
     ),
     NicFacts(
         device="mlx5_10", port=1, state="init", speed_gbps=40.0, width="4X",
         link_layer="InfiniBand", netdev=None, pci_bus_id="0000:9a:00.0", numa_node=0, gid=None,
+        pci_root="0000:97:01.0",
     ),
     NicFacts(
         device="rxe0", port=1, state="active", speed_gbps=10.0, width="1X",
-        link_layer="Ethernet", netdev=None, pci_bus_id=None, numa_node=None,
+        link_layer="Ethernet", netdev=None, pci_bus_id=None, pci_root=None, numa_node=None,
         gid="fe80:0000:0000:0000:5054:00ff:fe12:3456",
     ),
 ]  # fmt: skip

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from controlplane.inventory.models import Gpu, Node
+from controlplane.inventory.services import create_bootstrap_token
+from tests.agent.samples import inventory as sample_inventory
 from tests.controlplane.conftest import World, make_node
+from tests.controlplane.test_agent_api import as_node, enroll
 
 
 def test_operator_edits_labels_and_maintenance(world: World, client_for: Any) -> None:
@@ -102,3 +106,47 @@ def test_listing_1000_nodes_with_8_gpus_is_a_bounded_number_of_queries(
     assert sum(len(row["gpus"]) for row in body["results"]) == 8000
     # auth + membership scope + count + nodes + 4 hardware prefetches, independent of N
     assert len(queries) <= 12, [q["sql"][:120] for q in queries.captured_queries]
+
+
+def test_reported_pcie_root_ports_are_shown_and_unknown_ones_are_blank(
+    world: World, client_for: Any
+) -> None:
+    token = create_bootstrap_token(name="t", tenant=world.tenant_a).secret
+    credential = enroll(token).json()["node_credential"]
+    agent = as_node(credential)
+    facts = sample_inventory()
+    rooted = facts.model_copy(
+        update={
+            "gpus": [facts.gpus[0].model_copy(update={"pci_root": "0000:15:01.0"})],
+            "nics": [facts.nics[0].model_copy(update={"pci_root": "0000:15:01.0"})],
+            "drives": [facts.drives[0].model_copy(update={"pci_root": "0000:c0:01.1"})],
+        }
+    )
+    client = client_for(world.admin_a)
+
+    def roots() -> tuple[str, str, str]:
+        (node,) = client.get("/api/v1/nodes/").json()["results"]
+        return (
+            node["gpus"][0]["pci_root"],
+            node["nics"][0]["pci_root"],
+            node["drives"][0]["pci_root"],
+        )
+
+    for body, expected in [
+        (rooted.model_dump(mode="json"), ("0000:15:01.0", "0000:15:01.0", "0000:c0:01.1")),
+        (facts.model_dump(mode="json"), ("", "", "")),  # an agent that reports no roots
+    ]:
+        response = agent.post(
+            "/api/v1/agent/inventory/", json.dumps(body), content_type="application/json"
+        )
+        assert response.status_code in (200, 202, 204), response.content
+        assert roots() == expected
+    gpus = client.get("/api/v1/gpus/").json()["results"]
+    assert [g["pci_root"] for g in gpus] == [""]
+
+    body = rooted.model_dump(mode="json")
+    body["gpus"][0]["pci_root"] = "pci0000:15"
+    response = agent.post(
+        "/api/v1/agent/inventory/", json.dumps(body), content_type="application/json"
+    )
+    assert response.status_code == 400 and "gpus.0.pci_root" in response.json(), response.content

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from controlplane.fleet.models import Replica
-from controlplane.fleet.placement import plan
+from controlplane.fleet.placement import NodeRoom, plan
 from tests.controlplane.test_placement import deployment, fresh, new_replica, placed_on, room
 
 GIB = 2**30
 TWO_NUMA = [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def rooted(node: NodeRoom, gpus: dict[int, str | None], parts: dict[str, str | None]) -> NodeRoom:
+    """`node` with PCIe root ports: `gpus` by index, `parts` NICs and drives by name."""
+    for gpu in node.gpus:
+        gpu.pci_root = gpus.get(gpu.index, gpu.pci_root)
+    for part in [*node.nics, *node.drives]:
+        name = getattr(part, "device", None) or part.name
+        part.pci_root = parts.get(name, part.pci_root)
+    return node
 
 
 def test_a_node_whose_gpus_share_numa_with_nic_and_nvme_beats_one_that_does_not() -> None:
@@ -25,10 +37,13 @@ def test_a_node_whose_gpus_share_numa_with_nic_and_nvme_beats_one_that_does_not(
     explained = replica.explanation
     assert explained["rdma_nics"] == ["mlx5_0"] and explained["nvme_drives"] == ["nvme0n1"]
     assert explained["topology"] == {
+        "gpus_same_root_as_rdma_nic": 0,  # no root ports reported: the NUMA tiers decide
         "gpus_near_rdma_nic": 2,
+        "gpus_same_root_as_nvme_drive": 0,
         "gpus_near_nvme_drive": 2,
         "one_numa_node": True,
     }
+    assert explained["pcie_roots"] == []
     (runner_up,) = explained["alternatives"]
     assert runner_up["node"] == "a-far"
     assert "GPUs 0,1 on NUMA 1 with no RDMA NIC or NVMe drive there" in runner_up["summary"]
@@ -133,3 +148,127 @@ def test_topology_comes_before_the_strategy() -> None:
     saved, _ = plan([deployment(replicas=3)], fresh(plain, wired), [], new_replica)
     # Both of the wired node's GPUs go first, spread or not; then the plain node.
     assert placed_on(saved) == ["b-wired", "b-wired", "a-plain"]
+
+
+def test_a_node_whose_nic_shares_the_gpus_root_port_beats_one_alike_in_numa() -> None:
+    # Alike by NUMA: GPUs, NIC and drive all on NUMA 0. Only b's NIC is under GPU 0's port.
+    gpus = {0: "0000:15:01.0", 1: "0000:25:01.0"}
+    apart = rooted(
+        room("a-apart", 2, numa=[0, 0], nics={"mlx5_0": 0}, drives={"nvme0n1": 0}),
+        gpus,
+        {"mlx5_0": "0000:35:01.0", "nvme0n1": "0000:45:01.0"},
+    )
+    together = rooted(
+        room("b-together", 2, numa=[0, 0], nics={"mlx5_0": 0}, drives={"nvme0n1": 0}),
+        gpus,
+        {"mlx5_0": "0000:15:01.0", "nvme0n1": "0000:45:01.0"},
+    )
+    (replica,), _ = plan([deployment(replicas=1, gpus=2)], fresh(apart, together), [], new_replica)
+
+    assert replica.node.hostname == "b-together" and replica.gpu_indices == [0, 1]
+    assert replica.reason.startswith(
+        "placed on b-together: GPUs 0,1 on NUMA 0 with mlx5_0 and nvme0n1 (same NUMA); "
+        "GPU 0 shares PCIe root port 0000:15:01.0 with mlx5_0, NVIDIA H100 80GB HBM3 (80 GiB); "
+    ), replica.reason
+    explained = replica.explanation
+    assert explained["topology"] == {
+        "gpus_same_root_as_rdma_nic": 1,
+        "gpus_near_rdma_nic": 2,
+        "gpus_same_root_as_nvme_drive": 0,
+        "gpus_near_nvme_drive": 2,
+        "one_numa_node": True,
+    }
+    assert explained["pcie_roots"] == [
+        {"root": "0000:15:01.0", "gpus": [0], "rdma_nics": ["mlx5_0"], "nvme_drives": []},
+        {"root": "0000:25:01.0", "gpus": [1], "rdma_nics": [], "nvme_drives": []},
+    ]
+    (runner_up,) = explained["alternatives"]
+    assert runner_up["node"] == "a-apart" and "PCIe root port" not in runner_up["summary"]
+
+
+def test_a_shared_root_port_outweighs_a_shared_numa_node() -> None:
+    # A single-socket machine reports no NUMA node, yet its GPUs and NIC share a switch.
+    numa_only = room("a-numa", 2, numa=[0, 0], nics={"mlx5_0": 0}, drives={"nvme0n1": 0})
+    one_switch = rooted(
+        room("b-switch", 2, numa=[None, None], nics={"mlx5_0": None}),
+        {0: "0000:15:01.0", 1: "0000:15:01.0"},
+        {"mlx5_0": "0000:15:01.0"},
+    )
+    (replica,), _ = plan(
+        [deployment(replicas=1, gpus=2)], fresh(numa_only, one_switch), [], new_replica
+    )
+    assert replica.node.hostname == "b-switch"
+    assert "GPUs 0,1 share PCIe root port 0000:15:01.0 with mlx5_0" in replica.reason
+    assert replica.explanation["topology"]["gpus_same_root_as_rdma_nic"] == 2
+
+
+def test_within_a_numa_node_gpus_under_the_nic_then_the_drive_come_first() -> None:
+    # Every GPU shares NUMA 0 with the NIC and the drive; root ports tell them apart. The
+    # down port under GPU 0's root port counts for nothing.
+    node = rooted(
+        room(
+            "gpu-a",
+            4,
+            numa=[0, 0, 0, 0],
+            nics={"mlx5_1": 0},
+            down_nics={"mlx5_0": 0},
+            drives={"nvme0n1": 0},
+        ),
+        {i: f"0000:{0x15 + 0x10 * i:02x}:01.0" for i in range(4)},
+        {"mlx5_0": "0000:15:01.0", "mlx5_1": "0000:35:01.0", "nvme0n1": "0000:25:01.0"},
+    )
+    saved, _ = plan([deployment(replicas=4, gpus=1)], fresh(node), [], new_replica)
+    assert [r.gpu_indices for r in saved] == [[2], [1], [0], [3]]
+    assert "GPU 2 shares PCIe root port 0000:35:01.0 with mlx5_1" in saved[0].reason
+    assert "GPU 1 shares PCIe root port 0000:25:01.0 with nvme0n1" in saved[1].reason
+    assert saved[1].explanation["topology"]["gpus_same_root_as_nvme_drive"] == 1
+    assert "shares PCIe root port" not in saved[2].reason
+
+
+def _fleet() -> list[NodeRoom]:
+    return [
+        room("a", 8, numa=TWO_NUMA, nics={"mlx5_0": 1}, drives={"nvme0n1": 0}),
+        room("b", 4, numa=[0, 1, 0, 1], nics={"mlx5_0": 0, "mlx5_1": 1}),
+        room("c", 4, numa=[0, 0, 0, 0], drives={"nvme0n1": 0, "nvme1n1": 0}),
+        room("d", 2),
+    ]
+
+
+def _outcome(saved: list[Replica]) -> list[tuple[Any, ...]]:
+    return [
+        (
+            r.node and r.node.hostname,
+            r.gpu_indices,
+            r.reason,
+            {k: v for k, v in r.explanation.items() if k != "pcie_roots"},
+        )
+        for r in saved
+    ]
+
+
+def test_unknown_or_unshared_root_ports_leave_the_numa_ranking_as_it_was() -> None:
+    work = [deployment(replicas=3, gpus=2), deployment(replicas=4, gpus=1)]
+    unknown, _ = plan(work, fresh(*_fleet()), [], new_replica)
+    assert placed_on(unknown) == ["b", "a", "a", "b", "b", "c", "a"]  # as before root ports
+
+    # Every device under its own root port (a VM's flat bus): nothing shares, nothing moves.
+    flat = [
+        rooted(
+            r,
+            {g.index: f"0000:{0x10 + g.index:02x}:00.0" for g in r.gpus},
+            {
+                p: f"0000:{0x80 + i:02x}:00.0"
+                for i, p in enumerate(["mlx5_0", "mlx5_1", "nvme0n1", "nvme1n1"])
+            },
+        )
+        for r in _fleet()
+    ]
+    unshared, _ = plan(work, fresh(*flat), [], new_replica)
+    assert _outcome(unshared) == _outcome(unknown)
+    assert unshared[0].explanation["pcie_roots"] != []
+
+    # None (facts from an agent that predates root ports) reads as unknown too.
+    none = [
+        rooted(r, dict.fromkeys(range(8)), dict.fromkeys(["mlx5_0", "nvme0n1"])) for r in _fleet()
+    ]
+    assert _outcome(plan(work, fresh(*none), [], new_replica)[0]) == _outcome(unknown)

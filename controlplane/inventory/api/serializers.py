@@ -25,6 +25,7 @@ class GpuSerializer(serializers.ModelSerializer):
             "memory_total_bytes",
             "mig_mode",
             "pci_bus_id",
+            "pci_root",
             "numa_node",
             "driver_version",
         ]
@@ -45,6 +46,7 @@ class NicSerializer(serializers.ModelSerializer):
             "link_layer",
             "netdev",
             "pci_bus_id",
+            "pci_root",
             "numa_node",
         ]
         read_only_fields = fields
@@ -63,6 +65,7 @@ class DriveSerializer(serializers.ModelSerializer):
             "capacity_bytes",
             "logical_block_size",
             "pci_bus_id",
+            "pci_root",
             "numa_node",
         ]
         read_only_fields = fields

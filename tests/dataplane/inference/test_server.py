@@ -99,7 +99,10 @@ def test_stop_string_ends_the_request_early(worker: WorkerProcess) -> None:
         .choices[0]
         .text
     )
-    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    # Early in the text: two greedy runs agree token for token only while no near-tie
+    # resolves differently (float sums of differently shaped batches), so the later the
+    # stop string, the likelier the second run never writes it.
+    stop = full[6:9]
     cut = c.completions.create(
         model="synthetic", prompt="Once upon", max_tokens=40, stop=[stop], **GREEDY
     )
