@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from django.conf import global_settings
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
@@ -69,6 +70,13 @@ def make_node(hostname: str, tenant: Any = None, gpus: int = 0) -> Node:
         for i in range(gpus)
     )
     return node
+
+
+def give_password(user: Any, password: str, settings: Any) -> None:
+    """Hash with Django's default hasher: the server processes do not use the tests' fast one."""
+    settings.PASSWORD_HASHERS = global_settings.PASSWORD_HASHERS
+    user.set_password(password)
+    user.save()
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ from typing import Any
 from django.contrib.auth import get_user_model
 
 from controlplane.inventory.models import Nic
-from tests.browser import chromium, screenshot_path
+from tests.browser import chromium, screenshot_path, sign_in
 from tests.controlplane.conftest import World, make_node
 
 
@@ -29,10 +29,7 @@ def test_operator_browses_nodes_and_cannot_edit_discovered_facts(
 
     with chromium() as browser:
         page = browser.new_page()
-        page.goto(f"{live_server.url}/admin/")
-        page.fill("#id_username", "platform")
-        page.fill("#id_password", "operator-pass")
-        page.click("input[type=submit]")
+        sign_in(page, f"{live_server.url}/admin/", "platform", "operator-pass")
         page.goto(f"{live_server.url}/admin/inventory/node/?q=gpu-node")
         assert "none (0/0)" in page.locator("#result_list").inner_text()  # rollout column
         page.click("text=gpu-node-7")

@@ -13,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-from django.conf import global_settings
 from django.test import Client
 from websockets.sync.client import connect as websocket
 
@@ -23,8 +22,8 @@ from controlplane.fleet import services as fleet
 from controlplane.inventory.services import create_bootstrap_token
 from controlplane.storage.models import Volume
 from controlplane.telemetry import services, streams
-from tests.browser import chromium, screenshot_path
-from tests.controlplane.conftest import World, make_node
+from tests.browser import chromium, screenshot_path, sign_in
+from tests.controlplane.conftest import World, give_password, make_node
 from tests.controlplane.storage_helpers import make_pool
 from tests.controlplane.telemetry_helpers import batch, sketch_of
 from tests.e2e.stack import REPO, Stack, running_stack, wait_for
@@ -36,13 +35,6 @@ def chat(tenant: Any) -> Any:
     return fleet.create_deployment(
         tenant=tenant, name="chat", model_name="chat", artifact_uri="synthetic://chat"
     )
-
-
-def give_password(user: Any, password: str, settings: Any) -> None:
-    """Hash with Django's default hasher: the server processes do not use the tests' fast one."""
-    settings.PASSWORD_HASHERS = global_settings.PASSWORD_HASHERS
-    user.set_password(password)
-    user.save()
 
 
 def signed_in(user: Any) -> Client:
@@ -143,10 +135,7 @@ def test_every_page_draws_its_snapshot(
         page = browser.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(f"{live_server.url}/console/login/")
-        page.fill("#id_username", "admin-a")
-        page.fill("#id_password", "admin-pass")
-        page.click("button[type=submit]")
+        sign_in(page, f"{live_server.url}/console/login/", "admin-a", "admin-pass")
         row = f"#tenant-table tr[data-deployment='{deployment.pk}']"
         for path, shows in (
             ("/console/", ["#fleet-table :text('gpu-a')", "#fleet-table :text('62 %')"]),
@@ -303,10 +292,9 @@ def test_deployment_dashboard_follows_telemetry_live(
         chromium() as browser,
     ):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(f"{stack.url}/console/deployments/{deployment.pk}/")
-        page.fill("#id_username", "viewer-a")
-        page.fill("#id_password", "viewer-pass")
-        page.click("button[type=submit]")
+        sign_in(
+            page, f"{stack.url}/console/deployments/{deployment.pk}/", "viewer-a", "viewer-pass"
+        )
         page.wait_for_selector("#conn-state[data-state=live]", timeout=30_000)
         assert "tenant-a / chat" in page.inner_text("h1")
 

@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from django.conf import global_settings
 from django.contrib.auth import get_user_model
 from django.db import connection
 from django.test import Client
@@ -26,8 +25,8 @@ from controlplane.telemetry import selectors, services, streams
 from controlplane.telemetry.models import LatencyRollup
 from controlplane.tenancy.choices import Role
 from controlplane.tenancy.services import create_tenant, set_membership
-from tests.browser import chromium, screenshot_path
-from tests.controlplane.conftest import World, make_node
+from tests.browser import chromium, screenshot_path, sign_in
+from tests.controlplane.conftest import World, give_password, make_node
 from tests.controlplane.storage_helpers import make_pool
 from tests.controlplane.telemetry_helpers import sketch_of
 
@@ -339,18 +338,13 @@ def test_the_sharers_console_page_marks_the_shared_deployment_and_shows_its_coun
     """Rendering only (the WSGI live server has no WebSocket); needs frontend/dist built."""
     rag = deploy(world.tenant_b, "rag", make_node("gpu-b", world.tenant_b))
     services.store_batches([traffic(shared.node, 1, both_tenants(world, shared))])
-    settings.PASSWORD_HASHERS = global_settings.PASSWORD_HASHERS  # the server's own hasher
-    world.admin_b.set_password("admin-pass")
-    world.admin_b.save()
+    give_password(world.admin_b, "admin-pass", settings)
 
     with chromium() as browser:
         page = browser.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(f"{live_server.url}/console/login/")
-        page.fill("#id_username", "admin-b")
-        page.fill("#id_password", "admin-pass")
-        page.click("button[type=submit]")
+        sign_in(page, f"{live_server.url}/console/login/", "admin-b", "admin-pass")
         page.goto(f"{live_server.url}/console/tenants/{world.tenant_b.pk}/")
         row = f"#tenant-table tr[data-deployment='{shared.chat.pk}']"
         page.wait_for_selector(f"{row} :text('chat (shared)')", timeout=10_000)
