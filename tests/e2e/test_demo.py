@@ -69,9 +69,14 @@ def test_demo_serves_tours_the_noisy_neighbour_and_stops_cleanly(
         key = re.search(r"Inference key \(tenant acme\)\s+(\S+)", text).group(1)  # type: ignore[union-attr]
         worker = re.search(r"runs deployment 'chat' \(model demo-chat\) at (\S+)", text).group(1)  # type: ignore[union-attr]
         client = OpenAI(base_url=f"{worker}/v1", api_key=key)
+        # the synthetic model may sample its end token early; ignore_eos makes the length exact
         reply = client.chat.completions.create(
-            model="demo-chat", messages=[{"role": "user", "content": "hello"}], max_tokens=5
+            model="demo-chat",
+            messages=[{"role": "user", "content": "hello"}],
+            max_tokens=5,
+            extra_body={"ignore_eos": True},
         )
+        assert reply.choices[0].finish_reason == "length"
         assert reply.usage is not None and reply.usage.completion_tokens == 5
         nodes = httpx.get(f"{base}/api/v1/nodes/", headers={"Authorization": f"Bearer {token}"})
         assert nodes.status_code == 200

@@ -74,7 +74,7 @@ def test_deployment_change_reaches_both_agents(
             completion = httpx.post(
                 f"http://127.0.0.1:{replica['port']}/v1/completions",
                 headers={"Authorization": f"Bearer {key}"},
-                json={"model": "tiny-chat", "prompt": "hello", "max_tokens": 4},
+                json={"model": "tiny-chat", "prompt": "hello", "max_tokens": 4, "ignore_eos": True},
                 timeout=60,
             )
             assert completion.status_code == 200, completion.text
