@@ -42,7 +42,7 @@ from controlplane.inventory.models import Node
 from controlplane.storage import selectors as storage_selectors
 from controlplane.storage.render import render_storage
 from controlplane.tenancy import selectors as tenancy_selectors
-from controlplane.tenancy.models import InferenceKey, Tenant
+from controlplane.tenancy.models import QUOTA_FIELDS, InferenceKey, Tenant
 
 APPLY_TASK = "agent.apply_revision"
 FLEET_LOCK_ID = 0x7461696C  # one advisory lock serialises planning across processes
@@ -146,7 +146,7 @@ def replace_from_nodes(node_ids: Iterable[UUID], *, why: str) -> list[Revision]:
 def set_tenant_quota(tenant: Tenant, **quota: int | None) -> Tenant:
     """Change a tenant's caps (`max_gpus`, `max_replicas`; None is unlimited) and re-plan:
     lowering one unplaces the surplus, raising one places what waited."""
-    unknown = set(quota) - {"max_gpus", "max_replicas"}
+    unknown = set(quota) - set(QUOTA_FIELDS)
     assert not unknown, f"set_tenant_quota() changes only quota fields, not {sorted(unknown)}"
     core.update(tenant, **quota)
     reconcile_fleet(cause=f"quota of tenant {tenant.slug} changed")
@@ -271,7 +271,9 @@ def render_components(nodes: list[Node]) -> dict[UUID, Components]:
     policies = tenancy_selectors.policies_for(tenant_ids)
     keys: dict[UUID, list[str]] = defaultdict(list)
     for tenant_id, digest in (
-        InferenceKey.objects.filter(tenant_id__in=tenant_ids, revoked_at__isnull=True)
+        InferenceKey.objects.filter(
+            tenant_id__in=tenant_ids, tenant__is_active=True, revoked_at__isnull=True
+        )
         .order_by("digest")
         .values_list("tenant_id", "digest")
     ):

@@ -3,6 +3,7 @@ from django.contrib import admin
 from controlplane.tenancy import services
 from controlplane.tenancy.models import (
     POLICY_FIELDS,
+    QUOTA_FIELDS,
     ApiToken,
     InferenceKey,
     Membership,
@@ -23,6 +24,24 @@ class TenantAdmin(admin.ModelAdmin):
     list_filter = ["is_active"]
     search_fields = ["slug", "name"]
     inlines = [MembershipInline]
+
+    def save_model(self, request, obj, form, change):  # noqa: ANN001, ANN201
+        """Suspension reaches the workers and quotas re-plan placement, so those changes
+        go through their services rather than a plain save."""
+        from controlplane.fleet.services import set_tenant_quota  # fleet builds on tenancy
+
+        wanted = {
+            name: getattr(obj, name)
+            for name in ("is_active", *QUOTA_FIELDS)
+            if change and name in form.changed_data
+        }
+        for name in wanted:
+            setattr(obj, name, form.initial[name])
+        super().save_model(request, obj, form, change)
+        if "is_active" in wanted:
+            services.set_tenant_active(obj, wanted.pop("is_active"))
+        if wanted:
+            set_tenant_quota(obj, **wanted)
 
 
 @admin.register(TenantPolicy)

@@ -43,6 +43,9 @@ class Tenant(BaseModel):
         return self.slug
 
 
+QUOTA_FIELDS = ("max_gpus", "max_replicas")
+
+
 class Membership(TenantOwnedModel):
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memberships")
     user = models.ForeignKey(

@@ -46,11 +46,22 @@ def issue_api_token(*, user: Any, name: str, expires_at: datetime | None = None)
     return Issued(token, secret)
 
 
-def _keys_changed(tenant_id: Any) -> None:
+def _keys_changed(tenant_id: Any, cause: str = "inference keys changed") -> None:
     """Workers match keys themselves, so a key change is a fleet change."""
     from controlplane.fleet.services import reconcile_fleet  # fleet builds on tenancy
 
-    reconcile_fleet(cause="inference keys changed", tenants=[tenant_id])
+    reconcile_fleet(cause=cause, tenants=[tenant_id])
+
+
+@transaction.atomic
+def set_tenant_active(tenant: Tenant, active: bool) -> Tenant:
+    """Suspend or resume a tenant. A suspended tenant's inference keys stop working on
+    every worker serving it and nothing new may be created for it; its members still read
+    what it has, so its history and reports stay at hand."""
+    if tenant.is_active != active:
+        core.update(tenant, is_active=active)
+        _keys_changed(tenant.pk, f"tenant {tenant.slug} {'resumed' if active else 'suspended'}")
+    return tenant
 
 
 @transaction.atomic

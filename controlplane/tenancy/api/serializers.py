@@ -13,18 +13,19 @@ from controlplane.core.api import SecretSerializer, StrictSerializer, WritableTe
 from controlplane.core.scoping import is_platform_admin
 from controlplane.tenancy.models import (
     POLICY_FIELDS,
+    QUOTA_FIELDS,
     ApiToken,
     InferenceKey,
     Membership,
     Tenant,
     TenantPolicy,
 )
-
-QUOTA_FIELDS = ("max_gpus", "max_replicas")
+from controlplane.tenancy.services import set_tenant_active
 
 
 class TenantSerializer(StrictSerializer):
-    """Quotas are read by the tenant's members and set by platform admins alone."""
+    """Quotas and suspension (`is_active`) are read by the tenant's members and set by
+    platform admins alone."""
 
     class Meta:
         model = Tenant
@@ -41,11 +42,15 @@ class TenantSerializer(StrictSerializer):
         read_only_fields = ["id", "created_at", "updated_at"]
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        request = self.context.get("request")
+        admin = is_platform_admin(request.user if request else None)
+        if self.instance is not None and "is_active" in attrs and not admin:
+            if attrs["is_active"] != self.instance.is_active:
+                raise PermissionDenied("Only platform admins suspend or resume tenants.")
         quota = [name for name in QUOTA_FIELDS if name in attrs]
         if not quota:
             return attrs
-        request = self.context.get("request")
-        if not is_platform_admin(request.user if request else None):
+        if not admin:
             raise PermissionDenied("Only platform admins change tenant quotas.")
         if self.instance is None:
             raise serializers.ValidationError(
@@ -54,12 +59,16 @@ class TenantSerializer(StrictSerializer):
         return attrs
 
     def update(self, instance: Tenant, validated_data: dict[str, Any]) -> Tenant:
-        """Quota changes re-plan placement, so they go through the fleet's service."""
+        """Quota changes re-plan placement and suspension reaches the workers, so both go
+        through their services."""
         from controlplane.fleet.services import set_tenant_quota  # fleet builds on tenancy
 
         quota = {name: validated_data.pop(name) for name in QUOTA_FIELDS if name in validated_data}
+        active = validated_data.pop("is_active", None)
         with transaction.atomic():
             instance = super().update(instance, validated_data)
+            if active is not None:
+                set_tenant_active(instance, active)
             if quota:
                 set_tenant_quota(instance, **quota)
         return instance
