@@ -1,0 +1,91 @@
+"""The demo tour's pieces on their own: fitting acme's TPOT threshold to the machine from
+what its workers measured, and the receiver that keeps only verified webhooks."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from django.utils import timezone
+from standardwebhooks import Webhook
+
+from controlplane import tour
+from controlplane.fleet import services as fleet
+from controlplane.fleet.models import Deployment
+from controlplane.slo.models import Slo
+from controlplane.telemetry.models import LatencyRollup
+from controlplane.telemetry.services import bucket_of
+from controlplane.tenancy.services import seed_demo
+from dataplane.sketch import LatencySketch
+
+
+@pytest.fixture
+def acme(db: Any) -> Any:
+    tenant = seed_demo().tenant
+    fleet.create_deployment(
+        tenant=tenant, name="chat", model_name="demo-chat", artifact_uri="synthetic://chat"
+    )
+    tour.seed_tour(tenant, "http://127.0.0.1:9/alerts")
+    return tenant
+
+
+def record_tpot(tenant: Any, seconds: list[float], ago_s: float) -> None:
+    sketch = LatencySketch()
+    for value in seconds:
+        sketch.add(value)
+    LatencyRollup.objects.create(
+        resolution=10,
+        bucket=bucket_of(timezone.now() - timedelta(seconds=ago_s), 10),
+        tenant=tenant,
+        deployment=Deployment.objects.get(tenant=tenant, name="chat"),
+        metric="tpot",
+        count=sketch.count,
+        sketch=sketch.to_bytes(),
+    )
+
+
+def test_the_tpot_threshold_is_fitted_to_what_acme_measured_since_the_start(acme: Any) -> None:
+    started = timezone.now() - timedelta(seconds=60)
+    record_tpot(acme, [0.010] * 40, ago_s=600)  # before the tour: not counted
+    record_tpot(acme, [0.001 * (i % 10 + 1) for i in range(30)], ago_s=40)
+    assert tour.calibrate_tpot_slo(acme, started) is None  # 30 requests are too few to fit
+    record_tpot(acme, [0.001 * (i % 10 + 1) for i in range(30)], ago_s=20)
+
+    fitted = tour.calibrate_tpot_slo(acme, started)
+    assert fitted is not None
+    p90, threshold = fitted
+    assert p90 == pytest.approx(0.009, rel=0.02)  # the DDSketch's 1 % accuracy, not 10 ms
+    assert threshold == round(tour.TPOT_HEADROOM * p90, 4)
+    slo = Slo.objects.get(tenant=acme, name="chat-tpot")
+    assert slo.threshold_seconds == threshold
+    assert f"{threshold * 1000:.1f} ms" in slo.display_name
+
+
+def test_the_receiver_keeps_verified_deliveries_and_refuses_the_rest(acme: Any) -> None:
+    printed: list[str] = []
+    receiver = tour.WebhookReceiver(lambda status, alert: printed.append(status))
+    receiver.secret = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    page = {"status": "firing", "labels": {"alertname": "SLOBurnRatePage", "tenant": "acme"}}
+    body = json.dumps({"alerts": [page]})
+    try:
+        signed = Webhook(receiver.secret).sign("msg_1", timezone.now(), body)
+        headers = {"webhook-id": "msg_1", "webhook-timestamp": str(int(timezone.now().timestamp()))}
+        forged = httpx.post(
+            receiver.url, content=body, headers={**headers, "webhook-signature": "v1,AAAA"}
+        )
+        assert forged.status_code == 401
+        assert receiver.received == [] and printed == ["unverified"]
+        assert not receiver.got("firing", "SLOBurnRatePage")
+
+        good = httpx.post(
+            receiver.url, content=body, headers={**headers, "webhook-signature": signed}
+        )
+        assert good.status_code == 204
+        assert receiver.got("firing", "SLOBurnRatePage")
+        assert not receiver.got("firing", "SLOBurnRatePage", since=1)
+        assert not receiver.got("resolved", "SLOBurnRatePage")
+    finally:
+        receiver.close()
