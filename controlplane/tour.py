@@ -119,11 +119,11 @@ class WebhookReceiver:
                     self.end_headers()
                     on_alert("unverified", {"error": str(exc)})
                     return
-                self.send_response(204)
-                self.end_headers()
-                for alert in payload.get("alerts", []):
+                for alert in payload.get("alerts", []):  # kept before the sender hears back
                     on_alert(alert["status"], alert)
                     receiver.received.append((alert["status"], alert))
+                self.send_response(204)
+                self.end_headers()
 
             def log_message(self, *args: Any) -> None:
                 """Deliveries are reported through on_alert, not access logs."""

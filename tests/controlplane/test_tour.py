@@ -16,6 +16,7 @@ from controlplane import tour
 from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Deployment
 from controlplane.slo.models import Slo
+from controlplane.telemetry.choices import Resolution
 from controlplane.telemetry.models import LatencyRollup
 from controlplane.telemetry.services import bucket_of
 from controlplane.tenancy.services import seed_demo
@@ -33,18 +34,24 @@ def acme(db: Any) -> Any:
 
 
 def record_tpot(tenant: Any, seconds: list[float], ago_s: float) -> None:
+    """As ingest does: the same sketch merged into every resolution's bucket."""
     sketch = LatencySketch()
     for value in seconds:
         sketch.add(value)
-    LatencyRollup.objects.create(
-        resolution=10,
-        bucket=bucket_of(timezone.now() - timedelta(seconds=ago_s), 10),
-        tenant=tenant,
-        deployment=Deployment.objects.get(tenant=tenant, name="chat"),
-        metric="tpot",
-        count=sketch.count,
-        sketch=sketch.to_bytes(),
-    )
+    when = timezone.now() - timedelta(seconds=ago_s)
+    for resolution in Resolution:
+        row, _ = LatencyRollup.objects.get_or_create(
+            resolution=resolution,
+            bucket=bucket_of(when, resolution),
+            tenant=tenant,
+            deployment=Deployment.objects.get(tenant=tenant, name="chat"),
+            metric="tpot",
+            defaults={"count": 0, "sketch": LatencySketch().to_bytes()},
+        )
+        merged = LatencySketch.from_bytes(bytes(row.sketch))
+        merged.merge(sketch)
+        row.count, row.sketch = merged.count, merged.to_bytes()
+        row.save()
 
 
 def test_the_tpot_threshold_is_fitted_to_what_acme_measured_since_the_start(acme: Any) -> None:
