@@ -71,7 +71,7 @@ def update_slo(slo: Slo, **changes: Any) -> Slo:
 def delete_slo(slo: Slo, now: datetime | None = None) -> None:
     status = SloStatus.objects.select_for_update().filter(slo=slo).first()
     if status is not None:
-        _sync(slo, status.firing, {}, now or timezone.now())
+        _sync(slo, status.firing, {}, {}, now or timezone.now())
     tenant_id, sli, name = slo.tenant_id, slo.sli, slo.name
     nodes: list[Any] = []
     if sli == Sli.STORAGE_READ:
@@ -162,6 +162,7 @@ def _evaluate_one(status: SloStatus, serving: list[Deployment], now: datetime) -
     status.burn_rates = {label: c.burn_rate(slo.objective) for label, c in counts.items()}
 
     wanted: dict[str, Firing] = {}
+    calm: dict[str, dict[str, str]] = {}
     base = {"tenant": slo.tenant.slug, "slo": slo.name}
     if slo.scope == Scope.DEPLOYMENT and slo.deployment is not None:
         base["deployment"] = slo.deployment.name
@@ -169,21 +170,23 @@ def _evaluate_one(status: SloStatus, serving: list[Deployment], now: datetime) -
     for rule in rules:
         long, short = counts[duration_label(rule.long)], counts[duration_label(rule.short)]
         rate_long, rate_short = long.burn_rate(slo.objective), short.burn_rate(slo.objective)
-        if long.total >= min_events and rate_long >= rule.factor and rate_short >= rule.factor:
-            labels = {"alertname": rule.alertname, **base, "window": duration_label(rule.long)}
-            wanted[_key(labels)] = Firing(
-                labels,
-                {
-                    "summary": f"SLO {slo.name} is burning its error budget at "
-                    f"{rate_long:.1f}x (threshold {rule.factor}x)",
-                    "description": f"Burn rate {rate_long:.2f}x over {duration_label(rule.long)} "
-                    f"and {rate_short:.2f}x over {duration_label(rule.short)}; "
-                    f"{whole.budget_remaining(slo.objective):.1%} of the "
-                    f"{window_label(slo.window)} budget remains.",
-                    "slo_id": str(slo.pk),
-                },
-                rule.severity,
-            )
+        labels = {"alertname": rule.alertname, **base, "window": duration_label(rule.long)}
+        burning = rate_long >= rule.factor and rate_short >= rule.factor
+        annotations = {
+            "summary": f"SLO {slo.name} is burning its error budget at "
+            f"{rate_long:.1f}x (threshold {rule.factor}x)"
+            if burning
+            else f"SLO {slo.name} burns its error budget under {rule.factor}x again",
+            "description": f"Burn rate {rate_long:.2f}x over {duration_label(rule.long)} "
+            f"and {rate_short:.2f}x over {duration_label(rule.short)}; "
+            f"{whole.budget_remaining(slo.objective):.1%} of the "
+            f"{window_label(slo.window)} budget remains.",
+            "slo_id": str(slo.pk),
+        }
+        if burning and long.total >= min_events:
+            wanted[_key(labels)] = Firing(labels, annotations, rule.severity)
+        else:
+            calm[_key(labels)] = annotations
     if whole.total >= min_events and status.budget_remaining_ratio <= 0:
         labels = {
             "alertname": AlertName.BUDGET_EXHAUSTED,
@@ -201,7 +204,7 @@ def _evaluate_one(status: SloStatus, serving: list[Deployment], now: datetime) -
             "ticket",
         )
     wanted.update(_no_data(slo, serving, now))
-    status.firing = _sync(slo, status.firing, wanted, now)
+    status.firing = _sync(slo, status.firing, wanted, calm, now)
     status.save()
 
 
@@ -247,9 +250,15 @@ def _no_data(slo: Slo, serving: list[Deployment], now: datetime) -> dict[str, Fi
 
 
 def _sync(
-    slo: Slo, firing: dict[str, Any], wanted: dict[str, Firing], now: datetime
+    slo: Slo,
+    firing: dict[str, Any],
+    wanted: dict[str, Firing],
+    calm: dict[str, dict[str, str]],
+    now: datetime,
 ) -> dict[str, Any]:
-    """Fire what is newly wanted, resolve what no longer is; returns what now fires."""
+    """Fire what is newly wanted, resolve what no longer is; returns what now fires. A
+    resolved burn-rate alert says the rates it resolved at (`calm`), not its last firing
+    ones."""
     for key, alert in wanted.items():
         if key not in firing:
             sync_alert(
@@ -265,7 +274,7 @@ def _sync(
             sync_alert(
                 tenant=slo.tenant,
                 labels=previous["labels"],
-                annotations=previous["annotations"],
+                annotations=calm.get(key, previous["annotations"]),
                 severity=previous["severity"],
                 firing=False,
                 now=now,

@@ -92,6 +92,9 @@ def test_a_fast_burn_pages_and_resolves_as_the_short_windows_clear(
     assert ("SLOBurnRatePage", "6h") in _firing(world.tenant_a)
     resolved = Alert.objects.get(labels__window="1h")
     assert resolved.state == "resolved" and resolved.ends_at == now + timedelta(minutes=10)
+    # it says the rates it resolved at, not the ones it last fired at
+    assert resolved.annotations["summary"] == "SLO ttft burns its error budget under 14.4x again"
+    assert "and 0.00x over 5m" in resolved.annotations["description"]
     # forty minutes on, the 30 min window is clean too; tickets wait for their 2 h and 6 h
     services.evaluate([serving.pk], now=now + timedelta(minutes=40))
     assert _firing(world.tenant_a) == {("SLOBurnRateTicket", "1d"), ("SLOBurnRateTicket", "3d")}
