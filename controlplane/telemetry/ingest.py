@@ -6,6 +6,9 @@ each node may queue at most `MAX_QUEUED` batches (beyond that the agent is told 
 and each flush takes at most `TAKE_PER_NODE` from every node in turn, so an agent
 backfilling an hour, or flooding, cannot delay anyone else's live batches by more than
 one flush.
+
+Gauges wait here in a `services.GaugeBuffer` until their 10 s bucket closes; with no
+batches to flush, the loop waits for the next bucket to fall due and writes it alone.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import logging
 import time
 import weakref
 from collections import OrderedDict, deque
+from contextlib import suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from asgiref.sync import sync_to_async
 from django.db import connection
@@ -40,11 +45,13 @@ class _Pending:
 
 
 class Ingestor:
-    """One per event loop; started on first use, its flush task ends when idle."""
+    """One per event loop; started on first use, its task ends when it holds nothing."""
 
     def __init__(self) -> None:
         self._queues: OrderedDict[object, deque[_Pending]] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
+        self._gauges = services.GaugeBuffer()
+        self._woken = asyncio.Event()
 
     def submit(self, batch: TelemetryBatch) -> asyncio.Future[TelemetryAck]:
         """The batch's ack, resolved after its flush committed (or at once if it must wait)."""
@@ -62,6 +69,7 @@ class Ingestor:
             )
             return ack
         queue.append(_Pending(batch, ack))
+        self._woken.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="telemetry-ingest")
         return ack
@@ -82,18 +90,20 @@ class Ingestor:
         return taken
 
     async def _run(self) -> None:
-        while self._queues:
+        while self._queues or self._gauges:
+            if not self._queues:
+                await self._idle()
+                continue
             started = time.monotonic()
             await self._flush(self._take())
-            if not self._queues:
-                break
-            await asyncio.sleep(max(0.0, MIN_FLUSH_INTERVAL_S - (time.monotonic() - started)))
+            if self._queues:
+                await asyncio.sleep(max(0.0, MIN_FLUSH_INTERVAL_S - (time.monotonic() - started)))
 
     async def _flush(self, pending: list[_Pending]) -> None:
         batches = [p.batch for p in pending]
         started = time.monotonic()
         try:
-            stored = await sync_to_async(_store, thread_sensitive=False)(batches)
+            stored = await sync_to_async(_store, thread_sensitive=False)(batches, self._gauges)
         except Exception:
             log.exception("storing %d telemetry batches failed; agents will retry", len(batches))
             for p in pending:
@@ -117,11 +127,33 @@ class Ingestor:
         except Exception:  # a live view missing a delta heals from its snapshot
             log.exception("publishing live telemetry deltas failed")
 
+    async def _idle(self) -> None:
+        """No batches: wait for one, or until a gauge bucket falls due and write that."""
+        due = self._gauges.next_due()
+        wait_s = 0.0 if due is None else (due - datetime.now(UTC)).total_seconds()
+        if wait_s > 0:
+            self._woken.clear()
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), wait_s)
+            return
+        try:
+            await sync_to_async(_store_gauges, thread_sensitive=False)(self._gauges)
+        except Exception:  # gauges are the one part allowed to be lost; never spin on them
+            dropped = self._gauges.take(datetime.now(UTC))
+            log.exception("storing gauges failed; dropped %d buckets", len(dropped.buckets))
 
-def _store(batches: list[TelemetryBatch]) -> services.Stored:
+
+def _store(batches: list[TelemetryBatch], gauges: services.GaugeBuffer) -> services.Stored:
     """Runs on an executor thread; its connection goes back (to the pool) after each flush."""
     try:
-        return services.store_batches(batches)
+        return services.store_batches(batches, gauges)
+    finally:
+        connection.close()
+
+
+def _store_gauges(gauges: services.GaugeBuffer) -> None:
+    try:
+        services.store_gauges(gauges)
     finally:
         connection.close()
 

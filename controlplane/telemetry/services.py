@@ -5,16 +5,24 @@ use it). It runs in one transaction under a lock shared by every ingesting proce
 merging a sketch into an existing rollup row cannot race; a batch whose sequence number
 the node already stored is answered `duplicate` and changes nothing, which is what makes
 resending after an outage safe.
+
+Gauges are the bulk of a batch and the least precious part of it. The WebSocket ingestor
+passes its `GaugeBuffer`: a node's open 10 s gauge bucket is then folded in memory and
+written once, after the bucket closed, instead of being read, folded and rewritten every
+flush. A crash loses at most those open buckets; latency sketches, SLO counts and counters
+are always written in the flush's own transaction.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -68,23 +76,36 @@ def ingest(batches: Sequence[TelemetryBatch]) -> list[TelemetryAck]:
     return stored.acks
 
 
+PUBLISH_CONCURRENCY = 16
+"""Deltas in flight to the channel layer at once: each costs a few Redis round trips, and
+one flush has one per node."""
+
+
 async def publish(deltas: Iterable[tuple[str, dict[str, Any]]]) -> None:
-    """Send each delta to its stream's group; the channel layer may drop some (by design)."""
+    """Send each delta to its stream's group, in order but several at a time; the channel
+    layer may drop some (by design)."""
     layer = get_channel_layer()
     if layer is None:
         return
-    for stream, payload in deltas:
-        await layer.group_send(
-            streams.group_name(stream), {"type": "live.delta", "stream": stream, "payload": payload}
-        )
+    slots = asyncio.Semaphore(PUBLISH_CONCURRENCY)
+
+    async def send(stream: str, payload: dict[str, Any]) -> None:
+        async with slots:
+            await layer.group_send(
+                streams.group_name(stream),
+                {"type": "live.delta", "stream": stream, "payload": payload},
+            )
+
+    await asyncio.gather(*(send(stream, payload) for stream, payload in deltas))
 
 
-def store_batches(batches: Sequence[TelemetryBatch]) -> Stored:
-    """Merge every new batch into the rollups; duplicates and invalid batches change nothing."""
-    with transaction.atomic():
-        if connection.vendor == "postgresql":
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_INGEST_LOCK])
+def store_batches(batches: Sequence[TelemetryBatch], gauges: GaugeBuffer | None = None) -> Stored:
+    """Merge every new batch into the rollups; duplicates and invalid batches change nothing.
+
+    With `gauges`, the batches' gauges join that buffer once committed, and the buffer's
+    closed buckets are written in this transaction; without, gauges are written at once.
+    """
+    with _ingest_transaction(gauges) as due:
         node_streams = _node_streams({b.node_id for b in batches})
         served = _deployment_tenants(batches)
         known_tenants = _known_tenants(batches, served)
@@ -106,16 +127,46 @@ def store_batches(batches: Sequence[TelemetryBatch]) -> Stored:
             acks.append(TelemetryAck(seq=batch.seq, outcome="stored"))
         stored = Stored(acks=acks)
         if accepted:
-            rollups = _Rollups.of(accepted)
+            rollups = _Rollups.of(accepted, with_gauges=gauges is None)
             rollups.write()
-            _advance_streams(node_streams, accepted)
+            if gauges is None:
+                _write_gauges(rollups.gauges)
+            else:
+                transaction.on_commit(lambda: gauges.add_batches(accepted))
+            _advance_streams(node_streams, accepted, gauges=gauges is None)
             stored.deltas = _deltas(accepted, node_streams, rollups)
             stored.slo_ids = rollups.slo_ids
             stored.newest = max(b.interval_end for b in accepted)
             if stored.slo_ids and apps.is_installed("controlplane.slo"):
                 slo_ids = sorted(stored.slo_ids)
                 transaction.on_commit(lambda: _evaluate_slos(slo_ids))
+        _write_due(due)
     return stored
+
+
+def store_gauges(gauges: GaugeBuffer, now: datetime | None = None) -> None:
+    """Write the buffer's buckets due by `now`, for an ingestor with no batches to flush."""
+    with _ingest_transaction(gauges, now) as due:
+        _write_due(due)
+
+
+@contextmanager
+def _ingest_transaction(
+    gauges: GaugeBuffer | None, now: datetime | None = None
+) -> Iterator[DueGauges]:
+    """A transaction holding the ingest lock; yields the gauge buckets of `gauges` that are
+    due, which go back into it if the transaction fails (callers run in autocommit mode)."""
+    due = DueGauges() if gauges is None else gauges.take(now or datetime.now(UTC))
+    try:
+        with transaction.atomic():
+            if connection.vendor == "postgresql":
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_INGEST_LOCK])
+            yield due
+    except BaseException:
+        if gauges is not None:
+            gauges.add(due)
+        raise
 
 
 def _evaluate_slos(slo_ids: list[str]) -> None:
@@ -127,11 +178,16 @@ def _evaluate_slos(slo_ids: list[str]) -> None:
 # --- validation and sequence numbers ---------------------------------------------------------
 
 
+_STREAM_FIELDS = ["last_seq", "seen_above", "batches", "last_interval_end"]
+
+
 def _node_streams(node_ids: set[UUID]) -> dict[UUID, NodeStream]:
     existing = {
         s.node_id: s
         for s in NodeStream.objects.select_for_update(of=("self",))
         .select_related("node")
+        # not the gauges, which most flushes replace (_advance_streams loads the few others)
+        .only(*_STREAM_FIELDS, "node__hostname", "node__status")
         .filter(node_id__in=node_ids)
     }
     missing = Node.objects.filter(pk__in=node_ids - existing.keys())
@@ -207,24 +263,45 @@ def _invalid(
     return None
 
 
-def _advance_streams(node_streams: dict[UUID, NodeStream], accepted: list[TelemetryBatch]) -> None:
+def _advance_streams(
+    node_streams: dict[UUID, NodeStream], accepted: list[TelemetryBatch], *, gauges: bool
+) -> None:
+    """Record the claimed sequence numbers, and the newest gauges unless `gauges` is False
+    (a GaugeBuffer writes those with the node's closed bucket; deltas still carry them)."""
     latest: dict[UUID, TelemetryBatch] = {}
     for batch in accepted:
         seen = latest.get(batch.node_id)
         if seen is None or batch.interval_end >= seen.interval_end:
             latest[batch.node_id] = batch
-    changed = [node_streams[node_id] for node_id in {b.node_id for b in accepted}]
+    changed = [node_streams[node_id] for node_id in latest]
+    behind: list[NodeStream] = []  # only older batches (a backfill): keep the stored gauges
     for stream in changed:
         newest = latest[stream.node_id]
         if stream.last_interval_end is None or newest.interval_end >= stream.last_interval_end:
             stream.last_interval_end = newest.interval_end
             stream.gauges = newest.gauges
+        elif "gauges" in stream.get_deferred_fields():
+            behind.append(stream)
+    if behind:
+        for node_id, gauges in NodeStream.objects.filter(
+            node_id__in=[s.node_id for s in behind]
+        ).values_list("node_id", "gauges"):
+            node_streams[node_id].gauges = gauges
     # One INSERT .. ON CONFLICT UPDATE: far cheaper than bulk_update's CASE per row and field.
+    # Every row exists (_node_streams made the missing ones), so without `gauges` the
+    # inserted values carry none: each JSON document costs psycopg dearly in that statement.
     NodeStream.objects.bulk_create(
-        changed,
+        [
+            NodeStream(
+                node_id=s.node_id,
+                **{name: getattr(s, name) for name in _STREAM_FIELDS},
+                gauges=s.gauges if gauges else {},
+            )
+            for s in changed
+        ],
         update_conflicts=True,
         unique_fields=["node"],
-        update_fields=["last_seq", "seen_above", "batches", "last_interval_end", "gauges"],
+        update_fields=_STREAM_FIELDS + (["gauges"] if gauges else []),
     )
 
 
@@ -250,6 +327,23 @@ GaugeStats = list[float]
 """[sum, count, min, max, last]"""
 
 
+def fold_reading(into: dict[str, GaugeStats], gauges: dict[str, float]) -> None:
+    """Fold one batch's gauge values in: `fold_gauge` of [value, 1, value, value, value],
+    inlined, since ingest does this for every gauge of every batch."""
+    for key, value in gauges.items():
+        have = into.get(key)
+        if have is None:
+            into[key] = [value, 1, value, value, value]
+            continue
+        have[0] += value
+        have[1] += 1
+        if value < have[2]:
+            have[2] = value
+        if value > have[3]:
+            have[3] = value
+        have[4] = value
+
+
 def fold_gauge(into: dict[str, GaugeStats], key: str, stats: GaugeStats) -> None:
     have = into.get(key)
     if have is None:
@@ -262,6 +356,84 @@ def fold_gauge(into: dict[str, GaugeStats], key: str, stats: GaugeStats) -> None
     have[4] = stats[4]
 
 
+GaugeBuckets = dict[tuple[datetime, UUID], dict[str, GaugeStats]]
+"""Gauges per (10 s bucket start, node)."""
+
+GAUGE_GRACE = timedelta(seconds=2)
+"""How long after a bucket's end its gauges are kept open for batches still on the way."""
+
+
+@dataclass
+class DueGauges:
+    """What a GaugeBuffer hands over for writing: closed buckets, and the newest gauges
+    (with their interval_end) of the nodes those belong to, for `NodeStream.gauges`."""
+
+    buckets: GaugeBuckets = field(default_factory=dict)
+    latest: dict[UUID, tuple[datetime, dict[str, float]]] = field(default_factory=dict)
+
+
+class GaugeBuffer:
+    """The open 10 s gauge buckets of the nodes one ingesting process serves.
+
+    Each bucket is written once it closed (after `GAUGE_GRACE`, plus a per-node offset of
+    up to one bucket so the fleet's rows spread over the flushes instead of all landing in
+    one); a batch arriving later for a written bucket opens it again, and the next write
+    folds into the row, as one from another process would. The node's newest gauges go to
+    `NodeStream.gauges` with it, so that copy is at most a bucket old (live deltas carry
+    every batch's). Not thread-safe: one ingestor's flushes use it one at a time.
+    """
+
+    def __init__(self) -> None:
+        self._held = DueGauges()
+
+    def __len__(self) -> int:
+        return len(self._held.buckets)
+
+    def add(self, due: DueGauges) -> None:
+        """Take back what a failed write could not store; the buffer may keep its dicts."""
+        for key, values in due.buckets.items():
+            into = self._held.buckets.get(key)
+            if into is None:
+                self._held.buckets[key] = values
+                continue
+            for name, stats in values.items():
+                fold_gauge(into, name, stats)
+        for node_id, (end, gauges) in due.latest.items():
+            self._note_latest(node_id, end, gauges)
+
+    def add_batches(self, batches: Iterable[TelemetryBatch]) -> None:
+        for batch in batches:
+            key = (bucket_of(_midpoint(batch), int(Resolution.TEN_SECONDS)), batch.node_id)
+            fold_reading(self._held.buckets.setdefault(key, {}), batch.gauges)
+            self._note_latest(batch.node_id, batch.interval_end, batch.gauges)
+
+    def _note_latest(self, node_id: UUID, end: datetime, gauges: dict[str, float]) -> None:
+        seen = self._held.latest.get(node_id)
+        if seen is None or end >= seen[0]:
+            self._held.latest[node_id] = (end, gauges)
+
+    def next_due(self) -> datetime | None:
+        """When the first bucket held falls due; None when none is."""
+        return min((self._due_at(*key) for key in self._held.buckets), default=None)
+
+    def take(self, now: datetime) -> DueGauges:
+        """Remove and return the buckets due by `now`."""
+        buckets = self._held.buckets
+        due = DueGauges({key: buckets[key] for key in buckets if now >= self._due_at(*key)})
+        for key in due.buckets:
+            del buckets[key]
+        for _, node_id in due.buckets:
+            if node_id in self._held.latest:
+                due.latest[node_id] = self._held.latest.pop(node_id)
+        return due
+
+    @staticmethod
+    def _due_at(bucket: datetime, node_id: UUID) -> datetime:
+        width = int(Resolution.TEN_SECONDS)
+        spread = timedelta(seconds=width * (node_id.int % 1000) / 1000)
+        return bucket + timedelta(seconds=width) + GAUGE_GRACE + spread
+
+
 @dataclass
 class _Rollups:
     """One flush's worth of merged measurements, keyed as the rollup tables are."""
@@ -269,15 +441,16 @@ class _Rollups:
     latency: dict[tuple[int, datetime, UUID, UUID | None, str], SketchSum]
     slo: dict[tuple[int, datetime, UUID, UUID | None], list[Any]]
     counters: dict[tuple[int, datetime, UUID, UUID | None, str], int]
-    gauges: dict[tuple[datetime, UUID], dict[str, GaugeStats]]
+    gauges: GaugeBuckets
 
     @property
     def slo_ids(self) -> set[str]:
         return {str(key[2]) for key in self.slo}
 
     @classmethod
-    def of(cls, batches: Sequence[TelemetryBatch]) -> _Rollups:
-        """Merge at 10 s first (one sum per series), then fold those into 1 min and 1 h."""
+    def of(cls, batches: Sequence[TelemetryBatch], *, with_gauges: bool = True) -> _Rollups:
+        """Merge at 10 s first (one sum per series), then fold those into 1 min and 1 h;
+        gauges too unless told not to (a GaugeBuffer will fold them)."""
         latency: dict[Any, SketchSum] = {}
         slo: dict[Any, list[Any]] = {}
         counters: dict[Any, int] = defaultdict(int)
@@ -302,9 +475,8 @@ class _Rollups:
                     counters[(ten, bucket, usage.tenant_id, usage.deployment_id, name)] += getattr(
                         usage, name
                     )
-            node_gauges = gauges[(bucket, batch.node_id)]
-            for key, value in batch.gauges.items():
-                fold_gauge(node_gauges, key, [value, 1, value, value, value])
+            if with_gauges:
+                fold_reading(gauges[(bucket, batch.node_id)], batch.gauges)
         for resolution in (int(Resolution.ONE_MINUTE), int(Resolution.ONE_HOUR)):
             for key, summed in list(latency.items()):
                 if key[0] == ten:
@@ -383,20 +555,47 @@ class _Rollups:
             fields=["value"],
         )
 
-        def fold_values(row: GaugeRollup, values: dict[str, GaugeStats]) -> None:
-            for key, stats in values.items():
-                fold_gauge(row.values, key, stats)
 
-        _upsert(
-            GaugeRollup,
-            {(int(Resolution.TEN_SECONDS), *k): v for k, v in self.gauges.items()},
-            key=lambda r: (r.resolution, r.bucket, r.node_id),
-            narrow={"node_id__in": {k[1] for k in self.gauges}},
-            build=lambda k, v: GaugeRollup(resolution=k[0], bucket=k[1], node_id=k[2], values=v),
-            merge=fold_values,
-            fields=["values"],
-            unique_fields=["resolution", "bucket", "node"],
+def _write_due(due: DueGauges) -> None:
+    """Write a GaugeBuffer's closed buckets, and the newest gauges of their nodes unless
+    another process has stored newer ones since (the node reconnected there)."""
+    _write_gauges(due.buckets)
+    if not due.latest:
+        return
+    stored_end = dict(
+        NodeStream.objects.filter(node_id__in=due.latest).values_list(
+            "node_id", "last_interval_end"
         )
+    )
+    NodeStream.objects.bulk_update(
+        [
+            NodeStream(node_id=node_id, gauges=gauges)
+            for node_id, (end, gauges) in due.latest.items()
+            if node_id in stored_end and (stored_end[node_id] is None or end >= stored_end[node_id])
+        ],
+        ["gauges"],
+        batch_size=500,
+    )
+
+
+def _write_gauges(buckets: GaugeBuckets) -> None:
+    """Fold 10 s gauge buckets into their rows (another process may have written the same
+    bucket of a node that reconnected there); callers hold the ingest lock."""
+
+    def fold_values(row: GaugeRollup, values: dict[str, GaugeStats]) -> None:
+        for key, stats in values.items():
+            fold_gauge(row.values, key, stats)
+
+    _upsert(
+        GaugeRollup,
+        {(int(Resolution.TEN_SECONDS), *k): v for k, v in buckets.items()},
+        key=lambda r: (r.resolution, r.bucket, r.node_id),
+        narrow={"node_id__in": {k[1] for k in buckets}},
+        build=lambda k, v: GaugeRollup(resolution=k[0], bucket=k[1], node_id=k[2], values=v),
+        merge=fold_values,
+        fields=["values"],
+        unique_fields=["resolution", "bucket", "node"],
+    )
 
 
 _Row = TypeVar("_Row", bound=models.Model)
@@ -519,13 +718,15 @@ def _deltas(
     node_streams: dict[UUID, NodeStream],
     rollups: _Rollups,
 ) -> list[tuple[str, dict[str, Any]]]:
-    deltas: list[tuple[str, dict[str, Any]]] = []
+    """Every stream's delta, the fleet's first: one message every node's row waits for,
+    where each node's own stream has at most a page or two watching."""
+    nodes: list[tuple[str, dict[str, Any]]] = []
     fleet = []
     for node_id in sorted({b.node_id for b in accepted}, key=str):
         stream = node_streams[node_id]
         t = stream.last_interval_end.timestamp() if stream.last_interval_end else time.time()
         point = {"t": t, "gauges": stream.gauges}
-        deltas.append(
+        nodes.append(
             (streams.node(node_id), {"type": "node.delta", "node_id": str(node_id), "point": point})
         )
         fleet.append(
@@ -536,7 +737,9 @@ def _deltas(
                 **point,
             }
         )
-    deltas.append((streams.FLEET, {"type": "fleet.delta", "nodes": fleet}))
+    deltas: list[tuple[str, dict[str, Any]]] = [
+        (streams.FLEET, {"type": "fleet.delta", "nodes": fleet})
+    ]
     for deployment_id, point in _points(accepted, rollups, lambda _, d: d).items():
         deltas.append(
             (
@@ -556,7 +759,7 @@ def _deltas(
                 {"type": "tenant.delta", "tenant_id": str(tenant_id), "deployments": points},
             )
         )
-    return deltas
+    return deltas + nodes
 
 
 _Key = TypeVar("_Key", bound=Hashable)

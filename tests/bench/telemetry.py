@@ -10,7 +10,8 @@ dashboard client logged in as a platform admin subscribes to the fleet stream; a
 end-to-end time is from its emission (its interval_end, on the agent's clock, which is
 this machine's) to the client receiving the delta that carries it. Prints the ingest
 rate over the measured seconds, e2e percentiles, and where the time goes: the
-control plane's flush times (from its /metrics), and CPU used by each process.
+control plane's flush times (from its /metrics), CPU used by each process, and the
+machine's load average (other work on a shared machine skews every figure).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import sys
 import time
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             "flush_mean_s": round(flush_sum / flushes, 4) if flushes else 0,
             "web_cpu_cores": round(cpu["web"], 2),
             "agents_cpu_cores": round(cpu["agents"], 2),
+            "load_average_1m": round(os.getloadavg()[0], 2),
         }
         report(results, args.json)
     return 0
