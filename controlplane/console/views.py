@@ -3,6 +3,7 @@ dashboard WebSocket; the server only decides whether the user may open it (else 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 from django.contrib.auth.mixins import LoginRequiredMixin
@@ -32,16 +33,16 @@ class ConsolePage(LoginRequiredMixin, TemplateView):
         return context
 
 
-class DashboardPage(ConsolePage):
+class DashboardPage(ConsolePage, ABC):
     """A live dashboard: `page` picks the frontend module, `snapshot` and `streams` feed it."""
 
     template_name = "console/dashboard.html"
     page: str
 
+    @abstractmethod
     def dashboard(self) -> dict[str, Any]:
         """The page's title, snapshot URL and fixed streams (the fleet and storage pages
-        add node streams from their snapshot); each page defines it."""
-        raise NotImplementedError(f"{type(self).__name__} must define dashboard()")
+        add node streams from their snapshot)."""
 
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
         context = super().get_context_data(**kwargs)

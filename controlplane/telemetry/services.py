@@ -328,20 +328,9 @@ GaugeStats = list[float]
 
 
 def fold_reading(into: dict[str, GaugeStats], gauges: dict[str, float]) -> None:
-    """Fold one batch's gauge values in: `fold_gauge` of [value, 1, value, value, value],
-    inlined, since ingest does this for every gauge of every batch."""
+    """Fold one batch's gauge values in, each a bucket of one reading."""
     for key, value in gauges.items():
-        have = into.get(key)
-        if have is None:
-            into[key] = [value, 1, value, value, value]
-            continue
-        have[0] += value
-        have[1] += 1
-        if value < have[2]:
-            have[2] = value
-        if value > have[3]:
-            have[3] = value
-        have[4] = value
+        fold_gauge(into, key, [value, 1, value, value, value])
 
 
 def fold_gauge(into: dict[str, GaugeStats], key: str, stats: GaugeStats) -> None:

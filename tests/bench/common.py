@@ -103,29 +103,13 @@ def start_web(procs: Processes, port: int, workers: int = 1) -> str:
 
 def start_simulated_fleet(procs: Processes, work: Path, url: str, agents: int, *extra: str) -> None:
     """`tailguard-agent simulate` with `agents` nodes; returns once all are ready with GPUs."""
+    from controlplane import processes
     from controlplane.inventory.models import Gpu, Node
     from controlplane.inventory.services import create_bootstrap_token
 
     bootstrap = create_bootstrap_token(name="bench", uses=agents).secret
     procs.spawn(
-        "agents",
-        [
-            sys.executable,
-            "-m",
-            "agent",
-            "--log-level",
-            "WARNING",
-            "simulate",
-            "--count",
-            str(agents),
-            "--control-plane",
-            url,
-            "--bootstrap-token",
-            bootstrap,
-            "--state-dir",
-            str(work / "agents"),
-            *extra,
-        ],
+        "agents", [*processes.simulated_nodes(url, bootstrap, work / "agents", agents), *extra]
     )
     print(f"waiting for {agents} simulated agents to enroll...", file=sys.stderr)
     wait(

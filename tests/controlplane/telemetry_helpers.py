@@ -28,6 +28,49 @@ def sketch_of(values: list[float]) -> str:
     return base64.b64encode(sketch.to_bytes()).decode()
 
 
+def one_second(
+    node: Node,
+    seq: int,
+    end: datetime,
+    *,
+    series: list[SeriesSketch],
+    usage: list[UsageCount],
+    gauges: dict[str, float],
+) -> TelemetryBatch:
+    """One second of `node`'s telemetry ending at `end`, as the agent sends it."""
+    return TelemetryBatch(
+        node_id=node.pk,
+        seq=seq,
+        interval_start=end - timedelta(seconds=1),
+        interval_end=end,
+        gauges=gauges,
+        series=series,
+        counters={},
+        usage=usage,
+    )
+
+
+def usage_count(
+    tenant_id: Any,
+    deployment_id: Any,
+    *,
+    completed: int,
+    failed: int = 0,
+    input_tokens: int = 0,
+    output_tokens: int = 0,
+) -> UsageCount:
+    return UsageCount(
+        tenant_id=tenant_id,
+        deployment_id=deployment_id,
+        completed=completed,
+        failed=failed,
+        rejected=0,
+        cancelled=0,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+    )
+
+
 def batch(
     node: Node,
     seq: int,
@@ -62,24 +105,19 @@ def batch(
             )
         )
         usage.append(
-            UsageCount(
-                tenant_id=deployment.tenant_id,
-                deployment_id=deployment.pk,
+            usage_count(
+                deployment.tenant_id,
+                deployment.pk,
                 completed=len(ttft),
-                failed=0,
-                rejected=0,
-                cancelled=0,
                 input_tokens=10 * len(ttft),
                 output_tokens=output_tokens,
             )
         )
-    return TelemetryBatch(
-        node_id=node.pk,
-        seq=seq,
-        interval_start=end - timedelta(seconds=1),
-        interval_end=end,
-        gauges=gauges if gauges is not None else {"gpu.0.utilization_pct": 50.0},
+    return one_second(
+        node,
+        seq,
+        end,
         series=series,
-        counters={},
         usage=usage,
+        gauges=gauges if gauges is not None else {"gpu.0.utilization_pct": 50.0},
     )

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
-from agent.protocol import SeriesSketch, TelemetryBatch, UsageCount
+from agent.protocol import SeriesSketch, TelemetryBatch
 from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Replica
 from controlplane.inventory.models import Node
@@ -19,7 +19,7 @@ from controlplane.storage.models import Volume
 from controlplane.telemetry import services
 from tests.controlplane.conftest import World, make_node
 from tests.controlplane.storage_helpers import make_pool
-from tests.controlplane.telemetry_helpers import sketch_of
+from tests.controlplane.telemetry_helpers import one_second, sketch_of, usage_count
 
 
 def telemetry(
@@ -44,26 +44,9 @@ def telemetry(
             if values
         ]
         usage = [
-            UsageCount(
-                **owner,
-                completed=len(ttft),
-                failed=failed,
-                rejected=0,
-                cancelled=0,
-                input_tokens=0,
-                output_tokens=output_tokens,
-            )
+            usage_count(**owner, completed=len(ttft), failed=failed, output_tokens=output_tokens)
         ]
-    return TelemetryBatch(
-        node_id=node.pk,
-        seq=seq,
-        interval_start=end - timedelta(seconds=1),
-        interval_end=end,
-        gauges=gauges or {},
-        series=series,
-        counters={},
-        usage=usage,
-    )
+    return one_second(node, seq, end, series=series, usage=usage, gauges=gauges or {})
 
 
 def store(*batches: TelemetryBatch) -> None:

@@ -16,7 +16,7 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
-from agent.protocol import SeriesSketch, TelemetryBatch, UsageCount
+from agent.protocol import SeriesSketch, TelemetryBatch
 from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Replica
 from controlplane.inventory.models import Node
@@ -28,7 +28,7 @@ from controlplane.tenancy.services import create_tenant, set_membership
 from tests.browser import chromium, screenshot_path, sign_in
 from tests.controlplane.conftest import World, give_password, make_node
 from tests.controlplane.storage_helpers import make_pool
-from tests.controlplane.telemetry_helpers import sketch_of
+from tests.controlplane.telemetry_helpers import one_second, sketch_of, usage_count
 
 Requests = dict[tuple[Any, Any], list[float]]
 """TTFTs (seconds) per (tenant, deployment) served in one batch."""
@@ -48,27 +48,8 @@ def traffic(
     for (tenant, deployment), ttfts in requests.items():
         ids = {"tenant_id": tenant.pk, "deployment_id": deployment.pk}
         series.append(SeriesSketch(**ids, metric="ttft", sketch=sketch_of(ttfts), thresholds=[]))
-        usage.append(
-            UsageCount(
-                **ids,
-                completed=len(ttfts),
-                failed=0,
-                rejected=0,
-                cancelled=0,
-                input_tokens=0,
-                output_tokens=10 * len(ttfts),
-            )
-        )
-    return TelemetryBatch(
-        node_id=node.pk,
-        seq=seq,
-        interval_start=end - timedelta(seconds=1),
-        interval_end=end,
-        gauges=gauges or {},
-        series=series,
-        counters={},
-        usage=usage,
-    )
+        usage.append(usage_count(**ids, completed=len(ttfts), output_tokens=10 * len(ttfts)))
+    return one_second(node, seq, end, series=series, usage=usage, gauges=gauges or {})
 
 
 def deploy(tenant: Any, name: str, node: Node, shared_with: tuple[Any, ...] = ()) -> Any:
