@@ -95,8 +95,9 @@ class ControlPlaneClient:
     async def post_telemetry(self, seq: int, batch_json: bytes) -> TelemetryAck:
         """POST one serialised TelemetryBatch (the WebSocket's fallback), answered as an ack.
 
-        200 carries the ack; 400 means rejected for good; 429 means retry after
-        Retry-After. Anything else (5xx, unreachable) raises ControlPlaneError: keep it.
+        200 and 422 (rejected for good) carry the ack, as the WebSocket would send it; any
+        other 400 is a batch the control plane cannot read, rejected too; 429 means retry
+        after Retry-After. Anything else (5xx, unreachable) raises ControlPlaneError: keep it.
         """
         headers = {**self._headers, "Content-Type": "application/json"}
         try:
@@ -105,7 +106,7 @@ class ControlPlaneClient:
             )
         except httpx.TransportError as exc:
             raise ControlPlaneError(0, f"control plane unreachable: {exc!r}") from exc
-        if response.status_code == 200:
+        if response.status_code in (200, 422):
             return TelemetryAck.model_validate_json(response.content)
         if response.status_code == 400:
             return TelemetryAck(seq=seq, outcome="rejected", reason=_detail(response))

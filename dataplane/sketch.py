@@ -9,6 +9,7 @@ read it; it carries the bins and zero count (hence the count) but not min/max/su
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from ddsketch import DDSketch
 from ddsketch.ddsketch import BaseDDSketch
 from ddsketch.pb.ddsketch_pb2 import DDSketch as DDSketchMessage
 from ddsketch.pb.proto import DDSketchProto
+from google.protobuf.message import DecodeError
 
 RELATIVE_ACCURACY = 0.01
 
@@ -115,6 +117,50 @@ class _Bins:
         if nonzero.size:
             store.contiguousBinIndexOffset = self.offset + int(nonzero[0])
             store.contiguousBinCounts.extend(self.counts[nonzero[0] : nonzero[-1] + 1].tolist())
+
+
+def _mapping_of(data: bytes) -> tuple[float, float, int]:
+    message = DDSketchMessage()
+    message.ParseFromString(data)
+    return message.mapping.gamma, message.mapping.indexOffset, message.mapping.interpolation
+
+
+_MAPPING = _mapping_of(LatencySketch().to_bytes())
+MAX_BIN_INDEX = 8192
+"""Far past any latency a sketch holds (1 ns to 10^6 s is about -1050 to 700 at 1%): a
+wider index range is forged, and would make a dense sum allocate without bound."""
+MAX_BINS = 8192
+
+
+def check_wire(data: bytes) -> None:
+    """Raise ValueError, in words a sender can act on, unless `data` is a sketch that
+    `SketchSum` can add: DDSketch protobuf of this module's index mapping, with finite,
+    non-negative counts in a bounded index range."""
+    message = DDSketchMessage()
+    try:
+        message.ParseFromString(data)
+    except DecodeError as exc:
+        raise ValueError(f"not a DDSketch protobuf message ({exc})") from None
+    mapping = message.mapping
+    if (mapping.gamma, mapping.indexOffset, mapping.interpolation) != _MAPPING:
+        raise ValueError(
+            f"index mapping gamma={mapping.gamma} differs from the {RELATIVE_ACCURACY:.0%} "
+            "relative-accuracy mapping every sketch here uses"
+        )
+    counts = [message.zeroCount]
+    for store in (message.positiveValues, message.negativeValues):
+        size = len(store.contiguousBinCounts) + len(store.binCounts)
+        if size > MAX_BINS:
+            raise ValueError(f"{size} bins in one store; at most {MAX_BINS}")
+        indexes = list(store.binCounts)
+        if store.contiguousBinCounts:
+            first = store.contiguousBinIndexOffset
+            indexes += [first, first + len(store.contiguousBinCounts) - 1]
+        if any(abs(i) > MAX_BIN_INDEX for i in indexes):
+            raise ValueError(f"a bin index outside -{MAX_BIN_INDEX}..{MAX_BIN_INDEX}")
+        counts += [*store.contiguousBinCounts, *store.binCounts.values()]
+    if not all(math.isfinite(c) and c >= 0 for c in counts):
+        raise ValueError("a bin count that is negative, infinite or NaN")
 
 
 class SketchSum:

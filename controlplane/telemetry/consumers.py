@@ -8,24 +8,23 @@ overtake each other; the agent matches them by `seq`.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any
 
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
-from pydantic import ValidationError
 
-from agent.protocol import TelemetryAck, TelemetryBatch
+from agent.protocol import TelemetryAck
 from controlplane.inventory.models import Node
 from controlplane.inventory.services import authenticate_node
 from controlplane.telemetry import metrics
 from controlplane.telemetry.ingest import ingestor
+from controlplane.telemetry.pipeline.validate import BatchRejected, parse_batch
+from controlplane.telemetry.services import Rejection
 
 log = logging.getLogger(__name__)
 
-MAX_FRAME_BYTES = 4 * 2**20
 CLOSE_UNAUTHENTICATED = 4401
 
 
@@ -67,17 +66,20 @@ class AgentTelemetryConsumer(AsyncWebsocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.node is None:
             return
-        raw = text_data if text_data is not None else (bytes_data or b"").decode(errors="replace")
-        problem, batch = _parse(raw)
-        if batch is not None and batch.node_id != self.node.pk:
-            problem = f"node_id {batch.node_id} is not this connection's node"
-        if problem is not None:
+        raw = text_data if text_data is not None else (bytes_data or b"")
+        try:
+            batch = parse_batch(raw)
+            if batch.node_id != self.node.pk:
+                raise BatchRejected(
+                    f"node_id {batch.node_id} is not this connection's node", batch.seq
+                )
+        except BatchRejected as exc:
             metrics.BATCHES.labels("rejected").inc()
-            log.warning("rejected a telemetry batch from %s: %s", self.node.hostname, problem)
-            ack = TelemetryAck(seq=_seq_of(raw), outcome="rejected", reason=problem)
+            log.warning("rejected a telemetry batch from %s: %s", self.node.hostname, exc.reason)
+            ingestor().count_rejection(Rejection(self.node.pk, exc.reason))
+            ack = TelemetryAck(seq=exc.seq, outcome="rejected", reason=exc.reason)
             await self.send(text_data=ack.model_dump_json())
             return
-        assert batch is not None
         ingestor().submit(batch).add_done_callback(self._send_ack)
 
     def _send_ack(self, done: asyncio.Future[TelemetryAck]) -> None:
@@ -90,24 +92,3 @@ class AgentTelemetryConsumer(AsyncWebsocketConsumer):
             await self.send(text_data=text)
         except Exception:  # the agent went away; it resends what it has no ack for
             log.debug("could not deliver a telemetry ack", exc_info=True)
-
-
-def _parse(raw: str) -> tuple[str | None, TelemetryBatch | None]:
-    if len(raw) > MAX_FRAME_BYTES:
-        return f"frame larger than {MAX_FRAME_BYTES} bytes", None
-    try:
-        return None, TelemetryBatch.model_validate_json(raw)
-    except ValidationError as exc:
-        return "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
-            for err in exc.errors()[:10]
-        ), None
-
-
-def _seq_of(raw: str) -> int:
-    """The seq of a batch too broken to parse, if it has one, so the agent can drop it."""
-    try:
-        seq = json.loads(raw).get("seq")
-    except (ValueError, AttributeError):
-        return 0
-    return seq if isinstance(seq, int) and 0 <= seq < 2**63 else 0

@@ -7,8 +7,9 @@ and each flush takes at most `TAKE_PER_NODE` from every node in turn, so an agen
 backfilling an hour, or flooding, cannot delay anyone else's live batches by more than
 one flush.
 
-Gauges wait here in a `services.GaugeBuffer` until their 10 s bucket closes; with no
-batches to flush, the loop waits for the next bucket to fall due and writes it alone.
+Gauges wait here in a `GaugeBuffer` until their 10 s bucket closes; with no batches to
+flush, the loop waits for the next bucket to fall due and writes it alone. Batches the
+connections refused before they got here are counted on their nodes with the next flush.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from django.db import connection
 
 from agent.protocol import TelemetryAck, TelemetryBatch
 from controlplane.telemetry import metrics, services
+from controlplane.telemetry.pipeline.gauges import GaugeBuffer
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,8 @@ class Ingestor:
     def __init__(self) -> None:
         self._queues: OrderedDict[object, deque[_Pending]] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
-        self._gauges = services.GaugeBuffer()
+        self._gauges = GaugeBuffer()
+        self._rejected: list[services.Rejection] = []
         self._woken = asyncio.Event()
 
     def submit(self, batch: TelemetryBatch) -> asyncio.Future[TelemetryAck]:
@@ -69,10 +72,19 @@ class Ingestor:
             )
             return ack
         queue.append(_Pending(batch, ack))
+        self._wake()
+        return ack
+
+    def count_rejection(self, rejection: services.Rejection) -> None:
+        """Count a batch refused before submit on its node, with the next flush."""
+        if len(self._rejected) < MAX_PER_FLUSH:  # past that, a flood: the reason is known
+            self._rejected.append(rejection)
+        self._wake()
+
+    def _wake(self) -> None:
         self._woken.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="telemetry-ingest")
-        return ack
 
     def _take(self) -> list[_Pending]:
         """Round-robin over nodes, at most TAKE_PER_NODE each, in arrival order per node."""
@@ -90,8 +102,8 @@ class Ingestor:
         return taken
 
     async def _run(self) -> None:
-        while self._queues or self._gauges:
-            if not self._queues:
+        while self._queues or self._rejected or self._gauges:
+            if not (self._queues or self._rejected):
                 await self._idle()
                 continue
             started = time.monotonic()
@@ -101,9 +113,12 @@ class Ingestor:
 
     async def _flush(self, pending: list[_Pending]) -> None:
         batches = [p.batch for p in pending]
+        rejected, self._rejected = self._rejected, []
         started = time.monotonic()
         try:
-            stored = await sync_to_async(_store, thread_sensitive=False)(batches, self._gauges)
+            stored = await sync_to_async(_store, thread_sensitive=False)(
+                batches, self._gauges, rejected
+            )
         except Exception:
             log.exception("storing %d telemetry batches failed; agents will retry", len(batches))
             for p in pending:
@@ -143,15 +158,17 @@ class Ingestor:
             log.exception("storing gauges failed; dropped %d buckets", len(dropped.buckets))
 
 
-def _store(batches: list[TelemetryBatch], gauges: services.GaugeBuffer) -> services.Stored:
+def _store(
+    batches: list[TelemetryBatch], gauges: GaugeBuffer, rejected: list[services.Rejection]
+) -> services.Stored:
     """Runs on an executor thread; its connection goes back (to the pool) after each flush."""
     try:
-        return services.store_batches(batches, gauges)
+        return services.store_batches(batches, gauges, rejected=rejected)
     finally:
         connection.close()
 
 
-def _store_gauges(gauges: services.GaugeBuffer) -> None:
+def _store_gauges(gauges: GaugeBuffer) -> None:
     try:
         services.store_gauges(gauges)
     finally:

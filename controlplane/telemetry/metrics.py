@@ -16,7 +16,7 @@ from django.conf import settings
 from django.db.models import Count
 from django.http import HttpRequest, HttpResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -51,7 +51,7 @@ GPU_GAUGES = {
 class FleetCollector(Collector):
     """Nodes, GPUs, deployments and replicas as stored, and each GPU's latest gauges."""
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         from controlplane.fleet.models import Deployment, Replica
         from controlplane.inventory.choices import NodeStatus
         from controlplane.inventory.models import Gpu, Node
@@ -86,6 +86,18 @@ class FleetCollector(Collector):
         replicas.add_metric(["true"], placed)
         replicas.add_metric(["false"], Replica.objects.count() - placed)
         yield replicas
+
+        rejected = CounterMetricFamily(
+            "tailguard_telemetry_rejected_batches",
+            "Telemetry batches refused for good per node: malformed, or naming what the node "
+            "does not serve (the node's telemetry API says why).",
+            labels=["node"],
+        )
+        for hostname, n in NodeStream.objects.filter(rejected_batches__gt=0).values_list(
+            "node__hostname", "rejected_batches"
+        ):
+            rejected.add_metric([hostname], n)
+        yield rejected
 
         families = {
             suffix: GaugeMetricFamily(name, doc, labels=["node", "gpu"])

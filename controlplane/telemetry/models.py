@@ -28,6 +28,12 @@ class NodeStream(models.Model):
     last_interval_end = models.DateTimeField(null=True, blank=True)
     batches = models.BigIntegerField(default=0, help_text="Batches stored since enrollment.")
     gauges = models.JSONField(default=dict, blank=True, help_text="The latest gauge values.")
+    rejected_batches = models.BigIntegerField(
+        default=0,
+        help_text="Batches refused for good: malformed, or naming what the node does not serve.",
+    )
+    last_rejection = models.TextField(blank=True, help_text="Why the latest refused batch was.")
+    last_rejected_at = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:
         return f"telemetry of {self.node_id} up to {self.last_seq}"

@@ -28,15 +28,10 @@ from controlplane.inventory.models import Node
 from controlplane.storage.models import Volume, wire_name
 from controlplane.telemetry import streams
 from controlplane.telemetry.choices import LatencyMetric, Resolution
-from controlplane.telemetry.models import CounterRollup, GaugeRollup, LatencyRollup
-from controlplane.telemetry.services import (
-    COMPACTION_LOOKBACK,
-    QUANTILES,
-    USAGE_FIELDS,
-    bucket_of,
-    fold_gauge,
-    latency_summary,
-)
+from controlplane.telemetry.models import CounterRollup, GaugeRollup, LatencyRollup, NodeStream
+from controlplane.telemetry.pipeline.merge import USAGE_FIELDS, bucket_of, fold_gauge
+from controlplane.telemetry.pipeline.publish import QUANTILES, latency_summary
+from controlplane.telemetry.retention import COMPACTION_LOOKBACK
 from controlplane.tenancy.models import Tenant
 from dataplane.sketch import LatencySketch
 
@@ -418,9 +413,21 @@ def node_snapshot(user: Any, node: Node, window_s: int) -> dict[str, Any]:
     return {
         "node": _node_facts(node, gauges)
         | {"gpus": list(node.gpus.order_by("index").values("index", "name", "memory_total_bytes"))},
+        "ingest": _ingest(node) if is_platform_admin(user) else None,
         "window_s": window_s,
         "resolution": resolution,
         "points": _gauge_points(node, resolution, _window_start(window_s, resolution), gauges),
+    }
+
+
+def _ingest(node: Node) -> dict[str, Any]:
+    """What became of the node's batches; reasons may name any tenant, so admins only."""
+    stream = getattr(node, "telemetry", None) or NodeStream(node=node)
+    return {
+        "batches": stream.batches,
+        "rejected_batches": stream.rejected_batches,
+        "last_rejection": stream.last_rejection,
+        "last_rejected_t": _t(stream.last_rejected_at),
     }
 
 

@@ -2,14 +2,14 @@
 
 from celery import shared_task
 
-from controlplane.telemetry import services
+from controlplane.telemetry import retention
 
 
 @shared_task(name="telemetry.prune_rollups")
 def prune_rollups() -> int:
-    return services.prune_rollups()
+    return retention.prune_rollups()
 
 
 @shared_task(name="telemetry.compact_gauges")
 def compact_gauges() -> int:
-    return services.compact_gauges()
+    return retention.compact_gauges()

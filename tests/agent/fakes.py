@@ -602,10 +602,7 @@ class TelemetryControlPlane:
             await _respond(send, status, {"detail": "busy"}, headers)
             return
         ack = self._answer(batch.seq, [])
-        if ack["outcome"] == "rejected":
-            await _respond(send, 400, {"detail": ack["reason"]})
-        else:
-            await _respond(send, 200, ack)
+        await _respond(send, 422 if ack["outcome"] == "rejected" else 200, ack)
 
 
 async def _respond(

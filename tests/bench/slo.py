@@ -408,10 +408,12 @@ def detect_to_webhook(args: argparse.Namespace, progress: tqdm) -> dict[str, Any
         from controlplane.alerts.models import OutboxMessage
         from controlplane.alerts.services import create_endpoint, send_test
         from controlplane.fleet.services import create_deployment
+        from controlplane.inventory.models import Node
         from controlplane.inventory.services import create_bootstrap_token
         from controlplane.slo.services import create_slo, delete_slo
         from controlplane.tenancy.services import create_tenant
         from tests.controlplane.alerts_helpers import receiving
+        from tests.controlplane.telemetry_helpers import place
 
         progress.set_postfix_str("starting the control plane")
         url = start_web(procs, args.port)
@@ -437,6 +439,7 @@ def detect_to_webhook(args: argparse.Namespace, progress: tqdm) -> dict[str, Any
                 deployment_id=deployment.pk,
                 rate=args.rate,
             )
+            place(Node.objects.get(pk=feed.node_id), deployment)  # a node reports only what it serves
             with feed.running():
                 for index in range(args.rounds):
                     slo = create_slo(

@@ -3,14 +3,44 @@
 from __future__ import annotations
 
 import base64
+import itertools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from agent.protocol import SeriesSketch, TelemetryBatch, ThresholdCount, UsageCount
 from controlplane.core.secrets import digest, new_secret
+from controlplane.fleet.models import Replica
+from controlplane.fleet.services import issue_revisions
+from controlplane.inventory.choices import NodeStatus
 from controlplane.inventory.models import Node
+from controlplane.slo.services import create_slo
 from dataplane.sketch import LatencySketch
+
+
+def place(node: Node, *deployments: Any) -> None:
+    """Put every replica of `deployments` on `node`, ready, and issue its revision, as
+    placement would: a node's telemetry is accepted only for what its revisions placed."""
+    Node.objects.filter(pk=node.pk).update(status=NodeStatus.READY)
+    used = set(Replica.objects.filter(node=node).values_list("port", flat=True))
+    ports = (port for port in itertools.count(20000) if port not in used)
+    for replica in Replica.objects.filter(deployment__in=deployments).exclude(node=node):
+        replica.node, replica.port = node, next(ports)
+        replica.save(update_fields=["node", "port"])
+    node.refresh_from_db()
+    issue_revisions([node], cause="placed for a test")
+
+
+def ttft_slo(tenant: Any, threshold: float = 0.5, name: str = "ttft") -> Any:
+    """A TTFT SLO of `tenant`; nodes placed afterwards count against its threshold."""
+    return create_slo(
+        tenant=tenant,
+        name=name,
+        sli="ttft",
+        threshold_seconds=threshold,
+        objective=0.99,
+        window="rolling_30d",
+    )
 
 
 def with_credential(node: Node) -> str:

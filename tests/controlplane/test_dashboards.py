@@ -19,13 +19,14 @@ from websockets.sync.client import connect as websocket
 from agent.protocol import SeriesSketch, TelemetryBatch, UsageCount
 from controlplane import processes
 from controlplane.fleet import services as fleet
+from controlplane.inventory.models import Node
 from controlplane.inventory.services import create_bootstrap_token
 from controlplane.storage.models import Volume
 from controlplane.telemetry import services, streams
 from tests.browser import chromium, screenshot_path, sign_in
 from tests.controlplane.conftest import World, give_password, make_node
 from tests.controlplane.storage_helpers import make_pool
-from tests.controlplane.telemetry_helpers import batch, sketch_of
+from tests.controlplane.telemetry_helpers import batch, place, sketch_of
 from tests.e2e.stack import REPO, Stack, running_stack, wait_for
 
 BUNDLE = REPO / "frontend" / "dist" / "console.js"
@@ -120,6 +121,7 @@ def test_every_page_draws_its_snapshot(
     volume = Volume.objects.create(
         tenant=world.tenant_a, name="scratch", size_bytes=1, pool=make_pool(node)
     )
+    place(node, deployment)
     gauges = {
         "gpu.0.utilization_pct": 81.0,
         "gpu.1.utilization_pct": 43.0,
@@ -191,6 +193,7 @@ def telemetry_flowing(stack: Stack, tenant: Any, deployment: Any) -> Iterator[li
     Yields the HTTP status codes of the answers so far.
     """
     node_id, credential = enroll(stack, tenant)
+    place(Node.objects.get(pk=node_id), deployment)
     statuses: list[int] = []
     stop = threading.Event()
 

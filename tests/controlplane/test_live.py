@@ -15,12 +15,11 @@ from django.test import Client
 
 from controlplane.asgi import application
 from controlplane.fleet import services as fleet
-from controlplane.fleet.models import Replica
 from controlplane.storage.models import Volume
 from controlplane.telemetry import services, streams
 from tests.controlplane.conftest import World, make_node
 from tests.controlplane.storage_helpers import make_pool
-from tests.controlplane.telemetry_helpers import batch
+from tests.controlplane.telemetry_helpers import batch, place
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -140,10 +139,10 @@ async def test_ingest_publishes_to_subscribers_with_gauges_cut_to_the_tenant(
 
     def shared_node() -> tuple[Any, str, str]:
         node = make_node("shared-1", gpus=1)
-        Replica.objects.filter(deployment__in=chats).update(node=node)
         pool = make_pool(node)
         mine = Volume.objects.create(tenant=world.tenant_a, name="v", size_bytes=1, pool=pool)
         theirs = Volume.objects.create(tenant=world.tenant_b, name="v", size_bytes=1, pool=pool)
+        place(node, *chats)
         return node, mine.wire_name, theirs.wire_name
 
     node, mine, theirs = await sync_to_async(shared_node)()

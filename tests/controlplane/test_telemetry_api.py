@@ -13,13 +13,14 @@ from rest_framework.test import APIClient
 
 from agent.protocol import SeriesSketch, TelemetryBatch
 from controlplane.fleet import services as fleet
-from controlplane.fleet.models import Replica
 from controlplane.inventory.models import Node
 from controlplane.storage.models import Volume
 from controlplane.telemetry import services
+from controlplane.telemetry.pipeline.merge import bucket_of
+from controlplane.telemetry.retention import compact_gauges
 from tests.controlplane.conftest import World, make_node
 from tests.controlplane.storage_helpers import make_pool
-from tests.controlplane.telemetry_helpers import one_second, sketch_of, usage_count
+from tests.controlplane.telemetry_helpers import one_second, place, sketch_of, usage_count
 
 
 def telemetry(
@@ -56,7 +57,7 @@ def store(*batches: TelemetryBatch) -> None:
 
 def bucket_start(seconds_ago: int) -> datetime:
     """The start of a 10 s bucket about `seconds_ago` in the past."""
-    return services.bucket_of(datetime.now(UTC) - timedelta(seconds=seconds_ago), 10)
+    return bucket_of(datetime.now(UTC) - timedelta(seconds=seconds_ago), 10)
 
 
 @dataclass
@@ -79,7 +80,7 @@ def fleet_of_two(world: World) -> Fleet:
         for tenant in (world.tenant_a, world.tenant_b)
     ]
     shared = make_node("shared-1", gpus=2)
-    Replica.objects.filter(deployment__in=chats).update(node=shared)
+    place(shared, *chats)
     return Fleet(
         make_node("gpu-a", world.tenant_a, gpus=4),
         make_node("gpu-b", world.tenant_b, gpus=1),
@@ -163,12 +164,12 @@ def test_node_history_is_bucket_means_and_the_window_picks_the_resolution(
         body = client.get(f"/api/v1/telemetry/nodes/{node.pk}/?window={window}").json()
         return body["resolution"], body["points"]
 
-    hour, minute = services.bucket_of(start, 3600), services.bucket_of(start, 60)
+    hour, minute = bucket_of(start, 3600), bucket_of(start, 60)
     mean = {"gpu.0.utilization_pct": 50.0}
     # before compaction the coarse points come from the 10 s rows, after it from its rows
     for compacted_at in (None, minute + timedelta(minutes=1)):
         if compacted_at is not None:
-            assert services.compact_gauges(now=compacted_at) > 0
+            assert compact_gauges(now=compacted_at) > 0
         assert coarse(86400) == (60, [{"t": minute.timestamp(), "gauges": mean}])
         assert coarse(604800) == (3600, [{"t": hour.timestamp(), "gauges": mean}])
 
@@ -188,6 +189,7 @@ def test_fleet_shows_tenants_their_nodes_and_only_their_gauges(
     pool = make_pool(fleet_of_two.shared)
     volume_a = Volume.objects.create(tenant=world.tenant_a, name="data", size_bytes=1, pool=pool)
     volume_b = Volume.objects.create(tenant=world.tenant_b, name="data", size_bytes=1, pool=pool)
+    place(fleet_of_two.shared)
     gauges = {
         "gpu.0.utilization_pct": 70.0,
         "host.load1": 1.5,
@@ -222,7 +224,11 @@ def test_storage_shows_each_tenant_its_own_volumes(
 ) -> None:
     pool = make_pool(fleet_of_two.node_a)
     volume = Volume.objects.create(tenant=world.tenant_a, name="scratch", size_bytes=1, pool=pool)
-    make_pool(fleet_of_two.node_b)
+    other = Volume.objects.create(
+        tenant=world.tenant_b, name="other", size_bytes=1, pool=make_pool(fleet_of_two.node_b)
+    )
+    place(fleet_of_two.node_a)
+    place(fleet_of_two.node_b)
     key = volume.wire_name
     start = bucket_start(30)
     store(
@@ -236,7 +242,7 @@ def test_storage_shows_each_tenant_its_own_volumes(
             fleet_of_two.node_b,
             1,
             start + timedelta(seconds=2),
-            gauges={"storage.v-other.write_mb_s": 5.0},
+            gauges={f"storage.{other.wire_name}.write_mb_s": 5.0},
         ),
     )
 
@@ -253,7 +259,7 @@ def test_storage_shows_each_tenant_its_own_volumes(
     everything = client_for(world.platform).get("/api/v1/telemetry/storage/").json()
     assert [n["hostname"] for n in everything["nodes"]] == ["gpu-a", "gpu-b"]
     assert everything["nodes"][1]["volumes"] == [
-        {"key": "v-other", "name": "v-other", "tenant": None}
+        {"key": other.wire_name, "name": "other", "tenant": str(world.tenant_b.pk)}
     ]
 
 
@@ -287,6 +293,7 @@ def test_tenant_view_summarises_each_deployment(
 def test_other_tenants_deployments_nodes_and_tenant_views_are_404(
     world: World, fleet_of_two: Fleet, client_for: Callable[[Any], APIClient]
 ) -> None:
+    place(fleet_of_two.node_b, fleet_of_two.chat_b)
     store(
         telemetry(
             fleet_of_two.node_b,

@@ -24,16 +24,12 @@ from controlplane.telemetry.models import (
     NodeStream,
     SloRollup,
 )
+from controlplane.telemetry.pipeline.merge import bucket_of
+from controlplane.telemetry.pipeline.store import MAX_SEEN_ABOVE
+from controlplane.telemetry.retention import compact_gauges, prune_rollups
 from dataplane.sketch import LatencySketch
 from tests.controlplane.conftest import make_node
-from tests.controlplane.telemetry_helpers import batch, with_credential
-
-
-@pytest.fixture
-def deployment(world: Any) -> Any:
-    return fleet.create_deployment(
-        tenant=world.tenant_a, name="chat", model_name="chat", artifact_uri="synthetic://chat"
-    )
+from tests.controlplane.telemetry_helpers import batch, place, ttft_slo, with_credential
 
 
 @pytest.fixture
@@ -41,13 +37,25 @@ def node(db: Any) -> Any:
     return make_node("gpu-1", gpus=1)
 
 
+@pytest.fixture
+def deployment(world: Any, node: Any) -> Any:
+    """Tenant A's chat, placed on `node`."""
+    deployment = fleet.create_deployment(
+        tenant=world.tenant_a, name="chat", model_name="chat", artifact_uri="synthetic://chat"
+    )
+    place(node, deployment)
+    return deployment
+
+
 def outcomes(acks: list[TelemetryAck]) -> list[str]:
     return [a.outcome for a in acks]
 
 
-def test_batches_merge_into_every_resolution_exactly_once(node: Any, deployment: Any) -> None:
-    slo = uuid.uuid4()
-    now = services.bucket_of(datetime.now(UTC), 10) + timedelta(seconds=5)
+def test_batches_merge_into_every_resolution_exactly_once(
+    world: Any, node: Any, deployment: Any
+) -> None:
+    slo = ttft_slo(world.tenant_a, threshold=0.5).pk
+    now = bucket_of(datetime.now(UTC), 10) + timedelta(seconds=5)
     first = batch(node, 1, deployment=deployment, ttft=[0.1, 0.2, 0.9], slo_id=slo, end=now)
     second = batch(node, 2, deployment=deployment, ttft=[0.3] * 7, slo_id=slo, end=now)
 
@@ -87,9 +95,9 @@ def test_a_retried_batch_landing_after_a_later_one_is_still_stored(node: Any) ->
 
 def test_gaps_that_never_fill_are_given_up_after_a_bound(node: Any) -> None:
     # Batch 1 was dropped by the agent's full buffer; batches 2.. keep coming.
-    services.store_batches([batch(node, s) for s in range(2, services.MAX_SEEN_ABOVE + 3)])
+    services.store_batches([batch(node, s) for s in range(2, MAX_SEEN_ABOVE + 3)])
     stream = NodeStream.objects.get(node=node)
-    assert stream.last_seq == services.MAX_SEEN_ABOVE + 2 and stream.seen_above == []
+    assert stream.last_seq == MAX_SEEN_ABOVE + 2 and stream.seen_above == []
 
 
 def test_invalid_batches_are_rejected_with_a_reason_and_store_nothing(
@@ -135,15 +143,15 @@ def test_retention_and_gauge_compaction(node: Any) -> None:
     services.store_batches(
         [batch(node, 2, end=now - timedelta(minutes=3), gauges={"host.load1": 4.0})]
     )
-    assert services.compact_gauges(now) >= 1
+    assert compact_gauges(now) >= 1
     minute = GaugeRollup.objects.get(resolution=60, node=node)
     assert minute.values["gpu.0.utilization_pct"][:2] == [50.0, 1]
     assert minute.values["host.load1"][:2] == [4.0, 1]
-    assert services.compact_gauges(now) >= 1  # rerunning recomputes, never double counts
+    assert compact_gauges(now) >= 1  # rerunning recomputes, never double counts
     assert GaugeRollup.objects.get(resolution=60, node=node).values == minute.values
 
     GaugeRollup.objects.filter(resolution=10).update(bucket=now - timedelta(days=3))
-    assert services.prune_rollups(now) == 1
+    assert prune_rollups(now) == 1
     assert not GaugeRollup.objects.filter(resolution=10).exists()
     assert GaugeRollup.objects.filter(resolution=60).exists()  # kept 35 days
 
@@ -171,6 +179,7 @@ async def test_a_flooding_node_cannot_crowd_out_another(db: Any) -> None:
 @pytest.mark.django_db(transaction=True)
 async def test_agent_websocket_acks_each_batch(world: Any, deployment: Any) -> None:
     node = await database_sync_to_async(make_node)("gpu-ws")
+    await database_sync_to_async(place)(node, deployment)
     credential = await database_sync_to_async(with_credential)(node)
     headers = [(b"authorization", f"Node {credential}".encode())]
 
@@ -208,9 +217,10 @@ def test_http_fallback(world: Any, node: Any, deployment: Any) -> None:
     assert again.json()["outcome"] == "duplicate"
     late = batch(node, 2, end=datetime.now(UTC) - timedelta(days=3)).model_dump_json()
     refused = client.post("/api/v1/agent/telemetry/", late, content_type="application/json")
-    assert refused.status_code == 400 and "retention" in refused.json()["detail"]
+    assert refused.status_code == 422 and refused.json()["outcome"] == "rejected"
+    assert refused.json()["seq"] == 2 and "retention" in refused.json()["reason"]
     malformed = client.post("/api/v1/agent/telemetry/", "{}", content_type="application/json")
-    assert malformed.status_code == 400 and "seq" in malformed.json()
+    assert malformed.status_code == 422 and "seq" in malformed.json()["reason"]
     anonymous = APIClient().post("/api/v1/agent/telemetry/", body, content_type="application/json")
     assert anonymous.status_code == 401
 

@@ -18,17 +18,17 @@ from rest_framework.test import APIClient
 
 from agent.protocol import SeriesSketch, TelemetryBatch
 from controlplane.fleet import services as fleet
-from controlplane.fleet.models import Replica
 from controlplane.inventory.models import Node
 from controlplane.storage.models import Volume
 from controlplane.telemetry import selectors, services, streams
 from controlplane.telemetry.models import LatencyRollup
+from controlplane.telemetry.pipeline.merge import bucket_of
 from controlplane.tenancy.choices import Role
 from controlplane.tenancy.services import create_tenant, set_membership
 from tests.browser import chromium, screenshot_path, sign_in
 from tests.controlplane.conftest import World, give_password, make_node
 from tests.controlplane.storage_helpers import make_pool
-from tests.controlplane.telemetry_helpers import one_second, sketch_of, usage_count
+from tests.controlplane.telemetry_helpers import one_second, place, sketch_of, usage_count
 
 Requests = dict[tuple[Any, Any], list[float]]
 """TTFTs (seconds) per (tenant, deployment) served in one batch."""
@@ -43,7 +43,7 @@ def traffic(
     gauges: dict[str, float] | None = None,
 ) -> TelemetryBatch:
     """One second of a node's telemetry; each request yields 10 output tokens."""
-    end = end or services.bucket_of(datetime.now(UTC) - timedelta(seconds=20), 10)
+    end = end or bucket_of(datetime.now(UTC) - timedelta(seconds=20), 10)
     series, usage = [], []
     for (tenant, deployment), ttfts in requests.items():
         ids = {"tenant_id": tenant.pk, "deployment_id": deployment.pk}
@@ -58,7 +58,7 @@ def deploy(tenant: Any, name: str, node: Node, shared_with: tuple[Any, ...] = ()
     )
     if shared_with:
         fleet.share_deployment(deployment, shared_with)
-    Replica.objects.filter(deployment=deployment).update(node=node)
+    place(node, deployment)
     return deployment
 
 
@@ -132,9 +132,10 @@ def test_ingest_checks_a_whole_flush_in_the_same_queries_however_many_deployment
     world: World, shared: Shared
 ) -> None:
     a, b = world.tenant_a, world.tenant_b
-    services.store_batches([traffic(shared.node, 1, {})])  # the node's stream row exists now
     # Deployments without rollups yet, so every flush only creates rows.
     fresh = [deploy(a, f"fresh-{i}", shared.node, shared_with=(b,)) for i in range(4)]
+    # The node's stream row exists now, and its revisions are parsed.
+    services.store_batches([traffic(shared.node, 1, {})])
 
     def queries(first_seq: int, deployments: list[Any]) -> int:
         batches = [
@@ -262,6 +263,7 @@ def test_a_tenant_sees_the_node_of_a_deployment_shared_with_it(
     volume = Volume.objects.create(
         tenant=world.tenant_a, name="data", size_bytes=1, pool=make_pool(shared.node)
     )
+    place(shared.node)
     node_wide = {"gpu.0.utilization_pct": 70.0, "host.load1": 1.5}
     chat_queue = {f"worker.{shared.chat.pk}.queue_depth": 2.0}
     gauges = {

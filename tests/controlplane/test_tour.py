@@ -18,7 +18,7 @@ from controlplane.fleet.models import Deployment
 from controlplane.slo.models import Slo
 from controlplane.telemetry.choices import Resolution
 from controlplane.telemetry.models import LatencyRollup
-from controlplane.telemetry.services import bucket_of
+from controlplane.telemetry.pipeline.merge import bucket_of
 from controlplane.tenancy.services import seed_demo
 from dataplane.sketch import LatencySketch
 

@@ -58,8 +58,20 @@ class GaugePointSerializer(serializers.Serializer):
     gauges = _gauges()
 
 
+class IngestSerializer(serializers.Serializer):
+    batches = serializers.IntegerField(help_text="Batches stored since enrollment.")
+    rejected_batches = serializers.IntegerField(
+        help_text="Batches refused for good: malformed, or naming what the node does not serve."
+    )
+    last_rejection = serializers.CharField(help_text="Why the latest refused batch was; empty if none.")
+    last_rejected_t = serializers.FloatField(allow_null=True, help_text="When (Unix seconds).")
+
+
 class NodeSnapshotSerializer(serializers.Serializer):
     node = NodeDetailFactsSerializer()
+    ingest = IngestSerializer(
+        allow_null=True, help_text="The node's telemetry as ingested; platform admins only."
+    )
     window_s = serializers.IntegerField()
     resolution = serializers.IntegerField(help_text="Seconds per point.")
     points = GaugePointSerializer(many=True, help_text="Bucket means of each gauge.")

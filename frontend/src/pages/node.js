@@ -6,17 +6,19 @@ import { windowPicker } from "./window.js";
 export function nodePage(root, context) {
   let windowS = 300;
   let node = null;
+  let ingest = null; // platform admins only: what became of the node's telemetry
   let points = [];
   const page = { streams: () => context.streams };
   const span = () => windowS;
 
   const tiles = el("div", { class: "tiles" });
+  const rejection = el("p", { class: "error", id: "node-rejection" });
   const gpuTable = el("table", { class: "grid" });
   const charts = el("div", { class: "charts" });
   root.append(el("div", { class: "toolbar" }, windowPicker(windowS, (w) => {
     windowS = w;
     page.reload();
-  })), tiles, gpuTable, charts);
+  })), tiles, rejection, gpuTable, charts);
   const perGpu = [
     ["utilization_pct", new TimeChart(charts, { span, title: "GPU utilisation", format: pct })],
     ["memory_used_bytes", new TimeChart(charts, { span, title: "GPU memory used", format: gib })],
@@ -45,7 +47,11 @@ export function nodePage(root, context) {
       tile("CPU", pct(g["host.cpu_util_pct"])),
       tile("load", num(g["host.load1"], 2)),
       tile("memory", `${gib(g["host.mem_used_bytes"])} / ${gib(g["host.mem_total_bytes"])}`),
+      ...(ingest ? [tile("rejected batches", String(ingest.rejected_batches), { id: "node-rejected" })] : []),
     );
+    rejection.replaceChildren(...(ingest?.last_rejection
+      ? [`Last rejected batch, ${ago(ingest.last_rejected_t)}: ${ingest.last_rejection}`]
+      : []));
     const cells = (i, name, f) => el("td", {}, f(g[`gpu.${i}.${name}`]));
     gpuTable.replaceChildren(
       el("thead", {}, el("tr", {}, ...["GPU", "Model", "Util", "Memory", "Power", "Temp", "SM MHz", "ECC (unc.)"].map((h) => el("th", {}, h)))),
@@ -67,6 +73,7 @@ export function nodePage(root, context) {
   page.render = (snapshot) => {
     windowS = snapshot.window_s;
     node = snapshot.node;
+    ingest = snapshot.ingest;
     points = snapshot.points.slice();
     draw();
   };
