@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import signal
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -21,7 +21,7 @@ from agent.gauges import AppliedComponents, GpuGauges, HostGauges, StorageGauges
 from agent.metrics import AgentCollector, MetricsServer
 from agent.protocol import EXPORT_NQN_PREFIX, ArtifactRef, Inventory, decode_public_key
 from agent.reconciler import Reconciler
-from agent.runner import NodeAgent
+from agent.runner import NodeAgent, RootTaskFailed
 from agent.settings import AgentSettings
 from agent.shipper import open_shipper
 from agent.simulate import simulate
@@ -120,13 +120,14 @@ async def run_agent(settings: AgentSettings) -> None:
             identity.broker_url, {identity.queue: agent.receive}, name=f"agent@{settings.hostname}"
         )
         consumer.start()
+        report_storage = functools.partial(
+            storage.report_forever,
+            client,
+            identity.node_id,
+            interval_s=settings.storage_report_interval_s,
+        )
         try:
-            await asyncio.gather(
-                agent.run(stop),
-                storage.report_forever(
-                    client, identity.node_id, stop, settings.storage_report_interval_s
-                ),
-            )
+            await agent.run(stop, {"storage": report_storage})
         finally:
             if metrics is not None:
                 metrics.stop()
@@ -206,13 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> AgentSettings:
-    settings = AgentSettings.load(args.config)
-    overrides = {
+    flags = {
         name: getattr(args, name)
         for name in ("control_plane_url", "bootstrap_token", "state_dir", "hostname")
         if getattr(args, name, None) is not None
     }
-    return replace(settings, **overrides)
+    return AgentSettings.load(args.config, **flags)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
 
             asyncio.run(go())
+    except RootTaskFailed as exc:
+        log.critical("%s; exiting", exc, exc_info=exc.__cause__)
+        return 1
     except (EnrollmentError, ControlPlaneError, StorageError, ValueError, OSError) as exc:
         print(f"tailguard-agent: {exc}", file=sys.stderr)
         return 2

@@ -10,9 +10,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from uuid import UUID
 
+from tenacity import AsyncRetrying, RetryCallState, RetryError, retry_if_exception
+
 from agent import __version__
 from agent.client import ControlPlaneClient, ControlPlaneError
-from agent.protocol import Enrollment, HostFacts
+from agent.protocol import Enrollment, EnrollmentGrant, HostFacts
+from agent.retry import backoff
 
 IDENTITY_FILE = "identity.json"
 MAX_BACKOFF_S = 30.0
@@ -76,19 +79,18 @@ async def load_or_enroll(
         agent_version=__version__,
         host=host,
     )
-    backoff = 0.5
-    while True:
-        try:
-            grant = await client.enroll(message)
-            break
-        except ControlPlaneError as exc:
-            if 400 <= exc.status < 500:
-                raise EnrollmentError(f"enrollment refused: {exc}") from exc
-            log.warning("enrollment failed, retrying in %.1f s: %s", backoff, exc)
-        if stop is not None and stop.is_set():
-            raise EnrollmentError("stopped before enrollment completed")
-        await asyncio.sleep(backoff)
-        backoff = min(backoff * 2, MAX_BACKOFF_S)
+    retrying = AsyncRetrying(
+        retry=retry_if_exception(_unavailable),
+        wait=backoff(0.5, MAX_BACKOFF_S),
+        stop=lambda _: stop is not None and stop.is_set(),
+        before_sleep=_log_retry,
+    )
+    try:
+        grant: EnrollmentGrant = await retrying(client.enroll, message)
+    except ControlPlaneError as exc:
+        raise EnrollmentError(f"enrollment refused: {exc}") from exc
+    except RetryError:
+        raise EnrollmentError("stopped before enrollment completed") from None
     identity = Identity(
         node_id=grant.node_id,
         credential=grant.node_credential,
@@ -99,3 +101,13 @@ async def load_or_enroll(
     )
     identity.save(state_dir)
     return identity
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """Unreachable or failing (5xx): wait it out. A 4xx refusal is final."""
+    return isinstance(exc, ControlPlaneError) and not 400 <= exc.status < 500
+
+
+def _log_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    log.warning("enrollment failed, retrying in %.1f s: %s", state.upcoming_sleep, error)

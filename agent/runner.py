@@ -6,6 +6,11 @@ config      - applies pushed revisions (from the Celery consumer) and pulls the 
               state at start, after a reconnect and every resync_interval_s
 telemetry   - one batch every telemetry_interval_s into the disk buffer, shipped over the
               telemetry WebSocket (agent/shipper.py), when the agent is given a shipper
+storage     - the storage report (agent/storage.py), which the CLI adds to the others
+
+A root task that fails (raises, or ends before the stop flag is set) stops the others and
+raises RootTaskFailed: the agent exits non-zero and systemd or the DaemonSet restarts it,
+rather than heartbeats reporting a node that no longer applies or reports anything.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +32,41 @@ from agent.reconciler import Reconciler
 from agent.shipper import TelemetryShipper
 
 log = logging.getLogger(__name__)
+
+RootTask = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+"""A coroutine function that runs until the stop flag is set."""
+
+
+class RootTaskFailed(Exception):
+    """A root task raised (the cause) or ended before the agent was stopped."""
+
+    def __init__(self, name: str, error: BaseException | None) -> None:
+        super().__init__(
+            f"root task {name} failed: {error!r}"
+            if error is not None
+            else f"root task {name} ended before the agent was stopped"
+        )
+        self.name = name
+
+
+async def run_root_tasks(stop: asyncio.Event, tasks: Mapping[str, RootTask]) -> None:
+    """Run each task until `stop`, then cancel what is left. The first to fail cancels the
+    others and raises RootTaskFailed from its exception."""
+    running = [asyncio.create_task(task(stop), name=name) for name, task in tasks.items()]
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait([stopped, *running], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+    for task in running:
+        if task not in done:
+            continue
+        error = None if task.cancelled() else task.exception()
+        if error is not None or not stop.is_set():
+            raise RootTaskFailed(task.get_name(), error) from error
 
 
 class NodeAgent:
@@ -58,18 +98,16 @@ class NodeAgent:
         """Called from the Celery consumer's thread with a pushed revision."""
         self._loop.call_soon_threadsafe(self._pushed.put_nowait, document)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        tasks = [
-            asyncio.create_task(self._heartbeat(stop), name="heartbeat"),
-            asyncio.create_task(self._inventory(stop), name="inventory"),
-            asyncio.create_task(self._config(stop), name="config"),
-        ]
+    async def run(self, stop: asyncio.Event, more: Mapping[str, RootTask] | None = None) -> None:
+        """Run the root tasks, and `more` of them by name, until `stop`."""
+        tasks: dict[str, RootTask] = {
+            "heartbeat": self._heartbeat,
+            "inventory": self._inventory,
+            "config": self._config,
+        }
         if self.telemetry is not None:
-            tasks.append(asyncio.create_task(self.telemetry.run(stop), name="telemetry"))
-        await stop.wait()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            tasks["telemetry"] = self.telemetry.run
+        await run_root_tasks(stop, {**tasks, **(more or {})})
 
     async def _heartbeat(self, stop: asyncio.Event) -> None:
         connected = True

@@ -1,74 +1,118 @@
-"""Agent settings: a TOML file, overridden by TAILGUARD_AGENT_* environment variables."""
+"""Agent settings: defaults, then a TOML file (`--config`), then TAILGUARD_AGENT_* environment
+variables, then command-line flags, each overriding the ones before (pydantic-settings)."""
 
 from __future__ import annotations
 
 import os
 import socket
-import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 ENV_PREFIX = "TAILGUARD_AGENT_"
 
 
-@dataclass(frozen=True)
-class AgentSettings:
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, use_attribute_docstrings=True
+    )
+
     control_plane_url: str = "http://127.0.0.1:8000"
     state_dir: Path = Path("/var/lib/tailguard-agent")
-    bootstrap_token: str | None = None
+    bootstrap_token: str | None = Field(None, repr=False)
+    """Used once, to enroll; kept out of repr so logs never show it."""
     hostname: str = socket.gethostname()
-    inventory_interval_s: float = 300.0
-    resync_interval_s: float = 60.0
+    inventory_interval_s: float = Field(300.0, gt=0)
+    resync_interval_s: float = Field(60.0, gt=0)
     """Pull the desired state this often even when no push arrived (level-triggered)."""
     sysfs_root: Path = Path("/sys")
     spdk_rpc_socket: str | None = None
     """spdk_tgt's JSON-RPC socket; set, storage runs on SPDK, unset on the local engine."""
     nvmf_listen_address: str = "0.0.0.0"
     """The address NVMe-oF exports listen on (an RDMA listener needs the port's own address)."""
-    storage_report_interval_s: float = 30.0
-    telemetry_interval_s: float = 1.0
+    storage_report_interval_s: float = Field(30.0, gt=0)
+    telemetry_interval_s: float = Field(1.0, gt=0)
     """One telemetry batch (gauges, latency sketches, SLO counts, usage) per interval."""
-    telemetry_buffer_batches: int = 21600
+    telemetry_buffer_batches: int = Field(21600, ge=1)
     """Batches kept on disk while the control plane is away (6 h at 1 Hz); beyond it the
     oldest are dropped and counted."""
-    metrics_port: int = 9810
+    metrics_port: int = Field(9810, ge=0, le=65535)
     """The agent's Prometheus endpoint; 0 turns it off."""
     metrics_bind_address: str = "127.0.0.1"
 
+    @field_validator("bootstrap_token", "spdk_rpc_socket", mode="before")
     @classmethod
-    def load(cls, path: Path | None = None, env: Mapping[str, str] = os.environ) -> AgentSettings:
-        values: dict[str, object] = {}
-        if path is not None:
-            with path.open("rb") as handle:
-                values.update(tomllib.load(handle))
-        for field in fields(cls):
-            raw = env.get(ENV_PREFIX + field.name.upper())
-            if raw is not None:
-                values[field.name] = raw
-        known = {f.name: f for f in fields(cls)}
-        unknown = set(values) - set(known)
-        if unknown:
-            raise ValueError(f"unknown agent settings: {', '.join(sorted(unknown))}")
-        defaults = cls()
-        coerced: dict[str, Any] = {
-            name: _coerce(getattr(defaults, name), value, name) for name, value in values.items()
+    def _empty_is_unset(cls, value: object) -> object:
+        """`TAILGUARD_AGENT_SPDK_RPC_SOCKET=` unsets what the file set."""
+        return None if value == "" else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Only the values `load` merged: the file and the environment differ per call."""
+        return (init_settings,)
+
+    @classmethod
+    def load(
+        cls, path: Path | None = None, env: Mapping[str, str] = os.environ, **flags: Any
+    ) -> AgentSettings:
+        """The settings from the TOML file at `path`, the TAILGUARD_AGENT_* variables of
+        `env` and `flags`; a ValueError names every unknown or malformed setting."""
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"agent settings file {path} not found")
+        values = {
+            **TomlConfigSettingsSource(cls, toml_file=path)(),
+            **_Environment(cls, env)(),
+            **flags,
         }
-        return replace(defaults, **coerced)
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ValueError(_explain(exc)) from None
 
 
-def _coerce(default: object, value: object, name: str) -> object:
-    if isinstance(default, Path):
-        return Path(str(value))
-    if isinstance(default, int):
-        try:
-            return int(str(value))
-        except ValueError:
-            raise ValueError(f"setting {name} must be an integer, not {value!r}") from None
-    if isinstance(default, float):
-        try:
-            return float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise ValueError(f"setting {name} must be a number, not {value!r}") from None
-    return None if value in ("", None) else str(value)
+class _Environment(EnvSettingsSource):
+    """EnvSettingsSource over a given environment rather than always os.environ."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {name.lower(): value for name, value in self._environ.items()}
+
+
+_EXPECTED = {"float": "a number", "int": "an integer", "string": "a string", "path": "a path"}
+"""What a setting must be, by the first word of pydantic's error type (`float_parsing`)."""
+
+
+def _explain(error: ValidationError) -> str:
+    problems = error.errors(include_url=False)
+    unknown = sorted(str(p["loc"][0]) for p in problems if p["type"] == "extra_forbidden")
+    lines = [f"unknown agent settings: {', '.join(unknown)}"] if unknown else []
+    for problem in problems:
+        if problem["type"] == "extra_forbidden":
+            continue
+        name = ".".join(map(str, problem["loc"]))
+        expected = _EXPECTED.get(problem["type"].split("_")[0])
+        lines.append(
+            f"setting {name} must be {expected}, not {problem['input']!r}"
+            if expected
+            else f"setting {name}: {problem['msg']} (got {problem['input']!r})"
+        )
+    return "; ".join(lines)

@@ -31,12 +31,15 @@ from pathlib import Path
 from uuid import UUID
 
 from pydantic import ValidationError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+from tenacity.wait import WaitBaseT
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from agent.client import ControlPlaneClient, ControlPlaneError
 from agent.gauges import Collector, Reading
 from agent.protocol import SeriesSketch, TelemetryAck, TelemetryBatch, UsageCount
+from agent.retry import backoff
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +185,11 @@ class TelemetrySender:
         """Acks by outcome since start (stored, duplicate, rejected, retry)."""
         self.connected = False
         self._window = window
-        self._backoff = (backoff_initial_s, backoff_max_s)
+        self._backoff_max_s = backoff_max_s
+        self._after_close = backoff(backoff_initial_s, backoff_initial_s)
+        self._after_drop = backoff(backoff_initial_s, backoff_max_s)
+        self._outage = False
+        """The WebSocket cannot be opened: batches go by HTTP POST meanwhile."""
         self._open_timeout_s = open_timeout_s
         self._wake = asyncio.Event()
         self._inflight: dict[int, int] = {}
@@ -195,46 +202,73 @@ class TelemetrySender:
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = self._backoff[0]
-        outage = False
-        loop = asyncio.get_running_loop()
-        while not stop.is_set():
-            try:
-                ws = await connect(
-                    self.client.telemetry_socket_url,
-                    additional_headers=self.client.auth_headers,
-                    open_timeout=self._open_timeout_s,
-                    compression=None,
-                    max_size=1 << 20,
-                )
-            except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
-                if not outage:
-                    log.warning(
-                        "telemetry WebSocket unavailable (%s); posting batches over HTTP", exc
-                    )
-                outage = True
-                await self._post_until(stop, loop.time() + backoff * random.uniform(0.5, 1.0))
-                backoff = min(backoff * 2, self._backoff[1])
-                continue
-            if outage:
-                log.info("telemetry WebSocket connected again")
-            outage = False
-            self.connected = True
-            try:
-                await self._session(ws, stop)
-                backoff = self._backoff[0]
-            except ConnectionClosed:
-                pass
-            finally:
-                self.connected = False
-                await ws.close()
-            if ws.close_code == CLOSE_BAD_CREDENTIAL:
-                log.error("the control plane refused this node's credential on /ws/agent/")
-                backoff = self._backoff[1]
-            elif not stop.is_set():
-                log.info("telemetry WebSocket closed (%s); reconnecting", ws.close_code)
-            await _sleep(stop, backoff * random.uniform(0.5, 1.0))
-            backoff = min(backoff * 2, self._backoff[1])
+        """Ship over the WebSocket until `stop`, reconnecting after a capped, jittered
+        backoff that grows while connections fail or drop and starts over after one that
+        closed cleanly; a refused credential waits the longest."""
+        async for clean in self._reconnects(stop, _Closed, self._after_close):
+            with clean:
+                async for dropped in self._reconnects(stop, _Dropped, self._after_failure):
+                    with dropped:
+                        await self._connect_and_ship(stop)
+
+    def _reconnects(
+        self, stop: asyncio.Event, after: type[Exception], wait: WaitBaseT
+    ) -> AsyncRetrying:
+        return AsyncRetrying(
+            retry=retry_if_exception_type(after),
+            wait=wait,
+            stop=lambda _: stop.is_set(),
+            sleep=lambda seconds: self._until_next_attempt(stop, seconds),
+            retry_error_callback=lambda _: None,  # stopped
+        )
+
+    def _after_failure(self, state: RetryCallState) -> float:
+        failure = state.outcome.exception() if state.outcome else None
+        return self._backoff_max_s if isinstance(failure, _Refused) else self._after_drop(state)
+
+    async def _until_next_attempt(self, stop: asyncio.Event, seconds: float) -> None:
+        """Post over HTTP while the WebSocket cannot be opened; otherwise just wait."""
+        if self._outage:
+            await self._post_until(stop, asyncio.get_running_loop().time() + seconds)
+        else:
+            await _sleep(stop, seconds)
+
+    async def _connect_and_ship(self, stop: asyncio.Event) -> None:
+        """Open the WebSocket and ship until it closes; raises what the next attempt waits for."""
+        if stop.is_set():
+            return
+        try:
+            ws = await connect(
+                self.client.telemetry_socket_url,
+                additional_headers=self.client.auth_headers,
+                open_timeout=self._open_timeout_s,
+                compression=None,
+                max_size=1 << 20,
+            )
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+            if not self._outage:
+                log.warning("telemetry WebSocket unavailable (%s); posting batches over HTTP", exc)
+            self._outage = True
+            raise _Dropped() from exc
+        if self._outage:
+            log.info("telemetry WebSocket connected again")
+        self._outage = False
+        self.connected = True
+        dropped = False
+        try:
+            await self._session(ws, stop)
+        except ConnectionClosed:
+            dropped = True
+        finally:
+            self.connected = False
+            await ws.close()
+        if ws.close_code == CLOSE_BAD_CREDENTIAL:
+            log.error("the control plane refused this node's credential on /ws/agent/")
+            raise _Refused()
+        if stop.is_set():
+            return
+        log.info("telemetry WebSocket closed (%s); reconnecting", ws.close_code)
+        raise _Dropped() if dropped else _Closed()
 
     # -- WebSocket ---------------------------------------------------------------------
 
@@ -350,6 +384,18 @@ class TelemetrySender:
             self._inflight[seq] = 1
             self._take_ack(ack, loop.time())
             self._inflight.pop(seq, None)
+
+
+class _Dropped(Exception):
+    """The WebSocket could not be opened or broke: back off further before the next try."""
+
+
+class _Refused(_Dropped):
+    """The control plane refused the node's credential: wait the longest before the next try."""
+
+
+class _Closed(Exception):
+    """The WebSocket closed cleanly: reconnect soon, the backoff starting over."""
 
 
 class TelemetryShipper:

@@ -23,8 +23,10 @@ from urllib.parse import parse_qsl, urlsplit
 from uuid import UUID
 
 import httpx
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from agent.protocol import SYNTHETIC_SCHEME, ArtifactRef, ComponentResult, Components, WorkerSpec
+from agent.retry import backoff
 from agent.staging import ModelStager
 from dataplane.inference.config import (
     BatchingConfig,
@@ -221,49 +223,71 @@ class ManagedWorker:
             log_file.close()
 
     async def _keep_alive(self) -> None:
-        backoff = self._settings.backoff_initial_s
+        """Restart the worker whenever it goes down: after `backoff_initial_s` when it had
+        been healthy, with delays doubling up to `backoff_max_s` while starts keep failing."""
         async with httpx.AsyncClient(timeout=5) as http:
-            while True:
-                self._process = await self._spawn()
-                healthy_once = await self._watch(http)
-                code = self._process.returncode if self._process else None
-                await self._terminate()
-                self._ready.clear()
-                self.restarts += 1
-                self._failed = f"worker exited (code {code}); see {self._dir / 'worker.log'}"
-                log.warning(
-                    "replica %s: %s; restarting in %.0f s",
-                    self.spec.replica_id,
-                    self._failed,
-                    backoff,
-                )
-                await asyncio.sleep(backoff)
-                backoff = (
-                    self._settings.backoff_initial_s
-                    if healthy_once
-                    else min(backoff * 2, self._settings.backoff_max_s)
-                )
+            async for run in self._restarts(self._settings.backoff_initial_s):
+                with run:
+                    async for start in self._restarts(self._settings.backoff_max_s):
+                        with start:
+                            await self._start(http)
+                    await self._serve(http)
 
-    async def _watch(self, http: httpx.AsyncClient) -> bool:
-        """Poll health until the process dies or fails the check repeatedly."""
+    def _restarts(self, max_s: float) -> AsyncRetrying:
+        return AsyncRetrying(
+            retry=retry_if_exception_type(_WorkerDown),
+            wait=backoff(self._settings.backoff_initial_s, max_s),
+            before_sleep=self._log_restart,
+        )
+
+    def _log_restart(self, state: RetryCallState) -> None:
+        log.warning(
+            "replica %s: %s; restarting in %.1f s",
+            self.spec.replica_id,
+            self._failed,
+            state.upcoming_sleep,
+        )
+
+    async def _start(self, http: httpx.AsyncClient) -> None:
+        """Spawn the worker and wait until it answers its health check."""
+        self._process = await self._spawn()
+        while not await self._healthy(http):
+            if await self._exits_within(0.2):
+                raise await self._down()
+        self._ready.set()
+
+    async def _serve(self, http: httpx.AsyncClient) -> None:
+        """Health-check the worker until it exits or fails `unhealthy_after` checks in a row."""
+        failures = 0
+        while failures < self._settings.unhealthy_after and not await self._exits_within(
+            self._settings.health_interval_s
+        ):
+            failures = 0 if await self._healthy(http) else failures + 1
+        raise await self._down()
+
+    async def _healthy(self, http: httpx.AsyncClient) -> bool:
+        try:
+            return (await http.get(f"{self.url}/health")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    async def _exits_within(self, seconds: float) -> bool:
         assert self._process is not None
-        failures, healthy_once = 0, False
-        while self._process.returncode is None:
-            try:
-                ok = (await http.get(f"{self.url}/health")).status_code == 200
-            except httpx.TransportError:
-                ok = False
-            if ok:
-                failures, healthy_once = 0, True
-                self._ready.set()
-            elif healthy_once:
-                failures += 1
-                if failures >= self._settings.unhealthy_after:
-                    return healthy_once
-            interval = self._settings.health_interval_s if healthy_once else 0.2
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._process.wait(), interval)
-        return healthy_once
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._process.wait(), seconds)
+        return self._process.returncode is not None
+
+    async def _down(self) -> _WorkerDown:
+        code = self._process.returncode if self._process else None
+        await self._terminate()
+        self._ready.clear()
+        self.restarts += 1
+        self._failed = f"worker exited (code {code}); see {self._dir / 'worker.log'}"
+        return _WorkerDown(self._failed)
+
+
+class _WorkerDown(Exception):
+    """The worker exited or stopped answering its health check."""
 
 
 class WorkerSupervisor:

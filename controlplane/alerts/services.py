@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 import uuid
 from collections.abc import Iterable
@@ -27,6 +26,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
+from tenacity import RetryCallState, Retrying, wait_exponential, wait_random_exponential
 
 from controlplane.alerts import payloads, signing, targets
 from controlplane.alerts.choices import AlertState, Event, MessageStatus, Severity, WebhookFormat
@@ -391,11 +391,17 @@ def retry_at(header: str | None, received: datetime) -> datetime | None:
 
 def backoff(attempts: int) -> timedelta:
     """Exponential from ALERTS_BACKOFF_BASE_S, capped at ALERTS_BACKOFF_MAX_S, with jitter
-    (half to all of it) so receivers coming back are not hit by every sender at once."""
-    ceiling = min(
-        settings.ALERTS_BACKOFF_MAX_S, settings.ALERTS_BACKOFF_BASE_S * 2 ** (attempts - 1)
+    (half to all of it) so receivers coming back are not hit by every sender at once.
+
+    The next attempt is a later Celery run, so tenacity's wait strategies only compute the
+    delay: a fixed half plus a random half of the exponential step."""
+    half, cap = settings.ALERTS_BACKOFF_BASE_S / 2, settings.ALERTS_BACKOFF_MAX_S / 2
+    wait = wait_exponential(multiplier=half, max=cap) + wait_random_exponential(
+        multiplier=half, max=cap
     )
-    return timedelta(seconds=ceiling * random.uniform(0.5, 1.0))
+    state = RetryCallState(Retrying(), fn=None, args=(), kwargs={})
+    state.attempt_number = attempts
+    return timedelta(seconds=wait(state))
 
 
 def deliver(message_id: Any) -> str:

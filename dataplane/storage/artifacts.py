@@ -24,12 +24,18 @@ import re
 import shutil
 import tarfile
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_incrementing,
+    wait_random,
+)
 
 from .aligned import ALIGN, AlignedBuffer, AlignedFile
 from .engine import FileVolumes, StorageError, VolumeFile
@@ -236,19 +242,32 @@ class _Stager:
         self.state.unlink(missing_ok=True)
 
     def _fetch_all(self, pipeline: _Pipeline) -> None:
-        failures = 0
-        while pipeline.received < self.source.size_bytes:
-            try:
+        """Fetch the rest range by range; a dropped connection or 5xx resumes where it
+        stopped, `retries` times in all, after a growing, jittered delay."""
+        delay = self.retry_delay_s
+        retrying = Retrying(
+            retry=retry_if_exception_type((httpx.TransportError, _ServerError)),
+            stop=stop_after_attempt(self.retries + 1),
+            wait=wait_incrementing(start=delay, increment=delay) + wait_random(0, delay),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    self._fetch_rest(pipeline)
+        except (httpx.TransportError, _ServerError) as exc:
+            raise ArtifactError(
+                f"download of {self.source.url} stopped at {pipeline.committed} of "
+                f"{self.source.size_bytes} bytes ({exc}); staging again resumes there"
+            ) from exc
+
+    def _fetch_rest(self, pipeline: _Pipeline) -> None:
+        try:
+            while pipeline.received < self.source.size_bytes:
                 self._fetch_range(pipeline)
-            except (httpx.TransportError, _ServerError) as exc:
-                pipeline.drop_unaligned_tail()
-                failures += 1
-                if failures > self.retries:
-                    raise ArtifactError(
-                        f"download of {self.source.url} stopped at {pipeline.committed} of "
-                        f"{self.source.size_bytes} bytes ({exc}); staging again resumes there"
-                    ) from exc
-                time.sleep(self.retry_delay_s * failures)
+        except (httpx.TransportError, _ServerError):
+            pipeline.drop_unaligned_tail()
+            raise
 
     def _fetch_range(self, pipeline: _Pipeline) -> None:
         size = self.source.size_bytes

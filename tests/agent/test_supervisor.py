@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 import signal
 import socket
 import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 
 from agent.protocol import ArtifactRef, Components, TenantServing, WorkerSpec
-from agent.supervisor import SupervisorSettings, WorkerSupervisor
+from agent.supervisor import ManagedWorker, SupervisorSettings, WorkerSupervisor, render_config
 
 TINY = "synthetic://tiny?layers=1&hidden=64&heads=2&kv_heads=2&vocab=320&max_context=256"
 KEY_HASH = "a" * 64
@@ -103,3 +106,29 @@ async def test_a_worker_that_cannot_start_is_reported(tmp_path: Path) -> None:
         assert not result.ok and "threads" in (result.error or "")
     finally:
         await supervisor.close()
+
+
+async def test_a_worker_that_keeps_failing_restarts_ever_later_up_to_the_cap(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    crashing = tmp_path / "crashing-python"
+    crashing.write_text("#!/bin/sh\nexit 3\n")
+    crashing.chmod(0o755)
+    settings = SupervisorSettings(
+        work_dir=tmp_path, python=str(crashing), backoff_initial_s=0.2, backoff_max_s=0.4
+    )
+    replica = spec(free_port(), uuid.uuid4())
+    config = render_config(replica, Components(workers=[replica]), tmp_path, tmp_path)
+    worker = ManagedWorker(replica, config, settings)
+    with caplog.at_level(logging.WARNING, logger="agent.supervisor"):
+        await worker.start()
+        for _ in range(200):
+            if worker.restarts >= 4:
+                break
+            await asyncio.sleep(0.05)
+        await worker.stop()
+    delays = [float(m) for m in re.findall(r"restarting in ([\d.]+) s", caplog.text)]
+    assert worker.restarts >= 4 and len(delays) >= 3
+    assert "worker exited (code 3)" in caplog.text
+    assert 0.1 <= delays[0] <= 0.2, "about the initial delay, jittered down to half"
+    assert all(0.2 <= d <= 0.4 for d in delays[1:]), "twice that, then capped"

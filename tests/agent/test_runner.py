@@ -1,0 +1,117 @@
+"""The agent's root tasks: one that fails stops the agent non-zero; a signal stops it cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agent import cli
+from agent.client import ControlPlaneClient
+from agent.enroll import Identity
+from agent.protocol import Inventory
+from agent.reconciler import Reconciler
+from agent.runner import NodeAgent, RootTaskFailed, run_root_tasks
+from agent.settings import AgentSettings
+from tests.agent.samples import CONTROL_PLANE_KEY, NODE, inventory
+
+
+class ControlPlane:
+    """Answers every agent call the way a healthy control plane does, and counts heartbeats."""
+
+    def __init__(self) -> None:
+        self.heartbeats = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/heartbeat/"):
+            self.heartbeats += 1
+        if request.url.path.endswith("/desired-state/"):
+            return httpx.Response(204)
+        return httpx.Response(200, json={})
+
+
+@asynccontextmanager
+async def node_agent(
+    tmp_path: Path, discover: Callable[[], Inventory], control_plane: ControlPlane
+) -> AsyncIterator[NodeAgent]:
+    async with httpx.AsyncClient(transport=httpx.MockTransport(control_plane)) as http:
+        identity = Identity(
+            node_id=NODE,
+            credential="tgn_test",
+            control_plane_public_key="",
+            queue=f"agent.{NODE}",
+            broker_url="memory://",
+            heartbeat_interval_s=0.02,
+        )
+        yield NodeAgent(
+            identity,
+            ControlPlaneClient(http, "http://cp.test", identity.credential),
+            Reconciler(NODE, CONTROL_PLANE_KEY.public_key(), [], tmp_path),
+            discover,
+            inventory_interval_s=60,
+            resync_interval_s=60,
+        )
+
+
+def broken_discovery() -> Inventory:
+    raise RuntimeError("sysfs vanished")
+
+
+async def test_a_failing_root_task_stops_the_others_and_names_itself(tmp_path: Path) -> None:
+    control_plane = ControlPlane()
+    async with node_agent(tmp_path, broken_discovery, control_plane) as agent:
+        with pytest.raises(RootTaskFailed, match="root task inventory failed") as failed:
+            await asyncio.wait_for(agent.run(asyncio.Event()), 10)
+    assert failed.value.name == "inventory"
+    assert isinstance(failed.value.__cause__, RuntimeError)
+    heartbeats = control_plane.heartbeats
+    await asyncio.sleep(0.1)
+    assert control_plane.heartbeats == heartbeats, "heartbeats went on after the failure"
+
+
+async def test_a_root_task_that_ends_before_the_stop_is_a_failure() -> None:
+    async def forever(stop: asyncio.Event) -> None:
+        await stop.wait()
+
+    async def quits(stop: asyncio.Event) -> None:
+        return None
+
+    with pytest.raises(RootTaskFailed, match="quits ended before the agent was stopped"):
+        await asyncio.wait_for(run_root_tasks(asyncio.Event(), {"a": forever, "quits": quits}), 5)
+
+
+def test_the_agent_exits_non_zero_with_the_reason_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def run_agent(settings: AgentSettings) -> None:
+        async with node_agent(tmp_path, broken_discovery, ControlPlane()) as agent:
+            await agent.run(asyncio.Event())
+
+    monkeypatch.setattr(cli, "run_agent", run_agent)
+    with caplog.at_level(logging.CRITICAL, logger="agent"):
+        assert cli.main(["run", "--state-dir", str(tmp_path)]) == 1
+    (record,) = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert "root task inventory failed" in record.getMessage()
+    assert "sysfs vanished" in record.getMessage()
+    assert record.exc_info and isinstance(record.exc_info[1], RuntimeError)
+
+
+def test_sigterm_stops_the_agent_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    control_plane = ControlPlane()
+
+    async def run_agent(settings: AgentSettings) -> None:
+        stop = cli._stop_on_signals()  # noqa: SLF001
+        asyncio.get_running_loop().call_later(0.2, os.kill, os.getpid(), signal.SIGTERM)
+        async with node_agent(tmp_path, inventory, control_plane) as agent:
+            await asyncio.wait_for(agent.run(stop), 10)
+
+    monkeypatch.setattr(cli, "run_agent", run_agent)
+    assert cli.main(["run", "--state-dir", str(tmp_path)]) == 0
+    assert control_plane.heartbeats > 0
