@@ -22,12 +22,14 @@ from django.conf import settings
 
 from controlplane.alerts.models import Alert, OutboxMessage
 from controlplane.fleet.services import create_deployment
+from controlplane.inventory.models import Node
 from controlplane.inventory.services import create_bootstrap_token
 from controlplane.slo.models import SloStatus
 from controlplane.slo.services import create_slo
 from controlplane.tenancy.services import create_tenant
 from tests.bench.slo import PAGE, NodeFeed, pages, stored_events
 from tests.controlplane.alerts_helpers import Receiver, make_endpoint, receiving
+from tests.controlplane.telemetry_helpers import place
 from tests.e2e.stack import running_stack, wait_for
 
 OUTAGE_RATE = 20  # requests a second
@@ -71,6 +73,7 @@ def test_an_outage_pages_once_and_healthy_traffic_resolves_it(
             deployment_id=deployment.pk,
             rate=OUTAGE_RATE,
         )
+        place(Node.objects.get(pk=feed.node_id), deployment)  # a node reports only what it serves
         feed.slo_ids = (slo.pk,)
 
         def stored(count: int) -> bool:
