@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from controlplane.processes import DemoPorts, url
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCHES = ("push", "serving", "storage", "telemetry", "slo")
 
@@ -20,12 +22,17 @@ def _setup_django() -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Checks its ports before Django loads, so a busy one fails at once and PUBLIC_URL (unless
+    set) follows --port in this process and every one it starts."""
+    if args.nodes < 0:
+        raise SystemExit("--nodes must be 0 or more")
+    ports = DemoPorts.following(args.port)
+    ports.check_free(args.host)
+    os.environ.setdefault("PUBLIC_URL", url(args.host, ports.control_plane))
     _setup_django()
     from controlplane.demo import run_demo
 
-    if args.nodes < 0:
-        raise SystemExit("--nodes must be 0 or more")
-    return run_demo(host=args.host, port=args.port, nodes=args.nodes, tour_enabled=not args.no_tour)
+    return run_demo(host=args.host, ports=ports, nodes=args.nodes, tour_enabled=not args.no_tour)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -58,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the control plane on embedded defaults, seeded")
     demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument(
+        "--port",
+        type=int,
+        default=8000,
+        help="the control plane's port; the demo also listens on the next two (default 8000)",
+    )
     demo.add_argument("--nodes", type=int, default=0, help="simulated nodes to add")
     demo.add_argument(
         "--no-tour", action="store_true", help="start and seed everything, but send no load"

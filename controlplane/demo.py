@@ -12,6 +12,7 @@ page resolves, then the SLO report. Ctrl-C (or SIGTERM) stops every child cleanl
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -42,6 +43,8 @@ from controlplane.tenancy.services import (
 )
 
 DEMO_MODEL = "synthetic://demo-chat?layers=4&hidden=256&heads=4&kv_heads=4&vocab=1024"
+READY_REQUEST_TIMEOUT_S = 15.0
+"""How long one readiness probe may take: a busy machine answers slowly, not never."""
 
 
 @contextmanager
@@ -78,12 +81,15 @@ def _wait(
         if value:
             return value
         time.sleep(0.3)
-    raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
+    raise SystemExit(
+        f"gave up after {timeout:.0f} s waiting for {what}; "
+        f"the logs of the demo's processes are in {settings.DATA_DIR / 'logs'}"
+    )
 
 
 def _answers(url: str) -> bool:
     try:
-        return httpx.get(url, timeout=1).status_code == 200
+        return httpx.get(url, timeout=READY_REQUEST_TIMEOUT_S).status_code == 200
     except httpx.TransportError:
         return False
 
@@ -111,13 +117,16 @@ NOISY_POLICY = {"tokens_per_s": 150.0, "max_concurrency": 2, "priority_class": "
 leave acme its per-token latency."""
 
 
-def run_demo(*, host: str, port: int, nodes: int = 0, tour_enabled: bool = True) -> int:
+def run_demo(
+    *, host: str, ports: processes.DemoPorts, nodes: int = 0, tour_enabled: bool = True
+) -> int:
+    """Everything the demo starts listens on one of `ports` (checked free by the caller)."""
     data = settings.DATA_DIR
     print(f"Data directory: {data}")
     call_command("migrate", interactive=False, verbosity=0)
     accounts = seed_demo()
     key = _seed_fleet(accounts.tenant)
-    receiver = tour.WebhookReceiver(_report_alert)
+    receiver = tour.WebhookReceiver(_report_alert, port=ports.webhook_receiver)
     tenants = tour.seed_tour(accounts.tenant, receiver.url)
     receiver.secret = tenants.webhook_secret
     set_tenant_policy(tenants.noisy, **NOISY_POLICY)
@@ -125,7 +134,7 @@ def run_demo(*, host: str, port: int, nodes: int = 0, tour_enabled: bool = True)
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: it may arrive ignored
         signal.signal(signum, _interrupt)
     try:
-        return _run(host, port, accounts, key, bootstrap, tenants, receiver, nodes, tour_enabled)
+        return _run(host, ports, accounts, key, bootstrap, tenants, receiver, nodes, tour_enabled)
     except KeyboardInterrupt:
         print("Stopped.")
         return 0
@@ -150,7 +159,7 @@ def _interrupt(*_: object) -> None:
 
 def _run(
     host: str,
-    port: int,
+    ports: processes.DemoPorts,
     accounts: Any,
     key: str,
     bootstrap: str,
@@ -159,20 +168,30 @@ def _run(
     nodes: int,
     tour_enabled: bool,
 ) -> int:
-    base = f"http://{host}:{port}"
+    base = processes.url(host, ports.control_plane)
     data = settings.DATA_DIR
     logs = data / "logs"
     logs.mkdir(exist_ok=True)
     with _children() as procs:
 
-        def spawn(name: str, argv: list[str]) -> None:
+        def spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
             with open(logs / f"{name}.log", "ab") as log:
-                procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+                procs[name] = subprocess.Popen(
+                    argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+                )
 
-        spawn("web", processes.web(host, port))
+        spawn("web", processes.web(host, ports.control_plane))
         spawn("celery", processes.celery_worker(data / "celerybeat-schedule"))
-        _wait("the control plane", lambda: _answers(f"{base}/api/schema/"), procs)
-        spawn("agent", processes.agent(base, bootstrap, data / "agent", socket.gethostname()))
+        _wait(
+            f"the control plane to answer {base}/api/schema/",
+            lambda: _answers(f"{base}/api/schema/"),
+            procs,
+        )
+        spawn(
+            "agent",
+            processes.agent(base, bootstrap, data / "agent", socket.gethostname()),
+            env={"TAILGUARD_AGENT_METRICS_PORT": str(ports.agent_metrics)},
+        )
         print(
             "Control plane up; the agent is enrolling and starting the inference worker...",
             flush=True,
@@ -192,7 +211,13 @@ def _run(
             ok = replica and _answers(f"http://127.0.0.1:{replica.port}/health")
             return replica if ok else None
 
-        replica = _wait("the inference worker", serving, procs, 300)
+        replica = _wait(
+            f"the agent to enroll {socket.gethostname()} and start the inference worker of "
+            "deployment 'chat' there",
+            serving,
+            procs,
+            300,
+        )
         worker = f"http://127.0.0.1:{replica.port}"
         if nodes:  # after the local workers are placed, so they stay on this machine
             spawn(

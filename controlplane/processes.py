@@ -1,9 +1,75 @@
-"""Command lines of the control plane's own processes, shared by the demo, tests and benches."""
+"""Command lines of the control plane's own processes, shared by the demo, tests and benches,
+and the ports the demo gives them."""
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+def url(host: str, port: int) -> str:
+    """How this machine reaches a listener on `host`: a wildcard address by loopback, an IPv6
+    address in brackets."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return f"http://{host}:{port}"
+    if address.is_unspecified:
+        address = ipaddress.ip_address("::1" if address.version == 6 else LOOPBACK)
+    return f"http://[{address}]:{port}" if address.version == 6 else f"http://{address}:{port}"
+
+
+@dataclass(frozen=True)
+class DemoPorts:
+    """Every port `tailguard demo` listens on, all following `--port`: one flag moves the
+    whole demo, so two demos on one machine differ only in it."""
+
+    control_plane: int
+    webhook_receiver: int
+    agent_metrics: int
+
+    @classmethod
+    def following(cls, port: int) -> DemoPorts:
+        if not 1 <= port <= 65535 - 2:
+            raise SystemExit(
+                f"--port {port} is out of range: the demo listens on --port, --port + 1 and "
+                "--port + 2, so it must be 1 to 65533."
+            )
+        return cls(control_plane=port, webhook_receiver=port + 1, agent_metrics=port + 2)
+
+    def check_free(self, host: str) -> None:
+        """Refuse a port that cannot be listened on before anything is migrated or started,
+        naming it and the flag that moves it."""
+        for what, address, port, offset in (
+            ("the control plane", host, self.control_plane, ""),
+            ("the tour's webhook receiver", LOOPBACK, self.webhook_receiver, " + 1"),
+            ("the node agent's /metrics", LOOPBACK, self.agent_metrics, " + 2"),
+        ):
+            try:
+                _try_listen(address, port)
+            except OSError as exc:
+                raise SystemExit(
+                    f"Cannot listen on {address} port {port} ({exc.strerror or exc}), which the "
+                    f"demo needs for {what} (--port{offset}). Stop what holds it, or move the "
+                    "demo with --port: it listens on --port, --port + 1 and --port + 2."
+                ) from None
+
+
+def _try_listen(host: str, port: int) -> None:
+    """Bind and listen as the servers do (SO_REUSEADDR: a closed connection's TIME_WAIT
+    does not count, another listener does)."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen()
 
 
 def web(host: str, port: int, workers: int = 1) -> list[str]:

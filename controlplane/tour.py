@@ -102,9 +102,10 @@ def calibrate_tpot_slo(quiet: Tenant, since: datetime) -> tuple[float, float] | 
 
 class WebhookReceiver:
     """An HTTP receiver on 127.0.0.1 that verifies signatures, reports each alert, and keeps
-    the verified ones (status, alert) in `received`, in order of arrival."""
+    the verified ones (status, alert) in `received`, in order of arrival. `port` 0 takes any
+    free port."""
 
-    def __init__(self, on_alert: Callable[[str, dict[str, Any]], None]) -> None:
+    def __init__(self, on_alert: Callable[[str, dict[str, Any]], None], port: int = 0) -> None:
         self.secret = ""
         self.received: list[tuple[str, dict[str, Any]]] = []
         receiver = self
@@ -128,7 +129,7 @@ class WebhookReceiver:
             def log_message(self, *args: Any) -> None:
                 """Deliveries are reported through on_alert, not access logs."""
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_port}/alerts"
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 

@@ -8,6 +8,7 @@ revision where the content changed, and pushes it to the node's queue after comm
 from __future__ import annotations
 
 import copy
+import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -20,6 +21,7 @@ from django.db import connection, transaction
 from django.db.models import Max, OuterRef, Q, Subquery
 from django.urls import reverse
 from django.utils import timezone
+from kombu.exceptions import OperationalError
 
 from agent.protocol import (
     AppliedStatus,
@@ -43,6 +45,8 @@ from controlplane.storage import selectors as storage_selectors
 from controlplane.storage.render import render_storage
 from controlplane.tenancy import selectors as tenancy_selectors
 from controlplane.tenancy.models import QUOTA_FIELDS, InferenceKey, Tenant
+
+log = logging.getLogger(__name__)
 
 APPLY_TASK = "agent.apply_revision"
 FLEET_LOCK_ID = 0x7461696C  # one advisory lock serialises planning across processes
@@ -356,15 +360,36 @@ def issue_revisions(
 
 
 def push_after_commit(revisions: list[Revision]) -> None:
-    """Send each revision to its node's queue once the transaction that made it commits."""
+    """Send each revision to its node's queue once the transaction that made it commits.
+
+    The push only hastens delivery: agents also pull their desired state at start, after a
+    reconnect and every minute. So a broker outage costs a warning, never the committed
+    change or the answer to whoever made it.
+    """
     messages = [(queue_name(r.node_id), r.document) for r in revisions]
 
     def send() -> None:
-        with celery_app.producer_or_acquire() as producer:  # one connection for the batch
-            for queue, document in messages:
-                celery_app.send_task(
-                    APPLY_TASK, args=[document], queue=queue, routing_key=queue, producer=producer
-                )
+        pushed = 0
+        try:
+            with celery_app.producer_or_acquire() as producer:  # one connection for the batch
+                for queue, document in messages:
+                    celery_app.send_task(
+                        APPLY_TASK,
+                        args=[document],
+                        queue=queue,
+                        routing_key=queue,
+                        producer=producer,
+                    )
+                    pushed += 1
+        except OperationalError as exc:
+            log.warning(
+                "Broker unreachable (%s): %d of %d new revisions not pushed. They are stored; "
+                "their agents pull them at their next resync (every minute by default) or "
+                "reconnect.",
+                exc,
+                len(messages) - pushed,
+                len(messages),
+            )
 
     if messages:
         transaction.on_commit(send)

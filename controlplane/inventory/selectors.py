@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.db.models import OuterRef, QuerySet, Subquery
 
+from controlplane.inventory.choices import NodeStatus
 from controlplane.inventory.models import Node
 
 
@@ -20,3 +21,21 @@ def nodes_with_hardware() -> QuerySet[Node]:
             head_status=Subquery(head.values("status")[:1]),
         )
     )
+
+
+def not_taking_work(node: Node) -> str | None:
+    """Why `node` takes nothing new now (it is drained or its agent is silent), in words that
+    say what to look at; None while it takes new work."""
+    if node.maintenance:
+        because = f": {node.maintenance_reason}" if node.maintenance_reason else ""
+        return f"node {node.hostname} is in maintenance{because}"
+    if node.status == NodeStatus.UNREACHABLE:
+        heard = (
+            f"no heartbeat since {node.last_heartbeat_at:%Y-%m-%d %H:%M:%S} UTC"
+            if node.last_heartbeat_at
+            else "never sent a heartbeat"
+        )
+        return f"node {node.hostname} is unreachable ({heard})"
+    if node.status != NodeStatus.READY:
+        return f"node {node.hostname} is {node.status}: its agent has not sent a heartbeat yet"
+    return None

@@ -20,6 +20,7 @@ from django.db.models import Q
 
 from agent.protocol import StorageReport
 from controlplane.core import services as core
+from controlplane.inventory import selectors as inventory_selectors
 from controlplane.inventory.models import Node
 from controlplane.storage import selectors
 from controlplane.storage.archives import inspect_archive
@@ -119,18 +120,27 @@ def _room_error(pool: Pool, size_bytes: int, free: int | None) -> ValidationErro
 
 
 def _choose_pool(tenant: Any, size_bytes: int) -> Pool:
-    """The pool with the most room on a node the tenant may use (its own or the shared fleet)."""
-    candidates = [
-        (free, pool)
-        for pool in selectors.pools_with_allocation()
-        .filter(Q(node__tenant__isnull=True) | Q(node__tenant=tenant), node__maintenance=False)
+    """The pool with the most room on a node the tenant may use (its own or the shared fleet)
+    that takes new work: a volume on a drained or silent node could not be set up or used."""
+    candidates, passed_over = [], {}
+    for pool in (
+        selectors.pools_with_allocation()
+        .filter(Q(node__tenant__isnull=True) | Q(node__tenant=tenant))
         .order_by("node__hostname", "name")
-        if (free := _free(pool)) is not None
-    ]
+    ):
+        refusal = inventory_selectors.not_taking_work(pool.node)
+        if refusal is not None:
+            passed_over[pool.node_id] = refusal
+        elif (free := _free(pool)) is not None:
+            candidates.append((free, pool))
     if not candidates:
-        raise ValidationError(
-            {"size_bytes": ["No storage pool with a known capacity is available to this tenant."]}
-        )
+        text = "No storage pool with a known capacity is available to this tenant."
+        if passed_over:
+            text += (
+                f" Pools on these nodes take no new volumes: {'; '.join(passed_over.values())}. "
+                "Bring a node back (or out of maintenance), or add a pool on a ready node."
+            )
+        raise ValidationError({"size_bytes": [text]})
     free, pool = max(candidates, key=lambda c: c[0])
     if free < size_bytes:
         raise ValidationError(
@@ -142,6 +152,20 @@ def _choose_pool(tenant: Any, size_bytes: int) -> Pool:
             }
         )
     return pool
+
+
+def _check_node_takes_work(pool: Pool) -> None:
+    """A named pool must be on a node that takes new work, like an automatically chosen one."""
+    refusal = inventory_selectors.not_taking_work(Node.objects.get(pk=pool.node_id))
+    if refusal is not None:
+        raise ValidationError(
+            {
+                "pool": [
+                    f"Pool {pool.name} takes no new volumes: {refusal}. Choose a pool on a ready "
+                    "node, or leave pool out to place the volume where there is room."
+                ]
+            }
+        )
 
 
 def _free(pool: Any) -> int | None:
@@ -164,6 +188,7 @@ def create_volume(
     if pool is None:
         pool = _choose_pool(tenant, size_bytes)
     else:
+        _check_node_takes_work(pool)
         free = selectors.free_bytes(pool)
         if free is None or free < size_bytes:
             raise _room_error(pool, size_bytes, free)
