@@ -27,7 +27,10 @@ urlpatterns = [
     path("metrics", metrics_view, name="metrics"),
 ]
 
+handler400 = "controlplane.core.views.bad_request"
+handler403 = "controlplane.core.views.permission_denied"
 handler404 = "controlplane.core.views.not_found"
+handler500 = "controlplane.core.views.server_error"
 
 admin.site.site_header = "Tailguard admin"
 admin.site.site_title = "Tailguard"

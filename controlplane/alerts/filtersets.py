@@ -2,20 +2,21 @@ import django_filters
 
 from controlplane.alerts.choices import AlertState, Event, MessageStatus, Severity
 from controlplane.alerts.models import Alert, DeliveryAttempt, OutboxMessage, WebhookEndpoint
+from controlplane.core import filtersets as strict
 
 
-class AlertFilterSet(django_filters.FilterSet):
+class AlertFilterSet(strict.FilterSet):
     tenant = django_filters.UUIDFilter()
     state = django_filters.MultipleChoiceFilter(choices=AlertState.choices)
     severity = django_filters.MultipleChoiceFilter(choices=Severity.choices)
-    alertname = django_filters.CharFilter(field_name="labels__alertname")
+    alertname = strict.CharFilter(field_name="labels__alertname")
 
     class Meta:
         model = Alert
         fields = ["tenant", "state", "severity", "fingerprint", "alertname"]
 
 
-class WebhookEndpointFilterSet(django_filters.FilterSet):
+class WebhookEndpointFilterSet(strict.FilterSet):
     tenant = django_filters.UUIDFilter()
 
     class Meta:
@@ -23,7 +24,7 @@ class WebhookEndpointFilterSet(django_filters.FilterSet):
         fields = ["tenant", "enabled", "name"]  # not `format`: DRF reads that as the renderer
 
 
-class OutboxMessageFilterSet(django_filters.FilterSet):
+class OutboxMessageFilterSet(strict.FilterSet):
     endpoint = django_filters.UUIDFilter()
     alert = django_filters.UUIDFilter()
     event = django_filters.ChoiceFilter(choices=Event.choices)
@@ -34,7 +35,7 @@ class OutboxMessageFilterSet(django_filters.FilterSet):
         fields = ["endpoint", "alert", "event", "status", "webhook_id"]
 
 
-class DeliveryAttemptFilterSet(django_filters.FilterSet):
+class DeliveryAttemptFilterSet(strict.FilterSet):
     endpoint = django_filters.UUIDFilter(field_name="message__endpoint")
     message = django_filters.UUIDFilter()
 

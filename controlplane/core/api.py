@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from django.db import models
-from django.db.models import QuerySet
+from django.db import models, router
+from django.db.models import Model, ProtectedError, QuerySet, RestrictedError
+from django.db.models.deletion import Collector
+from django.utils.text import capfirst
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import Serializer
 
+from controlplane.core.exceptions import DependentsExist
 from controlplane.core.scoping import scope, writable_tenant_ids
 from controlplane.core.secrets import Issued
 from controlplane.tenancy.models import Tenant
@@ -26,6 +31,20 @@ class StrictCharField(serializers.CharField):
         return str(super().to_internal_value(data))
 
 
+class StrictBooleanField(serializers.BooleanField):
+    """A JSON boolean only: DRF would also take 0, 1, "yes" or "off"."""
+
+    def to_internal_value(self, data: Any) -> bool:
+        if not isinstance(data, bool):
+            self.fail("invalid", input=data)
+        return data
+
+
+@extend_schema_field({"type": "number", "format": "double", "exclusiveMinimum": 0})
+class PositiveFloatField(serializers.FloatField):
+    """A float that must be above 0, which OpenAPI says with `exclusiveMinimum`."""
+
+
 class StrictSerializer(serializers.ModelSerializer):
     """Rejects unknown and read-only fields by name instead of silently dropping them.
 
@@ -37,6 +56,7 @@ class StrictSerializer(serializers.ModelSerializer):
         **serializers.ModelSerializer.serializer_field_mapping,
         models.CharField: StrictCharField,
         models.TextField: StrictCharField,
+        models.BooleanField: StrictBooleanField,
     }
 
     def to_internal_value(self, data: Any) -> Any:
@@ -96,7 +116,51 @@ class TenantScopedMixin:
         return scope(super().get_queryset(), self.request.user, self.tenant_field)  # type: ignore[misc]
 
 
-class TenantScopedViewSet(TenantScopedMixin, viewsets.ModelViewSet):
+def dependents(instance: Model, relations: tuple[str, ...] = ()) -> Counter[type[Model]]:
+    """What keeps `instance` from going: the objects the database protects from its delete
+    (also through what the delete would cascade to) and those in `relations`."""
+    found: Counter[type[Model]] = Counter()
+    for name in relations:
+        manager = getattr(instance, name)
+        if count := manager.count():
+            found[manager.model] += count
+    try:
+        Collector(using=router.db_for_write(type(instance))).collect([instance])
+    except ProtectedError as exc:
+        found.update(map(type, exc.protected_objects))
+    except RestrictedError as exc:
+        found.update(map(type, exc.restricted_objects))
+    return found
+
+
+class DependentsConflictMixin:
+    """DELETE is a 409 naming what still depends on the object, never a partial cascade.
+
+    `delete_blocked_by` names reverse relations the database would cascade to but that
+    an operator must empty first (a node's storage pools); what the database protects
+    counts always.
+    """
+
+    delete_blocked_by: tuple[str, ...] = ()
+
+    @extend_schema(
+        responses={
+            204: None,
+            409: OpenApiResponse(
+                description="Other objects still depend on this one; the message counts them."
+            ),
+        }
+    )
+    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        instance = self.get_object()  # type: ignore[attr-defined]
+        found = dependents(instance, self.delete_blocked_by)
+        if found:
+            raise DependentsExist(f"{capfirst(instance._meta.verbose_name)} {instance}", found)
+        self.perform_destroy(instance)  # type: ignore[attr-defined]
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class TenantScopedViewSet(DependentsConflictMixin, TenantScopedMixin, viewsets.ModelViewSet):
     pass
 
 

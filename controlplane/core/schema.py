@@ -1,7 +1,9 @@
 """OpenAPI post-processing: document the error responses every operation can give.
 
 drf-spectacular documents success bodies only; clients and schema-driven tests
-need to know that 4xx answers exist and what they look like.
+need to know that 4xx answers exist and what they look like. Views declare the
+errors only some operations give (409, 410, 413) with a description; this gives
+every error response the one error body.
 """
 
 from __future__ import annotations
@@ -33,9 +35,14 @@ def add_error_responses(
 ) -> dict[str, Any]:
     result.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
     ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-    for path_item in result.get("paths", {}).values():
+    for path, path_item in result.get("paths", {}).items():
         for operation in path_item.values():
+            if path.startswith("/api/v1/agent/") and "requestBody" in operation:
+                operation["requestBody"]["required"] = True  # an agent message is the body
             responses = operation.setdefault("responses", {})
             for code, description in ERRORS.items():
-                responses.setdefault(code, {"description": description, "content": ref})
+                responses.setdefault(code, {"description": description})
+            for code, response in responses.items():
+                if code.startswith("4"):
+                    response.setdefault("content", ref)
     return result

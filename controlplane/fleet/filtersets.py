@@ -1,10 +1,11 @@
 import django_filters
 
+from controlplane.core import filtersets as strict
 from controlplane.fleet.choices import RevisionStatus
 from controlplane.fleet.models import Deployment, Replica, Revision
 
 
-class DeploymentFilterSet(django_filters.FilterSet):
+class DeploymentFilterSet(strict.FilterSet):
     tenant = django_filters.UUIDFilter()
 
     class Meta:
@@ -12,17 +13,17 @@ class DeploymentFilterSet(django_filters.FilterSet):
         fields = ["tenant", "name", "model_name", "placement_strategy"]
 
 
-class ReplicaFilterSet(django_filters.FilterSet):
+class ReplicaFilterSet(strict.FilterSet):
     deployment = django_filters.UUIDFilter()
     node = django_filters.UUIDFilter()
-    placed = django_filters.BooleanFilter(field_name="node", lookup_expr="isnull", exclude=True)
+    placed = strict.BooleanFilter(field_name="node", lookup_expr="isnull", exclude=True)
 
     class Meta:
         model = Replica
         fields = ["deployment", "node", "placed"]
 
 
-class RevisionFilterSet(django_filters.FilterSet):
+class RevisionFilterSet(strict.FilterSet):
     node = django_filters.UUIDFilter()
     status = django_filters.ChoiceFilter(choices=RevisionStatus.choices)
 

@@ -2,19 +2,18 @@ import django_filters
 from django.db.models.fields.json import KeyTextTransform
 from rest_framework.exceptions import ValidationError
 
+from controlplane.core import filtersets as strict
 from controlplane.inventory.choices import NodeStatus
 from controlplane.inventory.models import Drive, Gpu, Nic, Node
 from controlplane.inventory.validators import LABEL_KEY
 
 
-class NodeFilterSet(django_filters.FilterSet):
+class NodeFilterSet(strict.FilterSet):
     status = django_filters.MultipleChoiceFilter(choices=NodeStatus.choices)
-    label = django_filters.CharFilter(
+    label = strict.CharFilter(
         method="filter_label", label="Label selector key=value (repeat with commas)"
     )
-    gpu_name = django_filters.CharFilter(
-        field_name="gpus__name", lookup_expr="icontains", distinct=True
-    )
+    gpu_name = strict.CharFilter(field_name="gpus__name", lookup_expr="icontains", distinct=True)
     tenant = django_filters.UUIDFilter()
 
     class Meta:
@@ -35,14 +34,14 @@ class NodeFilterSet(django_filters.FilterSet):
         return queryset
 
 
-class HardwareFilterSet(django_filters.FilterSet):
+class HardwareFilterSet(strict.FilterSet):
     """A UUID filter, not a choice of nodes: an unknown id lists nothing instead of a 400."""
 
     node = django_filters.UUIDFilter()
 
 
 class GpuFilterSet(HardwareFilterSet):
-    name = django_filters.CharFilter(lookup_expr="icontains")
+    name = strict.CharFilter(lookup_expr="icontains")
 
     class Meta:
         model = Gpu

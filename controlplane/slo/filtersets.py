@@ -1,10 +1,11 @@
 import django_filters
 
+from controlplane.core import filtersets as strict
 from controlplane.slo.choices import Scope, Sli, Window
 from controlplane.slo.models import Slo
 
 
-class SloFilterSet(django_filters.FilterSet):
+class SloFilterSet(strict.FilterSet):
     tenant = django_filters.UUIDFilter()
     deployment = django_filters.UUIDFilter()
     sli = django_filters.ChoiceFilter(choices=Sli.choices)

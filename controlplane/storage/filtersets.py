@@ -1,10 +1,11 @@
 import django_filters
 
+from controlplane.core import filtersets as strict
 from controlplane.storage.choices import PoolKind
 from controlplane.storage.models import Artifact, Export, Pool, QosPolicy, Volume
 
 
-class PoolFilterSet(django_filters.FilterSet):
+class PoolFilterSet(strict.FilterSet):
     node = django_filters.UUIDFilter()
     kind = django_filters.ChoiceFilter(choices=PoolKind.choices)
 
@@ -13,7 +14,7 @@ class PoolFilterSet(django_filters.FilterSet):
         fields = ["node", "kind", "name"]
 
 
-class VolumeFilterSet(django_filters.FilterSet):
+class VolumeFilterSet(strict.FilterSet):
     tenant = django_filters.UUIDFilter()
     pool = django_filters.UUIDFilter()
     node = django_filters.UUIDFilter(field_name="pool__node")
@@ -23,7 +24,7 @@ class VolumeFilterSet(django_filters.FilterSet):
         fields = ["tenant", "pool", "node", "name"]
 
 
-class QosPolicyFilterSet(django_filters.FilterSet):
+class QosPolicyFilterSet(strict.FilterSet):
     tenant = django_filters.UUIDFilter()
 
     class Meta:
@@ -31,7 +32,7 @@ class QosPolicyFilterSet(django_filters.FilterSet):
         fields = ["tenant", "name"]
 
 
-class ExportFilterSet(django_filters.FilterSet):
+class ExportFilterSet(strict.FilterSet):
     tenant = django_filters.UUIDFilter()
 
     class Meta:
@@ -39,7 +40,7 @@ class ExportFilterSet(django_filters.FilterSet):
         fields = ["tenant"]
 
 
-class ArtifactFilterSet(django_filters.FilterSet):
+class ArtifactFilterSet(strict.FilterSet):
     tenant = django_filters.UUIDFilter()
 
     class Meta:

@@ -174,7 +174,7 @@ def test_pools_are_checked_and_changed_by_platform_admins_only(
     pool = make_pool(node, name="local", capacity=10 * MIB)
     storage.create_volume(tenant=world.tenant_a, name="kept", size_bytes=MIB, pool=pool)
     response = client.delete(f"/api/v1/pools/{pool.pk}/")
-    assert response.status_code == 400 and "holds 1048576 bytes" in response.json()["detail"]
+    assert response.status_code == 409 and "still has 1 volume" in response.json()["detail"]
     response = client.patch(
         f"/api/v1/pools/{pool.pk}/", {"directory": "/srv/elsewhere"}, format="json"
     )
@@ -348,7 +348,7 @@ def test_deployments_name_exactly_one_model_of_their_own_tenant(
     )
     assert response.status_code == 201, response.content
     assert response.json()["model_volume_bytes"] == 9 * MIB
-    assert client.delete(f"/api/v1/artifacts/{mine.pk}/").status_code == 400  # in use
+    assert client.delete(f"/api/v1/artifacts/{mine.pk}/").status_code == 409  # in use
 
 
 def test_agents_download_only_artifacts_their_replicas_use(world: World) -> None:

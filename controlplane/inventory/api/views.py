@@ -11,7 +11,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import Serializer
 
-from controlplane.core.api import SecretViewSet, TenantScopedMixin
+from controlplane.core.api import DependentsConflictMixin, SecretViewSet, TenantScopedMixin
 from controlplane.core.permissions import IsPlatformAdmin, TenantRolePermission
 from controlplane.core.secrets import Issued
 from controlplane.fleet import services as fleet_services
@@ -27,6 +27,7 @@ from controlplane.inventory.models import BootstrapToken, Drive, Gpu, Nic
 
 
 class NodeViewSet(
+    DependentsConflictMixin,
     TenantScopedMixin,
     mixins.ListModelMixin,
     mixins.RetrieveModelMixin,
@@ -37,7 +38,8 @@ class NodeViewSet(
     """Nodes join by enrolling their agent; people edit labels, maintenance and dedication.
 
     Tenant users see the nodes dedicated to their tenant; the shared fleet is the
-    platform admins'. Deleting (decommissioning) a node is for platform admins.
+    platform admins'. Deleting (decommissioning) a node is for platform admins, once its
+    storage pools are gone; its hardware, revisions and telemetry go with it.
     """
 
     queryset = selectors.nodes_with_hardware()
@@ -45,6 +47,7 @@ class NodeViewSet(
     filterset_class = NodeFilterSet
     search_fields = ["hostname"]
     ordering_fields = ["hostname", "status", "last_heartbeat_at", "created_at"]
+    delete_blocked_by = ("storage_pools",)
 
     def get_permissions(self) -> list[object]:
         if self.action == "destroy":

@@ -25,7 +25,7 @@ class AgentArtifactView(AgentAPIView):
         artifact = selectors.artifact_for_node(request.auth, pk)
         if artifact is None:
             raise NotFound("No such artifact for this node's replicas.")
-        return file_response(request, artifact.path, artifact.size_bytes, artifact.sha256)
+        return file_response(request, artifact)
 
 
 class StorageReportView(AgentAPIView):

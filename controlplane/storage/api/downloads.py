@@ -1,20 +1,27 @@
 """Serving an artifact file with HTTP Range support, so agents resume interrupted downloads.
 
 werkzeug parses the Range header (RFC 9110); one satisfiable range is a 206, a range past
-the end a 416, and anything else (none, several, malformed) the whole file.
+the end a 416, and anything else (none, several, malformed) the whole file. A file gone
+from disk (or not the size recorded) is a 410 that names the artifact, never a short body.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 from django.http import HttpResponseBase, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
+from rest_framework.exceptions import APIException
 from rest_framework.request import Request
 from rest_framework.response import Response
 from werkzeug.http import parse_range_header
+
+from controlplane.storage.models import Artifact
+
+log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
 RANGE_PARAMETER = OpenApiParameter(
@@ -26,8 +33,16 @@ RANGE_PARAMETER = OpenApiParameter(
 RESPONSES = {
     (200, "application/octet-stream"): OpenApiResponse(OpenApiTypes.BINARY, "The file."),
     (206, "application/octet-stream"): OpenApiResponse(OpenApiTypes.BINARY, "The range asked for."),
+    410: OpenApiResponse(
+        description="The artifact's file is missing on the control plane; upload it again."
+    ),
     416: OpenApiResponse(OpenApiTypes.OBJECT, description="The range starts past the end."),
 }
+
+
+class ArtifactFileGone(APIException):
+    status_code = 410
+    default_code = "artifact_file_missing"
 
 
 def _chunks(path: Path, start: int, stop: int) -> Iterator[bytes]:
@@ -38,8 +53,29 @@ def _chunks(path: Path, start: int, stop: int) -> Iterator[bytes]:
             yield chunk
 
 
-def file_response(request: Request, path: Path, size: int, sha256: str) -> HttpResponseBase:
-    """The file, or the one byte range the request asks for."""
+def _check_file(artifact: Artifact) -> None:
+    try:
+        on_disk: int | None = artifact.path.stat().st_size
+    except FileNotFoundError:
+        on_disk = None
+    if on_disk == artifact.size_bytes:
+        return
+    problem = (
+        "is missing" if on_disk is None else f"holds {on_disk} bytes, not {artifact.size_bytes}"
+    )
+    log.error(
+        "Artifact %s (%s): its file %s %s", artifact.name, artifact.pk, artifact.path, problem
+    )
+    raise ArtifactFileGone(
+        f"The file of artifact {artifact.name} ({artifact.pk}) {problem} on the control plane; "
+        "upload the artifact again."
+    )
+
+
+def file_response(request: Request, artifact: Artifact) -> HttpResponseBase:
+    """The artifact's file, or the one byte range the request asks for."""
+    _check_file(artifact)
+    path, size = artifact.path, artifact.size_bytes
     ranges = parse_range_header(request.headers.get("Range"))
     start, stop, status = 0, size, 200
     if ranges is not None and len(ranges.ranges) == 1:
@@ -56,7 +92,7 @@ def file_response(request: Request, path: Path, size: int, sha256: str) -> HttpR
     )
     response["Content-Length"] = str(stop - start)
     response["Accept-Ranges"] = "bytes"
-    response["ETag"] = f'"{sha256}"'
+    response["ETag"] = f'"{artifact.sha256}"'
     if status == 206:
         response["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
     return response

@@ -13,7 +13,7 @@ from rest_framework.permissions import SAFE_METHODS
 from rest_framework.request import Request
 from rest_framework.serializers import Serializer
 
-from controlplane.core.api import TenantScopedMixin, TenantScopedViewSet
+from controlplane.core.api import DependentsConflictMixin, TenantScopedMixin, TenantScopedViewSet
 from controlplane.core.permissions import IsPlatformAdmin, TenantRolePermission
 from controlplane.storage import selectors, services
 from controlplane.storage.api import serializers as s
@@ -120,6 +120,7 @@ class ExportViewSet(TenantScopedViewSet):
 
 
 class ArtifactViewSet(
+    DependentsConflictMixin,
     TenantScopedMixin,
     mixins.CreateModelMixin,
     mixins.ListModelMixin,
@@ -151,4 +152,4 @@ class ArtifactViewSet(
     def download(self, request: Request, pk: str | None = None) -> HttpResponseBase:
         """The archive itself; send Range to fetch part of it."""
         artifact = self.get_object()
-        return file_response(request, artifact.path, artifact.size_bytes, artifact.sha256)
+        return file_response(request, artifact)

@@ -9,7 +9,12 @@ from django.db import transaction
 from rest_framework import serializers
 from rest_framework.exceptions import PermissionDenied
 
-from controlplane.core.api import SecretSerializer, StrictSerializer, WritableTenantField
+from controlplane.core.api import (
+    PositiveFloatField,
+    SecretSerializer,
+    StrictSerializer,
+    WritableTenantField,
+)
 from controlplane.core.scoping import is_platform_admin
 from controlplane.tenancy.models import (
     POLICY_FIELDS,
@@ -19,8 +24,9 @@ from controlplane.tenancy.models import (
     Membership,
     Tenant,
     TenantPolicy,
+    validate_positive_finite,
 )
-from controlplane.tenancy.services import set_tenant_active
+from controlplane.tenancy.services import create_tenant, set_tenant_active
 
 
 class TenantSerializer(StrictSerializer):
@@ -47,16 +53,19 @@ class TenantSerializer(StrictSerializer):
         if self.instance is not None and "is_active" in attrs and not admin:
             if attrs["is_active"] != self.instance.is_active:
                 raise PermissionDenied("Only platform admins suspend or resume tenants.")
-        quota = [name for name in QUOTA_FIELDS if name in attrs]
-        if not quota:
-            return attrs
-        if not admin:
+        if not admin and any(name in attrs for name in QUOTA_FIELDS):
             raise PermissionDenied("Only platform admins change tenant quotas.")
-        if self.instance is None:
-            raise serializers.ValidationError(
-                {name: ["Set quotas once the tenant exists (PATCH it)."] for name in quota}
-            )
         return attrs
+
+    def create(self, validated_data: dict[str, Any]) -> Tenant:
+        from controlplane.fleet.services import set_tenant_quota
+
+        quota = {name: validated_data.pop(name) for name in QUOTA_FIELDS if name in validated_data}
+        with transaction.atomic():
+            tenant = create_tenant(**validated_data)
+            if quota:
+                set_tenant_quota(tenant, **quota)
+        return tenant
 
     def update(self, instance: Tenant, validated_data: dict[str, Any]) -> Tenant:
         """Quota changes re-plan placement and suspension reaches the workers, so both go
@@ -85,6 +94,14 @@ class TenantPolicySerializer(StrictSerializer):
     class Meta:
         model = TenantPolicy
         fields = ["id", "tenant", *POLICY_FIELDS, "is_default", "updated_at"]
+
+    def build_standard_field(
+        self, field_name: str, model_field: Any
+    ) -> tuple[type, dict[str, Any]]:
+        field_class, kwargs = super().build_standard_field(field_name, model_field)
+        if validate_positive_finite in model_field.validators:
+            field_class = PositiveFloatField
+        return field_class, kwargs
 
     def get_is_default(self, obj: TenantPolicy) -> bool:
         return obj.pk is None

@@ -44,9 +44,6 @@ class TenantViewSet(TenantScopedViewSet):
             return [IsPlatformAdmin()]
         return [TenantRolePermission()]
 
-    def perform_create(self, serializer: Serializer) -> None:
-        serializer.instance = services.create_tenant(**serializer.validated_data)
-
 
 class PlatformAdminWrites(BasePermission):
     message = "Only platform admins change tenant policies; tenant members may read them."
