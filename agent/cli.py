@@ -82,7 +82,10 @@ async def run_agent(settings: AgentSettings) -> None:
         client = anon.with_credential(identity.credential)
         storage = open_storage(settings, facts)
         stager = ModelStager(storage.file_volumes, settings.control_plane_url, identity.credential)
-        workers = WorkerSupervisor(SupervisorSettings(work_dir=settings.state_dir), stager)
+        workers = WorkerSupervisor(
+            SupervisorSettings(work_dir=settings.state_dir, keep_workers=settings.keep_workers),
+            stager,
+        )
         applied = AppliedComponents(settings.state_dir / "applied-components.json")
         # Storage first: a worker's model is staged into a volume the storage driver made.
         reconciler = Reconciler(

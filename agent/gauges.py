@@ -373,7 +373,8 @@ class RunningWorker(Protocol):
     @property
     def spec(self) -> WorkerSpec: ...
     @property
-    def url(self) -> str: ...
+    def url(self) -> str | None:
+        """None until the worker announced its port."""
 
 
 class WorkerSource(Protocol):
@@ -546,7 +547,9 @@ class WorkerStats:
         self._timeout_s = timeout_s
 
     async def collect(self, cursors: Mapping[str, str]) -> Reading:
-        workers = [(str(replica), w.url) for replica, w in self._source.workers.items()]
+        workers = [
+            (str(replica), w.url) for replica, w in self._source.workers.items() if w.url
+        ]
         answers = await asyncio.gather(
             *(self._fetch(url, cursors.get(replica)) for replica, url in workers)
         )

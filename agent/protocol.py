@@ -405,7 +405,8 @@ class WorkerSpec(_Model):
     artifact: ArtifactRef
     runtime_options: dict[OptionKey, str | int | float | bool]
     gpu_indices: list[Count]
-    port: Port
+    port: Port | None = Field(default=None, exclude_if=_unset)
+    """Where the worker listens; None lets the agent take a free port and report it."""
     max_batch_size: Positive
     max_tokens_per_step: Positive
     max_queue_delay_ms: Count
@@ -515,7 +516,8 @@ class Components(_Model):
     @classmethod
     def _distinct_workers(cls, value: list[WorkerSpec]) -> list[WorkerSpec]:
         _unique(value, lambda w: w.replica_id, "replica_id")
-        return _unique(value, lambda w: w.port, "worker port")
+        _unique([w for w in value if w.port is not None], lambda w: w.port, "worker port")
+        return value
 
     @field_validator("pools")
     @classmethod
@@ -598,6 +600,8 @@ class ComponentResult(_Model):
     name: Label
     ok: bool
     error: Annotated[str, StringConstraints(strict=True, min_length=1, max_length=4096)] | None
+    port: Port | None = Field(default=None, exclude_if=_unset)
+    """A worker's port on the node, once it answered as itself."""
 
     @field_validator("error")
     @classmethod

@@ -59,22 +59,33 @@ class Reconciler:
         self.applied = (
             Applied(**json.loads(self._path.read_text())) if self._path.exists() else Applied()
         )
+        # Whether this process applied a state yet: a restarted agent's drivers start empty,
+        # so its first pull of the state it had applied converges on it again (adopting the
+        # workers that kept serving) instead of taking it for the steady state.
+        self._converged = False
 
     async def handle(self, signed: SignedDesiredState, *, pulled: bool) -> AppliedStatus | None:
         """Apply a pushed or pulled state; returns the report to send, or None if nothing to say.
 
-        A pulled state no newer than the applied one is the steady state, not a replay.
+        A pulled state no newer than the applied one is the steady state, not a replay,
+        except the first one a restarted agent pulls: its drivers converge on it again.
         """
         async with self._lock:
             state = signed.state
-            if pulled and state.generation <= self.applied.generation:
+            resuming = (
+                pulled
+                and not self._converged
+                and (state.generation, state.content_hash)
+                == (self.applied.generation, self.applied.content_hash)
+            )
+            if pulled and state.generation <= self.applied.generation and not resuming:
                 return None  # steady state, or a push overtook the pull
             try:
                 verify_state(
                     signed,
                     self._public_key,
                     node_id=self.node_id,
-                    applied_generation=self.applied.generation,
+                    applied_generation=self.applied.generation - (1 if resuming else 0),
                 )
             except SignatureError as exc:
                 log.warning("rejected desired state generation %s: %s", state.generation, exc)
@@ -86,6 +97,7 @@ class Reconciler:
                 results.extend(await driver.apply(state.components))
             self.applied = Applied(state.generation, state.content_hash)
             self._path.write_text(json.dumps(self.applied.__dict__))
+            self._converged = True
             outcome = "applied" if all(r.ok for r in results) else "failed"
             log.info("generation %s %s (%d components)", state.generation, outcome, len(results))
             return self._report(state.generation, state.content_hash, outcome, results)

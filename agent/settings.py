@@ -48,6 +48,9 @@ class AgentSettings(BaseSettings):
     metrics_port: int = Field(9810, ge=0, le=65535)
     """The agent's Prometheus endpoint; 0 turns it off."""
     metrics_bind_address: str = "127.0.0.1"
+    keep_workers: bool = False
+    """Leave inference workers serving when the agent stops, for the next agent to adopt
+    (production, with systemd's KillMode=process): an agent restart drops no request."""
 
     @field_validator("bootstrap_token", "spdk_rpc_socket", mode="before")
     @classmethod

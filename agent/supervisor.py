@@ -1,24 +1,29 @@
 """Inference worker processes: start one per placed replica, keep it healthy, stop it when gone.
 
-Each worker is `python -m dataplane.inference --config FILE --port PORT`. A config
+Each worker is `python -m dataplane.inference --config FILE ...` on a port of its own
+(the spec's, or any free one it announces), and proves who it is on `/health`. A config
 change that a running worker can take (keys, tenants, batching knobs, thresholds) is
 written to its file and signalled with SIGHUP, so requests in flight are not dropped;
 a change to what it serves (model, runtime) replaces the process. A worker that dies
-or stops answering its health check is restarted with exponential backoff.
+or stops answering its health check is restarted with exponential backoff. With
+`keep_workers`, workers outlive the agent and the next one adopts them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import parse_qsl, urlsplit
 from uuid import UUID
 
@@ -51,6 +56,9 @@ class SupervisorSettings:
     unhealthy_after: int = 3
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 60.0
+    keep_workers: bool = False
+    """Workers run in sessions of their own and keep serving when the agent stops, for the
+    next agent to adopt; otherwise they stop with it."""
 
 
 def materialize_model(
@@ -137,8 +145,61 @@ def render_config(
     )
 
 
+class WorkerProcess(Protocol):
+    """What the supervisor needs of a worker process: its own child, or an adopted one."""
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+class AdoptedWorker:
+    """A worker an earlier agent started: not this process's child, so it is watched through
+    /proc, and signalled only while its command line still carries its start's nonce (a
+    recycled pid is never signalled)."""
+
+    def __init__(self, pid: int, nonce: str) -> None:
+        self.pid, self.nonce = pid, nonce
+        self.returncode: int | None = None
+
+    def alive(self) -> bool:
+        try:
+            argv = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return self.nonce.encode() in argv
+
+    async def wait(self) -> int:
+        while self.returncode is None:
+            if not self.alive():
+                self.returncode = -1  # not our child: its exit status is its parent's
+                break
+            await asyncio.sleep(0.2)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 class ManagedWorker:
-    """One worker process and the task that keeps it alive."""
+    """One worker process and the task that keeps it alive.
+
+    Each start gets a fresh nonce; the worker takes the spec's port or, without one, any
+    free port, and announces it in `endpoint.json`. Nothing counts as this worker until its
+    `/health` answers with the replica id and that nonce, so a process of another
+    installation on the same port is never mistaken for it. `process.json` records the
+    running start, so a restarted agent can adopt the worker instead of replacing it.
+    """
 
     def __init__(
         self, spec: WorkerSpec, config: WorkerConfig, settings: SupervisorSettings
@@ -146,18 +207,23 @@ class ManagedWorker:
         self.spec = spec
         self.config = config
         self.restarts = 0
+        self.port = spec.port
+        self.nonce = ""
         self._settings = settings
         self._dir = settings.work_dir / "workers" / str(spec.replica_id)
         self._dir.mkdir(parents=True, exist_ok=True)
         self.config_path = self._dir / "config.json"
-        self._process: asyncio.subprocess.Process | None = None
+        self._endpoint = self._dir / "endpoint.json"
+        self._record = self._dir / "process.json"
+        self._process: WorkerProcess | None = None
         self._ready = asyncio.Event()
         self._failed: str | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
-    def url(self) -> str:
-        return f"http://{self._settings.host}:{self.spec.port}"
+    def url(self) -> str | None:
+        """None until this start announced its port."""
+        return None if self.port is None else f"http://{self._settings.host}:{self.port}"
 
     def write_config(self, config: WorkerConfig) -> None:
         tmp = self.config_path.with_suffix(".tmp")
@@ -166,8 +232,11 @@ class ManagedWorker:
         self.config = config
 
     async def start(self) -> None:
+        running = self._running_config()
         self.write_config(self.config)
-        self._task = asyncio.create_task(self._keep_alive(), name=f"worker-{self.spec.replica_id}")
+        self._task = asyncio.create_task(
+            self._keep_alive(running), name=f"worker-{self.spec.replica_id}"
+        )
 
     async def wait_ready(self) -> None:
         """Return once healthy; raise with the reason if it could not get there in time."""
@@ -182,24 +251,41 @@ class ManagedWorker:
             self._process.send_signal(signal.SIGHUP)
 
     async def stop(self) -> None:
+        await self.detach()
+        await self._terminate()
+        self._record.unlink(missing_ok=True)
+
+    async def detach(self) -> None:
+        """Stop watching the worker and leave it serving (for the next agent to adopt)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._terminate()
 
     async def _terminate(self) -> None:
         process, self._process = self._process, None
         if process is None or process.returncode is not None:
             return
-        process.terminate()
+        process.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(process.wait(), 15)
         except TimeoutError:
             process.kill()
             await process.wait()
 
+    def _running_config(self) -> WorkerConfig | None:
+        """The config a worker left by an earlier agent runs, if one may be running."""
+        if not self._record.exists():
+            return None
+        try:
+            return WorkerConfig.model_validate_json(self.config_path.read_text())
+        except (OSError, ValueError):
+            return None
+
     async def _spawn(self) -> asyncio.subprocess.Process:
+        self.nonce = secrets.token_hex(16)
+        self.port = self.spec.port
+        self._endpoint.unlink(missing_ok=True)
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, self.spec.gpu_indices))}
         log_file = open(self._dir / "worker.log", "ab")  # noqa: SIM115  (owned by the child)
         try:
@@ -212,26 +298,65 @@ class ManagedWorker:
                 "--host",
                 self._settings.host,
                 "--port",
-                str(self.spec.port),
+                str(self.spec.port or 0),
+                "--replica-id",
+                str(self.spec.replica_id),
+                "--nonce",
+                self.nonce,
+                "--announce",
+                str(self._endpoint),
                 "--log-level",
                 "warning",
                 env=env,
                 stdout=log_file,
                 stderr=log_file,
+                # Its own session outlives the agent's, so an agent restart drops no request.
+                start_new_session=self._settings.keep_workers,
             )
         finally:
             log_file.close()
 
-    async def _keep_alive(self) -> None:
-        """Restart the worker whenever it goes down: after `backoff_initial_s` when it had
-        been healthy, with delays doubling up to `backoff_max_s` while starts keep failing."""
+    async def _keep_alive(self, running: WorkerConfig | None) -> None:
+        """Adopt the worker an earlier agent left, or start one; then restart it whenever it
+        goes down: after `backoff_initial_s` when it had been healthy, with delays doubling
+        up to `backoff_max_s` while starts keep failing."""
         async with httpx.AsyncClient(timeout=5) as http:
+            adopted = running is not None and await self._adopt(http, running)
             async for run in self._restarts(self._settings.backoff_initial_s):
                 with run:
-                    async for start in self._restarts(self._settings.backoff_max_s):
-                        with start:
-                            await self._start(http)
+                    if not adopted:
+                        async for start in self._restarts(self._settings.backoff_max_s):
+                            with start:
+                                await self._start(http)
+                    adopted = False
                     await self._serve(http)
+
+    async def _adopt(self, http: httpx.AsyncClient, running: WorkerConfig) -> bool:
+        """Take over the recorded worker if it is alive, answers as itself and runs what
+        this spec asks for (its config reloads on SIGHUP); otherwise stop it."""
+        try:
+            record = json.loads(self._record.read_text())
+            found = AdoptedWorker(int(record["pid"]), str(record["nonce"]))
+            port, gpus = int(record["port"]), list(record["gpu_indices"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        self.nonce, self.port = found.nonce, port
+        if (
+            not found.alive()
+            or gpus != self.spec.gpu_indices
+            or self.spec.port not in (None, port)
+            or running.restart_fields_changed(self.config)
+            or not await self._healthy(http)
+        ):
+            found.send_signal(signal.SIGTERM)
+            return False
+        self._process = found
+        found.send_signal(signal.SIGHUP)  # the config written since
+        self._ready.set()
+        log.info(
+            "replica %s: adopted worker pid %d on port %d", self.spec.replica_id, found.pid, port
+        )
+        return True
 
     def _restarts(self, max_s: float) -> AsyncRetrying:
         return AsyncRetrying(
@@ -249,12 +374,32 @@ class ManagedWorker:
         )
 
     async def _start(self, http: httpx.AsyncClient) -> None:
-        """Spawn the worker and wait until it answers its health check."""
-        self._process = await self._spawn()
+        """Spawn the worker and wait until it answers its health check as itself."""
+        process = self._process = await self._spawn()
         while not await self._healthy(http):
+            if self.port is None:
+                self.port = self._announced()
             if await self._exits_within(0.2):
                 raise await self._down()
+        self._record.write_text(
+            json.dumps(
+                {
+                    "pid": process.pid,
+                    "nonce": self.nonce,
+                    "port": self.port,
+                    "gpu_indices": self.spec.gpu_indices,
+                }
+            )
+        )
         self._ready.set()
+
+    def _announced(self) -> int | None:
+        """The port this start bound, once it said so."""
+        try:
+            endpoint = json.loads(self._endpoint.read_text())
+        except (OSError, ValueError):
+            return None
+        return int(endpoint["port"]) if endpoint.get("nonce") == self.nonce else None
 
     async def _serve(self, http: httpx.AsyncClient) -> None:
         """Health-check the worker until it exits or fails `unhealthy_after` checks in a row."""
@@ -266,10 +411,19 @@ class ManagedWorker:
         raise await self._down()
 
     async def _healthy(self, http: httpx.AsyncClient) -> bool:
-        try:
-            return (await http.get(f"{self.url}/health")).status_code == 200
-        except httpx.TransportError:
+        """Answering, and as this replica's current start: not another process on the port."""
+        if self.url is None:
             return False
+        try:
+            response = await http.get(f"{self.url}/health")
+            body = response.json() if response.status_code == 200 else {}
+        except (httpx.TransportError, ValueError):
+            return False
+        return (
+            isinstance(body, dict)
+            and body.get("replica_id") == str(self.spec.replica_id)
+            and body.get("nonce") == self.nonce
+        )
 
     async def _exits_within(self, seconds: float) -> bool:
         assert self._process is not None
@@ -325,7 +479,7 @@ class WorkerSupervisor:
                 )
                 await current.start()
             await current.wait_ready()
-            return ComponentResult(kind="worker", name=name, ok=True, error=None)
+            return ComponentResult(kind="worker", name=name, ok=True, error=None, port=current.port)
         except Exception as exc:  # every failure becomes the component's error text
             log.exception("replica %s failed to converge", spec.replica_id)
             return ComponentResult(
@@ -341,5 +495,9 @@ class WorkerSupervisor:
         )
 
     async def close(self) -> None:
-        await asyncio.gather(*(worker.stop() for worker in self.workers.values()))
+        """Stop every worker, or leave them serving when `keep_workers` says so."""
+        keep = self._settings.keep_workers
+        await asyncio.gather(
+            *(worker.detach() if keep else worker.stop() for worker in self.workers.values())
+        )
         self.workers.clear()

@@ -1,11 +1,11 @@
-"""Placement: which node (and which GPUs and port) each replica runs on, and why.
+"""Placement: which node (and which GPUs) each replica runs on, and why.
 
 Pure functions over in-memory rows, so the whole fleet is planned at once and tests
 need no database. The rules, in order:
 
 1. Stability. A replica keeps its place while it stays valid, so nothing flaps back
    when a lost node returns. A drained node (maintenance), one now dedicated to another
-   tenant, or GPUs, port or pool no longer there make the place invalid: the replica
+   tenant, or GPUs or pool no longer there make the place invalid: the replica
    moves, or waits unplaced. An unreachable node is left as soon as another node has
    room; until then the replica stays (the node cannot be told to stop anyway).
 2. Tenant quotas (GPUs, replicas) cap what is placed, kept placements first; the
@@ -35,7 +35,6 @@ from typing import Any
 from controlplane.fleet.choices import PlacementStrategy
 from controlplane.inventory.choices import NodeStatus
 
-WORKER_PORT_BASE = 18000
 GIB = 1 << 30
 NAMED_IN_REASON = 5  # hostnames named per refusal in `reason`
 NAMED_IN_EXPLANATION = 20  # ... and in `explanation`
@@ -130,7 +129,6 @@ class NodeRoom:
     nics: list[Any] = field(default_factory=list)
     drives: list[Any] = field(default_factory=list)
     used_gpus: set[int] = field(default_factory=set)
-    used_ports: set[int] = field(default_factory=set)
     replicas_of: Counter[Any] = field(default_factory=Counter)
     version: int = 0
     """Bumped by `take` and `release`, so a planner knows which answers went stale."""
@@ -327,10 +325,9 @@ class NodeRoom:
     ) -> None:
         replica.node = self.node
         replica.gpu_indices = gpu_indices
-        replica.port = port if port is not None else self.free_port()
+        replica.port = port  # the agent reports where its worker listens
         replica.pool_id = pool
         self.used_gpus.update(gpu_indices)
-        self.used_ports.add(replica.port)
         self.replicas_of[replica.deployment_id] += 1
         if pool is not None:
             self.pools[pool] -= volume_bytes
@@ -339,17 +336,10 @@ class NodeRoom:
     def release(self, replica: Any, volume_bytes: int = 0) -> None:
         """Undo `take` (the replica's own fields are left for the caller)."""
         self.used_gpus.difference_update(replica.gpu_indices)
-        self.used_ports.discard(replica.port)
         self.replicas_of[replica.deployment_id] -= 1
         if replica.pool_id is not None:
             self.pools[replica.pool_id] += volume_bytes
         self.version += 1
-
-    def free_port(self) -> int:
-        port = WORKER_PORT_BASE
-        while port in self.used_ports:
-            port += 1
-        return port
 
 
 def _off_limits(deployment: Any, node: Any) -> str | None:
@@ -401,8 +391,8 @@ def _problem(replica: Any, deployment: Any, room: NodeRoom) -> tuple[str, bool] 
     fitting = {gpu.index for gpu in room.gpus if room.fits(gpu, deployment)}
     if len(held) != deployment.gpus_per_replica or not held <= fitting:
         return "its GPUs are gone or no longer fit the deployment", False
-    if held & room.used_gpus or replica.port in room.used_ports:
-        return "its GPUs or port are taken", False
+    if held & room.used_gpus:
+        return "its GPUs are taken", False
     needed = deployment.model_volume_bytes
     if needed and room.pools.get(replica.pool_id, -1) < needed:
         return "its storage pool lacks room", False

@@ -7,6 +7,7 @@ revision where the content changed, and pushes it to the node's queue after comm
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections import defaultdict
@@ -295,7 +296,6 @@ def render_components(nodes: list[Node]) -> dict[UUID, Components]:
                 volume=replica.volume_name if replica.pool_id else None,
                 runtime_options=d.runtime_options,
                 gpu_indices=list(replica.gpu_indices),
-                port=replica.port,
                 max_batch_size=d.max_batch_size,
                 max_tokens_per_step=d.max_tokens_per_step,
                 max_queue_delay_ms=d.max_queue_delay_ms,
@@ -309,7 +309,7 @@ def render_components(nodes: list[Node]) -> dict[UUID, Components]:
     thresholds = thresholds_for_nodes(nodes, replicas, served)
     return {
         node.pk: Components(
-            workers=sorted(workers[node.pk], key=lambda w: w.port),
+            workers=sorted(workers[node.pk], key=lambda w: str(w.replica_id)),
             slo_thresholds=thresholds[node.pk],
             **storage[node.pk],
         )
@@ -450,6 +450,7 @@ def record_applied_status(node: Node, status: AppliedStatus) -> None:
         reported_at=status.reported_at,
         updated_at=timezone.now(),
     )
+    _record_worker_ports(node, status)
     if status.state == "rejected":
         Node.objects.filter(pk=node.pk).update(
             last_rejection_reason=status.rejection_reason,
@@ -460,6 +461,18 @@ def record_applied_status(node: Node, status: AppliedStatus) -> None:
         Node.objects.filter(pk=node.pk, applied_generation__lt=status.generation).update(
             applied_generation=status.generation
         )
+
+
+def _record_worker_ports(node: Node, status: AppliedStatus) -> None:
+    """Where each worker on the node listens, as its agent found it answering as itself;
+    a node speaks only for replicas placed on it."""
+    for result in status.components:
+        if result.kind == "worker" and result.ok and result.port is not None:
+            replica_id = result.name.removeprefix("replica-")
+            with contextlib.suppress(ValidationError):
+                Replica.objects.filter(pk=replica_id, node=node).exclude(port=result.port).update(
+                    port=result.port, updated_at=timezone.now()
+                )
 
 
 def latest_document(node: Node) -> dict[str, Any] | None:

@@ -1,18 +1,24 @@
 """``python -m dataplane.inference --config PATH [--host H] [--port P]``: run a worker.
 
 The model is loaded before the port opens, so ``GET /health`` answering means ready.
+``--port 0`` takes any free port; ``--announce FILE`` then says which, once bound, with
+the ``--nonce`` that this start's ``/health`` answers too (with ``--replica-id``), so
+whoever started it knows it is talking to this process and not another on that port.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import socket
 from pathlib import Path
 
 import uvicorn
 
 from dataplane.inference.config import WorkerConfig
-from dataplane.inference.server import InferenceApp, Worker
+from dataplane.inference.server import Identity, InferenceApp, Worker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,23 +27,43 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", type=Path, required=True, help="WorkerConfig JSON file")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="0: any free port")
+    parser.add_argument("--replica-id", default=None, help="answered by /health")
+    parser.add_argument("--nonce", default=None, help="this start's nonce, answered by /health")
+    parser.add_argument("--announce", type=Path, default=None, help="write the bound port here")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    worker = Worker(WorkerConfig.load(args.config), args.config)
-    uvicorn.run(
-        InferenceApp(worker),
-        host=args.host,
-        port=args.port,
-        lifespan="on",
-        log_level=args.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=10,
+    worker = Worker(
+        WorkerConfig.load(args.config),
+        args.config,
+        identity=Identity(replica_id=args.replica_id, nonce=args.nonce),
     )
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    if args.announce is not None:
+        _announce(args.announce, sock.getsockname()[1], args.nonce)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            InferenceApp(worker),
+            lifespan="on",
+            log_level=args.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=10,
+        )
+    )
+    server.run(sockets=[sock])
     return 0
+
+
+def _announce(path: Path, port: int, nonce: str | None) -> None:
+    """Atomically, so a reader never sees half of it."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"port": port, "nonce": nonce, "pid": os.getpid()}))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

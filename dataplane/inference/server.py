@@ -71,10 +71,22 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Identity:
+    """Who this process is, as `/health` answers it: the replica it serves and the nonce
+    its starter gave this start (None when run by hand)."""
+
+    replica_id: str | None = None
+    nonce: str | None = None
+
+
 class Worker:
     """The assembled worker and its live configuration."""
 
-    def __init__(self, config: WorkerConfig, config_path: Path | None = None) -> None:
+    def __init__(
+        self, config: WorkerConfig, config_path: Path | None = None, identity: Identity = Identity()
+    ) -> None:
+        self.identity = identity
         self.config = config
         self.config_path = config_path
         self._config_mtime = config_path.stat().st_mtime_ns if config_path else None
@@ -547,6 +559,8 @@ class InferenceApp:
             200,
             {
                 "status": "ok",
+                "replica_id": worker.identity.replica_id,
+                "nonce": worker.identity.nonce,
                 "deployment_id": worker.config.deployment_id,
                 "model": worker.config.served_model_name,
                 "providers": worker.runtime.providers,

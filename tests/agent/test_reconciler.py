@@ -47,6 +47,10 @@ async def test_applies_reports_and_remembers_across_restarts(tmp_path: Path) -> 
 
     restarted = reconciler(tmp_path, driver)
     assert restarted.applied.generation == 3
+    # A restarted agent's drivers converge on the state it had applied, once, and say so.
+    resumed = await restarted.handle(signed(3), pulled=True)
+    assert resumed is not None and resumed.state == "applied" and resumed.generation == 3
+    assert len(driver.seen) == 2
     assert await restarted.handle(signed(3), pulled=True) is None  # steady state: nothing to say
     assert await restarted.handle(signed(2), pulled=True) is None  # a push overtook the pull
     replay = await restarted.handle(signed(3), pulled=False)
@@ -54,7 +58,7 @@ async def test_applies_reports_and_remembers_across_restarts(tmp_path: Path) -> 
     stale = await restarted.handle(signed(1), pulled=False)
     assert stale is not None and stale.rejection_reason == "stale_generation"
     assert "older than applied 3" in (stale.detail or "")
-    assert len(driver.seen) == 1  # nothing rejected reached a driver
+    assert len(driver.seen) == 2  # nothing rejected reached a driver
 
 
 async def test_failures_are_reported_per_component(tmp_path: Path) -> None:

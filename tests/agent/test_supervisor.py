@@ -9,13 +9,20 @@ import re
 import signal
 import socket
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
 
 from agent.protocol import ArtifactRef, Components, TenantServing, WorkerSpec
-from agent.supervisor import ManagedWorker, SupervisorSettings, WorkerSupervisor, render_config
+from agent.supervisor import (
+    AdoptedWorker,
+    ManagedWorker,
+    SupervisorSettings,
+    WorkerSupervisor,
+    render_config,
+)
 
 TINY = "synthetic://tiny?layers=1&hidden=64&heads=2&kv_heads=2&vocab=320&max_context=256"
 KEY_HASH = "a" * 64
@@ -27,7 +34,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def spec(port: int, replica: uuid.UUID, max_batch_size: int = 4) -> WorkerSpec:
+def spec(port: int | None, replica: uuid.UUID, max_batch_size: int = 4) -> WorkerSpec:
     return WorkerSpec(
         replica_id=replica,
         deployment_id=uuid.UUID(int=1),
@@ -132,3 +139,111 @@ async def test_a_worker_that_keeps_failing_restarts_ever_later_up_to_the_cap(
     assert "worker exited (code 3)" in caplog.text
     assert 0.1 <= delays[0] <= 0.2, "about the initial delay, jittered down to half"
     assert all(0.2 <= d <= 0.4 for d in delays[1:]), "twice that, then capped"
+
+
+async def test_a_worker_without_a_port_takes_a_free_one_and_answers_as_itself(
+    tmp_path: Path,
+) -> None:
+    supervisor = WorkerSupervisor(SupervisorSettings(work_dir=tmp_path, ready_timeout_s=120))
+    replica = uuid.uuid4()
+    try:
+        (result,) = await supervisor.apply(Components(workers=[spec(None, replica)]))
+        assert result.ok and result.port is not None, result
+        worker = supervisor.workers[replica]
+        answered = await health(result.port)
+        assert answered["replica_id"] == str(replica) and answered["nonce"] == worker.nonce
+    finally:
+        await supervisor.close()
+
+
+class Impostor:
+    """Another installation's process on the port: it answers /health, as someone else."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Impostor:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            body = b'{"status": "ok", "replica_id": "someone-else", "nonce": "n"}'
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+            writer.close()
+
+        self._server = await asyncio.start_server(answer, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+
+async def test_a_process_of_another_installation_on_the_port_is_never_taken_for_the_worker(
+    tmp_path: Path,
+) -> None:
+    supervisor = WorkerSupervisor(
+        SupervisorSettings(work_dir=tmp_path, ready_timeout_s=20, backoff_initial_s=0.2)
+    )
+    async with Impostor() as impostor:
+        try:
+            (result,) = await supervisor.apply(
+                Components(workers=[spec(impostor.port, uuid.uuid4())])
+            )
+            assert not result.ok and "exited" in (result.error or ""), result
+        finally:
+            await supervisor.close()
+
+
+async def test_a_restarted_agent_adopts_its_workers_and_no_request_fails_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """The supervisor of an agent that stops with keep_workers leaves the worker serving;
+    the next one adopts the same process, while a client keeps sending requests."""
+    replica = uuid.uuid4()
+    settings = SupervisorSettings(work_dir=tmp_path, ready_timeout_s=120, keep_workers=True)
+    components = Components(workers=[spec(None, replica)])
+    first = WorkerSupervisor(settings)
+    (result,) = await first.apply(components)
+    assert result.ok and result.port is not None
+    pid = first.workers[replica]._process.pid  # type: ignore[union-attr]  # noqa: SLF001
+    url = f"http://127.0.0.1:{result.port}/v1/completions"
+    outcomes: list[int] = []
+    done = asyncio.Event()
+
+    async def load() -> None:
+        async with httpx.AsyncClient(timeout=30) as http:
+            while not done.is_set():
+                response = await http.post(
+                    url,
+                    headers={"Authorization": "Bearer not-a-key"},
+                    json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
+                )
+                outcomes.append(response.status_code)
+
+    client = asyncio.create_task(load())
+    second = WorkerSupervisor(replace(settings, keep_workers=False))
+    try:
+        await asyncio.sleep(0.3)
+        await first.close()  # the agent stops; its worker does not
+        await asyncio.sleep(0.3)
+        (adopted,) = await second.apply(components)
+        assert adopted.ok and adopted.port == result.port, adopted
+        worker = second.workers[replica]
+        assert isinstance(worker._process, AdoptedWorker) and worker._process.pid == pid  # noqa: SLF001
+        await asyncio.sleep(0.3)
+    finally:
+        done.set()
+        await client
+        await second.close()
+    # Every request was answered by the worker itself (401: the key is not one of its own).
+    assert outcomes and set(outcomes) == {401}, sorted(set(outcomes))
+    with pytest.raises(ProcessLookupError):
+        for _ in range(100):
+            os.kill(pid, 0)
+            await asyncio.sleep(0.1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,7 +13,7 @@ from rest_framework.test import APIClient
 
 from agent.protocol import Heartbeat, SignedDesiredState, decode_public_key, verify_state
 from controlplane.fleet import services as fleet
-from controlplane.fleet.models import Revision
+from controlplane.fleet.models import Replica, Revision
 from controlplane.inventory.models import Node
 from controlplane.inventory.services import create_bootstrap_token, mark_silent_nodes_unreachable
 from tests.agent.samples import inventory as sample_inventory
@@ -180,7 +181,9 @@ def test_desired_state_and_status_round_trip(enrolled: tuple[Node, str], world: 
         enroll(create_bootstrap_token(name="k").secret, "other").json()["control_plane_public_key"]
     )
     state = verify_state(signed, public, node_id=node.pk)
-    assert state.generation == 1 and state.components.workers[0].model_name == "chat"
+    (worker,) = state.components.workers
+    assert state.generation == 1 and worker.model_name == "chat"
+    assert worker.port is None  # the agent takes a free one and reports it
 
     status = {
         "schema_version": 1,
@@ -188,7 +191,23 @@ def test_desired_state_and_status_round_trip(enrolled: tuple[Node, str], world: 
         "generation": 1,
         "content_hash": state.content_hash,
         "state": "applied",
-        "components": [{"kind": "worker", "name": "replica-x", "ok": True, "error": None}],
+        "components": [
+            {"kind": "worker", "name": "replica-x", "ok": True, "error": None, "port": 40001},
+            {
+                "kind": "worker",
+                "name": f"replica-{uuid.uuid4()}",
+                "ok": True,
+                "error": None,
+                "port": 40002,
+            },
+            {
+                "kind": "worker",
+                "name": f"replica-{worker.replica_id}",
+                "ok": True,
+                "error": None,
+                "port": 40003,
+            },
+        ],
         "reported_at": datetime.now(UTC).isoformat(),
     }
     assert (
@@ -199,6 +218,8 @@ def test_desired_state_and_status_round_trip(enrolled: tuple[Node, str], world: 
     )
     revision = Revision.objects.get(node=node, generation=1)
     assert revision.status == "applied" and revision.results[0]["name"] == "replica-x"
+    # Where the node's own worker listens; it speaks for no other replica.
+    assert dict(Replica.objects.values_list("pk", "port")) == {worker.replica_id: 40003}
     node.refresh_from_db()
     assert node.applied_generation == 1
 

@@ -76,7 +76,7 @@ def test_replicas_spread_across_nodes_and_gpus_are_not_shared() -> None:
     for r in rooms.values():
         mine = [x.gpu_indices for x in saved if x.node is r.node]
         assert sorted(sum(mine, [])) == [0, 1, 2, 3]  # disjoint GPU sets
-        assert len({x.port for x in saved if x.node is r.node}) == 2
+    assert {x.port for x in saved} == {None}  # each agent reports where its workers listen
 
 
 def test_requirements_filter_and_the_reason_names_each_refusal() -> None:

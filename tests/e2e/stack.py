@@ -40,6 +40,7 @@ class Stack:
             **os.environ,
             "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
             "PYTHONUNBUFFERED": "1",
+            "TAILGUARD_AGENT_METRICS_PORT": "0",  # no fixed port: stacks may run side by side
             **env,
         }
         self.port = port

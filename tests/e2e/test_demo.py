@@ -6,9 +6,11 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -28,30 +30,32 @@ def read_until(proc: subprocess.Popen[str], output: list[str], marker: str, seco
     raise AssertionError(f"no {marker!r} within {seconds:.0f} s:\n" + "".join(output))
 
 
-def test_demo_serves_tours_the_noisy_neighbour_and_stops_cleanly(
-    tmp_path: Path, free_port: int
-) -> None:
+@contextlib.contextmanager
+def running_demo(data: Path, port: int, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """`tailguard demo --port PORT ARGS` with its own data folder; whatever happens, nothing
+    it started outlives the block."""
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
-    env["TAILGUARD_DATA_DIR"] = str(tmp_path)
+    env["TAILGUARD_DATA_DIR"] = str(data)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "controlplane.cli",
-            "demo",
-            "--port",
-            str(free_port),
-            "--nodes",
-            "2",
-        ],
+        [sys.executable, "-m", "controlplane.cli", "demo", "--port", str(port), *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
     )
-    output: list[str] = []
     try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_demo_serves_tours_the_noisy_neighbour_and_stops_cleanly(tmp_path: Path) -> None:
+    free_port = free_ports(3)
+    with running_demo(tmp_path, free_port, "--nodes", "2") as proc:
+        output: list[str] = []
         text = read_until(proc, output, "Press Ctrl-C", 300)
         token = re.search(r"API token \(tenant admin\)\s+(\S+)", text).group(1)  # type: ignore[union-attr]
         operator = re.search(r"Platform operator\s+(\S+) / (\S+)", text)
@@ -107,7 +111,63 @@ def test_demo_serves_tours_the_noisy_neighbour_and_stops_cleanly(
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         assert "Stopped." in proc.stdout.read()
-    finally:  # whatever happened, nothing the demo started outlives the test
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+
+
+def free_ports(count: int) -> int:
+    """A port with the `count` - 1 ports after it free too (a demo takes P to P + 2)."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = int(probe.getsockname()[1])
+        if base + count > 65536:
+            continue
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(base, base + count):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return base
+    raise AssertionError(f"no {count} free ports in a row")
+
+
+def test_two_demos_side_by_side_each_serve_their_own_keys(tmp_path: Path) -> None:
+    """Two installations on one host: every port they take is their own, and each one's
+    worker answers its own key and refuses the other's."""
+    first_port = free_ports(3)
+    second_port = free_ports(3)
+    while abs(second_port - first_port) < 3:
+        second_port = free_ports(3)
+    with (
+        running_demo(tmp_path / "one", first_port, "--no-tour") as one,
+        running_demo(tmp_path / "two", second_port, "--no-tour") as two,
+    ):
+        found = {}
+        for name, proc in (("one", one), ("two", two)):
+            text = read_until(proc, [], "Press Ctrl-C", 300)
+            key = re.search(r"Inference key \(tenant acme\)\s+(\S+)", text).group(1)  # type: ignore[union-attr]
+            worker = re.search(r"runs deployment 'chat' \(model demo-chat\) at (\S+)", text).group(
+                1
+            )  # type: ignore[union-attr]
+            found[name] = (key, worker)
+        (key_one, worker_one), (key_two, worker_two) = found["one"], found["two"]
+        assert worker_one != worker_two
+        for worker, own, other in ((worker_one, key_one, key_two), (worker_two, key_two, key_one)):
+            body = {"model": "demo-chat", "prompt": "hi", "max_tokens": 2}
+            mine = httpx.post(
+                f"{worker}/v1/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {own}"},
+                timeout=60,
+            )
+            theirs = httpx.post(
+                f"{worker}/v1/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {other}"},
+                timeout=60,
+            )
+            assert (mine.status_code, theirs.status_code) == (200, 401), (worker, mine.text)
+        for proc in (one, two):
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=60) == 0

@@ -77,14 +77,14 @@ def test_every_batch_arrives_after_a_30_s_outage(
         )
         assert created.status_code == 201, created.text
         deployment_id = created.json()["id"]
-        replica = wait_for(
+        port = wait_for(
             lambda: api.get("/replicas/", params={"deployment": deployment_id}).json()["results"][
                 0
-            ],
-            30,
-            "the replica",
+            ]["port"],
+            180,
+            "the agent to report where the worker listens",
         )
-        worker = f"http://127.0.0.1:{replica['port']}"
+        worker = f"http://127.0.0.1:{port}"
         wait_for(lambda: _healthy(worker), 120, "the worker to serve")
 
         load = Load(worker, key)

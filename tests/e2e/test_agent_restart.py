@@ -1,0 +1,94 @@
+"""An agent restarted under load (an upgrade, a crash) drops no request: with keep_workers
+its inference workers serve on, and the next agent adopts them instead of replacing them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from controlplane.fleet.models import Replica
+from controlplane.inventory.services import create_bootstrap_token
+from tests.e2e.stack import running_stack, seed_tenant, wait_for
+
+TINY_MODEL = "synthetic://tiny?layers=1&hidden=64&heads=2&kv_heads=2&vocab=320&max_context=256"
+
+
+class Load:
+    """One client sending completions back to back until stopped; every status kept."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self.statuses: list[int | str] = []
+        self._url, self._key = url, key
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=120)
+
+    def _run(self) -> None:
+        body = {"model": "tiny-chat", "prompt": "hello", "max_tokens": 8, "ignore_eos": True}
+        with httpx.Client(headers={"Authorization": f"Bearer {self._key}"}, timeout=60) as http:
+            while not self._stop.is_set():
+                try:
+                    self.statuses.append(http.post(self._url, json=body).status_code)
+                except httpx.TransportError as exc:
+                    self.statuses.append(type(exc).__name__)
+
+
+@pytest.mark.e2e
+def test_an_agent_restarted_under_load_fails_no_request(
+    transactional_db: Any, tmp_path: Path, free_port: int, django_user_model: Any
+) -> None:
+    tenant, api, key = seed_tenant(django_user_model, free_port)
+    bootstrap = create_bootstrap_token(name="e2e").secret
+    with running_stack(tmp_path, free_port, TAILGUARD_AGENT_KEEP_WORKERS="true") as stack:
+        stack.start_agent("e2e-node", bootstrap)
+        response = api.post(
+            "/deployments/",
+            json={
+                "tenant": str(tenant.pk),
+                "name": "tiny",
+                "model_name": "tiny-chat",
+                "artifact_uri": TINY_MODEL,
+            },
+        )
+        assert response.status_code == 201, response.text
+        replica = wait_for(
+            lambda: Replica.objects.filter(port__isnull=False).first(),
+            180,
+            "the worker to start and its port to be reported",
+        )
+        record = tmp_path / "e2e-node" / "workers" / str(replica.pk) / "process.json"
+        pid = json.loads(record.read_text())["pid"]
+        try:
+            with Load(f"http://127.0.0.1:{replica.port}/v1/completions", key) as load:
+                wait_for(lambda: len(load.statuses) >= 3, 60, "the load to run")
+                stack.stop("e2e-node")  # SIGTERM; its worker keeps serving
+                alone = len(load.statuses)
+                wait_for(lambda: len(load.statuses) >= alone + 3, 60, "requests, agentless")
+                stack.start_agent("e2e-node", bootstrap)
+                wait_for(
+                    lambda: "adopted worker pid" in stack.log("e2e-node"),
+                    120,
+                    "the new agent to adopt the worker",
+                )
+                adopted = len(load.statuses)
+                wait_for(lambda: len(load.statuses) >= adopted + 3, 60, "requests, adopted")
+            assert load.statuses and set(load.statuses) == {200}, load.statuses
+            assert json.loads(record.read_text())["pid"] == pid  # one process throughout
+        finally:  # it lives in a session of its own: nothing else stops it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
