@@ -158,6 +158,29 @@ def test_every_page_draws_its_snapshot(
     assert errors == []
 
 
+@pytest.mark.browser
+def test_a_platform_admin_sees_a_nodes_rejected_batches_and_why(
+    live_server: Any, world: World, bundle: Path, settings: Any
+) -> None:
+    deployment = chat(world.tenant_a)
+    node = make_node("gpu-forger", gpus=1)
+    place(node)  # it serves nothing, yet names acme's chat
+    acks = services.store_batches(
+        [batch(node, 1, deployment=deployment, ttft=[0.1]), batch(node, 2)]
+    ).acks
+    assert [a.outcome for a in acks] == ["rejected", "stored"]
+    give_password(world.platform, "platform-pass", settings)
+
+    with chromium() as browser:
+        page = browser.new_page()
+        sign_in(page, f"{live_server.url}/console/login/", world.platform.username, "platform-pass")
+        page.goto(f"{live_server.url}/console/nodes/{node.pk}/")
+        page.wait_for_selector("#node-rejected :text('1')", timeout=10_000)
+        reason = page.inner_text("#node-rejection")
+        assert f"deployment {deployment.pk}" in reason and "no replica" in reason
+        page.screenshot(path=screenshot_path("console-node-rejections"), full_page=True)
+
+
 # --- a real server -------------------------------------------------------------------------
 
 
