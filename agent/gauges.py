@@ -547,9 +547,7 @@ class WorkerStats:
         self._timeout_s = timeout_s
 
     async def collect(self, cursors: Mapping[str, str]) -> Reading:
-        workers = [
-            (str(replica), w.url) for replica, w in self._source.workers.items() if w.url
-        ]
+        workers = [(str(replica), w.url) for replica, w in self._source.workers.items() if w.url]
         answers = await asyncio.gather(
             *(self._fetch(url, cursors.get(replica)) for replica, url in workers)
         )

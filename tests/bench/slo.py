@@ -439,7 +439,9 @@ def detect_to_webhook(args: argparse.Namespace, progress: tqdm) -> dict[str, Any
                 deployment_id=deployment.pk,
                 rate=args.rate,
             )
-            place(Node.objects.get(pk=feed.node_id), deployment)  # a node reports only what it serves
+            place(
+                Node.objects.get(pk=feed.node_id), deployment
+            )  # a node reports only what it serves
             with feed.running():
                 for index in range(args.rounds):
                     slo = create_slo(

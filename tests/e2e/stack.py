@@ -126,3 +126,30 @@ def seed_tenant(user_model: Any, port: int) -> tuple[Any, httpx.Client, str]:
         timeout=30,
     )
     return tenant, api, issue_inference_key(tenant=tenant, name="e2e").secret
+
+
+TINY_MODEL = "synthetic://tiny?layers=1&hidden=64&heads=2&kv_heads=2&vocab=320&max_context=256"
+
+
+def deploy_tiny(api: httpx.Client, tenant: Any) -> tuple[str, int]:
+    """The tenant's deployment `tiny` of a tiny synthetic model (served as `tiny-chat`): its
+    id, and the port its worker listens on once its agent reported it."""
+    created = api.post(
+        "/deployments/",
+        json={
+            "tenant": str(tenant.pk),
+            "name": "tiny",
+            "model_name": "tiny-chat",
+            "artifact_uri": TINY_MODEL,
+        },
+    )
+    assert created.status_code == 201, created.text
+    deployment_id = created.json()["id"]
+    port = wait_for(
+        lambda: api.get("/replicas/", params={"deployment": deployment_id}).json()["results"][0][
+            "port"
+        ],
+        180,
+        "the agent to report where the worker listens",
+    )
+    return deployment_id, port

@@ -16,9 +16,7 @@ import pytest
 
 from controlplane.fleet.models import Replica
 from controlplane.inventory.services import create_bootstrap_token
-from tests.e2e.stack import running_stack, seed_tenant, wait_for
-
-TINY_MODEL = "synthetic://tiny?layers=1&hidden=64&heads=2&kv_heads=2&vocab=320&max_context=256"
+from tests.e2e.stack import deploy_tiny, running_stack, seed_tenant, wait_for
 
 
 class Load:
@@ -56,25 +54,12 @@ def test_an_agent_restarted_under_load_fails_no_request(
     bootstrap = create_bootstrap_token(name="e2e").secret
     with running_stack(tmp_path, free_port, TAILGUARD_AGENT_KEEP_WORKERS="true") as stack:
         stack.start_agent("e2e-node", bootstrap)
-        response = api.post(
-            "/deployments/",
-            json={
-                "tenant": str(tenant.pk),
-                "name": "tiny",
-                "model_name": "tiny-chat",
-                "artifact_uri": TINY_MODEL,
-            },
-        )
-        assert response.status_code == 201, response.text
-        replica = wait_for(
-            lambda: Replica.objects.filter(port__isnull=False).first(),
-            180,
-            "the worker to start and its port to be reported",
-        )
+        _, port = deploy_tiny(api, tenant)
+        replica = Replica.objects.get(port=port)
         record = tmp_path / "e2e-node" / "workers" / str(replica.pk) / "process.json"
         pid = json.loads(record.read_text())["pid"]
         try:
-            with Load(f"http://127.0.0.1:{replica.port}/v1/completions", key) as load:
+            with Load(f"http://127.0.0.1:{port}/v1/completions", key) as load:
                 wait_for(lambda: len(load.statuses) >= 3, 60, "the load to run")
                 stack.stop("e2e-node")  # SIGTERM; its worker keeps serving
                 alone = len(load.statuses)

@@ -16,8 +16,7 @@ from controlplane.fleet.models import Revision
 from controlplane.inventory.models import Node
 from controlplane.inventory.services import create_bootstrap_token
 from controlplane.tenancy.services import create_tenant
-from tests.e2e.stack import running_stack, wait_for
-from tests.e2e.test_rollout import TINY_MODEL
+from tests.e2e.stack import TINY_MODEL, running_stack, wait_for
 
 
 def _push(node: Node, document: dict[str, Any]) -> None:

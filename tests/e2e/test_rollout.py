@@ -12,9 +12,7 @@ from controlplane.fleet.models import Revision
 from controlplane.inventory.models import Node
 from controlplane.inventory.services import create_bootstrap_token
 from controlplane.tenancy.services import create_tenant, issue_api_token, issue_inference_key
-from tests.e2e.stack import running_stack, wait_for
-
-TINY_MODEL = "synthetic://tiny?layers=1&hidden=64&heads=2&kv_heads=2&vocab=320&max_context=256"
+from tests.e2e.stack import TINY_MODEL, running_stack, wait_for
 
 
 def _nodes_ready(count: int) -> list[Node] | None:

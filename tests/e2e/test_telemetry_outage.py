@@ -20,8 +20,7 @@ from django.db.models import Sum
 from controlplane.inventory.models import Node
 from controlplane.inventory.services import create_bootstrap_token
 from controlplane.telemetry.models import CounterRollup, NodeStream
-from tests.e2e.stack import running_stack, seed_tenant, wait_for
-from tests.e2e.test_rollout import TINY_MODEL
+from tests.e2e.stack import deploy_tiny, running_stack, seed_tenant, wait_for
 
 OUTAGE_S = 30
 
@@ -66,24 +65,7 @@ def test_every_batch_arrives_after_a_30_s_outage(
             60,
             "the agent to enroll",
         )
-        created = api.post(
-            "/deployments/",
-            json={
-                "tenant": str(tenant.pk),
-                "name": "tiny",
-                "model_name": "tiny-chat",
-                "artifact_uri": TINY_MODEL,
-            },
-        )
-        assert created.status_code == 201, created.text
-        deployment_id = created.json()["id"]
-        port = wait_for(
-            lambda: api.get("/replicas/", params={"deployment": deployment_id}).json()["results"][
-                0
-            ]["port"],
-            180,
-            "the agent to report where the worker listens",
-        )
+        deployment_id, port = deploy_tiny(api, tenant)
         worker = f"http://127.0.0.1:{port}"
         wait_for(lambda: _healthy(worker), 120, "the worker to serve")
 

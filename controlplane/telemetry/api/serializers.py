@@ -63,7 +63,9 @@ class IngestSerializer(serializers.Serializer):
     rejected_batches = serializers.IntegerField(
         help_text="Batches refused for good: malformed, or naming what the node does not serve."
     )
-    last_rejection = serializers.CharField(help_text="Why the latest refused batch was; empty if none.")
+    last_rejection = serializers.CharField(
+        help_text="Why the latest refused batch was; empty if none."
+    )
     last_rejected_t = serializers.FloatField(allow_null=True, help_text="When (Unix seconds).")
 
 
