@@ -1,6 +1,16 @@
 // Time-series charts on uPlot: one chart per panel, series keyed by label.
 import uPlot from "uplot";
 
+// Room for the widest tick label ("1250.0 ms"), measured in the axis's own font, so no
+// label is clipped whatever the values.
+function axisSize(u, values, axisIdx, cycleNum) {
+  const axis = u.axes[axisIdx];
+  if (cycleNum > 1) return axis._size;
+  u.ctx.font = axis.font[0];
+  const widest = Math.max(0, ...(values ?? []).map((v) => u.ctx.measureText(v).width));
+  return Math.ceil(widest / devicePixelRatio) + axis.ticks.size + axis.gap + 8;
+}
+
 const PALETTE = [
   "#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563",
 ];
@@ -57,7 +67,7 @@ export class TimeChart {
               value: (u, v) => (v == null ? "–" : format(v)),
             })),
           ],
-          axes: [{}, { values: (u, ticks) => ticks.map((v) => format(v)), size: 70 }],
+          axes: [{}, { values: (u, ticks) => ticks.map((v) => format(v)), size: axisSize }],
           scales: {
             x: {
               time: true,

@@ -29,6 +29,8 @@ class Indicator {
 //   streams(snapshot)        stream names to subscribe to, given the snapshot
 //   render(snapshot)         draw everything from a snapshot
 //   apply(delta)             fold one delta ({..., stream}) into what is drawn
+//   refreshMs (optional)     reload the snapshot this often: figures over the whole window
+//                            (percentiles) cannot be folded from per-second deltas
 export function runDashboard(page) {
   const indicator = new Indicator(document.getElementById("conn-state"));
   let socket = null;
@@ -116,5 +118,5 @@ export function runDashboard(page) {
     .finally(connect);
   window.setInterval(() => {
     reload().catch((error) => console.error(error));
-  }, RESYNC_MS);
+  }, page.refreshMs ?? RESYNC_MS);
 }

@@ -1,7 +1,7 @@
 // Deployment: TTFT and TPOT p50/p99, tokens/s, queue depth and errors over the window.
 import { TimeChart, mergePoint } from "../chart.js";
 import { el, ms, num, tile } from "../format.js";
-import { windowPicker } from "./window.js";
+import { WINDOWS, windowPicker } from "./window.js";
 
 const pick = (points, f) => points.map((p) => f(p) ?? null);
 
@@ -9,8 +9,8 @@ export function deploymentPage(root, context) {
   let windowS = 300;
   let points = [];
   let summary = null;
-  let latest = null;
-  const page = { streams: () => context.streams };
+  // Tiles show the whole window, from the snapshot, reloaded often; charts follow deltas.
+  const page = { streams: () => context.streams, refreshMs: 10000 };
   const span = () => windowS;
 
   const tiles = el("div", { class: "tiles" });
@@ -43,15 +43,15 @@ export function deploymentPage(root, context) {
       failed: pick(points, (p) => p.usage.failed / p.window_s),
       rejected: pick(points, (p) => p.usage.rejected / p.window_s),
     });
-    const now = latest || summary;
     const usage = summary.usage;
+    const over = WINDOWS.find(([seconds]) => seconds === windowS)?.[1] ?? `${windowS} s`;
     tiles.replaceChildren(
-      tile("TTFT p50", ms(now.latency.ttft?.p50), { id: "tile-ttft-p50" }),
-      tile("TTFT p99", ms(now.latency.ttft?.p99), { id: "tile-ttft-p99" }),
-      tile("TPOT p50", ms(now.latency.tpot?.p50)),
-      tile("TPOT p99", ms(now.latency.tpot?.p99)),
-      tile("tokens/s", num(now.tokens_per_s, 0)),
-      tile("queue", num(now.queue_depth, 0)),
+      tile(`TTFT p50, ${over}`, ms(summary.latency.ttft?.p50), { id: "tile-ttft-p50" }),
+      tile(`TTFT p99, ${over}`, ms(summary.latency.ttft?.p99), { id: "tile-ttft-p99" }),
+      tile(`TPOT p50, ${over}`, ms(summary.latency.tpot?.p50)),
+      tile(`TPOT p99, ${over}`, ms(summary.latency.tpot?.p99)),
+      tile(`tokens/s, ${over}`, num(summary.tokens_per_s, 0)),
+      tile("queue now", num(summary.queue_depth, 0)),
       tile("completed", String(usage.completed)),
       tile("errors", String(usage.failed + usage.rejected), { class: usage.failed + usage.rejected ? "tile bad" : "tile" }),
     );
@@ -62,13 +62,12 @@ export function deploymentPage(root, context) {
     windowS = snapshot.window_s;
     points = snapshot.points.slice();
     summary = snapshot.summary;
-    latest = null;
     draw();
   };
   page.apply = (delta) => {
     if (delta.type !== "deployment.delta") return;
     mergePoint(points, delta.point, windowS);
-    latest = delta.point;
+    summary.queue_depth = delta.point.queue_depth;
     for (const [name, value] of Object.entries(delta.point.usage)) summary.usage[name] += value;
     draw();
   };

@@ -33,7 +33,10 @@ export function nodePage(root, context) {
     const xs = points.map((p) => p.t);
     const series = (key) => points.map((p) => p.gauges[key] ?? null);
     const gpus = gpuIndices(Object.assign({}, ...points.map((p) => p.gauges), node.gauges));
+    const gpuless = node.gpu_count === 0; // nothing to chart: no empty GPU panels
+    gpuTable.hidden = gpuless;
     for (const [name, chart] of perGpu) {
+      chart.panel.hidden = gpuless;
       chart.update(xs, Object.fromEntries(gpus.map((i) => [`GPU ${i}`, series(`gpu.${i}.${name}`)])));
     }
     cpu.update(xs, { cpu: series("host.cpu_util_pct") });
