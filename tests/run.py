@@ -2,7 +2,8 @@
 
 `./tailguard test [pytest args]` runs this. Missing server packages are installed
 from Debian when running as root. DATABASE_URL / REDIS_URL already set in the
-environment are used as they are instead.
+environment are used as they are instead. SPDK_TGT_BIN, when set, names the spdk_tgt
+that the storage tests start for themselves (see tests/dataplane/storage/conftest.py).
 """
 
 from __future__ import annotations
@@ -203,6 +204,8 @@ def main(argv: list[str]) -> int:
             env["REDIS_URL"] = stack.enter_context(redis(workdir))
         env.setdefault("TAILGUARD_DATA_DIR", str(workdir / "data"))
         print(f"PostgreSQL: {env['DATABASE_URL']}  Redis: {env['REDIS_URL']}", flush=True)
+        spdk = env.get("SPDK_TGT_BIN") or "the emulator (SPDK_TGT_BIN names a spdk_tgt to use)"
+        print(f"SPDK target: {spdk}", flush=True)
         return subprocess.run([sys.executable, "-m", "pytest", *argv], env=env).returncode
 
 

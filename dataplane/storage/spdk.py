@@ -12,7 +12,9 @@ at close to local-drive latency. Mapping of Tailguard's spec onto SPDK objects:
 - export  -> one subsystem per tenant, `<nqn_prefix>:<tenant>`, allow_any_host false,
              the tenant's volumes as namespaces, one listener on RDMA or TCP.
 - qos     -> `bdev_set_qos_limit` on the lvol bdev, read back from
-             `assigned_rate_limits`.
+             `assigned_rate_limits`; an unexported lvol is held open meanwhile (as a
+             namespace of the staging subsystem `<nqn_prefix>:qos.staging`), since
+             SPDK refuses QoS changes on a limited bdev with no I/O channel.
 
 The engine owns every lvstore on the target and every subsystem under its NQN prefix.
 
@@ -30,7 +32,8 @@ import hashlib
 import ipaddress
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,6 +146,9 @@ class SpdkEngine:
         self.socket_path = Path(socket_path)
         self.rdma_port_active = rdma_port_active
         self.nqn_prefix = nqn_prefix
+        # Tenant names have no dots, so this never names a tenant's export; one left behind
+        # by an engine stopped half-way is deleted like any export the spec does not name.
+        self._staging_nqn = f"{nqn_prefix}:qos.staging"
         self.timeout_s = timeout_s
         self._local = threading.local()
         self._clients: list[Any] = []
@@ -277,10 +283,7 @@ class SpdkEngine:
             )
         snap = self._snapshot()
         state = self._state(snap)
-        volumes = {v.name: v for v in state.volumes}
-        for qos in qos_changes(spec, volumes):
-            self.call("bdev_set_qos_limit", name=volumes[qos.volume].device, **qos.limits())
-            actions.append(Action("set", "qos", qos.volume, qos.describe()))
+        actions += self._apply_qos(spec, snap, state)
         actions += self._ensure_exports(spec, snap, state)
         actions += self._remove_pools(spec)
         return ReconcileResult(tuple(actions))
@@ -353,7 +356,9 @@ class SpdkEngine:
                 )
             )
         exports = tuple(
-            self._export_state(sub, by_bdev) for _, sub in sorted(snap.subsystems.items())
+            self._export_state(sub, by_bdev)
+            for nqn, sub in sorted(snap.subsystems.items())
+            if nqn != self._staging_nqn
         )
         return StorageState(
             pools=pools, volumes=tuple(sorted(volumes, key=lambda v: v.name)), exports=exports
@@ -413,6 +418,42 @@ class SpdkEngine:
             self.call("bdev_lvol_create_lvstore", bdev_name=base, lvs_name=pool.name)
             actions.append(Action("create", "pool", pool.name, f"lvstore on {base}"))
         return actions
+
+    def _apply_qos(self, spec: StorageSpec, snap: _Snapshot, state: StorageState) -> list[Action]:
+        """Set changed limits, holding the unexported volumes among them open meanwhile.
+
+        SPDK applies a bdev's QoS on the thread of its I/O channels. A bdev that has limits
+        and no open channel (not exported) refuses every change, removal included, with
+        EAGAIN, for as long as nobody opens it: waiting and retrying cannot converge. So the
+        engine does what an operator would: open those bdevs for the change, as namespaces
+        of a staging subsystem that has no listener and admits no host, and close them.
+        """
+        volumes = {v.name: v for v in state.volumes}
+        changes = qos_changes(spec, volumes)
+        exported = {
+            ns["bdev_name"] for sub in snap.subsystems.values() for ns in sub.get("namespaces", [])
+        }
+        with self._held_open(sorted({volumes[q.volume].device for q in changes} - exported)):
+            for qos in changes:
+                self.call("bdev_set_qos_limit", name=volumes[qos.volume].device, **qos.limits())
+        return [Action("set", "qos", qos.volume, qos.describe()) for qos in changes]
+
+    @contextmanager
+    def _held_open(self, devices: list[str]) -> Iterator[None]:
+        """Keep `devices` open (with I/O channels) for the duration of the block."""
+        if not devices:
+            yield
+            return
+        nqn = self._staging_nqn
+        self.call(
+            "nvmf_create_subsystem", nqn=nqn, allow_any_host=False, max_namespaces=len(devices)
+        )
+        try:
+            for device in devices:
+                self.call("nvmf_subsystem_add_ns", nqn=nqn, namespace={"bdev_name": device})
+            yield
+        finally:
+            self.call("nvmf_delete_subsystem", nqn=nqn)
 
     def _create_base(self, pool: str, device: Device) -> None:
         if device.kind == "malloc":

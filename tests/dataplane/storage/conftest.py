@@ -1,21 +1,23 @@
-"""Fixtures for the storage tests: an SPDK target (emulated, or real when asked).
+"""Fixtures for the storage tests: an SPDK target per test, real when one is given.
 
-Without environment variables the contract tests run against `SpdkEmulator`. With
-`SPDK_RPC_SOCKET=/path/to/spdk.sock` they run against that running spdk_tgt instead
-(start one with `spdk_tgt --no-huge -s 1024 -u -r /path/to/spdk.sock`). The
-save/restore test restarts the target; for a real one it needs `SPDK_TGT_BIN` (the
-spdk_tgt binary, default `spdk_tgt` on PATH) and the RDMA test needs a target with
-an RDMA-capable NIC (`SPDK_RDMA=1`).
+With `SPDK_TGT_BIN` set to a spdk_tgt binary (`../shared/spdk/install.sh` prints one;
+`.ci/run` sets it), every test that asks for `target` starts its own spdk_tgt
+(`--no-huge -s 1024 -u`, on a socket in a temporary directory) and stops it afterwards,
+so no process, bdev or socket outlives the test. Without it they run against
+`SpdkEmulator`, which answers as spdk_tgt v26.05 does. The test ids name the target
+(`[SPDK v26.05]` or `[emulator]`). Set `SPDK_RDMA=1` when that spdk_tgt's machine has an
+RDMA-capable NIC.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,43 +28,77 @@ from dataplane.storage.spdk import SpdkEngine
 
 from .spdk_emulator import SpdkEmulator
 
+SPDK_TGT = os.environ.get("SPDK_TGT_BIN") or None
+STOP_TIMEOUT_S = 30.0
+
+
+def target_name() -> str:
+    """What `target` runs: spdk_tgt's version, or `emulator`."""
+    if SPDK_TGT is None:
+        return "emulator"
+    found = subprocess.run([SPDK_TGT, "--version"], capture_output=True, text=True, check=True)
+    return found.stdout.strip()
+
+
+TARGET = target_name()
+
+
+def unused_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for an NVMe/TCP listener."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
 
 class Target:
-    """The SPDK target under test and how to restart it from a saved config."""
+    """The SPDK target of one test: a spdk_tgt process it owns, or the emulator."""
 
-    def __init__(self, socket: Path, emulator: SpdkEmulator | None) -> None:
-        self.socket = socket
-        self.emulator = emulator
-        self.real = emulator is None
-        self.rdma_capable = os.environ.get("SPDK_RDMA") == "1" if self.real else True
+    def __init__(self, socket_path: Path) -> None:
+        self.socket = socket_path
+        self.real = SPDK_TGT is not None
+        self.rdma_capable = os.environ.get("SPDK_RDMA") == "1" if self.real else False
+        self.emulator: SpdkEmulator | None = None
         self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self, config: Path | None = None) -> Target:
+        """Start the target, replaying `config` (a saved configuration) when given."""
+        if SPDK_TGT is None:
+            self.emulator = SpdkEmulator(self.socket, config=config).start()
+            return self
+        replay = ["--json", str(config)] if config else []
+        with open(self.socket.with_suffix(".log"), "ab") as log:
+            self._process = subprocess.Popen(
+                [SPDK_TGT, "--no-huge", "-s", "1024", "-u", "--disable-cpumask-locks"]
+                + ["-r", str(self.socket), *replay],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        # connecting retries until spdk_tgt opens its socket (0.2 s apart, 60 s in all)
+        with JSONRPCClient(str(self.socket), conn_retries=300) as client:
+            client.call("framework_wait_init")
+        return self
+
+    def stop(self) -> None:
+        """Stop the target as an operator would (SIGTERM), killing it if it hangs."""
+        if self.emulator is not None:
+            self.emulator.stop()
+            self.emulator = None
+        if self._process is not None:
+            process, self._process = self._process, None
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                raise
+            finally:
+                self.socket.unlink(missing_ok=True)
 
     def restart(self, config: Path) -> None:
         """Stop the target and start it again with `--json config`."""
-        if self.emulator is not None:
-            self.emulator.stop()
-            self.emulator = SpdkEmulator(
-                self.socket, config=config, nvme_devices=self.emulator.nvme_devices
-            ).start()
-            return
-        binary = shutil.which(os.environ.get("SPDK_TGT_BIN", "spdk_tgt"))
-        assert binary, "set SPDK_TGT_BIN to the spdk_tgt binary so the test can restart it"
-        with JSONRPCClient(str(self.socket)) as client:
-            client.call("spdk_kill_instance", {"sig_name": "SIGTERM"})
-        _wait(lambda: not self.socket.exists(), "spdk_tgt to exit")
-        self._process = subprocess.Popen(
-            [binary, "--no-huge", "-s", "1024", "-u", "-r", str(self.socket), "--json", str(config)]
-        )
-        _wait(self.socket.exists, "spdk_tgt to open its RPC socket")
-        with JSONRPCClient(str(self.socket), conn_retries=50) as client:
-            client.call("framework_wait_init")
-
-
-def _wait(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+        self.stop()
+        self.start(config)
 
 
 @pytest.fixture
@@ -73,17 +109,15 @@ def short_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
+@pytest.fixture(params=[TARGET])
 def target(short_dir: Path) -> Iterator[Target]:
-    real = os.environ.get("SPDK_RPC_SOCKET")
-    if real:
-        yield Target(Path(real), None)
-        return
-    emulator = SpdkEmulator(short_dir / "spdk.sock").start()
-    tgt = Target(emulator.socket_path, emulator)
-    yield tgt
-    if tgt.emulator is not None:
-        tgt.emulator.stop()
+    """A fresh target, stopped after the test; the param (test id) says which kind."""
+    tgt = Target(short_dir / "spdk.sock")
+    try:
+        yield tgt.start()
+    finally:
+        tgt.stop()
+    assert not tgt.socket.exists(), f"the target left its socket {tgt.socket} behind"
 
 
 @pytest.fixture
@@ -94,4 +128,6 @@ def engine(target: Target) -> Iterator[SpdkEngine]:
     eng.close()
     cleanup = SpdkEngine(target.socket)
     cleanup.reconcile(StorageSpec())
+    left = [b["name"] for b in cleanup.call("bdev_get_bdevs")]
     cleanup.close()
+    assert not left, f"an empty spec left bdevs behind: {left}"

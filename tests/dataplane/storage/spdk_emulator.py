@@ -4,10 +4,14 @@ SPDK needs hugepages, NVMe devices and root; CI has none of them. This emulator
 speaks the same protocol over the same kind of socket so `SpdkEngine` runs unchanged
 against it. It accepts only the methods in `PARAMS`, with only the parameter names
 the spdk package's own rpc.py sends for them (test_spdk_emulator.py compares the
-table with the package so they cannot drift): an unknown method is answered with
--32601, an unknown parameter with -32602, as spdk_tgt's decoders do. Results have
-spdk_tgt's shapes (bdev dicts with aliases, assigned_rate_limits and
-driver_specific; iostat with tick_rate and ticks; lvol UUIDs from bdev_lvol_create).
+table with the package so they cannot drift). Errors and results follow spdk_tgt
+v26.05 as measured (the facts in ../shared/spdk/README.md; the SPDK tests run against
+both): an unknown method is -32601; a bad or missing parameter is what that method's
+decoder answers (-32603 "spdk_json_decode_object failed" for bdev methods, -32602
+"Invalid parameters" for nvmf ones); bdev dicts with aliases, assigned_rate_limits and
+driver_specific; iostat with tick_rate and ticks; lvol UUIDs from bdev_lvol_create;
+the newest listener first; QoS changes refused with EAGAIN on a limited bdev that no
+subsystem holds open.
 
 Persistence is modelled like the real thing: a malloc bdev is RAM and forgets its
 lvstore on restart, while an AIO file or an (emulated) NVMe drive keeps lvstore
@@ -17,6 +21,7 @@ device is examined; `config=` replays a saved config like `spdk_tgt --json`.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -37,6 +42,7 @@ QOS_MIN_IOS_PER_SEC = 1000
 MIB = 1 << 20
 
 _LISTEN = frozenset({"trtype", "traddr", "trsvcid", "adrfam"})
+_ADRFAM = {"ipv4": "IPv4", "ipv6": "IPv6", "ib": "IB", "fc": "FC", "intra_host": "INTRA_HOST"}
 
 # Parameter names per method, as spdk's rpc.py (spdk.cli.*) sends them.
 PARAMS: dict[str, frozenset[str]] = {
@@ -234,6 +240,31 @@ class RpcFailure(Exception):
         self.message = message
 
 
+class DecodeFailure(Exception):
+    """A parameter is missing or unknown; answered as the method's decoder does."""
+
+
+# How spdk_tgt answers a parameter its decoder refuses, where that is not the usual
+# -32603 of bdev methods or -32602 of nvmf ones.
+_DECODE_ERRORS: dict[str, tuple[int, str]] = {
+    "spdk_get_version": (INVALID_PARAMS, "spdk_get_version method requires no parameters"),
+    "framework_get_subsystems": (
+        INVALID_PARAMS,
+        "'framework_get_subsystems' requires no arguments",
+    ),
+    "framework_get_config": (INVALID_PARAMS, "Invalid arguments"),
+    "bdev_wait_for_examine": (INVALID_PARAMS, "bdev_wait_for_examine requires no parameters"),
+}
+
+
+def _decode_failure(method: str) -> RpcFailure:
+    if method in _DECODE_ERRORS:
+        return RpcFailure(*_DECODE_ERRORS[method])
+    if method.startswith("bdev_"):
+        return RpcFailure(INTERNAL_ERROR, "spdk_json_decode_object failed")
+    return RpcFailure(INVALID_PARAMS, "Invalid parameters")
+
+
 def _errno_failure(code: int) -> RpcFailure:
     """SPDK answers many handler failures with -errno and strerror as the message."""
     return RpcFailure(-code, os.strerror(code))
@@ -290,7 +321,11 @@ class _Subsystem:
 
 
 class SpdkEmulator:
-    """Serve the JSON-RPC subset SpdkEngine uses, with spdk_tgt's validation and shapes."""
+    """Serve the JSON-RPC subset SpdkEngine uses, with spdk_tgt's validation and shapes.
+
+    `rdma_capable` False is a machine without an RDMA NIC (a CI machine's spdk_tgt, built
+    with RDMA, then fails `nvmf_create_transport` for RDMA).
+    """
 
     def __init__(
         self,
@@ -298,7 +333,7 @@ class SpdkEmulator:
         *,
         config: Path | None = None,
         nvme_devices: Mapping[str, Path] | None = None,
-        rdma_capable: bool = True,
+        rdma_capable: bool = False,
         clock: Callable[[], float] = time.monotonic,
         tick_rate: int = 2_400_000_000,
     ) -> None:
@@ -413,18 +448,23 @@ class SpdkEmulator:
             raise RpcFailure(METHOD_NOT_FOUND, "Method not found")
         if params is None:
             params = {}
-        if not isinstance(params, dict):
-            raise RpcFailure(INVALID_PARAMS, "Invalid parameters")
-        for key, value in params.items():
-            nested = NESTED.get((method, key))
-            if key not in allowed or (
-                nested is not None and not (isinstance(value, dict) and set(value) <= nested)
-            ):
-                raise RpcFailure(INVALID_PARAMS, "Invalid parameters")
-        with self._lock:
-            self.calls.append((method, params))
-            handler: Callable[[dict[str, Any]], Any] = getattr(self, "_rpc_" + method)
-            return handler(params)
+        if method == "framework_wait_init":
+            params = {}  # its handler ignores parameters
+        try:
+            if not isinstance(params, dict):
+                raise DecodeFailure
+            for key, value in params.items():
+                nested = NESTED.get((method, key))
+                if key not in allowed or (
+                    nested is not None and not (isinstance(value, dict) and set(value) <= nested)
+                ):
+                    raise DecodeFailure
+            with self._lock:
+                self.calls.append((method, params))
+                handler: Callable[[dict[str, Any]], Any] = getattr(self, "_rpc_" + method)
+                return handler(params)
+        except DecodeFailure:
+            raise _decode_failure(method) from None
 
     def _replay(self, config: dict[str, Any]) -> None:
         for subsystem in config.get("subsystems", []):
@@ -458,8 +498,8 @@ class SpdkEmulator:
 
     def _rpc_spdk_get_version(self, p: dict[str, Any]) -> Any:
         return {
-            "version": "SPDK v26.09 (emulated)",
-            "fields": {"major": 26, "minor": 9, "patch": 0, "suffix": " (emulated)"},
+            "version": "SPDK v26.05 (emulated)",
+            "fields": {"major": 26, "minor": 5, "patch": 0, "suffix": " (emulated)"},
         }
 
     def _rpc_framework_wait_init(self, p: dict[str, Any]) -> Any:
@@ -480,7 +520,7 @@ class SpdkEmulator:
             return self._bdev_config()
         if name == "nvmf":
             return self._nvmf_config()
-        raise RpcFailure(INVALID_PARAMS, "Invalid parameters")
+        raise RpcFailure(INVALID_PARAMS, f"Subsystem '{name}' not found")
 
     def _bdev_config(self) -> list[dict[str, Any]]:
         config: list[dict[str, Any]] = [
@@ -542,17 +582,23 @@ class SpdkEmulator:
         for bdev in self._bdevs.values():
             if name == bdev.name or name in bdev.aliases:
                 return bdev
-        raise _errno_failure(19)  # ENODEV
+        raise _errno_failure(errno.ENODEV)
 
     def _add_bdev(self, bdev: _Bdev) -> None:
         if bdev.name in self._bdevs:
-            raise _errno_failure(17)  # EEXIST
+            raise _errno_failure(errno.EEXIST)
         self._bdevs[bdev.name] = bdev
         self._examine(bdev)
 
+    def _exporting(self, bdev: _Bdev) -> bool:
+        """Whether a subsystem holds the bdev open (with I/O channels) as a namespace."""
+        return any(
+            ns["bdev_name"] == bdev.name for s in self._subsystems.values() for ns in s.namespaces
+        )
+
     def _rpc_bdev_get_bdevs(self, p: dict[str, Any]) -> Any:
         bdevs = [self._find_bdev(p["name"])] if "name" in p else list(self._bdevs.values())
-        return [_bdev_json(b) for b in bdevs]
+        return [_bdev_json(b, self._exporting(b)) for b in bdevs]
 
     def _rpc_bdev_wait_for_examine(self, p: dict[str, Any]) -> Any:
         return True
@@ -588,7 +634,7 @@ class SpdkEmulator:
         name = _required(p, "name")
         block_size = int(p.get("block_size") or 512)
         if not filename.exists():
-            raise _errno_failure(2)  # ENOENT
+            raise _errno_failure(errno.ENOENT)
         self._add_bdev(
             _Bdev(
                 name=name,
@@ -619,7 +665,7 @@ class SpdkEmulator:
         trtype = _required(p, "trtype")
         traddr = _required(p, "traddr")
         if trtype.lower() != "pcie" or traddr not in self.nvme_devices:
-            raise _errno_failure(19)
+            raise _errno_failure(errno.ENODEV)
         backing = self.nvme_devices[traddr]
         self._add_bdev(
             _Bdev(
@@ -652,7 +698,7 @@ class SpdkEmulator:
     def _delete_base(self, name: str, module: str) -> None:
         bdev = self._bdevs.get(name)
         if bdev is None or bdev.module != module:
-            raise _errno_failure(19)
+            raise _errno_failure(errno.ENODEV)
         for lvs in [s for s in self._lvstores.values() if s.base_bdev == name]:
             self._unload_lvstore(lvs)  # hot removal: metadata stays on the device
         del self._bdevs[name]
@@ -673,7 +719,13 @@ class SpdkEmulator:
         bdev = self._find_bdev(_required(p, "name"))
         given = {k: int(p[k]) for k in _QOS_KEYS if k in p}
         if not given:
-            raise RpcFailure(INVALID_PARAMS, "No rate limits specified")
+            raise RpcFailure(-errno.EINVAL, "No rate limits specified")
+        if any(bdev.qos.values()) and not self._exporting(bdev):
+            # QoS runs on the thread of the bdev's I/O channels; with none open, the change
+            # never completes and every later one is refused until the bdev is opened.
+            raise RpcFailure(
+                INVALID_PARAMS, f"Failed to configure rate limit: {os.strerror(errno.EAGAIN)}"
+            )
         for key, value in given.items():
             if key == "rw_ios_per_sec" and value % QOS_MIN_IOS_PER_SEC:
                 value += QOS_MIN_IOS_PER_SEC - value % QOS_MIN_IOS_PER_SEC  # SPDK rounds up
@@ -691,10 +743,6 @@ class SpdkEmulator:
                     "name": b.name,
                     **b.io,
                     "io_error": {},
-                    "queue_depth_polling_period": 0,
-                    "queue_depth": 0,
-                    "io_time": 0,
-                    "weighted_io_time": 0,
                 }
                 for b in bdevs
             ],
@@ -708,18 +756,20 @@ class SpdkEmulator:
         for lvs in self._lvstores.values():
             if lvs.uuid == p.get("uuid") or lvs.name == p.get("lvs_name"):
                 return lvs
-        raise _errno_failure(19)
+        raise _errno_failure(errno.ENODEV)
 
     def _rpc_bdev_lvol_create_lvstore(self, p: dict[str, Any]) -> Any:
         base = self._find_bdev(_required(p, "bdev_name"))
         name = _required(p, "lvs_name")
-        if base.claimed or any(lvs.name == name for lvs in self._lvstores.values()):
-            raise RpcFailure(INVALID_PARAMS, os.strerror(17))
+        if base.claimed or self._exporting(base):
+            raise _errno_failure(errno.EPERM)
+        if any(lvs.name == name for lvs in self._lvstores.values()):
+            raise _errno_failure(errno.EEXIST)
         cluster = int(p.get("cluster_sz") or 4 * MIB)
         clusters = base.num_blocks * base.block_size // cluster
         md_clusters = -(-(4 + clusters) * 4096 // cluster)
-        if clusters - md_clusters <= 0:
-            raise RpcFailure(INVALID_PARAMS, os.strerror(28))
+        if clusters - md_clusters < 0:  # a device of exactly one cluster holds no data
+            raise RpcFailure(INVALID_PARAMS, os.strerror(errno.ENOSPC))
         lvs = _Lvstore(str(uuidlib.uuid4()), name, base.name, cluster, clusters - md_clusters)
         self._lvstores[lvs.uuid] = lvs
         base.claimed = True
@@ -750,13 +800,14 @@ class SpdkEmulator:
         return True
 
     def _rpc_bdev_lvol_create(self, p: dict[str, Any]) -> Any:
-        lvs = self._find_lvstore({k: p[k] for k in ("uuid", "lvs_name") if k in p})
         name = _required(p, "lvol_name")
-        clusters = -(-int(_required(p, "size_in_mib")) * MIB // lvs.cluster_size)
+        size_in_mib = int(_required(p, "size_in_mib"))
+        lvs = self._find_lvstore({k: p[k] for k in ("uuid", "lvs_name") if k in p})
+        clusters = -(-size_in_mib * MIB // lvs.cluster_size)
         if any(lv.name == name for lv in lvs.lvols.values()):
-            raise RpcFailure(INVALID_PARAMS, os.strerror(17))
+            raise _errno_failure(errno.EEXIST)
         if clusters > lvs.free_clusters:
-            raise RpcFailure(INVALID_PARAMS, os.strerror(28))
+            raise RpcFailure(INVALID_PARAMS, os.strerror(errno.ENOSPC))
         lvol = _Lvol(str(uuidlib.uuid4()), name, clusters)
         lvs.lvols[lvol.uuid] = lvol
         self._register_lvol(lvs, lvol)
@@ -766,11 +817,11 @@ class SpdkEmulator:
     def _lvol_of(self, name: str) -> tuple[_Lvstore, _Lvol]:
         bdev = self._find_bdev(name)
         if bdev.module != "lvol":
-            raise _errno_failure(19)
+            raise _errno_failure(errno.ENODEV)
         for lvs in self._lvstores.values():
             if bdev.uuid in lvs.lvols:
                 return lvs, lvs.lvols[bdev.uuid]
-        raise _errno_failure(19)
+        raise _errno_failure(errno.ENODEV)
 
     def _rpc_bdev_lvol_delete(self, p: dict[str, Any]) -> Any:
         lvs, lvol = self._lvol_of(_required(p, "name"))
@@ -783,11 +834,11 @@ class SpdkEmulator:
         lvs, lvol = self._lvol_of(_required(p, "name"))
         clusters = -(-int(_required(p, "size_in_mib")) * MIB // lvs.cluster_size)
         if clusters - lvol.clusters > lvs.free_clusters:
-            raise RpcFailure(INVALID_PARAMS, os.strerror(28))
+            raise RpcFailure(INVALID_PARAMS, os.strerror(errno.ENOSPC))
         lvol.clusters = clusters
-        self._bdevs[lvol.uuid].num_blocks = (
-            clusters * lvs.cluster_size // self._bdevs[lvol.uuid].block_size
-        )
+        bdev = self._bdevs[lvol.uuid]
+        bdev.num_blocks = clusters * lvs.cluster_size // bdev.block_size
+        bdev.driver_specific["lvol"]["num_allocated_clusters"] = clusters
         self._persist(lvs)
         return True
 
@@ -860,15 +911,17 @@ class SpdkEmulator:
     def _subsystem(self, p: dict[str, Any]) -> _Subsystem:
         sub = self._subsystems.get(_required(p, "nqn"))
         if sub is None:
-            raise RpcFailure(INVALID_PARAMS, f"Unable to find subsystem with NQN {p['nqn']}")
+            raise RpcFailure(INVALID_PARAMS, "Invalid parameters")
         return sub
 
     def _rpc_nvmf_create_transport(self, p: dict[str, Any]) -> Any:
         trtype = _required(p, "trtype").upper()
         if trtype in self._transports:
-            raise RpcFailure(INVALID_PARAMS, f"Transport type '{trtype}' already exists")
-        if trtype not in ("TCP", "RDMA") or (trtype == "RDMA" and not self.rdma_capable):
-            raise RpcFailure(INTERNAL_ERROR, f"Transport type '{trtype}' create failed")
+            raise RpcFailure(INTERNAL_ERROR, f"Transport type '{trtype}' already exists")
+        if trtype not in ("TCP", "RDMA"):
+            raise RpcFailure(INVALID_PARAMS, f"Invalid transport type '{trtype}'")
+        if trtype == "RDMA" and not self.rdma_capable:
+            raise RpcFailure(INTERNAL_ERROR, "Failed to create transport.")
         self._transports[trtype] = {**p, "trtype": trtype}
         return True
 
@@ -912,13 +965,17 @@ class SpdkEmulator:
     def _rpc_nvmf_subsystem_add_host(self, p: dict[str, Any]) -> Any:
         sub = self._subsystem(p)
         host = _required(p, "host")
-        if host not in sub.hosts:
-            sub.hosts.append(host)
+        if host in sub.hosts:
+            raise RpcFailure(INTERNAL_ERROR, "Internal error")
+        sub.hosts.append(host)
         return True
 
     def _rpc_nvmf_subsystem_remove_host(self, p: dict[str, Any]) -> Any:
         sub = self._subsystem(p)
-        sub.hosts = [h for h in sub.hosts if h != _required(p, "host")]
+        host = _required(p, "host")
+        if host not in sub.hosts:
+            raise RpcFailure(INTERNAL_ERROR, "Internal error")
+        sub.hosts.remove(host)
         return True
 
     def _rpc_nvmf_subsystem_add_ns(self, p: dict[str, Any]) -> Any:
@@ -926,7 +983,8 @@ class SpdkEmulator:
         ns = _required(p, "namespace")
         bdev = self._find_bdev(_required(ns, "bdev_name"))
         if (
-            any(n["bdev_name"] == bdev.name for n in sub.namespaces)
+            bdev.claimed  # by an lvstore
+            or self._exporting(bdev)  # a namespace claims its bdev exclusive_write
             or len(sub.namespaces) >= sub.max_namespaces
         ):
             raise RpcFailure(INVALID_PARAMS, "Invalid parameters")
@@ -954,7 +1012,7 @@ class SpdkEmulator:
         address = _listen_address(p)
         if address["trtype"] not in self._transports or address in sub.listeners:
             raise RpcFailure(INVALID_PARAMS, "Invalid parameters")
-        sub.listeners.append(address)
+        sub.listeners.insert(0, address)  # spdk_tgt lists the newest listener first
         return True
 
     def _rpc_nvmf_subsystem_remove_listener(self, p: dict[str, Any]) -> Any:
@@ -994,7 +1052,7 @@ class SpdkEmulator:
         if "nqn" in p:
             subsystems = [s for s in subsystems if s["nqn"] == p["nqn"]]
             if not subsystems:
-                raise RpcFailure(INVALID_PARAMS, "Invalid parameters")
+                raise _errno_failure(errno.ENODEV)
         return subsystems
 
 
@@ -1004,17 +1062,17 @@ def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:
 
 def _required(params: dict[str, Any], key: str) -> Any:
     if key not in params:
-        raise RpcFailure(INVALID_PARAMS, "Invalid parameters")
+        raise DecodeFailure
     return params[key]
 
 
 def _listen_address(p: dict[str, Any]) -> dict[str, str]:
     address = _required(p, "listen_address")
     if not {"trtype", "traddr"} <= set(address):
-        raise RpcFailure(INVALID_PARAMS, "Invalid parameters")
+        raise DecodeFailure
     return {
         "trtype": str(address["trtype"]).upper(),
-        "adrfam": str(address.get("adrfam", "IPv4")),
+        "adrfam": _ADRFAM[str(address.get("adrfam", "ipv4")).lower()],
         "traddr": str(address["traddr"]),
         "trsvcid": str(address.get("trsvcid", "")),
     }
@@ -1024,7 +1082,10 @@ def _sidecar(backing: Path) -> Path:
     return backing.with_name(backing.name + ".lvs.json")
 
 
-def _bdev_json(bdev: _Bdev) -> dict[str, Any]:
+def _bdev_json(bdev: _Bdev, exported: bool) -> dict[str, Any]:
+    claim = {"claim_type": "read_many_write_one"} if bdev.claimed else {}
+    if exported:
+        claim = {"claim_type": "exclusive_write"}
     return {
         "name": bdev.name,
         "aliases": list(bdev.aliases),
@@ -1033,7 +1094,8 @@ def _bdev_json(bdev: _Bdev) -> dict[str, Any]:
         "num_blocks": bdev.num_blocks,
         "uuid": bdev.uuid,
         "assigned_rate_limits": dict(bdev.qos),
-        "claimed": bdev.claimed,
+        "claimed": bool(claim),
+        **claim,
         "zoned": False,
         "supported_io_types": {
             "read": True,

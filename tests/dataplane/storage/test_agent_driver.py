@@ -111,7 +111,9 @@ def nvme_target(short_dir: Path) -> Iterator[SpdkEmulator]:
     drive.write_bytes(b"")
     with drive.open("r+b") as f:
         f.truncate(64 * MIB)
-    emulator = SpdkEmulator(short_dir / "spdk.sock", nvme_devices={PCI: drive}).start()
+    emulator = SpdkEmulator(
+        short_dir / "spdk.sock", nvme_devices={PCI: drive}, rdma_capable=True
+    ).start()
     yield emulator
     emulator.stop()
 

@@ -1,5 +1,5 @@
-"""SpdkEngine against an SPDK target: the emulator by default, a real spdk_tgt with
-SPDK_RPC_SOCKET set (see conftest.py)."""
+"""SpdkEngine against an SPDK target: a spdk_tgt of its own when SPDK_TGT_BIN is set, the
+emulator otherwise (see conftest.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from dataplane.storage.engine import (
 )
 from dataplane.storage.spdk import SpdkEngine
 
-from .conftest import Target
+from .conftest import Target, unused_port
 
 MIB = 1 << 20
 HOST_A = "nqn.2014-08.org.nvmexpress:uuid:0a0a0a0a-0000-4000-8000-00000000000a"
@@ -35,7 +35,12 @@ def malloc_pool(name: str = "fast", mib: int = 64) -> PoolSpec:
     return PoolSpec(name=name, devices=(Device(kind="malloc", size_bytes=mib * MIB),))
 
 
-def full_spec(port: int = 4420, **qos: int) -> StorageSpec:
+@pytest.fixture
+def port() -> int:
+    return unused_port()
+
+
+def full_spec(port: int, **qos: int) -> StorageSpec:
     return StorageSpec(
         pools=(malloc_pool(),),
         volumes=(
@@ -60,12 +65,12 @@ def test_probe_reports_version_and_transports(engine: SpdkEngine) -> None:
     assert caps.qos and caps.direct_io
 
 
-def test_reconcile_builds_everything_and_is_idempotent(engine: SpdkEngine) -> None:
-    first = engine.reconcile(full_spec(rw_ios_per_sec=2000))
+def test_reconcile_builds_everything_and_is_idempotent(engine: SpdkEngine, port: int) -> None:
+    first = engine.reconcile(full_spec(port, rw_ios_per_sec=2000))
     kinds = {(a.verb, a.kind) for a in first.actions}
     assert {("create", "pool"), ("create", "volume"), ("create", "export"), ("set", "qos")} <= kinds
 
-    second = engine.reconcile(full_spec(rw_ios_per_sec=2000))
+    second = engine.reconcile(full_spec(port, rw_ios_per_sec=2000))
     assert second.actions == () and not second.changed
 
     state = engine.observe()
@@ -84,13 +89,13 @@ def test_reconcile_builds_everything_and_is_idempotent(engine: SpdkEngine) -> No
     assert (export.transport, export.listen_address, export.listen_port) == (
         Transport.TCP,
         "127.0.0.1",
-        4420,
+        port,
     )
 
 
-def test_removed_volumes_and_exports_are_deleted(engine: SpdkEngine) -> None:
-    engine.reconcile(full_spec())
-    spec = full_spec()
+def test_removed_volumes_and_exports_are_deleted(engine: SpdkEngine, port: int) -> None:
+    engine.reconcile(full_spec(port))
+    spec = full_spec(port)
     smaller = StorageSpec(
         pools=spec.pools,
         volumes=tuple(v for v in spec.volumes if v.name != "mistral"),
@@ -110,8 +115,8 @@ def test_removed_volumes_and_exports_are_deleted(engine: SpdkEngine) -> None:
     assert engine.observe().pools == () and engine.observe().volumes == ()
 
 
-def test_qos_is_rounded_like_spdk_and_read_back(engine: SpdkEngine) -> None:
-    engine.reconcile(full_spec(rw_ios_per_sec=1500, r_mbytes_per_sec=20))
+def test_qos_is_rounded_like_spdk_and_read_back(engine: SpdkEngine, port: int) -> None:
+    engine.reconcile(full_spec(port, rw_ios_per_sec=1500, r_mbytes_per_sec=20))
     llama = engine.observe().volume("llama")
     assert llama is not None
     assert llama.qos.limits() == {
@@ -120,15 +125,40 @@ def test_qos_is_rounded_like_spdk_and_read_back(engine: SpdkEngine) -> None:
         "r_mbytes_per_sec": 20,
         "w_mbytes_per_sec": 0,
     }
-    assert not engine.reconcile(full_spec(rw_ios_per_sec=1500, r_mbytes_per_sec=20)).changed
+    assert not engine.reconcile(full_spec(port, rw_ios_per_sec=1500, r_mbytes_per_sec=20)).changed
 
-    engine.reconcile(full_spec())  # no QoS entry: unlimited again
+    engine.reconcile(full_spec(port))  # no QoS entry: unlimited again
     llama = engine.observe().volume("llama")
     assert llama is not None and not any(llama.qos.limits().values())
 
 
-def test_target_itself_rounds_iops_up_to_a_multiple_of_1000(engine: SpdkEngine) -> None:
-    engine.reconcile(full_spec())
+def test_qos_converges_on_unexported_volumes_too(engine: SpdkEngine, port: int) -> None:
+    """SPDK refuses QoS changes on a limited bdev no one holds open (EAGAIN, for good);
+    phi (globex's, which has no export) changes limits and loses them all the same."""
+
+    def phi_spec(**limits: int) -> StorageSpec:
+        spec = full_spec(port)
+        return spec.model_copy(update={"qos": (QosSpec(volume="phi", **limits),) if limits else ()})
+
+    def phi_limits() -> dict[str, int]:
+        phi = engine.observe().volume("phi")
+        assert phi is not None
+        return {k: v for k, v in phi.qos.limits().items() if v}
+
+    for limits in ({"rw_ios_per_sec": 2000}, {"rw_ios_per_sec": 5000, "w_mbytes_per_sec": 10}, {}):
+        result = engine.reconcile(phi_spec(**limits))
+        assert [str(a) for a in result.actions if a.kind == "qos"] == [
+            f"set qos phi ({QosSpec(volume='phi', **limits).describe()})"
+        ]
+        assert phi_limits() == limits
+        assert not engine.reconcile(phi_spec(**limits)).changed
+    assert [e.tenant for e in engine.observe().exports] == ["acme"]
+    nqns = {s["nqn"] for s in engine.call("nvmf_get_subsystems")}
+    assert nqns == {"nqn.2014-08.org.nvmexpress.discovery", engine.nqn("acme")}
+
+
+def test_target_itself_rounds_iops_up_to_a_multiple_of_1000(engine: SpdkEngine, port: int) -> None:
+    engine.reconcile(full_spec(port))
     llama = engine.observe().volume("llama")
     assert llama is not None
     engine.call("bdev_set_qos_limit", name=llama.device, rw_ios_per_sec=1001)
@@ -155,8 +185,8 @@ def test_volume_over_capacity_raises_before_changing_anything(engine: SpdkEngine
     assert engine.observe().volumes == ()
 
 
-def test_volumes_grow_but_never_shrink(engine: SpdkEngine) -> None:
-    spec = full_spec()
+def test_volumes_grow_but_never_shrink(engine: SpdkEngine, port: int) -> None:
+    spec = full_spec(port)
     engine.reconcile(spec)
     grown = spec.model_copy(
         update={
@@ -194,13 +224,14 @@ def test_rpc_errors_carry_method_and_code(engine: SpdkEngine) -> None:
 
     with pytest.raises(RpcError) as bad_param:
         engine.call("bdev_get_bdevs", colour="blue")
-    # spdk_tgt answers decode failures with -32602 (Invalid params) or, in some
-    # handlers, -32603 "spdk_json_decode_object failed"
-    assert bad_param.value.code in (-32602, -32603)
+    assert (bad_param.value.code, bad_param.value.rpc_message) == (
+        -32603,
+        "spdk_json_decode_object failed",
+    )
 
 
-def test_threads_each_get_their_own_client(engine: SpdkEngine) -> None:
-    engine.reconcile(full_spec())
+def test_threads_each_get_their_own_client(engine: SpdkEngine, port: int) -> None:
+    engine.reconcile(full_spec(port))
     expected = engine.observe()
     with ThreadPoolExecutor(4) as pool:
         seen = list(pool.map(lambda _: engine.observe(), range(32)))
@@ -208,9 +239,9 @@ def test_threads_each_get_their_own_client(engine: SpdkEngine) -> None:
     assert all(state == expected for state in seen)
 
 
-def test_transport_follows_rdma_availability(target: Target, engine: SpdkEngine) -> None:
+def test_transport_follows_rdma_availability(target: Target, engine: SpdkEngine, port: int) -> None:
     tcp = SpdkEngine(target.socket, rdma_port_active=False)
-    tcp.reconcile(full_spec(port=4420))
+    tcp.reconcile(full_spec(port))
     assert tcp.observe().exports[0].transport is Transport.TCP
     tcp.close()
 
@@ -218,19 +249,21 @@ def test_transport_follows_rdma_availability(target: Target, engine: SpdkEngine)
     assert rdma.probe().transports == (Transport.RDMA, Transport.TCP)
     if not target.rdma_capable:
         with pytest.raises(RpcError) as caught:
-            rdma.reconcile(full_spec(port=4421))
-        assert caught.value.method == "nvmf_create_transport"
+            rdma.reconcile(full_spec(port))
+        assert (caught.value.method, caught.value.code) == ("nvmf_create_transport", -32603)
+        assert caught.value.rpc_message == "Failed to create transport."
     else:
-        result = rdma.reconcile(full_spec(port=4421))
+        rdma_port = unused_port()
+        result = rdma.reconcile(full_spec(rdma_port))
         assert "create transport RDMA" in {str(a) for a in result.actions}
         (export,) = rdma.observe().exports
-        assert (export.transport, export.listen_port) == (Transport.RDMA, 4421)
-        assert not rdma.reconcile(full_spec(port=4421)).changed
+        assert (export.transport, export.listen_port) == (Transport.RDMA, rdma_port)
+        assert not rdma.reconcile(full_spec(rdma_port)).changed
     rdma.close()
 
 
-def test_stats_report_deltas_per_volume(engine: SpdkEngine) -> None:
-    engine.reconcile(full_spec())
+def test_stats_report_deltas_per_volume(engine: SpdkEngine, port: int) -> None:
+    engine.reconcile(full_spec(port))
     assert engine.stats() == {}  # first sample is the baseline
     rates = engine.stats()
     assert set(rates) == {"llama", "mistral", "phi"}
@@ -238,7 +271,7 @@ def test_stats_report_deltas_per_volume(engine: SpdkEngine) -> None:
 
 
 def test_saved_config_brings_a_restarted_target_back(
-    target: Target, engine: SpdkEngine, short_dir: Path
+    target: Target, engine: SpdkEngine, short_dir: Path, port: int
 ) -> None:
     disk = short_dir / "pool.img"
     spec = StorageSpec(
@@ -250,7 +283,7 @@ def test_saved_config_brings_a_restarted_target_back(
         volumes=(VolumeSpec(name="llama", pool="disk", tenant="acme", size_bytes=8 * MIB),),
         exports=(
             ExportSpec(
-                tenant="acme", hosts=(HOST_A,), listen_address="127.0.0.1", listen_port=4422
+                tenant="acme", hosts=(HOST_A,), listen_address="127.0.0.1", listen_port=port
             ),
         ),
         qos=(QosSpec(volume="llama", rw_ios_per_sec=3000, w_mbytes_per_sec=50),),
