@@ -7,18 +7,30 @@ leave it when finished, cancelled or preempted; a preempted sequence keeps a pri
 copy of its cache so it resumes without a second prefill. ``prefill`` touches only the
 runtime and the sequences it is given, never the batch, so it may run in one thread
 while ``step`` runs in another.
+
+A graph without a ``position_ids`` input (Optimum's Gemma, MPT and Bloom exports) takes
+the cache width as the position of the next token, so a row padded on the left would
+see shifted positions. For such a graph the engine regroups: a prefill call takes
+prompts of one length only, a decode group holds rows of one length only (they stay
+equal, each step adds one token to every row), and a sequence joins a free slot only
+in a group exactly as wide as it is long. No row is ever padded, so every row's
+positions are the cache width, at the price of more, smaller forward calls.
+
+Identical prompts in one prefill (the ``n`` choices of a request) are computed once and
+share the cache rows, which are only ever read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
 
 import numpy as np
 
 from dataplane.inference.kvcache import KVBatch
 from dataplane.inference.runtime import Runtime
-from dataplane.inference.sampling import SamplingParams, sample
+from dataplane.inference.sampling import SamplingParams, TokenLogprob, sample
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -26,17 +38,26 @@ FINISH_LENGTH = "length"
 
 @dataclass(eq=False)
 class EngineSequence:
-    """A request as the engine sees it: tokens, sampling state and parked cache."""
+    """A request as the engine sees it: tokens, sampling state and parked cache.
+
+    ``stream`` tells apart the choices of one seeded request, so each draws its own
+    tokens. ``stop_token`` is the token that ended the sequence (an EOS or stop id),
+    whose text is not part of the output.
+    """
 
     prompt: list[int]
     params: SamplingParams
+    stream: int = 0
     rng: np.random.Generator = field(init=False)
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     parked: KVBatch | None = None
     finish_reason: str | None = None
+    stop_token: int | None = None
 
     def __post_init__(self) -> None:
-        self.rng = np.random.default_rng(self.params.seed)
+        seed = self.params.seed
+        self.rng = np.random.default_rng(None if seed is None else [seed, self.stream])
 
 
 @dataclass
@@ -76,6 +97,8 @@ class BatchEngine:
         self.rows_per_call = rows_per_call
         self._eos = frozenset(runtime.spec.eos_token_ids)
         self._max_context = runtime.spec.max_context
+        # Rows of one forward call must all be as long as the cache is wide.
+        self._exact_width = not runtime.spec.has_position_ids
         self._groups: list[_Group] = []
 
     @property
@@ -84,10 +107,21 @@ class BatchEngine:
 
     def prefill(self, sequences: Sequence[EngineSequence]) -> None:
         """Run the prompts together; each sequence gets its first token and a parked cache."""
-        logits, cache = self.runtime.prefill([s.prompt for s in sequences])
-        self._accept(sequences, logits)
-        for row, seq in enumerate(sequences):
-            seq.parked = cache.row(row)
+        prompts = sorted({tuple(s.prompt) for s in sequences}, key=len)
+        results: dict[tuple[int, ...], tuple[np.typing.NDArray[np.float32], KVBatch]] = {}
+        for _, same in groupby(prompts, key=lambda prompt: self._width_key(len(prompt))):
+            call = list(same)
+            logits, cache = self.runtime.prefill(call)
+            for row, prompt in enumerate(call):
+                results[prompt] = (logits[row], cache.row(row))
+        self._accept(sequences, np.stack([results[tuple(s.prompt)][0] for s in sequences]))
+        for seq in sequences:
+            seq.parked = results[tuple(seq.prompt)][1]
+
+    def _width_key(self, length: int) -> int:
+        """Rows with equal keys may share a forward call (all of them, unless the graph
+        takes its positions from the cache width)."""
+        return length if self._exact_width else 0
 
     def step(
         self,
@@ -134,7 +168,8 @@ class BatchEngine:
             fits = [
                 (group.cache.width - length, index, slot)
                 for index, group in enumerate(self._groups)
-                if group.cache.width >= length
+                if group.cache.width == length
+                or (group.cache.width > length and not self._exact_width)
                 for slot, other in enumerate(group.slots)
                 if other is None
             ]
@@ -159,12 +194,16 @@ class BatchEngine:
         ]
         rows.sort(key=lambda row: row[0])
         size = self.rows_per_call or max(len(rows), 1)
+        chunks = []
+        for _, same in groupby(rows, key=lambda row: self._width_key(row[0])):
+            alike = list(same)
+            chunks += [alike[i : i + size] for i in range(0, len(alike), size)]
         self._groups = [
             _Group(
                 slots=[seq for _, seq, _, _ in chunk],
                 cache=KVBatch.gather([(cache, [slot]) for _, _, cache, slot in chunk]),
             )
-            for chunk in (rows[i : i + size] for i in range(0, len(rows), size))
+            for chunk in chunks
         ]
         for seq in unplaced:
             seq.parked = None
@@ -176,10 +215,16 @@ class BatchEngine:
     def _accept(
         self, sequences: Sequence[EngineSequence], logits: np.typing.NDArray[np.float32]
     ) -> None:
-        tokens = sample(logits, [s.params for s in sequences], [s.rng for s in sequences])
-        for seq, token in zip(sequences, tokens.tolist(), strict=True):
+        tokens, logprobs = sample(logits, sequences)
+        for seq, token, report in zip(sequences, tokens.tolist(), logprobs, strict=True):
+            if report is not None:
+                seq.logprobs.append(report)
             seq.tokens.append(token)
-            if token in self._eos and not seq.params.ignore_eos:
+            if token in seq.params.stop_token_ids or (
+                token in self._eos and not seq.params.ignore_eos
+            ):
+                # Before the finish: whoever sees the finish must see its token too.
+                seq.stop_token = token
                 seq.finish_reason = FINISH_STOP
             elif (
                 len(seq.tokens) >= seq.params.max_new_tokens

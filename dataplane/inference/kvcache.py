@@ -6,8 +6,10 @@ decode step appends one column for every row at once, so the arrays a step retur
 (``present.N.*``) are the next step's inputs with no copy. A sequence that joins takes
 over a free row in place (``write_row``); the whole batch is copied (``gather``) only
 to grow it, to widen it for a longer sequence, or to compact it. Rows never see each
-other's padding as data, so a sequence's results do not depend on which other
-sequences share its batch.
+other's padding as data; with a graph that takes ``position_ids`` a sequence's results
+therefore do not depend on which other sequences share its batch. A graph without that
+input derives positions from the cache width, which is right only for a row that fills
+the width: the engine keeps such rows in groups of one length (see ``engine``).
 """
 
 from __future__ import annotations

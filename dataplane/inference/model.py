@@ -1,10 +1,14 @@
 """Reads the shape of a decoder-only model directory in the layout Hugging Face Optimum
-exports (``model.onnx`` + ``config.json`` + ``tokenizer.json``).
+exports (``model.onnx`` + ``config.json`` + ``tokenizer.json``, optionally
+``generation_config.json`` and ``tokenizer_config.json``).
 
 The runtime needs the layer count, KV head count, head size, vocabulary size, context
 length and the KV dtype before it can build empty caches, so this module reads them
 from the graph's declared inputs where they are static and from ``config.json``
-otherwise, and refuses a directory where the two disagree.
+otherwise, and refuses a directory where the two disagree. Stop ids are the union of
+``eos_token_id`` in ``config.json`` and ``generation_config.json`` (chat models list their
+end-of-turn token only in the latter), and the sampling defaults come from
+``generation_config.json``, as transformers and vLLM take them.
 """
 
 from __future__ import annotations
@@ -20,13 +24,25 @@ import onnx
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 _PAST_KEY = re.compile(r"^past_key_values\.(\d+)\.key$")
 _ONNX_FLOAT_TYPES: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.FLOAT16: "float16",
 }
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """The model's sampling defaults; None where generation_config.json names none."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +59,7 @@ class ModelSpec:
     kv_dtype: str
     has_position_ids: bool
     has_use_cache_branch: bool
+    generation: GenerationDefaults = GenerationDefaults()
 
     @property
     def numpy_kv_dtype(self) -> np.dtype[Any]:
@@ -54,6 +71,36 @@ def _first(config: dict[str, Any], *names: str) -> Any:
         if name in config and config[name] is not None:
             return config[name]
     return None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file, or {} when the file is absent."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return data
+
+
+def _token_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in value) if isinstance(value, list) else (int(value),)
+
+
+def _generation_defaults(generation: dict[str, Any]) -> GenerationDefaults:
+    def number(name: str) -> float | None:
+        value = generation.get(name)
+        return float(value) if value is not None else None
+
+    top_k = generation.get("top_k")
+    return GenerationDefaults(
+        temperature=number("temperature"),
+        top_p=number("top_p"),
+        top_k=int(top_k) if top_k is not None else None,
+        repetition_penalty=number("repetition_penalty"),
+    )
 
 
 def _static_dim(value_info: onnx.ValueInfoProto, axis: int) -> int | None:
@@ -82,8 +129,8 @@ def load_model_spec(model_dir: Path) -> ModelSpec:
     model_path = model_dir / MODEL_FILE
     if not model_path.is_file():
         raise ValueError(f"{model_path} not found: the worker expects an Optimum export")
-    config_path = model_dir / CONFIG_FILE
-    config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = read_json(model_dir / CONFIG_FILE)
+    generation = read_json(model_dir / GENERATION_CONFIG_FILE)
     graph = onnx.load(str(model_path), load_external_data=False).graph
     inputs = {vi.name: vi for vi in graph.input}
     outputs = {vi.name: vi for vi in graph.output}
@@ -129,11 +176,10 @@ def load_model_spec(model_dir: Path) -> ModelSpec:
         None,
         _first(config, "max_position_embeddings", "n_positions", "n_ctx"),
     )
-    eos = config.get("eos_token_id")
-    eos_ids = (
-        tuple(int(e) for e in eos)
-        if isinstance(eos, list)
-        else ((int(eos),) if eos is not None else ())
+    eos_ids = tuple(
+        dict.fromkeys(
+            _token_ids(config.get("eos_token_id")) + _token_ids(generation.get("eos_token_id"))
+        )
     )
     elem_type = past0.type.tensor_type.elem_type
     if elem_type not in _ONNX_FLOAT_TYPES:
@@ -149,4 +195,5 @@ def load_model_spec(model_dir: Path) -> ModelSpec:
         kv_dtype=_ONNX_FLOAT_TYPES[elem_type],
         has_position_ids="position_ids" in inputs,
         has_use_cache_branch="use_cache_branch" in inputs,
+        generation=_generation_defaults(generation),
     )

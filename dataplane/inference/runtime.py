@@ -72,6 +72,10 @@ class OnnxRuntime:
 
     Both passes are the same forward call over a right-aligned cache: prefill starts
     from an empty cache with left-padded prompts, decode appends one token per row.
+    A graph without a ``position_ids`` input takes the cache width as the position, so
+    for it every row must fill the cache (rows of length 0 are free slots, ignored):
+    the engine groups rows that way, and a call that breaks the rule is refused rather
+    than answered with shifted positions.
     """
 
     def __init__(self, model_dir: Path, cache_dir: Path, config: RuntimeConfig) -> None:
@@ -133,6 +137,14 @@ class OnnxRuntime:
         """
         steps = ids.shape[1]
         new_pad = steps - new_lengths
+        if not self._spec.has_position_ids:
+            # Positions come from the cache width: a padded row would get shifted ones.
+            filled = cache.lengths > 0 if cache.width else np.ones(cache.size, bool)
+            if np.any((cache.lengths + new_lengths)[filled] != cache.width + steps):
+                raise ValueError(
+                    "this graph takes positions from the cache width: every row of a "
+                    "forward call must be exactly as long as the cache is wide"
+                )
         mask = cache.attention_mask(steps)
         mask[:, cache.width :] = np.arange(steps)[None, :] >= new_pad[:, None]
         feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}

@@ -1,12 +1,17 @@
 """The worker's HTTP face: a small ASGI app that uvicorn serves.
 
-Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE when ``stream``),
-``GET /v1/models`` (those three need ``Authorization: Bearer <key>``; the key's sha256
-names the tenant), ``GET /health``, ``GET /metrics`` (Prometheus text) and
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (SSE when ``stream``,
+one token per chunk as vLLM sends them), ``GET /v1/models[/{id}]`` (those need
+``Authorization: Bearer <key>``; the key's sha256 names the tenant), ``GET /health``, ``GET /metrics`` (Prometheus text) and
 ``GET /v1/internal/stats?after=SEQ`` (sketches, exact SLO counts and request totals for
 the agent, plus the queue depth and running count now; a stats key or a loopback
-client). No web framework: six routes, JSON in and out, and streaming that must notice a
-departed client are little enough to write against ASGI directly.
+client). No web framework: a handful of routes, JSON in and out, and streaming that must
+notice a departed client are little enough to write against ASGI directly.
+
+A request for ``n`` choices runs as ``n`` sequences scheduled independently (each is a
+request to the scheduler, with its own seed stream); the engine computes their identical
+prompt once when they are prefilled together, which they are unless the step's token
+budget or free slots split them.
 
 ``Worker`` assembles runtime, engine, scheduler, tokenizer and measurement from a
 ``WorkerConfig`` and re-applies the config file on SIGHUP or when its mtime changes.
@@ -22,7 +27,7 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +42,7 @@ from dataplane.inference.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    LogprobEntry,
     ResponseShape,
     usage,
     validation_error,
@@ -49,7 +55,7 @@ from dataplane.inference.scheduler import (
     QueueFull,
     Scheduler,
 )
-from dataplane.inference.tokenizer import TextTokenizer
+from dataplane.inference.tokenizer import ChatTemplateError, TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,34 @@ CONFIG_POLL_SECONDS = 1.0
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+_MODEL_PREFIX = "/v1/models/"
+
+_T = TypeVar("_T")
+
+
+def _first(*values: _T | None) -> _T:
+    """The first value that is not None (the last is the fallback and never None)."""
+    return next(value for value in values if value is not None)
+
+
+def _engine_error() -> ApiError:
+    return ApiError(
+        500,
+        "The engine failed while serving this request.",
+        type_="server_error",
+        code="engine_error",
+    )
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One output token of a choice: its id, its index in the output, the text it
+    releases (held-back text included) and, on the last one, the finish reason."""
+
+    token: int
+    position: int
+    text: str
+    finish_reason: str | None
 
 
 def key_digest(key: str) -> str:
@@ -249,7 +283,10 @@ class InferenceApp:
             return
         call = _Call(scope, receive, send, time.perf_counter())
         try:
-            route = self._routes.get(scope["path"])
+            path = scope["path"]
+            route = self._routes.get(path)
+            if route is None and path.startswith(_MODEL_PREFIX):
+                route = ("GET", self._model)
             if route is None:
                 raise ApiError(404, f"Unknown path {scope['path']}", code="not_found")
             method, handler = route
@@ -318,11 +355,12 @@ class InferenceApp:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _watch_disconnect(self, call: _Call, request: GenerationRequest) -> None:
+    async def _watch_disconnect(self, call: _Call, requests: list[GenerationRequest]) -> None:
         while True:
             message = await call.receive()
             if message["type"] == "http.disconnect":
-                self.worker.scheduler.cancel(request)
+                for request in requests:
+                    self.worker.scheduler.cancel(request)
                 return
 
     # -- OpenAI endpoints -----------------------------------------------------------------
@@ -335,23 +373,31 @@ class InferenceApp:
             ids = self.worker.tokenizer.encode(prompt)
         else:
             ids = prompt
-            vocab = self.worker.runtime.spec.vocab_size
-            if any(not 0 <= t < vocab for t in ids):
-                raise ApiError(
-                    400, f"Token ids must be in [0, {vocab}).", param="prompt", code="invalid_value"
-                )
+            self._check_token_ids(ids, "prompt")
         await self._generate(call, tenant, body, ids, body.max_tokens or 16, chat=False)
 
     async def _chat(self, call: _Call) -> None:
         tenant = self._authenticate(call)
         body = await self._parse(call, ChatRequest)
-        messages = [
-            ("system" if m.role == "developer" else m.role, m.text()) for m in body.messages
-        ]
-        ids = self.worker.tokenizer.render_chat(messages)
+        try:
+            ids = self.worker.tokenizer.render_chat([m.for_template() for m in body.messages])
+        except ChatTemplateError as exc:
+            raise ApiError(
+                400,
+                f"The model's chat template refused the messages: {exc}",
+                param="messages",
+                code="invalid_value",
+            ) from None
         limit = body.max_completion_tokens or body.max_tokens
         room = self.worker.runtime.spec.max_context - len(ids)
         await self._generate(call, tenant, body, ids, limit or max(room, 1), chat=True)
+
+    def _check_token_ids(self, ids: Sequence[int], param: str) -> None:
+        vocab = self.worker.runtime.spec.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ApiError(
+                400, f"Token ids must be in [0, {vocab}).", param=param, code="invalid_value"
+            )
 
     async def _parse(self, call: _Call, model: type[_BodyT]) -> _BodyT:
         raw = await self._read_body(call)
@@ -370,7 +416,36 @@ class InferenceApp:
                 param="model",
                 code="model_not_found",
             )
+        body.check_supported()
         return body
+
+    def _sampling_params(
+        self, body: CompletionRequest | ChatRequest, max_tokens: int
+    ) -> SamplingParams:
+        """The request's settings over the model's generation defaults over OpenAI's."""
+        spec = self.worker.runtime.spec
+        defaults = spec.generation
+        self._check_token_ids(body.stop_token_ids or [], "stop_token_ids")
+        top_k = _first(body.top_k, defaults.top_k, 0)
+        try:
+            return SamplingParams(
+                max_new_tokens=max_tokens,
+                temperature=_first(body.temperature, defaults.temperature, 1.0),
+                top_p=_first(body.top_p, defaults.top_p, 1.0),
+                top_k=max(top_k, 0),
+                seed=body.seed,
+                ignore_eos=body.ignore_eos,
+                presence_penalty=body.presence_penalty or 0.0,
+                frequency_penalty=body.frequency_penalty or 0.0,
+                repetition_penalty=_first(
+                    body.repetition_penalty, defaults.repetition_penalty, 1.0
+                ),
+                logit_bias=body.token_biases(spec.vocab_size),
+                logprobs=body.top_logprobs_count(),
+                stop_token_ids=frozenset(body.stop_token_ids or ()),
+            )
+        except ValueError as exc:
+            raise ApiError(400, str(exc), code="invalid_value") from None
 
     async def _generate(
         self,
@@ -396,23 +471,26 @@ class InferenceApp:
                 code="context_length_exceeded",
             )
         stops = body.stop_strings()
-        params = SamplingParams(
-            max_new_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            ignore_eos=body.ignore_eos,
-        )
+        params = self._sampling_params(body, max_tokens)
         tenant_cfg = self.worker.config.tenants.get(tenant)
-        request = GenerationRequest(
-            tenant=tenant,
-            priority=tenant_cfg.priority if tenant_cfg else 0,
-            seq=EngineSequence(prompt=ids, params=params),
-            timing=RequestTiming(arrival=call.arrival, input_tokens=len(ids)),
-        )
+        requests = [
+            GenerationRequest(
+                tenant=tenant,
+                priority=tenant_cfg.priority if tenant_cfg else 0,
+                seq=EngineSequence(prompt=ids, params=params, stream=index),
+                timing=RequestTiming(arrival=call.arrival, input_tokens=len(ids)),
+            )
+            for index in range(body.choices)
+        ]
+        scheduler = self.worker.scheduler
+        submitted: list[GenerationRequest] = []
         try:
-            self.worker.scheduler.submit(request)
+            for request in requests:
+                scheduler.submit(request)
+                submitted.append(request)
         except QueueFull as exc:
+            for request in submitted:
+                scheduler.cancel(request)
             raise ApiError(
                 429,
                 str(exc),
@@ -426,128 +504,163 @@ class InferenceApp:
             int(time.time()),
             self.worker.config.served_model_name,
         )
-        watcher = asyncio.create_task(self._watch_disconnect(call, request))
+        watcher = asyncio.create_task(self._watch_disconnect(call, requests))
         try:
             if body.stream:
-                await self._stream(call, request, shape, stops, body)
+                await self._stream(call, requests, shape, stops, body)
             else:
-                await self._respond(call, request, shape, stops)
+                await self._respond(call, requests, shape, stops)
         finally:
             watcher.cancel()
-            self.worker.scheduler.cancel(request)
-            if request.finish_reason == FINISH_ERROR:
-                self.worker.stats.count_failed(tenant)
+            for request in requests:
+                scheduler.cancel(request)
+                if request.finish_reason == FINISH_ERROR:
+                    self.worker.stats.count_failed(tenant)
 
-    async def _tokens(self, request: GenerationRequest, stops: list[str]) -> AsyncIterator[str]:
-        """Yield text as tokens arrive; ends the request early on a stop string."""
+    async def _pieces(self, request: GenerationRequest, stops: list[str]) -> AsyncIterator[_Piece]:
+        """One piece per output token as tokens arrive; the last one carries the finish.
+        A stop string ends the request early; an EOS or stop id adds no text."""
         detok = self.worker.tokenizer.stream()
         matcher = _StopMatcher(stops)
         sent = 0
         while True:
-            new = request.output_ids[sent:]
-            sent += len(new)
-            text, stopped = matcher.push(detok.feed(new))
-            if stopped:
-                self.worker.scheduler.stop(request)
-                yield text
-                return
+            while sent < len(request.output_ids):
+                token = request.output_ids[sent]
+                sent += 1
+                last = request.done and sent == len(request.output_ids)
+                hidden = last and request.seq.stop_token is not None
+                text, stopped = matcher.push("" if hidden else detok.feed([token]))
+                if stopped:
+                    self.worker.scheduler.stop(request)
+                elif last:
+                    text += matcher.flush()
+                yield _Piece(
+                    token, sent - 1, text, request.finish_reason if last or stopped else None
+                )
+                if stopped:
+                    return
             if request.done:
-                yield text + matcher.flush()
                 return
-            if text:
-                yield text
             await request.next_update()
 
-    async def _respond(
-        self, call: _Call, request: GenerationRequest, shape: ResponseShape, stops: list[str]
-    ) -> None:
-        text = "".join([piece async for piece in self._tokens(request, stops)])
-        if request.cancelled:
-            return
-        if request.finish_reason == FINISH_ERROR:
-            raise ApiError(
-                500,
-                "The engine failed while serving this request.",
-                type_="server_error",
-                code="engine_error",
-            )
-        body = shape.complete(
-            text,
-            request.finish_reason or "stop",
-            usage(request.timing.input_tokens, len(request.output_ids)),
+    async def _merged(
+        self, requests: list[GenerationRequest], stops: list[str]
+    ) -> AsyncIterator[tuple[int, _Piece]]:
+        """Every choice's pieces, tagged with the choice's index, as they come."""
+        queue: asyncio.Queue[tuple[int, _Piece | None]] = asyncio.Queue()
+
+        async def pump(index: int, request: GenerationRequest) -> None:
+            async for piece in self._pieces(request, stops):
+                await queue.put((index, piece))
+            await queue.put((index, None))
+
+        pumps = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+        try:
+            running = len(pumps)
+            while running:
+                index, piece = await queue.get()
+                if piece is None:
+                    running -= 1
+                else:
+                    yield index, piece
+        finally:
+            for task in pumps:
+                task.cancel()
+
+    def _logprob_entry(self, request: GenerationRequest, piece: _Piece) -> LogprobEntry:
+        report = request.seq.logprobs[piece.position]
+        text = self.worker.tokenizer.token_text
+        return LogprobEntry(
+            token=text(piece.token),
+            logprob=report.logprob,
+            top=tuple((text(token), logprob) for token, logprob in report.top),
         )
-        await _send_json(call.send, 200, body)
+
+    async def _respond(
+        self,
+        call: _Call,
+        requests: list[GenerationRequest],
+        shape: ResponseShape,
+        stops: list[str],
+    ) -> None:
+        want_logprobs = requests[0].seq.params.logprobs is not None
+        texts: list[list[str]] = [[] for _ in requests]
+        entries: list[list[LogprobEntry]] = [[] for _ in requests]
+        async for index, piece in self._merged(requests, stops):
+            texts[index].append(piece.text)
+            if want_logprobs:
+                entries[index].append(self._logprob_entry(requests[index], piece))
+        if any(r.cancelled for r in requests):
+            return
+        if any(r.finish_reason == FINISH_ERROR for r in requests):
+            raise _engine_error()
+        choices = [
+            ("".join(text), request.finish_reason or "stop", found if want_logprobs else None)
+            for text, found, request in zip(texts, entries, requests, strict=True)
+        ]
+        used = usage(len(requests[0].seq.prompt), sum(len(found) for found in texts))
+        await _send_json(call.send, 200, shape.complete(choices, used))
 
     async def _stream(
         self,
         call: _Call,
-        request: GenerationRequest,
+        requests: list[GenerationRequest],
         shape: ResponseShape,
         stops: list[str],
         body: CompletionRequest | ChatRequest,
     ) -> None:
         options = body.stream_options
         running_usage = options is not None and options.continuous_usage_stats
+        want_logprobs = requests[0].seq.params.logprobs is not None
         send = call.send
         await send({"type": "http.response.start", "status": 200, "headers": _SSE})
-        first = True
-        prompt_tokens = request.timing.input_tokens
-        async for text in self._tokens(request, stops):
-            if request.cancelled:
+        prompt_tokens = len(requests[0].seq.prompt)
+        produced = [0] * len(requests)
+        async for index, piece in self._merged(requests, stops):
+            if any(r.cancelled for r in requests):
                 return
-            if not text and not first:
-                continue
-            now_usage = usage(prompt_tokens, len(request.output_ids)) if running_usage else None
-            chunk = shape.chunk(text, first=first, usage_=now_usage)
-            first = False
+            produced[index] += 1
+            chunk = shape.chunk(
+                index,
+                piece.text,
+                piece.finish_reason,
+                logprobs=[self._logprob_entry(requests[index], piece)] if want_logprobs else None,
+                first=produced[index] == 1,
+                usage_=usage(prompt_tokens, sum(produced)) if running_usage else None,
+            )
             await send({"type": "http.response.body", "body": _sse(chunk), "more_body": True})
-        if request.cancelled:
+        if any(r.cancelled for r in requests):
             return
-        final_usage = usage(prompt_tokens, len(request.output_ids))
         tail = []
-        if request.finish_reason == FINISH_ERROR:
-            tail.append(
-                _sse(
-                    ApiError(
-                        500,
-                        "The engine failed while serving this request.",
-                        type_="server_error",
-                        code="engine_error",
-                    ).body()
-                )
-            )
-        else:
-            tail.append(
-                _sse(
-                    shape.chunk(
-                        None, request.finish_reason, usage_=final_usage if running_usage else None
-                    )
-                )
-            )
+        if any(r.finish_reason == FINISH_ERROR for r in requests):
+            tail.append(_sse(_engine_error().body()))
         if options is not None and options.include_usage:
-            tail.append(_sse(shape.usage_chunk(final_usage)))
+            tail.append(_sse(shape.usage_chunk(usage(prompt_tokens, sum(produced)))))
         tail.append(b"data: [DONE]\n\n")
         await send({"type": "http.response.body", "body": b"".join(tail)})
 
+    def _model_card(self) -> dict[str, Any]:
+        config = self.worker.config
+        return {
+            "id": config.served_model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "tailguard",
+            "max_model_len": self.worker.runtime.spec.max_context,
+        }
+
     async def _models(self, call: _Call) -> None:
         self._authenticate(call)
-        config = self.worker.config
-        await _send_json(
-            call.send,
-            200,
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": config.served_model_name,
-                        "object": "model",
-                        "created": 0,
-                        "owned_by": "tailguard",
-                        "max_model_len": self.worker.runtime.spec.max_context,
-                    }
-                ],
-            },
-        )
+        await _send_json(call.send, 200, {"object": "list", "data": [self._model_card()]})
+
+    async def _model(self, call: _Call) -> None:
+        self._authenticate(call)
+        name = call.scope["path"].removeprefix(_MODEL_PREFIX)
+        if name != self.worker.config.served_model_name:
+            raise ApiError(
+                404, f"The model `{name}` does not exist.", param="model", code="model_not_found"
+            )
+        await _send_json(call.send, 200, self._model_card())
 
     # -- operations ---------------------------------------------------------------------
 

@@ -8,6 +8,13 @@ cache that it concatenates, GELU MLP, LM head) with seeded random weights; the
 tokenizer is a byte-level BPE trained on seeded pseudo-words. The text it produces is
 meaningless; the compute is not.
 
+The spec's switches reproduce what real exports differ in, so the worker is tested
+against each: a graph without a ``position_ids`` input (positions derived from the cache
+width, as Optimum exports Gemma, MPT and Bloom), a tokenizer whose post-processor adds a
+BOS token (Llama, Mistral, Gemma), and a ``chat_template`` in ``tokenizer_config.json``.
+``generation_config.json`` lists a stop id that ``config.json`` does not (as Llama 3
+Instruct lists ``<|eot_id|>``) and carries any sampling defaults the caller gives.
+
 Run ``python -m dataplane.inference.synthetic DIR --layers 4 --hidden 384 ...``.
 """
 
@@ -16,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,15 +31,33 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from dataplane.inference.model import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE
+from dataplane.inference.model import (
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    MODEL_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+)
 
 OPSET = 17
 EOS_TOKEN = "<|endoftext|>"
+BOS_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|end|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
-SPECIAL_TOKENS = (EOS_TOKEN, *ROLE_TOKENS, END_TOKEN)
+SPECIAL_TOKENS = (EOS_TOKEN, BOS_TOKEN, *ROLE_TOKENS, END_TOKEN)
+# The model's own chat format: role marker, content and end marker on one line; tool
+# calls as their JSON; unknown roles refused the way Hugging Face templates refuse them.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('Unknown role: ' + message['role']) }}{% endif %}"
+    "<|{{ message['role'] }}|>{{ message['content'] or '' }}"
+    "{% for call in message['tool_calls'] or [] %}{{ call['function'] | tojson }}{% endfor %}"
+    "<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 _MASKED_SCORE = -1.0e9
 
 
@@ -49,6 +74,9 @@ class SyntheticModelSpec:
     max_context: int = 1024
     mlp_ratio: int = 4
     seed: int = 0
+    position_ids: bool = True
+    bos: bool = False
+    chat_template: bool = True
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
@@ -107,8 +135,9 @@ def _corpus(seed: int) -> Iterator[str]:
         yield sentence.capitalize() + rng.choice([".", ".", "?", "!", ","])
 
 
-def build_tokenizer(vocab: int, seed: int) -> Tokenizer:
-    """Byte-level BPE: the 256 byte symbols, the special tokens, merges up to ``vocab``."""
+def build_tokenizer(vocab: int, seed: int, bos: bool = False) -> Tokenizer:
+    """Byte-level BPE: the 256 byte symbols, the special tokens, merges up to ``vocab``;
+    with ``bos``, a post-processor that starts every encoding with the BOS token."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -119,6 +148,13 @@ def build_tokenizer(vocab: int, seed: int) -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus(seed), trainer)
+    if bos:
+        bos_id = tokenizer.token_to_id(BOS_TOKEN)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{BOS_TOKEN} $A",
+            pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
+            special_tokens=[(BOS_TOKEN, bos_id)],
+        )
     return tokenizer
 
 
@@ -174,25 +210,27 @@ def build_graph(spec: SyntheticModelSpec, vocab: int) -> onnx.ModelProto:
     g.const("shape_ctx5", [0, kvh, group, -1, hd], np.int64)
     g.const("shape_out", [0, 0, spec.hidden], np.int64)
 
-    x = g.op(
-        "Add",
-        [
-            g.op("Gather", [g.weight("embed_tokens", (vocab, spec.hidden), std), "input_ids"]),
-            g.op(
-                "Gather",
-                [g.weight("embed_positions", (spec.max_context, spec.hidden), std), "position_ids"],
-            ),
-        ],
-        "embeddings",
-    )
-
     # Mask [B, 1, 1, S, T]: key t is visible to query s when t <= past + s and the
     # attention_mask marks t as a real token.
     seq_len = g.op("Gather", [g.op("Shape", ["input_ids"]), "one_i64"], "seq_len")
     total_len = g.op("Gather", [g.op("Shape", ["attention_mask"]), "one_i64"], "total_len")
     past_len = g.op("Sub", [total_len, seq_len], "past_len")
     key_pos = g.op("Range", ["zero_i64", total_len, "one_i64"], "key_pos")
-    query_pos = g.op("Unsqueeze", [g.op("Range", [past_len, total_len, "one_i64"]), "axes_1"])
+    new_pos = g.op("Range", [past_len, total_len, "one_i64"], "new_pos")
+    query_pos = g.op("Unsqueeze", [new_pos, "axes_1"])
+    # Without a position_ids input, positions are the cache columns the new tokens take.
+    positions = "position_ids" if spec.position_ids else new_pos
+    x = g.op(
+        "Add",
+        [
+            g.op("Gather", [g.weight("embed_tokens", (vocab, spec.hidden), std), "input_ids"]),
+            g.op(
+                "Gather",
+                [g.weight("embed_positions", (spec.max_context, spec.hidden), std), positions],
+            ),
+        ],
+        "embeddings",
+    )
     causal = g.op("LessOrEqual", [key_pos, query_pos], "causal")
     padding = g.op(
         "Unsqueeze", [g.op("Cast", ["attention_mask"], to=TensorProto.BOOL), "axes_1_2_3"]
@@ -270,8 +308,11 @@ def build_graph(spec: SyntheticModelSpec, vocab: int) -> onnx.ModelProto:
         helper.make_tensor_value_info(
             "attention_mask", i64, ["batch_size", "past_sequence_length + sequence_length"]
         ),
-        helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"]),
     ]
+    if spec.position_ids:
+        inputs.append(
+            helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"])
+        )
     outputs = [
         helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length", vocab])
     ]
@@ -307,15 +348,20 @@ def count_parameters(model: onnx.ModelProto) -> int:
     return sum(int(np.prod(init.dims)) for init in model.graph.initializer)
 
 
-def write_synthetic_model(directory: Path, spec: SyntheticModelSpec) -> int:
-    """Write model.onnx, config.json and tokenizer.json; return the parameter count."""
+def write_synthetic_model(
+    directory: Path, spec: SyntheticModelSpec, generation: Mapping[str, Any] | None = None
+) -> int:
+    """Write model.onnx, config.json, generation_config.json, tokenizer.json and
+    tokenizer_config.json; ``generation`` adds sampling defaults (temperature, top_p,
+    ...) to generation_config.json. Return the parameter count."""
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(spec.vocab, spec.seed)
+    tokenizer = build_tokenizer(spec.vocab, spec.seed, spec.bos)
     vocab = tokenizer.get_vocab_size()
     model = build_graph(spec, vocab)
     onnx.save(model, str(directory / MODEL_FILE))
     tokenizer.save(str(directory / TOKENIZER_FILE))
-    eos_ids = [tokenizer.token_to_id(EOS_TOKEN), tokenizer.token_to_id(END_TOKEN)]
+    eos_id, end_id = tokenizer.token_to_id(EOS_TOKEN), tokenizer.token_to_id(END_TOKEN)
+    bos_id = tokenizer.token_to_id(BOS_TOKEN) if spec.bos else eos_id
     config = {
         "model_type": "tailguard-synthetic",
         "architectures": ["TailguardSyntheticForCausalLM"],
@@ -327,12 +373,27 @@ def write_synthetic_model(directory: Path, spec: SyntheticModelSpec) -> int:
         "intermediate_size": spec.hidden * spec.mlp_ratio,
         "vocab_size": vocab,
         "max_position_embeddings": spec.max_context,
-        "bos_token_id": eos_ids[0],
-        "eos_token_id": eos_ids,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
         "torch_dtype": "float32",
         "tailguard_synthetic": asdict(spec),
     }
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    generation_config = {
+        "bos_token_id": bos_id,
+        "eos_token_id": [eos_id, end_id],
+        **(generation or {}),
+    }
+    tokenizer_config: dict[str, Any] = {"eos_token": EOS_TOKEN}
+    if spec.bos:
+        tokenizer_config["bos_token"] = {"content": BOS_TOKEN, "special": True}
+    if spec.chat_template:
+        tokenizer_config["chat_template"] = CHAT_TEMPLATE
+    for name, content in (
+        (CONFIG_FILE, config),
+        (GENERATION_CONFIG_FILE, generation_config),
+        (TOKENIZER_CONFIG_FILE, tokenizer_config),
+    ):
+        (directory / name).write_text(json.dumps(content, indent=2) + "\n")
     return count_parameters(model)
 
 
@@ -355,6 +416,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=defaults.vocab)
     parser.add_argument("--max-context", type=int, default=defaults.max_context)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--no-position-ids",
+        action="store_true",
+        help="derive positions from the cache width, as Gemma exports do",
+    )
+    parser.add_argument("--bos", action="store_true", help="tokenizer adds a BOS token")
+    parser.add_argument("--no-chat-template", action="store_true")
     args = parser.parse_args(argv)
     spec = SyntheticModelSpec(
         layers=args.layers,
@@ -364,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         vocab=args.vocab,
         max_context=args.max_context,
         seed=args.seed,
+        position_ids=not args.no_position_ids,
+        bos=args.bos,
+        chat_template=not args.no_chat_template,
     )
     params = write_synthetic_model(args.directory, spec)
     print(f"wrote {args.directory} ({params} parameters)")

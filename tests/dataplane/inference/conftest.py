@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,4 +18,12 @@ TEST_MODEL = SyntheticModelSpec(
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("model")
     write_synthetic_model(directory, TEST_MODEL)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def cache_width_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test model's weights in a graph without a position_ids input (Gemma-style)."""
+    directory = tmp_path_factory.mktemp("model-cache-width")
+    write_synthetic_model(directory, replace(TEST_MODEL, position_ids=False))
     return directory

@@ -1,22 +1,34 @@
-"""Batched decode over the KV cache: results must not depend on batch company."""
+"""Batched decode over the KV cache: results must not depend on batch company, whether
+the graph takes position_ids or derives positions from the cache width."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from dataplane.inference.config import RuntimeConfig
 from dataplane.inference.engine import FINISH_LENGTH, BatchEngine, EngineSequence
-from dataplane.inference.kvcache import KVBatch
+from dataplane.inference.kvcache import FloatArray, IntArray, KVBatch
+from dataplane.inference.model import ModelSpec
 from dataplane.inference.runtime import OnnxRuntime
 from dataplane.inference.sampling import SamplingParams, sample
 
 
-@pytest.fixture(scope="module")
-def runtime(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> OnnxRuntime:
-    return OnnxRuntime(model_dir, tmp_path_factory.mktemp("cache"), RuntimeConfig())
+@pytest.fixture(scope="module", params=["position_ids", "cache_width"])
+def runtime(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> OnnxRuntime:
+    """Every test runs over a graph that takes position_ids and one that derives positions
+    from the cache width; the reference is always one sequence alone, unpadded."""
+    directory = request.getfixturevalue(
+        "model_dir" if request.param == "position_ids" else "cache_width_model_dir"
+    )
+    return OnnxRuntime(directory, tmp_path_factory.mktemp("cache"), RuntimeConfig())
 
 
 def prompts() -> list[list[int]]:
@@ -33,9 +45,11 @@ def run_to_end(engine: BatchEngine) -> None:
         engine.step()
 
 
-def alone(runtime: OnnxRuntime, prompt: list[int], params: SamplingParams) -> list[int]:
+def alone(
+    runtime: OnnxRuntime, prompt: list[int], params: SamplingParams, stream: int = 0
+) -> list[int]:
     engine = BatchEngine(runtime)
-    seq = EngineSequence(prompt, params)
+    seq = EngineSequence(prompt, params, stream=stream)
     engine.prefill([seq])
     engine.step(join=[seq])
     run_to_end(engine)
@@ -111,6 +125,69 @@ def test_cancelled_sequence_leaves_the_batch(runtime: OnnxRuntime) -> None:
     assert len(seqs[1].tokens) == tokens
 
 
+class CountingRuntime:
+    """A runtime that records the prompts of every prefill call."""
+
+    def __init__(self, runtime: OnnxRuntime) -> None:
+        self.inner = runtime
+        self.calls: list[list[int]] = []
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.inner.spec
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[FloatArray, KVBatch]:
+        self.calls.append([len(p) for p in prompts])
+        return self.inner.prefill(prompts)
+
+    def decode(self, cache: KVBatch, tokens: IntArray) -> tuple[FloatArray, KVBatch]:
+        return self.inner.decode(cache, tokens)
+
+
+def test_identical_prompts_share_one_prefill_and_draw_their_own_tokens(
+    runtime: OnnxRuntime,
+) -> None:
+    counting = CountingRuntime(runtime)
+    engine = BatchEngine(counting)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=5, ignore_eos=True)
+    prompt, other = prompts()[:2]
+    choices = [EngineSequence(prompt, params, stream=i) for i in range(3)]
+    engine.prefill([*choices, EngineSequence(other, greedy(12))])
+    assert sorted(n for call in counting.calls for n in call) == sorted([len(prompt), len(other)])
+    engine.step(join=choices)
+    run_to_end(engine)
+    assert [c.tokens for c in choices] == [
+        alone(runtime, prompt, params, stream=i) for i in range(3)
+    ]
+    assert len({tuple(c.tokens) for c in choices}) == 3
+
+
+def test_cache_width_graph_refuses_padded_rows(cache_width_model_dir: Path, tmp_path: Path) -> None:
+    runtime = OnnxRuntime(cache_width_model_dir, tmp_path, RuntimeConfig())
+    assert not runtime.spec.has_position_ids
+    with pytest.raises(ValueError, match="cache width"):
+        runtime.prefill([[5, 6, 7], [8, 9]])
+    logits, _ = runtime.prefill([[5, 6, 7], [8, 9, 10]])
+    assert logits.shape[0] == 2
+
+
+def test_stop_ids_end_a_sequence_even_with_ignore_eos(runtime: OnnxRuntime) -> None:
+    first = alone(runtime, prompts()[0], greedy(8))
+    stop_at = first[3]
+    seq = EngineSequence(
+        prompts()[0],
+        SamplingParams(
+            max_new_tokens=8, temperature=0.0, ignore_eos=True, stop_token_ids=frozenset({stop_at})
+        ),
+    )
+    engine = BatchEngine(runtime)
+    engine.prefill([seq])
+    engine.step(join=[seq])
+    run_to_end(engine)
+    assert seq.tokens == first[: first.index(stop_at) + 1]
+    assert seq.finish_reason == "stop" and seq.stop_token == stop_at
+
+
 def test_seeded_sampling_is_independent_of_the_batch(runtime: OnnxRuntime) -> None:
     params = SamplingParams(
         max_new_tokens=16, temperature=0.9, top_p=0.8, seed=1234, ignore_eos=True
@@ -140,19 +217,55 @@ def test_context_limit_finishes_with_length(runtime: OnnxRuntime) -> None:
     assert seq.finish_reason == FINISH_LENGTH
 
 
+@dataclass
+class Row:
+    """A sampling row without a model: params, generator and token history."""
+
+    params: SamplingParams
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    prompt: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+
 def test_sampling_rules() -> None:
     logits = np.array([[0.0, 5.0, 4.9, -1.0], [3.0, 0.0, 0.0, 0.0]], np.float32)
-    rngs = [np.random.default_rng(0), np.random.default_rng(1)]
-    greedy_params = [SamplingParams(temperature=0.0)] * 2
-    assert sample(logits, greedy_params, rngs).tolist() == [1, 0]
+
+    def rows(**params: Any) -> list[Row]:
+        return [Row(SamplingParams(**params), np.random.default_rng(seed)) for seed in (0, 1)]
+
+    assert sample(logits, rows(temperature=0.0))[0].tolist() == [1, 0]
     # top_p so small that only the best token survives behaves like greedy.
-    narrow = [SamplingParams(temperature=1.5, top_p=0.01)] * 2
+    narrow = rows(temperature=1.5, top_p=0.01)
     for _ in range(20):
-        assert sample(logits, narrow, rngs).tolist() == [1, 0]
-    # top_p that keeps the two best tokens of row 0 never picks the others.
-    two = [SamplingParams(temperature=1.0, top_p=0.9)] * 2
-    picks = {int(sample(logits, two, rngs)[0]) for _ in range(200)}
-    assert picks == {1, 2}
+        assert sample(logits, narrow)[0].tolist() == [1, 0]
+    # top_p that keeps the two best tokens of row 0 never picks the others; nor does top_k 2.
+    for cut in (rows(temperature=1.0, top_p=0.9), rows(temperature=2.0, top_k=2)):
+        assert {int(sample(logits, cut)[0][0]) for _ in range(200)} == {1, 2}
+
+
+def test_penalties_bias_and_logprobs_follow_vllm() -> None:
+    logits = np.array([[2.0, 1.9, -1.0, 0.5]], np.float32)
+    history = {"prompt": [3], "tokens": [0, 0]}
+
+    def pick(**params: Any) -> int:
+        row = Row(SamplingParams(temperature=0.0, **params), **history)  # type: ignore[arg-type]
+        return int(sample(logits, [row])[0][0])
+
+    assert pick() == 0
+    assert pick(frequency_penalty=0.1) == 1  # 2.0 - 2 * 0.1 < 1.9
+    assert pick(presence_penalty=0.05) == 0  # counted once: 1.95 > 1.9
+    assert pick(repetition_penalty=1.1) == 1  # 2.0 / 1.1 < 1.9
+    assert pick(logit_bias={2: 100.0}) == 2
+    assert pick(repetition_penalty=0.2, logit_bias={0: -10.0}) == 3  # 0.5 / 0.2 wins
+    tokens, reports = sample(logits, [Row(SamplingParams(temperature=0.0, logprobs=2))])
+    report = reports[0]
+    assert report is not None and [t for t, _ in report.top] == [0, 1]
+    expected = logits[0] - np.log(np.exp(logits[0]).sum())
+    assert report.logprob == pytest.approx(float(expected[0]))
+    # Log-probabilities are the raw model's, whatever the bias did to the choice.
+    biased = sample(logits, [Row(SamplingParams(temperature=0.0, logprobs=0, logit_bias={3: 50}))])
+    assert biased[0].tolist() == [3] and biased[1][0] is not None
+    assert biased[1][0].logprob == pytest.approx(float(expected[3])) and biased[1][0].top == ()
 
 
 def test_gather_keeps_rows_right_aligned() -> None:

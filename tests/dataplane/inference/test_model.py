@@ -84,7 +84,9 @@ def test_llama_style_config_with_grouped_query_attention(model_dir: Path, tmp_pa
     spec = load_model_spec(llama)
     assert spec.num_kv_heads == TEST_MODEL.kv_heads
     assert spec.head_dim == TEST_MODEL.hidden // TEST_MODEL.heads
-    assert spec.eos_token_ids == (0,)
+    # config.json's stop id, then generation_config.json's (the copied one adds <|end|>).
+    end = json.loads((llama / "generation_config.json").read_text())["eos_token_id"][1]
+    assert spec.eos_token_ids == (0, end)
     prompt = [5, 17, 99, 3]
     assert greedy(llama, tmp_path / "c1", prompt) == greedy(model_dir, tmp_path / "c2", prompt)
 
@@ -180,3 +182,85 @@ def test_streamed_text_does_not_depend_on_how_tokens_are_grouped(model_dir: Path
     expected = "".join(one_by_one.feed([token]) for token in ids)
     assert "".join(grouped.feed(ids[i : i + 3]) for i in range(0, len(ids), 3)) == expected
     assert expected == "héllo wörld, stream me ✓ please"
+
+
+@pytest.fixture(scope="module")
+def instruct_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Llama-like export: BOS post-processor, sampling defaults, no position_ids."""
+    directory = tmp_path_factory.mktemp("instruct")
+    spec = SyntheticModelSpec(
+        layers=1,
+        hidden=32,
+        heads=2,
+        kv_heads=1,
+        vocab=300,
+        max_context=64,
+        position_ids=False,
+        bos=True,
+    )
+    write_synthetic_model(directory, spec, {"temperature": 0.6, "top_k": 20, "top_p": 0.9})
+    return directory
+
+
+def test_text_is_encoded_with_the_tokenizers_own_special_tokens(instruct_dir: Path) -> None:
+    from tokenizers import Tokenizer
+
+    from dataplane.inference.synthetic import BOS_TOKEN
+    from dataplane.inference.tokenizer import TextTokenizer
+
+    bos = Tokenizer.from_file(str(instruct_dir / "tokenizer.json")).token_to_id(BOS_TOKEN)
+    tokenizer = TextTokenizer(instruct_dir)
+    ids = tokenizer.encode("Hello there")
+    assert ids[0] == bos and ids[1:] == tokenizer.encode("Hello there", add_special_tokens=False)
+
+
+def test_chat_is_rendered_with_the_models_template(instruct_dir: Path, model_dir: Path) -> None:
+    from dataplane.inference.tokenizer import ChatTemplateError, TextTokenizer
+
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "w", "arguments": {"q": 1}}}
+            ],
+        },
+        {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+    ]
+    instruct = TextTokenizer(instruct_dir)
+    assert instruct.has_chat_template
+    assert instruct.chat_text(messages) == (
+        "<|startoftext|><|system|>Be brief.<|end|><|user|>Weather?<|end|>"
+        '<|assistant|>{"name": "w", "arguments": {"q": 1}}<|end|><|tool|>sunny<|end|><|assistant|>'
+    )
+    # The template writes BOS itself, so encoding the text adds none.
+    ids = instruct.render_chat(messages)
+    assert ids[1] != ids[0] and ids == instruct.encode(instruct.chat_text(messages), False)
+    with pytest.raises(ChatTemplateError, match="Unknown role: critic"):
+        instruct.chat_text([{"role": "critic", "content": "x"}])
+
+    # A model without a template gets the built-in one.
+    (bare := instruct_dir.parent / "no-template").mkdir(exist_ok=True)
+    for name in ("tokenizer.json", "config.json"):
+        shutil.copy(model_dir / name, bare / name)
+    builtin = TextTokenizer(bare)
+    assert not builtin.has_chat_template
+    assert builtin.chat_text(messages[:2]) == (
+        "<|system|>\nBe brief.<|end|>\n<|user|>\nWeather?<|end|>\n<|assistant|>\n"
+    )
+
+
+def test_generation_config_adds_stop_ids_and_sampling_defaults(instruct_dir: Path) -> None:
+    config = json.loads((instruct_dir / "config.json").read_text())
+    generation = json.loads((instruct_dir / "generation_config.json").read_text())
+    spec = load_model_spec(instruct_dir)
+    assert config["eos_token_id"] == generation["eos_token_id"][0]
+    assert spec.eos_token_ids == tuple(generation["eos_token_id"])
+    assert (spec.generation.temperature, spec.generation.top_p, spec.generation.top_k) == (
+        0.6,
+        0.9,
+        20,
+    )
+    assert spec.generation.repetition_penalty is None and not spec.has_position_ids
