@@ -21,9 +21,9 @@ import shutil
 import signal
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlsplit
 from uuid import UUID
 
@@ -80,10 +80,17 @@ def materialize_model(
     return _synthetic_model(spec.artifact, work_dir / "models"), cache_dir
 
 
+_SYNTHETIC_FLAGS = {f.name for f in fields(SyntheticModelSpec) if f.type in ("bool", bool)}
+
+
+def _synthetic_option(name: str, value: str) -> Any:
+    """A synthetic:// query option: flags as true/false (or 1/0), sizes as integers."""
+    return value.lower() in ("1", "true") if name in _SYNTHETIC_FLAGS else int(value)
+
+
 def _synthetic_model(artifact: ArtifactRef, models_dir: Path) -> Path:
     parts = urlsplit(artifact.uri)
-    fields = {k: int(v) for k, v in parse_qsl(parts.query)}
-    spec = SyntheticModelSpec(**fields)
+    spec = SyntheticModelSpec(**{k: _synthetic_option(k, v) for k, v in parse_qsl(parts.query)})
     sizes = "-".join(f"{k}{v}" for k, v in sorted(asdict(spec).items()))
     directory = models_dir / f"synthetic-{parts.netloc or 'model'}-{sizes}"
     if not (directory / "model.onnx").exists():
