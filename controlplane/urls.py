@@ -23,7 +23,6 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("api-auth/", include("rest_framework.urls")),
     path("console/", include("controlplane.console.urls")),
-    path("", include("controlplane.slo.urls")),
     path("metrics", metrics_view, name="metrics"),
 ]
 

@@ -1,6 +1,9 @@
-"""Read-side queries for alerts and webhooks, as the API lists them."""
+"""Read-side queries for alerts and webhooks, as the API and SLO reports list them."""
 
 from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
 
 from django.db.models import Count, Q, QuerySet
 
@@ -18,6 +21,15 @@ def endpoints() -> QuerySet[WebhookEndpoint]:
 
 def alerts() -> QuerySet[Alert]:
     return Alert.objects.all()
+
+
+def slo_alerts_in_period(tenant_id: Any, start: datetime, end: datetime) -> list[Alert]:
+    """The tenant's SLO alert episodes that were firing at some point of [start, end)."""
+    return list(
+        Alert.objects.filter(tenant_id=tenant_id, labels__has_key="slo", starts_at__lt=end)
+        .filter(Q(ends_at__isnull=True) | Q(ends_at__gte=start))
+        .order_by("starts_at")
+    )
 
 
 def messages() -> QuerySet[OutboxMessage]:

@@ -23,4 +23,9 @@ urlpatterns = [
     path("storage/", views.StoragePage.as_view(), name="storage"),
     path("tenants/", views.TenantListPage.as_view(), name="tenants"),
     path("tenants/<uuid:pk>/", views.TenantPage.as_view(), name="tenant"),
+    path(
+        "tenants/<uuid:tenant_id>/slo-report/",
+        views.SloReportPage.as_view(),
+        name="slo-report-page",
+    ),
 ]

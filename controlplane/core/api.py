@@ -19,7 +19,6 @@ from rest_framework.serializers import Serializer
 from controlplane.core.exceptions import DependentsExist
 from controlplane.core.scoping import scope, writable_tenant_ids
 from controlplane.core.secrets import Issued
-from controlplane.tenancy.models import Tenant
 
 
 class StrictCharField(serializers.CharField):
@@ -73,22 +72,9 @@ class StrictSerializer(serializers.ModelSerializer):
         return super().to_internal_value(data)
 
 
-class WritableTenantField(serializers.PrimaryKeyRelatedField):
-    """A tenant reference limited to tenants the caller administers.
-
-    Another tenant's id then fails exactly like an unknown id: 400, no leak.
-    """
-
-    def get_queryset(self) -> QuerySet[Tenant]:
-        request = self.context.get("request")
-        queryset = Tenant.objects.filter(is_active=True)
-        tenant_ids = writable_tenant_ids(request.user if request else None)
-        return queryset if tenant_ids is None else queryset.filter(id__in=tenant_ids)
-
-
 class WritableTenantObjectField(serializers.PrimaryKeyRelatedField):
     """A reference to an object of a tenant the caller administers, reached through
-    `tenant_field`; like WritableTenantField, another tenant's object reads as unknown."""
+    `tenant_field`; another tenant's object fails like an unknown one: 400, no leak."""
 
     def __init__(self, *, tenant_field: str = "tenant", **kwargs: Any) -> None:
         self.tenant_field = tenant_field

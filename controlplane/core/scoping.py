@@ -10,7 +10,7 @@ from typing import Any
 
 from django.db.models import Model, Q, QuerySet
 
-from controlplane.tenancy.choices import Role
+from controlplane.core.choices import Role
 
 
 def is_platform_admin(user: Any) -> bool:

@@ -4,6 +4,10 @@ from django.contrib import admin
 from django.utils.html import format_html
 
 from controlplane.fleet.models import Deployment, Replica, Revision
+from controlplane.fleet.selectors import nodes_with_rollout
+from controlplane.fleet.services import rollout_state
+from controlplane.inventory.admin import DriveInline, GpuInline, NicInline, NumaInline
+from controlplane.inventory.models import Node
 
 
 @admin.display(description="Explanation")
@@ -128,3 +132,53 @@ class RevisionAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):  # noqa: ANN001, ANN201
         return False
+
+
+@admin.register(Node)
+class NodeAdmin(admin.ModelAdmin):
+    """Registered by the fleet, which builds on inventory, because it lists each node's rollout."""
+
+    list_display = [
+        "hostname",
+        "status",
+        "maintenance",
+        "tenant",
+        "rollout",
+        "agent_version",
+        "last_heartbeat_at",
+        "cpu_count",
+    ]
+    list_filter = ["status", "maintenance", "tenant", "agent_version"]
+    search_fields = ["hostname", "labels"]
+    readonly_fields = [
+        "status",
+        "agent_version",
+        "last_heartbeat_at",
+        "applied_generation",
+        "pinned",
+        "last_rejection_reason",
+        "last_rejection_detail",
+        "last_rejection_at",
+        "kernel",
+        "os",
+        "cpu_model",
+        "cpu_count",
+        "memory_total_bytes",
+        "created_at",
+        "updated_at",
+    ]
+    fields = ["hostname", "tenant", "labels", "maintenance", "maintenance_reason", *readonly_fields]
+    inlines = [NumaInline, GpuInline, NicInline, DriveInline]
+
+    def get_readonly_fields(self, request, obj=None):  # noqa: ANN001, ANN201
+        return [*self.readonly_fields, "hostname"] if obj else self.readonly_fields
+
+    def get_queryset(self, request):  # noqa: ANN001, ANN201
+        return nodes_with_rollout()
+
+    @admin.display(description="Rollout")
+    def rollout(self, node: Node) -> str:
+        """Desired vs applied generation, and the state operators act on."""
+        state = rollout_state(node.desired_generation, node.applied_generation, node.head_status)
+        pinned = ", pinned" if node.pinned else ""
+        return f"{state} ({node.applied_generation}/{node.desired_generation or 0}{pinned})"

@@ -1,4 +1,5 @@
-"""Read-side queries for the fleet: which deployments serve which tenants.
+"""Read-side queries for the fleet: which deployments serve which tenants, and nodes with
+their rollout.
 
 A deployment serves its own tenant and the tenants it is shared with. Everything that
 asks "may this tenant's requests, SLOs or telemetry name this deployment" asks here.
@@ -11,10 +12,11 @@ from collections.abc import Iterable
 from typing import Any
 from uuid import UUID
 
-from django.db.models import Q, QuerySet
+from django.db.models import OuterRef, Q, QuerySet, Subquery
 
 from controlplane.core.scoping import readable_tenant_ids
-from controlplane.fleet.models import Deployment
+from controlplane.fleet.models import Deployment, Revision
+from controlplane.inventory.models import Node
 
 Shares = Deployment.shared_with.through
 
@@ -51,3 +53,17 @@ def visible(queryset: QuerySet[Any], user: Any, field: str = "") -> QuerySet[Any
     """Cut `queryset` down to what serves the user's tenants (everything for platform admins)."""
     tenant_ids = readable_tenant_ids(user)
     return queryset if tenant_ids is None else queryset.filter(serving(tenant_ids, field))
+
+
+def nodes_with_rollout() -> QuerySet[Node]:
+    """Nodes with hardware prefetched and their rollout head (newest revision) annotated;
+    the prefetches keep list views at a fixed query count."""
+    head = Revision.objects.filter(node=OuterRef("pk")).order_by("-generation")
+    return (
+        Node.objects.select_related("tenant")
+        .prefetch_related("gpus", "nics", "drives", "numa_nodes")
+        .annotate(
+            desired_generation=Subquery(head.values("generation")[:1]),
+            head_status=Subquery(head.values("status")[:1]),
+        )
+    )

@@ -15,10 +15,9 @@ from collections.abc import Iterable
 from typing import Any
 from uuid import UUID
 
-from django.apps import apps
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import Max, OuterRef, Q, Subquery
 from django.urls import reverse
 from django.utils import timezone
@@ -35,29 +34,22 @@ from agent.protocol import (
 )
 from controlplane.celery import app as celery_app
 from controlplane.core import services as core
-from controlplane.fleet import placement
+from controlplane.core.locks import lock_fleet
+from controlplane.core.signing import private_key
+from controlplane.fleet import hooks, placement
 from controlplane.fleet import selectors as fleet_selectors
 from controlplane.fleet.choices import RevisionStatus
 from controlplane.fleet.models import Deployment, Replica, Revision
-from controlplane.fleet.signing import private_key
 from controlplane.inventory.choices import NodeStatus
 from controlplane.inventory.models import Node
 from controlplane.storage import selectors as storage_selectors
 from controlplane.storage.render import render_storage
 from controlplane.tenancy import selectors as tenancy_selectors
-from controlplane.tenancy.models import QUOTA_FIELDS, InferenceKey, Tenant
+from controlplane.tenancy.models import InferenceKey, Tenant
 
 log = logging.getLogger(__name__)
 
 APPLY_TASK = "agent.apply_revision"
-FLEET_LOCK_ID = 0x7461696C  # one advisory lock serialises planning across processes
-
-
-def lock_fleet() -> None:
-    """Serialise planning (placement of replicas and volumes) until the transaction ends."""
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [FLEET_LOCK_ID])
 
 
 # --- Deployments ------------------------------------------------------------------------
@@ -99,7 +91,8 @@ def share_deployment(deployment: Deployment, tenants: Iterable[Tenant]) -> Deplo
 
 def _set_shares(deployment: Deployment, tenants: Iterable[Tenant]) -> bool:
     """Store the sharers; False when they were already these. Refuses the owner itself, an
-    inactive tenant, and dropping a tenant whose SLOs still measure the deployment."""
+    inactive tenant, and dropping a tenant an unshare check objects to (one whose SLOs still
+    measure the deployment)."""
     wanted = {tenant.pk: tenant for tenant in tenants}
     problems = []
     if deployment.tenant_id in wanted:
@@ -107,16 +100,8 @@ def _set_shares(deployment: Deployment, tenants: Iterable[Tenant]) -> bool:
     problems += [f"Tenant {t.slug} is inactive." for t in wanted.values() if not t.is_active]
     current = set(deployment.shared_with.values_list("pk", flat=True))
     dropped = current - set(wanted)
-    if dropped and apps.is_installed("controlplane.slo"):
-        from controlplane.slo.models import Slo  # SLOs build on the fleet
-
-        problems += [
-            f"SLO {slo.tenant.slug}/{slo.name} measures this deployment; delete it or "
-            "rescope it before unsharing."
-            for slo in Slo.objects.filter(deployment=deployment, tenant__in=dropped)
-            .select_related("tenant")
-            .order_by("name")
-        ]
+    if dropped:
+        problems += [p for check in hooks.unshare_checks for p in check(deployment, dropped)]
     if problems:
         raise ValidationError({"shared_with": problems})
     if current == set(wanted):
@@ -133,7 +118,7 @@ def delete_deployment(deployment: Deployment) -> None:
     reconcile_fleet(cause=f"deployment {name} deleted", nodes=nodes)
 
 
-# --- Node loss, drains and quotas ------------------------------------------------------
+# --- Node loss and drains ---------------------------------------------------------------
 
 
 def replace_from_nodes(node_ids: Iterable[UUID], *, why: str) -> list[Revision]:
@@ -145,17 +130,6 @@ def replace_from_nodes(node_ids: Iterable[UUID], *, why: str) -> list[Revision]:
     node_ids = list(node_ids)
     hostnames = sorted(Node.objects.filter(pk__in=node_ids).values_list("hostname", flat=True))
     return reconcile_fleet(cause=f"{why}: {', '.join(hostnames)}", nodes=node_ids)
-
-
-@transaction.atomic
-def set_tenant_quota(tenant: Tenant, **quota: int | None) -> Tenant:
-    """Change a tenant's caps (`max_gpus`, `max_replicas`; None is unlimited) and re-plan:
-    lowering one unplaces the surplus, raising one places what waited."""
-    unknown = set(quota) - set(QUOTA_FIELDS)
-    assert not unknown, f"set_tenant_quota() changes only quota fields, not {sorted(unknown)}"
-    core.update(tenant, **quota)
-    reconcile_fleet(cause=f"quota of tenant {tenant.slug} changed")
-    return tenant
 
 
 # --- Planning and rendering -------------------------------------------------------------
@@ -304,13 +278,11 @@ def render_components(nodes: list[Node]) -> dict[UUID, Components]:
             )
         )
     storage = render_storage(nodes, replicas)
-    from controlplane.slo.selectors import thresholds_for_nodes  # SLOs build on the fleet
-
-    thresholds = thresholds_for_nodes(nodes, replicas, served)
+    thresholds = [source(nodes, replicas, served) for source in hooks.threshold_sources]
     return {
         node.pk: Components(
             workers=sorted(workers[node.pk], key=lambda w: str(w.replica_id)),
-            slo_thresholds=thresholds[node.pk],
+            slo_thresholds=[t for found in thresholds for t in found[node.pk]],
             **storage[node.pk],
         )
         for node in nodes

@@ -1,8 +1,6 @@
 from django.contrib import admin
 
-from controlplane.fleet.services import rollout_state
-from controlplane.inventory.models import BootstrapToken, Drive, Gpu, Nic, Node, NumaNode
-from controlplane.inventory.selectors import nodes_with_hardware
+from controlplane.inventory.models import BootstrapToken, Drive, Gpu, Nic, NumaNode
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -32,54 +30,6 @@ class NicInline(ReadOnlyInline):
 
 class DriveInline(ReadOnlyInline):
     model = Drive
-
-
-@admin.register(Node)
-class NodeAdmin(admin.ModelAdmin):
-    list_display = [
-        "hostname",
-        "status",
-        "maintenance",
-        "tenant",
-        "rollout",
-        "agent_version",
-        "last_heartbeat_at",
-        "cpu_count",
-    ]
-    list_filter = ["status", "maintenance", "tenant", "agent_version"]
-    search_fields = ["hostname", "labels"]
-    readonly_fields = [
-        "status",
-        "agent_version",
-        "last_heartbeat_at",
-        "applied_generation",
-        "pinned",
-        "last_rejection_reason",
-        "last_rejection_detail",
-        "last_rejection_at",
-        "kernel",
-        "os",
-        "cpu_model",
-        "cpu_count",
-        "memory_total_bytes",
-        "created_at",
-        "updated_at",
-    ]
-    fields = ["hostname", "tenant", "labels", "maintenance", "maintenance_reason", *readonly_fields]
-    inlines = [NumaInline, GpuInline, NicInline, DriveInline]
-
-    def get_readonly_fields(self, request, obj=None):  # noqa: ANN001, ANN201
-        return [*self.readonly_fields, "hostname"] if obj else self.readonly_fields
-
-    def get_queryset(self, request):  # noqa: ANN001, ANN201
-        return nodes_with_hardware()
-
-    @admin.display(description="Rollout")
-    def rollout(self, node: Node) -> str:
-        """Desired vs applied generation, and the state operators act on."""
-        state = rollout_state(node.desired_generation, node.applied_generation, node.head_status)
-        pinned = ", pinned" if node.pinned else ""
-        return f"{state} ({node.applied_generation}/{node.desired_generation or 0}{pinned})"
 
 
 class HardwareAdmin(admin.ModelAdmin):

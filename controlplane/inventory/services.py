@@ -13,6 +13,7 @@ from django.utils import timezone
 from agent.protocol import Enrollment, Heartbeat, Inventory
 from controlplane.core import services as core
 from controlplane.core.secrets import Issued, digest, new_secret
+from controlplane.inventory import signals
 from controlplane.inventory.choices import NodeStatus
 from controlplane.inventory.models import BootstrapToken, Drive, Gpu, Nic, Node, NumaNode
 
@@ -30,9 +31,9 @@ PLACEMENT_FIELDS = ("labels", "maintenance", "tenant_id")
 
 def _replace_after_commit(node_ids: list[Any], why: str) -> None:
     """Re-place the replicas of nodes that were lost, drained or changed, once committed."""
-    from controlplane.fleet.services import replace_from_nodes  # fleet builds on inventory
-
-    transaction.on_commit(lambda: replace_from_nodes(node_ids, why=why))
+    transaction.on_commit(
+        lambda: signals.nodes_changed.send(sender=Node, node_ids=node_ids, why=why)
+    )
 
 
 @transaction.atomic
@@ -156,22 +157,22 @@ def record_inventory(node: Node, inventory: Inventory) -> None:
     ):
         model.objects.bulk_create(_rows(model, node, facts))
     if _gpu_signature(inventory.gpus) != gpus_before:
-        from controlplane.fleet.services import reconcile_if_work_waits  # fleet builds on us
-
-        reconcile_if_work_waits(node, cause=f"hardware of {node.hostname} changed")
+        signals.node_capacity_changed.send(
+            sender=Node, node=node, cause=f"hardware of {node.hostname} changed"
+        )
 
 
 def record_heartbeat(node: Node, heartbeat: Heartbeat) -> None:
     """A node that is heard is ready again, whatever it was; becoming ready may place work."""
-    from controlplane.fleet.services import reconcile_if_work_waits  # fleet builds on us
-
     Node.objects.filter(pk=node.pk).update(
         status=NodeStatus.READY,
         last_heartbeat_at=timezone.now(),
         agent_version=heartbeat.agent_version,
     )
     if node.status != NodeStatus.READY:  # as loaded when the request was authenticated
-        reconcile_if_work_waits(node, cause=f"node {node.hostname} ready")
+        signals.node_capacity_changed.send(
+            sender=Node, node=node, cause=f"node {node.hostname} ready"
+        )
 
 
 @transaction.atomic

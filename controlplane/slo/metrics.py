@@ -1,7 +1,7 @@
 """SLO state for Prometheus: a custom collector that reads the latest evaluations.
 
-Register it in the control plane's registry (`REGISTRY.register(SloCollector())`); each
-scrape costs one query and computes nothing, since evaluation already stored the state.
+`SloConfig.ready()` registers it in the control plane's registry (telemetry's `REGISTRY`);
+each scrape costs one query and computes nothing, since evaluation already stored the state.
 """
 
 from __future__ import annotations

@@ -7,12 +7,11 @@ several windows of one SLO share one query through filtered aggregates.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from django.apps import apps
 from django.db.models import Q, QuerySet, Sum
 
 from agent.protocol import SloThreshold
@@ -131,17 +130,28 @@ def latency_percentiles(
     ]
 
 
+AlertSource = Callable[[Any, datetime, datetime], list[Any]]
+"""(tenant id, start, end) -> the tenant's SLO alert episodes firing at some point of
+[start, end), oldest first."""
+
+alert_sources: list[AlertSource] = []
+"""Filled at ready() by the app that keeps alerts (alerts build on SLOs); none, no alerts."""
+
+
 def alerts_in_period(tenant_id: Any, start: datetime, end: datetime) -> list[Any]:
     """The tenant's SLO alert episodes that were firing at some point of [start, end)."""
-    if not apps.is_installed("controlplane.alerts"):
-        return []
-    from controlplane.alerts.models import Alert  # alerts is optional to SLOs
+    return [alert for source in alert_sources for alert in source(tenant_id, start, end)]
 
-    return list(
-        Alert.objects.filter(tenant_id=tenant_id, labels__has_key="slo", starts_at__lt=end)
-        .filter(Q(ends_at__isnull=True) | Q(ends_at__gte=start))
-        .order_by("starts_at")
-    )
+
+def unshare_problems(deployment: Deployment, tenant_ids: set[UUID]) -> list[str]:
+    """Why the deployment may not stop serving these tenants: their SLOs measure it."""
+    return [
+        f"SLO {slo.tenant.slug}/{slo.name} measures this deployment; delete it or "
+        "rescope it before unsharing."
+        for slo in Slo.objects.filter(deployment=deployment, tenant__in=tenant_ids)
+        .select_related("tenant")
+        .order_by("name")
+    ]
 
 
 def slos_of_tenant(tenant_id: Any) -> QuerySet[Slo]:

@@ -4,7 +4,7 @@ evaluation, which records each SLO's state and fires and resolves its alerts.
 An SLO change renders the desired state of the nodes that serve it, so the workers there
 start (or stop) counting good/total against its threshold. Evaluation is level-triggered
 and idempotent: it compares what should fire now with what its last run left firing and
-tells the alerts app about the differences only.
+signals the differences only (`alert_changed`, which the alerts app handles).
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ from django.db import transaction
 from django.db.models import Case, Q, When
 from django.utils import timezone
 
-from controlplane.alerts.services import sync_alert
 from controlplane.core import services as core
 from controlplane.fleet import selectors as fleet_selectors
 from controlplane.fleet.models import Deployment
 from controlplane.fleet.services import reconcile_fleet
-from controlplane.slo import openslo, selectors
+from controlplane.slo import openslo, selectors, signals
 from controlplane.slo.choices import AlertName, Scope, Sli
 from controlplane.slo.models import Slo, SloStatus
 from controlplane.slo.sli import Counts, burn_rules, duration_label, window_label, window_start
@@ -261,7 +260,8 @@ def _sync(
     ones."""
     for key, alert in wanted.items():
         if key not in firing:
-            sync_alert(
+            signals.alert_changed.send(
+                sender=Slo,
                 tenant=slo.tenant,
                 labels=alert.labels,
                 annotations=alert.annotations,
@@ -271,7 +271,8 @@ def _sync(
             )
     for key, previous in firing.items():
         if key not in wanted:
-            sync_alert(
+            signals.alert_changed.send(
+                sender=Slo,
                 tenant=slo.tenant,
                 labels=previous["labels"],
                 annotations=calm.get(key, previous["annotations"]),

@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from django.db.models import BigIntegerField, OuterRef, QuerySet, Subquery, Sum, Value
+from django.db.models import BigIntegerField, Model, OuterRef, QuerySet, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
 
 from controlplane.storage.models import Artifact, Pool, Volume
 
 
+@dataclass(frozen=True)
+class Occupant:
+    """Rows of an app built on storage that take room in pools besides tenants' volumes
+    (the fleet's replicas, with their model volumes): `model` has a `pool` foreign key,
+    each row takes `size` bytes and belongs to the tenant at `tenant` (field paths)."""
+
+    model: type[Model]
+    size: str
+    tenant: str
+
+
+occupants: list[Occupant] = []
+"""Filled by those apps at ready(); storage cannot import them."""
+
+
 def _placed_in_pool() -> Any:
-    """Bytes placed in the outer pool: tenants' volumes plus replicas' model volumes."""
-    from controlplane.fleet.models import Replica  # fleet builds on storage
+    """Bytes placed in the outer pool: tenants' volumes plus what occupants hold there."""
 
     def total(queryset: QuerySet[Any], field: str) -> Any:
         rows = (
@@ -21,8 +36,9 @@ def _placed_in_pool() -> Any:
         )
         return Coalesce(Subquery(rows, output_field=BigIntegerField()), Value(0))
 
-    return total(Volume.objects.all(), "size_bytes") + total(
-        Replica.objects.all(), "deployment__model_volume_bytes"
+    return sum(
+        (total(o.model._default_manager.all(), o.size) for o in occupants),
+        start=total(Volume.objects.all(), "size_bytes"),
     )
 
 
@@ -61,6 +77,23 @@ def model_volume_room() -> dict[Any, dict[Any, int]]:
             0, (pool.known_capacity_bytes or 0) - used.get(pool.pk, 0)
         )
     return rooms
+
+
+def volume_nodes(tenant_id: Any) -> QuerySet[Any]:
+    """Nodes holding the tenant's own volumes (model volumes not included)."""
+    return Volume.objects.filter(tenant_id=tenant_id).values_list("pool__node_id", flat=True)
+
+
+def nodes_holding(tenant_id: Any) -> set[Any]:
+    """Nodes holding any of the tenant's volumes, model volumes included."""
+    nodes = set(volume_nodes(tenant_id))
+    for o in occupants:
+        nodes.update(
+            o.model._default_manager.filter(
+                pool__isnull=False, **{o.tenant: tenant_id}
+            ).values_list("pool__node_id", flat=True)
+        )
+    return nodes
 
 
 def artifact_for_node(node: Any, artifact_id: Any) -> Artifact | None:

@@ -2,8 +2,8 @@
 and what agents report about their engines.
 
 Refusals are Django `ValidationError`s keyed by the offending field (the API answers 400).
-Every change a node must act on ends in `reconcile_fleet`, which renders the affected
-nodes' desired state and pushes it after commit.
+Every change a node must act on ends in `storage_changed`, on which the fleet renders the
+affected nodes' desired state and pushes it after commit.
 """
 
 from __future__ import annotations
@@ -20,38 +20,19 @@ from django.db.models import Q
 
 from agent.protocol import StorageReport
 from controlplane.core import services as core
+from controlplane.core.locks import lock_fleet
 from controlplane.inventory import selectors as inventory_selectors
 from controlplane.inventory.models import Node
-from controlplane.storage import selectors
+from controlplane.storage import selectors, signals
 from controlplane.storage.archives import inspect_archive
 from controlplane.storage.models import Artifact, Export, Pool, QosPolicy, Volume, artifact_dir
 
 BACKING_FIELDS = ("node", "name", "kind", "directory", "device")
 
 
-def _reconcile(cause: str, nodes: Iterable[UUID]) -> None:
-    from controlplane.fleet.services import reconcile_fleet  # fleet builds on storage
-
-    reconcile_fleet(cause=cause, nodes=nodes)
-
-
-def _lock() -> None:
-    from controlplane.fleet.services import lock_fleet  # fleet builds on storage
-
-    lock_fleet()
-
-
-def _tenant_nodes(tenant_id: Any) -> set[UUID]:
-    """Nodes holding any of the tenant's volumes, model volumes included."""
-    from controlplane.fleet.models import Replica  # fleet builds on storage
-
-    nodes = set(Volume.objects.filter(tenant_id=tenant_id).values_list("pool__node_id", flat=True))
-    nodes.update(
-        Replica.objects.filter(deployment__tenant_id=tenant_id, pool__isnull=False).values_list(
-            "pool__node_id", flat=True
-        )
-    )
-    return nodes
+def _changed(cause: str, nodes: Iterable[UUID]) -> None:
+    """Tell the fleet, which renders and pushes what these nodes must now run."""
+    signals.storage_changed.send(sender=Pool, cause=cause, nodes=nodes)
 
 
 # --- Pools --------------------------------------------------------------------------------
@@ -60,14 +41,14 @@ def _tenant_nodes(tenant_id: Any) -> set[UUID]:
 @transaction.atomic
 def create_pool(**fields: Any) -> Pool:
     pool = core.create(Pool, **fields)
-    _reconcile(f"pool {pool} created", [pool.node_id])
+    _changed(f"pool {pool} created", [pool.node_id])
     return pool
 
 
 @transaction.atomic
 def update_pool(pool: Pool, **changes: Any) -> Pool:
     """Capacity may change any time; the backing only while the pool holds nothing."""
-    _lock()
+    lock_fleet()
     moved = [f for f in BACKING_FIELDS if f in changes and changes[f] != getattr(pool, f)]
     allocated = selectors.allocated_bytes(pool)
     if moved and allocated:
@@ -85,13 +66,13 @@ def update_pool(pool: Pool, **changes: Any) -> Pool:
             {"capacity_bytes": [f"Pool {pool.name} already holds {allocated} bytes of volumes."]}
         )
     core.update(pool, **changes)
-    _reconcile(f"pool {pool} changed", {old_node, pool.node_id})
+    _changed(f"pool {pool} changed", {old_node, pool.node_id})
     return pool
 
 
 @transaction.atomic
 def delete_pool(pool: Pool) -> None:
-    _lock()
+    lock_fleet()
     allocated = selectors.allocated_bytes(pool)
     if allocated:
         raise ValidationError(
@@ -99,7 +80,7 @@ def delete_pool(pool: Pool) -> None:
         )
     node, name = pool.node_id, str(pool)
     pool.delete()
-    _reconcile(f"pool {name} deleted", [node])
+    _changed(f"pool {name} deleted", [node])
 
 
 # --- Volumes ------------------------------------------------------------------------------
@@ -184,7 +165,7 @@ def create_volume(
     qos_policy: QosPolicy | None = None,
 ) -> Volume:
     """Place a new volume: in `pool` if named and it has room, else where there is most room."""
-    _lock()
+    lock_fleet()
     if pool is None:
         pool = _choose_pool(tenant, size_bytes)
     else:
@@ -195,14 +176,14 @@ def create_volume(
     volume = core.create(
         Volume, tenant=tenant, name=name, size_bytes=size_bytes, pool=pool, qos_policy=qos_policy
     )
-    _reconcile(f"volume {name} created", [pool.node_id])
+    _changed(f"volume {name} created", [pool.node_id])
     return volume
 
 
 @transaction.atomic
 def update_volume(volume: Volume, **changes: Any) -> Volume:
     """Rename, grow, or change QoS; volumes never shrink (the data would not fit)."""
-    _lock()
+    lock_fleet()
     size = changes.get("size_bytes", volume.size_bytes)
     if size < volume.size_bytes:
         raise ValidationError(
@@ -217,7 +198,7 @@ def update_volume(volume: Volume, **changes: Any) -> Volume:
         if free is None or free < size - volume.size_bytes:
             raise _room_error(volume.pool, size - volume.size_bytes, free)
     core.update(volume, **changes)
-    _reconcile(f"volume {volume.name} changed", [volume.pool.node_id])
+    _changed(f"volume {volume.name} changed", [volume.pool.node_id])
     return volume
 
 
@@ -225,7 +206,7 @@ def update_volume(volume: Volume, **changes: Any) -> Volume:
 def delete_volume(volume: Volume) -> None:
     node, name = volume.pool.node_id, volume.name
     volume.delete()
-    _reconcile(f"volume {name} deleted", [node])
+    _changed(f"volume {name} deleted", [node])
 
 
 # --- QoS policies -------------------------------------------------------------------------
@@ -239,7 +220,7 @@ def create_qos_policy(**fields: Any) -> QosPolicy:
 def update_qos_policy(policy: QosPolicy, **changes: Any) -> QosPolicy:
     core.update(policy, **changes)
     nodes = set(policy.volumes.values_list("pool__node_id", flat=True))
-    _reconcile(f"storage QoS policy {policy.name} changed", nodes)
+    _changed(f"storage QoS policy {policy.name} changed", nodes)
     return policy
 
 
@@ -258,14 +239,18 @@ def delete_qos_policy(policy: QosPolicy) -> None:
 @transaction.atomic
 def create_export(**fields: Any) -> Export:
     export = core.create(Export, **fields)
-    _reconcile(f"export of tenant {export.tenant_id} created", _tenant_nodes(export.tenant_id))
+    _changed(
+        f"export of tenant {export.tenant_id} created", selectors.nodes_holding(export.tenant_id)
+    )
     return export
 
 
 @transaction.atomic
 def update_export(export: Export, **changes: Any) -> Export:
     core.update(export, **changes)
-    _reconcile(f"export of tenant {export.tenant_id} changed", _tenant_nodes(export.tenant_id))
+    _changed(
+        f"export of tenant {export.tenant_id} changed", selectors.nodes_holding(export.tenant_id)
+    )
     return export
 
 
@@ -273,7 +258,7 @@ def update_export(export: Export, **changes: Any) -> Export:
 def delete_export(export: Export) -> None:
     tenant = export.tenant_id
     export.delete()
-    _reconcile(f"export of tenant {tenant} deleted", _tenant_nodes(tenant))
+    _changed(f"export of tenant {tenant} deleted", selectors.nodes_holding(tenant))
 
 
 # --- Artifacts ----------------------------------------------------------------------------
@@ -382,4 +367,4 @@ def record_storage_report(node: Node, report: StorageReport) -> None:
         )
         export.save(update_fields=["endpoints", "updated_at"])
     if resized:
-        _reconcile(f"capacity of pool(s) {', '.join(resized)} on {node.hostname} reported", [])
+        _changed(f"capacity of pool(s) {', '.join(resized)} on {node.hostname} reported", [])

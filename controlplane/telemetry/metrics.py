@@ -11,7 +11,6 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterator
 
-from django.apps import apps
 from django.conf import settings
 from django.db.models import Count
 from django.http import HttpRequest, HttpResponse
@@ -113,12 +112,9 @@ class FleetCollector(Collector):
 
 
 def register_collectors() -> None:
-    """Called once from the app's ready(): fleet state, and SLO state when that app is on."""
+    """Called once from the app's ready(): fleet state. Apps built on telemetry register
+    their own collectors in REGISTRY at their ready() (SLO state)."""
     REGISTRY.register(FleetCollector())
-    if apps.is_installed("controlplane.slo"):
-        from controlplane.slo.metrics import SloCollector
-
-        REGISTRY.register(SloCollector())
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:

@@ -28,8 +28,6 @@ class TenantAdmin(admin.ModelAdmin):
     def save_model(self, request, obj, form, change):  # noqa: ANN001, ANN201
         """Suspension reaches the workers and quotas re-plan placement, so those changes
         go through their services rather than a plain save."""
-        from controlplane.fleet.services import set_tenant_quota  # fleet builds on tenancy
-
         wanted = {
             name: getattr(obj, name)
             for name in ("is_active", *QUOTA_FIELDS)
@@ -41,7 +39,7 @@ class TenantAdmin(admin.ModelAdmin):
         if "is_active" in wanted:
             services.set_tenant_active(obj, wanted.pop("is_active"))
         if wanted:
-            set_tenant_quota(obj, **wanted)
+            services.set_tenant_quota(obj, **wanted)
 
 
 @admin.register(TenantPolicy)

@@ -1,11 +1,6 @@
 from django.db import models
 
 
-class Role(models.TextChoices):
-    ADMIN = "admin", "Tenant admin"
-    VIEWER = "viewer", "Tenant viewer"
-
-
 class PriorityClass(models.TextChoices):
     """A tenant's class on inference workers; higher classes are admitted first."""
 

@@ -1,7 +1,8 @@
 import django_filters
 
 from controlplane.core import filtersets as strict
-from controlplane.tenancy.choices import PriorityClass, Role
+from controlplane.core.choices import Role
+from controlplane.tenancy.choices import PriorityClass
 from controlplane.tenancy.models import InferenceKey, Membership, Tenant, TenantPolicy
 
 

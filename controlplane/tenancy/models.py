@@ -11,8 +11,9 @@ from django.core.validators import MaxValueValidator, MinValueValidator, RegexVa
 from django.db import models
 
 from agent.protocol import TenantServing
+from controlplane.core.choices import Role
 from controlplane.core.models import BaseModel, HashedSecret, TenantOwnedModel
-from controlplane.tenancy.choices import WORKER_PRIORITY, PriorityClass, Role
+from controlplane.tenancy.choices import WORKER_PRIORITY, PriorityClass
 
 slug_validator = RegexValidator(
     r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$",

@@ -12,10 +12,12 @@ from django.db import transaction
 from django.utils import timezone
 
 from controlplane.core import services as core
+from controlplane.core.choices import Role
 from controlplane.core.secrets import Issued, digest, new_secret
-from controlplane.tenancy.choices import Role
+from controlplane.tenancy import signals
 from controlplane.tenancy.models import (
     POLICY_FIELDS,
+    QUOTA_FIELDS,
     ApiToken,
     InferenceKey,
     Membership,
@@ -47,10 +49,7 @@ def issue_api_token(*, user: Any, name: str, expires_at: datetime | None = None)
 
 
 def _keys_changed(tenant_id: Any, cause: str = "inference keys changed") -> None:
-    """Workers match keys themselves, so a key change is a fleet change."""
-    from controlplane.fleet.services import reconcile_fleet  # fleet builds on tenancy
-
-    reconcile_fleet(cause=cause, tenants=[tenant_id])
+    signals.inference_keys_changed.send(sender=Tenant, tenant_id=tenant_id, cause=cause)
 
 
 @transaction.atomic
@@ -61,6 +60,17 @@ def set_tenant_active(tenant: Tenant, active: bool) -> Tenant:
     if tenant.is_active != active:
         core.update(tenant, is_active=active)
         _keys_changed(tenant.pk, f"tenant {tenant.slug} {'resumed' if active else 'suspended'}")
+    return tenant
+
+
+@transaction.atomic
+def set_tenant_quota(tenant: Tenant, **quota: int | None) -> Tenant:
+    """Change a tenant's caps (`max_gpus`, `max_replicas`; None is unlimited); the fleet
+    re-plans: lowering one unplaces the surplus, raising one places what waited."""
+    unknown = set(quota) - set(QUOTA_FIELDS)
+    assert not unknown, f"set_tenant_quota() changes only quota fields, not {sorted(unknown)}"
+    core.update(tenant, **quota)
+    signals.quota_changed.send(sender=Tenant, tenant=tenant)
     return tenant
 
 
@@ -84,14 +94,8 @@ def revoke(obj: ApiToken | InferenceKey) -> None:
 
 
 def _policy_changed(tenant: Tenant, what: str) -> None:
-    """Workers enforce the policy and storage engines the volumes' limits: re-render and
-    push (after commit) every node that serves the tenant or holds its volumes."""
-    from controlplane.fleet.services import reconcile_fleet  # fleet builds on tenancy
-    from controlplane.storage.models import Volume  # storage builds on tenancy
-
-    volume_nodes = Volume.objects.filter(tenant=tenant).values_list("pool__node_id", flat=True)
-    reconcile_fleet(
-        cause=f"policy of tenant {tenant.slug} {what}", tenants=[tenant.pk], nodes=volume_nodes
+    signals.policy_changed.send(
+        sender=Tenant, tenant=tenant, cause=f"policy of tenant {tenant.slug} {what}"
     )
 
 

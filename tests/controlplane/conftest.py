@@ -11,8 +11,8 @@ from django.conf import global_settings
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
+from controlplane.core.choices import Role
 from controlplane.inventory.models import Gpu, Node
-from controlplane.tenancy.choices import Role
 from controlplane.tenancy.services import create_tenant, issue_api_token, set_membership
 
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from controlplane.core.choices import Role
 from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Replica, Revision
 from controlplane.inventory.models import Drive, Nic
-from controlplane.tenancy.choices import Role
 from controlplane.tenancy.services import (
     issue_api_token,
     issue_inference_key,

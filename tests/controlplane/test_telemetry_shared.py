@@ -17,13 +17,13 @@ from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
 from agent.protocol import SeriesSketch, TelemetryBatch
+from controlplane.core.choices import Role
 from controlplane.fleet import services as fleet
 from controlplane.inventory.models import Node
 from controlplane.storage.models import Volume
 from controlplane.telemetry import selectors, services, streams
 from controlplane.telemetry.models import LatencyRollup
 from controlplane.telemetry.pipeline.merge import bucket_of
-from controlplane.tenancy.choices import Role
 from controlplane.tenancy.services import create_tenant, set_membership
 from tests.browser import chromium, screenshot_path, sign_in
 from tests.controlplane.conftest import World, give_password, make_node

@@ -8,8 +8,9 @@ from typing import Any
 from rest_framework import serializers
 
 from controlplane.alerts.models import Alert, DeliveryAttempt, OutboxMessage, WebhookEndpoint
-from controlplane.core.api import StrictCharField, StrictSerializer, WritableTenantField
+from controlplane.core.api import StrictCharField, StrictSerializer
 from controlplane.core.scoping import is_platform_admin
+from controlplane.tenancy.api.fields import WritableTenantField
 
 
 class AlertSerializer(serializers.ModelSerializer):

@@ -8,8 +8,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from agent.protocol import AppliedStatus, SignedDesiredState
-from controlplane.core.agentapi import AgentAPIView, parse_message
 from controlplane.fleet import services
+from controlplane.inventory.agentapi import AgentAPIView, parse_message
 
 
 class DesiredStateView(AgentAPIView):

@@ -4,6 +4,7 @@ from rest_framework.routers import SimpleRouter
 from controlplane.fleet.api import agent_views, views
 
 router = SimpleRouter()
+router.register("nodes", views.NodeViewSet)
 router.register("deployments", views.DeploymentViewSet)
 router.register("replicas", views.ReplicaViewSet)
 router.register("revisions", views.RevisionViewSet)

@@ -1,4 +1,5 @@
-"""Thin viewsets over fleet services."""
+"""Thin viewsets over fleet services, and the nodes API: nodes as the fleet sees them, with
+their rollout."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 from django.db.models import Count, Q, QuerySet
 from drf_spectacular.utils import extend_schema
-from rest_framework import status, viewsets
+from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.permissions import SAFE_METHODS
@@ -14,12 +15,15 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.serializers import Serializer
 
-from controlplane.core.api import TenantScopedMixin
+from controlplane.core.api import DependentsConflictMixin, TenantScopedMixin
+from controlplane.core.permissions import IsPlatformAdmin, TenantRolePermission
 from controlplane.core.scoping import can_write, readable_tenant_ids
 from controlplane.fleet import selectors, services
 from controlplane.fleet.api import serializers as s
 from controlplane.fleet.filtersets import DeploymentFilterSet, ReplicaFilterSet, RevisionFilterSet
 from controlplane.fleet.models import Deployment, Replica, Revision
+from controlplane.inventory import services as inventory_services
+from controlplane.inventory.filtersets import NodeFilterSet
 
 
 class DeploymentViewSet(viewsets.ModelViewSet):
@@ -102,3 +106,47 @@ class RevisionViewSet(TenantScopedMixin, viewsets.ReadOnlyModelViewSet):
         revision = self.get_object()
         issued = services.rollback(revision)
         return Response(s.RevisionSerializer(issued).data, status=status.HTTP_201_CREATED)
+
+
+# Served by the fleet, which builds on inventory, because a node shows its rollout and is
+# released from a rollback here; its own fields still change through inventory's services.
+class NodeViewSet(
+    DependentsConflictMixin,
+    TenantScopedMixin,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.UpdateModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
+):
+    """Nodes join by enrolling their agent; people edit labels, maintenance and dedication.
+
+    Tenant users see the nodes dedicated to their tenant; the shared fleet is the
+    platform admins'. Deleting (decommissioning) a node is for platform admins, once its
+    storage pools are gone; its hardware, revisions and telemetry go with it.
+    """
+
+    queryset = selectors.nodes_with_rollout()
+    serializer_class = s.NodeSerializer
+    filterset_class = NodeFilterSet
+    search_fields = ["hostname"]
+    ordering_fields = ["hostname", "status", "last_heartbeat_at", "created_at"]
+    delete_blocked_by = ("storage_pools",)
+
+    def get_permissions(self) -> list[object]:
+        if self.action == "destroy":
+            return [IsPlatformAdmin()]
+        return [TenantRolePermission()]
+
+    def perform_update(self, serializer: Serializer) -> None:
+        serializer.instance = inventory_services.update_node(
+            serializer.instance, **serializer.validated_data
+        )
+
+    @extend_schema(request=None, responses={200: s.NodeSerializer})
+    @action(detail=True, methods=["post"])
+    def release(self, request: Request, pk: str | None = None) -> Response:
+        """Release a node held at a rolled-back revision; it gets the current plan again."""
+        node = self.get_object()
+        services.release(node)
+        return Response(self.get_serializer(self.get_queryset().get(pk=node.pk)).data)

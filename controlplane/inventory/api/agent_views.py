@@ -17,9 +17,9 @@ from agent.protocol import (
     encode_public_key,
     queue_name,
 )
-from controlplane.core.agentapi import AgentAPIView, parse_message
-from controlplane.fleet.signing import public_key
+from controlplane.core.signing import public_key
 from controlplane.inventory import services
+from controlplane.inventory.agentapi import AgentAPIView, parse_message
 
 
 class EnrollView(AgentAPIView):

@@ -1,16 +1,13 @@
-"""Inventory serializers: discovered facts read-only, operator fields writable."""
+"""Inventory serializers: discovered hardware (read-only) and bootstrap tokens. Nodes
+themselves are served by the fleet's API, which shows their rollout too."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from controlplane.core.api import SecretSerializer, StrictSerializer, WritableTenantField
-from controlplane.fleet.choices import RolloutState
-from controlplane.fleet.services import rollout_state
-from controlplane.inventory.models import BootstrapToken, Drive, Gpu, Nic, Node, NumaNode
+from controlplane.core.api import SecretSerializer
+from controlplane.inventory.models import BootstrapToken, Drive, Gpu, Nic, NumaNode
+from controlplane.tenancy.api.fields import WritableTenantField
 
 
 class GpuSerializer(serializers.ModelSerializer):
@@ -76,92 +73,6 @@ class NumaNodeSerializer(serializers.ModelSerializer):
         model = NumaNode
         fields = ["index", "cpulist", "memory_total_bytes"]
         read_only_fields = fields
-
-
-class RolloutSerializer(serializers.Serializer):
-    desired_generation = serializers.IntegerField(allow_null=True)
-    applied_generation = serializers.IntegerField()
-    state = serializers.ChoiceField(choices=RolloutState.choices)
-    pinned = serializers.BooleanField(help_text="Held at a rolled-back revision.")
-    last_rejection_reason = serializers.CharField()
-    last_rejection_detail = serializers.CharField()
-    last_rejection_at = serializers.DateTimeField(allow_null=True)
-
-
-class NodeSerializer(StrictSerializer):
-    tenant = WritableTenantField(allow_null=True, required=False)
-    labels = serializers.DictField(child=serializers.CharField(allow_blank=True), required=False)
-    gpus = GpuSerializer(many=True, read_only=True)
-    nics = NicSerializer(many=True, read_only=True)
-    drives = DriveSerializer(many=True, read_only=True)
-    numa_nodes = NumaNodeSerializer(many=True, read_only=True)
-    rollout = serializers.SerializerMethodField()
-
-    class Meta:
-        model = Node
-        fields = [
-            "id",
-            "hostname",
-            "tenant",
-            "labels",
-            "status",
-            "maintenance",
-            "maintenance_reason",
-            "agent_version",
-            "last_heartbeat_at",
-            "kernel",
-            "os",
-            "cpu_model",
-            "cpu_count",
-            "memory_total_bytes",
-            "numa_nodes",
-            "gpus",
-            "nics",
-            "drives",
-            "rollout",
-            "created_at",
-            "updated_at",
-        ]
-        read_only_fields = [
-            "id",
-            "hostname",
-            "status",
-            "agent_version",
-            "last_heartbeat_at",
-            "kernel",
-            "os",
-            "cpu_model",
-            "cpu_count",
-            "memory_total_bytes",
-            "created_at",
-            "updated_at",
-        ]
-
-    @extend_schema_field(RolloutSerializer)
-    def get_rollout(self, node: Node) -> dict[str, Any]:
-        desired = getattr(node, "desired_generation", None)
-        return {
-            "desired_generation": desired,
-            "applied_generation": node.applied_generation,
-            "state": rollout_state(
-                desired, node.applied_generation, getattr(node, "head_status", None)
-            ),
-            "pinned": node.pinned,
-            "last_rejection_reason": node.last_rejection_reason,
-            "last_rejection_detail": node.last_rejection_detail,
-            "last_rejection_at": node.last_rejection_at,
-        }
-
-    def validate_labels(self, value: Any) -> Any:
-        from django.core.exceptions import ValidationError as DjangoValidationError
-
-        from controlplane.inventory.validators import validate_labels
-
-        try:
-            validate_labels(value)
-        except DjangoValidationError as exc:
-            raise serializers.ValidationError(exc.messages) from exc
-        return value
 
 
 class BootstrapTokenSerializer(SecretSerializer):

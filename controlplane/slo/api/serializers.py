@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from rest_framework import serializers
 
-from controlplane.core.api import StrictSerializer, WritableTenantField
+from controlplane.core.api import StrictSerializer
 from controlplane.fleet.api.serializers import ServingDeploymentField
 from controlplane.slo.models import Slo, SloStatus
 from controlplane.storage.api.serializers import CreateOnlyMixin
+from controlplane.tenancy.api.fields import WritableTenantField
 
 
 class SloStatusSerializer(serializers.ModelSerializer):

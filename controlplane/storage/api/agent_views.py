@@ -12,7 +12,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from agent.protocol import StorageReport
-from controlplane.core.agentapi import AgentAPIView, parse_message
+from controlplane.inventory.agentapi import AgentAPIView, parse_message
 from controlplane.storage import selectors, services
 from controlplane.storage.api.downloads import RANGE_PARAMETER, RESPONSES, file_response
 

@@ -9,14 +9,10 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from controlplane.core.api import (
-    StrictCharField,
-    StrictSerializer,
-    WritableTenantField,
-    WritableTenantObjectField,
-)
+from controlplane.core.api import StrictCharField, StrictSerializer, WritableTenantObjectField
 from controlplane.inventory.models import Node
 from controlplane.storage.models import Artifact, Export, Pool, QosPolicy, Volume
+from controlplane.tenancy.api.fields import WritableTenantField
 
 
 class CreateOnlyMixin:

@@ -15,7 +15,7 @@ from rest_framework.response import Response
 from rest_framework.throttling import SimpleRateThrottle
 
 from agent.protocol import TelemetryAck, TelemetryBatch
-from controlplane.core.agentapi import AgentAPIView
+from controlplane.inventory.agentapi import AgentAPIView
 from controlplane.inventory.models import Node
 from controlplane.telemetry import metrics, services
 from controlplane.telemetry.pipeline.validate import MAX_BATCH_BYTES, BatchRejected, parse_batch

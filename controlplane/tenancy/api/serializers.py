@@ -9,13 +9,9 @@ from django.db import transaction
 from rest_framework import serializers
 from rest_framework.exceptions import PermissionDenied
 
-from controlplane.core.api import (
-    PositiveFloatField,
-    SecretSerializer,
-    StrictSerializer,
-    WritableTenantField,
-)
+from controlplane.core.api import PositiveFloatField, SecretSerializer, StrictSerializer
 from controlplane.core.scoping import is_platform_admin
+from controlplane.tenancy.api.fields import WritableTenantField
 from controlplane.tenancy.models import (
     POLICY_FIELDS,
     QUOTA_FIELDS,
@@ -26,7 +22,7 @@ from controlplane.tenancy.models import (
     TenantPolicy,
     validate_positive_finite,
 )
-from controlplane.tenancy.services import create_tenant, set_tenant_active
+from controlplane.tenancy.services import create_tenant, set_tenant_active, set_tenant_quota
 
 
 class TenantSerializer(StrictSerializer):
@@ -58,8 +54,6 @@ class TenantSerializer(StrictSerializer):
         return attrs
 
     def create(self, validated_data: dict[str, Any]) -> Tenant:
-        from controlplane.fleet.services import set_tenant_quota
-
         quota = {name: validated_data.pop(name) for name in QUOTA_FIELDS if name in validated_data}
         with transaction.atomic():
             tenant = create_tenant(**validated_data)
@@ -70,8 +64,6 @@ class TenantSerializer(StrictSerializer):
     def update(self, instance: Tenant, validated_data: dict[str, Any]) -> Tenant:
         """Quota changes re-plan placement and suspension reaches the workers, so both go
         through their services."""
-        from controlplane.fleet.services import set_tenant_quota  # fleet builds on tenancy
-
         quota = {name: validated_data.pop(name) for name in QUOTA_FIELDS if name in validated_data}
         active = validated_data.pop("is_active", None)
         with transaction.atomic():

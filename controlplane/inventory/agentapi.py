@@ -16,6 +16,9 @@ from rest_framework import authentication, exceptions, permissions
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
+from controlplane.inventory.models import Node
+from controlplane.inventory.services import authenticate_node
+
 MessageT = TypeVar("MessageT", bound=BaseModel)
 
 
@@ -23,8 +26,6 @@ class NodeCredentialAuthentication(authentication.BaseAuthentication):
     keyword = "node"
 
     def authenticate(self, request: Request) -> tuple[AnonymousUser, Any] | None:
-        from controlplane.inventory.services import authenticate_node
-
         parts = authentication.get_authorization_header(request).split()
         if not parts or parts[0].decode(errors="replace").lower() != self.keyword:
             return None
@@ -40,7 +41,7 @@ class NodeCredentialAuthentication(authentication.BaseAuthentication):
 
 
 class NodeCredentialScheme(OpenApiAuthenticationExtension):
-    target_class = "controlplane.core.agentapi.NodeCredentialAuthentication"
+    target_class = "controlplane.inventory.agentapi.NodeCredentialAuthentication"
     name = "nodeCredential"
 
     def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
@@ -56,8 +57,6 @@ class IsNodeAgent(permissions.BasePermission):
     message = "This endpoint is for enrolled node agents."
 
     def has_permission(self, request: Request, view: Any) -> bool:
-        from controlplane.inventory.models import Node
-
         return isinstance(request.auth, Node)
 
 
