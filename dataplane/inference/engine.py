@@ -30,7 +30,7 @@ import numpy as np
 
 from dataplane.inference.kvcache import KVBatch
 from dataplane.inference.runtime import Runtime
-from dataplane.inference.sampling import SamplingParams, TokenLogprob, sample
+from dataplane.inference.sampling import SamplingParams, TokenConstraint, TokenLogprob, sample
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -42,12 +42,14 @@ class EngineSequence:
 
     ``stream`` tells apart the choices of one seeded request, so each draws its own
     tokens. ``stop_token`` is the token that ended the sequence (an EOS or stop id),
-    whose text is not part of the output.
+    whose text is not part of the output. ``constraint`` (structured output) limits each
+    next token and ends the sequence once it is complete.
     """
 
     prompt: list[int]
     params: SamplingParams
     stream: int = 0
+    constraint: TokenConstraint | None = None
     rng: np.random.Generator = field(init=False)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -220,11 +222,15 @@ class BatchEngine:
             if report is not None:
                 seq.logprobs.append(report)
             seq.tokens.append(token)
+            # A constraint allows EOS only once complete, so its EOS ends even ignore_eos.
+            complete = seq.constraint is not None and seq.constraint.accept(token)
             if token in seq.params.stop_token_ids or (
-                token in self._eos and not seq.params.ignore_eos
+                token in self._eos and (complete or not seq.params.ignore_eos)
             ):
                 # Before the finish: whoever sees the finish must see its token too.
                 seq.stop_token = token
+                seq.finish_reason = FINISH_STOP
+            elif complete:
                 seq.finish_reason = FINISH_STOP
             elif (
                 len(seq.tokens) >= seq.params.max_new_tokens

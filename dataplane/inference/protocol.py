@@ -6,7 +6,8 @@ parameter that is understood but cannot be honoured is a 400 naming it. ``top_k`
 ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos`` and
 ``stream_options.continuous_usage_stats`` are vLLM's extensions, accepted so clients
 written for vLLM work unchanged. Sampling fields left out (or null) take the model's
-``generation_config.json`` defaults, then OpenAI's.
+``generation_config.json`` defaults, then OpenAI's. ``response_format`` of type
+``json_object`` or ``json_schema`` is served by constrained decoding (``grammar``).
 """
 
 from __future__ import annotations
@@ -94,6 +95,23 @@ class ResponseFormat(_Body):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchema | None = None
 
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (
+            self.json_schema is None or self.json_schema.schema_ is None
+        ):
+            raise ValueError("type 'json_schema' needs json_schema.schema")
+        return self
+
+    def output_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the output must follow (any object for ``json_object``, as
+        vLLM has it); None for free text."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema" and self.json_schema is not None:
+            return self.json_schema.schema_
+        return None
+
 
 class _Generation(_Body):
     model: str
@@ -150,14 +168,6 @@ class _Generation(_Body):
             biases[int(key)] = bias
         return biases
 
-    def check_supported(self) -> None:
-        """Raise for what is understood but not served."""
-        if self.response_format is not None and self.response_format.type != "text":
-            raise unsupported(
-                "response_format",
-                f"response_format {self.response_format.type!r} is not supported; only 'text' is",
-            )
-
 
 class CompletionRequest(_Generation):
     prompt: str | list[int] | list[str] | list[list[int]]
@@ -167,7 +177,7 @@ class CompletionRequest(_Generation):
     suffix: str | None = None
 
     def check_supported(self) -> None:
-        super().check_supported()
+        """Raise for what is understood but not served."""
         if self.best_of is not None and self.best_of != self.choices:
             raise unsupported("best_of", "best_of must equal n: every sequence is returned")
         if self.echo:
@@ -256,7 +266,7 @@ class ChatRequest(_Generation):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     def check_supported(self) -> None:
-        super().check_supported()
+        """Raise for what is understood but not served."""
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(
                 400,

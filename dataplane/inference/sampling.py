@@ -1,6 +1,7 @@
 """Next-token choice for a whole batch at once, with vLLM's order of logit processing.
 
-Per row: ``logit_bias`` is added, then the repetition penalty (transformers' rule over
+Per row: a constraint (a grammar, for structured output) masks the tokens it does not
+allow, ``logit_bias`` is added, then the repetition penalty (transformers' rule over
 prompt and output tokens: positive logits divided, negative ones multiplied), then the
 frequency and presence penalties (OpenAI's rule over output tokens); temperature 0 takes
 the argmax of the result, otherwise it is scaled, cut to ``top_k`` and ``top_p`` and
@@ -16,10 +17,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from dataplane.inference.kvcache import FloatArray, IntArray
 
 MAX_LOGPROBS = 20
+
+BoolArray = npt.NDArray[np.bool_]
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,19 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...]
 
 
+class TokenConstraint(Protocol):
+    """Restricts the tokens a sequence may take next (a grammar, for structured output).
+
+    Sampling masks the row's logits with ``allowed`` (one flag per vocabulary id) before
+    choosing; the engine then reports the choice with ``accept``, which answers whether
+    the constraint is complete and allows nothing more.
+    """
+
+    def allowed(self) -> BoolArray: ...
+
+    def accept(self, token: int) -> bool: ...
+
+
 class SampleRow(Protocol):
     """What sampling reads of a sequence."""
 
@@ -95,6 +112,9 @@ class SampleRow(Protocol):
 
     @property
     def tokens(self) -> list[int]: ...
+
+    @property
+    def constraint(self) -> TokenConstraint | None: ...
 
 
 def _adjust(logits: FloatArray, row: SampleRow) -> None:
@@ -111,6 +131,14 @@ def _adjust(logits: FloatArray, row: SampleRow) -> None:
     if (params.presence_penalty or params.frequency_penalty) and row.tokens:
         counts = np.bincount(np.asarray(row.tokens, np.int64), minlength=logits.shape[0])
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+
+
+def _mask(logits: FloatArray, constraints: Mapping[int, TokenConstraint]) -> None:
+    """Rule out, in place, the tokens each constrained row may not take; masks are
+    computed for those rows only, so unconstrained rows pay nothing for them."""
+    rows = list(constraints)
+    allowed = np.stack([constraint.allowed() for constraint in constraints.values()])
+    logits[rows] = np.where(allowed, logits[rows], -np.inf)
 
 
 def _logprobs(logits: FloatArray, token: int, top: int) -> TokenLogprob:
@@ -130,8 +158,13 @@ def sample(
     """One token per row of ``logits`` [B, vocab] (vectorised over the batch), and each
     row's log-probabilities where its params ask for them."""
     raw = logits
-    if any(row.params.adjusts_logits for row in rows):
+    constraints = {
+        index: row.constraint for index, row in enumerate(rows) if row.constraint is not None
+    }
+    if constraints or any(row.params.adjusts_logits for row in rows):
         logits = logits.astype(np.float32, copy=True)
+        if constraints:
+            _mask(logits, constraints)
         for index, row in enumerate(rows):
             if row.params.adjusts_logits:
                 _adjust(logits[index], row)

@@ -37,6 +37,7 @@ from pydantic import ValidationError
 
 from dataplane.inference.config import WorkerConfig
 from dataplane.inference.engine import BatchEngine, EngineSequence
+from dataplane.inference.grammar import Grammar, GrammarError, Grammars
 from dataplane.inference.metrics import RequestTiming, TelemetryStats, WorkerMetrics
 from dataplane.inference.protocol import (
     ApiError,
@@ -127,6 +128,8 @@ class Worker:
         self.config_generation = 1
         self.runtime = OnnxRuntime(config.model_dir, config.cache_dir, config.runtime)
         self.tokenizer = TextTokenizer(config.model_dir)
+        spec = self.runtime.spec
+        self.grammars = Grammars(self.tokenizer.to_json(), spec.vocab_size, spec.eos_token_ids)
         self.metrics = WorkerMetrics(config.served_model_name)
         self.stats = TelemetryStats(
             config.deployment_id, config.served_model_name, config.slo_thresholds
@@ -447,6 +450,22 @@ class InferenceApp:
         except ValueError as exc:
             raise ApiError(400, str(exc), code="invalid_value") from None
 
+    async def _grammar(self, body: CompletionRequest | ChatRequest) -> Grammar | None:
+        """The compiled grammar of the request's ``response_format``, if it asks for one;
+        compiled in a thread, since a large schema takes a while the first time."""
+        schema = body.response_format.output_schema() if body.response_format is not None else None
+        if schema is None:
+            return None
+        try:
+            return await asyncio.to_thread(self.worker.grammars.compile, schema)
+        except GrammarError as exc:
+            raise ApiError(
+                400,
+                f"response_format has a schema that cannot be served: {exc}",
+                param="response_format",
+                code="invalid_value",
+            ) from None
+
     async def _generate(
         self,
         call: _Call,
@@ -472,12 +491,18 @@ class InferenceApp:
             )
         stops = body.stop_strings()
         params = self._sampling_params(body, max_tokens)
+        grammar = await self._grammar(body)
         tenant_cfg = self.worker.config.tenants.get(tenant)
         requests = [
             GenerationRequest(
                 tenant=tenant,
                 priority=tenant_cfg.priority if tenant_cfg else 0,
-                seq=EngineSequence(prompt=ids, params=params, stream=index),
+                seq=EngineSequence(
+                    prompt=ids,
+                    params=params,
+                    stream=index,
+                    constraint=grammar.matcher() if grammar is not None else None,
+                ),
                 timing=RequestTiming(arrival=call.arrival, input_tokens=len(ids)),
             )
             for index in range(body.choices)

@@ -116,6 +116,14 @@ class TextTokenizer:
         """One token's text as logprobs report it (special tokens included)."""
         return self._tokenizer.decode([token], skip_special_tokens=False)
 
+    def to_json(self) -> str:
+        """``tokenizer.json`` as text, for libraries that index the vocabulary themselves;
+        without padding or truncation, which would cut what they tokenize."""
+        copy = Tokenizer.from_str(self._tokenizer.to_str())
+        copy.no_padding()
+        copy.no_truncation()
+        return copy.to_str()
+
     def stream(self) -> Detokenizer:
         return Detokenizer(self._tokenizer)
 

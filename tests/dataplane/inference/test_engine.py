@@ -16,7 +16,7 @@ from dataplane.inference.engine import FINISH_LENGTH, BatchEngine, EngineSequenc
 from dataplane.inference.kvcache import FloatArray, IntArray, KVBatch
 from dataplane.inference.model import ModelSpec
 from dataplane.inference.runtime import OnnxRuntime
-from dataplane.inference.sampling import SamplingParams, sample
+from dataplane.inference.sampling import BoolArray, SamplingParams, TokenConstraint, sample
 
 
 @pytest.fixture(scope="module", params=["position_ids", "cache_width"])
@@ -219,12 +219,29 @@ def test_context_limit_finishes_with_length(runtime: OnnxRuntime) -> None:
 
 @dataclass
 class Row:
-    """A sampling row without a model: params, generator and token history."""
+    """A sampling row without a model: params, generator, token history, constraint."""
 
     params: SamplingParams
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
     prompt: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    constraint: TokenConstraint | None = None
+
+
+@dataclass
+class OneOf:
+    """A constraint that allows a fixed set of tokens."""
+
+    tokens: list[int]
+    vocab: int
+
+    def allowed(self) -> BoolArray:
+        mask = np.zeros(self.vocab, np.bool_)
+        mask[self.tokens] = True
+        return mask
+
+    def accept(self, token: int) -> bool:
+        return False
 
 
 def test_sampling_rules() -> None:
@@ -241,6 +258,29 @@ def test_sampling_rules() -> None:
     # top_p that keeps the two best tokens of row 0 never picks the others; nor does top_k 2.
     for cut in (rows(temperature=1.0, top_p=0.9), rows(temperature=2.0, top_k=2)):
         assert {int(sample(logits, cut)[0][0]) for _ in range(200)} == {1, 2}
+
+
+def test_constraints_mask_only_their_own_rows() -> None:
+    logits = np.array([[0.0, 5.0, 4.9, -1.0], [3.0, 0.0, 0.0, 0.0]], np.float32)
+    greedy = SamplingParams(temperature=0.0, logprobs=0)
+    rows = [Row(greedy, constraint=OneOf([2, 3], 4)), Row(greedy)]
+    tokens, reports = sample(logits, rows)
+    assert tokens.tolist() == [2, 0]
+    # Log-probabilities stay the raw model's, as with logit_bias.
+    assert reports[0] is not None and reports[0].logprob == pytest.approx(
+        float(logits[0, 2] - np.log(np.exp(logits[0]).sum()))
+    )
+    drawn = [
+        Row(
+            SamplingParams(temperature=2.0, top_k=3, top_p=0.9, presence_penalty=2.0),
+            tokens=[3],
+            constraint=OneOf([0, 3], 4),
+        ),
+        Row(SamplingParams(temperature=0.0, logit_bias={3: 10.0})),
+    ]
+    for _ in range(50):
+        tokens, _ = sample(logits, drawn)
+        assert tokens[0] in (0, 3) and tokens[1] == 3
 
 
 def test_penalties_bias_and_logprobs_follow_vllm() -> None:

@@ -260,7 +260,10 @@ def test_models_by_id_and_refused_parameters(client: openai.OpenAI, worker: Work
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("other")
     refused: list[tuple[str, dict[str, Any]]] = [
-        ("response_format", {"response_format": {"type": "json_object"}}),
+        (
+            "response_format",
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+        ),
         ("best_of", {"best_of": 3}),
         ("echo", {"echo": True}),
         ("logit_bias", {"logit_bias": {"999999": 1}}),
