@@ -13,6 +13,7 @@ api_v1 = [
     path("", include("controlplane.slo.api.urls")),
     path("", include("controlplane.alerts.api.urls")),
     path("telemetry/", include("controlplane.telemetry.api.urls")),
+    path("console/", include("controlplane.console.api.urls")),
     path("agent/telemetry/", TelemetryView.as_view(), name="agent-telemetry"),
 ]
 

@@ -6,14 +6,17 @@ from controlplane.console import views
 app_name = "console"
 
 urlpatterns = [
-    path("", views.FleetPage.as_view(), name="fleet"),
+    path("", views.home, name="home"),
+    path("fleet/", views.FleetPage.as_view(), name="fleet"),
+    path("slos/", views.SloOverviewPage.as_view(), name="slos"),
+    path("slos/<uuid:pk>/", views.SloDetailPage.as_view(), name="slo"),
     path(
         "login/",
         auth_views.LoginView.as_view(
             template_name="console/login.html",
             extra_context={"title": "Sign in"},
             redirect_authenticated_user=True,
-            next_page=reverse_lazy("console:fleet"),
+            next_page=reverse_lazy("console:home"),
         ),
         name="login",
     ),

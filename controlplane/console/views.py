@@ -17,6 +17,7 @@ from django.utils import timezone
 from django.utils.safestring import mark_safe
 from django.views.generic import TemplateView
 
+from controlplane.console import selectors as console_selectors
 from controlplane.core.scoping import is_platform_admin, scope
 from controlplane.slo import reports
 from controlplane.telemetry import selectors, streams
@@ -53,7 +54,7 @@ class DashboardPage(ConsolePage, ABC):
 
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
         context = super().get_context_data(**kwargs)
-        context.update({"page": self.page, "streams": []})
+        context.update({"page": self.page, "streams": [], "thresholds": []})
         context.update(self.dashboard())
         return context
 
@@ -66,7 +67,40 @@ class FleetPage(DashboardPage):
         admin = is_platform_admin(self.request.user)
         return {
             "snapshot": reverse("telemetry-fleet"),
+            "health": reverse("console-health"),
             "streams": [streams.FLEET] if admin else [],
+        }
+
+
+class SloOverviewPage(DashboardPage):
+    """Every SLO the user may see, worst first; followed by reloading its snapshot."""
+
+    page = "slos"
+    title = "Service level objectives"
+
+    def dashboard(self) -> dict[str, Any]:
+        return {"snapshot": reverse("console-slos")}
+
+
+def home(request: HttpRequest) -> HttpResponse:
+    """Platform admins start at the fleet, tenant users at their SLOs."""
+    page = FleetPage if is_platform_admin(request.user) else SloOverviewPage
+    return page.as_view()(request)
+
+
+class SloDetailPage(DashboardPage):
+    page = "slo"
+    title = "SLO"
+
+    def dashboard(self) -> dict[str, Any]:
+        slo = get_object_or_404(
+            console_selectors.visible_slos(self.request.user), pk=self.kwargs["pk"]
+        )
+        return {
+            "title": slo.display_name or slo.name,
+            "snapshot": reverse("console-slo", args=[slo.pk]),
+            "report": reverse("console:slo-report-page", args=[slo.tenant_id]),
+            "tenant": slo.tenant,
         }
 
 
@@ -97,6 +131,7 @@ class DeploymentPage(DashboardPage):
             "title": f"{deployment.tenant.slug} / {deployment.name}",
             "snapshot": reverse("telemetry-deployment", args=[deployment.pk]),
             "streams": [streams.deployment(deployment.pk)],
+            "thresholds": console_selectors.latency_thresholds(deployment),
             "tenant": deployment.tenant,
         }
 
@@ -120,6 +155,8 @@ class TenantPage(DashboardPage):
         return {
             "title": tenant.name,
             "snapshot": reverse("telemetry-tenant", args=[tenant.pk]),
+            "slos": f"{reverse('console-slos')}?{urlencode({'tenant': tenant.pk})}",
+            "report": reverse("console:slo-report-page", args=[tenant.pk]),
             "streams": [streams.tenant(tenant.pk)],
         }
 

@@ -1,5 +1,24 @@
 // Number formatting shared by the pages.
-export const ms = (seconds) => (seconds == null ? "–" : `${(seconds * 1000).toFixed(seconds < 0.01 ? 2 : 1)} ms`);
+// Durations in the unit that reads best: 850 µs, 12.3 ms, 250 ms, 1.25 s.
+export function duration(seconds) {
+  if (seconds == null) return "–";
+  const abs = Math.abs(seconds);
+  if (abs === 0) return "0 ms";
+  if (abs < 0.001) return `${(seconds * 1e6).toFixed(0)} µs`;
+  if (abs < 0.01) return `${(seconds * 1000).toFixed(2)} ms`;
+  if (abs < 0.1) return `${(seconds * 1000).toFixed(1)} ms`;
+  if (abs < 1) return `${(seconds * 1000).toFixed(0)} ms`;
+  return `${seconds.toFixed(abs < 10 ? 2 : 1)} s`;
+}
+// Ratios as percentages with the digits an objective needs (99.95 %), budgets may be negative.
+export function ratio(v, digits = 2) {
+  if (v == null) return "–";
+  const p = v * 100;
+  return `${Math.abs(p) >= 1000 ? p.toFixed(0) : p.toFixed(digits)} %`;
+}
+export const rate = (v) => (v == null ? "–" : `${v >= 100 ? v.toFixed(0) : v.toFixed(1)}×`);
+export const count = (v) => (v == null ? "–" : Number(v).toLocaleString("en-US"));
+export const when = (t) => (t == null ? "–" : new Date(t * 1000).toISOString().slice(0, 16).replace("T", " "));
 export const num = (v, digits = 1) => (v == null ? "–" : Number(v).toFixed(digits));
 export const pct = (v) => (v == null ? "–" : `${Number(v).toFixed(0)} %`);
 export const gib = (bytes) => (bytes == null ? "–" : `${(bytes / 2 ** 30).toFixed(1)} GiB`);

@@ -24,6 +24,14 @@ class Indicator {
   }
 }
 
+// A second snapshot a page shows beside its own (the tenant's SLOs, the fleet's health):
+// loaded now and every `everyMs`; a failed load keeps what is drawn.
+export function follow(url, everyMs, onData) {
+  const load = () => getJSON(url).then(onData).catch((error) => console.error(error));
+  load();
+  window.setInterval(load, everyMs);
+}
+
 // One page's live view. `page` has:
 //   snapshotUrl()            where to GET the snapshot (may depend on the window)
 //   streams(snapshot)        stream names to subscribe to, given the snapshot

@@ -67,7 +67,7 @@ def test_each_page_names_its_snapshot_and_streams(world: World) -> None:
     deployment = chat(world.tenant_a)
     node = make_node("gpu-a", world.tenant_a, gpus=2)
     pages = {
-        "/console/": ("fleet", "/api/v1/telemetry/fleet/", []),
+        "/console/fleet/": ("fleet", "/api/v1/telemetry/fleet/", []),
         f"/console/nodes/{node.pk}/": (
             "node",
             f"/api/v1/telemetry/nodes/{node.pk}/",
@@ -140,7 +140,7 @@ def test_every_page_draws_its_snapshot(
         sign_in(page, f"{live_server.url}/console/login/", "admin-a", "admin-pass")
         row = f"#tenant-table tr[data-deployment='{deployment.pk}']"
         for path, shows in (
-            ("/console/", ["#fleet-table :text('gpu-a')", "#fleet-table :text('62 %')"]),
+            ("/console/fleet/", ["#fleet-table :text('gpu-a')", "#fleet-table :text('62 %')"]),
             (
                 f"/console/nodes/{node.pk}/",
                 [":text('NVIDIA H100 80GB HBM3')", "td:text('81 %')", ".panel canvas"],
@@ -154,7 +154,7 @@ def test_every_page_draws_its_snapshot(
             page.goto(f"{live_server.url}{path}")
             for selector in shows:
                 page.wait_for_selector(f"#dashboard {selector}", timeout=10_000)
-            page.screenshot(path=screenshot_path(f"console-{path.split('/')[2] or 'fleet'}"))
+            page.screenshot(path=screenshot_path(f"console-{path.split('/')[2]}"))
     assert errors == []
 
 

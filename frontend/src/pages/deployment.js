@@ -1,6 +1,6 @@
 // Deployment: TTFT and TPOT p50/p99, tokens/s, queue depth and errors over the window.
 import { TimeChart, mergePoint } from "../chart.js";
-import { el, ms, num, tile } from "../format.js";
+import { duration, el, num, tile } from "../format.js";
 import { WINDOWS, windowPicker } from "./window.js";
 
 const pick = (points, f) => points.map((p) => f(p) ?? null);
@@ -19,9 +19,13 @@ export function deploymentPage(root, context) {
     windowS = w;
     page.reload();
   })), tiles, charts);
-  const ttft = new TimeChart(charts, { span, title: "Time to first token", format: ms });
-  const tpot = new TimeChart(charts, { span, title: "Time per output token", format: ms });
-  const tokens = new TimeChart(charts, { span, title: "Output tokens/s", format: (v) => num(v, 0) });
+  // the SLOs that measure this deployment, drawn as lines on their metric's chart
+  const lines = (metric) => context.thresholds
+    .filter((t) => t.metric === metric)
+    .map((t) => ({ value: t.seconds, label: `${t.label} ≤ ${duration(t.seconds)}` }));
+  const ttft = new TimeChart(charts, { span, title: "Time to first token", format: duration, lines: lines("ttft") });
+  const tpot = new TimeChart(charts, { span, title: "Time per output token", format: duration, lines: lines("tpot") });
+  const tokens = new TimeChart(charts, { span, title: "Output tokens/s", format: (v) => num(v, Math.abs(v) >= 10 || Number.isInteger(v) ? 0 : 1) });
   const queue = new TimeChart(charts, { span, title: "Queue depth", format: (v) => num(v, 1) });
   const errors = new TimeChart(charts, { span, title: "Errors/s", format: (v) => num(v, 2) });
   ttft.panel.id = "chart-ttft";
@@ -46,10 +50,10 @@ export function deploymentPage(root, context) {
     const usage = summary.usage;
     const over = WINDOWS.find(([seconds]) => seconds === windowS)?.[1] ?? `${windowS} s`;
     tiles.replaceChildren(
-      tile(`TTFT p50, ${over}`, ms(summary.latency.ttft?.p50), { id: "tile-ttft-p50" }),
-      tile(`TTFT p99, ${over}`, ms(summary.latency.ttft?.p99), { id: "tile-ttft-p99" }),
-      tile(`TPOT p50, ${over}`, ms(summary.latency.tpot?.p50)),
-      tile(`TPOT p99, ${over}`, ms(summary.latency.tpot?.p99)),
+      tile(`TTFT p50, ${over}`, duration(summary.latency.ttft?.p50), { id: "tile-ttft-p50" }),
+      tile(`TTFT p99, ${over}`, duration(summary.latency.ttft?.p99), { id: "tile-ttft-p99" }),
+      tile(`TPOT p50, ${over}`, duration(summary.latency.tpot?.p50)),
+      tile(`TPOT p99, ${over}`, duration(summary.latency.tpot?.p99)),
       tile(`tokens/s, ${over}`, num(summary.tokens_per_s, 0)),
       tile("queue now", num(summary.queue_depth, 0)),
       tile("completed", String(usage.completed)),
@@ -60,6 +64,7 @@ export function deploymentPage(root, context) {
   page.snapshotUrl = () => `${context.snapshot}?window=${windowS}`;
   page.render = (snapshot) => {
     windowS = snapshot.window_s;
+    for (const chart of [ttft, tpot, tokens, queue, errors]) chart.step = snapshot.resolution;
     points = snapshot.points.slice();
     summary = snapshot.summary;
     draw();

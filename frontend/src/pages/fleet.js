@@ -1,5 +1,8 @@
-// Fleet overview: every visible node with its GPUs, latest gauges and health.
+// Fleet overview: the health roll-up (pages firing, SLOs at risk, nodes not ready, the
+// worst SLOs), then every visible node with its GPUs, latest gauges and health.
 import { ago, el, gpuIndices, num, pct, tile } from "../format.js";
+import { follow } from "../live.js";
+import { sloTable } from "./slotable.js";
 
 const STALE_S = 30;
 
@@ -34,6 +37,23 @@ export function fleetPage(root, context) {
   const tiles = el("div", { class: "tiles" });
   const body = el("tbody");
   const headers = ["Node", "Status", "GPUs", "GPU util", "GPU memory", "Power", "Max temp", "CPU", "Last batch", "Health"];
+  const rollup = el("div", { class: "tiles", id: "fleet-health" });
+  const worst = sloTable(context.consoleUrl, { showTenant: context.platformAdmin });
+  worst.id = "slo-table";
+  root.append(el("h2", {}, "Health"), rollup, worst, el("h2", {}, "Nodes"));
+  follow(context.health, 5000, (h) => {
+    const atRisk = h.slo_counts.exhausted + h.slo_counts.burning + h.slo_counts.at_risk;
+    const bad = (n) => (n ? "tile bad" : "tile");
+    rollup.replaceChildren(
+      tile("pages firing", String(h.pages_firing), { id: "health-pages", class: bad(h.pages_firing) }),
+      tile("SLOs at risk or worse", `${atRisk} of ${h.slos}`, { id: "health-slos", class: bad(atRisk) }),
+      tile("budget exhausted", String(h.slo_counts.exhausted), { class: bad(h.slo_counts.exhausted) }),
+      tile("SLOs with no data", String(h.slo_counts.no_data)),
+      tile("nodes not ready", `${h.nodes_not_ready} of ${h.nodes}`, { id: "health-nodes", class: bad(h.nodes_not_ready) }),
+    );
+    worst.update(h.worst.filter((s) => s.state !== "ok"));
+    worst.hidden = !worst.querySelector("tbody tr[data-slo]");
+  });
   root.append(tiles, el("table", { class: "grid", id: "fleet-table" }, el("thead", {}, el("tr", {}, ...headers.map((h) => el("th", {}, h)))), body));
 
   function draw() {

@@ -1,7 +1,9 @@
-// Tenant: every deployment serving the tenant (its own and those shared with it) with the
+// Tenant: its SLOs first (worst first), then every deployment serving the tenant (its own and those shared with it) with the
 // tenant's own latest latency, throughput and errors on it. A shared deployment's own page
 // is its owner's, so only the tenant's own deployments link there.
-import { el, ms, num, tile } from "../format.js";
+import { duration, el, num, tile } from "../format.js";
+import { follow } from "../live.js";
+import { sloTable } from "./slotable.js";
 
 export function tenantPage(root, context) {
   let deployments = new Map();
@@ -9,6 +11,11 @@ export function tenantPage(root, context) {
   const tiles = el("div", { class: "tiles" });
   const body = el("tbody");
   const headers = ["Deployment", "Model", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "tokens/s", "Queue", "Completed", "Errors"];
+  const slos = sloTable(context.consoleUrl, { showTenant: false });
+  slos.id = "slo-table";
+  const report = el("a", { href: context.report }, "SLO report →");
+  root.append(el("h2", {}, "Service level objectives ", report), slos, el("h2", {}, "Deployments"));
+  follow(context.slos, 5000, (snapshot) => slos.update(snapshot.slos));
   root.append(tiles, el("table", { class: "grid", id: "tenant-table" }, el("thead", {}, el("tr", {}, ...headers.map((h) => el("th", {}, h)))), body));
 
   function draw() {
@@ -26,10 +33,10 @@ export function tenantPage(root, context) {
           ? el("a", { href: `${context.consoleUrl}deployments/${d.id}/` }, d.name)
           : el("span", { title: "shared with this tenant" }, `${d.name} (shared)`)),
         el("td", {}, d.model_name),
-        el("td", {}, ms(p.latency.ttft?.p50)),
-        el("td", {}, ms(p.latency.ttft?.p99)),
-        el("td", {}, ms(p.latency.tpot?.p50)),
-        el("td", {}, ms(p.latency.tpot?.p99)),
+        el("td", {}, duration(p.latency.ttft?.p50)),
+        el("td", {}, duration(p.latency.ttft?.p99)),
+        el("td", {}, duration(p.latency.tpot?.p50)),
+        el("td", {}, duration(p.latency.tpot?.p99)),
         el("td", {}, num(p.tokens_per_s, 0)),
         el("td", {}, num(p.queue_depth, 0)),
         el("td", {}, String(d.summary.usage.completed)),
