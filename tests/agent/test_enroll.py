@@ -18,7 +18,7 @@ GRANT = EnrollmentGrant(
     node_credential="tgn_" + "x" * 40,
     control_plane_public_key=encode_public_key(CONTROL_PLANE_KEY.public_key()),
     queue=queue_name(NODE),
-    broker_url="redis://127.0.0.1:6379/0",
+    broker_url="memory://",  # stored at enrollment, never connected to here
     heartbeat_interval_s=15.0,
 )
 
