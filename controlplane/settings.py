@@ -256,5 +256,14 @@ ALERTS_MAX_ATTEMPTS = int(os.environ.get("ALERTS_MAX_ATTEMPTS", "15"))
 ALERTS_BACKOFF_BASE_S = float(os.environ.get("ALERTS_BACKOFF_BASE_S", "10"))
 ALERTS_BACKOFF_MAX_S = float(os.environ.get("ALERTS_BACKOFF_MAX_S", "3600"))
 ALERTS_RETRY_AFTER_MAX_S = float(os.environ.get("ALERTS_RETRY_AFTER_MAX_S", str(24 * 3600)))
+# Alert semantics as Prometheus and Alertmanager have them: an alert resolves only after its
+# condition has been false this long (keep_firing_for). Deliveries to an endpoint are grouped
+# per SLO and severity: a new group's first waits GROUP_WAIT for the rest of it (shorter than
+# Alertmanager's 30 s, so a page still lands within a minute of an outage), later changes
+# wait GROUP_INTERVAL, and a group still firing is told again after REPEAT_INTERVAL.
+ALERTS_KEEP_FIRING_FOR_S = float(os.environ.get("ALERTS_KEEP_FIRING_FOR_S", "300"))
+ALERTS_GROUP_WAIT_S = float(os.environ.get("ALERTS_GROUP_WAIT_S", "10"))
+ALERTS_GROUP_INTERVAL_S = float(os.environ.get("ALERTS_GROUP_INTERVAL_S", "300"))
+ALERTS_REPEAT_INTERVAL_S = float(os.environ.get("ALERTS_REPEAT_INTERVAL_S", str(4 * 3600)))
 # How long a rotated-out secret keeps signing deliveries beside the new one.
 ALERTS_SECRET_GRACE_S = int(os.environ.get("ALERTS_SECRET_GRACE_S", str(24 * 3600)))

@@ -139,8 +139,46 @@ class WebhookEndpoint(BaseModel):
         return [self.secret]
 
 
+def group_labels(labels: dict[str, str], severity: str) -> dict[str, str]:
+    """What alerts are grouped by (Alertmanager's `group_by`): an SLO's alerts by tenant,
+    SLO and severity, so one incident is one page (and one ticket) however many of its
+    alerts fire; any other alert is a group of its own."""
+    if "slo" in labels:
+        return {**{k: labels[k] for k in ("tenant", "slo") if k in labels}, "severity": severity}
+    return dict(labels)
+
+
+class NotificationGroup(BaseModel):
+    """Alertmanager's aggregation group, per endpoint: the alerts sharing `labels` are
+    notified together, the first time after the group wait, then at most every group
+    interval while they change, and every repeat interval while any still fires.
+    `notified` maps the alerts (ids) last sent to the state they were sent in."""
+
+    endpoint = models.ForeignKey(
+        WebhookEndpoint, on_delete=models.CASCADE, related_name="notification_groups"
+    )
+    key = models.CharField(max_length=16, editable=False)
+    labels = models.JSONField(default=dict)
+    notified_at = models.DateTimeField(null=True, blank=True)
+    notified = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["endpoint", "key"], name="one_group_per_endpoint")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint_id} {self.labels}"
+
+    @property
+    def firing_notified(self) -> bool:
+        return any(state == AlertState.FIRING for state in self.notified.values())
+
+
 class OutboxMessage(BaseModel):
-    """One webhook for one endpoint, rendered when the alert changed and kept until sent.
+    """One webhook for one endpoint, kept until sent. A group's message is rendered when it
+    is first sent, with its group's alerts as they are then (`payload` stays empty until
+    then); a test message is rendered at once.
 
     `webhook_id` stays the same across retries so receivers can drop duplicates: delivery
     is at least once.
@@ -150,8 +188,15 @@ class OutboxMessage(BaseModel):
     alert = models.ForeignKey(
         Alert, on_delete=models.SET_NULL, null=True, blank=True, related_name="messages"
     )
+    group = models.ForeignKey(
+        NotificationGroup,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="messages",
+    )
     event = models.CharField(max_length=8, choices=Event.choices)
-    payload = models.JSONField()
+    payload = models.JSONField(default=dict, blank=True)
     webhook_id = models.CharField(max_length=40, unique=True, editable=False)
     status = models.CharField(
         max_length=12, choices=MessageStatus.choices, default=MessageStatus.PENDING

@@ -2,10 +2,12 @@
 and delivery.
 
 Alert changes and their outbox messages are written in one transaction; sending starts
-only after commit. A message is sent by whoever claims it: the claim moves its
-`next_attempt_at` past the longest a send can take (a lease), so a worker killed mid-send
-leaves it to be claimed again once the lease runs out; a beat task re-enqueues every due
-message, so nothing depends on a broker keeping a task. Delivery is at least once;
+only after commit. Messages are grouped as Alertmanager groups notifications (group wait,
+group interval, repeat interval; see `NotificationGroup`), so one incident is one
+delivery per endpoint carrying its alerts. A message is sent by whoever claims it: the
+claim moves its `next_attempt_at` past the longest a send can take (a lease), so a worker
+killed mid-send leaves it to be claimed again once the lease runs out; a beat task
+re-enqueues every due message, so nothing depends on a broker keeping a task. Delivery is at least once;
 `webhook-id` lets receivers drop duplicates.
 """
 
@@ -24,7 +26,7 @@ import httpx
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
-from django.db.models import Exists, F, OuterRef
+from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 from tenacity import RetryCallState, Retrying, wait_exponential, wait_random_exponential
 
@@ -33,9 +35,11 @@ from controlplane.alerts.choices import AlertState, Event, MessageStatus, Severi
 from controlplane.alerts.models import (
     Alert,
     DeliveryAttempt,
+    NotificationGroup,
     OutboxMessage,
     WebhookEndpoint,
     fingerprint,
+    group_labels,
 )
 from controlplane.celery import app as celery_app
 from controlplane.core import services as core
@@ -55,22 +59,22 @@ def _lease() -> timedelta:
     return timedelta(seconds=2 * settings.ALERTS_DELIVERY_TIMEOUT_S + 5)
 
 
-def _send_after_commit(message_ids: Iterable[Any]) -> None:
-    """Enqueue deliveries once committed; a broker that is down then only delays them
-    (the beat task finds them in the database)."""
+def _send_after_commit(message_ids: Iterable[Any], eta: datetime | None = None) -> None:
+    """Enqueue deliveries (to run at `eta`, when given) once committed; a broker that is
+    down then only delays them (the beat task finds them in the database)."""
     ids = [str(pk) for pk in message_ids]
 
     def send() -> None:
-        _enqueue(ids)
+        _enqueue(ids, eta)
 
     if ids:
         transaction.on_commit(send, robust=True)
 
 
-def _enqueue(ids: list[str]) -> None:
+def _enqueue(ids: list[str], eta: datetime | None = None) -> None:
     with celery_app.producer_or_acquire() as producer:  # one connection for the batch
         for pk in ids:
-            celery_app.send_task(DELIVER_TASK, args=[pk], producer=producer)
+            celery_app.send_task(DELIVER_TASK, args=[pk], producer=producer, eta=eta)
 
 
 def _new_webhook_id() -> str:
@@ -205,22 +209,74 @@ def send_test(endpoint: WebhookEndpoint) -> OutboxMessage:
 # --- Alerts -------------------------------------------------------------------------------
 
 
-def _write_messages(alert: Alert, event: Event) -> None:
-    """One message per enabled endpoint of the alert's tenant (platform endpoints for fleet
-    alerts), rendered now, sent after commit."""
-    now = timezone.now()
-    messages = OutboxMessage.objects.bulk_create(
-        OutboxMessage(
-            endpoint=endpoint,
-            alert=alert,
-            event=event,
-            payload=payloads.render(endpoint, alert),
-            webhook_id=_new_webhook_id(),
-            next_attempt_at=now,
+def _notify(alert: Alert, now: datetime) -> None:
+    """Tell every enabled endpoint of the alert's tenant (platform endpoints for fleet
+    alerts) through the alert's group there: a group message still waiting to be sent
+    takes the change along; otherwise a new one is due after the group wait (nothing of
+    the group fires as last notified) or the group interval since the last notification."""
+    labels = group_labels(alert.labels, alert.severity)
+    key = fingerprint(labels)
+    for endpoint in WebhookEndpoint.objects.filter(tenant=alert.tenant_id, enabled=True):
+        group, _ = NotificationGroup.objects.select_for_update().get_or_create(
+            endpoint=endpoint, key=key, defaults={"labels": labels}
         )
-        for endpoint in WebhookEndpoint.objects.filter(tenant=alert.tenant_id, enabled=True)
+        if group.messages.filter(status=MessageStatus.PENDING, attempts=0).exists():
+            continue
+        if group.firing_notified and group.notified_at is not None:
+            interval = timedelta(seconds=settings.ALERTS_GROUP_INTERVAL_S)
+            due = max(now, group.notified_at + interval)
+        else:
+            due = now + timedelta(seconds=settings.ALERTS_GROUP_WAIT_S)
+        _queue_group(group, alert, due)
+
+
+def _queue_group(group: NotificationGroup, alert: Alert | None, due: datetime) -> None:
+    message = OutboxMessage.objects.create(
+        endpoint=group.endpoint,
+        group=group,
+        alert=alert,
+        event=Event.FIRING if alert is None else alert.state,
+        webhook_id=_new_webhook_id(),
+        next_attempt_at=due,
     )
-    _send_after_commit(m.pk for m in messages)
+    _send_after_commit([message.pk], eta=due)
+
+
+def _render_group(message: OutboxMessage, now: datetime) -> bool:
+    """Render a group's message as its first send starts, with the annotations of its
+    alerts as they are now: every alert firing now, every one last notified firing that has
+    resolved since, and any that fired and resolved in between. False when there is
+    nothing to tell (the message is dropped)."""
+    with transaction.atomic():
+        group = NotificationGroup.objects.select_for_update().get(pk=message.group_id)
+        since = group.notified_at or message.created_at
+        labels = dict(group.labels)
+        severity = labels.pop("severity") if "slo" in labels else None  # a key, not a label
+        candidates = Alert.objects.filter(
+            tenant=message.endpoint.tenant_id,
+            **{f"labels__{name}": value for name, value in labels.items()},
+        )
+        if severity is not None:
+            candidates = candidates.filter(severity=severity)
+        candidates = candidates.filter(
+            Q(state=AlertState.FIRING) | Q(ends_at__gte=since) | Q(pk__in=group.notified)
+        )
+        alerts = [
+            alert
+            for alert in candidates.order_by("starts_at")
+            if alert.state == AlertState.FIRING
+            or group.notified.get(str(alert.pk), AlertState.FIRING) == AlertState.FIRING
+        ]
+        if not alerts:
+            message.delete()
+            return False
+        message.payload = payloads.render_group(message.endpoint, alerts, group.labels)
+        message.event = payloads.group_status(alerts)
+        message.save(update_fields=["payload", "event", "updated_at"])
+        group.notified_at = now
+        group.notified = {str(a.pk): a.state for a in alerts}
+        group.save(update_fields=["notified_at", "notified", "updated_at"])
+    return True
 
 
 @transaction.atomic
@@ -236,10 +292,12 @@ def sync_alert(
     """Make the alert with these labels firing or not; idempotent, so evaluators call it
     on every evaluation.
 
-    Firing where nothing fires opens an episode and notifies every endpoint; not firing
-    where one fires resolves it and notifies them again; otherwise only the evaluation time
-    and annotations are kept. Returns the alert concerned, or None when nothing fires and
-    nothing did. `tenant` None is a fleet alert: platform admins and platform endpoints only.
+    Firing where nothing fires opens an episode and notifies every endpoint (grouped, see
+    `_notify`); not firing where one fires resolves it and notifies them again; otherwise
+    only the evaluation time and annotations are kept, so a notification sent later
+    carries the values of its sending time. Returns the alert concerned, or None when
+    nothing fires and nothing did. `tenant` None is a fleet alert: platform admins and
+    platform endpoints only.
     """
     if not labels or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
         raise ValidationError({"labels": ["A non-empty mapping of strings to strings."]})
@@ -261,7 +319,7 @@ def sync_alert(
         alert.state = AlertState.RESOLVED
         alert.ends_at = now
         alert.save()
-        _write_messages(alert, Event.RESOLVED)
+        _notify(alert, now)
         return alert
     if not firing:
         return None
@@ -279,23 +337,27 @@ def sync_alert(
             )
     except IntegrityError:  # another evaluator opened it a moment ago; it notified
         return Alert.objects.get(tenant=tenant, fingerprint=key, state=AlertState.FIRING)
-    _write_messages(alert, Event.FIRING)
+    _notify(alert, now)
     return alert
 
 
 # --- Delivery -----------------------------------------------------------------------------
 
 
-def enqueue_due_messages(*, limit: int = 1000) -> int:
-    """Send a delivery task for every pending message that is due (beat runs this).
+def enqueue_due_messages(*, limit: int = 1000, now: datetime | None = None) -> int:
+    """Send a delivery task for every pending message that is due (beat runs this), after
+    queueing a repeat for every group still firing that was last notified a repeat
+    interval ago.
 
     A message already queued may be queued again; the claim in `deliver` makes the extra
     task a no-op.
     """
+    now = now or timezone.now()
+    _queue_repeats(now)
     ids = [
         str(pk)
         for pk in OutboxMessage.objects.filter(
-            status=MessageStatus.PENDING, next_attempt_at__lte=timezone.now()
+            status=MessageStatus.PENDING, next_attempt_at__lte=now
         )
         .order_by("next_attempt_at")
         .values_list("pk", flat=True)[:limit]
@@ -305,12 +367,29 @@ def enqueue_due_messages(*, limit: int = 1000) -> int:
     return len(ids)
 
 
+@transaction.atomic
+def _queue_repeats(now: datetime) -> None:
+    waiting = OutboxMessage.objects.filter(group=OuterRef("pk"), status=MessageStatus.PENDING)
+    stale = (
+        NotificationGroup.objects.select_for_update(skip_locked=True)
+        .filter(
+            endpoint__enabled=True,
+            notified_at__lte=now - timedelta(seconds=settings.ALERTS_REPEAT_INTERVAL_S),
+        )
+        .exclude(Exists(waiting))
+        .select_related("endpoint")
+    )
+    for group in stale:
+        if group.firing_notified:
+            _queue_group(group, None, now)
+
+
 def _claim(message_id: Any, now: datetime) -> bool:
-    """Take a due message for one send, unless an older message about the same alert to the
+    """Take a due message for one send, unless an older message of the same group to the
     same endpoint is still pending (a resolve must not overtake its trigger)."""
     older_pending = OutboxMessage.objects.filter(
         endpoint=OuterRef("endpoint"),
-        alert=OuterRef("alert"),
+        group=OuterRef("group"),
         status=MessageStatus.PENDING,
         created_at__lt=OuterRef("created_at"),
     )
@@ -415,6 +494,9 @@ def deliver(message_id: Any) -> str:
     if not endpoint.enabled:  # disabled after this message was claimed
         _fail_pending(endpoint, endpoint.disabled_reason)
         return MessageStatus.FAILED
+    unrendered = message.group_id is not None and not message.payload
+    if unrendered and not _render_group(message, started):
+        return "nothing to send"
     attempt, retry_after = _post(endpoint, message, started)
     received = started + attempt.duration
     code = attempt.status_code

@@ -1,11 +1,17 @@
 """Service level objectives (shaped like OpenSLO v1) and the state their evaluation leaves.
 
 An SLO's events are the exact good/total counts the inference workers keep against its
-threshold (telemetry `SloRollup` rows carry its id); `SloStatus` holds the latest
-evaluation, which the Prometheus collector and the API read without recomputing.
+threshold (telemetry `SloRollup` rows carry its id and the threshold counted against).
+Its definition (threshold, objective, window) is versioned: each change starts an
+`SloRevision`, and a revision owns only the counts made under its threshold since it
+started, so nothing measured under an old definition is ever relabelled. `SloStatus`
+holds the latest evaluation, which the Prometheus collector and the API read without
+recomputing.
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
@@ -50,6 +56,13 @@ class Slo(TenantOwnedModel):
         help_text="The share of good events aimed for, e.g. 0.99.",
     )
     window = models.CharField(max_length=16, choices=Window.choices, default=Window.ROLLING_30D)
+    revision = models.PositiveIntegerField(default=1, editable=False)
+    revision_started_at = models.DateTimeField(
+        null=True,
+        editable=False,
+        help_text="When the definition in force started (empty for the first): its counts "
+        "begin here.",
+    )
 
     class Meta:
         ordering = ["tenant__slug", "name"]
@@ -93,6 +106,37 @@ class Slo(TenantOwnedModel):
             ]
         if errors:
             raise ValidationError(errors)
+
+
+DEFINITION = ("threshold_seconds", "objective", "window")
+"""The fields whose change starts a new revision."""
+
+
+class SloRevision(models.Model):
+    """One definition of an SLO and when it was in force: [started_at, ended_at)."""
+
+    slo = models.ForeignKey(Slo, on_delete=models.CASCADE, related_name="revisions")
+    number = models.PositiveIntegerField()
+    threshold_seconds = models.FloatField(null=True, blank=True)
+    objective = models.FloatField()
+    window = models.CharField(max_length=16, choices=Window.choices)
+    started_at = models.DateTimeField()
+    ended_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["slo", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["slo", "number"], name="slo_revision_number")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.slo_id} r{self.number}"
+
+    @property
+    def counts_from(self) -> datetime | None:
+        """Where its counts begin: the first revision owns every count under its threshold
+        (none can predate the SLO), later ones only those since they started."""
+        return None if self.number == 1 else self.started_at
 
 
 class SloStatus(models.Model):

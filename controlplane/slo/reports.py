@@ -1,9 +1,11 @@
 """Per-tenant SLO reports for any period: built once as plain data, then rendered as JSON
 (the API), HTML (the console, with an inline SVG burn chart), CSV and PDF.
 
-For each SLO the period's exact good/total gives the achieved ratio and the share of the
-period's error budget consumed; the burn chart shows the budget remaining in the SLO's
-own window (rolling, or the calendar month) at evenly spaced moments of the period.
+For each SLO, and each revision of its definition in force during the period, the exact
+good/total counted under that definition gives the achieved ratio and the share of the
+period's error budget consumed (see BUDGET_NOTE: the three always agree); the burn chart
+shows the budget remaining in the window of the revision in force (rolling, or the
+calendar month) at evenly spaced moments of the period.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from django.utils.dateparse import parse_date, parse_datetime
 from django.utils.html import escape
 
 from controlplane.slo import selectors
+from controlplane.slo.models import SloRevision
 from controlplane.slo.sli import Counts, window_start
 from controlplane.tenancy.models import Tenant
 
@@ -53,42 +56,81 @@ def parse_period(
     return start, end
 
 
+BUDGET_NOTE = (
+    "achieved = good / events; budget consumed = bad events / allowed bad events, where "
+    "allowed bad events = (1 - objective) x events; budget remaining = 1 - budget consumed. "
+    "Each revision of an SLO (a change of threshold, objective or window) is reported on "
+    "its own, over only the events counted under its definition."
+)
+
+
+def _part(revision: SloRevision, counts: Counts, start: datetime, end: datetime) -> dict[str, Any]:
+    """One revision's share of the period, with the figures that make its budget."""
+    achieved = counts.achieved()
+    consumed = 1.0 - counts.budget_remaining(revision.objective)
+    since = revision.counts_from
+    return {
+        "revision": revision.number,
+        "threshold_seconds": revision.threshold_seconds,
+        "objective": revision.objective,
+        "window": revision.window,
+        "from": max(start, since or start).isoformat(),
+        "to": min(end, revision.ended_at or end).isoformat(),
+        "good": counts.good,
+        "total": counts.total,
+        "bad": counts.bad,
+        "allowed_bad": (1.0 - revision.objective) * counts.total,
+        "achieved_ratio": achieved,
+        "met": None if achieved is None else achieved >= revision.objective,
+        "budget_consumed_ratio": consumed,
+        "budget_remaining_ratio": 1.0 - consumed,
+    }
+
+
+def _in_force(revisions: list[SloRevision], moment: datetime) -> SloRevision:
+    for revision in reversed(revisions):
+        if revision.counts_from is None or revision.counts_from <= moment:
+            return revision
+    return revisions[0]
+
+
 def build(tenant: Tenant, start: datetime, end: datetime, now: datetime) -> dict[str, Any]:
-    """The report as JSON-ready data."""
+    """The report as JSON-ready data. Each SLO lists its revisions' parts of the period
+    (`revisions`); its top-level figures are those of the latest one in the period."""
     alerts = selectors.alerts_in_period(tenant.pk, start, end)
     step = (end - start) / (CHART_POINTS - 1)
     moments = [start + step * i for i in range(CHART_POINTS)]
     slos = []
     for slo in selectors.slos_of_tenant(tenant.pk):
-        windows = {"period": (start, end)}
-        windows.update({f"t{i}": (window_start(slo.window, t), t) for i, t in enumerate(moments)})
-        counts = selectors.slo_counts(slo, windows, now)
-        period: Counts = counts["period"]
-        achieved = period.achieved()
+        revisions = selectors.revisions_in_period(slo, start, end)
+        parts, burn = [], []
+        for revision in revisions:
+            mine = [(i, t) for i, t in enumerate(moments) if _in_force(revisions, t) == revision]
+            windows = {"period": (start, end)}
+            windows.update({f"t{i}": (window_start(revision.window, t), t) for i, t in mine})
+            counts = selectors.slo_counts(slo, windows, now, revision=revision)
+            parts.append(_part(revision, counts["period"], start, end))
+            burn += [
+                {
+                    "t": t.isoformat(),
+                    "revision": revision.number,
+                    "budget_remaining_ratio": counts[f"t{i}"].budget_remaining(revision.objective),
+                }
+                for i, t in mine
+            ]
+        latest = parts[-1]
         slos.append(
             {
                 "id": str(slo.pk),
                 "name": slo.name,
                 "display_name": slo.display_name or slo.name,
                 "sli": slo.sli,
-                "threshold_seconds": slo.threshold_seconds,
-                "objective": slo.objective,
-                "window": slo.window,
                 "scope": slo.scope,
                 "deployment": slo.deployment.name if slo.deployment else None,
                 "model_name": slo.model_name or None,
-                "good": period.good,
-                "total": period.total,
-                "achieved_ratio": achieved,
-                "met": None if achieved is None else achieved >= slo.objective,
-                "budget_consumed_ratio": 1.0 - period.budget_remaining(slo.objective),
-                "burn": [
-                    {
-                        "t": t.isoformat(),
-                        "budget_remaining_ratio": counts[f"t{i}"].budget_remaining(slo.objective),
-                    }
-                    for i, t in enumerate(moments)
-                ],
+                **latest,
+                "revisions": parts,
+                "burn": burn,
                 "alerts": [_alert(a) for a in alerts if a.labels.get("slo") == slo.name],
             }
         )
@@ -97,6 +139,7 @@ def build(tenant: Tenant, start: datetime, end: datetime, now: datetime) -> dict
         "from": start.isoformat(),
         "to": end.isoformat(),
         "generated_at": now.isoformat(),
+        "budget_note": BUDGET_NOTE,
         "slos": slos,
         "latency": selectors.latency_percentiles(tenant.pk, start, end, now),
         "alerts": [_alert(a) for a in alerts],
@@ -122,13 +165,19 @@ def _alert(alert: Any) -> dict[str, Any]:
 CSV_COLUMNS = [
     "record",
     "slo",
+    "revision",
+    "from",
+    "to",
     "sli",
     "threshold_seconds",
     "objective",
     "good",
     "total",
+    "bad",
+    "allowed_bad",
     "achieved_ratio",
     "budget_consumed_ratio",
+    "budget_remaining_ratio",
     "alerts",
     "deployment",
     "metric",
@@ -141,12 +190,22 @@ CSV_COLUMNS = [
 
 
 def to_csv(report: dict[str, Any]) -> str:
-    """One table: `record` slo rows (objective vs achieved), then latency rows per deployment."""
+    """One table: `record` slo rows (objective vs achieved, one per revision in the period),
+    then latency rows per deployment."""
     out = io.StringIO()
     writer = csv.DictWriter(out, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for slo in report["slos"]:
-        writer.writerow({**slo, "record": "slo", "slo": slo["name"], "alerts": len(slo["alerts"])})
+        for part in slo["revisions"]:
+            writer.writerow(
+                {
+                    **slo,
+                    **part,
+                    "record": "slo",
+                    "slo": slo["name"],
+                    "alerts": len(slo["alerts"]),
+                }
+            )
     for row in report["latency"]:
         writer.writerow({**row, "record": "latency", "deployment": row["deployment_name"]})
     return out.getvalue()
@@ -194,7 +253,6 @@ def burn_svg(slo: dict[str, Any], width: int = 640, height: int = 160) -> str:
 
 def to_pdf(report: dict[str, Any]) -> bytes:
     """The same report as a PDF (ReportLab), burn charts drawn as vector graphics."""
-    from reportlab.graphics.shapes import Drawing, Line, PolyLine, Rect
     from reportlab.lib import colors
     from reportlab.lib.pagesizes import A4
     from reportlab.lib.styles import getSampleStyleSheet
@@ -211,39 +269,41 @@ def to_pdf(report: dict[str, Any]) -> bytes:
     tenant = report["tenant"]
     story: list[Any] = [
         Paragraph(escape(f"SLO report: {tenant['name']} ({tenant['slug']})"), styles["Title"]),
-        Paragraph(escape(f"{report['from']} to {report['to']}"), styles["Normal"]),
+        Paragraph(
+            escape(f"{time_text(report['from'])} to {time_text(report['to'])}"), styles["Normal"]
+        ),
         Spacer(0, 12),
     ]
-    rows = [["SLO", "SLI", "objective", "achieved", "events", "budget consumed", "alerts"]]
+    rows = [
+        ["SLO", "rev.", "SLI", "objective", "achieved", "bad / allowed", "consumed", "remaining"]
+    ]
     rows += [
         [
             s["display_name"],
-            sli_text(s),
-            f"{s['objective']:.3%}",
-            ratio_text(s["achieved_ratio"]),
-            str(s["total"]),
-            f"{s['budget_consumed_ratio']:.1%}",
-            str(len(s["alerts"])),
+            str(part["revision"]),
+            sli_text({**s, **part}),
+            f"{part['objective']:.3%}",
+            ratio_text(part["achieved_ratio"]),
+            f"{part['bad']} / {part['allowed_bad']:.1f} of {part['total']}",
+            f"{part['budget_consumed_ratio']:.1%}",
+            f"{part['budget_remaining_ratio']:.1%}",
         ]
         for s in report["slos"]
+        for part in s["revisions"]
     ]
-    story += [Table(rows, style=grid, repeatRows=1), Spacer(0, 12)]
+    story += [
+        Table(rows, style=grid, repeatRows=1),
+        Spacer(0, 4),
+        Paragraph(escape(report["budget_note"]), styles["Italic"]),
+        Spacer(0, 12),
+    ]
     for slo in report["slos"]:
-        width, height = 460, 110
-        points, zero = chart_points(slo["burn"], width, height)
-        drawing = Drawing(width, height)
-        drawing.add(Rect(0, 0, width, height, strokeColor=colors.lightgrey, fillColor=None))
-        drawing.add(Line(0, zero, width, zero, strokeColor=colors.red, strokeDashArray=[4, 3]))
-        drawing.add(
-            PolyLine(
-                [c for p in points for c in p],
-                strokeColor=colors.HexColor("#2a6fdb"),
-                strokeWidth=1.5,
-            )
-        )
         story += [
-            Paragraph(escape(f"Error budget remaining: {slo['display_name']}"), styles["Heading4"]),
-            drawing,
+            Paragraph(
+                escape(f"Error budget remaining: {slo['display_name']} ({slo['window']})"),
+                styles["Heading4"],
+            ),
+            burn_drawing(slo),
             Spacer(0, 8),
         ]
     if report["latency"]:
@@ -269,8 +329,8 @@ def to_pdf(report: dict[str, Any]) -> bytes:
                 a["alertname"],
                 a["slo"] or "",
                 a["severity"],
-                a["starts_at"][:19],
-                (a["ends_at"] or "firing")[:19],
+                time_text(a["starts_at"]),
+                time_text(a["ends_at"]) if a["ends_at"] else "firing",
             ]
             for a in report["alerts"]
         ]
@@ -278,6 +338,59 @@ def to_pdf(report: dict[str, Any]) -> bytes:
     out = io.BytesIO()
     SimpleDocTemplate(out, pagesize=A4, title=f"SLO report {tenant['slug']}").build(story)
     return out.getvalue()
+
+
+def time_text(iso: str) -> str:
+    """`2026-05-20 13:47 UTC`: a moment as a person reads it."""
+    return f"{datetime.fromisoformat(iso).astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+
+
+def burn_drawing(slo: dict[str, Any], width: float = 460, height: float = 150) -> Any:
+    """Budget remaining over the period as a ReportLab chart: a value axis in percent, a
+    time axis in UTC, 0% (the budget spent) dashed, and a legend."""
+    from reportlab.graphics.charts.legends import LineLegend
+    from reportlab.graphics.charts.lineplots import LinePlot
+    from reportlab.graphics.shapes import Drawing, String
+    from reportlab.lib import colors
+
+    burn = slo["burn"]
+    start = datetime.fromisoformat(burn[0]["t"])
+    span_s = max(1.0, (datetime.fromisoformat(burn[-1]["t"]) - start).total_seconds())
+    points = [
+        (
+            (datetime.fromisoformat(p["t"]) - start).total_seconds(),
+            100 * p["budget_remaining_ratio"],
+        )
+        for p in burn
+    ]
+    low = min(0.0, *(v for _, v in points))
+    drawing = Drawing(width, height)
+    plot = LinePlot()
+    plot.x, plot.y, plot.width, plot.height = 55, 42, width - 75, height - 62
+    plot.data = [points, [(0, 0.0), (span_s, 0.0)]]
+    plot.lines[0].strokeColor, plot.lines[0].strokeWidth = colors.HexColor("#2a6fdb"), 1.5
+    plot.lines[1].strokeColor, plot.lines[1].strokeDashArray = colors.red, [4, 3]
+    plot.yValueAxis.valueMin, plot.yValueAxis.valueMax = low, 100.0
+    plot.yValueAxis.labelTextFormat = "%.0f%%"
+    plot.yValueAxis.labels.fontSize = 7
+    plot.xValueAxis.valueMin, plot.xValueAxis.valueMax = 0.0, span_s
+    plot.xValueAxis.valueSteps = [span_s * i / 4 for i in range(5)]
+    plot.xValueAxis.labelTextFormat = lambda seconds: (
+        f"{start + timedelta(seconds=seconds):%m-%d %H:%M}"
+    )
+    plot.xValueAxis.labels.fontSize = 7
+    drawing.add(plot)
+    drawing.add(String(4, plot.y + plot.height / 2, "remaining", fontSize=7))
+    drawing.add(String(plot.x + plot.width / 2, 20, "time (UTC)", fontSize=7, textAnchor="middle"))
+    legend = LineLegend()
+    legend.x, legend.y, legend.fontSize = plot.x, 8, 7
+    legend.alignment, legend.columnMaximum, legend.dx = "right", 1, 16
+    legend.colorNamePairs = [
+        (colors.HexColor("#2a6fdb"), "budget remaining in the SLO's window"),
+        (colors.red, "0%: budget spent"),
+    ]
+    drawing.add(legend)
+    return drawing
 
 
 def sli_text(slo: dict[str, Any]) -> str:

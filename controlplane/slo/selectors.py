@@ -18,7 +18,7 @@ from agent.protocol import SloThreshold
 from controlplane.fleet import selectors as fleet_selectors
 from controlplane.fleet.models import Deployment, Replica
 from controlplane.slo.choices import Scope, Sli
-from controlplane.slo.models import Slo
+from controlplane.slo.models import Slo, SloRevision
 from controlplane.slo.sli import Counts, tile
 from controlplane.storage.models import Volume
 from controlplane.telemetry.choices import LatencyMetric
@@ -38,26 +38,58 @@ def window_filter(start: datetime, end: datetime, now: datetime) -> Q:
 
 
 def slo_counts(
-    slo: Slo, windows: Mapping[str, tuple[datetime, datetime]], now: datetime
+    slo: Slo,
+    windows: Mapping[str, tuple[datetime, datetime]],
+    now: datetime,
+    revision: SloRevision | None = None,
 ) -> dict[str, Counts]:
-    """Good/total of one SLO over each named window, in one query (only rows of the SLO's
-    own tenant count, whatever a node reported)."""
+    """Good/total of one SLO revision (default: the one in force) over each named window,
+    in one query. Only counts made under the revision's threshold while it was in force
+    count, each window cut to that span, and only rows of the SLO's own tenant, whatever a
+    node reported."""
     if not windows:
         return {}
+    if revision is None:
+        threshold, since, until = slo.threshold_seconds, slo.revision_started_at, None
+    else:
+        threshold, since, until = (
+            revision.threshold_seconds,
+            revision.counts_from,
+            revision.ended_at,
+        )
     aggregates: dict[str, Any] = {}
     for i, (start, end) in enumerate(windows.values()):
-        where = window_filter(start, end, now)
+        start, end = max(start, since or start), min(end, until or end)
+        where = window_filter(start, end, now) if start < end else Q(pk__in=[])
         aggregates[f"good{i}"] = Sum("good", filter=where)
         aggregates[f"total{i}"] = Sum("total", filter=where)
-    row = SloRollup.objects.filter(slo_id=slo.pk, tenant_id=slo.tenant_id).aggregate(**aggregates)
+    row = SloRollup.objects.filter(
+        slo_id=slo.pk,
+        tenant_id=slo.tenant_id,
+        **(
+            {"threshold_seconds__isnull": True}
+            if threshold is None
+            else {"threshold_seconds": threshold}
+        ),
+    ).aggregate(**aggregates)
     return {
         name: Counts(good=int(row[f"good{i}"] or 0), total=int(row[f"total{i}"] or 0))
         for i, name in enumerate(windows)
     }
 
 
+def revisions_in_period(slo: Slo, start: datetime, end: datetime) -> list[SloRevision]:
+    """The SLO's revisions in force at some point of [start, end), oldest first (the first
+    counts as in force from the beginning, see `SloRevision.counts_from`)."""
+    return list(
+        slo.revisions.filter(Q(number=1) | Q(started_at__lt=end))
+        .filter(Q(ended_at__isnull=True) | Q(ended_at__gt=start))
+        .order_by("number")
+    )
+
+
 def deployment_totals(slo: Slo, start: datetime, end: datetime, now: datetime) -> dict[Any, int]:
-    """Events per deployment of one SLO over a window."""
+    """Events per deployment of one SLO over a window, under any of its definitions."""
     rows = (
         SloRollup.objects.filter(
             window_filter(start, end, now), slo_id=slo.pk, tenant_id=slo.tenant_id

@@ -26,8 +26,15 @@ from controlplane.fleet.models import Deployment
 from controlplane.fleet.services import reconcile_fleet
 from controlplane.slo import openslo, selectors, signals
 from controlplane.slo.choices import AlertName, Scope, Sli
-from controlplane.slo.models import Slo, SloStatus
-from controlplane.slo.sli import Counts, burn_rules, duration_label, window_label, window_start
+from controlplane.slo.models import DEFINITION, Slo, SloRevision, SloStatus
+from controlplane.slo.sli import (
+    BurnRule,
+    Counts,
+    burn_rules,
+    duration_label,
+    window_label,
+    window_start,
+)
 from controlplane.storage.models import Volume
 
 # --- Definitions --------------------------------------------------------------------------
@@ -43,18 +50,37 @@ def _roll_out(slo: Slo, cause: str) -> None:
     reconcile_fleet(cause=cause, tenants=[slo.tenant_id], nodes=nodes)
 
 
+def _revision(slo: Slo, number: int, started_at: datetime) -> SloRevision:
+    return SloRevision.objects.create(
+        slo=slo,
+        number=number,
+        threshold_seconds=slo.threshold_seconds,
+        objective=slo.objective,
+        window=slo.window,
+        started_at=started_at,
+    )
+
+
 @transaction.atomic
 def create_slo(**fields: Any) -> Slo:
     slo = core.create(Slo, **fields)
     SloStatus.objects.create(slo=slo)
+    _revision(slo, 1, slo.created_at)
     _roll_out(slo, f"SLO {slo.name} created")
     return slo
 
 
 @transaction.atomic
-def update_slo(slo: Slo, **changes: Any) -> Slo:
+def update_slo(
+    slo: Slo, *, now: datetime | None = None, new_revision: bool = False, **changes: Any
+) -> Slo:
+    """Change an SLO. A new threshold, objective or window (or `new_revision`) starts a new
+    revision at `now`: the old one's counts stay its own, and its alerts resolve."""
     was_storage = slo.sli == Sli.STORAGE_READ
+    before = [getattr(slo, name) for name in DEFINITION]
     core.update(slo, **changes)
+    if new_revision or before != [getattr(slo, name) for name in DEFINITION]:
+        _start_revision(slo, now or timezone.now())
     _roll_out(slo, f"SLO {slo.name} changed")
     if was_storage and slo.sli != Sli.STORAGE_READ:  # its old nodes drop the threshold too
         reconcile_fleet(
@@ -66,11 +92,27 @@ def update_slo(slo: Slo, **changes: Any) -> Slo:
     return slo
 
 
+def _start_revision(slo: Slo, now: datetime) -> None:
+    """Close the revision in force and start the next from the SLO as it is now, with a
+    fresh status: nothing the old definition counted or fired carries over."""
+    SloRevision.objects.filter(slo=slo, ended_at__isnull=True).update(ended_at=now)
+    slo.revision += 1
+    slo.revision_started_at = now
+    slo.save(update_fields=["revision", "revision_started_at", "updated_at"])
+    _revision(slo, slo.revision, now)
+    status = SloStatus.objects.select_for_update().filter(slo=slo).first()
+    if status is not None:
+        _sync(slo, status.firing, {}, {}, now, hold=timedelta(0))
+        fresh = SloStatus(slo=slo)
+        fresh.save(force_update=True)
+        slo.status = fresh
+
+
 @transaction.atomic
 def delete_slo(slo: Slo, now: datetime | None = None) -> None:
     status = SloStatus.objects.select_for_update().filter(slo=slo).first()
     if status is not None:
-        _sync(slo, status.firing, {}, {}, now or timezone.now())
+        _sync(slo, status.firing, {}, {}, now or timezone.now(), hold=timedelta(0))
     tenant_id, sli, name = slo.tenant_id, slo.sli, slo.name
     nodes: list[Any] = []
     if sli == Sli.STORAGE_READ:
@@ -145,6 +187,60 @@ def evaluate(slo_ids: Iterable[Any] | None = None, *, now: datetime | None = Non
     return len(claimed)
 
 
+def _burn_alerts(
+    slo: Slo, rules: list[BurnRule], counts: dict[str, Counts], whole: Counts
+) -> tuple[dict[str, Firing], dict[str, dict[str, str]]]:
+    """One alert per severity, its windows folded together (as Pyrra and the workbook's
+    rules do): it fires while any of its window pairs burns at its factor or more (with
+    enough events in the long window). Returns the firing ones and every one's annotations
+    as of now, so that a resolving alert says the rates it resolved at."""
+    wanted: dict[str, Firing] = {}
+    current: dict[str, dict[str, str]] = {}
+    min_events = settings.SLO_ALERT_MIN_EVENTS
+    for severity in dict.fromkeys(rule.severity for rule in rules):
+        mine = [rule for rule in rules if rule.severity == severity]
+        rates = []
+        for rule in mine:
+            long, short = counts[duration_label(rule.long)], counts[duration_label(rule.short)]
+            rate_long, rate_short = long.burn_rate(slo.objective), short.burn_rate(slo.objective)
+            burning = min(rate_long, rate_short) >= rule.factor and long.total >= min_events
+            rates.append((rule, rate_long, rate_short, burning))
+        labels = {"alertname": mine[0].alertname, **_base_labels(slo)}
+        worst = max(rates, key=lambda r: min(r[1], r[2]) / r[0].factor)
+        rule, rate_long, _, _ = worst
+        firing = any(r[3] for r in rates)
+        summary = (
+            f"SLO {slo.name} is burning its error budget at {rate_long:.1f}x over "
+            f"{duration_label(rule.long)} (threshold {rule.factor:g}x)"
+            if firing
+            else f"SLO {slo.name} burns its error budget under its {severity} thresholds "
+            f"({rate_long:.1f}x over {duration_label(rule.long)})"
+        )
+        windows = "; ".join(
+            f"{r.factor:g}x: {rl:.2f}x over {duration_label(r.long)} and {rs:.2f}x over "
+            f"{duration_label(r.short)}"
+            for r, rl, rs, _ in rates
+        )
+        annotations = {
+            "summary": summary,
+            "description": f"Burn rates against each threshold: {windows}. "
+            f"{whole.budget_remaining(slo.objective):.1%} of the {window_label(slo.window)} "
+            f"budget of revision {slo.revision} remains.",
+            "slo_id": str(slo.pk),
+        }
+        current[_key(labels)] = annotations
+        if firing:
+            wanted[_key(labels)] = Firing(labels, annotations, severity)
+    return wanted, current
+
+
+def _base_labels(slo: Slo) -> dict[str, str]:
+    base = {"tenant": slo.tenant.slug, "slo": slo.name}
+    if slo.scope == Scope.DEPLOYMENT and slo.deployment is not None:
+        base["deployment"] = slo.deployment.name
+    return base
+
+
 def _evaluate_one(status: SloStatus, serving: list[Deployment], now: datetime) -> None:
     slo = status.slo
     rules = burn_rules(slo.window, now)
@@ -160,36 +256,11 @@ def _evaluate_one(status: SloStatus, serving: list[Deployment], now: datetime) -
     status.budget_remaining_ratio = whole.budget_remaining(slo.objective)
     status.burn_rates = {label: c.burn_rate(slo.objective) for label, c in counts.items()}
 
-    wanted: dict[str, Firing] = {}
-    calm: dict[str, dict[str, str]] = {}
-    base = {"tenant": slo.tenant.slug, "slo": slo.name}
-    if slo.scope == Scope.DEPLOYMENT and slo.deployment is not None:
-        base["deployment"] = slo.deployment.name
-    min_events = settings.SLO_ALERT_MIN_EVENTS
-    for rule in rules:
-        long, short = counts[duration_label(rule.long)], counts[duration_label(rule.short)]
-        rate_long, rate_short = long.burn_rate(slo.objective), short.burn_rate(slo.objective)
-        labels = {"alertname": rule.alertname, **base, "window": duration_label(rule.long)}
-        burning = rate_long >= rule.factor and rate_short >= rule.factor
-        annotations = {
-            "summary": f"SLO {slo.name} is burning its error budget at "
-            f"{rate_long:.1f}x (threshold {rule.factor}x)"
-            if burning
-            else f"SLO {slo.name} burns its error budget under {rule.factor}x again",
-            "description": f"Burn rate {rate_long:.2f}x over {duration_label(rule.long)} "
-            f"and {rate_short:.2f}x over {duration_label(rule.short)}; "
-            f"{whole.budget_remaining(slo.objective):.1%} of the "
-            f"{window_label(slo.window)} budget remains.",
-            "slo_id": str(slo.pk),
-        }
-        if burning and long.total >= min_events:
-            wanted[_key(labels)] = Firing(labels, annotations, rule.severity)
-        else:
-            calm[_key(labels)] = annotations
-    if whole.total >= min_events and status.budget_remaining_ratio <= 0:
+    wanted, current = _burn_alerts(slo, rules, counts, whole)
+    if whole.total >= settings.SLO_ALERT_MIN_EVENTS and status.budget_remaining_ratio <= 0:
         labels = {
             "alertname": AlertName.BUDGET_EXHAUSTED,
-            **base,
+            **_base_labels(slo),
             "window": window_label(slo.window),
         }
         wanted[_key(labels)] = Firing(
@@ -203,7 +274,8 @@ def _evaluate_one(status: SloStatus, serving: list[Deployment], now: datetime) -
             "ticket",
         )
     wanted.update(_no_data(slo, serving, now))
-    status.firing = _sync(slo, status.firing, wanted, calm, now)
+    hold = timedelta(seconds=settings.ALERTS_KEEP_FIRING_FOR_S)
+    status.firing = _sync(slo, status.firing, wanted, current, now, hold=hold)
     status.save()
 
 
@@ -213,7 +285,9 @@ def _pct(counts: Counts) -> str:
 
 
 def _no_data(slo: Slo, serving: list[Deployment], now: datetime) -> dict[str, Firing]:
-    """Deployments the SLO covers that have replicas but sent no events for a while."""
+    """Deployments the SLO covers that served it events earlier in its window, and have
+    replicas, but sent none for a while: a deployment that was never used is idle, not
+    silent."""
     quiet = timedelta(seconds=settings.SLO_NO_DATA_AFTER_S)
     since = now - quiet
     candidates = [
@@ -223,10 +297,11 @@ def _no_data(slo: Slo, serving: list[Deployment], now: datetime) -> dict[str, Fi
     ]
     if not candidates:
         return {}
-    totals = selectors.deployment_totals(slo, since, now, now)
+    recent = selectors.deployment_totals(slo, since, now, now)
+    before = selectors.deployment_totals(slo, window_start(slo.window, now), since, now)
     found = {}
     for deployment in candidates:
-        if totals.get(deployment.pk, 0) == 0:
+        if recent.get(deployment.pk, 0) == 0 and before.get(deployment.pk, 0) > 0:
             labels = {
                 "alertname": AlertName.NO_DATA,
                 "tenant": slo.tenant.slug,
@@ -239,8 +314,8 @@ def _no_data(slo: Slo, serving: list[Deployment], now: datetime) -> dict[str, Fi
                 {
                     "summary": f"No {slo.sli} events from deployment {deployment.name} "
                     f"for {duration_label(quiet)}",
-                    "description": "The deployment has placed replicas, but its workers "
-                    "reported no events for this SLO.",
+                    "description": "The deployment served events for this SLO earlier in "
+                    "its window and has placed replicas, but its workers reported none since.",
                     "slo_id": str(slo.pk),
                 },
                 "ticket",
@@ -252,35 +327,51 @@ def _sync(
     slo: Slo,
     firing: dict[str, Any],
     wanted: dict[str, Firing],
-    calm: dict[str, dict[str, str]],
+    current: dict[str, dict[str, str]],
     now: datetime,
+    *,
+    hold: timedelta,
 ) -> dict[str, Any]:
-    """Fire what is newly wanted, resolve what no longer is; returns what now fires. A
-    resolved burn-rate alert says the rates it resolved at (`calm`), not its last firing
-    ones."""
+    """Tell every alert's state as of now; returns what still fires. Like Prometheus'
+    `keep_firing_for`, an alert whose condition turned false keeps firing (`calm_since`
+    notes since when) until it has stayed false for `hold`, so a rate hovering at a
+    threshold fires once and resolves once. Firing alerts are told every evaluation, so
+    their annotations always carry the latest values (`current`)."""
+    still: dict[str, Any] = {}
     for key, alert in wanted.items():
-        if key not in firing:
-            signals.alert_changed.send(
-                sender=Slo,
-                tenant=slo.tenant,
-                labels=alert.labels,
-                annotations=alert.annotations,
-                severity=alert.severity,
-                firing=True,
-                now=now,
-            )
+        _tell(slo, alert.labels, alert.annotations, alert.severity, True, now)
+        still[key] = {
+            "labels": alert.labels,
+            "annotations": alert.annotations,
+            "severity": alert.severity,
+            "calm_since": None,
+        }
     for key, previous in firing.items():
-        if key not in wanted:
-            signals.alert_changed.send(
-                sender=Slo,
-                tenant=slo.tenant,
-                labels=previous["labels"],
-                annotations=calm.get(key, previous["annotations"]),
-                severity=previous["severity"],
-                firing=False,
-                now=now,
-            )
-    return {
-        key: {"labels": a.labels, "annotations": a.annotations, "severity": a.severity}
-        for key, a in wanted.items()
-    }
+        if key in wanted:
+            continue
+        calm_since = previous.get("calm_since") or now.isoformat()
+        annotations = current.get(key, previous["annotations"])
+        resolving = now - datetime.fromisoformat(calm_since) >= hold
+        _tell(slo, previous["labels"], annotations, previous["severity"], not resolving, now)
+        if not resolving:
+            still[key] = {**previous, "annotations": annotations, "calm_since": calm_since}
+    return still
+
+
+def _tell(
+    slo: Slo,
+    labels: dict[str, str],
+    annotations: dict[str, str],
+    severity: str,
+    firing: bool,
+    now: datetime,
+) -> None:
+    signals.alert_changed.send(
+        sender=Slo,
+        tenant=slo.tenant,
+        labels=labels,
+        annotations=annotations,
+        severity=severity,
+        firing=firing,
+        now=now,
+    )

@@ -3,6 +3,7 @@
 from django.dispatch import Signal
 
 alert_changed = Signal()
-"""An SLO alert starts firing (`firing` True) or resolves (False); `tenant`, `labels`,
-`annotations`, `severity`, `firing`, `now`. Sent inside the evaluating (or deleting)
-transaction, only where the alert's state differs from what the last evaluation left."""
+"""An SLO alert fires (`firing` True) or resolves (False); `tenant`, `labels`,
+`annotations`, `severity`, `firing`, `now`. Sent inside the evaluating (or deleting, or
+revising) transaction for every alert firing as of this evaluation, with its latest
+annotations, and once when it resolves; the receiver keeps it idempotent."""

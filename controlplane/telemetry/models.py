@@ -74,7 +74,8 @@ class LatencyRollup(_Rollup):
 
 
 class SloRollup(_Rollup):
-    """Exact good/total against one SLO threshold, as the workers counted it."""
+    """Exact good/total against one SLO threshold, as the workers counted it: a row per
+    threshold, so counts made under an SLO's old definition never merge into its new one."""
 
     tenant = models.ForeignKey("tenancy.Tenant", on_delete=models.CASCADE, related_name="+")
     deployment = models.ForeignKey(
@@ -89,7 +90,7 @@ class SloRollup(_Rollup):
     class Meta:
         constraints = [
             models.UniqueConstraint(
-                fields=["resolution", "bucket", "slo_id", "deployment"],
+                fields=["resolution", "bucket", "slo_id", "deployment", "threshold_seconds"],
                 name="slo_rollup_key",
                 nulls_distinct=False,
             )

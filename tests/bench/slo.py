@@ -21,7 +21,10 @@ The first failing request is taken at the start of the first failing batch's int
 evaluation that fired (WebSocket, ingest flush and rollup commit, the `slo.evaluate` task
 through Redis to Celery, the per-SLO debounce, and a later batch's turn when the first
 one's evaluation was skipped); evaluation -> alert and outbox message written; outbox ->
-the send starting (commit, the delivery task through Celery); send -> the receiver. Beside
+the send starting (the group wait, commit, the delivery task through Celery); send -> the
+receiver. `notifications_per_incident`: the most webhooks one round's outage queued to
+the one endpoint (alerts are grouped per SLO and severity: a page and a ticket), with the
+alerts' hold time (`keep_firing_for_s`) in force. Beside
 the chain, `ingest_ack`: batch sent -> its ack, which the control plane sends once the
 rollups are committed (the evaluation may start before the ack is back).
 
@@ -348,17 +351,25 @@ def page_receiver() -> Any:
 
 def pages(deliveries: list[Any], slo_name: str, status: str) -> list[Any]:
     """The verified SLOBurnRatePage deliveries about one SLO in one status."""
-    found = []
-    for delivery in deliveries:
-        labels = delivery.body["alerts"][0]["labels"]
-        if (
-            delivery.verified_by
-            and delivery.body["status"] == status
-            and labels.get("alertname") == PAGE
-            and labels.get("slo") == slo_name
-        ):
-            found.append(delivery)
-    return found
+    return [
+        delivery
+        for delivery in deliveries
+        if delivery.verified_by
+        and any(
+            alert["status"] == status
+            and alert["labels"].get("alertname") == PAGE
+            and alert["labels"].get("slo") == slo_name
+            for alert in delivery.body["alerts"]
+        )
+    ]
+
+
+def notifications(slo_name: str) -> int:
+    """Webhooks the SLO's incident sent or queued, to every endpoint (grouped: its page,
+    and apart from it its tickets)."""
+    from controlplane.alerts.models import OutboxMessage
+
+    return OutboxMessage.objects.filter(group__labels__slo=slo_name).count()
 
 
 def stored_events(slo_id: UUID) -> int:
@@ -373,19 +384,20 @@ def stored_events(slo_id: UUID) -> int:
 
 def stages(feed: NodeFeed, receiver: Any, slo: Any) -> dict[str, float]:
     """Where one round's time went, from the first failing request to the first page."""
-    from controlplane.alerts.models import OutboxMessage
+    from controlplane.alerts.models import Alert, OutboxMessage
 
     page = min(
         pages(receiver.deliveries, slo.name, "firing"),
         key=lambda d: receiver.arrived[d.headers["webhook-id"]],
     )
     webhook_id = page.headers["webhook-id"]
-    message = OutboxMessage.objects.select_related("alert").get(webhook_id=webhook_id)
+    message = OutboxMessage.objects.get(webhook_id=webhook_id)
     attempt = message.deliveries.order_by("started_at").first()
+    alert = Alert.objects.get(labels__alertname=PAGE, labels__slo=slo.name)
     first = feed.first_failing(slo.pk)
     assert first is not None and first.acked_at is not None, "no failing batch was acked"
     assert first.outcome == "stored", f"the first failing batch was {first.outcome}"
-    fired = message.alert.starts_at.timestamp()  # the `now` of the evaluation that fired
+    fired = alert.starts_at.timestamp()  # the `now` of the evaluation that fired
     marks = [
         first.interval_start.timestamp(),
         first.interval_end.timestamp(),
@@ -469,13 +481,23 @@ def detect_to_webhook(args: argparse.Namespace, progress: tqdm) -> dict[str, Any
 
                     wait(paged, args.page_timeout, "the page", procs)
                     feed.failing, feed.slo_ids = False, ()
-                    wait(  # the attempts are recorded once the receiver has answered
-                        lambda: not OutboxMessage.objects.filter(status="pending").exists(),
+
+                    def page_recorded(name: str = slo.name) -> bool:
+                        return OutboxMessage.objects.filter(
+                            group__labels__slo=name,
+                            group__labels__severity="page",
+                            status="delivered",
+                        ).exists()
+
+                    wait(  # the attempt is recorded once the receiver has answered
+                        page_recorded,
                         60,
-                        "the outbox to drain",
+                        "the page's delivery to be recorded",
                         procs,
                     )
-                    rounds.append(stages(feed, receiver, slo))
+                    rounds.append(
+                        {**stages(feed, receiver, slo), "notifications": notifications(slo.name)}
+                    )
                     delete_slo(slo)  # resolves its alerts; the next round starts afresh
                     progress.set_postfix_str(f"round {index}: {rounds[-1]['total']:.2f} s")
                     progress.update()
@@ -486,6 +508,9 @@ def detect_to_webhook(args: argparse.Namespace, progress: tqdm) -> dict[str, Any
         "detect_goal_s": 60.0,
         "detect_rounds": len(rounds),
         "detect_requests_per_s": args.rate,
+        "notifications_per_incident": max(r["notifications"] for r in rounds),
+        "keep_firing_for_s": settings.ALERTS_KEEP_FIRING_FOR_S,
+        "group_wait_s": settings.ALERTS_GROUP_WAIT_S,
     }
     for stage in (*STAGES, "ingest_ack"):
         values = [r[stage] for r in rounds]

@@ -5,9 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from controlplane.alerts import services as alerts
 from tests.controlplane.alerts_helpers import fire
 from tests.controlplane.conftest import World
+
+
+@pytest.fixture(autouse=True)
+def _notify_at_once(settings: Any) -> None:
+    """Each change is sent as soon as it happens: no group wait or interval to sit out."""
+    settings.ALERTS_GROUP_WAIT_S = 0
+    settings.ALERTS_GROUP_INTERVAL_S = 0
 
 
 def test_alerts_are_listed_and_filtered_by_state_and_severity(

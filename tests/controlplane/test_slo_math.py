@@ -30,7 +30,11 @@ def record(slo: Any, at: datetime, good: int, total: int, deployment: Any = None
             bucket=floor_to(at, resolution),
             slo_id=slo.pk,
             deployment=deployment,
-            defaults={"tenant_id": slo.tenant_id, "metric": slo.sli},
+            defaults={
+                "tenant_id": slo.tenant_id,
+                "metric": slo.sli,
+                "threshold_seconds": slo.threshold_seconds,
+            },
         )
         SloRollup.objects.filter(pk=row.pk).update(good=F("good") + good, total=F("total") + total)
 
@@ -51,6 +55,7 @@ def record_many(slo: Any, entries: list[tuple[datetime, int, int]], deployment: 
             deployment=deployment,
             tenant_id=slo.tenant_id,
             metric=slo.sli,
+            threshold_seconds=slo.threshold_seconds,
             good=good,
             total=total,
         )

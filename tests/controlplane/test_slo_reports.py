@@ -12,7 +12,7 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from controlplane.slo import services
+from controlplane.slo import reports, services
 from controlplane.slo.sli import floor_to
 from controlplane.telemetry.choices import Resolution
 from controlplane.telemetry.models import LatencyRollup
@@ -163,3 +163,49 @@ def test_console_report_page(world: World, period: Any) -> None:
     assert client.get(f"/console/tenants/{world.tenant_b.id}/slo-report/").status_code == 404
     client.force_login(world.platform)
     assert client.get(f"/console/tenants/{world.tenant_b.id}/slo-report/").status_code == 200
+
+
+def test_a_report_spanning_a_threshold_change_reports_each_revision_apart(
+    world: World,
+) -> None:
+    """The issue's report: counts made under the old threshold are never relabelled by a
+    new one, and each revision's achieved, consumed and remaining budget agree."""
+    now = timezone.now()
+    chat = make_deployment(world.tenant_a, "chat")
+    slo = make_slo(world.tenant_a, name="tpot", sli="tpot", threshold_seconds=0.008)
+    record(slo, now - timedelta(minutes=50), good=700, total=1000, deployment=chat)
+    changed = now - timedelta(minutes=30)
+    services.update_slo(slo, threshold_seconds=0.122, now=changed)
+    slo.refresh_from_db()
+    record(slo, now - timedelta(minutes=20), good=998, total=1000, deployment=chat)
+
+    report = reports.build(world.tenant_a, now - timedelta(hours=1), now, now)
+    (tpot,) = report["slos"]
+    old, new = tpot["revisions"]
+    assert (old["revision"], old["threshold_seconds"], old["good"], old["total"]) == (
+        1,
+        0.008,
+        700,
+        1000,
+    )
+    assert (new["revision"], new["threshold_seconds"], new["good"], new["total"]) == (
+        2,
+        0.122,
+        998,
+        1000,
+    )
+    assert old["to"] == new["from"] == changed.isoformat()
+    for part in (old, new):
+        assert part["bad"] == part["total"] - part["good"]
+        assert part["budget_consumed_ratio"] == pytest.approx(part["bad"] / part["allowed_bad"])
+        assert part["budget_remaining_ratio"] == pytest.approx(1 - part["budget_consumed_ratio"])
+    assert new["budget_consumed_ratio"] == pytest.approx(0.2)
+    assert tpot["threshold_seconds"] == 0.122 and tpot["achieved_ratio"] == 0.998  # the latest
+    assert "allowed bad events = (1 - objective) x events" in report["budget_note"]
+    assert {p["revision"] for p in tpot["burn"]} == {1, 2}
+    rows = list(csv.DictReader(io.StringIO(reports.to_csv(report))))
+    assert [(r["revision"], r["good"]) for r in rows if r["record"] == "slo"] == [
+        ("1", "700"),
+        ("2", "998"),
+    ]
+    assert reports.to_pdf(report).startswith(b"%PDF")

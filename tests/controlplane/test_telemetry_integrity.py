@@ -19,6 +19,7 @@ from controlplane.asgi import application
 from controlplane.fleet import services as fleet
 from controlplane.fleet.services import issue_revisions
 from controlplane.inventory.models import Node
+from controlplane.slo import services as slo_services
 from controlplane.storage.models import Volume
 from controlplane.telemetry import services
 from controlplane.telemetry.models import CounterRollup, LatencyRollup, NodeStream, SloRollup
@@ -201,6 +202,32 @@ def test_a_replica_that_moved_away_may_report_for_a_grace_period(placed: Placed)
     # A backfill of its own time is judged by the revisions of that time.
     earlier = services.store_batches([from_old_node(3, now - timedelta(seconds=30))]).acks
     assert [a.outcome for a in earlier] == ["stored"]
+
+
+def test_counts_under_an_old_and_a_new_threshold_never_share_a_row(placed: Placed) -> None:
+    """A threshold change mid-bucket: the late counts made under the old threshold and the
+    first under the new one land in separate rows at every resolution."""
+    now = datetime.now(UTC)
+    slo_services.update_slo(placed.slo, threshold_seconds=1.0, now=now)
+
+    def counted(seq: int, threshold: float) -> TelemetryBatch:
+        return batch(
+            placed.serving,
+            seq,
+            deployment=placed.chat,
+            ttft=[0.2, 0.7],
+            slo_id=placed.slo.pk,
+            threshold=threshold,
+            end=now,
+        )
+
+    acks = services.store_batches([counted(1, 0.5), counted(2, 1.0)], now=now).acks
+    assert [a.outcome for a in acks] == ["stored", "stored"]
+    rows = SloRollup.objects.filter(slo_id=placed.slo.pk)
+    for resolution in (10, 60, 3600):
+        assert sorted(
+            rows.filter(resolution=resolution).values_list("threshold_seconds", "good", "total")
+        ) == [(0.5, 1, 2), (1.0, 2, 2)]
 
 
 def junk_sketch(node: Node, seq: int, placed: Placed, sketch: str) -> str:

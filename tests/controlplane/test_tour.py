@@ -13,9 +13,12 @@ from django.utils import timezone
 from standardwebhooks import Webhook
 
 from controlplane import tour
+from controlplane.alerts import services as alerts
+from controlplane.alerts.models import Alert, OutboxMessage
 from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Deployment
-from controlplane.slo.models import Slo
+from controlplane.slo import services
+from controlplane.slo.models import Slo, SloStatus
 from controlplane.telemetry.choices import Resolution
 from controlplane.telemetry.models import LatencyRollup
 from controlplane.telemetry.pipeline.merge import bucket_of
@@ -69,6 +72,39 @@ def test_the_tpot_threshold_is_fitted_to_what_acme_measured_since_the_start(acme
     slo = Slo.objects.get(tenant=acme, name="chat-tpot")
     assert slo.threshold_seconds == threshold
     assert f"{threshold * 1000:.1f} ms" in slo.display_name
+    # the fitted threshold starts the revision the story is told against (the first try,
+    # without enough data, started one too: counts from then on, not before)
+    assert slo.revision == 3 and slo.revision_started_at is not None
+    assert slo.revisions.get(number=2).threshold_seconds == 0.05
+
+
+def test_a_second_run_on_kept_data_starts_a_fresh_story(acme: Any) -> None:
+    slo = Slo.objects.get(tenant=acme, name="chat-tpot")
+    services.update_slo(slo, threshold_seconds=0.02)
+    alerts.sync_alert(
+        tenant=acme,
+        labels={"alertname": "SLOBurnRatePage", "tenant": acme.slug, "slo": "chat-tpot"},
+        annotations={},
+        severity="page",
+        firing=True,
+    )
+    SloStatus.objects.filter(slo=slo).update(
+        firing={
+            "k": {
+                "labels": {"alertname": "SLOBurnRatePage", "tenant": acme.slug, "slo": "chat-tpot"},
+                "annotations": {},
+                "severity": "page",
+            }
+        },
+        budget_remaining_ratio=-25.0,
+    )
+    tour.seed_tour(acme, "http://127.0.0.1:9/alerts")
+    slo.refresh_from_db()
+    assert slo.threshold_seconds == 0.05 and slo.revision == 3  # seeded again, anew
+    status = SloStatus.objects.get(slo=slo)
+    assert status.budget_remaining_ratio == 1.0 and status.firing == {}
+    assert not Alert.objects.filter(state="firing").exists()  # the last run's are history
+    assert not OutboxMessage.objects.exists()  # and nothing about them goes to this run
 
 
 def test_the_receiver_keeps_verified_deliveries_and_refuses_the_rest(acme: Any) -> None:

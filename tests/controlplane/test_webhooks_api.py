@@ -21,6 +21,14 @@ from tests.controlplane.alerts_helpers import (
 )
 from tests.controlplane.conftest import World
 
+
+@pytest.fixture(autouse=True)
+def _notify_at_once(settings: Any) -> None:
+    """Each change is sent as soon as it happens: no group wait or interval to sit out."""
+    settings.ALERTS_GROUP_WAIT_S = 0
+    settings.ALERTS_GROUP_INTERVAL_S = 0
+
+
 BASE = "/api/v1/webhook-endpoints/"
 
 

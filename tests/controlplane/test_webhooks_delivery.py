@@ -24,6 +24,13 @@ from tests.controlplane.alerts_helpers import (
 from tests.controlplane.conftest import World
 
 
+@pytest.fixture(autouse=True)
+def _notify_at_once(settings: Any) -> None:
+    """Each change is sent as soon as it happens: no group wait or interval to sit out."""
+    settings.ALERTS_GROUP_WAIT_S = 0
+    settings.ALERTS_GROUP_INTERVAL_S = 0
+
+
 def _messages(endpoint: Any) -> list[OutboxMessage]:
     return list(OutboxMessage.objects.filter(endpoint=endpoint).order_by("created_at"))
 
@@ -76,17 +83,23 @@ def test_an_alert_fires_and_resolves_once_each_signed_in_alertmanager_v4(world: 
 
 
 def test_firing_again_after_resolving_opens_a_new_episode(world: World) -> None:
-    make_endpoint(world.tenant_a)
-    first = fire(world.tenant_a)
-    fire(world.tenant_a, firing=False)
-    second = fire(world.tenant_a)
-    assert second.pk != first.pk and second.fingerprint == first.fingerprint
-    assert list(OutboxMessage.objects.order_by("created_at").values_list("event", flat=True)) == [
-        "firing",
-        "resolved",
-        "firing",
+    with receiving(Receiver(secrets=[])) as receiver:
+        issued = make_endpoint(world.tenant_a, receiver.url)
+        receiver.secrets.append(issued.secret)
+        first = fire(world.tenant_a)
+        fire(world.tenant_a, firing=False)
+        second = fire(world.tenant_a)
+        assert second.pk != first.pk and second.fingerprint == first.fingerprint
+        assert Alert.objects.filter(state="firing").count() == 1
+        # nothing was sent yet: the waiting message takes every change along, as one
+        (message,) = _messages(issued.obj)
+        assert alerts.deliver(message.pk) == "delivered"
+    (body,) = (d.body for d in receiver.deliveries)
+    assert body["status"] == "firing"
+    assert [(a["status"], a["startsAt"]) for a in body["alerts"]] == [
+        ("resolved", first.starts_at.isoformat().replace("+00:00", "Z")),
+        ("firing", second.starts_at.isoformat().replace("+00:00", "Z")),
     ]
-    assert Alert.objects.filter(state="firing").count() == 1
 
 
 def test_messages_are_written_in_the_transaction_and_sent_after_commit(
@@ -98,7 +111,7 @@ def test_messages_are_written_in_the_transaction_and_sent_after_commit(
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         fire(world.tenant_a)
         assert OutboxMessage.objects.count() == 2  # one per enabled endpoint, already there
-    assert len(callbacks) == 1  # the delivery tasks go out only once it is committed
+    assert len(callbacks) == 2  # the delivery tasks go out only once it is committed
 
 
 def test_slack_and_pagerduty_shapes(world: World) -> None:
@@ -113,10 +126,11 @@ def test_slack_and_pagerduty_shapes(world: World) -> None:
         )
         receiver.secrets += [slack.secret, pd.secret]
         alert = fire(world.tenant_a, instance="node-7")
-        fire(world.tenant_a, firing=False, instance="node-7")
-        for message in OutboxMessage.objects.order_by("created_at"):
-            assert "routing_key" not in message.payload  # added at send time only
-            assert alerts.deliver(message.pk) == "delivered"
+        for firing in (True, False):
+            fire(world.tenant_a, firing=firing, instance="node-7")
+            for message in OutboxMessage.objects.filter(status="pending"):
+                assert alerts.deliver(message.pk) == "delivered"
+        assert all("routing_key" not in m.payload for m in OutboxMessage.objects.all())
 
     assert all(d.verified_by for d in receiver.deliveries)
     slack_firing, slack_resolved = (d.body for d in receiver.deliveries if "blocks" in d.body)
@@ -304,10 +318,11 @@ def test_a_resolve_waits_for_its_trigger_and_a_claim_is_taken_once(world: World)
     with receiving(Receiver(secrets=[], script=[(500, {})])) as receiver:
         issued = make_endpoint(world.tenant_a, receiver.url)
         fire(world.tenant_a)
+        (firing,) = _messages(issued.obj)
+        assert alerts.deliver(firing.pk) == "pending"  # 500: retried later
         fire(world.tenant_a, firing=False)
         firing, resolved = _messages(issued.obj)
         assert alerts.deliver(resolved.pk) == "not due"  # its trigger is still pending
-        assert alerts.deliver(firing.pk) == "pending"  # 500: retried later
         assert alerts.deliver(firing.pk) == "not due"  # not before its time
         assert alerts.deliver(resolved.pk) == "not due"
         make_due(firing)

@@ -55,8 +55,10 @@ class SloSerializer(CreateOnlyMixin, StrictSerializer):
             "threshold_seconds",
             "objective",
             "window",
+            "revision",
+            "revision_started_at",
             "status",
             "created_at",
             "updated_at",
         ]
-        read_only_fields = ["id", "created_at", "updated_at"]
+        read_only_fields = ["id", "revision", "revision_started_at", "created_at", "updated_at"]

@@ -67,7 +67,7 @@ class Rollups:
     """One flush's worth of merged measurements, keyed as the rollup tables are."""
 
     latency: dict[tuple[int, datetime, UUID, UUID | None, str], SketchSum]
-    slo: dict[tuple[int, datetime, UUID, UUID | None], list[Any]]
+    slo: dict[tuple[int, datetime, UUID, UUID | None, float | None], list[Any]]
     counters: dict[tuple[int, datetime, UUID, UUID | None, str], int]
     gauges: GaugeBuckets
 
@@ -92,7 +92,7 @@ class Rollups:
                 for count in series.thresholds:
                     metric = "availability" if count.threshold_seconds is None else series.metric
                     row = slo.setdefault(
-                        (ten, bucket, count.slo_id, series.deployment_id),
+                        (ten, bucket, count.slo_id, series.deployment_id, count.threshold_seconds),
                         [series.tenant_id, metric, count.threshold_seconds, 0, 0],
                     )
                     row[3] += count.good

@@ -176,7 +176,7 @@ def write_rollups(rollups: Rollups) -> None:
     _upsert(
         SloRollup,
         rollups.slo,
-        key=lambda r: (r.resolution, r.bucket, r.slo_id, r.deployment_id),
+        key=lambda r: (r.resolution, r.bucket, r.slo_id, r.deployment_id, r.threshold_seconds),
         narrow={"slo_id__in": {k[2] for k in rollups.slo}},
         build=lambda k, i: SloRollup(
             resolution=k[0],
