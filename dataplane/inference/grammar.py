@@ -74,9 +74,17 @@ class Grammars:
     """
 
     def __init__(self, tokenizer_json: str, vocab: int, eos_token_ids: Sequence[int]) -> None:
-        self._tokenizer = llguidance.LLTokenizer(
-            tokenizer_json, n_vocab=vocab, eos_token=list(eos_token_ids)
-        )
+        self._tokenizer: llguidance.LLTokenizer | None = None
+        self._unusable = ""
+        try:
+            self._tokenizer = llguidance.LLTokenizer(
+                tokenizer_json, n_vocab=vocab, eos_token=list(eos_token_ids)
+            )
+        except ValueError as exc:  # e.g. a tokenizer.json without a decoder: serve, unconstrained
+            self._unusable = str(exc)
+            log.warning(
+                "structured output is off: the grammar library cannot read the tokenizer (%s)", exc
+            )
         self._vocab = vocab
         self._compiled = lru_cache(maxsize=GRAMMAR_CACHE_SIZE)(self._compile)
 
@@ -87,6 +95,8 @@ class Grammars:
         return self._compiled(json.dumps(schema, separators=(",", ":")))
 
     def _compile(self, schema: str) -> Grammar:
+        if self._tokenizer is None:
+            raise GrammarError(f"this model's tokenizer cannot drive a grammar ({self._unusable})")
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
                 schema, defaults={"whitespace_flexible": True}

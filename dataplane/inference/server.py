@@ -461,7 +461,7 @@ class InferenceApp:
         except GrammarError as exc:
             raise ApiError(
                 400,
-                f"response_format has a schema that cannot be served: {exc}",
+                f"response_format cannot be served: {exc}",
                 param="response_format",
                 code="invalid_value",
             ) from None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,31 @@ def test_formats_that_cannot_be_served_are_400s_naming_response_format(
         extra_body={"response_format": {"type": "text"}},
     )
     assert text.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_tokenizer_the_grammar_library_cannot_read_serves_text_and_refuses_formats(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """A tokenizer.json without a decoder (word-level vocabularies often have none): the
+    worker still serves, and only response_format is refused, saying why."""
+    plain = tmp_path / "model"
+    shutil.copytree(model_dir, plain)
+    tokenizer = json.loads((plain / "tokenizer.json").read_text())
+    tokenizer["decoder"] = None
+    (plain / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with WorkerProcess(worker_config(plain, tmp_path / "cache", {"t": KEY}), tmp_path) as w:
+        client = openai.OpenAI(base_url=f"{w.base_url}/v1", api_key=KEY, max_retries=0)
+        text = client.completions.create(model="synthetic", prompt="x", max_tokens=3)
+        assert text.usage is not None and text.usage.completion_tokens >= 1
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(
+                model="synthetic",
+                prompt="x",
+                max_tokens=3,
+                extra_body={"response_format": JSON_OBJECT},
+            )
+    assert caught.value.param == "response_format"
+    assert "tokenizer cannot drive a grammar" in str(caught.value)
 
 
 @pytest.fixture(scope="module")
