@@ -1,5 +1,6 @@
 """Text <-> tokens for the worker: ``tokenizer.json`` via the ``tokenizers`` library, and
-the model's chat template from ``tokenizer_config.json``.
+the model's chat template from ``chat_template.jinja`` (where transformers 4.43 and later
+save it) or else ``tokenizer_config.json``, the order transformers loads them in.
 
 Text is encoded with the tokenizer's own special-token rules, so a post-processor that
 adds BOS (Llama, Mistral, Gemma) adds it here as it does in transformers and vLLM. Chat
@@ -25,6 +26,8 @@ from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
 from dataplane.inference.model import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, read_json
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 # For models that ship none: ``<|ROLE|>\n{content}<|end|>\n`` per message, tool calls as
 # their JSON, and ``<|assistant|>\n`` to prompt the reply.
@@ -89,6 +92,8 @@ class TextTokenizer:
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if (model_dir / CHAT_TEMPLATE_FILE).is_file():
+            template = (model_dir / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
         self.has_chat_template = isinstance(template, str)
         self._template = _environment().from_string(
             template if isinstance(template, str) else DEFAULT_CHAT_TEMPLATE

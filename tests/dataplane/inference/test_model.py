@@ -251,6 +251,15 @@ def test_chat_is_rendered_with_the_models_template(instruct_dir: Path, model_dir
         "<|system|>\nBe brief.<|end|>\n<|user|>\nWeather?<|end|>\n<|assistant|>\n"
     )
 
+    # transformers 4.43 and later save the template as chat_template.jinja, which wins
+    # over tokenizer_config.json's as it does when transformers loads the directory.
+    (bare / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m['role'] }}]{% endfor %}"
+    )
+    shutil.copy(instruct_dir / "tokenizer_config.json", bare / "tokenizer_config.json")
+    saved = TextTokenizer(bare)
+    assert saved.has_chat_template and saved.chat_text(messages[:2]) == "[system][user]"
+
 
 def test_generation_config_adds_stop_ids_and_sampling_defaults(instruct_dir: Path) -> None:
     config = json.loads((instruct_dir / "config.json").read_text())
