@@ -19,6 +19,7 @@ from agent.discovery import discover
 from agent.enroll import EnrollmentError, Identity, load_or_enroll
 from agent.gauges import AppliedComponents, GpuGauges, HostGauges, StorageGauges, WorkerStats
 from agent.metrics import AgentCollector, MetricsServer
+from agent.privileges import worker_account
 from agent.protocol import EXPORT_NQN_PREFIX, ArtifactRef, Inventory, decode_public_key
 from agent.reconciler import Reconciler
 from agent.runner import NodeAgent, RootTaskFailed
@@ -72,6 +73,7 @@ async def run_agent(settings: AgentSettings) -> None:
         )
 
     stop = _stop_on_signals()
+    account = worker_account(settings.worker_user)
     facts = await asyncio.to_thread(inventory)
     async with httpx.AsyncClient(timeout=30) as http:
         anon = ControlPlaneClient(http, settings.control_plane_url)
@@ -80,12 +82,15 @@ async def run_agent(settings: AgentSettings) -> None:
         )
         log.info("node %s (%s) consuming %s", identity.node_id, settings.hostname, identity.queue)
         client = anon.with_credential(identity.credential)
+        supervisor = SupervisorSettings(
+            work_dir=settings.state_dir, keep_workers=settings.keep_workers, account=account
+        )
+        if account is not None:
+            log.info("inference workers run as %s", account.name)
+            await asyncio.to_thread(account.probe, supervisor.python, settings.state_dir)
         storage = open_storage(settings, facts)
         stager = ModelStager(storage.file_volumes, settings.control_plane_url, identity.credential)
-        workers = WorkerSupervisor(
-            SupervisorSettings(work_dir=settings.state_dir, keep_workers=settings.keep_workers),
-            stager,
-        )
+        workers = WorkerSupervisor(supervisor, stager)
         applied = AppliedComponents(settings.state_dir / "applied-components.json")
         # Storage first: a worker's model is staged into a volume the storage driver made.
         reconciler = Reconciler(

@@ -51,8 +51,14 @@ class AgentSettings(BaseSettings):
     keep_workers: bool = False
     """Leave inference workers serving when the agent stops, for the next agent to adopt
     (production, with systemd's KillMode=process): an agent restart drops no request."""
+    worker_user: str | None = None
+    """The account inference workers run as when the agent runs as root (an agent that is
+    not root starts them as itself and ignores this). Unset: `tailguard-inference`, which the
+    packages create (deploy/systemd/tailguard-agent.sysusers.conf, the agent's image), or
+    `nobody` on a host without it, with a warning. A name with no account on the host stops
+    the agent with an error naming this setting; `root` keeps workers root."""
 
-    @field_validator("bootstrap_token", "spdk_rpc_socket", mode="before")
+    @field_validator("bootstrap_token", "spdk_rpc_socket", "worker_user", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """`TAILGUARD_AGENT_SPDK_RPC_SOCKET=` unsets what the file set."""

@@ -6,7 +6,8 @@ change that a running worker can take (keys, tenants, batching knobs, thresholds
 written to its file and signalled with SIGHUP, so requests in flight are not dropped;
 a change to what it serves (model, runtime) replaces the process. A worker that dies
 or stops answering its health check is restarted with exponential backoff. With
-`keep_workers`, workers outlive the agent and the next one adopts them.
+`keep_workers`, workers outlive the agent and the next one adopts them. An agent running
+as root starts them as an unprivileged account (agent/privileges.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from uuid import UUID
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
+from agent.privileges import WorkerAccount, worker_environment
 from agent.protocol import SYNTHETIC_SCHEME, ArtifactRef, ComponentResult, Components, WorkerSpec
 from agent.retry import backoff
 from agent.staging import ModelStager
@@ -59,6 +61,8 @@ class SupervisorSettings:
     keep_workers: bool = False
     """Workers run in sessions of their own and keep serving when the agent stops, for the
     next agent to adopt; otherwise they stop with it."""
+    account: WorkerAccount | None = None
+    """The account workers run as; None: the agent's own."""
 
 
 def materialize_model(
@@ -78,6 +82,15 @@ def materialize_model(
         return stager.stage(spec.artifact, spec.volume)
     cache_dir = work_dir / "cache" / str(spec.deployment_id)
     return _synthetic_model(spec.artifact, work_dir / "models"), cache_dir
+
+
+def open_to_worker(account: WorkerAccount, model_dir: Path, cache_dir: Path, root: Path) -> None:
+    """Let the worker account read its model and write its cache, passing through the
+    directories of `root` on the way and reading nothing else there."""
+    account.may_read(model_dir)
+    account.owns(cache_dir)
+    account.may_pass(model_dir.parent, root)
+    account.may_pass(cache_dir.parent, root)
 
 
 _SYNTHETIC_FLAGS = {f.name for f in fields(SyntheticModelSpec) if f.type in ("bool", bool)}
@@ -202,10 +215,12 @@ class ManagedWorker:
     """One worker process and the task that keeps it alive.
 
     Each start gets a fresh nonce; the worker takes the spec's port or, without one, any
-    free port, and announces it in `endpoint.json`. Nothing counts as this worker until its
+    free port, and announces it in `run/endpoint.json`. Nothing counts as this worker until its
     `/health` answers with the replica id and that nonce, so a process of another
     installation on the same port is never mistaken for it. `process.json` records the
     running start, so a restarted agent can adopt the worker instead of replacing it.
+    A worker of another account reads its config and writes `run/` only: the record the
+    agent signals by stays out of its reach.
     """
 
     def __init__(
@@ -219,8 +234,13 @@ class ManagedWorker:
         self._settings = settings
         self._dir = settings.work_dir / "workers" / str(spec.replica_id)
         self._dir.mkdir(parents=True, exist_ok=True)
+        self._run = self._dir / "run"
+        self._run.mkdir(exist_ok=True)
+        if settings.account is not None:
+            settings.account.owns(self._run)
+            settings.account.may_pass(self._dir, settings.work_dir)
         self.config_path = self._dir / "config.json"
-        self._endpoint = self._dir / "endpoint.json"
+        self._endpoint = self._run / "endpoint.json"
         self._record = self._dir / "process.json"
         self._process: WorkerProcess | None = None
         self._ready = asyncio.Event()
@@ -235,6 +255,8 @@ class ManagedWorker:
     def write_config(self, config: WorkerConfig) -> None:
         tmp = self.config_path.with_suffix(".tmp")
         tmp.write_text(config.model_dump_json())
+        if self._settings.account is not None:
+            self._settings.account.may_read(tmp)
         tmp.replace(self.config_path)
         self.config = config
 
@@ -293,7 +315,17 @@ class ManagedWorker:
         self.nonce = secrets.token_hex(16)
         self.port = self.spec.port
         self._endpoint.unlink(missing_ok=True)
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, self.spec.gpu_indices))}
+        env = worker_environment()
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.spec.gpu_indices))
+        account = self._settings.account
+        identity: dict[str, Any] = {}
+        if account is not None:
+            env.update(HOME=str(self._run), USER=account.name, LOGNAME=account.name)
+            identity = {
+                "user": account.uid,
+                "group": account.gid,
+                "extra_groups": list(account.groups),
+            }
         log_file = open(self._dir / "worker.log", "ab")  # noqa: SIM115  (owned by the child)
         try:
             return await asyncio.create_subprocess_exec(
@@ -319,7 +351,12 @@ class ManagedWorker:
                 stderr=log_file,
                 # Its own session outlives the agent's, so an agent restart drops no request.
                 start_new_session=self._settings.keep_workers,
+                **identity,
             )
+        except OSError as exc:
+            who = f" as {account.name} (setting worker_user)" if account else ""
+            self._failed = f"cannot start {self._settings.python}{who}: {exc}"
+            raise _WorkerDown(self._failed) from exc
         finally:
             log_file.close()
 
@@ -473,6 +510,14 @@ class WorkerSupervisor:
             model_dir, cache_dir = await asyncio.to_thread(
                 materialize_model, spec, self._settings.work_dir, self._stager
             )
+            if self._settings.account is not None:
+                await asyncio.to_thread(
+                    open_to_worker,
+                    self._settings.account,
+                    model_dir,
+                    cache_dir,
+                    self._settings.work_dir,
+                )
             config = render_config(spec, components, model_dir, cache_dir)
             current = self.workers.get(spec.replica_id)
             if current is not None and self._same_process(current, spec, config):

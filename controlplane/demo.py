@@ -18,10 +18,12 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,6 +32,7 @@ from django.core.management import call_command
 from django.db import transaction
 from django.utils import timezone
 
+from agent.privileges import WorkerUserError, worker_account
 from controlplane import processes, tour
 from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Deployment, Replica
@@ -154,6 +157,27 @@ def _report_alert(status: str, alert: dict[str, Any]) -> None:
     )
 
 
+def _worker_user(state_dir: Path) -> dict[str, str]:
+    """As root, the demo's agent runs its worker as an unprivileged account, as on a node;
+    where that account cannot run this checkout's Python (a virtualenv in root's home, say),
+    the worker runs as root and the demo says so instead of failing."""
+    if os.geteuid() != 0 or os.environ.get("TAILGUARD_AGENT_WORKER_USER"):
+        return {}
+    try:
+        account = worker_account(None)
+        if account is not None:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            account.probe(sys.executable, state_dir)
+    except WorkerUserError as exc:
+        print(
+            f"The inference worker runs as root in this demo: {exc}. On a node it runs as "
+            "tailguard-inference (docs/operations.md).",
+            flush=True,
+        )
+        return {"TAILGUARD_AGENT_WORKER_USER": "root"}
+    return {}
+
+
 def _interrupt(*_: object) -> None:
     """Ctrl-C or SIGTERM, at any stage: unwind, so every started child is stopped."""
     raise KeyboardInterrupt
@@ -192,7 +216,10 @@ def _run(
         spawn(
             "agent",
             processes.agent(base, bootstrap, data / "agent", socket.gethostname()),
-            env={"TAILGUARD_AGENT_METRICS_PORT": str(ports.agent_metrics)},
+            env={
+                "TAILGUARD_AGENT_METRICS_PORT": str(ports.agent_metrics),
+                **_worker_user(data / "agent"),
+            },
         )
         print(
             "Control plane up; the agent is enrolling and starting the inference worker...",

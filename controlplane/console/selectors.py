@@ -24,7 +24,8 @@ from controlplane.inventory.choices import NodeStatus
 from controlplane.inventory.models import Node
 from controlplane.slo import selectors as slo_selectors
 from controlplane.slo.choices import Sli
-from controlplane.slo.models import Slo
+from controlplane.slo.models import Slo, SloRevision
+from controlplane.slo.reports import seconds_text
 from controlplane.slo.sli import (
     BurnRule,
     Counts,
@@ -34,7 +35,7 @@ from controlplane.slo.sli import (
     window_length,
     window_start,
 )
-from controlplane.telemetry.models import LatencyRollup, SloRollup
+from controlplane.telemetry.models import LatencyRollup
 from controlplane.telemetry.pipeline.publish import latency_summary
 from controlplane.telemetry.selectors import resolution_for, visible_nodes
 from dataplane.sketch import LatencySketch
@@ -113,6 +114,7 @@ def _facts(slo: Slo) -> dict[str, Any]:
         "threshold_seconds": slo.threshold_seconds,
         "objective": slo.objective,
         "window": slo.window,
+        "revision": slo.revision,
         "scope": slo.scope,
         "deployment": slo.deployment.name if slo.deployment else None,
         "model_name": slo.model_name or None,
@@ -240,20 +242,29 @@ def _burn_series(slo: Slo, rules: list[BurnRule], since: datetime, now: datetime
     }
 
 
-def _events(slo: Slo, resolution: int, since: datetime) -> list[dict[str, Any]]:
-    """Good and total per bucket, exactly as counted."""
-    rows = (
-        SloRollup.objects.filter(
-            slo_id=slo.pk, tenant_id=slo.tenant_id, resolution=resolution, bucket__gte=since
+def _events(slo: Slo, resolution: int, since: datetime, now: datetime) -> list[dict[str, Any]]:
+    """Good and total per bucket and revision, exactly as counted: each revision's counts
+    against its own threshold while it was in force, so an old threshold's counts never
+    pass for the new one's (a bucket spanning a change has a point for each)."""
+    counted: dict[tuple[datetime, float | None], dict[str, Any]] = {}
+    for revision in slo_selectors.revisions_in_period(slo, since, now):
+        start = since
+        if revision.counts_from is not None:
+            start = max(since, floor_to(revision.counts_from, resolution))
+        rows = slo_selectors.counted_against(slo, revision.threshold_seconds).filter(
+            resolution=resolution, bucket__gte=start
         )
-        .values("bucket")
-        .annotate(good=Sum("good"), total=Sum("total"))
-        .order_by("bucket")
-    )
-    return [
-        {"t": r["bucket"].timestamp(), "good": int(r["good"]), "total": int(r["total"])}
-        for r in rows
-    ]
+        if revision.ended_at is not None:
+            rows = rows.filter(bucket__lt=revision.ended_at)
+        for row in rows.values("bucket").annotate(good=Sum("good"), total=Sum("total")):
+            # revisions sharing a threshold share rows: the later one owns them
+            counted[(row["bucket"], revision.threshold_seconds)] = {
+                "t": row["bucket"].timestamp(),
+                "good": int(row["good"]),
+                "total": int(row["total"]),
+                "revision": revision.number,
+            }
+    return sorted(counted.values(), key=lambda p: (p["t"], p["revision"]))
 
 
 def _percentiles(
@@ -280,6 +291,24 @@ def _percentiles(
     ]
 
 
+def _revision_text(slo: Slo, revision: SloRevision, before: SloRevision | None) -> str:
+    """ "revision 2: TTFT <= 2 s (was 500 ms)": what the new definition changed."""
+
+    def threshold(r: SloRevision) -> str:
+        return "-" if r.threshold_seconds is None else seconds_text(r.threshold_seconds)
+
+    parts = []
+    for name, show in (
+        ("threshold_seconds", threshold),
+        ("objective", lambda r: f"{r.objective * 100:g} %"),
+        ("window", lambda r: r.window.removeprefix("rolling_")),
+    ):
+        if before is None or getattr(before, name) != getattr(revision, name):
+            was = f" (was {show(before)})" if before is not None else ""
+            parts.append(f"{name.removesuffix('_seconds')} {show(revision)}{was}")
+    return f"revision {revision.number}: " + (", ".join(parts) or "restarted, same definition")
+
+
 def _changes(
     slo: Slo, deployments: list[Deployment], since: datetime, full: bool
 ) -> list[dict[str, Any]]:
@@ -290,7 +319,20 @@ def _changes(
     found = []
     if slo.created_at >= since:
         found.append({"t": slo.created_at.timestamp(), "kind": "slo", "text": "SLO created"})
-    if slo.updated_at - slo.created_at > timedelta(seconds=1) and slo.updated_at >= since:
+    revisions = list(slo.revisions.filter(started_at__gte=since, number__gt=1))
+    previous = {
+        r.number: r for r in slo.revisions.filter(number__in=[r.number - 1 for r in revisions])
+    }
+    for revision in revisions:
+        found.append(
+            {
+                "t": revision.started_at.timestamp(),
+                "kind": "slo",
+                "text": _revision_text(slo, revision, previous.get(revision.number - 1)),
+            }
+        )
+    edited = slo.updated_at - max(slo.created_at, slo.revision_started_at or slo.created_at)
+    if edited > timedelta(seconds=1) and slo.updated_at >= since:
         found.append({"t": slo.updated_at.timestamp(), "kind": "slo", "text": "SLO edited"})
     nodes = Replica.objects.filter(deployment__in=deployments, node__isnull=False).values("node")
     hostnames = list(Node.objects.filter(pk__in=nodes).values_list("hostname", flat=True))
@@ -341,7 +383,7 @@ def slo_detail(slo: Slo, user: Any, now: datetime, range_s: int) -> dict[str, An
                 for r in rules
             ],
         },
-        "events": _events(slo, resolution, since),
+        "events": _events(slo, resolution, since, now),
         "percentiles": _percentiles(slo, deployments, resolution, since),
         "alerts": [_alert(a) for a in alerts],
         "changes": _changes(

@@ -37,6 +37,19 @@ def window_filter(start: datetime, end: datetime, now: datetime) -> Q:
     return q
 
 
+def counted_against(slo: Slo, threshold: float | None) -> QuerySet[SloRollup]:
+    """The SLO's own tenant's rows counted against `threshold` (None: availability)."""
+    return SloRollup.objects.filter(
+        slo_id=slo.pk,
+        tenant_id=slo.tenant_id,
+        **(
+            {"threshold_seconds__isnull": True}
+            if threshold is None
+            else {"threshold_seconds": threshold}
+        ),
+    )
+
+
 def slo_counts(
     slo: Slo,
     windows: Mapping[str, tuple[datetime, datetime]],
@@ -63,15 +76,7 @@ def slo_counts(
         where = window_filter(start, end, now) if start < end else Q(pk__in=[])
         aggregates[f"good{i}"] = Sum("good", filter=where)
         aggregates[f"total{i}"] = Sum("total", filter=where)
-    row = SloRollup.objects.filter(
-        slo_id=slo.pk,
-        tenant_id=slo.tenant_id,
-        **(
-            {"threshold_seconds__isnull": True}
-            if threshold is None
-            else {"threshold_seconds": threshold}
-        ),
-    ).aggregate(**aggregates)
+    row = counted_against(slo, threshold).aggregate(**aggregates)
     return {
         name: Counts(good=int(row[f"good{i}"] or 0), total=int(row[f"total{i}"] or 0))
         for i, name in enumerate(windows)

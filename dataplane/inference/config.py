@@ -114,6 +114,11 @@ class SchedulingConfig(_Frozen):
     )
     input_token_weight: float = Field(default=1.0, ge=0)
     output_token_weight: float = Field(default=2.0, ge=0)
+    tpot_steps: bool = Field(
+        default=False,
+        description="size each step to the tightest TPOT SLO threshold among the running "
+        "requests' tenants: rows and prompt tokens beyond it wait, over-share tenants' first",
+    )
 
 
 class RuntimeConfig(_Frozen):

@@ -1,12 +1,12 @@
-"""Forward passes over the running batch: the synchronous core that the scheduler calls
-from its compute threads and the benchmark drives directly.
+"""Forward passes over the running batch: the synchronous core that the scheduler's step
+loop calls and the benchmark drives directly.
 
 The engine owns the running batch's KV cache. Sequences enter through ``prefill``
-(their cache is parked beside the batch), join the batch on the next ``step``, and
-leave it when finished, cancelled or preempted; a preempted sequence keeps a private
-copy of its cache so it resumes without a second prefill. ``prefill`` touches only the
-runtime and the sequences it is given, never the batch, so it may run in one thread
-while ``step`` runs in another.
+(their cache is parked beside the batch; a long prompt may take several calls, one
+chunk each), join the batch on the next ``step``, and leave it when finished,
+cancelled or preempted; a preempted sequence keeps a private copy of its cache so it
+resumes without a second prefill. ``prefill`` touches only the runtime and the
+sequences it is given, never the batch.
 
 A graph without a ``position_ids`` input (Optimum's Gemma, MPT and Bloom exports) takes
 the cache width as the position of the next token, so a row padded on the left would
@@ -22,13 +22,14 @@ share the cache rows, which are only ever read.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
 
 import numpy as np
 
-from dataplane.inference.kvcache import KVBatch
+from dataplane.inference.kvcache import FloatArray, KVBatch
 from dataplane.inference.runtime import Runtime
 from dataplane.inference.sampling import SamplingParams, TokenConstraint, TokenLogprob, sample
 
@@ -54,6 +55,8 @@ class EngineSequence:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     parked: KVBatch | None = None
+    # Prompt tokens already in ``parked`` while the prompt is prefilled chunk by chunk.
+    prefilled: int = 0
     finish_reason: str | None = None
     stop_token: int | None = None
 
@@ -107,18 +110,54 @@ class BatchEngine:
     def running(self) -> list[EngineSequence]:
         return [seq for group in self._groups for seq in group.slots if seq is not None]
 
-    def prefill(self, sequences: Sequence[EngineSequence]) -> None:
-        """Run the prompts together; each sequence gets its first token and a parked cache."""
-        prompts = sorted({tuple(s.prompt) for s in sequences}, key=len)
-        results: dict[tuple[int, ...], tuple[np.typing.NDArray[np.float32], KVBatch]] = {}
-        for _, same in groupby(prompts, key=lambda prompt: self._width_key(len(prompt))):
-            call = list(same)
-            logits, cache = self.runtime.prefill(call)
-            for row, prompt in enumerate(call):
-                results[prompt] = (logits[row], cache.row(row))
-        self._accept(sequences, np.stack([results[tuple(s.prompt)][0] for s in sequences]))
+    def prefill(
+        self, sequences: Sequence[EngineSequence], max_tokens: int | None = None
+    ) -> list[EngineSequence]:
+        """Advance the prompts by at most ``max_tokens`` prompt tokens in all (None: to
+        their ends), in the given order; return the sequences whose prompt is complete,
+        each with its first token and a parked cache.
+
+        A prompt the budget cuts keeps its computed part as a parked cache and goes on
+        from there in a later call (chunked prefill): prompts that start in this call run
+        together from an empty cache, a prompt under way extends its own row.
+        """
+        budget = math.inf if max_tokens is None else max_tokens
+        # Identical prompts at the same point (the n choices of a request) run once.
+        chunks: dict[tuple[tuple[int, ...], int], int] = {}
+        under_way: dict[tuple[tuple[int, ...], int], KVBatch] = {}
         for seq in sequences:
-            seq.parked = results[tuple(seq.prompt)][1]
+            key = (tuple(seq.prompt), seq.prefilled)
+            if key in chunks or budget <= 0:
+                continue
+            take = int(min(len(seq.prompt) - seq.prefilled, budget))
+            chunks[key] = take
+            budget -= take
+            if seq.prefilled and seq.parked is not None:
+                under_way[key] = seq.parked
+        results: dict[tuple[tuple[int, ...], int], tuple[FloatArray, KVBatch]] = {}
+        starting = sorted((key for key in chunks if key[1] == 0), key=lambda key: chunks[key])
+        for _, same in groupby(starting, key=lambda key: self._width_key(chunks[key])):
+            call = list(same)
+            logits, cache = self.runtime.prefill([key[0][: chunks[key]] for key in call])
+            for row, key in enumerate(call):
+                results[key] = (logits[row], cache.row(row))
+        for key, parked in under_way.items():
+            prompt, done = key
+            ids = np.asarray([prompt[done : done + chunks[key]]], np.int64)
+            logits, cache = self.runtime.extend(parked, ids)
+            results[key] = (logits[0], cache)
+        complete = []
+        for seq in sequences:
+            key = (tuple(seq.prompt), seq.prefilled)
+            if key not in results:
+                continue
+            seq.parked = results[key][1]
+            seq.prefilled += chunks[key]
+            if seq.prefilled == len(seq.prompt):
+                complete.append((seq, results[key][0]))
+        if complete:
+            self._accept([seq for seq, _ in complete], np.stack([row for _, row in complete]))
+        return [seq for seq, _ in complete]
 
     def _width_key(self, length: int) -> int:
         """Rows with equal keys may share a forward call (all of them, unless the graph

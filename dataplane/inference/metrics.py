@@ -265,6 +265,10 @@ class TelemetryStats:
             table.setdefault((t.tenant, t.metric), []).append(t.threshold_seconds)
         self._thresholds = table
 
+    def tightest(self, tenant: str, metric: SloMetric) -> float | None:
+        """The tenant's smallest threshold for ``metric`` (seconds), None without one."""
+        return min(self._thresholds.get((tenant, metric), ()), default=None)
+
     def _totals(self, tenant: str) -> _TenantTotals:
         return self._window.totals.setdefault(tenant, _TenantTotals())
 

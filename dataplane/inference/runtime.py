@@ -43,6 +43,11 @@ class Runtime(Protocol):
         """Append one token per row; return next-token logits [B, vocab] and the cache."""
         ...
 
+    def extend(self, cache: KVBatch, ids: IntArray) -> tuple[FloatArray, KVBatch]:
+        """Append a prompt's next chunk ``ids`` [1, n] to a one-row cache (chunked
+        prefill); return the logits after its last token [1, vocab] and the cache."""
+        ...
+
 
 def select_providers(available: Sequence[str], cache_dir: Path) -> list[ProviderEntry]:
     """The provider chain from the first preferred provider that is available, with the
@@ -127,13 +132,19 @@ class OnnxRuntime:
             cache, tokens.reshape(-1, 1).astype(np.int64), np.ones(cache.size, np.int64)
         )
 
+    def extend(self, cache: KVBatch, ids: IntArray) -> tuple[FloatArray, KVBatch]:
+        if cache.size != 1 or ids.shape[0] != 1:
+            raise ValueError("a prompt chunk extends one row at a time")
+        return self._forward(cache, ids.astype(np.int64), np.array([ids.shape[1]], np.int64))
+
     def _forward(
         self, cache: KVBatch, ids: IntArray, new_lengths: IntArray
     ) -> tuple[FloatArray, KVBatch]:
         """Run ``ids`` (left-padded to a common width) after ``cache``.
 
-        Only two shapes are used: an empty cache with whole prompts, or any cache with
-        one token per row; both keep every row right-aligned.
+        Three shapes are used: an empty cache with prompts (or their first chunks), any
+        cache with one token per row, or one unpadded row with its prompt's next chunk;
+        all keep every row right-aligned.
         """
         steps = ids.shape[1]
         new_pad = steps - new_lengths

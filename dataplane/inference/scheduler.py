@@ -1,19 +1,30 @@
 """Iteration-level continuous batching with per-tenant fair queuing and admission control.
 
-The decode lane is a thread that runs one decode step after another for the whole
-batch, taking membership changes (join, leave, park) from a queue between steps and
-handing each step's tokens to the event loop without waiting for it: a step never
-waits for HTTP work, which on a small CPU would otherwise idle the engine for a
-quarter of the time. The prefill lane is an asyncio task that admits waiting requests
-into free batch slots, highest priority class first and then by the policy, under a
-per-step token budget (prompt tokens of new requests plus one decode token per sequence
-in the batch), and prefills them together in its own thread. ONNX Runtime releases the
-GIL, so the event loop keeps serving HTTP and a prefill overlaps the decode step in
-flight instead of waiting for it: what a new request waits for is its own prefill.
+One step loop, in one thread, is the only compute: each step decodes one token for
+every sequence in the batch and then spends what is left of the per-step token budget
+(``max_tokens_per_step`` minus one token per decode row) on prompt chunks, so a long
+prompt is split over steps (chunked prefill, as in Sarathi-Serve and vLLM) and never
+stalls decode, and no second compute thread competes for the cores. It takes
+membership changes (prefill, join, leave, park) from a queue between steps and hands
+each step's tokens to the event loop without waiting for it: a step never waits for
+HTTP work. Admission is an asyncio task that gives free batch slots to waiting
+requests, highest priority class first and then by the policy, and hands their prompts
+to the step loop up to one step's budget; prompts not started yet go first in a step,
+so an admitted request waits for the step under way plus its own first chunk.
+
+With ``tpot_steps`` on, steps are sized to the tightest TPOT objective among the
+running requests' tenants (their ``tpot`` SLO thresholds): from the measured cost of a
+token in a step, decode rows may take up to ``ROWS_SHARE`` of the objective and prompt
+chunks what is left. Rows beyond that are paused (lowest priority class first, then the
+tenant furthest past its weighted share of the rows, newest first) and admission holds
+back, so one tenant's many rows do not stretch another's time per output token; the
+throughput given up for it is what the benchmark prints beside it.
 
 The ``fair`` policy is the Virtual Token Counter of Sheng et al., "Fairness in Serving
 Large Language Models" (OSDI 2024): every tenant has a counter that advances by the
-weighted prompt and output tokens it is served divided by its weight; the next request
+weighted prompt and output tokens it is served divided by its weight (a prompt is
+charged when its request is dispatched, so one admission round shares the free slots by
+weight instead of handing them all to the tenant that was behind); the next request
 comes from the backlogged tenant with the smallest counter; a tenant that becomes
 backlogged is lifted to the smallest counter among active tenants, so idling banks no
 credit. With ``preemption`` on, a tenant holding fewer batch slots than its weighted
@@ -35,7 +46,7 @@ in its own queue (429 with Retry-After once that is full) while others are admit
   after every step the newest running requests are paused until the bucket holds one
   token for each that is left, so the tenant's share of each decode step is what its
   bucket can pay. Paused requests keep their KV cache and resume without a new prefill.
-  Steps the decode thread ran before a pause reached it (normally the one under way)
+  Steps the step thread ran before a pause reached it (normally the one under way)
   still deliver their tokens: that debt is paid back before the tenant runs again, so
   over any interval T the tenant receives at most ``burst + rate * T`` tokens plus
   those steps' rows, and its long-run rate is exactly ``rate``.
@@ -66,10 +77,27 @@ from dataplane.inference.metrics import RequestTiming, TelemetryStats, WorkerMet
 log = logging.getLogger(__name__)
 
 FINISH_ERROR = "error"
-# What the event loop tells the decode thread: a request to join, leave or park, or None
-# to stop.
-_Command = tuple[str, "GenerationRequest"] | None
+# What the event loop tells the step thread: requests to prefill, join, leave or park,
+# or None to stop.
+_Command = list[tuple[str, "GenerationRequest"]] | None
 _DEFAULT_TENANT = TenantConfig.model_validate({})
+# Of the tightest TPOT objective, what decode rows may take; prompt chunks get the rest.
+ROWS_SHARE = 0.75
+# Smoothing of the measured seconds per token of a step.
+_COST_SMOOTHING = 0.1
+
+
+@dataclass
+class _StepReport:
+    """What one step did, for the event loop: ``stepped`` None if the decode failed."""
+
+    joined: list[GenerationRequest]
+    parked: list[GenerationRequest]
+    stepped: list[EngineSequence] | None
+    completed: list[GenerationRequest]
+    failed: list[GenerationRequest]
+    decode_seconds: float
+    prefill_seconds: float | None
 
 
 class QueueFull(Exception):
@@ -127,7 +155,9 @@ class QueuePolicy(Protocol):
         """The next request to admit, from tenants not in ``skip``."""
         ...
 
-    def pop(self, skip: Collection[str] = ()) -> GenerationRequest: ...
+    def pop(self, skip: Collection[str] = ()) -> GenerationRequest:
+        """Dispatch the next request; a fair policy charges its prompt here."""
+        ...
 
     def waiting(self, tenant: str) -> int: ...
 
@@ -264,12 +294,17 @@ class FairPolicy:
         return best
 
     def pop(self, skip: Collection[str] = ()) -> GenerationRequest:
+        """Dispatch the next request and charge its prompt now, so the next pop of the
+        same admission round already sees it (a paused request resumes uncharged: its
+        prompt is in its cache)."""
         head = self.peek(skip)
         if head is None:
             raise IndexError("pop from an empty queue")
         self._queues[head.tenant].popleft()
         self._admissions += 1
         self._last_admitted[head.tenant] = self._admissions
+        if not head.seq.tokens:
+            self.charge(head.tenant, len(head.seq.prompt), 0)
         return head
 
     def waiting(self, tenant: str) -> int:
@@ -378,14 +413,12 @@ class TokenBucket:
 class Scheduler:
     """The batching loop: owns the waiting queue, the batch's membership and delivery.
 
-    Two lanes share one engine, each with its own compute thread. The decode thread runs
-    one decode step after another for the sequences in the batch; sequences join and
-    leave between steps, as the event loop queues them. The prefill lane admits waiting
-    requests into free slots (pausing a running request when the policy says so),
-    prefills them together under the step token budget, hands out their first tokens
-    and queues them to join at the next decode step. A prefill overlaps the decode step
-    in flight, so a newly admitted request waits for its own prefill, not for the
-    batch's step.
+    The step thread runs one step after another (decode rows, then prompt chunks under
+    the step's token budget); sequences join and leave between steps, as the event loop
+    queues them. Admission, in the event loop, gives free slots to waiting requests
+    (pausing a running request when the policy says so) and queues their prompts for
+    the step loop; a prompt completed in a step delivers its first token and joins the
+    batch at the next.
     """
 
     def __init__(
@@ -405,23 +438,33 @@ class Scheduler:
         self.policy = make_policy(scheduling, self.tenants)
         self._metrics = metrics
         self._stats = stats
-        # Token buckets run on `clock` (seconds); tests pass one that counts steps.
+        # Token buckets and the cost of a step's token run on `clock` (seconds); tests
+        # pass one that counts steps or tokens.
         self._clock = clock
         self.buckets: dict[str, TokenBucket] = {}
         self._set_buckets()
         # Requests holding a batch slot: being prefilled, joining, or in the batch.
         self.running: list[GenerationRequest] = []
+        self._prefilling: list[GenerationRequest] = []
         self._in_batch: list[GenerationRequest] = []
         self._joining: list[GenerationRequest] = []
         self._pausing: list[GenerationRequest] = []
         self._owners: dict[EngineSequence, GenerationRequest] = {}
         self._admission = asyncio.Event()
         self._commands: SimpleQueue[_Command] = SimpleQueue()
-        self._decode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
-        self._prefill_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill")
+        self._step_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
+        # Owned by the step thread: prompts under way, and prompts complete that join
+        # the batch at the next step.
+        self._chunking: list[GenerationRequest] = []
+        self._ready: list[GenerationRequest] = []
+        # Seconds a token (a decode row or a prompt token) adds to a step, as measured by
+        # the step thread; 0 until the first step.
+        self._token_seconds = 0.0
+        # The tightest TPOT objective among running requests (set by the event loop).
+        self._tpot_target: float | None = None
         self._mean_e2e = 1.0
         self._mean_output_tokens = 16.0
-        # When the prefill lane should look again for requests held back by a bucket.
+        # When admission should look again for requests held back by a bucket.
         self._refill_wait: float | None = None
 
     # -- called from request handlers ------------------------------------------------
@@ -472,10 +515,10 @@ class Scheduler:
         so its KV) at the next step."""
         if not self.policy.remove(request) and request in self.running:
             self.running.remove(request)
-            for holder in (self._joining, self._in_batch):
+            for holder in (self._prefilling, self._joining, self._in_batch):
                 if request in holder:
                     holder.remove(request)
-            self._commands.put(("leave", request))
+            self._commands.put([("leave", request)])
         self._owners.pop(request.seq, None)
         self._admission.set()
 
@@ -552,13 +595,31 @@ class Scheduler:
             for victim in mine[: int(excess)]:
                 self.policy.requeue(victim)
                 self._pause(victim)
+        self._set_tpot_target()
+        for _ in range(len(self.running) - self._row_cap()):
+            row = self._row_to_pause()
+            if row is None:
+                break
+            self.policy.requeue(row)
+            self._pause(row)
+
+    def _row_to_pause(self) -> GenerationRequest | None:
+        """The row that waits first when steps must shrink: lowest priority class, then
+        the tenant furthest past its weighted share of the rows, then the newest."""
+        rows = Counter(r.tenant for r in self.running)
+
+        def key(r: GenerationRequest) -> tuple[int, float, float]:
+            weight = self.tenants.get(r.tenant, _DEFAULT_TENANT).weight
+            return (r.priority, -rows[r.tenant] / weight, -(r.timing.scheduled or 0.0))
+
+        return min(self._in_batch, key=key, default=None)
 
     def _pause(self, victim: GenerationRequest) -> None:
         """Take a request (already queued again) out of the batch; its KV is kept."""
         self._in_batch.remove(victim)
         self.running.remove(victim)
         self._pausing.append(victim)
-        self._commands.put(("park", victim))
+        self._commands.put([("park", victim)])
 
     def _take_tokens(self, tenant: str, tokens: int) -> None:
         bucket = self.buckets.get(tenant)
@@ -567,17 +628,15 @@ class Scheduler:
 
     def close(self) -> None:
         self._commands.put(None)
-        for pool in (self._decode_pool, self._prefill_pool):
-            pool.shutdown(wait=False, cancel_futures=True)
+        self._step_pool.shutdown(wait=False, cancel_futures=True)
 
-    # -- the lanes -------------------------------------------------------------------
+    # -- admission (event loop) and the step loop (its own thread) --------------------
 
     async def run(self) -> None:
         """Batch forever (until the task is cancelled)."""
-        await asyncio.gather(self._prefill_lane(), self._decode_lane())
+        await asyncio.gather(self._admission_lane(), self._step_lane())
 
-    async def _prefill_lane(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def _admission_lane(self) -> None:
         while True:
             self._admission.clear()
             delay = self.batching.max_queue_delay_ms / 1000.0
@@ -585,43 +644,27 @@ class Scheduler:
                 # Idle engine: give more arrivals a moment to share the prefill.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._fill_batch(), delay)
-            fresh = self._admit()
-            if not fresh:
-                # A request held back by its bucket is admitted once it has refilled.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._admission.wait(), self._refill_wait)
-                continue
-            started = time.perf_counter()
-            try:
-                await loop.run_in_executor(
-                    self._prefill_pool, self._engine.prefill, [r.seq for r in fresh]
-                )
-            except Exception:
-                log.exception("prefill failed; failing its requests")
-                self._fail(fresh)
-                continue
-            now = time.perf_counter()
-            self._metrics.step_seconds.labels("prefill").observe(now - started)
-            for request in fresh:
-                self.policy.charge(request.tenant, len(request.seq.prompt), 1)
-                self._take_tokens(request.tenant, 1)
-                self._deliver(request, now)
-                if not request.done:
-                    self._join(request)
+            self._admit()
+            # Again after the next step, an arrival, a cancel, or a bucket's refill.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._admission.wait(), self._refill_wait)
 
     async def _fill_batch(self) -> None:
         while len(self.policy) < self.batching.max_batch_size:
             self._admission.clear()
             await self._admission.wait()
 
-    def _admit(self) -> list[GenerationRequest]:
+    def _admit(self) -> None:
         """Give free slots to waiting requests (pausing others to make room where the
-        policy says so); return those that need a prefill, at most a step's budget."""
-        batching = self.batching
-        slots = batching.max_batch_size - len(self.running)
-        budget = batching.max_tokens_per_step - len(self._in_batch)
-        fresh: list[GenerationRequest] = []
-        prefill_tokens = 0
+        policy says so) and hand them to the step loop: new prompts up to one step's
+        prompt budget (as the TPOT objective cuts it) beside those not yet started (one
+        over it if it is the only one), so an admitted prompt's first chunk runs in the
+        next step."""
+        rows = self._row_cap()
+        slots = rows - len(self.running)
+        starting = sum(len(r.seq.prompt) for r in self._prefilling if not r.seq.prefilled)
+        budget = self._budget(len(self._in_batch)) - starting
+        moves: list[tuple[str, GenerationRequest]] = []
         now = time.perf_counter()
         clock = self._clock()
         self._refill_wait = None
@@ -632,10 +675,10 @@ class Scheduler:
                 skip.add(head.tenant)
                 continue
             cost = 0 if head.seq.tokens else len(head.seq.prompt)
-            if cost > budget and prefill_tokens > 0:
+            if cost > budget and starting > 0:
                 break
             if slots <= 0:
-                victim = self.policy.preempt_for(head, self._in_batch, batching.max_batch_size)
+                victim = self.policy.preempt_for(head, self._in_batch, rows)
                 if victim is None:
                     break
                 self._pause(victim)
@@ -648,78 +691,148 @@ class Scheduler:
             self._owners[head.seq] = head
             slots -= 1
             if cost:
-                fresh.append(head)
+                self._prefilling.append(head)
+                moves.append(("prefill", head))
                 budget -= cost
-                prefill_tokens += cost
+                starting += cost
             else:
-                self._join(head)
-        return fresh
+                self._joining.append(head)
+                moves.append(("join", head))
+        if moves:
+            self._commands.put(moves)
 
-    def _join(self, request: GenerationRequest) -> None:
-        self._joining.append(request)
-        self._commands.put(("join", request))
-
-    async def _decode_lane(self) -> None:
+    async def _step_lane(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._decode_pool, self._decode_loop, loop)
+            await loop.run_in_executor(self._step_pool, self._step_loop, loop)
         finally:
             self._commands.put(None)
 
-    def _decode_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The decode thread: step while anyone is in the batch, sleep on the command
-        queue otherwise; each step's results go to the event loop as a callback."""
+    def _step_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The step thread: step while there is work, sleep on the command queue
+        otherwise; each step's outcome goes to the event loop as a callback, so a step
+        never waits for HTTP work."""
         while True:
             commands: list[_Command] = []
-            if not self._engine.running:
+            if not (self._engine.running or self._chunking or self._ready):
                 commands.append(self._commands.get())
             with contextlib.suppress(Empty):
                 while True:
                     commands.append(self._commands.get_nowait())
             if None in commands:
                 return
-            moves: dict[str, list[GenerationRequest]] = {"join": [], "leave": [], "park": []}
-            for command in commands:
-                if command is not None:
-                    moves[command[0]].append(command[1])
-            leave = {r.seq for r in moves["leave"]}
-            join = [r for r in moves["join"] if r.seq not in leave]
-            park = moves["park"]
-            started = time.perf_counter()
+            report = self._step([move for command in commands if command for move in command])
             try:
-                stepped = self._engine.step(leave, {r.seq for r in park}, [r.seq for r in join])
-            except Exception:
-                log.exception("decode step failed; failing the batch")
-                self._engine.reset()
-                stepped = None
-            done = time.perf_counter()
-            try:
-                loop.call_soon_threadsafe(self._stepped, join, park, stepped, done - started)
+                loop.call_soon_threadsafe(self._stepped, report)
             except RuntimeError:  # the event loop is closed: nobody is listening
                 return
 
-    def _stepped(
-        self,
-        joined: list[GenerationRequest],
-        parked: list[GenerationRequest],
-        stepped: list[EngineSequence] | None,
-        seconds: float,
-    ) -> None:
-        """A decode step's outcome, in the event loop: deliver its tokens and charge
-        them; ``stepped`` None means the step failed and the batch is gone."""
-        self._pausing = [r for r in self._pausing if r not in parked]
-        for request in joined:
+    def _step(self, moves: list[tuple[str, GenerationRequest]]) -> _StepReport:
+        """One step: membership changes, a decode token for every row in the batch, then
+        prompt chunks in what is left of the step's token budget.
+
+        Prompts not started yet get the budget first, in admission order, so a request
+        admitted now waits for the step under way and its own first chunk, never for
+        someone's long prompt; a prompt under way takes what is left. A prompt completed
+        in this step has its first token now and joins the batch at the next step.
+        """
+        kinds: dict[str, list[GenerationRequest]] = {
+            "join": [],
+            "leave": [],
+            "park": [],
+            "prefill": [],
+        }
+        for kind, request in moves:
+            kinds[kind].append(request)
+        leave = {r.seq for r in kinds["leave"]}
+        join = [r for r in [*self._ready, *kinds["join"]] if r.seq not in leave]
+        chunking = [r for r in [*self._chunking, *kinds["prefill"]] if r.seq not in leave]
+        chunking.sort(key=lambda r: r.seq.prefilled > 0)
+        park = kinds["park"]
+        started, clock_started = time.perf_counter(), self._clock()
+        stepped: list[EngineSequence] | None
+        try:
+            stepped = self._engine.step(leave, {r.seq for r in park}, [r.seq for r in join])
+        except Exception:
+            log.exception("decode step failed; failing the batch")
+            self._engine.reset()
+            stepped = None
+        decoded = time.perf_counter()
+        completed: list[GenerationRequest] = []
+        failed: list[GenerationRequest] = []
+        prefill_seconds = None
+        tokens = len(stepped or ())
+        if chunking:
+            before = sum(r.seq.prefilled for r in chunking)
+            try:
+                done = set(self._engine.prefill([r.seq for r in chunking], self._budget(tokens)))
+            except Exception:
+                log.exception("prefill failed; failing its requests")
+                failed, chunking = chunking, []
+            else:
+                tokens += sum(r.seq.prefilled for r in chunking) - before
+                completed = [r for r in chunking if r.seq in done]
+                chunking = [r for r in chunking if r.seq not in done]
+            prefill_seconds = time.perf_counter() - decoded
+        if tokens:
+            cost = (self._clock() - clock_started) / tokens
+            weight = _COST_SMOOTHING if self._token_seconds else 1.0
+            self._token_seconds += weight * (cost - self._token_seconds)
+        self._chunking, self._ready = chunking, completed
+        return _StepReport(
+            join, park, stepped, completed, failed, decoded - started, prefill_seconds
+        )
+
+    def _budget(self, rows: int) -> int:
+        """Prompt tokens for this step after ``rows`` decode rows: the step's token budget,
+        cut to what keeps the step inside the TPOT objective (one token at least, so
+        every prompt progresses)."""
+        budget = self.batching.max_tokens_per_step - rows
+        target, cost = self._tpot_target, self._token_seconds
+        if target is not None and cost > 0:
+            budget = min(budget, int(target / cost) - rows)
+        return max(1, budget)
+
+    def _row_cap(self) -> int:
+        """Requests that may hold a slot: the batch size, or fewer where their decode
+        rows would take more than ``ROWS_SHARE`` of the tightest TPOT objective."""
+        cap = self.batching.max_batch_size
+        target, cost = self._tpot_target, self._token_seconds
+        if target is not None and cost > 0:
+            cap = min(cap, max(1, int(ROWS_SHARE * target / cost)))
+        return cap
+
+    def _set_tpot_target(self) -> None:
+        if not self.scheduling.tpot_steps:
+            self._tpot_target = None
+            return
+        objectives = (self._stats.tightest(r.tenant, "tpot") for r in self.running)
+        self._tpot_target = min((t for t in objectives if t is not None), default=None)
+
+    def _stepped(self, report: _StepReport) -> None:
+        """A step's outcome, in the event loop: deliver its tokens and charge them;
+        ``stepped`` None means the decode failed and the batch is gone."""
+        self._pausing = [r for r in self._pausing if r not in report.parked]
+        for request in report.joined:
             if request in self._joining:
                 self._joining.remove(request)
                 self._in_batch.append(request)
+        for request in report.completed:
+            if request in self._prefilling:
+                self._prefilling.remove(request)
+                self._joining.append(request)
+        stepped = report.stepped
         if stepped is None:
-            self._fail([*self._in_batch, *joined, *parked])
-            return
+            self._fail([*self._in_batch, *report.joined, *report.parked])
+            stepped = []
+        self._fail(report.failed)
         if stepped:
-            self._metrics.step_seconds.labels("decode").observe(seconds)
+            self._metrics.step_seconds.labels("decode").observe(report.decode_seconds)
+        if report.prefill_seconds is not None:
+            self._metrics.step_seconds.labels("prefill").observe(report.prefill_seconds)
         now = time.perf_counter()
         served: Counter[str] = Counter()
-        for seq in stepped:
+        for seq in [*stepped, *(r.seq for r in report.completed)]:
             owner = self._owners.get(seq)
             if owner is not None:
                 served[owner.tenant] += 1
@@ -735,7 +848,7 @@ class Scheduler:
     def _deliver(self, request: GenerationRequest, now: float) -> None:
         if request.done:
             return
-        # The decode thread may be appending the next step's token meanwhile: read the
+        # The step thread may be appending the next step's token meanwhile: read the
         # finish first, since it is set only after the last token is appended.
         finish_reason = request.seq.finish_reason
         for token in request.seq.tokens[len(request.output_ids) :]:
@@ -748,7 +861,7 @@ class Scheduler:
 
     def _finish(self, request: GenerationRequest) -> None:
         self.policy.remove(request)
-        for holder in (self.running, self._in_batch, self._joining):
+        for holder in (self.running, self._in_batch, self._joining, self._prefilling):
             if request in holder:
                 holder.remove(request)
         self._owners.pop(request.seq, None)

@@ -295,7 +295,18 @@ def build_graph(spec: SyntheticModelSpec, vocab: int) -> onnx.ModelProto:
         down = g.op("MatMul", [act, g.weight(f"l{layer}.down", (ffn, spec.hidden), std)])
         x = g.op("Add", [x, down], f"resid_mlp{layer}")
 
-    final = g.op("LayerNormalization", [x, ones, zeros], "ln_final", axis=-1)
+    # Logits only where a token is sampled: the last position of each row.
+    last = g.op(
+        "Slice",
+        [
+            x,
+            g.const("last_start", [-1], np.int64),
+            g.const("last_end", [np.iinfo(np.int64).max], np.int64),
+            "axes_1",
+        ],
+        "last_position",
+    )
+    final = g.op("LayerNormalization", [last, ones, zeros], "ln_final", axis=-1)
     g.op(
         "MatMul",
         [final, g.weight("lm_head", (spec.hidden, vocab), 1.0 / np.sqrt(spec.hidden))],
@@ -313,9 +324,7 @@ def build_graph(spec: SyntheticModelSpec, vocab: int) -> onnx.ModelProto:
         inputs.append(
             helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"])
         )
-    outputs = [
-        helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length", vocab])
-    ]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", 1, vocab])]
     for layer in range(spec.layers):
         for kind in ("key", "value"):
             inputs.append(

@@ -241,6 +241,32 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
+CONTEXTS = (128, 512, 2048)
+"""Context lengths at which a decode step's cost per token is measured."""
+CONTEXT_ROWS = 8
+
+
+def decode_ms_per_token(runtime: OnnxRuntime, context: int) -> float:
+    """Median milliseconds per token of a decode step of CONTEXT_ROWS rows that each
+    hold ``context`` tokens, the step's output fed back as the next step's cache (as
+    the engine does)."""
+    spec = runtime.spec
+    shape = (CONTEXT_ROWS, spec.num_kv_heads, context, spec.head_dim)
+    rng = np.random.default_rng(1)
+    cache = KVBatch(
+        keys=tuple(rng.standard_normal(shape, np.float32) for _ in range(spec.num_layers)),
+        values=tuple(rng.standard_normal(shape, np.float32) for _ in range(spec.num_layers)),
+        lengths=np.full(CONTEXT_ROWS, context, np.int64),
+    )
+    tokens = np.ones(CONTEXT_ROWS, np.int64)
+    times = []
+    for _ in range(20):
+        started = time.perf_counter()
+        _, cache = runtime.decode(cache, tokens)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times) * 1000 / CONTEXT_ROWS)
+
+
 def measure_engine(
     model_dir: Path,
     cache_dir: Path,
@@ -265,6 +291,10 @@ def measure_engine(
         started = time.perf_counter()
         runtime.decode(cache, tokens)
         step_times.append(time.perf_counter() - started)
+    per_token = {
+        f"decode_ms_per_token_ctx{context}": decode_ms_per_token(runtime, context)
+        for context in CONTEXTS
+    }
 
     def sequence(tokens: int, seed: int) -> EngineSequence:
         return EngineSequence(
@@ -308,6 +338,7 @@ def measure_engine(
             if s.finish_reason is not None
         ]
     return {
+        **per_token,
         "decode_step_ms_b32": float(np.median(step_times) * 1000),
         "raw_engine_tokens_per_s": lockstep,
         "raw_engine_staggered_tokens_per_s": produced / (time.perf_counter() - started),
@@ -371,7 +402,9 @@ def run(
             model_dir, workdir, "served", batching=batching_json, runtime=runtime_json
         ) as proc:
             total = sizes.warmup_s + sizes.served_s
+            cpu, wall = time.process_time(), time.perf_counter()
             results = asyncio.run(closed_loop(proc.base_url, sizes, total))
+            out["client_cpu_share"] = (time.process_time() - cpu) / (time.perf_counter() - wall)
         begin = min(r.sent for r in results) + sizes.warmup_s
         out["served_tokens_per_s"] = window_tokens_per_s(results, begin, begin + sizes.served_s)
         measured = [
@@ -419,9 +452,17 @@ def run(
             ("fair", "fair", both, {}),
             ("fcfs", "fcfs", both, {}),
             ("capped", "fair", both, {"aggressor": CAPPED}),
+            ("tpot_slo", "fair", both, {}),
         ]
         for label, policy, rates, limits in scenarios:
             progress.set_description(f"victim {label}")
+            # The victim's TPOT objective: the goal, 1.5x its solo p99.
+            objective = TPOT_GOAL * (out.get("victim_tpot_p99_solo_s") or 0.0)
+            thresholds = (
+                [{"tenant": "victim", "metric": "tpot", "threshold_seconds": objective}]
+                if label == "tpot_slo" and objective > 0
+                else []
+            )
             with worker(
                 model_dir,
                 workdir,
@@ -429,9 +470,14 @@ def run(
                 limits,
                 batching=batching_json,
                 runtime=runtime_json,
-                scheduling={"policy": policy},
+                scheduling={"policy": policy, "tpot_steps": bool(thresholds)},
+                slo_thresholds=thresholds,
             ) as proc:
                 results = asyncio.run(poisson(proc.base_url, sizes, rates, sizes.fairness_s))
+            begin = min(r.sent for r in results)
+            out[f"tokens_per_s_{label}"] = window_tokens_per_s(
+                results, begin, begin + sizes.fairness_s
+            )
             victim = [r for r in results if r.tenant == "victim"]
             ttfts = [r.ttft for r in victim if r.ttft is not None]
             tpots = [r.tpot for r in victim if r.tpot is not None]
@@ -457,14 +503,53 @@ def run(
     out["fair_over_solo"] = ratio("victim_ttft_p99_fair_s", "victim_ttft_p99_solo_s")
     out["fcfs_over_solo"] = ratio("victim_ttft_p99_fcfs_s", "victim_ttft_p99_solo_s")
     out["tpot_fair_over_capped"] = ratio("victim_tpot_p50_fair_s", "victim_tpot_p50_capped_s")
+    out["tpot_fair_over_solo"] = ratio("victim_tpot_p99_fair_s", "victim_tpot_p99_solo_s")
+    out["tpot_slo_over_solo"] = ratio("victim_tpot_p99_tpot_slo_s", "victim_tpot_p99_solo_s")
+    out["tokens_slo_over_fair"] = ratio("tokens_per_s_tpot_slo", "tokens_per_s_fair")
+    out["decode_ctx2048_over_ctx128"] = ratio(
+        "decode_ms_per_token_ctx2048", "decode_ms_per_token_ctx128"
+    )
     return out
 
 
+TPOT_GOAL = 1.5
 GOALS = (
     ("served_over_raw", ">=", 0.9),
     ("batching_speedup", ">=", 4.0),
     ("fair_over_solo", "<=", 1.5),
+    ("tpot_slo_over_solo", "<=", TPOT_GOAL),
+    ("tokens_slo_over_fair", ">=", 0.8),
+    ("decode_ctx2048_over_ctx128", "<=", 1.3),
 )
+
+
+def side_by_side(out: dict[str, Any]) -> list[str]:
+    """The figures to compare, in rows: throughput, latency, the victim per scenario,
+    decode cost per token by context, and the load generator's own CPU use."""
+
+    def cell(key: str, scale: float = 1.0) -> str:
+        value = out.get(key)
+        return f"{value * scale:>10.4g}" if isinstance(value, (int, float)) else f"{'-':>10}"
+
+    scenarios = ("solo", "fair", "fcfs", "capped", "tpot_slo")
+    return [
+        f"{'tokens/s':24}{'raw b' + str(out.get('concurrency')):>10}{'served':>10}{'batch-1':>10}",
+        f"{'':24}"
+        + "".join(
+            cell(k)
+            for k in ("raw_engine_tokens_per_s", "served_tokens_per_s", "batch1_tokens_per_s")
+        ),
+        f"{'served ms':24}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}{'TPOT p99':>10}",
+        f"{'':24}"
+        + "".join(cell(k, 1000) for k in ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s")),
+        f"{'victim':24}" + "".join(f"{label:>10}" for label in scenarios),
+        f"{'  TTFT p99 ms':24}" + "".join(cell(f"victim_ttft_p99_{x}_s", 1000) for x in scenarios),
+        f"{'  TPOT p99 ms':24}" + "".join(cell(f"victim_tpot_p99_{x}_s", 1000) for x in scenarios),
+        f"{'  all tokens/s':24}" + "".join(cell(f"tokens_per_s_{x}") for x in scenarios),
+        f"{'decode ms/token':24}" + "".join(f"{'ctx' + str(c):>10}" for c in CONTEXTS),
+        f"{'':24}" + "".join(cell(f"decode_ms_per_token_ctx{c}") for c in CONTEXTS),
+        f"{'load generator CPU':24}{cell('client_cpu_share')} of one core",
+    ]
 
 
 def table(out: dict[str, Any]) -> str:
@@ -472,6 +557,7 @@ def table(out: dict[str, Any]) -> str:
         f"{key:32} {value:.4g}" if isinstance(value, float) else f"{key:32} {value}"
         for key, value in out.items()
     ]
+    lines += ["", *side_by_side(out), ""]
     for key, op, goal in GOALS:
         value = out.get(key)
         met = value is not None and (value >= goal if op == ">=" else value <= goal)
@@ -525,8 +611,9 @@ def main(argv: list[str] | None = None) -> int:
         heads=args.heads,
         kv_heads=args.heads,
         vocab=args.vocab,
+        max_context=2 * max(CONTEXTS),
     )
-    with tqdm(total=9, file=sys.stderr, unit="phase") as progress:
+    with tqdm(total=10, file=sys.stderr, unit="phase") as progress:
         batching = BatchingConfig(
             max_batch_size=sizes.concurrency,
             max_queue_len=64,

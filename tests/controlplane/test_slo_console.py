@@ -14,7 +14,8 @@ from django.utils import timezone
 from controlplane.console import selectors as console
 from controlplane.fleet import services as fleet
 from controlplane.slo import selectors as slo_selectors
-from controlplane.slo.services import create_slo, evaluate
+from controlplane.slo.models import Slo, SloRevision
+from controlplane.slo.services import create_slo, evaluate, update_slo
 from controlplane.slo.sli import burn_rules, duration_label, window_start
 from controlplane.telemetry.choices import Resolution
 from controlplane.telemetry.models import LatencyRollup, SloRollup
@@ -34,9 +35,10 @@ class Rollups:
         self.sketches: dict[tuple[Any, ...], LatencySketch] = defaultdict(LatencySketch)
 
     def add(self, slo: Any, deployment: Any, at: datetime, good: int, total: int, ttft: float):
+        """Counted against the SLO's threshold as it is now."""
         for resolution in Resolution.values:
             bucket = bucket_of(at, resolution)
-            counts = self.counts[(resolution, bucket, slo, deployment)]
+            counts = self.counts[(resolution, bucket, slo, slo.threshold_seconds, deployment)]
             counts[0] += good
             counts[1] += total
             sketch = self.sketches[(resolution, bucket, slo.tenant, deployment)]
@@ -52,11 +54,14 @@ class Rollups:
                 tenant=slo.tenant,
                 deployment=deployment,
                 metric=slo.sli,
-                threshold_seconds=slo.threshold_seconds,
+                threshold_seconds=threshold,
                 good=good,
                 total=total,
             )
-            for (resolution, bucket, slo, deployment), (good, total) in self.counts.items()
+            for (resolution, bucket, slo, threshold, deployment), (
+                good,
+                total,
+            ) in self.counts.items()
         )
         LatencyRollup.objects.bulk_create(
             LatencyRollup(
@@ -74,7 +79,8 @@ class Rollups:
 
 def seed(world: World) -> dict[str, Any]:
     """Tenant A: a TTFT SLO far past its budget (firing), a healthy availability SLO and a
-    TPOT SLO with no data; tenant B: one SLO of its own."""
+    TPOT SLO with no data; tenant B: one SLO of its own, whose threshold was raised from
+    50 ms to 500 ms six hours ago (two revisions: the old one's bad days stay its own)."""
     now = timezone.now()
     chat = fleet.create_deployment(
         tenant=world.tenant_a, name="chat", model_name="chat", artifact_uri="synthetic://chat"
@@ -100,9 +106,14 @@ def seed(world: World) -> dict[str, Any]:
         "burning": slo(world.tenant_a, "chat-ttft", "ttft", 0.5, display_name="Chat TTFT p99"),
         "healthy": slo(world.tenant_a, "chat-availability", "availability", None),
         "quiet": slo(world.tenant_a, "chat-tpot", "tpot", 0.05),
-        "theirs": slo(world.tenant_b, "search-ttft", "ttft", 0.5),
+        "theirs": slo(world.tenant_b, "search-ttft", "ttft", 0.05),
     }
     rollups = Rollups()
+    for hours in range(7, 72):  # tenant B's first definition: mostly missed
+        rollups.add(slos["theirs"], other, now - timedelta(hours=hours), 20, 100, 0.1)
+    Slo.objects.filter(pk=slos["theirs"].pk).update(created_at=now - timedelta(days=3))
+    SloRevision.objects.filter(slo=slos["theirs"]).update(started_at=now - timedelta(days=3))
+    update_slo(slos["theirs"], threshold_seconds=0.5, now=now - timedelta(hours=6))
     for minutes in range(1, 6 * 60 + 1):
         at = now - timedelta(minutes=minutes - 0.5)
         slow = minutes <= 90  # the last 1.5 h went bad: 40% of requests too slow
@@ -196,8 +207,20 @@ def test_the_detail_snapshot_has_history_alerts_and_changes(world: World, client
     assert "SLO created" in texts and "placed for a test" not in texts  # names nothing of it
     assert "SLO chat-ttft created" not in texts  # the revisions its creation caused
 
-    # another tenant's SLO is not found, for pages and snapshots alike
+    # a threshold raised six hours ago: the summary is the new revision's alone, the events
+    # show each revision's counts against its own threshold, the change says what changed
     theirs = seeded["theirs"]
+    body = client_for(world.platform).get(f"/api/v1/console/slos/{theirs.pk}/?range=259200")
+    body = body.json()
+    assert (body["slo"]["good"], body["slo"]["total"]) == (3600, 3600)
+    assert body["slo"]["state"] == "ok"
+    events = body["events"]
+    assert sum(p["total"] for p in events) == 6500 + 3600
+    assert sum(p["good"] for p in events) == 1300 + 3600
+    assert sum(p["total"] for p in events if p["revision"] == 2) == 3600
+    assert "revision 2: threshold 500.0 ms (was 50.0 ms)" in [c["text"] for c in body["changes"]]
+
+    # another tenant's SLO is not found, for pages and snapshots alike
     assert client_for(world.admin_a).get(f"/api/v1/console/slos/{theirs.pk}/").status_code == 404
     assert client_for(world.platform).get(f"/api/v1/console/slos/{theirs.pk}/").status_code == 200
     client = Client()
@@ -323,4 +346,13 @@ def test_the_slo_pages_show_state_budget_burn_and_why(
             < page.locator("#fleet-table").bounding_box()["y"]
         )
         page.screenshot(path=screenshot_path("console-fleet-health"), full_page=True)
+
+        # an SLO with two revisions: the change is listed and marked on its charts
+        page.goto(f"{live_server.url}/console/slos/{seeded['theirs'].pk}/")
+        page.wait_for_selector("#slo-changes :text('revision 2')", timeout=10_000)
+        page.select_option("select.window", "604800")
+        page.wait_for_selector("#tile-range-achieved :text('7 d, revision 2')", timeout=10_000)
+        assert "100.00 %" in page.inner_text("#tile-range-achieved")
+        assert int(page.get_attribute("#chart-burn", "data-marks") or 0) >= 1
+        page.screenshot(path=screenshot_path("console-slo-revisions"), full_page=True)
     assert errors == []

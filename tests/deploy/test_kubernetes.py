@@ -8,6 +8,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from dockerfile_parse import DockerfileParser
 
 from agent.settings import AgentSettings
 from tests.deploy.commands import DEPLOY, parse
@@ -60,6 +61,18 @@ def test_agent_daemonset_gets_gpus_host_network_and_host_paths(tmp_path: Path) -
     assert mounts["sys"]["mountPath"] == str(settings.sysfs_root)
     assert settings.metrics_port == 9810
     assert settings.metrics_bind_address == "0.0.0.0", "Prometheus scrapes it from outside"
+    runs = [
+        i["value"]
+        for i in DockerfileParser(str(DEPLOY / "Dockerfile")).structure
+        if i["instruction"] == "RUN"
+    ]
+    accounts = {
+        command.split()[-1]
+        for run in runs
+        for command in run.split("&&")
+        if command.split()[:1] == ["useradd"]
+    }
+    assert settings.worker_user in accounts, "the image creates the account workers run as"
 
 
 def test_agent_runs_its_console_script_with_the_mounted_config_and_bootstrap_secret() -> None:

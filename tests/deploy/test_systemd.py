@@ -119,3 +119,17 @@ def test_systemd_analyze_accepts_every_unit(tmp_path: Path) -> None:
     assert done.returncode == 0 and "tailguard" not in done.stdout + done.stderr, (
         done.stdout + done.stderr
     )
+
+
+def test_agent_workers_run_as_the_account_sysusers_creates() -> None:
+    """agent.toml names the account that tailguard-agent.sysusers.conf creates, and the
+    state directory lets that account through to its workers' files."""
+    lines = (UNITS / "tailguard-agent.sysusers.conf").read_text().splitlines()
+    created = {
+        shlex.split(line)[1]
+        for line in lines
+        if line.strip() and not line.startswith("#") and line.split()[0] == "u"
+    }
+    settings = AgentSettings.load(UNITS / "agent.toml", env={})
+    assert settings.worker_user in created
+    assert read_unit("tailguard-agent")["Service"]["StateDirectoryMode"] == "0711"

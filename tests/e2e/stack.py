@@ -17,6 +17,7 @@ import httpx
 from django.db import connection
 
 from controlplane import processes
+from tests.agent.unprivileged import worker_interpreter
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,12 +47,12 @@ class Stack:
         self.port = port
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def spawn(self, name: str, argv: list[str], **env: str) -> subprocess.Popen[bytes]:
         with open(self.tmp / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
                 argv,
                 cwd=REPO,
-                env=self.env,
+                env={**self.env, **env},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own group: stopping it stops its children too
@@ -73,11 +74,12 @@ class Stack:
     def start_agent(
         self, hostname: str, token: str, control_plane: str | None = None
     ) -> subprocess.Popen[bytes]:
-        """An agent of this stack; `control_plane` reaches it another way (e.g. via a proxy)."""
-        return self.spawn(
-            hostname,
-            processes.agent(control_plane or self.url, token, self.tmp / hostname, hostname),
-        )
+        """An agent of this stack; `control_plane` reaches it another way (e.g. via a proxy).
+
+        It runs on a Python its workers' unprivileged account can run too, when it is root."""
+        argv = processes.agent(control_plane or self.url, token, self.tmp / hostname, hostname)
+        interpreter = worker_interpreter()
+        return self.spawn(hostname, [interpreter.python, *argv[1:]], **interpreter.env)
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name)

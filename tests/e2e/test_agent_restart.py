@@ -14,8 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
+from agent.privileges import worker_account
 from controlplane.fleet.models import Replica
 from controlplane.inventory.services import create_bootstrap_token
+from tests.agent.unprivileged import process_ids
 from tests.e2e.stack import deploy_tiny, running_stack, seed_tenant, wait_for
 
 
@@ -58,6 +60,9 @@ def test_an_agent_restarted_under_load_fails_no_request(
         replica = Replica.objects.get(port=port)
         record = tmp_path / "e2e-node" / "workers" / str(replica.pk) / "process.json"
         pid = json.loads(record.read_text())["pid"]
+        account = worker_account(None)  # a root agent's worker runs unprivileged
+        if account is not None:
+            assert process_ids(pid) == (account.uid, account.gid)
         try:
             with Load(f"http://127.0.0.1:{port}/v1/completions", key) as load:
                 wait_for(lambda: len(load.statuses) >= 3, 60, "the load to run")

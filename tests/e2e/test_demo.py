@@ -8,13 +8,14 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 from openai import OpenAI
+
+from tests.agent.unprivileged import worker_interpreter
 
 
 def read_until(proc: subprocess.Popen[str], output: list[str], marker: str, seconds: float) -> str:
@@ -36,8 +37,10 @@ def running_demo(data: Path, port: int, *args: str) -> Iterator[subprocess.Popen
     it started outlives the block."""
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env["TAILGUARD_DATA_DIR"] = str(data)
+    interpreter = worker_interpreter()  # its agents' workers run unprivileged
+    env.update(interpreter.env)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "controlplane.cli", "demo", "--port", str(port), *args],
+        [interpreter.python, "-m", "controlplane.cli", "demo", "--port", str(port), *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -66,6 +66,10 @@ class SloSummarySerializer(serializers.Serializer):
     threshold_seconds = serializers.FloatField(allow_null=True)
     objective = serializers.FloatField()
     window = serializers.ChoiceField(choices=Window.choices)
+    revision = serializers.IntegerField(
+        help_text="The definition in force; a threshold, objective or window change starts "
+        "the next, and the figures here count only its events."
+    )
     scope = serializers.ChoiceField(choices=Scope.choices)
     deployment = serializers.CharField(allow_null=True)
     model_name = serializers.CharField(allow_null=True)
@@ -110,6 +114,9 @@ class EventPointSerializer(serializers.Serializer):
     t = serializers.FloatField()
     good = serializers.IntegerField()
     total = serializers.IntegerField()
+    revision = serializers.IntegerField(
+        help_text="The SLO revision whose threshold these events were counted against."
+    )
 
 
 class PercentilePointSerializer(serializers.Serializer):

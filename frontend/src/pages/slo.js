@@ -61,9 +61,22 @@ export function sloPage(root, context) {
     rangeS = data.range_s;
     const slo = data.slo;
     const marks = marksOf(data);
-    const inRange = data.events.reduce((a, p) => ({ good: a.good + p.good, total: a.total + p.total }), { good: 0, total: 0 });
+    // The range tiles count the revision in force only; the chart shows every revision's
+    // counts, each against its own threshold, summed per bucket.
+    const current = data.events.filter((p) => p.revision === slo.revision);
+    const inRange = current.reduce((a, p) => ({ good: a.good + p.good, total: a.total + p.total }), { good: 0, total: 0 });
+    const spansRevisions = current.length < data.events.length;
+    const perBucket = new Map();
+    for (const p of data.events) {
+      const b = perBucket.get(p.t) ?? { t: p.t, good: 0, total: 0 };
+      b.good += p.good;
+      b.total += p.total;
+      perBucket.set(p.t, b);
+    }
+    const buckets = [...perBucket.values()];
     const worstP99 = Math.max(...data.percentiles.map((p) => p.p99 ?? 0), 0);
-    const over = WINDOWS.find(([s]) => s === rangeS)?.[1] ?? `${rangeS} s`;
+    const range = WINDOWS.find(([s]) => s === rangeS)?.[1] ?? `${rangeS} s`;
+    const over = range + (spansRevisions ? `, revision ${slo.revision}` : "");
     tiles.replaceChildren(
       tile("state", stateBadge(slo.state), { id: "tile-state" }),
       tile(`objective, ${windowText(slo.window)}`, objectiveText(slo.objective)),
@@ -72,7 +85,7 @@ export function sloPage(root, context) {
       tile(`good / total, ${windowText(slo.window)}`, `${count(slo.good)} / ${count(slo.total)}`, { id: "tile-good-total" }),
       tile(`achieved, ${over}`, inRange.total ? ratio(inRange.good / inRange.total, 2) : "–", { id: "tile-range-achieved" }),
       tile(`events, ${over}`, count(inRange.total)),
-      ...(slo.threshold_seconds != null ? [tile(`worst p99, ${over}`, data.percentiles.length ? duration(worstP99) : "–", { class: worstP99 > slo.threshold_seconds ? "tile bad" : "tile" })] : []),
+      ...(slo.threshold_seconds != null ? [tile(`worst p99, ${range}`, data.percentiles.length ? duration(worstP99) : "–", { class: worstP99 > slo.threshold_seconds ? "tile bad" : "tile" })] : []),
     );
 
     budget.marks = marks;
@@ -91,9 +104,9 @@ export function sloPage(root, context) {
 
     events.step = data.resolution;
     events.marks = marks;
-    events.update(data.events.map((p) => p.t), {
-      good: data.events.map((p) => p.good / data.resolution),
-      bad: data.events.map((p) => (p.total - p.good) / data.resolution),
+    events.update(buckets.map((p) => p.t), {
+      good: buckets.map((p) => p.good / data.resolution),
+      bad: buckets.map((p) => (p.total - p.good) / data.resolution),
     });
 
     tables.replaceChildren(

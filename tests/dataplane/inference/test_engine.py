@@ -113,6 +113,28 @@ def test_paused_sequence_resumes_from_its_own_cache(
     assert seq.tokens == expected and seq.finish_reason == FINISH_LENGTH
 
 
+@pytest.mark.parametrize("rows_per_call", [0, 2])
+def test_prompts_split_over_steps_give_the_tokens_of_a_whole_prefill(
+    runtime: OnnxRuntime, rows_per_call: int
+) -> None:
+    """Chunked prefill under a per-step budget, while other rows decode: every prompt
+    is computed in pieces no larger than the budget and nothing else changes."""
+    all_prompts = prompts()
+    expected = [alone(runtime, p, greedy()) for p in all_prompts]
+    counting = CountingRuntime(runtime)
+    engine = BatchEngine(counting, rows_per_call)
+    seqs = [EngineSequence(p, greedy()) for p in all_prompts]
+    pending = list(seqs)
+    ready: list[EngineSequence] = []
+    while pending or engine.running or ready:
+        engine.step(join=ready)
+        ready = engine.prefill(pending, max_tokens=16)
+        pending = [s for s in pending if s not in ready]
+    assert [s.tokens for s in seqs] == expected
+    assert max(n for call in counting.calls for n in call) == 16
+    assert sum(n for call in counting.calls for n in call) == sum(map(len, all_prompts))
+
+
 def test_cancelled_sequence_leaves_the_batch(runtime: OnnxRuntime) -> None:
     engine = BatchEngine(runtime)
     seqs = [EngineSequence(p, greedy(50)) for p in prompts()[:3]]
@@ -142,6 +164,10 @@ class CountingRuntime:
 
     def decode(self, cache: KVBatch, tokens: IntArray) -> tuple[FloatArray, KVBatch]:
         return self.inner.decode(cache, tokens)
+
+    def extend(self, cache: KVBatch, ids: IntArray) -> tuple[FloatArray, KVBatch]:
+        self.calls.append([int(ids.shape[1])])
+        return self.inner.extend(cache, ids)
 
 
 def test_identical_prompts_share_one_prefill_and_draw_their_own_tokens(

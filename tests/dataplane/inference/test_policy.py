@@ -27,9 +27,9 @@ def fair(**tenants: TenantConfig) -> FairPolicy:
 
 
 def serve_one(policy: FairPolicy | FcfsPolicy) -> GenerationRequest:
-    """Admit the next request and charge it as if fully served."""
+    """Admit the next request (which charges its prompt) and charge its output."""
     head = policy.pop()
-    policy.charge(head.tenant, PROMPT, OUTPUT)
+    policy.charge(head.tenant, 0, OUTPUT)
     return head
 
 
@@ -53,6 +53,39 @@ def test_fcfs_makes_the_victim_wait_behind_the_backlog() -> None:
     order = [serve_one(policy).tenant for _ in range(len(policy))]
     assert order.index("victim") == 17
     assert policy.waiting("aggressor") == 0
+
+
+def test_one_admission_round_shares_free_slots_by_weight() -> None:
+    """Sixteen pops with no output charged in between (one round filling 16 free slots):
+    the prompts charged at dispatch move the counters, so the tenant that was behind by
+    40 catches up by two prompts and the rest alternate."""
+    policy = fair()
+    for i in range(16):
+        policy.push(request("ahead", i), active=())
+        policy.push(request("behind", i + 0.5), active=())
+    policy.counters.update(ahead=40.0, behind=0.0)
+    served = Counter(policy.pop().tenant for _ in range(16))
+    assert served == {"behind": 9, "ahead": 7}
+    assert policy.counters == {"ahead": 40.0 + 7 * PROMPT, "behind": 9.0 * PROMPT}
+
+
+def test_one_admission_round_follows_the_weights() -> None:
+    policy = fair(heavy=TenantConfig(weight=3.0), light=TenantConfig(weight=1.0))
+    for i in range(16):
+        policy.push(request("heavy", i), active=())
+        policy.push(request("light", i + 0.5), active=())
+    served = Counter(policy.pop().tenant for _ in range(16))
+    assert served == {"heavy": 12, "light": 4}
+
+
+def test_a_paused_request_resumes_without_a_second_prompt_charge() -> None:
+    policy = fair()
+    policy.push(request("a", 0), active=())
+    paused = policy.pop()
+    paused.seq.tokens.append(5)
+    policy.requeue(paused)
+    assert policy.pop() is paused
+    assert policy.counters["a"] == PROMPT
 
 
 def test_newly_backlogged_tenant_is_lifted_to_the_active_minimum() -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection, Sequence
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from dataplane.inference.config import (
     BatchingConfig,
     RuntimeConfig,
     SchedulingConfig,
+    SloThreshold,
 )
 from dataplane.inference.engine import BatchEngine, EngineSequence
 from dataplane.inference.metrics import RequestTiming, TelemetryStats, WorkerMetrics
@@ -27,17 +30,60 @@ def runtime(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> OnnxRu
     return OnnxRuntime(model_dir, tmp_path_factory.mktemp("cache"), RuntimeConfig())
 
 
+TOKEN_S = 0.001  # what a token computed costs on TokenClock's clock
+
+
+class TokenClock(BatchEngine):
+    """The real engine, with a clock that advances TOKEN_S for every token it computes
+    (a decode row or a prompt token), and the sequences of every decode step."""
+
+    def __init__(self, runtime: OnnxRuntime) -> None:
+        super().__init__(runtime)
+        self.tokens = 0
+        self.steps: list[list[EngineSequence]] = []
+
+    def now(self) -> float:
+        return self.tokens * TOKEN_S
+
+    def step(
+        self,
+        leave: Collection[EngineSequence] = (),
+        park: Collection[EngineSequence] = (),
+        join: Sequence[EngineSequence] = (),
+    ) -> list[EngineSequence]:
+        stepped = super().step(leave, park, join)
+        self.tokens += len(stepped)
+        if stepped:
+            self.steps.append(stepped)
+        return stepped
+
+    def prefill(
+        self, sequences: Sequence[EngineSequence], max_tokens: int | None = None
+    ) -> list[EngineSequence]:
+        before = sum(s.prefilled for s in sequences)
+        complete = super().prefill(sequences, max_tokens)
+        self.tokens += sum(s.prefilled for s in sequences) - before
+        return complete
+
+
 class Harness:
-    def __init__(self, runtime: OnnxRuntime, **knobs: Any) -> None:
+    def __init__(
+        self,
+        runtime: OnnxRuntime,
+        thresholds: Sequence[SloThreshold] = (),
+        engine: TokenClock | None = None,
+        **knobs: Any,
+    ) -> None:
         policy = knobs.pop("policy", "fair")
         self.metrics = WorkerMetrics("synthetic")
         self.scheduler = Scheduler(
-            BatchEngine(runtime),
+            engine or BatchEngine(runtime),
             BatchingConfig(**knobs),
-            SchedulingConfig(policy=policy),
+            SchedulingConfig(policy=policy, tpot_steps=bool(thresholds)),
             {},
             self.metrics,
-            TelemetryStats("dep", "synthetic", []),
+            TelemetryStats("dep", "synthetic", thresholds),
+            **({"clock": engine.now} if engine else {}),
         )
 
     def submit(self, tenant: str, prompt: list[int], tokens: int) -> GenerationRequest:
@@ -142,6 +188,78 @@ async def test_token_budget_spreads_prefills_over_steps(harness_factory: Any) ->
     for request in requests:
         await finished(request)
     assert roomy.steps("prefill") == 1
+
+
+async def test_a_prompt_longer_than_the_step_budget_is_split_over_steps(
+    runtime: OnnxRuntime, harness_factory: Any
+) -> None:
+    h = harness_factory(max_batch_size=4, max_tokens_per_step=64)
+    prompt = [5 + i % 250 for i in range(150)]
+    request = h.submit("t", prompt, 6)
+    await finished(request)
+    assert h.steps("prefill") == 3
+    assert request.output_ids == alone(runtime, prompt, 6)
+
+
+def step_once(scheduler: Scheduler) -> None:
+    """One admission round and one step, in this thread, in the order the lanes run."""
+    scheduler._admit()
+    moves = []
+    with contextlib.suppress(Empty):
+        while True:
+            moves += scheduler._commands.get_nowait() or []
+    scheduler._stepped(scheduler._step(moves))
+
+
+async def test_a_victim_waits_one_step_even_behind_a_long_prompt_under_way(
+    runtime: OnnxRuntime,
+) -> None:
+    h = Harness(runtime, max_batch_size=4, max_tokens_per_step=64)
+    long_prompt = [5 + i % 250 for i in range(300)]
+    aggressors = [h.submit("aggressor", [1 + i, 2, 3], 30) for i in range(3)]
+    aggressors.append(h.submit("aggressor", long_prompt, 5))
+    aggressors += [h.submit("aggressor", [4, 5 + i, 6], 8) for i in range(2)]
+    while not (aggressors[3].seq.prefilled and all(r.output_ids for r in aggressors[:3])):
+        step_once(h.scheduler)
+    assert len(h.scheduler.running) == 4
+    victim = h.submit("victim", [7, 8, 9, 10, 11], 10)
+    under_way = aggressors[3].seq.prefilled
+    step_once(h.scheduler)
+    # One step: the victim took a slot from the over-share tenant, its whole prompt ran
+    # first, and the long prompt still advanced in the rest of the budget.
+    assert len(victim.output_ids) == 1
+    assert under_way < aggressors[3].seq.prefilled < len(long_prompt)
+    while not all(r.done for r in [victim, *aggressors]):
+        step_once(h.scheduler)
+    assert victim.output_ids == alone(runtime, [7, 8, 9, 10, 11], 10)
+    assert aggressors[3].output_ids == alone(runtime, long_prompt, 5)
+    assert aggressors[0].output_ids == alone(runtime, [1, 2, 3], 30)
+
+
+async def test_steps_shrink_to_the_tightest_tpot_objective(runtime: OnnxRuntime) -> None:
+    """The victim's TPOT objective is 10 tokens' worth of step: while it runs, rows
+    take at most 3/4 of it (7), the aggressor's newest rows wait, and every step still
+    carries the victim; once it is done the aggressor has the whole batch again."""
+    engine = TokenClock(runtime)
+    objective = SloThreshold(tenant="victim", metric="tpot", threshold_seconds=10 * TOKEN_S)
+    h = Harness(runtime, [objective], engine, max_batch_size=16)
+    aggressors = [h.submit("aggressor", [1 + i, 2, 3], 60) for i in range(16)]
+    while len(engine.steps) < 3:
+        step_once(h.scheduler)
+    assert len(engine.steps[-1]) == 16
+    victim = h.submit("victim", [7, 8, 9], 20)
+    while not victim.done:
+        step_once(h.scheduler)
+    with_victim = [rows for rows in engine.steps if victim.seq in rows]
+    assert len(with_victim) == 19  # one token a step after its first
+    assert max(len(rows) for rows in with_victim) <= 7
+    assert min(len(rows) for rows in with_victim) >= 2  # the aggressor still decodes
+    after = len(engine.steps)
+    while not all(r.done for r in aggressors):
+        step_once(h.scheduler)
+    assert len(engine.steps[after + 1]) > 7
+    assert victim.output_ids == alone(runtime, [7, 8, 9], 20)
+    assert aggressors[0].output_ids == alone(runtime, [1, 2, 3], 60)
 
 
 async def test_queue_delay_gathers_arrivals_into_one_prefill(harness_factory: Any) -> None:
