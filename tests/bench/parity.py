@@ -1,6 +1,6 @@
 """Greedy parity with transformers on real architectures, through a real worker.
 
-    tailguard bench parity --reference-python PY [--architectures llama,gemma] [--json]
+    tailguard bench parity --reference-python PY [--architectures llama,gemma] [--step-tokens N] [--json]
 
 PY is a Python with transformers, optimum-onnx and torch (the project needs none of them):
 
@@ -44,6 +44,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a Python with transformers, optimum-onnx and torch",
     )
     parser.add_argument("--architectures", default=None, help="comma-separated; default all")
+    parser.add_argument(
+        "--step-tokens",
+        type=int,
+        default=None,
+        help="the worker's max_tokens_per_step: small values split prompts into chunks",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser.parse_args(argv)
 
@@ -95,13 +101,16 @@ def chat(
     return reply["usage"]["prompt_tokens"], [vocab[item["token"]] for item in content]
 
 
-def check(model_dir: Path, work: Path, ref: dict[str, Any]) -> dict[str, int]:
+def check(
+    model_dir: Path, work: Path, ref: dict[str, Any], step_tokens: int | None
+) -> dict[str, int]:
     """How many token prompts match the reference alone, in one batch and staggered; how
     many text prompts and chats match (same prompt length, same tokens)."""
     vocab = json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"]
     prompts, outputs = ref["prompts"], ref["outputs"]
     max_tokens = max(len(o) for o in outputs)
-    config = worker_config(model_dir, work / "cache", {"parity": KEY})
+    batching = {"max_tokens_per_step": step_tokens} if step_tokens else {}
+    config = worker_config(model_dir, work / "cache", {"parity": KEY}, batching=batching)
     with WorkerProcess(config, work / "worker") as worker:
 
         def one(i: int, delay: float = 0.0) -> list[int]:
@@ -141,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in ref:
                 rows[architecture] = {"error": ref["error"]}
                 continue
-            matched = check(Path(ref["model_dir"]), work / f"{architecture}-run", ref)
+            matched = check(
+                Path(ref["model_dir"]), work / f"{architecture}-run", ref, args.step_tokens
+            )
             rows[architecture] = {
                 "position_ids": ref["position_ids"],
                 "prompts": len(ref["prompts"]),
