@@ -111,8 +111,8 @@ def calibrate_tpot_slo(quiet: Tenant, since: datetime) -> tuple[float, float] | 
 
 
 def tpot_burn(quiet: Tenant) -> tuple[float, float]:
-    """chat-tpot evaluated now: its highest burn rate over the page windows, and the page
-    factor that rate is judged against."""
+    """chat-tpot evaluated now: its highest burn rate over the page rules' short windows
+    (the ones that calm first once globex is capped again), and the page factor."""
     tpot = Slo.objects.get(tenant=quiet, name="chat-tpot")
     now = timezone.now()
     SloStatus.objects.filter(slo=tpot).update(evaluated_at=None)  # not skipped as too recent

@@ -118,8 +118,10 @@ def pagerduty(
     endpoint: WebhookEndpoint, alerts: list[Alert], group: dict[str, str]
 ) -> dict[str, Any]:
     """One event per group, deduplicated by the group (Alertmanager's PagerDuty receiver
-    does the same): triggered while any alert fires, resolved when none does."""
-    dedup_key = alerts[0].fingerprint if len(alerts) == 1 else fingerprint(group)
+    does the same): triggered while any alert fires, resolved when none does. The key is
+    the group's whatever it holds, so a resolve always closes the incident its trigger
+    opened."""
+    dedup_key = fingerprint(group)
     firing = [a for a in alerts if a.state == AlertState.FIRING]
     if not firing:
         return {"event_action": "resolve", "dedup_key": dedup_key}

@@ -30,6 +30,7 @@ from controlplane.slo.sli import (
     BurnRule,
     Counts,
     burn_rules,
+    ceil_to,
     duration_label,
     floor_to,
     window_length,
@@ -248,14 +249,15 @@ def _events(slo: Slo, resolution: int, since: datetime, now: datetime) -> list[d
     pass for the new one's (a bucket spanning a change has a point for each)."""
     counted: dict[tuple[datetime, float | None], dict[str, Any]] = {}
     for revision in slo_selectors.revisions_in_period(slo, since, now):
+        # a bucket spanning a change is the old revision's, as in `slo_counts` (`sli.tile`)
         start = since
         if revision.counts_from is not None:
-            start = max(since, floor_to(revision.counts_from, resolution))
+            start = max(since, ceil_to(revision.counts_from, resolution))
         rows = slo_selectors.counted_against(slo, revision.threshold_seconds).filter(
             resolution=resolution, bucket__gte=start
         )
         if revision.ended_at is not None:
-            rows = rows.filter(bucket__lt=revision.ended_at)
+            rows = rows.filter(bucket__lt=ceil_to(revision.ended_at, resolution))
         for row in rows.values("bucket").annotate(good=Sum("good"), total=Sum("total")):
             # revisions sharing a threshold share rows: the later one owns them
             counted[(row["bucket"], revision.threshold_seconds)] = {
@@ -306,7 +308,9 @@ def _revision_text(slo: Slo, revision: SloRevision, before: SloRevision | None) 
         if before is None or getattr(before, name) != getattr(revision, name):
             was = f" (was {show(before)})" if before is not None else ""
             parts.append(f"{name.removesuffix('_seconds')} {show(revision)}{was}")
-    return f"revision {revision.number}: " + (", ".join(parts) or "restarted, same definition")
+    return f"revision {revision.number}: " + (
+        ", ".join(parts) or "what it measures changed, or restarted as it was"
+    )
 
 
 def _changes(

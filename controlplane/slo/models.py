@@ -108,8 +108,16 @@ class Slo(TenantOwnedModel):
             raise ValidationError(errors)
 
 
-DEFINITION = ("threshold_seconds", "objective", "window")
-"""The fields whose change starts a new revision."""
+DEFINITION = (
+    "sli",
+    "scope",
+    "deployment_id",
+    "model_name",
+    "threshold_seconds",
+    "objective",
+    "window",
+)
+"""The fields whose change starts a new revision: what is measured, where, against what."""
 
 
 class SloRevision(models.Model):

@@ -118,6 +118,8 @@ def build(tenant: Tenant, start: datetime, end: datetime, now: datetime) -> dict
                 }
                 for i, t in mine
             ]
+        if not parts:  # no revision row in force (repaired data): nothing to report on
+            continue
         latest = parts[-1]
         slos.append(
             {

@@ -113,7 +113,9 @@ def seed(world: World) -> dict[str, Any]:
         rollups.add(slos["theirs"], other, now - timedelta(hours=hours), 20, 100, 0.1)
     Slo.objects.filter(pk=slos["theirs"].pk).update(created_at=now - timedelta(days=3))
     SloRevision.objects.filter(slo=slos["theirs"]).update(started_at=now - timedelta(days=3))
-    update_slo(slos["theirs"], threshold_seconds=0.5, now=now - timedelta(hours=6))
+    # on an hour boundary, so every resolution's buckets fall wholly to one revision
+    changed = bucket_of(now - timedelta(hours=6), 3600)
+    update_slo(slos["theirs"], threshold_seconds=0.5, now=changed)
     for minutes in range(1, 6 * 60 + 1):
         at = now - timedelta(minutes=minutes - 0.5)
         slow = minutes <= 90  # the last 1.5 h went bad: 40% of requests too slow

@@ -317,6 +317,9 @@ def test_a_threshold_change_starts_a_revision_that_counts_only_its_own_events(
     # an objective change alone starts a revision too, with the same threshold
     services.update_slo(serving, objective=0.95, now=now)
     assert SloRevision.objects.filter(slo=serving).count() == 3
+    # and so does measuring something else: TTFT counts never pass for TPOT ones
+    services.update_slo(serving, sli="tpot", now=now + timedelta(seconds=1))
+    assert SloRevision.objects.filter(slo=serving).count() == 4
 
 
 def test_deleting_an_slo_resolves_its_alerts(world: World, serving: Any, settings: Any) -> None:

@@ -168,7 +168,7 @@ def test_console_report_page(world: World, period: Any) -> None:
 def test_a_report_spanning_a_threshold_change_reports_each_revision_apart(
     world: World,
 ) -> None:
-    """The issue's report: counts made under the old threshold are never relabelled by a
+    """A report spanning a threshold change: counts made under the old threshold are never relabelled by a
     new one, and each revision's achieved, consumed and remaining budget agree."""
     now = timezone.now()
     chat = make_deployment(world.tenant_a, "chat")

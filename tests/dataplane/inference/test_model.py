@@ -172,7 +172,7 @@ def test_tokenizer_is_byte_level_with_specials(model_dir: Path) -> None:
 
 
 def test_streamed_text_does_not_depend_on_how_tokens_are_grouped(model_dir: Path) -> None:
-    # The decode thread may hand a stream several tokens at once.
+    # The step thread may hand a stream several tokens at once.
     from dataplane.inference.tokenizer import TextTokenizer
 
     tokenizer = TextTokenizer(model_dir)

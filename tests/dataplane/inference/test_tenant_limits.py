@@ -197,7 +197,7 @@ async def test_a_metered_tenant_gets_its_rate_of_tokens_per_step(
     steps, got = w.engine.steps, w.tokens(metered)
     allowed = burst + rate * steps * STEP_S
     # About the bucket's worth: unmetered, its 4 requests would have had 4 tokens a step.
-    # Steps the decode thread ran before a pause reached it may overdraw the bucket by a
+    # Steps the step thread ran before a pause reached it may overdraw the bucket by a
     # few rows; that debt is paid back, so the share stays close to the rate.
     assert 0.85 * allowed <= got <= 1.1 * allowed, (got, allowed, steps)
     assert len(free.output_ids) == 480 and steps >= 479
