@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import functools
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -74,6 +75,10 @@ async def run_agent(settings: AgentSettings) -> None:
 
     stop = _stop_on_signals()
     account = worker_account(settings.worker_user)
+    if account is not None:
+        # What the agent writes is root's alone (0600, 0700) unless opened to the worker on
+        # purpose, under systemd's UMask=0077 or not.
+        os.umask(0o077)
     facts = await asyncio.to_thread(inventory)
     async with httpx.AsyncClient(timeout=30) as http:
         anon = ControlPlaneClient(http, settings.control_plane_url)

@@ -5,15 +5,20 @@ unprivileged account (setting `worker_user`), so a worker that serves untrusted 
 never holds root. The agent's state directory is then searchable by all but listable by
 none (0711); a worker may read its own config and its model, write its own run directory
 and its TensorRT cache, and nothing else: the node credential, the other replicas'
-records and the storage engine's state stay root's own (0600).
+records and the storage engine's state stay root's own (0600). What a worker can write is
+handled by root through descriptors that never follow a symlink, so a link planted there
+cannot turn a chown or a chmod onto another file.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pwd
+import stat
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +36,12 @@ _PROBE = (
     "    sys.exit(f'cannot enter {sys.argv[1]}: a directory on the way is closed to it')\n"
 )
 """Run as the account: the worker's code imports and the state directory is reachable."""
+
+_READ_PROBE = "import sys\nopen(sys.argv[1], 'rb').close()\n"
+"""Run as the account: a file it must read (a model's config.json) opens."""
+
+_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+"""Never through a symlink, never waiting on a FIFO."""
 
 
 class WorkerUserError(ValueError):
@@ -51,50 +62,96 @@ class WorkerAccount:
         """Raise WorkerUserError unless this account can run `python` with the worker's code
         and reach `state_dir` (which this opens to it first)."""
         self.may_pass(state_dir, state_dir)
+        problem = self._run(python, _PROBE, state_dir)
+        if problem:
+            raise WorkerUserError(
+                f"inference workers run as {self.name} (setting worker_user), which cannot "
+                f"run {python}: {problem}; install Tailguard and keep the state directory "
+                "where that account can reach them, or name another account in worker_user"
+            )
+
+    def can_read(self, python: str, path: Path) -> None:
+        """Raise WorkerUserError unless this account can open `path`: checked before a worker
+        starts, so a model it cannot read is an error naming the setting, not a crash loop."""
+        problem = self._run(python, _READ_PROBE, path)
+        if problem:
+            raise WorkerUserError(
+                f"inference workers run as {self.name} (setting worker_user), which cannot "
+                f"read {path}: {problem}; keep the storage pool where that account can reach "
+                "it, or name another account in worker_user"
+            )
+
+    def may_pass(self, path: Path, root: Path) -> None:
+        """Let the account through `root` and every directory below it on the way to `path`:
+        each becomes exactly 0711 (search only: nothing listable or readable by others).
+        Nothing above `root` changes, nor a directory that is a symlink."""
+        for directory in (path, *path.parents):
+            if not directory.is_relative_to(root):
+                break
+            try:
+                fd = os.open(directory, _OPEN | os.O_DIRECTORY)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    continue
+                raise
+            try:
+                os.fchmod(fd, 0o711)
+            finally:
+                os.close(fd)
+
+    def may_read(self, path: Path) -> None:
+        """Give the account's group read access to a file or a tree (models, its config).
+
+        Symlinks are never followed, and a file with other hard links is left alone: either
+        could lead out of the tree to a file that is none of the account's business."""
+        for fd, info in _opened(path):
+            if stat.S_ISDIR(info.st_mode):
+                mode = 0o050
+            elif stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+                mode = 0o040
+            else:
+                continue
+            os.fchown(fd, -1, self.gid)
+            os.fchmod(fd, info.st_mode & 0o7777 | mode)
+
+    def owns(self, path: Path) -> None:
+        """Make a directory the account's own, created if missing: what a worker writes.
+
+        Once the account owns it the worker can change anything below, so only what still
+        belongs to root is handed over (a tree an earlier agent made), through descriptors
+        that never follow a symlink, and never a file with other hard links."""
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, _OPEN | os.O_DIRECTORY)
+        try:
+            if os.fstat(fd).st_uid == 0:
+                for below, info in _opened(path, top=False):
+                    regular = stat.S_ISREG(info.st_mode) and info.st_nlink == 1
+                    if info.st_uid == 0 and (stat.S_ISDIR(info.st_mode) or regular):
+                        os.fchown(below, self.uid, self.gid)
+            os.fchown(fd, self.uid, self.gid)
+        finally:
+            os.close(fd)
+
+    def _run(self, python: str, code: str, path: Path) -> str | None:
+        """What went wrong running `code` as this account, or None."""
         try:
             result = subprocess.run(
-                [python, "-c", _PROBE, str(state_dir)],
+                [python, "-c", code, str(path)],
                 user=self.uid,
                 group=self.gid,
                 extra_groups=list(self.groups),
                 env={**worker_environment(), "HOME": "/"},
+                cwd="/",
                 capture_output=True,
                 text=True,
                 timeout=300,
                 check=False,
             )
-            problem = result.stderr.strip().splitlines()[-1:] if result.returncode else []
         except (OSError, subprocess.TimeoutExpired) as exc:
-            problem = [str(exc)]
-        if problem:
-            raise WorkerUserError(
-                f"inference workers run as {self.name} (setting worker_user), which cannot "
-                f"run {python}: {problem[0]}; install Tailguard and keep the state directory "
-                "where that account can reach them, or name another account in worker_user"
-            )
-
-    def may_pass(self, path: Path, root: Path) -> None:
-        """Let the account through `root` and every directory below it on the way to `path`
-        (search only, 0711: nothing becomes listable or readable)."""
-        for directory in (path, *path.parents):
-            if not directory.is_relative_to(root):
-                break
-            mode = directory.stat().st_mode
-            if mode & 0o001 == 0:
-                directory.chmod(mode & 0o7777 | 0o001)
-
-    def may_read(self, path: Path) -> None:
-        """Give the account's group read access to a file or a tree (models, its config)."""
-        for item in _tree(path):
-            mode = 0o050 if item.is_dir() else 0o040
-            os.chown(item, -1, self.gid, follow_symlinks=False)
-            item.chmod(item.stat().st_mode & 0o7777 | mode)
-
-    def owns(self, path: Path) -> None:
-        """Make a directory the account's own, created if missing: what a worker writes."""
-        path.mkdir(parents=True, exist_ok=True)
-        for item in _tree(path):
-            os.chown(item, self.uid, self.gid, follow_symlinks=False)
+            return str(exc)
+        if result.returncode == 0:
+            return None
+        return (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
 
 
 def worker_environment() -> dict[str, str]:
@@ -103,10 +160,35 @@ def worker_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
 
 
-def _tree(path: Path) -> list[Path]:
-    if not path.is_dir() or path.is_symlink():
-        return [path]
-    return [path, *(p for p in path.rglob("*") if not p.is_symlink())]
+def _opened(path: Path, *, top: bool = True) -> Iterator[tuple[int, os.stat_result]]:
+    """`path` (unless `top` is false) and, when it is a directory, everything below it,
+    deepest first, each opened without following a symlink: (descriptor, its fstat), the
+    descriptor valid until the next one. Symlinks, and what went away, are passed over."""
+    fd = os.open(path, _OPEN)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISDIR(info.st_mode):
+            if top:
+                yield fd, info
+            return
+    finally:
+        os.close(fd)
+    for _, dirs, files, dir_fd in os.fwalk(path, topdown=False, follow_symlinks=False):
+        for name in (*files, *dirs):
+            try:
+                fd = os.open(name, _OPEN, dir_fd=dir_fd)
+            except OSError:
+                continue
+            try:
+                yield fd, os.fstat(fd)
+            finally:
+                os.close(fd)
+    if top:
+        fd = os.open(path, _OPEN | os.O_DIRECTORY)
+        try:
+            yield fd, os.fstat(fd)
+        finally:
+            os.close(fd)
 
 
 def worker_account(setting: str | None) -> WorkerAccount | None:

@@ -69,3 +69,10 @@ class ModelStager:
         headers = credential_headers(artifact.uri, self.control_plane_url, self.credential)
         model_dir = stage_model(self.volumes, volume, artifact, headers=headers)
         return model_dir, self.volumes.volume_path(volume) / CACHE_DIR
+
+    def pool_directory(self, volume: str) -> Path:
+        """The directory of the pool `volume` lies in (the local engine keeps each volume as a
+        directory of its pool's): as far up as a worker is let through to its model."""
+        if self.volumes is None:
+            raise ValueError(f"volume {volume} is an SPDK block device, not a directory")
+        return self.volumes.volume_path(volume).parent

@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, fields
@@ -29,6 +30,7 @@ from urllib.parse import parse_qsl, urlsplit
 from uuid import UUID
 
 import httpx
+from pydantic import BaseModel, ConfigDict, Field
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from agent.privileges import WorkerAccount, worker_environment
@@ -46,6 +48,10 @@ from dataplane.inference.synthetic import SyntheticModelSpec, write_synthetic_mo
 
 log = logging.getLogger(__name__)
 WORKER_METRICS = frozenset({"ttft", "tpot", "itl", "e2e", "queue"})
+NONCE_ENV = "TAILGUARD_WORKER_NONCE"
+"""Carries a start's nonce to the worker (dataplane/inference/__main__.py): the environment
+of a process is readable by its own uid and root only, its command line by every user."""
+ANNOUNCEMENT_MAX_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -84,13 +90,17 @@ def materialize_model(
     return _synthetic_model(spec.artifact, work_dir / "models"), cache_dir
 
 
-def open_to_worker(account: WorkerAccount, model_dir: Path, cache_dir: Path, root: Path) -> None:
+def open_to_worker(
+    account: WorkerAccount, python: str, model_dir: Path, cache_dir: Path, root: Path
+) -> None:
     """Let the worker account read its model and write its cache, passing through the
-    directories of `root` on the way and reading nothing else there."""
+    directories of `root` on the way and reading nothing else there; then check, as that
+    account, that the model's config.json opens."""
     account.may_read(model_dir)
     account.owns(cache_dir)
     account.may_pass(model_dir.parent, root)
     account.may_pass(cache_dir.parent, root)
+    account.can_read(python, model_dir / "config.json")
 
 
 _SYNTHETIC_FLAGS = {f.name for f in fields(SyntheticModelSpec) if f.type in ("bool", bool)}
@@ -180,7 +190,7 @@ class WorkerProcess(Protocol):
 
 class AdoptedWorker:
     """A worker an earlier agent started: not this process's child, so it is watched through
-    /proc, and signalled only while its command line still carries its start's nonce (a
+    /proc, and signalled only while its environment still carries its start's nonce (a
     recycled pid is never signalled)."""
 
     def __init__(self, pid: int, nonce: str) -> None:
@@ -189,10 +199,10 @@ class AdoptedWorker:
 
     def alive(self) -> bool:
         try:
-            argv = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{self.pid}/environ").read_bytes().split(b"\0")
         except OSError:
             return False
-        return self.nonce.encode() in argv
+        return f"{NONCE_ENV}={self.nonce}".encode() in environ
 
     async def wait(self) -> int:
         while self.returncode is None:
@@ -314,9 +324,11 @@ class ManagedWorker:
     async def _spawn(self) -> asyncio.subprocess.Process:
         self.nonce = secrets.token_hex(16)
         self.port = self.spec.port
-        self._endpoint.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # run/ is the worker's: whatever it left there
+            self._endpoint.unlink()
         env = worker_environment()
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.spec.gpu_indices))
+        env[NONCE_ENV] = self.nonce
         account = self._settings.account
         identity: dict[str, Any] = {}
         if account is not None:
@@ -340,8 +352,6 @@ class ManagedWorker:
                 str(self.spec.port or 0),
                 "--replica-id",
                 str(self.spec.replica_id),
-                "--nonce",
-                self.nonce,
                 "--announce",
                 str(self._endpoint),
                 "--log-level",
@@ -422,7 +432,7 @@ class ManagedWorker:
         process = self._process = await self._spawn()
         while not await self._healthy(http):
             if self.port is None:
-                self.port = self._announced()
+                self.port = await asyncio.to_thread(self._announced)
             if await self._exits_within(0.2):
                 raise await self._down()
         self._record.write_text(
@@ -438,12 +448,31 @@ class ManagedWorker:
         self._ready.set()
 
     def _announced(self) -> int | None:
-        """The port this start bound, once it said so."""
+        """The port this start bound, once it said so.
+
+        `run/` is the worker's to write, so what lies there is read as if hostile: never
+        through a symlink, never waiting on a FIFO, a few bytes at most, and anything but a
+        valid announcement of this start counts as none yet."""
         try:
-            endpoint = json.loads(self._endpoint.read_text())
-        except (OSError, ValueError):
+            fd = os.open(self._endpoint, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
             return None
-        return int(endpoint["port"]) if endpoint.get("nonce") == self.nonce else None
+        except OSError as exc:
+            log.warning("replica %s: cannot read %s: %s", self.spec.replica_id, self._endpoint, exc)
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("not a regular file")
+            data = os.read(fd, ANNOUNCEMENT_MAX_BYTES + 1)
+            if len(data) > ANNOUNCEMENT_MAX_BYTES:
+                raise ValueError(f"larger than {ANNOUNCEMENT_MAX_BYTES} bytes")
+            announced = _Announcement.model_validate_json(data)
+        except (OSError, ValueError) as exc:  # a ValidationError is a ValueError
+            log.warning("replica %s: ignoring %s: %s", self.spec.replica_id, self._endpoint, exc)
+            return None
+        finally:
+            os.close(fd)
+        return announced.port if announced.nonce == self.nonce else None
 
     async def _serve(self, http: httpx.AsyncClient) -> None:
         """Health-check the worker until it exits or fails `unhealthy_after` checks in a row."""
@@ -484,6 +513,16 @@ class ManagedWorker:
         return _WorkerDown(self._failed)
 
 
+class _Announcement(BaseModel):
+    """What a worker writes to `run/endpoint.json` once its port is bound."""
+
+    model_config = ConfigDict(frozen=True)
+
+    port: int = Field(ge=1, le=65535)
+    nonce: str | None
+    pid: int
+
+
 class _WorkerDown(Exception):
     """The worker exited or stopped answering its health check."""
 
@@ -514,9 +553,10 @@ class WorkerSupervisor:
                 await asyncio.to_thread(
                     open_to_worker,
                     self._settings.account,
+                    self._settings.python,
                     model_dir,
                     cache_dir,
-                    self._settings.work_dir,
+                    self._pool_root(spec, model_dir),
                 )
             config = render_config(spec, components, model_dir, cache_dir)
             current = self.workers.get(spec.replica_id)
@@ -537,6 +577,14 @@ class WorkerSupervisor:
             return ComponentResult(
                 kind="worker", name=name, ok=False, error=f"{exc}"[:4000] or repr(exc)
             )
+
+    def _pool_root(self, spec: WorkerSpec, model_dir: Path) -> Path:
+        """How far up the worker account is let through to its model: the state directory,
+        or the storage pool's own directory where that lies elsewhere."""
+        root = self._settings.work_dir
+        if model_dir.is_relative_to(root) or spec.volume is None or self._stager is None:
+            return root
+        return self._stager.pool_directory(spec.volume)
 
     @staticmethod
     def _same_process(current: ManagedWorker, spec: WorkerSpec, config: WorkerConfig) -> bool:

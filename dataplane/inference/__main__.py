@@ -2,8 +2,10 @@
 
 The model is loaded before the port opens, so ``GET /health`` answering means ready.
 ``--port 0`` takes any free port; ``--announce FILE`` then says which, once bound, with
-the ``--nonce`` that this start's ``/health`` answers too (with ``--replica-id``), so
+the nonce that this start's ``/health`` answers too (with ``--replica-id``), so
 whoever started it knows it is talking to this process and not another on that port.
+The nonce comes in the environment (``TAILGUARD_WORKER_NONCE``), not on the command line
+that any user on the host can read in /proc.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import uvicorn
 from dataplane.inference.config import WorkerConfig
 from dataplane.inference.server import Identity, InferenceApp, Worker
 
+NONCE_ENV = "TAILGUARD_WORKER_NONCE"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -29,23 +33,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0: any free port")
     parser.add_argument("--replica-id", default=None, help="answered by /health")
-    parser.add_argument("--nonce", default=None, help="this start's nonce, answered by /health")
     parser.add_argument("--announce", type=Path, default=None, help="write the bound port here")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    nonce = os.environ.get(NONCE_ENV) or None
     worker = Worker(
         WorkerConfig.load(args.config),
         args.config,
-        identity=Identity(replica_id=args.replica_id, nonce=args.nonce),
+        identity=Identity(replica_id=args.replica_id, nonce=nonce),
     )
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     if args.announce is not None:
-        _announce(args.announce, sock.getsockname()[1], args.nonce)
+        _announce(args.announce, sock.getsockname()[1], nonce)
     server = uvicorn.Server(
         uvicorn.Config(
             InferenceApp(worker),

@@ -247,3 +247,65 @@ async def test_a_restarted_agent_adopts_its_workers_and_no_request_fails_meanwhi
         for _ in range(100):
             os.kill(pid, 0)
             await asyncio.sleep(0.1)
+
+
+async def test_a_worker_that_leaves_a_fifo_of_garbage_for_its_announcement_is_restarted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`run/` is the worker's: a FIFO there must not block the agent, nor garbage in it end
+    the task that keeps the worker alive. This worker writes into the FIFO, which returns
+    only once the agent opened it, and exits; the agent starts it again, every time."""
+    hostile = tmp_path / "hostile-python"
+    hostile.write_text(
+        "#!/bin/sh\n"
+        'while [ $# -gt 0 ]; do [ "$1" = --announce ] && announce=$2; shift; done\n'
+        'mkfifo "$announce" && echo \'[1]\' > "$announce"\n'
+        "exit 3\n"
+    )
+    hostile.chmod(0o755)
+    settings = SupervisorSettings(
+        work_dir=tmp_path, python=str(hostile), backoff_initial_s=0.05, backoff_max_s=0.1
+    )
+    replica = spec(None, uuid.uuid4())
+    config = render_config(replica, Components(workers=[replica]), tmp_path, tmp_path)
+    worker = ManagedWorker(replica, config, settings)
+    with caplog.at_level(logging.WARNING, logger="agent.supervisor"):
+        await worker.start()
+        async with asyncio.timeout(120):
+            while worker.restarts < 3:
+                await asyncio.sleep(0.05)
+        running = worker._task is not None and not worker._task.done()  # noqa: SLF001
+        await worker.stop()
+    assert running
+    assert "endpoint.json: not a regular file" in caplog.text
+
+
+def test_only_a_valid_announcement_of_this_start_counts(tmp_path: Path) -> None:
+    replica = spec(None, uuid.uuid4())
+    config = render_config(replica, Components(workers=[replica]), tmp_path, tmp_path)
+    worker = ManagedWorker(replica, config, SupervisorSettings(work_dir=tmp_path))
+    worker.nonce = "this-start"
+    endpoint = tmp_path / "workers" / str(replica.replica_id) / "run" / "endpoint.json"
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text('{"port": 4242, "nonce": "this-start", "pid": 1}')
+
+    assert worker._announced() is None  # noqa: SLF001  (not yet)
+    for garbage in (
+        "[1]",
+        "{",
+        '{"port": "x", "nonce": "this-start", "pid": 1}',
+        '{"port": 70000, "nonce": "this-start", "pid": 1}',
+        '{"port": 4242, "nonce": "another-start", "pid": 1}',
+        '{"port": 4242, "nonce": "this-start", "pid": 1, "pad": "' + "x" * 5000 + '"}',
+    ):
+        endpoint.write_text(garbage)
+        assert worker._announced() is None, garbage  # noqa: SLF001
+    endpoint.unlink()
+    endpoint.symlink_to(elsewhere)
+    assert worker._announced() is None  # noqa: SLF001
+    endpoint.unlink()
+    os.mkfifo(endpoint)
+    assert worker._announced() is None  # noqa: SLF001
+    endpoint.unlink()
+    endpoint.write_text(elsewhere.read_text())
+    assert worker._announced() == 4242  # noqa: SLF001
