@@ -663,7 +663,7 @@ class Scheduler:
         rows = self._row_cap()
         slots = rows - len(self.running)
         starting = sum(len(r.seq.prompt) for r in self._prefilling if not r.seq.prefilled)
-        budget = self._budget(len(self._in_batch)) - starting
+        budget = self._budget(len(self._in_batch) + len(self._joining)) - starting
         moves: list[tuple[str, GenerationRequest]] = []
         now = time.perf_counter()
         clock = self._clock()
@@ -675,7 +675,7 @@ class Scheduler:
                 skip.add(head.tenant)
                 continue
             cost = 0 if head.seq.tokens else len(head.seq.prompt)
-            if cost > budget and starting > 0:
+            if cost and cost > budget and starting > 0:  # a resumed row has no prompt to wait on
                 break
             if slots <= 0:
                 victim = self.policy.preempt_for(head, self._in_batch, rows)
@@ -698,6 +698,7 @@ class Scheduler:
             else:
                 self._joining.append(head)
                 moves.append(("join", head))
+                budget -= 1  # it decodes in the next step too
         if moves:
             self._commands.put(moves)
 
