@@ -45,7 +45,12 @@ _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 class WorkerUserError(ValueError):
-    """The account named by `worker_user` does not exist or cannot run a worker."""
+    """The account named by `worker_user` does not exist or cannot run a worker; `reason`
+    says what failed without the advice, for callers that give their own."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,8 @@ class WorkerAccount:
             raise WorkerUserError(
                 f"inference workers run as {self.name} (setting worker_user), which cannot "
                 f"run {python}: {problem}; install Tailguard and keep the state directory "
-                "where that account can reach them, or name another account in worker_user"
+                "where that account can reach them, or name another account in worker_user",
+                reason=f"{self.name} cannot run {python} ({problem})",
             )
 
     def can_read(self, python: str, path: Path) -> None:

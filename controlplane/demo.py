@@ -14,6 +14,7 @@ Ctrl-C (or SIGTERM) stops every child cleanly.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -163,19 +164,22 @@ def _worker_user(state_dir: Path) -> dict[str, str]:
     the worker runs as root and the demo says so instead of failing."""
     if os.geteuid() != 0 or os.environ.get("TAILGUARD_AGENT_WORKER_USER"):
         return {}
+    logging.getLogger("agent.privileges").setLevel(logging.ERROR)  # said below, in full
     try:
         account = worker_account(None)
-        if account is not None:
-            state_dir.mkdir(parents=True, exist_ok=True)
-            account.probe(sys.executable, state_dir)
+        if account is None:
+            return {}
+        state_dir.mkdir(parents=True, exist_ok=True)
+        account.probe(sys.executable, state_dir)
     except WorkerUserError as exc:
         print(
-            f"The inference worker runs as root in this demo: {exc}. On a node it runs as "
-            "tailguard-inference (docs/operations.md).",
+            f"The inference worker runs as root in this demo: {exc.reason}. On a node it "
+            "runs as tailguard-inference (docs/operations.md).",
             flush=True,
         )
         return {"TAILGUARD_AGENT_WORKER_USER": "root"}
-    return {}
+    print(f"The inference worker runs as {account.name}, unprivileged.", flush=True)
+    return {"TAILGUARD_AGENT_WORKER_USER": account.name}
 
 
 def _interrupt(*_: object) -> None:
