@@ -54,16 +54,16 @@ def test_an_agent_restarted_under_load_fails_no_request(
 ) -> None:
     tenant, api, key = seed_tenant(django_user_model, free_port)
     bootstrap = create_bootstrap_token(name="e2e").secret
-    with running_stack(tmp_path, free_port, TAILGUARD_AGENT_KEEP_WORKERS="true") as stack:
-        stack.start_agent("e2e-node", bootstrap)
-        _, port = deploy_tiny(api, tenant)
-        replica = Replica.objects.get(port=port)
-        record = tmp_path / "e2e-node" / "workers" / str(replica.pk) / "process.json"
-        pid = json.loads(record.read_text())["pid"]
-        account = worker_account(None)  # a root agent's worker runs unprivileged
-        if account is not None:
-            assert process_ids(pid) == (account.uid, account.gid)
-        try:
+    try:
+        with running_stack(tmp_path, free_port, TAILGUARD_AGENT_KEEP_WORKERS="true") as stack:
+            stack.start_agent("e2e-node", bootstrap)
+            _, port = deploy_tiny(api, tenant)
+            replica = Replica.objects.get(port=port)
+            record = tmp_path / "e2e-node" / "workers" / str(replica.pk) / "process.json"
+            pid = json.loads(record.read_text())["pid"]
+            account = worker_account(None)  # a root agent's worker runs unprivileged
+            if account is not None:
+                assert process_ids(pid) == (account.uid, account.gid)
             with Load(f"http://127.0.0.1:{port}/v1/completions", key) as load:
                 wait_for(lambda: len(load.statuses) >= 3, 60, "the load to run")
                 stack.stop("e2e-node")  # SIGTERM; its worker keeps serving
@@ -79,6 +79,19 @@ def test_an_agent_restarted_under_load_fails_no_request(
                 wait_for(lambda: len(load.statuses) >= adopted + 3, 60, "requests, adopted")
             assert load.statuses and set(load.statuses) == {200}, load.statuses
             assert json.loads(record.read_text())["pid"] == pid  # one process throughout
-        finally:  # it lives in a session of its own: nothing else stops it
+    finally:  # workers live in sessions of their own: stopping the agents leaves them
+        for worker in _started_under(tmp_path):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(worker, signal.SIGKILL)
+
+
+def _started_under(directory: Path) -> list[int]:
+    """Processes whose command line names `directory`: this test's workers, whichever
+    agent started them."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if str(directory).encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return found
