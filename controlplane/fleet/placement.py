@@ -1,7 +1,8 @@
 """Placement: which node (and which GPUs) each replica runs on, and why.
 
-Pure functions over in-memory rows, so the whole fleet is planned at once and tests
-need no database. The rules, in order:
+Pure functions over in-memory rows, so tests need no database. A plan covers some
+deployments; replicas of the others only hold their GPUs and pool room (`NodeRoom.hold`).
+The rules, in order:
 
 1. Stability. A replica keeps its place while it stays valid, so nothing flaps back
    when a lost node returns. A drained node (maintenance), one now dedicated to another
@@ -333,6 +334,16 @@ class NodeRoom:
             self.pools[pool] -= volume_bytes
         self.version += 1
 
+    def hold(
+        self, deployment_id: Any, gpu_indices: list[int], pool: Any, volume_bytes: int
+    ) -> None:
+        """Count a replica this plan leaves alone: its GPUs and pool room stay taken."""
+        self.used_gpus.update(gpu_indices)
+        self.replicas_of[deployment_id] += 1
+        if pool is not None and pool in self.pools:
+            self.pools[pool] -= volume_bytes
+        self.version += 1
+
     def release(self, replica: Any, volume_bytes: int = 0) -> None:
         """Undo `take` (the replica's own fields are left for the caller)."""
         self.used_gpus.difference_update(replica.gpu_indices)
@@ -580,17 +591,26 @@ class _Planner:
         replica.explanation = explanation
 
 
+class FleetNeeded(Exception):
+    """A plan given only its replicas' nodes must move or place a replica: every node's
+    answer is needed, so the caller plans again with the whole fleet's rooms."""
+
+
 def plan(
     deployments: list[Any],
     rooms: dict[Any, NodeRoom],
     replicas: list[Any],
     new_replica: Any,
     quotas: Mapping[Any, Quota] | None = None,
+    *,
+    whole_fleet: bool = True,
 ) -> tuple[list[Any], list[Any]]:
     """Place every deployment's replicas; returns (replicas to save, replicas to delete).
 
     `new_replica(deployment, index)` builds an unsaved replica row; `quotas` maps tenant
-    ids to their caps (absent: unlimited).
+    ids to their caps (absent: unlimited). Without `whole_fleet`, `rooms` hold only the
+    nodes the replicas are on, which is enough to keep them; a replica to place or move
+    raises `FleetNeeded` before anything is chosen.
     """
     by_deployment: dict[Any, dict[int, Any]] = {}
     to_delete = []
@@ -636,6 +656,8 @@ def plan(
                     "kept": True,
                 }
 
+    if (displaced or pending) and not whole_fleet:
+        raise FleetNeeded
     for move in displaced + pending:  # running replicas first
         planner.place(move)
     return to_save, to_delete

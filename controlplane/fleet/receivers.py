@@ -25,7 +25,7 @@ def policy_changed(sender: Any, *, tenant: Tenant, cause: str, **kwargs: Any) ->
 
 
 def quota_changed(sender: Any, *, tenant: Tenant, **kwargs: Any) -> None:
-    services.reconcile_fleet(cause=f"quota of tenant {tenant.slug} changed")
+    services.reconcile_fleet(cause=f"quota of tenant {tenant.slug} changed", quotas=[tenant.pk])
 
 
 def nodes_changed(sender: Any, *, node_ids: list[Any], why: str, **kwargs: Any) -> None:

@@ -1,14 +1,17 @@
 """All fleet mutations: deployments, placement, revisions, rollout reports.
 
 Every change that can alter what a node should run ends in `reconcile_fleet`, which
-re-plans placement, renders each affected node's desired state, stores a new signed
-revision where the content changed, and pushes it to the node's queue after commit.
+re-plans only what the change can affect (its deployments, the nodes they may use, the
+tenant's quota) under row locks, so changes elsewhere in the fleet plan at the same time;
+then it renders each affected node's desired state, stores a new signed revision where
+the content changed, and pushes it to the node's queue after commit. A change reaching
+many nodes commits its plan and answers first; a Celery task renders, signs and pushes
+their revisions in bulk.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
@@ -41,7 +44,7 @@ from controlplane.fleet import selectors as fleet_selectors
 from controlplane.fleet.choices import RevisionStatus
 from controlplane.fleet.models import Deployment, Replica, Revision
 from controlplane.inventory.choices import NodeStatus
-from controlplane.inventory.models import Node
+from controlplane.inventory.models import Drive, Gpu, Nic, Node
 from controlplane.storage import selectors as storage_selectors
 from controlplane.storage.render import render_storage
 from controlplane.tenancy import selectors as tenancy_selectors
@@ -59,6 +62,10 @@ APPLY_TASK = "agent.apply_revision"
 def create_deployment(**fields: Any) -> Deployment:
     """`shared_with` (tenants) may come along; see `share_deployment`."""
     shared_with = fields.pop("shared_with", ())
+    _lock_tenant(
+        fields["tenant"].pk if "tenant" in fields else fields["tenant_id"],
+        volume=bool(fields.get("artifact") or fields.get("artifact_id")),
+    )
     deployment = core.create(Deployment, **fields)
     _set_shares(deployment, shared_with)
     reconcile_fleet(cause=f"deployment {deployment.name} created", touched=[deployment.pk])
@@ -68,6 +75,9 @@ def create_deployment(**fields: Any) -> Deployment:
 @transaction.atomic
 def update_deployment(deployment: Deployment, **changes: Any) -> Deployment:
     shared_with = changes.pop("shared_with", None)
+    _lock_tenant(
+        deployment.tenant_id, volume=bool(deployment.artifact_id or changes.get("artifact"))
+    )
     core.update(deployment, **changes)
     if shared_with is not None:
         _set_shares(deployment, shared_with)
@@ -82,6 +92,7 @@ def share_deployment(deployment: Deployment, tenants: Iterable[Tenant]) -> Deplo
     Each of them sends requests with its own inference keys and is scheduled under its
     own tenant policy; the rollout carries their keys and policies to the workers.
     """
+    _lock_tenant(deployment.tenant_id)
     if _set_shares(deployment, tenants):
         reconcile_fleet(
             cause=f"sharing of deployment {deployment.name} changed", touched=[deployment.pk]
@@ -112,6 +123,7 @@ def _set_shares(deployment: Deployment, tenants: Iterable[Tenant]) -> bool:
 
 @transaction.atomic
 def delete_deployment(deployment: Deployment) -> None:
+    _lock_tenant(deployment.tenant_id)
     nodes = set(deployment.instances.exclude(node=None).values_list("node_id", flat=True))
     name = deployment.name
     deployment.delete()
@@ -134,19 +146,167 @@ def replace_from_nodes(node_ids: Iterable[UUID], *, why: str) -> list[Revision]:
 
 # --- Planning and rendering -------------------------------------------------------------
 
+INLINE_RENDER_NODES = 16
+"""A change reaching at most this many nodes renders their revisions in its own
+transaction, so its caller reads them at once; a larger one commits its plan and leaves
+rendering, signing and pushing to the `fleet.issue_revisions` task, so the API answers in
+about the same time for any fleet size."""
+
+RENDER_TASK = "fleet.issue_revisions"
+
+_WAITING = Q(node__isnull=True) | ~Q(node__status=NodeStatus.READY) | Q(node__maintenance=True)
+"""Replicas that a change elsewhere may let move: unplaced, or kept on a node that cannot
+run them."""
+
+_CAPPED = Q(max_gpus__isnull=False) | Q(max_replicas__isnull=False)
+
 
 def reconcile_if_work_waits(node: Node, *, cause: str) -> None:
     """Re-plan after a node came up or changed, unless nothing could move because of it.
 
     Only unplaced replicas, the node's own, and replicas kept on nodes that are not ready
-    can be placed differently; with none of those, a fleet-wide re-plan per enrolling node
-    would make enrolling N nodes cost O(N^2).
+    can be placed differently; with none of those, a re-plan per enrolling node would make
+    enrolling N nodes cost O(N^2).
     """
-    waiting = Replica.objects.filter(
-        Q(node__isnull=True) | Q(node=node) | ~Q(node__status=NodeStatus.READY)
+    if Replica.objects.filter(_WAITING | Q(node=node)).exists():
+        reconcile_fleet(cause=cause, nodes=[node.pk])
+
+
+def _lock(model: Any, pks: Iterable[Any], *, skip_locked: bool = False) -> set[Any]:
+    """Lock these rows until the transaction ends (in key order, so two planners never wait
+    on each other crosswise); returns the keys locked. With `skip_locked`, rows another
+    transaction holds are left out instead of waited for."""
+    pks = set(pks)
+    if not pks:
+        return set()
+    return set(
+        model.objects.select_for_update(no_key=True, skip_locked=skip_locked, of=("self",))
+        .filter(pk__in=pks)
+        .order_by("pk")
+        .values_list("pk", flat=True)
     )
-    if waiting.exists():
-        reconcile_fleet(cause=cause)
+
+
+def _lock_tenant(tenant_id: UUID, *, volume: bool = False) -> None:
+    """Serialise a tenant's deployment changes: its quota binds them together. Taken before
+    the deployment row, as every planner takes locks in one order: the storage planning
+    lock (where model volumes take pool room that volumes placed by storage share), then
+    tenants, deployments, nodes."""
+    if (
+        volume
+        or Deployment.objects.filter(tenant_id=tenant_id, model_volume_bytes__isnull=False).exists()
+    ):
+        lock_fleet()
+    _lock(Tenant, [tenant_id])
+
+
+def _lock_scope(touched: set[UUID], nodes: set[UUID], quotas: set[UUID]) -> set[UUID]:
+    """The deployments a change can affect, locked: `touched`, those with replicas on
+    `nodes`, those of tenants whose `quotas` changed, each capped tenant's deployments
+    whole (its quota counts them all), and waiting replicas' deployments unless another
+    planner holds them (it places them itself)."""
+    must = set(touched)
+    if nodes:
+        must |= set(Replica.objects.filter(node__in=nodes).values_list("deployment_id", flat=True))
+    waiting = set(Replica.objects.filter(_WAITING).values_list("deployment_id", flat=True))
+    if Deployment.objects.filter(
+        Q(pk__in=must | waiting) | Q(tenant__in=quotas), model_volume_bytes__isnull=False
+    ).exists():
+        lock_fleet()
+    owners = dict(
+        Deployment.objects.filter(pk__in=must | waiting).order_by().values_list("pk", "tenant_id")
+    )
+    capped = set(
+        Tenant.objects.filter(_CAPPED, pk__in=set(owners.values())).values_list("pk", flat=True)
+    )
+    whole = ({owners[d] for d in must if d in owners} & capped) | quotas
+    _lock(Tenant, whole)
+    got = _lock(
+        Tenant, {owners[d] for d in waiting if d in owners} & capped - whole, skip_locked=True
+    )
+    must |= set(Deployment.objects.filter(tenant__in=whole).values_list("pk", flat=True))
+    waiting = {d for d in waiting if owners.get(d) not in capped or owners[d] in got}
+    waiting |= set(Deployment.objects.filter(tenant__in=got).values_list("pk", flat=True))
+    return _lock(Deployment, must) | _lock(Deployment, waiting - must, skip_locked=True)
+
+
+def _rooms(
+    scope: set[UUID], nodes: list[Node], *, whole_fleet: bool
+) -> dict[UUID, placement.NodeRoom]:
+    """Planning rooms for `nodes`, with what replicas outside `scope` hold on them. Hardware
+    comes as plain rows: model instances would cost more than the plan. NICs and drives
+    only rank new places, so keeping replicas where they are needs none."""
+    pools = storage_selectors.model_volume_room()
+    hardware: dict[str, dict[UUID, list[Any]]] = defaultdict(lambda: defaultdict(list))
+    kinds = [
+        ("gpus", Gpu, ("index", "name", "memory_total_bytes", "numa_node", "pci_root"), ["index"])
+    ]
+    if whole_fleet:
+        kinds += [
+            ("nics", Nic, ("device", "port", "state", "numa_node", "pci_root"), ["device", "port"]),
+            ("drives", Drive, ("name", "numa_node", "pci_root"), ["name"]),
+        ]
+    for name, model, fields, order in kinds:
+        rows = hardware[name]
+        for row in (
+            model.objects.filter(node__in=nodes)
+            .order_by("node_id", *order)
+            .values_list("node_id", *fields, named=True)
+        ):
+            rows[row.node_id].append(row)
+    rooms = {
+        node.pk: placement.NodeRoom(
+            node,
+            hardware["gpus"][node.pk],
+            pools.get(node.pk, {}),
+            nics=hardware["nics"][node.pk],
+            drives=hardware["drives"][node.pk],
+        )
+        for node in nodes
+    }
+    held = Replica.objects.filter(node__in=list(rooms)).exclude(deployment__in=scope)
+    for node_id, deployment_id, gpus, pool, size in held.values_list(
+        "node_id", "deployment_id", "gpu_indices", "pool_id", "deployment__model_volume_bytes"
+    ):
+        rooms[node_id].hold(deployment_id, gpus, pool if size else None, size or 0)
+    return rooms
+
+
+def _plan(
+    scope: set[UUID], deployments: list[Deployment], quotas: dict[UUID, placement.Quota]
+) -> tuple[list[Replica], dict[UUID, tuple[Any, ...]], list[Replica], list[Replica]]:
+    """Plan the scope with only its replicas' nodes; when a replica must be placed or moved,
+    lock every node (a planner places only on nodes it holds) and plan with all of them.
+    Returns (replicas as loaded, their states before, replicas to save, to delete)."""
+    for whole_fleet in (False, True):
+        replicas = list(Replica.objects.filter(deployment__in=scope))
+        before = {r.pk: _state(r) for r in replicas}  # placement assigns, never mutates
+        if whole_fleet:
+            _lock(Node, Node.objects.values_list("pk", flat=True))
+            rooms = _rooms(scope, list(Node.objects.all()), whole_fleet=True)
+        else:
+            held = Node.objects.filter(pk__in={r.node_id for r in replicas})
+            rooms = _rooms(scope, list(held), whole_fleet=False)
+        try:
+            to_save, to_delete = placement.plan(
+                deployments,
+                rooms,
+                replicas,
+                lambda deployment, index: Replica(deployment=deployment, index=index),
+                quotas,
+                whole_fleet=whole_fleet,
+            )
+        except placement.FleetNeeded:
+            continue
+        return replicas, before, to_save, to_delete
+    raise AssertionError("a plan with the whole fleet never needs more")
+
+
+_STATE = ("node_id", "gpu_indices", "port", "pool_id", "reason", "explanation")
+
+
+def _state(replica: Replica) -> tuple[Any, ...]:
+    return tuple(getattr(replica, name) for name in _STATE)
 
 
 @transaction.atomic
@@ -156,46 +316,23 @@ def reconcile_fleet(
     touched: Iterable[UUID] = (),
     nodes: Iterable[UUID] = (),
     tenants: Iterable[UUID] = (),
+    quotas: Iterable[UUID] = (),
 ) -> list[Revision]:
-    """Re-plan placement and issue revisions to every node whose desired state changed.
+    """Re-plan what a change can affect and issue revisions to every node whose desired
+    state changed.
 
-    `touched` deployments, `nodes` and `tenants` name what changed besides placement, so
-    their nodes are re-rendered too (a new batching knob, a revoked key, a removed replica).
+    `touched` deployments, `nodes` and tenants whose `quotas` changed are re-planned (see
+    `_lock_scope`); every other replica keeps its place. `tenants` (a revoked key, a new
+    policy) change what the nodes serving them render, not where anything runs.
     """
-    lock_fleet()
-    all_nodes = {n.pk: n for n in Node.objects.prefetch_related("gpus", "nics", "drives")}
-    deployments = list(Deployment.objects.all())
-    replicas = list(Replica.objects.all())
-    fields = ("node_id", "gpu_indices", "port", "pool_id", "reason", "explanation")
-
-    def state(replica: Replica) -> tuple[Any, ...]:
-        return tuple(getattr(replica, name) for name in fields)
-
-    before = {r.pk: copy.deepcopy(state(r)) for r in replicas}
-    pools = storage_selectors.model_volume_room()
-    rooms = {
-        pk: placement.NodeRoom(
-            node,
-            list(node.gpus.all()),
-            pools.get(pk, {}),
-            nics=list(node.nics.all()),
-            drives=list(node.drives.all()),
-        )
-        for pk, node in all_nodes.items()
-    }
-    quotas = {
+    touched, nodes, tenants = set(touched), set(nodes), set(tenants)
+    scope = _lock_scope(touched, nodes, set(quotas))
+    deployments = list(Deployment.objects.filter(pk__in=scope))
+    quotas_of = {
         tenant.pk: placement.Quota(tenant.slug, tenant.max_gpus, tenant.max_replicas)
-        for tenant in Tenant.objects.filter(
-            Q(max_gpus__isnull=False) | Q(max_replicas__isnull=False)
-        )
+        for tenant in Tenant.objects.filter(_CAPPED, pk__in={d.tenant_id for d in deployments})
     }
-    to_save, to_delete = placement.plan(
-        deployments,
-        rooms,
-        replicas,
-        lambda deployment, index: Replica(deployment=deployment, index=index),
-        quotas,
-    )
+    replicas, before, to_save, to_delete = _plan(scope, deployments, quotas_of)
 
     affected = set(nodes)
     for replica in to_delete:
@@ -203,25 +340,50 @@ def reconcile_fleet(
     Replica.objects.filter(pk__in=[r.pk for r in to_delete]).delete()
     Replica.objects.bulk_create([r for r in to_save if r.pk not in before])
     Replica.objects.bulk_update(
-        [r for r in to_save if r.pk in before and before[r.pk] != state(r)],
+        [r for r in to_save if r.pk in before and before[r.pk] != _state(r)],
         ["node", "gpu_indices", "port", "pool", "reason", "explanation"],
     )
-    touched, tenants = set(touched), set(tenants)
-    served = fleet_selectors.tenants_served(deployments) if tenants else {}
     for replica in to_save:
         old = before.get(replica.pk)
-        moved = old is None or old[:4] != state(replica)[:4]  # node, GPUs, port, pool
+        moved = old is None or old[:4] != _state(replica)[:4]  # node, GPUs, port, pool
         if old is not None and moved:
             affected.add(old[0])  # the node it left
-        if (
-            moved
-            or replica.deployment_id in touched
-            or not tenants.isdisjoint(served.get(replica.deployment_id, ()))
-        ):
+        if moved or replica.deployment_id in touched:
             affected.add(replica.node_id)
+    if tenants:
+        affected |= set(
+            Replica.objects.filter(
+                fleet_selectors.serving(tenants, "deployment"), node__isnull=False
+            ).values_list("node_id", flat=True)
+        )
     affected.discard(None)
-    targets = [all_nodes[pk] for pk in affected if pk in all_nodes and not all_nodes[pk].pinned]
-    return issue_revisions(targets, cause=cause)
+    return _render(affected, cause=cause)
+
+
+def _render(node_ids: set[UUID], *, cause: str) -> list[Revision]:
+    """Issue the nodes' revisions now when they are few; else after commit, in bulk, by the
+    `fleet.issue_revisions` task (in this process when the broker cannot take it: the
+    change is committed and must still reach its nodes)."""
+    if len(node_ids) <= INLINE_RENDER_NODES:
+        return render_nodes(node_ids, cause=cause)
+    ids = sorted(str(pk) for pk in node_ids)
+
+    def enqueue() -> None:
+        try:
+            celery_app.send_task(RENDER_TASK, args=[ids, cause], retry=False)
+        except OperationalError as exc:
+            log.warning("Broker unreachable (%s): rendering %d nodes here.", exc, len(ids))
+            render_nodes(ids, cause=cause)
+
+    transaction.on_commit(enqueue)
+    return []
+
+
+@transaction.atomic
+def render_nodes(node_ids: Iterable[Any], *, cause: str) -> list[Revision]:
+    """Render, sign and store the revisions of these nodes (pinned ones excepted)."""
+    locked = _lock(Node, node_ids)
+    return issue_revisions(list(Node.objects.filter(pk__in=locked, pinned=False)), cause=cause)
 
 
 def _artifact(deployment: Deployment) -> ArtifactRef:
@@ -289,12 +451,15 @@ def render_components(nodes: list[Node]) -> dict[UUID, Components]:
     }
 
 
+@transaction.atomic
 def issue_revisions(
     nodes: list[Node], *, cause: str, components: dict[UUID, Components] | None = None
 ) -> list[Revision]:
-    """Store and push a new signed revision for each node whose content changed."""
+    """Store and push a new signed revision for each node whose content changed; the
+    nodes' rows are locked first, so two renderings never number a generation twice."""
     if not nodes:
         return []
+    _lock(Node, [n.pk for n in nodes])
     components = components if components is not None else render_components(nodes)
     latest = Revision.objects.filter(node=OuterRef("pk")).order_by("-generation")
     heads = {
@@ -377,8 +542,7 @@ def rollback(revision: Revision) -> Revision:
     The node is pinned, so later fleet changes do not silently undo the rollback;
     `release` un-pins it and renders the current plan again.
     """
-    lock_fleet()
-    node = Node.objects.select_for_update().get(pk=revision.node_id)
+    node = Node.objects.select_for_update(no_key=True).get(pk=revision.node_id)
     node.pinned = True
     node.save(update_fields=["pinned", "updated_at"])
     components = Components.model_validate(revision.document["state"]["components"])

@@ -2,8 +2,10 @@
 
 Rollups are keyed by (resolution, bucket start, tenant, deployment, ...) and merged at
 ingest: sketches by DDSketch merge, counts by addition, so any window is answered by
-merging rows. A batch lands in the bucket holding the midpoint of its interval. `deployment` is null for node-level series (storage reads). Gauges are
-per node, one row per bucket holding every gauge key as [sum, count, min, max, last].
+merging rows (one per ingest shard that wrote the bucket). A batch lands in the bucket
+holding the midpoint of its interval. `deployment` is null for node-level series (storage
+reads). Gauges are per node, one row per bucket holding every gauge key as
+[sum, count, min, max, last].
 """
 
 from __future__ import annotations
@@ -51,7 +53,18 @@ class _Rollup(models.Model):
         return f"{type(self).__name__} {self.resolution} s at {self.bucket:%Y-%m-%d %H:%M:%S}"
 
 
-class LatencyRollup(_Rollup):
+class _ShardedRollup(_Rollup):
+    shard = models.PositiveSmallIntegerField(
+        default=0,
+        help_text="The ingest shard that wrote the row: concurrent flushes write apart, "
+        "readers merge every shard's rows as they merge buckets.",
+    )
+
+    class Meta:
+        abstract = True
+
+
+class LatencyRollup(_ShardedRollup):
     """A merged DDSketch (protobuf bytes) of one tenant, deployment and metric."""
 
     tenant = models.ForeignKey("tenancy.Tenant", on_delete=models.CASCADE, related_name="+")
@@ -65,7 +78,7 @@ class LatencyRollup(_Rollup):
     class Meta:
         constraints = [
             models.UniqueConstraint(
-                fields=["resolution", "bucket", "tenant", "deployment", "metric"],
+                fields=["resolution", "bucket", "tenant", "deployment", "metric", "shard"],
                 name="latency_rollup_key",
                 nulls_distinct=False,
             )
@@ -73,7 +86,7 @@ class LatencyRollup(_Rollup):
         indexes = [models.Index(fields=["deployment", "metric", "resolution", "bucket"])]
 
 
-class SloRollup(_Rollup):
+class SloRollup(_ShardedRollup):
     """Exact good/total against one SLO threshold, as the workers counted it: a row per
     threshold, so counts made under an SLO's old definition never merge into its new one."""
 
@@ -90,7 +103,14 @@ class SloRollup(_Rollup):
     class Meta:
         constraints = [
             models.UniqueConstraint(
-                fields=["resolution", "bucket", "slo_id", "deployment", "threshold_seconds"],
+                fields=[
+                    "resolution",
+                    "bucket",
+                    "slo_id",
+                    "deployment",
+                    "threshold_seconds",
+                    "shard",
+                ],
                 name="slo_rollup_key",
                 nulls_distinct=False,
             )
@@ -98,7 +118,7 @@ class SloRollup(_Rollup):
         indexes = [models.Index(fields=["slo_id", "resolution", "bucket"])]
 
 
-class CounterRollup(_Rollup):
+class CounterRollup(_ShardedRollup):
     """Request, error and token counts of one tenant and deployment."""
 
     tenant = models.ForeignKey("tenancy.Tenant", on_delete=models.CASCADE, related_name="+")
@@ -111,7 +131,7 @@ class CounterRollup(_Rollup):
     class Meta:
         constraints = [
             models.UniqueConstraint(
-                fields=["resolution", "bucket", "tenant", "deployment", "name"],
+                fields=["resolution", "bucket", "tenant", "deployment", "name", "shard"],
                 name="counter_rollup_key",
                 nulls_distinct=False,
             )

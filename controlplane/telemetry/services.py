@@ -2,11 +2,13 @@
 
 `store_batches` is the one write path (the WebSocket ingestor and the HTTP fallback both
 use it): it authorizes, merges and stores a flush of already validated batches (see
-`pipeline`) in one transaction under a lock shared by every ingesting process, so merging
-a sketch into an existing rollup row cannot race. A batch whose sequence number the node
-already stored is answered `duplicate` and changes nothing, which is what makes resending
-after an outage safe; one the node may not send is `rejected`, counted on the node, and
-changes nothing else.
+`pipeline`) in one transaction. Flushes run side by side, in as many processes as serve
+agents: each locks its nodes' stream rows (so one batch is claimed once, whichever
+process got it) and owns one ingest shard while it lasts, whose rollup rows no other
+flush writes meanwhile, so merging a sketch into a stored row cannot race. A batch whose
+sequence number the node already stored is answered `duplicate` and changes nothing,
+which is what makes resending after an outage safe; one the node may not send is
+`rejected`, counted on the node, and changes nothing else.
 
 The WebSocket ingestor passes its `GaugeBuffer`: a node's open 10 s gauge bucket is then
 folded in memory and written once, after the bucket closed. Latency sketches, SLO counts
@@ -15,6 +17,7 @@ and counters are always written in the flush's own transaction.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,8 +36,10 @@ from controlplane.telemetry.pipeline.gauges import DueGauges, GaugeBuffer
 from controlplane.telemetry.pipeline.merge import Rollups
 from controlplane.telemetry.pipeline.publish import deltas_of, publish
 
-# Any constant: one advisory lock serialises ingest across processes on PostgreSQL.
-_INGEST_LOCK = 0x7A11_6A4D
+SHARDS = 16
+"""Flushes that can write rollups at once; readers merge the shards' rows of a bucket."""
+_SHARD_LOCKS = 0x7A11_6A4D
+"""Any constant: the first key of the shards' advisory locks."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,7 @@ def store_batches(
             acks.append(TelemetryAck(seq=batch.seq, outcome="stored"))
         stored = Stored(acks=acks)
         rollups = Rollups.of(accepted, with_gauges=gauges is None)
-        store.write_rollups(rollups)
+        store.write_rollups(rollups, claim_shard())
         if gauges is None:
             store.write_gauges(rollups.gauges)
         elif accepted:
@@ -128,16 +133,29 @@ def store_gauges(gauges: GaugeBuffer, now: datetime | None = None) -> None:
         store.write_due(due)
 
 
+def claim_shard() -> int:
+    """A rollup shard for this transaction alone: the first free one from this process's
+    own, so each process keeps to its own rows; when all are taken, wait for its own."""
+    if connection.vendor != "postgresql":
+        return 0  # one process (the embedded default)
+    own = os.getpid() % SHARDS
+    with connection.cursor() as cursor:
+        for step in range(SHARDS):
+            shard = (own + step) % SHARDS
+            cursor.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", [_SHARD_LOCKS, shard])
+            if cursor.fetchone()[0]:
+                return shard
+        cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [_SHARD_LOCKS, own])
+    return own
+
+
 @contextmanager
 def _ingest_transaction(gauges: GaugeBuffer | None, now: datetime) -> Iterator[DueGauges]:
-    """A transaction holding the ingest lock; yields the gauge buckets of `gauges` that are
-    due, which go back into it if the transaction fails (callers run in autocommit mode)."""
+    """A transaction; yields the gauge buckets of `gauges` that are due, which go back into
+    it if the transaction fails (callers run in autocommit mode)."""
     due = DueGauges() if gauges is None else gauges.take(now)
     try:
         with transaction.atomic():
-            if connection.vendor == "postgresql":
-                with connection.cursor() as cursor:
-                    cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_INGEST_LOCK])
             yield due
     except BaseException:
         if gauges is not None:

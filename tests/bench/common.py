@@ -101,8 +101,11 @@ def start_web(procs: Processes, port: int, workers: int = 1) -> str:
     return url
 
 
-def start_simulated_fleet(procs: Processes, work: Path, url: str, agents: int, *extra: str) -> None:
-    """`tailguard-agent simulate` with `agents` nodes; returns once all are ready with GPUs."""
+def start_simulated_fleet(
+    procs: Processes, work: Path, url: str, agents: int, *extra: str
+) -> float:
+    """`tailguard-agent simulate` with `agents` nodes; returns, once all are ready with GPUs,
+    how many enrolled per minute (enrollment, inventory and first heartbeat)."""
     from controlplane import processes
     from controlplane.inventory.models import Gpu, Node
     from controlplane.inventory.services import create_bootstrap_token
@@ -112,6 +115,7 @@ def start_simulated_fleet(procs: Processes, work: Path, url: str, agents: int, *
         "agents", [*processes.simulated_nodes(url, bootstrap, work / "agents", agents), *extra]
     )
     print(f"waiting for {agents} simulated agents to enroll...", file=sys.stderr)
+    started = time.monotonic()
     wait(
         lambda: (
             Node.objects.filter(status="ready").count() == agents
@@ -121,6 +125,7 @@ def start_simulated_fleet(procs: Processes, work: Path, url: str, agents: int, *
         "the simulated agents to become ready and report their GPUs",
         procs,
     )
+    return agents / (time.monotonic() - started) * 60
 
 
 MAX_REPLICAS = 256
@@ -175,6 +180,25 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and all its descendants (uvicorn's and Celery's children)."""
+    total = cpu_seconds(pid)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        total += sum(tree_cpu_seconds(int(child)) for child in children)
+    return total
+
+
+def start_control_plane_worker(procs: Processes, work: Path) -> Any:
+    """The control plane's Celery worker, which renders large rollouts after commit. Without
+    beat: a web process saturated on purpose answers heartbeats late, and nodes marked
+    unreachable meanwhile would move replicas in the middle of a measurement."""
+    from controlplane import processes
+
+    argv = [arg for arg in processes.celery_worker(work / "beat-schedule") if arg != "-B"]
+    return procs.spawn("worker", argv)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

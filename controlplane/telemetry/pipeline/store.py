@@ -1,8 +1,10 @@
 """Step 4: what a flush stores, exactly once, in the transaction `services.store_batches` holds.
 
 Each node's `NodeStream` records which sequence numbers are stored (so a resent batch is a
-duplicate that changes nothing) and how many of its batches were rejected, and why.
-Rollup rows are merged with what is stored: sketches by bin, counts by addition.
+duplicate that changes nothing) and how many of its batches were rejected, and why; the
+flush holds its nodes' rows locked, so two processes never claim one batch. Rollup rows
+are written to the flush's shard, which no other flush holds meanwhile: sketches merged
+by bin, counts added in the INSERT .. ON CONFLICT itself.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID
 
-from django.db import models
+from django.db import connection, models
+from django.db.models import F
 
 from agent.protocol import TelemetryBatch
 from controlplane.inventory.models import Node
@@ -46,21 +49,32 @@ _STREAM_FIELDS = [
 
 
 def node_streams(node_ids: set[UUID]) -> dict[UUID, NodeStream]:
-    existing = {
+    """The nodes' stream rows, locked until the flush commits (in key order, so two flushes
+    never wait on each other crosswise); a node's first batch makes its row."""
+    existing = _lock_streams(node_ids)
+    missing = node_ids - existing.keys()
+    if missing:
+        NodeStream.objects.bulk_create(
+            [
+                NodeStream(node_id=pk)
+                for pk in Node.objects.filter(pk__in=missing).values_list("pk", flat=True)
+            ],
+            ignore_conflicts=True,  # another process made it first: locking it waits for that
+        )
+        existing |= _lock_streams(missing)
+    return existing
+
+
+def _lock_streams(node_ids: set[UUID]) -> dict[UUID, NodeStream]:
+    return {
         s.node_id: s
         for s in NodeStream.objects.select_for_update(of=("self",))
         .select_related("node")
         # not the gauges, which most flushes replace (advance_streams loads the few others)
         .only(*_STREAM_FIELDS, "node__hostname", "node__status")
         .filter(node_id__in=node_ids)
+        .order_by("node_id")
     }
-    missing = Node.objects.filter(pk__in=node_ids - existing.keys())
-    for node in missing:
-        existing[node.pk] = NodeStream(node=node)
-    NodeStream.objects.bulk_create(
-        [existing[n.pk] for n in missing], ignore_conflicts=True
-    )  # a racing process's row wins; the lock makes that moot on PostgreSQL
-    return existing
 
 
 def claim(stream: NodeStream, seq: int) -> bool:
@@ -144,8 +158,9 @@ def _save_streams(streams: list[NodeStream], *, with_gauges: bool) -> None:
     )
 
 
-def write_rollups(rollups: Rollups) -> None:
-    """Merge a flush's latency, SLO and counter rows into the tables; callers hold the ingest lock."""
+def write_rollups(rollups: Rollups, shard: int) -> None:
+    """Merge a flush's latency, SLO and counter rows into `shard`'s rows, which the caller
+    holds (see `services.claim_shard`)."""
 
     def merge_sketch(row: LatencyRollup, summed: SketchSum) -> None:
         summed.add_bytes(bytes(row.sketch))
@@ -155,58 +170,73 @@ def write_rollups(rollups: Rollups) -> None:
         LatencyRollup,
         rollups.latency,
         key=lambda r: (r.resolution, r.bucket, r.tenant_id, r.deployment_id, r.metric),
-        narrow={"tenant_id__in": {k[2] for k in rollups.latency}},
+        narrow={"tenant_id__in": {k[2] for k in rollups.latency}, "shard": shard},
         build=lambda k, s: LatencyRollup(
             resolution=k[0],
             bucket=k[1],
             tenant_id=k[2],
             deployment_id=k[3],
             metric=k[4],
+            shard=shard,
             sketch=s.to_bytes(),
             count=s.count,
         ),
         merge=merge_sketch,
         fields=["sketch", "count"],
     )
-
-    def add_counts(row: SloRollup, item: list[Any]) -> None:
-        row.good += item[3]
-        row.total += item[4]
-
-    _upsert(
+    _add(
         SloRollup,
-        rollups.slo,
-        key=lambda r: (r.resolution, r.bucket, r.slo_id, r.deployment_id, r.threshold_seconds),
-        narrow={"slo_id__in": {k[2] for k in rollups.slo}},
-        build=lambda k, i: SloRollup(
-            resolution=k[0],
-            bucket=k[1],
-            slo_id=k[2],
-            deployment_id=k[3],
-            tenant_id=i[0],
-            metric=i[1],
-            threshold_seconds=i[2],
-            good=i[3],
-            total=i[4],
-        ),
-        merge=add_counts,
-        fields=["good", "total"],
+        [
+            (k[0], k[1], k[2], k[3], i[2], shard, i[0], i[1], i[3], i[4])
+            for k, i in rollups.slo.items()
+        ],
+        key=["resolution", "bucket", "slo_id", "deployment_id", "threshold_seconds", "shard"],
+        fields=["tenant_id", "metric", "good", "total"],
+        added=["good", "total"],
     )
-
-    def add_value(row: CounterRollup, value: int) -> None:
-        row.value += value
-
-    _upsert(
+    _add(
         CounterRollup,
-        rollups.counters,
-        key=lambda r: (r.resolution, r.bucket, r.tenant_id, r.deployment_id, r.name),
-        narrow={"tenant_id__in": {k[2] for k in rollups.counters}},
-        build=lambda k, v: CounterRollup(
-            resolution=k[0], bucket=k[1], tenant_id=k[2], deployment_id=k[3], name=k[4], value=v
-        ),
-        merge=add_value,
+        [(k[0], k[1], k[2], k[3], k[4], shard, v) for k, v in rollups.counters.items()],
+        key=["resolution", "bucket", "tenant_id", "deployment_id", "name", "shard"],
         fields=["value"],
+        added=["value"],
     )
+
+
+def _add(
+    model: type[models.Model],
+    rows: list[tuple[Any, ...]],
+    *,
+    key: list[str],
+    fields: list[str],
+    added: list[str],
+) -> None:
+    """INSERT the rows (`key` columns, then `fields`); where a row exists, add the `added`
+    columns to it: one statement, no read, and a retried flush cannot be half applied."""
+    if not rows:
+        return
+    if connection.vendor != "postgresql":
+        # SQLite (the embedded default, one process) keeps no unique key whose NULLs are
+        # equal, which ON CONFLICT needs: add row by row instead.
+        for row in rows:
+            values = dict(zip(key + fields, row, strict=True))
+            found = model._default_manager.filter(**{c: values[c] for c in key})  # type: ignore[attr-defined]
+            if not found.update(**{c: F(c) + values[c] for c in added}):
+                model._default_manager.create(**values)  # type: ignore[attr-defined]
+        return
+    table = connection.ops.quote_name(model._meta.db_table)
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(c) for c in key + fields)
+    one = "(" + ", ".join(["%s"] * (len(key) + len(fields))) + ")"
+    sums = ", ".join(f"{quote(c)} = {table}.{quote(c)} + EXCLUDED.{quote(c)}" for c in added)
+    with connection.cursor() as cursor:
+        for start in range(0, len(rows), 500):
+            chunk = sorted(rows[start : start + 500], key=lambda r: str(r[: len(key)]))
+            cursor.execute(
+                f"INSERT INTO {table} ({columns}) VALUES {', '.join([one] * len(chunk))} "
+                f"ON CONFLICT ({', '.join(quote(c) for c in key)}) DO UPDATE SET {sums}",
+                [value for row in chunk for value in row],
+            )
 
 
 def write_due(due: DueGauges) -> None:
@@ -216,9 +246,11 @@ def write_due(due: DueGauges) -> None:
     if not due.latest:
         return
     stored_end = dict(
-        NodeStream.objects.filter(node_id__in=due.latest).values_list(
-            "node_id", "last_interval_end"
-        )
+        # a row another flush holds is skipped: that flush is storing the node's newer gauges
+        NodeStream.objects.select_for_update(skip_locked=True)
+        .filter(node_id__in=due.latest)
+        .order_by("node_id")
+        .values_list("node_id", "last_interval_end")
     )
     NodeStream.objects.bulk_update(
         [
@@ -233,7 +265,7 @@ def write_due(due: DueGauges) -> None:
 
 def write_gauges(buckets: GaugeBuckets) -> None:
     """Fold 10 s gauge buckets into their rows (another process may have written the same
-    bucket of a node that reconnected there); callers hold the ingest lock."""
+    bucket of a node that reconnected there: existing rows are locked while folded)."""
 
     def fold_values(row: GaugeRollup, values: dict[str, GaugeStats]) -> None:
         for key, stats in values.items():
@@ -248,6 +280,7 @@ def write_gauges(buckets: GaugeBuckets) -> None:
         merge=fold_values,
         fields=["values"],
         unique_fields=["resolution", "bucket", "node"],
+        lock=True,
     )
 
 
@@ -265,8 +298,10 @@ def _upsert(
     merge: Callable[[_Row, _Item], None],
     fields: list[str],
     unique_fields: list[str] | None = None,
+    lock: bool = False,
 ) -> None:
-    """Merge `items` into existing rows or create them; callers hold the ingest lock.
+    """Merge `items` into existing rows or create them; the caller owns the rows (its shard),
+    or they are locked while merged (`lock`).
 
     With `unique_fields` (a key without nullable columns) every row goes in one
     INSERT .. ON CONFLICT UPDATE statement instead of an INSERT and a CASE-per-row UPDATE.
@@ -274,10 +309,10 @@ def _upsert(
     if not items:
         return
     buckets = {k[1] for k in items}
-    existing = {
-        key(row): row
-        for row in model._default_manager.filter(bucket__in=buckets, **narrow)  # type: ignore[attr-defined]
-    }
+    rows = model._default_manager.filter(bucket__in=buckets, **narrow)  # type: ignore[attr-defined]
+    if lock:
+        rows = rows.select_for_update().order_by("pk")
+    existing = {key(row): row for row in rows}
     created, changed = [], []
     for k, item in items.items():
         row = existing.get(k)
