@@ -256,7 +256,7 @@ def _render_group(message: OutboxMessage, now: datetime) -> bool:
             tenant=message.endpoint.tenant_id,
             **{f"labels__{name}": value for name, value in labels.items()},
         )
-        if severity is not None:
+        if severity is not None:  # an SLO's alerts of one severity, whatever else they carry
             candidates = candidates.filter(severity=severity)
         candidates = candidates.filter(
             Q(state=AlertState.FIRING) | Q(ends_at__gte=since) | Q(pk__in=group.notified)
@@ -264,8 +264,12 @@ def _render_group(message: OutboxMessage, now: datetime) -> bool:
         alerts = [
             alert
             for alert in candidates.order_by("starts_at")
-            if alert.state == AlertState.FIRING
-            or group.notified.get(str(alert.pk), AlertState.FIRING) == AlertState.FIRING
+            # any other group is one alert's exact labels, not every alert carrying them
+            if (severity is not None or alert.labels == labels)
+            and (
+                alert.state == AlertState.FIRING
+                or group.notified.get(str(alert.pk), AlertState.FIRING) == AlertState.FIRING
+            )
         ]
         if not alerts:
             message.delete()

@@ -102,6 +102,22 @@ def test_firing_again_after_resolving_opens_a_new_episode(world: World) -> None:
     ]
 
 
+def test_a_group_carries_only_alerts_with_exactly_its_labels(world: World) -> None:
+    """Outside SLOs a group is one label set: an alert with more labels is another group."""
+    with receiving(Receiver(secrets=[])) as receiver:
+        issued = make_endpoint(world.tenant_a, receiver.url)
+        receiver.secrets.append(issued.secret)
+        fire(world.tenant_a, instance="node-1")
+        fire(world.tenant_a, instance="node-1", disk="nvme0")
+        for message in _messages(issued.obj):
+            assert alerts.deliver(message.pk) == "delivered"
+    bodies = sorted((d.body for d in receiver.deliveries), key=lambda b: len(b["groupLabels"]))
+    assert [[a["labels"] for a in b["alerts"]] for b in bodies] == [
+        [{"alertname": "HighTTFT", "instance": "node-1"}],
+        [{"alertname": "HighTTFT", "instance": "node-1", "disk": "nvme0"}],
+    ]
+
+
 def test_messages_are_written_in_the_transaction_and_sent_after_commit(
     world: World, django_capture_on_commit_callbacks: Any
 ) -> None:
