@@ -21,6 +21,7 @@ from agent.enroll import EnrollmentError, Identity, load_or_enroll
 from agent.gauges import AppliedComponents, GpuGauges, HostGauges, StorageGauges, WorkerStats
 from agent.metrics import AgentCollector, MetricsServer
 from agent.privileges import worker_account
+from agent.probes import ReadProbes
 from agent.protocol import EXPORT_NQN_PREFIX, ArtifactRef, Inventory, decode_public_key
 from agent.reconciler import Reconciler
 from agent.runner import NodeAgent, RootTaskFailed
@@ -96,12 +97,13 @@ async def run_agent(settings: AgentSettings) -> None:
         storage = open_storage(settings, facts)
         stager = ModelStager(storage.file_volumes, settings.control_plane_url, identity.credential)
         workers = WorkerSupervisor(supervisor, stager)
+        probes = ReadProbes(storage.probe_volumes)
         applied = AppliedComponents(settings.state_dir / "applied-components.json")
-        # Storage first: a worker's model is staged into a volume the storage driver made.
+        # Storage first: probes read, and workers' models are staged into, its volumes.
         reconciler = Reconciler(
             identity.node_id,
             decode_public_key(identity.control_plane_public_key),
-            [storage, workers, applied],
+            [storage, probes, workers, applied],
             settings.state_dir,
         )
         telemetry = open_shipper(
@@ -112,6 +114,7 @@ async def run_agent(settings: AgentSettings) -> None:
                 GpuGauges(pynvml),
                 HostGauges(),
                 StorageGauges(storage, identity.node_id),
+                probes,
                 WorkerStats(workers, applied, http),
             ],
             interval_s=settings.telemetry_interval_s,
@@ -145,6 +148,7 @@ async def run_agent(settings: AgentSettings) -> None:
             if metrics is not None:
                 metrics.stop()
             await workers.close()
+            await probes.close()
             await asyncio.to_thread(consumer.stop)
 
 

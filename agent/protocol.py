@@ -183,8 +183,8 @@ class _Model(BaseModel):
 def _unset(value: object) -> bool:
     """For `exclude_if` of fields added after schema version 1 shipped: left out of the wire
     form while unset, a state that does not use them stays byte-identical (and hash-identical)
-    to what earlier agents accept."""
-    return value is None or value == []
+    to what earlier agents accept. Unset is None, an empty list or 0."""
+    return value is None or value == [] or (type(value) is int and value == 0)
 
 
 class _Message(_Model):
@@ -454,6 +454,9 @@ class VolumeSpec(_Model):
     tenant_id: UUID
     pool: Name
     size_bytes: Positive
+    read_probe_per_s: Count = Field(default=0, exclude_if=_unset)
+    """Random 4 KiB reads per second the agent makes to measure the volume's read latency
+    (the storage_read series); 0, the default, makes none and is left off the wire."""
 
 
 class ExportSpec(_Model):

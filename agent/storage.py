@@ -33,6 +33,7 @@ from agent.protocol import (
 from dataplane.storage import engine as eng
 from dataplane.storage.engine import FileVolumes, StorageEngine, StorageError
 from dataplane.storage.local import LocalEngine
+from dataplane.storage.probe import ProbeVolumes
 
 log = logging.getLogger(__name__)
 _TRANSPORT: dict[eng.Transport, NvmfTransport] = {
@@ -121,6 +122,11 @@ class StorageDriver:
         self._lock = asyncio.Lock()
         self._applied = asyncio.Event()
         self._probed = False
+
+    @property
+    def probe_volumes(self) -> ProbeVolumes | None:
+        """The engine as `ProbeVolumes` when its volumes' files are on this host."""
+        return self._engine if isinstance(self._engine, LocalEngine) else None
 
     @property
     def file_volumes(self) -> FileVolumes | None:

@@ -12,7 +12,7 @@ from uuid import UUID
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.core.validators import MinValueValidator, RegexValidator
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 from pydantic import Field, TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
@@ -26,6 +26,9 @@ pool_name_validator = RegexValidator(
     r"^[a-z0-9][a-z0-9_-]{0,47}$",
     "Use 1-48 lowercase letters, digits, '-' or '_', starting with a letter or digit.",
 )
+
+
+MAX_READ_PROBE_PER_S = 10_000
 
 
 def wire_name(prefix: str, pk: UUID) -> str:
@@ -138,6 +141,13 @@ class Volume(TenantOwnedModel):
         blank=True,
         related_name="volumes",
     )
+    read_probe_per_s = models.PositiveIntegerField(
+        default=0,
+        validators=[MaxValueValidator(MAX_READ_PROBE_PER_S)],
+        help_text="Random 4 KiB reads per second the node's agent makes to measure read "
+        "latency as a reader sees it, QoS included (storage-read SLOs count them); 0: none. "
+        "Local pools only: an SPDK volume's reads are measured where they are issued.",
+    )
 
     class Meta:
         ordering = ["tenant__slug", "name"]
@@ -155,6 +165,15 @@ class Volume(TenantOwnedModel):
     def clean(self) -> None:
         if self.qos_policy is not None and self.qos_policy.tenant_id != self.tenant_id:
             raise ValidationError({"qos_policy": ["The policy belongs to another tenant."]})
+        if self.read_probe_per_s and self.pool_id and self.pool.kind != PoolKind.LOCAL:
+            raise ValidationError(
+                {
+                    "read_probe_per_s": [
+                        f"Pool {self.pool.name} is an {self.pool.kind} pool: read probes run on "
+                        "local pools; measure an SPDK volume's reads at its initiator."
+                    ]
+                }
+            )
 
 
 class Export(TenantOwnedModel):

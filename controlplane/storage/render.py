@@ -75,6 +75,7 @@ def render_storage(nodes: list[Any], replicas: list[Any]) -> dict[UUID, dict[str
                     tenant_id=volume.tenant_id,
                     pool=volume.pool.name,
                     size_bytes=volume.size_bytes,
+                    read_probe_per_s=volume.read_probe_per_s,
                 ),
                 volume.pool.kind,
             )

@@ -163,6 +163,7 @@ def create_volume(
     size_bytes: int,
     pool: Pool | None = None,
     qos_policy: QosPolicy | None = None,
+    read_probe_per_s: int = 0,
 ) -> Volume:
     """Place a new volume: in `pool` if named and it has room, else where there is most room."""
     lock_fleet()
@@ -174,7 +175,13 @@ def create_volume(
         if free is None or free < size_bytes:
             raise _room_error(pool, size_bytes, free)
     volume = core.create(
-        Volume, tenant=tenant, name=name, size_bytes=size_bytes, pool=pool, qos_policy=qos_policy
+        Volume,
+        tenant=tenant,
+        name=name,
+        size_bytes=size_bytes,
+        pool=pool,
+        qos_policy=qos_policy,
+        read_probe_per_s=read_probe_per_s,
     )
     _changed(f"volume {name} created", [pool.node_id])
     return volume

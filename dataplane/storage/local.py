@@ -16,7 +16,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -41,6 +41,7 @@ from .engine import (
     plan_volumes,
     qos_changes,
 )
+from .probe import PROBE_FILE, PROBE_FILE_BYTES, fill_probe_file
 from .stats import IoCounterSet, IoRates, IoSample, RateTracker
 
 STATE_FILE_NAME = "local-engine.json"
@@ -121,16 +122,19 @@ class Throttle:
 
 
 class _VolumeObserver:
-    """Adapts the engine's per-volume throttle and counters to `aligned.IoObserver`."""
+    """Adapts the engine's per-volume throttle and counters to `aligned.IoObserver`; the
+    throttle is looked up per I/O, so a file held open (a read probe's) follows QoS changes."""
 
-    def __init__(self, volume: str, counters: IoCounterSet, throttle: Throttle | None) -> None:
+    def __init__(
+        self, volume: str, counters: IoCounterSet, throttles: Mapping[str, Throttle]
+    ) -> None:
         self._volume = volume
         self._counters = counters
-        self._throttle = throttle
+        self._throttles = throttles
 
     def admit(self, *, read_bytes: int, write_bytes: int) -> None:
-        if self._throttle:
-            self._throttle.admit(read_bytes=read_bytes, write_bytes=write_bytes)
+        if throttle := self._throttles.get(self._volume):
+            throttle.admit(read_bytes=read_bytes, write_bytes=write_bytes)
 
     def record(self, *, read: bool, nbytes: int, seconds: float) -> None:
         self._counters.record(self._volume, read=read, nbytes=nbytes, seconds=seconds)
@@ -323,6 +327,19 @@ class LocalEngine:
             observer=self._observer(volume),
         )
 
+    def open_probe_file(self, volume: str) -> AlignedFile:
+        """The volume's read-probe file, written once with random data (`probe`)."""
+        path = self._inside(volume, PROBE_FILE)
+        if not path.exists() or path.stat().st_size != PROBE_FILE_BYTES:
+            file = self.create_file(volume, PROBE_FILE, PROBE_FILE_BYTES)
+            try:
+                fill_probe_file(file)
+            finally:
+                file.close()
+        return AlignedFile(
+            path, reserved_bytes=PROBE_FILE_BYTES, volume=volume, observer=self._observer(volume)
+        )
+
     def read_file(self, volume: str, relpath: str) -> bytes:
         with self.load_file(volume, relpath) as buf:
             return bytes(buf.view)
@@ -393,7 +410,7 @@ class LocalEngine:
         return path
 
     def _observer(self, volume: str) -> _VolumeObserver:
-        return _VolumeObserver(volume, self._counters, self._throttles.get(volume))
+        return _VolumeObserver(volume, self._counters, self._throttles)
 
     def _load_state(self) -> _State:
         if not self.state_file.exists():

@@ -14,7 +14,7 @@ from django.conf import settings
 from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Replica, Revision
 from controlplane.storage import services as storage
-from controlplane.storage.models import Artifact, Export, Pool
+from controlplane.storage.models import Artifact, Export, Pool, Volume
 from tests.controlplane.conftest import World, make_node
 from tests.controlplane.storage_helpers import (
     MIB,
@@ -399,3 +399,41 @@ def test_bad_exports_and_qos_policies_are_refused_by_field(world: World, client_
         response = client.post(f"/api/v1/{path}/", {"tenant": tenant, **body}, format="json")
         assert response.status_code == 400, (body, response.content)
         assert words in str(response.json()[field]), (body, response.json())
+
+
+def test_read_probes_are_set_per_local_volume_and_reach_its_node(
+    world: World, client_for: Any
+) -> None:
+    node = ready_node("store-6", world.tenant_a)
+    local = make_pool(node, name="models")
+    nvme = make_pool(node, capacity=None, kind="spdk", device="0000:5e:00.0", name="nvme0")
+    Pool.objects.filter(pk=nvme.pk).update(reported_capacity_bytes=64 * MIB)
+    client = client_for(world.admin_a)
+
+    def create(name: str, pool: Pool, rate: int) -> Any:
+        body = {"tenant": str(world.tenant_a.pk), "name": name, "size_bytes": MIB}
+        body |= {"pool": str(pool.pk), "read_probe_per_s": rate}
+        return client.post("/api/v1/volumes/", body, format="json")
+
+    response = create("probed", local, 200)
+    assert response.status_code == 201, response.content
+    assert response.json()["read_probe_per_s"] == 200
+    refused = create("fast", nvme, 200)
+    assert refused.status_code == 400
+    assert (
+        "measure an SPDK volume's reads at its initiator" in refused.json()["read_probe_per_s"][0]
+    )
+    too_many = create("busy", local, 10_001)
+    assert too_many.status_code == 400 and "read_probe_per_s" in too_many.json()
+    assert create("quiet", local, 0).status_code == 201
+
+    volumes = {v["name"]: v for v in _components(node)["volumes"]}
+    probed = Volume.objects.get(name="probed")
+    quiet = Volume.objects.get(name="quiet")
+    assert volumes[probed.wire_name]["read_probe_per_s"] == 200
+    assert "read_probe_per_s" not in volumes[quiet.wire_name]  # off: not on the wire at all
+
+    url = f"/api/v1/volumes/{response.json()['id']}/"
+    assert client.patch(url, {"read_probe_per_s": 0}, format="json").status_code == 200
+    volumes = {v["name"]: v for v in _components(node)["volumes"]}
+    assert "read_probe_per_s" not in volumes[probed.wire_name]

@@ -87,6 +87,10 @@ def test_demo_serves_tours_the_noisy_neighbour_and_stops_cleanly(tmp_path: Path)
         assert reply.usage is not None and reply.usage.completion_tokens == 5
         nodes = httpx.get(f"{base}/api/v1/nodes/", headers={"Authorization": f"Bearer {token}"})
         assert nodes.status_code == 200
+        # acme's volume in a local pool on this node, read by the agent's probe under its
+        # QoS policy: the storage page's figures come from those reads
+        assert "volume 'datasets' in local pool 'demo': 200 probe reads/s" in text
+        assert volume_reads(base, token, "datasets") > 0
         # the tour's pieces are seeded: acme's TPOT and TTFT SLOs, and the console and its live page
         slos = httpx.get(f"{base}/api/v1/slos/", headers={"Authorization": f"Bearer {token}"})
         assert [s["name"] for s in slos.json()["results"]] == ["chat-tpot", "chat-ttft"]
@@ -123,6 +127,26 @@ def test_demo_serves_tours_the_noisy_neighbour_and_stops_cleanly(tmp_path: Path)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         assert "Stopped." in proc.stdout.read()
+
+
+def volume_reads(base: str, token: str, name: str) -> float:
+    """The highest read IOPS the storage page has for volume `name`, once it has any."""
+    deadline = time.monotonic() + 180  # a guard against a volume never read, not a timing check
+    while True:
+        snapshot = httpx.get(
+            f"{base}/api/v1/telemetry/storage/", headers={"Authorization": f"Bearer {token}"}
+        ).json()
+        keys = {v["key"] for n in snapshot["nodes"] for v in n["volumes"] if v["name"] == name}
+        reads = [
+            point["gauges"].get(f"storage.{key}.read_iops", 0.0)
+            for n in snapshot["nodes"]
+            for point in n["points"]
+            for key in keys
+        ]
+        if max(reads, default=0.0) > 0:
+            return max(reads)
+        assert time.monotonic() < deadline, f"volume {name} shows no reads: {snapshot}"
+        time.sleep(1)
 
 
 def free_ports(count: int) -> int:

@@ -118,6 +118,7 @@ class VolumeSerializer(CreateOnlyMixin, StrictSerializer):
             "node",
             "device",
             "qos_policy",
+            "read_probe_per_s",
             "io",
             "created_at",
             "updated_at",
