@@ -91,6 +91,17 @@ function drawOverlays(u, lines, marks) {
   ctx.restore();
 }
 
+// Time ticks on one line, as precise as their spacing needs (uPlot's default puts a date
+// under the first tick, which collides with the next label on a narrow chart).
+function timeTicks(u, splits) {
+  const step = splits.length > 1 ? splits[1] - splits[0] : 60;
+  const parts = step < 60 ? { hour: "2-digit", minute: "2-digit", second: "2-digit" }
+    : step < 86400 ? { hour: "2-digit", minute: "2-digit" }
+      : { month: "short", day: "numeric" };
+  const clock = new Intl.DateTimeFormat(undefined, parts);
+  return splits.map((t) => clock.format(new Date(t * 1000)));
+}
+
 // A small SVG line of values (nulls break it), with a dashed zero line when it crosses zero.
 export function sparkline(values, { width = 120, height = 28 } = {}) {
   const ns = "http://www.w3.org/2000/svg";
@@ -188,7 +199,7 @@ export class TimeChart {
               value: (u, v) => (v == null ? "–" : format(v)),
             })),
           ],
-          axes: [{}, { values: (u, ticks) => ticks.map((v) => format(v)), size: axisSize }],
+          axes: [{ values: timeTicks, space: 80 }, { values: (u, ticks) => ticks.map((v) => format(v)), size: axisSize }],
           hooks: { draw: [(u) => drawOverlays(u, this.lines, this.marks)] },
           scales: {
             // thresholds stay in view even when every value is far below them

@@ -6,7 +6,7 @@ import { windowPicker } from "./window.js";
 const FIELDS = [
   ["iops", "IOPS", "read_iops", "write_iops", (v) => num(v, 0)],
   ["mbs", "MB/s", "read_mb_s", "write_mb_s", (v) => num(v, 1)],
-  ["latency", "Latency", "read_latency_us", "write_latency_us", (v) => (v == null ? "–" : `${num(v, 0)} µs`)],
+  ["latency", "Latency", "read_latency_us", "write_latency_us", (v) => (v == null ? "–" : `${num(v, Math.abs(v) < 10 ? 1 : 0)} µs`)],
 ];
 
 function storageOnly(gauges) {
