@@ -247,6 +247,7 @@ CELERY_BEAT_SCHEDULE = {
     },
     "evaluate-slos": {"task": "slo.evaluate_all", "schedule": 30.0},
     "telemetry-compact-gauges": {"task": "telemetry.compact_gauges", "schedule": 60.0},
+    "telemetry-fold-shards": {"task": "telemetry.fold_shards", "schedule": 300.0},
     "telemetry-prune-rollups": {"task": "telemetry.prune_rollups", "schedule": 3600.0},
 }
 

@@ -149,6 +149,14 @@ def claim_shard() -> int:
     return own
 
 
+def hold_shard(shard: int) -> None:
+    """Wait for `shard`'s lock, held to the end of the transaction (flushes then write to
+    another shard); for work on a shard's rows beside ingest, such as compaction."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [_SHARD_LOCKS, shard])
+
+
 @contextmanager
 def _ingest_transaction(gauges: GaugeBuffer | None, now: datetime) -> Iterator[DueGauges]:
     """A transaction; yields the gauge buckets of `gauges` that are due, which go back into

@@ -1,4 +1,4 @@
-"""Rollup upkeep (Celery beat): retention and coarse gauge rows."""
+"""Rollup upkeep (Celery beat): retention, shard folding and coarse gauge rows."""
 
 from celery import shared_task
 
@@ -13,3 +13,8 @@ def prune_rollups() -> int:
 @shared_task(name="telemetry.compact_gauges")
 def compact_gauges() -> int:
     return retention.compact_gauges()
+
+
+@shared_task(name="telemetry.fold_shards")
+def fold_shards() -> int:
+    return retention.fold_shards()
