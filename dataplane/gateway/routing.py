@@ -96,12 +96,13 @@ class Replica:
     def sent_tokens(self) -> int:
         return sum(d.prompt_tokens for d in self._unseen)
 
-    def update(self, state: ReplicaState) -> None:
+    def update(self, state: ReplicaState, messages: int = 1) -> None:
+        """The newest state, read with ``messages - 1`` older ones it supersedes."""
         self.state = state
         self.up = True
         for dispatch in self._unseen:
             if dispatch.messages is not None:
-                dispatch.messages -= 1
+                dispatch.messages -= messages
         self._unseen = [d for d in self._unseen if d.messages is None or d.messages > 0]
 
     def mark_down(self) -> None:

@@ -304,12 +304,16 @@ class Gateway:
                     timeout=timeout,
                 ) as stream:
                     stream.raise_for_status()
-                    async for line in stream.aiter_lines():
-                        if not line:
-                            continue
-                        replica.update(ReplicaState.from_message(json.loads(line)))
-                        self.metrics.replica_up.labels(model, cfg.replica_id).set(1)
-                        dep.wake.set()
+                    self.metrics.replica_up.labels(model, cfg.replica_id).set(1)
+                    pending = b""
+                    async for chunk in stream.aiter_raw():
+                        # Only the newest of the messages read at once matters.
+                        pending += chunk
+                        *lines, pending = pending.split(b"\n")
+                        if lines:
+                            state = ReplicaState.from_message(json.loads(lines[-1]))
+                            replica.update(state, messages=len(lines))
+                            dep.wake.set()
             except (httpx.HTTPError, ValueError, KeyError) as exc:
                 if replica.up:
                     log.warning("replica %s is down: %s", cfg.replica_id, exc)

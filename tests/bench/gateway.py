@@ -65,7 +65,7 @@ class Sizes:
 
 
 QUICK = Sizes(
-    overhead_requests=200, output_tokens=32, victim_rate=2.0, isolation_s=12, throughput_s=8
+    overhead_requests=200, output_tokens=32, victim_rate=4.0, isolation_s=12, throughput_s=8
 )
 FULL = replace(QUICK, overhead_requests=1000, isolation_s=40, throughput_s=20)
 
