@@ -204,6 +204,10 @@ def test_openai_surface_and_measurement(workers: dict[str, WorkerProcess], tmp_p
             stranger.models.list()
         with pytest.raises(openai.BadRequestError):  # the replica's own 400, passed on
             client.completions.create(model="synthetic", prompt="x", max_tokens=100_000)
+        # The gateway records a request once its stream has ended, which the client may
+        # see first.
+        while completed(gateway) < 2:
+            time.sleep(0.05)
         stats = httpx.get(f"{gateway.base_url}/v1/internal/stats", timeout=5).json()
         slo = [s for s in stats["slo"] if s["metric"] == "ttft"]
         assert slo == [
@@ -363,6 +367,15 @@ def test_a_slower_replica_gets_proportionally_fewer_requests(
     # In proportion to their speed (per decode step), within a factor of two.
     expected = step["r0"] / step["r1"]
     assert expected / 2 <= slow / fast <= expected * 2, (routed, step)
+
+
+def completed(gateway: GatewayProcess) -> float:
+    text = httpx.get(f"{gateway.base_url}/metrics", timeout=5).text
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith("tailguard_gateway_requests_total") and 'outcome="completed"' in line
+    )
 
 
 def routed_to(gateway: GatewayProcess, replica: str) -> float:
