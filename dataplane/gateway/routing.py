@@ -63,9 +63,10 @@ class ReplicaState:
 
 @dataclass(eq=False)
 class Dispatch:
-    """A request sent to a replica whose state may not show it yet: a streamed one until
-    its response starts (the worker queues a request before it answers), a whole one
-    for the next ``messages`` state messages (the worker sends one when it queues it)."""
+    """A request sent to a replica whose state may not show it yet: for the next
+    ``messages`` state messages, a number set once its response starts for a streamed
+    one (the worker queues a request before it answers, and sends a message when it
+    does) and at once for a whole one, which answers only at the end."""
 
     prompt_tokens: int
     messages: int | None
@@ -122,8 +123,13 @@ class Replica:
         self._unseen.append(dispatch)
         return dispatch
 
+    def started(self, dispatch: Dispatch) -> None:
+        """The request's response started: the replica has it queued, and the next state
+        message read shows it."""
+        dispatch.messages = 1
+
     def seen(self, dispatch: Dispatch) -> None:
-        """The replica has the request queued (its response started) or it failed."""
+        """The request is over (or failed): nothing of it is left to show."""
         if dispatch in self._unseen:
             self._unseen.remove(dispatch)
 

@@ -731,7 +731,7 @@ class GatewayApp:
             try:
                 response = await gateway.client.send(request, stream=True)
                 if stream:
-                    current.seen(dispatch)
+                    current.started(dispatch)
                 try:
                     if response.status_code != 200:
                         payload = await response.aread()

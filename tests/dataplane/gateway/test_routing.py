@@ -65,10 +65,13 @@ def test_requests_sent_count_until_the_replica_can_show_them() -> None:
     assert one.room(0) == 0 and one.predict(50, 0) > before
     assert choose([one], 50, 0, queue_ahead=0) is None
     assert choose([one], 50, 0, queue_ahead=1) is one
-    # A state message does not clear a streamed request: its response starting does.
+    # A state message does not clear a streamed request: the first one after its
+    # response started does.
     one.update(ReplicaState.from_message({**_message(one), "free_slots": 1}))
     assert one.room(0) == 0
-    one.seen(streamed)
+    one.started(streamed)
+    assert one.room(0) == 0
+    one.update(ReplicaState.from_message(_message(one)))
     assert one.room(0) == 1
     # A whole (non-streamed) one counts for the next two state messages.
     one.routed(50, streamed=False)
