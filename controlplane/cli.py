@@ -11,7 +11,7 @@ from pathlib import Path
 from controlplane.processes import DemoPorts, url
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ("push", "serving", "storage", "telemetry", "slo", "parity")
+BENCHES = ("push", "serving", "storage", "telemetry", "slo", "parity", "gateway")
 
 
 def _setup_django() -> None:

@@ -50,17 +50,31 @@ def main(argv: list[str] | None = None) -> int:
     sock.bind((args.host, args.port))
     if args.announce is not None:
         _announce(args.announce, sock.getsockname()[1], nonce)
-    server = uvicorn.Server(
+    app = InferenceApp(worker)
+    server = _Server(
+        app,
         uvicorn.Config(
-            InferenceApp(worker),
+            app,
             lifespan="on",
             log_level=args.log_level,
             access_log=False,
             timeout_graceful_shutdown=10,
-        )
+        ),
     )
     server.run(sockets=[sock])
     return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, ending the app's state streams as it starts shutting down."""
+
+    def __init__(self, app: InferenceApp, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._app.close_streams()
+        await super().shutdown(sockets)
 
 
 def _announce(path: Path, port: int, nonce: str | None) -> None:

@@ -64,7 +64,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from queue import Empty, SimpleQueue
-from typing import Protocol
+from typing import Any, Protocol
 
 from dataplane.inference.config import (
     BatchingConfig,
@@ -87,6 +87,11 @@ ROWS_SHARE = 0.75
 _COST_SMOOTHING = 0.1
 
 
+def _smoothed(previous: float, value: float) -> float:
+    """An exponentially weighted mean that starts at its first value."""
+    return value if previous == 0.0 else previous + _COST_SMOOTHING * (value - previous)
+
+
 @dataclass
 class _StepReport:
     """What one step did, for the event loop: ``stepped`` None if the decode failed."""
@@ -98,6 +103,7 @@ class _StepReport:
     failed: list[GenerationRequest]
     decode_seconds: float
     prefill_seconds: float | None
+    prefill_tokens: int
 
 
 class QueueFull(Exception):
@@ -161,6 +167,10 @@ class QueuePolicy(Protocol):
 
     def waiting(self, tenant: str) -> int: ...
 
+    def queued(self) -> list[GenerationRequest]:
+        """Every waiting request (any order)."""
+        ...
+
     def __len__(self) -> int: ...
 
     def drain(self) -> list[GenerationRequest]:
@@ -215,6 +225,9 @@ class FcfsPolicy:
 
     def waiting(self, tenant: str) -> int:
         return self._per_tenant[tenant]
+
+    def queued(self) -> list[GenerationRequest]:
+        return list(self._queue)
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -309,6 +322,9 @@ class FairPolicy:
 
     def waiting(self, tenant: str) -> int:
         return len(self._queues.get(tenant, ()))
+
+    def queued(self) -> list[GenerationRequest]:
+        return [r for queue in self._queues.values() for r in queue]
 
     def __len__(self) -> int:
         return sum(len(queue) for queue in self._queues.values())
@@ -466,6 +482,51 @@ class Scheduler:
         self._mean_output_tokens = 16.0
         # When admission should look again for requests held back by a bucket.
         self._refill_wait: float | None = None
+        # The live state that gateways route by: smoothed decode step seconds and prompt
+        # seconds per token (0 until measured), and one event per subscriber, set on
+        # every change, so a subscriber sends at most one message per change it sees.
+        self.step_s = 0.0
+        self.prefill_token_s = 0.0
+        self._watchers: set[asyncio.Event] = set()
+
+    # -- live state ---------------------------------------------------------------------
+
+    def watch(self) -> asyncio.Event:
+        """An event set whenever the state changes; the subscriber clears it."""
+        event = asyncio.Event()
+        self._watchers.add(event)
+        return event
+
+    def unwatch(self, event: asyncio.Event) -> None:
+        self._watchers.discard(event)
+
+    def _changed(self) -> None:
+        for event in self._watchers:
+            event.set()
+
+    def state(self) -> dict[str, Any]:
+        """What a gateway needs to predict a new request's TTFT here: the work queued
+        ahead of it per priority class, the batch's occupancy and the measured costs."""
+        queued: dict[int, list[int]] = {}
+        for request in self.policy.queued():
+            entry = queued.setdefault(request.priority, [0, 0])
+            entry[0] += 1
+            entry[1] += 0 if request.seq.tokens else len(request.seq.prompt)
+        started = sum(max(0, len(r.seq.prompt) - r.seq.prefilled) for r in self._prefilling)
+        return {
+            "running": len(self.running),
+            "max_batch_size": self.batching.max_batch_size,
+            "free_slots": max(0, self._row_cap() - len(self.running)),
+            "queued": [
+                {"priority": priority, "requests": count, "prompt_tokens": tokens}
+                for priority, (count, tokens) in sorted(queued.items(), reverse=True)
+            ],
+            "prefill_tokens": started,
+            "max_tokens_per_step": self.batching.max_tokens_per_step,
+            "step_s": self.step_s,
+            "prefill_token_s": self.prefill_token_s,
+            "mean_e2e_s": self._mean_e2e,
+        }
 
     # -- called from request handlers ------------------------------------------------
 
@@ -478,6 +539,7 @@ class Scheduler:
             raise QueueFull(request.tenant, self._retry_after(request.tenant, waiting))
         self.policy.push(request, {r.tenant for r in self.running})
         self._admission.set()
+        self._changed()
 
     def _retry_after(self, tenant: str, waiting: int) -> int:
         """Whole seconds until the tenant's queue has drained by one request: its requests
@@ -521,6 +583,7 @@ class Scheduler:
             self._commands.put([("leave", request)])
         self._owners.pop(request.seq, None)
         self._admission.set()
+        self._changed()
 
     def reconfigure(
         self,
@@ -544,6 +607,7 @@ class Scheduler:
             self.policy.tenants = self.tenants
         self._enforce_limits()
         self._admission.set()
+        self._changed()
 
     def _set_buckets(self) -> None:
         """A bucket per rate-limited tenant; one whose rate and size did not change keeps
@@ -763,6 +827,7 @@ class Scheduler:
         failed: list[GenerationRequest] = []
         prefill_seconds = None
         tokens = len(stepped or ())
+        prefill_tokens = 0
         if chunking:
             before = sum(r.seq.prefilled for r in chunking)
             try:
@@ -771,7 +836,8 @@ class Scheduler:
                 log.exception("prefill failed; failing its requests")
                 failed, chunking = chunking, []
             else:
-                tokens += sum(r.seq.prefilled for r in chunking) - before
+                prefill_tokens = sum(r.seq.prefilled for r in chunking) - before
+                tokens += prefill_tokens
                 completed = [r for r in chunking if r.seq in done]
                 chunking = [r for r in chunking if r.seq not in done]
             prefill_seconds = time.perf_counter() - decoded
@@ -781,7 +847,14 @@ class Scheduler:
             self._token_seconds += weight * (cost - self._token_seconds)
         self._chunking, self._ready = chunking, completed
         return _StepReport(
-            join, park, stepped, completed, failed, decoded - started, prefill_seconds
+            join,
+            park,
+            stepped,
+            completed,
+            failed,
+            decoded - started,
+            prefill_seconds,
+            prefill_tokens,
         )
 
     def _budget(self, rows: int) -> int:
@@ -829,8 +902,12 @@ class Scheduler:
         self._fail(report.failed)
         if stepped:
             self._metrics.step_seconds.labels("decode").observe(report.decode_seconds)
+            self.step_s = _smoothed(self.step_s, report.decode_seconds)
         if report.prefill_seconds is not None:
             self._metrics.step_seconds.labels("prefill").observe(report.prefill_seconds)
+            if report.prefill_tokens:
+                per_token = report.prefill_seconds / report.prefill_tokens
+                self.prefill_token_s = _smoothed(self.prefill_token_s, per_token)
         now = time.perf_counter()
         served: Counter[str] = Counter()
         for seq in [*stepped, *(r.seq for r in report.completed)]:
@@ -845,6 +922,7 @@ class Scheduler:
         self._metrics.running.set(len(self.running))
         self._metrics.waiting.set(len(self.policy))
         self._admission.set()
+        self._changed()
 
     def _deliver(self, request: GenerationRequest, now: float) -> None:
         if request.done:
@@ -867,6 +945,7 @@ class Scheduler:
                 holder.remove(request)
         self._owners.pop(request.seq, None)
         self._admission.set()
+        self._changed()
         timing = request.timing
         self._metrics.count(request.tenant, request.finish_reason or FINISH_ERROR)
         if request.finish_reason == FINISH_ERROR:

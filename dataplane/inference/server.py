@@ -5,7 +5,9 @@ one token per chunk as vLLM sends them), ``GET /v1/models[/{id}]`` (those need
 ``Authorization: Bearer <key>``; the key's sha256 names the tenant), ``GET /health``, ``GET /metrics`` (Prometheus text) and
 ``GET /v1/internal/stats?after=SEQ`` (sketches, exact SLO counts and request totals for
 the agent, plus the queue depth and running count now; a stats key or a loopback
-client). No web framework: a handful of routes, JSON in and out, and streaming that must
+client) and ``GET /v1/internal/state`` (the same access rule: newline-delimited JSON, one
+message of live scheduler state whenever it changes, at most one per change the reader
+keeps up with, and one per ``STATE_HEARTBEAT_S`` regardless, for the gateways' routing). No web framework: a handful of routes, JSON in and out, and streaming that must
 notice a departed client are little enough to write against ASGI directly.
 
 A request for ``n`` choices runs as ``n`` sequences scheduled independently (each is a
@@ -20,6 +22,7 @@ budget or free slots split them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -68,6 +71,7 @@ Send = Callable[[Message], Awaitable[None]]
 _BodyT = TypeVar("_BodyT", CompletionRequest, ChatRequest)
 
 CONFIG_POLL_SECONDS = 1.0
+STATE_HEARTBEAT_S = 0.5
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
@@ -269,6 +273,8 @@ class InferenceApp:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self._tasks: list[asyncio.Task[None]] = []
+        self._state_streams: set[asyncio.Event] = set()
+        self._closing = False
         self._routes: dict[str, tuple[str, Callable[[_Call], Awaitable[None]]]] = {
             "/v1/completions": ("POST", self._completions),
             "/v1/chat/completions": ("POST", self._chat),
@@ -276,6 +282,7 @@ class InferenceApp:
             "/health": ("GET", self._health),
             "/metrics": ("GET", self._metrics),
             "/v1/internal/stats": ("GET", self._stats),
+            "/v1/internal/state": ("GET", self._state),
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -321,6 +328,13 @@ class InferenceApp:
                 self.worker.scheduler.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def close_streams(self) -> None:
+        """End the state streams, which never finish by themselves, so a graceful
+        shutdown waits only for requests."""
+        self._closing = True
+        for event in self._state_streams:
+            event.set()
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -721,7 +735,8 @@ class InferenceApp:
         )
         await call.send({"type": "http.response.body", "body": payload})
 
-    async def _stats(self, call: _Call) -> None:
+    def _check_internal(self, call: _Call) -> None:
+        """Internal endpoints take a stats key, or a loopback client when none is set."""
         client = call.scope.get("client") or ("", 0)
         if self.worker.config.stats_key_sha256:
             scheme, _, key = (call.header(b"authorization") or b"").decode("latin-1").partition(" ")
@@ -729,6 +744,46 @@ class InferenceApp:
                 raise ApiError(401, "A stats key is required.", code="invalid_api_key")
         elif client[0] not in _LOOPBACK:
             raise ApiError(403, "Stats are served to loopback clients only.", code="forbidden")
+
+    async def _state(self, call: _Call) -> None:
+        """Push the scheduler's state as it changes. The scheduler only sets an event;
+        this loop, in the event loop, builds and sends a message when it gets to it, so
+        changes that arrive while a message is being sent fold into the next one and a
+        slow reader never holds up a step."""
+        self._check_internal(call)
+        worker = self.worker
+        changed = worker.scheduler.watch()
+        self._state_streams.add(changed)
+        headers = [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache")]
+        await call.send({"type": "http.response.start", "status": 200, "headers": headers})
+        gone = asyncio.create_task(self._wait_disconnect(call))
+        seq = 0
+        try:
+            while not (gone.done() or self._closing):
+                changed.clear()
+                seq += 1
+                message = {
+                    "seq": seq,
+                    "replica_id": worker.identity.replica_id,
+                    "nonce": worker.identity.nonce,
+                    **worker.scheduler.state(),
+                }
+                line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+                await call.send({"type": "http.response.body", "body": line, "more_body": True})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), STATE_HEARTBEAT_S)
+        finally:
+            worker.scheduler.unwatch(changed)
+            self._state_streams.discard(changed)
+            gone.cancel()
+
+    @staticmethod
+    async def _wait_disconnect(call: _Call) -> None:
+        while (await call.receive())["type"] != "http.disconnect":
+            pass
+
+    async def _stats(self, call: _Call) -> None:
+        self._check_internal(call)
         query = parse_qs(call.scope.get("query_string", b"").decode())
         after_values = query.get("after", ["0"])
         if not after_values[0].isdigit():

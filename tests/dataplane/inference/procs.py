@@ -115,6 +115,12 @@ class WorkerProcess:
                 self._proc.kill()
                 self._proc.wait()
 
+    def kill(self) -> None:
+        """Die at once, as a crash would."""
+        assert self._proc is not None, "start the worker first"
+        self._proc.kill()
+        self._proc.wait()
+
     def signal_reload(self) -> None:
         assert self._proc is not None, "start the worker first"
         self._proc.send_signal(1)  # SIGHUP

@@ -275,6 +275,36 @@ def test_stats_endpoint_sequence_numbers(worker: WorkerProcess) -> None:
     assert httpx.get(url, params={"after": "x"}).status_code == 400
 
 
+def test_state_stream_pushes_on_change(worker: WorkerProcess) -> None:
+    """Idle, the stream sends its heartbeat; a request shows up as it runs, and the
+    measured step cost arrives with the first steps."""
+    url = f"{worker.base_url}/v1/internal/state"
+    seen: list[dict[str, Any]] = []
+    with httpx.stream("GET", url, timeout=30) as response:
+        assert response.headers["content-type"] == "application/x-ndjson"
+        lines = response.iter_lines()
+        seen.append(json.loads(next(lines)))
+        assert seen[0]["running"] == 0 and seen[0]["free_slots"] == seen[0]["max_batch_size"]
+        with httpx.Client(base_url=worker.base_url, timeout=30) as http:
+            body = {"model": "synthetic", "prompt": "stream me", "max_tokens": 64, "stream": True}
+            with http.stream(
+                "POST",
+                "/v1/completions",
+                json={**body, "ignore_eos": True},
+                headers={"authorization": f"Bearer {KEYS['alice']}"},
+            ) as generating:
+                chunks = generating.iter_lines()
+                next(chunks)
+                while not any(m["running"] for m in seen):
+                    seen.append(json.loads(next(lines)))
+                for _ in chunks:
+                    pass
+        while seen[-1]["running"]:
+            seen.append(json.loads(next(lines)))
+    assert [m["seq"] for m in seen] == list(range(1, len(seen) + 1))
+    assert seen[-1]["step_s"] > 0 and seen[-1]["prefill_token_s"] > 0
+
+
 def test_queue_full_is_429_with_retry_after_and_other_tenants_still_served(
     model_dir: Path, tmp_path: Path
 ) -> None:

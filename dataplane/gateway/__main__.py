@@ -1,0 +1,61 @@
+"""``python -m dataplane.gateway --config PATH``: run a gateway.
+
+It listens on the config's host and port; port 0 takes any free port, and ``announce``
+(in the config) then says which once bound, with the nonce that this start's ``/health``
+answers too. The nonce comes in the environment (``TAILGUARD_GATEWAY_NONCE``), as the
+worker's does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+import uvicorn
+
+from dataplane.gateway.config import GatewayConfig
+from dataplane.gateway.server import Gateway, GatewayApp
+
+NONCE_ENV = "TAILGUARD_GATEWAY_NONCE"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dataplane.gateway", description="Tailguard OpenAI gateway"
+    )
+    parser.add_argument("--config", type=Path, required=True, help="GatewayConfig JSON file")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = GatewayConfig.load(args.config)
+    nonce = os.environ.get(NONCE_ENV) or None
+    gateway = Gateway(config, args.config, nonce=nonce)
+    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((config.host, config.port))
+    if config.announce is not None:
+        tmp = config.announce.with_suffix(".tmp")
+        port = sock.getsockname()[1]
+        tmp.write_text(json.dumps({"port": port, "nonce": nonce, "pid": os.getpid()}))
+        tmp.replace(config.announce)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            GatewayApp(gateway),
+            lifespan="on",
+            log_level=args.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=10,
+        )
+    )
+    server.run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""The gateway's configuration: the JSON file the agent writes.
+
+One ``GatewayConfig`` per gateway process (``python -m dataplane.gateway --config PATH``).
+Each deployment names its replicas (the workers' base URLs and the nonces their
+``/health`` must answer) and its tenants with the same ``TenantConfig`` the workers take:
+the same key hashes, weights, priority classes and limits, which the gateway holds
+fleet-wide. Rewriting the file (or SIGHUP) applies everything except ``RESTART_FIELDS``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+
+from dataplane.inference.config import (
+    SloThreshold,
+    TenantConfig,
+    _check_hashes,
+    _Frozen,
+)
+
+RESTART_FIELDS = ("gateway_id", "host", "port", "announce", "counters_url")
+
+
+class ReplicaConfig(_Frozen):
+    """One worker serving the deployment."""
+
+    replica_id: str = Field(min_length=1)
+    base_url: str = Field(pattern=r"^https?://", description="e.g. http://10.0.0.5:8100")
+    nonce: str | None = Field(
+        default=None, description="what the worker's /health must answer; None: not checked"
+    )
+
+
+class AdmissionConfig(_Frozen):
+    """How long requests may wait at the gateway, and how much may wait."""
+
+    max_queue_len: int = Field(
+        default=128, ge=1, description="requests per tenant waiting at this gateway before 429"
+    )
+    max_wait_s: float = Field(
+        default=30.0, gt=0, description="a request still waiting after this gets 429"
+    )
+    queue_ahead: int = Field(
+        default=0,
+        ge=0,
+        description="requests a replica may be sent beyond its free batch slots (0: the "
+        "gateway holds every request no slot is free for, and orders them fleet-wide)",
+    )
+
+
+class DeploymentRoute(_Frozen):
+    """A deployment as the gateway serves it."""
+
+    deployment_id: str = Field(min_length=1)
+    served_model_name: str = Field(min_length=1)
+    replicas: list[ReplicaConfig] = Field(default_factory=list)
+    tenants: dict[str, TenantConfig] = Field(default_factory=dict)
+    slo_thresholds: list[SloThreshold] = Field(
+        default_factory=list,
+        description="counted exactly at the gateway; a tenant's tightest ttft threshold is "
+        "the objective its admission aims for",
+    )
+    admission: AdmissionConfig = AdmissionConfig()
+    input_token_weight: float = Field(default=1.0, ge=0)
+    output_token_weight: float = Field(default=2.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DeploymentRoute:
+        ids = [r.replica_id for r in self.replicas]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"replica ids repeat in deployment {self.deployment_id!r}")
+        seen: dict[str, str] = {}
+        for tenant, cfg in self.tenants.items():
+            for digest in cfg.key_sha256:
+                if digest in seen:
+                    raise ValueError(
+                        f"key hash {digest[:12]}... names both {seen[digest]!r} and {tenant!r}"
+                    )
+                seen[digest] = tenant
+        return self
+
+    def ttft_objective(self, tenant: str) -> float | None:
+        """The tenant's tightest TTFT threshold (seconds), None without one."""
+        found = [
+            t.threshold_seconds
+            for t in self.slo_thresholds
+            if t.tenant == tenant and t.metric == "ttft"
+        ]
+        return min(found, default=None)
+
+
+class GatewayConfig(_Frozen):
+    """Everything one gateway process needs."""
+
+    gateway_id: str = Field(min_length=1, description="names this gateway's leases")
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535, description="0: any free port, announced")
+    announce: Path | None = Field(
+        default=None, description="where to write the bound port, pid and nonce once listening"
+    )
+    counters_url: str | None = Field(
+        default=None,
+        pattern=r"^rediss?://",
+        description="Redis shared by every gateway of these deployments; None: in-process "
+        "counters (one gateway)",
+    )
+    deployments: list[DeploymentRoute] = Field(default_factory=list)
+    worker_key: str | None = Field(
+        default=None,
+        description="bearer key for the workers' /v1/internal/state (their stats key); None "
+        "when they serve it to loopback clients",
+    )
+    health_interval_s: float = Field(
+        default=1.0, gt=0, description="replica health checks and reconnects"
+    )
+    lease_ttl_s: float = Field(
+        default=5.0, gt=0, description="a dead gateway's concurrency leases expire after this"
+    )
+    max_request_bytes: int = Field(default=1 << 20, ge=1024)
+    stats_key_sha256: list[str] = Field(
+        default_factory=list,
+        description="keys allowed to read /v1/internal/stats; empty means loopback only",
+    )
+
+    _hashes = field_validator("stats_key_sha256")(_check_hashes)
+
+    @model_validator(mode="after")
+    def _models_unique(self) -> GatewayConfig:
+        names = [d.served_model_name for d in self.deployments]
+        if len(names) != len(set(names)):
+            raise ValueError("two deployments serve the same model name")
+        ids = [d.deployment_id for d in self.deployments]
+        if len(ids) != len(set(ids)):
+            raise ValueError("deployment ids repeat")
+        return self
+
+    @classmethod
+    def load(cls, path: Path) -> GatewayConfig:
+        return cls.model_validate_json(path.read_bytes())
+
+    def restart_fields_changed(self, other: GatewayConfig) -> list[str]:
+        """Fields that differ between the two and only take effect in a new process."""
+        return [name for name in RESTART_FIELDS if getattr(self, name) != getattr(other, name)]

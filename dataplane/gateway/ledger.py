@@ -1,0 +1,526 @@
+"""Fleet-wide tenant counters and limits: one ledger shared by every gateway of a deployment.
+
+Every request waits at a gateway until the ledger lets it start. The rules, the same in
+both implementations (Redis for several gateways, in-process for one):
+
+- Fairness is the Virtual Token Counter of the worker's scheduler, kept fleet-wide: a
+  tenant's counter advances by its weighted prompt tokens when a request starts and its
+  weighted output tokens as they stream, divided by its weight. A request may start only
+  while no tenant waiting at any gateway (and able to start under its own limits) is in a
+  higher priority class, or in the same class with a lower counter. A tenant that starts waiting after being idle is lifted to the lowest counter
+  among active tenants, so idling banks no credit.
+- ``max_concurrency``: a running request holds a lease that expires ``lease_ttl`` after
+  its gateway last renewed it, so the leases of a gateway that died free themselves.
+- ``tokens_per_s``: a token bucket of output tokens, starting full. A request reserves
+  its ``max_tokens`` when it starts, which it may do while the bucket holds that many (or
+  is full, when that is fewer); what it does not use is refunded when it ends. Over any
+  interval T the tenant is sent at most ``burst + rate * T`` tokens plus one request's
+  reservation, and as long as it has waiting requests its rate is exactly ``rate``.
+- Waiting is registered per gateway with an expiry too, so a dead gateway's waiting
+  tenants stop holding others back.
+
+Redis runs each decision as one Lua script on Redis's own clock, so gateways on different
+hosts agree on time and no decision sees another half made.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import redis.asyncio as aioredis
+
+from dataplane.inference.config import TenantConfig
+
+_DEFAULT = TenantConfig.model_validate({})
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a request may start; if not, why (``priority``, ``fair``, ``concurrency``
+    or ``tokens``) and, for ``tokens``, how long until the bucket holds enough. ``counter``
+    is the tenant's virtual counter as the ledger saw it."""
+
+    ok: bool
+    reason: str = ""
+    wait_s: float = 0.0
+    counter: float = 0.0
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    """A waiting request asking to start."""
+
+    tenant: str
+    lease: str
+    cost: float  # weighted prompt tokens / weight: what the counter advances by at start
+    reserve: int  # output tokens reserved from the bucket
+    last: bool  # the tenant's last request waiting at this gateway
+
+
+class Ledger(Protocol):
+    """The shared counters of one deployment's tenants."""
+
+    async def try_start(
+        self,
+        deployment: str,
+        gateway: str,
+        request: StartRequest,
+        waiting: Collection[str],
+        tenants: Mapping[str, TenantConfig],
+    ) -> Decision:
+        """Start ``request`` if the rules allow; ``waiting`` names the tenants with
+        requests waiting at this gateway (the request's own tenant included)."""
+        ...
+
+    async def finish(
+        self, deployment: str, tenant: str, lease: str, refund: int, limits: TenantConfig
+    ) -> None:
+        """Free the lease and put the unused reservation back."""
+        ...
+
+    async def charge(self, deployment: str, counters: Mapping[str, float]) -> None:
+        """Advance tenants' counters (weighted output tokens / weight)."""
+        ...
+
+    async def heartbeat(
+        self,
+        deployment: str,
+        gateway: str,
+        waiting: Collection[str],
+        leases: Mapping[str, Collection[str]],
+    ) -> None:
+        """Renew this gateway's leases (tenant -> lease ids) and set its waiting tenants."""
+        ...
+
+    async def waiting(self, deployment: str) -> set[str]:
+        """The tenants with requests waiting at any gateway."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class _Bucket:
+    level: float
+    at: float
+
+
+@dataclass
+class _Book:
+    counters: dict[str, float] = field(default_factory=dict)
+    backlog: dict[tuple[str, str], float] = field(default_factory=dict)  # (tenant, gw) -> expiry
+    leases: dict[str, dict[str, float]] = field(default_factory=dict)  # tenant -> id -> expiry
+    buckets: dict[str, _Bucket] = field(default_factory=dict)
+
+
+class InProcessLedger:
+    """The ledger for one gateway (the embedded default): the same rules in memory."""
+
+    def __init__(
+        self,
+        lease_ttl_s: float,
+        backlog_ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._lease_ttl = lease_ttl_s
+        self._backlog_ttl = backlog_ttl_s
+        self._clock = clock
+        self._books: dict[str, _Book] = {}
+
+    def _book(self, deployment: str) -> _Book:
+        return self._books.setdefault(deployment, _Book())
+
+    @staticmethod
+    def _leases(book: _Book, tenant: str, now: float) -> int:
+        held = book.leases.get(tenant)
+        if not held:
+            return 0
+        for lease in [k for k, expiry in held.items() if expiry <= now]:
+            del held[lease]
+        return len(held)
+
+    @staticmethod
+    def _level(book: _Book, limits: TenantConfig, tenant: str, now: float) -> float | None:
+        if limits.tokens_per_s is None:
+            return None
+        bucket = book.buckets.get(tenant)
+        if bucket is None:
+            return float(limits.bucket_tokens)
+        return min(
+            float(limits.bucket_tokens), bucket.level + (now - bucket.at) * limits.tokens_per_s
+        )
+
+    def _backlogged(self, book: _Book, now: float) -> set[str]:
+        for key in [k for k, expiry in book.backlog.items() if expiry <= now]:
+            del book.backlog[key]
+        return {tenant for tenant, _ in book.backlog}
+
+    def _register(
+        self,
+        book: _Book,
+        gateway: str,
+        waiting: Collection[str],
+        now: float,
+    ) -> None:
+        """Lift newly waiting idle tenants, then make ``waiting`` this gateway's backlog."""
+        before = self._backlogged(book, now)
+        active = before | {t for t in list(book.leases) if self._leases(book, t, now) > 0}
+        for tenant in waiting:
+            if tenant in active:
+                continue
+            others = [book.counters.get(t, 0.0) for t in active]
+            if others:
+                book.counters[tenant] = max(book.counters.get(tenant, 0.0), min(others))
+        for key in [k for k in book.backlog if k[1] == gateway]:
+            del book.backlog[key]
+        for tenant in waiting:
+            book.backlog[(tenant, gateway)] = now + self._backlog_ttl
+
+    async def try_start(
+        self,
+        deployment: str,
+        gateway: str,
+        request: StartRequest,
+        waiting: Collection[str],
+        tenants: Mapping[str, TenantConfig],
+    ) -> Decision:
+        now = self._clock()
+        book = self._book(deployment)
+        self._register(book, gateway, waiting, now)
+        me = request.tenant
+        mine = tenants.get(me, _DEFAULT)
+        counter = book.counters.get(me, 0.0)
+        for other in self._backlogged(book, now) - {me}:
+            limits = tenants.get(other)
+            if limits is None or not self._eligible(book, other, limits, now):
+                continue
+            if limits.priority > mine.priority:
+                return Decision(False, "priority", counter=counter)
+            if limits.priority == mine.priority and book.counters.get(other, 0.0) < counter:
+                return Decision(False, "fair", counter=counter)
+        held = self._leases(book, me, now)
+        if mine.max_concurrency is not None and held >= mine.max_concurrency:
+            return Decision(False, "concurrency", counter=counter)
+        level = self._level(book, mine, me, now)
+        if level is not None:
+            need = min(mine.bucket_tokens, request.reserve)
+            if level < need:
+                wait = (need - level) / (mine.tokens_per_s or math.inf)
+                return Decision(False, "tokens", wait, counter)
+            book.buckets[me] = _Bucket(level - request.reserve, now)
+        book.leases.setdefault(me, {})[request.lease] = now + self._lease_ttl
+        book.counters[me] = counter + request.cost
+        if request.last:
+            book.backlog.pop((me, gateway), None)
+        return Decision(True, counter=counter + request.cost)
+
+    def _eligible(self, book: _Book, tenant: str, limits: TenantConfig, now: float) -> bool:
+        """Whether the tenant's own limits let one more of its requests start now."""
+        if (
+            limits.max_concurrency is not None
+            and self._leases(book, tenant, now) >= limits.max_concurrency
+        ):
+            return False
+        level = self._level(book, limits, tenant, now)
+        return level is None or level >= 1
+
+    async def finish(
+        self, deployment: str, tenant: str, lease: str, refund: int, limits: TenantConfig
+    ) -> None:
+        now = self._clock()
+        book = self._book(deployment)
+        book.leases.get(tenant, {}).pop(lease, None)
+        level = self._level(book, limits, tenant, now)
+        if level is not None and refund > 0:
+            book.buckets[tenant] = _Bucket(min(float(limits.bucket_tokens), level + refund), now)
+
+    async def charge(self, deployment: str, counters: Mapping[str, float]) -> None:
+        book = self._book(deployment)
+        for tenant, amount in counters.items():
+            book.counters[tenant] = book.counters.get(tenant, 0.0) + amount
+
+    async def heartbeat(
+        self,
+        deployment: str,
+        gateway: str,
+        waiting: Collection[str],
+        leases: Mapping[str, Collection[str]],
+    ) -> None:
+        now = self._clock()
+        book = self._book(deployment)
+        for tenant, ids in leases.items():
+            held = book.leases.setdefault(tenant, {})
+            for lease in ids:
+                held[lease] = now + self._lease_ttl
+        self._register(book, gateway, waiting, now)
+
+    async def waiting(self, deployment: str) -> set[str]:
+        return self._backlogged(self._book(deployment), self._clock())
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+# Redis keys of a deployment share one hash tag, so a cluster keeps them on one node.
+_LUA_COMMON = """
+local prefix = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local vtc = prefix .. 'vtc'
+local backlog = prefix .. 'backlog'
+local function leases(name)
+  local key = prefix .. 'lease:' .. name
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  return redis.call('ZCARD', key)
+end
+local function level(name, rate, cap)
+  if rate < 0 then return nil end
+  local b = redis.call('HMGET', prefix .. 'bucket:' .. name, 'level', 'at')
+  local lvl, at = tonumber(b[1]), tonumber(b[2])
+  if lvl == nil then return cap end
+  return math.min(cap, lvl + (now - at) * rate)
+end
+local function counter(name)
+  return tonumber(redis.call('HGET', vtc, name) or '0')
+end
+local function split(member)
+  local cut = string.find(member, '\\t', 1, true)
+  return string.sub(member, 1, cut - 1), string.sub(member, cut + 1)
+end
+local function backlogged()
+  redis.call('ZREMRANGEBYSCORE', backlog, '-inf', now)
+  local set = {}
+  for _, member in ipairs(redis.call('ZRANGE', backlog, 0, -1)) do
+    local tenant = split(member)
+    set[tenant] = true
+  end
+  return set
+end
+-- Lift newly waiting idle tenants to the lowest active counter, then make ``waiting``
+-- this gateway's backlog.
+local function set_waiting(gw, waiting, ttl)
+  local active = backlogged()
+  for _, name in ipairs(redis.call('SMEMBERS', prefix .. 'leased')) do
+    if leases(name) > 0 then active[name] = true end
+  end
+  for _, name in ipairs(waiting) do
+    if not active[name] then
+      local lowest = nil
+      for other in pairs(active) do
+        local c = counter(other)
+        if lowest == nil or c < lowest then lowest = c end
+      end
+      if lowest ~= nil and lowest > counter(name) then redis.call('HSET', vtc, name, lowest) end
+    end
+  end
+  for _, member in ipairs(redis.call('ZRANGE', backlog, 0, -1)) do
+    local _, owner = split(member)
+    if owner == gw then redis.call('ZREM', backlog, member) end
+  end
+  for _, name in ipairs(waiting) do
+    redis.call('ZADD', backlog, now + ttl, name .. '\\t' .. gw)
+  end
+end
+"""
+
+# ARGV: prefix gw tenant lease cost reserve lease_ttl backlog_ttl last nwait
+# waiting... then per tenant of the deployment: name priority max_concurrency rate cap
+# (-1 for none).
+_TRY_START = (
+    _LUA_COMMON
+    + """
+local gw, me, lease = ARGV[2], ARGV[3], ARGV[4]
+local cost, reserve = tonumber(ARGV[5]), tonumber(ARGV[6])
+local lease_ttl, backlog_ttl, last = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9] == '1'
+local nwait = tonumber(ARGV[10])
+local waiting = {}
+local i = 11
+for _ = 1, nwait do waiting[#waiting + 1] = ARGV[i]; i = i + 1 end
+local info = {}
+while i <= #ARGV do
+  info[ARGV[i]] = {prio = tonumber(ARGV[i + 1]), maxc = tonumber(ARGV[i + 2]),
+                   rate = tonumber(ARGV[i + 3]), cap = tonumber(ARGV[i + 4])}
+  i = i + 5
+end
+local function eligible(name)
+  local cfg = info[name]
+  if cfg == nil then return false end
+  if cfg.maxc >= 0 and leases(name) >= cfg.maxc then return false end
+  local lvl = level(name, cfg.rate, cfg.cap)
+  return lvl == nil or lvl >= 1
+end
+set_waiting(gw, waiting, backlog_ttl)
+local mine = info[me]
+local mine_c = counter(me)
+for other in pairs(backlogged()) do
+  if other ~= me and eligible(other) then
+    local p = info[other].prio
+    if p > mine.prio then return {0, 'priority', '0', tostring(mine_c)} end
+    if p == mine.prio and counter(other) < mine_c then
+      return {0, 'fair', '0', tostring(mine_c)}
+    end
+  end
+end
+if mine.maxc >= 0 and leases(me) >= mine.maxc then
+  return {0, 'concurrency', '0', tostring(mine_c)}
+end
+local lvl = level(me, mine.rate, mine.cap)
+if lvl ~= nil then
+  local need = math.min(mine.cap, reserve)
+  if lvl < need then return {0, 'tokens', tostring((need - lvl) / mine.rate), tostring(mine_c)} end
+  redis.call('HSET', prefix .. 'bucket:' .. me, 'level', lvl - reserve, 'at', now)
+end
+redis.call('ZADD', prefix .. 'lease:' .. me, now + lease_ttl, lease)
+redis.call('SADD', prefix .. 'leased', me)
+redis.call('HINCRBYFLOAT', vtc, me, cost)
+if last then redis.call('ZREM', backlog, me .. '\\t' .. gw) end
+return {1, '', '0', tostring(mine_c + cost)}
+"""
+)
+
+# ARGV: prefix tenant lease refund rate cap
+_FINISH = (
+    _LUA_COMMON
+    + """
+local me, lease, refund = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local rate, cap = tonumber(ARGV[5]), tonumber(ARGV[6])
+redis.call('ZREM', prefix .. 'lease:' .. me, lease)
+local lvl = level(me, rate, cap)
+if lvl ~= nil and refund > 0 then
+  redis.call('HSET', prefix .. 'bucket:' .. me, 'level', math.min(cap, lvl + refund), 'at', now)
+end
+return 1
+"""
+)
+
+# ARGV: prefix gw lease_ttl backlog_ttl nwait waiting... then tenant lease pairs.
+_HEARTBEAT = (
+    _LUA_COMMON
+    + """
+local gw, lease_ttl, backlog_ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local nwait = tonumber(ARGV[5])
+local waiting = {}
+local i = 6
+for _ = 1, nwait do waiting[#waiting + 1] = ARGV[i]; i = i + 1 end
+while i <= #ARGV do
+  redis.call('ZADD', prefix .. 'lease:' .. ARGV[i], now + lease_ttl, ARGV[i + 1])
+  redis.call('SADD', prefix .. 'leased', ARGV[i])
+  i = i + 2
+end
+set_waiting(gw, waiting, backlog_ttl)
+return 1
+"""
+)
+
+
+_WAITING = (
+    _LUA_COMMON
+    + """
+local names = {}
+for name in pairs(backlogged()) do names[#names + 1] = name end
+return names
+"""
+)
+
+
+def _limits_args(limits: TenantConfig) -> list[str]:
+    rate = limits.tokens_per_s
+    return [
+        str(limits.max_concurrency if limits.max_concurrency is not None else -1),
+        repr(rate if rate is not None else -1.0),
+        str(limits.bucket_tokens if rate is not None else 0),
+    ]
+
+
+class RedisLedger:
+    """The ledger in Redis, shared by every gateway that names the same server."""
+
+    def __init__(
+        self, url: str, lease_ttl_s: float, backlog_ttl_s: float, namespace: str = "tailguard:gw"
+    ) -> None:
+        self._redis = aioredis.Redis.from_url(url)
+        self._lease_ttl = lease_ttl_s
+        self._backlog_ttl = backlog_ttl_s
+        self._namespace = namespace
+        self._try_start = self._redis.register_script(_TRY_START)
+        self._finish = self._redis.register_script(_FINISH)
+        self._heartbeat = self._redis.register_script(_HEARTBEAT)
+        self._waiting = self._redis.register_script(_WAITING)
+
+    def _prefix(self, deployment: str) -> str:
+        return f"{self._namespace}:{{{deployment}}}:"
+
+    async def try_start(
+        self,
+        deployment: str,
+        gateway: str,
+        request: StartRequest,
+        waiting: Collection[str],
+        tenants: Mapping[str, TenantConfig],
+    ) -> Decision:
+        table = {request.tenant: _DEFAULT, **tenants}
+        args: list[str] = [
+            self._prefix(deployment),
+            gateway,
+            request.tenant,
+            request.lease,
+            repr(request.cost),
+            str(request.reserve),
+            repr(self._lease_ttl),
+            repr(self._backlog_ttl),
+            "1" if request.last else "0",
+            str(len(waiting)),
+            *waiting,
+        ]
+        for name, limits in table.items():
+            args += [name, str(limits.priority), *_limits_args(limits)]
+        ok, reason, wait, counter = await self._try_start(args=args)
+        return Decision(bool(ok), _text(reason), float(wait), float(counter))
+
+    async def finish(
+        self, deployment: str, tenant: str, lease: str, refund: int, limits: TenantConfig
+    ) -> None:
+        args = [self._prefix(deployment), tenant, lease, str(max(0, refund))]
+        await self._finish(args=args + _limits_args(limits)[1:])
+
+    async def charge(self, deployment: str, counters: Mapping[str, float]) -> None:
+        key = self._prefix(deployment) + "vtc"
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for tenant, amount in counters.items():
+                pipe.hincrbyfloat(key, tenant, amount)
+            await pipe.execute()
+
+    async def heartbeat(
+        self,
+        deployment: str,
+        gateway: str,
+        waiting: Collection[str],
+        leases: Mapping[str, Collection[str]],
+    ) -> None:
+        args = [
+            self._prefix(deployment),
+            gateway,
+            repr(self._lease_ttl),
+            repr(self._backlog_ttl),
+            str(len(waiting)),
+            *waiting,
+        ]
+        for tenant, ids in leases.items():
+            for lease in ids:
+                args += [tenant, lease]
+        await self._heartbeat(args=args)
+
+    async def waiting(self, deployment: str) -> set[str]:
+        names = await self._waiting(args=[self._prefix(deployment)])
+        return {_text(name) for name in names}
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

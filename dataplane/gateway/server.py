@@ -1,0 +1,899 @@
+"""The gateway: one OpenAI endpoint for the deployments in its config, in front of their
+replicas.
+
+Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (forwarded to a
+replica as they came, the answer passed through as it arrives: one SSE chunk at a time
+when streamed), ``GET /v1/models[/{id}]``, ``GET /health``, ``GET /metrics`` and
+``GET /v1/internal/stats?deployment=ID&after=SEQ`` (the worker's stats shape, measured
+here). ``Authorization: Bearer <key>`` names the tenant by the same sha256 key hashes the
+workers hold, and is forwarded to the replica, which checks it again.
+
+A request waits at the gateway until a replica has a free batch slot (``queue_ahead``
+more, if configured) and the fleet-wide ledger lets its tenant start (``ledger.py``:
+priority classes, virtual token counters, concurrency and token rate, shared by every
+gateway through Redis); then it goes to the replica with the lowest predicted TTFT
+(``routing.py``). While requests wait, those of a lower priority class that can no
+longer meet their TTFT objective get 429 (with Retry-After) while a higher class waits
+too; any request gets 429 when its tenant's queue here is full or after ``max_wait_s``.
+
+Each replica's state stream is read by a task of its own: a stream that breaks or falls
+silent for a health interval marks the replica down until its ``/health`` answers again
+(with the configured nonce) and its stream resumes. A replica that fails mid-stream gives
+its client an OpenAI error chunk and ``[DONE]``; one that fails before answering is
+replaced by another, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import math
+import signal
+import time
+import uuid
+from collections import defaultdict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import httpx
+
+from dataplane.gateway.config import DeploymentRoute, GatewayConfig
+from dataplane.gateway.ledger import InProcessLedger, Ledger, RedisLedger, StartRequest
+from dataplane.gateway.metrics import GatewayMetrics
+from dataplane.gateway.routing import Replica, ReplicaState, choose
+from dataplane.inference.config import TenantConfig
+from dataplane.inference.metrics import RequestTiming, TelemetryStats
+from dataplane.inference.protocol import ApiError
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+CONFIG_POLL_SECONDS = 1.0
+# While requests wait, the dispatcher looks again at least this often (other gateways'
+# tenants change what this one may start without a message reaching it).
+DISPATCH_POLL_S = 0.01
+# Output tokens are charged to the ledger in batches at most this far apart.
+CHARGE_FLUSH_S = 0.02
+# What a chat request without max_tokens reserves from its tenant's token bucket.
+DEFAULT_CHAT_RESERVE = 256
+_DEFAULT_TENANT = TenantConfig.model_validate({})
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+_JSON = [(b"content-type", b"application/json")]
+_SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+_MODEL_PREFIX = "/v1/models/"
+_TOKEN_CHUNK = b'"choices":[{'
+_DONE = b"data: [DONE]\n\n"
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _replica_error() -> ApiError:
+    return ApiError(
+        502,
+        "The replica serving this request failed; retry the request.",
+        type_="server_error",
+        code="replica_failed",
+    )
+
+
+def _sse(body: Any) -> bytes:
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _send_json(
+    send: Send, status: int, body: Any, headers: dict[str, str] | None = None
+) -> None:
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": [*_JSON, *extra]})
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+
+@dataclass
+class _WholeTiming(RequestTiming):
+    """A non-streamed answer: its client sees every token at once, at the end."""
+
+    tokens: int = 0
+
+    @property
+    def output_tokens(self) -> int:
+        return self.tokens
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """A request waiting at the gateway for a replica and the ledger's leave."""
+
+    tenant: str
+    priority: int
+    prompt_tokens: int
+    reserve: int
+    arrival: float
+    objective: float | None
+    lease: str = field(default_factory=lambda: uuid.uuid4().hex)
+    future: asyncio.Future[Replica] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class _Deployment:
+    """A deployment's live part of the gateway: replicas, waiting requests, measurement."""
+
+    def __init__(self, route: DeploymentRoute) -> None:
+        self.route = route
+        self.replicas: dict[str, Replica] = {}
+        self.watchers: dict[str, asyncio.Task[None]] = {}
+        self.waiting: dict[str, deque[_Waiter]] = {}
+        self.wake = asyncio.Event()
+        self.stats = TelemetryStats(
+            route.deployment_id, route.served_model_name, route.slo_thresholds
+        )
+        self.counters: dict[str, float] = {}
+        self.charges: defaultdict[str, float] = defaultdict(float)
+        self.leases: dict[str, set[str]] = {}
+        self.keys: list[tuple[str, str]] = []
+        self.set_route(route)
+
+    def set_route(self, route: DeploymentRoute) -> None:
+        self.route = route
+        self.keys = [(d, tenant) for tenant, cfg in route.tenants.items() for d in cfg.key_sha256]
+        self.stats.set_thresholds(route.slo_thresholds)
+
+    def tenant_for(self, digest: str) -> str | None:
+        found = None
+        for configured, tenant in self.keys:
+            if hmac.compare_digest(configured, digest):
+                found = tenant
+        return found
+
+    def limits(self, tenant: str) -> TenantConfig:
+        return self.route.tenants.get(tenant, _DEFAULT_TENANT)
+
+    def waiting_tenants(self) -> list[str]:
+        return [tenant for tenant, queue in self.waiting.items() if queue]
+
+    def waiting_count(self) -> int:
+        return sum(len(queue) for queue in self.waiting.values())
+
+
+class Gateway:
+    """The assembled gateway: config, ledger, replica watchers and dispatchers."""
+
+    def __init__(
+        self, config: GatewayConfig, config_path: Path | None = None, nonce: str | None = None
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.nonce = nonce
+        self._config_mtime = config_path.stat().st_mtime_ns if config_path else None
+        backlog_ttl = min(config.lease_ttl_s, 2.0)
+        self.ledger: Ledger
+        if config.counters_url is None:
+            self.ledger = InProcessLedger(config.lease_ttl_s, backlog_ttl)
+        else:
+            self.ledger = RedisLedger(config.counters_url, config.lease_ttl_s, backlog_ttl)
+        self.metrics = GatewayMetrics()
+        self.deployments: dict[str, _Deployment] = {}
+        self._dispatchers: dict[str, asyncio.Task[None]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=config.health_interval_s),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024),
+        )
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.apply(self.config)
+        self._tasks = [
+            loop.create_task(self._flush_loop()),
+            loop.create_task(self._watch_config()),
+        ]
+
+    async def stop(self) -> None:
+        tasks = [*self._tasks, *self._dispatchers.values()]
+        tasks += [t for d in self.deployments.values() for t in d.watchers.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.client.aclose()
+        await self.ledger.close()
+
+    def apply(self, new: GatewayConfig) -> None:
+        """Apply a config: deployments and replicas come and go, tenants and objectives
+        change; requests in flight carry on."""
+        stuck = self.config.restart_fields_changed(new)
+        if stuck:
+            log.warning("config fields %s change only on restart; keeping the old values", stuck)
+            new = new.model_copy(update={name: getattr(self.config, name) for name in stuck})
+        self.config = new
+        loop = asyncio.get_running_loop()
+        routes = {route.served_model_name: route for route in new.deployments}
+        for model in [m for m in self.deployments if m not in routes]:
+            gone = self.deployments.pop(model)
+            self._dispatchers.pop(model).cancel()
+            for task in gone.watchers.values():
+                task.cancel()
+            for queue in gone.waiting.values():
+                for waiter in queue:
+                    if not waiter.future.done():
+                        waiter.future.set_exception(
+                            ApiError(
+                                404, f"The model `{model}` does not exist.", code="model_not_found"
+                            )
+                        )
+        for model, route in routes.items():
+            dep = self.deployments.get(model)
+            if dep is None:
+                dep = self.deployments[model] = _Deployment(route)
+                self._dispatchers[model] = loop.create_task(self._dispatch_loop(dep))
+            dep.set_route(route)
+            wanted = {r.replica_id: r for r in route.replicas}
+            for replica_id in [r for r in dep.replicas if r not in wanted]:
+                dep.watchers.pop(replica_id).cancel()
+                dep.replicas.pop(replica_id).mark_down()
+            for replica_id, cfg in wanted.items():
+                replica = dep.replicas.get(replica_id)
+                if replica is not None and replica.config == cfg:
+                    continue
+                if replica is not None:
+                    dep.watchers.pop(replica_id).cancel()
+                replica = dep.replicas[replica_id] = Replica(cfg)
+                dep.watchers[replica_id] = loop.create_task(self._watch_replica(dep, replica))
+            dep.wake.set()
+
+    def reload(self) -> None:
+        """Re-read the config file; a broken file is logged and the old config kept."""
+        if self.config_path is None:
+            return
+        try:
+            self._config_mtime = self.config_path.stat().st_mtime_ns
+            new = GatewayConfig.load(self.config_path)
+        except (OSError, ValueError) as exc:
+            log.error("config reload failed, keeping the running config: %s", exc)
+            return
+        self.apply(new)
+
+    async def _watch_config(self) -> None:
+        while self.config_path is not None:
+            await asyncio.sleep(CONFIG_POLL_SECONDS)
+            try:
+                mtime = self.config_path.stat().st_mtime_ns
+            except OSError:
+                continue
+            if mtime != self._config_mtime:
+                self.reload()
+
+    # -- replicas ---------------------------------------------------------------------
+
+    def _worker_headers(self) -> dict[str, str]:
+        key = self.config.worker_key
+        return {"authorization": f"Bearer {key}"} if key else {}
+
+    async def _watch_replica(self, dep: _Deployment, replica: Replica) -> None:
+        """Follow a replica's state stream; down while it is broken, retried every health
+        interval."""
+        cfg = replica.config
+        model = dep.route.served_model_name
+        while True:
+            interval = self.config.health_interval_s
+            try:
+                health = await self.client.get(f"{cfg.base_url}/health", timeout=interval)
+                health.raise_for_status()
+                body = health.json()
+                if cfg.nonce is not None and body.get("nonce") != cfg.nonce:
+                    raise ValueError(f"/health answers another nonce than {cfg.replica_id}'s")
+                timeout = httpx.Timeout(interval, read=interval)
+                async with self.client.stream(
+                    "GET",
+                    f"{cfg.base_url}/v1/internal/state",
+                    headers=self._worker_headers(),
+                    timeout=timeout,
+                ) as stream:
+                    stream.raise_for_status()
+                    self.metrics.replica_up.labels(model, cfg.replica_id).set(1)
+                    pending = b""
+                    async for chunk in stream.aiter_raw():
+                        # Only the newest of the messages read at once matters.
+                        pending += chunk
+                        *lines, pending = pending.split(b"\n")
+                        if lines:
+                            state = ReplicaState.from_message(json.loads(lines[-1]))
+                            replica.update(state, messages=len(lines))
+                            dep.wake.set()
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                if replica.up:
+                    log.warning("replica %s is down: %s", cfg.replica_id, exc)
+            replica.mark_down()
+            self.metrics.replica_up.labels(model, cfg.replica_id).set(0)
+            dep.wake.set()
+            await asyncio.sleep(interval)
+
+    # -- admission ----------------------------------------------------------------------
+
+    async def _dispatch_loop(self, dep: _Deployment) -> None:
+        while True:
+            dep.wake.clear()
+            try:
+                await self._dispatch_round(dep)
+            except Exception:  # the ledger's server may be away: retry, never stop
+                log.exception("dispatch round failed")
+            self.metrics.waiting.labels(dep.route.served_model_name).set(dep.waiting_count())
+            timeout = DISPATCH_POLL_S if dep.waiting_count() else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(dep.wake.wait(), timeout)
+
+    def _reject(self, dep: _Deployment, waiter: _Waiter, why: str) -> None:
+        dep.waiting[waiter.tenant].remove(waiter)
+        if waiter.future.done():
+            return
+        waiter.future.set_exception(self._busy(dep, waiter.tenant, why))
+
+    def _busy(self, dep: _Deployment, tenant: str, why: str) -> ApiError:
+        """429 with the seconds until about one request's worth of capacity frees up."""
+        replicas = [r for r in dep.replicas.values() if r.state is not None]
+        slots = sum(r.state.max_batch_size for r in replicas if r.state is not None) or 1
+        e2e = max((r.state.mean_e2e_s for r in replicas if r.state is not None), default=1.0)
+        ahead = dep.waiting_count() + 1
+        retry = max(1, math.ceil(ahead * e2e / slots))
+        return ApiError(
+            429,
+            f"Tenant {tenant!r}: {why}",
+            type_="rate_limit_error",
+            code="rate_limit_exceeded",
+            headers={"retry-after": str(retry)},
+        )
+
+    async def _dispatch_round(self, dep: _Deployment) -> None:
+        """Shed what must wait no longer, then start waiting requests while a replica has
+        room: highest class first, then the lowest fleet-wide counter, each as the
+        ledger allows."""
+        now = time.perf_counter()
+        admission = dep.route.admission
+        waiters = [w for queue in dep.waiting.values() for w in queue]
+        late = [w for w in waiters if w.objective is not None and now - w.arrival > w.objective]
+        top = max((w.priority for w in waiters), default=0)
+        if late:  # who waits at other gateways decides whether they must give way
+            fleet = await self.ledger.waiting(dep.route.deployment_id)
+            top = max([top, *(dep.limits(t).priority for t in fleet)])
+        for waiter in waiters:
+            if waiter.future.done():
+                dep.waiting[waiter.tenant].remove(waiter)
+            elif now - waiter.arrival > admission.max_wait_s:
+                self._reject(dep, waiter, "waited too long for capacity")
+            elif waiter in late and waiter.priority < top:
+                self._reject(dep, waiter, "no replica can meet its TTFT objective now")
+        skip: set[str] = set()
+        replicas = list(dep.replicas.values())
+        while True:
+            tenants = [t for t in dep.waiting_tenants() if t not in skip]
+            if not tenants or not any(r.room(admission.queue_ahead) > 0 for r in replicas):
+                return
+            tenant = min(tenants, key=lambda t: (-dep.limits(t).priority, dep.counters.get(t, 0.0)))
+            queue = dep.waiting[tenant]
+            waiter = queue[0]
+            limits = dep.route.tenants.get(tenant, _DEFAULT_TENANT)
+            cost = waiter.prompt_tokens * dep.route.input_token_weight / limits.weight
+            request = StartRequest(tenant, waiter.lease, cost, waiter.reserve, len(queue) == 1)
+            decision = await self.ledger.try_start(
+                dep.route.deployment_id,
+                self.config.gateway_id,
+                request,
+                dep.waiting_tenants(),
+                dep.route.tenants,
+            )
+            dep.counters[tenant] = decision.counter
+            if not decision.ok:
+                skip.add(tenant)
+                continue
+            if waiter in queue:
+                queue.remove(waiter)
+            replica = choose(replicas, waiter.prompt_tokens, waiter.priority, admission.queue_ahead)
+            if waiter.future.done() or replica is None:
+                await self.ledger.finish(
+                    dep.route.deployment_id, tenant, waiter.lease, waiter.reserve, limits
+                )
+                if replica is None and not waiter.future.done():
+                    queue.appendleft(waiter)
+                continue
+            dep.leases.setdefault(tenant, set()).add(waiter.lease)
+            waiter.future.set_result(replica)
+
+    async def _flush_loop(self) -> None:
+        """Charge streamed tokens in batches; renew leases and waiting marks."""
+        beat_every = self.config.lease_ttl_s / 4
+        last_beat = 0.0
+        while True:
+            await asyncio.sleep(CHARGE_FLUSH_S)
+            beat = time.monotonic() - last_beat >= beat_every
+            if beat:
+                last_beat = time.monotonic()
+            for dep in list(self.deployments.values()):
+                deployment = dep.route.deployment_id
+                try:
+                    if dep.charges:
+                        charges, dep.charges = dict(dep.charges), defaultdict(float)
+                        await self.ledger.charge(deployment, charges)
+                        for tenant, amount in charges.items():
+                            dep.counters[tenant] = dep.counters.get(tenant, 0.0) + amount
+                    if beat:
+                        await self.ledger.heartbeat(
+                            deployment,
+                            self.config.gateway_id,
+                            dep.waiting_tenants(),
+                            {t: ids for t, ids in dep.leases.items() if ids},
+                        )
+                except Exception:
+                    log.exception("ledger update failed; retrying")
+
+    async def admit(self, dep: _Deployment, tenant: str, waiter: _Waiter) -> Replica:
+        queue = dep.waiting.setdefault(tenant, deque())
+        if len(queue) >= dep.route.admission.max_queue_len:
+            raise self._busy(dep, tenant, "too many requests waiting")
+        queue.append(waiter)
+        dep.wake.set()
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            if waiter in queue:
+                queue.remove(waiter)
+            elif waiter.future.done() and not waiter.future.cancelled():
+                if waiter.future.exception() is None:
+                    await self.release(dep, tenant, waiter, waiter.reserve)
+            raise
+
+    async def release(self, dep: _Deployment, tenant: str, waiter: _Waiter, refund: int) -> None:
+        dep.leases.get(tenant, set()).discard(waiter.lease)
+        await self.ledger.finish(
+            dep.route.deployment_id, tenant, waiter.lease, refund, dep.limits(tenant)
+        )
+        dep.wake.set()
+
+
+@dataclass
+class _Call:
+    scope: Scope
+    receive: Receive
+    send: Send
+    arrival: float
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.scope["headers"]:
+            if key == name:
+                return bytes(value)
+        return None
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    """About how many tokens the prompt is (the gateway has no tokenizer): four bytes a
+    token of text, token ids as they are."""
+    prompt = body.get("prompt")
+    if prompt is None:
+        messages = body.get("messages") or []
+        text = sum(len(json.dumps(m.get("content", ""))) for m in messages if isinstance(m, dict))
+        return max(1, text // 4 + 4 * len(messages))
+    if isinstance(prompt, str):
+        return max(1, len(prompt.encode()) // 4)
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return len(prompt)
+    return max(1, len(json.dumps(prompt)) // 4)
+
+
+def _reserve(body: dict[str, Any], chat: bool) -> int:
+    """Output tokens the request may produce, as the worker would cap them."""
+    limit = body.get("max_completion_tokens") if chat else None
+    limit = limit or body.get("max_tokens") or (DEFAULT_CHAT_RESERVE if chat else 16)
+    choices = body.get("n") or 1
+    if not isinstance(limit, int) or not isinstance(choices, int):
+        raise ApiError(400, "max_tokens and n are integers.", code="invalid_value")
+    return max(1, limit) * max(1, choices)
+
+
+class GatewayApp:
+    """ASGI application over a ``Gateway``."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._routes: dict[str, tuple[str, Callable[[_Call], Awaitable[None]]]] = {
+            "/v1/completions": ("POST", self._completions),
+            "/v1/chat/completions": ("POST", self._chat),
+            "/v1/models": ("GET", self._models),
+            "/health": ("GET", self._health),
+            "/metrics": ("GET", self._metrics),
+            "/v1/internal/stats": ("GET", self._stats),
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        call = _Call(scope, receive, send, time.perf_counter())
+        try:
+            path = scope["path"]
+            route = self._routes.get(path)
+            if route is None and path.startswith(_MODEL_PREFIX):
+                route = ("GET", self._model)
+            if route is None:
+                raise ApiError(404, f"Unknown path {path}", code="not_found")
+            method, handler = route
+            if scope["method"] != method:
+                raise ApiError(
+                    405,
+                    f"{path} takes {method}",
+                    code="method_not_allowed",
+                    headers={"allow": method},
+                )
+            await handler(call)
+        except ApiError as exc:
+            await _send_json(send, exc.status, exc.body(), exc.headers)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.gateway.start()
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.gateway.reload)
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.gateway.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    @staticmethod
+    def _bearer(call: _Call) -> str:
+        value = call.header(b"authorization") or b""
+        scheme, _, key = value.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise ApiError(
+                401,
+                "You didn't provide an API key (Authorization: Bearer KEY).",
+                code="invalid_api_key",
+            )
+        return key.strip()
+
+    def _tenants(self, call: _Call) -> dict[str, str]:
+        """Model name -> the tenant the key names in that deployment (401 if none)."""
+        digest = key_digest(self._bearer(call))
+        found = {}
+        for model, dep in self.gateway.deployments.items():
+            tenant = dep.tenant_for(digest)
+            if tenant is not None:
+                found[model] = tenant
+        if not found:
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return found
+
+    async def _read_body(self, call: _Call) -> bytes:
+        limit = self.gateway.config.max_request_bytes
+        too_big = ApiError(413, f"Request body exceeds {limit} bytes.", code="request_too_large")
+        declared = call.header(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_big
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await call.receive()
+            if message["type"] == "http.disconnect":
+                raise ApiError(400, "Client disconnected.", code="client_closed")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    # -- OpenAI endpoints -------------------------------------------------------------
+
+    async def _completions(self, call: _Call) -> None:
+        await self._serve(call, "/v1/completions", chat=False)
+
+    async def _chat(self, call: _Call) -> None:
+        await self._serve(call, "/v1/chat/completions", chat=True)
+
+    async def _serve(self, call: _Call, path: str, *, chat: bool) -> None:
+        """Admit, forward and measure one request; a client that leaves ends it, waiting
+        or streaming, and the replica sees it leave too."""
+        tenants = self._tenants(call)
+        raw = await self._read_body(call)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise ApiError(
+                400, "We could not parse the JSON body of your request.", code="invalid_json"
+            ) from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "The request body must be a JSON object.", code="invalid_value")
+        model = body.get("model")
+        dep = self.gateway.deployments.get(model) if isinstance(model, str) else None
+        if dep is None or model not in tenants:
+            raise ApiError(
+                404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
+            )
+        tenant = tenants[model]
+        work = asyncio.create_task(
+            self._admit_and_forward(call, dep, tenant, path, raw, body, chat)
+        )
+        watcher = asyncio.create_task(self._watch_disconnect(call, work))
+        try:
+            await work
+        except asyncio.CancelledError:
+            dep.stats.count_cancelled(tenant)
+            self.gateway.metrics.requests.labels(tenant, model, "cancelled").inc()
+        finally:
+            watcher.cancel()
+
+    @staticmethod
+    async def _watch_disconnect(call: _Call, work: asyncio.Task[None]) -> None:
+        while (await call.receive())["type"] != "http.disconnect":
+            pass
+        work.cancel()
+
+    async def _admit_and_forward(
+        self,
+        call: _Call,
+        dep: _Deployment,
+        tenant: str,
+        path: str,
+        raw: bytes,
+        body: dict[str, Any],
+        chat: bool,
+    ) -> None:
+        gateway = self.gateway
+        model = dep.route.served_model_name
+        limits = dep.limits(tenant)
+        waiter = _Waiter(
+            tenant=tenant,
+            priority=limits.priority,
+            prompt_tokens=_prompt_tokens(body),
+            reserve=_reserve(body, chat),
+            arrival=call.arrival,
+            objective=dep.route.ttft_objective(tenant),
+        )
+        try:
+            replica = await gateway.admit(dep, tenant, waiter)
+        except ApiError as exc:
+            if exc.status == 429:
+                dep.stats.count_rejected(tenant)
+                gateway.metrics.requests.labels(tenant, model, "rejected").inc()
+            raise
+        stream = bool(body.get("stream"))
+        timing: RequestTiming = (
+            RequestTiming(call.arrival, waiter.prompt_tokens)
+            if stream
+            else _WholeTiming(call.arrival, waiter.prompt_tokens)
+        )
+        timing.scheduled = time.perf_counter()
+        headers = {"content-type": "application/json"}
+        if (auth := call.header(b"authorization")) is not None:
+            headers["authorization"] = auth.decode("latin-1")
+        tokens = 0
+        outcome = "failed"
+        try:
+            tokens, outcome = await self._forward(
+                call, dep, tenant, waiter, replica, path, raw, headers, timing, stream
+            )
+        finally:
+            await gateway.release(dep, tenant, waiter, waiter.reserve - tokens)
+            gateway.metrics.requests.labels(tenant, model, outcome).inc()
+            if outcome == "completed":
+                dep.stats.record(tenant, timing)
+                gateway.metrics.observe(tenant, model, timing)
+            elif outcome == "failed":
+                dep.stats.count_failed(tenant)
+
+    async def _forward(
+        self,
+        call: _Call,
+        dep: _Deployment,
+        tenant: str,
+        waiter: _Waiter,
+        replica: Replica,
+        path: str,
+        raw: bytes,
+        headers: dict[str, str],
+        timing: RequestTiming,
+        stream: bool,
+    ) -> tuple[int, str]:
+        """Send the request to ``replica`` (another one, once, if it cannot be reached)
+        and pass the answer on; returns the output tokens and the outcome."""
+        gateway = self.gateway
+        model = dep.route.served_model_name
+        weight = dep.route.output_token_weight / dep.limits(tenant).weight
+        for attempt in range(2):
+            current = replica
+            predicted = current.model_ttft(waiter.prompt_tokens, waiter.priority)
+            dispatch = current.routed(waiter.prompt_tokens, stream)
+            current.inflight += 1
+            gateway.metrics.routed.labels(model, replica.replica_id).inc()
+            request = gateway.client.build_request(
+                "POST", replica.config.base_url + path, content=raw, headers=headers
+            )
+            started = False
+            tokens = 0
+            try:
+                response = await gateway.client.send(request, stream=True)
+                if stream:
+                    current.started(dispatch)
+                try:
+                    if response.status_code != 200:
+                        payload = await response.aread()
+                        await call.send(
+                            {
+                                "type": "http.response.start",
+                                "status": response.status_code,
+                                "headers": _passed_headers(response),
+                            }
+                        )
+                        started = True
+                        await call.send({"type": "http.response.body", "body": payload})
+                        return 0, "rejected" if response.status_code == 429 else "error"
+                    if not stream:
+                        payload = await response.aread()
+                        timing.token_times.append(time.perf_counter())
+                        tokens = _usage_tokens(payload)
+                        assert isinstance(timing, _WholeTiming)
+                        timing.tokens = tokens
+                        await call.send(
+                            {"type": "http.response.start", "status": 200, "headers": _JSON}
+                        )
+                        started = True
+                        await call.send({"type": "http.response.body", "body": payload})
+                        dep.charges[tenant] += tokens * weight
+                        return tokens, "completed"
+                    await call.send({"type": "http.response.start", "status": 200, "headers": _SSE})
+                    started = True
+                    pending = b""
+                    async for chunk in response.aiter_raw():
+                        await call.send(
+                            {"type": "http.response.body", "body": chunk, "more_body": True}
+                        )
+                        pending += chunk
+                        *events, pending = pending.split(b"\n\n")
+                        now = time.perf_counter()
+                        fresh = sum(1 for event in events if _TOKEN_CHUNK in event)
+                        if fresh:
+                            if tokens == 0:
+                                replica.observed(predicted, now - (timing.scheduled or now))
+                            timing.token_times.extend([now] * fresh)
+                            tokens += fresh
+                            dep.charges[tenant] += fresh * weight
+                    await call.send({"type": "http.response.body", "body": b""})
+                    return tokens, "completed"
+                finally:
+                    await response.aclose()
+            except httpx.TransportError as exc:
+                log.warning("replica %s failed: %s", replica.replica_id, exc)
+                replica.mark_down()
+                dep.wake.set()
+                if started:
+                    tail = _sse(_replica_error().body()) + _DONE
+                    await call.send({"type": "http.response.body", "body": tail})
+                    return tokens, "failed"
+                others = [r for r in dep.replicas.values() if r is not replica and r.up]
+                fallback = min(
+                    others,
+                    key=lambda r: r.predict(waiter.prompt_tokens, waiter.priority),
+                    default=None,
+                )
+                if attempt or fallback is None:
+                    raise _replica_error() from None
+                replica = fallback
+            finally:
+                current.inflight -= 1
+                current.seen(dispatch)
+        raise _replica_error()
+
+    async def _models(self, call: _Call) -> None:
+        tenants = self._tenants(call)
+        cards = [self._card(model) for model in tenants]
+        await _send_json(call.send, 200, {"object": "list", "data": cards})
+
+    async def _model(self, call: _Call) -> None:
+        tenants = self._tenants(call)
+        name = call.scope["path"].removeprefix(_MODEL_PREFIX)
+        if name not in tenants:
+            raise ApiError(
+                404, f"The model `{name}` does not exist.", param="model", code="model_not_found"
+            )
+        await _send_json(call.send, 200, self._card(name))
+
+    @staticmethod
+    def _card(model: str) -> dict[str, Any]:
+        return {"id": model, "object": "model", "created": 0, "owned_by": "tailguard"}
+
+    # -- operations ---------------------------------------------------------------------
+
+    async def _health(self, call: _Call) -> None:
+        gateway = self.gateway
+        deployments = [
+            {
+                "deployment_id": dep.route.deployment_id,
+                "model": model,
+                "waiting": dep.waiting_count(),
+                "replicas": [
+                    {"replica_id": r.replica_id, "up": r.up, "inflight": r.inflight}
+                    for r in dep.replicas.values()
+                ],
+            }
+            for model, dep in gateway.deployments.items()
+        ]
+        await _send_json(
+            call.send,
+            200,
+            {
+                "status": "ok",
+                "gateway_id": gateway.config.gateway_id,
+                "nonce": gateway.nonce,
+                "deployments": deployments,
+            },
+        )
+
+    async def _metrics(self, call: _Call) -> None:
+        payload = self.gateway.metrics.render()
+        headers = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
+        await call.send({"type": "http.response.start", "status": 200, "headers": headers})
+        await call.send({"type": "http.response.body", "body": payload})
+
+    async def _stats(self, call: _Call) -> None:
+        """A deployment's stats as measured here, in the worker's shape (one deployment
+        needs no ``deployment`` parameter)."""
+        config = self.gateway.config
+        client = call.scope.get("client") or ("", 0)
+        if config.stats_key_sha256:
+            digest = key_digest(self._bearer(call))
+            if not any([hmac.compare_digest(d, digest) for d in config.stats_key_sha256]):
+                raise ApiError(401, "A stats key is required.", code="invalid_api_key")
+        elif client[0] not in _LOOPBACK:
+            raise ApiError(403, "Stats are served to loopback clients only.", code="forbidden")
+        query = parse_qs(call.scope.get("query_string", b"").decode())
+        after = query.get("after", ["0"])[0]
+        if not after.isdigit():
+            raise ApiError(
+                400, "after must be a sequence number", param="after", code="invalid_value"
+            )
+        by_id = {dep.route.deployment_id: dep for dep in self.gateway.deployments.values()}
+        wanted = query.get("deployment", [None])[0]
+        if wanted is None and len(by_id) == 1:
+            wanted = next(iter(by_id))
+        dep = by_id.get(wanted or "")
+        if dep is None:
+            raise ApiError(
+                404, "Name a deployment of this gateway.", param="deployment", code="not_found"
+            )
+        window = dep.stats.collect(int(after))
+        live = {
+            "queue_depth": dep.waiting_count(),
+            "running": sum(len(ids) for ids in dep.leases.values()),
+        }
+        await _send_json(call.send, 200, {**window, **live})
+
+
+def _passed_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
+    keep = ("content-type", "retry-after", "allow")
+    return [(k.encode(), v.encode()) for k, v in response.headers.items() if k in keep]
+
+
+def _usage_tokens(payload: bytes) -> int:
+    try:
+        usage = json.loads(payload).get("usage") or {}
+        return int(usage.get("completion_tokens", 0))
+    except (ValueError, AttributeError, TypeError):
+        return 0

@@ -1,0 +1,418 @@
+"""The gateway end to end: real worker processes (the synthetic model) behind one or two
+real gateway processes, the fleet-wide ledger in the test run's Redis.
+
+Load runs for a set time, but nothing asserts a duration: limits and shares are counted
+in tokens and requests, rates over the clients' own measured windows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from dataplane.inference.synthetic import SyntheticModelSpec, write_synthetic_model
+
+from ..inference.procs import WorkerProcess, worker_config
+from .load import Streamed, closed_loop, stream, tokens_between
+from .procs import GatewayProcess, gateway_config
+
+pytestmark = pytest.mark.e2e
+
+KEYS = {name: f"key-{name}" for name in ("a", "b", "c", "hi", "lo")}
+BATCH = 4
+
+
+def redis_url() -> str:
+    url = os.environ.get("REDIS_URL")
+    assert url, "run the tests with ./tailguard test, which starts Redis and sets REDIS_URL"
+    return url
+
+
+def start_workers(
+    stack: ExitStack, model_dirs: list[Path], workdir: Path
+) -> dict[str, WorkerProcess]:
+    workers = {}
+    for index, model in enumerate(model_dirs):
+        config = worker_config(
+            model, workdir / f"cache{index}", KEYS, batching={"max_batch_size": BATCH}
+        )
+        workers[f"r{index}"] = stack.enter_context(
+            WorkerProcess(config, workdir / f"worker{index}")
+        )
+    return workers
+
+
+@pytest.fixture(scope="module")
+def workers(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, WorkerProcess]]:
+    with ExitStack() as stack:
+        yield start_workers(stack, [model_dir, model_dir], tmp_path_factory.mktemp("workers"))
+
+
+@pytest.fixture(scope="module")
+def slow_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test model's vocabulary and tokenizer with steps of several milliseconds: a
+    replica on slower hardware."""
+    directory = tmp_path_factory.mktemp("slow-model")
+    spec = SyntheticModelSpec(
+        layers=6, hidden=512, heads=8, kv_heads=2, vocab=320, max_context=512, seed=7
+    )
+    write_synthetic_model(directory, spec)
+    return directory
+
+
+def gateways(
+    stack: ExitStack,
+    workers: dict[str, WorkerProcess],
+    tenants: dict[str, dict[str, Any]],
+    workdir: Path,
+    count: int = 2,
+    **overrides: Any,
+) -> list[GatewayProcess]:
+    """``count`` gateways sharing a fresh deployment id in the run's Redis."""
+    deployment = {"deployment_id": f"dep-{uuid.uuid4().hex[:8]}", **overrides.pop("deployment", {})}
+    found = []
+    for index in range(count):
+        config = gateway_config(
+            f"g{index}",
+            workers,
+            tenants,
+            KEYS,
+            counters_url=redis_url(),
+            deployment=deployment,
+            **overrides,
+        )
+        found.append(stack.enter_context(GatewayProcess(config, workdir / f"gateway{index}")))
+    return found
+
+
+def run(*loops: Any) -> list[list[Streamed]]:
+    async def gather() -> list[list[Streamed]]:
+        return list(await asyncio.gather(*loops))
+
+    return asyncio.run(gather())
+
+
+def max_overlap(results: list[Streamed]) -> int:
+    edges = sorted(
+        [(r.token_times[0], 1) for r in results if r.token_times]
+        + [(r.token_times[-1], -1) for r in results if r.token_times]
+    )
+    now = best = 0
+    for _, step in edges:
+        now += step
+        best = max(best, now)
+    return best
+
+
+class RunningWatch:
+    """Follows the workers' own state streams: how many requests run on all of them."""
+
+    def __init__(self, workers: dict[str, WorkerProcess]) -> None:
+        self._urls = {name: w.base_url for name, w in workers.items()}
+        self._events: list[tuple[float, str, int]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._follow, args=(name, url), daemon=True)
+            for name, url in self._urls.items()
+        ]
+
+    def _follow(self, name: str, url: str) -> None:
+        with httpx.stream("GET", f"{url}/v1/internal/state", timeout=30) as response:
+            for line in response.iter_lines():
+                if self._stop.is_set():
+                    return
+                if line:
+                    running = json.loads(line)["running"]
+                    with self._lock:
+                        self._events.append((time.monotonic(), name, running))
+
+    def __enter__(self) -> RunningWatch:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def summary(self, limit: int) -> tuple[float, int, float]:
+        """Time-weighted mean of the total while any ran, its peak, and the share of
+        that time it spent above ``limit``."""
+        with self._lock:
+            events = sorted(self._events)
+        now: dict[str, int] = {}
+        busy = weighted = above = 0.0
+        peak = 0
+        for (t, name, running), later in zip(events, [*events[1:], events[-1]], strict=True):
+            now[name] = running
+            total = sum(now.values())
+            peak = max(peak, total)
+            if total:
+                span = later[0] - t
+                busy += span
+                weighted += total * span
+                above += span if total > limit else 0.0
+        return weighted / busy, peak, above / busy
+
+
+def test_openai_surface_and_measurement(workers: dict[str, WorkerProcess], tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        (gateway,) = gateways(
+            stack,
+            workers,
+            {"a": {}},
+            tmp_path,
+            count=1,
+            deployment={
+                "slo_thresholds": [{"tenant": "a", "metric": "ttft", "threshold_seconds": 30}]
+            },
+        )
+        client = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key=KEYS["a"], max_retries=0)
+        completion = client.completions.create(
+            model="synthetic", prompt="Hello", max_tokens=6, extra_body={"ignore_eos": True}
+        )
+        assert completion.usage is not None and completion.usage.completion_tokens == 6
+        chunks = list(
+            client.chat.completions.create(
+                model="synthetic",
+                messages=[{"role": "user", "content": "Hi"}],
+                max_tokens=5,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+        )
+        assert len([c for c in chunks if c.choices]) == 5
+        assert [m.id for m in client.models.list()] == ["synthetic"]
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="other", prompt="x", max_tokens=1)
+        stranger = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            stranger.models.list()
+        with pytest.raises(openai.BadRequestError):  # the replica's own 400, passed on
+            client.completions.create(model="synthetic", prompt="x", max_tokens=100_000)
+        # The gateway records a request once its stream has ended, which the client may
+        # see first.
+        while completed(gateway) < 2:
+            time.sleep(0.05)
+        stats = httpx.get(f"{gateway.base_url}/v1/internal/stats", timeout=5).json()
+        slo = [s for s in stats["slo"] if s["metric"] == "ttft"]
+        assert slo == [
+            {
+                "tenant": "a",
+                "deployment_id": stats["deployment_id"],
+                "metric": "ttft",
+                "threshold_seconds": 30,
+                "good": 2,
+                "total": 2,
+            }
+        ]
+        assert {s["metric"] for s in stats["sketches"]} >= {"ttft", "tpot", "queue", "e2e"}
+        (totals,) = stats["requests"]
+        assert (totals["completed"], totals["output_tokens"]) == (2, 11)
+
+
+def test_fleet_wide_concurrency_limit_and_a_gateway_restart(
+    workers: dict[str, WorkerProcess], tmp_path: Path
+) -> None:
+    limit = 3
+    with ExitStack() as stack:
+        first, second = gateways(
+            stack, workers, {"a": {"max_concurrency": limit}}, tmp_path, lease_ttl_s=1.0
+        )
+        with RunningWatch(workers) as watch:
+            results = run(
+                closed_loop(first.base_url, KEYS["a"], 6, 5.0, 100),
+                closed_loop(second.base_url, KEYS["a"], 6, 5.0, 100),
+            )
+        everything = results[0] + results[1]
+        assert all(r.status == 200 and len(r.token_times) == 100 for r in everything)
+        # Requests running on the replicas, all together, as they report it: never more
+        # than the limit but for the moments their two streams of state disagree.
+        mean, peak, above = watch.summary(limit)
+        assert above <= 0.05 and mean <= limit * 1.05 and peak >= limit
+
+        # The first gateway dies holding leases; the second's streams carry on, and once
+        # the dead one's leases expire the second has the whole limit.
+        async def scenario() -> tuple[Streamed, int]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                started = [asyncio.Event() for _ in range(3)]
+                on_first = [
+                    asyncio.create_task(
+                        stream(client, first.base_url, KEYS["a"], 400, first_token=started[i])
+                    )
+                    for i in range(2)
+                ]
+                on_second = asyncio.create_task(
+                    stream(client, second.base_url, KEYS["a"], 400, first_token=started[2])
+                )
+                for event in started:
+                    await event.wait()
+                await asyncio.to_thread(first.kill)
+                await asyncio.gather(*on_first, return_exceptions=True)
+                survivor = await on_second
+                # Until the dead gateway's leases expire only one more may run at once.
+                deadline = time.monotonic() + 15
+                overlap = 0
+                while overlap < limit and time.monotonic() < deadline:
+                    batch = await asyncio.gather(
+                        *(stream(client, second.base_url, KEYS["a"], 60) for _ in range(limit))
+                    )
+                    overlap = max_overlap(list(batch))
+                return survivor, overlap
+
+        survivor, overlap = asyncio.run(scenario())
+        assert (survivor.status, len(survivor.token_times), survivor.error) == (200, 400, None)
+        assert overlap == limit
+        first.start()  # restarts and serves again
+        assert asyncio.run(one(first.base_url, "a")).status == 200
+
+
+async def one(base_url: str, tenant: str) -> Streamed:
+    async with httpx.AsyncClient(timeout=60) as client:
+        return await stream(client, base_url, KEYS[tenant], 3)
+
+
+def test_fleet_wide_token_rate(workers: dict[str, WorkerProcess], tmp_path: Path) -> None:
+    rate = 100.0
+    with ExitStack() as stack:
+        first, second = gateways(
+            stack, workers, {"a": {"tokens_per_s": rate, "burst_tokens": 20}}, tmp_path
+        )
+        results = run(
+            closed_loop(first.base_url, KEYS["a"], 8, 10.0, 5),
+            closed_loop(second.base_url, KEYS["a"], 2, 10.0, 5),
+        )
+    everything = results[0] + results[1]
+    assert all(r.status == 200 for r in everything)
+    start = min(r.token_times[0] for r in everything) + 1.0  # past the first burst
+    end = max(r.token_times[-1] for r in everything)
+    tokens = tokens_between(everything, start, end)
+    assert abs(tokens / (end - start) - rate) <= 0.05 * rate
+
+
+def test_weighted_shares_with_most_traffic_at_one_gateway(
+    workers: dict[str, WorkerProcess], tmp_path: Path
+) -> None:
+    with ExitStack() as stack:
+        first, second = gateways(stack, workers, {"a": {"weight": 1}, "b": {"weight": 3}}, tmp_path)
+        # 16 of the 20 streams enter the first gateway; the replicas have 8 slots.
+        results = run(
+            closed_loop(first.base_url, KEYS["a"], 10, 14.0, 40),
+            closed_loop(first.base_url, KEYS["b"], 6, 14.0, 40),
+            closed_loop(second.base_url, KEYS["b"], 4, 14.0, 40),
+        )
+    start = min(r.sent for found in results for r in found) + 2.0
+    end = start + 11.0
+    a_tokens = tokens_between(results[0], start, end)
+    b_tokens = tokens_between(results[1] + results[2], start, end)
+    assert abs(b_tokens / a_tokens - 3.0) <= 0.3, (a_tokens, b_tokens)
+
+
+def test_priority_classes_shed_the_lower_one_first(
+    workers: dict[str, WorkerProcess], tmp_path: Path
+) -> None:
+    with ExitStack() as stack:
+        first, second = gateways(
+            stack,
+            workers,
+            {"hi": {"priority": 1}, "lo": {}},
+            tmp_path,
+            deployment={
+                "slo_thresholds": [
+                    {"tenant": "lo", "metric": "ttft", "threshold_seconds": 0.05},
+                    {"tenant": "hi", "metric": "ttft", "threshold_seconds": 0.05},
+                ]
+            },
+        )
+        # More high-class streams than the replicas have slots: the high class always
+        # waits, so the low class cannot meet its objective and is refused.
+        hi, lo = run(
+            closed_loop(first.base_url, KEYS["hi"], 12, 4.0, 30),
+            closed_loop(second.base_url, KEYS["lo"], 4, 4.0, 30),
+        )
+    assert hi and all(r.status == 200 and len(r.token_times) == 30 for r in hi)
+    refused = [r for r in lo if r.status == 429]
+    assert refused and all(r.retry_after and int(r.retry_after) >= 1 for r in refused)
+
+
+def test_a_slower_replica_gets_proportionally_fewer_requests(
+    model_dir: Path, slow_model_dir: Path, tmp_path: Path
+) -> None:
+    with ExitStack() as stack:
+        replicas = start_workers(stack, [model_dir, slow_model_dir], tmp_path)
+        (gateway,) = gateways(stack, replicas, {"a": {}}, tmp_path, count=1)
+        run(closed_loop(gateway.base_url, KEYS["a"], 10, 5.0, 30))
+        routed = {name: routed_to(gateway, name) for name in replicas}
+        step = {
+            name: w.metric("tailguard_engine_step_seconds_sum", kind="decode")
+            / max(1, w.metric("tailguard_engine_step_seconds_count", kind="decode"))
+            for name, w in replicas.items()
+        }
+    fast, slow = routed["r0"], routed["r1"]
+    assert 0 < slow < fast
+    # In proportion to their speed (per decode step), within a factor of two.
+    expected = step["r0"] / step["r1"]
+    assert expected / 2 <= slow / fast <= expected * 2, (routed, step)
+
+
+def completed(gateway: GatewayProcess) -> float:
+    text = httpx.get(f"{gateway.base_url}/metrics", timeout=5).text
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith("tailguard_gateway_requests_total") and 'outcome="completed"' in line
+    )
+
+
+def routed_to(gateway: GatewayProcess, replica: str) -> float:
+    text = httpx.get(f"{gateway.base_url}/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith("tailguard_gateway_routed_total") and f'replica="{replica}"' in line:
+            return float(line.rpartition(" ")[2])
+    return 0.0
+
+
+def test_a_replica_killed_mid_stream(slow_model_dir: Path, tmp_path: Path) -> None:
+    with ExitStack() as stack:
+        replicas = start_workers(stack, [slow_model_dir, slow_model_dir], tmp_path)
+        (gateway,) = gateways(stack, replicas, {"a": {}}, tmp_path, count=1)
+
+        async def scenario() -> tuple[list[Streamed], list[Streamed]]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                started = [asyncio.Event() for _ in range(6)]
+                streams = [
+                    asyncio.create_task(
+                        stream(client, gateway.base_url, KEYS["a"], 300, first_token=event)
+                    )
+                    for event in started
+                ]
+                for event in started:
+                    await event.wait()
+                await asyncio.to_thread(replicas["r0"].kill)
+                cut = await asyncio.gather(*streams)
+                after = await asyncio.gather(
+                    *(stream(client, gateway.base_url, KEYS["a"], 5) for _ in range(6))
+                )
+                return list(cut), list(after)
+
+        cut, after = asyncio.run(scenario())
+        health = {r["replica_id"]: r["up"] for r in gateway.replicas()}
+    failed = [r for r in cut if r.error is not None]
+    assert failed and all(r.done and r.error["code"] == "replica_failed" for r in failed)
+    assert all(len(r.token_times) == 300 for r in cut if r.error is None)
+    assert all(r.status == 200 and len(r.token_times) == 5 for r in after)
+    assert health == {"r0": False, "r1": True}

@@ -1,0 +1,107 @@
+"""TTFT prediction from a replica's own state and costs, and the choice among replicas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from dataplane.gateway.config import ReplicaConfig
+from dataplane.gateway.routing import Replica, ReplicaState, choose
+
+
+def replica(name: str = "r", **state: Any) -> Replica:
+    message: dict[str, Any] = {
+        "running": 0,
+        "max_batch_size": 8,
+        "free_slots": 8,
+        "queued": [],
+        "prefill_tokens": 0,
+        "max_tokens_per_step": 512,
+        "step_s": 0.01,
+        "prefill_token_s": 0.0001,
+        "mean_e2e_s": 1.0,
+        **state,
+    }
+    found = Replica(ReplicaConfig(replica_id=name, base_url="http://127.0.0.1:1"))
+    found.update(ReplicaState.from_message(message))
+    return found
+
+
+def test_prompt_work_ahead_and_a_longer_prompt_predict_later() -> None:
+    idle = replica().predict(100, 0)
+    assert replica(prefill_tokens=1000).predict(100, 0) > idle
+    assert (
+        replica(queued=[{"priority": 0, "requests": 2, "prompt_tokens": 900}]).predict(100, 0)
+        > idle
+    )
+    assert replica().predict(2000, 0) > idle
+
+
+def test_only_work_of_the_same_class_or_higher_is_ahead() -> None:
+    queued = [{"priority": 0, "requests": 20, "prompt_tokens": 9000}]
+    busy_low = replica(queued=queued, free_slots=0, running=8)
+    assert busy_low.predict(100, 1) == pytest.approx(
+        replica(free_slots=0, running=8).predict(100, 1)
+    )
+    assert busy_low.predict(100, 0) > busy_low.predict(100, 1)
+
+
+def test_a_full_batch_adds_the_wait_for_a_slot() -> None:
+    full = replica(running=8, free_slots=0, mean_e2e_s=2.0)
+    assert full.predict(10, 0) - replica(running=8).predict(10, 0) == pytest.approx(2.0 / 8)
+
+
+def test_each_replica_is_predicted_from_its_own_costs() -> None:
+    fast, slow = replica("fast", step_s=0.002), replica("slow", step_s=0.02, prefill_token_s=0.001)
+    assert slow.predict(100, 0) > 5 * fast.predict(100, 0)
+    assert choose([slow, fast], 100, 0, queue_ahead=0) is fast
+
+
+def test_requests_sent_count_until_the_replica_can_show_them() -> None:
+    one = replica(free_slots=1)
+    before = one.predict(50, 0)
+    streamed = one.routed(50, streamed=True)
+    assert one.room(0) == 0 and one.predict(50, 0) > before
+    assert choose([one], 50, 0, queue_ahead=0) is None
+    assert choose([one], 50, 0, queue_ahead=1) is one
+    # A state message does not clear a streamed request: the first one after its
+    # response started does.
+    one.update(ReplicaState.from_message({**_message(one), "free_slots": 1}))
+    assert one.room(0) == 0
+    one.started(streamed)
+    assert one.room(0) == 0
+    one.update(ReplicaState.from_message(_message(one)))
+    assert one.room(0) == 1
+    # A whole (non-streamed) one counts for the next two state messages.
+    one.routed(50, streamed=False)
+    one.update(ReplicaState.from_message(_message(one)))
+    assert one.room(0) == 0
+    one.update(ReplicaState.from_message(_message(one)))
+    assert one.room(0) == 1
+
+
+def _message(found: Replica) -> dict[str, Any]:
+    state = found.state
+    assert state is not None
+    return {
+        "running": state.running,
+        "max_batch_size": state.max_batch_size,
+        "free_slots": state.free_slots,
+        "queued": [],
+        "prefill_tokens": state.prefill_tokens,
+        "max_tokens_per_step": state.max_tokens_per_step,
+        "step_s": state.step_s,
+        "prefill_token_s": state.prefill_token_s,
+        "mean_e2e_s": state.mean_e2e_s,
+    }
+
+
+def test_a_down_replica_is_never_chosen_and_the_bias_is_learnt() -> None:
+    down, up = replica("down", step_s=0.0001), replica("up")
+    down.mark_down()
+    assert choose([down, up], 10, 0, queue_ahead=0) is up
+    model = up.model_ttft(10, 0)
+    for _ in range(100):
+        up.observed(model, model + 0.005)
+    assert up.predict(10, 0) == pytest.approx(model + 0.005, rel=0.01)
