@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from dataplane.inference.config import RuntimeConfig
@@ -239,3 +240,25 @@ def alone(runtime: OnnxRuntime, prompt: list[int], tokens: int) -> list[int]:
     while engine.running:
         engine.step()
     return seq.tokens
+
+
+def test_buffers_held_as_ortvalues_are_bound_and_copied_by_address(
+    in_place: OnnxRuntime,
+) -> None:
+    """The path a CUDA session takes (its buffers are OrtValues on the device), here over
+    OrtValues of host memory: forward calls bind them by address, a fork copies a slot
+    with the runtime's own copy session."""
+    host = in_place.allocate(3)
+    values = tuple(ort.OrtValue.ortvalue_from_numpy(array) for array in host.arrays)
+    device = SlotBuffers(3, host.slot_bytes, tuple(v.data_ptr() for v in values), values=values)
+    prompt = np.array([[5, 6, 7, 8, 9]], np.int64)
+    first = in_place.forward_slots(device, 1, prompt, np.array([0]), np.array([5]))
+    in_place.copy_slot(device, 1, device, 2, 5)
+    assert all(np.array_equal(array[1], array[2]) for array in host.arrays)
+    assert not np.any(host.arrays[0][0])  # the slot before the run is untouched
+    both = in_place.forward_slots(
+        device, 1, np.array([[3], [3]]), np.array([5, 5]), np.ones(2, np.int64)
+    )
+    np.testing.assert_allclose(both[0], both[1], rtol=1e-6)
+    alone, _ = in_place.new_cache().start([[5, 6, 7, 8, 9]])
+    np.testing.assert_allclose(first[0], alone[0], rtol=1e-5, atol=1e-6)
