@@ -14,6 +14,7 @@ restarts.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,17 @@ def select_providers(available: Sequence[str], cache_dir: Path) -> list[Provider
     return entries
 
 
+def _host_buffer(shape: list[int], dtype: np.dtype[Any]) -> FloatArray:
+    """Zeroed anonymous memory in small pages: each (slot, head) row is far from the
+    next, so huge pages (which numpy asks for on large arrays) would commit megabytes
+    for every row a prompt touches."""
+    size = int(np.prod(shape)) * dtype.itemsize
+    memory = mmap.mmap(-1, max(size, 1))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(memory, dtype, int(np.prod(shape))).reshape(shape)
+
+
 class OnnxRuntime:
     """A decoder model in one ONNX Runtime session.
 
@@ -151,13 +163,14 @@ class OnnxRuntime:
         return [slots, spec.num_kv_heads, spec.max_context, spec.head_dim]
 
     def allocate(self, slots: int) -> SlotBuffers:
-        """A block of ``slots`` slots on the session's device. Host memory is mapped on
-        first touch, so a slot costs memory only as far as its rows have reached."""
+        """A block of ``slots`` slots on the session's device. Host memory is mapped a
+        page at a time on first touch, so a slot costs memory only as far as its rows
+        have reached."""
         shape = self._slot_shape(slots)
         slot_bytes = int(np.prod(shape[1:])) * self._dtype.itemsize
         count = 2 * self._spec.num_layers
         if self._device == "cpu":
-            arrays = tuple(np.zeros(shape, self._dtype) for _ in range(count))
+            arrays = tuple(_host_buffer(shape, self._dtype) for _ in range(count))
             return SlotBuffers(slots, slot_bytes, tuple(a.ctypes.data for a in arrays), arrays)
         values = tuple(
             ort.OrtValue.ortvalue_from_shape_and_type(shape, self._dtype, self._device, 0)
