@@ -1,23 +1,17 @@
 """Forward passes over the running batch: the synchronous core that the scheduler's step
 loop calls and the benchmark drives directly.
 
-The engine owns the running batch's KV cache. Sequences enter through ``prefill``
-(their cache is parked beside the batch; a long prompt may take several calls, one
+The engine owns the sequences; the runtime's ``KVCache`` owns their keys and values
+(see ``kvcache`` for its two layouts). Sequences enter through ``prefill`` (a row of
+the cache is started for each new prompt; a long prompt may take several calls, one
 chunk each), join the batch on the next ``step``, and leave it when finished,
-cancelled or preempted; a preempted sequence keeps a private copy of its cache so it
-resumes without a second prefill. ``prefill`` touches only the runtime and the
-sequences it is given, never the batch.
-
-A graph without a ``position_ids`` input (Optimum's Gemma, MPT and Bloom exports) takes
-the cache width as the position of the next token, so a row padded on the left would
-see shifted positions. For such a graph the engine regroups: a prefill call takes
-prompts of one length only, a decode group holds rows of one length only (they stay
-equal, each step adds one token to every row), and a sequence joins a free slot only
-in a group exactly as wide as it is long. No row is ever padded, so every row's
-positions are the cache width, at the price of more, smaller forward calls.
+cancelled or preempted; a preempted sequence keeps its row, so it resumes without a
+second prefill. ``prefill`` touches only the cache rows of the sequences it is given,
+never the batch's.
 
 Identical prompts in one prefill (the ``n`` choices of a request) are computed once and
-share the cache rows, which are only ever read.
+share a row while their prompt runs; when it is complete each choice gets a row of its
+own to decode in.
 """
 
 from __future__ import annotations
@@ -25,11 +19,10 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from itertools import groupby
 
 import numpy as np
 
-from dataplane.inference.kvcache import FloatArray, KVBatch
+from dataplane.inference.kvcache import CacheRow, FloatArray
 from dataplane.inference.runtime import Runtime
 from dataplane.inference.sampling import SamplingParams, TokenConstraint, TokenLogprob, sample
 
@@ -39,7 +32,7 @@ FINISH_LENGTH = "length"
 
 @dataclass(eq=False)
 class EngineSequence:
-    """A request as the engine sees it: tokens, sampling state and parked cache.
+    """A request as the engine sees it: tokens, sampling state and its cache row.
 
     ``stream`` tells apart the choices of one seeded request, so each draws its own
     tokens. ``stop_token`` is the token that ended the sequence (an EOS or stop id),
@@ -54,8 +47,9 @@ class EngineSequence:
     rng: np.random.Generator = field(init=False)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    parked: KVBatch | None = None
-    # Prompt tokens already in ``parked`` while the prompt is prefilled chunk by chunk.
+    # Its keys and values, from the first prompt chunk until it leaves the engine.
+    row: CacheRow | None = None
+    # Prompt tokens already in ``row`` while the prompt is prefilled chunk by chunk.
     prefilled: int = 0
     finish_reason: str | None = None
     stop_token: int | None = None
@@ -65,66 +59,47 @@ class EngineSequence:
         self.rng = np.random.default_rng(None if seed is None else [seed, self.stream])
 
 
-@dataclass
-class _Group:
-    """Rows decoded by one forward call: slots over one KV cache (None = free slot)."""
-
-    slots: list[EngineSequence | None]
-    cache: KVBatch
-
-    def live(self) -> list[int]:
-        return [slot for slot, seq in enumerate(self.slots) if seq is not None]
-
-    def needs_compaction(self) -> bool:
-        """Over a quarter of the slots free, or a third wider than the longest row."""
-        live = self.live()
-        if not live or 4 * (len(self.slots) - len(live)) > len(self.slots):
-            return True
-        return 3 * self.cache.width > 4 * int(self.cache.lengths[live].max()) + 3
-
-
 class BatchEngine:
-    """Prefill and decode for a set of sequences over one ``Runtime``.
+    """Prefill and decode for a set of sequences over one ``Runtime`` and its cache.
 
-    The running batch is split into groups of at most ``rows_per_call`` rows (0: one
-    group), each decoded by its own forward call over its own KV cache. Groups are built
-    from rows sorted by length, so each pads only to its own longest row; on a CPU,
-    smaller calls also keep the KV working set in cache. A sequence that leaves frees its
-    slot; one that joins takes a free slot of the group whose width fits it most
-    tightly, in place, so the steady state of continuous batching (one finishes, another
-    starts) never copies the batch. Free slots ride along in decode calls (masked to
-    themselves, output ignored) until a group needs compaction, when all groups are
-    rebuilt; so are they when a joiner fits no free slot.
+    ``rows_per_call`` caps the rows of one decode forward call (0: no cap); how rows are
+    grouped into calls is the cache's business.
     """
 
     def __init__(self, runtime: Runtime, rows_per_call: int = 0) -> None:
         self.runtime = runtime
-        self.rows_per_call = rows_per_call
+        self.cache = runtime.new_cache(rows_per_call)
         self._eos = frozenset(runtime.spec.eos_token_ids)
         self._max_context = runtime.spec.max_context
-        # Rows of one forward call must all be as long as the cache is wide.
-        self._exact_width = not runtime.spec.has_position_ids
-        self._groups: list[_Group] = []
+        self._running: list[EngineSequence] = []
+
+    @property
+    def rows_per_call(self) -> int:
+        return self.cache.rows_per_call
+
+    @rows_per_call.setter
+    def rows_per_call(self, rows: int) -> None:
+        self.cache.rows_per_call = rows
 
     @property
     def running(self) -> list[EngineSequence]:
-        return [seq for group in self._groups for seq in group.slots if seq is not None]
+        return list(self._running)
 
     def prefill(
         self, sequences: Sequence[EngineSequence], max_tokens: int | None = None
     ) -> list[EngineSequence]:
         """Advance the prompts by at most ``max_tokens`` prompt tokens in all (None: to
         their ends), in the given order; return the sequences whose prompt is complete,
-        each with its first token and a parked cache.
+        each with its first token and its cache row.
 
-        A prompt the budget cuts keeps its computed part as a parked cache and goes on
-        from there in a later call (chunked prefill): prompts that start in this call run
-        together from an empty cache, a prompt under way extends its own row.
+        A prompt the budget cuts keeps its computed part in its row and goes on from
+        there in a later call (chunked prefill): prompts that start in this call run
+        together in new rows, a prompt under way extends its own row.
         """
         budget = math.inf if max_tokens is None else max_tokens
         # Identical prompts at the same point (the n choices of a request) run once.
         chunks: dict[tuple[tuple[int, ...], int], int] = {}
-        under_way: dict[tuple[tuple[int, ...], int], KVBatch] = {}
+        under_way: dict[tuple[tuple[int, ...], int], CacheRow] = {}
         for seq in sequences:
             key = (tuple(seq.prompt), seq.prefilled)
             if key in chunks or budget <= 0:
@@ -132,37 +107,57 @@ class BatchEngine:
             take = int(min(len(seq.prompt) - seq.prefilled, budget))
             chunks[key] = take
             budget -= take
-            if seq.prefilled and seq.parked is not None:
-                under_way[key] = seq.parked
-        results: dict[tuple[tuple[int, ...], int], tuple[FloatArray, KVBatch]] = {}
-        starting = sorted((key for key in chunks if key[1] == 0), key=lambda key: chunks[key])
-        for _, same in groupby(starting, key=lambda key: self._width_key(chunks[key])):
-            call = list(same)
-            logits, cache = self.runtime.prefill([key[0][: chunks[key]] for key in call])
-            for row, key in enumerate(call):
-                results[key] = (logits[row], cache.row(row))
-        for key, parked in under_way.items():
+            if seq.prefilled and seq.row is not None:
+                under_way[key] = seq.row
+        results: dict[tuple[tuple[int, ...], int], tuple[FloatArray, CacheRow]] = {}
+        starting = [key for key in chunks if key[1] == 0]
+        # New rows, each held by no sequence yet (the first to take one holds it).
+        unclaimed: set[int] = set()
+        if starting:
+            logits, rows = self.cache.start([key[0][: chunks[key]] for key in starting])
+            for index, key in enumerate(starting):
+                results[key] = (logits[index], rows[index])
+                unclaimed.add(id(rows[index]))
+        for key, row in under_way.items():
             prompt, done = key
             ids = np.asarray([prompt[done : done + chunks[key]]], np.int64)
-            logits, cache = self.runtime.extend(parked, ids)
-            results[key] = (logits[0], cache)
+            results[key] = (self.cache.extend(row, ids), row)
         complete = []
         for seq in sequences:
             key = (tuple(seq.prompt), seq.prefilled)
             if key not in results:
                 continue
-            seq.parked = results[key][1]
+            row = results[key][1]
+            if seq.row is not row:
+                if seq.row is not None:  # an identical prompt's row took over
+                    self.cache.release(seq.row)
+                if id(row) in unclaimed:
+                    unclaimed.discard(id(row))
+                    seq.row = row
+                else:  # a second sequence with this prompt
+                    seq.row = self.cache.share(row)
             seq.prefilled += chunks[key]
             if seq.prefilled == len(seq.prompt):
                 complete.append((seq, results[key][0]))
         if complete:
+            self._own_rows([seq for seq, _ in complete])
             self._accept([seq for seq, _ in complete], np.stack([row for _, row in complete]))
+            for seq, _ in complete:
+                if seq.finish_reason is not None and seq.row is not None:
+                    self.cache.release(seq.row)
+                    seq.row = None
         return [seq for seq, _ in complete]
 
-    def _width_key(self, length: int) -> int:
-        """Rows with equal keys may share a forward call (all of them, unless the graph
-        takes its positions from the cache width)."""
-        return length if self._exact_width else 0
+    def _own_rows(self, sequences: Sequence[EngineSequence]) -> None:
+        """Give each sequence whose prompt is complete a row of its own to decode in."""
+        seen: set[int] = set()
+        for seq in sequences:
+            assert seq.row is not None
+            if id(seq.row) in seen:
+                shared = seq.row
+                seq.row = self.cache.fork(shared)
+                self.cache.release(shared)
+            seen.add(id(seq.row))
 
     def step(
         self,
@@ -172,86 +167,53 @@ class BatchEngine:
     ) -> list[EngineSequence]:
         """Apply membership changes, then decode one token for every running sequence.
 
-        ``leave`` drops sequences (cancelled), ``park`` drops them but keeps a copy of
-        their cache (preempted), ``join`` adds prefilled or parked ones. Finished
-        sequences leave by themselves. Returns the sequences that got a token, in order.
+        ``leave`` drops sequences, in the batch or not (cancelled: their rows are freed),
+        ``park`` takes them out of the batch with their rows (preempted), ``join`` adds
+        prefilled or parked ones. Finished sequences leave by themselves. Returns the
+        sequences that got a token, in order.
         """
-        for group in self._groups:
-            for slot, seq in enumerate(group.slots):
-                if seq is None:
-                    continue
-                if seq in park:
-                    seq.parked = group.cache.row(slot).detached()
-                if seq.finish_reason is not None or seq in leave or seq in park:
-                    group.slots[slot] = None
-        self._place([s for s in join if s.finish_reason is None and s.parked is not None])
-        sequences: list[EngineSequence] = []
-        logits = []
-        for group in self._groups:
-            live = group.live()
-            members = [seq for seq in group.slots if seq is not None]
-            tokens = np.zeros(len(group.slots), np.int64)
-            tokens[live] = [seq.tokens[-1] for seq in members]
-            group_logits, group.cache = self.runtime.decode(group.cache, tokens)
-            group.cache.lengths[[slot for slot, seq in enumerate(group.slots) if seq is None]] = 0
-            logits.append(group_logits[live])
-            sequences += members
-        if sequences:
-            self._accept(sequences, np.concatenate(logits))
+        for seq in leave:
+            if seq.row is not None and seq not in self._running:
+                self.cache.release(seq.row)
+                seq.row = None
+        staying = []
+        for seq in self._running:
+            assert seq.row is not None
+            if seq.finish_reason is not None or seq in leave:
+                self.cache.release(seq.row)
+                seq.row = None
+            elif seq in park:
+                self.cache.park(seq.row)
+            else:
+                staying.append(seq)
+        joining = []
+        for seq in join:
+            if seq.row is None or seq in staying or seq in joining:
+                continue
+            if seq.finish_reason is not None:
+                self.cache.release(seq.row)
+                seq.row = None
+            else:
+                joining.append(seq)
+        self.cache.join([seq.row for seq in joining if seq.row is not None])
+        self._running = staying + joining
+        if not self._running:
+            return []
+        rows = [seq.row for seq in self._running if seq.row is not None]
+        tokens = np.array([seq.tokens[-1] for seq in self._running], np.int64)
+        logits = self.cache.decode(rows, tokens)
+        sequences = list(self._running)
+        self._accept(sequences, logits)
         return sequences
 
-    def _place(self, joining: list[EngineSequence]) -> None:
-        """Put joining sequences into free slots, or rebuild the groups around them."""
-        unplaced = []
-        for seq in joining:
-            assert seq.parked is not None
-            length = seq.parked.width
-            fits = [
-                (group.cache.width - length, index, slot)
-                for index, group in enumerate(self._groups)
-                if group.cache.width == length
-                or (group.cache.width > length and not self._exact_width)
-                for slot, other in enumerate(group.slots)
-                if other is None
-            ]
-            if not fits:
-                unplaced.append(seq)
-                continue
-            _, index, slot = min(fits)
-            group = self._groups[index]
-            group.cache.write_row(slot, seq.parked)
-            group.slots[slot] = seq
-            seq.parked = None
-        if not unplaced and not any(g.needs_compaction() for g in self._groups):
-            return
-        rows: list[tuple[int, EngineSequence, KVBatch, int]] = [
-            (int(group.cache.lengths[slot]), seq, group.cache, slot)
-            for group in self._groups
-            for slot, seq in enumerate(group.slots)
-            if seq is not None
-        ]
-        rows += [
-            (seq.parked.width, seq, seq.parked, 0) for seq in unplaced if seq.parked is not None
-        ]
-        rows.sort(key=lambda row: row[0])
-        size = self.rows_per_call or max(len(rows), 1)
-        chunks = []
-        for _, same in groupby(rows, key=lambda row: self._width_key(row[0])):
-            alike = list(same)
-            chunks += [alike[i : i + size] for i in range(0, len(alike), size)]
-        self._groups = [
-            _Group(
-                slots=[seq for _, seq, _, _ in chunk],
-                cache=KVBatch.gather([(cache, [slot]) for _, _, cache, slot in chunk]),
-            )
-            for chunk in chunks
-        ]
-        for seq in unplaced:
-            seq.parked = None
-
     def reset(self) -> None:
-        """Forget the batch after a failed step; its sequences are failed by the caller."""
-        self._groups = []
+        """Forget the batch after a failed step; its sequences are failed by the caller.
+        Rows out of the batch (prompts under way, paused sequences) are kept."""
+        for seq in self._running:
+            if seq.row is not None:
+                self.cache.release(seq.row)
+            seq.row = None
+        self._running = []
 
     def _accept(
         self, sequences: Sequence[EngineSequence], logits: np.typing.NDArray[np.float32]

@@ -1,28 +1,103 @@
-"""Batched, left-padded KV cache in the Optimum layout ([batch, kv_heads, len, head_dim]).
+"""The KV cache: where every sequence's keys and values live between forward passes.
 
-Every row is right-aligned: its real tokens occupy the last ``lengths[i]`` columns and
-the columns before are padding that the attention mask hides. Right alignment means a
-decode step appends one column for every row at once, so the arrays a step returns
-(``present.N.*``) are the next step's inputs with no copy. A sequence that joins takes
-over a free row in place (``write_row``); the whole batch is copied (``gather``) only
-to grow it, to widen it for a longer sequence, or to compact it. Rows never see each
-other's padding as data; with a graph that takes ``position_ids`` a sequence's results
-therefore do not depend on which other sequences share its batch. A graph without that
-input derives positions from the cache width, which is right only for a row that fills
-the width: the engine keeps such rows in groups of one length (see ``engine``).
+Two layouts, one interface (``KVCache``), picked from the model graph:
+
+``SlotCache`` (graphs whose attention writes into its past in place: com.microsoft
+GroupQueryAttention reading ``past_key_values.N.*`` and giving them back as
+``present.N.*``, as onnxruntime-genai drives it). Each layer's keys and values live in
+preallocated blocks of slots, ``[slots, kv_heads, max_context, head_dim]``, bound as both
+past and present of every forward call (IOBinding), so a step writes one column per row
+where it belongs and copies nothing else. A sequence takes a slot when its prompt starts
+and keeps it until it ends: prefill chunks, decode steps and pauses all work in the slot,
+so joining, leaving, pausing and resuming move no data, and more rows than the blocks
+hold add a block without touching the others. A forward call covers a run of adjacent
+slots of one block; slots in the run that do not decode ride along, each writing a
+scratch column just past its own end (never read before it is written again).
+
+``ConcatCache`` (the Optimum export layout: ``present.N.*`` is past and the new
+columns concatenated). Rows are grouped into dense, left-padded batches
+(``KVBatch``) and every step returns each group's whole cache plus one column. Every
+row is right-aligned: its real tokens occupy the last ``lengths[i]`` columns and the
+columns before are padding that the attention mask hides, so a step appends one column
+for every row at once. A sequence that joins takes over a free row in place
+(``write_row``); a group is copied (``gather``) only to grow it, to widen it for a
+longer sequence, or to compact it. A graph without ``position_ids`` derives positions
+from the cache width, which is right only for a row that fills the width: such rows are
+kept in groups of one length.
+
+Rows never see each other's padding or scratch columns as data, so a sequence's results
+do not depend on which other sequences share its forward calls.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from itertools import groupby
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from dataplane.inference.model import ModelSpec
+
 FloatArray = npt.NDArray[Any]
 IntArray = npt.NDArray[np.int64]
+
+DEFAULT_BLOCK_SLOTS = 32
+"""Slots per block of a ``SlotCache`` whose forward calls are not limited in rows."""
+
+
+class CacheRow:
+    """One sequence's keys and values, opaque to the engine. The sequences of identical
+    prompts hold one row together while their prompt is computed (``holders``)."""
+
+    holders: int = 1
+
+
+class KVCache(Protocol):
+    """The engine's view of the cache: rows that start, grow and decode.
+
+    A row belongs to the cache from ``start`` until its last holder ``release``s it; it
+    is in the batch (decoded by ``decode``) between ``join`` and ``park`` or ``release``.
+    """
+
+    rows_per_call: int
+
+    def start(self, prompts: Sequence[Sequence[int]]) -> tuple[FloatArray, list[CacheRow]]:
+        """Run prompts (or their first chunks) in new rows; return the logits after each
+        one's last token [n, vocab] and its row."""
+        ...
+
+    def extend(self, row: CacheRow, ids: IntArray) -> FloatArray:
+        """Append a prompt's next chunk ``ids`` [1, n] to a row out of the batch (chunked
+        prefill); return the logits after its last token [vocab]."""
+        ...
+
+    def share(self, row: CacheRow) -> CacheRow:
+        """One more holder of ``row`` (a sequence with the same prompt)."""
+        ...
+
+    def fork(self, row: CacheRow) -> CacheRow:
+        """A row of its own with ``row``'s keys and values, for one of its holders."""
+        ...
+
+    def join(self, rows: Sequence[CacheRow]) -> None:
+        """Put rows into the batch."""
+        ...
+
+    def park(self, row: CacheRow) -> None:
+        """Take a row out of the batch and keep its keys and values."""
+        ...
+
+    def release(self, row: CacheRow) -> None:
+        """Drop one holder of a row (in the batch or not); the last frees it."""
+        ...
+
+    def decode(self, rows: Sequence[CacheRow], tokens: IntArray) -> FloatArray:
+        """Append ``tokens[i]`` to ``rows[i]``, which must be exactly the rows in the
+        batch; return the next-token logits [len(rows), vocab] in that order."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -126,3 +201,374 @@ class KVBatch:
             ),
             lengths=lengths,
         )
+
+
+class ConcatModel(Protocol):
+    """Forward passes of a graph in the Optimum layout over dense ``KVBatch`` arrays."""
+
+    @property
+    def spec(self) -> ModelSpec: ...
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[FloatArray, KVBatch]:
+        """Run whole prompts; return next-token logits [n, vocab] and their KV cache."""
+        ...
+
+    def decode(self, cache: KVBatch, tokens: IntArray) -> tuple[FloatArray, KVBatch]:
+        """Append one token per row; return next-token logits [B, vocab] and the cache."""
+        ...
+
+    def extend(self, cache: KVBatch, ids: IntArray) -> tuple[FloatArray, KVBatch]:
+        """Append a prompt's next chunk ``ids`` [1, n] to a one-row cache; return the
+        logits after its last token [1, vocab] and the cache."""
+        ...
+
+
+@dataclass(eq=False)
+class _ConcatRow(CacheRow):
+    """Out of the batch a row owns (or shares views of) a one-row ``KVBatch``; in the
+    batch it is a slot of a group."""
+
+    batch: KVBatch | None = None
+    group: _Group | None = None
+    slot: int = 0
+
+
+@dataclass(eq=False)
+class _Group:
+    """Rows decoded by one forward call: slots over one KV cache (None = free slot)."""
+
+    slots: list[_ConcatRow | None]
+    cache: KVBatch
+
+    def live(self) -> list[int]:
+        return [slot for slot, row in enumerate(self.slots) if row is not None]
+
+    def needs_compaction(self) -> bool:
+        """Over a quarter of the slots free, or a third wider than the longest row."""
+        live = self.live()
+        if not live or 4 * (len(self.slots) - len(live)) > len(self.slots):
+            return True
+        return 3 * self.cache.width > 4 * int(self.cache.lengths[live].max()) + 3
+
+
+class ConcatCache:
+    """The batch as groups of at most ``rows_per_call`` rows (0: one group), each decoded
+    by its own forward call over its own dense cache.
+
+    Groups are built from rows sorted by length, so each pads only to its own longest
+    row; on a CPU, smaller calls also keep the KV working set in cache. A row that leaves
+    frees its slot; one that joins takes a free slot of the group whose width fits it most
+    tightly, in place, so the steady state of continuous batching (one finishes, another
+    starts) never copies a group. Free slots ride along in decode calls (masked to
+    themselves, output ignored) until a group needs compaction, when all groups are
+    rebuilt; so are they when a joiner fits no free slot.
+    """
+
+    def __init__(self, model: ConcatModel, rows_per_call: int = 0) -> None:
+        self.model = model
+        self.rows_per_call = rows_per_call
+        # Rows of one forward call must all be as long as the cache is wide.
+        self._exact_width = not model.spec.has_position_ids
+        self._groups: list[_Group] = []
+
+    def _width_key(self, length: int) -> int:
+        """Rows with equal keys may share a forward call (all of them, unless the graph
+        takes its positions from the cache width)."""
+        return length if self._exact_width else 0
+
+    def start(self, prompts: Sequence[Sequence[int]]) -> tuple[FloatArray, list[CacheRow]]:
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        logits: list[FloatArray] = [np.empty(0)] * len(prompts)
+        rows: list[CacheRow] = [CacheRow()] * len(prompts)
+        for _, same in groupby(order, key=lambda i: self._width_key(len(prompts[i]))):
+            call = list(same)
+            call_logits, cache = self.model.prefill([prompts[i] for i in call])
+            for position, index in enumerate(call):
+                logits[index] = call_logits[position]
+                rows[index] = _ConcatRow(batch=cache.row(position))
+        return np.stack(logits), rows
+
+    def extend(self, row: CacheRow, ids: IntArray) -> FloatArray:
+        assert isinstance(row, _ConcatRow) and row.batch is not None
+        logits, row.batch = self.model.extend(row.batch, ids)
+        return np.asarray(logits[0])
+
+    def share(self, row: CacheRow) -> CacheRow:
+        row.holders += 1
+        return row
+
+    def fork(self, row: CacheRow) -> CacheRow:
+        # Views of a prefilled cache are only ever read: joining copies them.
+        assert isinstance(row, _ConcatRow) and row.batch is not None
+        return _ConcatRow(batch=row.batch)
+
+    def park(self, row: CacheRow) -> None:
+        assert isinstance(row, _ConcatRow)
+        if row.group is not None:
+            row.batch = row.group.cache.row(row.slot).detached()
+            row.group.slots[row.slot] = None
+            row.group = None
+
+    def release(self, row: CacheRow) -> None:
+        assert isinstance(row, _ConcatRow)
+        row.holders -= 1
+        if row.holders > 0:
+            return
+        if row.group is not None:
+            row.group.slots[row.slot] = None
+            row.group = None
+        row.batch = None
+
+    def join(self, rows: Sequence[CacheRow]) -> None:
+        """Put joining rows into free slots, or rebuild the groups around them."""
+        unplaced: list[_ConcatRow] = []
+        for row in rows:
+            assert isinstance(row, _ConcatRow) and row.batch is not None
+            length = row.batch.width
+            fits = [
+                (group.cache.width - length, index, slot)
+                for index, group in enumerate(self._groups)
+                if group.cache.width == length
+                or (group.cache.width > length and not self._exact_width)
+                for slot, other in enumerate(group.slots)
+                if other is None
+            ]
+            if not fits:
+                unplaced.append(row)
+                continue
+            _, index, slot = min(fits)
+            group = self._groups[index]
+            group.cache.write_row(slot, row.batch)
+            group.slots[slot] = row
+            row.group, row.slot, row.batch = group, slot, None
+        if not unplaced and not any(g.needs_compaction() for g in self._groups):
+            return
+        members: list[tuple[int, _ConcatRow, KVBatch, int]] = [
+            (int(group.cache.lengths[slot]), row, group.cache, slot)
+            for group in self._groups
+            for slot, row in enumerate(group.slots)
+            if row is not None
+        ]
+        members += [(row.batch.width, row, row.batch, 0) for row in unplaced if row.batch]
+        members.sort(key=lambda member: member[0])
+        size = self.rows_per_call or max(len(members), 1)
+        chunks = []
+        for _, same in groupby(members, key=lambda member: self._width_key(member[0])):
+            alike = list(same)
+            chunks += [alike[i : i + size] for i in range(0, len(alike), size)]
+        self._groups = []
+        for chunk in chunks:
+            group = _Group(
+                slots=[row for _, row, _, _ in chunk],
+                cache=KVBatch.gather([(cache, [slot]) for _, _, cache, slot in chunk]),
+            )
+            for slot, (_, row, _, _) in enumerate(chunk):
+                row.group, row.slot, row.batch = group, slot, None
+            self._groups.append(group)
+
+    def decode(self, rows: Sequence[CacheRow], tokens: IntArray) -> FloatArray:
+        token_of = {id(row): int(token) for row, token in zip(rows, tokens, strict=True)}
+        logits: dict[int, FloatArray] = {}
+        for group in self._groups:
+            live = group.live()
+            ids = np.zeros(len(group.slots), np.int64)
+            ids[live] = [token_of[id(group.slots[slot])] for slot in live]
+            group_logits, group.cache = self.model.decode(group.cache, ids)
+            group.cache.lengths[[slot for slot, row in enumerate(group.slots) if row is None]] = 0
+            for slot in live:
+                logits[id(group.slots[slot])] = group_logits[slot]
+        return np.stack([logits[id(row)] for row in rows])
+
+
+class SlotModel(Protocol):
+    """Forward passes of a graph that writes its keys and values into bound buffers."""
+
+    @property
+    def spec(self) -> ModelSpec: ...
+
+    def allocate(self, slots: int) -> object:
+        """Buffers of ``slots`` slots for every layer's keys and values, on the device
+        the graph runs on."""
+        ...
+
+    def forward_slots(
+        self, buffers: object, first: int, ids: IntArray, past: IntArray, new: IntArray
+    ) -> FloatArray:
+        """Run ``ids`` [B, S] (row i's ``new[i]`` tokens first, right-padded) in slots
+        ``first .. first + B - 1`` of ``buffers`` after their ``past[i]`` tokens; return
+        the logits after each row's last new token [B, vocab]."""
+        ...
+
+    def copy_slot(
+        self, source: object, source_slot: int, target: object, target_slot: int, length: int
+    ) -> None:
+        """Copy the first ``length`` positions of a slot into another one."""
+        ...
+
+
+@dataclass(eq=False)
+class _SlotRow(CacheRow):
+    block: _Block
+    slot: int
+    length: int
+    decoding: bool = False
+
+
+@dataclass(eq=False)
+class _Block:
+    buffers: object
+    rows: list[_SlotRow | None] = field(default_factory=list)
+
+
+class SlotCache:
+    """Rows are slots of preallocated blocks that every forward call writes in place.
+
+    New rows take the lowest free slots, so the rows in the batch stay packed at the
+    start of the blocks. A decode call covers a run of at most ``rows_per_call`` slots
+    (0: a whole block) from one decoding row to another; slots between them that do not
+    decode (free, paused or still being prefilled) ride along, each writing a scratch
+    column right after its own end. Blocks are added when the slots run out and kept
+    (with their addresses) for the cache's life.
+    """
+
+    def __init__(self, model: SlotModel, rows_per_call: int = 0) -> None:
+        self.model = model
+        self.rows_per_call = rows_per_call
+        self._blocks: list[_Block] = []
+
+    @property
+    def buffers(self) -> list[object]:
+        """Each block's buffers (what the forward calls bind), oldest first."""
+        return [block.buffers for block in self._blocks]
+
+    def slots(self) -> list[tuple[int, int]]:
+        """The (block, slot) of every held row, in order."""
+        return [
+            (index, slot)
+            for index, block in enumerate(self._blocks)
+            for slot, row in enumerate(block.rows)
+            if row is not None
+        ]
+
+    @staticmethod
+    def slot_of(row: CacheRow) -> tuple[object, int]:
+        """Where a row lives: its block's buffers and its slot."""
+        assert isinstance(row, _SlotRow)
+        return row.block.buffers, row.slot
+
+    def _claim(self, count: int) -> list[tuple[_Block, int, int]]:
+        """``count`` free slots, lowest first, as runs (block, first slot, length)."""
+        runs: list[tuple[_Block, int, int]] = []
+        for block in self._blocks:
+            slot = 0
+            while slot < len(block.rows) and count > 0:
+                if block.rows[slot] is not None:
+                    slot += 1
+                    continue
+                end = slot
+                while end < len(block.rows) and block.rows[end] is None and end - slot < count:
+                    end += 1
+                runs.append((block, slot, end - slot))
+                count -= end - slot
+                slot = end
+        while count > 0:
+            size = self.rows_per_call or DEFAULT_BLOCK_SLOTS
+            block = _Block(self.model.allocate(size), [None] * size)
+            self._blocks.append(block)
+            runs.append((block, 0, min(size, count)))
+            count -= min(size, count)
+        return runs
+
+    def start(self, prompts: Sequence[Sequence[int]]) -> tuple[FloatArray, list[CacheRow]]:
+        # Similar lengths side by side: a call pads its rows to its longest prompt.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        logits: list[FloatArray] = [np.empty(0)] * len(prompts)
+        rows: list[CacheRow] = [CacheRow()] * len(prompts)
+        taken = 0
+        for block, first, count in self._claim(len(prompts)):
+            call = order[taken : taken + count]
+            taken += count
+            lengths = np.array([len(prompts[i]) for i in call], np.int64)
+            if lengths.min(initial=1) < 1:
+                raise ValueError("every prompt needs at least one token")
+            ids = np.zeros((count, int(lengths.max())), np.int64)
+            for position, index in enumerate(call):
+                ids[position, : lengths[position]] = prompts[index]
+            call_logits = self.model.forward_slots(
+                block.buffers, first, ids, np.zeros(count, np.int64), lengths
+            )
+            for position, index in enumerate(call):
+                row = _SlotRow(block, first + position, int(lengths[position]))
+                block.rows[first + position] = row
+                logits[index] = call_logits[position]
+                rows[index] = row
+        return np.stack(logits), rows
+
+    def extend(self, row: CacheRow, ids: IntArray) -> FloatArray:
+        assert isinstance(row, _SlotRow)
+        logits = self.model.forward_slots(
+            row.block.buffers,
+            row.slot,
+            ids.astype(np.int64),
+            np.array([row.length], np.int64),
+            np.array([ids.shape[1]], np.int64),
+        )
+        row.length += int(ids.shape[1])
+        return np.asarray(logits[0])
+
+    def share(self, row: CacheRow) -> CacheRow:
+        row.holders += 1
+        return row
+
+    def fork(self, row: CacheRow) -> CacheRow:
+        assert isinstance(row, _SlotRow)
+        ((block, slot, _),) = self._claim(1)
+        self.model.copy_slot(row.block.buffers, row.slot, block.buffers, slot, row.length)
+        copy = _SlotRow(block, slot, row.length)
+        block.rows[slot] = copy
+        return copy
+
+    def join(self, rows: Sequence[CacheRow]) -> None:
+        for row in rows:
+            assert isinstance(row, _SlotRow)
+            row.decoding = True
+
+    def park(self, row: CacheRow) -> None:
+        assert isinstance(row, _SlotRow)
+        row.decoding = False
+
+    def release(self, row: CacheRow) -> None:
+        assert isinstance(row, _SlotRow)
+        row.holders -= 1
+        if row.holders <= 0 and row.block.rows[row.slot] is row:
+            row.decoding = False
+            row.block.rows[row.slot] = None
+
+    def decode(self, rows: Sequence[CacheRow], tokens: IntArray) -> FloatArray:
+        token_of = {id(row): int(token) for row, token in zip(rows, tokens, strict=True)}
+        logits: dict[int, FloatArray] = {}
+        for block in self._blocks:
+            live = [s for s, row in enumerate(block.rows) if row is not None and row.decoding]
+            span = self.rows_per_call or len(block.rows)
+            while live:
+                first = live[0]
+                count = max(s for s in live if s - first < span) - first + 1
+                live = [s for s in live if s >= first + count]
+                ids = np.zeros((count, 1), np.int64)
+                past = np.zeros(count, np.int64)
+                for position in range(count):
+                    row = block.rows[first + position]
+                    if row is None:
+                        continue
+                    past[position] = row.length
+                    if row.decoding:
+                        ids[position, 0] = token_of[id(row)]
+                call_logits = self.model.forward_slots(
+                    block.buffers, first, ids, past, np.ones(count, np.int64)
+                )
+                for position in range(count):
+                    row = block.rows[first + position]
+                    if row is not None and row.decoding:
+                        logits[id(row)] = call_logits[position]
+                        row.length += 1
+        return np.stack([logits[id(row)] for row in rows])

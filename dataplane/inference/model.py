@@ -3,7 +3,8 @@ exports (``model.onnx`` + ``config.json`` + ``tokenizer.json``, optionally
 ``generation_config.json`` and ``tokenizer_config.json``).
 
 The runtime needs the layer count, KV head count, head size, vocabulary size, context
-length and the KV dtype before it can build empty caches, so this module reads them
+length, the KV dtype and the cache layout (written in place by the attention op, or
+concatenated as Optimum exports it) before it can build caches, so this module reads them
 from the graph's declared inputs where they are static and from ``config.json``
 otherwise, and refuses a directory where the two disagree. Stop ids are the union of
 ``eos_token_id`` in ``config.json`` and ``generation_config.json`` (chat models list their
@@ -59,6 +60,9 @@ class ModelSpec:
     kv_dtype: str
     has_position_ids: bool
     has_use_cache_branch: bool
+    # "in_place": attention writes the new keys and values into its bound past buffers
+    # (GroupQueryAttention); "concat": present = past + new columns (Optimum exports).
+    kv_layout: str = "concat"
     generation: GenerationDefaults = GenerationDefaults()
 
     @property
@@ -181,6 +185,13 @@ def load_model_spec(model_dir: Path) -> ModelSpec:
             _token_ids(config.get("eos_token_id")) + _token_ids(generation.get("eos_token_id"))
         )
     )
+    in_place = any(
+        node.op_type == "GroupQueryAttention"
+        and node.domain == "com.microsoft"
+        and len(node.input) > 4
+        and _PAST_KEY.match(node.input[3])
+        for node in graph.node
+    )
     elem_type = past0.type.tensor_type.elem_type
     if elem_type not in _ONNX_FLOAT_TYPES:
         raise ValueError(f"unsupported KV cache element type {elem_type}")
@@ -195,5 +206,6 @@ def load_model_spec(model_dir: Path) -> ModelSpec:
         kv_dtype=_ONNX_FLOAT_TYPES[elem_type],
         has_position_ids="position_ids" in inputs,
         has_use_cache_branch="use_cache_branch" in inputs,
+        kv_layout="in_place" if in_place else "concat",
         generation=_generation_defaults(generation),
     )

@@ -1,5 +1,10 @@
 """ONNX Runtime sessions for decoder models and the ``Runtime`` plug-in point.
 
+A runtime hands the engine a ``KVCache`` that matches its graph: a ``SlotCache`` over
+buffers the graph writes in place (bound as both past and present with IOBinding, and
+kept on the device of the leading provider), or a ``ConcatCache`` over the arrays an
+Optimum export returns each step.
+
 Providers are tried in the order TensorRT -> CUDA -> CPU and the first one this
 onnxruntime build offers leads the session's chain (the ones after it catch the nodes
 it cannot run). TensorRT builds engines per input-shape profile, which takes minutes,
@@ -9,7 +14,9 @@ restarts.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,7 +24,14 @@ import numpy as np
 import onnxruntime as ort
 
 from dataplane.inference.config import RuntimeConfig
-from dataplane.inference.kvcache import FloatArray, IntArray, KVBatch
+from dataplane.inference.kvcache import (
+    ConcatCache,
+    FloatArray,
+    IntArray,
+    KVBatch,
+    KVCache,
+    SlotCache,
+)
 from dataplane.inference.model import MODEL_FILE, ModelSpec, load_model_spec
 
 PROVIDER_CHAIN = (
@@ -27,26 +41,35 @@ PROVIDER_CHAIN = (
 )
 
 ProviderEntry = tuple[str, dict[str, str]]
+# Providers whose sessions keep the KV buffers in CUDA device memory.
+_CUDA_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
 class Runtime(Protocol):
-    """What the engine needs from a model runtime: two kinds of forward pass."""
+    """What the engine needs from a model runtime: the model's shape and a KV cache
+    whose rows it can start, extend and decode."""
 
     @property
     def spec(self) -> ModelSpec: ...
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[FloatArray, KVBatch]:
-        """Run whole prompts; return next-token logits [n, vocab] and their KV cache."""
+    def new_cache(self, rows_per_call: int = 0) -> KVCache:
+        """An empty cache of this model's layout; forward calls of at most
+        ``rows_per_call`` rows (0: no limit)."""
         ...
 
-    def decode(self, cache: KVBatch, tokens: IntArray) -> tuple[FloatArray, KVBatch]:
-        """Append one token per row; return next-token logits [B, vocab] and the cache."""
-        ...
 
-    def extend(self, cache: KVBatch, ids: IntArray) -> tuple[FloatArray, KVBatch]:
-        """Append a prompt's next chunk ``ids`` [1, n] to a one-row cache (chunked
-        prefill); return the logits after its last token [1, vocab] and the cache."""
-        ...
+@dataclass(frozen=True)
+class SlotBuffers:
+    """One block of in-place KV buffers: per layer a key and a value buffer of shape
+    ``[slots, kv_heads, max_context, head_dim]``. ``arrays`` are the host arrays (CPU
+    sessions), ``values`` the device OrtValues (CUDA sessions); ``pointers`` their
+    addresses, key then value for each layer."""
+
+    slots: int
+    slot_bytes: int
+    pointers: tuple[int, ...]
+    arrays: tuple[FloatArray, ...] = ()
+    values: tuple[Any, ...] = ()
 
 
 def select_providers(available: Sequence[str], cache_dir: Path) -> list[ProviderEntry]:
@@ -72,12 +95,27 @@ def select_providers(available: Sequence[str], cache_dir: Path) -> list[Provider
     return entries
 
 
+def _host_buffer(shape: list[int], dtype: np.dtype[Any]) -> FloatArray:
+    """Zeroed anonymous memory in small pages: each (slot, head) row is far from the
+    next, so huge pages (which numpy asks for on large arrays) would commit megabytes
+    for every row a prompt touches."""
+    size = int(np.prod(shape)) * dtype.itemsize
+    memory = mmap.mmap(-1, max(size, 1))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(memory, dtype, int(np.prod(shape))).reshape(shape)
+
+
 class OnnxRuntime:
     """A decoder model in one ONNX Runtime session.
 
-    Both passes are the same forward call over a right-aligned cache: prefill starts
-    from an empty cache with left-padded prompts, decode appends one token per row.
-    A graph without a ``position_ids`` input takes the cache width as the position, so
+    In the in-place layout every pass is one call over a run of slots of a block: the
+    block's buffers are bound as the past and the present of each layer at the run's
+    first slot, prompts are right-padded, and each row's mask says how long it is.
+
+    In the concatenating layout prefill and decode are the same forward call over a
+    right-aligned cache: prefill starts from an empty cache with left-padded prompts,
+    decode appends one token per row. A graph without a ``position_ids`` input takes the cache width as the position, so
     for it every row must fill the cache (rows of length 0 are free slots, ignored):
     the engine groups rows that way, and a call that breaks the rule is refused rather
     than answered with shifted positions.
@@ -101,6 +139,9 @@ class OnnxRuntime:
             provider_options=[opts for _, opts in providers],
         )
         self._dtype = self._spec.numpy_kv_dtype
+        leading = self._session.get_providers()[0]
+        self._device = "cuda" if leading in _CUDA_PROVIDERS else "cpu"
+        self._copier: ort.InferenceSession | None = None
 
     @property
     def spec(self) -> ModelSpec:
@@ -109,6 +150,108 @@ class OnnxRuntime:
     @property
     def providers(self) -> list[str]:
         return list(self._session.get_providers())
+
+    def new_cache(self, rows_per_call: int = 0) -> KVCache:
+        if self._spec.kv_layout == "in_place":
+            return SlotCache(self, rows_per_call)
+        return ConcatCache(self, rows_per_call)
+
+    # -- the in-place layout: buffers bound as past and present ------------------------
+
+    def _slot_shape(self, slots: int) -> list[int]:
+        spec = self._spec
+        return [slots, spec.num_kv_heads, spec.max_context, spec.head_dim]
+
+    def allocate(self, slots: int) -> SlotBuffers:
+        """A block of ``slots`` slots on the session's device. Host memory is mapped a
+        page at a time on first touch, so a slot costs memory only as far as its rows
+        have reached."""
+        shape = self._slot_shape(slots)
+        slot_bytes = int(np.prod(shape[1:])) * self._dtype.itemsize
+        count = 2 * self._spec.num_layers
+        if self._device == "cpu":
+            arrays = tuple(_host_buffer(shape, self._dtype) for _ in range(count))
+            return SlotBuffers(slots, slot_bytes, tuple(a.ctypes.data for a in arrays), arrays)
+        values = tuple(
+            ort.OrtValue.ortvalue_from_shape_and_type(shape, self._dtype, self._device, 0)
+            for _ in range(count)
+        )
+        return SlotBuffers(slots, slot_bytes, tuple(v.data_ptr() for v in values), values=values)
+
+    def forward_slots(
+        self, buffers: object, first: int, ids: IntArray, past: IntArray, new: IntArray
+    ) -> FloatArray:
+        assert isinstance(buffers, SlotBuffers)
+        rows, steps = ids.shape
+        if first < 0 or first + rows > buffers.slots:
+            raise ValueError("slots out of the block")
+        total = past + new
+        if int(total.max()) > self._spec.max_context:
+            raise ValueError("a row would outgrow the model's context")
+        # The attention op reads each row's length from its mask (ones, then padding)
+        # and writes the new keys and values at that row's past length.
+        mask = (np.arange(int(total.max()))[None, :] < total[:, None]).astype(np.int64)
+        binding = self._session.io_binding()
+        binding.bind_output("logits", "cpu")
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, np.int64))
+        binding.bind_cpu_input("attention_mask", mask)
+        if self._spec.has_position_ids:
+            positions = past[:, None] + np.arange(steps)[None, :]
+            binding.bind_cpu_input(
+                "position_ids", np.minimum(positions, self._spec.max_context - 1)
+            )
+        shape = self._slot_shape(rows)
+        offset = first * buffers.slot_bytes
+        for layer in range(self._spec.num_layers):
+            for index, kind in enumerate(("key", "value")):
+                pointer = buffers.pointers[2 * layer + index] + offset
+                for bind, name in (
+                    (binding.bind_input, f"past_key_values.{layer}.{kind}"),
+                    (binding.bind_output, f"present.{layer}.{kind}"),
+                ):
+                    bind(name, self._device, 0, self._dtype, shape, pointer)
+        self._session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        return np.asarray(logits[:, -1, :], dtype=np.float32)
+
+    def copy_slot(
+        self, source: object, source_slot: int, target: object, target_slot: int, length: int
+    ) -> None:
+        assert isinstance(source, SlotBuffers) and isinstance(target, SlotBuffers)
+        if source.arrays and target.arrays:
+            for mine, theirs in zip(target.arrays, source.arrays, strict=True):
+                mine[target_slot, :, :length] = theirs[source_slot, :, :length]
+            return
+        # On a device: a session of Identity nodes copies whole slots buffer to buffer.
+        copier = self._copier or self._slot_copier()
+        binding = copier.io_binding()
+        size = [source.slot_bytes // self._dtype.itemsize]
+        for index, (src, dst) in enumerate(zip(source.pointers, target.pointers, strict=True)):
+            src_at = src + source_slot * source.slot_bytes
+            dst_at = dst + target_slot * target.slot_bytes
+            binding.bind_input(f"in{index}", self._device, 0, self._dtype, size, src_at)
+            binding.bind_output(f"out{index}", self._device, 0, self._dtype, size, dst_at)
+        copier.run_with_iobinding(binding)
+
+    def _slot_copier(self) -> ort.InferenceSession:
+        from onnx import helper
+
+        elem = helper.np_dtype_to_tensor_dtype(self._dtype)
+        count = 2 * self._spec.num_layers
+        graph = helper.make_graph(
+            [helper.make_node("Identity", [f"in{i}"], [f"out{i}"]) for i in range(count)],
+            "slot_copy",
+            [helper.make_tensor_value_info(f"in{i}", elem, ["n"]) for i in range(count)],
+            [helper.make_tensor_value_info(f"out{i}", elem, ["n"]) for i in range(count)],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        self._copier = ort.InferenceSession(
+            model.SerializeToString(), providers=self._session.get_providers()
+        )
+        return self._copier
+
+    # -- the concatenating layout: dense arrays in, dense arrays out -------------------
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[FloatArray, KVBatch]:
         lengths = np.array([len(p) for p in prompts], np.int64)

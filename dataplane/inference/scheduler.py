@@ -574,8 +574,11 @@ class Scheduler:
 
     def _release(self, request: GenerationRequest) -> None:
         """Take a request out of the queue or its slot; the engine drops its row (and
-        so its KV) at the next step."""
-        if not self.policy.remove(request) and request in self.running:
+        so its KV, paused or not) at the next step."""
+        if self.policy.remove(request):
+            if request.seq.tokens:  # paused: the engine still holds its cache row
+                self._commands.put([("leave", request)])
+        elif request in self.running:
             self.running.remove(request)
             for holder in (self._prefilling, self._joining, self._in_batch):
                 if request in holder:

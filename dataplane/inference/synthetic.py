@@ -4,9 +4,18 @@ Machines without a real model (CI, laptops, this repository's tests and benchmar
 still need a model that does real work per token, so the worker's batching, KV cache
 and latency behave like they would with a real one. The graph is a pre-LayerNorm
 transformer (token + learned position embeddings, grouped-query attention over a KV
-cache that it concatenates, GELU MLP, LM head) with seeded random weights; the
+cache, GELU MLP, LM head) with seeded random weights; the
 tokenizer is a byte-level BPE trained on seeded pseudo-words. The text it produces is
 meaningless; the compute is not.
+
+By default attention is com.microsoft GroupQueryAttention over a KV cache written in
+place: each layer's ``past_key_values.N.*`` inputs are preallocated buffers
+``[batch, kv_heads, max_context, head_dim]`` that the op writes the new keys and values
+into and returns as ``present.N.*`` (the same buffers, bound to both names), each row's
+length read from ``attention_mask`` (ones, then right padding), as onnxruntime-genai
+builds its models. With ``concat_kv`` (or without ``position_ids``) the graph is in the
+Optimum export layout instead: plain ops, ``present`` = ``past`` plus the new columns.
+The weights do not depend on the layout, so both give the same tokens.
 
 The spec's switches reproduce what real exports differ in, so the worker is tested
 against each: a graph without a ``position_ids`` input (positions derived from the cache
@@ -77,6 +86,7 @@ class SyntheticModelSpec:
     position_ids: bool = True
     bos: bool = False
     chat_template: bool = True
+    concat_kv: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
@@ -89,6 +99,12 @@ class SyntheticModelSpec:
     @property
     def head_dim(self) -> int:
         return self.hidden // self.heads
+
+    @property
+    def in_place(self) -> bool:
+        """Whether attention writes its KV cache in place (GroupQueryAttention); a graph
+        without position_ids is always an Optimum-layout one."""
+        return self.position_ids and not self.concat_kv
 
 
 def _corpus(seed: int) -> Iterator[str]:
@@ -187,6 +203,70 @@ class _GraphBuilder:
         self.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
         return out
 
+    def op_multi(
+        self, op_type: str, inputs: list[str], outputs: list[str], domain: str, **attrs: Any
+    ) -> str:
+        """A node with several outputs (named by the caller); returns the first."""
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, domain=domain, **attrs))
+        return outputs[0]
+
+
+@dataclass(frozen=True)
+class _ConcatMasks:
+    """What every layer's plain-op attention shares: the visibility mask and shapes."""
+
+    visible: str
+    scores5_shape: str
+    scores4_shape: str
+
+
+def _concat_attention(
+    g: _GraphBuilder, layer: int, q: str, k: str, v: str, masks: _ConcatMasks
+) -> str:
+    """Grouped-query attention in plain ops over ``past`` + the new columns, which it
+    returns as ``present`` (the Optimum layout); the context [B, S, hidden]."""
+    # Queries grouped per KV head: [B, kvh, group*S, hd], so both attention MatMuls
+    # are plain 4-D products (ORT fuses the K transpose into the MatMul).
+    q4 = g.op(
+        "Reshape",
+        [
+            g.op("Transpose", [g.op("Reshape", [q, "shape_q"])], perm=[0, 2, 3, 1, 4]),
+            "shape_grouped",
+        ],
+    )
+    present = {}
+    for kind, proj in (("key", k), ("value", v)):
+        new = g.op("Transpose", [g.op("Reshape", [proj, "shape_kv"])], perm=[0, 2, 1, 3])
+        present[kind] = g.op(
+            "Concat",
+            [f"past_key_values.{layer}.{kind}", new],
+            output=f"present.{layer}.{kind}",
+            axis=2,
+        )
+    k_t = g.op("Transpose", [present["key"]], perm=[0, 1, 3, 2])
+    scores = g.op(
+        "Reshape", [g.op("Mul", [g.op("MatMul", [q4, k_t]), "scale"]), masks.scores5_shape]
+    )
+    probs = g.op("Softmax", [g.op("Where", [masks.visible, scores, "masked"])], axis=-1)
+    grouped_probs = g.op("Reshape", [probs, masks.scores4_shape])
+    ctx = g.op(
+        "Reshape",
+        [
+            g.op(
+                "Transpose",
+                [
+                    g.op(
+                        "Reshape",
+                        [g.op("MatMul", [grouped_probs, present["value"]]), "shape_ctx5"],
+                    )
+                ],
+                perm=[0, 3, 1, 2, 4],
+            ),
+            "shape_out",
+        ],
+    )
+    return ctx
+
 
 def build_graph(spec: SyntheticModelSpec, vocab: int) -> onnx.ModelProto:
     """The decoder graph with Optimum's input/output names and dynamic axes."""
@@ -210,14 +290,10 @@ def build_graph(spec: SyntheticModelSpec, vocab: int) -> onnx.ModelProto:
     g.const("shape_ctx5", [0, kvh, group, -1, hd], np.int64)
     g.const("shape_out", [0, 0, spec.hidden], np.int64)
 
-    # Mask [B, 1, 1, S, T]: key t is visible to query s when t <= past + s and the
-    # attention_mask marks t as a real token.
     seq_len = g.op("Gather", [g.op("Shape", ["input_ids"]), "one_i64"], "seq_len")
     total_len = g.op("Gather", [g.op("Shape", ["attention_mask"]), "one_i64"], "total_len")
     past_len = g.op("Sub", [total_len, seq_len], "past_len")
-    key_pos = g.op("Range", ["zero_i64", total_len, "one_i64"], "key_pos")
     new_pos = g.op("Range", [past_len, total_len, "one_i64"], "new_pos")
-    query_pos = g.op("Unsqueeze", [new_pos, "axes_1"])
     # Without a position_ids input, positions are the cache columns the new tokens take.
     positions = "position_ids" if spec.position_ids else new_pos
     x = g.op(
@@ -231,62 +307,65 @@ def build_graph(spec: SyntheticModelSpec, vocab: int) -> onnx.ModelProto:
         ],
         "embeddings",
     )
-    causal = g.op("LessOrEqual", [key_pos, query_pos], "causal")
-    padding = g.op(
-        "Unsqueeze", [g.op("Cast", ["attention_mask"], to=TensorProto.BOOL), "axes_1_2_3"]
-    )
-    visible = g.op("And", [causal, padding], "visible")
-    total_1d = g.op("Unsqueeze", [total_len, "zero_1d"])
-    scores5_shape = g.op(
-        "Concat", [g.const("shape_scores5_prefix", [0, kvh, group, -1], np.int64), total_1d], axis=0
-    )
-    scores4_shape = g.op(
-        "Concat", [g.const("shape_scores4_prefix", [0, kvh, -1], np.int64), total_1d], axis=0
-    )
+    if spec.in_place:
+        # Each row's length (past + new) from its mask, as GroupQueryAttention takes it:
+        # seqlens_k = length - 1 per row, total_sequence_length = the mask's width.
+        lengths = g.op("ReduceSum", ["attention_mask", "axes_1"], "lengths", keepdims=0)
+        seqlens = g.op("Sub", [lengths, "one_i64"], "seqlens")
+        seqlens_k = g.op("Cast", [seqlens], "seqlens_k", to=TensorProto.INT32)
+        total_i32 = g.op("Cast", [total_len], "total_sequence_length", to=TensorProto.INT32)
+        # A row's last new token: its own length - 1 in a first (right-padded) prompt,
+        # the last column otherwise.
+        last_index = g.op("Min", [seqlens, g.op("Sub", [seq_len, "one_i64"])], "last_index")
+    else:
+        # Mask [B, 1, 1, S, T]: key t is visible to query s when t <= past + s and the
+        # attention_mask marks t as a real token.
+        key_pos = g.op("Range", ["zero_i64", total_len, "one_i64"], "key_pos")
+        query_pos = g.op("Unsqueeze", [new_pos, "axes_1"])
+        causal = g.op("LessOrEqual", [key_pos, query_pos], "causal")
+        padding = g.op(
+            "Unsqueeze", [g.op("Cast", ["attention_mask"], to=TensorProto.BOOL), "axes_1_2_3"]
+        )
+        total_1d = g.op("Unsqueeze", [total_len, "zero_1d"])
+        masks = _ConcatMasks(
+            visible=g.op("And", [causal, padding], "visible"),
+            scores5_shape=g.op(
+                "Concat",
+                [g.const("shape_scores5_prefix", [0, kvh, group, -1], np.int64), total_1d],
+                axis=0,
+            ),
+            scores4_shape=g.op(
+                "Concat",
+                [g.const("shape_scores4_prefix", [0, kvh, -1], np.int64), total_1d],
+                axis=0,
+            ),
+        )
 
     for layer in range(spec.layers):
         h = g.op("LayerNormalization", [x, ones, zeros], f"ln_attn{layer}", axis=-1)
         q = g.op("MatMul", [h, g.weight(f"l{layer}.q", (spec.hidden, spec.hidden), std)])
         k = g.op("MatMul", [h, g.weight(f"l{layer}.k", (spec.hidden, kvh * hd), std)])
         v = g.op("MatMul", [h, g.weight(f"l{layer}.v", (spec.hidden, kvh * hd), std)])
-        # Queries grouped per KV head: [B, kvh, group*S, hd], so both attention MatMuls
-        # are plain 4-D products (ORT fuses the K transpose into the MatMul).
-        q4 = g.op(
-            "Reshape",
-            [
-                g.op("Transpose", [g.op("Reshape", [q, "shape_q"])], perm=[0, 2, 3, 1, 4]),
-                "shape_grouped",
-            ],
-        )
-        present = {}
-        for kind, proj in (("key", k), ("value", v)):
-            new = g.op("Transpose", [g.op("Reshape", [proj, "shape_kv"])], perm=[0, 2, 1, 3])
-            present[kind] = g.op(
-                "Concat",
-                [f"past_key_values.{layer}.{kind}", new],
-                output=f"present.{layer}.{kind}",
-                axis=2,
+        if spec.in_place:
+            ctx = g.op_multi(
+                "GroupQueryAttention",
+                [
+                    q,
+                    k,
+                    v,
+                    f"past_key_values.{layer}.key",
+                    f"past_key_values.{layer}.value",
+                    seqlens_k,
+                    total_i32,
+                ],
+                [f"attn{layer}", f"present.{layer}.key", f"present.{layer}.value"],
+                domain="com.microsoft",
+                num_heads=spec.heads,
+                kv_num_heads=kvh,
+                scale=float(1.0 / np.sqrt(hd)),
             )
-        k_t = g.op("Transpose", [present["key"]], perm=[0, 1, 3, 2])
-        scores = g.op("Reshape", [g.op("Mul", [g.op("MatMul", [q4, k_t]), "scale"]), scores5_shape])
-        probs = g.op("Softmax", [g.op("Where", [visible, scores, "masked"])], axis=-1)
-        grouped_probs = g.op("Reshape", [probs, scores4_shape])
-        ctx = g.op(
-            "Reshape",
-            [
-                g.op(
-                    "Transpose",
-                    [
-                        g.op(
-                            "Reshape",
-                            [g.op("MatMul", [grouped_probs, present["value"]]), "shape_ctx5"],
-                        )
-                    ],
-                    perm=[0, 3, 1, 2, 4],
-                ),
-                "shape_out",
-            ],
-        )
+        else:
+            ctx = _concat_attention(g, layer, q, k, v, masks)
         attn_out = g.op("MatMul", [ctx, g.weight(f"l{layer}.o", (spec.hidden, spec.hidden), std)])
         x = g.op("Add", [x, attn_out], f"resid_attn{layer}")
         h = g.op("LayerNormalization", [x, ones, zeros], f"ln_mlp{layer}", axis=-1)
@@ -296,16 +375,20 @@ def build_graph(spec: SyntheticModelSpec, vocab: int) -> onnx.ModelProto:
         x = g.op("Add", [x, down], f"resid_mlp{layer}")
 
     # Logits only where a token is sampled: the last position of each row.
-    last = g.op(
-        "Slice",
-        [
-            x,
-            g.const("last_start", [-1], np.int64),
-            g.const("last_end", [np.iinfo(np.int64).max], np.int64),
-            "axes_1",
-        ],
-        "last_position",
-    )
+    if spec.in_place:
+        picked = g.op("GatherND", [x, g.op("Unsqueeze", [last_index, "axes_1"])], batch_dims=1)
+        last = g.op("Unsqueeze", [picked, "axes_1"], "last_position")
+    else:
+        last = g.op(
+            "Slice",
+            [
+                x,
+                g.const("last_start", [-1], np.int64),
+                g.const("last_end", [np.iinfo(np.int64).max], np.int64),
+                "axes_1",
+            ],
+            "last_position",
+        )
     final = g.op("LayerNormalization", [last, ones, zeros], "ln_final", axis=-1)
     g.op(
         "MatMul",
@@ -325,27 +408,35 @@ def build_graph(spec: SyntheticModelSpec, vocab: int) -> onnx.ModelProto:
             helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"])
         )
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", 1, vocab])]
+    # In place, past and present are one buffer as long as the context.
+    past_len_dim = "max_sequence_length" if spec.in_place else "past_sequence_length"
+    present_len_dim = (
+        "max_sequence_length" if spec.in_place else "past_sequence_length + sequence_length"
+    )
     for layer in range(spec.layers):
         for kind in ("key", "value"):
             inputs.append(
                 helper.make_tensor_value_info(
                     f"past_key_values.{layer}.{kind}",
                     f32,
-                    ["batch_size", kvh, "past_sequence_length", hd],
+                    ["batch_size", kvh, past_len_dim, hd],
                 )
             )
             outputs.append(
                 helper.make_tensor_value_info(
-                    f"present.{layer}.{kind}",
-                    f32,
-                    ["batch_size", kvh, "past_sequence_length + sequence_length", hd],
+                    f"present.{layer}.{kind}", f32, ["batch_size", kvh, present_len_dim, hd]
                 )
             )
     graph = helper.make_graph(
         g.nodes, "tailguard_synthetic_decoder", inputs, outputs, g.initializers
     )
     model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tailguard-synthetic"
+        graph,
+        opset_imports=[
+            helper.make_opsetid("", OPSET),
+            *([helper.make_opsetid("com.microsoft", 1)] if spec.in_place else []),
+        ],
+        producer_name="tailguard-synthetic",
     )
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -432,6 +523,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--bos", action="store_true", help="tokenizer adds a BOS token")
     parser.add_argument("--no-chat-template", action="store_true")
+    parser.add_argument(
+        "--concat-kv",
+        action="store_true",
+        help="the Optimum export layout (present = past + new) instead of a cache written in place",
+    )
     args = parser.parse_args(argv)
     spec = SyntheticModelSpec(
         layers=args.layers,
@@ -444,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         position_ids=not args.no_position_ids,
         bos=args.bos,
         chat_template=not args.no_chat_template,
+        concat_kv=args.concat_kv,
     )
     params = write_synthetic_model(args.directory, spec)
     print(f"wrote {args.directory} ({params} parameters)")

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from dataplane.inference.config import BatchingConfig, RuntimeConfig
 from dataplane.inference.engine import BatchEngine, EngineSequence
-from dataplane.inference.kvcache import KVBatch
+from dataplane.inference.kvcache import CacheRow, KVCache
 from dataplane.inference.runtime import OnnxRuntime
 from dataplane.inference.sampling import SamplingParams
 from dataplane.inference.synthetic import SyntheticModelSpec, write_synthetic_model
@@ -246,23 +246,32 @@ CONTEXTS = (128, 512, 2048)
 CONTEXT_ROWS = 8
 
 
+def filled_rows(
+    runtime: OnnxRuntime, rows: int, context: int, rows_per_call: int = 0
+) -> tuple[KVCache, list[CacheRow]]:
+    """A cache of the runtime's layout with ``rows`` rows of ``context`` random tokens
+    each, in the batch (prompts run in chunks, so no call grows past a few hundred)."""
+    cache = runtime.new_cache(rows_per_call)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(5, 250, size=(rows, context))
+    first = min(context, 256)
+    _, started = cache.start([row[:first].tolist() for row in tokens])
+    for row, ids in zip(started, tokens, strict=True):
+        for at in range(first, context, 256):
+            cache.extend(row, ids[None, at : at + 256])
+    cache.join(started)
+    return cache, started
+
+
 def decode_ms_per_token(runtime: OnnxRuntime, context: int) -> float:
     """Median milliseconds per token of a decode step of CONTEXT_ROWS rows that each
-    hold ``context`` tokens, the step's output fed back as the next step's cache (as
-    the engine does)."""
-    spec = runtime.spec
-    shape = (CONTEXT_ROWS, spec.num_kv_heads, context, spec.head_dim)
-    rng = np.random.default_rng(1)
-    cache = KVBatch(
-        keys=tuple(rng.standard_normal(shape, np.float32) for _ in range(spec.num_layers)),
-        values=tuple(rng.standard_normal(shape, np.float32) for _ in range(spec.num_layers)),
-        lengths=np.full(CONTEXT_ROWS, context, np.int64),
-    )
+    hold ``context`` tokens, over the runtime's own KV cache (as the engine drives it)."""
+    cache, rows = filled_rows(runtime, CONTEXT_ROWS, context)
     tokens = np.ones(CONTEXT_ROWS, np.int64)
     times = []
     for _ in range(20):
         started = time.perf_counter()
-        _, cache = runtime.decode(cache, tokens)
+        cache.decode(rows, tokens)
         times.append(time.perf_counter() - started)
     return float(np.median(times) * 1000 / CONTEXT_ROWS)
 
@@ -276,20 +285,14 @@ def measure_engine(
 ) -> dict[str, float]:
     """The runtime's own loop at the serving batch size, without HTTP or asyncio."""
     runtime = OnnxRuntime(model_dir, cache_dir, runtime_config)
-    spec = runtime.spec
     rng = np.random.default_rng(0)
     width = sizes.prompt_tokens + sizes.output_tokens // 2
-    shape = (sizes.concurrency, spec.num_kv_heads, width, spec.head_dim)
-    cache = KVBatch(
-        keys=tuple(rng.standard_normal(shape, np.float32) for _ in range(spec.num_layers)),
-        values=tuple(rng.standard_normal(shape, np.float32) for _ in range(spec.num_layers)),
-        lengths=np.full(sizes.concurrency, width, np.int64),
-    )
+    cache, rows = filled_rows(runtime, sizes.concurrency, width, rows_per_call)
     tokens = np.ones(sizes.concurrency, np.int64)
     step_times = []
     for _ in range(30):
         started = time.perf_counter()
-        runtime.decode(cache, tokens)
+        cache.decode(rows, tokens)
         step_times.append(time.perf_counter() - started)
     per_token = {
         f"decode_ms_per_token_ctx{context}": decode_ms_per_token(runtime, context)

@@ -22,6 +22,14 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def concat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test model's weights in the Optimum layout: present = past + new columns."""
+    directory = tmp_path_factory.mktemp("model-concat")
+    write_synthetic_model(directory, replace(TEST_MODEL, concat_kv=True))
+    return directory
+
+
+@pytest.fixture(scope="session")
 def cache_width_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The test model's weights in a graph without a position_ids input (Gemma-style)."""
     directory = tmp_path_factory.mktemp("model-cache-width")

@@ -1,5 +1,6 @@
-"""Batched decode over the KV cache: results must not depend on batch company, whether
-the graph takes position_ids or derives positions from the cache width."""
+"""Batched decode over the KV cache: results must not depend on batch company, on the
+cache's layout (written in place or concatenated), or on whether the graph takes
+position_ids or derives positions from the cache width."""
 
 from __future__ import annotations
 
@@ -13,21 +14,26 @@ import pytest
 
 from dataplane.inference.config import RuntimeConfig
 from dataplane.inference.engine import FINISH_LENGTH, BatchEngine, EngineSequence
-from dataplane.inference.kvcache import FloatArray, IntArray, KVBatch
+from dataplane.inference.kvcache import CacheRow, FloatArray, IntArray, KVBatch, KVCache
 from dataplane.inference.model import ModelSpec
 from dataplane.inference.runtime import OnnxRuntime
 from dataplane.inference.sampling import BoolArray, SamplingParams, TokenConstraint, sample
 
+MODEL_DIRS = {
+    "in_place": "model_dir",
+    "concat": "concat_model_dir",
+    "cache_width": "cache_width_model_dir",
+}
 
-@pytest.fixture(scope="module", params=["position_ids", "cache_width"])
+
+@pytest.fixture(scope="module", params=list(MODEL_DIRS))
 def runtime(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> OnnxRuntime:
-    """Every test runs over a graph that takes position_ids and one that derives positions
-    from the cache width; the reference is always one sequence alone, unpadded."""
-    directory = request.getfixturevalue(
-        "model_dir" if request.param == "position_ids" else "cache_width_model_dir"
-    )
+    """Every test runs over the graph that writes its cache in place, its Optimum-layout
+    twin, and one that derives positions from the cache width; the reference is always
+    one sequence alone, unpadded."""
+    directory = request.getfixturevalue(MODEL_DIRS[request.param])
     return OnnxRuntime(directory, tmp_path_factory.mktemp("cache"), RuntimeConfig())
 
 
@@ -105,7 +111,7 @@ def test_paused_sequence_resumes_from_its_own_cache(
     for _ in range(4):
         engine.step()
     engine.step(park=[seq])
-    assert engine.running == [other] and seq.parked is not None
+    assert engine.running == [other] and seq.row is not None
     for _ in range(6):
         engine.step()
     engine.step(join=[seq])
@@ -148,7 +154,7 @@ def test_cancelled_sequence_leaves_the_batch(runtime: OnnxRuntime) -> None:
 
 
 class CountingRuntime:
-    """A runtime that records the prompts of every prefill call."""
+    """A runtime whose caches record the prompt tokens of every prefill call."""
 
     def __init__(self, runtime: OnnxRuntime) -> None:
         self.inner = runtime
@@ -158,16 +164,33 @@ class CountingRuntime:
     def spec(self) -> ModelSpec:
         return self.inner.spec
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[FloatArray, KVBatch]:
+    def new_cache(self, rows_per_call: int = 0) -> KVCache:
+        return CountingCache(self.inner.new_cache(rows_per_call), self.calls)
+
+
+class CountingCache:
+    def __init__(self, inner: KVCache, calls: list[list[int]]) -> None:
+        self.inner = inner
+        self.calls = calls
+
+    @property
+    def rows_per_call(self) -> int:
+        return self.inner.rows_per_call
+
+    @rows_per_call.setter
+    def rows_per_call(self, rows: int) -> None:
+        self.inner.rows_per_call = rows
+
+    def start(self, prompts: Sequence[Sequence[int]]) -> tuple[FloatArray, list[CacheRow]]:
         self.calls.append([len(p) for p in prompts])
-        return self.inner.prefill(prompts)
+        return self.inner.start(prompts)
 
-    def decode(self, cache: KVBatch, tokens: IntArray) -> tuple[FloatArray, KVBatch]:
-        return self.inner.decode(cache, tokens)
-
-    def extend(self, cache: KVBatch, ids: IntArray) -> tuple[FloatArray, KVBatch]:
+    def extend(self, row: CacheRow, ids: IntArray) -> FloatArray:
         self.calls.append([int(ids.shape[1])])
-        return self.inner.extend(cache, ids)
+        return self.inner.extend(row, ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 def test_identical_prompts_share_one_prefill_and_draw_their_own_tokens(

@@ -1,0 +1,264 @@
+"""The KV cache written in place: the tokens of the concatenating layout and of a full
+recompute, and rows that join, leave, pause and resume without moving any data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from dataplane.inference.config import RuntimeConfig
+from dataplane.inference.engine import BatchEngine, EngineSequence
+from dataplane.inference.kvcache import ConcatCache, FloatArray, IntArray, KVCache, SlotCache
+from dataplane.inference.model import ModelSpec
+from dataplane.inference.runtime import OnnxRuntime, SlotBuffers
+from dataplane.inference.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def in_place(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> OnnxRuntime:
+    return OnnxRuntime(model_dir, tmp_path_factory.mktemp("cache"), RuntimeConfig())
+
+
+@pytest.fixture(scope="module")
+def concat(concat_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> OnnxRuntime:
+    return OnnxRuntime(concat_model_dir, tmp_path_factory.mktemp("cache"), RuntimeConfig())
+
+
+def prompts() -> list[list[int]]:
+    rng = np.random.default_rng(11)
+    return [rng.integers(5, 300, size=n).tolist() for n in (13, 3, 37, 1, 50, 21, 8)]
+
+
+def greedy(tokens: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=tokens, temperature=0.0, ignore_eos=True)
+
+
+LENGTHS = [20, 6, 15, 25, 9, 17, 12]
+
+
+def staggered(runtime: object, rows_per_call: int) -> list[list[int]]:
+    """Arrivals every few steps, prompts chunked under a 12-token budget, a pause and a
+    resume, sequences finishing at different steps."""
+    assert isinstance(runtime, OnnxRuntime | Recording)
+    engine = BatchEngine(runtime, rows_per_call)
+    seqs = [EngineSequence(p, greedy(n)) for p, n in zip(prompts(), LENGTHS, strict=True)]
+    arriving, pending, ready = list(seqs), [], []
+    paused: EngineSequence | None = None
+    step = 0
+    while arriving or pending or ready or engine.running or paused:
+        if arriving and step % 3 == 0:
+            pending.append(arriving.pop(0))
+        park = []
+        if step == 8 and seqs[0] in engine.running:
+            park, paused = [seqs[0]], seqs[0]
+        join = list(ready)
+        if step == 14 and paused is not None:
+            join, paused = [*join, paused], None
+        engine.step(park=park, join=join)
+        ready = engine.prefill(pending, max_tokens=12)
+        pending = [s for s in pending if s not in ready]
+        step += 1
+    return [s.tokens for s in seqs]
+
+
+@pytest.mark.parametrize("rows_per_call", [0, 3])
+def test_in_place_gives_the_tokens_of_the_concatenated_cache(
+    in_place: OnnxRuntime, concat: OnnxRuntime, rows_per_call: int
+) -> None:
+    assert in_place.spec.kv_layout == "in_place" and concat.spec.kv_layout == "concat"
+    assert isinstance(in_place.new_cache(), SlotCache)
+    assert isinstance(concat.new_cache(), ConcatCache)
+    assert staggered(in_place, rows_per_call) == staggered(concat, rows_per_call)
+
+
+def test_in_place_gives_the_tokens_of_a_full_recompute(in_place: OnnxRuntime) -> None:
+    """Each next token from the whole sequence run from scratch in a fresh row."""
+    tokens = staggered(in_place, 2)
+    for prompt, produced in list(zip(prompts(), tokens, strict=True))[:3]:
+        sequence = list(prompt)
+        for _ in produced:
+            cache = in_place.new_cache()
+            logits, rows = cache.start([sequence])
+            sequence.append(int(np.argmax(logits[0])))
+            cache.release(rows[0])
+        assert sequence[len(prompt) :] == produced
+
+
+class Recording:
+    """A runtime whose in-place caches record every allocation, forward call and copy."""
+
+    def __init__(self, inner: OnnxRuntime) -> None:
+        self.inner = inner
+        self.allocated: list[SlotBuffers] = []
+        self.calls: list[tuple[int, int, int]] = []  # (block pointer, first slot, rows)
+        self.copies = 0
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.inner.spec
+
+    def new_cache(self, rows_per_call: int = 0) -> KVCache:
+        return SlotCache(self, rows_per_call)
+
+    def allocate(self, slots: int) -> object:
+        buffers = self.inner.allocate(slots)
+        self.allocated.append(buffers)
+        return buffers
+
+    def forward_slots(
+        self, buffers: object, first: int, ids: IntArray, past: IntArray, new: IntArray
+    ) -> FloatArray:
+        assert isinstance(buffers, SlotBuffers)
+        self.calls.append((buffers.pointers[0], first, int(ids.shape[0])))
+        return self.inner.forward_slots(buffers, first, ids, past, new)
+
+    def copy_slot(
+        self, source: object, source_slot: int, target: object, target_slot: int, length: int
+    ) -> None:
+        self.copies += 1
+        self.inner.copy_slot(source, source_slot, target, target_slot, length)
+
+
+@pytest.mark.parametrize("rows_per_call", [0, 4])
+def test_joining_leaving_and_pausing_move_no_data(
+    in_place: OnnxRuntime, rows_per_call: int
+) -> None:
+    recording = Recording(in_place)
+    assert staggered(recording, rows_per_call) == staggered(in_place, rows_per_call)
+    blocks = recording.allocated
+    if rows_per_call == 0:
+        assert len(blocks) == 1  # one block of slots held them all
+    # Blocks are only ever added: none was reallocated or moved, none copied from.
+    assert all(b.pointers == tuple(a.ctypes.data for a in b.arrays) for b in blocks)
+    assert recording.copies == 0
+    # Every forward call wrote into an allocated block, at most rows_per_call rows.
+    assert {pointer for pointer, _, _ in recording.calls} <= {b.pointers[0] for b in blocks}
+    size = {b.pointers[0]: b.slots for b in blocks}
+    assert all(first + rows <= size[pointer] for pointer, first, rows in recording.calls)
+    if rows_per_call:
+        assert max(rows for _, _, rows in recording.calls) <= rows_per_call
+
+
+def test_a_row_keeps_its_slot_from_prompt_to_end_and_frees_it(in_place: OnnxRuntime) -> None:
+    engine = BatchEngine(in_place, 4)
+    cache = engine.cache
+    assert isinstance(cache, SlotCache)
+    seqs = [EngineSequence(p, greedy(30)) for p in prompts()[:3]]
+    engine.prefill(seqs[:2])
+    engine.step(join=seqs[:2])
+    first = seqs[0].row
+    assert first is not None
+    buffers, slot = cache.slot_of(first)
+    assert isinstance(buffers, SlotBuffers)
+    before = buffers.arrays[0][slot].copy()
+    engine.step(park=[seqs[0]])
+    engine.prefill(seqs[2:])  # the third prompt takes a free slot, not the paused one's
+    engine.step(join=seqs[2:])
+    assert seqs[0].row is first and cache.slot_of(first) == (buffers, slot)
+    after = buffers.arrays[0][slot]
+    length = len(seqs[0].prompt) + len(seqs[0].tokens) - 1
+    # The paused row's columns are untouched while it waits.
+    assert np.array_equal(before[:, :length], after[:, :length])
+    engine.step(join=[seqs[0]])
+    assert cache.slot_of(first) == (buffers, slot)
+    assert len(cache.slots()) == 3
+    engine.step(leave=[seqs[1]])
+    assert len(cache.slots()) == 2 and seqs[1].row is None
+    while engine.running:
+        engine.step()
+    assert cache.slots() == [] and len(cache.buffers) == 1
+
+
+def test_rows_of_cancelled_prompts_and_paused_sequences_are_freed(in_place: OnnxRuntime) -> None:
+    engine = BatchEngine(in_place)
+    cache = engine.cache
+    assert isinstance(cache, SlotCache)
+    long, short = EngineSequence([7] * 40, greedy(5)), EngineSequence([9] * 4, greedy(50))
+    assert engine.prefill([short, long], max_tokens=20) == [short]
+    engine.step(join=[short])
+    engine.step(park=[short])
+    assert len(cache.slots()) == 2
+    engine.step(leave=[long, short])  # one still being prefilled, one paused
+    assert cache.slots() == [] and long.row is None and short.row is None
+
+
+def test_choices_of_one_prompt_share_its_row_then_fork(in_place: OnnxRuntime) -> None:
+    recording = Recording(in_place)
+    engine = BatchEngine(recording)
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=3, ignore_eos=True)
+    choices = [EngineSequence(prompts()[2], params, stream=i) for i in range(3)]
+    pending = list(choices)
+    while pending:
+        done = engine.prefill(pending, max_tokens=16)
+        pending = [s for s in pending if s not in done]
+    assert len(recording.calls) == 3  # 37 prompt tokens in chunks of 16, computed once
+    assert recording.copies == 2 and len({id(c.row) for c in choices}) == 3
+    engine.step(join=choices)
+    while engine.running:
+        engine.step()
+    expected = []
+    for i in range(3):
+        alone = BatchEngine(in_place)
+        seq = EngineSequence(prompts()[2], params, stream=i)
+        alone.prefill([seq])
+        alone.step(join=[seq])
+        while alone.running:
+            alone.step()
+        expected.append(seq.tokens)
+    assert [c.tokens for c in choices] == expected
+
+
+def test_a_failed_step_frees_the_batch_and_keeps_prompts_under_way(
+    in_place: OnnxRuntime,
+) -> None:
+    engine = BatchEngine(in_place)
+    cache = engine.cache
+    assert isinstance(cache, SlotCache)
+    running, chunked = EngineSequence([5] * 6, greedy(20)), EngineSequence([6] * 30, greedy(5))
+    engine.prefill([running])
+    engine.step(join=[running])
+    engine.prefill([chunked], max_tokens=10)
+    held = chunked.row
+    engine.reset()
+    assert engine.running == [] and running.row is None
+    assert chunked.row is held and len(cache.slots()) == 1
+    assert engine.prefill([chunked]) == [chunked]
+    engine.step(join=[chunked])
+    while engine.running:
+        engine.step()
+    assert chunked.tokens == alone(in_place, [6] * 30, 5)
+
+
+def alone(runtime: OnnxRuntime, prompt: list[int], tokens: int) -> list[int]:
+    engine = BatchEngine(runtime)
+    seq = EngineSequence(prompt, greedy(tokens))
+    engine.prefill([seq])
+    engine.step(join=[seq])
+    while engine.running:
+        engine.step()
+    return seq.tokens
+
+
+def test_buffers_held_as_ortvalues_are_bound_and_copied_by_address(
+    in_place: OnnxRuntime,
+) -> None:
+    """The path a CUDA session takes (its buffers are OrtValues on the device), here over
+    OrtValues of host memory: forward calls bind them by address, a fork copies a slot
+    with the runtime's own copy session."""
+    host = in_place.allocate(3)
+    values = tuple(ort.OrtValue.ortvalue_from_numpy(array) for array in host.arrays)
+    device = SlotBuffers(3, host.slot_bytes, tuple(v.data_ptr() for v in values), values=values)
+    prompt = np.array([[5, 6, 7, 8, 9]], np.int64)
+    first = in_place.forward_slots(device, 1, prompt, np.array([0]), np.array([5]))
+    in_place.copy_slot(device, 1, device, 2, 5)
+    assert all(np.array_equal(array[1], array[2]) for array in host.arrays)
+    assert not np.any(host.arrays[0][0])  # the slot before the run is untouched
+    both = in_place.forward_slots(
+        device, 1, np.array([[3], [3]]), np.array([5, 5]), np.ones(2, np.int64)
+    )
+    np.testing.assert_allclose(both[0], both[1], rtol=1e-6)
+    alone, _ = in_place.new_cache().start([[5, 6, 7, 8, 9]])
+    np.testing.assert_allclose(first[0], alone[0], rtol=1e-5, atol=1e-6)
