@@ -47,7 +47,7 @@ import httpx
 from dataplane.gateway.config import DeploymentRoute, GatewayConfig
 from dataplane.gateway.ledger import InProcessLedger, Ledger, RedisLedger, StartRequest
 from dataplane.gateway.metrics import GatewayMetrics
-from dataplane.gateway.routing import Replica, ReplicaState, choose
+from dataplane.gateway.routing import Dispatch, Replica, ReplicaState, choose
 from dataplane.inference.config import TenantConfig
 from dataplane.inference.metrics import RequestTiming, TelemetryStats
 from dataplane.inference.protocol import ApiError
@@ -67,12 +67,15 @@ DISPATCH_POLL_S = 0.01
 CHARGE_FLUSH_S = 0.02
 # What a chat request without max_tokens reserves from its tenant's token bucket.
 DEFAULT_CHAT_RESERVE = 256
+# OpenAI's default max_tokens for completions, written into requests that name none.
+DEFAULT_COMPLETION_RESERVE = 16
 _DEFAULT_TENANT = TenantConfig.model_validate({})
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 _MODEL_PREFIX = "/v1/models/"
 _TOKEN_CHUNK = b'"choices":[{'
+_ERROR_CHUNK = b'data: {"error"'
 _DONE = b"data: [DONE]\n\n"
 
 
@@ -122,10 +125,25 @@ class _Waiter:
     reserve: int
     arrival: float
     objective: float | None
+    stream: bool = False
     lease: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: asyncio.Future[Replica] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    # Set where the replica is chosen: the request counts against its room from then on.
+    dispatch: Dispatch | None = None
+    predicted: float = 0.0
+    # Output tokens passed to the client so far.
+    tokens: int = 0
+
+
+@dataclass(eq=False)
+class _Forward:
+    """A request being forwarded to a replica; ``failed`` once the replica is marked
+    down under it (its task is then cancelled, and ends the response as failed)."""
+
+    task: asyncio.Task[Any] | None
+    failed: bool = False
 
 
 class _Deployment:
@@ -143,6 +161,9 @@ class _Deployment:
         self.counters: dict[str, float] = {}
         self.charges: defaultdict[str, float] = defaultdict(float)
         self.leases: dict[str, set[str]] = {}
+        # Seconds until the tenant's bucket held enough, as the ledger last said.
+        self.token_wait: dict[str, float] = {}
+        self.forwards: dict[str, set[_Forward]] = defaultdict(set)  # by replica id
         self.keys: list[tuple[str, str]] = []
         self.set_route(route)
 
@@ -161,8 +182,23 @@ class _Deployment:
     def limits(self, tenant: str) -> TenantConfig:
         return self.route.tenants.get(tenant, _DEFAULT_TENANT)
 
-    def waiting_tenants(self) -> list[str]:
-        return [tenant for tenant, queue in self.waiting.items() if queue]
+    def waiting_tenants(self) -> dict[str, int]:
+        """Tenants with requests waiting here -> the reservation of the next one."""
+        return {tenant: queue[0].reserve for tenant, queue in self.waiting.items() if queue}
+
+    def unqueue(self, waiter: _Waiter) -> None:
+        queue = self.waiting.get(waiter.tenant)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+
+    def replica_down(self, replica: Replica) -> None:
+        """Mark the replica down and end the requests forwarded to it."""
+        replica.mark_down()
+        for forward in self.forwards.pop(replica.replica_id, set()):
+            if not forward.failed and forward.task is not None:
+                forward.failed = True
+                forward.task.cancel()
+        self.wake.set()
 
     def waiting_count(self) -> int:
         return sum(len(queue) for queue in self.waiting.values())
@@ -179,6 +215,8 @@ class Gateway:
         self.nonce = nonce
         self._config_mtime = config_path.stat().st_mtime_ns if config_path else None
         backlog_ttl = min(config.lease_ttl_s, 2.0)
+        # Leases and waiting marks are renewed four times within the shorter of the TTLs.
+        self.beat_every = min(config.lease_ttl_s, backlog_ttl) / 4
         self.ledger: Ledger
         if config.counters_url is None:
             self.ledger = InProcessLedger(config.lease_ttl_s, backlog_ttl)
@@ -244,7 +282,7 @@ class Gateway:
             wanted = {r.replica_id: r for r in route.replicas}
             for replica_id in [r for r in dep.replicas if r not in wanted]:
                 dep.watchers.pop(replica_id).cancel()
-                dep.replicas.pop(replica_id).mark_down()
+                dep.replica_down(dep.replicas.pop(replica_id))
             for replica_id, cfg in wanted.items():
                 replica = dep.replicas.get(replica_id)
                 if replica is not None and replica.config == cfg:
@@ -317,9 +355,8 @@ class Gateway:
             except (httpx.HTTPError, ValueError, KeyError) as exc:
                 if replica.up:
                     log.warning("replica %s is down: %s", cfg.replica_id, exc)
-            replica.mark_down()
+            dep.replica_down(replica)
             self.metrics.replica_up.labels(model, cfg.replica_id).set(0)
-            dep.wake.set()
             await asyncio.sleep(interval)
 
     # -- admission ----------------------------------------------------------------------
@@ -337,18 +374,28 @@ class Gateway:
                 await asyncio.wait_for(dep.wake.wait(), timeout)
 
     def _reject(self, dep: _Deployment, waiter: _Waiter, why: str) -> None:
-        dep.waiting[waiter.tenant].remove(waiter)
+        dep.unqueue(waiter)
         if waiter.future.done():
             return
         waiter.future.set_exception(self._busy(dep, waiter.tenant, why))
 
     def _busy(self, dep: _Deployment, tenant: str, why: str) -> ApiError:
-        """429 with the seconds until about one request's worth of capacity frees up."""
+        """429 with the seconds until the requests waiting ahead could have started: the
+        replicas' capacity for everyone waiting here, and the tenant's own limits for its
+        own queue (its concurrency, and its token bucket as the ledger last saw it)."""
         replicas = [r for r in dep.replicas.values() if r.state is not None]
         slots = sum(r.state.max_batch_size for r in replicas if r.state is not None) or 1
         e2e = max((r.state.mean_e2e_s for r in replicas if r.state is not None), default=1.0)
         ahead = dep.waiting_count() + 1
-        retry = max(1, math.ceil(ahead * e2e / slots))
+        waits = [ahead * e2e / slots]
+        limits = dep.limits(tenant)
+        own = list(dep.waiting.get(tenant, ()))
+        if limits.max_concurrency:
+            waits.append((len(own) + 1) * e2e / limits.max_concurrency)
+        if limits.tokens_per_s:
+            queued = sum(w.reserve for w in own)
+            waits.append(dep.token_wait.get(tenant, 0.0) + queued / limits.tokens_per_s)
+        retry = max(1, math.ceil(max(waits)))
         return ApiError(
             429,
             f"Tenant {tenant!r}: {why}",
@@ -371,7 +418,7 @@ class Gateway:
             top = max([top, *(dep.limits(t).priority for t in fleet)])
         for waiter in waiters:
             if waiter.future.done():
-                dep.waiting[waiter.tenant].remove(waiter)
+                dep.unqueue(waiter)
             elif now - waiter.arrival > admission.max_wait_s:
                 self._reject(dep, waiter, "waited too long for capacity")
             elif waiter in late and waiter.priority < top:
@@ -396,6 +443,7 @@ class Gateway:
                 dep.route.tenants,
             )
             dep.counters[tenant] = decision.counter
+            dep.token_wait[tenant] = decision.wait_s if decision.reason == "tokens" else 0.0
             if not decision.ok:
                 skip.add(tenant)
                 continue
@@ -409,12 +457,15 @@ class Gateway:
                 if replica is None and not waiter.future.done():
                     queue.appendleft(waiter)
                 continue
+            # The slot is taken here, before the next choice, not when the request is sent.
+            waiter.predicted = replica.model_ttft(waiter.prompt_tokens, waiter.priority)
+            waiter.dispatch = replica.routed(waiter.prompt_tokens, waiter.stream)
             dep.leases.setdefault(tenant, set()).add(waiter.lease)
             waiter.future.set_result(replica)
 
     async def _flush_loop(self) -> None:
         """Charge streamed tokens in batches; renew leases and waiting marks."""
-        beat_every = self.config.lease_ttl_s / 4
+        beat_every = self.beat_every
         last_beat = 0.0
         while True:
             await asyncio.sleep(CHARGE_FLUSH_S)
@@ -426,7 +477,12 @@ class Gateway:
                 try:
                     if dep.charges:
                         charges, dep.charges = dict(dep.charges), defaultdict(float)
-                        await self.ledger.charge(deployment, charges)
+                        try:
+                            await self.ledger.charge(deployment, charges)
+                        except BaseException:
+                            for tenant, amount in charges.items():  # charged next time
+                                dep.charges[tenant] += amount
+                            raise
                         for tenant, amount in charges.items():
                             dep.counters[tenant] = dep.counters.get(tenant, 0.0) + amount
                     if beat:
@@ -448,19 +504,28 @@ class Gateway:
         try:
             return await waiter.future
         except asyncio.CancelledError:
-            if waiter in queue:
-                queue.remove(waiter)
-            elif waiter.future.done() and not waiter.future.cancelled():
-                if waiter.future.exception() is None:
-                    await self.release(dep, tenant, waiter, waiter.reserve)
+            dep.unqueue(waiter)
+            future = waiter.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                if waiter.dispatch is not None:
+                    future.result().seen(waiter.dispatch)
+                await self.release(dep, tenant, waiter, waiter.reserve)
             raise
 
     async def release(self, dep: _Deployment, tenant: str, waiter: _Waiter, refund: int) -> None:
+        """Free the request's lease and settle its reservation: shielded from the
+        caller's cancellation, and a ledger error is logged (the lease then expires)."""
         dep.leases.get(tenant, set()).discard(waiter.lease)
-        await self.ledger.finish(
+        dep.wake.set()
+        finish = self.ledger.finish(
             dep.route.deployment_id, tenant, waiter.lease, refund, dep.limits(tenant)
         )
-        dep.wake.set()
+        try:
+            await asyncio.shield(finish)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("releasing a lease of tenant %s failed", tenant)
 
 
 @dataclass
@@ -469,12 +534,22 @@ class _Call:
     receive: Receive
     send: Send
     arrival: float
+    # Set before the response's last message: a disconnect after it cancels nothing.
+    done: bool = False
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.scope["headers"]:
             if key == name:
                 return bytes(value)
         return None
+
+
+async def watch_disconnect(call: _Call, work: asyncio.Task[Any]) -> None:
+    """Cancel ``work`` when the client disconnects before its response is complete."""
+    while (await call.receive())["type"] != "http.disconnect":
+        pass
+    if not call.done:
+        work.cancel()
 
 
 def _prompt_tokens(body: dict[str, Any]) -> int:
@@ -492,14 +567,25 @@ def _prompt_tokens(body: dict[str, Any]) -> int:
     return max(1, len(json.dumps(prompt)) // 4)
 
 
-def _reserve(body: dict[str, Any], chat: bool) -> int:
-    """Output tokens the request may produce, as the worker would cap them."""
+def _reserve(body: dict[str, Any], chat: bool) -> tuple[int, int | None]:
+    """Output tokens the request may produce, and the ``max_tokens`` to forward when the
+    request names none (so the worker stops at what was reserved)."""
     limit = body.get("max_completion_tokens") if chat else None
-    limit = limit or body.get("max_tokens") or (DEFAULT_CHAT_RESERVE if chat else 16)
+    limit = limit or body.get("max_tokens")
+    default = None
+    if not limit:
+        limit = default = DEFAULT_CHAT_RESERVE if chat else DEFAULT_COMPLETION_RESERVE
     choices = body.get("n") or 1
     if not isinstance(limit, int) or not isinstance(choices, int):
         raise ApiError(400, "max_tokens and n are integers.", code="invalid_value")
-    return max(1, limit) * max(1, choices)
+    return max(1, limit) * max(1, choices), default
+
+
+def _status_outcome(status: int) -> str:
+    """How a replica's answer other than 200 counts."""
+    if status == 429:
+        return "rejected"
+    return "failed" if status >= 500 else "error"
 
 
 class GatewayApp:
@@ -631,7 +717,7 @@ class GatewayApp:
         work = asyncio.create_task(
             self._admit_and_forward(call, dep, tenant, path, raw, body, chat)
         )
-        watcher = asyncio.create_task(self._watch_disconnect(call, work))
+        watcher = asyncio.create_task(watch_disconnect(call, work))
         try:
             await work
         except asyncio.CancelledError:
@@ -639,12 +725,6 @@ class GatewayApp:
             self.gateway.metrics.requests.labels(tenant, model, "cancelled").inc()
         finally:
             watcher.cancel()
-
-    @staticmethod
-    async def _watch_disconnect(call: _Call, work: asyncio.Task[None]) -> None:
-        while (await call.receive())["type"] != "http.disconnect":
-            pass
-        work.cancel()
 
     async def _admit_and_forward(
         self,
@@ -659,13 +739,18 @@ class GatewayApp:
         gateway = self.gateway
         model = dep.route.served_model_name
         limits = dep.limits(tenant)
+        reserve, default = _reserve(body, chat)
+        if default is not None:  # the replica may produce no more than was reserved
+            raw = json.dumps({**body, "max_tokens": default}).encode()
+        stream = bool(body.get("stream"))
         waiter = _Waiter(
             tenant=tenant,
             priority=limits.priority,
             prompt_tokens=_prompt_tokens(body),
-            reserve=_reserve(body, chat),
+            reserve=reserve,
             arrival=call.arrival,
             objective=dep.route.ttft_objective(tenant),
+            stream=stream,
         )
         try:
             replica = await gateway.admit(dep, tenant, waiter)
@@ -674,7 +759,6 @@ class GatewayApp:
                 dep.stats.count_rejected(tenant)
                 gateway.metrics.requests.labels(tenant, model, "rejected").inc()
             raise
-        stream = bool(body.get("stream"))
         timing: RequestTiming = (
             RequestTiming(call.arrival, waiter.prompt_tokens)
             if stream
@@ -684,20 +768,29 @@ class GatewayApp:
         headers = {"content-type": "application/json"}
         if (auth := call.header(b"authorization")) is not None:
             headers["authorization"] = auth.decode("latin-1")
-        tokens = 0
         outcome = "failed"
         try:
-            tokens, outcome = await self._forward(
-                call, dep, tenant, waiter, replica, path, raw, headers, timing, stream
+            outcome = await self._forward(
+                call, dep, tenant, waiter, replica, path, raw, headers, timing
             )
+        except asyncio.CancelledError:
+            outcome = "cancelled"  # counted once, where the cancellation ends
+            raise
+        except ApiError as exc:
+            outcome = "rejected" if exc.status == 429 else "failed"
+            raise
         finally:
-            await gateway.release(dep, tenant, waiter, waiter.reserve - tokens)
-            gateway.metrics.requests.labels(tenant, model, outcome).inc()
+            if outcome != "cancelled":
+                gateway.metrics.requests.labels(tenant, model, outcome).inc()
             if outcome == "completed":
                 dep.stats.record(tenant, timing)
                 gateway.metrics.observe(tenant, model, timing)
             elif outcome == "failed":
                 dep.stats.count_failed(tenant)
+            elif outcome == "rejected":
+                dep.stats.count_rejected(tenant)
+            # What it did not use goes back to the bucket; what it used beyond is charged.
+            await gateway.release(dep, tenant, waiter, waiter.reserve - waiter.tokens)
 
     async def _forward(
         self,
@@ -710,96 +803,129 @@ class GatewayApp:
         raw: bytes,
         headers: dict[str, str],
         timing: RequestTiming,
-        stream: bool,
-    ) -> tuple[int, str]:
+    ) -> str:
         """Send the request to ``replica`` (another one, once, if it cannot be reached)
-        and pass the answer on; returns the output tokens and the outcome."""
+        and pass the answer on; returns the outcome (the output tokens are counted on
+        the waiter as they pass)."""
         gateway = self.gateway
         model = dep.route.served_model_name
         weight = dep.route.output_token_weight / dep.limits(tenant).weight
+        stream = waiter.stream
+        dispatch = waiter.dispatch
+        predicted = waiter.predicted
         for attempt in range(2):
             current = replica
-            predicted = current.model_ttft(waiter.prompt_tokens, waiter.priority)
-            dispatch = current.routed(waiter.prompt_tokens, stream)
+            if not current.up:  # down since it was chosen
+                if dispatch is not None:
+                    current.seen(dispatch)
+                dispatch = None
+                fallback = self._fallback(dep, current, waiter)
+                if attempt or fallback is None:
+                    raise _replica_error()
+                replica = current = fallback
+            if dispatch is None:
+                predicted = current.model_ttft(waiter.prompt_tokens, waiter.priority)
+                dispatch = current.routed(waiter.prompt_tokens, stream)
             current.inflight += 1
-            gateway.metrics.routed.labels(model, replica.replica_id).inc()
+            forward = _Forward(asyncio.current_task())
+            dep.forwards[current.replica_id].add(forward)
+            gateway.metrics.routed.labels(model, current.replica_id).inc()
             request = gateway.client.build_request(
-                "POST", replica.config.base_url + path, content=raw, headers=headers
+                "POST", current.config.base_url + path, content=raw, headers=headers
             )
             started = False
-            tokens = 0
             try:
-                response = await gateway.client.send(request, stream=True)
-                if stream:
-                    current.started(dispatch)
                 try:
-                    if response.status_code != 200:
-                        payload = await response.aread()
+                    response = await gateway.client.send(request, stream=True)
+                    if stream:
+                        current.started(dispatch)
+                    try:
+                        if response.status_code != 200:
+                            payload = await response.aread()
+                            await call.send(
+                                {
+                                    "type": "http.response.start",
+                                    "status": response.status_code,
+                                    "headers": _passed_headers(response),
+                                }
+                            )
+                            started = True
+                            call.done = True
+                            await call.send({"type": "http.response.body", "body": payload})
+                            return _status_outcome(response.status_code)
+                        if not stream:
+                            payload = await response.aread()
+                            timing.token_times.append(time.perf_counter())
+                            tokens = _usage_tokens(payload)
+                            assert isinstance(timing, _WholeTiming)
+                            timing.tokens = waiter.tokens = tokens
+                            dep.charges[tenant] += tokens * weight
+                            await call.send(
+                                {"type": "http.response.start", "status": 200, "headers": _JSON}
+                            )
+                            started = True
+                            call.done = True
+                            await call.send({"type": "http.response.body", "body": payload})
+                            return "completed"
                         await call.send(
-                            {
-                                "type": "http.response.start",
-                                "status": response.status_code,
-                                "headers": _passed_headers(response),
-                            }
+                            {"type": "http.response.start", "status": 200, "headers": _SSE}
                         )
                         started = True
-                        await call.send({"type": "http.response.body", "body": payload})
-                        return 0, "rejected" if response.status_code == 429 else "error"
-                    if not stream:
-                        payload = await response.aread()
-                        timing.token_times.append(time.perf_counter())
-                        tokens = _usage_tokens(payload)
-                        assert isinstance(timing, _WholeTiming)
-                        timing.tokens = tokens
-                        await call.send(
-                            {"type": "http.response.start", "status": 200, "headers": _JSON}
-                        )
-                        started = True
-                        await call.send({"type": "http.response.body", "body": payload})
-                        dep.charges[tenant] += tokens * weight
-                        return tokens, "completed"
-                    await call.send({"type": "http.response.start", "status": 200, "headers": _SSE})
-                    started = True
-                    pending = b""
-                    async for chunk in response.aiter_raw():
-                        await call.send(
-                            {"type": "http.response.body", "body": chunk, "more_body": True}
-                        )
-                        pending += chunk
-                        *events, pending = pending.split(b"\n\n")
-                        now = time.perf_counter()
-                        fresh = sum(1 for event in events if _TOKEN_CHUNK in event)
-                        if fresh:
-                            if tokens == 0:
-                                replica.observed(predicted, now - (timing.scheduled or now))
-                            timing.token_times.extend([now] * fresh)
-                            tokens += fresh
-                            dep.charges[tenant] += fresh * weight
-                    await call.send({"type": "http.response.body", "body": b""})
-                    return tokens, "completed"
-                finally:
-                    await response.aclose()
+                        pending = b""
+                        errored = False
+                        async for chunk in response.aiter_raw():
+                            await call.send(
+                                {"type": "http.response.body", "body": chunk, "more_body": True}
+                            )
+                            pending += chunk
+                            *events, pending = pending.split(b"\n\n")
+                            now = time.perf_counter()
+                            fresh = sum(1 for event in events if _TOKEN_CHUNK in event)
+                            errored = errored or any(e.startswith(_ERROR_CHUNK) for e in events)
+                            if fresh:
+                                if waiter.tokens == 0:
+                                    current.observed(predicted, now - (timing.scheduled or now))
+                                timing.token_times.extend([now] * fresh)
+                                waiter.tokens += fresh
+                                dep.charges[tenant] += fresh * weight
+                        call.done = True
+                        await call.send({"type": "http.response.body", "body": b""})
+                        return "failed" if errored else "completed"
+                    finally:
+                        await response.aclose()
+                except asyncio.CancelledError:
+                    if not forward.failed:
+                        raise
+                    task = asyncio.current_task()
+                    if task is not None:
+                        task.uncancel()
+                    raise httpx.ReadError("the replica was marked down") from None
             except httpx.TransportError as exc:
-                log.warning("replica %s failed: %s", replica.replica_id, exc)
-                replica.mark_down()
-                dep.wake.set()
+                log.warning("replica %s failed: %s", current.replica_id, exc)
+                if not forward.failed:
+                    dep.replica_down(current)
                 if started:
                     tail = _sse(_replica_error().body()) + _DONE
+                    call.done = True
                     await call.send({"type": "http.response.body", "body": tail})
-                    return tokens, "failed"
-                others = [r for r in dep.replicas.values() if r is not replica and r.up]
-                fallback = min(
-                    others,
-                    key=lambda r: r.predict(waiter.prompt_tokens, waiter.priority),
-                    default=None,
-                )
+                    return "failed"
+                fallback = self._fallback(dep, current, waiter)
                 if attempt or fallback is None:
                     raise _replica_error() from None
                 replica = fallback
             finally:
                 current.inflight -= 1
                 current.seen(dispatch)
+                dep.forwards[current.replica_id].discard(forward)
+                dispatch = None
         raise _replica_error()
+
+    @staticmethod
+    def _fallback(dep: _Deployment, failed: Replica, waiter: _Waiter) -> Replica | None:
+        others = [r for r in dep.replicas.values() if r is not failed and r.up]
+        return min(
+            others, key=lambda r: r.predict(waiter.prompt_tokens, waiter.priority), default=None
+        )
 
     async def _models(self, call: _Call) -> None:
         tenants = self._tenants(call)
