@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import json
 import logging
@@ -36,7 +35,6 @@ import signal
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,19 @@ from urllib.parse import parse_qs
 
 import httpx
 
+from dataplane.asgi import (
+    JSON_HEADERS,
+    MODEL_PREFIX,
+    SSE_HEADERS,
+    Call,
+    Router,
+    check_internal,
+    key_digest,
+    read_body,
+    send_json,
+    sse,
+    wait_disconnect,
+)
 from dataplane.gateway.config import DeploymentRoute, GatewayConfig
 from dataplane.gateway.ledger import InProcessLedger, Ledger, RedisLedger, StartRequest
 from dataplane.gateway.metrics import GatewayMetrics
@@ -53,11 +64,6 @@ from dataplane.inference.metrics import RequestTiming, TelemetryStats
 from dataplane.inference.protocol import ApiError
 
 log = logging.getLogger(__name__)
-
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 CONFIG_POLL_SECONDS = 1.0
 # While requests wait, the dispatcher looks again at least this often (other gateways'
@@ -70,17 +76,9 @@ DEFAULT_CHAT_RESERVE = 256
 # OpenAI's default max_tokens for completions, written into requests that name none.
 DEFAULT_COMPLETION_RESERVE = 16
 _DEFAULT_TENANT = TenantConfig.model_validate({})
-_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
-_JSON = [(b"content-type", b"application/json")]
-_SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-_MODEL_PREFIX = "/v1/models/"
 _TOKEN_CHUNK = b'"choices":[{'
 _ERROR_CHUNK = b'data: {"error"'
 _DONE = b"data: [DONE]\n\n"
-
-
-def key_digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def _replica_error() -> ApiError:
@@ -90,18 +88,6 @@ def _replica_error() -> ApiError:
         type_="server_error",
         code="replica_failed",
     )
-
-
-def _sse(body: Any) -> bytes:
-    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
-
-
-async def _send_json(
-    send: Send, status: int, body: Any, headers: dict[str, str] | None = None
-) -> None:
-    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": [*_JSON, *extra]})
-    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
 
 @dataclass
@@ -528,26 +514,9 @@ class Gateway:
             log.exception("releasing a lease of tenant %s failed", tenant)
 
 
-@dataclass
-class _Call:
-    scope: Scope
-    receive: Receive
-    send: Send
-    arrival: float
-    # Set before the response's last message: a disconnect after it cancels nothing.
-    done: bool = False
-
-    def header(self, name: bytes) -> bytes | None:
-        for key, value in self.scope["headers"]:
-            if key == name:
-                return bytes(value)
-        return None
-
-
-async def watch_disconnect(call: _Call, work: asyncio.Task[Any]) -> None:
+async def watch_disconnect(call: Call, work: asyncio.Task[Any]) -> None:
     """Cancel ``work`` when the client disconnects before its response is complete."""
-    while (await call.receive())["type"] != "http.disconnect":
-        pass
+    await wait_disconnect(call)
     if not call.done:
         work.cancel()
 
@@ -588,12 +557,13 @@ def _status_outcome(status: int) -> str:
     return "failed" if status >= 500 else "error"
 
 
-class GatewayApp:
+class GatewayApp(Router):
     """ASGI application over a ``Gateway``."""
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self._routes: dict[str, tuple[str, Callable[[_Call], Awaitable[None]]]] = {
+        self.model_route = self._model
+        self.routes = {
             "/v1/completions": ("POST", self._completions),
             "/v1/chat/completions": ("POST", self._chat),
             "/v1/models": ("GET", self._models),
@@ -602,61 +572,18 @@ class GatewayApp:
             "/v1/internal/stats": ("GET", self._stats),
         }
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
-        call = _Call(scope, receive, send, time.perf_counter())
-        try:
-            path = scope["path"]
-            route = self._routes.get(path)
-            if route is None and path.startswith(_MODEL_PREFIX):
-                route = ("GET", self._model)
-            if route is None:
-                raise ApiError(404, f"Unknown path {path}", code="not_found")
-            method, handler = route
-            if scope["method"] != method:
-                raise ApiError(
-                    405,
-                    f"{path} takes {method}",
-                    code="method_not_allowed",
-                    headers={"allow": method},
-                )
-            await handler(call)
-        except ApiError as exc:
-            await _send_json(send, exc.status, exc.body(), exc.headers)
+    async def startup(self) -> None:
+        self.gateway.start()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.gateway.reload)
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                self.gateway.start()
-                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.gateway.reload)
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.gateway.stop()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+    async def shutdown(self) -> None:
+        await self.gateway.stop()
 
     # -- plumbing -----------------------------------------------------------------------
 
-    @staticmethod
-    def _bearer(call: _Call) -> str:
-        value = call.header(b"authorization") or b""
-        scheme, _, key = value.decode("latin-1").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise ApiError(
-                401,
-                "You didn't provide an API key (Authorization: Bearer KEY).",
-                code="invalid_api_key",
-            )
-        return key.strip()
-
-    def _tenants(self, call: _Call) -> dict[str, str]:
+    def _tenants(self, call: Call) -> dict[str, str]:
         """Model name -> the tenant the key names in that deployment (401 if none)."""
-        digest = key_digest(self._bearer(call))
+        digest = key_digest(call.require_bearer())
         found = {}
         for model, dep in self.gateway.deployments.items():
             tenant = dep.tenant_for(digest)
@@ -666,35 +593,18 @@ class GatewayApp:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
         return found
 
-    async def _read_body(self, call: _Call) -> bytes:
-        limit = self.gateway.config.max_request_bytes
-        too_big = ApiError(413, f"Request body exceeds {limit} bytes.", code="request_too_large")
-        declared = call.header(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise too_big
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await call.receive()
-            if message["type"] == "http.disconnect":
-                raise ApiError(400, "Client disconnected.", code="client_closed")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise too_big
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+    async def _read_body(self, call: Call) -> bytes:
+        return await read_body(call, self.gateway.config.max_request_bytes)
 
     # -- OpenAI endpoints -------------------------------------------------------------
 
-    async def _completions(self, call: _Call) -> None:
+    async def _completions(self, call: Call) -> None:
         await self._serve(call, "/v1/completions", chat=False)
 
-    async def _chat(self, call: _Call) -> None:
+    async def _chat(self, call: Call) -> None:
         await self._serve(call, "/v1/chat/completions", chat=True)
 
-    async def _serve(self, call: _Call, path: str, *, chat: bool) -> None:
+    async def _serve(self, call: Call, path: str, *, chat: bool) -> None:
         """Admit, forward and measure one request; a client that leaves ends it, waiting
         or streaming, and the replica sees it leave too."""
         tenants = self._tenants(call)
@@ -728,7 +638,7 @@ class GatewayApp:
 
     async def _admit_and_forward(
         self,
-        call: _Call,
+        call: Call,
         dep: _Deployment,
         tenant: str,
         path: str,
@@ -749,7 +659,7 @@ class GatewayApp:
             prompt_tokens=_prompt_tokens(body),
             reserve=reserve,
             arrival=call.arrival,
-            objective=dep.route.ttft_objective(tenant),
+            objective=dep.stats.tightest(tenant, "ttft"),
             stream=stream,
         )
         try:
@@ -794,7 +704,7 @@ class GatewayApp:
 
     async def _forward(
         self,
-        call: _Call,
+        call: Call,
         dep: _Deployment,
         tenant: str,
         waiter: _Waiter,
@@ -861,14 +771,18 @@ class GatewayApp:
                             timing.tokens = waiter.tokens = tokens
                             dep.charges[tenant] += tokens * weight
                             await call.send(
-                                {"type": "http.response.start", "status": 200, "headers": _JSON}
+                                {
+                                    "type": "http.response.start",
+                                    "status": 200,
+                                    "headers": JSON_HEADERS,
+                                }
                             )
                             started = True
                             call.done = True
                             await call.send({"type": "http.response.body", "body": payload})
                             return "completed"
                         await call.send(
-                            {"type": "http.response.start", "status": 200, "headers": _SSE}
+                            {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS}
                         )
                         started = True
                         pending = b""
@@ -902,10 +816,11 @@ class GatewayApp:
                     raise httpx.ReadError("the replica was marked down") from None
             except httpx.TransportError as exc:
                 log.warning("replica %s failed: %s", current.replica_id, exc)
+                dep.forwards[current.replica_id].discard(forward)  # it ends here, not by cancel
                 if not forward.failed:
                     dep.replica_down(current)
                 if started:
-                    tail = _sse(_replica_error().body()) + _DONE
+                    tail = sse(_replica_error().body()) + _DONE
                     call.done = True
                     await call.send({"type": "http.response.body", "body": tail})
                     return "failed"
@@ -927,19 +842,19 @@ class GatewayApp:
             others, key=lambda r: r.predict(waiter.prompt_tokens, waiter.priority), default=None
         )
 
-    async def _models(self, call: _Call) -> None:
+    async def _models(self, call: Call) -> None:
         tenants = self._tenants(call)
         cards = [self._card(model) for model in tenants]
-        await _send_json(call.send, 200, {"object": "list", "data": cards})
+        await send_json(call.send, 200, {"object": "list", "data": cards})
 
-    async def _model(self, call: _Call) -> None:
+    async def _model(self, call: Call) -> None:
         tenants = self._tenants(call)
-        name = call.scope["path"].removeprefix(_MODEL_PREFIX)
+        name = call.scope["path"].removeprefix(MODEL_PREFIX)
         if name not in tenants:
             raise ApiError(
                 404, f"The model `{name}` does not exist.", param="model", code="model_not_found"
             )
-        await _send_json(call.send, 200, self._card(name))
+        await send_json(call.send, 200, self._card(name))
 
     @staticmethod
     def _card(model: str) -> dict[str, Any]:
@@ -947,7 +862,7 @@ class GatewayApp:
 
     # -- operations ---------------------------------------------------------------------
 
-    async def _health(self, call: _Call) -> None:
+    async def _health(self, call: Call) -> None:
         gateway = self.gateway
         deployments = [
             {
@@ -961,7 +876,7 @@ class GatewayApp:
             }
             for model, dep in gateway.deployments.items()
         ]
-        await _send_json(
+        await send_json(
             call.send,
             200,
             {
@@ -972,23 +887,16 @@ class GatewayApp:
             },
         )
 
-    async def _metrics(self, call: _Call) -> None:
+    async def _metrics(self, call: Call) -> None:
         payload = self.gateway.metrics.render()
         headers = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
         await call.send({"type": "http.response.start", "status": 200, "headers": headers})
         await call.send({"type": "http.response.body", "body": payload})
 
-    async def _stats(self, call: _Call) -> None:
+    async def _stats(self, call: Call) -> None:
         """A deployment's stats as measured here, in the worker's shape (one deployment
         needs no ``deployment`` parameter)."""
-        config = self.gateway.config
-        client = call.scope.get("client") or ("", 0)
-        if config.stats_key_sha256:
-            digest = key_digest(self._bearer(call))
-            if not any([hmac.compare_digest(d, digest) for d in config.stats_key_sha256]):
-                raise ApiError(401, "A stats key is required.", code="invalid_api_key")
-        elif client[0] not in _LOOPBACK:
-            raise ApiError(403, "Stats are served to loopback clients only.", code="forbidden")
+        check_internal(call, self.gateway.config.stats_key_sha256)
         query = parse_qs(call.scope.get("query_string", b"").decode())
         after = query.get("after", ["0"])[0]
         if not after.isdigit():
@@ -1009,7 +917,7 @@ class GatewayApp:
             "queue_depth": dep.waiting_count(),
             "running": sum(len(ids) for ids in dep.leases.values()),
         }
-        await _send_json(call.send, 200, {**window, **live})
+        await send_json(call.send, 200, {**window, **live})
 
 
 def _passed_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:

@@ -19,6 +19,7 @@ from dataplane.gateway.config import GatewayConfig
 from dataplane.gateway.ledger import InProcessLedger
 from dataplane.gateway.routing import Replica, ReplicaState
 from dataplane.gateway.server import Gateway, GatewayApp, _Deployment, _Waiter
+from dataplane.inference.config import SloThreshold
 from tests.dataplane.inference.procs import key_hash
 
 KEY = "key-a"
@@ -55,6 +56,7 @@ class FakeReplicas:
         self.bodies: list[tuple[str, dict[str, Any]]] = []
         self.tokens = 3
         self.hang = False
+        self.broken = False
         self.release = asyncio.Event()
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
@@ -73,6 +75,8 @@ class _Stream(httpx.AsyncByteStream):
             yield token_chunk(index)
         if self.fake.hang:
             await self.fake.release.wait()
+        if self.fake.broken:
+            raise httpx.ReadError("connection reset")
         yield b"data: [DONE]\n\n"
 
 
@@ -305,5 +309,32 @@ async def test_a_replica_down_between_choice_and_forward_is_replaced() -> None:
         await served
         assert call.status == 200
         assert [host for host, _ in setup.fake.bodies] != [f"{chosen.replica_id}.test"]
+    finally:
+        await setup.close()
+
+
+async def test_the_tightest_ttft_threshold_is_the_objective() -> None:
+    setup = Setup({})
+    try:
+        setup.dep.stats.set_thresholds(
+            SloThreshold.model_validate({"tenant": "a", "metric": "ttft", "threshold_seconds": s})
+            for s in (0.5, 0.2)
+        )
+        assert setup.dep.stats.tightest("a", "ttft") == 0.2
+        assert setup.dep.stats.tightest("b", "ttft") is None
+    finally:
+        await setup.close()
+
+
+async def test_a_stream_its_replica_cuts_ends_failed_with_an_error_chunk() -> None:
+    setup = Setup({})
+    setup.dispatching()
+    setup.fake.broken = True
+    try:
+        call = Call(body(max_tokens=50))
+        await setup.app(call.scope, call.receive, call.send)
+        assert "replica_failed" in call.text and call.text.endswith("data: [DONE]\n\n")
+        totals = setup.totals()
+        assert (totals["failed"], totals["cancelled"]) == (1, 0)
     finally:
         await setup.close()
