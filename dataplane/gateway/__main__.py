@@ -9,14 +9,13 @@ worker's does.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import socket
 from pathlib import Path
 
 import uvicorn
 
+from dataplane.asgi import announce, bind
 from dataplane.gateway.config import GatewayConfig
 from dataplane.gateway.server import Gateway, GatewayApp
 
@@ -36,14 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     config = GatewayConfig.load(args.config)
     nonce = os.environ.get(NONCE_ENV) or None
     gateway = Gateway(config, args.config, nonce=nonce)
-    sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((config.host, config.port))
+    sock = bind(config.host, config.port)
     if config.announce is not None:
-        tmp = config.announce.with_suffix(".tmp")
-        port = sock.getsockname()[1]
-        tmp.write_text(json.dumps({"port": port, "nonce": nonce, "pid": os.getpid()}))
-        tmp.replace(config.announce)
+        announce(config.announce, sock.getsockname()[1], nonce)
     server = uvicorn.Server(
         uvicorn.Config(
             GatewayApp(gateway),

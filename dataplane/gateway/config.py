@@ -1,6 +1,7 @@
-"""The gateway's configuration: the JSON file the agent writes.
+"""The gateway's configuration: one JSON file per gateway process, started with
+``python -m dataplane.gateway --config PATH`` (the agent does not start gateways or write
+their config yet).
 
-One ``GatewayConfig`` per gateway process (``python -m dataplane.gateway --config PATH``).
 Each deployment names its replicas (the workers' base URLs and the nonces their
 ``/health`` must answer) and its tenants with the same ``TenantConfig`` the workers take:
 the same key hashes, weights, priority classes and limits, which the gateway holds
@@ -14,16 +15,20 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from dataplane.inference.config import (
+    STATE_HEARTBEAT_S,
+    Frozen,
     SloThreshold,
     TenantConfig,
-    _check_hashes,
-    _Frozen,
+    check_hashes,
+    check_keys_name_one_tenant,
 )
 
 RESTART_FIELDS = ("gateway_id", "host", "port", "announce", "counters_url")
+# The shortest health interval: two of the worker's state heartbeats.
+MIN_HEALTH_INTERVAL_S = 2 * STATE_HEARTBEAT_S
 
 
-class ReplicaConfig(_Frozen):
+class ReplicaConfig(Frozen):
     """One worker serving the deployment."""
 
     replica_id: str = Field(min_length=1)
@@ -33,7 +38,7 @@ class ReplicaConfig(_Frozen):
     )
 
 
-class AdmissionConfig(_Frozen):
+class AdmissionConfig(Frozen):
     """How long requests may wait at the gateway, and how much may wait."""
 
     max_queue_len: int = Field(
@@ -50,7 +55,7 @@ class AdmissionConfig(_Frozen):
     )
 
 
-class DeploymentRoute(_Frozen):
+class DeploymentRoute(Frozen):
     """A deployment as the gateway serves it."""
 
     deployment_id: str = Field(min_length=1)
@@ -71,27 +76,11 @@ class DeploymentRoute(_Frozen):
         ids = [r.replica_id for r in self.replicas]
         if len(ids) != len(set(ids)):
             raise ValueError(f"replica ids repeat in deployment {self.deployment_id!r}")
-        seen: dict[str, str] = {}
-        for tenant, cfg in self.tenants.items():
-            for digest in cfg.key_sha256:
-                if digest in seen:
-                    raise ValueError(
-                        f"key hash {digest[:12]}... names both {seen[digest]!r} and {tenant!r}"
-                    )
-                seen[digest] = tenant
+        check_keys_name_one_tenant(self.tenants)
         return self
 
-    def ttft_objective(self, tenant: str) -> float | None:
-        """The tenant's tightest TTFT threshold (seconds), None without one."""
-        found = [
-            t.threshold_seconds
-            for t in self.slo_thresholds
-            if t.tenant == tenant and t.metric == "ttft"
-        ]
-        return min(found, default=None)
 
-
-class GatewayConfig(_Frozen):
+class GatewayConfig(Frozen):
     """Everything one gateway process needs."""
 
     gateway_id: str = Field(min_length=1, description="names this gateway's leases")
@@ -113,7 +102,11 @@ class GatewayConfig(_Frozen):
         "when they serve it to loopback clients",
     )
     health_interval_s: float = Field(
-        default=1.0, gt=0, description="replica health checks and reconnects"
+        default=1.0,
+        ge=MIN_HEALTH_INTERVAL_S,
+        description="replica health checks and reconnects; a replica whose state stream is "
+        "silent this long is down, so this stays well above the worker's state heartbeat "
+        f"({STATE_HEARTBEAT_S} s)",
     )
     lease_ttl_s: float = Field(
         default=5.0, gt=0, description="a dead gateway's concurrency leases expire after this"
@@ -124,7 +117,7 @@ class GatewayConfig(_Frozen):
         description="keys allowed to read /v1/internal/stats; empty means loopback only",
     )
 
-    _hashes = field_validator("stats_key_sha256")(_check_hashes)
+    _hashes = field_validator("stats_key_sha256")(check_hashes)
 
     @model_validator(mode="after")
     def _models_unique(self) -> GatewayConfig:

@@ -6,18 +6,22 @@ both implementations (Redis for several gateways, in-process for one):
 - Fairness is the Virtual Token Counter of the worker's scheduler, kept fleet-wide: a
   tenant's counter advances by its weighted prompt tokens when a request starts and its
   weighted output tokens as they stream, divided by its weight. A request may start only
-  while no tenant waiting at any gateway (and able to start under its own limits) is in a
-  higher priority class, or in the same class with a lower counter. A tenant that starts waiting after being idle is lifted to the lowest counter
-  among active tenants, so idling banks no credit.
+  while no tenant waiting at any gateway (and able to start under its own limits: the
+  same concurrency and token tests its own next request would face) is in a higher
+  priority class, or in the same class with a lower counter. A tenant that starts waiting
+  after being idle is lifted to the lowest counter among active tenants, so idling banks
+  no credit.
 - ``max_concurrency``: a running request holds a lease that expires ``lease_ttl`` after
   its gateway last renewed it, so the leases of a gateway that died free themselves.
 - ``tokens_per_s``: a token bucket of output tokens, starting full. A request reserves
   its ``max_tokens`` when it starts, which it may do while the bucket holds that many (or
-  is full, when that is fewer); what it does not use is refunded when it ends. Over any
-  interval T the tenant is sent at most ``burst + rate * T`` tokens plus one request's
-  reservation, and as long as it has waiting requests its rate is exactly ``rate``.
-- Waiting is registered per gateway with an expiry too, so a dead gateway's waiting
-  tenants stop holding others back.
+  is full, when that is fewer); when it ends, what it did not use is refunded and what it
+  produced beyond the reservation is charged (the bucket may go into debt). Over any
+  interval T the tenant is sent at most ``burst + rate * T`` tokens plus the reservations
+  of the requests running at its ends, and as long as it has waiting requests its rate
+  is ``rate``.
+- Waiting is registered per gateway, with the reservation of the tenant's next request
+  there and an expiry, so a dead gateway's waiting tenants stop holding others back.
 
 Redis runs each decision as one Lua script on Redis's own clock, so gateways on different
 hosts agree on time and no decision sees another half made.
@@ -69,17 +73,19 @@ class Ledger(Protocol):
         deployment: str,
         gateway: str,
         request: StartRequest,
-        waiting: Collection[str],
+        waiting: Mapping[str, int],
         tenants: Mapping[str, TenantConfig],
     ) -> Decision:
-        """Start ``request`` if the rules allow; ``waiting`` names the tenants with
-        requests waiting at this gateway (the request's own tenant included)."""
+        """Start ``request`` if the rules allow; ``waiting`` maps the tenants with
+        requests waiting at this gateway (the request's own tenant included) to the
+        reservation of the next one."""
         ...
 
     async def finish(
         self, deployment: str, tenant: str, lease: str, refund: int, limits: TenantConfig
     ) -> None:
-        """Free the lease and put the unused reservation back."""
+        """Free the lease and settle the reservation: ``refund`` (the reserved tokens less
+        those produced) goes back to the bucket; a negative one is charged."""
         ...
 
     async def charge(self, deployment: str, counters: Mapping[str, float]) -> None:
@@ -90,10 +96,11 @@ class Ledger(Protocol):
         self,
         deployment: str,
         gateway: str,
-        waiting: Collection[str],
+        waiting: Mapping[str, int],
         leases: Mapping[str, Collection[str]],
     ) -> None:
-        """Renew this gateway's leases (tenant -> lease ids) and set its waiting tenants."""
+        """Renew this gateway's leases (tenant -> lease ids) and set its waiting tenants
+        (tenant -> the next request's reservation)."""
         ...
 
     async def waiting(self, deployment: str) -> set[str]:
@@ -113,6 +120,7 @@ class _Bucket:
 class _Book:
     counters: dict[str, float] = field(default_factory=dict)
     backlog: dict[tuple[str, str], float] = field(default_factory=dict)  # (tenant, gw) -> expiry
+    needs: dict[tuple[str, str], int] = field(default_factory=dict)  # (tenant, gw) -> reserve
     leases: dict[str, dict[str, float]] = field(default_factory=dict)  # tenant -> id -> expiry
     buckets: dict[str, _Bucket] = field(default_factory=dict)
 
@@ -157,13 +165,19 @@ class InProcessLedger:
     def _backlogged(self, book: _Book, now: float) -> set[str]:
         for key in [k for k, expiry in book.backlog.items() if expiry <= now]:
             del book.backlog[key]
+            book.needs.pop(key, None)
         return {tenant for tenant, _ in book.backlog}
+
+    @staticmethod
+    def _need(book: _Book, tenant: str) -> int:
+        """The smallest reservation among the tenant's next requests at any gateway."""
+        return min((n for (t, _), n in book.needs.items() if t == tenant), default=1)
 
     def _register(
         self,
         book: _Book,
         gateway: str,
-        waiting: Collection[str],
+        waiting: Mapping[str, int],
         now: float,
     ) -> None:
         """Lift newly waiting idle tenants, then make ``waiting`` this gateway's backlog."""
@@ -177,15 +191,17 @@ class InProcessLedger:
                 book.counters[tenant] = max(book.counters.get(tenant, 0.0), min(others))
         for key in [k for k in book.backlog if k[1] == gateway]:
             del book.backlog[key]
-        for tenant in waiting:
+            book.needs.pop(key, None)
+        for tenant, need in waiting.items():
             book.backlog[(tenant, gateway)] = now + self._backlog_ttl
+            book.needs[(tenant, gateway)] = need
 
     async def try_start(
         self,
         deployment: str,
         gateway: str,
         request: StartRequest,
-        waiting: Collection[str],
+        waiting: Mapping[str, int],
         tenants: Mapping[str, TenantConfig],
     ) -> Decision:
         now = self._clock()
@@ -216,6 +232,7 @@ class InProcessLedger:
         book.counters[me] = counter + request.cost
         if request.last:
             book.backlog.pop((me, gateway), None)
+            book.needs.pop((me, gateway), None)
         return Decision(True, counter=counter + request.cost)
 
     def _eligible(self, book: _Book, tenant: str, limits: TenantConfig, now: float) -> bool:
@@ -226,7 +243,7 @@ class InProcessLedger:
         ):
             return False
         level = self._level(book, limits, tenant, now)
-        return level is None or level >= 1
+        return level is None or level >= min(limits.bucket_tokens, self._need(book, tenant))
 
     async def finish(
         self, deployment: str, tenant: str, lease: str, refund: int, limits: TenantConfig
@@ -235,7 +252,7 @@ class InProcessLedger:
         book = self._book(deployment)
         book.leases.get(tenant, {}).pop(lease, None)
         level = self._level(book, limits, tenant, now)
-        if level is not None and refund > 0:
+        if level is not None and refund != 0:
             book.buckets[tenant] = _Bucket(min(float(limits.bucket_tokens), level + refund), now)
 
     async def charge(self, deployment: str, counters: Mapping[str, float]) -> None:
@@ -247,7 +264,7 @@ class InProcessLedger:
         self,
         deployment: str,
         gateway: str,
-        waiting: Collection[str],
+        waiting: Mapping[str, int],
         leases: Mapping[str, Collection[str]],
     ) -> None:
         now = self._clock()
@@ -265,13 +282,15 @@ class InProcessLedger:
         """Nothing to release."""
 
 
-# Redis keys of a deployment share one hash tag, so a cluster keeps them on one node.
+# A single Redis server: the scripts name their keys in ARGV, so Redis Cluster is not
+# supported.
 _LUA_COMMON = """
 local prefix = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local vtc = prefix .. 'vtc'
 local backlog = prefix .. 'backlog'
+local needs = prefix .. 'need'
 local function leases(name)
   local key = prefix .. 'lease:' .. name
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
@@ -292,6 +311,8 @@ local function split(member)
   return string.sub(member, 1, cut - 1), string.sub(member, cut + 1)
 end
 local function backlogged()
+  local expired = redis.call('ZRANGEBYSCORE', backlog, '-inf', now)
+  if #expired > 0 then redis.call('HDEL', needs, unpack(expired)) end
   redis.call('ZREMRANGEBYSCORE', backlog, '-inf', now)
   local set = {}
   for _, member in ipairs(redis.call('ZRANGE', backlog, 0, -1)) do
@@ -300,9 +321,21 @@ local function backlogged()
   end
   return set
 end
+-- The smallest reservation among a tenant's next requests at any gateway.
+local function need(name)
+  local found = nil
+  for _, member in ipairs(redis.call('ZRANGE', backlog, 0, -1)) do
+    local tenant = split(member)
+    if tenant == name then
+      local n = tonumber(redis.call('HGET', needs, member) or '1')
+      if found == nil or n < found then found = n end
+    end
+  end
+  return found or 1
+end
 -- Lift newly waiting idle tenants to the lowest active counter, then make ``waiting``
--- this gateway's backlog.
-local function set_waiting(gw, waiting, ttl)
+-- (names, and reservations by name) this gateway's backlog.
+local function set_waiting(gw, waiting, reserves, ttl)
   local active = backlogged()
   for _, name in ipairs(redis.call('SMEMBERS', prefix .. 'leased')) do
     if leases(name) > 0 then active[name] = true end
@@ -319,16 +352,20 @@ local function set_waiting(gw, waiting, ttl)
   end
   for _, member in ipairs(redis.call('ZRANGE', backlog, 0, -1)) do
     local _, owner = split(member)
-    if owner == gw then redis.call('ZREM', backlog, member) end
+    if owner == gw then
+      redis.call('ZREM', backlog, member)
+      redis.call('HDEL', needs, member)
+    end
   end
   for _, name in ipairs(waiting) do
     redis.call('ZADD', backlog, now + ttl, name .. '\\t' .. gw)
+    redis.call('HSET', needs, name .. '\\t' .. gw, reserves[name])
   end
 end
 """
 
 # ARGV: prefix gw tenant lease cost reserve lease_ttl backlog_ttl last nwait
-# waiting... then per tenant of the deployment: name priority max_concurrency rate cap
+# (waiting tenant, its reservation)... then per tenant of the deployment: name priority max_concurrency rate cap
 # (-1 for none).
 _TRY_START = (
     _LUA_COMMON
@@ -337,9 +374,11 @@ local gw, me, lease = ARGV[2], ARGV[3], ARGV[4]
 local cost, reserve = tonumber(ARGV[5]), tonumber(ARGV[6])
 local lease_ttl, backlog_ttl, last = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9] == '1'
 local nwait = tonumber(ARGV[10])
-local waiting = {}
+local waiting, reserves = {}, {}
 local i = 11
-for _ = 1, nwait do waiting[#waiting + 1] = ARGV[i]; i = i + 1 end
+for _ = 1, nwait do
+  waiting[#waiting + 1] = ARGV[i]; reserves[ARGV[i]] = ARGV[i + 1]; i = i + 2
+end
 local info = {}
 while i <= #ARGV do
   info[ARGV[i]] = {prio = tonumber(ARGV[i + 1]), maxc = tonumber(ARGV[i + 2]),
@@ -351,9 +390,9 @@ local function eligible(name)
   if cfg == nil then return false end
   if cfg.maxc >= 0 and leases(name) >= cfg.maxc then return false end
   local lvl = level(name, cfg.rate, cfg.cap)
-  return lvl == nil or lvl >= 1
+  return lvl == nil or lvl >= math.min(cfg.cap, need(name))
 end
-set_waiting(gw, waiting, backlog_ttl)
+set_waiting(gw, waiting, reserves, backlog_ttl)
 local mine = info[me]
 local mine_c = counter(me)
 for other in pairs(backlogged()) do
@@ -377,7 +416,10 @@ end
 redis.call('ZADD', prefix .. 'lease:' .. me, now + lease_ttl, lease)
 redis.call('SADD', prefix .. 'leased', me)
 redis.call('HINCRBYFLOAT', vtc, me, cost)
-if last then redis.call('ZREM', backlog, me .. '\\t' .. gw) end
+if last then
+  redis.call('ZREM', backlog, me .. '\\t' .. gw)
+  redis.call('HDEL', needs, me .. '\\t' .. gw)
+end
 return {1, '', '0', tostring(mine_c + cost)}
 """
 )
@@ -390,28 +432,31 @@ local me, lease, refund = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local rate, cap = tonumber(ARGV[5]), tonumber(ARGV[6])
 redis.call('ZREM', prefix .. 'lease:' .. me, lease)
 local lvl = level(me, rate, cap)
-if lvl ~= nil and refund > 0 then
+if lvl ~= nil and refund ~= 0 then
   redis.call('HSET', prefix .. 'bucket:' .. me, 'level', math.min(cap, lvl + refund), 'at', now)
 end
 return 1
 """
 )
 
-# ARGV: prefix gw lease_ttl backlog_ttl nwait waiting... then tenant lease pairs.
+# ARGV: prefix gw lease_ttl backlog_ttl nwait (waiting tenant, its reservation)... then
+# tenant lease pairs.
 _HEARTBEAT = (
     _LUA_COMMON
     + """
 local gw, lease_ttl, backlog_ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local nwait = tonumber(ARGV[5])
-local waiting = {}
+local waiting, reserves = {}, {}
 local i = 6
-for _ = 1, nwait do waiting[#waiting + 1] = ARGV[i]; i = i + 1 end
+for _ = 1, nwait do
+  waiting[#waiting + 1] = ARGV[i]; reserves[ARGV[i]] = ARGV[i + 1]; i = i + 2
+end
 while i <= #ARGV do
   redis.call('ZADD', prefix .. 'lease:' .. ARGV[i], now + lease_ttl, ARGV[i + 1])
   redis.call('SADD', prefix .. 'leased', ARGV[i])
   i = i + 2
 end
-set_waiting(gw, waiting, backlog_ttl)
+set_waiting(gw, waiting, reserves, backlog_ttl)
 return 1
 """
 )
@@ -425,6 +470,13 @@ for name in pairs(backlogged()) do names[#names + 1] = name end
 return names
 """
 )
+
+
+def _waiting_args(waiting: Mapping[str, int]) -> list[str]:
+    args = [str(len(waiting))]
+    for tenant, reserve in waiting.items():
+        args += [tenant, str(reserve)]
+    return args
 
 
 def _limits_args(limits: TenantConfig) -> list[str]:
@@ -459,7 +511,7 @@ class RedisLedger:
         deployment: str,
         gateway: str,
         request: StartRequest,
-        waiting: Collection[str],
+        waiting: Mapping[str, int],
         tenants: Mapping[str, TenantConfig],
     ) -> Decision:
         table = {request.tenant: _DEFAULT, **tenants}
@@ -473,8 +525,7 @@ class RedisLedger:
             repr(self._lease_ttl),
             repr(self._backlog_ttl),
             "1" if request.last else "0",
-            str(len(waiting)),
-            *waiting,
+            *_waiting_args(waiting),
         ]
         for name, limits in table.items():
             args += [name, str(limits.priority), *_limits_args(limits)]
@@ -484,7 +535,7 @@ class RedisLedger:
     async def finish(
         self, deployment: str, tenant: str, lease: str, refund: int, limits: TenantConfig
     ) -> None:
-        args = [self._prefix(deployment), tenant, lease, str(max(0, refund))]
+        args = [self._prefix(deployment), tenant, lease, str(refund)]
         await self._finish(args=args + _limits_args(limits)[1:])
 
     async def charge(self, deployment: str, counters: Mapping[str, float]) -> None:
@@ -498,7 +549,7 @@ class RedisLedger:
         self,
         deployment: str,
         gateway: str,
-        waiting: Collection[str],
+        waiting: Mapping[str, int],
         leases: Mapping[str, Collection[str]],
     ) -> None:
         args = [
@@ -506,8 +557,7 @@ class RedisLedger:
             gateway,
             repr(self._lease_ttl),
             repr(self._backlog_ttl),
-            str(len(waiting)),
-            *waiting,
+            *_waiting_args(waiting),
         ]
         for tenant, ids in leases.items():
             for lease in ids:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from dataplane.inference.metrics import _TPOT_BUCKETS, _TTFT_BUCKETS, RequestTiming
+from dataplane.inference.metrics import TPOT_BUCKETS, TTFT_BUCKETS, RequestTiming
 
 
 class GatewayMetrics:
@@ -18,21 +18,21 @@ class GatewayMetrics:
             "gen_ai_server_time_to_first_token_seconds",
             "Time to the first token, at the gateway",
             labels,
-            buckets=_TTFT_BUCKETS,
+            buckets=TTFT_BUCKETS,
             registry=r,
         )
         self.tpot = Histogram(
             "gen_ai_server_time_per_output_token_seconds",
             "Time per output token after the first, at the gateway",
             labels,
-            buckets=_TPOT_BUCKETS,
+            buckets=TPOT_BUCKETS,
             registry=r,
         )
         self.queue = Histogram(
             "tailguard_gateway_queue_time_seconds",
             "Arrival at the gateway to sent to a replica",
             labels,
-            buckets=_TTFT_BUCKETS,
+            buckets=TTFT_BUCKETS,
             registry=r,
         )
         self.requests = Counter(

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import json
 import logging
@@ -36,7 +35,6 @@ import signal
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,20 +42,28 @@ from urllib.parse import parse_qs
 
 import httpx
 
+from dataplane.asgi import (
+    JSON_HEADERS,
+    MODEL_PREFIX,
+    SSE_HEADERS,
+    Call,
+    Router,
+    check_internal,
+    key_digest,
+    read_body,
+    send_json,
+    sse,
+    wait_disconnect,
+)
 from dataplane.gateway.config import DeploymentRoute, GatewayConfig
 from dataplane.gateway.ledger import InProcessLedger, Ledger, RedisLedger, StartRequest
 from dataplane.gateway.metrics import GatewayMetrics
-from dataplane.gateway.routing import Replica, ReplicaState, choose
+from dataplane.gateway.routing import Dispatch, Replica, ReplicaState, choose
 from dataplane.inference.config import TenantConfig
 from dataplane.inference.metrics import RequestTiming, TelemetryStats
 from dataplane.inference.protocol import ApiError
 
 log = logging.getLogger(__name__)
-
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 CONFIG_POLL_SECONDS = 1.0
 # While requests wait, the dispatcher looks again at least this often (other gateways'
@@ -67,17 +73,12 @@ DISPATCH_POLL_S = 0.01
 CHARGE_FLUSH_S = 0.02
 # What a chat request without max_tokens reserves from its tenant's token bucket.
 DEFAULT_CHAT_RESERVE = 256
+# OpenAI's default max_tokens for completions, written into requests that name none.
+DEFAULT_COMPLETION_RESERVE = 16
 _DEFAULT_TENANT = TenantConfig.model_validate({})
-_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
-_JSON = [(b"content-type", b"application/json")]
-_SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-_MODEL_PREFIX = "/v1/models/"
 _TOKEN_CHUNK = b'"choices":[{'
+_ERROR_CHUNK = b'data: {"error"'
 _DONE = b"data: [DONE]\n\n"
-
-
-def key_digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def _replica_error() -> ApiError:
@@ -87,18 +88,6 @@ def _replica_error() -> ApiError:
         type_="server_error",
         code="replica_failed",
     )
-
-
-def _sse(body: Any) -> bytes:
-    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
-
-
-async def _send_json(
-    send: Send, status: int, body: Any, headers: dict[str, str] | None = None
-) -> None:
-    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": [*_JSON, *extra]})
-    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
 
 @dataclass
@@ -122,10 +111,25 @@ class _Waiter:
     reserve: int
     arrival: float
     objective: float | None
+    stream: bool = False
     lease: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: asyncio.Future[Replica] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    # Set where the replica is chosen: the request counts against its room from then on.
+    dispatch: Dispatch | None = None
+    predicted: float = 0.0
+    # Output tokens passed to the client so far.
+    tokens: int = 0
+
+
+@dataclass(eq=False)
+class _Forward:
+    """A request being forwarded to a replica; ``failed`` once the replica is marked
+    down under it (its task is then cancelled, and ends the response as failed)."""
+
+    task: asyncio.Task[Any] | None
+    failed: bool = False
 
 
 class _Deployment:
@@ -143,6 +147,9 @@ class _Deployment:
         self.counters: dict[str, float] = {}
         self.charges: defaultdict[str, float] = defaultdict(float)
         self.leases: dict[str, set[str]] = {}
+        # Seconds until the tenant's bucket held enough, as the ledger last said.
+        self.token_wait: dict[str, float] = {}
+        self.forwards: dict[str, set[_Forward]] = defaultdict(set)  # by replica id
         self.keys: list[tuple[str, str]] = []
         self.set_route(route)
 
@@ -161,8 +168,23 @@ class _Deployment:
     def limits(self, tenant: str) -> TenantConfig:
         return self.route.tenants.get(tenant, _DEFAULT_TENANT)
 
-    def waiting_tenants(self) -> list[str]:
-        return [tenant for tenant, queue in self.waiting.items() if queue]
+    def waiting_tenants(self) -> dict[str, int]:
+        """Tenants with requests waiting here -> the reservation of the next one."""
+        return {tenant: queue[0].reserve for tenant, queue in self.waiting.items() if queue}
+
+    def unqueue(self, waiter: _Waiter) -> None:
+        queue = self.waiting.get(waiter.tenant)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+
+    def replica_down(self, replica: Replica) -> None:
+        """Mark the replica down and end the requests forwarded to it."""
+        replica.mark_down()
+        for forward in self.forwards.pop(replica.replica_id, set()):
+            if not forward.failed and forward.task is not None:
+                forward.failed = True
+                forward.task.cancel()
+        self.wake.set()
 
     def waiting_count(self) -> int:
         return sum(len(queue) for queue in self.waiting.values())
@@ -179,6 +201,8 @@ class Gateway:
         self.nonce = nonce
         self._config_mtime = config_path.stat().st_mtime_ns if config_path else None
         backlog_ttl = min(config.lease_ttl_s, 2.0)
+        # Leases and waiting marks are renewed four times within the shorter of the TTLs.
+        self.beat_every = min(config.lease_ttl_s, backlog_ttl) / 4
         self.ledger: Ledger
         if config.counters_url is None:
             self.ledger = InProcessLedger(config.lease_ttl_s, backlog_ttl)
@@ -244,7 +268,7 @@ class Gateway:
             wanted = {r.replica_id: r for r in route.replicas}
             for replica_id in [r for r in dep.replicas if r not in wanted]:
                 dep.watchers.pop(replica_id).cancel()
-                dep.replicas.pop(replica_id).mark_down()
+                dep.replica_down(dep.replicas.pop(replica_id))
             for replica_id, cfg in wanted.items():
                 replica = dep.replicas.get(replica_id)
                 if replica is not None and replica.config == cfg:
@@ -317,9 +341,8 @@ class Gateway:
             except (httpx.HTTPError, ValueError, KeyError) as exc:
                 if replica.up:
                     log.warning("replica %s is down: %s", cfg.replica_id, exc)
-            replica.mark_down()
+            dep.replica_down(replica)
             self.metrics.replica_up.labels(model, cfg.replica_id).set(0)
-            dep.wake.set()
             await asyncio.sleep(interval)
 
     # -- admission ----------------------------------------------------------------------
@@ -337,18 +360,28 @@ class Gateway:
                 await asyncio.wait_for(dep.wake.wait(), timeout)
 
     def _reject(self, dep: _Deployment, waiter: _Waiter, why: str) -> None:
-        dep.waiting[waiter.tenant].remove(waiter)
+        dep.unqueue(waiter)
         if waiter.future.done():
             return
         waiter.future.set_exception(self._busy(dep, waiter.tenant, why))
 
     def _busy(self, dep: _Deployment, tenant: str, why: str) -> ApiError:
-        """429 with the seconds until about one request's worth of capacity frees up."""
+        """429 with the seconds until the requests waiting ahead could have started: the
+        replicas' capacity for everyone waiting here, and the tenant's own limits for its
+        own queue (its concurrency, and its token bucket as the ledger last saw it)."""
         replicas = [r for r in dep.replicas.values() if r.state is not None]
         slots = sum(r.state.max_batch_size for r in replicas if r.state is not None) or 1
         e2e = max((r.state.mean_e2e_s for r in replicas if r.state is not None), default=1.0)
         ahead = dep.waiting_count() + 1
-        retry = max(1, math.ceil(ahead * e2e / slots))
+        waits = [ahead * e2e / slots]
+        limits = dep.limits(tenant)
+        own = list(dep.waiting.get(tenant, ()))
+        if limits.max_concurrency:
+            waits.append((len(own) + 1) * e2e / limits.max_concurrency)
+        if limits.tokens_per_s:
+            queued = sum(w.reserve for w in own)
+            waits.append(dep.token_wait.get(tenant, 0.0) + queued / limits.tokens_per_s)
+        retry = max(1, math.ceil(max(waits)))
         return ApiError(
             429,
             f"Tenant {tenant!r}: {why}",
@@ -371,7 +404,7 @@ class Gateway:
             top = max([top, *(dep.limits(t).priority for t in fleet)])
         for waiter in waiters:
             if waiter.future.done():
-                dep.waiting[waiter.tenant].remove(waiter)
+                dep.unqueue(waiter)
             elif now - waiter.arrival > admission.max_wait_s:
                 self._reject(dep, waiter, "waited too long for capacity")
             elif waiter in late and waiter.priority < top:
@@ -396,6 +429,7 @@ class Gateway:
                 dep.route.tenants,
             )
             dep.counters[tenant] = decision.counter
+            dep.token_wait[tenant] = decision.wait_s if decision.reason == "tokens" else 0.0
             if not decision.ok:
                 skip.add(tenant)
                 continue
@@ -409,12 +443,15 @@ class Gateway:
                 if replica is None and not waiter.future.done():
                     queue.appendleft(waiter)
                 continue
+            # The slot is taken here, before the next choice, not when the request is sent.
+            waiter.predicted = replica.model_ttft(waiter.prompt_tokens, waiter.priority)
+            waiter.dispatch = replica.routed(waiter.prompt_tokens, waiter.stream)
             dep.leases.setdefault(tenant, set()).add(waiter.lease)
             waiter.future.set_result(replica)
 
     async def _flush_loop(self) -> None:
         """Charge streamed tokens in batches; renew leases and waiting marks."""
-        beat_every = self.config.lease_ttl_s / 4
+        beat_every = self.beat_every
         last_beat = 0.0
         while True:
             await asyncio.sleep(CHARGE_FLUSH_S)
@@ -426,7 +463,12 @@ class Gateway:
                 try:
                     if dep.charges:
                         charges, dep.charges = dict(dep.charges), defaultdict(float)
-                        await self.ledger.charge(deployment, charges)
+                        try:
+                            await self.ledger.charge(deployment, charges)
+                        except BaseException:
+                            for tenant, amount in charges.items():  # charged next time
+                                dep.charges[tenant] += amount
+                            raise
                         for tenant, amount in charges.items():
                             dep.counters[tenant] = dep.counters.get(tenant, 0.0) + amount
                     if beat:
@@ -448,33 +490,35 @@ class Gateway:
         try:
             return await waiter.future
         except asyncio.CancelledError:
-            if waiter in queue:
-                queue.remove(waiter)
-            elif waiter.future.done() and not waiter.future.cancelled():
-                if waiter.future.exception() is None:
-                    await self.release(dep, tenant, waiter, waiter.reserve)
+            dep.unqueue(waiter)
+            future = waiter.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                if waiter.dispatch is not None:
+                    future.result().seen(waiter.dispatch)
+                await self.release(dep, tenant, waiter, waiter.reserve)
             raise
 
     async def release(self, dep: _Deployment, tenant: str, waiter: _Waiter, refund: int) -> None:
+        """Free the request's lease and settle its reservation: shielded from the
+        caller's cancellation, and a ledger error is logged (the lease then expires)."""
         dep.leases.get(tenant, set()).discard(waiter.lease)
-        await self.ledger.finish(
+        dep.wake.set()
+        finish = self.ledger.finish(
             dep.route.deployment_id, tenant, waiter.lease, refund, dep.limits(tenant)
         )
-        dep.wake.set()
+        try:
+            await asyncio.shield(finish)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("releasing a lease of tenant %s failed", tenant)
 
 
-@dataclass
-class _Call:
-    scope: Scope
-    receive: Receive
-    send: Send
-    arrival: float
-
-    def header(self, name: bytes) -> bytes | None:
-        for key, value in self.scope["headers"]:
-            if key == name:
-                return bytes(value)
-        return None
+async def watch_disconnect(call: Call, work: asyncio.Task[Any]) -> None:
+    """Cancel ``work`` when the client disconnects before its response is complete."""
+    await wait_disconnect(call)
+    if not call.done:
+        work.cancel()
 
 
 def _prompt_tokens(body: dict[str, Any]) -> int:
@@ -492,22 +536,34 @@ def _prompt_tokens(body: dict[str, Any]) -> int:
     return max(1, len(json.dumps(prompt)) // 4)
 
 
-def _reserve(body: dict[str, Any], chat: bool) -> int:
-    """Output tokens the request may produce, as the worker would cap them."""
+def _reserve(body: dict[str, Any], chat: bool) -> tuple[int, int | None]:
+    """Output tokens the request may produce, and the ``max_tokens`` to forward when the
+    request names none (so the worker stops at what was reserved)."""
     limit = body.get("max_completion_tokens") if chat else None
-    limit = limit or body.get("max_tokens") or (DEFAULT_CHAT_RESERVE if chat else 16)
+    limit = limit or body.get("max_tokens")
+    default = None
+    if not limit:
+        limit = default = DEFAULT_CHAT_RESERVE if chat else DEFAULT_COMPLETION_RESERVE
     choices = body.get("n") or 1
     if not isinstance(limit, int) or not isinstance(choices, int):
         raise ApiError(400, "max_tokens and n are integers.", code="invalid_value")
-    return max(1, limit) * max(1, choices)
+    return max(1, limit) * max(1, choices), default
 
 
-class GatewayApp:
+def _status_outcome(status: int) -> str:
+    """How a replica's answer other than 200 counts."""
+    if status == 429:
+        return "rejected"
+    return "failed" if status >= 500 else "error"
+
+
+class GatewayApp(Router):
     """ASGI application over a ``Gateway``."""
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self._routes: dict[str, tuple[str, Callable[[_Call], Awaitable[None]]]] = {
+        self.model_route = self._model
+        self.routes = {
             "/v1/completions": ("POST", self._completions),
             "/v1/chat/completions": ("POST", self._chat),
             "/v1/models": ("GET", self._models),
@@ -516,61 +572,18 @@ class GatewayApp:
             "/v1/internal/stats": ("GET", self._stats),
         }
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
-        call = _Call(scope, receive, send, time.perf_counter())
-        try:
-            path = scope["path"]
-            route = self._routes.get(path)
-            if route is None and path.startswith(_MODEL_PREFIX):
-                route = ("GET", self._model)
-            if route is None:
-                raise ApiError(404, f"Unknown path {path}", code="not_found")
-            method, handler = route
-            if scope["method"] != method:
-                raise ApiError(
-                    405,
-                    f"{path} takes {method}",
-                    code="method_not_allowed",
-                    headers={"allow": method},
-                )
-            await handler(call)
-        except ApiError as exc:
-            await _send_json(send, exc.status, exc.body(), exc.headers)
+    async def startup(self) -> None:
+        self.gateway.start()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.gateway.reload)
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                self.gateway.start()
-                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.gateway.reload)
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.gateway.stop()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+    async def shutdown(self) -> None:
+        await self.gateway.stop()
 
     # -- plumbing -----------------------------------------------------------------------
 
-    @staticmethod
-    def _bearer(call: _Call) -> str:
-        value = call.header(b"authorization") or b""
-        scheme, _, key = value.decode("latin-1").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise ApiError(
-                401,
-                "You didn't provide an API key (Authorization: Bearer KEY).",
-                code="invalid_api_key",
-            )
-        return key.strip()
-
-    def _tenants(self, call: _Call) -> dict[str, str]:
+    def _tenants(self, call: Call) -> dict[str, str]:
         """Model name -> the tenant the key names in that deployment (401 if none)."""
-        digest = key_digest(self._bearer(call))
+        digest = key_digest(call.require_bearer())
         found = {}
         for model, dep in self.gateway.deployments.items():
             tenant = dep.tenant_for(digest)
@@ -580,35 +593,18 @@ class GatewayApp:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
         return found
 
-    async def _read_body(self, call: _Call) -> bytes:
-        limit = self.gateway.config.max_request_bytes
-        too_big = ApiError(413, f"Request body exceeds {limit} bytes.", code="request_too_large")
-        declared = call.header(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise too_big
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await call.receive()
-            if message["type"] == "http.disconnect":
-                raise ApiError(400, "Client disconnected.", code="client_closed")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise too_big
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+    async def _read_body(self, call: Call) -> bytes:
+        return await read_body(call, self.gateway.config.max_request_bytes)
 
     # -- OpenAI endpoints -------------------------------------------------------------
 
-    async def _completions(self, call: _Call) -> None:
+    async def _completions(self, call: Call) -> None:
         await self._serve(call, "/v1/completions", chat=False)
 
-    async def _chat(self, call: _Call) -> None:
+    async def _chat(self, call: Call) -> None:
         await self._serve(call, "/v1/chat/completions", chat=True)
 
-    async def _serve(self, call: _Call, path: str, *, chat: bool) -> None:
+    async def _serve(self, call: Call, path: str, *, chat: bool) -> None:
         """Admit, forward and measure one request; a client that leaves ends it, waiting
         or streaming, and the replica sees it leave too."""
         tenants = self._tenants(call)
@@ -631,7 +627,7 @@ class GatewayApp:
         work = asyncio.create_task(
             self._admit_and_forward(call, dep, tenant, path, raw, body, chat)
         )
-        watcher = asyncio.create_task(self._watch_disconnect(call, work))
+        watcher = asyncio.create_task(watch_disconnect(call, work))
         try:
             await work
         except asyncio.CancelledError:
@@ -640,15 +636,9 @@ class GatewayApp:
         finally:
             watcher.cancel()
 
-    @staticmethod
-    async def _watch_disconnect(call: _Call, work: asyncio.Task[None]) -> None:
-        while (await call.receive())["type"] != "http.disconnect":
-            pass
-        work.cancel()
-
     async def _admit_and_forward(
         self,
-        call: _Call,
+        call: Call,
         dep: _Deployment,
         tenant: str,
         path: str,
@@ -659,13 +649,18 @@ class GatewayApp:
         gateway = self.gateway
         model = dep.route.served_model_name
         limits = dep.limits(tenant)
+        reserve, default = _reserve(body, chat)
+        if default is not None:  # the replica may produce no more than was reserved
+            raw = json.dumps({**body, "max_tokens": default}).encode()
+        stream = bool(body.get("stream"))
         waiter = _Waiter(
             tenant=tenant,
             priority=limits.priority,
             prompt_tokens=_prompt_tokens(body),
-            reserve=_reserve(body, chat),
+            reserve=reserve,
             arrival=call.arrival,
-            objective=dep.route.ttft_objective(tenant),
+            objective=dep.stats.tightest(tenant, "ttft"),
+            stream=stream,
         )
         try:
             replica = await gateway.admit(dep, tenant, waiter)
@@ -674,7 +669,6 @@ class GatewayApp:
                 dep.stats.count_rejected(tenant)
                 gateway.metrics.requests.labels(tenant, model, "rejected").inc()
             raise
-        stream = bool(body.get("stream"))
         timing: RequestTiming = (
             RequestTiming(call.arrival, waiter.prompt_tokens)
             if stream
@@ -684,24 +678,33 @@ class GatewayApp:
         headers = {"content-type": "application/json"}
         if (auth := call.header(b"authorization")) is not None:
             headers["authorization"] = auth.decode("latin-1")
-        tokens = 0
         outcome = "failed"
         try:
-            tokens, outcome = await self._forward(
-                call, dep, tenant, waiter, replica, path, raw, headers, timing, stream
+            outcome = await self._forward(
+                call, dep, tenant, waiter, replica, path, raw, headers, timing
             )
+        except asyncio.CancelledError:
+            outcome = "cancelled"  # counted once, where the cancellation ends
+            raise
+        except ApiError as exc:
+            outcome = "rejected" if exc.status == 429 else "failed"
+            raise
         finally:
-            await gateway.release(dep, tenant, waiter, waiter.reserve - tokens)
-            gateway.metrics.requests.labels(tenant, model, outcome).inc()
+            if outcome != "cancelled":
+                gateway.metrics.requests.labels(tenant, model, outcome).inc()
             if outcome == "completed":
                 dep.stats.record(tenant, timing)
                 gateway.metrics.observe(tenant, model, timing)
             elif outcome == "failed":
                 dep.stats.count_failed(tenant)
+            elif outcome == "rejected":
+                dep.stats.count_rejected(tenant)
+            # What it did not use goes back to the bucket; what it used beyond is charged.
+            await gateway.release(dep, tenant, waiter, waiter.reserve - waiter.tokens)
 
     async def _forward(
         self,
-        call: _Call,
+        call: Call,
         dep: _Deployment,
         tenant: str,
         waiter: _Waiter,
@@ -710,110 +713,148 @@ class GatewayApp:
         raw: bytes,
         headers: dict[str, str],
         timing: RequestTiming,
-        stream: bool,
-    ) -> tuple[int, str]:
+    ) -> str:
         """Send the request to ``replica`` (another one, once, if it cannot be reached)
-        and pass the answer on; returns the output tokens and the outcome."""
+        and pass the answer on; returns the outcome (the output tokens are counted on
+        the waiter as they pass)."""
         gateway = self.gateway
         model = dep.route.served_model_name
         weight = dep.route.output_token_weight / dep.limits(tenant).weight
+        stream = waiter.stream
+        dispatch = waiter.dispatch
+        predicted = waiter.predicted
         for attempt in range(2):
             current = replica
-            predicted = current.model_ttft(waiter.prompt_tokens, waiter.priority)
-            dispatch = current.routed(waiter.prompt_tokens, stream)
+            if not current.up:  # down since it was chosen
+                if dispatch is not None:
+                    current.seen(dispatch)
+                dispatch = None
+                fallback = self._fallback(dep, current, waiter)
+                if attempt or fallback is None:
+                    raise _replica_error()
+                replica = current = fallback
+            if dispatch is None:
+                predicted = current.model_ttft(waiter.prompt_tokens, waiter.priority)
+                dispatch = current.routed(waiter.prompt_tokens, stream)
             current.inflight += 1
-            gateway.metrics.routed.labels(model, replica.replica_id).inc()
+            forward = _Forward(asyncio.current_task())
+            dep.forwards[current.replica_id].add(forward)
+            gateway.metrics.routed.labels(model, current.replica_id).inc()
             request = gateway.client.build_request(
-                "POST", replica.config.base_url + path, content=raw, headers=headers
+                "POST", current.config.base_url + path, content=raw, headers=headers
             )
             started = False
-            tokens = 0
             try:
-                response = await gateway.client.send(request, stream=True)
-                if stream:
-                    current.started(dispatch)
                 try:
-                    if response.status_code != 200:
-                        payload = await response.aread()
+                    response = await gateway.client.send(request, stream=True)
+                    if stream:
+                        current.started(dispatch)
+                    try:
+                        if response.status_code != 200:
+                            payload = await response.aread()
+                            await call.send(
+                                {
+                                    "type": "http.response.start",
+                                    "status": response.status_code,
+                                    "headers": _passed_headers(response),
+                                }
+                            )
+                            started = True
+                            call.done = True
+                            await call.send({"type": "http.response.body", "body": payload})
+                            return _status_outcome(response.status_code)
+                        if not stream:
+                            payload = await response.aread()
+                            timing.token_times.append(time.perf_counter())
+                            tokens = _usage_tokens(payload)
+                            assert isinstance(timing, _WholeTiming)
+                            timing.tokens = waiter.tokens = tokens
+                            dep.charges[tenant] += tokens * weight
+                            await call.send(
+                                {
+                                    "type": "http.response.start",
+                                    "status": 200,
+                                    "headers": JSON_HEADERS,
+                                }
+                            )
+                            started = True
+                            call.done = True
+                            await call.send({"type": "http.response.body", "body": payload})
+                            return "completed"
                         await call.send(
-                            {
-                                "type": "http.response.start",
-                                "status": response.status_code,
-                                "headers": _passed_headers(response),
-                            }
+                            {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS}
                         )
                         started = True
-                        await call.send({"type": "http.response.body", "body": payload})
-                        return 0, "rejected" if response.status_code == 429 else "error"
-                    if not stream:
-                        payload = await response.aread()
-                        timing.token_times.append(time.perf_counter())
-                        tokens = _usage_tokens(payload)
-                        assert isinstance(timing, _WholeTiming)
-                        timing.tokens = tokens
-                        await call.send(
-                            {"type": "http.response.start", "status": 200, "headers": _JSON}
-                        )
-                        started = True
-                        await call.send({"type": "http.response.body", "body": payload})
-                        dep.charges[tenant] += tokens * weight
-                        return tokens, "completed"
-                    await call.send({"type": "http.response.start", "status": 200, "headers": _SSE})
-                    started = True
-                    pending = b""
-                    async for chunk in response.aiter_raw():
-                        await call.send(
-                            {"type": "http.response.body", "body": chunk, "more_body": True}
-                        )
-                        pending += chunk
-                        *events, pending = pending.split(b"\n\n")
-                        now = time.perf_counter()
-                        fresh = sum(1 for event in events if _TOKEN_CHUNK in event)
-                        if fresh:
-                            if tokens == 0:
-                                replica.observed(predicted, now - (timing.scheduled or now))
-                            timing.token_times.extend([now] * fresh)
-                            tokens += fresh
-                            dep.charges[tenant] += fresh * weight
-                    await call.send({"type": "http.response.body", "body": b""})
-                    return tokens, "completed"
-                finally:
-                    await response.aclose()
+                        pending = b""
+                        errored = False
+                        async for chunk in response.aiter_raw():
+                            await call.send(
+                                {"type": "http.response.body", "body": chunk, "more_body": True}
+                            )
+                            pending += chunk
+                            *events, pending = pending.split(b"\n\n")
+                            now = time.perf_counter()
+                            fresh = sum(1 for event in events if _TOKEN_CHUNK in event)
+                            errored = errored or any(e.startswith(_ERROR_CHUNK) for e in events)
+                            if fresh:
+                                if waiter.tokens == 0:
+                                    current.observed(predicted, now - (timing.scheduled or now))
+                                timing.token_times.extend([now] * fresh)
+                                waiter.tokens += fresh
+                                dep.charges[tenant] += fresh * weight
+                        call.done = True
+                        await call.send({"type": "http.response.body", "body": b""})
+                        return "failed" if errored else "completed"
+                    finally:
+                        await response.aclose()
+                except asyncio.CancelledError:
+                    if not forward.failed:
+                        raise
+                    task = asyncio.current_task()
+                    if task is not None:
+                        task.uncancel()
+                    raise httpx.ReadError("the replica was marked down") from None
             except httpx.TransportError as exc:
-                log.warning("replica %s failed: %s", replica.replica_id, exc)
-                replica.mark_down()
-                dep.wake.set()
+                log.warning("replica %s failed: %s", current.replica_id, exc)
+                dep.forwards[current.replica_id].discard(forward)  # it ends here, not by cancel
+                if not forward.failed:
+                    dep.replica_down(current)
                 if started:
-                    tail = _sse(_replica_error().body()) + _DONE
+                    tail = sse(_replica_error().body()) + _DONE
+                    call.done = True
                     await call.send({"type": "http.response.body", "body": tail})
-                    return tokens, "failed"
-                others = [r for r in dep.replicas.values() if r is not replica and r.up]
-                fallback = min(
-                    others,
-                    key=lambda r: r.predict(waiter.prompt_tokens, waiter.priority),
-                    default=None,
-                )
+                    return "failed"
+                fallback = self._fallback(dep, current, waiter)
                 if attempt or fallback is None:
                     raise _replica_error() from None
                 replica = fallback
             finally:
                 current.inflight -= 1
                 current.seen(dispatch)
+                dep.forwards[current.replica_id].discard(forward)
+                dispatch = None
         raise _replica_error()
 
-    async def _models(self, call: _Call) -> None:
+    @staticmethod
+    def _fallback(dep: _Deployment, failed: Replica, waiter: _Waiter) -> Replica | None:
+        others = [r for r in dep.replicas.values() if r is not failed and r.up]
+        return min(
+            others, key=lambda r: r.predict(waiter.prompt_tokens, waiter.priority), default=None
+        )
+
+    async def _models(self, call: Call) -> None:
         tenants = self._tenants(call)
         cards = [self._card(model) for model in tenants]
-        await _send_json(call.send, 200, {"object": "list", "data": cards})
+        await send_json(call.send, 200, {"object": "list", "data": cards})
 
-    async def _model(self, call: _Call) -> None:
+    async def _model(self, call: Call) -> None:
         tenants = self._tenants(call)
-        name = call.scope["path"].removeprefix(_MODEL_PREFIX)
+        name = call.scope["path"].removeprefix(MODEL_PREFIX)
         if name not in tenants:
             raise ApiError(
                 404, f"The model `{name}` does not exist.", param="model", code="model_not_found"
             )
-        await _send_json(call.send, 200, self._card(name))
+        await send_json(call.send, 200, self._card(name))
 
     @staticmethod
     def _card(model: str) -> dict[str, Any]:
@@ -821,7 +862,7 @@ class GatewayApp:
 
     # -- operations ---------------------------------------------------------------------
 
-    async def _health(self, call: _Call) -> None:
+    async def _health(self, call: Call) -> None:
         gateway = self.gateway
         deployments = [
             {
@@ -835,7 +876,7 @@ class GatewayApp:
             }
             for model, dep in gateway.deployments.items()
         ]
-        await _send_json(
+        await send_json(
             call.send,
             200,
             {
@@ -846,23 +887,16 @@ class GatewayApp:
             },
         )
 
-    async def _metrics(self, call: _Call) -> None:
+    async def _metrics(self, call: Call) -> None:
         payload = self.gateway.metrics.render()
         headers = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
         await call.send({"type": "http.response.start", "status": 200, "headers": headers})
         await call.send({"type": "http.response.body", "body": payload})
 
-    async def _stats(self, call: _Call) -> None:
+    async def _stats(self, call: Call) -> None:
         """A deployment's stats as measured here, in the worker's shape (one deployment
         needs no ``deployment`` parameter)."""
-        config = self.gateway.config
-        client = call.scope.get("client") or ("", 0)
-        if config.stats_key_sha256:
-            digest = key_digest(self._bearer(call))
-            if not any([hmac.compare_digest(d, digest) for d in config.stats_key_sha256]):
-                raise ApiError(401, "A stats key is required.", code="invalid_api_key")
-        elif client[0] not in _LOOPBACK:
-            raise ApiError(403, "Stats are served to loopback clients only.", code="forbidden")
+        check_internal(call, self.gateway.config.stats_key_sha256)
         query = parse_qs(call.scope.get("query_string", b"").decode())
         after = query.get("after", ["0"])[0]
         if not after.isdigit():
@@ -883,7 +917,7 @@ class GatewayApp:
             "queue_depth": dep.waiting_count(),
             "running": sum(len(ids) for ids in dep.leases.values()),
         }
-        await _send_json(call.send, 200, {**window, **live})
+        await send_json(call.send, 200, {**window, **live})
 
 
 def _passed_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:

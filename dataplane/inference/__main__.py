@@ -11,7 +11,6 @@ that any user on the host can read in /proc.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import socket
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import uvicorn
 
+from dataplane.asgi import announce, bind
 from dataplane.inference.config import WorkerConfig
 from dataplane.inference.server import Identity, InferenceApp, Worker
 
@@ -45,11 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         args.config,
         identity=Identity(replica_id=args.replica_id, nonce=nonce),
     )
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
+    sock = bind(args.host, args.port)
     if args.announce is not None:
-        _announce(args.announce, sock.getsockname()[1], nonce)
+        announce(args.announce, sock.getsockname()[1], nonce)
     app = InferenceApp(worker)
     server = _Server(
         app,
@@ -75,13 +73,6 @@ class _Server(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._app.close_streams()
         await super().shutdown(sockets)
-
-
-def _announce(path: Path, port: int, nonce: str | None) -> None:
-    """Atomically, so a reader never sees half of it."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"port": port, "nonce": nonce, "pid": os.getpid()}))
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

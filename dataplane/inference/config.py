@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -20,21 +21,25 @@ SloMetric = Literal["ttft", "tpot", "itl", "e2e", "queue"]
 Policy = Literal["fair", "fcfs"]
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# How often an idle state stream (GET /v1/internal/state) sends a message anyway.
+STATE_HEARTBEAT_S = 0.5
 RESTART_FIELDS = ("deployment_id", "served_model_name", "model_dir", "cache_dir", "runtime")
 
 
-class _Frozen(BaseModel):
+class Frozen(BaseModel):
+    """A config model: immutable, unknown fields refused."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-def _check_hashes(hashes: list[str]) -> list[str]:
+def check_hashes(hashes: list[str]) -> list[str]:
     for digest in hashes:
         if not _SHA256_HEX.match(digest):
             raise ValueError("key hashes are lowercase sha256 hex digests (64 characters)")
     return hashes
 
 
-class TenantConfig(_Frozen):
+class TenantConfig(Frozen):
     """A tenant's share of the worker, its limits, and the API keys that name it.
 
     The limits hold under either policy (the scheduler's module docstring states the exact
@@ -57,7 +62,7 @@ class TenantConfig(_Frozen):
         description="token bucket size; default one second's worth of tokens_per_s",
     )
 
-    _hashes = field_validator("key_sha256")(_check_hashes)
+    _hashes = field_validator("key_sha256")(check_hashes)
 
     @model_validator(mode="after")
     def _burst_needs_rate(self) -> TenantConfig:
@@ -73,7 +78,19 @@ class TenantConfig(_Frozen):
         return max(1, math.ceil(self.tokens_per_s or 0))
 
 
-class SloThreshold(_Frozen):
+def check_keys_name_one_tenant(tenants: Mapping[str, TenantConfig]) -> None:
+    """Each key hash names one tenant."""
+    seen: dict[str, str] = {}
+    for tenant, cfg in tenants.items():
+        for digest in cfg.key_sha256:
+            if digest in seen:
+                raise ValueError(
+                    f"key hash {digest[:12]}... names both {seen[digest]!r} and {tenant!r}"
+                )
+            seen[digest] = tenant
+
+
+class SloThreshold(Frozen):
     """One latency objective to count exactly: good means value <= threshold."""
 
     tenant: str
@@ -81,7 +98,7 @@ class SloThreshold(_Frozen):
     threshold_seconds: float = Field(gt=0)
 
 
-class BatchingConfig(_Frozen):
+class BatchingConfig(Frozen):
     """Continuous batching knobs."""
 
     max_batch_size: int = Field(default=32, ge=1, description="sequences decoded together")
@@ -105,7 +122,7 @@ class BatchingConfig(_Frozen):
     )
 
 
-class SchedulingConfig(_Frozen):
+class SchedulingConfig(Frozen):
     """Who goes next: ``fair`` (virtual token counters + priority) or ``fcfs``."""
 
     policy: Policy = "fair"
@@ -121,14 +138,14 @@ class SchedulingConfig(_Frozen):
     )
 
 
-class RuntimeConfig(_Frozen):
+class RuntimeConfig(Frozen):
     """ONNX Runtime session settings."""
 
     intra_op_threads: int = Field(default=0, ge=0, description="0 lets ONNX Runtime choose")
     allow_spinning: bool = False
 
 
-class WorkerConfig(_Frozen):
+class WorkerConfig(Frozen):
     """Everything one inference worker process needs."""
 
     deployment_id: str = Field(min_length=1)
@@ -146,18 +163,11 @@ class WorkerConfig(_Frozen):
         description="keys allowed to read /v1/internal/stats; empty means loopback only",
     )
 
-    _hashes = field_validator("stats_key_sha256")(_check_hashes)
+    _hashes = field_validator("stats_key_sha256")(check_hashes)
 
     @model_validator(mode="after")
     def _keys_name_one_tenant(self) -> WorkerConfig:
-        seen: dict[str, str] = {}
-        for tenant, cfg in self.tenants.items():
-            for digest in cfg.key_sha256:
-                if digest in seen:
-                    raise ValueError(
-                        f"key hash {digest[:12]}... names both {seen[digest]!r} and {tenant!r}"
-                    )
-                seen[digest] = tenant
+        check_keys_name_one_tenant(self.tenants)
         return self
 
     @classmethod

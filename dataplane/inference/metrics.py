@@ -85,7 +85,7 @@ class RequestTiming:
 
 
 # Bucket boundaries recommended by the OpenTelemetry GenAI semantic conventions.
-_TTFT_BUCKETS = (
+TTFT_BUCKETS = (
     0.001,
     0.005,
     0.01,
@@ -103,7 +103,7 @@ _TTFT_BUCKETS = (
     7.5,
     10.0,
 )
-_TPOT_BUCKETS = (
+TPOT_BUCKETS = (
     0.001,
     0.0025,
     0.005,
@@ -153,14 +153,14 @@ class WorkerMetrics:
                 "gen_ai_server_time_to_first_token_seconds",
                 "Time to generate the first token",
                 labels,
-                buckets=_TTFT_BUCKETS,
+                buckets=TTFT_BUCKETS,
                 registry=r,
             ),
             "tpot": Histogram(
                 "gen_ai_server_time_per_output_token_seconds",
                 "Time per output token after the first",
                 labels,
-                buckets=_TPOT_BUCKETS,
+                buckets=TPOT_BUCKETS,
                 registry=r,
             ),
             "e2e": Histogram(
@@ -174,14 +174,14 @@ class WorkerMetrics:
                 "tailguard_request_queue_time_seconds",
                 "Arrival to first scheduled",
                 labels,
-                buckets=_TTFT_BUCKETS,
+                buckets=TTFT_BUCKETS,
                 registry=r,
             ),
             "itl": Histogram(
                 "tailguard_inter_token_latency_seconds",
                 "Gap between consecutive output tokens",
                 labels,
-                buckets=_TPOT_BUCKETS,
+                buckets=TPOT_BUCKETS,
                 registry=r,
             ),
         }
@@ -201,7 +201,7 @@ class WorkerMetrics:
             "tailguard_engine_step_seconds",
             "Wall time of one prefill or decode step",
             ("kind",),
-            buckets=_TPOT_BUCKETS,
+            buckets=TPOT_BUCKETS,
             registry=r,
         )
 

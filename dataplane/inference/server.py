@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import json
 import logging
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,7 +37,20 @@ from urllib.parse import parse_qs
 
 from pydantic import ValidationError
 
-from dataplane.inference.config import WorkerConfig
+from dataplane.asgi import (
+    MODEL_PREFIX,
+    SSE_HEADERS,
+    Call,
+    Router,
+    check_internal,
+    digest_in,
+    key_digest,
+    read_body,
+    send_json,
+    sse,
+    wait_disconnect,
+)
+from dataplane.inference.config import STATE_HEARTBEAT_S, WorkerConfig
 from dataplane.inference.engine import BatchEngine, EngineSequence
 from dataplane.inference.grammar import Grammar, GrammarError, Grammars
 from dataplane.inference.metrics import RequestTiming, TelemetryStats, WorkerMetrics
@@ -63,19 +75,9 @@ from dataplane.inference.tokenizer import ChatTemplateError, TextTokenizer
 
 log = logging.getLogger(__name__)
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
 _BodyT = TypeVar("_BodyT", CompletionRequest, ChatRequest)
 
 CONFIG_POLL_SECONDS = 1.0
-STATE_HEARTBEAT_S = 0.5
-_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
-_JSON = [(b"content-type", b"application/json")]
-_SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-_MODEL_PREFIX = "/v1/models/"
 
 _T = TypeVar("_T")
 
@@ -103,11 +105,6 @@ class _Piece:
     position: int
     text: str
     finish_reason: str | None
-
-
-def key_digest(key: str) -> str:
-    """How keys are stored in the config: lowercase sha256 hex of the key's UTF-8."""
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -160,8 +157,7 @@ class Worker:
         return found
 
     def stats_key_ok(self, key: str) -> bool:
-        digest = key_digest(key)
-        return any([hmac.compare_digest(d, digest) for d in self.config.stats_key_sha256])
+        return digest_in(key, self.config.stats_key_sha256)
 
     def apply(self, new: WorkerConfig) -> None:
         """Apply a new config between engine steps; in-flight requests carry on."""
@@ -198,33 +194,6 @@ class Worker:
                 continue
             if mtime != self._config_mtime:
                 self.reload()
-
-
-@dataclass
-class _Call:
-    scope: Scope
-    receive: Receive
-    send: Send
-    arrival: float
-
-    def header(self, name: bytes) -> bytes | None:
-        for key, value in self.scope["headers"]:
-            if key == name:
-                return bytes(value)
-        return None
-
-
-async def _send_json(
-    send: Send, status: int, body: Any, headers: dict[str, str] | None = None
-) -> None:
-    payload = json.dumps(body).encode()
-    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": [*_JSON, *extra]})
-    await send({"type": "http.response.body", "body": payload})
-
-
-def _sse(body: Any) -> bytes:
-    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
 class _StopMatcher:
@@ -267,7 +236,7 @@ def _single_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> str
     return ids
 
 
-class InferenceApp:
+class InferenceApp(Router):
     """ASGI application over a ``Worker``."""
 
     def __init__(self, worker: Worker) -> None:
@@ -275,7 +244,8 @@ class InferenceApp:
         self._tasks: list[asyncio.Task[None]] = []
         self._state_streams: set[asyncio.Event] = set()
         self._closing = False
-        self._routes: dict[str, tuple[str, Callable[[_Call], Awaitable[None]]]] = {
+        self.model_route = self._model
+        self.routes = {
             "/v1/completions": ("POST", self._completions),
             "/v1/chat/completions": ("POST", self._chat),
             "/v1/models": ("GET", self._models),
@@ -285,49 +255,18 @@ class InferenceApp:
             "/v1/internal/state": ("GET", self._state),
         }
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
-        call = _Call(scope, receive, send, time.perf_counter())
-        try:
-            path = scope["path"]
-            route = self._routes.get(path)
-            if route is None and path.startswith(_MODEL_PREFIX):
-                route = ("GET", self._model)
-            if route is None:
-                raise ApiError(404, f"Unknown path {scope['path']}", code="not_found")
-            method, handler = route
-            if scope["method"] != method:
-                raise ApiError(
-                    405,
-                    f"{scope['path']} takes {method}",
-                    code="method_not_allowed",
-                    headers={"allow": method},
-                )
-            await handler(call)
-        except ApiError as exc:
-            await _send_json(send, exc.status, exc.body(), exc.headers)
+    async def startup(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self.worker.scheduler.run()),
+            loop.create_task(self.worker.watch_config()),
+        ]
+        loop.add_signal_handler(signal.SIGHUP, self.worker.reload)
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                loop = asyncio.get_running_loop()
-                self._tasks = [
-                    loop.create_task(self.worker.scheduler.run()),
-                    loop.create_task(self.worker.watch_config()),
-                ]
-                loop.add_signal_handler(signal.SIGHUP, self.worker.reload)
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                for task in self._tasks:
-                    task.cancel()
-                self.worker.scheduler.close()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self.worker.scheduler.close()
 
     def close_streams(self) -> None:
         """End the state streams, which never finish by themselves, so a graceful
@@ -338,51 +277,23 @@ class InferenceApp:
 
     # -- plumbing ----------------------------------------------------------------------
 
-    def _authenticate(self, call: _Call) -> str:
-        value = call.header(b"authorization") or b""
-        scheme, _, key = value.decode("latin-1").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise ApiError(
-                401,
-                "You didn't provide an API key (Authorization: Bearer KEY).",
-                code="invalid_api_key",
-            )
-        tenant = self.worker.tenant_for(key.strip())
+    def _authenticate(self, call: Call) -> str:
+        tenant = self.worker.tenant_for(call.require_bearer())
         if tenant is None:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
         return tenant
 
-    async def _read_body(self, call: _Call) -> bytes:
-        limit = self.worker.config.max_request_bytes
-        declared = call.header(b"content-length")
-        too_big = ApiError(413, f"Request body exceeds {limit} bytes.", code="request_too_large")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise too_big
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await call.receive()
-            if message["type"] == "http.disconnect":
-                raise ApiError(400, "Client disconnected.", code="client_closed")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise too_big
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+    async def _read_body(self, call: Call) -> bytes:
+        return await read_body(call, self.worker.config.max_request_bytes)
 
-    async def _watch_disconnect(self, call: _Call, requests: list[GenerationRequest]) -> None:
-        while True:
-            message = await call.receive()
-            if message["type"] == "http.disconnect":
-                for request in requests:
-                    self.worker.scheduler.cancel(request)
-                return
+    async def _watch_disconnect(self, call: Call, requests: list[GenerationRequest]) -> None:
+        await wait_disconnect(call)
+        for request in requests:
+            self.worker.scheduler.cancel(request)
 
     # -- OpenAI endpoints -----------------------------------------------------------------
 
-    async def _completions(self, call: _Call) -> None:
+    async def _completions(self, call: Call) -> None:
         tenant = self._authenticate(call)
         body = await self._parse(call, CompletionRequest)
         prompt = _single_prompt(body.prompt)
@@ -393,7 +304,7 @@ class InferenceApp:
             self._check_token_ids(ids, "prompt")
         await self._generate(call, tenant, body, ids, body.max_tokens or 16, chat=False)
 
-    async def _chat(self, call: _Call) -> None:
+    async def _chat(self, call: Call) -> None:
         tenant = self._authenticate(call)
         body = await self._parse(call, ChatRequest)
         try:
@@ -416,7 +327,7 @@ class InferenceApp:
                 400, f"Token ids must be in [0, {vocab}).", param=param, code="invalid_value"
             )
 
-    async def _parse(self, call: _Call, model: type[_BodyT]) -> _BodyT:
+    async def _parse(self, call: Call, model: type[_BodyT]) -> _BodyT:
         raw = await self._read_body(call)
         try:
             body = model.model_validate_json(raw)
@@ -482,7 +393,7 @@ class InferenceApp:
 
     async def _generate(
         self,
-        call: _Call,
+        call: Call,
         tenant: str,
         body: CompletionRequest | ChatRequest,
         ids: list[int],
@@ -617,7 +528,7 @@ class InferenceApp:
 
     async def _respond(
         self,
-        call: _Call,
+        call: Call,
         requests: list[GenerationRequest],
         shape: ResponseShape,
         stops: list[str],
@@ -638,11 +549,11 @@ class InferenceApp:
             for text, found, request in zip(texts, entries, requests, strict=True)
         ]
         used = usage(len(requests[0].seq.prompt), sum(len(found) for found in texts))
-        await _send_json(call.send, 200, shape.complete(choices, used))
+        await send_json(call.send, 200, shape.complete(choices, used))
 
     async def _stream(
         self,
-        call: _Call,
+        call: Call,
         requests: list[GenerationRequest],
         shape: ResponseShape,
         stops: list[str],
@@ -652,7 +563,7 @@ class InferenceApp:
         running_usage = options is not None and options.continuous_usage_stats
         want_logprobs = requests[0].seq.params.logprobs is not None
         send = call.send
-        await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         prompt_tokens = len(requests[0].seq.prompt)
         produced = [0] * len(requests)
         async for index, piece in self._merged(requests, stops):
@@ -667,14 +578,14 @@ class InferenceApp:
                 first=produced[index] == 1,
                 usage_=usage(prompt_tokens, sum(produced)) if running_usage else None,
             )
-            await send({"type": "http.response.body", "body": _sse(chunk), "more_body": True})
+            await send({"type": "http.response.body", "body": sse(chunk), "more_body": True})
         if any(r.cancelled for r in requests):
             return
         tail = []
         if any(r.finish_reason == FINISH_ERROR for r in requests):
-            tail.append(_sse(_engine_error().body()))
+            tail.append(sse(_engine_error().body()))
         if options is not None and options.include_usage:
-            tail.append(_sse(shape.usage_chunk(usage(prompt_tokens, sum(produced)))))
+            tail.append(sse(shape.usage_chunk(usage(prompt_tokens, sum(produced)))))
         tail.append(b"data: [DONE]\n\n")
         await send({"type": "http.response.body", "body": b"".join(tail)})
 
@@ -688,25 +599,25 @@ class InferenceApp:
             "max_model_len": self.worker.runtime.spec.max_context,
         }
 
-    async def _models(self, call: _Call) -> None:
+    async def _models(self, call: Call) -> None:
         self._authenticate(call)
-        await _send_json(call.send, 200, {"object": "list", "data": [self._model_card()]})
+        await send_json(call.send, 200, {"object": "list", "data": [self._model_card()]})
 
-    async def _model(self, call: _Call) -> None:
+    async def _model(self, call: Call) -> None:
         self._authenticate(call)
-        name = call.scope["path"].removeprefix(_MODEL_PREFIX)
+        name = call.scope["path"].removeprefix(MODEL_PREFIX)
         if name != self.worker.config.served_model_name:
             raise ApiError(
                 404, f"The model `{name}` does not exist.", param="model", code="model_not_found"
             )
-        await _send_json(call.send, 200, self._model_card())
+        await send_json(call.send, 200, self._model_card())
 
     # -- operations ---------------------------------------------------------------------
 
-    async def _health(self, call: _Call) -> None:
+    async def _health(self, call: Call) -> None:
         worker = self.worker
         scheduler = worker.scheduler
-        await _send_json(
+        await send_json(
             call.send,
             200,
             {
@@ -724,7 +635,7 @@ class InferenceApp:
             },
         )
 
-    async def _metrics(self, call: _Call) -> None:
+    async def _metrics(self, call: Call) -> None:
         payload = self.worker.metrics.render()
         await call.send(
             {
@@ -735,17 +646,10 @@ class InferenceApp:
         )
         await call.send({"type": "http.response.body", "body": payload})
 
-    def _check_internal(self, call: _Call) -> None:
-        """Internal endpoints take a stats key, or a loopback client when none is set."""
-        client = call.scope.get("client") or ("", 0)
-        if self.worker.config.stats_key_sha256:
-            scheme, _, key = (call.header(b"authorization") or b"").decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer" or not self.worker.stats_key_ok(key.strip()):
-                raise ApiError(401, "A stats key is required.", code="invalid_api_key")
-        elif client[0] not in _LOOPBACK:
-            raise ApiError(403, "Stats are served to loopback clients only.", code="forbidden")
+    def _check_internal(self, call: Call) -> None:
+        check_internal(call, self.worker.config.stats_key_sha256)
 
-    async def _state(self, call: _Call) -> None:
+    async def _state(self, call: Call) -> None:
         """Push the scheduler's state as it changes. The scheduler only sets an event;
         this loop, in the event loop, builds and sends a message when it gets to it, so
         changes that arrive while a message is being sent fold into the next one and a
@@ -756,7 +660,7 @@ class InferenceApp:
         self._state_streams.add(changed)
         headers = [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache")]
         await call.send({"type": "http.response.start", "status": 200, "headers": headers})
-        gone = asyncio.create_task(self._wait_disconnect(call))
+        gone = asyncio.create_task(wait_disconnect(call))
         seq = 0
         try:
             while not (gone.done() or self._closing):
@@ -777,12 +681,7 @@ class InferenceApp:
             self._state_streams.discard(changed)
             gone.cancel()
 
-    @staticmethod
-    async def _wait_disconnect(call: _Call) -> None:
-        while (await call.receive())["type"] != "http.disconnect":
-            pass
-
-    async def _stats(self, call: _Call) -> None:
+    async def _stats(self, call: Call) -> None:
         self._check_internal(call)
         query = parse_qs(call.scope.get("query_string", b"").decode())
         after_values = query.get("after", ["0"])
@@ -794,4 +693,4 @@ class InferenceApp:
         window = self.worker.stats.collect(int(after_values[0]))
         # Queue depth and running are right now, not part of the (possibly resent) window.
         live = {"queue_depth": len(scheduler.policy), "running": len(scheduler.running)}
-        await _send_json(call.send, 200, {**window, **live})
+        await send_json(call.send, 200, {**window, **live})

@@ -28,13 +28,11 @@ def config(**overrides: Any) -> dict[str, Any]:
     return {"gateway_id": "g", "deployments": [deployment], **overrides}
 
 
-def test_round_trip_and_objective(tmp_path: Path) -> None:
+def test_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "gateway.json"
     path.write_text(GatewayConfig.model_validate(config()).model_dump_json())
     loaded = GatewayConfig.load(path)
-    route = loaded.deployments[0]
-    assert route.ttft_objective("t") == 0.2
-    assert route.ttft_objective("other") is None
+    assert loaded == GatewayConfig.model_validate(config())
     assert loaded.port == 0 and loaded.counters_url is None
 
 
@@ -44,6 +42,9 @@ def test_round_trip_and_objective(tmp_path: Path) -> None:
         {"counters_url": "memcached://x"},
         {"unknown": 1},
         {"deployments": [config()["deployments"][0]] * 2},
+        # A replica is down once its state stream is silent this long: the worker's
+        # half-second heartbeat must fit well within it.
+        {"health_interval_s": 0.5},
     ],
 )
 def test_refuses(bad: dict[str, Any]) -> None:

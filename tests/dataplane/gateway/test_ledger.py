@@ -1,7 +1,11 @@
 """The fleet-wide ledger's rules, run against both implementations: in memory, and the
 Lua scripts against the real Redis of the test run. Each test uses its own deployment id,
-so the Redis counters of one never reach another. Lease and waiting expiry use short
-TTLs and wait for the ledger to change its answer, never for a set time."""
+so the Redis counters of one never reach another.
+
+Leases and waiting marks last an hour unless a test is about their expiry. Expiry tests
+move the in-process ledger's clock; on Redis (whose own clock decides) they use a TTL
+many Redis round trips long and wait for the ledger to change its answer, never for a set
+time, so a loaded machine only makes them slower."""
 
 from __future__ import annotations
 
@@ -9,27 +13,58 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from dataplane.gateway.ledger import InProcessLedger, Ledger, RedisLedger, StartRequest
 from dataplane.inference.config import TenantConfig
 
-LEASE_TTL = 0.3
-BACKLOG_TTL = 0.3
+LONG_TTL = 3600.0
+# The TTL of the expiry tests on Redis: a heartbeat and the check after it, two round
+# trips, must fit in it however loaded the machine is.
+EXPIRY_TTL = 3.0
+
+
+class Clocked:
+    """A ledger and how to let time pass for it."""
+
+    def __init__(self, ledger: Ledger, advance: Callable[[float], Awaitable[None]]) -> None:
+        self.ledger = ledger
+        self.advance = advance
+
+
+MakeLedger = Callable[[float, float], Clocked]
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def ledger(request: pytest.FixtureRequest) -> AsyncIterator[Ledger]:
-    if request.param == "memory":
-        found: Ledger = InProcessLedger(LEASE_TTL, BACKLOG_TTL)
-    else:
+async def make_ledger(request: pytest.FixtureRequest) -> AsyncIterator[MakeLedger]:
+    made: list[Ledger] = []
+
+    def make(lease_ttl: float, backlog_ttl: float) -> Clocked:
+        if request.param == "memory":
+            now = [1000.0]
+
+            async def advance(seconds: float) -> None:
+                now[0] += seconds
+
+            found: Ledger = InProcessLedger(lease_ttl, backlog_ttl, clock=lambda: now[0])
+            made.append(found)
+            return Clocked(found, advance)
         url = os.environ.get("REDIS_URL")
         assert url, "run the tests with ./tailguard test, which starts Redis and sets REDIS_URL"
-        found = RedisLedger(url, LEASE_TTL, BACKLOG_TTL, namespace=f"test-{uuid.uuid4().hex}")
-    yield found
-    await found.close()
+        found = RedisLedger(url, lease_ttl, backlog_ttl, namespace=f"test-{uuid.uuid4().hex}")
+        made.append(found)
+        return Clocked(found, asyncio.sleep)
+
+    yield make
+    for found in made:
+        await found.close()
+
+
+@pytest.fixture
+async def ledger(make_ledger: MakeLedger) -> Ledger:
+    return make_ledger(LONG_TTL, LONG_TTL).ledger
 
 
 @pytest.fixture
@@ -46,58 +81,63 @@ def start(tenant: str, cost: float = 10.0, reserve: int = 10, last: bool = True)
 
 
 async def eventually_starts(
-    ledger: Ledger, dep: str, request: StartRequest, table: dict[str, TenantConfig]
+    clocked: Clocked, dep: str, request: StartRequest, table: dict[str, TenantConfig]
 ) -> None:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if (await ledger.try_start(dep, "g1", request, [request.tenant], table)).ok:
+        decision = await clocked.ledger.try_start(
+            dep, "g1", request, {request.tenant: request.reserve}, table
+        )
+        if decision.ok:
             return
-        await asyncio.sleep(0.05)
+        await clocked.advance(0.1)
     raise AssertionError("the ledger never let the request start")
 
 
 async def test_concurrency_leases_are_fleet_wide_and_freed(ledger: Ledger, dep: str) -> None:
     table = tenants(a={"max_concurrency": 2})
     first, second, third = start("a"), start("a"), start("a")
-    assert (await ledger.try_start(dep, "g1", first, ["a"], table)).ok
-    assert (await ledger.try_start(dep, "g2", second, ["a"], table)).ok
-    refused = await ledger.try_start(dep, "g1", third, ["a"], table)
+    assert (await ledger.try_start(dep, "g1", first, {"a": 10}, table)).ok
+    assert (await ledger.try_start(dep, "g2", second, {"a": 10}, table)).ok
+    refused = await ledger.try_start(dep, "g1", third, {"a": 10}, table)
     assert (refused.ok, refused.reason) == (False, "concurrency")
     await ledger.finish(dep, "a", first.lease, 0, table["a"])
-    assert (await ledger.try_start(dep, "g1", third, ["a"], table)).ok
+    assert (await ledger.try_start(dep, "g1", third, {"a": 10}, table)).ok
 
 
 async def test_a_dead_gateways_leases_expire_and_renewed_ones_do_not(
-    ledger: Ledger, dep: str
+    make_ledger: MakeLedger, dep: str
 ) -> None:
+    clocked = make_ledger(EXPIRY_TTL, LONG_TTL)
+    ledger = clocked.ledger
     table = tenants(a={"max_concurrency": 1})
     held = start("a")
-    assert (await ledger.try_start(dep, "g1", held, ["a"], table)).ok
-    for _ in range(3):  # renewed: still held after several TTLs' worth of renewals
-        await ledger.heartbeat(dep, "g1", [], {"a": [held.lease]})
-        assert not (await ledger.try_start(dep, "g2", start("a"), ["a"], table)).ok
-        await asyncio.sleep(LEASE_TTL / 3)
+    assert (await ledger.try_start(dep, "g1", held, {"a": 10}, table)).ok
+    for _ in range(3):  # renewed: still held after more than a TTL of renewals
+        await clocked.advance(EXPIRY_TTL / 2)
+        await ledger.heartbeat(dep, "g1", {}, {"a": [held.lease]})
+        assert not (await ledger.try_start(dep, "g2", start("a"), {"a": 10}, table)).ok
     # g1 stops renewing (it died): the lease frees itself.
-    await eventually_starts(ledger, dep, start("a"), table)
+    await eventually_starts(clocked, dep, start("a"), table)
 
 
 async def test_token_bucket_reserves_and_refunds(ledger: Ledger, dep: str) -> None:
     table = tenants(a={"tokens_per_s": 1.0, "burst_tokens": 100})
     first = start("a", reserve=60)
-    assert (await ledger.try_start(dep, "g1", first, ["a"], table)).ok
-    refused = await ledger.try_start(dep, "g1", start("a", reserve=60), ["a"], table)
+    assert (await ledger.try_start(dep, "g1", first, {"a": 10}, table)).ok
+    refused = await ledger.try_start(dep, "g1", start("a", reserve=60), {"a": 10}, table)
     assert (refused.ok, refused.reason) == (False, "tokens")
     assert 15 < refused.wait_s <= 21  # 20 tokens short at 1 token/s
     await ledger.finish(dep, "a", first.lease, 50, table["a"])  # used 10 of its 60
-    assert (await ledger.try_start(dep, "g1", start("a", reserve=60), ["a"], table)).ok
+    assert (await ledger.try_start(dep, "g1", start("a", reserve=60), {"a": 10}, table)).ok
 
 
 async def test_a_request_larger_than_the_bucket_waits_for_a_full_bucket(
     ledger: Ledger, dep: str
 ) -> None:
     table = tenants(a={"tokens_per_s": 1.0, "burst_tokens": 10})
-    assert (await ledger.try_start(dep, "g1", start("a", reserve=50), ["a"], table)).ok
-    refused = await ledger.try_start(dep, "g1", start("a", reserve=50), ["a"], table)
+    assert (await ledger.try_start(dep, "g1", start("a", reserve=50), {"a": 10}, table)).ok
+    refused = await ledger.try_start(dep, "g1", start("a", reserve=50), {"a": 10}, table)
     assert refused.reason == "tokens" and refused.wait_s > 45  # 40 of debt, then 10
 
 
@@ -106,15 +146,17 @@ async def test_lower_counter_waiting_at_another_gateway_goes_first(
 ) -> None:
     table = tenants(a={}, b={})
     # Both run a request (and stay active); a's costs more.
-    assert (await ledger.try_start(dep, "g2", start("b", cost=10), ["b"], table)).ok
-    assert (await ledger.try_start(dep, "g1", start("a", cost=100), ["a"], table)).ok
+    assert (await ledger.try_start(dep, "g2", start("b", cost=10), {"b": 10}, table)).ok
+    assert (await ledger.try_start(dep, "g1", start("a", cost=100), {"a": 10}, table)).ok
     # b waits at g2; a's next request at g1 must let it go first.
-    await ledger.heartbeat(dep, "g2", ["b"], {})
-    refused = await ledger.try_start(dep, "g1", start("a"), ["a"], table)
+    await ledger.heartbeat(dep, "g2", {"b": 10}, {})
+    refused = await ledger.try_start(dep, "g1", start("a"), {"a": 10}, table)
     assert (refused.ok, refused.reason) == (False, "fair")
     # b (at g2) goes and passes a; then a may go again.
-    assert (await ledger.try_start(dep, "g2", start("b", cost=200, last=False), ["b"], table)).ok
-    assert (await ledger.try_start(dep, "g1", start("a"), ["a"], table)).ok
+    assert (
+        await ledger.try_start(dep, "g2", start("b", cost=200, last=False), {"b": 10}, table)
+    ).ok
+    assert (await ledger.try_start(dep, "g1", start("a"), {"a": 10}, table)).ok
 
 
 async def test_weights_divide_the_counter(ledger: Ledger, dep: str) -> None:
@@ -122,8 +164,12 @@ async def test_weights_divide_the_counter(ledger: Ledger, dep: str) -> None:
     a_started = b_started = 0
     for _ in range(40):
         # Both always waiting (a at g1, b at g2); whoever the ledger lets go, goes.
-        ok_a = await ledger.try_start(dep, "g1", start("a", cost=30.0, last=False), ["a"], table)
-        ok_b = await ledger.try_start(dep, "g2", start("b", cost=10.0, last=False), ["b"], table)
+        ok_a = await ledger.try_start(
+            dep, "g1", start("a", cost=30.0, last=False), {"a": 10}, table
+        )
+        ok_b = await ledger.try_start(
+            dep, "g2", start("b", cost=10.0, last=False), {"b": 10}, table
+        )
         a_started += ok_a.ok
         b_started += ok_b.ok
     assert 2.5 <= b_started / a_started <= 3.5
@@ -134,44 +180,62 @@ async def test_a_higher_class_waiting_anywhere_holds_a_lower_one_back(
 ) -> None:
     table = tenants(low={}, high={"priority": 1, "max_concurrency": 1})
     first_high = start("high", last=False)
-    assert (await ledger.try_start(dep, "g2", first_high, ["high"], table)).ok
+    assert (await ledger.try_start(dep, "g2", first_high, {"high": 10}, table)).ok
     # high still waits at g2 but is at its concurrency limit: it holds nobody back.
-    assert (await ledger.try_start(dep, "g1", start("low"), ["low"], table)).ok
+    assert (await ledger.try_start(dep, "g1", start("low"), {"low": 10}, table)).ok
     await ledger.finish(dep, "high", first_high.lease, 0, table["high"])
-    refused = await ledger.try_start(dep, "g1", start("low"), ["low"], table)
+    refused = await ledger.try_start(dep, "g1", start("low"), {"low": 10}, table)
     assert (refused.ok, refused.reason) == (False, "priority")
 
 
 async def test_a_dead_gateways_waiting_tenants_stop_holding_others_back(
-    ledger: Ledger, dep: str
+    make_ledger: MakeLedger, dep: str
 ) -> None:
+    clocked = make_ledger(LONG_TTL, EXPIRY_TTL)
+    ledger = clocked.ledger
     table = tenants(low={}, high={"priority": 1})
-    await ledger.heartbeat(dep, "g2", ["high"], {})
+    await ledger.heartbeat(dep, "g2", {"high": 10}, {})
     assert await ledger.waiting(dep) == {"high"}
-    refused = await ledger.try_start(dep, "g1", start("low"), ["low"], table)
+    refused = await ledger.try_start(dep, "g1", start("low"), {"low": 10}, table)
     assert refused.reason == "priority"
-    await eventually_starts(ledger, dep, start("low"), table)
+    await eventually_starts(clocked, dep, start("low"), table)
 
 
 async def test_an_idle_tenant_banks_no_credit(ledger: Ledger, dep: str) -> None:
     table = tenants(a={}, b={})
     for _ in range(5):
         assert (
-            await ledger.try_start(dep, "g1", start("a", cost=100, last=False), ["a"], table)
+            await ledger.try_start(dep, "g1", start("a", cost=100, last=False), {"a": 10}, table)
         ).ok
     # b arrives after idling; it is lifted to a's counter (500), not left at 0, so after
     # one request of its own a may go again.
-    lifted = await ledger.try_start(dep, "g1", start("b", cost=100), ["a", "b"], table)
+    lifted = await ledger.try_start(dep, "g1", start("b", cost=100), {"a": 10, "b": 10}, table)
     assert lifted.ok and lifted.counter == pytest.approx(600)
-    assert (await ledger.try_start(dep, "g1", start("a", cost=100), ["a"], table)).ok
+    assert (await ledger.try_start(dep, "g1", start("a", cost=100), {"a": 10}, table)).ok
 
 
 async def test_charges_advance_the_counter(ledger: Ledger, dep: str) -> None:
     table = tenants(a={}, b={})
-    await ledger.heartbeat(dep, "g2", ["a"], {})
+    await ledger.heartbeat(dep, "g2", {"a": 10}, {})
     await ledger.charge(dep, {"a": 50.0})
-    started = await ledger.try_start(dep, "g1", start("b", cost=0), ["b"], table)
+    started = await ledger.try_start(dep, "g1", start("b", cost=0), {"b": 10}, table)
     assert started.ok and started.counter == pytest.approx(50)  # lifted to a's, not past it
     await ledger.charge(dep, {"b": 100.0})
-    refused = await ledger.try_start(dep, "g1", start("b", cost=0), ["b"], table)
+    refused = await ledger.try_start(dep, "g1", start("b", cost=0), {"b": 10}, table)
     assert (refused.ok, refused.reason, refused.counter) == (False, "fair", pytest.approx(150))
+
+
+async def test_a_tenant_its_bucket_holds_back_holds_nobody_back(ledger: Ledger, dep: str) -> None:
+    # a waits at g2 with a lower counter, but its next request needs 50 tokens and its
+    # bucket holds about 10 (refilling at 1 token/s): it could not start, so b may.
+    table = tenants(a={"tokens_per_s": 1.0, "burst_tokens": 60}, b={})
+    assert (await ledger.try_start(dep, "g2", start("a", cost=1, reserve=50), {"a": 50}, table)).ok
+    assert (await ledger.try_start(dep, "g1", start("b", cost=100), {"b": 10}, table)).ok
+    await ledger.heartbeat(dep, "g2", {"a": 50}, {})
+    refused = await ledger.try_start(dep, "g2", start("a", reserve=50), {"a": 50}, table)
+    assert (refused.ok, refused.reason) == (False, "tokens")
+    assert (await ledger.try_start(dep, "g1", start("b"), {"b": 10}, table)).ok
+    # Once its next request is one its bucket can pay for, a goes first again.
+    await ledger.heartbeat(dep, "g2", {"a": 5}, {})
+    refused = await ledger.try_start(dep, "g1", start("b"), {"b": 10}, table)
+    assert (refused.ok, refused.reason) == (False, "fair")

@@ -1,0 +1,340 @@
+"""The gateway in process, with its default in-process ledger: ASGI calls straight into
+``GatewayApp``, replicas answered by an httpx mock transport whose streams the tests
+hold open or end, and the ledger's clock frozen, so nothing depends on the machine's
+speed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from dataplane.gateway.config import GatewayConfig
+from dataplane.gateway.ledger import InProcessLedger
+from dataplane.gateway.routing import Replica, ReplicaState
+from dataplane.gateway.server import Gateway, GatewayApp, _Deployment, _Waiter
+from dataplane.inference.config import SloThreshold
+from tests.dataplane.inference.procs import key_hash
+
+KEY = "key-a"
+MODEL = "m"
+
+
+def state(free_slots: int = 4, **fields: Any) -> ReplicaState:
+    return ReplicaState.from_message(
+        {
+            "running": 0,
+            "max_batch_size": 4,
+            "free_slots": free_slots,
+            "queued": [],
+            "prefill_tokens": 0,
+            "max_tokens_per_step": 256,
+            "step_s": 0.01,
+            "prefill_token_s": 0.0001,
+            "mean_e2e_s": 1.0,
+            **fields,
+        }
+    )
+
+
+def token_chunk(index: int) -> bytes:
+    body = {"object": "text_completion", "choices": [{"index": 0, "text": f"t{index}"}]}
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+class FakeReplicas:
+    """Answers forwarded requests: ``tokens`` token chunks, then [DONE] unless ``hang``
+    (the stream then stays open until the test ends)."""
+
+    def __init__(self) -> None:
+        self.bodies: list[tuple[str, dict[str, Any]]] = []
+        self.tokens = 3
+        self.hang = False
+        self.broken = False
+        self.release = asyncio.Event()
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        self.bodies.append((request.url.host, json.loads(request.content)))
+        return httpx.Response(
+            200, stream=_Stream(self), headers={"content-type": "text/event-stream"}
+        )
+
+
+class _Stream(httpx.AsyncByteStream):
+    def __init__(self, fake: FakeReplicas) -> None:
+        self.fake = fake
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for index in range(self.fake.tokens):
+            yield token_chunk(index)
+        if self.fake.hang:
+            await self.fake.release.wait()
+        if self.fake.broken:
+            raise httpx.ReadError("connection reset")
+        yield b"data: [DONE]\n\n"
+
+
+class Setup:
+    def __init__(self, tenant: dict[str, Any], replicas: int = 2) -> None:
+        config = GatewayConfig.model_validate(
+            {
+                "gateway_id": "g1",
+                "deployments": [
+                    {
+                        "deployment_id": "d1",
+                        "served_model_name": MODEL,
+                        "replicas": [
+                            {"replica_id": f"r{i}", "base_url": f"http://r{i}.test"}
+                            for i in range(replicas)
+                        ],
+                        "tenants": {"a": {**tenant, "key_sha256": [key_hash(KEY)]}},
+                    }
+                ],
+            }
+        )
+        self.gateway = Gateway(config)
+        self.gateway.ledger = self.ledger = InProcessLedger(60.0, 60.0, clock=lambda: 0.0)
+        self.fake = FakeReplicas()
+        self.gateway.client = httpx.AsyncClient(transport=httpx.MockTransport(self.fake.handle))
+        self.dep = _Deployment(config.deployments[0])
+        self.gateway.deployments[MODEL] = self.dep
+        for cfg in config.deployments[0].replicas:
+            replica = self.dep.replicas[cfg.replica_id] = Replica(cfg)
+            replica.update(state())
+        self.app = GatewayApp(self.gateway)
+        self.loop: asyncio.Task[None] | None = None
+
+    def dispatching(self) -> None:
+        self.loop = asyncio.create_task(self.gateway._dispatch_loop(self.dep))
+
+    async def close(self) -> None:
+        self.fake.release.set()
+        if self.loop is not None:
+            self.loop.cancel()
+        await self.gateway.client.aclose()
+
+    def totals(self) -> dict[str, Any]:
+        (found,) = self.dep.stats.collect(0)["requests"]
+        return dict(found)
+
+    def bucket(self) -> float:
+        return self.ledger._books["d1"].buckets["a"].level
+
+
+class Call:
+    """One ASGI request; ``disconnect_after`` body messages, the client leaves (after
+    the last one, as uvicorn reports a complete response)."""
+
+    def __init__(self, body: dict[str, Any], path: str = "/v1/completions") -> None:
+        self.scope = {
+            "type": "http",
+            "method": "POST",
+            "path": path,
+            "headers": [(b"authorization", f"Bearer {KEY}".encode())],
+            "client": ("127.0.0.1", 1),
+        }
+        self.body = json.dumps(body).encode()
+        self.incoming: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.incoming.put_nowait({"type": "http.request", "body": self.body})
+        self.messages: list[dict[str, Any]] = []
+        self.disconnect_after: Callable[[list[dict[str, Any]]], bool] = lambda _: False
+        self.changed = asyncio.Event()
+
+    async def receive(self) -> dict[str, Any]:
+        return await self.incoming.get()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+        self.changed.set()
+        if self.disconnect_after(self.messages):
+            self.disconnect_after = lambda _: False
+            self.incoming.put_nowait({"type": "http.disconnect"})
+            for _ in range(5):  # let the server see it before carrying on
+                await asyncio.sleep(0)
+
+    def leave(self) -> None:
+        self.incoming.put_nowait({"type": "http.disconnect"})
+
+    @property
+    def status(self) -> int:
+        return int(self.messages[0]["status"])
+
+    @property
+    def text(self) -> str:
+        return b"".join(m.get("body", b"") for m in self.messages[1:]).decode()
+
+    async def wait_for(self, test: Callable[[], bool]) -> None:
+        async with asyncio.timeout(60):
+            while not test():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+def body(max_tokens: int | None = 10, stream: bool = True) -> dict[str, Any]:
+    found: dict[str, Any] = {"model": MODEL, "prompt": "hello", "stream": stream}
+    if max_tokens is not None:
+        found["max_tokens"] = max_tokens
+    return found
+
+
+def last_message(messages: list[dict[str, Any]]) -> bool:
+    last = messages[-1]
+    return last["type"] == "http.response.body" and not last.get("more_body", False)
+
+
+async def test_one_round_fills_each_replica_once() -> None:
+    setup = Setup({})
+    try:
+        for replica in setup.dep.replicas.values():
+            replica.update(state(free_slots=1))
+        waiters = [
+            _Waiter("a", 0, 10, 10, time.perf_counter(), None, stream=True) for _ in range(6)
+        ]
+        setup.dep.waiting["a"] = deque(waiters)
+        await setup.gateway._dispatch_round(setup.dep)
+        chosen = [w.future.result().replica_id for w in waiters if w.future.done()]
+        assert sorted(chosen) == ["r0", "r1"]
+        assert setup.dep.waiting_count() == 4
+    finally:
+        await setup.close()
+
+
+async def test_a_waiter_gone_during_a_round_is_skipped() -> None:
+    setup = Setup({})
+    try:
+        setup.dep.replicas["r0"].update(state(free_slots=0))
+        setup.dep.replicas["r1"].update(state(free_slots=0))
+        late = _Waiter("a", 0, 10, 10, time.perf_counter() - 1, 0.001, stream=True)
+        setup.dep.waiting["a"] = deque([late])
+        ledger_waiting = setup.ledger.waiting
+
+        async def waiting(deployment: str) -> set[str]:  # the client leaves meanwhile
+            late.future.cancel()
+            setup.dep.unqueue(late)
+            return await ledger_waiting(deployment)
+
+        setup.ledger.waiting = waiting  # type: ignore[method-assign]
+        await setup.gateway._dispatch_round(setup.dep)
+        assert setup.dep.waiting_count() == 0
+    finally:
+        await setup.close()
+
+
+async def test_a_completed_stream_is_not_cancelled_by_the_disconnect_after_it() -> None:
+    setup = Setup({"tokens_per_s": 1.0, "burst_tokens": 100})
+    setup.dispatching()
+    try:
+        call = Call(body(max_tokens=10))
+        call.disconnect_after = last_message
+        await setup.app(call.scope, call.receive, call.send)
+        assert call.status == 200 and call.text.endswith("data: [DONE]\n\n")
+        totals = setup.totals()
+        assert (totals["completed"], totals["cancelled"], totals["failed"]) == (1, 0, 0)
+        assert setup.bucket() == pytest.approx(100 - 3)  # 10 reserved, 7 refunded
+        assert not any(setup.dep.leases.values())
+    finally:
+        await setup.close()
+
+
+async def test_a_client_leaving_mid_stream_pays_for_what_it_was_sent() -> None:
+    setup = Setup({"tokens_per_s": 1.0, "burst_tokens": 100})
+    setup.dispatching()
+    setup.fake.hang = True
+    try:
+        call = Call(body(max_tokens=50))
+        served = asyncio.create_task(setup.app(call.scope, call.receive, call.send))
+        await call.wait_for(lambda: call.text.count("choices") == 3)
+        call.leave()
+        await served
+        totals = setup.totals()
+        assert (totals["cancelled"], totals["failed"], totals["completed"]) == (1, 0, 0)
+        assert setup.bucket() == pytest.approx(100 - 3)
+    finally:
+        await setup.close()
+
+
+async def test_output_beyond_the_reservation_is_capped_and_charged() -> None:
+    setup = Setup({"tokens_per_s": 1.0, "burst_tokens": 100})
+    setup.dispatching()
+    setup.fake.tokens = 6
+    try:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        call = Call(chat, path="/v1/chat/completions")
+        await setup.app(call.scope, call.receive, call.send)
+        assert setup.fake.bodies[0][1]["max_tokens"] == 256  # the worker stops there
+        call = Call(body(max_tokens=4))
+        await setup.app(call.scope, call.receive, call.send)
+        # 6 of 256, then 6 of 4: the two over the reservation are charged too.
+        assert setup.bucket() == pytest.approx(100 - 6 - 6)
+    finally:
+        await setup.close()
+
+
+async def test_a_replica_marked_down_ends_the_streams_it_hangs() -> None:
+    setup = Setup({})
+    setup.dispatching()
+    setup.fake.hang = True
+    try:
+        call = Call(body(max_tokens=50))
+        served = asyncio.create_task(setup.app(call.scope, call.receive, call.send))
+        await call.wait_for(lambda: call.text.count("choices") == 3)
+        host = setup.fake.bodies[0][0]
+        setup.dep.replica_down(setup.dep.replicas[host.removesuffix(".test")])
+        await served
+        assert "replica_failed" in call.text and call.text.endswith("data: [DONE]\n\n")
+        totals = setup.totals()
+        assert (totals["failed"], totals["cancelled"]) == (1, 0)
+    finally:
+        await setup.close()
+
+
+async def test_a_replica_down_between_choice_and_forward_is_replaced() -> None:
+    setup = Setup({})
+    try:
+        call = Call(body(max_tokens=5, stream=False))
+        setup.fake.tokens = 0
+        served = asyncio.create_task(setup.app(call.scope, call.receive, call.send))
+        async with asyncio.timeout(60):
+            while setup.dep.waiting_count() == 0:
+                await asyncio.sleep(0.01)
+        await setup.gateway._dispatch_round(setup.dep)
+        chosen = next(r for r in setup.dep.replicas.values() if r.sent)
+        chosen.mark_down()
+        await served
+        assert call.status == 200
+        assert [host for host, _ in setup.fake.bodies] != [f"{chosen.replica_id}.test"]
+    finally:
+        await setup.close()
+
+
+async def test_the_tightest_ttft_threshold_is_the_objective() -> None:
+    setup = Setup({})
+    try:
+        setup.dep.stats.set_thresholds(
+            SloThreshold.model_validate({"tenant": "a", "metric": "ttft", "threshold_seconds": s})
+            for s in (0.5, 0.2)
+        )
+        assert setup.dep.stats.tightest("a", "ttft") == 0.2
+        assert setup.dep.stats.tightest("b", "ttft") is None
+    finally:
+        await setup.close()
+
+
+async def test_a_stream_its_replica_cuts_ends_failed_with_an_error_chunk() -> None:
+    setup = Setup({})
+    setup.dispatching()
+    setup.fake.broken = True
+    try:
+        call = Call(body(max_tokens=50))
+        await setup.app(call.scope, call.receive, call.send)
+        assert "replica_failed" in call.text and call.text.endswith("data: [DONE]\n\n")
+        totals = setup.totals()
+        assert (totals["failed"], totals["cancelled"]) == (1, 0)
+    finally:
+        await setup.close()
