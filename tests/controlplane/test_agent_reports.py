@@ -191,7 +191,7 @@ def test_heartbeats_and_status_reports_commit_while_planning_holds_the_fleets_ro
     assert heard_at > before and applied == 1 and revision_status == "applied"
 
 
-def _join(hostname: str, token: str) -> None:
+def _join(hostname: str, token: str) -> str:
     """What one node's agent does to join: enroll, report its inventory, heartbeat."""
     grant = enroll(token, hostname).json()
     client = as_node(grant["node_credential"])
@@ -213,6 +213,7 @@ def _join(hostname: str, token: str) -> None:
         client.post("/api/v1/agent/heartbeat/", beat, content_type="application/json").status_code
         == 204
     )
+    return str(grant["node_credential"])
 
 
 def test_enrolling_a_node_costs_a_fixed_handful_of_queries(
@@ -225,7 +226,7 @@ def test_enrolling_a_node_costs_a_fixed_handful_of_queries(
             CaptureQueriesContext(connection) as queries,
             django_capture_on_commit_callbacks(execute=True),
         ):
-            _join(f"gpu-{index:02d}", token)
+            credential = _join(f"gpu-{index:02d}", token)
         counts.append(len(queries))
     assert Node.objects.filter(status="ready").count() == 12
     assert len(set(counts[1:])) == 1, f"the cost grows with the fleet: {counts}"
@@ -234,3 +235,16 @@ def test_enrolling_a_node_costs_a_fixed_handful_of_queries(
     # its report upserted, its status), and after commit one look for waiting work each for
     # the new GPUs and the node becoming ready; savepoints are the test's own transaction.
     assert counts[-1] <= 22, "\n".join(q["sql"][:150] for q in queries)
+
+    # The periodic inventory report, unchanged: read, compared, nothing written.
+    with CaptureQueriesContext(connection) as queries:
+        response = as_node(credential).post(
+            "/api/v1/agent/inventory/",
+            synthetic_inventory("gpu-11").model_dump_json(),
+            content_type="application/json",
+        )
+    assert response.status_code == 204
+    written = [
+        q["sql"][:60] for q in queries if q["sql"].split()[0] in ("INSERT", "UPDATE", "DELETE")
+    ]
+    assert written == [], written
