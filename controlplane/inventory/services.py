@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -256,6 +257,19 @@ def record_heartbeat(node: Node, heartbeat: Heartbeat) -> None:
     )
     if node.status != NodeStatus.READY:  # as loaded when the request was authenticated
         _capacity_changed_after_commit(node, f"node {node.hostname} ready")
+
+
+def record_heard(node_ids: Iterable[Any]) -> None:
+    """These nodes' agents were just heard another way (their telemetry stream): counted as
+    heartbeats, one statement for all of them, so a web process busy ingesting, which
+    answers heartbeat requests late, never lets a node that streams look silent."""
+    now = timezone.now()
+    AgentReport.objects.bulk_create(
+        [AgentReport(node_id=pk, last_heartbeat_at=now) for pk in sorted(node_ids)],
+        update_conflicts=True,  # rows in key order: concurrent flushes never wait crosswise
+        unique_fields=["node"],
+        update_fields=["last_heartbeat_at"],
+    )
 
 
 def record_applied_generation(node: Node, generation: int) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from django.db import OperationalError, connection, transaction
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from agent.protocol import AppliedStatus, Heartbeat
 from agent.simulate import synthetic_inventory
@@ -21,9 +22,11 @@ from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Deployment, Revision
 from controlplane.inventory import services as inventory
 from controlplane.inventory.models import AgentReport, Node
+from controlplane.telemetry import services as telemetry
 from controlplane.tenancy.models import Tenant
 from tests.agent.samples import inventory as sample_inventory
-from tests.controlplane.conftest import World
+from tests.controlplane.conftest import World, heard, make_node
+from tests.controlplane.telemetry_helpers import batch
 from tests.controlplane.test_agent_api import as_node, enroll
 
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
@@ -248,3 +251,19 @@ def test_enrolling_a_node_costs_a_fixed_handful_of_queries(
         q["sql"][:60] for q in queries if q["sql"].split()[0] in ("INSERT", "UPDATE", "DELETE")
     ]
     assert written == [], written
+
+
+def test_a_node_streaming_telemetry_counts_as_heard(
+    world: World, settings: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    """A web process busy ingesting answers heartbeat requests late; the node's own stream,
+    stored, counts as hearing it, so it is not taken for silent meanwhile."""
+    node = make_node("gpu-1", gpus=1)
+    Node.objects.filter(pk=node.pk).update(status="ready")
+    settings.NODE_UNREACHABLE_AFTER_S = 30
+    heard(node, timezone.now() - timedelta(seconds=31))  # its last heartbeat request, long ago
+    with django_capture_on_commit_callbacks(execute=True):
+        acks = telemetry.store_batches([batch(node, 1, gauges={"host.load1": 1.0})]).acks
+    assert [a.outcome for a in acks] == ["stored"]
+    assert inventory.mark_silent_nodes_unreachable() == 0
+    assert Node.objects.get(pk=node.pk).status == "ready"
