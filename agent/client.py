@@ -3,6 +3,8 @@ and where its telemetry WebSocket (`/ws/agent/`) is."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -32,12 +34,22 @@ class ControlPlaneError(Exception):
 
 
 class ControlPlaneClient:
+    """`limit`, shared by clients that share `http` (the simulator's many agents), caps the
+    requests in flight: the rest wait their turn here, in order, rather than in httpx's
+    connection pool, whose pool timeout would fail them and whose bookkeeping grows with
+    every request waiting for a connection."""
+
     def __init__(
-        self, http: httpx.AsyncClient, base_url: str, credential: str | None = None
+        self,
+        http: httpx.AsyncClient,
+        base_url: str,
+        credential: str | None = None,
+        limit: asyncio.Semaphore | None = None,
     ) -> None:
         self._http = http
         self._base = base_url.rstrip("/") + "/api/v1/agent/"
         self._headers = {"Authorization": f"Node {credential}"} if credential else {}
+        self._limit = limit
 
     @property
     def auth_headers(self) -> dict[str, str]:
@@ -53,7 +65,12 @@ class ControlPlaneClient:
         return urlunsplit((scheme, parts.netloc, path, "", ""))
 
     def with_credential(self, credential: str) -> ControlPlaneClient:
-        return ControlPlaneClient(self._http, self._base.removesuffix("/api/v1/agent/"), credential)
+        return ControlPlaneClient(
+            self._http, self._base.removesuffix("/api/v1/agent/"), credential, self._limit
+        )
+
+    def _turn(self) -> contextlib.AbstractAsyncContextManager[object]:
+        return self._limit if self._limit is not None else contextlib.nullcontext()
 
     async def _call(self, method: str, path: str, body: BaseModel | None = None) -> httpx.Response:
         content = body.model_dump_json().encode() if body is not None else None
@@ -61,9 +78,10 @@ class ControlPlaneClient:
             {**self._headers, "Content-Type": "application/json"} if content else self._headers
         )
         try:
-            response = await self._http.request(
-                method, self._base + path, content=content, headers=headers
-            )
+            async with self._turn():
+                response = await self._http.request(
+                    method, self._base + path, content=content, headers=headers
+                )
         except httpx.TransportError as exc:
             raise ControlPlaneError(0, f"control plane unreachable: {exc!r}") from exc
         if response.status_code >= 400:
@@ -101,9 +119,10 @@ class ControlPlaneClient:
         """
         headers = {**self._headers, "Content-Type": "application/json"}
         try:
-            response = await self._http.post(
-                self._base + "telemetry/", content=batch_json, headers=headers
-            )
+            async with self._turn():
+                response = await self._http.post(
+                    self._base + "telemetry/", content=batch_json, headers=headers
+                )
         except httpx.TransportError as exc:
             raise ControlPlaneError(0, f"control plane unreachable: {exc!r}") from exc
         if response.status_code in (200, 422):

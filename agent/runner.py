@@ -4,6 +4,9 @@ heartbeat   - liveness and the applied generation, every interval the control pl
 inventory   - discovery at start and every inventory_interval_s
 config      - applies pushed revisions (from the Celery consumer) and pulls the desired
               state at start, after a reconnect and every resync_interval_s
+reports     - sends the status reports config makes, in order, each retried with backoff
+              until the control plane acknowledges it (a repeat is acknowledged, not stored
+              twice), so a report lost to a timeout under load is sent again, not lost
 telemetry   - one batch every telemetry_interval_s into the disk buffer, shipped over the
               telemetry WebSocket (agent/shipper.py), when the agent is given a shipper
 storage     - the storage report (agent/storage.py), which the CLI adds to the others
@@ -18,11 +21,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    wait_exponential_jitter,
+)
 
 from agent import __version__
 from agent.client import ControlPlaneClient, ControlPlaneError
@@ -35,6 +45,20 @@ log = logging.getLogger(__name__)
 
 RootTask = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 """A coroutine function that runs until the stop flag is set."""
+
+MAX_UNSENT_REPORTS = 64
+"""Status reports kept while the control plane cannot take them; past that the oldest go
+(a newer generation's report says more than an older one's)."""
+REPORT_RETRY_INITIAL_S = 0.5
+REPORT_RETRY_MAX_S = 30.0
+
+
+def _worth_retrying(error: BaseException) -> bool:
+    """Unreachable, timed out, overloaded or failing: try again. Any other 4xx is a report
+    the control plane will never take: retrying cannot help."""
+    return isinstance(error, ControlPlaneError) and (
+        error.status == 0 or error.status >= 500 or error.status in (408, 429)
+    )
 
 
 class RootTaskFailed(Exception):
@@ -91,7 +115,8 @@ class NodeAgent:
         self._pushed: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._resync = asyncio.Event()
         self._started = time.monotonic()
-        self._unsent: AppliedStatus | None = None
+        self._unsent: deque[AppliedStatus] = deque(maxlen=MAX_UNSENT_REPORTS)
+        self._report_ready = asyncio.Event()
         self._loop = asyncio.get_running_loop()
 
     def receive(self, document: dict[str, Any]) -> None:
@@ -104,6 +129,7 @@ class NodeAgent:
             "heartbeat": self._heartbeat,
             "inventory": self._inventory,
             "config": self._config,
+            "reports": self._send_reports,
         }
         if self.telemetry is not None:
             tasks["telemetry"] = self.telemetry.run
@@ -172,8 +198,6 @@ class NodeAgent:
         await self._report(await self._reconciler.handle(signed, pulled=False))
 
     async def _pull(self) -> None:
-        if self._unsent is not None:
-            await self._report(self._unsent)
         try:
             signed = await self._client.desired_state()
         except ControlPlaneError as exc:
@@ -183,15 +207,78 @@ class NodeAgent:
             await self._report(await self._reconciler.handle(signed, pulled=True))
 
     async def _report(self, status: AppliedStatus | None) -> None:
-        """Send a report; one that cannot be sent now is resent at the next resync."""
+        """Queue a report for the reports task; applying never waits for the control plane."""
         if status is None:
             return
-        try:
-            await self._client.post_status(status)
-            self._unsent = None
-        except ControlPlaneError as exc:
-            log.warning("status report for generation %s failed: %s", status.generation, exc)
-            self._unsent = status
+        if len(self._unsent) == self._unsent.maxlen:
+            dropped = self._unsent[0]
+            log.warning("status report for generation %s dropped unsent", dropped.generation)
+        self._unsent.append(status)
+        self._report_ready.set()
+
+    @property
+    def unsent_reports(self) -> int:
+        return len(self._unsent)
+
+    async def _send_reports(self, stop: asyncio.Event) -> None:
+        """Send queued reports oldest first; each is retried with exponential backoff (and
+        jitter, so a fleet that lost the control plane does not come back in step) until
+        it is acknowledged or the agent stops."""
+
+        async def pause(seconds: float) -> None:
+            await _sleep(stop, seconds)
+
+        def stopped(state: RetryCallState) -> bool:
+            return stop.is_set()
+
+        def logged(state: RetryCallState) -> None:
+            if state.attempt_number == 1 and state.outcome is not None:
+                log.warning(
+                    "status report for generation %s failed, retrying: %s",
+                    self._unsent[0].generation if self._unsent else "?",
+                    state.outcome.exception(),
+                )
+
+        while not stop.is_set():
+            if not self._unsent:
+                self._report_ready.clear()
+                await _wait_either(stop, self._report_ready)
+                continue
+            status = self._unsent[0]
+            try:
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception(_worth_retrying),
+                    wait=wait_exponential_jitter(
+                        multiplier=REPORT_RETRY_INITIAL_S,
+                        max=REPORT_RETRY_MAX_S,
+                        jitter=REPORT_RETRY_INITIAL_S,
+                    ),
+                    stop=stopped,
+                    sleep=pause,
+                    before_sleep=logged,
+                    reraise=True,
+                ):
+                    with attempt:
+                        await self._client.post_status(status)
+            except ControlPlaneError as exc:
+                if _worth_retrying(exc):
+                    return  # stopped while retrying
+                log.error(
+                    "status report for generation %s refused, not sent again: %s",
+                    status.generation,
+                    exc,
+                )
+            if self._unsent and self._unsent[0] is status:
+                self._unsent.popleft()
+
+
+async def _wait_either(stop: asyncio.Event, event: asyncio.Event) -> None:
+    waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(event.wait())]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

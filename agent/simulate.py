@@ -265,9 +265,12 @@ async def simulate(
     """Run `count` simulated nodes until `stop`; `telemetry_interval_s` 0 ships none."""
     # A few shared connections: dozens of concurrent requests into one ASGI process cost
     # more in thread contention than they gain (push p99 6.2 s with 64, about 3 s with 8).
+    # Requests beyond those wait their turn in order (see ControlPlaneClient's `limit`), so
+    # a thousand agents' heartbeats queue behind each other instead of timing out in the
+    # connection pool.
     limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
     async with httpx.AsyncClient(timeout=30, limits=limits) as http:
-        anon = ControlPlaneClient(http, control_plane_url)
+        anon = ControlPlaneClient(http, control_plane_url, limit=asyncio.Semaphore(8))
         hostnames = [f"{prefix}-{i:04d}" for i in range(count)]
         inventories = {h: synthetic_inventory(h) for h in hostnames}
         identities = await asyncio.gather(

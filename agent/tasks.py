@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 Receiver = Callable[[dict[str, Any]], None]
 
-app = Celery("tailguard-agent", set_as_current=False)
+# No fix-ups: the Django one would set up Django in an agent started beside a control plane.
+app = Celery("tailguard-agent", set_as_current=False, fixups=[])
 app.conf.update(
     task_serializer="json",
     accept_content=["json"],

@@ -1,4 +1,5 @@
 import json
+from typing import Any
 
 from django.contrib import admin
 from django.utils.html import format_html
@@ -145,7 +146,7 @@ class NodeAdmin(admin.ModelAdmin):
         "tenant",
         "rollout",
         "agent_version",
-        "last_heartbeat_at",
+        "last_heard",
         "cpu_count",
     ]
     list_filter = ["status", "maintenance", "tenant", "agent_version"]
@@ -153,8 +154,8 @@ class NodeAdmin(admin.ModelAdmin):
     readonly_fields = [
         "status",
         "agent_version",
-        "last_heartbeat_at",
-        "applied_generation",
+        "last_heard",
+        "applied",
         "pinned",
         "last_rejection_reason",
         "last_rejection_detail",
@@ -175,6 +176,14 @@ class NodeAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request):  # noqa: ANN001, ANN201
         return nodes_with_rollout()
+
+    @admin.display(description="Last heartbeat", ordering="last_heartbeat_at")
+    def last_heard(self, node: Node) -> Any:
+        return node.last_heartbeat_at  # annotated from the agent's report
+
+    @admin.display(description="Applied generation")
+    def applied(self, node: Node) -> int:
+        return int(node.applied_generation)
 
     @admin.display(description="Rollout")
     def rollout(self, node: Node) -> str:

@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from typing import Any
 from uuid import UUID
 
-from django.db.models import OuterRef, Q, QuerySet, Subquery
+from django.db.models import F, OuterRef, Q, QuerySet, Subquery, Value
+from django.db.models.functions import Coalesce
 
 from controlplane.core.scoping import readable_tenant_ids
 from controlplane.fleet.models import Deployment, Revision
@@ -56,8 +57,9 @@ def visible(queryset: QuerySet[Any], user: Any, field: str = "") -> QuerySet[Any
 
 
 def nodes_with_rollout() -> QuerySet[Node]:
-    """Nodes with hardware prefetched and their rollout head (newest revision) annotated;
-    the prefetches keep list views at a fixed query count."""
+    """Nodes with hardware prefetched, their rollout head (newest revision) and their agent's
+    last report (heartbeat time, applied generation) annotated; the prefetches keep list
+    views at a fixed query count."""
     head = Revision.objects.filter(node=OuterRef("pk")).order_by("-generation")
     return (
         Node.objects.select_related("tenant")
@@ -65,5 +67,7 @@ def nodes_with_rollout() -> QuerySet[Node]:
         .annotate(
             desired_generation=Subquery(head.values("generation")[:1]),
             head_status=Subquery(head.values("status")[:1]),
+            last_heartbeat_at=F("report__last_heartbeat_at"),
+            applied_generation=Coalesce(F("report__applied_generation"), Value(0)),
         )
     )

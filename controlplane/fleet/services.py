@@ -43,6 +43,7 @@ from controlplane.fleet import hooks, placement
 from controlplane.fleet import selectors as fleet_selectors
 from controlplane.fleet.choices import RevisionStatus
 from controlplane.fleet.models import Deployment, Replica, Revision
+from controlplane.inventory import services as inventory_services
 from controlplane.inventory.choices import NodeStatus
 from controlplane.inventory.models import Drive, Gpu, Nic, Node
 from controlplane.storage import selectors as storage_selectors
@@ -556,47 +557,64 @@ def rollback(revision: Revision) -> Revision:
     )
 
 
-@transaction.atomic
-def release(node: Node) -> list[Revision]:
-    Node.objects.filter(pk=node.pk).update(pinned=False)
+def release(node: Node) -> None:
+    """Un-pin the node; the current plan is rendered for it again after commit, in a
+    transaction of its own (re-planning locks tenants, deployments and nodes in that order,
+    which it could not keep after this one wrote the node's row)."""
+    Node.objects.filter(pk=node.pk).update(pinned=False, updated_at=timezone.now())
     node.pinned = False
-    return reconcile_fleet(cause="released from rollback", nodes=[node.pk])
+    transaction.on_commit(lambda: reconcile_fleet(cause="released from rollback", nodes=[node.pk]))
 
 
 # --- Reports from agents ------------------------------------------------------------------
 
 
-def record_applied_status(node: Node, status: AppliedStatus) -> None:
-    """Record the agent's outcome; rejections also land on the node for operators to see.
+def record_applied_status(node: Node, status: AppliedStatus) -> bool:
+    """Record the agent's outcome; True if it was news, False for a report already stored
+    (agents resend a report until it is acknowledged, so a repeat is answered as
+    acknowledged and stored once).
 
-    Updates in place: a revision's document can be large and is never rewritten here. The
-    two updates need no shared transaction: each is atomic and either order is consistent.
+    Never touches the node's row on the way of an applied or failed revision: that row is
+    what planners lock, and a status report must not wait behind planning. The revision is
+    one conditional update (only a newer report replaces an older one) and the applied
+    generation one update of the agent's report. Rejections, which operators must see,
+    land on the node.
     """
-    revisions = Revision.objects.filter(
-        node=node, generation=status.generation, content_hash=status.content_hash
-    )
-    if status.rejection_reason in ("replayed", "stale_generation"):
-        # A second delivery of a revision (pushed and also pulled) is refused as a replay;
-        # that says nothing against the copy that was applied.
-        revisions = revisions.exclude(status="applied")
-    matched = revisions.update(
-        status=status.state,
-        results=[c.model_dump(mode="json") for c in status.components],
-        rejection_reason=status.rejection_reason or "",
-        reported_at=status.reported_at,
-        updated_at=timezone.now(),
-    )
-    _record_worker_ports(node, status)
+    stale = status.rejection_reason in ("replayed", "stale_generation")
+    matched = 0
+    if not stale:
+        # A second delivery of a revision (pushed and also pulled) is refused by the agent
+        # as a replay or as stale; that says nothing about the copy it applied, so only
+        # other reports reach the revision.
+        matched = (
+            Revision.objects.filter(
+                node=node, generation=status.generation, content_hash=status.content_hash
+            )
+            .filter(Q(reported_at__isnull=True) | Q(reported_at__lt=status.reported_at))
+            .update(
+                status=status.state,
+                results=[c.model_dump(mode="json") for c in status.components],
+                rejection_reason=status.rejection_reason or "",
+                reported_at=status.reported_at,
+                updated_at=timezone.now(),
+            )
+        )
+        if matched:
+            _record_worker_ports(node, status)
     if status.state == "rejected":
-        Node.objects.filter(pk=node.pk).update(
-            last_rejection_reason=status.rejection_reason,
-            last_rejection_detail=status.detail or "",
-            last_rejection_at=status.reported_at,
+        # Whether or not it names a revision (a tampered one names none).
+        return bool(
+            Node.objects.filter(pk=node.pk)
+            .exclude(last_rejection_at__gte=status.reported_at)
+            .update(
+                last_rejection_reason=status.rejection_reason,
+                last_rejection_detail=status.detail or "",
+                last_rejection_at=status.reported_at,
+            )
         )
-    elif matched:
-        Node.objects.filter(pk=node.pk, applied_generation__lt=status.generation).update(
-            applied_generation=status.generation
-        )
+    if matched:
+        inventory_services.record_applied_generation(node, status.generation)
+    return bool(matched)  # False: already stored (or newer news is), or no such revision
 
 
 def _record_worker_ports(node: Node, status: AppliedStatus) -> None:

@@ -30,7 +30,6 @@ class Node(BaseModel):
     )
     maintenance_reason = models.CharField(max_length=200, blank=True)
     agent_version = models.CharField(max_length=64, blank=True)
-    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
     kernel = models.CharField(max_length=200, blank=True)
     os = models.CharField(max_length=200, blank=True)
     cpu_model = models.CharField(max_length=200, blank=True)
@@ -38,9 +37,6 @@ class Node(BaseModel):
     memory_total_bytes = models.PositiveBigIntegerField(default=0)
     credential_digest = models.CharField(  # noqa: DJ001  (NULL, unlike "", may repeat under UNIQUE)
         max_length=64, unique=True, null=True, editable=False
-    )
-    applied_generation = models.PositiveBigIntegerField(
-        default=0, help_text="The newest desired-state generation the agent reports applied."
     )
     last_rejection_reason = models.CharField(max_length=32, blank=True)
     last_rejection_detail = models.TextField(blank=True)
@@ -52,10 +48,30 @@ class Node(BaseModel):
 
     class Meta:
         ordering = ["hostname"]
-        indexes = [models.Index(fields=["status", "last_heartbeat_at"])]
 
     def __str__(self) -> str:
         return self.hostname
+
+
+class AgentReport(models.Model):
+    """What a node's agent reports every few seconds: when it was last heard and the newest
+    generation it applied.
+
+    Kept apart from the node's row, which planners lock while they place and render: a
+    heartbeat is one upsert here and a status report one update, so neither ever waits
+    behind planning (a node row is written only when its status or agent version changes).
+    """
+
+    node = models.OneToOneField(
+        Node, on_delete=models.CASCADE, primary_key=True, related_name="report"
+    )
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    applied_generation = models.PositiveBigIntegerField(
+        default=0, help_text="The newest desired-state generation the agent reports applied."
+    )
+
+    def __str__(self) -> str:
+        return f"report of {self.node_id}"
 
 
 class NodePart(models.Model):

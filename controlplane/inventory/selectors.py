@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from controlplane.inventory.choices import NodeStatus
-from controlplane.inventory.models import Node
+from controlplane.inventory.models import AgentReport, Node
 
 
 def not_taking_work(node: Node) -> str | None:
@@ -13,9 +13,10 @@ def not_taking_work(node: Node) -> str | None:
         because = f": {node.maintenance_reason}" if node.maintenance_reason else ""
         return f"node {node.hostname} is in maintenance{because}"
     if node.status == NodeStatus.UNREACHABLE:
+        report = AgentReport.objects.filter(node=node).first()
         heard = (
-            f"no heartbeat since {node.last_heartbeat_at:%Y-%m-%d %H:%M:%S} UTC"
-            if node.last_heartbeat_at
+            f"no heartbeat since {report.last_heartbeat_at:%Y-%m-%d %H:%M:%S} UTC"
+            if report and report.last_heartbeat_at
             else "never sent a heartbeat"
         )
         return f"node {node.hostname} is unreachable ({heard})"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import CharField, Model
 from django.utils import timezone
 
@@ -15,7 +16,15 @@ from controlplane.core import services as core
 from controlplane.core.secrets import Issued, digest, new_secret
 from controlplane.inventory import signals
 from controlplane.inventory.choices import NodeStatus
-from controlplane.inventory.models import BootstrapToken, Drive, Gpu, Nic, Node, NumaNode
+from controlplane.inventory.models import (
+    AgentReport,
+    BootstrapToken,
+    Drive,
+    Gpu,
+    Nic,
+    Node,
+    NumaNode,
+)
 
 OPERATOR_FIELDS = frozenset({"labels", "maintenance", "maintenance_reason", "tenant"})
 BOOTSTRAP_PREFIX = "tgb_"
@@ -84,12 +93,16 @@ def revoke_bootstrap_token(token: BootstrapToken) -> None:
         token.save(update_fields=["revoked_at", "updated_at"])
 
 
+HOST_FIELDS = ("kernel", "os", "cpu_model", "cpu_count", "memory_total_bytes")
+
+
 @transaction.atomic
 def enroll(message: Enrollment) -> tuple[Node, str]:
     """Trade a bootstrap token for a node and its credential (shown once).
 
     A host that enrolls again (reinstalled agent) keeps its node and gets a new
-    credential; the old one stops working.
+    credential; the old one stops working. A fixed handful of queries whatever the fleet
+    holds (the node is one upsert), so a batch of nodes enrolls at hundreds a minute.
     """
     token = (
         BootstrapToken.objects.select_for_update()
@@ -99,21 +112,33 @@ def enroll(message: Enrollment) -> tuple[Node, str]:
     now = timezone.now()
     if token is None or token.expires_at <= now:
         raise EnrollmentRefused("the bootstrap token is unknown, already used, revoked or expired")
-    node, _ = Node.objects.get_or_create(
-        hostname=message.hostname, defaults={"tenant": token.tenant}
-    )
     credential = new_secret(CREDENTIAL_PREFIX)
-    node.credential_digest = digest(credential)
-    node.agent_version = message.agent_version
+    node = Node(
+        hostname=message.hostname,
+        tenant=token.tenant,
+        credential_digest=digest(credential),
+        agent_version=message.agent_version,
+        created_at=now,
+        updated_at=now,
+    )
     _set_host_facts(node, message.host)
-    node.save()
+    (node,) = Node.objects.bulk_create(
+        [node],
+        update_conflicts=True,
+        unique_fields=["hostname"],  # a host enrolling again keeps its node and dedication
+        update_fields=["credential_digest", "agent_version", *HOST_FIELDS, "updated_at"],
+    )
     token.used_at, token.node, token.uses_left = now, node, token.uses_left - 1
     token.save(update_fields=["used_at", "node", "uses_left", "updated_at"])
     return node, credential
 
 
 def authenticate_node(credential: str) -> Node | None:
-    return Node.objects.filter(credential_digest=digest(credential)).first()
+    """The node holding this credential, or None."""
+    try:  # get(), not first(): no ORDER BY to compile on every agent request
+        return Node.objects.get(credential_digest=digest(credential))
+    except Node.DoesNotExist:
+        return None
 
 
 def _set_host_facts(node: Node, host: Any) -> None:
@@ -138,40 +163,122 @@ def _gpu_signature(gpus: Any) -> list[tuple[Any, ...]]:
     return sorted((g.index, g.uuid, g.name, g.memory_total_bytes, g.numa_node) for g in gpus)
 
 
+def _capacity_changed_after_commit(node: Node, cause: str) -> None:
+    """Let placement look at the node once this change is committed: re-planning takes row
+    locks in one order (tenants, deployments, nodes), which it could not keep inside a
+    transaction that already wrote the node's rows."""
+    transaction.on_commit(
+        lambda: signals.node_capacity_changed.send(sender=Node, node=node, cause=cause)
+    )
+
+
 @transaction.atomic
 def record_inventory(node: Node, inventory: Inventory) -> None:
     """Replace the node's hardware rows with what the agent just discovered.
 
-    Different GPUs can change placement, so they re-plan the fleet.
+    An unchanged report (the periodic one, mostly) writes nothing. The node's row is
+    written only when its host facts changed. Different GPUs can change placement, so they
+    re-plan the fleet after commit.
     """
-    gpus_before = _gpu_signature(node.gpus.all())
-    _set_host_facts(node, inventory.host)
-    node.save()
-    for model in (NumaNode, Gpu, Nic, Drive):
-        model.objects.filter(node=node).delete()
-    for model, facts in (
-        (NumaNode, inventory.numa),
-        (Gpu, inventory.gpus),
-        (Nic, inventory.nics),
-        (Drive, inventory.drives),
-    ):
-        model.objects.bulk_create(_rows(model, node, facts))
-    if _gpu_signature(inventory.gpus) != gpus_before:
-        signals.node_capacity_changed.send(
-            sender=Node, node=node, cause=f"hardware of {node.hostname} changed"
+    host = inventory.host
+    facts = dict(
+        zip(
+            HOST_FIELDS,
+            (host.kernel, host.os, host.cpu_model, host.cpu_count, host.memory_bytes),
+            strict=True,
         )
+    )
+    if any(getattr(node, name) != value for name, value in facts.items()):
+        Node.objects.filter(pk=node.pk).update(**facts, updated_at=timezone.now())
+        for name, value in facts.items():
+            setattr(node, name, value)
+    rows = {
+        model: _rows(model, node, found)
+        for model, found in (
+            (NumaNode, inventory.numa),
+            (Gpu, inventory.gpus),
+            (Nic, inventory.nics),
+            (Drive, inventory.drives),
+        )
+    }
+    gpus_before: list[tuple[Any, ...]] = []
+    for model, made in rows.items():
+        stored = list(model.objects.filter(node=node))
+        if model is Gpu:
+            gpus_before = _gpu_signature(stored)
+        if sorted(map(_values, stored)) == sorted(map(_values, made)):
+            continue  # unchanged: the periodic report mostly
+        if stored:
+            model.objects.filter(node=node).delete()
+        model.objects.bulk_create(made)
+    if _gpu_signature(inventory.gpus) != gpus_before:
+        _capacity_changed_after_commit(node, f"hardware of {node.hostname} changed")
+
+
+def _values(row: Model) -> tuple[str, ...]:
+    """A hardware row's facts, comparable between a stored row and a freshly made one."""
+    return tuple(
+        repr(getattr(row, f.attname))
+        for f in row._meta.concrete_fields
+        if f.name not in ("id", "node")
+    )
+
+
+_HEARTBEAT_SQL = (
+    f"INSERT INTO {AgentReport._meta.db_table} (node_id, last_heartbeat_at, applied_generation) "
+    "VALUES (%s, %s, 0) "
+    "ON CONFLICT (node_id) DO UPDATE SET last_heartbeat_at = EXCLUDED.last_heartbeat_at"
+)
+
+
+_HEARD_AT = AgentReport._meta.get_field("last_heartbeat_at")
 
 
 def record_heartbeat(node: Node, heartbeat: Heartbeat) -> None:
-    """A node that is heard is ready again, whatever it was; becoming ready may place work."""
-    Node.objects.filter(pk=node.pk).update(
-        status=NodeStatus.READY,
-        last_heartbeat_at=timezone.now(),
-        agent_version=heartbeat.agent_version,
+    """One upsert of the node's report, which no planner locks, so heartbeats never wait
+    behind planning. The node's row is written only when its status or agent version
+    changes; a node that is heard is ready again, whatever it was, and becoming ready may
+    place work (after commit, in its own transaction)."""
+    with connection.cursor() as cursor:  # one statement: no transaction, no ORM to compile
+        cursor.execute(
+            _HEARTBEAT_SQL,
+            [
+                AgentReport._meta.pk.get_db_prep_value(node.pk, connection),
+                _HEARD_AT.get_db_prep_value(timezone.now(), connection),
+            ],
+        )
+    if node.status == NodeStatus.READY and node.agent_version == heartbeat.agent_version:
+        return
+    changed = Node.objects.filter(pk=node.pk).exclude(
+        status=NodeStatus.READY, agent_version=heartbeat.agent_version
+    )
+    changed.update(
+        status=NodeStatus.READY, agent_version=heartbeat.agent_version, updated_at=timezone.now()
     )
     if node.status != NodeStatus.READY:  # as loaded when the request was authenticated
-        signals.node_capacity_changed.send(
-            sender=Node, node=node, cause=f"node {node.hostname} ready"
+        _capacity_changed_after_commit(node, f"node {node.hostname} ready")
+
+
+def record_heard(node_ids: Iterable[Any]) -> None:
+    """These nodes' agents were just heard another way (their telemetry stream): counted as
+    heartbeats, one statement for all of them, so a web process busy ingesting, which
+    answers heartbeat requests late, never lets a node that streams look silent."""
+    now = timezone.now()
+    AgentReport.objects.bulk_create(
+        [AgentReport(node_id=pk, last_heartbeat_at=now) for pk in sorted(node_ids)],
+        update_conflicts=True,  # rows in key order: concurrent flushes never wait crosswise
+        unique_fields=["node"],
+        update_fields=["last_heartbeat_at"],
+    )
+
+
+def record_applied_generation(node: Node, generation: int) -> None:
+    """The agent applied `generation` (or newer): one update of its report, never its
+    node's row, and never backwards."""
+    raised = AgentReport.objects.filter(node_id=node.pk, applied_generation__lt=generation)
+    if not raised.update(applied_generation=generation):
+        AgentReport.objects.bulk_create(
+            [AgentReport(node_id=node.pk, applied_generation=generation)], ignore_conflicts=True
         )
 
 
@@ -180,7 +287,7 @@ def mark_silent_nodes_unreachable() -> int:
     """Nodes not heard for NODE_UNREACHABLE_AFTER_S turn unreachable; their replicas are
     re-placed after commit where other nodes have room."""
     cutoff = timezone.now() - timedelta(seconds=settings.NODE_UNREACHABLE_AFTER_S)
-    silent = Node.objects.filter(status=NodeStatus.READY, last_heartbeat_at__lt=cutoff)
+    silent = Node.objects.filter(status=NodeStatus.READY, report__last_heartbeat_at__lt=cutoff)
     node_ids = list(silent.values_list("pk", flat=True))
     # The same conditions again: a heartbeat that landed in between keeps its node ready.
     marked = silent.filter(pk__in=node_ids).update(

@@ -8,4 +8,4 @@ run on them changed; `node_ids`, `why`. Sent after commit."""
 
 node_capacity_changed = Signal()
 """A node became ready or its GPUs changed, so work waiting for room may fit now; `node`,
-`cause`. Sent inside the reporting service's transaction."""
+`cause`. Sent after the reporting service's transaction committed."""

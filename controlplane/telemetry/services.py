@@ -30,6 +30,7 @@ from django.apps import apps
 from django.db import connection, transaction
 
 from agent.protocol import TelemetryAck, TelemetryBatch
+from controlplane.inventory import services as inventory_services
 from controlplane.telemetry.pipeline import store
 from controlplane.telemetry.pipeline.authorize import Authorizer
 from controlplane.telemetry.pipeline.gauges import DueGauges, GaugeBuffer
@@ -117,6 +118,8 @@ def store_batches(
             transaction.on_commit(lambda: gauges.add_batches(accepted))
         store.advance_streams(streams, accepted, gauges=gauges is None, rejected_from=rejected_from)
         if accepted:
+            heard = {b.node_id for b in accepted}
+            transaction.on_commit(lambda: inventory_services.record_heard(heard))
             stored.deltas = deltas_of(accepted, streams, rollups)
             stored.newest = max(b.interval_end for b in accepted)
             stored.slo_ids = rollups.slo_ids

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -13,14 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent import cli
+from agent import cli, runner
 from agent.client import ControlPlaneClient
 from agent.enroll import Identity
-from agent.protocol import Inventory
+from agent.protocol import Inventory, SignedDesiredState, sign_state
 from agent.reconciler import Reconciler
 from agent.runner import NodeAgent, RootTaskFailed, run_root_tasks
 from agent.settings import AgentSettings
-from tests.agent.samples import CONTROL_PLANE_KEY, NODE, inventory
+from tests.agent.samples import CONTROL_PLANE_KEY, NODE, desired_state, inventory
 
 
 class ControlPlane:
@@ -115,3 +116,73 @@ def test_sigterm_stops_the_agent_cleanly(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(cli, "run_agent", run_agent)
     assert cli.main(["run", "--state-dir", str(tmp_path)]) == 0
     assert control_plane.heartbeats > 0
+
+
+def signed_state(generation: int) -> SignedDesiredState:
+    return sign_state(desired_state(generation), CONTROL_PLANE_KEY)
+
+
+class LossyControlPlane(ControlPlane):
+    """Answers status reports with the given codes first (0: the connection drops), then
+    takes them; records every report it took."""
+
+    def __init__(self, *answers: int) -> None:
+        super().__init__()
+        self.answers = list(answers)
+        self.taken: list[dict[str, object]] = []
+        self.took = asyncio.Event()
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if not request.url.path.endswith("/status/"):
+            return super().__call__(request)
+        if self.answers:
+            code = self.answers.pop(0)
+            if code == 0:
+                raise httpx.ReadTimeout("timed out", request=request)
+            return httpx.Response(code, json={"detail": "no"})
+        self.taken.append(json.loads(request.content))
+        self.took.set()
+        return httpx.Response(204)
+
+
+@pytest.fixture
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner, "REPORT_RETRY_INITIAL_S", 0.001)
+    monkeypatch.setattr(runner, "REPORT_RETRY_MAX_S", 0.002)
+
+
+async def _applied_and_reported(agent: NodeAgent, control_plane: LossyControlPlane) -> None:
+    stop = asyncio.Event()
+    running = asyncio.create_task(agent.run(stop))
+    agent.receive(signed_state(1).model_dump(mode="json"))
+    await asyncio.wait_for(control_plane.took.wait(), 10)
+    stop.set()
+    await asyncio.wait_for(running, 10)
+
+
+async def test_a_status_report_lost_on_the_way_is_sent_again_until_acknowledged(
+    tmp_path: Path, quick_retries: None
+) -> None:
+    control_plane = LossyControlPlane(0, 503, 429, 0)  # timeouts and an overloaded server
+    async with node_agent(tmp_path, inventory, control_plane) as agent:
+        await _applied_and_reported(agent, control_plane)
+        assert agent.unsent_reports == 0
+    (report,) = control_plane.taken
+    assert report["generation"] == 1 and report["state"] == "applied"
+    assert control_plane.answers == []  # every failure was retried
+
+
+async def test_a_status_report_the_control_plane_refuses_is_not_retried(
+    tmp_path: Path, quick_retries: None
+) -> None:
+    control_plane = LossyControlPlane(400)
+    async with node_agent(tmp_path, inventory, control_plane) as agent:
+        stop = asyncio.Event()
+        running = asyncio.create_task(agent.run(stop))
+        agent.receive(signed_state(1).model_dump(mode="json"))
+        agent.receive(signed_state(2).model_dump(mode="json"))
+        await asyncio.wait_for(control_plane.took.wait(), 10)
+        stop.set()
+        await asyncio.wait_for(running, 10)
+    # The refused report for generation 1 was dropped; generation 2's went through.
+    assert [r["generation"] for r in control_plane.taken] == [2]

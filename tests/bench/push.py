@@ -18,6 +18,7 @@ pushed revision: capacity per core is its inverse.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from datetime import UTC, datetime
@@ -65,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         api, deployments = deploy_everywhere(procs, web, args.agents)
         pushed = Replica.objects.filter(node__isnull=False).count()
-        servers = [procs.procs[0].pid, worker.pid]
-        cpu_before = sum(tree_cpu_seconds(pid) for pid in servers)
+        servers = {"web": procs.procs[0].pid, "worker": worker.pid, "agents": procs.procs[2].pid}
+        cpu_before = {name: tree_cpu_seconds(pid) for name, pid in servers.items()}
 
         samples: list[float] = []
         since_revision: list[float] = []
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             applied_at.extend(agent.timestamp() - started_wall for _, agent, _ in rows)
             samples.extend(times)
             rounds.append(max(times))
-        cpu = sum(tree_cpu_seconds(pid) for pid in servers) - cpu_before
+        cpu = {name: tree_cpu_seconds(pid) - cpu_before[name] for name, pid in servers.items()}
+        revisions = pushed * args.rounds
         report(
             {
                 "agents": args.agents,
@@ -115,10 +117,15 @@ def main(argv: list[str] | None = None) -> int:
                 "api_call_p50_s": round(percentile(commit, 50), 4),
                 "api_call_max_s": round(max(commit), 4),
                 "revisions_per_round": pushed,
-                "cpu_s_per_revision": round(cpu / (pushed * args.rounds), 5),
+                "cpu_s_per_revision": round((cpu["web"] + cpu["worker"]) / revisions, 5),
+                # the same split by process; heartbeats (every node's, all along) count too
+                "web_cpu_s_per_revision": round(cpu["web"] / revisions, 5),
+                "worker_cpu_s_per_revision": round(cpu["worker"] / revisions, 5),
+                "agents_cpu_s_per_revision": round(cpu["agents"] / revisions, 5),
                 "agent_applied_p50_s": round(percentile(applied_at, 50), 4),
                 "agent_applied_p99_s": round(percentile(applied_at, 99), 4),
                 "enrolled_per_min": round(enrolled_per_min, 1),
+                "load_average_1m": round(os.getloadavg()[0], 2),
             },
             args.json,
         )

@@ -12,7 +12,7 @@ from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
 from controlplane.core.choices import Role
-from controlplane.inventory.models import Gpu, Node
+from controlplane.inventory.models import AgentReport, Gpu, Node
 from controlplane.tenancy.services import create_tenant, issue_api_token, set_membership
 
 
@@ -70,6 +70,11 @@ def make_node(hostname: str, tenant: Any = None, gpus: int = 0) -> Node:
         for i in range(gpus)
     )
     return node
+
+
+def heard(node: Node, at: Any) -> None:
+    """As if the node's agent last sent a heartbeat `at` (a datetime)."""
+    AgentReport.objects.update_or_create(node=node, defaults={"last_heartbeat_at": at})
 
 
 def give_password(user: Any, password: str, settings: Any) -> None:

@@ -14,10 +14,10 @@ from rest_framework.test import APIClient
 from agent.protocol import Heartbeat, SignedDesiredState, decode_public_key, verify_state
 from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Replica, Revision
-from controlplane.inventory.models import Node
+from controlplane.inventory.models import AgentReport, Node
 from controlplane.inventory.services import create_bootstrap_token, mark_silent_nodes_unreachable
 from tests.agent.samples import inventory as sample_inventory
-from tests.controlplane.conftest import World
+from tests.controlplane.conftest import World, heard
 
 HOST = {
     "hostname": "gpu-17",
@@ -135,7 +135,7 @@ def test_heartbeats_make_nodes_ready_and_silence_makes_them_unreachable(
     assert node.status == "ready" and node.agent_version == "0.1.1"
 
     settings.NODE_UNREACHABLE_AFTER_S = 30
-    Node.objects.filter(pk=node.pk).update(last_heartbeat_at=timezone.now() - timedelta(seconds=31))
+    heard(node, timezone.now() - timedelta(seconds=31))
     assert mark_silent_nodes_unreachable() == 1
     node.refresh_from_db()
     assert node.status == "unreachable"
@@ -220,8 +220,7 @@ def test_desired_state_and_status_round_trip(enrolled: tuple[Node, str], world: 
     assert revision.status == "applied" and revision.results[0]["name"] == "replica-x"
     # Where the node's own worker listens; it speaks for no other replica.
     assert dict(Replica.objects.values_list("pk", "port")) == {worker.replica_id: 40003}
-    node.refresh_from_db()
-    assert node.applied_generation == 1
+    assert AgentReport.objects.get(node=node).applied_generation == 1
 
     # The same revision delivered twice (pushed and pulled): the second copy is refused as a
     # replay, which must not mark the applied revision rejected.

@@ -93,7 +93,9 @@ def test_why_here_and_why_not_placed(world: World, client_for: Any) -> None:
     assert "not placed: no node fits" in listing and "placed on gpu-1" not in listing
 
 
-def test_changes_issue_new_generations_and_rollback_pins(world: World, client_for: Any) -> None:
+def test_changes_issue_new_generations_and_rollback_pins(
+    world: World, client_for: Any, django_capture_on_commit_callbacks: Any
+) -> None:
     node = make_node("gpu-2", world.tenant_a, gpus=1)
     Node.objects.filter(pk=node.pk).update(status="ready")
     client = client_for(world.admin_a)
@@ -116,7 +118,10 @@ def test_changes_issue_new_generations_and_rollback_pins(world: World, client_fo
 
     detail = client.get(f"/api/v1/nodes/{node.pk}/").json()["rollout"]
     assert detail["pinned"] and detail["desired_generation"] == 3 and detail["state"] == "pending"
-    released = client.post(f"/api/v1/nodes/{node.pk}/release/").json()
+    with django_capture_on_commit_callbacks(execute=True) as replans:
+        assert client.post(f"/api/v1/nodes/{node.pk}/release/").json()["rollout"]["pinned"] is False
+    assert replans  # the plan is rendered again after the release commits, then pushed
+    released = client.get(f"/api/v1/nodes/{node.pk}/").json()
     assert released["rollout"]["pinned"] is False and released["rollout"]["desired_generation"] == 4
     latest = Revision.objects.get(node=node, generation=4)
     assert latest.document["state"]["components"]["workers"][0]["max_batch_size"] == 16

@@ -13,7 +13,7 @@ from controlplane.fleet.models import Replica, Revision
 from controlplane.fleet.placement import plan
 from controlplane.inventory.models import Node
 from controlplane.inventory.services import mark_silent_nodes_unreachable, record_heartbeat
-from tests.controlplane.conftest import World, make_node
+from tests.controlplane.conftest import World, heard, make_node
 from tests.controlplane.test_placement import OTHER, deployment, fresh, new_replica, placed_on, room
 
 
@@ -100,7 +100,8 @@ def test_a_new_dedication_or_gpu_count_invalidates_a_place() -> None:
 
 def _ready(hostname: str, tenant: Any) -> Node:
     node = make_node(hostname, tenant, gpus=2)
-    Node.objects.filter(pk=node.pk).update(status="ready", last_heartbeat_at=timezone.now())
+    Node.objects.filter(pk=node.pk).update(status="ready")
+    heard(node, timezone.now())
     return node
 
 
@@ -126,7 +127,7 @@ def test_node_loss_and_drain_re_place_after_commit_and_a_return_does_not_flap(
     assert _hosts(d) == ["gpu-a", "gpu-b"]
 
     settings.NODE_UNREACHABLE_AFTER_S = 30
-    Node.objects.filter(pk=a.pk).update(last_heartbeat_at=timezone.now() - timedelta(seconds=31))
+    heard(a, timezone.now() - timedelta(seconds=31))
     with django_capture_on_commit_callbacks(execute=True) as callbacks:
         assert mark_silent_nodes_unreachable() == 1
         assert _hosts(d) == ["gpu-a", "gpu-b"]  # nothing moves before the commit

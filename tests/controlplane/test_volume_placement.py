@@ -11,14 +11,14 @@ from django.utils import timezone
 from controlplane.inventory.models import Node
 from controlplane.inventory.services import mark_silent_nodes_unreachable
 from controlplane.storage.models import Volume
-from tests.controlplane.conftest import World
+from tests.controlplane.conftest import World, heard
 from tests.controlplane.storage_helpers import MIB, make_pool, ready_node
 
 
 def _silence(node: Node, settings: Any) -> None:
     """As the beat task finds it: no heartbeat for longer than NODE_UNREACHABLE_AFTER_S."""
     settings.NODE_UNREACHABLE_AFTER_S = 30
-    Node.objects.filter(pk=node.pk).update(last_heartbeat_at=timezone.now() - timedelta(seconds=31))
+    heard(node, timezone.now() - timedelta(seconds=31))
     assert mark_silent_nodes_unreachable() == 1
 
 

@@ -72,7 +72,7 @@ def test_bad_revisions_are_rejected_and_lost_ones_recovered(
         _push(node, good)  # generation 1 is now older than what runs
         wait_for(lambda: _rejected(node, "stale_generation"), 30, "the stale revision rejected")
         node.refresh_from_db()
-        assert node.applied_generation == 2
+        assert node.report.applied_generation == 2
         assert "older than applied 2" in node.last_rejection_detail
 
         # Silence: the node turns unreachable. A change made meanwhile is lost on the wire

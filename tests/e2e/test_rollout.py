@@ -96,4 +96,4 @@ def test_deployment_change_reaches_both_agents(
         node_a = Node.objects.get(hostname="e2e-node-a")
         wait_for(lambda: _applied({node_a.pk: 3}), 60, "the rollback applied")
         node_a.refresh_from_db()
-        assert node_a.pinned and node_a.applied_generation == 3
+        assert node_a.pinned and node_a.report.applied_generation == 3

@@ -220,6 +220,9 @@ class NodeSerializer(StrictSerializer):
     drives = DriveSerializer(many=True, read_only=True)
     numa_nodes = NumaNodeSerializer(many=True, read_only=True)
     rollout = serializers.SerializerMethodField()
+    last_heartbeat_at = serializers.DateTimeField(
+        read_only=True, allow_null=True, help_text="When its agent was last heard."
+    )
 
     class Meta:
         model = Node

@@ -31,6 +31,9 @@ class EnrollView(AgentAPIView):
     @extend_schema(request=Enrollment, responses={201: EnrollmentGrant})
     def post(self, request: Request) -> Response:
         message = parse_message(request, Enrollment)
+        # Everything the grant needs is read before the token is spent: an enrollment that
+        # fails after its commit would cost a batch token a use its agent retries with.
+        key = encode_public_key(public_key())
         try:
             node, credential = services.enroll(message)
         except services.EnrollmentRefused as exc:
@@ -38,7 +41,7 @@ class EnrollView(AgentAPIView):
         grant = EnrollmentGrant(
             node_id=node.pk,
             node_credential=credential,
-            control_plane_public_key=encode_public_key(public_key()),
+            control_plane_public_key=key,
             queue=queue_name(node.pk),
             broker_url=settings.AGENT_BROKER_URL,
             heartbeat_interval_s=settings.HEARTBEAT_INTERVAL_S,
