@@ -360,3 +360,22 @@ async def test_failed_requests_give_their_slots_back(runtime: OnnxRuntime) -> No
         assert cache.slots() == []
     finally:
         task.cancel()
+
+
+async def test_a_new_rows_per_call_reaches_the_engine_between_steps(
+    runtime: OnnxRuntime,
+) -> None:
+    engine = BatchEngine(runtime)
+    h = Harness(runtime, engine=engine, max_rows_per_forward=16)
+    engine.rows_per_call = 16
+    h.scheduler.reconfigure(
+        BatchingConfig(max_rows_per_forward=3), h.scheduler.scheduling, h.scheduler.tenants
+    )
+    assert engine.rows_per_call == 16  # not from the event loop: the step thread applies it
+    task = asyncio.create_task(h.scheduler.run())
+    try:
+        request = h.submit("t", [1, 2, 3], 4)
+        await finished(request)
+        assert engine.rows_per_call == 3
+    finally:
+        task.cancel()
