@@ -462,8 +462,8 @@ class SlotCache(_RowSharing):
     along from position 0; a held row that does not decode (paused, being prefilled or
     waiting to join) ends a run, so no call reads or writes its context. Blocks hold
     ``block_slots`` slots (fewer where ``rows_per_call`` is smaller) and are added when
-    the slots run out; a released slot's memory is given back, and the last block is
-    dropped once empty (the first is kept).
+    the slots run out; a released slot's memory is given back, and empty blocks at the end
+    are dropped (the first is kept).
     """
 
     def __init__(
@@ -583,11 +583,7 @@ class SlotCache(_RowSharing):
         row.decoding = False
         row.block.rows[row.slot] = None
         self.model.free_slot(row.block.buffers, row.slot)
-        while (
-            len(self._blocks) > 1
-            and self._blocks[-1] is row.block
-            and all(other is None for other in row.block.rows)
-        ):
+        while len(self._blocks) > 1 and all(other is None for other in self._blocks[-1].rows):
             self._blocks.pop()
 
     def _runs(self, block: _Block) -> list[tuple[int, int]]:

@@ -316,6 +316,7 @@ def test_a_failing_forward_call_leaves_every_slot_free(in_place: OnnxRuntime) ->
     with pytest.raises(RuntimeError):
         cache.start([s.prompt for s in starting])
     assert len(recording.calls) == recording.fail_at and cache.slots() == []
+    assert len(cache.buffers) == 2  # the failed call's block, kept until a release
     # New prompts start, then a prompt under way fails to extend its row.
     chunked = EngineSequence([6] * 30, greedy(5))
     engine.prefill([chunked], max_tokens=10)
@@ -336,6 +337,7 @@ def test_a_failing_forward_call_leaves_every_slot_free(in_place: OnnxRuntime) ->
     engine.reset()
     engine.step(leave=[parked, chunked])  # what the scheduler queues for failed requests
     assert cache.slots() == [] and parked.row is None and chunked.row is None
+    assert len(cache.buffers) == 1  # empty blocks after the first were dropped
 
 
 @pytest.fixture(scope="module")
@@ -430,3 +432,18 @@ def test_the_configured_context_caps_every_slot(model_dir: Path, tmp_path: Path)
     while engine.running:
         engine.step()
     assert len(seq.prompt) + len(seq.tokens) == 64 and seq.finish_reason == "length"
+
+
+def test_a_float32_in_place_model_led_by_cuda_says_attention_falls_back(
+    model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    OnnxRuntime(model_dir, tmp_path, RuntimeConfig())
+    assert "GroupQueryAttention" not in caplog.text
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort.InferenceSession, "get_providers", lambda self: cuda)
+    OnnxRuntime(model_dir, tmp_path, RuntimeConfig())
+    assert "GroupQueryAttention runs only float16 and bfloat16" in caplog.text
+    assert "falls back to the CPU" in caplog.text
