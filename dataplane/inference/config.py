@@ -130,8 +130,8 @@ class RuntimeConfig(_Frozen):
         default=None,
         ge=1,
         description="longest sequence (prompt + completion) in tokens, and so the length "
-        "of every in-place KV slot; None: the model's own, at most 32768; never more than "
-        "the model's. Longer requests are refused with a 400",
+        "of every in-place KV slot; None: the model's own (at most 32768 where the KV cache "
+        "is written in place); never more than the model's. Longer requests get a 400",
     )
 
 

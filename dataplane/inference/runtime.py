@@ -133,15 +133,17 @@ class OnnxRuntime:
     In the concatenating layout prefill and decode are the same forward call over a
     right-aligned cache: prefill starts from an empty cache with left-padded prompts,
     decode appends one token per row. A graph without a ``position_ids`` input takes the
-    cache width as the position, so for it every row must fill the cache (rows of length 0 are free slots, ignored):
-    the engine groups rows that way, and a call that breaks the rule is refused rather
-    than answered with shifted positions.
+    cache width as the position, so for it every row must fill the cache (rows of
+    length 0 are free slots, ignored): the engine groups rows that way, and a call that
+    breaks the rule is refused rather than answered with shifted positions.
     """
 
     def __init__(self, model_dir: Path, cache_dir: Path, config: RuntimeConfig) -> None:
         spec = load_model_spec(model_dir)
-        # Slots are this long, and so is every sequence at most.
-        limit = config.max_context or min(spec.max_context, DEFAULT_MAX_CONTEXT)
+        # The longest sequence, and the length of every in-place slot.
+        limit = config.max_context or spec.max_context
+        if config.max_context is None and spec.kv_layout == "in_place":
+            limit = min(limit, DEFAULT_MAX_CONTEXT)
         self._spec = replace(spec, max_context=min(spec.max_context, limit))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
