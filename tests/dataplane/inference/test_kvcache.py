@@ -419,6 +419,9 @@ def test_a_fork_copies_only_the_rows_positions(in_place: OnnxRuntime) -> None:
         assert np.any(array[0, :, 3:5])
         assert np.array_equal(array[1, :, :3], array[0, :, :3])
         assert not np.any(array[1, :, 3:])
+    # The copies run in a session of the one provider that owns the buffers.
+    assert in_place._copier is not None
+    assert in_place._copier.get_providers() == ["CPUExecutionProvider"]
 
 
 def test_the_configured_context_caps_every_slot(model_dir: Path, tmp_path: Path) -> None:
