@@ -143,6 +143,13 @@ class RuntimeConfig(Frozen):
 
     intra_op_threads: int = Field(default=0, ge=0, description="0 lets ONNX Runtime choose")
     allow_spinning: bool = False
+    max_context: int | None = Field(
+        default=None,
+        ge=1,
+        description="longest sequence (prompt + completion) in tokens, and so the length "
+        "of every in-place KV slot; None: the model's own (at most 32768 where the KV cache "
+        "is written in place); never more than the model's. Longer requests get a 400",
+    )
 
 
 class WorkerConfig(Frozen):

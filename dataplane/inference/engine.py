@@ -118,10 +118,18 @@ class BatchEngine:
             for index, key in enumerate(starting):
                 results[key] = (logits[index], rows[index])
                 unclaimed.add(id(rows[index]))
-        for key, row in under_way.items():
-            prompt, done = key
-            ids = np.asarray([prompt[done : done + chunks[key]]], np.int64)
-            results[key] = (self.cache.extend(row, ids), row)
+        try:
+            for key, row in under_way.items():
+                prompt, done = key
+                ids = np.asarray([prompt[done : done + chunks[key]]], np.int64)
+                results[key] = (self.cache.extend(row, ids), row)
+        except Exception:
+            # No sequence holds the rows just started yet: free them here. Rows of
+            # prompts under way stay with their sequences, whose caller releases them.
+            for _, row in results.values():
+                if id(row) in unclaimed:
+                    self.cache.release(row)
+            raise
         complete = []
         for seq in sequences:
             key = (tuple(seq.prompt), seq.prefilled)

@@ -10,9 +10,9 @@ past and present of every forward call (IOBinding), so a step writes one column 
 where it belongs and copies nothing else. A sequence takes a slot when its prompt starts
 and keeps it until it ends: prefill chunks, decode steps and pauses all work in the slot,
 so joining, leaving, pausing and resuming move no data, and more rows than the blocks
-hold add a block without touching the others. A forward call covers a run of adjacent
-slots of one block; slots in the run that do not decode ride along, each writing a
-scratch column just past its own end (never read before it is written again).
+hold add a block without touching the others. A decode call covers a run of adjacent
+slots of one block: decoding rows and the free slots between them, which ride along
+writing their own first position. A released slot's host pages go back to the system.
 
 ``ConcatCache`` (the Optimum export layout: ``present.N.*`` is past and the new
 columns concatenated). Rows are grouped into dense, left-padded batches
@@ -31,8 +31,9 @@ do not depend on which other sequences share its forward calls.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import groupby
 from typing import Any, Protocol
 
@@ -53,6 +54,14 @@ class CacheRow:
     prompts hold one row together while their prompt is computed (``holders``)."""
 
     holders: int = 1
+
+
+class _RowSharing:
+    """``KVCache.share`` for both layouts: a shared row counts its holders."""
+
+    def share(self, row: CacheRow) -> CacheRow:
+        row.holders += 1
+        return row
 
 
 class KVCache(Protocol):
@@ -251,7 +260,7 @@ class _Group:
         return 3 * self.cache.width > 4 * int(self.cache.lengths[live].max()) + 3
 
 
-class ConcatCache:
+class ConcatCache(_RowSharing):
     """The batch as groups of at most ``rows_per_call`` rows (0: one group), each decoded
     by its own forward call over its own dense cache.
 
@@ -292,10 +301,6 @@ class ConcatCache:
         assert isinstance(row, _ConcatRow) and row.batch is not None
         logits, row.batch = self.model.extend(row.batch, ids)
         return np.asarray(logits[0])
-
-    def share(self, row: CacheRow) -> CacheRow:
-        row.holders += 1
-        return row
 
     def fork(self, row: CacheRow) -> CacheRow:
         # Views of a prefilled cache are only ever read: joining copies them.
@@ -380,19 +385,38 @@ class ConcatCache:
         return np.stack([logits[id(row)] for row in rows])
 
 
+@dataclass(frozen=True)
+class SlotBuffers:
+    """One block of in-place KV buffers: per layer a key and a value buffer of shape
+    ``[slots, kv_heads, max_context, head_dim]``, key then value for each layer.
+
+    ``pointers`` are the buffers' addresses, which the forward calls bind. On the host
+    ``arrays`` view them and ``maps`` are the anonymous mappings that own the memory (so
+    a released slot's pages can be given back); on a device ``values`` are the OrtValues
+    that own it. The block's memory lives as long as this object does.
+    """
+
+    slots: int
+    slot_bytes: int
+    pointers: tuple[int, ...]
+    arrays: tuple[FloatArray, ...] = ()
+    maps: tuple[mmap.mmap, ...] = ()
+    values: tuple[Any, ...] = ()
+
+
 class SlotModel(Protocol):
     """Forward passes of a graph that writes its keys and values into bound buffers."""
 
     @property
     def spec(self) -> ModelSpec: ...
 
-    def allocate(self, slots: int) -> object:
+    def allocate(self, slots: int) -> SlotBuffers:
         """Buffers of ``slots`` slots for every layer's keys and values, on the device
         the graph runs on."""
         ...
 
     def forward_slots(
-        self, buffers: object, first: int, ids: IntArray, past: IntArray, new: IntArray
+        self, buffers: SlotBuffers, first: int, ids: IntArray, past: IntArray, new: IntArray
     ) -> FloatArray:
         """Run ``ids`` [B, S] (row i's ``new[i]`` tokens first, right-padded) in slots
         ``first .. first + B - 1`` of ``buffers`` after their ``past[i]`` tokens; return
@@ -400,9 +424,18 @@ class SlotModel(Protocol):
         ...
 
     def copy_slot(
-        self, source: object, source_slot: int, target: object, target_slot: int, length: int
+        self,
+        source: SlotBuffers,
+        source_slot: int,
+        target: SlotBuffers,
+        target_slot: int,
+        length: int,
     ) -> None:
         """Copy the first ``length`` positions of a slot into another one."""
+        ...
+
+    def free_slot(self, buffers: SlotBuffers, slot: int) -> None:
+        """A slot is no longer held: give its memory back where the device allows."""
         ...
 
 
@@ -416,28 +449,33 @@ class _SlotRow(CacheRow):
 
 @dataclass(eq=False)
 class _Block:
-    buffers: object
-    rows: list[_SlotRow | None] = field(default_factory=list)
+    buffers: SlotBuffers
+    rows: list[_SlotRow | None]
 
 
-class SlotCache:
+class SlotCache(_RowSharing):
     """Rows are slots of preallocated blocks that every forward call writes in place.
 
     New rows take the lowest free slots, so the rows in the batch stay packed at the
     start of the blocks. A decode call covers a run of at most ``rows_per_call`` slots
-    (0: a whole block) from one decoding row to another; slots between them that do not
-    decode (free, paused or still being prefilled) ride along, each writing a scratch
-    column right after its own end. Blocks are added when the slots run out and kept
-    (with their addresses) for the cache's life.
+    (0: a whole block) of decoding rows and the free slots between them, which ride
+    along from position 0; a held row that does not decode (paused, being prefilled or
+    waiting to join) ends a run, so no call reads or writes its context. Blocks hold
+    ``block_slots`` slots (fewer where ``rows_per_call`` is smaller) and are added when
+    the slots run out; a released slot's memory is given back, and empty blocks at the end
+    are dropped (the first is kept).
     """
 
-    def __init__(self, model: SlotModel, rows_per_call: int = 0) -> None:
+    def __init__(
+        self, model: SlotModel, rows_per_call: int = 0, block_slots: int = DEFAULT_BLOCK_SLOTS
+    ) -> None:
         self.model = model
         self.rows_per_call = rows_per_call
+        self.block_slots = max(1, block_slots)
         self._blocks: list[_Block] = []
 
     @property
-    def buffers(self) -> list[object]:
+    def buffers(self) -> list[SlotBuffers]:
         """Each block's buffers (what the forward calls bind), oldest first."""
         return [block.buffers for block in self._blocks]
 
@@ -451,7 +489,7 @@ class SlotCache:
         ]
 
     @staticmethod
-    def slot_of(row: CacheRow) -> tuple[object, int]:
+    def slot_of(row: CacheRow) -> tuple[SlotBuffers, int]:
         """Where a row lives: its block's buffers and its slot."""
         assert isinstance(row, _SlotRow)
         return row.block.buffers, row.slot
@@ -472,7 +510,7 @@ class SlotCache:
                 count -= end - slot
                 slot = end
         while count > 0:
-            size = self.rows_per_call or DEFAULT_BLOCK_SLOTS
+            size = min(self.rows_per_call or DEFAULT_BLOCK_SLOTS, self.block_slots)
             block = _Block(self.model.allocate(size), [None] * size)
             self._blocks.append(block)
             runs.append((block, 0, min(size, count)))
@@ -480,17 +518,18 @@ class SlotCache:
         return runs
 
     def start(self, prompts: Sequence[Sequence[int]]) -> tuple[FloatArray, list[CacheRow]]:
+        if any(len(prompt) < 1 for prompt in prompts):
+            raise ValueError("every prompt needs at least one token")
         # Similar lengths side by side: a call pads its rows to its longest prompt.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         logits: list[FloatArray] = [np.empty(0)] * len(prompts)
         rows: list[CacheRow] = [CacheRow()] * len(prompts)
         taken = 0
+        claimed: list[_SlotRow] = []
         for block, first, count in self._claim(len(prompts)):
             call = order[taken : taken + count]
             taken += count
             lengths = np.array([len(prompts[i]) for i in call], np.int64)
-            if lengths.min(initial=1) < 1:
-                raise ValueError("every prompt needs at least one token")
             ids = np.zeros((count, int(lengths.max())), np.int64)
             for position, index in enumerate(call):
                 ids[position, : lengths[position]] = prompts[index]
@@ -499,9 +538,12 @@ class SlotCache:
             )
             for position, index in enumerate(call):
                 row = _SlotRow(block, first + position, int(lengths[position]))
-                block.rows[first + position] = row
+                claimed.append(row)
                 logits[index] = call_logits[position]
                 rows[index] = row
+        # Only once every call has succeeded: a failed one leaves no slot taken.
+        for row in claimed:
+            row.block.rows[row.slot] = row
         return np.stack(logits), rows
 
     def extend(self, row: CacheRow, ids: IntArray) -> FloatArray:
@@ -515,10 +557,6 @@ class SlotCache:
         )
         row.length += int(ids.shape[1])
         return np.asarray(logits[0])
-
-    def share(self, row: CacheRow) -> CacheRow:
-        row.holders += 1
-        return row
 
     def fork(self, row: CacheRow) -> CacheRow:
         assert isinstance(row, _SlotRow)
@@ -540,35 +578,53 @@ class SlotCache:
     def release(self, row: CacheRow) -> None:
         assert isinstance(row, _SlotRow)
         row.holders -= 1
-        if row.holders <= 0 and row.block.rows[row.slot] is row:
-            row.decoding = False
-            row.block.rows[row.slot] = None
+        if row.holders > 0 or row.block.rows[row.slot] is not row:
+            return
+        row.decoding = False
+        row.block.rows[row.slot] = None
+        self.model.free_slot(row.block.buffers, row.slot)
+        while len(self._blocks) > 1 and all(other is None for other in self._blocks[-1].rows):
+            self._blocks.pop()
+
+    def _runs(self, block: _Block) -> list[tuple[int, int]]:
+        """The decode calls over a block, as (first slot, count): runs of decoding rows
+        and the free slots between them, at most ``rows_per_call`` long, broken by any
+        held row that does not decode."""
+        span = self.rows_per_call or len(block.rows)
+        runs: list[tuple[int, int]] = []
+        first = last = -1
+        for slot, row in enumerate(block.rows):
+            if row is None:
+                continue
+            if row.decoding and first >= 0 and slot - first < span:
+                last = slot
+                continue
+            if first >= 0:
+                runs.append((first, last - first + 1))
+            first = last = slot if row.decoding else -1
+        if first >= 0:
+            runs.append((first, last - first + 1))
+        return runs
 
     def decode(self, rows: Sequence[CacheRow], tokens: IntArray) -> FloatArray:
         token_of = {id(row): int(token) for row, token in zip(rows, tokens, strict=True)}
         logits: dict[int, FloatArray] = {}
         for block in self._blocks:
-            live = [s for s, row in enumerate(block.rows) if row is not None and row.decoding]
-            span = self.rows_per_call or len(block.rows)
-            while live:
-                first = live[0]
-                count = max(s for s in live if s - first < span) - first + 1
-                live = [s for s in live if s >= first + count]
+            for first, count in self._runs(block):
+                # Free slots in the run get past 0: they write their own position 0.
                 ids = np.zeros((count, 1), np.int64)
                 past = np.zeros(count, np.int64)
                 for position in range(count):
                     row = block.rows[first + position]
-                    if row is None:
-                        continue
-                    past[position] = row.length
-                    if row.decoding:
+                    if row is not None:
+                        past[position] = row.length
                         ids[position, 0] = token_of[id(row)]
                 call_logits = self.model.forward_slots(
                     block.buffers, first, ids, past, np.ones(count, np.int64)
                 )
                 for position in range(count):
                     row = block.rows[first + position]
-                    if row is not None and row.decoding:
+                    if row is not None:
                         logits[id(row)] = call_logits[position]
                         row.length += 1
         return np.stack([logits[id(row)] for row in rows])

@@ -14,9 +14,10 @@ restarts.
 
 from __future__ import annotations
 
+import logging
 import mmap
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +31,7 @@ from dataplane.inference.kvcache import (
     IntArray,
     KVBatch,
     KVCache,
+    SlotBuffers,
     SlotCache,
 )
 from dataplane.inference.model import MODEL_FILE, ModelSpec, load_model_spec
@@ -40,7 +42,17 @@ PROVIDER_CHAIN = (
     "CPUExecutionProvider",
 )
 
+__all__ = ["OnnxRuntime", "Runtime", "SlotBuffers", "last_logits", "select_providers"]
+
+log = logging.getLogger(__name__)
+
 ProviderEntry = tuple[str, dict[str, str]]
+# Most device memory one block of in-place slots takes: a block of fewer slots is
+# allocated where whole slots are larger (host memory is committed only as it is used).
+DEVICE_BLOCK_BYTES = 1 << 30
+# Longest slot when the worker's configuration names none: a model's own context may be
+# far longer than its deployments use, and every slot is allocated that long.
+DEFAULT_MAX_CONTEXT = 32768
 # Providers whose sessions keep the KV buffers in CUDA device memory.
 _CUDA_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -56,20 +68,6 @@ class Runtime(Protocol):
         """An empty cache of this model's layout; forward calls of at most
         ``rows_per_call`` rows (0: no limit)."""
         ...
-
-
-@dataclass(frozen=True)
-class SlotBuffers:
-    """One block of in-place KV buffers: per layer a key and a value buffer of shape
-    ``[slots, kv_heads, max_context, head_dim]``. ``arrays`` are the host arrays (CPU
-    sessions), ``values`` the device OrtValues (CUDA sessions); ``pointers`` their
-    addresses, key then value for each layer."""
-
-    slots: int
-    slot_bytes: int
-    pointers: tuple[int, ...]
-    arrays: tuple[FloatArray, ...] = ()
-    values: tuple[Any, ...] = ()
 
 
 def select_providers(available: Sequence[str], cache_dir: Path) -> list[ProviderEntry]:
@@ -95,15 +93,34 @@ def select_providers(available: Sequence[str], cache_dir: Path) -> list[Provider
     return entries
 
 
-def _host_buffer(shape: list[int], dtype: np.dtype[Any]) -> FloatArray:
-    """Zeroed anonymous memory in small pages: each (slot, head) row is far from the
-    next, so huge pages (which numpy asks for on large arrays) would commit megabytes
-    for every row a prompt touches."""
+def last_logits(logits: FloatArray, new: IntArray) -> FloatArray:
+    """The logits after each row's last new token [B, vocab] out of a graph's output:
+    [B, 1, vocab] when the graph picks them itself, or [B, S, vocab] for every position
+    of right-padded rows (onnxruntime-genai exports), where row i's is at ``new[i] - 1``."""
+    if logits.shape[1] == 1:
+        return np.asarray(logits[:, 0, :], dtype=np.float32)
+    rows = np.arange(logits.shape[0])
+    return np.asarray(logits[rows, np.asarray(new, np.int64) - 1], dtype=np.float32)
+
+
+def _host_buffer(shape: list[int], dtype: np.dtype[Any]) -> tuple[FloatArray, mmap.mmap]:
+    """Zeroed private anonymous memory in small pages, and its mapping: each (slot, head)
+    row is far from the next, so huge pages (which numpy asks for on large arrays) would
+    commit megabytes for every row a prompt touches."""
     size = int(np.prod(shape)) * dtype.itemsize
-    memory = mmap.mmap(-1, max(size, 1))
+    memory = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         memory.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(memory, dtype, int(np.prod(shape))).reshape(shape)
+    return np.frombuffer(memory, dtype, int(np.prod(shape))).reshape(shape), memory
+
+
+def _give_back(memory: mmap.mmap, start: int, end: int) -> None:
+    """Return the whole pages of ``[start, end)`` to the system; they read as zeros."""
+    page = mmap.PAGESIZE
+    first = -(-start // page) * page
+    last = end // page * page
+    if last > first and hasattr(mmap, "MADV_DONTNEED"):
+        memory.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 class OnnxRuntime:
@@ -115,14 +132,19 @@ class OnnxRuntime:
 
     In the concatenating layout prefill and decode are the same forward call over a
     right-aligned cache: prefill starts from an empty cache with left-padded prompts,
-    decode appends one token per row. A graph without a ``position_ids`` input takes the cache width as the position, so
-    for it every row must fill the cache (rows of length 0 are free slots, ignored):
-    the engine groups rows that way, and a call that breaks the rule is refused rather
-    than answered with shifted positions.
+    decode appends one token per row. A graph without a ``position_ids`` input takes the
+    cache width as the position, so for it every row must fill the cache (rows of
+    length 0 are free slots, ignored): the engine groups rows that way, and a call that
+    breaks the rule is refused rather than answered with shifted positions.
     """
 
     def __init__(self, model_dir: Path, cache_dir: Path, config: RuntimeConfig) -> None:
-        self._spec = load_model_spec(model_dir)
+        spec = load_model_spec(model_dir)
+        # The longest sequence, and the length of every in-place slot.
+        limit = config.max_context or spec.max_context
+        if config.max_context is None and spec.kv_layout == "in_place":
+            limit = min(limit, DEFAULT_MAX_CONTEXT)
+        self._spec = replace(spec, max_context=min(spec.max_context, limit))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = config.intra_op_threads
@@ -142,6 +164,18 @@ class OnnxRuntime:
         leading = self._session.get_providers()[0]
         self._device = "cuda" if leading in _CUDA_PROVIDERS else "cpu"
         self._copier: ort.InferenceSession | None = None
+        if (
+            self._device == "cuda"
+            and self._spec.kv_layout == "in_place"
+            and self._dtype == np.float32
+        ):
+            log.warning(
+                "%s leads this session, but the model's KV cache is float32: "
+                "onnxruntime's CUDA GroupQueryAttention runs only float16 and bfloat16, "
+                "so attention falls back to the CPU and every call copies each layer's "
+                "whole cache between the devices; use a float16 or bfloat16 export",
+                leading,
+            )
 
     @property
     def spec(self) -> ModelSpec:
@@ -153,7 +187,10 @@ class OnnxRuntime:
 
     def new_cache(self, rows_per_call: int = 0) -> KVCache:
         if self._spec.kv_layout == "in_place":
-            return SlotCache(self, rows_per_call)
+            if self._device == "cpu":
+                return SlotCache(self, rows_per_call)
+            slot_bytes = self._slot_bytes() * 2 * self._spec.num_layers
+            return SlotCache(self, rows_per_call, max(1, DEVICE_BLOCK_BYTES // slot_bytes))
         return ConcatCache(self, rows_per_call)
 
     # -- the in-place layout: buffers bound as past and present ------------------------
@@ -162,26 +199,38 @@ class OnnxRuntime:
         spec = self._spec
         return [slots, spec.num_kv_heads, spec.max_context, spec.head_dim]
 
+    def _slot_bytes(self) -> int:
+        """One slot of one layer's keys (or values)."""
+        return int(np.prod(self._slot_shape(1))) * self._dtype.itemsize
+
     def allocate(self, slots: int) -> SlotBuffers:
         """A block of ``slots`` slots on the session's device. Host memory is mapped a
         page at a time on first touch, so a slot costs memory only as far as its rows
-        have reached."""
+        have reached, and ``free_slot`` gives it back."""
         shape = self._slot_shape(slots)
-        slot_bytes = int(np.prod(shape[1:])) * self._dtype.itemsize
+        slot_bytes = self._slot_bytes()
         count = 2 * self._spec.num_layers
         if self._device == "cpu":
-            arrays = tuple(_host_buffer(shape, self._dtype) for _ in range(count))
-            return SlotBuffers(slots, slot_bytes, tuple(a.ctypes.data for a in arrays), arrays)
+            host = [_host_buffer(shape, self._dtype) for _ in range(count)]
+            arrays = tuple(array for array, _ in host)
+            pointers = tuple(a.ctypes.data for a in arrays)
+            maps = tuple(memory for _, memory in host)
+            return SlotBuffers(slots, slot_bytes, pointers, arrays, maps)
         values = tuple(
             ort.OrtValue.ortvalue_from_shape_and_type(shape, self._dtype, self._device, 0)
             for _ in range(count)
         )
         return SlotBuffers(slots, slot_bytes, tuple(v.data_ptr() for v in values), values=values)
 
+    def free_slot(self, buffers: SlotBuffers, slot: int) -> None:
+        """Give a released slot's host pages back (device memory stays with its block)."""
+        start = slot * buffers.slot_bytes
+        for memory in buffers.maps:
+            _give_back(memory, start, start + buffers.slot_bytes)
+
     def forward_slots(
-        self, buffers: object, first: int, ids: IntArray, past: IntArray, new: IntArray
+        self, buffers: SlotBuffers, first: int, ids: IntArray, past: IntArray, new: IntArray
     ) -> FloatArray:
-        assert isinstance(buffers, SlotBuffers)
         rows, steps = ids.shape
         if first < 0 or first + rows > buffers.slots:
             raise ValueError("slots out of the block")
@@ -211,27 +260,34 @@ class OnnxRuntime:
                 ):
                     bind(name, self._device, 0, self._dtype, shape, pointer)
         self._session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()
-        return np.asarray(logits[:, -1, :], dtype=np.float32)
+        return last_logits(binding.get_outputs()[0].numpy(), new)
 
     def copy_slot(
-        self, source: object, source_slot: int, target: object, target_slot: int, length: int
+        self,
+        source: SlotBuffers,
+        source_slot: int,
+        target: SlotBuffers,
+        target_slot: int,
+        length: int,
     ) -> None:
-        assert isinstance(source, SlotBuffers) and isinstance(target, SlotBuffers)
         if source.arrays and target.arrays:
             for mine, theirs in zip(target.arrays, source.arrays, strict=True):
                 mine[target_slot, :, :length] = theirs[source_slot, :, :length]
             return
-        # On a device: a session of Identity nodes copies whole slots buffer to buffer.
+        # On a device: a session of Identity nodes copies, buffer to buffer, each head's
+        # first ``length`` positions (one call per KV head: they are contiguous in it).
         copier = self._copier or self._slot_copier()
-        binding = copier.io_binding()
-        size = [source.slot_bytes // self._dtype.itemsize]
-        for index, (src, dst) in enumerate(zip(source.pointers, target.pointers, strict=True)):
-            src_at = src + source_slot * source.slot_bytes
-            dst_at = dst + target_slot * target.slot_bytes
-            binding.bind_input(f"in{index}", self._device, 0, self._dtype, size, src_at)
-            binding.bind_output(f"out{index}", self._device, 0, self._dtype, size, dst_at)
-        copier.run_with_iobinding(binding)
+        head_bytes = self._spec.max_context * self._spec.head_dim * self._dtype.itemsize
+        size = [length * self._spec.head_dim]
+        for head in range(self._spec.num_kv_heads):
+            binding = copier.io_binding()
+            pairs = zip(source.pointers, target.pointers, strict=True)
+            for index, (src, dst) in enumerate(pairs):
+                src_at = src + source_slot * source.slot_bytes + head * head_bytes
+                dst_at = dst + target_slot * target.slot_bytes + head * head_bytes
+                binding.bind_input(f"in{index}", self._device, 0, self._dtype, size, src_at)
+                binding.bind_output(f"out{index}", self._device, 0, self._dtype, size, dst_at)
+            copier.run_with_iobinding(binding)
 
     def _slot_copier(self) -> ort.InferenceSession:
         from onnx import helper
@@ -246,9 +302,9 @@ class OnnxRuntime:
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
-        self._copier = ort.InferenceSession(
-            model.SerializeToString(), providers=self._session.get_providers()
-        )
+        # Only the provider that owns the buffers: TensorRT would build an engine for it.
+        plain = "CUDAExecutionProvider" if self._device == "cuda" else "CPUExecutionProvider"
+        self._copier = ort.InferenceSession(model.SerializeToString(), providers=[plain])
         return self._copier
 
     # -- the concatenating layout: dense arrays in, dense arrays out -------------------

@@ -79,7 +79,8 @@ log = logging.getLogger(__name__)
 FINISH_ERROR = "error"
 # What the event loop tells the step thread: requests to prefill, join, leave or park,
 # or None to stop.
-_Command = list[tuple[str, "GenerationRequest"]] | None
+# Moves for the next step, a new ``rows_per_call`` (applied between steps), or None: stop.
+_Command = list[tuple[str, "GenerationRequest"]] | int | None
 _DEFAULT_TENANT = TenantConfig.model_validate({})
 # Of the tightest TPOT objective, what decode rows may take; prompt chunks get the rest.
 ROWS_SHARE = 0.75
@@ -596,7 +597,7 @@ class Scheduler:
     ) -> None:
         """Apply new knobs between steps; waiting and running requests carry over."""
         self.batching = batching
-        self._engine.rows_per_call = batching.max_rows_per_forward
+        self._commands.put(batching.max_rows_per_forward)
         self.tenants = dict(tenants)
         self._set_buckets()
         if scheduling != self.scheduling:
@@ -789,7 +790,11 @@ class Scheduler:
                     commands.append(self._commands.get_nowait())
             if None in commands:
                 return
-            report = self._step([move for command in commands if command for move in command])
+            for command in commands:
+                if isinstance(command, int):
+                    self._engine.rows_per_call = command
+            moves = [move for command in commands if isinstance(command, list) for move in command]
+            report = self._step(moves)
             try:
                 loop.call_soon_threadsafe(self._stepped, report)
             except RuntimeError:  # the event loop is closed: nobody is listening
@@ -960,6 +965,11 @@ class Scheduler:
         self._mean_output_tokens = 0.9 * self._mean_output_tokens + 0.1 * len(request.output_ids)
 
     def _fail(self, requests: list[GenerationRequest]) -> None:
+        """Fail requests; the engine drops any cache row one still holds (a prompt under
+        way, a paused or a parked sequence) at the next step."""
+        leave = [("leave", r) for r in requests if r.seq.row is not None]
+        if leave:
+            self._commands.put(leave)
         for request in requests:
             if not request.done:
                 request.finish_reason = FINISH_ERROR

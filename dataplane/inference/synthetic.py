@@ -87,6 +87,8 @@ class SyntheticModelSpec:
     bos: bool = False
     chat_template: bool = True
     concat_kv: bool = False
+    # Logits for every position, as onnxruntime-genai exports give them (in place only).
+    all_logits: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
@@ -375,7 +377,9 @@ def build_graph(spec: SyntheticModelSpec, vocab: int) -> onnx.ModelProto:
         x = g.op("Add", [x, down], f"resid_mlp{layer}")
 
     # Logits only where a token is sampled: the last position of each row.
-    if spec.in_place:
+    if spec.in_place and spec.all_logits:
+        last = x
+    elif spec.in_place:
         picked = g.op("GatherND", [x, g.op("Unsqueeze", [last_index, "axes_1"])], batch_dims=1)
         last = g.op("Unsqueeze", [picked, "axes_1"], "last_position")
     else:
@@ -407,7 +411,8 @@ def build_graph(spec: SyntheticModelSpec, vocab: int) -> onnx.ModelProto:
         inputs.append(
             helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"])
         )
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", 1, vocab])]
+    logit_positions: str | int = "sequence_length" if spec.in_place and spec.all_logits else 1
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", logit_positions, vocab])]
     # In place, past and present are one buffer as long as the context.
     past_len_dim = "max_sequence_length" if spec.in_place else "past_sequence_length"
     present_len_dim = (

@@ -35,3 +35,11 @@ def cache_width_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("model-cache-width")
     write_synthetic_model(directory, replace(TEST_MODEL, position_ids=False))
     return directory
+
+
+@pytest.fixture(scope="session")
+def all_logits_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The in-place test model returning logits for every position (onnxruntime-genai)."""
+    directory = tmp_path_factory.mktemp("model-all-logits")
+    write_synthetic_model(directory, replace(TEST_MODEL, all_logits=True))
+    return directory

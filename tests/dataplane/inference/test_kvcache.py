@@ -11,9 +11,16 @@ import pytest
 
 from dataplane.inference.config import RuntimeConfig
 from dataplane.inference.engine import BatchEngine, EngineSequence
-from dataplane.inference.kvcache import ConcatCache, FloatArray, IntArray, KVCache, SlotCache
+from dataplane.inference.kvcache import (
+    ConcatCache,
+    FloatArray,
+    IntArray,
+    KVCache,
+    SlotBuffers,
+    SlotCache,
+)
 from dataplane.inference.model import ModelSpec
-from dataplane.inference.runtime import OnnxRuntime, SlotBuffers
+from dataplane.inference.runtime import OnnxRuntime, last_logits
 from dataplane.inference.sampling import SamplingParams
 
 
@@ -39,18 +46,35 @@ def greedy(tokens: int) -> SamplingParams:
 LENGTHS = [20, 6, 15, 25, 9, 17, 12]
 
 
-def staggered(runtime: object, rows_per_call: int) -> list[list[int]]:
+def staggered(
+    runtime: object, rows_per_call: int, where: dict[int, set[tuple[int, int]]] | None = None
+) -> list[list[int]]:
     """Arrivals every few steps, prompts chunked under a 12-token budget, a pause and a
-    resume, sequences finishing at different steps."""
+    resume, sequences finishing at different steps; the third prompt arrives twice at
+    once (two choices that share its prefill, then fork). ``where`` collects the (block
+    address, slot) each sequence's row was seen in, for in-place caches."""
     assert isinstance(runtime, OnnxRuntime | Recording)
     engine = BatchEngine(runtime, rows_per_call)
     seqs = [EngineSequence(p, greedy(n)) for p, n in zip(prompts(), LENGTHS, strict=True)]
-    arriving, pending, ready = list(seqs), [], []
+    seqs.append(EngineSequence(prompts()[2], greedy(LENGTHS[2])))
+    arriving = [[s] for s in seqs[:7]]
+    arriving[2].append(seqs[7])
+    pending: list[EngineSequence] = []
+    ready: list[EngineSequence] = []
     paused: EngineSequence | None = None
     step = 0
+
+    def look() -> None:
+        if where is None or not isinstance(engine.cache, SlotCache):
+            return
+        for index, seq in enumerate(seqs):
+            if seq.row is not None and seq.prefilled == len(seq.prompt):
+                buffers, slot = engine.cache.slot_of(seq.row)
+                where.setdefault(index, set()).add((buffers.pointers[0], slot))
+
     while arriving or pending or ready or engine.running or paused:
         if arriving and step % 3 == 0:
-            pending.append(arriving.pop(0))
+            pending.extend(arriving.pop(0))
         park = []
         if step == 8 and seqs[0] in engine.running:
             park, paused = [seqs[0]], seqs[0]
@@ -58,7 +82,9 @@ def staggered(runtime: object, rows_per_call: int) -> list[list[int]]:
         if step == 14 and paused is not None:
             join, paused = [*join, paused], None
         engine.step(park=park, join=join)
+        look()
         ready = engine.prefill(pending, max_tokens=12)
+        look()
         pending = [s for s in pending if s not in ready]
         step += 1
     return [s.tokens for s in seqs]
@@ -77,7 +103,7 @@ def test_in_place_gives_the_tokens_of_the_concatenated_cache(
 def test_in_place_gives_the_tokens_of_a_full_recompute(in_place: OnnxRuntime) -> None:
     """Each next token from the whole sequence run from scratch in a fresh row."""
     tokens = staggered(in_place, 2)
-    for prompt, produced in list(zip(prompts(), tokens, strict=True))[:3]:
+    for prompt, produced in list(zip(prompts(), tokens[:7], strict=True))[:3]:
         sequence = list(prompt)
         for _ in produced:
             cache = in_place.new_cache()
@@ -95,6 +121,7 @@ class Recording:
         self.allocated: list[SlotBuffers] = []
         self.calls: list[tuple[int, int, int]] = []  # (block pointer, first slot, rows)
         self.copies = 0
+        self.fail_at = 0  # the forward call that fails (counting from 1), 0: none
 
     @property
     def spec(self) -> ModelSpec:
@@ -103,23 +130,32 @@ class Recording:
     def new_cache(self, rows_per_call: int = 0) -> KVCache:
         return SlotCache(self, rows_per_call)
 
-    def allocate(self, slots: int) -> object:
+    def allocate(self, slots: int) -> SlotBuffers:
         buffers = self.inner.allocate(slots)
         self.allocated.append(buffers)
         return buffers
 
     def forward_slots(
-        self, buffers: object, first: int, ids: IntArray, past: IntArray, new: IntArray
+        self, buffers: SlotBuffers, first: int, ids: IntArray, past: IntArray, new: IntArray
     ) -> FloatArray:
-        assert isinstance(buffers, SlotBuffers)
         self.calls.append((buffers.pointers[0], first, int(ids.shape[0])))
+        if len(self.calls) == self.fail_at:
+            raise RuntimeError("injected failure")
         return self.inner.forward_slots(buffers, first, ids, past, new)
 
     def copy_slot(
-        self, source: object, source_slot: int, target: object, target_slot: int, length: int
+        self,
+        source: SlotBuffers,
+        source_slot: int,
+        target: SlotBuffers,
+        target_slot: int,
+        length: int,
     ) -> None:
         self.copies += 1
         self.inner.copy_slot(source, source_slot, target, target_slot, length)
+
+    def free_slot(self, buffers: SlotBuffers, slot: int) -> None:
+        self.inner.free_slot(buffers, slot)
 
 
 @pytest.mark.parametrize("rows_per_call", [0, 4])
@@ -127,13 +163,18 @@ def test_joining_leaving_and_pausing_move_no_data(
     in_place: OnnxRuntime, rows_per_call: int
 ) -> None:
     recording = Recording(in_place)
-    assert staggered(recording, rows_per_call) == staggered(in_place, rows_per_call)
+    where: dict[int, set[tuple[int, int]]] = {}
+    tokens = staggered(recording, rows_per_call, where)
+    assert tokens == staggered(in_place, rows_per_call)
+    assert tokens[7] == tokens[2]  # the second choice of the third prompt, greedy
     blocks = recording.allocated
     if rows_per_call == 0:
         assert len(blocks) == 1  # one block of slots held them all
-    # Blocks are only ever added: none was reallocated or moved, none copied from.
-    assert all(b.pointers == tuple(a.ctypes.data for a in b.arrays) for b in blocks)
-    assert recording.copies == 0
+    # Each sequence decoded, paused and resumed in the one slot it started in.
+    assert sorted(where) == list(range(8))
+    assert all(len(places) == 1 for places in where.values())
+    # The only copy: the shared prompt's row forked for its second choice.
+    assert recording.copies == 1
     # Every forward call wrote into an allocated block, at most rows_per_call rows.
     assert {pointer for pointer, _, _ in recording.calls} <= {b.pointers[0] for b in blocks}
     size = {b.pointers[0]: b.slots for b in blocks}
@@ -262,3 +303,150 @@ def test_buffers_held_as_ortvalues_are_bound_and_copied_by_address(
     np.testing.assert_allclose(both[0], both[1], rtol=1e-6)
     alone, _ = in_place.new_cache().start([[5, 6, 7, 8, 9]])
     np.testing.assert_allclose(first[0], alone[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_failing_forward_call_leaves_every_slot_free(in_place: OnnxRuntime) -> None:
+    recording = Recording(in_place)
+    engine = BatchEngine(recording, 2)
+    cache = engine.cache
+    assert isinstance(cache, SlotCache)
+    # Three new prompts take two calls (two blocks of two slots); the second fails.
+    recording.fail_at = len(recording.calls) + 2
+    starting = [EngineSequence([5 + i] * (3 + i), greedy(5)) for i in range(3)]
+    with pytest.raises(RuntimeError):
+        cache.start([s.prompt for s in starting])
+    assert len(recording.calls) == recording.fail_at and cache.slots() == []
+    assert len(cache.buffers) == 2  # the failed call's block, kept until a release
+    # New prompts start, then a prompt under way fails to extend its row.
+    chunked = EngineSequence([6] * 30, greedy(5))
+    engine.prefill([chunked], max_tokens=10)
+    recording.fail_at = len(recording.calls) + 2  # the new prompts' call, then the chunk
+    with pytest.raises(RuntimeError):
+        engine.prefill([chunked, *starting], max_tokens=40)
+    assert all(s.row is None for s in starting) and len(cache.slots()) == 1
+    engine.step(leave=[chunked])
+    assert cache.slots() == []
+    # A decode step fails while one sequence is parked and another is being prefilled.
+    running, parked = EngineSequence([7] * 4, greedy(20)), EngineSequence([8] * 5, greedy(20))
+    engine.prefill([running, parked])
+    engine.step(join=[running, parked])
+    engine.prefill([chunked], max_tokens=10)
+    recording.fail_at = len(recording.calls) + 1
+    with pytest.raises(RuntimeError):
+        engine.step(park=[parked])
+    engine.reset()
+    engine.step(leave=[parked, chunked])  # what the scheduler queues for failed requests
+    assert cache.slots() == [] and parked.row is None and chunked.row is None
+    assert len(cache.buffers) == 1  # empty blocks after the first were dropped
+
+
+@pytest.fixture(scope="module")
+def all_logits(all_logits_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> OnnxRuntime:
+    return OnnxRuntime(all_logits_model_dir, tmp_path_factory.mktemp("cache"), RuntimeConfig())
+
+
+def test_logits_of_every_position_are_read_at_each_rows_last_token(
+    in_place: OnnxRuntime, all_logits: OnnxRuntime
+) -> None:
+    """A graph that returns logits for every position (as onnxruntime-genai exports do):
+    a right-padded prompt's next token comes from its own last token, not the padding."""
+    logits = np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3)
+    np.testing.assert_array_equal(last_logits(logits, np.array([2, 4])), logits[[0, 1], [1, 3]])
+    np.testing.assert_array_equal(last_logits(logits[:, :1], np.array([1, 1])), logits[:, 0])
+    assert staggered(all_logits, 3) == staggered(in_place, 3)
+    short, long = [5, 6, 7], [9] * 20
+    together, _ = all_logits.new_cache().start([short, long])
+    one, _ = in_place.new_cache().start([short])
+    np.testing.assert_allclose(together[0], one[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_released_slot_gives_its_host_pages_back(in_place: OnnxRuntime) -> None:
+    engine = BatchEngine(in_place)
+    cache = engine.cache
+    assert isinstance(cache, SlotCache)
+    short, long = EngineSequence([4] * 3, greedy(300)), EngineSequence([5] * 200, greedy(100))
+    engine.prefill([short, long])
+    engine.step(join=[short, long])
+    while long in engine.running:
+        engine.step()
+    assert long.finish_reason is not None and long.row is None
+    engine.step()  # the finished row leaves the batch and its slot is released
+    ((buffers, slot),) = [cache.slot_of(short.row)] if short.row else []
+    assert buffers.slot_bytes % 4096 == 0  # the test model's slots are whole pages
+    for array in buffers.arrays:
+        assert not np.any(array[1 - slot])  # every page of the long sequence's slot
+        assert np.any(array[slot])  # the sequence still running keeps its own
+
+
+def test_a_paused_row_between_decoding_rows_is_neither_read_nor_written(
+    in_place: OnnxRuntime,
+) -> None:
+    """The middle row of three pauses for several steps: no call covers its slot, its
+    keys and values stay exactly as they were, and every sequence gets its own tokens."""
+    recording = Recording(in_place)
+    engine = BatchEngine(recording)
+    cache = engine.cache
+    assert isinstance(cache, SlotCache)
+    # Prompts of 3, 13 and 37 tokens: slots are taken shortest first.
+    seqs = [EngineSequence(prompts()[i], greedy(24)) for i in (1, 0, 2)]
+    expected = [alone(in_place, s.prompt, 24) for s in seqs]
+    engine.prefill(seqs)
+    engine.step(join=seqs)
+    engine.step()
+    engine.step(park=[seqs[1]])
+    assert seqs[1].row is not None
+    buffers, slot = cache.slot_of(seqs[1].row)
+    assert [cache.slot_of(s.row)[1] for s in seqs if s.row] == [0, 1, 2]
+    before = [array[slot].copy() for array in buffers.arrays]
+    recording.calls.clear()
+    for _ in range(6):
+        engine.step()
+    assert all(not first <= slot < first + rows for _, first, rows in recording.calls)
+    assert all(np.array_equal(b, a[slot]) for b, a in zip(before, buffers.arrays, strict=True))
+    engine.step(join=[seqs[1]])
+    while engine.running:
+        engine.step()
+    assert [s.tokens for s in seqs] == expected
+
+
+def test_a_fork_copies_only_the_rows_positions(in_place: OnnxRuntime) -> None:
+    host = in_place.allocate(3)
+    values = tuple(ort.OrtValue.ortvalue_from_numpy(array) for array in host.arrays)
+    device = SlotBuffers(3, host.slot_bytes, tuple(v.data_ptr() for v in values), values=values)
+    in_place.forward_slots(device, 0, np.array([[5, 6, 7, 8, 9]]), np.array([0]), np.array([5]))
+    in_place.copy_slot(device, 0, device, 1, 3)
+    for array in host.arrays:
+        assert np.any(array[0, :, 3:5])
+        assert np.array_equal(array[1, :, :3], array[0, :, :3])
+        assert not np.any(array[1, :, 3:])
+    # The copies run in a session of the one provider that owns the buffers.
+    assert in_place._copier is not None
+    assert in_place._copier.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_the_configured_context_caps_every_slot(model_dir: Path, tmp_path: Path) -> None:
+    capped = OnnxRuntime(model_dir, tmp_path, RuntimeConfig(max_context=64))
+    assert capped.spec.max_context == 64
+    assert capped.allocate(1).arrays[0].shape[2] == 64
+    engine = BatchEngine(capped)
+    seq = EngineSequence([5] * 60, greedy(100))
+    engine.prefill([seq])
+    engine.step(join=[seq])
+    while engine.running:
+        engine.step()
+    assert len(seq.prompt) + len(seq.tokens) == 64 and seq.finish_reason == "length"
+
+
+def test_a_float32_in_place_model_led_by_cuda_says_attention_falls_back(
+    model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    OnnxRuntime(model_dir, tmp_path, RuntimeConfig())
+    assert "GroupQueryAttention" not in caplog.text
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort.InferenceSession, "get_providers", lambda self: cuda)
+    OnnxRuntime(model_dir, tmp_path, RuntimeConfig())
+    assert "GroupQueryAttention runs only float16 and bfloat16" in caplog.text
+    assert "falls back to the CPU" in caplog.text

@@ -19,6 +19,7 @@ from dataplane.inference.config import (
     SloThreshold,
 )
 from dataplane.inference.engine import BatchEngine, EngineSequence
+from dataplane.inference.kvcache import SlotCache
 from dataplane.inference.metrics import RequestTiming, TelemetryStats, WorkerMetrics
 from dataplane.inference.runtime import OnnxRuntime
 from dataplane.inference.sampling import SamplingParams
@@ -71,7 +72,7 @@ class Harness:
         self,
         runtime: OnnxRuntime,
         thresholds: Sequence[SloThreshold] = (),
-        engine: TokenClock | None = None,
+        engine: BatchEngine | None = None,
         **knobs: Any,
     ) -> None:
         policy = knobs.pop("policy", "fair")
@@ -83,7 +84,7 @@ class Harness:
             {},
             self.metrics,
             TelemetryStats("dep", "synthetic", thresholds),
-            **({"clock": engine.now} if engine else {}),
+            **({"clock": engine.now} if isinstance(engine, TokenClock) else {}),
         )
 
     def submit(self, tenant: str, prompt: list[int], tokens: int) -> GenerationRequest:
@@ -295,3 +296,86 @@ async def test_per_tenant_queue_bound(harness_factory: Any) -> None:
         h.submit("a", [1], 50)
     assert full.value.retry_after_s >= 1
     h.submit("b", [1], 50)
+
+
+class FailingOnce(BatchEngine):
+    """The real engine, whose step after the first partial prefill fails: its decode
+    and its prefill both raise."""
+
+    def __init__(self, runtime: OnnxRuntime) -> None:
+        super().__init__(runtime)
+        self.armed = self.tripped = False
+
+    def step(
+        self,
+        leave: Collection[EngineSequence] = (),
+        park: Collection[EngineSequence] = (),
+        join: Sequence[EngineSequence] = (),
+    ) -> list[EngineSequence]:
+        if not self.armed:
+            return super().step(leave, park, join)
+
+        def broken(rows: object, tokens: object) -> None:
+            raise RuntimeError("injected decode failure")
+
+        setattr(self.cache, "decode", broken)  # noqa: B010
+        try:
+            return super().step(leave, park, join)
+        finally:
+            delattr(self.cache, "decode")
+
+    def prefill(
+        self, sequences: Sequence[EngineSequence], max_tokens: int | None = None
+    ) -> list[EngineSequence]:
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("injected prefill failure")
+        complete = super().prefill(sequences, max_tokens)
+        if not self.tripped and any(0 < s.prefilled < len(s.prompt) for s in sequences):
+            self.armed = self.tripped = True
+        return complete
+
+
+async def test_failed_requests_give_their_slots_back(runtime: OnnxRuntime) -> None:
+    engine = FailingOnce(runtime)
+    cache = engine.cache
+    assert isinstance(cache, SlotCache)
+    h = Harness(runtime, engine=engine, max_tokens_per_step=8)
+    task = asyncio.create_task(h.scheduler.run())
+    try:
+        decoding = h.submit("t", [1, 2, 3], 400)
+        while not decoding.output_ids:
+            await decoding.next_update()
+        chunked = h.submit("t", list(range(5, 65)), 5)  # a prompt of several steps
+        await finished(decoding)
+        await finished(chunked)
+        assert engine.tripped and decoding.finish_reason == chunked.finish_reason == "error"
+        after = h.submit("t", [4, 5, 6], 3)
+        await finished(after)
+        assert after.output_ids == alone(runtime, [4, 5, 6], 3)
+        for _ in range(1000):
+            if cache.slots() == [] and not engine.running:
+                break
+            await asyncio.sleep(0.01)
+        assert cache.slots() == []
+    finally:
+        task.cancel()
+
+
+async def test_a_new_rows_per_call_reaches_the_engine_between_steps(
+    runtime: OnnxRuntime,
+) -> None:
+    engine = BatchEngine(runtime)
+    h = Harness(runtime, engine=engine, max_rows_per_forward=16)
+    engine.rows_per_call = 16
+    h.scheduler.reconfigure(
+        BatchingConfig(max_rows_per_forward=3), h.scheduler.scheduling, h.scheduler.tenants
+    )
+    assert engine.rows_per_call == 16  # not from the event loop: the step thread applies it
+    task = asyncio.create_task(h.scheduler.run())
+    try:
+        request = h.submit("t", [1, 2, 3], 4)
+        await finished(request)
+        assert engine.rows_per_call == 3
+    finally:
+        task.cancel()
