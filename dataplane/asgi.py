@@ -5,16 +5,18 @@ announces its port."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from dataplane.inference.protocol import ApiError
 
@@ -201,3 +203,43 @@ def announce(path: Path, port: int, nonce: str | None) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"port": port, "nonce": nonce, "pid": os.getpid()}))
     tmp.replace(path)
+
+
+CONFIG_POLL_SECONDS = 1.0
+_C = TypeVar("_C")
+_log = logging.getLogger(__name__)
+
+
+class ConfigFile(Generic[_C]):
+    """A process's JSON config, applied again whenever the file is rewritten (its mtime is
+    polled) or on `reload` (SIGHUP); a broken file is logged and the running config kept,
+    so a bad write never takes a serving process down."""
+
+    def __init__(
+        self, path: Path | None, load: Callable[[Path], _C], apply: Callable[[_C], None]
+    ) -> None:
+        self.path = path
+        self._load = load
+        self._apply = apply
+        self._mtime = path.stat().st_mtime_ns if path else None
+
+    def reload(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self._mtime = self.path.stat().st_mtime_ns
+            new = self._load(self.path)
+        except (OSError, ValueError) as exc:
+            _log.error("config reload failed, keeping the running config: %s", exc)
+            return
+        self._apply(new)
+
+    async def watch(self) -> None:
+        while self.path is not None:
+            await asyncio.sleep(CONFIG_POLL_SECONDS)
+            try:
+                mtime = self.path.stat().st_mtime_ns
+            except OSError:
+                continue
+            if mtime != self._mtime:
+                self.reload()

@@ -47,6 +47,7 @@ from dataplane.asgi import (
     MODEL_PREFIX,
     SSE_HEADERS,
     Call,
+    ConfigFile,
     Router,
     check_internal,
     key_digest,
@@ -65,7 +66,6 @@ from dataplane.inference.protocol import ApiError
 
 log = logging.getLogger(__name__)
 
-CONFIG_POLL_SECONDS = 1.0
 # While requests wait, the dispatcher looks again at least this often (other gateways'
 # tenants change what this one may start without a message reaching it).
 DISPATCH_POLL_S = 0.01
@@ -197,9 +197,8 @@ class Gateway:
         self, config: GatewayConfig, config_path: Path | None = None, nonce: str | None = None
     ) -> None:
         self.config = config
-        self.config_path = config_path
         self.nonce = nonce
-        self._config_mtime = config_path.stat().st_mtime_ns if config_path else None
+        self.config_file = ConfigFile(config_path, GatewayConfig.load, self.apply)
         backlog_ttl = min(config.lease_ttl_s, 2.0)
         # Leases and waiting marks are renewed four times within the shorter of the TTLs.
         self.beat_every = min(config.lease_ttl_s, backlog_ttl) / 4
@@ -224,7 +223,7 @@ class Gateway:
         self.apply(self.config)
         self._tasks = [
             loop.create_task(self._flush_loop()),
-            loop.create_task(self._watch_config()),
+            loop.create_task(self.config_file.watch()),
         ]
 
     async def stop(self) -> None:
@@ -280,26 +279,7 @@ class Gateway:
             dep.wake.set()
 
     def reload(self) -> None:
-        """Re-read the config file; a broken file is logged and the old config kept."""
-        if self.config_path is None:
-            return
-        try:
-            self._config_mtime = self.config_path.stat().st_mtime_ns
-            new = GatewayConfig.load(self.config_path)
-        except (OSError, ValueError) as exc:
-            log.error("config reload failed, keeping the running config: %s", exc)
-            return
-        self.apply(new)
-
-    async def _watch_config(self) -> None:
-        while self.config_path is not None:
-            await asyncio.sleep(CONFIG_POLL_SECONDS)
-            try:
-                mtime = self.config_path.stat().st_mtime_ns
-            except OSError:
-                continue
-            if mtime != self._config_mtime:
-                self.reload()
+        self.config_file.reload()
 
     # -- replicas ---------------------------------------------------------------------
 

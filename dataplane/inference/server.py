@@ -41,6 +41,7 @@ from dataplane.asgi import (
     MODEL_PREFIX,
     SSE_HEADERS,
     Call,
+    ConfigFile,
     Router,
     check_internal,
     digest_in,
@@ -77,7 +78,6 @@ log = logging.getLogger(__name__)
 
 _BodyT = TypeVar("_BodyT", CompletionRequest, ChatRequest)
 
-CONFIG_POLL_SECONDS = 1.0
 
 _T = TypeVar("_T")
 
@@ -124,8 +124,7 @@ class Worker:
     ) -> None:
         self.identity = identity
         self.config = config
-        self.config_path = config_path
-        self._config_mtime = config_path.stat().st_mtime_ns if config_path else None
+        self.config_file = ConfigFile(config_path, WorkerConfig.load, self.apply)
         self.config_generation = 1
         self.runtime = OnnxRuntime(config.model_dir, config.cache_dir, config.runtime)
         self.tokenizer = TextTokenizer(config.model_dir)
@@ -173,27 +172,10 @@ class Worker:
         log.info("applied config generation %d", self.config_generation)
 
     def reload(self) -> None:
-        """Re-read the config file; a broken file is logged and the old config kept."""
-        if self.config_path is None:
-            return
-        try:
-            self._config_mtime = self.config_path.stat().st_mtime_ns
-            new = WorkerConfig.load(self.config_path)
-        except (OSError, ValueError) as exc:
-            log.error("config reload failed, keeping the running config: %s", exc)
-            return
-        self.apply(new)
+        self.config_file.reload()
 
     async def watch_config(self) -> None:
-        """Reload whenever the config file's mtime changes."""
-        while self.config_path is not None:
-            await asyncio.sleep(CONFIG_POLL_SECONDS)
-            try:
-                mtime = self.config_path.stat().st_mtime_ns
-            except OSError:
-                continue
-            if mtime != self._config_mtime:
-                self.reload()
+        await self.config_file.watch()
 
 
 class _StopMatcher:
