@@ -138,6 +138,9 @@ def _in_another_connection(call: Callable[[], Any]) -> Any:
         except BaseException as exc:  # noqa: BLE001  (handed to the test thread)
             outcome["error"] = exc
         finally:
+            # the connection goes back to the pool: the setting must not go with it
+            with connection.cursor() as cursor:
+                cursor.execute("RESET lock_timeout")
             connection.close()
 
     thread = threading.Thread(target=run)
