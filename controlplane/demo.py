@@ -53,7 +53,12 @@ from controlplane.tenancy.services import (
     set_tenant_policy,
 )
 
-DEMO_MODEL = "synthetic://demo-chat?layers=4&hidden=256&heads=4&kv_heads=4&vocab=1024"
+DEMO_MODEL = (
+    "synthetic://demo-chat?layers=4&hidden=256&heads=4&kv_heads=4&vocab=1024&concat_kv=true"
+)
+"""Laid out as Optimum exports real architectures (a concatenated KV cache): every sequence
+in a decode step costs its whole context, so the tour's noisy neighbour shows in acme's
+TPOT as it does with those models."""
 READY_REQUEST_TIMEOUT_S = 15.0
 """How long one readiness probe may take: a busy machine answers slowly, not never."""
 
