@@ -30,7 +30,12 @@ from agent.shipper import open_shipper
 from agent.simulate import simulate
 from agent.staging import ModelStager, credential_headers, stage_model
 from agent.storage import StorageDriver
-from agent.supervisor import SupervisorSettings, WorkerSupervisor
+from agent.supervisor import (
+    GatewaySettings,
+    GatewaySupervisor,
+    SupervisorSettings,
+    WorkerSupervisor,
+)
 from agent.tasks import Consumer
 from dataplane.storage.artifacts import DirectoryVolumes
 from dataplane.storage.engine import StorageError
@@ -97,13 +102,23 @@ async def run_agent(settings: AgentSettings) -> None:
         storage = open_storage(settings, facts)
         stager = ModelStager(storage.file_volumes, settings.control_plane_url, identity.credential)
         workers = WorkerSupervisor(supervisor, stager)
+        gateway = GatewaySupervisor(
+            supervisor,
+            GatewaySettings(
+                gateway_id=str(identity.node_id),
+                host=settings.gateway_host,
+                advertise=settings.gateway_advertise,
+                counters_url=settings.gateway_counters_url,
+            ),
+            workers,
+        )
         probes = ReadProbes(storage.probe_volumes)
         applied = AppliedComponents(settings.state_dir / "applied-components.json")
         # Storage first: probes read, and workers' models are staged into, its volumes.
         reconciler = Reconciler(
             identity.node_id,
             decode_public_key(identity.control_plane_public_key),
-            [storage, probes, workers, applied],
+            [storage, probes, workers, gateway, applied],
             settings.state_dir,
         )
         telemetry = open_shipper(
@@ -115,7 +130,7 @@ async def run_agent(settings: AgentSettings) -> None:
                 HostGauges(),
                 StorageGauges(storage, identity.node_id),
                 probes,
-                WorkerStats(workers, applied, http),
+                WorkerStats(workers, applied, http, gateway),
             ],
             interval_s=settings.telemetry_interval_s,
             buffer_batches=settings.telemetry_buffer_batches,
@@ -147,6 +162,7 @@ async def run_agent(settings: AgentSettings) -> None:
         finally:
             if metrics is not None:
                 metrics.stop()
+            await gateway.close()
             await workers.close()
             await probes.close()
             await asyncio.to_thread(consumer.stop)

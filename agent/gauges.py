@@ -384,6 +384,14 @@ class WorkerSource(Protocol):
     def workers(self) -> Mapping[UUID, RunningWorker]: ...
 
 
+class GatewaySource(Protocol):
+    """The node's gateway (agent/supervisor.py GatewaySupervisor)."""
+
+    @property
+    def fronted(self) -> tuple[str, list[str]] | None:
+        """Its URL and the deployments it fronts; None while it is not serving."""
+
+
 def _uuid(text: str) -> UUID | None:
     try:
         return UUID(text)
@@ -398,20 +406,82 @@ def _applies(slo: SloThreshold, tenant: UUID, deployment: UUID) -> bool:
 EMPTY_SKETCH = base64.b64encode(LatencySketch().to_bytes()).decode("ascii")
 
 
-def windows_to_reading(
+_Series = tuple[UUID, UUID, LatencyMetric]
+_USAGE_FIELDS = ("completed", "failed", "rejected", "cancelled", "input_tokens", "output_tokens")
+
+
+def _tally(
+    windows: Sequence[WorkerWindow],
+) -> tuple[
+    dict[tuple[UUID, UUID, LatencyMetric, float], list[int]], dict[tuple[UUID, UUID], list[int]]
+]:
+    """Good/total per tenant+deployment+metric+threshold and usage per tenant+deployment,
+    summed over the windows (tenants or deployments that are not UUIDs left out)."""
+    counts: dict[tuple[UUID, UUID, LatencyMetric, float], list[int]] = {}
+    usage: dict[tuple[UUID, UUID], list[int]] = {}
+    for window in windows:
+        for c in window.slo:
+            tenant, dep = _uuid(c.tenant), _uuid(c.deployment_id)
+            if tenant and dep:
+                pair = counts.setdefault((tenant, dep, c.metric, c.threshold_seconds), [0, 0])
+                pair[0] += c.good
+                pair[1] += c.total
+        for r in window.requests:
+            tenant, dep = _uuid(r.tenant), _uuid(r.deployment_id)
+            if tenant and dep:
+                row = usage.setdefault((tenant, dep), [0] * len(_USAGE_FIELDS))
+                for i, name in enumerate(_USAGE_FIELDS):
+                    row[i] += getattr(r, name)
+    return counts, usage
+
+
+def _slo_counts(
     windows: Sequence[WorkerWindow], thresholds: Sequence[SloThreshold]
+) -> dict[_Series, list[ThresholdCount]]:
+    """Each SLO's exact counts from these windows, by the series they travel on:
+    availability on e2e (good = completed, total = completed + failed + rejected)."""
+    counts, usage = _tally(windows)
+    out: dict[_Series, list[ThresholdCount]] = {}
+    for (tenant, dep, metric, threshold), (good, total) in counts.items():
+        for slo in thresholds:
+            if (
+                total
+                and slo.metric == metric
+                and slo.threshold_seconds == threshold
+                and _applies(slo, tenant, dep)
+            ):
+                out.setdefault((tenant, dep, metric), []).append(
+                    ThresholdCount(
+                        slo_id=slo.slo_id, threshold_seconds=threshold, good=good, total=total
+                    )
+                )
+    for (tenant, dep), row in usage.items():
+        good, total = row[0], row[0] + row[1] + row[2]
+        for slo in thresholds:
+            if total and slo.metric == "availability" and _applies(slo, tenant, dep):
+                out.setdefault((tenant, dep, "e2e"), []).append(
+                    ThresholdCount(
+                        slo_id=slo.slo_id, threshold_seconds=None, good=good, total=total
+                    )
+                )
+    return out
+
+
+def windows_to_reading(
+    windows: Sequence[WorkerWindow],
+    thresholds: Sequence[SloThreshold],
+    gateway_windows: Sequence[WorkerWindow] = (),
 ) -> Reading:
     """Merge worker windows into series per tenant+deployment+metric, SLO counts by slo_id,
     usage per tenant+deployment and queue gauges per deployment.
 
     Several workers of one deployment merge: sketches through DDSketch's merge, counts by
-    addition. Availability SLOs travel on the e2e series: good = completed, total =
-    completed + failed + rejected. Tenants or deployments that are not UUIDs (a worker
-    started by hand) are left out.
+    addition. An SLO takes its counts from where it is measured: the workers' windows, or
+    the node gateway's (`gateway_windows`); sketches, usage and gauges come from the
+    workers alone, so no request is counted twice. A series with counts but no sample
+    (every request failed) travels with an empty sketch.
     """
-    sketches: dict[tuple[UUID, UUID, LatencyMetric], list[str]] = {}
-    counts: dict[tuple[UUID, UUID, LatencyMetric, float], list[int]] = {}
-    usage: dict[tuple[UUID, UUID], list[int]] = {}
+    sketches: dict[_Series, list[str]] = {}
     gauges: dict[str, float] = {}
     for window in windows:
         dep_key = f"worker.{window.deployment_id}."
@@ -423,91 +493,30 @@ def windows_to_reading(
             tenant, dep = _uuid(s.tenant), _uuid(s.deployment_id)
             if tenant and dep and s.count:
                 sketches.setdefault((tenant, dep, s.metric), []).append(s.sketch)
-        for c in window.slo:
-            tenant, dep = _uuid(c.tenant), _uuid(c.deployment_id)
-            if tenant and dep:
-                pair = counts.setdefault((tenant, dep, c.metric, c.threshold_seconds), [0, 0])
-                pair[0] += c.good
-                pair[1] += c.total
-        for r in window.requests:
-            tenant, dep = _uuid(r.tenant), _uuid(r.deployment_id)
-            if tenant and dep:
-                row = usage.setdefault((tenant, dep), [0] * 6)
-                for i, value in enumerate(
-                    (
-                        r.completed,
-                        r.failed,
-                        r.rejected,
-                        r.cancelled,
-                        r.input_tokens,
-                        r.output_tokens,
-                    )
-                ):
-                    row[i] += value
-
-    def latency_counts(tenant: UUID, dep: UUID, metric: LatencyMetric) -> list[ThresholdCount]:
-        out = []
-        for slo in thresholds:
-            if slo.metric != metric or slo.threshold_seconds is None:
-                continue
-            pair = counts.get((tenant, dep, metric, slo.threshold_seconds))
-            if pair is not None and pair[1] and _applies(slo, tenant, dep):
-                out.append(
-                    ThresholdCount(
-                        slo_id=slo.slo_id,
-                        threshold_seconds=slo.threshold_seconds,
-                        good=pair[0],
-                        total=pair[1],
-                    )
-                )
-        return out
-
-    availability: dict[tuple[UUID, UUID], list[ThresholdCount]] = {}
-    for (tenant, dep), row in usage.items():
-        good, total = row[0], row[0] + row[1] + row[2]
-        if not total:
-            continue
-        availability[(tenant, dep)] = [
-            ThresholdCount(slo_id=slo.slo_id, threshold_seconds=None, good=good, total=total)
-            for slo in thresholds
-            if slo.metric == "availability" and _applies(slo, tenant, dep)
-        ]
-    series: list[SeriesSketch] = []
-    for (tenant, dep, metric), encoded in sorted(sketches.items(), key=lambda kv: str(kv[0])):
-        extra = availability.pop((tenant, dep), []) if metric == "e2e" else []
-        series.append(
-            SeriesSketch(
-                tenant_id=tenant,
-                deployment_id=dep,
-                metric=metric,
-                sketch=_merged(encoded),
-                thresholds=latency_counts(tenant, dep, metric) + extra,
-            )
+    measured = {
+        where: [t for t in thresholds if t.measured_at == where] for where in ("worker", "gateway")
+    }
+    counted = _slo_counts(windows, measured["worker"])
+    for key, found in _slo_counts(gateway_windows, measured["gateway"]).items():
+        counted.setdefault(key, []).extend(found)
+    series = [
+        SeriesSketch(
+            tenant_id=tenant,
+            deployment_id=dep,
+            metric=metric,
+            sketch=_merged(sketches[key]) if key in sketches else EMPTY_SKETCH,
+            thresholds=counted.get(key, []),
         )
-    for (tenant, dep), extra in sorted(availability.items(), key=lambda kv: str(kv[0])):
-        if extra:  # requests but no e2e sample (all failed or rejected)
-            series.append(
-                SeriesSketch(
-                    tenant_id=tenant,
-                    deployment_id=dep,
-                    metric="e2e",
-                    sketch=EMPTY_SKETCH,
-                    thresholds=extra,
-                )
-            )
+        for key in sorted(sketches.keys() | counted.keys(), key=str)
+        for tenant, dep, metric in [key]
+    ]
+    _counts, usage = _tally(windows)
     return Reading(
         gauges=gauges,
         series=series,
         usage=[
             UsageCount(
-                tenant_id=tenant,
-                deployment_id=dep,
-                completed=row[0],
-                failed=row[1],
-                rejected=row[2],
-                cancelled=row[3],
-                input_tokens=row[4],
-                output_tokens=row[5],
+                tenant_id=tenant, deployment_id=dep, **dict(zip(_USAGE_FIELDS, row, strict=True))
             )
             for (tenant, dep), row in sorted(usage.items(), key=lambda kv: str(kv[0]))
         ],
@@ -524,11 +533,12 @@ def _merged(encoded: list[str]) -> str:
 
 
 class WorkerStats:
-    """Windows from every worker the supervisor runs, each taken exactly once.
+    """Windows from every worker the supervisor runs, and from the node's gateway for each
+    deployment it fronts, each taken exactly once.
 
-    Cursor per replica: `<instance>:<seq>` of the last window stored. A window from
-    another instance (the worker restarted) is new by definition; the next request then
-    continues from that instance's sequence.
+    Cursor per replica (and per `gateway/<deployment>`): `<instance>:<seq>` of the last
+    window stored. A window from another instance (the process restarted) is new by
+    definition; the next request then continues from that instance's sequence.
     """
 
     name = "workers"
@@ -538,42 +548,57 @@ class WorkerStats:
         source: WorkerSource,
         applied: AppliedComponents,
         http: httpx.AsyncClient,
+        gateway: GatewaySource | None = None,
         *,
         timeout_s: float = 2.0,
     ) -> None:
         self._source = source
+        self._gateway = gateway
         self._applied = applied
         self._http = http
         self._timeout_s = timeout_s
 
     async def collect(self, cursors: Mapping[str, str]) -> Reading:
-        workers = [(str(replica), w.url) for replica, w in self._source.workers.items() if w.url]
+        sources: list[tuple[str, str, str | None]] = [
+            (str(replica), w.url, None) for replica, w in self._source.workers.items() if w.url
+        ]
+        fronted = self._gateway.fronted if self._gateway is not None else None
+        if fronted is not None:
+            url, deployments = fronted
+            sources += [(f"gateway/{dep}", url, dep) for dep in deployments]
         answers = await asyncio.gather(
-            *(self._fetch(url, cursors.get(replica)) for replica, url in workers)
+            *(self._fetch(url, cursors.get(key), dep) for key, url, dep in sources)
         )
-        taken: list[WorkerWindow] = []
+        taken: dict[bool, list[WorkerWindow]] = {False: [], True: []}
         new_cursors: dict[str, str] = {}
-        for (replica, _url), window in zip(workers, answers, strict=True):
+        for (key, _url, dep), window in zip(sources, answers, strict=True):
             if window is None:
-                if replica in cursors:
-                    new_cursors[replica] = cursors[replica]
+                if key in cursors:
+                    new_cursors[key] = cursors[key]
                 continue
-            new_cursors[replica] = f"{window.instance}:{window.seq}"
-            if cursors.get(replica) == new_cursors[replica]:
+            new_cursors[key] = f"{window.instance}:{window.seq}"
+            if cursors.get(key) == new_cursors[key]:
                 continue  # already stored (cannot happen with after=seq, but never twice)
-            taken.append(window)
-        reading = windows_to_reading(taken, self._applied.components.slo_thresholds)
+            taken[dep is not None].append(window)
+        reading = windows_to_reading(
+            taken[False], self._applied.components.slo_thresholds, taken[True]
+        )
         reading.cursors = new_cursors
         return reading
 
-    async def _fetch(self, url: str, cursor: str | None) -> WorkerWindow | None:
+    async def _fetch(
+        self, url: str, cursor: str | None, deployment: str | None
+    ) -> WorkerWindow | None:
         after = int(cursor.rpartition(":")[2]) if cursor else 0
+        params: dict[str, str | int] = {"after": after}
+        if deployment is not None:
+            params["deployment"] = deployment
         try:
             response = await self._http.get(
-                f"{url}/v1/internal/stats", params={"after": after}, timeout=self._timeout_s
+                f"{url}/v1/internal/stats", params=params, timeout=self._timeout_s
             )
             response.raise_for_status()
             return WorkerWindow.model_validate_json(response.content)
         except (httpx.HTTPError, ValidationError) as exc:
-            log.debug("worker stats from %s unavailable: %s", url, exc)
+            log.debug("stats from %s unavailable: %s", url, exc)
             return None

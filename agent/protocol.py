@@ -140,7 +140,8 @@ PortState = Literal["nop", "down", "init", "armed", "active", "active_defer"]
 LinkLayer = Literal["InfiniBand", "Ethernet"]
 SloMetric = Literal["ttft", "tpot", "itl", "e2e", "queue", "availability", "storage_read"]
 LatencyMetric = Literal["ttft", "tpot", "itl", "e2e", "queue", "storage_read"]
-ComponentKind = Literal["worker", "pool", "volume", "export", "qos", "slo_threshold"]
+ComponentKind = Literal["worker", "gateway", "pool", "volume", "export", "qos", "slo_threshold"]
+MeasuredAt = Literal["worker", "gateway"]
 PoolKind = Literal["local", "spdk"]
 """`local`: a directory for the local engine; `spdk`: an lvstore on one NVMe drive."""
 NvmfTransport = Literal["rdma", "tcp"]
@@ -426,6 +427,16 @@ class WorkerSpec(_Model):
         return _unique(value, lambda t: t.tenant_id, "tenant")
 
 
+class GatewaySpec(_Model):
+    """The node's OpenAI gateway, in front of every deployment the node runs workers of: it
+    routes each request to the replica with the lowest predicted TTFT and holds the tenants'
+    shares and limits across those replicas (and, with counters shared in Redis, across
+    every gateway of the fleet)."""
+
+    port: Port | None = Field(default=None, exclude_if=_unset)
+    """Where it listens; None lets the agent take a free port and report it."""
+
+
 class PoolSpec(_Model):
     """Where this node's volumes are carved from; the node's engine must be of the pool's kind."""
 
@@ -493,6 +504,9 @@ class SloThreshold(_Model):
     metric: SloMetric
     threshold_seconds: PositiveFloat | None
     """None exactly when metric is availability, which counts successes, not a bound."""
+    measured_at: MeasuredAt = Field(default="worker", exclude_if=lambda v: v == "worker")
+    """Whose counts the SLO takes: the workers' or the node's gateway's (both count every
+    threshold: the worker sizes steps and the gateway admits by them)."""
 
     @field_validator("threshold_seconds")
     @classmethod
@@ -509,6 +523,8 @@ class Components(_Model):
     """Everything a node should run; `content_hash` covers exactly this."""
 
     workers: list[WorkerSpec] = Field(default_factory=list)
+    gateway: GatewaySpec | None = Field(default=None, exclude_if=_unset)
+    """None: the node runs no gateway."""
     pools: list[PoolSpec] = Field(default_factory=list, exclude_if=_unset)
     volumes: list[VolumeSpec] = Field(default_factory=list)
     exports: list[ExportSpec] = Field(default_factory=list)
@@ -604,7 +620,9 @@ class ComponentResult(_Model):
     ok: bool
     error: Annotated[str, StringConstraints(strict=True, min_length=1, max_length=4096)] | None
     port: Port | None = Field(default=None, exclude_if=_unset)
-    """A worker's port on the node, once it answered as itself."""
+    """A worker's or the gateway's port on the node, once it answered as itself."""
+    url: Url | None = Field(default=None, exclude_if=_unset)
+    """The gateway's address for clients, as the agent is configured to advertise it."""
 
     @field_validator("error")
     @classmethod

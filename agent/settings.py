@@ -58,7 +58,25 @@ class AgentSettings(BaseSettings):
     `nobody` on a host without it, with a warning. A name with no account on the host stops
     the agent with an error naming this setting; `root` keeps workers root."""
 
-    @field_validator("bootstrap_token", "spdk_rpc_socket", "worker_user", mode="before")
+    gateway_host: str = "127.0.0.1"
+    """The address the node's OpenAI gateway listens on (0.0.0.0: every interface), when the
+    control plane has it run one."""
+    gateway_advertise: str | None = None
+    """The host name clients reach the gateway at, shown as the deployment's URL; unset:
+    `gateway_host`, or this machine's name when that is a wildcard."""
+    gateway_counters_url: str | None = Field(None, pattern=r"^rediss?://", repr=False)
+    """Redis shared by every gateway of the fleet, so tenants' limits and shares hold across
+    them; unset: the gateway keeps them itself, which holds while one gateway fronts each
+    deployment."""
+
+    @field_validator(
+        "bootstrap_token",
+        "spdk_rpc_socket",
+        "worker_user",
+        "gateway_advertise",
+        "gateway_counters_url",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """`TAILGUARD_AGENT_SPDK_RPC_SOCKET=` unsets what the file set."""

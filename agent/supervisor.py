@@ -20,12 +20,14 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import stat
 import sys
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 from uuid import UUID
 
@@ -34,9 +36,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from agent.privileges import WorkerAccount, worker_environment
-from agent.protocol import SYNTHETIC_SCHEME, ArtifactRef, ComponentResult, Components, WorkerSpec
+from agent.protocol import (
+    SYNTHETIC_SCHEME,
+    ArtifactRef,
+    ComponentResult,
+    Components,
+    GatewaySpec,
+    WorkerSpec,
+)
 from agent.retry import backoff
 from agent.staging import ModelStager
+from dataplane.gateway.config import NONCE_ENV as GATEWAY_NONCE_ENV
+from dataplane.gateway.config import DeploymentRoute, GatewayConfig, ReplicaConfig
 from dataplane.inference.config import (
     BatchingConfig,
     RuntimeConfig,
@@ -52,6 +63,7 @@ NONCE_ENV = "TAILGUARD_WORKER_NONCE"
 """Carries a start's nonce to the worker (dataplane/inference/__main__.py): the environment
 of a process is readable by its own uid and root only, its command line by every user."""
 ANNOUNCEMENT_MAX_BYTES = 4096
+WILDCARDS = ("0.0.0.0", "::", "")
 
 
 @dataclass(frozen=True)
@@ -131,10 +143,10 @@ def _synthetic_model(artifact: ArtifactRef, models_dir: Path) -> Path:
     return directory
 
 
-def render_config(
-    spec: WorkerSpec, components: Components, model_dir: Path, cache_dir: Path
-) -> WorkerConfig:
-    thresholds = [
+def _thresholds(spec: WorkerSpec, components: Components) -> list[SloThreshold]:
+    """The SLO thresholds that count a deployment's requests: its tenants' latency SLOs on
+    it or on every deployment."""
+    return [
         SloThreshold.model_validate(
             {
                 "tenant": str(t.tenant_id),
@@ -148,6 +160,25 @@ def render_config(
         and t.deployment_id in (None, spec.deployment_id)
         and any(s.tenant_id == t.tenant_id for s in spec.tenants)
     ]
+
+
+def _tenants(spec: WorkerSpec) -> dict[str, TenantConfig]:
+    return {
+        str(t.tenant_id): TenantConfig(
+            weight=t.weight,
+            priority=t.priority,
+            key_sha256=t.key_hashes,
+            max_concurrency=t.max_concurrency,
+            tokens_per_s=t.tokens_per_s,
+            burst_tokens=t.burst_tokens,
+        )
+        for t in spec.tenants
+    }
+
+
+def render_config(
+    spec: WorkerSpec, components: Components, model_dir: Path, cache_dir: Path
+) -> WorkerConfig:
     return WorkerConfig(
         deployment_id=str(spec.deployment_id),
         served_model_name=spec.model_name,
@@ -160,23 +191,13 @@ def render_config(
             max_queue_len=spec.max_queue_len,
         ),
         runtime=RuntimeConfig.model_validate(spec.runtime_options),
-        tenants={
-            str(t.tenant_id): TenantConfig(
-                weight=t.weight,
-                priority=t.priority,
-                key_sha256=t.key_hashes,
-                max_concurrency=t.max_concurrency,
-                tokens_per_s=t.tokens_per_s,
-                burst_tokens=t.burst_tokens,
-            )
-            for t in spec.tenants
-        },
-        slo_thresholds=thresholds,
+        tenants=_tenants(spec),
+        slo_thresholds=_thresholds(spec, components),
     )
 
 
-class WorkerProcess(Protocol):
-    """What the supervisor needs of a worker process: its own child, or an adopted one."""
+class ServedProcess(Protocol):
+    """What the supervisor needs of a process it runs: its own child, or an adopted one."""
 
     @property
     def returncode(self) -> int | None: ...
@@ -188,13 +209,13 @@ class WorkerProcess(Protocol):
     def kill(self) -> None: ...
 
 
-class AdoptedWorker:
-    """A worker an earlier agent started: not this process's child, so it is watched through
+class AdoptedProcess:
+    """A process an earlier agent started: not this process's child, so it is watched through
     /proc, and signalled only while its environment still carries its start's nonce (a
     recycled pid is never signalled)."""
 
-    def __init__(self, pid: int, nonce: str) -> None:
-        self.pid, self.nonce = pid, nonce
+    def __init__(self, pid: int, nonce: str, nonce_env: str) -> None:
+        self.pid, self.nonce, self._marker = pid, nonce, f"{nonce_env}={nonce}".encode()
         self.returncode: int | None = None
 
     def alive(self) -> bool:
@@ -202,7 +223,7 @@ class AdoptedWorker:
             environ = Path(f"/proc/{self.pid}/environ").read_bytes().split(b"\0")
         except OSError:
             return False
-        return f"{NONCE_ENV}={self.nonce}".encode() in environ
+        return self._marker in environ
 
     async def wait(self) -> int:
         while self.returncode is None:
@@ -221,28 +242,43 @@ class AdoptedWorker:
         self.send_signal(signal.SIGKILL)
 
 
-class ManagedWorker:
-    """One worker process and the task that keeps it alive.
+class RestartAware(Protocol):
+    """A process config (WorkerConfig, GatewayConfig) that knows which of its changes need a
+    new process; the rest a running one takes on SIGHUP."""
 
-    Each start gets a fresh nonce; the worker takes the spec's port or, without one, any
-    free port, and announces it in `run/endpoint.json`. Nothing counts as this worker until its
-    `/health` answers with the replica id and that nonce, so a process of another
+    def model_dump_json(self) -> str: ...
+
+    def restart_fields_changed(self, other: Any) -> list[str]: ...
+
+
+C = TypeVar("C", bound=RestartAware)
+
+
+class ManagedProcess(Generic[C]):
+    """One data-plane process (an inference worker, the gateway) and the task that keeps it
+    alive.
+
+    Each start gets a fresh nonce; the process takes its fixed port or, without one, any
+    free port, and announces it in `run/endpoint.json`. Nothing counts as this process
+    until its `/health` answers with its identity and that nonce, so a process of another
     installation on the same port is never mistaken for it. `process.json` records the
-    running start, so a restarted agent can adopt the worker instead of replacing it.
-    A worker of another account reads its config and writes `run/` only: the record the
-    agent signals by stays out of its reach.
+    running start, so a restarted agent can adopt the process instead of replacing it.
+    A process of another account reads its config and writes `run/` only: the record the
+    agent signals by stays out of its reach. Subclasses say what to run and who it is.
     """
 
-    def __init__(
-        self, spec: WorkerSpec, config: WorkerConfig, settings: SupervisorSettings
-    ) -> None:
-        self.spec = spec
+    kind: ClassVar[str]
+    """`worker` or `gateway`: its log file's name and its component kind."""
+    nonce_env: ClassVar[str]
+    module: ClassVar[str]
+
+    def __init__(self, config: C, directory: Path, settings: SupervisorSettings) -> None:
         self.config = config
         self.restarts = 0
-        self.port = spec.port
+        self.port = self.fixed_port
         self.nonce = ""
         self._settings = settings
-        self._dir = settings.work_dir / "workers" / str(spec.replica_id)
+        self._dir = directory
         self._dir.mkdir(parents=True, exist_ok=True)
         self._run = self._dir / "run"
         self._run.mkdir(exist_ok=True)
@@ -250,19 +286,64 @@ class ManagedWorker:
             settings.account.owns(self._run)
             settings.account.may_pass(self._dir, settings.work_dir)
         self.config_path = self._dir / "config.json"
-        self._endpoint = self._run / "endpoint.json"
+        self.endpoint = self._run / "endpoint.json"
         self._record = self._dir / "process.json"
-        self._process: WorkerProcess | None = None
+        self._log = self._dir / f"{self.kind}.log"
+        self._process: ServedProcess | None = None
         self._ready = asyncio.Event()
         self._failed: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self.on_ready: Callable[[], None] = lambda: None
+        """Called each time a start (or an adopted process) answers as itself."""
+
+    # -- what subclasses say ---------------------------------------------------------------
+
+    @property
+    def what(self) -> str:
+        """Names the process in logs and errors."""
+        raise NotImplementedError
+
+    @property
+    def identity(self) -> tuple[str, str]:
+        """The field and value its /health answers besides the nonce."""
+        raise NotImplementedError
+
+    @property
+    def fixed_port(self) -> int | None:
+        """The port it must take; None: any free one, announced."""
+        return None
+
+    @property
+    def bind_host(self) -> str:
+        return self._settings.host
+
+    @property
+    def gpu_indices(self) -> list[int]:
+        """The GPUs it runs on, which an adopted process must have been started with."""
+        return []
+
+    def arguments(self) -> list[str]:
+        """Its command line after `python -m module`."""
+        return ["--config", str(self.config_path)]
+
+    def environment(self) -> dict[str, str]:
+        return {}
+
+    # -- the life cycle ------------------------------------------------------------------
 
     @property
     def url(self) -> str | None:
-        """None until this start announced its port."""
-        return None if self.port is None else f"http://{self._settings.host}:{self.port}"
+        """Where the agent reaches it; None until this start announced its port."""
+        if self.port is None:
+            return None
+        host = "127.0.0.1" if self.bind_host in WILDCARDS else self.bind_host
+        return f"http://{host}:{self.port}"
 
-    def write_config(self, config: WorkerConfig) -> None:
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def write_config(self, config: C) -> None:
         tmp = self.config_path.with_suffix(".tmp")
         tmp.write_text(config.model_dump_json())
         if self._settings.account is not None:
@@ -273,18 +354,18 @@ class ManagedWorker:
     async def start(self) -> None:
         running = self._running_config()
         self.write_config(self.config)
-        self._task = asyncio.create_task(
-            self._keep_alive(running), name=f"worker-{self.spec.replica_id}"
-        )
+        self._task = asyncio.create_task(self._keep_alive(running), name=self.what)
 
     async def wait_ready(self) -> None:
         """Return once healthy; raise with the reason if it could not get there in time."""
         try:
             await asyncio.wait_for(self._ready.wait(), self._settings.ready_timeout_s)
         except TimeoutError:
-            raise RuntimeError(self._failed or "worker did not become healthy in time") from None
+            raise RuntimeError(
+                self._failed or f"{self.what} did not become healthy in time"
+            ) from None
 
-    async def reconfigure(self, config: WorkerConfig) -> None:
+    def reconfigure(self, config: C) -> None:
         self.write_config(config)
         if self._process is not None and self._process.returncode is None:
             self._process.send_signal(signal.SIGHUP)
@@ -295,7 +376,7 @@ class ManagedWorker:
         self._record.unlink(missing_ok=True)
 
     async def detach(self) -> None:
-        """Stop watching the worker and leave it serving (for the next agent to adopt)."""
+        """Stop watching the process and leave it serving (for the next agent to adopt)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -312,23 +393,23 @@ class ManagedWorker:
             process.kill()
             await process.wait()
 
-    def _running_config(self) -> WorkerConfig | None:
-        """The config a worker left by an earlier agent runs, if one may be running."""
+    def _running_config(self) -> C | None:
+        """The config a process left by an earlier agent runs, if one may be running."""
         if not self._record.exists():
             return None
         try:
-            return WorkerConfig.model_validate_json(self.config_path.read_text())
+            return type(self.config).model_validate_json(self.config_path.read_text())  # type: ignore[attr-defined,no-any-return]
         except (OSError, ValueError):
             return None
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         self.nonce = secrets.token_hex(16)
-        self.port = self.spec.port
-        with contextlib.suppress(OSError):  # run/ is the worker's: whatever it left there
-            self._endpoint.unlink()
+        self.port = self.fixed_port
+        with contextlib.suppress(OSError):  # run/ is the process's: whatever it left there
+            self.endpoint.unlink()
         env = worker_environment()
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.spec.gpu_indices))
-        env[NONCE_ENV] = self.nonce
+        env.update(self.environment())
+        env[self.nonce_env] = self.nonce
         account = self._settings.account
         identity: dict[str, Any] = {}
         if account is not None:
@@ -338,24 +419,13 @@ class ManagedWorker:
                 "group": account.gid,
                 "extra_groups": list(account.groups),
             }
-        log_file = open(self._dir / "worker.log", "ab")  # noqa: SIM115  (owned by the child)
+        log_file = open(self._log, "ab")  # noqa: SIM115  (owned by the child)
         try:
             return await asyncio.create_subprocess_exec(
                 self._settings.python,
                 "-m",
-                "dataplane.inference",
-                "--config",
-                str(self.config_path),
-                "--host",
-                self._settings.host,
-                "--port",
-                str(self.spec.port or 0),
-                "--replica-id",
-                str(self.spec.replica_id),
-                "--announce",
-                str(self._endpoint),
-                "--log-level",
-                "warning",
+                self.module,
+                *self.arguments(),
                 env=env,
                 stdout=log_file,
                 stderr=log_file,
@@ -366,12 +436,12 @@ class ManagedWorker:
         except OSError as exc:
             who = f" as {account.name} (setting worker_user)" if account else ""
             self._failed = f"cannot start {self._settings.python}{who}: {exc}"
-            raise _WorkerDown(self._failed) from exc
+            raise _ProcessDown(self._failed) from exc
         finally:
             log_file.close()
 
-    async def _keep_alive(self, running: WorkerConfig | None) -> None:
-        """Adopt the worker an earlier agent left, or start one; then restart it whenever it
+    async def _keep_alive(self, running: C | None) -> None:
+        """Adopt the process an earlier agent left, or start one; then restart it whenever it
         goes down: after `backoff_initial_s` when it had been healthy, with delays doubling
         up to `backoff_max_s` while starts keep failing."""
         async with httpx.AsyncClient(timeout=5) as http:
@@ -385,20 +455,20 @@ class ManagedWorker:
                     adopted = False
                     await self._serve(http)
 
-    async def _adopt(self, http: httpx.AsyncClient, running: WorkerConfig) -> bool:
-        """Take over the recorded worker if it is alive, answers as itself and runs what
-        this spec asks for (its config reloads on SIGHUP); otherwise stop it."""
+    async def _adopt(self, http: httpx.AsyncClient, running: C) -> bool:
+        """Take over the recorded process if it is alive, answers as itself and runs what
+        this config asks for (the rest reloads on SIGHUP); otherwise stop it."""
         try:
             record = json.loads(self._record.read_text())
-            found = AdoptedWorker(int(record["pid"]), str(record["nonce"]))
+            found = AdoptedProcess(int(record["pid"]), str(record["nonce"]), self.nonce_env)
             port, gpus = int(record["port"]), list(record["gpu_indices"])
         except (OSError, ValueError, KeyError, TypeError):
             return False
         self.nonce, self.port = found.nonce, port
         if (
             not found.alive()
-            or gpus != self.spec.gpu_indices
-            or self.spec.port not in (None, port)
+            or gpus != self.gpu_indices
+            or self.fixed_port not in (None, port)
             or running.restart_fields_changed(self.config)
             or not await self._healthy(http)
         ):
@@ -407,28 +477,22 @@ class ManagedWorker:
         self._process = found
         found.send_signal(signal.SIGHUP)  # the config written since
         self._ready.set()
-        log.info(
-            "replica %s: adopted worker pid %d on port %d", self.spec.replica_id, found.pid, port
-        )
+        self.on_ready()
+        log.info("%s: adopted pid %d on port %d", self.what, found.pid, port)
         return True
 
     def _restarts(self, max_s: float) -> AsyncRetrying:
         return AsyncRetrying(
-            retry=retry_if_exception_type(_WorkerDown),
+            retry=retry_if_exception_type(_ProcessDown),
             wait=backoff(self._settings.backoff_initial_s, max_s),
             before_sleep=self._log_restart,
         )
 
     def _log_restart(self, state: RetryCallState) -> None:
-        log.warning(
-            "replica %s: %s; restarting in %.1f s",
-            self.spec.replica_id,
-            self._failed,
-            state.upcoming_sleep,
-        )
+        log.warning("%s: %s; restarting in %.1f s", self.what, self._failed, state.upcoming_sleep)
 
     async def _start(self, http: httpx.AsyncClient) -> None:
-        """Spawn the worker and wait until it answers its health check as itself."""
+        """Spawn the process and wait until it answers its health check as itself."""
         process = self._process = await self._spawn()
         while not await self._healthy(http):
             if self.port is None:
@@ -441,24 +505,25 @@ class ManagedWorker:
                     "pid": process.pid,
                     "nonce": self.nonce,
                     "port": self.port,
-                    "gpu_indices": self.spec.gpu_indices,
+                    "gpu_indices": self.gpu_indices,
                 }
             )
         )
         self._ready.set()
+        self.on_ready()
 
     def _announced(self) -> int | None:
         """The port this start bound, once it said so.
 
-        `run/` is the worker's to write, so what lies there is read as if hostile: never
+        `run/` is the process's to write, so what lies there is read as if hostile: never
         through a symlink, never waiting on a FIFO, a few bytes at most, and anything but a
         valid announcement of this start counts as none yet."""
         try:
-            fd = os.open(self._endpoint, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = os.open(self.endpoint, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
         except OSError as exc:
-            log.warning("replica %s: cannot read %s: %s", self.spec.replica_id, self._endpoint, exc)
+            log.warning("%s: cannot read %s: %s", self.what, self.endpoint, exc)
             return None
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -468,14 +533,14 @@ class ManagedWorker:
                 raise ValueError(f"larger than {ANNOUNCEMENT_MAX_BYTES} bytes")
             announced = _Announcement.model_validate_json(data)
         except (OSError, ValueError) as exc:  # a ValidationError is a ValueError
-            log.warning("replica %s: ignoring %s: %s", self.spec.replica_id, self._endpoint, exc)
+            log.warning("%s: ignoring %s: %s", self.what, self.endpoint, exc)
             return None
         finally:
             os.close(fd)
         return announced.port if announced.nonce == self.nonce else None
 
     async def _serve(self, http: httpx.AsyncClient) -> None:
-        """Health-check the worker until it exits or fails `unhealthy_after` checks in a row."""
+        """Health-check the process until it exits or fails `unhealthy_after` checks in a row."""
         failures = 0
         while failures < self._settings.unhealthy_after and not await self._exits_within(
             self._settings.health_interval_s
@@ -484,7 +549,7 @@ class ManagedWorker:
         raise await self._down()
 
     async def _healthy(self, http: httpx.AsyncClient) -> bool:
-        """Answering, and as this replica's current start: not another process on the port."""
+        """Answering, and as this start of this process: not another process on the port."""
         if self.url is None:
             return False
         try:
@@ -492,10 +557,9 @@ class ManagedWorker:
             body = response.json() if response.status_code == 200 else {}
         except (httpx.TransportError, ValueError):
             return False
+        field, value = self.identity
         return (
-            isinstance(body, dict)
-            and body.get("replica_id") == str(self.spec.replica_id)
-            and body.get("nonce") == self.nonce
+            isinstance(body, dict) and body.get(field) == value and body.get("nonce") == self.nonce
         )
 
     async def _exits_within(self, seconds: float) -> bool:
@@ -504,13 +568,54 @@ class ManagedWorker:
             await asyncio.wait_for(self._process.wait(), seconds)
         return self._process.returncode is not None
 
-    async def _down(self) -> _WorkerDown:
+    async def _down(self) -> _ProcessDown:
         code = self._process.returncode if self._process else None
         await self._terminate()
         self._ready.clear()
         self.restarts += 1
-        self._failed = f"worker exited (code {code}); see {self._dir / 'worker.log'}"
-        return _WorkerDown(self._failed)
+        self._failed = f"{self.kind} exited (code {code}); see {self._log}"
+        return _ProcessDown(self._failed)
+
+
+class ManagedWorker(ManagedProcess[WorkerConfig]):
+    """An inference worker: one replica of a deployment, on its GPUs."""
+
+    kind = "worker"
+    nonce_env = NONCE_ENV
+    module = "dataplane.inference"
+
+    def __init__(
+        self, spec: WorkerSpec, config: WorkerConfig, settings: SupervisorSettings
+    ) -> None:
+        self.spec = spec
+        super().__init__(config, settings.work_dir / "workers" / str(spec.replica_id), settings)
+
+    @property
+    def what(self) -> str:
+        return f"replica {self.spec.replica_id}"
+
+    @property
+    def identity(self) -> tuple[str, str]:
+        return ("replica_id", str(self.spec.replica_id))
+
+    @property
+    def fixed_port(self) -> int | None:
+        return self.spec.port
+
+    @property
+    def gpu_indices(self) -> list[int]:
+        return list(self.spec.gpu_indices)
+
+    def arguments(self) -> list[str]:
+        return [
+            *super().arguments(),
+            *("--host", self._settings.host, "--port", str(self.spec.port or 0)),
+            *("--replica-id", str(self.spec.replica_id), "--announce", str(self.endpoint)),
+            *("--log-level", "warning"),
+        ]
+
+    def environment(self) -> dict[str, str]:
+        return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, self.spec.gpu_indices))}
 
 
 class _Announcement(BaseModel):
@@ -523,8 +628,8 @@ class _Announcement(BaseModel):
     pid: int
 
 
-class _WorkerDown(Exception):
-    """The worker exited or stopped answering its health check."""
+class _ProcessDown(Exception):
+    """The process exited or stopped answering its health check."""
 
 
 class WorkerSupervisor:
@@ -534,6 +639,8 @@ class WorkerSupervisor:
         self._settings = settings
         self._stager = stager
         self.workers: dict[UUID, ManagedWorker] = {}
+        self.on_ready: Callable[[], None] = lambda: None
+        """Called whenever a worker (re)starts answering, on whatever port it took."""
 
     async def apply(self, components: Components) -> list[ComponentResult]:
         desired = {w.replica_id: w for w in components.workers}
@@ -562,13 +669,14 @@ class WorkerSupervisor:
             current = self.workers.get(spec.replica_id)
             if current is not None and self._same_process(current, spec, config):
                 if config != current.config:
-                    await current.reconfigure(config)
+                    current.reconfigure(config)
             else:
                 if current is not None:
                     await current.stop()
                 current = self.workers[spec.replica_id] = ManagedWorker(
                     spec, config, self._settings
                 )
+                current.on_ready = lambda: self.on_ready()
                 await current.start()
             await current.wait_ready()
             return ComponentResult(kind="worker", name=name, ok=True, error=None, port=current.port)
@@ -601,3 +709,176 @@ class WorkerSupervisor:
             *(worker.detach() if keep else worker.stop() for worker in self.workers.values())
         )
         self.workers.clear()
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """The node's gateway: who it is, where clients reach it, where its counters live."""
+
+    gateway_id: str
+    host: str = "127.0.0.1"
+    advertise: str | None = None
+    """The host name clients use; None: `host`, or the machine's name when `host` is a
+    wildcard."""
+    counters_url: str | None = None
+    """Redis shared by every gateway of the fleet; None: counters in the process, which
+    hold a deployment's limits only while one gateway serves it."""
+
+    def client_url(self, port: int) -> str:
+        host = self.advertise or (socket.gethostname() if self.host in WILDCARDS else self.host)
+        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def render_gateway_config(
+    spec: GatewaySpec,
+    components: Components,
+    workers: Mapping[UUID, ManagedWorker],
+    gateway: GatewaySettings,
+    announce: Path,
+) -> GatewayConfig:
+    """The gateway in front of each deployment the node runs workers of, forwarding to those
+    that answer, at the port and nonce of their current start."""
+    by_deployment: dict[UUID, list[WorkerSpec]] = {}
+    for worker in components.workers:
+        by_deployment.setdefault(worker.deployment_id, []).append(worker)
+    routes = []
+    for deployment_id, specs in sorted(by_deployment.items(), key=lambda item: str(item[0])):
+        running = [workers.get(w.replica_id) for w in specs]
+        routes.append(
+            DeploymentRoute(
+                deployment_id=str(deployment_id),
+                served_model_name=specs[0].model_name,
+                replicas=[
+                    ReplicaConfig(replica_id=str(w.spec.replica_id), base_url=w.url, nonce=w.nonce)
+                    for w in running
+                    if w is not None and w.ready and w.url is not None
+                ],
+                tenants=_tenants(specs[0]),
+                slo_thresholds=_thresholds(specs[0], components),
+            )
+        )
+    return GatewayConfig(
+        gateway_id=gateway.gateway_id,
+        host=gateway.host,
+        port=spec.port or 0,
+        announce=announce,
+        counters_url=gateway.counters_url,
+        deployments=routes,
+    )
+
+
+class ManagedGateway(ManagedProcess[GatewayConfig]):
+    """The node's OpenAI gateway (dataplane/gateway)."""
+
+    kind = "gateway"
+    nonce_env = GATEWAY_NONCE_ENV
+    module = "dataplane.gateway"
+
+    def __init__(
+        self, spec: GatewaySpec, config: GatewayConfig, settings: SupervisorSettings
+    ) -> None:
+        self.spec = spec
+        super().__init__(config, settings.work_dir / "gateway", settings)
+
+    @property
+    def what(self) -> str:
+        return "gateway"
+
+    @property
+    def identity(self) -> tuple[str, str]:
+        return ("gateway_id", self.config.gateway_id)
+
+    @property
+    def fixed_port(self) -> int | None:
+        return self.spec.port
+
+    @property
+    def bind_host(self) -> str:
+        return self.config.host
+
+    def arguments(self) -> list[str]:
+        return [*super().arguments(), "--log-level", "warning"]
+
+
+class GatewaySupervisor:
+    """The reconciler's driver for the node's gateway: started once the workers converged,
+    in front of those that answer, and pointed anew at a worker each time it restarts on
+    another port (a config rewrite, which requests in flight survive)."""
+
+    def __init__(
+        self, settings: SupervisorSettings, gateway: GatewaySettings, workers: WorkerSupervisor
+    ) -> None:
+        self._settings = settings
+        self._gateway = gateway
+        self._workers = workers
+        self._desired: tuple[GatewaySpec, Components] | None = None
+        self.process: ManagedGateway | None = None
+        workers.on_ready = self._refresh
+
+    async def apply(self, components: Components) -> list[ComponentResult]:
+        spec = components.gateway if components.workers else None
+        if spec is None:
+            self._desired = None
+            await self.close()
+            return []
+        self._desired = (spec, components)
+        try:
+            config = self._render(spec, components)
+            current = self.process
+            if (
+                current is not None
+                and current.spec == spec
+                and not current.config.restart_fields_changed(config)
+            ):
+                if config != current.config:
+                    current.reconfigure(config)
+            else:
+                await self.close()
+                current = self.process = ManagedGateway(spec, config, self._settings)
+                await current.start()
+            await current.wait_ready()
+            assert current.port is not None
+            return [
+                ComponentResult(
+                    kind="gateway",
+                    name="gateway",
+                    ok=True,
+                    error=None,
+                    port=current.port,
+                    url=self._gateway.client_url(current.port),
+                )
+            ]
+        except Exception as exc:  # every failure becomes the component's error text
+            log.exception("the gateway failed to converge")
+            return [
+                ComponentResult(
+                    kind="gateway", name="gateway", ok=False, error=f"{exc}"[:4000] or repr(exc)
+                )
+            ]
+
+    @property
+    def fronted(self) -> tuple[str, list[str]] | None:
+        """The gateway's URL and the deployments it fronts; None while it is not serving."""
+        process = self.process
+        if process is None or not process.ready or process.url is None:
+            return None
+        return process.url, [d.deployment_id for d in process.config.deployments]
+
+    def _render(self, spec: GatewaySpec, components: Components) -> GatewayConfig:
+        announce = self._settings.work_dir / "gateway" / "run" / "endpoint.json"
+        return render_gateway_config(
+            spec, components, self._workers.workers, self._gateway, announce
+        )
+
+    def _refresh(self) -> None:
+        if self.process is None or self._desired is None:
+            return
+        config = self._render(*self._desired)
+        if config != self.process.config:
+            self.process.reconfigure(config)
+
+    async def close(self) -> None:
+        """Stop the gateway, or leave it serving when `keep_workers` says so."""
+        process, self.process = self.process, None
+        if process is not None:
+            await (process.detach() if self._settings.keep_workers else process.stop())

@@ -37,6 +37,7 @@ from django.utils import timezone
 
 from agent.privileges import WorkerUserError, worker_account
 from controlplane import processes, tour
+from controlplane.fleet import selectors as fleet_selectors
 from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Deployment, Replica
 from controlplane.inventory.services import create_bootstrap_token
@@ -299,6 +300,12 @@ def _run(
             300,
         )
         worker = f"http://127.0.0.1:{replica.port}"
+
+        def gateway() -> str | None:
+            urls = fleet_selectors.endpoints(replica.deployment)
+            return next((url for url in urls if _answers(f"{url}/health")), None)
+
+        endpoint = _wait(f"the gateway of {replica.node.hostname} to answer", gateway, procs)
         volume = _seed_storage(accounts.tenant, replica.node, data / "pools" / "demo")
         if nodes:  # after the local workers are placed, so they stay on this machine
             spawn(
@@ -314,14 +321,16 @@ def _run(
             f"  Tenant admin       {accounts.tenant_admin[0]} / {accounts.tenant_admin[1]}"
             f"   (tenant {accounts.tenant.slug})\n"
             f"  API token (tenant admin)  {accounts.api_token}\n"
-            f"  Node {replica.node.hostname} runs deployment 'chat' (model demo-chat) at {worker}\n"
-            f"    (shared by tenants {accounts.tenant.slug} and {tenants.noisy.slug})\n"
+            f"  Deployment 'chat' (model demo-chat)  {endpoint}/v1   (OpenAI endpoint: the "
+            f"gateway of node {replica.node.hostname},\n"
+            f"    in front of its worker at {worker}; shared by tenants "
+            f"{accounts.tenant.slug} and {tenants.noisy.slug})\n"
             f"  Storage         {base}/console/storage/   ({accounts.tenant.slug}'s volume "
             f"'{volume.name}' in local pool '{volume.pool.name}': "
             f"{volume.read_probe_per_s} probe reads/s under QoS {_qos_text(volume)})\n"
             f"  Inference key (tenant {accounts.tenant.slug})  {key}\n"
             f"  Try: curl -H 'Authorization: Bearer {accounts.api_token}' {base}/api/v1/nodes/\n"
-            f"       curl {worker}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+            f"       curl {endpoint}/v1/chat/completions -H 'Authorization: Bearer {key}' "
             "-H 'Content-Type: application/json' "
             '-d \'{"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}\'\n'
             f"  Logs: {logs}\n"
@@ -331,7 +340,7 @@ def _run(
         if not tour_enabled:
             return _watch(procs)
         load = tour.LoadGenerator(
-            (worker, tenants.quiet_key, "demo-chat"), (worker, tenants.noisy_key, "demo-chat")
+            (endpoint, tenants.quiet_key, "demo-chat"), (endpoint, tenants.noisy_key, "demo-chat")
         )
         load.start()
         try:

@@ -221,6 +221,9 @@ SIGNING_KEY_FILE = Path(os.environ.get("SIGNING_KEY_FILE", DATA_DIR / "signing_k
 AGENT_BROKER_URL = os.environ.get("AGENT_BROKER_URL") or CELERY_BROKER_URL
 # How agents (and people) reach this control plane: artifact URLs in desired state use it.
 PUBLIC_URL = os.environ.get("PUBLIC_URL", "http://127.0.0.1:8000")
+GATEWAY_PORT = int(os.environ["GATEWAY_PORT"]) if os.environ.get("GATEWAY_PORT") else None
+"""The port every node's gateway listens on (one address for a load balancer in front of
+them); unset, each agent takes a free port and reports it."""
 
 # Prometheus: when set, /metrics wants `Authorization: Bearer <METRICS_TOKEN>`.
 METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")

@@ -19,6 +19,7 @@ from django.views.generic import TemplateView
 
 from controlplane.console import selectors as console_selectors
 from controlplane.core.scoping import is_platform_admin, scope
+from controlplane.fleet import selectors as fleet_selectors
 from controlplane.slo import reports
 from controlplane.telemetry import selectors, streams
 from controlplane.tenancy.models import Tenant
@@ -133,6 +134,7 @@ class DeploymentPage(DashboardPage):
             "streams": [streams.deployment(deployment.pk)],
             "thresholds": console_selectors.latency_thresholds(deployment),
             "tenant": deployment.tenant,
+            "endpoints": fleet_selectors.endpoints(deployment),
         }
 
 

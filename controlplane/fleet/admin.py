@@ -9,6 +9,7 @@ from controlplane.fleet.selectors import nodes_with_rollout
 from controlplane.fleet.services import rollout_state
 from controlplane.inventory.admin import DriveInline, GpuInline, NicInline, NumaInline
 from controlplane.inventory.models import Node
+from controlplane.inventory.services import OPERATOR_FIELDS, update_node
 
 
 @admin.display(description="Explanation")
@@ -168,8 +169,26 @@ class NodeAdmin(admin.ModelAdmin):
         "created_at",
         "updated_at",
     ]
-    fields = ["hostname", "tenant", "labels", "maintenance", "maintenance_reason", *readonly_fields]
+    fields = [
+        "hostname",
+        "tenant",
+        "labels",
+        "maintenance",
+        "maintenance_reason",
+        "gateway",
+        *readonly_fields,
+    ]
     inlines = [NumaInline, GpuInline, NicInline, DriveInline]
+
+    def save_model(self, request, obj, form, change):  # noqa: ANN001, ANN201
+        """A drain, a dedication or the gateway re-plan and re-render the node, so operator
+        edits go through the service rather than a plain save."""
+        if not change:
+            return super().save_model(request, obj, form, change)
+        changes = {
+            name: getattr(obj, name) for name in form.changed_data if name in OPERATOR_FIELDS
+        }
+        return update_node(Node.objects.get(pk=obj.pk), **changes)
 
     def get_readonly_fields(self, request, obj=None):  # noqa: ANN001, ANN201
         return [*self.readonly_fields, "hostname"] if obj else self.readonly_fields

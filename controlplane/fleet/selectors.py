@@ -12,11 +12,11 @@ from collections.abc import Iterable
 from typing import Any
 from uuid import UUID
 
-from django.db.models import F, OuterRef, Q, QuerySet, Subquery, Value
+from django.db.models import F, OuterRef, Prefetch, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 
 from controlplane.core.scoping import readable_tenant_ids
-from controlplane.fleet.models import Deployment, Revision
+from controlplane.fleet.models import Deployment, Replica, Revision
 from controlplane.inventory.models import Node
 
 Shares = Deployment.shared_with.through
@@ -54,6 +54,23 @@ def visible(queryset: QuerySet[Any], user: Any, field: str = "") -> QuerySet[Any
     """Cut `queryset` down to what serves the user's tenants (everything for platform admins)."""
     tenant_ids = readable_tenant_ids(user)
     return queryset if tenant_ids is None else queryset.filter(serving(tenant_ids, field))
+
+
+def with_endpoints(queryset: QuerySet[Deployment]) -> QuerySet[Deployment]:
+    """Deployments with the replicas whose node's gateway answers prefetched, for
+    `endpoints` (one query for any number of deployments)."""
+    fronted = Replica.objects.filter(
+        node__gateway=True, node__report__gateway_url__gt=""
+    ).select_related("node__report")
+    return queryset.prefetch_related(Prefetch("instances", fronted, to_attr="fronted"))
+
+
+def endpoints(deployment: Deployment) -> list[str]:
+    """Where clients send the deployment's requests: the gateways of the nodes it runs on."""
+    fronted = getattr(deployment, "fronted", None)
+    if fronted is None:
+        fronted = with_endpoints(Deployment.objects.filter(pk=deployment.pk))[0].fronted
+    return sorted({replica.node.report.gateway_url for replica in fronted})
 
 
 def nodes_with_rollout() -> QuerySet[Node]:

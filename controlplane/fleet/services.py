@@ -31,6 +31,7 @@ from agent.protocol import (
     ArtifactRef,
     Components,
     DesiredState,
+    GatewaySpec,
     WorkerSpec,
     queue_name,
     sign_state,
@@ -442,9 +443,11 @@ def render_components(nodes: list[Node]) -> dict[UUID, Components]:
         )
     storage = render_storage(nodes, replicas)
     thresholds = [source(nodes, replicas, served) for source in hooks.threshold_sources]
+    gateway = GatewaySpec(port=settings.GATEWAY_PORT)
     return {
         node.pk: Components(
             workers=sorted(workers[node.pk], key=lambda w: str(w.replica_id)),
+            gateway=gateway if node.gateway and workers[node.pk] else None,
             slo_thresholds=[t for found in thresholds for t in found[node.pk]],
             **storage[node.pk],
         )
@@ -613,8 +616,18 @@ def record_applied_status(node: Node, status: AppliedStatus) -> bool:
             )
         )
     if matched:
-        inventory_services.record_applied_generation(node, status.generation)
+        inventory_services.record_applied_generation(node, status.generation, _gateway_url(status))
     return bool(matched)  # False: already stored (or newer news is), or no such revision
+
+
+def _gateway_url(status: AppliedStatus) -> str:
+    """Where the node's gateway answers after this status; only http(s) addresses are shown
+    to clients."""
+    for result in status.components:
+        if result.kind == "gateway" and result.ok and result.url is not None:
+            if result.url.startswith(("http://", "https://")):
+                return result.url
+    return ""
 
 
 def _record_worker_ports(node: Node, status: AppliedStatus) -> None:

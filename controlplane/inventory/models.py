@@ -45,6 +45,11 @@ class Node(BaseModel):
         default=False,
         help_text="Held at a rolled-back revision: fleet changes skip it until released.",
     )
+    gateway = models.BooleanField(
+        default=True,
+        help_text="Runs the OpenAI gateway in front of the deployments placed on it, their "
+        "clients' one address on this node.",
+    )
 
     class Meta:
         ordering = ["hostname"]
@@ -68,6 +73,14 @@ class AgentReport(models.Model):
     last_heartbeat_at = models.DateTimeField(null=True, blank=True, db_index=True)
     applied_generation = models.PositiveBigIntegerField(
         default=0, help_text="The newest desired-state generation the agent reports applied."
+    )
+    gateway_url = models.CharField(
+        max_length=2048,
+        blank=True,
+        default="",
+        db_default="",
+        help_text="Where clients reach the node's gateway, as its agent last reported it "
+        "answering; empty while it runs none.",
     )
 
     def __str__(self) -> str:

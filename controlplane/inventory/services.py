@@ -26,7 +26,7 @@ from controlplane.inventory.models import (
     NumaNode,
 )
 
-OPERATOR_FIELDS = frozenset({"labels", "maintenance", "maintenance_reason", "tenant"})
+OPERATOR_FIELDS = frozenset({"labels", "maintenance", "maintenance_reason", "tenant", "gateway"})
 BOOTSTRAP_PREFIX = "tgb_"
 CREDENTIAL_PREFIX = "tgn_"
 
@@ -36,6 +36,8 @@ class EnrollmentRefused(Exception):
 
 
 PLACEMENT_FIELDS = ("labels", "maintenance", "tenant_id")
+RENDERED_FIELDS = ("gateway",)
+"""Operator fields that change what the node runs, not where replicas go."""
 
 
 def _replace_after_commit(node_ids: list[Any], why: str) -> None:
@@ -54,13 +56,16 @@ def update_node(node: Node, **changes: Any) -> Node:
     if not changes.get("maintenance", node.maintenance):
         changes["maintenance_reason"] = ""
     was_drained = node.maintenance
-    before = [getattr(node, name) for name in PLACEMENT_FIELDS]
+    before = [getattr(node, name) for name in (*PLACEMENT_FIELDS, *RENDERED_FIELDS)]
     core.update(node, **changes)
-    if [getattr(node, name) for name in PLACEMENT_FIELDS] != before:
+    after = [getattr(node, name) for name in (*PLACEMENT_FIELDS, *RENDERED_FIELDS)]
+    if after != before:
         if node.maintenance != was_drained:
             why = "node drained" if node.maintenance else "node back from maintenance"
-        else:
+        elif after[: len(PLACEMENT_FIELDS)] != before[: len(PLACEMENT_FIELDS)]:
             why = "node labels or dedication changed"
+        else:
+            why = f"gateway turned {'on' if node.gateway else 'off'}"
         _replace_after_commit([node.pk], why)
     return node
 
@@ -272,13 +277,14 @@ def record_heard(node_ids: Iterable[Any]) -> None:
     )
 
 
-def record_applied_generation(node: Node, generation: int) -> None:
-    """The agent applied `generation` (or newer): one update of its report, never its
-    node's row, and never backwards."""
-    raised = AgentReport.objects.filter(node_id=node.pk, applied_generation__lt=generation)
-    if not raised.update(applied_generation=generation):
+def record_applied_generation(node: Node, generation: int, gateway_url: str = "") -> None:
+    """The agent applied `generation`, which left its gateway answering at `gateway_url`
+    (empty: none): one update of its report, never its node's row, and never backwards."""
+    raised = AgentReport.objects.filter(node_id=node.pk, applied_generation__lte=generation)
+    if not raised.update(applied_generation=generation, gateway_url=gateway_url):
         AgentReport.objects.bulk_create(
-            [AgentReport(node_id=node.pk, applied_generation=generation)], ignore_conflicts=True
+            [AgentReport(node_id=node.pk, applied_generation=generation, gateway_url=gateway_url)],
+            ignore_conflicts=True,
         )
 
 

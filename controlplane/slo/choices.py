@@ -16,6 +16,14 @@ class Sli(models.TextChoices):
     STORAGE_READ = "storage_read", "storage read latency"
 
 
+class MeasuredAt(models.TextChoices):
+    """Where an SLO's requests are counted: as the worker served them, or as clients saw
+    them through their node's gateway (its queueing included)."""
+
+    WORKER = "worker", "at the worker"
+    GATEWAY = "gateway", "at the gateway"
+
+
 class Scope(models.TextChoices):
     DEPLOYMENT = "deployment", "one deployment"
     MODEL = "model", "every deployment serving a model name"

@@ -18,7 +18,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from controlplane.core.models import TenantOwnedModel
-from controlplane.slo.choices import Scope, Sli, Window
+from controlplane.slo.choices import MeasuredAt, Scope, Sli, Window
 from controlplane.tenancy.models import slug_validator
 
 MAX_OBJECTIVE = 0.99999
@@ -50,6 +50,13 @@ class Slo(TenantOwnedModel):
         blank=True,
         validators=[MinValueValidator(0.000001)],
         help_text="A request is good at or under this latency; empty for availability.",
+    )
+    measured_at = models.CharField(
+        max_length=16,
+        choices=MeasuredAt.choices,
+        default=MeasuredAt.WORKER,
+        help_text="Where requests are counted: at the worker that served them, or at the "
+        "gateway clients reached (its queueing included); storage reads, at the node.",
     )
     objective = models.FloatField(
         validators=[MinValueValidator(0.5), MaxValueValidator(MAX_OBJECTIVE)],
@@ -100,6 +107,8 @@ class Slo(TenantOwnedModel):
             errors["model_name"] = ["Scope model names the model."]
         if self.scope != Scope.MODEL and self.model_name:
             errors["model_name"] = ["Only scope model names a model."]
+        if self.sli == Sli.STORAGE_READ and self.measured_at != MeasuredAt.WORKER:
+            errors["measured_at"] = ["Storage reads are measured by the node's agent."]
         if self.sli == Sli.STORAGE_READ and self.scope != Scope.TENANT:
             errors["scope"] = [
                 "Storage reads are measured per node, not per deployment: use scope tenant."
@@ -114,6 +123,7 @@ DEFINITION = (
     "deployment_id",
     "model_name",
     "threshold_seconds",
+    "measured_at",
     "objective",
     "window",
 )

@@ -3,7 +3,8 @@ and read back, refusing what Tailguard cannot measure by the document path at fa
 
 The indicator's good and total queries use metric source `tailguard`, whose spec names
 the metric, the scope (`deployment`, `model` or `tenant`, with `deployment`/`model`
-naming it) and, on the good query, `thresholdSeconds`. Deployments are named, not
+naming it), `measuredAt` (`worker`, the default, or `gateway`) and, on the good query,
+`thresholdSeconds`. Deployments are named, not
 identified, so a document moves between tenants and installations.
 """
 
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 from pydantic.alias_generators import to_camel
 
-from controlplane.slo.choices import ROLLING_DAYS, Scope, Sli, Window
+from controlplane.slo.choices import ROLLING_DAYS, MeasuredAt, Scope, Sli, Window
 from controlplane.slo.models import Slo
 
 SOURCE_TYPE = "tailguard"
@@ -33,6 +34,7 @@ FIELD_PATHS = {
     "model_name": f"{_GOOD}.model",
     "sli": f"{_GOOD}.metric",
     "threshold_seconds": f"{_GOOD}.thresholdSeconds",
+    "measured_at": f"{_GOOD}.measuredAt",
     "objective": "spec.objectives[0].target",
     "window": "spec.timeWindow[0]",
 }
@@ -58,6 +60,7 @@ class SourceSpec(_Strict):
     scope: Scope = Scope.TENANT
     deployment: str | None = None
     model: str | None = None
+    measured_at: MeasuredAt = MeasuredAt.WORKER
     threshold_seconds: float | None = None
 
 
@@ -164,11 +167,12 @@ def parse(text: str) -> dict[str, Any]:
         raise ValidationError(
             {f"{total_path}.thresholdSeconds": ["Only the good query has a threshold."]}
         )
-    if (total.metric, total.scope, total.deployment, total.model) != (
+    if (total.metric, total.scope, total.deployment, total.model, total.measured_at) != (
         good.metric,
         good.scope,
         good.deployment,
         good.model,
+        good.measured_at,
     ):
         raise ValidationError(
             {total_path: ["The total query must count the same metric and scope as the good one."]}
@@ -182,6 +186,7 @@ def parse(text: str) -> dict[str, Any]:
         "model_name": good.model or "",
         "sli": good.metric,
         "threshold_seconds": good.threshold_seconds,
+        "measured_at": good.measured_at,
         "objective": doc.spec.objectives[0].target,
         "window": _window(doc.spec.time_window[0]),
     }
@@ -203,6 +208,8 @@ def dump(slo: Slo) -> str:
         source["deployment"] = slo.deployment.name
     if slo.scope == Scope.MODEL:
         source["model"] = slo.model_name
+    if slo.measured_at != MeasuredAt.WORKER:
+        source["measuredAt"] = slo.measured_at
     good = {**source}
     if slo.threshold_seconds is not None:
         good["thresholdSeconds"] = slo.threshold_seconds

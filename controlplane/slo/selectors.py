@@ -244,4 +244,5 @@ def _threshold(slo: Slo, deployment_id: UUID | None) -> SloThreshold:
         deployment_id=deployment_id,
         metric=slo.sli,
         threshold_seconds=slo.threshold_seconds,
+        measured_at=slo.measured_at,
     )

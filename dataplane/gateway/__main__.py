@@ -16,10 +16,8 @@ from pathlib import Path
 import uvicorn
 
 from dataplane.asgi import announce, bind
-from dataplane.gateway.config import GatewayConfig
+from dataplane.gateway.config import NONCE_ENV, GatewayConfig
 from dataplane.gateway.server import Gateway, GatewayApp
-
-NONCE_ENV = "TAILGUARD_GATEWAY_NONCE"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """The gateway's configuration: one JSON file per gateway process, started with
-``python -m dataplane.gateway --config PATH`` (the agent does not start gateways or write
-their config yet).
+``python -m dataplane.gateway --config PATH`` (by the agent on the nodes the control plane
+designates, agent/supervisor.py GatewaySupervisor, or by hand).
 
 Each deployment names its replicas (the workers' base URLs and the nonces their
 ``/health`` must answer) and its tenants with the same ``TenantConfig`` the workers take:
@@ -23,6 +23,8 @@ from dataplane.inference.config import (
     check_keys_name_one_tenant,
 )
 
+NONCE_ENV = "TAILGUARD_GATEWAY_NONCE"
+"""Carries a start's nonce, which /health answers, as the worker's does."""
 RESTART_FIELDS = ("gateway_id", "host", "port", "announce", "counters_url")
 # The shortest health interval: two of the worker's state heartbeats.
 MIN_HEALTH_INTERVAL_S = 2 * STATE_HEARTBEAT_S

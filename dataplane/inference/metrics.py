@@ -259,10 +259,14 @@ class TelemetryStats:
         self._pending: dict[str, Any] | None = None
 
     def set_thresholds(self, thresholds: Iterable[SloThreshold]) -> None:
-        """New thresholds count from now on; counts already made stay in the window."""
+        """New thresholds count from now on; counts already made stay in the window. A
+        threshold named twice (two SLOs with the same bound) is one counter, which the
+        agent maps to each of them."""
         table: dict[tuple[str, SloMetric], list[float]] = {}
         for t in thresholds:
-            table.setdefault((t.tenant, t.metric), []).append(t.threshold_seconds)
+            bounds = table.setdefault((t.tenant, t.metric), [])
+            if t.threshold_seconds not in bounds:
+                bounds.append(t.threshold_seconds)
         self._thresholds = table
 
     def tightest(self, tenant: str, metric: SloMetric) -> float | None:

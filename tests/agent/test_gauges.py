@@ -264,3 +264,28 @@ async def test_applied_components_survive_a_restart(tmp_path: Path) -> None:
     components = Components(slo_thresholds=desired_thresholds())
     assert await applied.apply(components) == []
     assert AppliedComponents(path).components == components
+
+
+def test_an_slo_measured_at_the_gateway_takes_the_gateways_counts_only() -> None:
+    tenant = str(TENANT)
+    thresholds = [  # SLO_TTFT_ALL at the worker, the others at the gateway
+        t if t.slo_id == SLO_TTFT_ALL else t.model_copy(update={"measured_at": "gateway"})
+        for t in desired_thresholds()
+    ]
+    worker, gateway = (TelemetryStats(str(DEP_A), "m", worker_thresholds()) for _ in range(2))
+    worker.record(tenant, request(0.2))  # fast where it was served...
+    gateway.record(tenant, request(0.7))  # ...slower as the client saw it, queueing included
+    gateway.count_rejected(tenant)  # turned away at the gateway: the worker never saw it
+    reading = windows_to_reading([window(worker, 0, 1)], thresholds, [window(gateway, 0, 0)])
+
+    series = {(s.deployment_id, s.metric): s for s in reading.series}
+    ttft = series[(DEP_A, "ttft")]
+    assert LatencySketch.from_bytes(base64.b64decode(ttft.sketch)).count == 1  # the worker's
+    assert {(c.slo_id, c.threshold_seconds, c.good, c.total) for c in ttft.thresholds} == {
+        (SLO_TTFT_ALL, 1.0, 1, 1),  # measured at the worker
+        (SLO_TTFT_A, 0.5, 0, 1),  # measured at the gateway: 0.7 s is over 0.5 s
+    }
+    (availability,) = [c for c in series[(DEP_A, "e2e")].thresholds if c.slo_id == SLO_AVAIL]
+    assert (availability.good, availability.total) == (1, 2)  # the gateway's rejection counts
+    (usage,) = reading.usage
+    assert (usage.completed, usage.rejected) == (1, 0)  # requests counted once, at the worker

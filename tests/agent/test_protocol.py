@@ -15,6 +15,7 @@ from agent.protocol import (
     DesiredState,
     Enrollment,
     EnrollmentGrant,
+    GatewaySpec,
     Heartbeat,
     Inventory,
     SignedDesiredState,
@@ -245,6 +246,10 @@ def test_content_hash_is_sha256_of_canonical_components_and_tracks_changes() -> 
     components = samples.components()
     empty = b'{"exports":[],"qos":[],"slo_thresholds":[],"volumes":[],"workers":[]}'
     assert content_hash(Components()) == hashlib.sha256(empty).hexdigest()
+    # a gateway, added after version 1 shipped, is on the wire only where a node runs one
+    assert canonical_json(Components(gateway=GatewaySpec())).startswith(
+        b'{"exports":[],"gateway":{}'
+    )
     changed = components.model_copy(update={"volumes": []})
     assert content_hash(components) != content_hash(changed)
     assert samples.desired_state().content_hash == content_hash(components)

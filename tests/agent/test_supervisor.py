@@ -17,7 +17,7 @@ import pytest
 
 from agent.protocol import ArtifactRef, Components, TenantServing, WorkerSpec
 from agent.supervisor import (
-    AdoptedWorker,
+    AdoptedProcess,
     ManagedWorker,
     SupervisorSettings,
     WorkerSupervisor,
@@ -235,7 +235,7 @@ async def test_a_restarted_agent_adopts_its_workers_and_no_request_fails_meanwhi
         (adopted,) = await second.apply(components)
         assert adopted.ok and adopted.port == result.port, adopted
         worker = second.workers[replica]
-        assert isinstance(worker._process, AdoptedWorker) and worker._process.pid == pid  # noqa: SLF001
+        assert isinstance(worker._process, AdoptedProcess) and worker._process.pid == pid  # noqa: SLF001
         await asyncio.sleep(0.3)
     finally:
         done.set()

@@ -35,6 +35,12 @@ def test_bad_slos_are_refused_by_field(world: World, client_for: Any) -> None:
         ({"deployment": str(ours.pk)}, "deployment", "Only scope deployment"),
         ({"scope": "model"}, "model_name", "names the model"),
         ({"sli": "storage_read", "scope": "model", "model_name": "x"}, "scope", "per node"),
+        (
+            {"sli": "storage_read", "threshold_seconds": 0.001, "measured_at": "gateway"},
+            "measured_at",
+            "node's agent",
+        ),
+        ({"measured_at": "client"}, "measured_at", "not a valid choice"),
         ({"window": "rolling_90d"}, "window", "not a valid choice"),
         ({"sli": "latency"}, "sli", "not a valid choice"),
         ({"burn": 1}, "burn", "Unknown field"),
@@ -68,6 +74,7 @@ def test_openslo_round_trip(world: World, client_for: Any) -> None:
             "scope": "model",
             "model_name": "chat-8b",
             "window": "rolling_7d",
+            "measured_at": "gateway",
         },
     ):
         created = client.post(
@@ -90,6 +97,7 @@ def test_openslo_round_trip(world: World, client_for: Any) -> None:
         good = document["spec"]["indicator"]["spec"]["ratioMetric"]["good"]["metricSource"]
         assert good["type"] == "tailguard" and good["spec"]["metric"] == body["sli"]
         assert good["spec"].get("thresholdSeconds") == body.get("threshold_seconds")
+        assert good["spec"].get("measuredAt", "worker") == body.get("measured_at", "worker")
 
         assert client.delete(f"/api/v1/slos/{original['id']}/").status_code == 204
         imported = client.post(
@@ -273,6 +281,15 @@ def test_thresholds_reach_the_nodes_running_the_deployment(world: World) -> None
         (t["slo_id"], t["threshold_seconds"])
         for t in latest.document["state"]["components"]["slo_thresholds"]
     } == {(str(by_deployment.pk), 0.5), (str(by_model.pk), 0.08)}
+
+    # Measured at the gateway from now on: a new revision of the SLO, and the nodes are told.
+    services.update_slo(by_deployment, measured_at="gateway")
+    assert by_deployment.revision == 2
+    latest = Revision.objects.filter(node=node).order_by("-generation").first()
+    assert {
+        (t["slo_id"], t.get("measured_at", "worker"))
+        for t in latest.document["state"]["components"]["slo_thresholds"]
+    } == {(str(by_deployment.pk), "gateway"), (str(by_model.pk), "worker")}
 
 
 def test_rendering_thresholds_costs_the_same_queries_for_any_number_of_nodes(world: World) -> None:

@@ -74,8 +74,8 @@ def test_demo_serves_tours_the_noisy_neighbour_and_stops_cleanly(tmp_path: Path)
 
         # the agent enrolled this machine and runs the demo worker behind the printed key
         key = re.search(r"Inference key \(tenant acme\)\s+(\S+)", text).group(1)  # type: ignore[union-attr]
-        worker = re.search(r"runs deployment 'chat' \(model demo-chat\) at (\S+)", text).group(1)  # type: ignore[union-attr]
-        client = OpenAI(base_url=f"{worker}/v1", api_key=key)
+        endpoint = printed_endpoint(text)
+        client = OpenAI(base_url=f"{endpoint}/v1", api_key=key)
         # the synthetic model may sample its end token early; ignore_eos makes the length exact
         reply = client.chat.completions.create(
             model="demo-chat",
@@ -87,6 +87,14 @@ def test_demo_serves_tours_the_noisy_neighbour_and_stops_cleanly(tmp_path: Path)
         assert reply.usage is not None and reply.usage.completion_tokens == 5
         nodes = httpx.get(f"{base}/api/v1/nodes/", headers={"Authorization": f"Bearer {token}"})
         assert nodes.status_code == 200
+        # the endpoint printed is the node's gateway, as the deployment's API object says
+        deployments = httpx.get(
+            f"{base}/api/v1/deployments/", headers={"Authorization": f"Bearer {token}"}
+        ).json()["results"]
+        assert [d["endpoints"] for d in deployments] == [[endpoint]]
+        (fronted,) = httpx.get(f"{endpoint}/health").json()["deployments"]
+        assert fronted["deployment_id"] == deployments[0]["id"]
+        assert [r["up"] for r in fronted["replicas"]] == [True]
         # acme's volume in a local pool on this node, read by the agent's probe under its
         # QoS policy: the storage page's figures come from those reads
         assert "volume 'datasets' in local pool 'demo': 200 probe reads/s" in text
@@ -127,6 +135,13 @@ def test_demo_serves_tours_the_noisy_neighbour_and_stops_cleanly(tmp_path: Path)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         assert "Stopped." in proc.stdout.read()
+
+
+def printed_endpoint(text: str) -> str:
+    """The demo deployment's OpenAI endpoint as the demo prints it: its node's gateway."""
+    found = re.search(r"Deployment 'chat' \(model demo-chat\)\s+(\S+)/v1", text)
+    assert found, text
+    return found.group(1)
 
 
 def volume_reads(base: str, token: str, name: str) -> float:
@@ -183,27 +198,27 @@ def test_two_demos_side_by_side_each_serve_their_own_keys(tmp_path: Path) -> Non
         for name, proc in (("one", one), ("two", two)):
             text = read_until(proc, [], "Press Ctrl-C", 300)
             key = re.search(r"Inference key \(tenant acme\)\s+(\S+)", text).group(1)  # type: ignore[union-attr]
-            worker = re.search(r"runs deployment 'chat' \(model demo-chat\) at (\S+)", text).group(
-                1
-            )  # type: ignore[union-attr]
-            found[name] = (key, worker)
-        (key_one, worker_one), (key_two, worker_two) = found["one"], found["two"]
-        assert worker_one != worker_two
-        for worker, own, other in ((worker_one, key_one, key_two), (worker_two, key_two, key_one)):
+            found[name] = (key, printed_endpoint(text))
+        (key_one, endpoint_one), (key_two, endpoint_two) = found["one"], found["two"]
+        assert endpoint_one != endpoint_two
+        for endpoint, own, other in (
+            (endpoint_one, key_one, key_two),
+            (endpoint_two, key_two, key_one),
+        ):
             body = {"model": "demo-chat", "prompt": "hi", "max_tokens": 2}
             mine = httpx.post(
-                f"{worker}/v1/completions",
+                f"{endpoint}/v1/completions",
                 json=body,
                 headers={"Authorization": f"Bearer {own}"},
                 timeout=60,
             )
             theirs = httpx.post(
-                f"{worker}/v1/completions",
+                f"{endpoint}/v1/completions",
                 json=body,
                 headers={"Authorization": f"Bearer {other}"},
                 timeout=60,
             )
-            assert (mine.status_code, theirs.status_code) == (200, 401), (worker, mine.text)
+            assert (mine.status_code, theirs.status_code) == (200, 401), (endpoint, mine.text)
         for proc in (one, two):
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=60) == 0

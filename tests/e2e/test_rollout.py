@@ -77,6 +77,18 @@ def test_deployment_change_reaches_both_agents(
             )
             assert completion.status_code == 200, completion.text
             assert completion.json()["usage"]["completion_tokens"] == 4
+        # each node's agent runs a gateway in front of its worker: the deployment's endpoints
+        endpoints = api.get(f"{stack.url}/api/v1/deployments/{deployment_id}/").json()["endpoints"]
+        assert len(endpoints) == 2, endpoints
+        for endpoint in endpoints:
+            completion = httpx.post(
+                f"{endpoint}/v1/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                json={"model": "tiny-chat", "prompt": "hello", "max_tokens": 4, "ignore_eos": True},
+                timeout=60,
+            )
+            assert completion.status_code == 200, completion.text
+            assert completion.json()["usage"]["completion_tokens"] == 4
 
         response = api.patch(
             f"{stack.url}/api/v1/deployments/{deployment_id}/", json={"max_batch_size": 16}

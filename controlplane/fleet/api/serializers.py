@@ -55,6 +55,10 @@ class DeploymentSerializer(StrictSerializer):
         required=False,
         help_text="An uploaded model archive of the same tenant; instead of artifact_uri.",
     )
+    endpoints = serializers.SerializerMethodField(
+        help_text="Where clients send its OpenAI requests: the gateway of each node it runs "
+        "on (with no gateway answering yet, none)."
+    )
     shared_with = serializers.PrimaryKeyRelatedField(
         many=True,
         queryset=Tenant.objects.filter(is_active=True),
@@ -87,6 +91,7 @@ class DeploymentSerializer(StrictSerializer):
             "max_tokens_per_step",
             "max_queue_delay_ms",
             "max_queue_len",
+            "endpoints",
             "shared_with",
             "created_at",
             "updated_at",
@@ -103,6 +108,9 @@ class DeploymentSerializer(StrictSerializer):
         if not self._by_platform_admin():
             data.pop("shared_with", None)
         return data
+
+    def get_endpoints(self, deployment: Deployment) -> list[str]:
+        return selectors.endpoints(deployment)
 
     def validate_shared_with(self, value: list[Tenant]) -> list[Tenant]:
         if not self._by_platform_admin():
@@ -234,6 +242,7 @@ class NodeSerializer(StrictSerializer):
             "status",
             "maintenance",
             "maintenance_reason",
+            "gateway",
             "agent_version",
             "last_heartbeat_at",
             "kernel",

@@ -53,6 +53,7 @@ class SloSerializer(CreateOnlyMixin, StrictSerializer):
             "model_name",
             "sli",
             "threshold_seconds",
+            "measured_at",
             "objective",
             "window",
             "revision",

@@ -15,9 +15,10 @@ export const STATE_TEXT = {
 const WINDOW_TEXT = { rolling_7d: "7 d", rolling_28d: "28 d", rolling_30d: "30 d", calendar_month: "month" };
 
 export function sliText(slo) {
-  if (slo.sli === "availability") return "availability";
+  const where = slo.measured_at === "gateway" ? ", at the gateway" : "";
+  if (slo.sli === "availability") return `availability${where}`;
   const name = slo.sli === "storage_read" ? "storage read" : slo.sli.toUpperCase();
-  return `${name} ≤ ${duration(slo.threshold_seconds)}`;
+  return `${name} ≤ ${duration(slo.threshold_seconds)}${where}`;
 }
 
 export const windowText = (w) => WINDOW_TEXT[w] ?? w;

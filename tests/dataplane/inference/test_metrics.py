@@ -49,7 +49,7 @@ def thresholds() -> list[SloThreshold]:
 
 
 def test_slo_counters_are_exact_and_inclusive_at_the_threshold() -> None:
-    stats = TelemetryStats("dep", "m", thresholds())
+    stats = TelemetryStats("dep", "m", [*thresholds(), thresholds()[0]])  # one named twice
     stats.record("a", timing())  # ttft exactly 0.5: good; itl 0.25, 0.25 good, 0.5, 1.0 bad
     stats.record("a", RequestTiming(arrival=0.0, scheduled=0.0, token_times=[0.75]))
     snap = stats.collect(after=0)

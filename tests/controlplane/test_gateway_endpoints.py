@@ -1,0 +1,110 @@
+"""Each node runs a gateway in front of the deployments placed on it, and a deployment's
+clients are told where those gateways answer."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.utils import timezone
+
+from agent.protocol import AppliedStatus, ComponentResult
+from controlplane.fleet import services
+from controlplane.fleet.models import Replica, Revision
+from controlplane.inventory.models import Node
+from tests.controlplane.conftest import World, make_node
+
+BODY = {"name": "chat", "model_name": "chat-8b", "artifact_uri": "synthetic://chat"}
+reported = [timezone.now()]
+
+
+def report(node: Node, *results: ComponentResult) -> None:
+    """The agent's status for the node's newest revision, each later than the last."""
+    head = Revision.objects.filter(node=node).order_by("-generation").first()
+    assert head is not None
+    reported[0] += timedelta(seconds=1)
+    status = AppliedStatus(
+        node_id=node.pk,
+        generation=head.generation,
+        content_hash=head.content_hash,
+        state="applied" if all(r.ok for r in results) else "failed",
+        components=list(results),
+        reported_at=reported[0],
+    )
+    assert services.record_applied_status(node, status)
+
+
+def worker(replica: Replica, port: int) -> ComponentResult:
+    return ComponentResult(
+        kind="worker", name=f"replica-{replica.pk}", ok=True, error=None, port=port
+    )
+
+
+def gateway(url: str, port: int = 8080) -> ComponentResult:
+    return ComponentResult(kind="gateway", name="gateway", ok=True, error=None, port=port, url=url)
+
+
+def test_nodes_run_gateways_for_their_deployments_and_clients_see_where(
+    world: World, client_for: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    node = make_node("gpu-1", world.tenant_a, gpus=1)
+    Node.objects.filter(pk=node.pk).update(status="ready")
+    idle = make_node("gpu-2", world.tenant_a)
+    Node.objects.filter(pk=idle.pk).update(status="ready")
+    client = client_for(world.admin_a)
+    created = client.post(
+        "/api/v1/deployments/", {**BODY, "tenant": str(world.tenant_a.id)}, format="json"
+    ).json()
+    assert created["endpoints"] == []  # no gateway has answered yet
+    components = Revision.objects.get(node=node).document["state"]["components"]
+    assert components["gateway"] == {}  # any free port, reported
+    assert not Revision.objects.filter(node=idle).exists()  # nothing placed: no gateway
+
+    replica = Replica.objects.get(deployment_id=created["id"])
+    report(node, worker(replica, 9001), gateway("http://gpu-1.example:8080"))
+    assert client.get(f"/api/v1/deployments/{created['id']}/").json()["endpoints"] == [
+        "http://gpu-1.example:8080"
+    ]
+    listed = client.get("/api/v1/deployments/").json()["results"]
+    assert [d["endpoints"] for d in listed] == [["http://gpu-1.example:8080"]]
+    assert client_for(world.admin_b).get(f"/api/v1/deployments/{created['id']}/").status_code == 404
+
+    # Only http(s) addresses reach clients; a failed gateway leaves none.
+    report(node, worker(replica, 9001), gateway("javascript://alert(1)"))
+    assert client.get(f"/api/v1/deployments/{created['id']}/").json()["endpoints"] == []
+    report(
+        node,
+        worker(replica, 9001),
+        ComponentResult(kind="gateway", name="gateway", ok=False, error="port taken"),
+    )
+    assert client.get(f"/api/v1/deployments/{created['id']}/").json()["endpoints"] == []
+    report(node, worker(replica, 9001), gateway("http://gpu-1.example:8080"))
+
+    # The node's tenant (dedicated to it) turns its gateway off: a new revision without it.
+    other = client_for(world.admin_b)
+    assert (
+        other.patch(f"/api/v1/nodes/{node.pk}/", {"gateway": False}, format="json").status_code
+        == 404
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        changed = client.patch(f"/api/v1/nodes/{node.pk}/", {"gateway": False}, format="json")
+    assert changed.status_code == 200 and changed.json()["gateway"] is False
+    head = Revision.objects.filter(node=node).order_by("-generation").first()
+    assert head is not None and "gateway" not in head.document["state"]["components"]
+    assert client.get(f"/api/v1/deployments/{created['id']}/").json()["endpoints"] == []
+    report(node, worker(replica, 9001))  # the agent stopped it
+    with django_capture_on_commit_callbacks(execute=True):
+        client.patch(f"/api/v1/nodes/{node.pk}/", {"gateway": True}, format="json")
+    head = Revision.objects.filter(node=node).order_by("-generation").first()
+    assert head is not None and head.document["state"]["components"]["gateway"] == {}
+
+
+def test_a_fixed_gateway_port_is_every_nodes(world: World, client_for: Any, settings: Any) -> None:
+    settings.GATEWAY_PORT = 8088
+    node = make_node("gpu-1", world.tenant_a, gpus=1)
+    Node.objects.filter(pk=node.pk).update(status="ready")
+    client_for(world.admin_a).post(
+        "/api/v1/deployments/", {**BODY, "tenant": str(world.tenant_a.id)}, format="json"
+    )
+    components = Revision.objects.get(node=node).document["state"]["components"]
+    assert components["gateway"] == {"port": 8088}
