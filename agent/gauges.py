@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,8 +357,19 @@ class WindowRequests(_Payload):
     output_tokens: int = 0
 
 
+class RoutedReplica(_Payload):
+    """A replica as the node's gateway routes to it (dataplane/gateway/server.py)."""
+
+    replica_id: str
+    up: bool
+    routed: int
+    """Requests sent to it since the gateway started."""
+    predicted_ttft_s: float | None = None
+
+
 class WorkerWindow(_Payload):
-    """One `/v1/internal/stats` answer (dataplane/inference/metrics.py TelemetryStats)."""
+    """One `/v1/internal/stats` answer (dataplane/inference/metrics.py TelemetryStats);
+    the gateway's also says where it routes."""
 
     instance: str
     seq: int
@@ -367,6 +379,7 @@ class WorkerWindow(_Payload):
     requests: list[WindowRequests] = []
     queue_depth: int = 0
     running: int = 0
+    replicas: list[RoutedReplica] = []
 
 
 class RunningWorker(Protocol):
@@ -557,6 +570,8 @@ class WorkerStats:
         self._applied = applied
         self._http = http
         self._timeout_s = timeout_s
+        # (gateway instance, routed count, monotonic time) per deployment/replica
+        self._routed: dict[str, tuple[str, int, float]] = {}
 
     async def collect(self, cursors: Mapping[str, str]) -> Reading:
         sources: list[tuple[str, str, str | None]] = [
@@ -583,8 +598,30 @@ class WorkerStats:
         reading = windows_to_reading(
             taken[False], self._applied.components.slo_thresholds, taken[True]
         )
+        reading.gauges.update(self._routing(taken[True], time.monotonic()))
         reading.cursors = new_cursors
         return reading
+
+    def _routing(self, windows: list[WorkerWindow], now: float) -> dict[str, float]:
+        """Gauges `worker.<deployment>.<name>:<replica>` of where the gateway sends each
+        deployment's requests and why: requests routed per second since the last window
+        of the same gateway start, the TTFT it predicts there, whether it is up."""
+        gauges: dict[str, float] = {}
+        for window in windows:
+            prefix = f"worker.{window.deployment_id}."
+            for replica in window.replicas:
+                gauges[f"{prefix}up:{replica.replica_id}"] = float(replica.up)
+                if replica.predicted_ttft_s is not None:
+                    gauges[f"{prefix}predicted_ttft:{replica.replica_id}"] = (
+                        replica.predicted_ttft_s
+                    )
+                key = f"{window.deployment_id}/{replica.replica_id}"
+                before = self._routed.get(key)
+                self._routed[key] = (window.instance, replica.routed, now)
+                if before is not None and before[0] == window.instance and now > before[2]:
+                    rate = (replica.routed - before[1]) / (now - before[2])
+                    gauges[f"{prefix}routed:{replica.replica_id}"] = rate
+        return gauges
 
     async def _fetch(
         self, url: str, cursor: str | None, deployment: str | None

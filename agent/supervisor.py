@@ -478,7 +478,7 @@ class ManagedProcess(Generic[C]):
         found.send_signal(signal.SIGHUP)  # the config written since
         self._ready.set()
         self.on_ready()
-        log.info("%s: adopted pid %d on port %d", self.what, found.pid, port)
+        log.info("%s: adopted %s pid %d on port %d", self.what, self.kind, found.pid, port)
         return True
 
     def _restarts(self, max_s: float) -> AsyncRetrying:

@@ -274,13 +274,74 @@ def _deployment_series(
     return series
 
 
+ROUTING_GAUGES = ("routed", "predicted_ttft", "up")
+"""Per-replica gauges a node's gateway reports for each deployment it fronts, keyed
+`worker.<deployment>.<name>:<replica>`: requests routed per second, the TTFT it predicts
+for a request sent now, and whether the replica streams its state."""
+
+
+def _routing(deployment: Deployment, resolution: int, since: datetime) -> dict[str, Any]:
+    """Where the gateways sent the deployment's requests over the window, and why: each
+    replica's routed rate per bucket and over the window, and its latest predicted TTFT
+    and state."""
+    replicas = list(
+        Replica.objects.filter(deployment=deployment, node__isnull=False)
+        .select_related("node")
+        .order_by("index")
+    )
+    prefix = f"worker.{deployment.pk}."
+    keys = {
+        f"{prefix}{name}:{replica.pk}": (name, str(replica.pk))
+        for replica in replicas
+        for name in ROUTING_GAUGES
+    }
+    buckets: dict[datetime, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    window: dict[str, list[float]] = defaultdict(list)
+    latest: dict[tuple[str, str], tuple[datetime, float]] = {}
+    nodes = Q(node__in={replica.node_id for replica in replicas})
+    for _node_id, bucket, values in _gauge_rows(nodes, resolution, since) if replicas else []:
+        for key, stats in values.items():
+            if key not in keys:
+                continue
+            name, replica_id = keys[key]
+            if name == "routed":
+                buckets[bucket][replica_id] += _mean(stats)
+                window[replica_id].append(_mean(stats))
+            seen = latest.get((name, replica_id))
+            if seen is None or seen[0] <= bucket:
+                latest[(name, replica_id)] = (bucket, stats[4])
+
+    def facts(replica: Replica) -> dict[str, Any]:
+        rid = str(replica.pk)
+        rates = window[rid]
+        up = latest.get(("up", rid))
+        predicted = latest.get(("predicted_ttft", rid))
+        return {
+            "id": rid,
+            "index": replica.index,
+            "hostname": replica.node.hostname,
+            "routed_per_s": sum(rates) / len(rates) if rates else None,
+            "predicted_ttft_s": None if predicted is None else predicted[1],
+            "up": None if up is None else up[1] == 1,
+        }
+
+    return {
+        "replicas": [facts(replica) for replica in replicas],
+        "points": [
+            {"t": _t(bucket), "routed": dict(rates)} for bucket, rates in sorted(buckets.items())
+        ],
+    }
+
+
 def deployment_snapshot(deployment: Deployment, window_s: int) -> dict[str, Any]:
-    """A deployment's points over the window plus one summary point for all of it."""
+    """A deployment's points over the window plus one summary point for all of it, and
+    where its gateways routed its requests."""
     resolution = resolution_for(window_s)
     since = _window_start(window_s, resolution)
     series = _deployment_series([deployment.pk], resolution, since)[deployment.pk]
     return {
         "deployment": _deployment_facts(deployment),
+        "routing": _routing(deployment, resolution, since),
         "window_s": window_s,
         "resolution": resolution,
         "points": [

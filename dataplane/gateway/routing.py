@@ -81,8 +81,9 @@ class Replica:
         self.up = False
         self.state: ReplicaState | None = None
         self._unseen: list[Dispatch] = []
-        # Requests through this gateway now.
+        # Requests through this gateway now, and ever.
         self.inflight = 0
+        self.routed_total = 0
         self.bias = 0.0
 
     @property
@@ -119,6 +120,7 @@ class Replica:
         return state.free_slots + queue_ahead - state.queued_requests - self.sent
 
     def routed(self, prompt_tokens: int, streamed: bool) -> Dispatch:
+        self.routed_total += 1
         dispatch = Dispatch(prompt_tokens, None if streamed else 2)
         self._unseen.append(dispatch)
         return dispatch

@@ -896,8 +896,22 @@ class GatewayApp(Router):
         live = {
             "queue_depth": dep.waiting_count(),
             "running": sum(len(ids) for ids in dep.leases.values()),
+            "replicas": [_routing(replica) for replica in dep.replicas.values()],
         }
         await send_json(call.send, 200, {**window, **live})
+
+
+def _routing(replica: Replica) -> dict[str, Any]:
+    """Where this gateway sends requests and why: each replica's routed count since the
+    gateway started, and the TTFT it predicts for a short request sent there now."""
+    predicted = replica.predict(0, 0)
+    return {
+        "replica_id": replica.replica_id,
+        "up": replica.up,
+        "inflight": replica.inflight,
+        "routed": replica.routed_total,
+        "predicted_ttft_s": predicted if math.isfinite(predicted) else None,
+    }
 
 
 def _passed_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:

@@ -7,8 +7,10 @@ import base64
 import uuid
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pynvml
 import pytest
 
@@ -17,6 +19,7 @@ from agent.gauges import (
     GpuGauges,
     HostGauges,
     StorageGauges,
+    WorkerStats,
     WorkerWindow,
     windows_to_reading,
 )
@@ -289,3 +292,34 @@ def test_an_slo_measured_at_the_gateway_takes_the_gateways_counts_only() -> None
     assert (availability.good, availability.total) == (1, 2)  # the gateway's rejection counts
     (usage,) = reading.usage
     assert (usage.completed, usage.rejected) == (1, 0)  # requests counted once, at the worker
+
+
+async def test_the_gateways_routing_becomes_per_replica_gauges() -> None:
+    async with httpx.AsyncClient() as http:
+        stats = WorkerStats(SimpleNamespace(workers={}), AppliedComponents(), http)
+    replica = str(uuid.UUID(int=7))
+
+    def routed(instance: str, count: int, predicted: float | None) -> WorkerWindow:
+        return WorkerWindow.model_validate(
+            {
+                "instance": instance,
+                "seq": count,
+                "deployment_id": str(DEP_A),
+                "replicas": [
+                    {
+                        "replica_id": replica,
+                        "up": predicted is not None,
+                        "routed": count,
+                        "predicted_ttft_s": predicted,
+                    }
+                ],
+            }
+        )
+
+    prefix = f"worker.{DEP_A}."
+    first = stats._routing([routed("g1", 10, 0.25)], now=100.0)  # noqa: SLF001
+    assert first == {f"{prefix}up:{replica}": 1.0, f"{prefix}predicted_ttft:{replica}": 0.25}
+    later = stats._routing([routed("g1", 16, 0.5)], now=102.0)  # noqa: SLF001
+    assert later[f"{prefix}routed:{replica}"] == 3.0  # 6 requests in 2 s
+    down = stats._routing([routed("g2", 1, None)], now=103.0)  # noqa: SLF001
+    assert down == {f"{prefix}up:{replica}": 0.0}  # a new gateway start: no rate yet

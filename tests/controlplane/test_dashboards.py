@@ -19,7 +19,7 @@ from websockets.sync.client import connect as websocket
 from agent.protocol import SeriesSketch, TelemetryBatch, UsageCount
 from controlplane import processes
 from controlplane.fleet import services as fleet
-from controlplane.inventory.models import Node
+from controlplane.inventory.models import AgentReport, Node
 from controlplane.inventory.services import create_bootstrap_token
 from controlplane.storage.models import Volume
 from controlplane.telemetry import services, streams
@@ -217,6 +217,7 @@ def telemetry_flowing(stack: Stack, tenant: Any, deployment: Any) -> Iterator[li
     """
     node_id, credential = enroll(stack, tenant)
     place(Node.objects.get(pk=node_id), deployment)
+    replica = deployment.instances.get()
     statuses: list[int] = []
     stop = threading.Event()
 
@@ -236,6 +237,10 @@ def telemetry_flowing(stack: Stack, tenant: Any, deployment: Any) -> Iterator[li
                     gauges={
                         "gpu.0.utilization_pct": float(seq % 100),
                         f"worker.{deployment.pk}.queue_depth": float(seq % 7),
+                        # the node's gateway: requests routed to the replica, and why
+                        f"worker.{deployment.pk}.routed:{replica.pk}": float(seq % 5),
+                        f"worker.{deployment.pk}.predicted_ttft:{replica.pk}": 0.12,
+                        f"worker.{deployment.pk}.up:{replica.pk}": 1.0,
                     },
                     series=[
                         SeriesSketch(**owner, metric=m, sketch=sketch_of(values), thresholds=[])
@@ -317,12 +322,22 @@ def test_deployment_dashboard_follows_telemetry_live(
         telemetry_flowing(stack, world.tenant_a, deployment) as statuses,
         chromium() as browser,
     ):
+        node = Node.objects.get(replicas__deployment=deployment)
+        AgentReport.objects.update_or_create(
+            node=node, defaults={"gateway_url": "http://gpu-a.example:8080"}
+        )
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         sign_in(
             page, f"{stack.url}/console/deployments/{deployment.pk}/", "viewer-a", "viewer-pass"
         )
         page.wait_for_selector("#conn-state[data-state=live]", timeout=30_000)
         assert "tenant-a / chat" in page.inner_text("h1")
+        # where its clients send requests: the gateway of the node it runs on
+        assert "OpenAI endpoint http://gpu-a.example:8080/v1" in page.inner_text(".crumbs")
+        # and where that gateway sent them, and why
+        page.wait_for_selector("#routing-table tbody tr", timeout=30_000)
+        row = page.inner_text("#routing-table tbody tr")
+        assert f"#0 on {node.hostname}" in row and "up" in row and "120 ms" in row, row
 
         def chart_state() -> tuple[int, int, str]:
             panel = page.locator("#chart-ttft")

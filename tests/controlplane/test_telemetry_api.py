@@ -315,3 +315,40 @@ def test_other_tenants_deployments_nodes_and_tenant_views_are_404(
         assert "gpu" not in response.content.decode() and "0.5" not in response.content.decode()
         assert client_for(world.platform).get(url).status_code == 200, url
     assert APIClient().get("/api/v1/telemetry/fleet/").status_code in (401, 403)
+
+
+def test_a_deployment_shows_where_its_gateway_routed_requests_and_why(
+    world: World, fleet_of_two: Fleet, client_for: Callable[[Any], APIClient]
+) -> None:
+    chat = fleet_of_two.chat_a
+    (replica,) = chat.instances.all()
+    start = bucket_start(60)
+    prefix = f"worker.{chat.pk}."
+
+    def routing(routed: float, predicted: float, up: float) -> dict[str, float]:
+        return {
+            f"{prefix}routed:{replica.pk}": routed,
+            f"{prefix}predicted_ttft:{replica.pk}": predicted,
+            f"{prefix}up:{replica.pk}": up,
+        }
+
+    store(
+        telemetry(fleet_of_two.shared, 1, start + timedelta(seconds=3), gauges=routing(4, 0.2, 1)),
+        telemetry(fleet_of_two.shared, 2, start + timedelta(seconds=5), gauges=routing(6, 0.3, 1)),
+        telemetry(fleet_of_two.shared, 3, start + timedelta(seconds=13), gauges=routing(2, 0.4, 0)),
+    )
+
+    body = client_for(world.viewer_a).get(f"/api/v1/telemetry/deployments/{chat.pk}/").json()
+    (facts,) = body["routing"]["replicas"]
+    assert (facts["id"], facts["index"], facts["hostname"]) == (str(replica.pk), 0, "shared-1")
+    assert facts["routed_per_s"] == pytest.approx((5 + 2) / 2)  # bucket means, averaged
+    assert (facts["predicted_ttft_s"], facts["up"]) == (0.4, False)  # the newest
+    assert [p["routed"] for p in body["routing"]["points"]] == [
+        {str(replica.pk): 5.0},
+        {str(replica.pk): 2.0},
+    ]
+    # the other tenant's deployment on the same node shows none of it
+    other = client_for(world.admin_b).get(
+        f"/api/v1/telemetry/deployments/{fleet_of_two.chat_b.pk}/"
+    )
+    assert [r["routed_per_s"] for r in other.json()["routing"]["replicas"]] == [None]

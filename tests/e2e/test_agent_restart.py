@@ -57,28 +57,48 @@ def test_an_agent_restarted_under_load_fails_no_request(
     try:
         with running_stack(tmp_path, free_port, TAILGUARD_AGENT_KEEP_WORKERS="true") as stack:
             stack.start_agent("e2e-node", bootstrap)
-            _, port = deploy_tiny(api, tenant)
+            deployment_id, port = deploy_tiny(api, tenant)
+            (endpoint,) = wait_for(
+                lambda: api.get(f"/deployments/{deployment_id}/").json()["endpoints"],
+                60,
+                "the node's gateway",
+            )
+            gateway = tmp_path / "e2e-node" / "gateway" / "process.json"
+            gateway_pid = json.loads(gateway.read_text())["pid"]
             replica = Replica.objects.get(port=port)
             record = tmp_path / "e2e-node" / "workers" / str(replica.pk) / "process.json"
             pid = json.loads(record.read_text())["pid"]
             account = worker_account(None)  # a root agent's worker runs unprivileged
             if account is not None:
                 assert process_ids(pid) == (account.uid, account.gid)
-            with Load(f"http://127.0.0.1:{port}/v1/completions", key) as load:
-                wait_for(lambda: len(load.statuses) >= 3, 60, "the load to run")
-                stack.stop("e2e-node")  # SIGTERM; its worker keeps serving
-                alone = len(load.statuses)
-                wait_for(lambda: len(load.statuses) >= alone + 3, 60, "requests, agentless")
+            with (
+                Load(f"http://127.0.0.1:{port}/v1/completions", key) as load,
+                Load(f"{endpoint}/v1/completions", key) as through_gateway,
+            ):
+                loads = (load, through_gateway)
+
+                def sent() -> int:
+                    return min(len(each.statuses) for each in loads)
+
+                wait_for(lambda: sent() >= 3, 60, "the load to run")
+                stack.stop("e2e-node")  # SIGTERM; its worker and gateway keep serving
+                alone = sent()
+                wait_for(lambda: sent() >= alone + 3, 60, "requests, agentless")
                 stack.start_agent("e2e-node", bootstrap)
                 wait_for(
-                    lambda: "adopted worker pid" in stack.log("e2e-node"),
+                    lambda: all(
+                        f"adopted {kind} pid" in stack.log("e2e-node")
+                        for kind in ("worker", "gateway")
+                    ),
                     120,
-                    "the new agent to adopt the worker",
+                    "the new agent to adopt the worker and the gateway",
                 )
-                adopted = len(load.statuses)
-                wait_for(lambda: len(load.statuses) >= adopted + 3, 60, "requests, adopted")
-            assert load.statuses and set(load.statuses) == {200}, load.statuses
+                adopted = sent()
+                wait_for(lambda: sent() >= adopted + 3, 60, "requests, adopted")
+            for each in loads:
+                assert each.statuses and set(each.statuses) == {200}, each.statuses
             assert json.loads(record.read_text())["pid"] == pid  # one process throughout
+            assert json.loads(gateway.read_text())["pid"] == gateway_pid
     finally:  # workers live in sessions of their own: stopping the agents leaves them
         for worker in _started_under(tmp_path):
             with contextlib.suppress(ProcessLookupError):
@@ -86,8 +106,8 @@ def test_an_agent_restarted_under_load_fails_no_request(
 
 
 def _started_under(directory: Path) -> list[int]:
-    """Processes whose command line names `directory`: this test's workers, whichever
-    agent started them."""
+    """Processes whose command line names `directory`: this test's workers and gateway,
+    whichever agent started them."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():

@@ -122,8 +122,38 @@ class DeploymentFactsSerializer(serializers.Serializer):
     replicas = serializers.IntegerField()
 
 
+class RoutedReplicaSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    index = serializers.IntegerField()
+    hostname = serializers.CharField()
+    routed_per_s = serializers.FloatField(
+        allow_null=True,
+        help_text="Requests its node's gateway sent it per second, over the window.",
+    )
+    predicted_ttft_s = serializers.FloatField(
+        allow_null=True,
+        help_text="The TTFT the gateway last predicted for a request sent to it now.",
+    )
+    up = serializers.BooleanField(
+        allow_null=True, help_text="Whether it streamed its state to the gateway, last reported."
+    )
+
+
+class RoutingPointSerializer(serializers.Serializer):
+    t = serializers.FloatField(allow_null=True, help_text="Bucket start (Unix seconds).")
+    routed = serializers.DictField(
+        child=serializers.FloatField(), help_text="Requests routed per second, by replica id."
+    )
+
+
+class RoutingSerializer(serializers.Serializer):
+    replicas = RoutedReplicaSerializer(many=True)
+    points = RoutingPointSerializer(many=True)
+
+
 class DeploymentSnapshotSerializer(serializers.Serializer):
     deployment = DeploymentFactsSerializer()
+    routing = RoutingSerializer(help_text="Where the gateways sent its requests, and why.")
     window_s = serializers.IntegerField()
     resolution = serializers.IntegerField(help_text="Seconds per point.")
     points = DeploymentPointSerializer(many=True)

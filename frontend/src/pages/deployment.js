@@ -1,4 +1,5 @@
-// Deployment: TTFT and TPOT p50/p99, tokens/s, queue depth and errors over the window.
+// Deployment: TTFT and TPOT p50/p99, tokens/s, queue depth and errors over the window, and
+// where its gateways routed requests (each replica's rate and predicted TTFT).
 import { TimeChart, mergePoint } from "../chart.js";
 import { duration, el, num, tile } from "../format.js";
 import { WINDOWS, windowPicker } from "./window.js";
@@ -15,10 +16,11 @@ export function deploymentPage(root, context) {
 
   const tiles = el("div", { class: "tiles" });
   const charts = el("div", { class: "charts" });
+  const routing = el("section", { class: "panel", id: "routing", hidden: "" });
   root.append(el("div", { class: "toolbar" }, windowPicker(windowS, (w) => {
     windowS = w;
     page.reload();
-  })), tiles, charts);
+  })), tiles, charts, routing);
   // the SLOs that measure this deployment, drawn as lines on their metric's chart
   const lines = (metric) => context.thresholds
     .filter((t) => t.metric === metric)
@@ -28,8 +30,33 @@ export function deploymentPage(root, context) {
   const tokens = new TimeChart(charts, { span, title: "Output tokens/s", format: (v) => num(v, Math.abs(v) >= 10 || Number.isInteger(v) ? 0 : 1) });
   const queue = new TimeChart(charts, { span, title: "Queue depth", format: (v) => num(v, 1) });
   const errors = new TimeChart(charts, { span, title: "Errors/s", format: (v) => num(v, 2) });
+  const routed = new TimeChart(charts, { span, title: "Requests/s routed, by replica", format: (v) => num(v, 1) });
+  routed.panel.id = "chart-routed";
+  routed.panel.hidden = true;
   ttft.panel.id = "chart-ttft";
   tpot.panel.id = "chart-tpot";
+
+  // Where the gateways sent requests, and why: the lowest predicted TTFT wins.
+  function drawRouting(info) {
+    const known = info.replicas.filter((r) => r.up != null);
+    routing.hidden = routed.panel.hidden = known.length === 0;
+    if (!known.length) return;
+    const name = (r) => `#${r.index} on ${r.hostname}`;
+    routed.update(info.points.map((p) => p.t), Object.fromEntries(info.replicas.map((r) => [name(r), info.points.map((p) => p.routed[r.id] ?? null)])));
+    const cell = (text, attrs = {}) => el("td", attrs, text);
+    routing.replaceChildren(
+      el("h2", {}, "Routing"),
+      el("p", { class: "muted" }, "Each request goes to the replica whose predicted time to first token is lowest, from the state it streams (queue, free slots, step and prompt cost) and the TTFTs the gateway measured from it."),
+      el("table", { class: "grid", id: "routing-table" },
+        el("thead", {}, el("tr", {}, ...["Replica", "State", "Routed/s", "Predicted TTFT now"].map((h) => el("th", {}, h)))),
+        el("tbody", {}, ...info.replicas.map((r) => el("tr", {},
+          cell(name(r)),
+          cell(r.up == null ? "–" : r.up ? "up" : "down", { class: r.up === false ? "bad" : null }),
+          cell(num(r.routed_per_s, 2)),
+          cell(duration(r.predicted_ttft_s)),
+        )))),
+    );
+  }
 
   function draw() {
     const xs = points.map((p) => p.t);
@@ -67,6 +94,8 @@ export function deploymentPage(root, context) {
     for (const chart of [ttft, tpot, tokens, queue, errors]) chart.step = snapshot.resolution;
     points = snapshot.points.slice();
     summary = snapshot.summary;
+    routed.step = snapshot.resolution;
+    drawRouting(snapshot.routing);
     draw();
   };
   page.apply = (delta) => {

@@ -274,6 +274,10 @@ def test_openai_surface_and_measurement(workers: dict[str, WorkerProcess], tmp_p
         assert {s["metric"] for s in stats["sketches"]} >= {"ttft", "tpot", "queue", "e2e"}
         (totals,) = stats["requests"]
         assert (totals["completed"], totals["output_tokens"]) == (2, 11)
+        # where it routed them (the 400 was routed too), and the TTFT it predicts there now
+        (replica,) = stats["replicas"]
+        assert (replica["up"], replica["routed"], replica["inflight"]) == (True, 3, 0)
+        assert 0 < replica["predicted_ttft_s"] < 60
 
 
 def test_fleet_wide_concurrency_limit_and_a_gateway_restart(
