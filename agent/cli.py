@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -20,7 +21,7 @@ from agent.discovery import discover
 from agent.enroll import EnrollmentError, Identity, load_or_enroll
 from agent.gauges import AppliedComponents, GpuGauges, HostGauges, StorageGauges, WorkerStats
 from agent.metrics import AgentCollector, MetricsServer
-from agent.privileges import worker_account
+from agent.privileges import gateway_account, worker_account
 from agent.probes import ReadProbes
 from agent.protocol import EXPORT_NQN_PREFIX, ArtifactRef, Inventory, decode_public_key
 from agent.reconciler import Reconciler
@@ -102,8 +103,12 @@ async def run_agent(settings: AgentSettings) -> None:
         storage = open_storage(settings, facts)
         stager = ModelStager(storage.file_volumes, settings.control_plane_url, identity.credential)
         workers = WorkerSupervisor(supervisor, stager)
+        gateway_user = gateway_account(settings.gateway_user, account)
+        if gateway_user is not None and (account is None or gateway_user.uid != account.uid):
+            log.info("the gateway runs as %s", gateway_user.name)
+            await asyncio.to_thread(gateway_user.probe, supervisor.python, settings.state_dir)
         gateway = GatewaySupervisor(
-            supervisor,
+            replace(supervisor, account=gateway_user),
             GatewaySettings(
                 gateway_id=str(identity.node_id),
                 host=settings.gateway_host,

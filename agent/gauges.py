@@ -397,12 +397,22 @@ class WorkerSource(Protocol):
     def workers(self) -> Mapping[UUID, RunningWorker]: ...
 
 
+class FrontedDeployments(Protocol):
+    @property
+    def url(self) -> str: ...
+    @property
+    def stats_key(self) -> str: ...
+    @property
+    def deployments(self) -> list[str]: ...
+
+
 class GatewaySource(Protocol):
     """The node's gateway (agent/supervisor.py GatewaySupervisor)."""
 
     @property
-    def fronted(self) -> tuple[str, list[str]] | None:
-        """Its URL and the deployments it fronts; None while it is not serving."""
+    def fronted(self) -> FrontedDeployments | None:
+        """Its URL, the key to its stats and the deployments it fronts; None while it is
+        not serving."""
 
 
 def _uuid(text: str) -> UUID | None:
@@ -578,11 +588,15 @@ class WorkerStats:
             (str(replica), w.url, None) for replica, w in self._source.workers.items() if w.url
         ]
         fronted = self._gateway.fronted if self._gateway is not None else None
+        headers = {}
         if fronted is not None:
-            url, deployments = fronted
-            sources += [(f"gateway/{dep}", url, dep) for dep in deployments]
+            sources += [(f"gateway/{dep}", fronted.url, dep) for dep in fronted.deployments]
+            headers = {"Authorization": f"Bearer {fronted.stats_key}"}
         answers = await asyncio.gather(
-            *(self._fetch(url, cursors.get(key), dep) for key, url, dep in sources)
+            *(
+                self._fetch(url, cursors.get(key), dep, headers if dep else {})
+                for key, url, dep in sources
+            )
         )
         taken: dict[bool, list[WorkerWindow]] = {False: [], True: []}
         new_cursors: dict[str, str] = {}
@@ -624,7 +638,7 @@ class WorkerStats:
         return gauges
 
     async def _fetch(
-        self, url: str, cursor: str | None, deployment: str | None
+        self, url: str, cursor: str | None, deployment: str | None, headers: dict[str, str]
     ) -> WorkerWindow | None:
         after = int(cursor.rpartition(":")[2]) if cursor else 0
         params: dict[str, str | int] = {"after": after}
@@ -632,7 +646,10 @@ class WorkerStats:
             params["deployment"] = deployment
         try:
             response = await self._http.get(
-                f"{url}/v1/internal/stats", params=params, timeout=self._timeout_s
+                f"{url}/v1/internal/stats",
+                params=params,
+                headers=headers,
+                timeout=self._timeout_s,
             )
             response.raise_for_status()
             return WorkerWindow.model_validate_json(response.content)

@@ -1,8 +1,10 @@
-"""Who inference workers run as, and what of the agent's state they may reach.
+"""Who inference workers and the gateway run as, and what of the agent's state they reach.
 
 An agent running as root (it opens GPUs, RDMA and NVMe devices) starts its workers as an
 unprivileged account (setting `worker_user`), so a worker that serves untrusted prompts
-never holds root. The agent's state directory is then searchable by all but listable by
+never holds root; the node's gateway, which sees every tenant's keys and holds the Redis
+credential of the fleet's counters, runs as another (`gateway_user`), so a worker can
+neither read its config nor signal or trace it. The agent's state directory is then searchable by all but listable by
 none (0711); a worker may read its own config and its model, write its own run directory
 and its TensorRT cache, and nothing else: the node credential, the other replicas'
 records and the storage engine's state stay root's own (0600). What a worker can write is
@@ -19,7 +21,7 @@ import pwd
 import stat
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from agent.settings import ENV_PREFIX
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WORKER_USER = "tailguard-inference"
 """Created by deploy/systemd/tailguard-agent.sysusers.conf and by the agent's image."""
+DEFAULT_GATEWAY_USER = "tailguard-gateway"
+"""Likewise."""
 FALLBACK_WORKER_USER = "nobody"
 
 _PROBE = (
@@ -55,13 +59,15 @@ class WorkerUserError(ValueError):
 
 @dataclass(frozen=True)
 class WorkerAccount:
-    """The unprivileged account workers run as: its ids and supplementary groups (e.g.
-    `video`, `render` where GPU devices are not open to all)."""
+    """The unprivileged account workers (or the gateway) run as: its ids and supplementary
+    groups (e.g. `video`, `render` where GPU devices are not open to all)."""
 
     name: str
     uid: int
     gid: int
     groups: tuple[int, ...] = ()
+    role: str = "inference workers"
+    setting: str = "worker_user"
 
     def probe(self, python: str, state_dir: Path) -> None:
         """Raise WorkerUserError unless this account can run `python` with the worker's code
@@ -70,9 +76,9 @@ class WorkerAccount:
         problem = self._run(python, _PROBE, state_dir)
         if problem:
             raise WorkerUserError(
-                f"inference workers run as {self.name} (setting worker_user), which cannot "
+                f"{self.role} run as {self.name} (setting {self.setting}), which cannot "
                 f"run {python}: {problem}; install Tailguard and keep the state directory "
-                "where that account can reach them, or name another account in worker_user",
+                f"where that account can reach them, or name another account in {self.setting}",
                 reason=f"{self.name} cannot run {python} ({problem})",
             )
 
@@ -82,9 +88,9 @@ class WorkerAccount:
         problem = self._run(python, _READ_PROBE, path)
         if problem:
             raise WorkerUserError(
-                f"inference workers run as {self.name} (setting worker_user), which cannot "
+                f"{self.role} run as {self.name} (setting {self.setting}), which cannot "
                 f"read {path}: {problem}; keep the storage pool where that account can reach "
-                "it, or name another account in worker_user"
+                f"it, or name another account in {self.setting}"
             )
 
     def may_pass(self, path: Path, root: Path) -> None:
@@ -229,3 +235,37 @@ def worker_account(setting: str | None) -> WorkerAccount | None:
         return None
     groups = tuple(g for g in os.getgrouplist(name, entry.pw_gid) if g != entry.pw_gid)
     return WorkerAccount(name, entry.pw_uid, entry.pw_gid, groups)
+
+
+def gateway_account(setting: str | None, workers: WorkerAccount | None) -> WorkerAccount | None:
+    """The account the node's gateway runs as, or None when it runs as the agent itself
+    (the agent is not root, or `gateway_user` names root).
+
+    Unset, `tailguard-gateway` where that account exists, else the workers' account, with a
+    warning: they then share a uid. A name that is no account raises WorkerUserError.
+    """
+    if os.geteuid() != 0:
+        return None
+    name = setting or DEFAULT_GATEWAY_USER
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        if setting:
+            raise WorkerUserError(
+                f"setting gateway_user: there is no account {name!r} on this host; create it "
+                f"(deploy/systemd/tailguard-agent.sysusers.conf makes {DEFAULT_GATEWAY_USER}) "
+                "or name an existing unprivileged account"
+            ) from None
+        if workers is not None:
+            log.warning(
+                "no %s account on this host: the gateway runs as %s, the inference workers' "
+                "account (create it or set gateway_user)",
+                DEFAULT_GATEWAY_USER,
+                workers.name,
+            )
+            return replace(workers, role="the gateway", setting="gateway_user")
+        return None
+    if entry.pw_uid == 0:
+        return None
+    groups = tuple(g for g in os.getgrouplist(name, entry.pw_gid) if g != entry.pw_gid)
+    return WorkerAccount(name, entry.pw_uid, entry.pw_gid, groups, "the gateway", "gateway_user")

@@ -58,6 +58,10 @@ class AgentSettings(BaseSettings):
     `nobody` on a host without it, with a warning. A name with no account on the host stops
     the agent with an error naming this setting; `root` keeps workers root."""
 
+    gateway_user: str | None = None
+    """The account the node's gateway runs as when the agent runs as root. Unset:
+    `tailguard-gateway` (the packages create it), else the workers' account, with a
+    warning; `root` keeps it root."""
     gateway_host: str = "127.0.0.1"
     """The address the node's OpenAI gateway listens on (0.0.0.0: every interface), when the
     control plane has it run one."""
@@ -73,6 +77,7 @@ class AgentSettings(BaseSettings):
         "bootstrap_token",
         "spdk_rpc_socket",
         "worker_user",
+        "gateway_user",
         "gateway_advertise",
         "gateway_counters_url",
         mode="before",

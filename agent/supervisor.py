@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 from uuid import UUID
 
@@ -276,6 +277,9 @@ class ManagedProcess(Generic[C]):
         self.config = config
         self.restarts = 0
         self.port = self.fixed_port
+        self._served_port: int | None = None
+        """The port of the last start that answered: the next start takes it again, so a
+        restart keeps the address the control plane was told."""
         self.nonce = ""
         self._settings = settings
         self._dir = directory
@@ -294,7 +298,8 @@ class ManagedProcess(Generic[C]):
         self._failed: str | None = None
         self._task: asyncio.Task[None] | None = None
         self.on_ready: Callable[[], None] = lambda: None
-        """Called each time a start (or an adopted process) answers as itself."""
+        """Called each time a start (or an adopted process) answers as itself; what it
+        raises is logged, never the end of the process's supervision."""
 
     # -- what subclasses say ---------------------------------------------------------------
 
@@ -323,7 +328,8 @@ class ManagedProcess(Generic[C]):
         return []
 
     def arguments(self) -> list[str]:
-        """Its command line after `python -m module`."""
+        """Its command line after `python -m module`, for this start (`self.port` is the
+        port it must take, None: any)."""
         return ["--config", str(self.config_path)]
 
     def environment(self) -> dict[str, str]:
@@ -336,8 +342,7 @@ class ManagedProcess(Generic[C]):
         """Where the agent reaches it; None until this start announced its port."""
         if self.port is None:
             return None
-        host = "127.0.0.1" if self.bind_host in WILDCARDS else self.bind_host
-        return f"http://{host}:{self.port}"
+        return f"http://{_url_host(self.bind_host)}:{self.port}"
 
     @property
     def ready(self) -> bool:
@@ -366,8 +371,10 @@ class ManagedProcess(Generic[C]):
             ) from None
 
     def reconfigure(self, config: C) -> None:
+        """Rewrite the config; a process still starting reads it when it starts watching
+        the file (SIGHUP before it handles the signal would end it)."""
         self.write_config(config)
-        if self._process is not None and self._process.returncode is None:
+        if self.ready and self._process is not None and self._process.returncode is None:
             self._process.send_signal(signal.SIGHUP)
 
     async def stop(self) -> None:
@@ -404,7 +411,7 @@ class ManagedProcess(Generic[C]):
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         self.nonce = secrets.token_hex(16)
-        self.port = self.fixed_port
+        self.port = self.fixed_port or self._served_port
         with contextlib.suppress(OSError):  # run/ is the process's: whatever it left there
             self.endpoint.unlink()
         env = worker_environment()
@@ -476,8 +483,9 @@ class ManagedProcess(Generic[C]):
             return False
         self._process = found
         found.send_signal(signal.SIGHUP)  # the config written since
+        self._served_port = port
         self._ready.set()
-        self.on_ready()
+        self._answered()
         log.info("%s: adopted %s pid %d on port %d", self.what, self.kind, found.pid, port)
         return True
 
@@ -498,6 +506,7 @@ class ManagedProcess(Generic[C]):
             if self.port is None:
                 self.port = await asyncio.to_thread(self._announced)
             if await self._exits_within(0.2):
+                self._served_port = None  # taken meanwhile, maybe: the next start takes any
                 raise await self._down()
         self._record.write_text(
             json.dumps(
@@ -509,8 +518,15 @@ class ManagedProcess(Generic[C]):
                 }
             )
         )
+        self._served_port = self.port
         self._ready.set()
-        self.on_ready()
+        self._answered()
+
+    def _answered(self) -> None:
+        try:
+            self.on_ready()
+        except Exception:
+            log.exception("%s: acting on its start failed", self.what)
 
     def _announced(self) -> int | None:
         """The port this start bound, once it said so.
@@ -609,13 +625,19 @@ class ManagedWorker(ManagedProcess[WorkerConfig]):
     def arguments(self) -> list[str]:
         return [
             *super().arguments(),
-            *("--host", self._settings.host, "--port", str(self.spec.port or 0)),
+            *("--host", self._settings.host, "--port", str(self.port or 0)),
             *("--replica-id", str(self.spec.replica_id), "--announce", str(self.endpoint)),
             *("--log-level", "warning"),
         ]
 
     def environment(self) -> dict[str, str]:
         return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, self.spec.gpu_indices))}
+
+
+def _url_host(host: str) -> str:
+    """How a URL names a listening address: loopback for a wildcard, IPv6 in brackets."""
+    host = "127.0.0.1" if host in WILDCARDS else host
+    return f"[{host}]" if ":" in host else host
 
 
 class _Announcement(BaseModel):
@@ -626,6 +648,19 @@ class _Announcement(BaseModel):
     port: int = Field(ge=1, le=65535)
     nonce: str | None
     pid: int
+
+
+def stop_recorded(directory: Path, nonce_env: str) -> None:
+    """Stop the process an earlier agent recorded in `directory` and left serving (with
+    `keep_workers`), now that no desired state wants it."""
+    record = directory / "process.json"
+    try:
+        data = json.loads(record.read_text())
+        found = AdoptedProcess(int(data["pid"]), str(data["nonce"]), nonce_env)
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    found.send_signal(signal.SIGTERM)
+    record.unlink(missing_ok=True)
 
 
 class _ProcessDown(Exception):
@@ -639,13 +674,25 @@ class WorkerSupervisor:
         self._settings = settings
         self._stager = stager
         self.workers: dict[UUID, ManagedWorker] = {}
-        self.on_ready: Callable[[], None] = lambda: None
-        """Called whenever a worker (re)starts answering, on whatever port it took."""
+        self.on_change: Callable[[], None] = lambda: None
+        """Called whenever a worker starts answering (on whatever port it took) and before
+        one is stopped, so the node's gateway follows them."""
 
     async def apply(self, components: Components) -> list[ComponentResult]:
         desired = {w.replica_id: w for w in components.workers}
-        for replica_id in [r for r in self.workers if r not in desired]:
-            await self.workers.pop(replica_id).stop()
+        gone = [self.workers.pop(r) for r in list(self.workers) if r not in desired]
+        if gone:
+            self.on_change()  # the gateway stops sending them requests first
+        for worker in gone:
+            await worker.stop()
+        root = self._settings.work_dir / "workers"
+        left = (
+            [d for d in root.iterdir() if d.name not in {str(r) for r in desired}]
+            if root.is_dir()
+            else []
+        )
+        for directory in left:  # kept serving for an earlier agent, now wanted by none
+            await asyncio.to_thread(stop_recorded, directory, NONCE_ENV)
         return list(
             await asyncio.gather(*(self._converge(spec, components) for spec in desired.values()))
         )
@@ -676,7 +723,7 @@ class WorkerSupervisor:
                 current = self.workers[spec.replica_id] = ManagedWorker(
                     spec, config, self._settings
                 )
-                current.on_ready = lambda: self.on_ready()
+                current.on_ready = lambda: self.on_change()
                 await current.start()
             await current.wait_ready()
             return ComponentResult(kind="worker", name=name, ok=True, error=None, port=current.port)
@@ -797,13 +844,21 @@ class ManagedGateway(ManagedProcess[GatewayConfig]):
         return self.config.host
 
     def arguments(self) -> list[str]:
-        return [*super().arguments(), "--log-level", "warning"]
+        return [*super().arguments(), "--port", str(self.port or 0), "--log-level", "warning"]
+
+
+class Fronted(NamedTuple):
+    """The running gateway as telemetry reads it: where, with which stats key, for what."""
+
+    url: str
+    stats_key: str
+    deployments: list[str]
 
 
 class GatewaySupervisor:
     """The reconciler's driver for the node's gateway: started once the workers converged,
-    in front of those that answer, and pointed anew at a worker each time it restarts on
-    another port (a config rewrite, which requests in flight survive)."""
+    in front of those that answer, and pointed anew at a worker each time it starts on a
+    port or is about to stop (a config rewrite, which requests in flight survive)."""
 
     def __init__(
         self, settings: SupervisorSettings, gateway: GatewaySettings, workers: WorkerSupervisor
@@ -812,18 +867,21 @@ class GatewaySupervisor:
         self._gateway = gateway
         self._workers = workers
         self._desired: tuple[GatewaySpec, Components] | None = None
+        # The agent's own key to the gateway's /v1/internal/stats, whatever it listens on.
+        self._stats_key = secrets.token_urlsafe(32)
         self.process: ManagedGateway | None = None
-        workers.on_ready = self._refresh
+        workers.on_change = self._refresh
 
     async def apply(self, components: Components) -> list[ComponentResult]:
         spec = components.gateway if components.workers else None
         if spec is None:
             self._desired = None
-            await self.close()
+            await self._stop()
+            await asyncio.to_thread(stop_recorded, self._directory, GATEWAY_NONCE_ENV)
             return []
-        self._desired = (spec, components)
         try:
             config = self._render(spec, components)
+            self._desired = (spec, components)
             current = self.process
             if (
                 current is not None
@@ -833,7 +891,8 @@ class GatewaySupervisor:
                 if config != current.config:
                     current.reconfigure(config)
             else:
-                await self.close()
+                await self._stop()
+                config = self._render(spec, components)  # workers may have moved meanwhile
                 current = self.process = ManagedGateway(spec, config, self._settings)
                 await current.start()
             await current.wait_ready()
@@ -857,18 +916,28 @@ class GatewaySupervisor:
             ]
 
     @property
-    def fronted(self) -> tuple[str, list[str]] | None:
-        """The gateway's URL and the deployments it fronts; None while it is not serving."""
+    def fronted(self) -> Fronted | None:
+        """None while the gateway is not serving."""
         process = self.process
         if process is None or not process.ready or process.url is None:
             return None
-        return process.url, [d.deployment_id for d in process.config.deployments]
+        deployments = [d.deployment_id for d in process.config.deployments]
+        return Fronted(process.url, self._stats_key, deployments)
+
+    @property
+    def _directory(self) -> Path:
+        return self._settings.work_dir / "gateway"
 
     def _render(self, spec: GatewaySpec, components: Components) -> GatewayConfig:
-        announce = self._settings.work_dir / "gateway" / "run" / "endpoint.json"
-        return render_gateway_config(
-            spec, components, self._workers.workers, self._gateway, announce
+        config = render_gateway_config(
+            spec,
+            components,
+            self._workers.workers,
+            self._gateway,
+            self._directory / "run" / "endpoint.json",
         )
+        digest = hashlib.sha256(self._stats_key.encode()).hexdigest()
+        return config.model_copy(update={"stats_key_sha256": [digest]})
 
     def _refresh(self) -> None:
         if self.process is None or self._desired is None:
@@ -877,8 +946,16 @@ class GatewaySupervisor:
         if config != self.process.config:
             self.process.reconfigure(config)
 
-    async def close(self) -> None:
-        """Stop the gateway, or leave it serving when `keep_workers` says so."""
+    async def _stop(self) -> None:
         process, self.process = self.process, None
         if process is not None:
-            await (process.detach() if self._settings.keep_workers else process.stop())
+            await process.stop()
+
+    async def close(self) -> None:
+        """At the agent's exit: stop the gateway, or leave it serving when `keep_workers`
+        says so, for the next agent to adopt."""
+        if self._settings.keep_workers and self.process is not None:
+            process, self.process = self.process, None
+            await process.detach()
+        else:
+            await self._stop()

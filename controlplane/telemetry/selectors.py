@@ -282,8 +282,8 @@ for a request sent now, and whether the replica streams its state."""
 
 def _routing(deployment: Deployment, resolution: int, since: datetime) -> dict[str, Any]:
     """Where the gateways sent the deployment's requests over the window, and why: each
-    replica's routed rate per bucket and over the window, and its latest predicted TTFT
-    and state."""
+    replica's routed rate per bucket and over the buckets that have one, and its latest
+    predicted TTFT and state, as its own node's gateway reported them."""
     replicas = list(
         Replica.objects.filter(deployment=deployment, node__isnull=False)
         .select_related("node")
@@ -291,7 +291,7 @@ def _routing(deployment: Deployment, resolution: int, since: datetime) -> dict[s
     )
     prefix = f"worker.{deployment.pk}."
     keys = {
-        f"{prefix}{name}:{replica.pk}": (name, str(replica.pk))
+        f"{prefix}{name}:{replica.pk}": (name, str(replica.pk), replica.node_id)
         for replica in replicas
         for name in ROUTING_GAUGES
     }
@@ -299,11 +299,11 @@ def _routing(deployment: Deployment, resolution: int, since: datetime) -> dict[s
     window: dict[str, list[float]] = defaultdict(list)
     latest: dict[tuple[str, str], tuple[datetime, float]] = {}
     nodes = Q(node__in={replica.node_id for replica in replicas})
-    for _node_id, bucket, values in _gauge_rows(nodes, resolution, since) if replicas else []:
+    for node_id, bucket, values in _gauge_rows(nodes, resolution, since) if replicas else []:
         for key, stats in values.items():
-            if key not in keys:
-                continue
-            name, replica_id = keys[key]
+            name, replica_id, home = keys.get(key, (None, None, None))
+            if name is None or node_id != home:
+                continue  # a gateway routes to its own node's replicas: only that node speaks
             if name == "routed":
                 buckets[bucket][replica_id] += _mean(stats)
                 window[replica_id].append(_mean(stats))

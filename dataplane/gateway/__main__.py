@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m dataplane.gateway", description="Tailguard OpenAI gateway"
     )
     parser.add_argument("--config", type=Path, required=True, help="GatewayConfig JSON file")
+    parser.add_argument(
+        "--port", type=int, help="listen here rather than on the config's port (0: any free)"
+    )
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     config = GatewayConfig.load(args.config)
     nonce = os.environ.get(NONCE_ENV) or None
     gateway = Gateway(config, args.config, nonce=nonce)
-    sock = bind(config.host, config.port)
+    sock = bind(config.host, config.port if args.port is None else args.port)
     if config.announce is not None:
         announce(config.announce, sock.getsockname()[1], nonce)
     server = uvicorn.Server(

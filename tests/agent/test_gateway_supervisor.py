@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import uuid
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from agent.protocol import Components, GatewaySpec
 from agent.supervisor import (
     GatewaySettings,
     GatewaySupervisor,
+    ManagedWorker,
     SupervisorSettings,
     WorkerSupervisor,
 )
@@ -34,11 +36,46 @@ async def complete(url: str) -> httpx.Response:
         )
 
 
+async def follows(
+    running: ManagedWorker,
+    gateway: GatewaySupervisor,
+    url: str,
+    squatter: socket.socket | None = None,
+) -> None:
+    """Kill the worker (with `squatter` taking its port as soon as it is free) and wait
+    until the gateway serves through its next start."""
+    old_url, old_nonce = running.url, running.nonce
+    assert running._process is not None  # noqa: SLF001
+    os.kill(running._process.pid, signal.SIGKILL)  # type: ignore[attr-defined]  # noqa: SLF001
+    async with asyncio.timeout(120):
+        while squatter is not None:
+            try:
+                # as the worker binds: its connections' TIME_WAIT does not hold the port
+                squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                squatter.bind(("127.0.0.1", int((old_url or "").rpartition(":")[2])))
+                squatter.listen()
+                break
+            except OSError:
+                await asyncio.sleep(0.01)
+        while not (running.ready and running.nonce != old_nonce):
+            await asyncio.sleep(0.1)
+        assert squatter is not None or running.url == old_url  # its port again
+        while True:
+            config = GatewayConfig.load(gateway.process.config_path)  # type: ignore[union-attr]
+            (replica,) = config.deployments[0].replicas
+            if (replica.base_url, replica.nonce) == (running.url, running.nonce):
+                break
+            await asyncio.sleep(0.1)
+        while (await complete(url)).status_code != 200:
+            await asyncio.sleep(0.2)  # until the gateway's watcher reloaded the file
+
+
 async def test_the_gateway_fronts_the_nodes_workers_and_follows_them_to_new_ports(
     tmp_path: Path,
 ) -> None:
+    # restarts wait a second or two: long enough for the test to take a dead worker's port
     settings = SupervisorSettings(
-        work_dir=tmp_path, health_interval_s=0.2, backoff_initial_s=0.2, ready_timeout_s=120
+        work_dir=tmp_path, health_interval_s=0.2, backoff_initial_s=2.0, ready_timeout_s=120
     )
     workers = WorkerSupervisor(settings)
     gateway = GatewaySupervisor(settings, GatewaySettings(gateway_id="node-1"), workers)
@@ -62,20 +99,15 @@ async def test_the_gateway_fronts_the_nodes_workers_and_follows_them_to_new_port
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] == 3
 
-        # The worker dies and comes back on another free port: the gateway follows it.
+        # The worker dies and comes back on its port, as another start: the gateway follows.
         running = workers.workers[replica]
-        old_url, old_pid = running.url, running._process.pid  # type: ignore[union-attr]  # noqa: SLF001
-        os.kill(old_pid, signal.SIGKILL)
-        async with asyncio.timeout(120):
-            while not (running.ready and running.url != old_url):
-                await asyncio.sleep(0.1)
-            while True:
-                config = GatewayConfig.load(gateway.process.config_path)  # type: ignore[union-attr]
-                if config.deployments[0].replicas[0].base_url == running.url:
-                    break
-                await asyncio.sleep(0.1)
-            while (reply := await complete(url)).status_code != 200:
-                await asyncio.sleep(0.2)  # until the gateway's watcher reloaded the file
+        await follows(running, gateway, url)
+        first_url = running.url
+
+        # It dies again and, its port taken meanwhile, comes back on another: followed too.
+        with socket.socket() as squatter:
+            await follows(running, gateway, url, squatter)
+        assert running.url != first_url
         assert gateway.process is not None and gateway.process.restarts == 0
 
         # A desired state without the gateway stops it and reports nothing for it.
@@ -88,3 +120,41 @@ async def test_the_gateway_fronts_the_nodes_workers_and_follows_them_to_new_port
     finally:
         await gateway.close()
         await workers.close()
+
+
+async def test_a_gateway_no_state_wants_stops_even_one_left_serving_for_the_next_agent(
+    tmp_path: Path,
+) -> None:
+    settings = SupervisorSettings(
+        work_dir=tmp_path, health_interval_s=0.2, ready_timeout_s=120, keep_workers=True
+    )
+    workers = WorkerSupervisor(settings)
+    gateway = GatewaySupervisor(settings, GatewaySettings(gateway_id="node-1"), workers)
+    worker = spec(None, uuid.uuid4())
+    desired = Components(workers=[worker], gateway=GatewaySpec())
+    results = [*await workers.apply(desired), *await gateway.apply(desired)]
+    assert all(r.ok for r in results), results
+    url = results[1].url
+    # The agent stops, leaving both serving for the next one (keep_workers).
+    await gateway.close()
+    await workers.close()
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{url}/health")).status_code == 200
+
+    # The next agent's state has the worker but no gateway any more: the one left stops.
+    workers = WorkerSupervisor(settings)
+    gateway = GatewaySupervisor(settings, GatewaySettings(gateway_id="node-1"), workers)
+    without = desired.model_copy(update={"gateway": None})
+    try:
+        assert [r.ok for r in await workers.apply(without)] == [True]
+        assert await gateway.apply(without) == []
+        async with asyncio.timeout(30), httpx.AsyncClient() as http:
+            while True:
+                try:
+                    await http.get(f"{url}/health")
+                except httpx.TransportError:
+                    break
+                await asyncio.sleep(0.1)
+        assert not (tmp_path / "gateway" / "process.json").exists()
+    finally:
+        await workers.apply(Components())  # a removed worker stops, kept or not

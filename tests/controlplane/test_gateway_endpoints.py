@@ -3,9 +3,11 @@ clients are told where those gateways answer."""
 
 from __future__ import annotations
 
+import io
 from datetime import timedelta
 from typing import Any
 
+from django.core.management import call_command
 from django.utils import timezone
 
 from agent.protocol import AppliedStatus, ComponentResult
@@ -108,3 +110,22 @@ def test_a_fixed_gateway_port_is_every_nodes(world: World, client_for: Any, sett
     )
     components = Revision.objects.get(node=node).document["state"]["components"]
     assert components["gateway"] == {"port": 8088}
+
+
+def test_render_nodes_brings_every_node_up_to_a_changed_setting(
+    world: World, client_for: Any, settings: Any
+) -> None:
+    node = make_node("gpu-1", world.tenant_a, gpus=1)
+    Node.objects.filter(pk=node.pk).update(status="ready")
+    client_for(world.admin_a).post(
+        "/api/v1/deployments/", {**BODY, "tenant": str(world.tenant_a.id)}, format="json"
+    )
+    settings.GATEWAY_PORT = 8090  # nothing re-renders on its own
+    assert Revision.objects.filter(node=node).count() == 1
+    out = io.StringIO()
+    call_command("render_nodes", verbosity=0, stdout=out)
+    assert out.getvalue().strip() == "1 of 1 nodes got a new revision."
+    head = Revision.objects.filter(node=node).order_by("-generation").first()
+    assert head is not None and head.document["state"]["components"]["gateway"] == {"port": 8090}
+    call_command("render_nodes", verbosity=0, stdout=out)  # nothing changed since: nothing new
+    assert Revision.objects.filter(node=node).count() == 2

@@ -13,6 +13,7 @@ from rest_framework.test import APIClient
 
 from agent.protocol import SeriesSketch, TelemetryBatch
 from controlplane.fleet import services as fleet
+from controlplane.fleet.models import Replica
 from controlplane.inventory.models import Node
 from controlplane.storage.models import Volume
 from controlplane.telemetry import services
@@ -332,14 +333,20 @@ def test_a_deployment_shows_where_its_gateway_routed_requests_and_why(
             f"{prefix}up:{replica.pk}": up,
         }
 
+    # a second replica on another node, whose gateway speaks for the first one too: ignored
+    node_a = fleet_of_two.node_a
+    Replica.objects.create(deployment=chat, index=1, node=node_a, port=20001)
+    place(node_a)
     store(
         telemetry(fleet_of_two.shared, 1, start + timedelta(seconds=3), gauges=routing(4, 0.2, 1)),
         telemetry(fleet_of_two.shared, 2, start + timedelta(seconds=5), gauges=routing(6, 0.3, 1)),
         telemetry(fleet_of_two.shared, 3, start + timedelta(seconds=13), gauges=routing(2, 0.4, 0)),
+        telemetry(node_a, 1, start + timedelta(seconds=14), gauges=routing(50, 9.0, 1)),
     )
 
     body = client_for(world.viewer_a).get(f"/api/v1/telemetry/deployments/{chat.pk}/").json()
-    (facts,) = body["routing"]["replicas"]
+    facts, elsewhere = body["routing"]["replicas"]
+    assert (elsewhere["index"], elsewhere["routed_per_s"], elsewhere["up"]) == (1, None, None)
     assert (facts["id"], facts["index"], facts["hostname"]) == (str(replica.pk), 0, "shared-1")
     assert facts["routed_per_s"] == pytest.approx((5 + 2) / 2)  # bucket means, averaged
     assert (facts["predicted_ttft_s"], facts["up"]) == (0.4, False)  # the newest

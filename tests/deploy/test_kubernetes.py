@@ -73,6 +73,7 @@ def test_agent_daemonset_gets_gpus_host_network_and_host_paths(tmp_path: Path) -
         if command.split()[:1] == ["useradd"]
     }
     assert settings.worker_user in accounts, "the image creates the account workers run as"
+    assert settings.gateway_user in accounts, "and the gateway's, apart from them"
 
 
 def test_agent_runs_its_console_script_with_the_mounted_config_and_bootstrap_secret() -> None:

@@ -122,8 +122,8 @@ def test_systemd_analyze_accepts_every_unit(tmp_path: Path) -> None:
 
 
 def test_agent_workers_run_as_the_account_sysusers_creates() -> None:
-    """agent.toml names the account that tailguard-agent.sysusers.conf creates, and the
-    state directory lets that account through to its workers' files."""
+    """agent.toml names the accounts that tailguard-agent.sysusers.conf creates (two: the
+    workers' and the gateway's), and the state directory lets them through to their files."""
     lines = (UNITS / "tailguard-agent.sysusers.conf").read_text().splitlines()
     created = {
         shlex.split(line)[1]
@@ -131,5 +131,6 @@ def test_agent_workers_run_as_the_account_sysusers_creates() -> None:
         if line.strip() and not line.startswith("#") and line.split()[0] == "u"
     }
     settings = AgentSettings.load(UNITS / "agent.toml", env={})
-    assert settings.worker_user in created
+    assert settings.worker_user in created and settings.gateway_user in created
+    assert settings.worker_user != settings.gateway_user
     assert read_unit("tailguard-agent")["Service"]["StateDirectoryMode"] == "0711"
