@@ -1,7 +1,7 @@
 """ASGI plumbing shared by the data plane's HTTP servers (the worker and the gateway):
 the request wrapper, body reading, JSON and SSE bodies, bearer keys, the internal
-endpoints' access check, the router with its lifespan, and how a server binds and
-announces its port."""
+endpoints' access check, the router with its lifespan and the routes both servers serve,
+and how a server binds and announces its port."""
 
 from __future__ import annotations
 
@@ -187,6 +187,31 @@ class Router:
                 await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+class ModelServer(Router):
+    """The routes the worker and the gateway both serve: the OpenAI surface, ``/health``,
+    ``/metrics`` and ``/v1/internal/stats``; ``extra`` adds a server's own."""
+
+    _completions: Handler
+    _chat: Handler
+    _models: Handler
+    _model: Handler
+    _health: Handler
+    _metrics: Handler
+    _stats: Handler
+
+    def __init__(self, extra: dict[str, tuple[str, Handler]] | None = None) -> None:
+        self.model_route = self._model
+        self.routes = {
+            "/v1/completions": ("POST", self._completions),
+            "/v1/chat/completions": ("POST", self._chat),
+            "/v1/models": ("GET", self._models),
+            "/health": ("GET", self._health),
+            "/metrics": ("GET", self._metrics),
+            "/v1/internal/stats": ("GET", self._stats),
+            **(extra or {}),
+        }
 
 
 def bind(host: str, port: int) -> socket.socket:

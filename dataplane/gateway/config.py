@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from dataplane.inference.config import (
     STATE_HEARTBEAT_S,
     Frozen,
+    ServerConfig,
     SloThreshold,
     TenantConfig,
-    check_hashes,
     check_keys_name_one_tenant,
 )
 
@@ -82,7 +82,7 @@ class DeploymentRoute(Frozen):
         return self
 
 
-class GatewayConfig(Frozen):
+class GatewayConfig(ServerConfig):
     """Everything one gateway process needs."""
 
     gateway_id: str = Field(min_length=1, description="names this gateway's leases")
@@ -113,13 +113,6 @@ class GatewayConfig(Frozen):
     lease_ttl_s: float = Field(
         default=5.0, gt=0, description="a dead gateway's concurrency leases expire after this"
     )
-    max_request_bytes: int = Field(default=1 << 20, ge=1024)
-    stats_key_sha256: list[str] = Field(
-        default_factory=list,
-        description="keys allowed to read /v1/internal/stats; empty means loopback only",
-    )
-
-    _hashes = field_validator("stats_key_sha256")(check_hashes)
 
     @model_validator(mode="after")
     def _models_unique(self) -> GatewayConfig:

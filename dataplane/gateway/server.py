@@ -48,7 +48,7 @@ from dataplane.asgi import (
     SSE_HEADERS,
     Call,
     ConfigFile,
-    Router,
+    ModelServer,
     check_internal,
     key_digest,
     read_body,
@@ -537,20 +537,12 @@ def _status_outcome(status: int) -> str:
     return "failed" if status >= 500 else "error"
 
 
-class GatewayApp(Router):
+class GatewayApp(ModelServer):
     """ASGI application over a ``Gateway``."""
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.model_route = self._model
-        self.routes = {
-            "/v1/completions": ("POST", self._completions),
-            "/v1/chat/completions": ("POST", self._chat),
-            "/v1/models": ("GET", self._models),
-            "/health": ("GET", self._health),
-            "/metrics": ("GET", self._metrics),
-            "/v1/internal/stats": ("GET", self._stats),
-        }
+        super().__init__()
 
     async def startup(self) -> None:
         self.gateway.start()

@@ -152,7 +152,20 @@ class RuntimeConfig(Frozen):
     )
 
 
-class WorkerConfig(Frozen):
+class ServerConfig(Frozen):
+    """What each of the data plane's HTTP servers (the worker, the gateway) takes: its
+    request size limit, and the keys that may read its internal endpoints."""
+
+    max_request_bytes: int = Field(default=1 << 20, ge=1024)
+    stats_key_sha256: list[str] = Field(
+        default_factory=list,
+        description="keys allowed to read /v1/internal/stats; empty means loopback only",
+    )
+
+    _hashes = field_validator("stats_key_sha256")(check_hashes)
+
+
+class WorkerConfig(ServerConfig):
     """Everything one inference worker process needs."""
 
     deployment_id: str = Field(min_length=1)
@@ -164,13 +177,6 @@ class WorkerConfig(Frozen):
     runtime: RuntimeConfig = RuntimeConfig()
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
     slo_thresholds: list[SloThreshold] = Field(default_factory=list)
-    max_request_bytes: int = Field(default=1 << 20, ge=1024)
-    stats_key_sha256: list[str] = Field(
-        default_factory=list,
-        description="keys allowed to read /v1/internal/stats; empty means loopback only",
-    )
-
-    _hashes = field_validator("stats_key_sha256")(check_hashes)
 
     @model_validator(mode="after")
     def _keys_name_one_tenant(self) -> WorkerConfig:

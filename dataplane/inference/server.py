@@ -42,7 +42,7 @@ from dataplane.asgi import (
     SSE_HEADERS,
     Call,
     ConfigFile,
-    Router,
+    ModelServer,
     check_internal,
     digest_in,
     key_digest,
@@ -218,7 +218,7 @@ def _single_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> str
     return ids
 
 
-class InferenceApp(Router):
+class InferenceApp(ModelServer):
     """ASGI application over a ``Worker``."""
 
     def __init__(self, worker: Worker) -> None:
@@ -226,16 +226,7 @@ class InferenceApp(Router):
         self._tasks: list[asyncio.Task[None]] = []
         self._state_streams: set[asyncio.Event] = set()
         self._closing = False
-        self.model_route = self._model
-        self.routes = {
-            "/v1/completions": ("POST", self._completions),
-            "/v1/chat/completions": ("POST", self._chat),
-            "/v1/models": ("GET", self._models),
-            "/health": ("GET", self._health),
-            "/metrics": ("GET", self._metrics),
-            "/v1/internal/stats": ("GET", self._stats),
-            "/v1/internal/state": ("GET", self._state),
-        }
+        super().__init__({"/v1/internal/state": ("GET", self._state)})
 
     async def startup(self) -> None:
         loop = asyncio.get_running_loop()

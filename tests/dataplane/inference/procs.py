@@ -1,26 +1,21 @@
 """Real inference worker processes for tests and benchmarks.
 
 ``WorkerProcess`` writes a ``WorkerConfig`` JSON, starts ``python -m dataplane.inference``
-on a free loopback port and waits for ``/health``; leaving the context stops it.
+on a free loopback port and waits for ``/health``; leaving the context stops it
+(``tests/dataplane/procs.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+from tests.dataplane.procs import ServerProcess
 
 
 def key_hash(key: str) -> str:
@@ -51,79 +46,22 @@ def worker_config(
     return config
 
 
-class WorkerProcess:
+class WorkerProcess(ServerProcess):
     """A worker subprocess serving on 127.0.0.1 until the context exits."""
 
+    module = "dataplane.inference"
+    name = "worker"
+
     def __init__(self, config: dict[str, Any], workdir: Path) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path = workdir / "worker.json"
-        self.log_path = workdir / "worker.log"
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.write_config(config)
-        self._proc: subprocess.Popen[bytes] | None = None
+        super().__init__(config, workdir)
 
-    def write_config(self, config: dict[str, Any]) -> None:
-        tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(config))
-        os.replace(tmp, self.config_path)
+    def arguments(self) -> list[str]:
+        return ["--port", str(self.port)]
 
-    def __enter__(self) -> WorkerProcess:
-        log = self.log_path.open("wb")
-        self._proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dataplane.inference",
-                "--config",
-                str(self.config_path),
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-            ],
-            cwd=REPO_ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"worker exited: {self.log_path.read_text()}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"worker did not become healthy: {self.log_path.read_text()}")
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-
-    def kill(self) -> None:
-        """Die at once, as a crash would."""
-        assert self._proc is not None, "start the worker first"
-        self._proc.kill()
-        self._proc.wait()
-
-    def signal_reload(self) -> None:
-        assert self._proc is not None, "start the worker first"
-        self._proc.send_signal(1)  # SIGHUP
+    def ready(self) -> bool:
+        return httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200
 
     def health(self) -> dict[str, Any]:
         response = httpx.get(f"{self.base_url}/health", timeout=5)
