@@ -116,9 +116,17 @@ class GatewayConfig(ServerConfig):
 
     @model_validator(mode="after")
     def _models_unique(self) -> GatewayConfig:
-        names = [d.served_model_name for d in self.deployments]
-        if len(names) != len(set(names)):
-            raise ValueError("two deployments serve the same model name")
+        """A request names a model and its key a tenant: deployments may share a model
+        name (different tenants' own `chat`), but no tenant may reach two of them."""
+        serving: dict[tuple[str, str], str] = {}
+        for d in self.deployments:
+            for tenant in d.tenants:
+                other = serving.setdefault((d.served_model_name, tenant), d.deployment_id)
+                if other != d.deployment_id:
+                    raise ValueError(
+                        f"deployments {other} and {d.deployment_id} both serve model "
+                        f"{d.served_model_name!r} to tenant {tenant}"
+                    )
         ids = [d.deployment_id for d in self.deployments]
         if len(ids) != len(set(ids)):
             raise ValueError("deployment ids repeat")

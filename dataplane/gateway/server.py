@@ -209,6 +209,7 @@ class Gateway:
             self.ledger = RedisLedger(config.counters_url, config.lease_ttl_s, backlog_ttl)
         self.metrics = GatewayMetrics()
         self.deployments: dict[str, _Deployment] = {}
+        """By deployment id: deployments of different tenants may share a model name."""
         self._dispatchers: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.client = httpx.AsyncClient(
@@ -244,10 +245,11 @@ class Gateway:
             new = new.model_copy(update={name: getattr(self.config, name) for name in stuck})
         self.config = new
         loop = asyncio.get_running_loop()
-        routes = {route.served_model_name: route for route in new.deployments}
-        for model in [m for m in self.deployments if m not in routes]:
-            gone = self.deployments.pop(model)
-            self._dispatchers.pop(model).cancel()
+        routes = {route.deployment_id: route for route in new.deployments}
+        for deployment_id in [d for d in self.deployments if d not in routes]:
+            gone = self.deployments.pop(deployment_id)
+            model = gone.route.served_model_name
+            self._dispatchers.pop(deployment_id).cancel()
             for task in gone.watchers.values():
                 task.cancel()
             for queue in gone.waiting.values():
@@ -258,11 +260,11 @@ class Gateway:
                                 404, f"The model `{model}` does not exist.", code="model_not_found"
                             )
                         )
-        for model, route in routes.items():
-            dep = self.deployments.get(model)
+        for deployment_id, route in routes.items():
+            dep = self.deployments.get(deployment_id)
             if dep is None:
-                dep = self.deployments[model] = _Deployment(route)
-                self._dispatchers[model] = loop.create_task(self._dispatch_loop(dep))
+                dep = self.deployments[deployment_id] = _Deployment(route)
+                self._dispatchers[deployment_id] = loop.create_task(self._dispatch_loop(dep))
             dep.set_route(route)
             wanted = {r.replica_id: r for r in route.replicas}
             for replica_id in [r for r in dep.replicas if r not in wanted]:
@@ -553,14 +555,16 @@ class GatewayApp(ModelServer):
 
     # -- plumbing -----------------------------------------------------------------------
 
-    def _tenants(self, call: Call) -> dict[str, str]:
-        """Model name -> the tenant the key names in that deployment (401 if none)."""
+    def _tenants(self, call: Call) -> dict[str, tuple[_Deployment, str]]:
+        """Model name -> the deployment serving it to the key's tenant, and that tenant
+        (401 if the key names none); the config lets one tenant see one deployment per
+        model name."""
         digest = key_digest(call.require_bearer())
         found = {}
-        for model, dep in self.gateway.deployments.items():
+        for dep in self.gateway.deployments.values():
             tenant = dep.tenant_for(digest)
             if tenant is not None:
-                found[model] = tenant
+                found[dep.route.served_model_name] = (dep, tenant)
         if not found:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
         return found
@@ -590,12 +594,11 @@ class GatewayApp(ModelServer):
         if not isinstance(body, dict):
             raise ApiError(400, "The request body must be a JSON object.", code="invalid_value")
         model = body.get("model")
-        dep = self.gateway.deployments.get(model) if isinstance(model, str) else None
-        if dep is None or model not in tenants:
+        if not isinstance(model, str) or model not in tenants:
             raise ApiError(
                 404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
             )
-        tenant = tenants[model]
+        dep, tenant = tenants[model]
         work = asyncio.create_task(
             self._admit_and_forward(call, dep, tenant, path, raw, body, chat)
         )
@@ -839,14 +842,14 @@ class GatewayApp(ModelServer):
         deployments = [
             {
                 "deployment_id": dep.route.deployment_id,
-                "model": model,
+                "model": dep.route.served_model_name,
                 "waiting": dep.waiting_count(),
                 "replicas": [
                     {"replica_id": r.replica_id, "up": r.up, "inflight": r.inflight}
                     for r in dep.replicas.values()
                 ],
             }
-            for model, dep in gateway.deployments.items()
+            for dep in gateway.deployments.values()
         ]
         await send_json(
             call.send,
@@ -875,7 +878,7 @@ class GatewayApp(ModelServer):
             raise ApiError(
                 400, "after must be a sequence number", param="after", code="invalid_value"
             )
-        by_id = {dep.route.deployment_id: dep for dep in self.gateway.deployments.values()}
+        by_id = self.gateway.deployments
         wanted = query.get("deployment", [None])[0]
         if wanted is None and len(by_id) == 1:
             wanted = next(iter(by_id))

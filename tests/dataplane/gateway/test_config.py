@@ -59,6 +59,20 @@ def test_one_key_names_one_tenant() -> None:
         GatewayConfig.model_validate(raw)
 
 
+def test_a_model_name_may_repeat_for_other_tenants_only() -> None:
+    raw = config()
+    theirs = {
+        **raw["deployments"][0],
+        "deployment_id": "d2",
+        "tenants": {"u": {"key_sha256": ["b" * 64]}},
+        "slo_thresholds": [],
+    }
+    GatewayConfig.model_validate({**raw, "deployments": [raw["deployments"][0], theirs]})
+    theirs["tenants"]["t"] = raw["deployments"][0]["tenants"]["t"]
+    with pytest.raises(ValidationError, match="both serve model 'm' to tenant t"):
+        GatewayConfig.model_validate({**raw, "deployments": [raw["deployments"][0], theirs]})
+
+
 def test_restart_fields() -> None:
     old = GatewayConfig.model_validate(config())
     new = GatewayConfig.model_validate(config(counters_url="redis://h:6379/0", port=8200))

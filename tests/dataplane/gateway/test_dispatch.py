@@ -103,7 +103,7 @@ class Setup:
         self.fake = FakeReplicas()
         self.gateway.client = httpx.AsyncClient(transport=httpx.MockTransport(self.fake.handle))
         self.dep = _Deployment(config.deployments[0])
-        self.gateway.deployments[MODEL] = self.dep
+        self.gateway.deployments["d1"] = self.dep
         for cfg in config.deployments[0].replicas:
             replica = self.dep.replicas[cfg.replica_id] = Replica(cfg)
             replica.update(state())
