@@ -68,6 +68,7 @@ def open_storage(settings: AgentSettings, inventory: Inventory) -> StorageDriver
             engine,
             "spdk",
             listen_address=settings.nvmf_listen_address,
+            listen_port=settings.nvmf_listen_port,
             config_path=settings.state_dir / "spdk-config.json",
         )
     return StorageDriver(LocalEngine(settings.state_dir / "storage"), "local")

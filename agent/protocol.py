@@ -446,15 +446,33 @@ class PoolSpec(_Model):
     """local: the pool's directory; None puts it under the agent's state directory."""
     device: PciBusId | None = None
     """spdk: the NVMe drive (PCI address) the pool's lvstore sits on."""
+    aio_path: AbsolutePath | None = Field(default=None, exclude_if=_unset)
+    """spdk, instead of `device`: a file or kernel block device the lvstore sits on (SPDK's
+    AIO bdev), so a machine without a spare NVMe drive can have an SPDK pool."""
     capacity_bytes: Positive | None = None
-    """local: a cap on what volumes may take; None means the filesystem's size."""
+    """local: a cap on what volumes may take; None means the filesystem's size.
+    spdk on an aio_path: the size its file is created at when missing."""
+
+    @field_validator("capacity_bytes")
+    @classmethod
+    def _whole_blocks(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # SPDK refuses an AIO file whose size is not a whole number of its 4 KiB blocks.
+        if value is not None and info.data.get("aio_path") and value % 4096:
+            raise ValueError("an aio file's size must be a multiple of 4096 (4 KiB blocks)")
+        return value
 
     @model_validator(mode="after")
     def _backing_matches_kind(self) -> PoolSpec:
-        if self.kind == "spdk" and (self.device is None or self.directory or self.capacity_bytes):
-            raise ValueError("an spdk pool names its NVMe device and no directory or capacity")
-        if self.kind == "local" and self.device is not None:
-            raise ValueError("a local pool is a directory; it names no device")
+        if self.kind == "spdk":
+            if (self.device is None) == (self.aio_path is None) or self.directory:
+                raise ValueError(
+                    "an spdk pool names its NVMe device or its aio_path (one of them) and no "
+                    "directory"
+                )
+            if self.device is not None and self.capacity_bytes:
+                raise ValueError("an spdk pool on an NVMe device takes the drive's capacity")
+        if self.kind == "local" and (self.device is not None or self.aio_path is not None):
+            raise ValueError("a local pool is a directory; it names no device or aio_path")
         return self
 
 

@@ -39,6 +39,8 @@ class AgentSettings(BaseSettings):
     """spdk_tgt's JSON-RPC socket; set, storage runs on SPDK, unset on the local engine."""
     nvmf_listen_address: str = "0.0.0.0"
     """The address NVMe-oF exports listen on (an RDMA listener needs the port's own address)."""
+    nvmf_listen_port: int = Field(4420, gt=0, le=65535)
+    """The port they listen on: NVMe-oF's own by default; two targets on one host need two."""
     storage_report_interval_s: float = Field(30.0, gt=0)
     telemetry_interval_s: float = Field(1.0, gt=0)
     """One telemetry batch (gauges, latency sketches, SLO counts, usage) per interval."""

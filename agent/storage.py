@@ -42,7 +42,9 @@ _TRANSPORT: dict[eng.Transport, NvmfTransport] = {
 }
 
 
-def storage_spec(components: Components, kind: PoolKind, listen_address: str) -> eng.StorageSpec:
+def storage_spec(
+    components: Components, kind: PoolKind, listen_address: str, listen_port: int = 4420
+) -> eng.StorageSpec:
     """The engine's spec for the desired components; raises SpecError naming what cannot be."""
     pools = []
     for pool in components.pools:
@@ -51,7 +53,12 @@ def storage_spec(components: Components, kind: PoolKind, listen_address: str) ->
                 f"pool {pool.name} is a {pool.kind} pool but this node's storage runs on the "
                 f"{kind} engine; change the pool's kind or the agent's spdk_rpc_socket setting"
             )
-        devices = (eng.Device(kind="nvme", address=pool.device),) if pool.device else ()
+        devices: tuple[eng.Device, ...] = ()
+        if pool.device:
+            devices = (eng.Device(kind="nvme", address=pool.device),)
+        elif pool.aio_path:
+            size = pool.capacity_bytes or 0
+            devices = (eng.Device(kind="aio", address=pool.aio_path, size_bytes=size),)
         pools.append(
             eng.PoolSpec(
                 name=pool.name,
@@ -71,6 +78,7 @@ def storage_spec(components: Components, kind: PoolKind, listen_address: str) ->
             tenant=export.tenant_id.hex,
             hosts=tuple(sorted(export.hosts)),
             listen_address=listen_address,
+            listen_port=listen_port,
             transport=eng.Transport(export.transport.upper()) if export.transport else None,
         )
     return eng.StorageSpec(
@@ -113,11 +121,13 @@ class StorageDriver:
         kind: PoolKind,
         *,
         listen_address: str = "0.0.0.0",
+        listen_port: int = 4420,
         config_path: Path | None = None,
     ) -> None:
         self.kind = kind
         self._engine = engine
         self._listen_address = listen_address
+        self._listen_port = listen_port
         self._config_path = config_path
         self._lock = asyncio.Lock()
         self._applied = asyncio.Event()
@@ -136,7 +146,7 @@ class StorageDriver:
     async def apply(self, components: Components) -> list[ComponentResult]:
         named = _named(components)
         try:
-            spec = storage_spec(components, self.kind, self._listen_address)
+            spec = storage_spec(components, self.kind, self._listen_address, self._listen_port)
             async with self._lock:
                 await asyncio.to_thread(self._reconcile, spec)
         except Exception as exc:  # every failure becomes the components' error text

@@ -4,9 +4,10 @@ Migrates, seeds demo accounts, a bootstrap token, inference keys, acme's `chat`
 deployment of a synthetic model with TTFT and TPOT SLOs, and the noisy tenant globex,
 with whom `chat` is shared and whose tenant policy caps it; then starts the control plane
 (ASGI), its Celery worker with beat, and a node agent for this machine, which enrolls and
-starts the inference worker; once it has, a local storage pool on that node and acme's
-volume there under a QoS policy, read by the agent's read probe; `--nodes N` adds N
-simulated nodes. Prints where to look,
+starts the inference worker; once it has, a storage pool on that node and acme's volume
+there under a QoS policy, kept busy by a reader (see `demo_storage`: SPDK when it is
+found, with a target the demo starts before the agent, else the local engine);
+`--nodes N` adds N simulated nodes. Prints where to look,
 then runs the tour: both tenants' load, acme's TPOT SLO fitted to this machine (a new
 revision the story is told against), globex's policy removed until that SLO pages
 (through a signed webhook to a receiver in this process) and restored, the page
@@ -36,15 +37,12 @@ from django.db import transaction
 from django.utils import timezone
 
 from agent.privileges import WorkerUserError, worker_account
-from controlplane import processes, tour
+from controlplane import demo_storage, processes, tour
 from controlplane.fleet import selectors as fleet_selectors
 from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Deployment, Replica
 from controlplane.inventory.services import create_bootstrap_token
 from controlplane.slo.choices import AlertName
-from controlplane.storage import services as storage
-from controlplane.storage.choices import PoolKind
-from controlplane.storage.models import Pool, QosPolicy, Volume
 from controlplane.tenancy.models import InferenceKey
 from controlplane.tenancy.services import (
     issue_inference_key,
@@ -129,36 +127,6 @@ def _seed_fleet(tenant: Any) -> str:
     return key
 
 
-MIB = 1 << 20
-DEMO_STORAGE = {"pool": "demo", "capacity_bytes": 256 * MIB}
-DEMO_QOS = {"name": "datasets", "rw_ios_per_sec": 1000, "r_mbytes_per_sec": 20}
-DEMO_VOLUME = {"name": "datasets", "size_bytes": 64 * MIB, "read_probe_per_s": 200}
-"""acme's volume on this machine's local engine: its read probe keeps 200 random 4 KiB
-reads a second flowing through the engine under the QoS policy, so the storage page moves."""
-
-
-@transaction.atomic
-def _seed_storage(tenant: Any, node: Any, directory: Path) -> Volume:
-    """A local pool on the demo's node and acme's probed volume in it (idempotent)."""
-    pool = Pool.objects.filter(node=node, name=DEMO_STORAGE["pool"]).first()
-    if pool is None:
-        directory.mkdir(parents=True, exist_ok=True)
-        pool = storage.create_pool(
-            node=node,
-            name=DEMO_STORAGE["pool"],
-            kind=PoolKind.LOCAL,
-            directory=str(directory),
-            capacity_bytes=DEMO_STORAGE["capacity_bytes"],
-        )
-    policy = QosPolicy.objects.filter(tenant=tenant, name=DEMO_QOS["name"]).first()
-    if policy is None:
-        policy = storage.create_qos_policy(tenant=tenant, **DEMO_QOS)
-    volume = Volume.objects.filter(tenant=tenant, name=DEMO_VOLUME["name"]).first()
-    if volume is None:
-        volume = storage.create_volume(tenant=tenant, pool=pool, qos_policy=policy, **DEMO_VOLUME)
-    return volume
-
-
 NOISY_POLICY = {"tokens_per_s": 150.0, "max_concurrency": 2, "priority_class": "low"}
 """globex's cap: enough for its batch work, few enough sequences in each decode step to
 leave acme its per-token latency."""
@@ -180,20 +148,17 @@ def run_demo(
     bootstrap = create_bootstrap_token(name="demo agent", uses=1 + nodes).secret
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: it may arrive ignored
         signal.signal(signum, _interrupt)
+    storage = demo_storage.DemoStorage.choose(data)
     try:
-        return _run(host, ports, accounts, key, bootstrap, tenants, receiver, nodes, tour_enabled)
+        return _run(
+            host, ports, accounts, key, bootstrap, tenants, receiver, nodes, tour_enabled, storage
+        )
     except KeyboardInterrupt:
         print("Stopped.")
         return 0
     finally:
+        storage.close()  # after _run stopped every child, the SPDK target among them
         receiver.close()
-
-
-def _qos_text(volume: Volume) -> str:
-    policy = volume.qos_policy
-    if policy is None:
-        return "none"
-    return f"{policy.rw_ios_per_sec} IOPS, {policy.r_mbytes_per_sec} MiB/s read"
 
 
 def _report_alert(status: str, alert: dict[str, Any]) -> None:
@@ -245,6 +210,7 @@ def _run(
     receiver: tour.WebhookReceiver,
     nodes: int,
     tour_enabled: bool,
+    storage: demo_storage.DemoStorage,
 ) -> int:
     base = processes.url(host, ports.control_plane)
     data = settings.DATA_DIR
@@ -265,12 +231,17 @@ def _run(
             lambda: _answers(f"{base}/api/schema/"),
             procs,
         )
+        if storage.target_argv:
+            spawn("spdk", storage.target_argv)
+            storage.target_pid = procs["spdk"].pid
+            _wait("spdk_tgt to answer on its socket", storage.target_ready, procs, 120)
         spawn(
             "agent",
             processes.agent(base, bootstrap, data / "agent", socket.gethostname()),
             env={
                 "TAILGUARD_AGENT_METRICS_PORT": str(ports.agent_metrics),
                 **_worker_user(data / "agent"),
+                **storage.agent_env,
             },
         )
         print(
@@ -306,7 +277,8 @@ def _run(
             return next((url for url in urls if _answers(f"{url}/health")), None)
 
         endpoint = _wait(f"the gateway of {replica.node.hostname} to answer", gateway, procs)
-        volume = _seed_storage(accounts.tenant, replica.node, data / "pools" / "demo")
+        volume = storage.seed(accounts.tenant, replica.node)
+        storage.start_reader()
         if nodes:  # after the local workers are placed, so they stay on this machine
             spawn(
                 "simulated-nodes", processes.simulated_nodes(base, bootstrap, data / "sim", nodes)
@@ -325,9 +297,8 @@ def _run(
             f"gateway of node {replica.node.hostname},\n"
             f"    in front of its worker at {worker}; shared by tenants "
             f"{accounts.tenant.slug} and {tenants.noisy.slug})\n"
-            f"  Storage         {base}/console/storage/   ({accounts.tenant.slug}'s volume "
-            f"'{volume.name}' in local pool '{volume.pool.name}': "
-            f"{volume.read_probe_per_s} probe reads/s under QoS {_qos_text(volume)})\n"
+            f"  Storage         {base}/console/storage/   ({accounts.tenant.slug}'s "
+            f"{storage.describe(volume)})\n"
             f"  Inference key (tenant {accounts.tenant.slug})  {key}\n"
             f"  Try: curl -H 'Authorization: Bearer {accounts.api_token}' {base}/api/v1/nodes/\n"
             f"       curl {endpoint}/v1/chat/completions -H 'Authorization: Bearer {key}' "

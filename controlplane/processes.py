@@ -1,9 +1,10 @@
-"""Command lines of the control plane's own processes, shared by the demo, tests and benches,
-and the ports the demo gives them."""
+"""Command lines of the control plane's own processes and of the demo's SPDK ones, shared by
+the demo, tests and benches, and the ports the demo gives them."""
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import sys
 from dataclasses import dataclass
@@ -147,3 +148,51 @@ def simulated_nodes(
         "--state-dir",
         str(state_dir),
     ]
+
+
+def spdk_target(binary: Path, rpc_socket: Path) -> list[str]:
+    """spdk_tgt without hugepages, PCI devices or root-owned lock and trace files: 1 GiB of
+    DPDK memory (what its iobuf and iSCSI pools need), one reactor on core 0."""
+    return [
+        str(binary),
+        "--no-huge",
+        "-s",
+        "1024",
+        "-u",
+        "-m",
+        "0x1",
+        "--disable-cpumask-locks",
+        "--num-trace-entries",
+        "0",
+        "-r",
+        str(rpc_socket),
+    ]
+
+
+def nvme_reader(binary: Path, address: str, core: int) -> list[str]:
+    """Random 4 KiB reads, one at a time, for an hour (then it is started again): the
+    volume's QoS sets the pace. On its own core, so its polling never delays the target's."""
+    return [
+        str(binary),
+        "--no-huge",
+        "-s",
+        "64",
+        "-c",
+        hex(1 << core),
+        "-q",
+        "1",
+        "-o",
+        "4096",
+        "-w",
+        "randread",
+        "-t",
+        "3600",
+        "-r",
+        address,
+    ]
+
+
+def dpdk_runtime_dir(pid: int) -> Path:
+    """Where DPDK keeps an SPDK process's runtime files; it leaves the folder behind."""
+    base = "/var/run" if os.getuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
+    return Path(base) / "dpdk" / f"spdk_pid{pid}"

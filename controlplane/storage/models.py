@@ -37,8 +37,8 @@ def wire_name(prefix: str, pk: UUID) -> str:
 
 
 class Pool(BaseModel):
-    """Where a node's volumes are carved from: a directory (local engine) or an NVMe drive
-    (SPDK)."""
+    """Where a node's volumes are carved from: a directory (local engine), or an NVMe drive
+    or a file (SPDK)."""
 
     node = models.ForeignKey(
         "inventory.Node", on_delete=models.CASCADE, related_name="storage_pools"
@@ -56,10 +56,18 @@ class Pool(BaseModel):
         blank=True,
         help_text="spdk: the PCI address of the NVMe drive, e.g. 0000:5e:00.0.",
     )
+    aio_path = models.CharField(
+        max_length=1024,
+        blank=True,
+        help_text="spdk, instead of device: an absolute path to a file or block device on the "
+        "node (for machines without a spare NVMe drive); a missing file is created at "
+        "capacity_bytes. Whatever it holds is replaced by the pool.",
+    )
     capacity_bytes = models.PositiveBigIntegerField(
         null=True,
         blank=True,
-        help_text="local: a cap on what volumes may take; empty means the filesystem's size.",
+        help_text="local: a cap on what volumes may take; empty means the filesystem's size. "
+        "spdk on aio_path: the size its file is created at, a multiple of 4096.",
     )
     reported_capacity_bytes = models.PositiveBigIntegerField(null=True, blank=True, editable=False)
     reported_free_bytes = models.PositiveBigIntegerField(null=True, blank=True, editable=False)
@@ -90,6 +98,7 @@ class Pool(BaseModel):
             kind=self.kind,
             directory=self.directory or None,
             device=self.device or None,
+            aio_path=self.aio_path or None,
             capacity_bytes=self.capacity_bytes,
         )
 

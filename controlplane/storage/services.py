@@ -27,7 +27,7 @@ from controlplane.storage import selectors, signals
 from controlplane.storage.archives import inspect_archive
 from controlplane.storage.models import Artifact, Export, Pool, QosPolicy, Volume, artifact_dir
 
-BACKING_FIELDS = ("node", "name", "kind", "directory", "device")
+BACKING_FIELDS = ("node", "name", "kind", "directory", "device", "aio_path")
 
 
 def _changed(cause: str, nodes: Iterable[UUID]) -> None:

@@ -18,6 +18,7 @@ from agent.protocol import (
     GatewaySpec,
     Heartbeat,
     Inventory,
+    PoolSpec,
     SignedDesiredState,
     TelemetryBatch,
     canonical_json,
@@ -259,3 +260,13 @@ def test_signed_envelope_without_signature_parses_so_it_can_be_reported() -> Non
     data = _first(SignedDesiredState)
     del data["signature"]
     assert SignedDesiredState.model_validate(data).signature is None
+
+
+def test_pools_without_an_aio_path_keep_the_bytes_earlier_agents_know() -> None:
+    nvme = PoolSpec(name="nvme0", kind="spdk", device="0000:5e:00.0")
+    assert canonical_json(nvme) == (
+        b'{"capacity_bytes":null,"device":"0000:5e:00.0","directory":null,"kind":"spdk",'
+        b'"name":"nvme0"}'
+    )
+    on_file = PoolSpec(name="file0", kind="spdk", aio_path="/srv/pool.img", capacity_bytes=1 << 30)
+    assert PoolSpec.model_validate_json(canonical_json(on_file)) == on_file

@@ -11,6 +11,7 @@ from typing import Any
 
 from django.conf import settings
 
+from agent.protocol import PoolSpec
 from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Replica, Revision
 from controlplane.storage import services as storage
@@ -160,7 +161,16 @@ def test_pools_are_checked_and_changed_by_platform_admins_only(
     for change, field, words in [
         ({"device": ""}, "kind", "names its NVMe device"),
         ({"device": "5e:00.0"}, "device", "should match pattern"),
+        ({"aio_path": "/srv/pool.img"}, "kind", "device or its aio_path (one of them)"),
+        ({"capacity_bytes": 1 << 30}, "kind", "takes the drive's capacity"),
+        ({"device": "", "aio_path": "pool.img"}, "aio_path", "should match pattern"),
+        (
+            {"device": "", "aio_path": "/srv/pool.img", "capacity_bytes": 10**9},
+            "capacity_bytes",
+            "multiple of 4096",
+        ),
         ({"kind": "local", "device": "0000:5e:00.0"}, "kind", "names no device"),
+        ({"kind": "local", "device": "", "aio_path": "/srv/x"}, "kind", "no device or aio_path"),
         ({"kind": "local", "device": "", "directory": "relative/dir"}, "directory", "should match"),
         ({"name": "NVMe 0"}, "name", "lowercase"),
     ]:
@@ -170,6 +180,14 @@ def test_pools_are_checked_and_changed_by_platform_admins_only(
     response = client.post("/api/v1/pools/", body, format="json")
     assert response.status_code == 201, response.content
     assert response.json()["allocated_bytes"] == 0
+    # no NVMe drive to spare: an SPDK pool on a file, created at its capacity when missing
+    aio = {**body, "name": "file0", "device": "", "aio_path": "/srv/pool.img"}
+    response = client.post("/api/v1/pools/", {**aio, "capacity_bytes": 1 << 30}, format="json")
+    assert response.status_code == 201, response.content
+    assert (response.json()["aio_path"], response.json()["device"]) == ("/srv/pool.img", "")
+    assert Pool.objects.get(pk=response.json()["id"]).spec() == PoolSpec(
+        name="file0", kind="spdk", aio_path="/srv/pool.img", capacity_bytes=1 << 30
+    )
 
     pool = make_pool(node, name="local", capacity=10 * MIB)
     storage.create_volume(tenant=world.tenant_a, name="kept", size_bytes=MIB, pool=pool)

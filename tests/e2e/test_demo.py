@@ -95,9 +95,14 @@ def test_demo_serves_tours_the_noisy_neighbour_and_stops_cleanly(tmp_path: Path)
         (fronted,) = httpx.get(f"{endpoint}/health").json()["deployments"]
         assert fronted["deployment_id"] == deployments[0]["id"]
         assert [r["up"] for r in fronted["replicas"]] == [True]
-        # acme's volume in a local pool on this node, read by the agent's probe under its
-        # QoS policy: the storage page's figures come from those reads
-        assert "volume 'datasets' in local pool 'demo': 200 probe reads/s" in text
+        # acme's volume on this node under its QoS policy: in an SPDK pool on a file, read
+        # over NVMe/TCP by spdk_nvme_perf, when the demo finds SPDK (SPDK_TGT_BIN, as the
+        # storage tests do), else in a local pool read by the agent's probe; the storage
+        # page's figures come from those reads either way
+        if os.environ.get("SPDK_TGT_BIN"):
+            assert "in SPDK pool 'demo' (a file; spdk_tgt at nice 19): spdk_nvme_perf" in text
+        else:
+            assert "volume 'datasets' in local pool 'demo': 200 probe reads/s" in text
         assert volume_reads(base, token, "datasets") > 0
         # the tour's pieces are seeded: acme's TPOT and TTFT SLOs, and the console and its live page
         slos = httpx.get(f"{base}/api/v1/slos/", headers={"Authorization": f"Bearer {token}"})
@@ -135,6 +140,22 @@ def test_demo_serves_tours_the_noisy_neighbour_and_stops_cleanly(tmp_path: Path)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         assert "Stopped." in proc.stdout.read()
+        # nothing it started outlives it: no child, SPDK target, reader or socket
+        export = re.search(r"over NVMe/TCP at (\S+):(\d+)", text)
+        markers = [str(tmp_path), *([f"trsvcid:{export.group(2)}"] if export else [])]
+        assert not running_with(markers), running_with(markers)
+        assert not list(tmp_path.glob("spdk/*.sock"))
+
+
+def running_with(markers: list[str]) -> list[str]:
+    """Command lines of live processes with any of `markers` in an argument."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+            if any(marker in arg for marker in markers for arg in argv):
+                found.append(" ".join(argv))
+    return found
 
 
 def printed_endpoint(text: str) -> str:

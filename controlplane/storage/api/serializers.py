@@ -51,6 +51,7 @@ class PoolSerializer(StrictSerializer):
             "kind",
             "directory",
             "device",
+            "aio_path",
             "capacity_bytes",
             "allocated_bytes",
             "reported_capacity_bytes",

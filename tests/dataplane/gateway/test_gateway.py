@@ -377,11 +377,14 @@ def test_weighted_shares_with_most_traffic_at_one_gateway(
 ) -> None:
     with ExitStack() as stack:
         first, second = gateways(stack, workers, {"a": {"weight": 1}, "b": {"weight": 3}}, tmp_path)
-        # 16 of the 20 streams enter the first gateway; the replicas have 8 slots.
+        # 21 of the 26 streams enter the first gateway; the replicas have 8 slots. Each
+        # tenant has more streams than its share of slots, so both always have requests
+        # waiting somewhere and the shares are the counters' (a tenant with none waiting
+        # cedes its turn, as it should: a free slot never idles).
         results = run(
             closed_loop(first.base_url, KEYS["a"], 10, 14.0, 40),
-            closed_loop(first.base_url, KEYS["b"], 6, 14.0, 40),
-            closed_loop(second.base_url, KEYS["b"], 4, 14.0, 40),
+            closed_loop(first.base_url, KEYS["b"], 11, 14.0, 40),
+            closed_loop(second.base_url, KEYS["b"], 5, 14.0, 40),
         )
     # A window bounded by token counts (from the 20th to the 90th percentile of every
     # token streamed), so the load of the machine sets its length, not the shares.

@@ -1,10 +1,10 @@
 """Fixtures for the storage tests: an SPDK target per test, real when one is given.
 
 With `SPDK_TGT_BIN` set to a spdk_tgt binary (`../shared/spdk/install.sh` prints one;
-`.ci/run` sets it), every test that asks for `target` starts its own spdk_tgt
-(`--no-huge -s 1024 -u`, on a socket in a temporary directory) and stops it afterwards,
-so no process, bdev or socket outlives the test. Without it they run against
-`SpdkEmulator`, which answers as spdk_tgt v26.05 does. The test ids name the target
+`.ci/run` sets it), every test that asks for `target` starts its own spdk_tgt (the demo's
+command line, `processes.spdk_target`, on a socket in a temporary directory) and stops it
+afterwards, so no process, bdev, socket or DPDK runtime folder outlives the test. Without
+it they run against `SpdkEmulator`, which answers as spdk_tgt v26.05 does. The test ids name the target
 (`[SPDK v26.05]` or `[emulator]`). Set `SPDK_RDMA=1` when that spdk_tgt's machine has an
 RDMA-capable NIC.
 """
@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from spdk.rpc.client import JSONRPCClient
 
+from controlplane.processes import dpdk_runtime_dir, spdk_target
 from dataplane.storage.engine import StorageSpec
 from dataplane.storage.spdk import SpdkEngine
 
@@ -68,8 +69,7 @@ class Target:
         replay = ["--json", str(config)] if config else []
         with open(self.socket.with_suffix(".log"), "ab") as log:
             self._process = subprocess.Popen(
-                [SPDK_TGT, "--no-huge", "-s", "1024", "-u", "--disable-cpumask-locks"]
-                + ["-r", str(self.socket), *replay],
+                [*spdk_target(Path(SPDK_TGT), self.socket), *replay],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -94,6 +94,7 @@ class Target:
                 raise
             finally:
                 self.socket.unlink(missing_ok=True)
+                shutil.rmtree(dpdk_runtime_dir(process.pid), ignore_errors=True)
 
     def restart(self, config: Path) -> None:
         """Stop the target and start it again with `--json config`."""

@@ -635,6 +635,10 @@ class SpdkEmulator:
         block_size = int(p.get("block_size") or 512)
         if not filename.exists():
             raise _errno_failure(errno.ENOENT)
+        if filename.is_dir():
+            raise _errno_failure(errno.EISDIR)
+        if filename.stat().st_size % block_size:
+            raise _errno_failure(errno.EINVAL)
         self._add_bdev(
             _Bdev(
                 name=name,

@@ -1,5 +1,5 @@
 """The agent's storage driver and model staging on real engines: LocalEngine on a temporary
-directory and SpdkEngine against the SPDK emulator.
+directory and SpdkEngine against spdk_tgt (when SPDK_TGT_BIN names one) or the emulator.
 
 (Agent code, tested here beside the engines' fixtures.)
 """
@@ -34,6 +34,7 @@ from agent.supervisor import materialize_model
 from dataplane.storage.local import LocalEngine
 from dataplane.storage.spdk import SpdkEngine
 
+from .conftest import Target, unused_port
 from .range_server import RangeServer
 from .spdk_emulator import SpdkEmulator
 
@@ -167,6 +168,54 @@ async def test_spdk_exports_use_the_transport_the_node_can_offer(
             }
         )
         assert {r.ok for r in await driver.apply(wrong)} == {False}
+    finally:
+        engine.close()
+
+
+async def test_an_spdk_pool_on_a_file_needs_no_nvme_drive(target: Target, short_dir: Path) -> None:
+    """A machine without a spare NVMe drive (a laptop, the demo) gets an SPDK pool on a file
+    the engine creates at the pool's capacity; its volume is limited and exported as on a
+    drive, on the port the agent was given."""
+    disk = short_dir / "pool.img"
+    port = unused_port()
+    engine = SpdkEngine(target.socket, nqn_prefix=EXPORT_NQN_PREFIX)
+    driver = StorageDriver(engine, "spdk", listen_address="127.0.0.1", listen_port=port)
+    components = Components(
+        pools=[PoolSpec(name="file0", kind="spdk", aio_path=str(disk), capacity_bytes=64 * MIB)],
+        volumes=[VolumeSpec(name="v-1", tenant_id=TENANT, pool="file0", size_bytes=8 * MIB)],
+        exports=[ExportSpec(volume="v-1", tenant_id=TENANT, nqn=export_nqn(TENANT), hosts=[HOST])],
+        qos=[
+            QosSpec(
+                volume="v-1",
+                rw_ios_per_sec=1000,
+                rw_mbytes_per_sec=0,
+                r_mbytes_per_sec=20,
+                w_mbytes_per_sec=0,
+            )
+        ],
+    )
+    try:
+        results = await driver.apply(components)
+        assert all(r.ok for r in results), results
+        assert disk.stat().st_size == 64 * MIB
+        assert not engine.reconcile(storage_spec(components, "spdk", "127.0.0.1", port)).changed
+        (volume,) = engine.observe().volumes
+        assert (volume.size_bytes, volume.qos.rw_ios_per_sec, volume.qos.r_mbytes_per_sec) == (
+            8 * MIB,
+            1000,
+            20,
+        )
+        report = driver.report(NODE)
+        (pool,) = report.pools
+        assert (pool.name, pool.capacity_bytes - pool.free_bytes) == ("file0", 8 * MIB)
+        (endpoint,) = report.exports
+        assert (endpoint.transport, str(endpoint.address), endpoint.port) == (
+            "tcp",
+            "127.0.0.1",
+            port,
+        )
+        assert all(r.ok for r in await driver.apply(Components()))
+        assert engine.call("bdev_get_bdevs") == []  # the file's bdev went with its pool
     finally:
         engine.close()
 

@@ -169,6 +169,24 @@ def test_refusals_carry_spdk_tgts_codes(raw: Callable[..., dict[str, Any]]) -> N
     assert error(raw("nvmf_subsystem_remove_host", {"nqn": nqn, "host": host}))[0] == -32603
 
 
+def test_aio_files_must_exist_and_hold_whole_blocks(
+    raw: Callable[..., dict[str, Any]], short_dir: Path
+) -> None:
+    def create(path: Path) -> dict[str, Any]:
+        return raw("bdev_aio_create", {"filename": str(path), "name": "f0", "block_size": 4096})
+
+    assert error(create(short_dir / "missing.img")) == (-2, "No such file or directory")
+    assert error(create(short_dir)) == (-21, "Is a directory")
+    odd = short_dir / "odd.img"
+    odd.write_bytes(bytes(4096 + 512))
+    assert error(create(odd)) == (-22, "Invalid argument")
+    whole = short_dir / "whole.img"
+    whole.write_bytes(bytes(8 * 4096))
+    assert create(whole)["result"] == "f0"
+    assert raw("bdev_get_bdevs", {"name": "f0"})["result"][0]["num_blocks"] == 8
+    assert raw("bdev_aio_delete", {"name": "f0"})["result"] is True
+
+
 def test_listeners_newest_first_with_normalised_families(
     raw: Callable[..., dict[str, Any]],
 ) -> None:
