@@ -430,14 +430,12 @@ EMPTY_SKETCH = base64.b64encode(LatencySketch().to_bytes()).decode("ascii")
 
 
 _Series = tuple[UUID, UUID, LatencyMetric]
+_Counts = dict[tuple[UUID, UUID, LatencyMetric, float], list[int]]
+_Usage = dict[tuple[UUID, UUID], list[int]]
 _USAGE_FIELDS = ("completed", "failed", "rejected", "cancelled", "input_tokens", "output_tokens")
 
 
-def _tally(
-    windows: Sequence[WorkerWindow],
-) -> tuple[
-    dict[tuple[UUID, UUID, LatencyMetric, float], list[int]], dict[tuple[UUID, UUID], list[int]]
-]:
+def _tally(windows: Sequence[WorkerWindow]) -> tuple[_Counts, _Usage]:
     """Good/total per tenant+deployment+metric+threshold and usage per tenant+deployment,
     summed over the windows (tenants or deployments that are not UUIDs left out)."""
     counts: dict[tuple[UUID, UUID, LatencyMetric, float], list[int]] = {}
@@ -459,11 +457,11 @@ def _tally(
 
 
 def _slo_counts(
-    windows: Sequence[WorkerWindow], thresholds: Sequence[SloThreshold]
+    tally: tuple[_Counts, _Usage], thresholds: Sequence[SloThreshold]
 ) -> dict[_Series, list[ThresholdCount]]:
-    """Each SLO's exact counts from these windows, by the series they travel on:
+    """Each SLO's exact counts from tallied windows, by the series they travel on:
     availability on e2e (good = completed, total = completed + failed + rejected)."""
-    counts, usage = _tally(windows)
+    counts, usage = tally
     out: dict[_Series, list[ThresholdCount]] = {}
     for (tenant, dep, metric, threshold), (good, total) in counts.items():
         for slo in thresholds:
@@ -519,8 +517,9 @@ def windows_to_reading(
     measured = {
         where: [t for t in thresholds if t.measured_at == where] for where in ("worker", "gateway")
     }
-    counted = _slo_counts(windows, measured["worker"])
-    for key, found in _slo_counts(gateway_windows, measured["gateway"]).items():
+    tally = _tally(windows)
+    counted = _slo_counts(tally, measured["worker"])
+    for key, found in _slo_counts(_tally(gateway_windows), measured["gateway"]).items():
         counted.setdefault(key, []).extend(found)
     series = [
         SeriesSketch(
@@ -533,7 +532,7 @@ def windows_to_reading(
         for key in sorted(sketches.keys() | counted.keys(), key=str)
         for tenant, dep, metric in [key]
     ]
-    _counts, usage = _tally(windows)
+    usage = tally[1]
     return Reading(
         gauges=gauges,
         series=series,

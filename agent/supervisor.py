@@ -25,6 +25,7 @@ import socket
 import stat
 import sys
 import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -255,7 +256,7 @@ class RestartAware(Protocol):
 C = TypeVar("C", bound=RestartAware)
 
 
-class ManagedProcess(Generic[C]):
+class ManagedProcess(ABC, Generic[C]):
     """One data-plane process (an inference worker, the gateway) and the task that keeps it
     alive.
 
@@ -306,12 +307,12 @@ class ManagedProcess(Generic[C]):
     @property
     def what(self) -> str:
         """Names the process in logs and errors."""
-        raise NotImplementedError
+        return self.kind
 
     @property
+    @abstractmethod
     def identity(self) -> tuple[str, str]:
         """The field and value its /health answers besides the nonce."""
-        raise NotImplementedError
 
     @property
     def fixed_port(self) -> int | None:
@@ -782,9 +783,11 @@ def render_gateway_config(
     workers: Mapping[UUID, ManagedWorker],
     gateway: GatewaySettings,
     announce: Path,
+    stats_key_sha256: list[str],
 ) -> GatewayConfig:
     """The gateway in front of each deployment the node runs workers of, forwarding to those
-    that answer, at the port and nonce of their current start."""
+    that answer, at the port and nonce of their current start; its stats served to holders
+    of a key with one of `stats_key_sha256`."""
     by_deployment: dict[UUID, list[WorkerSpec]] = {}
     for worker in components.workers:
         by_deployment.setdefault(worker.deployment_id, []).append(worker)
@@ -811,6 +814,7 @@ def render_gateway_config(
         announce=announce,
         counters_url=gateway.counters_url,
         deployments=routes,
+        stats_key_sha256=stats_key_sha256,
     )
 
 
@@ -826,10 +830,6 @@ class ManagedGateway(ManagedProcess[GatewayConfig]):
     ) -> None:
         self.spec = spec
         super().__init__(config, settings.work_dir / "gateway", settings)
-
-    @property
-    def what(self) -> str:
-        return "gateway"
 
     @property
     def identity(self) -> tuple[str, str]:
@@ -929,15 +929,14 @@ class GatewaySupervisor:
         return self._settings.work_dir / "gateway"
 
     def _render(self, spec: GatewaySpec, components: Components) -> GatewayConfig:
-        config = render_gateway_config(
+        return render_gateway_config(
             spec,
             components,
             self._workers.workers,
             self._gateway,
             self._directory / "run" / "endpoint.json",
+            [hashlib.sha256(self._stats_key.encode()).hexdigest()],
         )
-        digest = hashlib.sha256(self._stats_key.encode()).hexdigest()
-        return config.model_copy(update={"stats_key_sha256": [digest]})
 
     def _refresh(self) -> None:
         if self.process is None or self._desired is None:

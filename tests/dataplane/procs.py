@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -22,7 +23,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class ServerProcess:
+class ServerProcess(ABC):
     """A server subprocess until the context exits; ``name`` names its files."""
 
     module = ""
@@ -45,9 +46,9 @@ class ServerProcess:
         """Command-line arguments beyond the config and the log level."""
         return []
 
+    @abstractmethod
     def ready(self) -> bool:
         """Whether the started process serves; an HTTP error counts as not yet."""
-        raise NotImplementedError
 
     def __enter__(self) -> Self:
         self.start()
