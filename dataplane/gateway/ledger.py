@@ -20,6 +20,10 @@ both implementations (Redis for several gateways, in-process for one):
   interval T the tenant is sent at most ``burst + rate * T`` tokens plus the reservations
   of the requests running at its ends, and as long as it has waiting requests its rate
   is ``rate``.
+- A request sent on while every replica is full (to be given a row the worker pauses
+  for it) names the fleet's batch slots (``share_of``): it may start only while its
+  tenant holds fewer leases than its weighted share of those slots among the active
+  tenants (waiting or holding leases) of its class and above.
 - Waiting is registered per gateway, with the reservation of the tenant's next request
   there and an expiry, so a dead gateway's waiting tenants stop holding others back.
 
@@ -44,8 +48,8 @@ _DEFAULT = TenantConfig.model_validate({})
 
 @dataclass(frozen=True)
 class Decision:
-    """Whether a request may start; if not, why (``priority``, ``fair``, ``concurrency``
-    or ``tokens``) and, for ``tokens``, how long until the bucket holds enough. ``counter``
+    """Whether a request may start; if not, why (``priority``, ``fair``, ``share``,
+    ``concurrency`` or ``tokens``) and, for ``tokens``, how long until the bucket holds enough. ``counter``
     is the tenant's virtual counter as the ledger saw it."""
 
     ok: bool
@@ -63,6 +67,7 @@ class StartRequest:
     cost: float  # weighted prompt tokens / weight: what the counter advances by at start
     reserve: int  # output tokens reserved from the bucket
     last: bool  # the tenant's last request waiting at this gateway
+    share_of: int = 0  # the fleet's batch slots, for a request sent on beyond them
 
 
 class Ledger(Protocol):
@@ -219,6 +224,8 @@ class InProcessLedger:
             if limits.priority == mine.priority and book.counters.get(other, 0.0) < counter:
                 return Decision(False, "fair", counter=counter)
         held = self._leases(book, me, now)
+        if request.share_of and held + 1 > self._share(book, me, request.share_of, tenants, now):
+            return Decision(False, "share", counter=counter)
         if mine.max_concurrency is not None and held >= mine.max_concurrency:
             return Decision(False, "concurrency", counter=counter)
         level = self._level(book, mine, me, now)
@@ -234,6 +241,27 @@ class InProcessLedger:
             book.backlog.pop((me, gateway), None)
             book.needs.pop((me, gateway), None)
         return Decision(True, counter=counter + request.cost)
+
+    def _share(
+        self,
+        book: _Book,
+        tenant: str,
+        slots: int,
+        tenants: Mapping[str, TenantConfig],
+        now: float,
+    ) -> float:
+        """The tenant's weighted share of ``slots`` among the active tenants of its class
+        and above."""
+        mine = tenants.get(tenant, _DEFAULT)
+        active = self._backlogged(book, now) | {
+            t for t in list(book.leases) if self._leases(book, t, now) > 0
+        }
+        total = mine.weight + sum(
+            tenants[t].weight
+            for t in active - {tenant}
+            if t in tenants and tenants[t].priority >= mine.priority
+        )
+        return slots * mine.weight / total
 
     def _eligible(self, book: _Book, tenant: str, limits: TenantConfig, now: float) -> bool:
         """Whether the tenant's own limits let one more of its requests start now."""
@@ -364,26 +392,27 @@ local function set_waiting(gw, waiting, reserves, ttl)
 end
 """
 
-# ARGV: prefix gw tenant lease cost reserve lease_ttl backlog_ttl last nwait
-# (waiting tenant, its reservation)... then per tenant of the deployment: name priority max_concurrency rate cap
-# (-1 for none).
+# ARGV: prefix gw tenant lease cost reserve lease_ttl backlog_ttl last share_of nwait
+# (waiting tenant, its reservation)... then per tenant of the deployment: name priority
+# weight max_concurrency rate cap (-1 for none).
 _TRY_START = (
     _LUA_COMMON
     + """
 local gw, me, lease = ARGV[2], ARGV[3], ARGV[4]
 local cost, reserve = tonumber(ARGV[5]), tonumber(ARGV[6])
 local lease_ttl, backlog_ttl, last = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9] == '1'
-local nwait = tonumber(ARGV[10])
+local share_of, nwait = tonumber(ARGV[10]), tonumber(ARGV[11])
 local waiting, reserves = {}, {}
-local i = 11
+local i = 12
 for _ = 1, nwait do
   waiting[#waiting + 1] = ARGV[i]; reserves[ARGV[i]] = ARGV[i + 1]; i = i + 2
 end
 local info = {}
 while i <= #ARGV do
-  info[ARGV[i]] = {prio = tonumber(ARGV[i + 1]), maxc = tonumber(ARGV[i + 2]),
-                   rate = tonumber(ARGV[i + 3]), cap = tonumber(ARGV[i + 4])}
-  i = i + 5
+  info[ARGV[i]] = {prio = tonumber(ARGV[i + 1]), w = tonumber(ARGV[i + 2]),
+                   maxc = tonumber(ARGV[i + 3]), rate = tonumber(ARGV[i + 4]),
+                   cap = tonumber(ARGV[i + 5])}
+  i = i + 6
 end
 local function eligible(name)
   local cfg = info[name]
@@ -402,6 +431,23 @@ for other in pairs(backlogged()) do
     if p == mine.prio and counter(other) < mine_c then
       return {0, 'fair', '0', tostring(mine_c)}
     end
+  end
+end
+if share_of > 0 then
+  local total, counted = mine.w, {[me] = true}
+  local function count(name)
+    local cfg = info[name]
+    if not counted[name] and cfg ~= nil and cfg.prio >= mine.prio then
+      counted[name] = true
+      total = total + cfg.w
+    end
+  end
+  for name in pairs(backlogged()) do count(name) end
+  for _, name in ipairs(redis.call('SMEMBERS', prefix .. 'leased')) do
+    if leases(name) > 0 then count(name) end
+  end
+  if leases(me) + 1 > share_of * mine.w / total then
+    return {0, 'share', '0', tostring(mine_c)}
   end
 end
 if mine.maxc >= 0 and leases(me) >= mine.maxc then
@@ -525,10 +571,11 @@ class RedisLedger:
             repr(self._lease_ttl),
             repr(self._backlog_ttl),
             "1" if request.last else "0",
+            str(request.share_of),
             *_waiting_args(waiting),
         ]
         for name, limits in table.items():
-            args += [name, str(limits.priority), *_limits_args(limits)]
+            args += [name, str(limits.priority), repr(limits.weight), *_limits_args(limits)]
         ok, reason, wait, counter = await self._try_start(args=args)
         return Decision(bool(ok), _text(reason), float(wait), float(counter))
 

@@ -11,18 +11,29 @@ queued ahead of it, and those this gateway sent that the replica's state may not
 yet, leave none free, running requests finish at about ``running / mean_e2e`` per second), then
 the prompt tokens ahead of it and its own at the step's prompt budget, each step also
 decoding the batch.
+
+When every replica is full, a request of a tenant holding less than its share may still
+go ahead to a replica whose worker would pause a row for it (``choose_ahead``): the
+stream also says which tenants hold the batch's rows, and the worker's fair scheduler
+pauses a row of a lower class, or of a tenant past its weighted share of the rows, for a
+tenant under its own. The request then starts at the worker's next step instead of
+waiting here for a slot to free.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from dataplane.gateway.config import ReplicaConfig
+from dataplane.inference.config import TenantConfig
 
 # Weight of each measured TTFT in a replica's learnt bias.
 _BIAS_SMOOTHING = 0.1
+_DEFAULT_TENANT = TenantConfig.model_validate({})
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,7 @@ class ReplicaState:
     step_s: float
     prefill_token_s: float
     mean_e2e_s: float
+    rows: Mapping[str, int] = field(default_factory=dict)  # batch slots held, by tenant
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> ReplicaState:
@@ -54,6 +66,7 @@ class ReplicaState:
             step_s=float(message["step_s"]),
             prefill_token_s=float(message["prefill_token_s"]),
             mean_e2e_s=float(message["mean_e2e_s"]),
+            rows={str(t): int(n) for t, n in message.get("rows", {}).items()},
         )
 
     @property
@@ -68,6 +81,7 @@ class Dispatch:
     one (the worker queues a request before it answers, and sends a message when it
     does) and at once for a whole one, which answers only at the end."""
 
+    tenant: str
     prompt_tokens: int
     messages: int | None
 
@@ -119,9 +133,9 @@ class Replica:
         state = self.state
         return state.free_slots + queue_ahead - state.queued_requests - self.sent
 
-    def routed(self, prompt_tokens: int, streamed: bool) -> Dispatch:
+    def routed(self, tenant: str, prompt_tokens: int, streamed: bool) -> Dispatch:
         self.routed_total += 1
-        dispatch = Dispatch(prompt_tokens, None if streamed else 2)
+        dispatch = Dispatch(tenant, prompt_tokens, None if streamed else 2)
         self._unseen.append(dispatch)
         return dispatch
 
@@ -135,13 +149,15 @@ class Replica:
         if dispatch in self._unseen:
             self._unseen.remove(dispatch)
 
-    def predict(self, prompt_tokens: int, priority: int) -> float:
+    def predict(self, prompt_tokens: int, priority: int, slot_wait: bool = True) -> float:
         """Predicted TTFT (seconds) of a request sent now; inf when down."""
         if not self.up or self.state is None:
             return math.inf
-        return self.model_ttft(prompt_tokens, priority) + self.bias
+        return self.model_ttft(prompt_tokens, priority, slot_wait) + self.bias
 
-    def model_ttft(self, prompt_tokens: int, priority: int) -> float:
+    def model_ttft(self, prompt_tokens: int, priority: int, slot_wait: bool = True) -> float:
+        """The prediction before the learnt bias; without ``slot_wait`` for a request the
+        worker pauses a row for."""
         state = self.state
         assert state is not None, "predict only for a replica with a state"
         ahead = [(count, tokens) for p, count, tokens in state.queued if p >= priority]
@@ -149,13 +165,49 @@ class Replica:
         tokens = sum(t for _, t in ahead) + self.sent_tokens + state.prefill_tokens + prompt_tokens
         step = state.step_s
         per_token = state.prefill_token_s or step / max(1, state.max_tokens_per_step)
-        slot_wait = 0.0
+        wait = 0.0
         excess = requests_ahead + 1 - state.free_slots
-        if excess > 0:
-            slot_wait = excess * state.mean_e2e_s / max(1, state.running)
+        if slot_wait and excess > 0:
+            wait = excess * state.mean_e2e_s / max(1, state.running)
         budget = max(1, state.max_tokens_per_step - state.running)
         steps = math.ceil(tokens / budget)
-        return slot_wait + step / 2 + tokens * per_token + steps * step
+        return wait + step / 2 + tokens * per_token + steps * step
+
+    def rows_of(self, tenant: str) -> int:
+        """The tenant's rows here, with what this gateway sent that the state does not
+        show yet."""
+        shown = self.state.rows.get(tenant, 0) if self.state else 0
+        return shown + sum(1 for d in self._unseen if d.tenant == tenant)
+
+    def pauses_for(self, tenant: str, tenants: Mapping[str, TenantConfig]) -> bool:
+        """Whether this replica's worker would pause a running row for one more request
+        of ``tenant``, as its fair scheduler decides: a row of a lower class (one not
+        already claimed by a request this gateway sent), or, within the class, a row of a
+        tenant past its weighted share of the batch while ``tenant`` stays within its own.
+        What this gateway sent that the state does not show yet counts as the tenant's
+        rows."""
+        if not self.up or self.state is None:
+            return False
+
+        def config(name: str) -> TenantConfig:
+            return tenants.get(name, _DEFAULT_TENANT)
+
+        mine = config(tenant).priority
+        rows = Counter(self.state.rows)
+        rows[tenant] = self.rows_of(tenant)
+        peers = {t: n for t, n in rows.items() if n and config(t).priority == mine}
+        lower = sum(n for t, n in rows.items() if config(t).priority < mine)
+        if lower > self.sent:  # a lower-class row is left to pause for each sent here
+            return True
+        total = sum(config(t).weight for t in peers.keys() | {tenant})
+        slots = self.state.max_batch_size
+
+        def share(name: str) -> float:
+            return slots * config(name).weight / total
+
+        if peers.get(tenant, 0) + 1 > share(tenant):
+            return False
+        return any(n > share(t) for t, n in peers.items() if t != tenant)
 
     def observed(self, predicted_model_ttft: float, measured: float) -> None:
         """Learn the bias from a TTFT this gateway measured (dispatch to first token)."""
@@ -175,3 +227,18 @@ def choose(
         if best_key is None or key < best_key:
             best, best_key = replica, key
     return best
+
+
+def choose_ahead(
+    replicas: list[Replica], tenant: str, prompt_tokens: int, tenants: Mapping[str, TenantConfig]
+) -> Replica | None:
+    """Where a request of ``tenant`` may go while no replica has room: a replica whose
+    worker would pause a row for it, with the fewest of the tenant's rows there, then the
+    lowest predicted TTFT."""
+    priority = tenants.get(tenant, _DEFAULT_TENANT).priority
+    willing = [r for r in replicas if r.pauses_for(tenant, tenants)]
+    return min(
+        willing,
+        key=lambda r: (r.rows_of(tenant), r.predict(prompt_tokens, priority, slot_wait=False)),
+        default=None,
+    )

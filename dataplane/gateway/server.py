@@ -12,7 +12,9 @@ A request waits at the gateway until a replica has a free batch slot (``queue_ah
 more, if configured) and the fleet-wide ledger lets its tenant start (``ledger.py``:
 priority classes, virtual token counters, concurrency and token rate, shared by every
 gateway through Redis); then it goes to the replica with the lowest predicted TTFT
-(``routing.py``). While requests wait, those of a lower priority class that can no
+(``routing.py``). While every replica is full, a tenant under its weighted share of the
+fleet's slots may still go ahead to a replica whose worker would pause another tenant's
+row for it, so it waits a step there rather than for a request to end. While requests wait, those of a lower priority class that can no
 longer meet their TTFT objective get 429 (with Retry-After) while a higher class waits
 too; any request gets 429 when its tenant's queue here is full or after ``max_wait_s``.
 
@@ -59,7 +61,7 @@ from dataplane.asgi import (
 from dataplane.gateway.config import DeploymentRoute, GatewayConfig
 from dataplane.gateway.ledger import InProcessLedger, Ledger, RedisLedger, StartRequest
 from dataplane.gateway.metrics import GatewayMetrics
-from dataplane.gateway.routing import Dispatch, Replica, ReplicaState, choose
+from dataplane.gateway.routing import Dispatch, Replica, ReplicaState, choose, choose_ahead
 from dataplane.inference.config import TenantConfig
 from dataplane.inference.metrics import RequestTiming, TelemetryStats
 from dataplane.inference.protocol import ApiError
@@ -393,16 +395,23 @@ class Gateway:
                 self._reject(dep, waiter, "no replica can meet its TTFT objective now")
         skip: set[str] = set()
         replicas = list(dep.replicas.values())
+        configs = dep.route.tenants
         while True:
             tenants = [t for t in dep.waiting_tenants() if t not in skip]
-            if not tenants or not any(r.room(admission.queue_ahead) > 0 for r in replicas):
+            full = not any(r.room(admission.queue_ahead) > 0 for r in replicas)
+            if full:  # only a tenant some worker would pause a row for goes on ahead
+                tenants = [t for t in tenants if any(r.pauses_for(t, configs) for r in replicas)]
+            if not tenants:
                 return
             tenant = min(tenants, key=lambda t: (-dep.limits(t).priority, dep.counters.get(t, 0.0)))
             queue = dep.waiting[tenant]
             waiter = queue[0]
-            limits = dep.route.tenants.get(tenant, _DEFAULT_TENANT)
+            limits = configs.get(tenant, _DEFAULT_TENANT)
             cost = waiter.prompt_tokens * dep.route.input_token_weight / limits.weight
-            request = StartRequest(tenant, waiter.lease, cost, waiter.reserve, len(queue) == 1)
+            slots = sum(r.state.max_batch_size for r in replicas if r.up and r.state) if full else 0
+            request = StartRequest(
+                tenant, waiter.lease, cost, waiter.reserve, len(queue) == 1, share_of=slots
+            )
             decision = await self.ledger.try_start(
                 dep.route.deployment_id,
                 self.config.gateway_id,
@@ -417,17 +426,24 @@ class Gateway:
                 continue
             if waiter in queue:
                 queue.remove(waiter)
-            replica = choose(replicas, waiter.prompt_tokens, waiter.priority, admission.queue_ahead)
+            replica = (
+                choose_ahead(replicas, tenant, waiter.prompt_tokens, configs)
+                if full
+                else choose(replicas, waiter.prompt_tokens, waiter.priority, admission.queue_ahead)
+            )
             if waiter.future.done() or replica is None:
                 await self.ledger.finish(
                     dep.route.deployment_id, tenant, waiter.lease, waiter.reserve, limits
                 )
                 if replica is None and not waiter.future.done():
                     queue.appendleft(waiter)
+                    skip.add(tenant)  # the replicas changed meanwhile: next round
                 continue
             # The slot is taken here, before the next choice, not when the request is sent.
-            waiter.predicted = replica.model_ttft(waiter.prompt_tokens, waiter.priority)
-            waiter.dispatch = replica.routed(waiter.prompt_tokens, waiter.stream)
+            waiter.predicted = replica.model_ttft(
+                waiter.prompt_tokens, waiter.priority, slot_wait=not full
+            )
+            waiter.dispatch = replica.routed(tenant, waiter.prompt_tokens, waiter.stream)
             dep.leases.setdefault(tenant, set()).add(waiter.lease)
             waiter.future.set_result(replica)
 
@@ -710,7 +726,7 @@ class GatewayApp(ModelServer):
                 replica = current = fallback
             if dispatch is None:
                 predicted = current.model_ttft(waiter.prompt_tokens, waiter.priority)
-                dispatch = current.routed(waiter.prompt_tokens, stream)
+                dispatch = current.routed(tenant, waiter.prompt_tokens, stream)
             current.inflight += 1
             forward = _Forward(asyncio.current_task())
             dep.forwards[current.replica_id].add(forward)

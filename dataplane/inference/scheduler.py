@@ -507,7 +507,8 @@ class Scheduler:
 
     def state(self) -> dict[str, Any]:
         """What a gateway needs to predict a new request's TTFT here: the work queued
-        ahead of it per priority class, the batch's occupancy and the measured costs."""
+        ahead of it per priority class, the batch's occupancy (and who holds it) and the
+        measured costs."""
         queued: dict[int, list[int]] = {}
         for request in self.policy.queued():
             entry = queued.setdefault(request.priority, [0, 0])
@@ -516,6 +517,8 @@ class Scheduler:
         started = sum(max(0, len(r.seq.prompt) - r.seq.prefilled) for r in self._prefilling)
         return {
             "running": len(self.running),
+            # Batch slots per tenant: a gateway reads who holds more than its share.
+            "rows": dict(Counter(r.tenant for r in self.running)),
             "max_batch_size": self.batching.max_batch_size,
             "free_slots": max(0, self._row_cap() - len(self.running)),
             "queued": [

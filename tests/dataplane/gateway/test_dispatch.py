@@ -205,6 +205,30 @@ async def test_one_round_fills_each_replica_once() -> None:
         await setup.close()
 
 
+async def test_with_every_replica_full_a_tenant_under_its_share_goes_ahead() -> None:
+    """Both replicas are full of b's rows (b is past its share of 2 of 4 slots): a goes
+    ahead, to be given b's rows, up to its share on each; b itself waits here."""
+    setup = Setup({})
+    try:
+        for replica in setup.dep.replicas.values():
+            replica.update(state(free_slots=0, running=4, rows={"b": 4}))
+        waiters = [
+            _Waiter("a", 0, 10, 10, time.perf_counter(), None, stream=True) for _ in range(6)
+        ]
+        setup.dep.waiting["a"] = deque(waiters)
+        await setup.gateway._dispatch_round(setup.dep)
+        chosen = [w.future.result().replica_id for w in waiters if w.future.done()]
+        assert sorted(chosen) == ["r0", "r0", "r1", "r1"]
+        assert setup.dep.waiting_count() == 2
+        # Once a holds its share everywhere, nothing more goes ahead.
+        for replica in setup.dep.replicas.values():
+            replica.update(state(free_slots=0, running=4, rows={"a": 2, "b": 2}))
+        await setup.gateway._dispatch_round(setup.dep)
+        assert setup.dep.waiting_count() == 2
+    finally:
+        await setup.close()
+
+
 async def test_a_waiter_gone_during_a_round_is_skipped() -> None:
     setup = Setup({})
     try:

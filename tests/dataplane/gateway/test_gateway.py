@@ -44,13 +44,20 @@ def redis_url() -> str:
 
 
 def start_workers(
-    stack: ExitStack, model_dirs: list[Path], workdir: Path
+    stack: ExitStack,
+    model_dirs: list[Path],
+    workdir: Path,
+    tenants: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, WorkerProcess]:
+    """Workers serving every test key; ``tenants`` adds to some tenants' configs (the
+    weights and classes their gateways have, as the agent renders both)."""
     workers = {}
     for index, model in enumerate(model_dirs):
         config = worker_config(
             model, workdir / f"cache{index}", KEYS, batching={"max_batch_size": BATCH}
         )
+        for name, fields in (tenants or {}).items():
+            config["tenants"][name].update(fields)
         workers[f"r{index}"] = stack.enter_context(
             WorkerProcess(config, workdir / f"worker{index}")
         )
@@ -372,11 +379,11 @@ def test_fleet_wide_token_rate(workers: dict[str, WorkerProcess], tmp_path: Path
     assert tokens >= 0.95 * rate * (end - start) - slack, (tokens, end - start)
 
 
-def test_weighted_shares_with_most_traffic_at_one_gateway(
-    workers: dict[str, WorkerProcess], tmp_path: Path
-) -> None:
+def test_weighted_shares_with_most_traffic_at_one_gateway(model_dir: Path, tmp_path: Path) -> None:
+    weights = {"a": {"weight": 1}, "b": {"weight": 3}}
     with ExitStack() as stack:
-        first, second = gateways(stack, workers, {"a": {"weight": 1}, "b": {"weight": 3}}, tmp_path)
+        workers = start_workers(stack, [model_dir, model_dir], tmp_path, weights)
+        first, second = gateways(stack, workers, weights, tmp_path)
         # 21 of the 26 streams enter the first gateway; the replicas have 8 slots. Each
         # tenant has more streams than its share of slots, so both always have requests
         # waiting somewhere and the shares are the counters' (a tenant with none waiting
@@ -393,6 +400,40 @@ def test_weighted_shares_with_most_traffic_at_one_gateway(
     a_tokens = tokens_between(results[0], start, end)
     b_tokens = tokens_between(results[1] + results[2], start, end)
     assert abs(b_tokens / a_tokens - 3.0) <= 0.3, (a_tokens, b_tokens)
+
+
+def test_a_tenant_under_its_share_is_not_held_behind_full_replicas(
+    workers: dict[str, WorkerProcess], tmp_path: Path
+) -> None:
+    """Every slot of both replicas runs one of b's long streams. a's short request goes
+    ahead and is served, first token to last, while all of b's still stream: a worker
+    pauses one of b's rows for it, instead of a waiting for one of them to end."""
+    with ExitStack() as stack:
+        (gateway,) = gateways(stack, workers, {"a": {}, "b": {}}, tmp_path, count=1)
+
+        async def scenario() -> tuple[Streamed, list[Streamed]]:
+            limits = httpx.Limits(max_connections=None)
+            async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+                running = [asyncio.Event() for _ in range(2 * BATCH)]
+                long = [
+                    asyncio.create_task(
+                        stream(client, gateway.base_url, KEYS["b"], 400, first_token=event)
+                    )
+                    for event in running
+                ]
+                for event, task in zip(running, long, strict=True):
+                    await asyncio.wait(
+                        [asyncio.create_task(event.wait()), task],
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    assert event.is_set(), task.result()
+                short = await stream(client, gateway.base_url, KEYS["a"], 4)
+                return short, list(await asyncio.gather(*long))
+
+        short, long = asyncio.run(scenario())
+    assert short.status == 200 and len(short.token_times) == 4
+    assert all(r.status == 200 and len(r.token_times) == 400 for r in long)
+    assert short.token_times[-1] < min(r.token_times[-1] for r in long)
 
 
 def test_priority_classes_shed_the_lower_one_first(

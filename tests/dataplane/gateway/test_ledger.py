@@ -76,8 +76,10 @@ def tenants(**fields: dict[str, object]) -> dict[str, TenantConfig]:
     return {name: TenantConfig.model_validate(values) for name, values in fields.items()}
 
 
-def start(tenant: str, cost: float = 10.0, reserve: int = 10, last: bool = True) -> StartRequest:
-    return StartRequest(tenant, uuid.uuid4().hex, cost, reserve, last)
+def start(
+    tenant: str, cost: float = 10.0, reserve: int = 10, last: bool = True, share_of: int = 0
+) -> StartRequest:
+    return StartRequest(tenant, uuid.uuid4().hex, cost, reserve, last, share_of)
 
 
 async def eventually_starts(
@@ -239,3 +241,29 @@ async def test_a_tenant_its_bucket_holds_back_holds_nobody_back(ledger: Ledger, 
     await ledger.heartbeat(dep, "g2", {"a": 5}, {})
     refused = await ledger.try_start(dep, "g1", start("b"), {"b": 10}, table)
     assert (refused.ok, refused.reason) == (False, "fair")
+
+
+async def test_going_beyond_the_slots_holds_a_tenant_to_its_weighted_share(
+    ledger: Ledger, dep: str
+) -> None:
+    table = tenants(a={"weight": 1}, b={"weight": 3}, lo={"priority": -1})
+    # lo holds leases, but a lower class does not count against the others' shares.
+    assert (await ledger.try_start(dep, "g1", start("lo", cost=0), {"lo": 10}, table)).ok
+    # a alone (b idle): a share of all 8 slots.
+    for _ in range(8):
+        beyond = start("a", cost=0, last=False, share_of=8)
+        assert (await ledger.try_start(dep, "g1", beyond, {"a": 10}, table)).ok
+    refused = await ledger.try_start(dep, "g1", start("a", share_of=8), {"a": 10}, table)
+    assert (refused.ok, refused.reason) == (False, "share")
+    # b waiting too: b's share is 6, a's 2 (it holds 8: nothing more beyond the slots).
+    await ledger.heartbeat(dep, "g2", {"b": 10}, {})
+    for _ in range(6):
+        assert (
+            await ledger.try_start(
+                dep, "g2", start("b", cost=0, last=False, share_of=8), {"b": 10}, table
+            )
+        ).ok
+    refused = await ledger.try_start(dep, "g2", start("b", cost=0, share_of=8), {"b": 10}, table)
+    assert (refused.ok, refused.reason) == (False, "share")
+    # Within the slots (no share_of), only the usual rules apply.
+    assert (await ledger.try_start(dep, "g2", start("b", cost=0), {"b": 10}, table)).ok

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from dataplane.gateway.config import ReplicaConfig
-from dataplane.gateway.routing import Replica, ReplicaState, choose
+from dataplane.gateway.routing import Replica, ReplicaState, choose, choose_ahead
+from dataplane.inference.config import TenantConfig
 
 
 def replica(name: str = "r", **state: Any) -> Replica:
@@ -61,7 +62,7 @@ def test_each_replica_is_predicted_from_its_own_costs() -> None:
 def test_requests_sent_count_until_the_replica_can_show_them() -> None:
     one = replica(free_slots=1)
     before = one.predict(50, 0)
-    streamed = one.routed(50, streamed=True)
+    streamed = one.routed("a", 50, streamed=True)
     assert one.room(0) == 0 and one.predict(50, 0) > before
     assert choose([one], 50, 0, queue_ahead=0) is None
     assert choose([one], 50, 0, queue_ahead=1) is one
@@ -74,7 +75,7 @@ def test_requests_sent_count_until_the_replica_can_show_them() -> None:
     one.update(ReplicaState.from_message(_message(one)))
     assert one.room(0) == 1
     # A whole (non-streamed) one counts for the next two state messages.
-    one.routed(50, streamed=False)
+    one.routed("a", 50, streamed=False)
     one.update(ReplicaState.from_message(_message(one)))
     assert one.room(0) == 0
     one.update(ReplicaState.from_message(_message(one)))
@@ -105,3 +106,49 @@ def test_a_down_replica_is_never_chosen_and_the_bias_is_learnt() -> None:
     for _ in range(100):
         up.observed(model, model + 0.005)
     assert up.predict(10, 0) == pytest.approx(model + 0.005, rel=0.01)
+
+
+def configs(**fields: dict[str, object]) -> dict[str, TenantConfig]:
+    return {name: TenantConfig.model_validate(values) for name, values in fields.items()}
+
+
+def test_a_full_worker_pauses_for_a_tenant_under_its_share_only() -> None:
+    table = configs(a={}, b={})
+    held = replica(running=8, free_slots=0, rows={"b": 8})
+    # 8 slots, two tenants: a share of 4 each. b holds 8; a may take up to 4 of them.
+    assert held.pauses_for("a", table) and not held.pauses_for("b", table)
+    for _ in range(4):
+        assert held.pauses_for("a", table)
+        held.routed("a", 10, streamed=True)
+    assert not held.pauses_for("a", table)
+    # Nobody past its share: nothing to pause.
+    even = replica(running=8, free_slots=0, rows={"a": 4, "b": 4})
+    assert not even.pauses_for("a", table) and not even.pauses_for("b", table)
+
+
+def test_weights_set_the_shares_a_worker_pauses_by() -> None:
+    table = configs(a={"weight": 1}, b={"weight": 3})
+    # b's share of 8 is 6: at 6 it is not past it, at 7 it is (for one row of a).
+    assert not replica(running=8, free_slots=0, rows={"a": 2, "b": 6}).pauses_for("a", table)
+    assert replica(running=8, free_slots=0, rows={"a": 1, "b": 7}).pauses_for("a", table)
+    assert replica(running=8, free_slots=0, rows={"a": 5, "b": 3}).pauses_for("b", table)
+
+
+def test_a_lower_class_row_is_paused_for_a_higher_class_once_per_row() -> None:
+    table = configs(hi={"priority": 1}, lo={})
+    held = replica(running=8, free_slots=0, rows={"lo": 2, "hi": 6})
+    assert not held.pauses_for("lo", table)
+    for _ in range(2):
+        assert held.pauses_for("hi", table)
+        held.routed("hi", 10, streamed=True)
+    assert not held.pauses_for("hi", table)
+
+
+def test_going_ahead_picks_where_the_tenant_holds_fewest_rows() -> None:
+    table = configs(a={}, b={})
+    fast_but_mine = replica("fast", running=8, free_slots=0, rows={"a": 2, "b": 6}, step_s=0.001)
+    slow = replica("slow", running=8, free_slots=0, rows={"b": 8}, step_s=0.05)
+    assert choose_ahead([fast_but_mine, slow], "a", 10, table) is slow
+    slow.mark_down()
+    assert choose_ahead([fast_but_mine, slow], "a", 10, table) is fast_but_mine
+    assert choose_ahead([fast_but_mine, slow], "b", 10, table) is None

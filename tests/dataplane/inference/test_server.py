@@ -276,8 +276,8 @@ def test_stats_endpoint_sequence_numbers(worker: WorkerProcess) -> None:
 
 
 def test_state_stream_pushes_on_change(worker: WorkerProcess) -> None:
-    """Idle, the stream sends its heartbeat; a request shows up as it runs, and the
-    measured step cost arrives with the first steps."""
+    """Idle, the stream sends its heartbeat; a request shows up as it runs (with its
+    tenant's row), and the measured step cost arrives with the first steps."""
     url = f"{worker.base_url}/v1/internal/state"
     seen: list[dict[str, Any]] = []
     with httpx.stream("GET", url, timeout=30) as response:
@@ -297,6 +297,7 @@ def test_state_stream_pushes_on_change(worker: WorkerProcess) -> None:
                 next(chunks)
                 while not any(m["running"] for m in seen):
                     seen.append(json.loads(next(lines)))
+                assert next(m for m in seen if m["running"])["rows"] == {"alice": 1}
                 for _ in chunks:
                     pass
         while seen[-1]["running"]:
