@@ -579,8 +579,8 @@ class WorkerStats:
         self._applied = applied
         self._http = http
         self._timeout_s = timeout_s
-        # (gateway instance, routed count, monotonic time) per deployment/replica
-        self._routed: dict[str, tuple[str, int, float]] = {}
+        # (gateway instance, routed count, monotonic time) per (deployment, replica)
+        self._routed: dict[tuple[str, str], tuple[str, int, float]] = {}
 
     async def collect(self, cursors: Mapping[str, str]) -> Reading:
         sources: list[tuple[str, str, str | None]] = [
@@ -611,6 +611,9 @@ class WorkerStats:
         reading = windows_to_reading(
             taken[False], self._applied.components.slo_thresholds, taken[True]
         )
+        fronting = set(fronted.deployments) if fronted is not None else set()
+        for gone in [k for k in self._routed if k[0] not in fronting]:
+            del self._routed[gone]
         reading.gauges.update(self._routing(taken[True], time.monotonic()))
         reading.cursors = new_cursors
         return reading
@@ -618,17 +621,23 @@ class WorkerStats:
     def _routing(self, windows: list[WorkerWindow], now: float) -> dict[str, float]:
         """Gauges `worker.<deployment>.<name>:<replica>` of where the gateway sends each
         deployment's requests and why: requests routed per second since the last window
-        of the same gateway start, the TTFT it predicts there, whether it is up."""
+        of the same gateway start, the TTFT it predicts there, whether it is up. Replicas
+        a window no longer names are forgotten."""
         gauges: dict[str, float] = {}
         for window in windows:
             prefix = f"worker.{window.deployment_id}."
+            named = {(window.deployment_id, r.replica_id) for r in window.replicas}
+            for gone in [
+                k for k in self._routed if k[0] == window.deployment_id and k not in named
+            ]:
+                del self._routed[gone]
             for replica in window.replicas:
                 gauges[f"{prefix}up:{replica.replica_id}"] = float(replica.up)
                 if replica.predicted_ttft_s is not None:
                     gauges[f"{prefix}predicted_ttft:{replica.replica_id}"] = (
                         replica.predicted_ttft_s
                     )
-                key = f"{window.deployment_id}/{replica.replica_id}"
+                key = (window.deployment_id, replica.replica_id)
                 before = self._routed.get(key)
                 self._routed[key] = (window.instance, replica.routed, now)
                 if before is not None and before[0] == window.instance and now > before[2]:

@@ -323,3 +323,8 @@ async def test_the_gateways_routing_becomes_per_replica_gauges() -> None:
     assert later[f"{prefix}routed:{replica}"] == 3.0  # 6 requests in 2 s
     down = stats._routing([routed("g2", 1, None)], now=103.0)  # noqa: SLF001
     assert down == {f"{prefix}up:{replica}": 0.0}  # a new gateway start: no rate yet
+    emptied = WorkerWindow.model_validate(
+        {"instance": "g2", "seq": 2, "deployment_id": str(DEP_A), "replicas": []}
+    )
+    assert stats._routing([emptied], now=104.0) == {}  # noqa: SLF001
+    assert not stats._routed  # noqa: SLF001  # a replica no longer named is forgotten
