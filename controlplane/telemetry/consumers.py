@@ -1,8 +1,9 @@
 """`/ws/agent/`: the WebSocket each agent streams its telemetry batches over.
 
 One text frame in is one `TelemetryBatch`; one `TelemetryAck` frame goes back for each,
-once the batch is durable (or at once when it is rejected or must be retried). Acks may
-overtake each other; the agent matches them by `seq`.
+once the batch is durable or rejected (or at once when it must be retried). Acks may
+overtake each other; the agent matches them by `seq`. The frame is parsed and validated
+on the ingestor's thread (see `ingest`), not on the event loop.
 """
 
 from __future__ import annotations
@@ -18,10 +19,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from agent.protocol import TelemetryAck
 from controlplane.inventory.models import Node
 from controlplane.inventory.services import authenticate_node
-from controlplane.telemetry import metrics
 from controlplane.telemetry.ingest import ingestor
-from controlplane.telemetry.pipeline.validate import BatchRejected, parse_batch
-from controlplane.telemetry.services import Rejection
 
 log = logging.getLogger(__name__)
 
@@ -64,23 +62,12 @@ class AgentTelemetryConsumer(AsyncWebsocketConsumer):
         self._sends: set[asyncio.Task[None]] = set()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        """Hand the frame to this process's ingestor as it came: parsing and validating it
+        happen on the ingestor's thread, with the rest of its flush."""
         if self.node is None:
             return
-        raw = text_data if text_data is not None else (bytes_data or b"")
-        try:
-            batch = parse_batch(raw)
-            if batch.node_id != self.node.pk:
-                raise BatchRejected(
-                    f"node_id {batch.node_id} is not this connection's node", batch.seq
-                )
-        except BatchRejected as exc:
-            metrics.BATCHES.labels("rejected").inc()
-            log.warning("rejected a telemetry batch from %s: %s", self.node.hostname, exc.reason)
-            ingestor().count_rejection(Rejection(self.node.pk, exc.reason))
-            ack = TelemetryAck(seq=exc.seq, outcome="rejected", reason=exc.reason)
-            await self.send(text_data=ack.model_dump_json())
-            return
-        ingestor().submit(batch).add_done_callback(self._send_ack)
+        frame = text_data if text_data is not None else (bytes_data or b"")
+        ingestor().submit(self.node.pk, frame).add_done_callback(self._send_ack)
 
     def _send_ack(self, done: asyncio.Future[TelemetryAck]) -> None:
         task = asyncio.ensure_future(self._send_quietly(done.result().model_dump_json()))

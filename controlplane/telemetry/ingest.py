@@ -1,15 +1,19 @@
 """The per-process ingest loop between agent WebSockets and `services.store_batches`.
 
-Batches from every connected agent queue here per node and are stored together, once per
-flush, so a second's worth of 500 agents costs one transaction instead of 500. Fairness:
+Frames from every connected agent queue here per node, as they came, and are parsed,
+validated and stored together on the flush's thread, once per flush, so a second's worth
+of 500 agents costs one transaction instead of 500 and the event loop, which also answers
+every HTTP request of the process, spends next to nothing on a frame. Fairness:
 each node may queue at most `MAX_QUEUED` batches (beyond that the agent is told to retry)
 and each flush takes at most `TAKE_PER_NODE` from every node in turn, so an agent
 backfilling an hour, or flooding, cannot delay anyone else's live batches by more than
 one flush.
 
+A frame that does not validate is answered `rejected` and counted on the connection's node
+in its flush (so is a batch naming another node).
+
 Gauges wait here in a `GaugeBuffer` until their 10 s bucket closes; with no batches to
-flush, the loop waits for the next bucket to fall due and writes it alone. Batches the
-connections refused before they got here are counted on their nodes with the next flush.
+flush, the loop waits for the next bucket to fall due and writes it alone.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections import OrderedDict, deque
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from uuid import UUID
 
 from asgiref.sync import sync_to_async
 from django.db import connection
@@ -29,6 +34,7 @@ from django.db import connection
 from agent.protocol import TelemetryAck, TelemetryBatch
 from controlplane.telemetry import metrics, services
 from controlplane.telemetry.pipeline.gauges import GaugeBuffer
+from controlplane.telemetry.pipeline.validate import BatchRejected, parse_batch, seq_of
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +48,12 @@ RETRY_AFTER_S = 1.0
 
 @dataclass
 class _Pending:
-    batch: TelemetryBatch
+    node_id: UUID
+    """The node of the connection the frame came over."""
+    frame: str | bytes
     ack: asyncio.Future[TelemetryAck]
+    seq: int = 0
+    """Known once the frame is parsed (0 for one whose seq could not be read)."""
 
 
 class Ingestor:
@@ -53,33 +63,27 @@ class Ingestor:
         self._queues: OrderedDict[object, deque[_Pending]] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self._gauges = GaugeBuffer()
-        self._rejected: list[services.Rejection] = []
         self._woken = asyncio.Event()
 
-    def submit(self, batch: TelemetryBatch) -> asyncio.Future[TelemetryAck]:
-        """The batch's ack, resolved after its flush committed (or at once if it must wait)."""
+    def submit(self, node_id: UUID, frame: str | bytes) -> asyncio.Future[TelemetryAck]:
+        """The ack of a frame from `node_id`'s connection, resolved after its flush committed
+        (or at once if it must wait: then read from the frame's start, cheaply)."""
         ack: asyncio.Future[TelemetryAck] = asyncio.get_running_loop().create_future()
-        queue = self._queues.setdefault(batch.node_id, deque())
+        queue = self._queues.setdefault(node_id, deque())
         if len(queue) >= MAX_QUEUED:
             metrics.BATCHES.labels("retry").inc()
             ack.set_result(
                 TelemetryAck(
-                    seq=batch.seq,
+                    seq=seq_of(frame),
                     outcome="retry",
                     reason="too many batches from this node are waiting",
                     retry_after_s=RETRY_AFTER_S,
                 )
             )
             return ack
-        queue.append(_Pending(batch, ack))
+        queue.append(_Pending(node_id, frame, ack))
         self._wake()
         return ack
-
-    def count_rejection(self, rejection: services.Rejection) -> None:
-        """Count a batch refused before submit on its node, with the next flush."""
-        if len(self._rejected) < MAX_PER_FLUSH:  # past that, a flood: the reason is known
-            self._rejected.append(rejection)
-        self._wake()
 
     def _wake(self) -> None:
         self._woken.set()
@@ -102,8 +106,8 @@ class Ingestor:
         return taken
 
     async def _run(self) -> None:
-        while self._queues or self._rejected or self._gauges:
-            if not (self._queues or self._rejected):
+        while self._queues or self._gauges:
+            if not self._queues:
                 await self._idle()
                 continue
             started = time.monotonic()
@@ -112,20 +116,16 @@ class Ingestor:
                 await asyncio.sleep(max(0.0, MIN_FLUSH_INTERVAL_S - (time.monotonic() - started)))
 
     async def _flush(self, pending: list[_Pending]) -> None:
-        batches = [p.batch for p in pending]
-        rejected, self._rejected = self._rejected, []
         started = time.monotonic()
         try:
-            stored = await sync_to_async(_store, thread_sensitive=False)(
-                batches, self._gauges, rejected
-            )
+            stored = await sync_to_async(_store, thread_sensitive=False)(pending, self._gauges)
         except Exception:
-            log.exception("storing %d telemetry batches failed; agents will retry", len(batches))
+            log.exception("storing %d telemetry batches failed; agents will retry", len(pending))
             for p in pending:
                 _resolve(
                     p,
                     TelemetryAck(
-                        seq=p.batch.seq,
+                        seq=p.seq,
                         outcome="retry",
                         reason="the control plane could not store it",
                         retry_after_s=RETRY_AFTER_S,
@@ -158,14 +158,35 @@ class Ingestor:
             log.exception("storing gauges failed; dropped %d buckets", len(dropped.buckets))
 
 
-def _store(
-    batches: list[TelemetryBatch], gauges: GaugeBuffer, rejected: list[services.Rejection]
-) -> services.Stored:
-    """Runs on an executor thread; its connection goes back (to the pool) after each flush."""
+def _store(pending: list[_Pending], gauges: GaugeBuffer) -> services.Stored:
+    """Runs on an executor thread: parses the frames, stores those that validate and answers
+    every frame in order. Its connection goes back (to the pool) after each flush."""
+    batches: list[TelemetryBatch] = []
+    rejected: list[services.Rejection] = []
+    refused: dict[int, TelemetryAck] = {}
+    for index, p in enumerate(pending):
+        try:
+            batch = parse_batch(p.frame)
+            if batch.node_id != p.node_id:
+                raise BatchRejected(
+                    f"node_id {batch.node_id} is not this connection's node", batch.seq
+                )
+        except BatchRejected as exc:
+            p.seq = exc.seq
+            log.warning("rejected a telemetry batch from node %s: %s", p.node_id, exc.reason)
+            rejected.append(services.Rejection(p.node_id, exc.reason))
+            refused[index] = TelemetryAck(seq=exc.seq, outcome="rejected", reason=exc.reason)
+            continue
+        p.seq = batch.seq
+        batches.append(batch)
     try:
-        return services.store_batches(batches, gauges, rejected=rejected)
+        stored = services.store_batches(batches, gauges, rejected=rejected)
     finally:
         connection.close()
+    if refused:
+        acks = iter(stored.acks)
+        stored.acks = [refused[i] if i in refused else next(acks) for i in range(len(pending))]
+    return stored
 
 
 def _store_gauges(gauges: GaugeBuffer) -> None:

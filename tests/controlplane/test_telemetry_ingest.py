@@ -159,19 +159,15 @@ def test_retention_and_gauge_compaction(node: Any) -> None:
 async def test_a_flooding_node_cannot_crowd_out_another(db: Any) -> None:
     ingestor = ingest_module.Ingestor()
     loud, quiet = uuid.uuid4(), uuid.uuid4()
-
-    class Fake:
-        def __init__(self, node_id: uuid.UUID, seq: int) -> None:
-            self.node_id, self.seq = node_id, seq
-
-    acks = [ingestor.submit(Fake(loud, s)) for s in range(1, 101)]  # type: ignore[arg-type]
-    ingestor.submit(Fake(quiet, 1))  # type: ignore[arg-type]
+    acks = [ingestor.submit(loud, f'{{"node_id": "{loud}", "seq": {s}}}') for s in range(1, 101)]
+    ingestor.submit(quiet, f'{{"node_id": "{quiet}", "seq": 1}}')
     refused = [a.result() for a in acks if a.done()]
     assert len(refused) == 100 - ingest_module.MAX_QUEUED
     assert {a.outcome for a in refused} == {"retry"} and refused[0].retry_after_s
+    assert [a.seq for a in refused] == list(range(ingest_module.MAX_QUEUED + 1, 101))
     first_flush = ingestor._take()
-    assert sum(1 for p in first_flush if p.batch.node_id == loud) == ingest_module.TAKE_PER_NODE
-    assert any(p.batch.node_id == quiet for p in first_flush)
+    assert sum(1 for p in first_flush if p.node_id == loud) == ingest_module.TAKE_PER_NODE
+    assert any(p.node_id == quiet for p in first_flush)
     assert ingestor._task is not None
     ingestor._task.cancel()
 
@@ -205,6 +201,8 @@ async def test_agent_websocket_acks_each_batch(world: Any, deployment: Any) -> N
     assert "not this connection's node" in reasons and "gauges" in reasons
     await ws.disconnect()
     assert await LatencyRollup.objects.filter(resolution=10, deployment=deployment).acount() == 1
+    stream = await NodeStream.objects.aget(node=node)
+    assert stream.batches == 1 and stream.rejected_batches == 2
 
 
 def test_http_fallback(world: Any, node: Any, deployment: Any) -> None:

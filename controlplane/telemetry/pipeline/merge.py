@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from agent.protocol import SeriesSketch, TelemetryBatch
+from agent.protocol import TelemetryBatch
 from controlplane.telemetry.choices import Resolution
 from dataplane.sketch import SketchSum
 
@@ -56,12 +56,6 @@ def fold_gauge(into: dict[str, GaugeStats], key: str, stats: GaugeStats) -> None
     have[4] = stats[4]
 
 
-def _sketch_of(series: SeriesSketch) -> SketchSum:
-    summed = SketchSum()
-    summed.add_bytes(base64.b64decode(series.sketch))
-    return summed
-
-
 @dataclass
 class Rollups:
     """One flush's worth of merged measurements, keyed as the rollup tables are."""
@@ -88,7 +82,10 @@ class Rollups:
             bucket = bucket_of(midpoint(batch), ten)
             for series in batch.series:
                 key = (ten, bucket, series.tenant_id, series.deployment_id, series.metric)
-                latency.setdefault(key, SketchSum()).add(_sketch_of(series))
+                summed = latency.get(key)
+                if summed is None:
+                    summed = latency[key] = SketchSum()
+                summed.add_bytes(base64.b64decode(series.sketch))
                 for count in series.thresholds:
                     metric = "availability" if count.threshold_seconds is None else series.metric
                     row = slo.setdefault(
