@@ -810,6 +810,26 @@ class TelemetryAck(_Message):
     retry_after_s: NonNegativeFloat | None = None
 
 
+AGENT_SOCKET_SUBPROTOCOL = "tailguard.agent.2"
+"""Offered by agents that send heartbeats over the telemetry WebSocket too; a control plane
+that selects it takes them there. Without it (an older control plane), heartbeats go by
+HTTP as before."""
+HEARTBEAT_FRAME_PREFIX = '{"heartbeat":'
+"""A text frame on the telemetry WebSocket that starts so is a heartbeat, not a batch (no
+valid batch does: its fields are fixed)."""
+
+
+def heartbeat_frame(heartbeat: Heartbeat) -> str:
+    """`{"heartbeat": <Heartbeat>}`, for the telemetry WebSocket."""
+    return f"{HEARTBEAT_FRAME_PREFIX}{heartbeat.model_dump_json()}}}"
+
+
+class HeartbeatFrame(_Model):
+    """A heartbeat frame on the telemetry WebSocket (see `heartbeat_frame`)."""
+
+    heartbeat: Heartbeat
+
+
 # --- Helpers ----------------------------------------------------------------------------
 
 

@@ -4,6 +4,10 @@ One text frame in is one `TelemetryBatch`; one `TelemetryAck` frame goes back fo
 once the batch is durable or rejected (or at once when it must be retried). Acks may
 overtake each other; the agent matches them by `seq`. The frame is parsed and validated
 on the ingestor's thread (see `ingest`), not on the event loop.
+
+An agent that offers the `AGENT_SOCKET_SUBPROTOCOL` subprotocol (and gets it) also sends
+its heartbeats here (`{"heartbeat": ...}` frames, unanswered) instead of POSTing them;
+an older agent offers none and POSTs them as before.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from agent.protocol import TelemetryAck
+from agent.protocol import AGENT_SOCKET_SUBPROTOCOL, HEARTBEAT_FRAME_PREFIX, TelemetryAck
 from controlplane.inventory.models import Node
 from controlplane.inventory.services import authenticate_node
 from controlplane.telemetry.ingest import ingestor
@@ -38,6 +42,8 @@ def node_credential(scope: dict[str, Any]) -> str | None:
 
 class AgentTelemetryConsumer(AsyncWebsocketConsumer):
     node: Node | None = None
+    heartbeats = False
+    """The agent offered AGENT_SOCKET_SUBPROTOCOL: it sends its heartbeats here too."""
     # No channel layer: acks come from the in-process ingestor, so a channel per agent
     # would only add a Redis poll per connection (hundreds of agents, hundreds of polls).
     channel_layer_alias = "none"
@@ -56,7 +62,8 @@ class AgentTelemetryConsumer(AsyncWebsocketConsumer):
         self.node = (
             await database_sync_to_async(authenticate_node)(credential) if credential else None
         )
-        await self.accept()
+        self.heartbeats = AGENT_SOCKET_SUBPROTOCOL in self.scope.get("subprotocols", ())
+        await self.accept(AGENT_SOCKET_SUBPROTOCOL if self.heartbeats else None)
         if self.node is None:
             await self.close(code=CLOSE_UNAUTHENTICATED, reason="invalid node credential")
         self._sends: set[asyncio.Task[None]] = set()
@@ -67,6 +74,13 @@ class AgentTelemetryConsumer(AsyncWebsocketConsumer):
         if self.node is None:
             return
         frame = text_data if text_data is not None else (bytes_data or b"")
+        if (
+            self.heartbeats
+            and text_data is not None
+            and text_data.startswith(HEARTBEAT_FRAME_PREFIX)
+        ):
+            ingestor().heartbeat(self.node.pk, text_data)
+            return
         ingestor().submit(self.node.pk, frame).add_done_callback(self._send_ack)
 
     def _send_ack(self, done: asyncio.Future[TelemetryAck]) -> None:

@@ -12,6 +12,10 @@ one flush.
 A frame that does not validate is answered `rejected` and counted on the connection's node
 in its flush (so is a batch naming another node).
 
+Heartbeats that agents send over the same WebSocket (`agent.protocol.heartbeat_frame`)
+wait here too, the newest per node, and are recorded with the next flush: one statement
+for all of them instead of an HTTP request each.
+
 Gauges wait here in a `GaugeBuffer` until their 10 s bucket closes; with no batches to
 flush, the loop waits for the next bucket to fall due and writes it alone.
 """
@@ -30,8 +34,10 @@ from uuid import UUID
 
 from asgiref.sync import sync_to_async
 from django.db import connection
+from pydantic import ValidationError
 
-from agent.protocol import TelemetryAck, TelemetryBatch
+from agent.protocol import Heartbeat, HeartbeatFrame, TelemetryAck, TelemetryBatch
+from controlplane.inventory import services as inventory_services
 from controlplane.telemetry import metrics, services
 from controlplane.telemetry.pipeline.gauges import GaugeBuffer
 from controlplane.telemetry.pipeline.validate import BatchRejected, parse_batch, seq_of
@@ -63,6 +69,7 @@ class Ingestor:
         self._queues: OrderedDict[object, deque[_Pending]] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self._gauges = GaugeBuffer()
+        self._heartbeats: dict[UUID, str | bytes] = {}
         self._woken = asyncio.Event()
 
     def submit(self, node_id: UUID, frame: str | bytes) -> asyncio.Future[TelemetryAck]:
@@ -85,6 +92,12 @@ class Ingestor:
         self._wake()
         return ack
 
+    def heartbeat(self, node_id: UUID, frame: str | bytes) -> None:
+        """Record a heartbeat frame from `node_id`'s connection with the next flush; a newer
+        one from the same node before then replaces it. Heartbeats get no answer."""
+        self._heartbeats[node_id] = frame
+        self._wake()
+
     def _wake(self) -> None:
         self._woken.set()
         if self._task is None or self._task.done():
@@ -106,19 +119,22 @@ class Ingestor:
         return taken
 
     async def _run(self) -> None:
-        while self._queues or self._gauges:
-            if not self._queues:
+        while self._queues or self._heartbeats or self._gauges:
+            if not (self._queues or self._heartbeats):
                 await self._idle()
                 continue
             started = time.monotonic()
-            await self._flush(self._take())
+            heartbeats, self._heartbeats = self._heartbeats, {}
+            await self._flush(self._take(), heartbeats)
             if self._queues:
                 await asyncio.sleep(max(0.0, MIN_FLUSH_INTERVAL_S - (time.monotonic() - started)))
 
-    async def _flush(self, pending: list[_Pending]) -> None:
+    async def _flush(self, pending: list[_Pending], heartbeats: dict[UUID, str | bytes]) -> None:
         started = time.monotonic()
         try:
-            stored = await sync_to_async(_store, thread_sensitive=False)(pending, self._gauges)
+            stored = await sync_to_async(_store, thread_sensitive=False)(
+                pending, self._gauges, heartbeats
+            )
         except Exception:
             log.exception("storing %d telemetry batches failed; agents will retry", len(pending))
             for p in pending:
@@ -158,9 +174,12 @@ class Ingestor:
             log.exception("storing gauges failed; dropped %d buckets", len(dropped.buckets))
 
 
-def _store(pending: list[_Pending], gauges: GaugeBuffer) -> services.Stored:
+def _store(
+    pending: list[_Pending], gauges: GaugeBuffer, heartbeats: dict[UUID, str | bytes]
+) -> services.Stored:
     """Runs on an executor thread: parses the frames, stores those that validate and answers
-    every frame in order. Its connection goes back (to the pool) after each flush."""
+    every frame in order, then records the heartbeats. Its connection goes back (to the
+    pool) after each flush."""
     batches: list[TelemetryBatch] = []
     rejected: list[services.Rejection] = []
     refused: dict[int, TelemetryAck] = {}
@@ -181,12 +200,36 @@ def _store(pending: list[_Pending], gauges: GaugeBuffer) -> services.Stored:
         batches.append(batch)
     try:
         stored = services.store_batches(batches, gauges, rejected=rejected)
+        if heartbeats:
+            _record_heartbeats(heartbeats)
     finally:
         connection.close()
     if refused:
         acks = iter(stored.acks)
         stored.acks = [refused[i] if i in refused else next(acks) for i in range(len(pending))]
     return stored
+
+
+def _record_heartbeats(frames: dict[UUID, str | bytes]) -> None:
+    """Record the heartbeats that parse and name their connection's node. A failure loses
+    them, never the flush's batches: their agents send the next one soon."""
+    heartbeats: list[Heartbeat] = []
+    for node_id, frame in frames.items():
+        try:
+            heartbeat = HeartbeatFrame.model_validate_json(frame).heartbeat
+        except ValidationError as exc:
+            log.warning("ignored a malformed heartbeat frame from node %s: %s", node_id, exc)
+            continue
+        if heartbeat.node_id != node_id:
+            log.warning(
+                "ignored a heartbeat naming node %s from node %s", heartbeat.node_id, node_id
+            )
+            continue
+        heartbeats.append(heartbeat)
+    try:
+        inventory_services.record_heartbeats(heartbeats)
+    except Exception:
+        log.exception("recording %d heartbeats failed", len(heartbeats))
 
 
 def _store_gauges(gauges: GaugeBuffer) -> None:
