@@ -12,7 +12,6 @@ an older agent offers none and POSTs them as before.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -66,7 +65,6 @@ class AgentTelemetryConsumer(AsyncWebsocketConsumer):
         await self.accept(AGENT_SOCKET_SUBPROTOCOL if self.heartbeats else None)
         if self.node is None:
             await self.close(code=CLOSE_UNAUTHENTICATED, reason="invalid node credential")
-        self._sends: set[asyncio.Task[None]] = set()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """Hand the frame to this process's ingestor as it came: parsing and validating it
@@ -81,15 +79,14 @@ class AgentTelemetryConsumer(AsyncWebsocketConsumer):
         ):
             ingestor().heartbeat(self.node.pk, text_data)
             return
-        ingestor().submit(self.node.pk, frame).add_done_callback(self._send_ack)
+        ack = ingestor().submit(self.node.pk, frame, reply=self._reply)
+        if ack.done():  # answered at once (retry later): the ingestor sends nothing
+            await self._reply(ack.result())
 
-    def _send_ack(self, done: asyncio.Future[TelemetryAck]) -> None:
-        task = asyncio.ensure_future(self._send_quietly(done.result().model_dump_json()))
-        self._sends.add(task)
-        task.add_done_callback(self._sends.discard)
-
-    async def _send_quietly(self, text: str) -> None:
+    async def _reply(self, ack: TelemetryAck) -> None:
+        """Send one ack; the ingestor awaits this for every frame of a flush in turn (a send
+        never waits for the network), instead of a task per ack."""
         try:
-            await self.send(text_data=text)
+            await self.send(text_data=ack.model_dump_json())
         except Exception:  # the agent went away; it resends what it has no ack for
             log.debug("could not deliver a telemetry ack", exc_info=True)

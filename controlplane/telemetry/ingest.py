@@ -26,7 +26,8 @@ import asyncio
 import logging
 import time
 import weakref
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -52,12 +53,17 @@ MIN_FLUSH_INTERVAL_S = 0.2
 RETRY_AFTER_S = 1.0
 
 
+Reply = Callable[[TelemetryAck], Awaitable[None]]
+
+
 @dataclass
 class _Pending:
     node_id: UUID
     """The node of the connection the frame came over."""
     frame: str | bytes
     ack: asyncio.Future[TelemetryAck]
+    reply: Reply | None = None
+    """Sends the ack to the agent, awaited by the flush once the ack is known."""
     seq: int = 0
     """Known once the frame is parsed (0 for one whose seq could not be read)."""
 
@@ -72,9 +78,12 @@ class Ingestor:
         self._heartbeats: dict[UUID, str | bytes] = {}
         self._woken = asyncio.Event()
 
-    def submit(self, node_id: UUID, frame: str | bytes) -> asyncio.Future[TelemetryAck]:
+    def submit(
+        self, node_id: UUID, frame: str | bytes, reply: Reply | None = None
+    ) -> asyncio.Future[TelemetryAck]:
         """The ack of a frame from `node_id`'s connection, resolved after its flush committed
-        (or at once if it must wait: then read from the frame's start, cheaply)."""
+        (or at once if it must wait: then read from the frame's start, cheaply). An ack
+        resolved by a flush is also passed to `reply`, which the flush awaits."""
         ack: asyncio.Future[TelemetryAck] = asyncio.get_running_loop().create_future()
         queue = self._queues.setdefault(node_id, deque())
         if len(queue) >= MAX_QUEUED:
@@ -88,7 +97,7 @@ class Ingestor:
                 )
             )
             return ack
-        queue.append(_Pending(node_id, frame, ack))
+        queue.append(_Pending(node_id, frame, ack, reply))
         self._wake()
         return ack
 
@@ -137,20 +146,21 @@ class Ingestor:
             )
         except Exception:
             log.exception("storing %d telemetry batches failed; agents will retry", len(pending))
-            for p in pending:
-                _resolve(
-                    p,
+            await _answer(
+                pending,
+                [
                     TelemetryAck(
                         seq=p.seq,
                         outcome="retry",
                         reason="the control plane could not store it",
                         retry_after_s=RETRY_AFTER_S,
-                    ),
-                )
+                    )
+                    for p in pending
+                ],
+            )
             return
         metrics.FLUSH_SECONDS.observe(time.monotonic() - started)
-        for p, ack in zip(pending, stored.acks, strict=True):
-            _resolve(p, ack)
+        await _answer(pending, stored.acks)
         if stored.newest is not None:
             metrics.LAG_SECONDS.set(time.time() - stored.newest.timestamp())
         try:
@@ -239,10 +249,14 @@ def _store_gauges(gauges: GaugeBuffer) -> None:
         connection.close()
 
 
-def _resolve(pending: _Pending, ack: TelemetryAck) -> None:
-    metrics.BATCHES.labels(ack.outcome).inc()
-    if not pending.ack.done():
-        pending.ack.set_result(ack)
+async def _answer(pending: list[_Pending], acks: list[TelemetryAck]) -> None:
+    for outcome, count in Counter(ack.outcome for ack in acks).items():
+        metrics.BATCHES.labels(outcome).inc(count)
+    for p, ack in zip(pending, acks, strict=True):
+        if not p.ack.done():
+            p.ack.set_result(ack)
+        if p.reply is not None:
+            await p.reply(ack)
 
 
 _ingestors: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Ingestor] = (

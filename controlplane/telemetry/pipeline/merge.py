@@ -39,9 +39,20 @@ def midpoint(batch: TelemetryBatch) -> datetime:
 
 
 def fold_reading(into: dict[str, GaugeStats], gauges: dict[str, float]) -> None:
-    """Fold one batch's gauge values in, each a bucket of one reading."""
+    """Fold one batch's gauge values in, each a bucket of one reading (`fold_gauge`,
+    written out: this runs for every gauge of every batch)."""
     for key, value in gauges.items():
-        fold_gauge(into, key, [value, 1, value, value, value])
+        have = into.get(key)
+        if have is None:
+            into[key] = [value, 1, value, value, value]
+            continue
+        have[0] += value
+        have[1] += 1
+        if value < have[2]:
+            have[2] = value
+        if value > have[3]:
+            have[3] = value
+        have[4] = value
 
 
 def fold_gauge(into: dict[str, GaugeStats], key: str, stats: GaugeStats) -> None:
