@@ -12,8 +12,10 @@ TelemetryBatch a second over their WebSocket (GPU gauges, and TTFT/TPOT/ITL/e2e/
 sketches with exact SLO counts for the replica a deployment placed on every node). A
 dashboard client logged in as a platform admin subscribes to the fleet stream; a batch's
 end-to-end time is from its emission (its interval_end, on the agent's clock, which is
-this machine's) to the client receiving the delta that carries it. Prints the ingest
-rate over the measured seconds, e2e percentiles, and where the time goes: the
+this machine's) to the client receiving the delta that carries it. Meanwhile a plain HTTP
+request (a 401) is timed twice a second: a web process busy ingesting must still answer
+the API. Prints the ingest rate over the measured seconds, e2e and HTTP percentiles, and
+where the time goes: the
 control plane's flush times (from its /metrics), CPU used by each process, the web
 processes' CPU-seconds per 1,000 stored batches (capacity per core is its inverse, and
 adds up across processes and machines), and the machine's load average (other work on a
@@ -110,6 +112,20 @@ async def watch(url: str, cookie: str, seconds: float, samples: list[float]) -> 
             samples.extend(now - node["t"] for node in message.get("nodes", ()))
 
 
+async def probe_http(url: str, seconds: float, samples: list[float]) -> None:
+    """Time a plain HTTP request (an agent endpoint refusing a missing credential: a 401
+    that touches no table) twice a second, as any API client would see the web process."""
+    deadline = time.monotonic() + seconds
+    async with httpx.AsyncClient(timeout=120) as http:
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            response = await http.post(f"{url}/api/v1/agent/heartbeat/")
+            if response.status_code != 401:
+                raise SystemExit(f"the HTTP probe got {response.status_code}, not 401")
+            samples.append(time.monotonic() - started)
+            await asyncio.sleep(max(0.0, 0.5 - (time.monotonic() - started)))
+
+
 def flush_stats(url: str) -> tuple[float, float]:
     """(count, sum) of the control plane's telemetry flush-time histogram (of the process
     that answers: with several, one of them)."""
@@ -159,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         flushes_before, flush_sum_before = flush_stats(url)
         batches_before, started = stored_batches(), time.monotonic()
         samples: list[float] = []
+        http_samples: list[float] = []
         with tqdm(total=args.seconds, desc="measuring", unit="s", file=sys.stderr) as bar:
 
             async def tick() -> None:
@@ -167,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
                     bar.update(1)
 
             async def both() -> None:
-                await asyncio.gather(watch(url, cookie, args.seconds, samples), tick())
+                await asyncio.gather(
+                    watch(url, cookie, args.seconds, samples),
+                    probe_http(url, args.seconds, http_samples),
+                    tick(),
+                )
 
             asyncio.run(both())
         elapsed = time.monotonic() - started
@@ -191,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             "e2e_p99_s": round(percentile(samples, 99), 4),
             "e2e_max_s": round(max(samples), 4),
             "e2e_samples": len(samples),
+            "http_p50_s": round(percentile(http_samples, 50), 4),
+            "http_p99_s": round(percentile(http_samples, 99), 4),
+            "http_max_s": round(max(http_samples), 4),
             # where the time goes
             "flushes_per_s": round(flushes / elapsed, 2),
             "batches_per_flush": round(batches / flushes, 1) if flushes else 0,
