@@ -140,7 +140,7 @@ class Ingestor:
             started = time.monotonic()
             heartbeats, self._heartbeats = self._heartbeats, {}
             await self._flush(self._take(), heartbeats)
-            if self._queues:
+            if self._queues or self._heartbeats:
                 await asyncio.sleep(max(0.0, MIN_FLUSH_INTERVAL_S - (time.monotonic() - started)))
 
     async def _flush(self, pending: list[_Pending], heartbeats: dict[UUID, str | bytes]) -> None:
