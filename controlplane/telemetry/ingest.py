@@ -31,7 +31,6 @@ from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 from uuid import UUID
 
 from asgiref.sync import sync_to_async
@@ -52,8 +51,6 @@ MAX_PER_FLUSH = 4000
 MIN_FLUSH_INTERVAL_S = 0.2
 """Lets a flush gather what arrives meanwhile; the floor of live-delta latency."""
 RETRY_AFTER_S = 1.0
-MAX_PUBLISH_BACKLOG = 4
-"""Flushes whose live deltas may wait for the channel layer at once."""
 
 
 Reply = Callable[[TelemetryAck], Awaitable[None]]
@@ -80,8 +77,6 @@ class Ingestor:
         self._gauges = GaugeBuffer()
         self._heartbeats: dict[UUID, str | bytes] = {}
         self._woken = asyncio.Event()
-        self._to_publish: deque[list[tuple[str, dict[str, Any]]]] = deque()
-        self._publisher: asyncio.Task[None] | None = None
 
     def submit(
         self, node_id: UUID, frame: str | bytes, reply: Reply | None = None
@@ -168,28 +163,10 @@ class Ingestor:
         await _answer(pending, stored.acks)
         if stored.newest is not None:
             metrics.LAG_SECONDS.set(time.time() - stored.newest.timestamp())
-        if stored.deltas:
-            self._publish(stored.deltas)
-
-    def _publish(self, deltas: list[tuple[str, dict[str, Any]]]) -> None:
-        """Publish a flush's deltas after those of earlier flushes, while the next flush
-        runs: its batches need not wait for the channel layer's round trips. Past
-        MAX_PUBLISH_BACKLOG flushes waiting, the oldest waiting deltas are dropped (a live
-        view heals from its snapshot)."""
-        if len(self._to_publish) >= MAX_PUBLISH_BACKLOG:
-            dropped = self._to_publish.popleft()
-            log.warning("live telemetry deltas fell behind; dropped %d", len(dropped))
-        self._to_publish.append(deltas)
-        if self._publisher is None or self._publisher.done():
-            self._publisher = asyncio.create_task(self._publish_all(), name="telemetry-publish")
-
-    async def _publish_all(self) -> None:
-        while self._to_publish:
-            deltas = self._to_publish.popleft()
-            try:
-                await services.publish(deltas)
-            except Exception:  # a live view missing a delta heals from its snapshot
-                log.exception("publishing live telemetry deltas failed")
+        try:
+            await services.publish(stored.deltas)
+        except Exception:  # a live view missing a delta heals from its snapshot
+            log.exception("publishing live telemetry deltas failed")
 
     async def _idle(self) -> None:
         """No batches: wait for one, or until a gauge bucket falls due and write that."""
