@@ -126,9 +126,10 @@ def _base64_of(length: int | None) -> Callable[[str], str]:
 Base64Bytes = Annotated[
     str,
     StringConstraints(strict=True, max_length=1 << 22, pattern=_BASE64),
-    AfterValidator(_base64_of(None)),
 ]
-"""Opaque bytes as standard base64 text (sketches, signatures); at most 3 MiB decoded."""
+"""Opaque bytes as standard base64 text (sketches, signatures); at most 3 MiB decoded.
+The pattern admits exactly the text that decodes, so nothing decodes it here (telemetry
+carries several sketches a batch, a thousand batches a second)."""
 Ed25519PublicKeyB64 = Annotated[
     str, StringConstraints(strict=True, pattern=_BASE64), AfterValidator(_base64_of(32))
 ]
@@ -808,6 +809,26 @@ class TelemetryAck(_Message):
     outcome: TelemetryOutcome
     reason: Annotated[str, StringConstraints(strict=True, max_length=4096)] | None = None
     retry_after_s: NonNegativeFloat | None = None
+
+
+AGENT_SOCKET_SUBPROTOCOL = "tailguard.agent.2"
+"""Offered by agents that send heartbeats over the telemetry WebSocket too; a control plane
+that selects it takes them there. Without it (an older control plane), heartbeats go by
+HTTP as before."""
+HEARTBEAT_FRAME_PREFIX = '{"heartbeat":'
+"""A text frame on the telemetry WebSocket that starts so is a heartbeat, not a batch (no
+valid batch does: its fields are fixed)."""
+
+
+def heartbeat_frame(heartbeat: Heartbeat) -> str:
+    """`{"heartbeat": <Heartbeat>}`, for the telemetry WebSocket."""
+    return f"{HEARTBEAT_FRAME_PREFIX}{heartbeat.model_dump_json()}}}"
+
+
+class HeartbeatFrame(_Model):
+    """A heartbeat frame on the telemetry WebSocket (see `heartbeat_frame`)."""
+
+    heartbeat: Heartbeat
 
 
 # --- Helpers ----------------------------------------------------------------------------

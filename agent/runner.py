@@ -1,6 +1,8 @@
 """The agent proper: a few root asyncio tasks sharing one stop flag.
 
-heartbeat   - liveness and the applied generation, every interval the control plane set
+heartbeat   - liveness and the applied generation, every interval the control plane set,
+              over the telemetry WebSocket while that is open (and the control plane
+              takes them there), else by HTTP
 inventory   - discovery at start and every inventory_interval_s
 config      - applies pushed revisions (from the Celery consumer) and pulls the desired
               state at start, after a reconnect and every resync_interval_s
@@ -137,17 +139,20 @@ class NodeAgent:
 
     async def _heartbeat(self, stop: asyncio.Event) -> None:
         connected = True
+        sender = self.telemetry.sender if self.telemetry is not None else None
         while not stop.is_set():
+            heartbeat = Heartbeat(
+                node_id=self.identity.node_id,
+                sent_at=datetime.now(UTC),
+                agent_version=__version__,
+                applied_generation=self._reconciler.applied.generation,
+                uptime_s=time.monotonic() - self._started,
+            )
             try:
-                await self._client.post_heartbeat(
-                    Heartbeat(
-                        node_id=self.identity.node_id,
-                        sent_at=datetime.now(UTC),
-                        agent_version=__version__,
-                        applied_generation=self._reconciler.applied.generation,
-                        uptime_s=time.monotonic() - self._started,
-                    )
-                )
+                # Over the telemetry WebSocket when the control plane takes it there: a
+                # frame costs it far less than a request.
+                if sender is None or not await sender.send_heartbeat(heartbeat):
+                    await self._client.post_heartbeat(heartbeat)
                 if not connected:
                     log.info("control plane reachable again; pulling desired state")
                     self._resync.set()

@@ -12,7 +12,8 @@ counters, and the agent's /metrics).
 `WINDOW` batches unacknowledged, strictly in sequence order. `stored` and `duplicate`
 acks delete a batch, `rejected` logs the reason and deletes it, `retry` goes back: after
 `retry_after_s` every unacknowledged batch from that sequence number on is sent again, in
-order. When the WebSocket cannot be opened the same batches go by HTTP POST until the
+order. The agent's heartbeats go over the same WebSocket while it is open and the control
+plane selected `AGENT_SOCKET_SUBPROTOCOL` (`send_heartbeat`); otherwise they are POSTed. When the WebSocket cannot be opened the same batches go by HTTP POST until the
 next attempt, which comes after a capped, jittered backoff. The control plane treats a
 sequence number at or under its high-watermark as a duplicate, so resending is safe.
 """
@@ -35,10 +36,19 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import WaitBaseT
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.typing import Subprotocol
 
 from agent.client import ControlPlaneClient, ControlPlaneError
 from agent.gauges import Collector, Reading
-from agent.protocol import SeriesSketch, TelemetryAck, TelemetryBatch, UsageCount
+from agent.protocol import (
+    AGENT_SOCKET_SUBPROTOCOL,
+    Heartbeat,
+    SeriesSketch,
+    TelemetryAck,
+    TelemetryBatch,
+    UsageCount,
+    heartbeat_frame,
+)
 from agent.retry import backoff
 
 log = logging.getLogger(__name__)
@@ -196,10 +206,25 @@ class TelemetrySender:
         """Sequence number -> acks still expected for it (0: to be sent again)."""
         self._cursor = 0
         self._pause_until = 0.0
+        self._heartbeat_socket: ClientConnection | None = None
+        """The open WebSocket, while the control plane takes heartbeats over it."""
 
     def wake(self) -> None:
         """A batch was appended (or something else changed): look at the buffer again."""
         self._wake.set()
+
+    async def send_heartbeat(self, heartbeat: Heartbeat) -> bool:
+        """Send `heartbeat` over the WebSocket; False when it is not open or the control
+        plane did not select AGENT_SOCKET_SUBPROTOCOL (older ones take heartbeats by HTTP
+        only), and the caller should POST it."""
+        ws = self._heartbeat_socket
+        if ws is None:
+            return False
+        try:
+            await ws.send(heartbeat_frame(heartbeat))
+        except ConnectionClosed:
+            return False
+        return True
 
     async def run(self, stop: asyncio.Event) -> None:
         """Ship over the WebSocket until `stop`, reconnecting after a capped, jittered
@@ -244,6 +269,7 @@ class TelemetrySender:
                 open_timeout=self._open_timeout_s,
                 compression=None,
                 max_size=1 << 20,
+                subprotocols=[Subprotocol(AGENT_SOCKET_SUBPROTOCOL)],
             )
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             if not self._outage:
@@ -254,6 +280,8 @@ class TelemetrySender:
             log.info("telemetry WebSocket connected again")
         self._outage = False
         self.connected = True
+        if ws.subprotocol == AGENT_SOCKET_SUBPROTOCOL:
+            self._heartbeat_socket = ws
         dropped = False
         try:
             await self._session(ws, stop)
@@ -261,6 +289,7 @@ class TelemetrySender:
             dropped = True
         finally:
             self.connected = False
+            self._heartbeat_socket = None
             await ws.close()
         if ws.close_code == CLOSE_BAD_CREDENTIAL:
             log.error("the control plane refused this node's credential on /ws/agent/")

@@ -319,7 +319,18 @@ async def simulate(
             name=f"simulator@{prefix}",
         )
         consumer.start()
+        # A stop flag per node, all set by `stop`: every task waiting on a flag registers
+        # with it, and a flag shared by thousands of tasks makes each wake-up scan them all.
+        stops = [asyncio.Event() for _ in agents]
+
+        async def relay() -> None:
+            await stop.wait()
+            for each in stops:
+                each.set()
+
+        relaying = asyncio.create_task(relay())
         try:
-            await asyncio.gather(*(agent.run(stop) for agent in agents))
+            await asyncio.gather(*(a.run(own) for a, own in zip(agents, stops, strict=True)))
         finally:
+            relaying.cancel()
             await asyncio.to_thread(consumer.stop)

@@ -149,17 +149,21 @@ def check_wire(data: bytes) -> None:
         )
     counts = [message.zeroCount]
     for store in (message.positiveValues, message.negativeValues):
-        size = len(store.contiguousBinCounts) + len(store.binCounts)
+        contiguous, sparse = store.contiguousBinCounts, store.binCounts
+        size = len(contiguous) + len(sparse)
         if size > MAX_BINS:
             raise ValueError(f"{size} bins in one store; at most {MAX_BINS}")
-        indexes = list(store.binCounts)
-        if store.contiguousBinCounts:
-            first = store.contiguousBinIndexOffset
-            indexes += [first, first + len(store.contiguousBinCounts) - 1]
-        if any(abs(i) > MAX_BIN_INDEX for i in indexes):
+        if sparse and max(abs(i) for i in sparse) > MAX_BIN_INDEX:
             raise ValueError(f"a bin index outside -{MAX_BIN_INDEX}..{MAX_BIN_INDEX}")
-        counts += [*store.contiguousBinCounts, *store.binCounts.values()]
-    if not all(math.isfinite(c) and c >= 0 for c in counts):
+        if contiguous:
+            first = store.contiguousBinIndexOffset
+            if max(abs(first), abs(first + len(contiguous) - 1)) > MAX_BIN_INDEX:
+                raise ValueError(f"a bin index outside -{MAX_BIN_INDEX}..{MAX_BIN_INDEX}")
+            counts += contiguous
+        counts += sparse.values()
+    # Builtins over the whole list (this runs for every sketch ingested): a sum is finite
+    # only if no count is infinite or NaN, and with none NaN, min finds a negative one.
+    if not math.isfinite(sum(counts)) or min(counts) < 0:
         raise ValueError("a bin count that is negative, infinite or NaN")
 
 

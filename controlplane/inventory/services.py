@@ -252,6 +252,27 @@ def record_heartbeat(node: Node, heartbeat: Heartbeat) -> None:
                 _HEARD_AT.get_db_prep_value(timezone.now(), connection),
             ],
         )
+    _heard_from(node, heartbeat)
+
+
+def record_heartbeats(heartbeats: Iterable[Heartbeat]) -> None:
+    """Heartbeats of several nodes at once (those that came over the telemetry WebSocket):
+    one upsert for all their reports and one read of their nodes; a node's row is written
+    only when its status or agent version changes, as for one heartbeat."""
+    latest: dict[Any, Heartbeat] = {}
+    for heartbeat in heartbeats:
+        latest[heartbeat.node_id] = heartbeat
+    if not latest:
+        return
+    record_heard(latest)
+    for node in Node.objects.filter(pk__in=latest).only(
+        "pk", "hostname", "status", "agent_version"
+    ):
+        _heard_from(node, latest[node.pk])
+
+
+def _heard_from(node: Node, heartbeat: Heartbeat) -> None:
+    """A heartbeat makes its node ready, whatever it was, with the version it names."""
     if node.status == NodeStatus.READY and node.agent_version == heartbeat.agent_version:
         return
     changed = Node.objects.filter(pk=node.pk).exclude(

@@ -1,13 +1,17 @@
 """`/ws/agent/`: the WebSocket each agent streams its telemetry batches over.
 
 One text frame in is one `TelemetryBatch`; one `TelemetryAck` frame goes back for each,
-once the batch is durable (or at once when it is rejected or must be retried). Acks may
-overtake each other; the agent matches them by `seq`.
+once the batch is durable or rejected (or at once when it must be retried). Acks may
+overtake each other; the agent matches them by `seq`. The frame is parsed and validated
+on the ingestor's thread (see `ingest`), not on the event loop.
+
+An agent that offers the `AGENT_SOCKET_SUBPROTOCOL` subprotocol (and gets it) also sends
+its heartbeats here (`{"heartbeat": ...}` frames, unanswered) instead of POSTing them;
+an older agent offers none and POSTs them as before.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -15,13 +19,10 @@ from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from agent.protocol import TelemetryAck
+from agent.protocol import AGENT_SOCKET_SUBPROTOCOL, HEARTBEAT_FRAME_PREFIX, TelemetryAck
 from controlplane.inventory.models import Node
 from controlplane.inventory.services import authenticate_node
-from controlplane.telemetry import metrics
 from controlplane.telemetry.ingest import ingestor
-from controlplane.telemetry.pipeline.validate import BatchRejected, parse_batch
-from controlplane.telemetry.services import Rejection
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ def node_credential(scope: dict[str, Any]) -> str | None:
 
 class AgentTelemetryConsumer(AsyncWebsocketConsumer):
     node: Node | None = None
+    heartbeats = False
+    """The agent offered AGENT_SOCKET_SUBPROTOCOL: it sends its heartbeats here too."""
     # No channel layer: acks come from the in-process ingestor, so a channel per agent
     # would only add a Redis poll per connection (hundreds of agents, hundreds of polls).
     channel_layer_alias = "none"
@@ -58,37 +61,32 @@ class AgentTelemetryConsumer(AsyncWebsocketConsumer):
         self.node = (
             await database_sync_to_async(authenticate_node)(credential) if credential else None
         )
-        await self.accept()
+        self.heartbeats = AGENT_SOCKET_SUBPROTOCOL in self.scope.get("subprotocols", ())
+        await self.accept(AGENT_SOCKET_SUBPROTOCOL if self.heartbeats else None)
         if self.node is None:
             await self.close(code=CLOSE_UNAUTHENTICATED, reason="invalid node credential")
-        self._sends: set[asyncio.Task[None]] = set()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        """Hand the frame to this process's ingestor as it came: parsing and validating it
+        happen on the ingestor's thread, with the rest of its flush."""
         if self.node is None:
             return
-        raw = text_data if text_data is not None else (bytes_data or b"")
-        try:
-            batch = parse_batch(raw)
-            if batch.node_id != self.node.pk:
-                raise BatchRejected(
-                    f"node_id {batch.node_id} is not this connection's node", batch.seq
-                )
-        except BatchRejected as exc:
-            metrics.BATCHES.labels("rejected").inc()
-            log.warning("rejected a telemetry batch from %s: %s", self.node.hostname, exc.reason)
-            ingestor().count_rejection(Rejection(self.node.pk, exc.reason))
-            ack = TelemetryAck(seq=exc.seq, outcome="rejected", reason=exc.reason)
-            await self.send(text_data=ack.model_dump_json())
+        frame = text_data if text_data is not None else (bytes_data or b"")
+        if (
+            self.heartbeats
+            and text_data is not None
+            and text_data.startswith(HEARTBEAT_FRAME_PREFIX)
+        ):
+            ingestor().heartbeat(self.node.pk, text_data)
             return
-        ingestor().submit(batch).add_done_callback(self._send_ack)
+        ack = ingestor().submit(self.node.pk, frame, reply=self._reply)
+        if ack.done():  # answered at once (retry later): the ingestor sends nothing
+            await self._reply(ack.result())
 
-    def _send_ack(self, done: asyncio.Future[TelemetryAck]) -> None:
-        task = asyncio.ensure_future(self._send_quietly(done.result().model_dump_json()))
-        self._sends.add(task)
-        task.add_done_callback(self._sends.discard)
-
-    async def _send_quietly(self, text: str) -> None:
+    async def _reply(self, ack: TelemetryAck) -> None:
+        """Send one ack; the ingestor awaits this for every frame of a flush in turn (a send
+        never waits for the network), instead of a task per ack."""
         try:
-            await self.send(text_data=text)
+            await self.send(text_data=ack.model_dump_json())
         except Exception:  # the agent went away; it resends what it has no ack for
             log.debug("could not deliver a telemetry ack", exc_info=True)

@@ -1,15 +1,23 @@
 """The per-process ingest loop between agent WebSockets and `services.store_batches`.
 
-Batches from every connected agent queue here per node and are stored together, once per
-flush, so a second's worth of 500 agents costs one transaction instead of 500. Fairness:
+Frames from every connected agent queue here per node, as they came, and are parsed,
+validated and stored together on the flush's thread, once per flush, so a second's worth
+of 500 agents costs one transaction instead of 500 and the event loop, which also answers
+every HTTP request of the process, spends next to nothing on a frame. Fairness:
 each node may queue at most `MAX_QUEUED` batches (beyond that the agent is told to retry)
 and each flush takes at most `TAKE_PER_NODE` from every node in turn, so an agent
 backfilling an hour, or flooding, cannot delay anyone else's live batches by more than
 one flush.
 
+A frame that does not validate is answered `rejected` and counted on the connection's node
+in its flush (so is a batch naming another node).
+
+Heartbeats that agents send over the same WebSocket (`agent.protocol.heartbeat_frame`)
+wait here too, the newest per node, and are recorded with the next flush: one statement
+for all of them instead of an HTTP request each.
+
 Gauges wait here in a `GaugeBuffer` until their 10 s bucket closes; with no batches to
-flush, the loop waits for the next bucket to fall due and writes it alone. Batches the
-connections refused before they got here are counted on their nodes with the next flush.
+flush, the loop waits for the next bucket to fall due and writes it alone.
 """
 
 from __future__ import annotations
@@ -18,17 +26,22 @@ import asyncio
 import logging
 import time
 import weakref
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from uuid import UUID
 
 from asgiref.sync import sync_to_async
 from django.db import connection
+from pydantic import ValidationError
 
-from agent.protocol import TelemetryAck, TelemetryBatch
+from agent.protocol import Heartbeat, HeartbeatFrame, TelemetryAck, TelemetryBatch
+from controlplane.inventory import services as inventory_services
 from controlplane.telemetry import metrics, services
 from controlplane.telemetry.pipeline.gauges import GaugeBuffer
+from controlplane.telemetry.pipeline.validate import BatchRejected, parse_batch, seq_of
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +53,19 @@ MIN_FLUSH_INTERVAL_S = 0.2
 RETRY_AFTER_S = 1.0
 
 
+Reply = Callable[[TelemetryAck], Awaitable[None]]
+
+
 @dataclass
 class _Pending:
-    batch: TelemetryBatch
+    node_id: UUID
+    """The node of the connection the frame came over."""
+    frame: str | bytes
     ack: asyncio.Future[TelemetryAck]
+    reply: Reply | None = None
+    """Sends the ack to the agent, awaited by the flush once the ack is known."""
+    seq: int = 0
+    """Known once the frame is parsed (0 for one whose seq could not be read)."""
 
 
 class Ingestor:
@@ -53,32 +75,36 @@ class Ingestor:
         self._queues: OrderedDict[object, deque[_Pending]] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self._gauges = GaugeBuffer()
-        self._rejected: list[services.Rejection] = []
+        self._heartbeats: dict[UUID, str | bytes] = {}
         self._woken = asyncio.Event()
 
-    def submit(self, batch: TelemetryBatch) -> asyncio.Future[TelemetryAck]:
-        """The batch's ack, resolved after its flush committed (or at once if it must wait)."""
+    def submit(
+        self, node_id: UUID, frame: str | bytes, reply: Reply | None = None
+    ) -> asyncio.Future[TelemetryAck]:
+        """The ack of a frame from `node_id`'s connection, resolved after its flush committed
+        (or at once if it must wait: then read from the frame's start, cheaply). An ack
+        resolved by a flush is also passed to `reply`, which the flush awaits."""
         ack: asyncio.Future[TelemetryAck] = asyncio.get_running_loop().create_future()
-        queue = self._queues.setdefault(batch.node_id, deque())
+        queue = self._queues.setdefault(node_id, deque())
         if len(queue) >= MAX_QUEUED:
             metrics.BATCHES.labels("retry").inc()
             ack.set_result(
                 TelemetryAck(
-                    seq=batch.seq,
+                    seq=seq_of(frame),
                     outcome="retry",
                     reason="too many batches from this node are waiting",
                     retry_after_s=RETRY_AFTER_S,
                 )
             )
             return ack
-        queue.append(_Pending(batch, ack))
+        queue.append(_Pending(node_id, frame, ack, reply))
         self._wake()
         return ack
 
-    def count_rejection(self, rejection: services.Rejection) -> None:
-        """Count a batch refused before submit on its node, with the next flush."""
-        if len(self._rejected) < MAX_PER_FLUSH:  # past that, a flood: the reason is known
-            self._rejected.append(rejection)
+    def heartbeat(self, node_id: UUID, frame: str | bytes) -> None:
+        """Record a heartbeat frame from `node_id`'s connection with the next flush; a newer
+        one from the same node before then replaces it. Heartbeats get no answer."""
+        self._heartbeats[node_id] = frame
         self._wake()
 
     def _wake(self) -> None:
@@ -102,39 +128,39 @@ class Ingestor:
         return taken
 
     async def _run(self) -> None:
-        while self._queues or self._rejected or self._gauges:
-            if not (self._queues or self._rejected):
+        while self._queues or self._heartbeats or self._gauges:
+            if not (self._queues or self._heartbeats):
                 await self._idle()
                 continue
             started = time.monotonic()
-            await self._flush(self._take())
-            if self._queues:
+            heartbeats, self._heartbeats = self._heartbeats, {}
+            await self._flush(self._take(), heartbeats)
+            if self._queues or self._heartbeats:
                 await asyncio.sleep(max(0.0, MIN_FLUSH_INTERVAL_S - (time.monotonic() - started)))
 
-    async def _flush(self, pending: list[_Pending]) -> None:
-        batches = [p.batch for p in pending]
-        rejected, self._rejected = self._rejected, []
+    async def _flush(self, pending: list[_Pending], heartbeats: dict[UUID, str | bytes]) -> None:
         started = time.monotonic()
         try:
             stored = await sync_to_async(_store, thread_sensitive=False)(
-                batches, self._gauges, rejected
+                pending, self._gauges, heartbeats
             )
         except Exception:
-            log.exception("storing %d telemetry batches failed; agents will retry", len(batches))
-            for p in pending:
-                _resolve(
-                    p,
+            log.exception("storing %d telemetry batches failed; agents will retry", len(pending))
+            await _answer(
+                pending,
+                [
                     TelemetryAck(
-                        seq=p.batch.seq,
+                        seq=p.seq,
                         outcome="retry",
                         reason="the control plane could not store it",
                         retry_after_s=RETRY_AFTER_S,
-                    ),
-                )
+                    )
+                    for p in pending
+                ],
+            )
             return
         metrics.FLUSH_SECONDS.observe(time.monotonic() - started)
-        for p, ack in zip(pending, stored.acks, strict=True):
-            _resolve(p, ack)
+        await _answer(pending, stored.acks)
         if stored.newest is not None:
             metrics.LAG_SECONDS.set(time.time() - stored.newest.timestamp())
         try:
@@ -159,13 +185,61 @@ class Ingestor:
 
 
 def _store(
-    batches: list[TelemetryBatch], gauges: GaugeBuffer, rejected: list[services.Rejection]
+    pending: list[_Pending], gauges: GaugeBuffer, heartbeats: dict[UUID, str | bytes]
 ) -> services.Stored:
-    """Runs on an executor thread; its connection goes back (to the pool) after each flush."""
+    """Runs on an executor thread: parses the frames, stores those that validate and answers
+    every frame in order, then records the heartbeats. Its connection goes back (to the
+    pool) after each flush."""
+    batches: list[TelemetryBatch] = []
+    rejected: list[services.Rejection] = []
+    refused: dict[int, TelemetryAck] = {}
+    for index, p in enumerate(pending):
+        try:
+            batch = parse_batch(p.frame)
+            if batch.node_id != p.node_id:
+                raise BatchRejected(
+                    f"node_id {batch.node_id} is not this connection's node", batch.seq
+                )
+        except BatchRejected as exc:
+            p.seq = exc.seq
+            log.warning("rejected a telemetry batch from node %s: %s", p.node_id, exc.reason)
+            rejected.append(services.Rejection(p.node_id, exc.reason))
+            refused[index] = TelemetryAck(seq=exc.seq, outcome="rejected", reason=exc.reason)
+            continue
+        p.seq = batch.seq
+        batches.append(batch)
     try:
-        return services.store_batches(batches, gauges, rejected=rejected)
+        stored = services.store_batches(batches, gauges, rejected=rejected)
+        if heartbeats:
+            _record_heartbeats(heartbeats)
     finally:
         connection.close()
+    if refused:
+        acks = iter(stored.acks)
+        stored.acks = [refused[i] if i in refused else next(acks) for i in range(len(pending))]
+    return stored
+
+
+def _record_heartbeats(frames: dict[UUID, str | bytes]) -> None:
+    """Record the heartbeats that parse and name their connection's node. A failure loses
+    them, never the flush's batches: their agents send the next one soon."""
+    heartbeats: list[Heartbeat] = []
+    for node_id, frame in frames.items():
+        try:
+            heartbeat = HeartbeatFrame.model_validate_json(frame).heartbeat
+        except ValidationError as exc:
+            log.warning("ignored a malformed heartbeat frame from node %s: %s", node_id, exc)
+            continue
+        if heartbeat.node_id != node_id:
+            log.warning(
+                "ignored a heartbeat naming node %s from node %s", heartbeat.node_id, node_id
+            )
+            continue
+        heartbeats.append(heartbeat)
+    try:
+        inventory_services.record_heartbeats(heartbeats)
+    except Exception:
+        log.exception("recording %d heartbeats failed", len(heartbeats))
 
 
 def _store_gauges(gauges: GaugeBuffer) -> None:
@@ -175,10 +249,14 @@ def _store_gauges(gauges: GaugeBuffer) -> None:
         connection.close()
 
 
-def _resolve(pending: _Pending, ack: TelemetryAck) -> None:
-    metrics.BATCHES.labels(ack.outcome).inc()
-    if not pending.ack.done():
-        pending.ack.set_result(ack)
+async def _answer(pending: list[_Pending], acks: list[TelemetryAck]) -> None:
+    for outcome, count in Counter(ack.outcome for ack in acks).items():
+        metrics.BATCHES.labels(outcome).inc(count)
+    for p, ack in zip(pending, acks, strict=True):
+        if not p.ack.done():
+            p.ack.set_result(ack)
+        if p.reply is not None:
+            await p.reply(ack)
 
 
 _ingestors: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Ingestor] = (

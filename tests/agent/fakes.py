@@ -21,7 +21,13 @@ from typing import Any
 import pynvml
 import uvicorn
 
-from agent.protocol import TelemetryBatch
+from agent.protocol import (
+    AGENT_SOCKET_SUBPROTOCOL,
+    HEARTBEAT_FRAME_PREFIX,
+    Heartbeat,
+    HeartbeatFrame,
+    TelemetryBatch,
+)
 
 
 def write(root: Path, relative: str, content: str) -> Path:
@@ -496,7 +502,9 @@ class TelemetryControlPlane:
     that connection too until it comes again), `http_script` (statuses the POST answers
     first, in order: 429 or 5xx), `websocket=False` (refuse the upgrade), `hold_acks`
     (hold acks until the agent pauses, then answer them newest first, as acks may come
-    in any order).
+    in any order), `heartbeats` (select AGENT_SOCKET_SUBPROTOCOL when offered and take
+    heartbeat frames, as control planes since that subprotocol do; without it, this is an
+    older control plane, which reads every frame as a batch).
     """
 
     def __init__(
@@ -504,6 +512,7 @@ class TelemetryControlPlane:
         credential: str,
         *,
         websocket: bool = True,
+        heartbeats: bool = False,
         reject: frozenset[int] = frozenset(),
         retry_once: frozenset[int] = frozenset(),
         http_script: list[int] | None = None,
@@ -512,6 +521,8 @@ class TelemetryControlPlane:
     ) -> None:
         self.credential = credential
         self.websocket = websocket
+        self.takes_heartbeats = heartbeats
+        self.heartbeats: list[Heartbeat] = []
         self.reject = reject
         self.retry_pending = set(retry_once)
         self.http_script = list(http_script or [])
@@ -555,7 +566,9 @@ class TelemetryControlPlane:
         if not self.websocket:
             await send({"type": "websocket.close", "code": 1008})  # refused: HTTP 403
             return
-        await send({"type": "websocket.accept"})
+        selected = self.takes_heartbeats and AGENT_SOCKET_SUBPROTOCOL in scope["subprotocols"]
+        accept = {"subprotocol": AGENT_SOCKET_SUBPROTOCOL} if selected else {}
+        await send({"type": "websocket.accept", **accept})
         if not self._authorised(scope):
             await send({"type": "websocket.close", "code": 4401})
             return
@@ -573,6 +586,11 @@ class TelemetryControlPlane:
                 continue
             if message["type"] != "websocket.receive":
                 return
+            if selected and message["text"].startswith(HEARTBEAT_FRAME_PREFIX):
+                self.heartbeats.append(
+                    HeartbeatFrame.model_validate_json(message["text"]).heartbeat
+                )
+                continue
             batch = TelemetryBatch.model_validate_json(message["text"])
             self.received.append(("ws", batch.seq))
             outstanding += 1

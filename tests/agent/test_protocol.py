@@ -270,3 +270,27 @@ def test_pools_without_an_aio_path_keep_the_bytes_earlier_agents_know() -> None:
     )
     on_file = PoolSpec(name="file0", kind="spdk", aio_path="/srv/pool.img", capacity_bytes=1 << 30)
     assert PoolSpec.model_validate_json(canonical_json(on_file)) == on_file
+
+
+@pytest.mark.parametrize(
+    "text", ["QUJD", "QUI=", "QQ==", "", "QUJDRA==", "+/+/"], ids=lambda t: t or "empty"
+)
+def test_base64_text_that_the_pattern_admits_decodes(text: str) -> None:
+    import base64
+
+    from pydantic import TypeAdapter
+
+    from agent.protocol import Base64Bytes
+
+    assert TypeAdapter(Base64Bytes).validate_python(text) == text
+    base64.b64decode(text, validate=True)
+
+
+@pytest.mark.parametrize("text", ["QUJ", "QU=D", "QUJD=", "QUJD\\n", "QU JD", "QUJ-", "Q===", "="])
+def test_base64_text_that_does_not_decode_is_refused(text: str) -> None:
+    from pydantic import TypeAdapter, ValidationError
+
+    from agent.protocol import Base64Bytes
+
+    with pytest.raises(ValidationError):
+        TypeAdapter(Base64Bytes).validate_python(text)

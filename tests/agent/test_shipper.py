@@ -13,7 +13,7 @@ import pytest
 
 from agent.client import ControlPlaneClient
 from agent.gauges import Reading
-from agent.protocol import TelemetryBatch
+from agent.protocol import Heartbeat, TelemetryBatch
 from agent.shipper import (
     BUFFER_FILE,
     DROPPED_COUNTER,
@@ -22,7 +22,7 @@ from agent.shipper import (
     TelemetryShipper,
 )
 from tests.agent.fakes import TelemetryControlPlane, serving
-from tests.agent.samples import NODE
+from tests.agent.samples import NODE, NOW
 
 CREDENTIAL = "tgn_8f2d3c4b5a69788796a5b4c3d2e1f0"
 
@@ -238,3 +238,36 @@ async def test_batches_collected_during_an_outage_arrive_after_it(
     await ship(restarted.buffer, control_plane, http, lambda: len(control_plane.stored) == 5)
     assert control_plane.stored == [1, 2, 3, 4, 5]
     restarted.close()
+
+
+@pytest.mark.parametrize("takes_heartbeats", [True, False], ids=["current", "older"])
+async def test_heartbeats_ride_the_websocket_only_where_the_control_plane_takes_them(
+    tmp_path: Path, http: httpx.AsyncClient, takes_heartbeats: bool
+) -> None:
+    """A control plane that selects the subprotocol gets heartbeats as frames; an older
+    one never sees such a frame (it would read it as a batch), and the caller POSTs."""
+    heartbeat = Heartbeat(
+        node_id=NODE, sent_at=NOW, agent_version="1.2.3", applied_generation=4, uptime_s=9.0
+    )
+    buffer = await filled(tmp_path, 3)
+    control_plane = TelemetryControlPlane(CREDENTIAL, heartbeats=takes_heartbeats)
+    async with serving(control_plane) as url:
+        client = ControlPlaneClient(http, url, CREDENTIAL)
+        sender = TelemetrySender(buffer, client, backoff_initial_s=0.05, backoff_max_s=0.2)
+        assert not await sender.send_heartbeat(heartbeat)  # no WebSocket yet
+        stop = asyncio.Event()
+        task = asyncio.create_task(sender.run(stop))
+
+        async def until(done: Callable[[], bool]) -> None:
+            while not done():
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(until(lambda: len(buffer) == 0), 20)  # connected, acked
+        assert await sender.send_heartbeat(heartbeat) is takes_heartbeats
+        if takes_heartbeats:
+            await asyncio.wait_for(until(lambda: bool(control_plane.heartbeats)), 20)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        assert not await sender.send_heartbeat(heartbeat)  # closed: POST it
+    assert control_plane.heartbeats == ([heartbeat] if takes_heartbeats else [])
+    assert control_plane.stored == [1, 2, 3]

@@ -102,18 +102,28 @@ def start_web(procs: Processes, port: int, workers: int = 1) -> str:
 
 
 def start_simulated_fleet(
-    procs: Processes, work: Path, url: str, agents: int, *extra: str
+    procs: Processes, work: Path, url: str, agents: int, *extra: str, per_process: int = 0
 ) -> float:
-    """`tailguard-agent simulate` with `agents` nodes; returns, once all are ready with GPUs,
-    how many enrolled per minute (enrollment, inventory and first heartbeat)."""
+    """`tailguard-agent simulate` with `agents` nodes (in processes of at most `per_process`
+    each, 0: one process), spawned after what `procs` holds; returns, once all are ready with
+    GPUs, how many enrolled per minute (enrollment, inventory and first heartbeat)."""
     from controlplane import processes
     from controlplane.inventory.models import Gpu, Node
     from controlplane.inventory.services import create_bootstrap_token
 
     bootstrap = create_bootstrap_token(name="bench", uses=agents).secret
-    procs.spawn(
-        "agents", [*processes.simulated_nodes(url, bootstrap, work / "agents", agents), *extra]
-    )
+    per_process = per_process or agents
+    for index, start in enumerate(range(0, agents, per_process)):
+        count = min(per_process, agents - start)
+        prefix = ["--prefix", f"sim{index}"] if per_process < agents else []
+        procs.spawn(
+            "agents" if not prefix else f"agents-{index}",
+            [
+                *processes.simulated_nodes(url, bootstrap, work / "agents" / str(index), count),
+                *extra,
+                *prefix,
+            ],
+        )
     print(f"waiting for {agents} simulated agents to enroll...", file=sys.stderr)
     started = time.monotonic()
     wait(

@@ -174,3 +174,34 @@ async def test_ingest_publishes_to_subscribers_with_gauges_cut_to_the_tenant(
     point = received["deployment.delta"]["point"]
     assert point["latency"]["ttft"]["count"] == 2
     assert point["usage"]["completed"] == 2
+
+
+async def test_flushes_from_the_agent_websocket_publish_in_order(
+    connect: Connect, world: World, chats: tuple[Any, Any]
+) -> None:
+    """A stream sees the deltas of successive flushes in their order."""
+    from agent.protocol import TelemetryAck
+    from tests.controlplane.telemetry_helpers import with_credential
+
+    def placed_node() -> tuple[Any, str]:
+        node = make_node("ordered-1", gpus=1)
+        place(node, chats[0])
+        return node, with_credential(node)
+
+    node, credential = await sync_to_async(placed_node)()
+    viewer = await subscribed(connect, world.viewer_a, streams.node(node.pk))
+    agent = WebsocketCommunicator(
+        application, "/ws/agent/", headers=[(b"authorization", f"Node {credential}".encode())]
+    )
+    assert (await agent.connect())[0]
+    for seq in range(1, 6):
+        sample = batch(node, seq, gauges={"gpu.0.utilization_pct": float(seq)})
+        await agent.send_to(text_data=sample.model_dump_json())
+        ack = TelemetryAck.model_validate_json(await agent.receive_from(timeout=10))
+        assert (ack.seq, ack.outcome) == (seq, "stored")  # one flush each
+    seen = [
+        (await viewer.receive_json_from(timeout=10))["point"]["gauges"]["gpu.0.utilization_pct"]
+        for _ in range(5)
+    ]
+    assert seen == [1.0, 2.0, 3.0, 4.0, 5.0]
+    await agent.disconnect()

@@ -159,19 +159,15 @@ def test_retention_and_gauge_compaction(node: Any) -> None:
 async def test_a_flooding_node_cannot_crowd_out_another(db: Any) -> None:
     ingestor = ingest_module.Ingestor()
     loud, quiet = uuid.uuid4(), uuid.uuid4()
-
-    class Fake:
-        def __init__(self, node_id: uuid.UUID, seq: int) -> None:
-            self.node_id, self.seq = node_id, seq
-
-    acks = [ingestor.submit(Fake(loud, s)) for s in range(1, 101)]  # type: ignore[arg-type]
-    ingestor.submit(Fake(quiet, 1))  # type: ignore[arg-type]
+    acks = [ingestor.submit(loud, f'{{"node_id": "{loud}", "seq": {s}}}') for s in range(1, 101)]
+    ingestor.submit(quiet, f'{{"node_id": "{quiet}", "seq": 1}}')
     refused = [a.result() for a in acks if a.done()]
     assert len(refused) == 100 - ingest_module.MAX_QUEUED
     assert {a.outcome for a in refused} == {"retry"} and refused[0].retry_after_s
+    assert [a.seq for a in refused] == list(range(ingest_module.MAX_QUEUED + 1, 101))
     first_flush = ingestor._take()
-    assert sum(1 for p in first_flush if p.batch.node_id == loud) == ingest_module.TAKE_PER_NODE
-    assert any(p.batch.node_id == quiet for p in first_flush)
+    assert sum(1 for p in first_flush if p.node_id == loud) == ingest_module.TAKE_PER_NODE
+    assert any(p.node_id == quiet for p in first_flush)
     assert ingestor._task is not None
     ingestor._task.cancel()
 
@@ -205,6 +201,8 @@ async def test_agent_websocket_acks_each_batch(world: Any, deployment: Any) -> N
     assert "not this connection's node" in reasons and "gauges" in reasons
     await ws.disconnect()
     assert await LatencyRollup.objects.filter(resolution=10, deployment=deployment).acount() == 1
+    stream = await NodeStream.objects.aget(node=node)
+    assert stream.batches == 1 and stream.rejected_batches == 2
 
 
 def test_http_fallback(world: Any, node: Any, deployment: Any) -> None:
@@ -239,3 +237,55 @@ def test_metrics_show_fleet_and_gpu_gauges(node: Any, settings: Any) -> None:
     scraper = APIClient()
     scraper.credentials(HTTP_AUTHORIZATION="Bearer s3cret-token-for-scrapes")
     assert scraper.get("/metrics").status_code == 200
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_heartbeats_over_the_agent_websocket(world: Any) -> None:
+    """An agent that offers the subprotocol sends heartbeats as frames: recorded with the
+    next flush (before the acks of that flush), the node made ready with its version; a
+    heartbeat naming another node is ignored. Without the subprotocol (an older agent) such
+    a frame is only a malformed batch."""
+    from agent.protocol import AGENT_SOCKET_SUBPROTOCOL, Heartbeat, heartbeat_frame
+    from controlplane.inventory.models import AgentReport, Node
+
+    node = await database_sync_to_async(make_node)("gpu-hb")
+    other = await database_sync_to_async(make_node)("gpu-hb-other")
+    await Node.objects.filter(pk__in=[node.pk, other.pk]).aupdate(status="unreachable")
+    credential = await database_sync_to_async(with_credential)(node)
+    headers = [(b"authorization", f"Node {credential}".encode())]
+
+    def beat(node_id: uuid.UUID) -> str:
+        return heartbeat_frame(
+            Heartbeat(
+                node_id=node_id,
+                sent_at=datetime.now(UTC),
+                agent_version="9.8.7",
+                applied_generation=0,
+                uptime_s=1.0,
+            )
+        )
+
+    ws = WebsocketCommunicator(
+        application, "/ws/agent/", headers=headers, subprotocols=[AGENT_SOCKET_SUBPROTOCOL]
+    )
+    connected, subprotocol = await ws.connect()
+    assert connected and subprotocol == AGENT_SOCKET_SUBPROTOCOL
+    await ws.send_to(text_data=beat(other.pk))
+    await ws.send_to(text_data=beat(node.pk))
+    await ws.send_to(text_data=batch(node, 1).model_dump_json())
+    ack = TelemetryAck.model_validate_json(await ws.receive_from(timeout=10))
+    assert ack.outcome == "stored" and ack.seq == 1  # the only answer: heartbeats get none
+    await ws.disconnect()
+    await node.arefresh_from_db()
+    await other.arefresh_from_db()
+    assert (node.status, node.agent_version) == ("ready", "9.8.7")
+    assert (other.status, other.agent_version) == ("unreachable", "")
+    assert not await AgentReport.objects.filter(node=other).aexists()
+
+    older = WebsocketCommunicator(application, "/ws/agent/", headers=headers)
+    connected, subprotocol = await older.connect()
+    assert connected and subprotocol is None
+    await older.send_to(text_data=beat(node.pk))
+    ack = TelemetryAck.model_validate_json(await older.receive_from(timeout=10))
+    assert ack.outcome == "rejected"
+    await older.disconnect()

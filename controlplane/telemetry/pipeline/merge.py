@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from agent.protocol import SeriesSketch, TelemetryBatch
+from agent.protocol import TelemetryBatch
 from controlplane.telemetry.choices import Resolution
 from dataplane.sketch import SketchSum
 
@@ -39,9 +39,20 @@ def midpoint(batch: TelemetryBatch) -> datetime:
 
 
 def fold_reading(into: dict[str, GaugeStats], gauges: dict[str, float]) -> None:
-    """Fold one batch's gauge values in, each a bucket of one reading."""
+    """Fold one batch's gauge values in, each a bucket of one reading (`fold_gauge`,
+    written out: this runs for every gauge of every batch)."""
     for key, value in gauges.items():
-        fold_gauge(into, key, [value, 1, value, value, value])
+        have = into.get(key)
+        if have is None:
+            into[key] = [value, 1, value, value, value]
+            continue
+        have[0] += value
+        have[1] += 1
+        if value < have[2]:
+            have[2] = value
+        if value > have[3]:
+            have[3] = value
+        have[4] = value
 
 
 def fold_gauge(into: dict[str, GaugeStats], key: str, stats: GaugeStats) -> None:
@@ -54,12 +65,6 @@ def fold_gauge(into: dict[str, GaugeStats], key: str, stats: GaugeStats) -> None
     have[2] = min(have[2], stats[2])
     have[3] = max(have[3], stats[3])
     have[4] = stats[4]
-
-
-def _sketch_of(series: SeriesSketch) -> SketchSum:
-    summed = SketchSum()
-    summed.add_bytes(base64.b64decode(series.sketch))
-    return summed
 
 
 @dataclass
@@ -88,7 +93,10 @@ class Rollups:
             bucket = bucket_of(midpoint(batch), ten)
             for series in batch.series:
                 key = (ten, bucket, series.tenant_id, series.deployment_id, series.metric)
-                latency.setdefault(key, SketchSum()).add(_sketch_of(series))
+                summed = latency.get(key)
+                if summed is None:
+                    summed = latency[key] = SketchSum()
+                summed.add_bytes(base64.b64decode(series.sketch))
                 for count in series.thresholds:
                     metric = "availability" if count.threshold_seconds is None else series.metric
                     row = slo.setdefault(
