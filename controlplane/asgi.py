@@ -2,9 +2,9 @@
 
 import os
 
-from django.core.asgi import get_asgi_application
-
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
+
+from controlplane.core.asgi import get_asgi_application  # noqa: E402  (sets Django up)
 
 django_asgi_app = get_asgi_application()
 

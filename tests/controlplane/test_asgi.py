@@ -1,0 +1,44 @@
+"""The ASGI handler takes each request's thread from a pool: requests one after another
+share a thread, requests at the same time each have their own."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import httpx
+from django.core.signals import request_started
+
+from controlplane.core.asgi import PooledThreadASGIHandler
+
+
+async def test_requests_reuse_threads_and_still_run_side_by_side() -> None:
+    handler = PooledThreadASGIHandler()
+    served: list[threading.Thread] = []
+    meeting: list[threading.Barrier] = []
+
+    def started(**kwargs: Any) -> None:  # runs on the request's thread
+        served.append(threading.current_thread())
+        if meeting:
+            meeting[0].wait()
+
+    request_started.connect(started, weak=False, dispatch_uid="test_asgi")
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=handler), base_url="http://testserver"
+        ) as client:
+            for _ in range(3):
+                assert (await client.get("/api/v1/no-such-thing/")).status_code == 404
+            assert len(served) == 3 and len(set(served)) == 1, served
+
+            # Two at once: each waits on its thread for the other to arrive, which only
+            # threads of their own allow (one shared thread would break the barrier).
+            meeting.append(threading.Barrier(2, timeout=60))
+            answers = await asyncio.gather(
+                client.get("/api/v1/no-such-thing/"), client.get("/api/v1/no-such-thing/")
+            )
+            assert [a.status_code for a in answers] == [404, 404]
+            assert len(set(served[3:])) == 2 and served[0] in served[3:], served
+    finally:
+        request_started.disconnect(dispatch_uid="test_asgi")
