@@ -1,4 +1,4 @@
-"""Django's ASGI handler, with each request's thread taken from a pool instead of started.
+"""Django's ASGI handler, serving each request in one go on a thread taken from a pool.
 
 Django runs a request's synchronous code (middleware, views, the ORM) on a thread of its
 own: `ASGIHandler` opens a fresh `ThreadSensitiveContext` per request, which starts a
@@ -9,6 +9,12 @@ thread runs. This handler hands each request a single-thread executor from a fre
 and takes it back afterwards, as a threaded WSGI server reuses its threads: requests
 still run side by side, each on its own thread, and a thread serves one request at a
 time.
+
+It also runs the middleware chain and the view synchronously, in one call on that
+thread. Django's async chain calls each synchronous middleware hook (all of ours are)
+through its own hop between the event loop and the thread, a dozen per request; under
+load every hop waits for the interpreter lock, so a busy process answered each agent
+report a dozen lock hand-overs late.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from asgiref.sync import ThreadSensitiveContext
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.core.handlers.asgi import ASGIHandler
+from django.http import HttpRequest, HttpResponseBase
 
 MAX_IDLE_THREADS = 64
 """Threads kept for later requests; those a burst needed beyond this end after it."""
@@ -27,6 +34,17 @@ class PooledThreadASGIHandler(ASGIHandler):
     def __init__(self) -> None:
         super().__init__()
         self._idle: list[ThreadPoolExecutor] = []
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        """The synchronous chain, whatever the caller asks: see the module docstring."""
+        super().load_middleware(is_async=False)
+
+    async def get_response_async(self, request: HttpRequest) -> HttpResponseBase:
+        """Middleware and view in one call on the request's thread."""
+        response: HttpResponseBase = await sync_to_async(self.get_response, thread_sensitive=True)(
+            request
+        )
+        return response
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
