@@ -23,6 +23,21 @@ log = logging.getLogger(__name__)
 
 Receiver = Callable[[dict[str, Any]], None]
 
+APPLY_TASK = "agent.apply_revision"
+
+
+def consumer_transport_options(broker_url: str) -> dict[str, object]:
+    """The shared transport options, and for Redis one key per queue. The control plane
+    sends revisions without a priority, so they land on the queue's own key; a consumer
+    watching the three priority keys of each queue too named four keys per queue in every
+    blocking pop it sent, one pop per message taken (the simulator's one consumer of a
+    thousand queues spent 6 ms a message on that, 2.5 ms with one key)."""
+    options = broker_transport_options(broker_url)
+    if broker_url.startswith(("redis://", "rediss://", "redis+socket://")):
+        options["priority_steps"] = [0]
+    return options
+
+
 # No fix-ups: the Django one would set up Django in an agent started beside a control plane.
 app = Celery("tailguard-agent", set_as_current=False, fixups=[])
 app.conf.update(
@@ -38,7 +53,7 @@ app.conf.update(
 _receivers: dict[str, Receiver] = {}
 
 
-@app.task(name="agent.apply_revision", bind=True)  # type: ignore[untyped-decorator]
+@app.task(name=APPLY_TASK, bind=True)  # type: ignore[untyped-decorator]
 def apply_revision(self: Task, document: dict[str, Any]) -> None:
     queue = (self.request.delivery_info or {}).get("routing_key", "")
     receiver = _receivers.get(queue)
@@ -54,7 +69,7 @@ class Consumer:
     def __init__(self, broker_url: str, receivers: dict[str, Receiver], name: str) -> None:
         _receivers.update(receivers)
         app.conf.broker_url = broker_url
-        app.conf.broker_transport_options = broker_transport_options(broker_url)
+        app.conf.broker_transport_options = consumer_transport_options(broker_url)
         self._worker = WorkController(
             app=app,
             pool="solo",

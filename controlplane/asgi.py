@@ -3,14 +3,14 @@
 import os
 import sys
 
-from django.core.asgi import get_asgi_application
-
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "controlplane.settings")
 
 # While telemetry ingest's flush thread computes, the event loop and the thread that runs
 # the views wait for the interpreter lock each time they wake: at most this long, instead
 # of the default 5 ms, so requests of a web process that ingests are not slowed many-fold.
 sys.setswitchinterval(0.001)
+
+from controlplane.core.asgi import get_asgi_application  # noqa: E402  (sets Django up)
 
 django_asgi_app = get_asgi_application()
 

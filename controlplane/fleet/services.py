@@ -74,9 +74,32 @@ def create_deployment(**fields: Any) -> Deployment:
     return deployment
 
 
+RENDERED_FIELDS = frozenset(
+    {
+        "runtime_options",
+        "max_batch_size",
+        "max_tokens_per_step",
+        "max_queue_delay_ms",
+        "max_queue_len",
+    }
+)
+"""Deployment fields that change what its workers are told, never where they run: a
+change of only these renders the nodes holding its replicas without re-planning."""
+
+
 @transaction.atomic
 def update_deployment(deployment: Deployment, **changes: Any) -> Deployment:
+    """Change a deployment and roll it out. A change of only `RENDERED_FIELDS` (batch
+    sizes, queue limits, runtime options) moves nothing, so it skips planning, which
+    would read and weigh every node its replicas could use: it renders the nodes that
+    hold them."""
     shared_with = changes.pop("shared_with", None)
+    changed = {name for name, value in changes.items() if getattr(deployment, name) != value}
+    if changed <= RENDERED_FIELDS and shared_with is None:
+        core.update(deployment, **changes)  # the row stays locked until commit
+        nodes = set(deployment.instances.exclude(node=None).values_list("node_id", flat=True))
+        _render(nodes, cause=f"deployment {deployment.name} changed")
+        return deployment
     _lock_tenant(
         deployment.tenant_id, volume=bool(deployment.artifact_id or changes.get("artifact"))
     )

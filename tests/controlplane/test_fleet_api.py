@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 
-from controlplane.fleet.models import Revision
+from controlplane.fleet.models import Replica, Revision
 from controlplane.inventory.models import Drive, Nic, Node
 from tests.controlplane.conftest import World, make_node
 
@@ -125,3 +127,51 @@ def test_changes_issue_new_generations_and_rollback_pins(
     assert released["rollout"]["pinned"] is False and released["rollout"]["desired_generation"] == 4
     latest = Revision.objects.get(node=node, generation=4)
     assert latest.document["state"]["components"]["workers"][0]["max_batch_size"] == 16
+
+
+def test_a_change_of_what_workers_are_told_renders_their_nodes_without_planning(
+    world: World, client_for: Any
+) -> None:
+    """Batch sizes, queue limits and runtime options move nothing: the change renders the
+    nodes holding the deployment's replicas without reading the fleet's hardware or
+    locking its tenant; a change that can move replicas still plans."""
+    nodes = [make_node(f"gpu-{i}", world.tenant_a, gpus=1) for i in range(3)]
+    Node.objects.update(status="ready")
+    client = client_for(world.admin_a)
+    created = client.post(
+        "/api/v1/deployments/",
+        {**BODY, "tenant": str(world.tenant_a.id), "replicas": 2, "gpus_per_replica": 1},
+        format="json",
+    ).json()
+    url = f"/api/v1/deployments/{created['id']}/"
+    holding = set(
+        Replica.objects.filter(deployment_id=created["id"]).values_list("node_id", flat=True)
+    )
+    assert len(holding) == 2
+
+    with CaptureQueriesContext(connection) as queries:
+        changed = client.patch(
+            url, {"max_batch_size": 8, "runtime_options": {"intra_op_threads": 2}}, format="json"
+        )
+    assert changed.status_code == 200, changed.content
+    planning = [
+        q["sql"][:120]
+        for q in queries
+        if '"inventory_gpu"' in q["sql"] or ('"tenancy_tenant"' in q["sql"] and "FOR" in q["sql"])
+    ]
+    assert planning == [], planning
+    heads = Revision.objects.filter(generation=2)
+    assert {h.node_id for h in heads} == holding
+    for head in heads:
+        (worker,) = head.document["state"]["components"]["workers"]
+        assert worker["max_batch_size"] == 8
+        assert worker["runtime_options"] == {"intra_op_threads": 2}
+
+    # One more replica (with a batch size in the same change) is planned and placed.
+    assert client.patch(url, {"replicas": 3, "max_batch_size": 4}, format="json").status_code == 200
+    assert Replica.objects.filter(deployment_id=created["id"], node__isnull=False).count() == 3
+    third = next(n for n in nodes if n.pk not in holding)
+    (worker,) = Revision.objects.get(node=third, generation=1).document["state"]["components"][
+        "workers"
+    ]
+    assert worker["max_batch_size"] == 4

@@ -1,0 +1,74 @@
+"""Django's ASGI handler, serving each request in one go on a thread taken from a pool.
+
+Django runs a request's synchronous code (middleware, views, the ORM) on a thread of its
+own: `ASGIHandler` opens a fresh `ThreadSensitiveContext` per request, which starts a
+single-thread executor for it and, when the request ends, another thread to join that
+one. With agents reporting many times a second, starting and joining those threads was
+a fifth of the web process's time, and each start stalls the event loop until the new
+thread runs. This handler hands each request a single-thread executor from a free list
+and takes it back afterwards, as a threaded WSGI server reuses its threads: requests
+still run side by side, each on its own thread, and a thread serves one request at a
+time.
+
+It also runs the middleware chain and the view synchronously, in one call on that
+thread. Django's async chain calls each synchronous middleware hook (all of ours are)
+through its own hop between the event loop and the thread, a dozen per request; under
+load every hop waits for the interpreter lock, so a busy process answered each agent
+report a dozen lock hand-overs late.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from django.core.handlers.asgi import ASGIHandler
+from django.http import HttpRequest, HttpResponseBase
+
+MAX_IDLE_THREADS = 64
+"""Threads kept for later requests; those a burst needed beyond this end after it."""
+
+
+class PooledThreadASGIHandler(ASGIHandler):
+    def __init__(self) -> None:
+        super().__init__()
+        self._idle: list[ThreadPoolExecutor] = []
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        """The synchronous chain, whatever the caller asks: see the module docstring."""
+        super().load_middleware(is_async=False)
+
+    async def get_response_async(self, request: HttpRequest) -> HttpResponseBase:
+        """Middleware and view in one call on the request's thread."""
+        response: HttpResponseBase = await sync_to_async(self.get_response, thread_sensitive=True)(
+            request
+        )
+        return response
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
+        executor = (
+            self._idle.pop()
+            if self._idle
+            else ThreadPoolExecutor(max_workers=1, thread_name_prefix="request")
+        )
+        try:
+            async with ThreadSensitiveContext(executor=executor):
+                await self.handle(scope, receive, send)
+        finally:
+            # A call that outlived its request (the client went away) finishes first: the
+            # executor runs its calls one by one, on its one thread.
+            if len(self._idle) < MAX_IDLE_THREADS:
+                self._idle.append(executor)
+            else:
+                executor.shutdown(wait=False)
+
+
+def get_asgi_application() -> PooledThreadASGIHandler:
+    """`django.core.asgi.get_asgi_application`, with pooled request threads."""
+    import django
+
+    django.setup(set_prefix=False)
+    return PooledThreadASGIHandler()
