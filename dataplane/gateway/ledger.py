@@ -23,7 +23,7 @@ both implementations (Redis for several gateways, in-process for one):
 - A request sent on while every replica is full (to be given a row the worker pauses
   for it) names the fleet's batch slots (``share_of``): it may start only while its
   tenant holds fewer leases than its weighted share of those slots among the active
-  tenants (waiting or holding leases) of its class and above.
+  tenants (waiting or holding leases) of its class, as a worker shares its rows.
 - Waiting is registered per gateway, with the reservation of the tenant's next request
   there and an expiry, so a dead gateway's waiting tenants stop holding others back.
 
@@ -250,8 +250,7 @@ class InProcessLedger:
         tenants: Mapping[str, TenantConfig],
         now: float,
     ) -> float:
-        """The tenant's weighted share of ``slots`` among the active tenants of its class
-        and above."""
+        """The tenant's weighted share of ``slots`` among the active tenants of its class."""
         mine = tenants.get(tenant, _DEFAULT)
         active = self._backlogged(book, now) | {
             t for t in list(book.leases) if self._leases(book, t, now) > 0
@@ -259,7 +258,7 @@ class InProcessLedger:
         total = mine.weight + sum(
             tenants[t].weight
             for t in active - {tenant}
-            if t in tenants and tenants[t].priority >= mine.priority
+            if t in tenants and tenants[t].priority == mine.priority
         )
         return slots * mine.weight / total
 
@@ -437,7 +436,7 @@ if share_of > 0 then
   local total, counted = mine.w, {[me] = true}
   local function count(name)
     local cfg = info[name]
-    if not counted[name] and cfg ~= nil and cfg.prio >= mine.prio then
+    if not counted[name] and cfg ~= nil and cfg.prio == mine.prio then
       counted[name] = true
       total = total + cfg.w
     end

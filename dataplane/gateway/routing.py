@@ -49,7 +49,9 @@ class ReplicaState:
     step_s: float
     prefill_token_s: float
     mean_e2e_s: float
-    rows: Mapping[str, int] = field(default_factory=dict)  # batch slots held, by tenant
+    rows: Mapping[str, int] = field(default_factory=dict)  # decoding rows, by tenant
+    row_cap: int = 0  # rows allowed now (a TPOT objective may hold it under the batch size)
+    preempts: bool = False  # whether the worker's policy pauses rows at all
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> ReplicaState:
@@ -67,6 +69,8 @@ class ReplicaState:
             prefill_token_s=float(message["prefill_token_s"]),
             mean_e2e_s=float(message["mean_e2e_s"]),
             rows={str(t): int(n) for t, n in message.get("rows", {}).items()},
+            row_cap=int(message.get("row_cap", message["max_batch_size"])),
+            preempts=bool(message.get("preempts", False)),
         )
 
     @property
@@ -180,27 +184,32 @@ class Replica:
         return shown + sum(1 for d in self._unseen if d.tenant == tenant)
 
     def pauses_for(self, tenant: str, tenants: Mapping[str, TenantConfig]) -> bool:
-        """Whether this replica's worker would pause a running row for one more request
-        of ``tenant``, as its fair scheduler decides: a row of a lower class (one not
-        already claimed by a request this gateway sent), or, within the class, a row of a
-        tenant past its weighted share of the batch while ``tenant`` stays within its own.
-        What this gateway sent that the state does not show yet counts as the tenant's
-        rows."""
-        if not self.up or self.state is None:
+        """Whether this replica's worker would pause a decoding row for one more request
+        of ``tenant``, as its fair scheduler decides: only where its policy preempts and
+        nothing of the tenant's class or above is queued there already; a row of a lower
+        class (one not already claimed by a request this gateway sent), or, within the
+        class, a row of a tenant past its weighted share of the rows allowed while
+        ``tenant`` stays within its own. What this gateway sent that the state does not
+        show yet counts as the tenant's rows. The worker also weighs its own counters; a
+        request it does not pause for waits in its queue for the next free row."""
+        state = self.state
+        if not self.up or state is None or not state.preempts:
             return False
 
         def config(name: str) -> TenantConfig:
             return tenants.get(name, _DEFAULT_TENANT)
 
         mine = config(tenant).priority
-        rows = Counter(self.state.rows)
+        if any(p >= mine and count for p, count, _ in state.queued):
+            return False  # requests queued there ahead of it take what a pause frees first
+        rows = Counter(state.rows)
         rows[tenant] = self.rows_of(tenant)
         peers = {t: n for t, n in rows.items() if n and config(t).priority == mine}
         lower = sum(n for t, n in rows.items() if config(t).priority < mine)
         if lower > self.sent:  # a lower-class row is left to pause for each sent here
             return True
         total = sum(config(t).weight for t in peers.keys() | {tenant})
-        slots = self.state.max_batch_size
+        slots = state.row_cap
 
         def share(name: str) -> float:
             return slots * config(name).weight / total

@@ -71,6 +71,9 @@ log = logging.getLogger(__name__)
 # While requests wait, the dispatcher looks again at least this often (other gateways'
 # tenants change what this one may start without a message reaching it).
 DISPATCH_POLL_S = 0.01
+# After the ledger refuses a request going ahead of full replicas, the next try waits
+# this long (or for a slot to free), so a full fleet costs no ledger call per poll.
+AHEAD_BACKOFF_S = 0.05
 # Output tokens are charged to the ledger in batches at most this far apart.
 CHARGE_FLUSH_S = 0.02
 # What a chat request without max_tokens reserves from its tenant's token bucket.
@@ -120,7 +123,9 @@ class _Waiter:
     )
     # Set where the replica is chosen: the request counts against its room from then on.
     dispatch: Dispatch | None = None
-    predicted: float = 0.0
+    # The TTFT predicted where it was sent (the learnt bias left out); None when sent
+    # ahead of a full batch, whose TTFT depends on the worker pausing a row for it.
+    predicted: float | None = 0.0
     # Output tokens passed to the client so far.
     tokens: int = 0
 
@@ -152,6 +157,8 @@ class _Deployment:
         # Seconds until the tenant's bucket held enough, as the ledger last said.
         self.token_wait: dict[str, float] = {}
         self.forwards: dict[str, set[_Forward]] = defaultdict(set)  # by replica id
+        # While every replica is full, no request goes ahead before this (perf_counter).
+        self.ahead_after = 0.0
         self.keys: list[tuple[str, str]] = []
         self.set_route(route)
 
@@ -398,17 +405,22 @@ class Gateway:
         configs = dep.route.tenants
         while True:
             tenants = [t for t in dep.waiting_tenants() if t not in skip]
-            full = not any(r.room(admission.queue_ahead) > 0 for r in replicas)
-            if full:  # only a tenant some worker would pause a row for goes on ahead
-                tenants = [t for t in tenants if any(r.pauses_for(t, configs) for r in replicas)]
             if not tenants:
                 return
             tenant = min(tenants, key=lambda t: (-dep.limits(t).priority, dep.counters.get(t, 0.0)))
+            full = not any(r.room(admission.queue_ahead) > 0 for r in replicas)
+            # With every replica full, only the tenant next in line may go ahead, to a
+            # worker that would pause a row for it; the ledger is asked once per backoff.
+            if full and (
+                time.perf_counter() < dep.ahead_after
+                or not any(r.pauses_for(tenant, configs) for r in replicas)
+            ):
+                return
             queue = dep.waiting[tenant]
             waiter = queue[0]
             limits = configs.get(tenant, _DEFAULT_TENANT)
             cost = waiter.prompt_tokens * dep.route.input_token_weight / limits.weight
-            slots = sum(r.state.max_batch_size for r in replicas if r.up and r.state) if full else 0
+            slots = sum(r.state.row_cap for r in replicas if r.up and r.state) if full else 0
             request = StartRequest(
                 tenant, waiter.lease, cost, waiter.reserve, len(queue) == 1, share_of=slots
             )
@@ -422,6 +434,9 @@ class Gateway:
             dep.counters[tenant] = decision.counter
             dep.token_wait[tenant] = decision.wait_s if decision.reason == "tokens" else 0.0
             if not decision.ok:
+                if full:
+                    dep.ahead_after = time.perf_counter() + AHEAD_BACKOFF_S
+                    return
                 skip.add(tenant)
                 continue
             if waiter in queue:
@@ -440,8 +455,8 @@ class Gateway:
                     skip.add(tenant)  # the replicas changed meanwhile: next round
                 continue
             # The slot is taken here, before the next choice, not when the request is sent.
-            waiter.predicted = replica.model_ttft(
-                waiter.prompt_tokens, waiter.priority, slot_wait=not full
+            waiter.predicted = (
+                None if full else replica.model_ttft(waiter.prompt_tokens, waiter.priority)
             )
             waiter.dispatch = replica.routed(tenant, waiter.prompt_tokens, waiter.stream)
             dep.leases.setdefault(tenant, set()).add(waiter.lease)
@@ -788,7 +803,7 @@ class GatewayApp(ModelServer):
                             fresh = sum(1 for event in events if _TOKEN_CHUNK in event)
                             errored = errored or any(e.startswith(_ERROR_CHUNK) for e in events)
                             if fresh:
-                                if waiter.tokens == 0:
+                                if waiter.tokens == 0 and predicted is not None:
                                     current.observed(predicted, now - (timing.scheduled or now))
                                 timing.token_times.extend([now] * fresh)
                                 waiter.tokens += fresh

@@ -148,6 +148,9 @@ class GenerationRequest:
 class QueuePolicy(Protocol):
     """Order of admission among waiting requests."""
 
+    preempts: bool
+    """Whether it may pause a running request for a waiting one (``preempt_for``)."""
+
     def push(self, request: GenerationRequest, active: Collection[str]) -> None:
         """Queue a request; ``active`` names the tenants with sequences in the batch."""
         ...
@@ -193,6 +196,8 @@ class QueuePolicy(Protocol):
 
 class FcfsPolicy:
     """Arrival order across all tenants; never preempts."""
+
+    preempts = False
 
     def __init__(self) -> None:
         self._queue: deque[GenerationRequest] = deque()
@@ -258,7 +263,7 @@ class FairPolicy:
         self.tenants = tenants
         self._input_weight = scheduling.input_token_weight
         self._output_weight = scheduling.output_token_weight
-        self._preemption = scheduling.preemption
+        self.preempts = scheduling.preemption
         self._queues: dict[str, deque[GenerationRequest]] = {}
         self.counters: dict[str, float] = {}
         # Ties on the counter go to the tenant admitted least recently (round robin).
@@ -345,7 +350,7 @@ class FairPolicy:
         running: Sequence[GenerationRequest],
         max_batch_size: int,
     ) -> GenerationRequest | None:
-        if not self._preemption or not running:
+        if not self.preempts or not running:
             return None
         victims = [r for r in running if r.priority < candidate.priority]
         if not victims:
@@ -517,8 +522,12 @@ class Scheduler:
         started = sum(max(0, len(r.seq.prompt) - r.seq.prefilled) for r in self._prefilling)
         return {
             "running": len(self.running),
-            # Batch slots per tenant: a gateway reads who holds more than its share.
-            "rows": dict(Counter(r.tenant for r in self.running)),
+            # Decoding rows per tenant (those a waiting request may be given by pausing
+            # one), the rows allowed now, and whether the policy pauses at all: what a
+            # gateway reads to send a tenant under its share ahead of a full batch.
+            "rows": dict(Counter(r.tenant for r in self._in_batch)),
+            "row_cap": self._row_cap(),
+            "preempts": self.policy.preempts,
             "max_batch_size": self.batching.max_batch_size,
             "free_slots": max(0, self._row_cap() - len(self.running)),
             "queued": [

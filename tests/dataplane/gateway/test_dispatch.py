@@ -38,6 +38,7 @@ def state(free_slots: int = 4, **fields: Any) -> ReplicaState:
             "step_s": 0.01,
             "prefill_token_s": 0.0001,
             "mean_e2e_s": 1.0,
+            "preempts": True,
             **fields,
         }
     )

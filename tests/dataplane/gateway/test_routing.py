@@ -22,6 +22,7 @@ def replica(name: str = "r", **state: Any) -> Replica:
         "step_s": 0.01,
         "prefill_token_s": 0.0001,
         "mean_e2e_s": 1.0,
+        "preempts": True,
         **state,
     }
     found = Replica(ReplicaConfig(replica_id=name, base_url="http://127.0.0.1:1"))
@@ -124,6 +125,20 @@ def test_a_full_worker_pauses_for_a_tenant_under_its_share_only() -> None:
     # Nobody past its share: nothing to pause.
     even = replica(running=8, free_slots=0, rows={"a": 4, "b": 4})
     assert not even.pauses_for("a", table) and not even.pauses_for("b", table)
+
+
+def test_no_pause_is_expected_where_the_worker_would_not_make_one() -> None:
+    table = configs(a={}, b={})
+    full = {"running": 8, "free_slots": 0, "rows": {"b": 8}}
+    assert not replica(**full, preempts=False).pauses_for("a", table)
+    # Something of a's class is queued there already: it takes the row a pause frees.
+    queued = [{"priority": 0, "requests": 1, "prompt_tokens": 10}]
+    assert not replica(**full, queued=queued).pauses_for("a", table)
+    # Shares are of the rows allowed now: a TPOT objective holding them at 4 makes b's
+    # 3 of them past its share of 2, where of 8 they would be within its share of 4.
+    split = {"running": 4, "free_slots": 0, "rows": {"a": 1, "b": 3}}
+    assert replica(**split, row_cap=4).pauses_for("a", table)
+    assert not replica(**split, row_cap=8).pauses_for("a", table)
 
 
 def test_weights_set_the_shares_a_worker_pauses_by() -> None:

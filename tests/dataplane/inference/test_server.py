@@ -295,9 +295,11 @@ def test_state_stream_pushes_on_change(worker: WorkerProcess) -> None:
             ) as generating:
                 chunks = generating.iter_lines()
                 next(chunks)
-                while not any(m["running"] for m in seen):
+                while not any(m["rows"] for m in seen):  # prefilled, then decoding
                     seen.append(json.loads(next(lines)))
-                assert next(m for m in seen if m["running"])["rows"] == {"alice": 1}
+                decoding = next(m for m in seen if m["rows"])
+                assert decoding["rows"] == {"alice": 1} and decoding["running"] == 1
+                assert decoding["preempts"] and decoding["row_cap"] == decoding["max_batch_size"]
                 for _ in chunks:
                     pass
         while seen[-1]["running"]:
