@@ -173,6 +173,11 @@ class InProcessLedger:
             book.needs.pop(key, None)
         return {tenant for tenant, _ in book.backlog}
 
+    def _active(self, book: _Book, now: float) -> set[str]:
+        """Tenants waiting at any gateway or holding leases."""
+        held = {t for t in list(book.leases) if self._leases(book, t, now) > 0}
+        return self._backlogged(book, now) | held
+
     @staticmethod
     def _need(book: _Book, tenant: str) -> int:
         """The smallest reservation among the tenant's next requests at any gateway."""
@@ -186,8 +191,7 @@ class InProcessLedger:
         now: float,
     ) -> None:
         """Lift newly waiting idle tenants, then make ``waiting`` this gateway's backlog."""
-        before = self._backlogged(book, now)
-        active = before | {t for t in list(book.leases) if self._leases(book, t, now) > 0}
+        active = self._active(book, now)
         for tenant in waiting:
             if tenant in active:
                 continue
@@ -252,12 +256,9 @@ class InProcessLedger:
     ) -> float:
         """The tenant's weighted share of ``slots`` among the active tenants of its class."""
         mine = tenants.get(tenant, _DEFAULT)
-        active = self._backlogged(book, now) | {
-            t for t in list(book.leases) if self._leases(book, t, now) > 0
-        }
         total = mine.weight + sum(
             tenants[t].weight
-            for t in active - {tenant}
+            for t in self._active(book, now) - {tenant}
             if t in tenants and tenants[t].priority == mine.priority
         )
         return slots * mine.weight / total
