@@ -58,6 +58,6 @@ def test_the_consumer_delivers_each_queue_to_its_receiver() -> None:
 def test_a_consumer_watches_one_redis_key_per_queue() -> None:
     """No priority keys: the control plane sends none, and each would lengthen every
     blocking pop the consumer sends by one key per queue."""
-    assert consumer_transport_options("redis://127.0.0.1:6379/0")["priority_steps"] == [0]
+    assert consumer_transport_options("redis://broker.example/0")["priority_steps"] == [0]
     options = consumer_transport_options("filesystem://localhost/tmp/broker")
     assert "priority_steps" not in options and options["store_processed"] is False

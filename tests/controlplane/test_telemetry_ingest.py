@@ -258,7 +258,7 @@ async def test_heartbeats_over_the_agent_websocket(world: Any) -> None:
         return heartbeat_frame(
             Heartbeat(
                 node_id=node_id,
-                sent_at=datetime.now(UTC),
+                sent_at=datetime(2026, 1, 1, tzinfo=UTC),
                 agent_version="9.8.7",
                 applied_generation=0,
                 uptime_s=1.0,
