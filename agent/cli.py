@@ -12,11 +12,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
 import pynvml
 from tqdm import tqdm
 
-from agent.client import ControlPlaneClient, ControlPlaneError
+from agent.client import ControlPlaneClient, ControlPlaneError, http_client
 from agent.discovery import discover
 from agent.enroll import EnrollmentError, Identity, load_or_enroll
 from agent.gauges import AppliedComponents, GpuGauges, HostGauges, StorageGauges, WorkerStats
@@ -88,7 +87,7 @@ async def run_agent(settings: AgentSettings) -> None:
         # purpose, under systemd's UMask=0077 or not.
         os.umask(0o077)
     facts = await asyncio.to_thread(inventory)
-    async with httpx.AsyncClient(timeout=30) as http:
+    async with http_client() as http:
         anon = ControlPlaneClient(http, settings.control_plane_url)
         identity = await load_or_enroll(
             anon, settings.state_dir, settings.hostname, facts.host, settings.bootstrap_token, stop

@@ -24,6 +24,21 @@ from agent.protocol import (
 
 _M = TypeVar("_M", bound=BaseModel)
 
+KEEPALIVE_EXPIRY_S = 2.0
+"""How long an idle connection to the control plane is kept: well under uvicorn's 5 s (and
+common proxies' keep-alive), so the agent never sends on a connection the server is closing
+at that moment, which loses the request (httpx's own default is also 5 s)."""
+
+
+def http_client(connections: int = 20) -> httpx.AsyncClient:
+    """The agent's HTTP client for the control plane: at most `connections` at once."""
+    limits = httpx.Limits(
+        max_connections=connections,
+        max_keepalive_connections=connections,
+        keepalive_expiry=KEEPALIVE_EXPIRY_S,
+    )
+    return httpx.AsyncClient(timeout=30, limits=limits)
+
 
 class ControlPlaneError(Exception):
     """The control plane answered with an error; `status` 0 means it could not be reached."""
@@ -72,11 +87,17 @@ class ControlPlaneClient:
     def _turn(self) -> contextlib.AbstractAsyncContextManager[object]:
         return self._limit if self._limit is not None else contextlib.nullcontext()
 
-    async def _call(self, method: str, path: str, body: BaseModel | None = None) -> httpx.Response:
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        body: BaseModel | None = None,
+        extra_headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
         content = body.model_dump_json().encode() if body is not None else None
-        headers = (
-            {**self._headers, "Content-Type": "application/json"} if content else self._headers
-        )
+        headers = {**self._headers, **(extra_headers or {})}
+        if content:
+            headers["Content-Type"] = "application/json"
         try:
             async with self._turn():
                 response = await self._http.request(
@@ -98,9 +119,12 @@ class ControlPlaneClient:
     async def post_heartbeat(self, heartbeat: Heartbeat) -> None:
         await self._call("POST", "heartbeat/", heartbeat)
 
-    async def desired_state(self) -> SignedDesiredState | None:
-        response = await self._call("GET", "desired-state/")
-        if response.status_code == 204:
+    async def desired_state(self, applied_tag: str | None = None) -> SignedDesiredState | None:
+        """The node's newest signed state; None when there is none, or when it is still the
+        one `applied_tag` (see `state_tag`) names."""
+        conditional = {"If-None-Match": applied_tag} if applied_tag else None
+        response = await self._call("GET", "desired-state/", extra_headers=conditional)
+        if response.status_code in (204, 304):
             return None
         return SignedDesiredState.model_validate_json(response.content)
 

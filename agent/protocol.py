@@ -863,6 +863,13 @@ def content_hash(components: Components) -> str:
     return hashlib.sha256(canonical_json(components)).hexdigest()
 
 
+def state_tag(generation: int, content_hash: str) -> str:
+    """The HTTP entity tag of a desired state: an agent's periodic pull names the state it
+    applied (`If-None-Match`) and gets 304 while that is still the newest, instead of the
+    whole signed document."""
+    return f'"{generation}-{content_hash}"'
+
+
 # Domain separation: a signature over a desired state can never pass as one over another
 # kind of message, even if the control plane key comes to sign other things.
 SIGNING_CONTEXT = b"tailguard.desired_state.v1\x00"

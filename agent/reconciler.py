@@ -24,6 +24,7 @@ from agent.protocol import (
     Components,
     SignatureError,
     SignedDesiredState,
+    state_tag,
     verify_state,
 )
 
@@ -63,6 +64,14 @@ class Reconciler:
         # so its first pull of the state it had applied converges on it again (adopting the
         # workers that kept serving) instead of taking it for the steady state.
         self._converged = False
+
+    @property
+    def applied_tag(self) -> str | None:
+        """The entity tag of the state this process applied, for a conditional pull; None
+        until it applied one (a restarted agent pulls the whole state to converge on it)."""
+        if not self._converged:
+            return None
+        return state_tag(self.applied.generation, self.applied.content_hash)
 
     async def handle(self, signed: SignedDesiredState, *, pulled: bool) -> AppliedStatus | None:
         """Apply a pushed or pulled state; returns the report to send, or None if nothing to say.

@@ -204,7 +204,7 @@ class NodeAgent:
 
     async def _pull(self) -> None:
         try:
-            signed = await self._client.desired_state()
+            signed = await self._client.desired_state(self._reconciler.applied_tag)
         except ControlPlaneError as exc:
             log.warning("desired state pull failed: %s", exc)
             return

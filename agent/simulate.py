@@ -22,9 +22,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
-import httpx
-
-from agent.client import ControlPlaneClient
+from agent.client import ControlPlaneClient, http_client
 from agent.enroll import load_or_enroll
 from agent.gauges import Reading
 from agent.protocol import (
@@ -268,8 +266,7 @@ async def simulate(
     # Requests beyond those wait their turn in order (see ControlPlaneClient's `limit`), so
     # a thousand agents' heartbeats queue behind each other instead of timing out in the
     # connection pool.
-    limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
-    async with httpx.AsyncClient(timeout=30, limits=limits) as http:
+    async with http_client(8) as http:
         anon = ControlPlaneClient(http, control_plane_url, limit=asyncio.Semaphore(8))
         hostnames = [f"{prefix}-{i:04d}" for i in range(count)]
         inventories = {h: synthetic_inventory(h) for h in hostnames}

@@ -35,6 +35,7 @@ from agent.protocol import (
     WorkerSpec,
     queue_name,
     sign_state,
+    state_tag,
 )
 from controlplane.celery import app as celery_app
 from controlplane.core import services as core
@@ -663,6 +664,18 @@ def _record_worker_ports(node: Node, status: AppliedStatus) -> None:
                 Replica.objects.filter(pk=replica_id, node=node).exclude(port=result.port).update(
                     port=result.port, updated_at=timezone.now()
                 )
+
+
+def latest_tag(node: Node) -> str | None:
+    """The entity tag of the node's newest revision (see `state_tag`), without loading its
+    document; None if it has none."""
+    head = (
+        Revision.objects.filter(node=node)
+        .order_by("-generation")
+        .values_list("generation", "content_hash")
+        .first()
+    )
+    return state_tag(*head) if head else None
 
 
 def latest_document(node: Node) -> dict[str, Any] | None:

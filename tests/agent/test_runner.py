@@ -17,7 +17,7 @@ import pytest
 from agent import cli, runner
 from agent.client import ControlPlaneClient
 from agent.enroll import Identity
-from agent.protocol import Inventory, SignedDesiredState, sign_state
+from agent.protocol import Inventory, SignedDesiredState, sign_state, state_tag
 from agent.reconciler import Reconciler
 from agent.runner import NodeAgent, RootTaskFailed, run_root_tasks
 from agent.settings import AgentSettings
@@ -40,7 +40,10 @@ class ControlPlane:
 
 @asynccontextmanager
 async def node_agent(
-    tmp_path: Path, discover: Callable[[], Inventory], control_plane: ControlPlane
+    tmp_path: Path,
+    discover: Callable[[], Inventory],
+    control_plane: ControlPlane,
+    resync_interval_s: float = 60,
 ) -> AsyncIterator[NodeAgent]:
     async with httpx.AsyncClient(transport=httpx.MockTransport(control_plane)) as http:
         identity = Identity(
@@ -57,7 +60,7 @@ async def node_agent(
             Reconciler(NODE, CONTROL_PLANE_KEY.public_key(), [], tmp_path),
             discover,
             inventory_interval_s=60,
-            resync_interval_s=60,
+            resync_interval_s=resync_interval_s,
         )
 
 
@@ -186,3 +189,46 @@ async def test_a_status_report_the_control_plane_refuses_is_not_retried(
         await asyncio.wait_for(running, 10)
     # The refused report for generation 1 was dropped; generation 2's went through.
     assert [r["generation"] for r in control_plane.taken] == [2]
+
+
+class PulledControlPlane(ControlPlane):
+    """Serves one signed state to pulls, 304 to a pull that names it; records what each
+    pull named and every status report."""
+
+    def __init__(self, signed: SignedDesiredState) -> None:
+        super().__init__()
+        self.signed = signed
+        self.tag = state_tag(signed.state.generation, signed.state.content_hash)
+        self.named: list[str | None] = []
+        self.reports = 0
+        self.pulled_again = asyncio.Event()
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/status/"):
+            self.reports += 1
+            return httpx.Response(204)
+        if not request.url.path.endswith("/desired-state/"):
+            return super().__call__(request)
+        self.named.append(request.headers.get("If-None-Match"))
+        if len(self.named) >= 3 and self.reports:
+            self.pulled_again.set()
+        if self.named[-1] == self.tag:
+            return httpx.Response(304, headers={"ETag": self.tag})
+        return httpx.Response(200, json=self.signed.model_dump(mode="json"))
+
+
+async def test_pulls_after_applying_name_the_applied_state_and_change_nothing(
+    tmp_path: Path,
+) -> None:
+    control_plane = PulledControlPlane(signed_state(1))
+    async with node_agent(tmp_path, inventory, control_plane, resync_interval_s=0.01) as agent:
+        stop = asyncio.Event()
+        running = asyncio.create_task(agent.run(stop))
+        await asyncio.wait_for(control_plane.pulled_again.wait(), 10)
+        stop.set()
+        await asyncio.wait_for(running, 10)
+    # The first pull names nothing (this process applied nothing yet); the rest name the
+    # state it applied, get 304 and apply and report nothing again.
+    first, *later = control_plane.named
+    assert first is None and later and set(later) == {control_plane.tag}
+    assert control_plane.reports == 1 and agent.unsent_reports == 0

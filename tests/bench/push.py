@@ -1,10 +1,12 @@
 """Config push benchmark: a committed deployment change -> applied status on every agent.
 
-    tailguard bench push [--agents 200] [--rounds 5] [--json]
+    tailguard bench push [--agents 200] [--rounds 5] [--agents-per-process 250] [--json]
 
 Starts PostgreSQL and Redis (throwaway), the control plane (uvicorn and its Celery
-worker), and one `tailguard-agent simulate --count N` process whose N agents each
-enroll, heartbeat, consume their own Celery queue and apply revisions through the real
+worker), and `tailguard-agent simulate` processes of at most `--agents-per-process`
+agents each (a simulator's one Celery consumer names all its queues in every blocking pop,
+so its cost per message grows with its agents; real agents consume one queue each). The
+agents each enroll, heartbeat, consume their own Celery queue and apply revisions through the real
 reconciler (simulated nodes record their workers instead of starting them). Each round
 changes the deployments that hold a replica on every node (one per 256 agents, one API
 call each), so every node gets a new signed revision; a node's push time is from the
@@ -47,10 +49,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--port", type=int, default=18765)
     parser.add_argument("--web-workers", type=int, default=1, help="uvicorn processes")
+    parser.add_argument(
+        "--agents-per-process", type=int, default=250, help="simulated agents per process"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if args.agents < 1 or args.rounds < 1:
-        parser.error("--agents and --rounds must be at least 1")
+    if min(args.agents, args.rounds, args.agents_per_process) < 1:
+        parser.error("--agents, --rounds and --agents-per-process must be at least 1")
     return args
 
 
@@ -62,12 +67,23 @@ def main(argv: list[str] | None = None) -> int:
         web = start_web(procs, args.port, args.web_workers)
         worker = start_control_plane_worker(procs, work)
         enrolled_per_min = start_simulated_fleet(
-            procs, work, web, args.agents, "--telemetry-interval", "0"
+            procs,
+            work,
+            web,
+            args.agents,
+            "--telemetry-interval",
+            "0",
+            per_process=args.agents_per_process,
         )
         api, deployments = deploy_everywhere(procs, web, args.agents)
         pushed = Replica.objects.filter(node__isnull=False).count()
-        servers = {"web": procs.procs[0].pid, "worker": worker.pid, "agents": procs.procs[2].pid}
-        cpu_before = {name: tree_cpu_seconds(pid) for name, pid in servers.items()}
+        servers = {"web": [procs.procs[0].pid], "worker": [worker.pid]}
+        servers["agents"] = [p.pid for p in procs.procs[2:]]
+
+        def cpu_of(name: str) -> float:
+            return sum(tree_cpu_seconds(pid) for pid in servers[name])
+
+        cpu_before = {name: cpu_of(name) for name in servers}
 
         samples: list[float] = []
         since_revision: list[float] = []
@@ -99,12 +115,13 @@ def main(argv: list[str] | None = None) -> int:
             applied_at.extend(agent.timestamp() - started_wall for _, agent, _ in rows)
             samples.extend(times)
             rounds.append(max(times))
-        cpu = {name: tree_cpu_seconds(pid) - cpu_before[name] for name, pid in servers.items()}
+        cpu = {name: cpu_of(name) - cpu_before[name] for name in servers}
         revisions = pushed * args.rounds
         report(
             {
                 "agents": args.agents,
                 "web_workers": args.web_workers,
+                "agents_per_process": args.agents_per_process,
                 "rounds": args.rounds,
                 "push_p50_s": round(percentile(samples, 50), 4),
                 "push_p99_s": round(percentile(samples, 99), 4),

@@ -11,7 +11,13 @@ import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from agent.protocol import Heartbeat, SignedDesiredState, decode_public_key, verify_state
+from agent.protocol import (
+    Heartbeat,
+    SignedDesiredState,
+    decode_public_key,
+    state_tag,
+    verify_state,
+)
 from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Replica, Revision
 from controlplane.inventory.models import AgentReport, Node
@@ -230,6 +236,36 @@ def test_desired_state_and_status_round_trip(enrolled: tuple[Node, str], world: 
     )
     assert response.status_code == 204
     assert Revision.objects.get(node=node, generation=1).status == "applied"
+
+
+def test_a_pull_naming_the_newest_state_is_answered_not_modified(
+    enrolled: tuple[Node, str], world: World, django_capture_on_commit_callbacks: Any
+) -> None:
+    node, credential = enrolled
+    client = as_node(credential)
+    Node.objects.filter(pk=node.pk).update(status="ready")
+    deployment = fleet.create_deployment(
+        tenant=world.tenant_a,
+        name="chat",
+        model_name="chat",
+        artifact_uri="synthetic://chat",
+        replicas=1,
+    )
+    first = client.get("/api/v1/agent/desired-state/")
+    state = first.json()["state"]
+    tag = state_tag(state["generation"], state["content_hash"])
+    assert first["ETag"] == tag
+
+    unchanged = client.get("/api/v1/agent/desired-state/", HTTP_IF_NONE_MATCH=f'W/"0-x", {tag}')
+    assert unchanged.status_code == 304 and not unchanged.content
+    assert unchanged["ETag"] == tag
+
+    with django_capture_on_commit_callbacks(execute=True):
+        fleet.update_deployment(deployment, max_batch_size=3)
+    changed = client.get("/api/v1/agent/desired-state/", HTTP_IF_NONE_MATCH=tag)
+    assert changed.status_code == 200
+    assert changed.json()["state"]["generation"] == state["generation"] + 1
+    assert changed["ETag"] != tag
 
 
 def test_bootstrap_tokens_are_for_platform_admins(world: World, client_for: Any) -> None:
