@@ -32,6 +32,7 @@ from tqdm import tqdm
 from dataplane.inference.config import BatchingConfig, RuntimeConfig
 from dataplane.inference.engine import BatchEngine, EngineSequence
 from dataplane.inference.kvcache import CacheRow, KVCache
+from dataplane.inference.model import ModelSpec
 from dataplane.inference.runtime import OnnxRuntime
 from dataplane.inference.sampling import SamplingParams
 from dataplane.inference.synthetic import SyntheticModelSpec, write_synthetic_model
@@ -263,6 +264,17 @@ def filled_rows(
     return cache, started
 
 
+def decode_bytes_per_token(model_dir: Path, spec: ModelSpec, context: int) -> float:
+    """Bytes a decode step reads per token at ``context``: the weights, shared by the
+    step's CONTEXT_ROWS rows (the whole model file, an upper bound), and the row's own
+    keys and values. Attention reads every cached position, so a long context costs its
+    reading however little the cache copies; bytes over time says how close a step runs
+    to the memory's bandwidth."""
+    weights = sum(f.stat().st_size for f in model_dir.iterdir() if f.suffix in (".onnx", ".data"))
+    per_position = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim
+    return weights / CONTEXT_ROWS + context * per_position * spec.numpy_kv_dtype.itemsize
+
+
 def decode_ms_per_token(runtime: OnnxRuntime, context: int) -> float:
     """Median milliseconds per token of a decode step of CONTEXT_ROWS rows that each
     hold ``context`` tokens, over the runtime's own KV cache (as the engine drives it)."""
@@ -298,6 +310,11 @@ def measure_engine(
         f"decode_ms_per_token_ctx{context}": decode_ms_per_token(runtime, context)
         for context in CONTEXTS
     }
+    for context in CONTEXTS:
+        read = decode_bytes_per_token(model_dir, runtime.spec, context)
+        per_token[f"decode_mb_read_per_token_ctx{context}"] = read / 2**20
+        seconds = per_token[f"decode_ms_per_token_ctx{context}"] / 1000
+        per_token[f"decode_gb_per_s_ctx{context}"] = read / seconds / 1e9
 
     def sequence(tokens: int, seed: int) -> EngineSequence:
         return EngineSequence(
@@ -551,6 +568,9 @@ def side_by_side(out: dict[str, Any]) -> list[str]:
         f"{'  all tokens/s':24}" + "".join(cell(f"tokens_per_s_{x}") for x in scenarios),
         f"{'decode ms/token':24}" + "".join(f"{'ctx' + str(c):>10}" for c in CONTEXTS),
         f"{'':24}" + "".join(cell(f"decode_ms_per_token_ctx{c}") for c in CONTEXTS),
+        f"{'  MB read per token':24}"
+        + "".join(cell(f"decode_mb_read_per_token_ctx{c}") for c in CONTEXTS),
+        f"{'  GB/s read':24}" + "".join(cell(f"decode_gb_per_s_ctx{c}") for c in CONTEXTS),
         f"{'load generator CPU':24}{cell('client_cpu_share')} of one core",
     ]
 
