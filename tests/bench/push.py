@@ -1,20 +1,24 @@
 """Config push benchmark: a committed deployment change -> applied status on every agent.
 
-    tailguard bench push [--agents 200] [--rounds 5] [--agents-per-process 250] [--json]
+    tailguard bench push [--agents 200] [--rounds 5] [--agents-per-process 250]
+                         [--idle-seconds 10] [--json]
 
 Starts PostgreSQL and Redis (throwaway), the control plane (uvicorn and its Celery
 worker), and `tailguard-agent simulate` processes of at most `--agents-per-process`
-agents each (a simulator's one Celery consumer names all its queues in every blocking pop,
-so its cost per message grows with its agents; real agents consume one queue each). The
-agents each enroll, heartbeat, consume their own Celery queue and apply revisions through the real
-reconciler (simulated nodes record their workers instead of starting them). Each round
-changes the deployments that hold a replica on every node (one per 256 agents, one API
-call each), so every node gets a new signed revision; a node's push time is from the
-start of the round's first API call to the moment the node's applied status is stored
-(the old measure, from the round's first stored revision, is printed beside it). Prints p50/p99 over all nodes
-of all rounds, the worst round's time until the last node reported, the API call's own
-time, and the CPU-seconds the control plane's processes (web and worker) spent per
-pushed revision: capacity per core is its inverse.
+agents each (a simulator's one Celery consumer names all its queues in every blocking
+pop, so its cost per message grows with its agents; real agents consume one queue each).
+The agents each enroll, heartbeat, consume their own Celery queue and apply revisions
+through the real reconciler (simulated nodes record their workers instead of starting
+them). Each round changes the deployments that hold a replica on every node (one per 256
+agents, one API call each), so every node gets a new signed revision; a node's push time
+is from the start of the round's first API call to the moment the node's applied status
+is stored (the old measure, from the round's first stored revision, is printed beside
+it). Prints p50/p99 over all nodes of all rounds, the worst round's time until the last
+node reported, the API call's own time, and the CPU-seconds the control plane's
+processes (web and worker) spent per pushed revision: capacity per core is its inverse.
+The same figure net of what the processes spend with nothing pushed (measured for
+`--idle-seconds` first: heartbeats by HTTP, as the simulated agents ship no telemetry,
+and pulls) is what a push itself costs.
 """
 
 from __future__ import annotations
@@ -52,6 +56,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--agents-per-process", type=int, default=250, help="simulated agents per process"
     )
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=10.0,
+        help="seconds measured with nothing pushed first (heartbeats and pulls only)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if min(args.agents, args.rounds, args.agents_per_process) < 1:
@@ -83,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         def cpu_of(name: str) -> float:
             return sum(tree_cpu_seconds(pid) for pid in servers[name])
 
+        # What the fleet costs with nothing pushed (heartbeats, pulls), so the figures per
+        # revision can be read net of it too.
+        idle_started, idle_before = time.monotonic(), {name: cpu_of(name) for name in servers}
+        time.sleep(args.idle_seconds)
+        idle_elapsed = time.monotonic() - idle_started
+        idle_rate = {name: (cpu_of(name) - idle_before[name]) / idle_elapsed for name in servers}
+        pushing_started = time.monotonic()
         cpu_before = {name: cpu_of(name) for name in servers}
 
         samples: list[float] = []
@@ -116,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             samples.extend(times)
             rounds.append(max(times))
         cpu = {name: cpu_of(name) - cpu_before[name] for name in servers}
+        pushing = time.monotonic() - pushing_started
+        net = {name: cpu[name] - idle_rate[name] * pushing for name in servers}
         revisions = pushed * args.rounds
         report(
             {
@@ -139,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
                 "web_cpu_s_per_revision": round(cpu["web"] / revisions, 5),
                 "worker_cpu_s_per_revision": round(cpu["worker"] / revisions, 5),
                 "agents_cpu_s_per_revision": round(cpu["agents"] / revisions, 5),
+                # net of what the same processes spent per second with nothing pushed
+                "idle_web_cpu_cores": round(idle_rate["web"], 3),
+                "net_cpu_s_per_revision": round((net["web"] + net["worker"]) / revisions, 5),
+                "net_web_cpu_s_per_revision": round(net["web"] / revisions, 5),
                 "agent_applied_p50_s": round(percentile(applied_at, 50), 4),
                 "agent_applied_p99_s": round(percentile(applied_at, 99), 4),
                 "enrolled_per_min": round(enrolled_per_min, 1),
