@@ -106,12 +106,20 @@ async def poisson(
     """Open-loop arrivals at ``rate`` per second for ``seconds``."""
     rng = random.Random(seed)
     results: list[Streamed] = []
+
+    async def one(client: httpx.AsyncClient) -> Streamed:
+        sent = time.monotonic()
+        try:
+            return await stream(client, target(), key, tokens)
+        except httpx.TransportError:  # counted as an error, not the end of the run
+            return Streamed(sent)
+
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         tasks = []
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            tasks.append(asyncio.create_task(stream(client, target(), key, tokens)))
+            tasks.append(asyncio.create_task(one(client)))
             await asyncio.sleep(rng.expovariate(rate))
         results = list(await asyncio.gather(*tasks))
     return results
@@ -124,8 +132,10 @@ def victim_summary(victim: list[Streamed], aggressor: list[Streamed]) -> dict[st
         "victim_p99_ms": ms(pct(ttfts, 99)),
         "victim_requests": len(victim),
         "victim_refused": sum(1 for r in victim if r.status == 429),
+        "victim_errors": sum(1 for r in victim if r.status == 0),
         "aggressor_requests": len(aggressor),
         "aggressor_refused": sum(1 for r in aggressor if r.status == 429),
+        "aggressor_errors": sum(1 for r in aggressor if r.status == 0),
     }
 
 
