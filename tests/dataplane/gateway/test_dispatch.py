@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -27,22 +27,24 @@ KEY = "key-a"
 MODEL = "m"
 
 
+def state_message(free_slots: int = 4, **fields: Any) -> dict[str, Any]:
+    return {
+        "running": 0,
+        "max_batch_size": 4,
+        "free_slots": free_slots,
+        "queued": [],
+        "prefill_tokens": 0,
+        "max_tokens_per_step": 256,
+        "step_s": 0.01,
+        "prefill_token_s": 0.0001,
+        "mean_e2e_s": 1.0,
+        "preempts": True,
+        **fields,
+    }
+
+
 def state(free_slots: int = 4, **fields: Any) -> ReplicaState:
-    return ReplicaState.from_message(
-        {
-            "running": 0,
-            "max_batch_size": 4,
-            "free_slots": free_slots,
-            "queued": [],
-            "prefill_tokens": 0,
-            "max_tokens_per_step": 256,
-            "step_s": 0.01,
-            "prefill_token_s": 0.0001,
-            "mean_e2e_s": 1.0,
-            "preempts": True,
-            **fields,
-        }
-    )
+    return ReplicaState.from_message(state_message(free_slots, **fields))
 
 
 def token_chunk(index: int) -> bytes:
@@ -386,3 +388,130 @@ async def test_a_stream_its_replica_cuts_ends_failed_with_an_error_chunk() -> No
         assert (totals["failed"], totals["cancelled"]) == (1, 0)
     finally:
         await setup.close()
+
+
+class FakeWorker:
+    """A replica's ``/health`` (answering ``nonce``) and state stream: each stream sends
+    the messages ``send`` gives it, one line each, and is otherwise silent."""
+
+    def __init__(self, nonce: str) -> None:
+        self.nonce = nonce
+        self.health_calls = 0
+        self.checked = asyncio.Event()  # set on every /health
+        self.state_auth: list[str | None] = []  # one per state stream opened
+        self.streams: list[asyncio.Queue[dict[str, Any]]] = []
+        self.opened = asyncio.Event()  # set on every state stream opened
+        self.server: TestServer | None = None
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/internal/state", self.state)
+        self.server = TestServer(app, host="127.0.0.1", port=0)
+        await self.server.start_server()
+        return str(self.server.make_url("")).rstrip("/")
+
+    async def health(self, request: web.Request) -> web.Response:
+        self.health_calls += 1
+        self.checked.set()
+        return web.json_response({"status": "ok", "nonce": self.nonce})
+
+    async def state(self, request: web.Request) -> web.StreamResponse:
+        self.state_auth.append(request.headers.get("authorization"))
+        messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.streams.append(messages)
+        self.opened.set()
+        response = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
+        await response.prepare(request)
+        while True:
+            message = await messages.get()
+            await response.write(json.dumps(message).encode() + b"\n")
+
+    async def send(self, stream: int, message: dict[str, Any]) -> None:
+        """Send ``message`` on the ``stream``-th state stream (from 1), once it opens."""
+        async with asyncio.timeout(60):
+            while len(self.streams) < stream:
+                self.opened.clear()
+                await self.opened.wait()
+        self.streams[stream - 1].put_nowait(message)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+
+
+async def watched(
+    worker: FakeWorker, nonce: str
+) -> tuple[Gateway, _Deployment, Replica, asyncio.Task[None]]:
+    """A gateway watching ``worker`` as a replica that must answer ``nonce``."""
+    assert worker.server is not None
+    base_url = str(worker.server.make_url("")).rstrip("/")
+    config = GatewayConfig.model_validate(
+        {
+            "gateway_id": "g1",
+            "worker_key": "worker-key",
+            "health_interval_s": 1.0,
+            "deployments": [
+                {
+                    "deployment_id": "d1",
+                    "served_model_name": MODEL,
+                    "replicas": [{"replica_id": "r0", "base_url": base_url, "nonce": nonce}],
+                }
+            ],
+        }
+    )
+    gateway = Gateway(config)
+    dep = gateway.deployments["d1"] = _Deployment(config.deployments[0])
+    replica = dep.replicas["r0"] = Replica(config.deployments[0].replicas[0])
+    return gateway, dep, replica, asyncio.create_task(gateway._watch_replica(dep, replica))
+
+
+async def until(dep: _Deployment, test: Callable[[], bool]) -> None:
+    """Wait for ``test`` to hold, looking again whenever the deployment is woken."""
+    async with asyncio.timeout(60):
+        while not test():
+            dep.wake.clear()
+            await dep.wake.wait()
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[FakeWorker]:
+    fake = FakeWorker("n1")
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
+async def test_a_replica_is_up_while_its_state_flows_and_down_once_it_falls_silent(
+    worker: FakeWorker,
+) -> None:
+    gateway, dep, replica, watcher = await watched(worker, "n1")
+    try:
+        await worker.send(1, state_message(free_slots=3))
+        await until(dep, lambda: replica.up)
+        assert replica.state is not None and replica.state.free_slots == 3
+        assert worker.state_auth == ["Bearer worker-key"]
+        # No message for a health interval: down, however long the machine takes.
+        await until(dep, lambda: not replica.up)
+        # It comes back with its stream.
+        await worker.send(2, state_message(free_slots=2))
+        await until(dep, lambda: replica.up)
+        assert replica.state is not None and replica.state.free_slots == 2
+    finally:
+        watcher.cancel()
+        await gateway.stop()
+
+
+async def test_a_replica_answering_another_nonce_stays_down(worker: FakeWorker) -> None:
+    gateway, dep, replica, watcher = await watched(worker, "someone-else")
+    try:
+        async with asyncio.timeout(60):
+            while worker.health_calls < 2:  # checked, then checked again an interval on
+                worker.checked.clear()
+                await worker.checked.wait()
+        assert not replica.up and worker.state_auth == []
+    finally:
+        watcher.cancel()
+        await gateway.stop()
