@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-import httpx
+import aiohttp
 
 from dataplane.asgi import (
     JSON_HEADERS,
@@ -84,6 +84,9 @@ _DEFAULT_TENANT = TenantConfig.model_validate({})
 _TOKEN_CHUNK = b'"choices":[{'
 _ERROR_CHUNK = b'data: {"error"'
 _DONE = b"data: [DONE]\n\n"
+# What a replica that cannot be reached, or breaks off or falls silent, raises: aiohttp's
+# connection, payload and timeout errors are all ClientErrors (and timeouts TimeoutErrors).
+_TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
 def _replica_error() -> ApiError:
@@ -221,10 +224,19 @@ class Gateway:
         """By deployment id: deployments of different tenants may share a model name."""
         self._dispatchers: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(None, connect=config.health_interval_s),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024),
-        )
+        self._client: aiohttp.ClientSession | None = None
+
+    @property
+    def client(self) -> aiohttp.ClientSession:
+        """The HTTP client for the replicas, made on first use (it belongs to the running
+        event loop): connections without limit, kept alive between requests; a connect
+        timeout of a health interval and no other, so a stream may last any time."""
+        if self._client is None:
+            self._client = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+                timeout=aiohttp.ClientTimeout(total=None, connect=self.config.health_interval_s),
+            )
+        return self._client
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -242,7 +254,8 @@ class Gateway:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.client.aclose()
+        if self._client is not None:
+            await self._client.close()
         await self.ledger.close()
 
     def apply(self, new: GatewayConfig) -> None:
@@ -305,23 +318,26 @@ class Gateway:
         model = dep.route.served_model_name
         while True:
             interval = self.config.health_interval_s
+            # Connecting, and each read, may take a health interval at most.
+            timeout = aiohttp.ClientTimeout(total=None, connect=interval, sock_read=interval)
             try:
-                health = await self.client.get(f"{cfg.base_url}/health", timeout=interval)
-                health.raise_for_status()
-                body = health.json()
+                async with self.client.get(
+                    f"{cfg.base_url}/health", timeout=timeout, allow_redirects=False
+                ) as health:
+                    health.raise_for_status()
+                    body = json.loads(await health.read())
                 if cfg.nonce is not None and body.get("nonce") != cfg.nonce:
                     raise ValueError(f"/health answers another nonce than {cfg.replica_id}'s")
-                timeout = httpx.Timeout(interval, read=interval)
-                async with self.client.stream(
-                    "GET",
+                async with self.client.get(
                     f"{cfg.base_url}/v1/internal/state",
                     headers=self._worker_headers(),
                     timeout=timeout,
+                    allow_redirects=False,
                 ) as stream:
                     stream.raise_for_status()
                     self.metrics.replica_up.labels(model, cfg.replica_id).set(1)
                     pending = b""
-                    async for chunk in stream.aiter_raw():
+                    async for chunk in stream.content.iter_any():
                         # Only the newest of the messages read at once matters.
                         pending += chunk
                         *lines, pending = pending.split(b"\n")
@@ -329,7 +345,7 @@ class Gateway:
                             state = ReplicaState.from_message(json.loads(lines[-1]))
                             replica.update(state, messages=len(lines))
                             dep.wake.set()
-            except (httpx.HTTPError, ValueError, KeyError) as exc:
+            except (*_TRANSPORT_ERRORS, ValueError, KeyError) as exc:
                 if replica.up:
                     log.warning("replica %s is down: %s", cfg.replica_id, exc)
             dep.replica_down(replica)
@@ -746,31 +762,31 @@ class GatewayApp(ModelServer):
             forward = _Forward(asyncio.current_task())
             dep.forwards[current.replica_id].add(forward)
             gateway.metrics.routed.labels(model, current.replica_id).inc()
-            request = gateway.client.build_request(
-                "POST", current.config.base_url + path, content=raw, headers=headers
-            )
+            url = current.config.base_url + path
             started = False
             try:
                 try:
-                    response = await gateway.client.send(request, stream=True)
+                    response = await gateway.client.request(
+                        "POST", url, data=raw, headers=headers, allow_redirects=False
+                    )
                     if stream:
                         current.started(dispatch)
                     try:
-                        if response.status_code != 200:
-                            payload = await response.aread()
+                        if response.status != 200:
+                            payload = await response.read()
                             await call.send(
                                 {
                                     "type": "http.response.start",
-                                    "status": response.status_code,
+                                    "status": response.status,
                                     "headers": _passed_headers(response),
                                 }
                             )
                             started = True
                             call.done = True
                             await call.send({"type": "http.response.body", "body": payload})
-                            return _status_outcome(response.status_code)
+                            return _status_outcome(response.status)
                         if not stream:
-                            payload = await response.aread()
+                            payload = await response.read()
                             timing.token_times.append(time.perf_counter())
                             tokens = _usage_tokens(payload)
                             assert isinstance(timing, _WholeTiming)
@@ -793,7 +809,7 @@ class GatewayApp(ModelServer):
                         started = True
                         pending = b""
                         errored = False
-                        async for chunk in response.aiter_raw():
+                        async for chunk in response.content.iter_any():
                             await call.send(
                                 {"type": "http.response.body", "body": chunk, "more_body": True}
                             )
@@ -812,15 +828,17 @@ class GatewayApp(ModelServer):
                         await call.send({"type": "http.response.body", "body": b""})
                         return "failed" if errored else "completed"
                     finally:
-                        await response.aclose()
+                        # Back to the pool once read to its end; closed if not, so the
+                        # replica sees the request leave.
+                        response.release()
                 except asyncio.CancelledError:
                     if not forward.failed:
                         raise
                     task = asyncio.current_task()
                     if task is not None:
                         task.uncancel()
-                    raise httpx.ReadError("the replica was marked down") from None
-            except httpx.TransportError as exc:
+                    raise aiohttp.ClientConnectionError("the replica was marked down") from None
+            except _TRANSPORT_ERRORS as exc:
                 log.warning("replica %s failed: %s", current.replica_id, exc)
                 dep.forwards[current.replica_id].discard(forward)  # it ends here, not by cancel
                 if not forward.failed:
@@ -940,9 +958,13 @@ def _routing(replica: Replica) -> dict[str, Any]:
     }
 
 
-def _passed_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
+def _passed_headers(response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
     keep = ("content-type", "retry-after", "allow")
-    return [(k.encode(), v.encode()) for k, v in response.headers.items() if k in keep]
+    return [
+        (name.encode(), value.encode())
+        for key, value in response.headers.items()
+        if (name := key.lower()) in keep
+    ]
 
 
 def _usage_tokens(payload: bytes) -> int:

@@ -106,12 +106,20 @@ async def poisson(
     """Open-loop arrivals at ``rate`` per second for ``seconds``."""
     rng = random.Random(seed)
     results: list[Streamed] = []
+
+    async def one(client: httpx.AsyncClient) -> Streamed:
+        sent = time.monotonic()
+        try:
+            return await stream(client, target(), key, tokens)
+        except httpx.TransportError:  # counted as an error, not the end of the run
+            return Streamed(sent)
+
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         tasks = []
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            tasks.append(asyncio.create_task(stream(client, target(), key, tokens)))
+            tasks.append(asyncio.create_task(one(client)))
             await asyncio.sleep(rng.expovariate(rate))
         results = list(await asyncio.gather(*tasks))
     return results
@@ -124,8 +132,10 @@ def victim_summary(victim: list[Streamed], aggressor: list[Streamed]) -> dict[st
         "victim_p99_ms": ms(pct(ttfts, 99)),
         "victim_requests": len(victim),
         "victim_refused": sum(1 for r in victim if r.status == 429),
+        "victim_errors": sum(1 for r in victim if r.status == 0),
         "aggressor_requests": len(aggressor),
         "aggressor_refused": sum(1 for r in aggressor if r.status == 429),
+        "aggressor_errors": sum(1 for r in aggressor if r.status == 0),
     }
 
 
@@ -155,22 +165,24 @@ async def isolation(
     return victim_summary(found[0], found[1] if with_aggressor else [])
 
 
-async def closed(urls: list[str], streams: int, seconds: float, tokens: int) -> float:
-    """Output tokens per second of ``streams`` closed loops per URL."""
+async def closed(urls: list[str], streams: int, seconds: float, tokens: int) -> tuple[float, int]:
+    """Output tokens per second of ``streams`` closed loops per URL, and every token
+    they received (those after the deadline too)."""
     deadline = time.monotonic() + seconds
-    counted = 0
+    counted = received = 0
     started = time.monotonic()
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
 
         async def loop(url: str) -> None:
-            nonlocal counted
+            nonlocal counted, received
             while time.monotonic() < deadline:
                 found = await stream(client, url, KEYS["bench"], tokens)
                 counted += sum(1 for t in found.token_times if t <= deadline)
+                received += len(found.token_times)
 
         await asyncio.gather(*(loop(url) for url in urls for _ in range(streams)))
-    return counted / (min(time.monotonic(), deadline) - started)
+    return counted / (min(time.monotonic(), deadline) - started), received
 
 
 def run(sizes: Sizes, redis_url: str, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
@@ -190,7 +202,12 @@ def run(sizes: Sizes, redis_url: str, work: Path, log: Callable[[str], None]) ->
                 WorkerProcess(config, work / f"worker{index}")
             )
 
-        def gateway(name: str, replicas: dict[str, WorkerProcess], **deployment: Any) -> str:
+        def gateway(
+            name: str,
+            replicas: dict[str, WorkerProcess],
+            into: list[GatewayProcess] | None = None,
+            **deployment: Any,
+        ) -> str:
             config = gateway_config(
                 name,
                 replicas,
@@ -202,25 +219,35 @@ def run(sizes: Sizes, redis_url: str, work: Path, log: Callable[[str], None]) ->
                     "admission": {"max_queue_len": 4096, "max_wait_s": 120, **deployment},
                 },
             )
-            return stack.enter_context(GatewayProcess(config, work / name)).base_url
+            process = stack.enter_context(GatewayProcess(config, work / name))
+            if into is not None:
+                into.append(process)
+            return process.base_url
 
         log("overhead")
         single = gateway("single", {"r0": workers["r0"]})
         out["overhead"] = asyncio.run(
             overhead(workers["r0"].base_url, single, sizes.overhead_requests, sizes.output_tokens)
         )
-        fleet = gateway("fleet", workers)
+        fleet_process: list[GatewayProcess] = []
+        fleet = gateway("fleet", workers, into=fleet_process)
         passing = gateway("passing", workers, queue_ahead=100_000)
         direct = [w.base_url for w in workers.values()]
 
         log("throughput")
-        summed = asyncio.run(closed(direct, BATCH, sizes.throughput_s, sizes.output_tokens))
-        through = asyncio.run(
+        summed, _ = asyncio.run(closed(direct, BATCH, sizes.throughput_s, sizes.output_tokens))
+        cpu_before = fleet_process[0].cpu_seconds()
+        through, forwarded = asyncio.run(
             closed([fleet], BATCH * len(direct), sizes.throughput_s, sizes.output_tokens)
         )
+        # The gateway's CPU time over the phase per token it forwarded: admission, the
+        # ledger, the workers' state streams and passing the chunks on, all together.
+        cpu = fleet_process[0].cpu_seconds() - cpu_before
         out["throughput"] = {
             "replicas_sum_tokens_per_s": round(summed, 1),
             "gateway_tokens_per_s": round(through, 1),
+            "gateway_tokens_forwarded": forwarded,
+            "gateway_cpu_us_per_token": round(cpu / forwarded * 1e6, 1) if forwarded else None,
         }
 
         log("isolation: solo")
@@ -252,6 +279,7 @@ def run(sizes: Sizes, redis_url: str, work: Path, log: Callable[[str], None]) ->
     out["throughput_vs_replicas"] = round(
         thr["gateway_tokens_per_s"] / thr["replicas_sum_tokens_per_s"], 3
     )
+    out["gateway_cpu_us_per_token"] = thr["gateway_cpu_us_per_token"]
     out["load_average"] = [round(x, 2) for x in os.getloadavg()]
     out["goals"] = {
         key: {"goal": f"{op} {goal}", "met": _met(out.get(key), op, goal)}
@@ -280,7 +308,8 @@ def table(out: dict[str, Any]) -> str:
     thr = out["throughput"]
     lines.append(
         f"throughput: gateway {thr['gateway_tokens_per_s']} tok/s vs replicas' sum "
-        f"{thr['replicas_sum_tokens_per_s']} tok/s (x{out['throughput_vs_replicas']})"
+        f"{thr['replicas_sum_tokens_per_s']} tok/s (x{out['throughput_vs_replicas']}); "
+        f"gateway CPU {out['gateway_cpu_us_per_token']} us per forwarded token"
     )
     lines.append(f"load average: {out['load_average']}")
     for key, goal in out["goals"].items():

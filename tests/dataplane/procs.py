@@ -100,6 +100,17 @@ class ServerProcess(ABC):
                 self._proc.kill()
                 self._proc.wait()
 
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None, f"start the {self.name} first"
+        return self._proc.pid
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the process has used so far (Linux ``/proc``)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        # utime and stime are the stat file's 14th and 15th fields; two were before ")".
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def kill(self) -> None:
         """Die at once, as a crash would."""
         assert self._proc is not None, f"start the {self.name} first"

@@ -1,7 +1,7 @@
 """The gateway in process, with its default in-process ledger: ASGI calls straight into
-``GatewayApp``, replicas answered by an httpx mock transport whose streams the tests
-hold open or end, and the ledger's clock frozen, so nothing depends on the machine's
-speed."""
+``GatewayApp``, replicas played by aiohttp servers in the same event loop (real HTTP on
+ephemeral ports) whose streams the tests hold open, end or cut, and the ledger's clock
+frozen, so nothing depends on the machine's speed."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import httpx
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from dataplane.gateway.config import GatewayConfig
 from dataplane.gateway.ledger import InProcessLedger
@@ -26,22 +27,24 @@ KEY = "key-a"
 MODEL = "m"
 
 
+def state_message(free_slots: int = 4, **fields: Any) -> dict[str, Any]:
+    return {
+        "running": 0,
+        "max_batch_size": 4,
+        "free_slots": free_slots,
+        "queued": [],
+        "prefill_tokens": 0,
+        "max_tokens_per_step": 256,
+        "step_s": 0.01,
+        "prefill_token_s": 0.0001,
+        "mean_e2e_s": 1.0,
+        "preempts": True,
+        **fields,
+    }
+
+
 def state(free_slots: int = 4, **fields: Any) -> ReplicaState:
-    return ReplicaState.from_message(
-        {
-            "running": 0,
-            "max_batch_size": 4,
-            "free_slots": free_slots,
-            "queued": [],
-            "prefill_tokens": 0,
-            "max_tokens_per_step": 256,
-            "step_s": 0.01,
-            "prefill_token_s": 0.0001,
-            "mean_e2e_s": 1.0,
-            "preempts": True,
-            **fields,
-        }
-    )
+    return ReplicaState.from_message(state_message(free_slots, **fields))
 
 
 def token_chunk(index: int) -> bytes:
@@ -50,59 +53,60 @@ def token_chunk(index: int) -> bytes:
 
 
 class FakeReplicas:
-    """Answers forwarded requests: ``tokens`` token chunks, then [DONE] unless ``hang``
-    (the stream then stays open until the test ends)."""
+    """Answer forwarded requests, each replica on a server of its own: ``tokens`` token
+    chunks, then [DONE] unless ``hang`` (the stream then stays open until the test ends)
+    or ``broken`` (the connection is then cut without the stream's end)."""
 
     def __init__(self) -> None:
-        self.bodies: list[tuple[str, dict[str, Any]]] = []
+        self.bodies: list[tuple[str, dict[str, Any]]] = []  # (replica id, request body)
         self.tokens = 3
         self.hang = False
         self.broken = False
         self.release = asyncio.Event()
+        self.servers: list[TestServer] = []
 
-    async def handle(self, request: httpx.Request) -> httpx.Response:
-        self.bodies.append((request.url.host, json.loads(request.content)))
-        return httpx.Response(
-            200, stream=_Stream(self), headers={"content-type": "text/event-stream"}
-        )
+    async def start(self, replica_id: str) -> str:
+        """Start ``replica_id``'s server on a free port; returns its base URL."""
 
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self.handle(replica_id, request)
 
-class _Stream(httpx.AsyncByteStream):
-    def __init__(self, fake: FakeReplicas) -> None:
-        self.fake = fake
+        app = web.Application()
+        app.router.add_post("/v1/{path:.*}", handle)
+        server = TestServer(app, host="127.0.0.1", port=0)
+        await server.start_server()
+        self.servers.append(server)
+        return str(server.make_url("")).rstrip("/")
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for index in range(self.fake.tokens):
-            yield token_chunk(index)
-        if self.fake.hang:
-            await self.fake.release.wait()
-        if self.fake.broken:
-            raise httpx.ReadError("connection reset")
-        yield b"data: [DONE]\n\n"
+    async def handle(self, replica_id: str, request: web.Request) -> web.StreamResponse:
+        self.bodies.append((replica_id, json.loads(await request.read())))
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for index in range(self.tokens):
+            await response.write(token_chunk(index))
+        if self.hang:
+            await self.release.wait()
+        if self.broken:
+            assert request.transport is not None
+            request.transport.abort()
+            return response
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def close(self) -> None:
+        self.release.set()
+        for server in self.servers:
+            await server.close()
 
 
 class Setup:
-    def __init__(self, tenant: dict[str, Any], replicas: int = 2) -> None:
-        config = GatewayConfig.model_validate(
-            {
-                "gateway_id": "g1",
-                "deployments": [
-                    {
-                        "deployment_id": "d1",
-                        "served_model_name": MODEL,
-                        "replicas": [
-                            {"replica_id": f"r{i}", "base_url": f"http://r{i}.test"}
-                            for i in range(replicas)
-                        ],
-                        "tenants": {"a": {**tenant, "key_sha256": [key_hash(KEY)]}},
-                    }
-                ],
-            }
-        )
+    """A gateway over ``replicas`` fake replicas; ``await Setup.started(...)`` makes one."""
+
+    def __init__(self, config: GatewayConfig, fake: FakeReplicas) -> None:
         self.gateway = Gateway(config)
         self.gateway.ledger = self.ledger = InProcessLedger(60.0, 60.0, clock=lambda: 0.0)
-        self.fake = FakeReplicas()
-        self.gateway.client = httpx.AsyncClient(transport=httpx.MockTransport(self.fake.handle))
+        self.fake = fake
         self.dep = _Deployment(config.deployments[0])
         self.gateway.deployments["d1"] = self.dep
         for cfg in config.deployments[0].replicas:
@@ -111,14 +115,35 @@ class Setup:
         self.app = GatewayApp(self.gateway)
         self.loop: asyncio.Task[None] | None = None
 
+    @classmethod
+    async def started(cls, tenant: dict[str, Any], replicas: int = 2) -> Setup:
+        fake = FakeReplicas()
+        urls = {f"r{i}": await fake.start(f"r{i}") for i in range(replicas)}
+        config = GatewayConfig.model_validate(
+            {
+                "gateway_id": "g1",
+                "deployments": [
+                    {
+                        "deployment_id": "d1",
+                        "served_model_name": MODEL,
+                        "replicas": [
+                            {"replica_id": rid, "base_url": url} for rid, url in urls.items()
+                        ],
+                        "tenants": {"a": {**tenant, "key_sha256": [key_hash(KEY)]}},
+                    }
+                ],
+            }
+        )
+        return cls(config, fake)
+
     def dispatching(self) -> None:
         self.loop = asyncio.create_task(self.gateway._dispatch_loop(self.dep))
 
     async def close(self) -> None:
-        self.fake.release.set()
         if self.loop is not None:
             self.loop.cancel()
-        await self.gateway.client.aclose()
+        await self.gateway.client.close()
+        await self.fake.close()
 
     def totals(self) -> dict[str, Any]:
         (found,) = self.dep.stats.collect(0)["requests"]
@@ -190,7 +215,7 @@ def last_message(messages: list[dict[str, Any]]) -> bool:
 
 
 async def test_one_round_fills_each_replica_once() -> None:
-    setup = Setup({})
+    setup = await Setup.started({})
     try:
         for replica in setup.dep.replicas.values():
             replica.update(state(free_slots=1))
@@ -209,7 +234,7 @@ async def test_one_round_fills_each_replica_once() -> None:
 async def test_with_every_replica_full_a_tenant_under_its_share_goes_ahead() -> None:
     """Both replicas are full of b's rows (b is past its share of 2 of 4 slots): a goes
     ahead, to be given b's rows, up to its share on each; b itself waits here."""
-    setup = Setup({})
+    setup = await Setup.started({})
     try:
         for replica in setup.dep.replicas.values():
             replica.update(state(free_slots=0, running=4, rows={"b": 4}))
@@ -231,7 +256,7 @@ async def test_with_every_replica_full_a_tenant_under_its_share_goes_ahead() -> 
 
 
 async def test_a_waiter_gone_during_a_round_is_skipped() -> None:
-    setup = Setup({})
+    setup = await Setup.started({})
     try:
         setup.dep.replicas["r0"].update(state(free_slots=0))
         setup.dep.replicas["r1"].update(state(free_slots=0))
@@ -252,7 +277,7 @@ async def test_a_waiter_gone_during_a_round_is_skipped() -> None:
 
 
 async def test_a_completed_stream_is_not_cancelled_by_the_disconnect_after_it() -> None:
-    setup = Setup({"tokens_per_s": 1.0, "burst_tokens": 100})
+    setup = await Setup.started({"tokens_per_s": 1.0, "burst_tokens": 100})
     setup.dispatching()
     try:
         call = Call(body(max_tokens=10))
@@ -268,7 +293,7 @@ async def test_a_completed_stream_is_not_cancelled_by_the_disconnect_after_it() 
 
 
 async def test_a_client_leaving_mid_stream_pays_for_what_it_was_sent() -> None:
-    setup = Setup({"tokens_per_s": 1.0, "burst_tokens": 100})
+    setup = await Setup.started({"tokens_per_s": 1.0, "burst_tokens": 100})
     setup.dispatching()
     setup.fake.hang = True
     try:
@@ -285,7 +310,7 @@ async def test_a_client_leaving_mid_stream_pays_for_what_it_was_sent() -> None:
 
 
 async def test_output_beyond_the_reservation_is_capped_and_charged() -> None:
-    setup = Setup({"tokens_per_s": 1.0, "burst_tokens": 100})
+    setup = await Setup.started({"tokens_per_s": 1.0, "burst_tokens": 100})
     setup.dispatching()
     setup.fake.tokens = 6
     try:
@@ -302,15 +327,15 @@ async def test_output_beyond_the_reservation_is_capped_and_charged() -> None:
 
 
 async def test_a_replica_marked_down_ends_the_streams_it_hangs() -> None:
-    setup = Setup({})
+    setup = await Setup.started({})
     setup.dispatching()
     setup.fake.hang = True
     try:
         call = Call(body(max_tokens=50))
         served = asyncio.create_task(setup.app(call.scope, call.receive, call.send))
         await call.wait_for(lambda: call.text.count("choices") == 3)
-        host = setup.fake.bodies[0][0]
-        setup.dep.replica_down(setup.dep.replicas[host.removesuffix(".test")])
+        replica_id = setup.fake.bodies[0][0]
+        setup.dep.replica_down(setup.dep.replicas[replica_id])
         await served
         assert "replica_failed" in call.text and call.text.endswith("data: [DONE]\n\n")
         totals = setup.totals()
@@ -320,7 +345,7 @@ async def test_a_replica_marked_down_ends_the_streams_it_hangs() -> None:
 
 
 async def test_a_replica_down_between_choice_and_forward_is_replaced() -> None:
-    setup = Setup({})
+    setup = await Setup.started({})
     try:
         call = Call(body(max_tokens=5, stream=False))
         setup.fake.tokens = 0
@@ -333,13 +358,13 @@ async def test_a_replica_down_between_choice_and_forward_is_replaced() -> None:
         chosen.mark_down()
         await served
         assert call.status == 200
-        assert [host for host, _ in setup.fake.bodies] != [f"{chosen.replica_id}.test"]
+        assert [replica_id for replica_id, _ in setup.fake.bodies] != [chosen.replica_id]
     finally:
         await setup.close()
 
 
 async def test_the_tightest_ttft_threshold_is_the_objective() -> None:
-    setup = Setup({})
+    setup = await Setup.started({})
     try:
         setup.dep.stats.set_thresholds(
             SloThreshold.model_validate({"tenant": "a", "metric": "ttft", "threshold_seconds": s})
@@ -352,7 +377,7 @@ async def test_the_tightest_ttft_threshold_is_the_objective() -> None:
 
 
 async def test_a_stream_its_replica_cuts_ends_failed_with_an_error_chunk() -> None:
-    setup = Setup({})
+    setup = await Setup.started({})
     setup.dispatching()
     setup.fake.broken = True
     try:
@@ -363,3 +388,130 @@ async def test_a_stream_its_replica_cuts_ends_failed_with_an_error_chunk() -> No
         assert (totals["failed"], totals["cancelled"]) == (1, 0)
     finally:
         await setup.close()
+
+
+class FakeWorker:
+    """A replica's ``/health`` (answering ``nonce``) and state stream: each stream sends
+    the messages ``send`` gives it, one line each, and is otherwise silent."""
+
+    def __init__(self, nonce: str) -> None:
+        self.nonce = nonce
+        self.health_calls = 0
+        self.checked = asyncio.Event()  # set on every /health
+        self.state_auth: list[str | None] = []  # one per state stream opened
+        self.streams: list[asyncio.Queue[dict[str, Any]]] = []
+        self.opened = asyncio.Event()  # set on every state stream opened
+        self.server: TestServer | None = None
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/internal/state", self.state)
+        self.server = TestServer(app, host="127.0.0.1", port=0)
+        await self.server.start_server()
+        return str(self.server.make_url("")).rstrip("/")
+
+    async def health(self, request: web.Request) -> web.Response:
+        self.health_calls += 1
+        self.checked.set()
+        return web.json_response({"status": "ok", "nonce": self.nonce})
+
+    async def state(self, request: web.Request) -> web.StreamResponse:
+        self.state_auth.append(request.headers.get("authorization"))
+        messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.streams.append(messages)
+        self.opened.set()
+        response = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
+        await response.prepare(request)
+        while True:
+            message = await messages.get()
+            await response.write(json.dumps(message).encode() + b"\n")
+
+    async def send(self, stream: int, message: dict[str, Any]) -> None:
+        """Send ``message`` on the ``stream``-th state stream (from 1), once it opens."""
+        async with asyncio.timeout(60):
+            while len(self.streams) < stream:
+                self.opened.clear()
+                await self.opened.wait()
+        self.streams[stream - 1].put_nowait(message)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+
+
+async def watched(
+    worker: FakeWorker, nonce: str
+) -> tuple[Gateway, _Deployment, Replica, asyncio.Task[None]]:
+    """A gateway watching ``worker`` as a replica that must answer ``nonce``."""
+    assert worker.server is not None
+    base_url = str(worker.server.make_url("")).rstrip("/")
+    config = GatewayConfig.model_validate(
+        {
+            "gateway_id": "g1",
+            "worker_key": "worker-key",
+            "health_interval_s": 1.0,
+            "deployments": [
+                {
+                    "deployment_id": "d1",
+                    "served_model_name": MODEL,
+                    "replicas": [{"replica_id": "r0", "base_url": base_url, "nonce": nonce}],
+                }
+            ],
+        }
+    )
+    gateway = Gateway(config)
+    dep = gateway.deployments["d1"] = _Deployment(config.deployments[0])
+    replica = dep.replicas["r0"] = Replica(config.deployments[0].replicas[0])
+    return gateway, dep, replica, asyncio.create_task(gateway._watch_replica(dep, replica))
+
+
+async def until(dep: _Deployment, test: Callable[[], bool]) -> None:
+    """Wait for ``test`` to hold, looking again whenever the deployment is woken."""
+    async with asyncio.timeout(60):
+        while not test():
+            dep.wake.clear()
+            await dep.wake.wait()
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[FakeWorker]:
+    fake = FakeWorker("n1")
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
+
+
+async def test_a_replica_is_up_while_its_state_flows_and_down_once_it_falls_silent(
+    worker: FakeWorker,
+) -> None:
+    gateway, dep, replica, watcher = await watched(worker, "n1")
+    try:
+        await worker.send(1, state_message(free_slots=3))
+        await until(dep, lambda: replica.up)
+        assert replica.state is not None and replica.state.free_slots == 3
+        assert worker.state_auth == ["Bearer worker-key"]
+        # No message for a health interval: down, however long the machine takes.
+        await until(dep, lambda: not replica.up)
+        # It comes back with its stream.
+        await worker.send(2, state_message(free_slots=2))
+        await until(dep, lambda: replica.up)
+        assert replica.state is not None and replica.state.free_slots == 2
+    finally:
+        watcher.cancel()
+        await gateway.stop()
+
+
+async def test_a_replica_answering_another_nonce_stays_down(worker: FakeWorker) -> None:
+    gateway, dep, replica, watcher = await watched(worker, "someone-else")
+    try:
+        async with asyncio.timeout(60):
+            while worker.health_calls < 2:  # checked, then checked again an interval on
+                worker.checked.clear()
+                await worker.checked.wait()
+        assert not replica.up and worker.state_auth == []
+    finally:
+        watcher.cancel()
+        await gateway.stop()
