@@ -326,6 +326,8 @@ class Gateway:
                 ) as health:
                     health.raise_for_status()
                     body = json.loads(await health.read())
+                if not isinstance(body, dict):
+                    raise ValueError(f"/health answers no object at {cfg.base_url}")
                 if cfg.nonce is not None and body.get("nonce") != cfg.nonce:
                     raise ValueError(f"/health answers another nonce than {cfg.replica_id}'s")
                 async with self.client.get(

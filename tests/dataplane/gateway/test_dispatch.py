@@ -396,6 +396,7 @@ class FakeWorker:
 
     def __init__(self, nonce: str) -> None:
         self.nonce = nonce
+        self.health_body: Any = None  # what /health answers instead, if set
         self.health_calls = 0
         self.checked = asyncio.Event()  # set on every /health
         self.state_auth: list[str | None] = []  # one per state stream opened
@@ -414,6 +415,8 @@ class FakeWorker:
     async def health(self, request: web.Request) -> web.Response:
         self.health_calls += 1
         self.checked.set()
+        if self.health_body is not None:
+            return web.json_response(self.health_body)
         return web.json_response({"status": "ok", "nonce": self.nonce})
 
     async def state(self, request: web.Request) -> web.StreamResponse:
@@ -450,7 +453,8 @@ async def watched(
         {
             "gateway_id": "g1",
             "worker_key": "worker-key",
-            "health_interval_s": 1.0,
+            # Longer than a stall of a busy machine: silence this long means down.
+            "health_interval_s": 2.0,
             "deployments": [
                 {
                     "deployment_id": "d1",
@@ -504,7 +508,11 @@ async def test_a_replica_is_up_while_its_state_flows_and_down_once_it_falls_sile
         await gateway.stop()
 
 
-async def test_a_replica_answering_another_nonce_stays_down(worker: FakeWorker) -> None:
+@pytest.mark.parametrize("health", [None, ["not", "an", "object"]])
+async def test_a_replica_answering_another_nonce_stays_down(
+    worker: FakeWorker, health: Any
+) -> None:
+    worker.health_body = health
     gateway, dep, replica, watcher = await watched(worker, "someone-else")
     try:
         async with asyncio.timeout(60):
