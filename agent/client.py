@@ -30,7 +30,7 @@ common proxies' keep-alive), so the agent never sends on a connection the server
 at that moment, which loses the request (httpx's own default is also 5 s)."""
 
 
-def http_client(connections: int = 20) -> httpx.AsyncClient:
+def http_client(connections: int = 100) -> httpx.AsyncClient:
     """The agent's HTTP client for the control plane: at most `connections` at once."""
     limits = httpx.Limits(
         max_connections=connections,

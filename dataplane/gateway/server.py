@@ -87,6 +87,10 @@ _DONE = b"data: [DONE]\n\n"
 # What a replica that cannot be reached, or breaks off or falls silent, raises: aiohttp's
 # connection, payload and timeout errors are all ClientErrors (and timeouts TimeoutErrors).
 _TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
+KEEPALIVE_S = 2.0
+"""How long an idle connection to a replica is kept: under the workers' (uvicorn's) 5 s,
+so a request is never sent on a connection the worker is closing at that moment, which
+would fail it and mark a healthy replica down."""
 
 
 def _replica_error() -> ApiError:
@@ -229,11 +233,14 @@ class Gateway:
     @property
     def client(self) -> aiohttp.ClientSession:
         """The HTTP client for the replicas, made on first use (it belongs to the running
-        event loop): connections without limit, kept alive between requests; a connect
-        timeout of a health interval and no other, so a stream may last any time."""
+        event loop): connections without limit, kept alive between requests for
+        KEEPALIVE_S; a connect timeout of a health interval and no other, so a stream may
+        last any time."""
         if self._client is None:
             self._client = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+                connector=aiohttp.TCPConnector(
+                    limit=0, limit_per_host=0, keepalive_timeout=KEEPALIVE_S
+                ),
                 timeout=aiohttp.ClientTimeout(total=None, connect=self.config.health_interval_s),
             )
         return self._client
@@ -256,6 +263,7 @@ class Gateway:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._client is not None:
             await self._client.close()
+            self._client = None
         await self.ledger.close()
 
     def apply(self, new: GatewayConfig) -> None:
@@ -347,7 +355,8 @@ class Gateway:
                             state = ReplicaState.from_message(json.loads(lines[-1]))
                             replica.update(state, messages=len(lines))
                             dep.wake.set()
-            except (*_TRANSPORT_ERRORS, ValueError, KeyError) as exc:
+            except (*_TRANSPORT_ERRORS, ValueError, KeyError, TypeError, AttributeError) as exc:
+                # Unreachable, or answering what no worker would: down either way.
                 if replica.up:
                     log.warning("replica %s is down: %s", cfg.replica_id, exc)
             dep.replica_down(replica)

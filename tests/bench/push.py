@@ -17,8 +17,9 @@ it). Prints p50/p99 over all nodes of all rounds, the worst round's time until t
 node reported, the API call's own time, and the CPU-seconds the control plane's
 processes (web and worker) spent per pushed revision: capacity per core is its inverse.
 The same figure net of what the processes spend with nothing pushed (measured for
-`--idle-seconds` first: heartbeats by HTTP, as the simulated agents ship no telemetry,
-and pulls) is what a push itself costs.
+`--idle-seconds` first, a whole number of heartbeat intervals: heartbeats by HTTP, as the
+simulated agents ship no telemetry; each push restarts an agent's pull timer, so neither
+window has pulls) is what a push itself costs.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--idle-seconds",
         type=float,
         default=10.0,
-        help="seconds measured with nothing pushed first (heartbeats and pulls only)",
+        help="seconds measured with nothing pushed first (heartbeats only); a multiple of "
+        "the heartbeat interval (10 s)",
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         def cpu_of(name: str) -> float:
             return sum(tree_cpu_seconds(pid) for pid in servers[name])
 
-        # What the fleet costs with nothing pushed (heartbeats, pulls), so the figures per
+        # What the fleet costs with nothing pushed (its heartbeats), so the figures per
         # revision can be read net of it too.
         idle_started, idle_before = time.monotonic(), {name: cpu_of(name) for name in servers}
         time.sleep(args.idle_seconds)

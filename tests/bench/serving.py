@@ -266,11 +266,11 @@ def filled_rows(
 
 def decode_bytes_per_token(model_dir: Path, spec: ModelSpec, context: int) -> float:
     """Bytes a decode step reads per token at ``context``: the weights, shared by the
-    step's CONTEXT_ROWS rows (the whole model file, an upper bound), and the row's own
+    step's CONTEXT_ROWS rows (every model file but the JSON ones: an upper bound), and the row's own
     keys and values. Attention reads every cached position, so a long context costs its
     reading however little the cache copies; bytes over time says how close a step runs
     to the memory's bandwidth."""
-    weights = sum(f.stat().st_size for f in model_dir.iterdir() if f.suffix in (".onnx", ".data"))
+    weights = sum(f.stat().st_size for f in model_dir.iterdir() if f.suffix != ".json")
     per_position = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim
     return weights / CONTEXT_ROWS + context * per_position * spec.numpy_kv_dtype.itemsize
 
@@ -312,7 +312,7 @@ def measure_engine(
     }
     for context in CONTEXTS:
         read = decode_bytes_per_token(model_dir, runtime.spec, context)
-        per_token[f"decode_mb_read_per_token_ctx{context}"] = read / 2**20
+        per_token[f"decode_mb_read_per_token_ctx{context}"] = read / 1e6
         seconds = per_token[f"decode_ms_per_token_ctx{context}"] / 1000
         per_token[f"decode_gb_per_s_ctx{context}"] = read / seconds / 1e9
 

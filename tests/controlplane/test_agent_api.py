@@ -259,6 +259,7 @@ def test_a_pull_naming_the_newest_state_is_answered_not_modified(
     unchanged = client.get("/api/v1/agent/desired-state/", HTTP_IF_NONE_MATCH=f'W/"0-x", {tag}')
     assert unchanged.status_code == 304 and not unchanged.content
     assert unchanged["ETag"] == tag
+    assert client.get("/api/v1/agent/desired-state/", HTTP_IF_NONE_MATCH="*").status_code == 304
 
     with django_capture_on_commit_callbacks(execute=True):
         fleet.update_deployment(deployment, max_batch_size=3)

@@ -22,7 +22,8 @@ class DesiredStateView(AgentAPIView):
         tag = services.latest_tag(request.auth)
         if tag is None:
             return Response(status=status.HTTP_204_NO_CONTENT)
-        if tag in _listed_tags(request.headers.get("If-None-Match", "")):
+        listed = _listed_tags(request.headers.get("If-None-Match", ""))
+        if tag in listed or "*" in listed:
             return Response(status=status.HTTP_304_NOT_MODIFIED, headers={"ETag": tag})
         document = services.latest_document(request.auth)
         if document is None:  # the node was deleted in between

@@ -467,7 +467,8 @@ async def watched(
     gateway = Gateway(config)
     dep = gateway.deployments["d1"] = _Deployment(config.deployments[0])
     replica = dep.replicas["r0"] = Replica(config.deployments[0].replicas[0])
-    return gateway, dep, replica, asyncio.create_task(gateway._watch_replica(dep, replica))
+    task = dep.watchers["r0"] = asyncio.create_task(gateway._watch_replica(dep, replica))
+    return gateway, dep, replica, task  # the gateway's stop() ends the task
 
 
 async def until(dep: _Deployment, test: Callable[[], bool]) -> None:
