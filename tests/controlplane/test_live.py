@@ -205,3 +205,41 @@ async def test_flushes_from_the_agent_websocket_publish_in_order(
     ]
     assert seen == [1.0, 2.0, 3.0, 4.0, 5.0]
     await agent.disconnect()
+
+
+async def test_a_dashboard_outlives_redis_timeouts(
+    connect: Connect, world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis paused past the layer's read timeout: the dashboard's socket stays open and
+    the deltas sent once Redis answers again still reach it."""
+    from channels.layers import channel_layers
+    from channels_redis.core import RedisChannelLayer
+    from django.conf import settings
+    from redis.asyncio import Redis
+
+    if not settings.REDIS_URL:
+        pytest.skip("needs the Redis channel layer")
+    impatient = RedisChannelLayer(hosts=[{"address": settings.REDIS_URL, "socket_timeout": 0.3}])
+    impatient.brpop_timeout = 0.1
+    previous = channel_layers.set("default", impatient)
+    redis = Redis.from_url(settings.REDIS_URL)
+    try:
+        viewer = await subscribed(connect, world.platform, streams.FLEET)
+        caplog.set_level("WARNING", logger="controlplane.telemetry.live")
+        for _ in range(20):  # a busy machine may miss one pause's window
+            await redis.execute_command("CLIENT", "PAUSE", 2000, "ALL")
+            await redis.ping()  # answered when the pause ends
+            if any("reading again" in r.getMessage() for r in caplog.records):
+                break
+        else:
+            pytest.fail("the dashboard's read never timed out")
+        patient = RedisChannelLayer(hosts=[settings.REDIS_URL])
+        delta = {"type": "fleet.delta", "nodes": []}
+        await patient.group_send(
+            streams.group_name(streams.FLEET),
+            {"type": "live.delta", "stream": streams.FLEET, "payload": delta},
+        )
+        assert await viewer.receive_json_from(timeout=10) == {**delta, "stream": streams.FLEET}
+    finally:
+        channel_layers.set("default", previous)
+        await redis.aclose()
