@@ -132,10 +132,11 @@ wider index range is forged, and would make a dense sum allocate without bound."
 MAX_BINS = 8192
 
 
-def check_wire(data: bytes) -> None:
-    """Raise ValueError, in words a sender can act on, unless `data` is a sketch that
-    `SketchSum` can add: DDSketch protobuf of this module's index mapping, with finite,
-    non-negative counts in a bounded index range."""
+def check_wire(data: bytes) -> Any:
+    """The decoded DDSketch message of `data`, for `SketchSum.add_message` (so a checked
+    sketch is not decoded again to be merged); raise ValueError, in words a sender can act
+    on, unless it is a sketch that `SketchSum` can add: DDSketch protobuf of this module's
+    index mapping, with finite, non-negative counts in a bounded index range."""
     message = DDSketchMessage()
     try:
         message.ParseFromString(data)
@@ -165,6 +166,7 @@ def check_wire(data: bytes) -> None:
     # only if no count is infinite or NaN, and with none NaN, min finds a negative one.
     if not math.isfinite(sum(counts)) or min(counts) < 0:
         raise ValueError("a bin count that is negative, infinite or NaN")
+    return message
 
 
 class SketchSum:
@@ -184,6 +186,10 @@ class SketchSum:
     def add_bytes(self, data: bytes) -> None:
         message = DDSketchMessage()
         message.ParseFromString(data)
+        self.add_message(message)
+
+    def add_message(self, message: Any) -> None:
+        """Add a decoded DDSketch message (as `check_wire` returns it)."""
         self._add_mapping(message.mapping)
         self._zero += message.zeroCount
         self._positive.add_store(message.positiveValues)

@@ -18,7 +18,7 @@ and counters are always written in the flush's own transaction.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -76,13 +76,15 @@ def store_batches(
     *,
     rejected: Sequence[Rejection] = (),
     now: datetime | None = None,
+    decoded: Mapping[str, Any] | None = None,
 ) -> Stored:
     """Merge every new batch into the rollups; duplicates and rejected batches change nothing
     but their node's counts. `rejected` are batches validation refused, counted here too.
 
     With `gauges`, the batches' gauges join that buffer once committed, and the buffer's
     closed buckets (by `now`, the clock by default) are written in this transaction;
-    without, gauges are written at once.
+    without, gauges are written at once. `decoded` holds the sketches validation
+    already decoded (`pipeline.validate.Decoded`).
     """
     now = now or datetime.now(UTC)
     with _ingest_transaction(gauges, now) as due:
@@ -110,7 +112,7 @@ def store_batches(
             accepted.append(batch)
             acks.append(TelemetryAck(seq=batch.seq, outcome="stored"))
         stored = Stored(acks=acks)
-        rollups = Rollups.of(accepted, with_gauges=gauges is None)
+        rollups = Rollups.of(accepted, with_gauges=gauges is None, decoded=decoded)
         store.write_rollups(rollups, claim_shard())
         if gauges is None:
             store.write_gauges(rollups.gauges)
