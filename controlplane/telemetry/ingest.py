@@ -40,6 +40,7 @@ from pydantic import ValidationError
 from agent.protocol import Heartbeat, HeartbeatFrame, TelemetryAck, TelemetryBatch
 from controlplane.inventory import services as inventory_services
 from controlplane.telemetry import metrics, services
+from controlplane.telemetry.pipeline import publish
 from controlplane.telemetry.pipeline.gauges import GaugeBuffer
 from controlplane.telemetry.pipeline.validate import (
     BatchRejected,
@@ -215,7 +216,9 @@ def _store(
         p.seq = batch.seq
         batches.append(batch)
     try:
-        stored = services.store_batches(batches, gauges, rejected=rejected, decoded=decoded)
+        stored = services.store_batches(
+            batches, gauges, rejected=rejected, decoded=decoded, watching=publish.watched
+        )
         if heartbeats:
             _record_heartbeats(heartbeats)
     finally:

@@ -243,3 +243,43 @@ async def test_a_dashboard_outlives_redis_timeouts(
     finally:
         channel_layers.set("default", previous)
         await redis.aclose()
+
+
+async def test_streams_nobody_watches_get_no_deltas_and_a_later_snapshot_has_it_all(
+    connect: Connect, world: World, chats: tuple[Any, Any]
+) -> None:
+    """Ingest builds deltas only for subscribed streams; a dashboard subscribing later
+    starts from a snapshot that holds what was ingested while nobody watched."""
+    from controlplane.telemetry import selectors
+    from controlplane.telemetry.pipeline.publish import watched
+
+    def placed_node() -> Any:
+        node = make_node("unwatched-1", gpus=1)
+        place(node, chats[0])
+        return node
+
+    def store(seq: int, utilization: float) -> list[str]:
+        sample = batch(
+            node,
+            seq,
+            deployment=chats[0],
+            ttft=[0.2],
+            gauges={"gpu.0.utilization_pct": utilization},
+        )
+        return [name for name, _ in services.store_batches([sample], watching=watched).deltas]
+
+    node = await sync_to_async(placed_node)()
+    assert await sync_to_async(store)(1, 10.0) == []
+
+    await subscribed(connect, world.viewer_a, streams.node(node.pk))
+    snapshot = await sync_to_async(selectors.fleet_snapshot)(world.viewer_a)
+    (facts,) = [n for n in snapshot["nodes"] if n["id"] == node.pk]
+    assert facts["gauges"]["gpu.0.utilization_pct"] == 10.0
+
+    assert await sync_to_async(store)(2, 20.0) == [streams.node(node.pk)]
+    await subscribed(connect, world.platform, streams.FLEET, streams.tenant(chats[0].tenant_id))
+    assert set(await sync_to_async(store)(3, 30.0)) == {
+        streams.FLEET,
+        streams.node(node.pk),
+        streams.tenant(chats[0].tenant_id),
+    }
