@@ -43,7 +43,7 @@ _clients: dict[str, redis.Redis] = {}
 
 PUBLISH_CONCURRENCY = 16
 """Deltas in flight to the channel layer at once: each costs a few Redis round trips, and
-one flush has one per node."""
+one flush has one per watched node."""
 
 
 async def publish(deltas: Iterable[tuple[str, dict[str, Any]]]) -> None:
