@@ -18,7 +18,7 @@ from uuid import UUID
 
 from agent.protocol import TelemetryBatch
 from controlplane.telemetry.choices import Resolution
-from dataplane.sketch import SketchSum
+from dataplane.sketch import CheckedSketch, SketchSum
 
 USAGE_FIELDS = ("completed", "failed", "rejected", "cancelled", "input_tokens", "output_tokens")
 
@@ -86,11 +86,11 @@ class Rollups:
         batches: Sequence[TelemetryBatch],
         *,
         with_gauges: bool = True,
-        decoded: Mapping[str, Any] | None = None,
+        decoded: Mapping[str, CheckedSketch] | None = None,
     ) -> Rollups:
         """Merge at 10 s first (one sum per series), then fold those into 1 min and 1 h;
         gauges too unless told not to (a GaugeBuffer will fold them). A sketch found in
-        `decoded` (validation's messages, by base64 text) is not decoded again."""
+        `decoded` (validation's, by base64 text) is not decoded again."""
         decoded = decoded or {}
         latency: dict[Any, SketchSum] = {}
         slo: dict[Any, list[Any]] = {}
@@ -104,11 +104,11 @@ class Rollups:
                 summed = latency.get(key)
                 if summed is None:
                     summed = latency[key] = SketchSum()
-                message = decoded.get(series.sketch)
-                if message is None:
+                checked = decoded.get(series.sketch)
+                if checked is None:
                     summed.add_bytes(base64.b64decode(series.sketch))
                 else:
-                    summed.add_message(message)
+                    summed.add_checked(checked)
                 for count in series.thresholds:
                     metric = "availability" if count.threshold_seconds is None else series.metric
                     row = slo.setdefault(

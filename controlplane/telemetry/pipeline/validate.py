@@ -9,13 +9,12 @@ nested past any sane depth) is refused alone instead of failing everyone's.
 from __future__ import annotations
 
 import base64
-from typing import Any
 
 from pydantic import ValidationError
 from pydantic_core import from_json
 
 from agent.protocol import TelemetryBatch
-from dataplane.sketch import check_wire
+from dataplane.sketch import CheckedSketch, check_wire
 
 MAX_BATCH_BYTES = 4 * 2**20
 """A body or WebSocket frame larger than this is refused on either transport."""
@@ -41,13 +40,13 @@ class BatchRejected(Exception):
         self.seq = seq
 
 
-Decoded = dict[str, Any]
-"""A sketch's base64 text to its decoded DDSketch message, as the check decoded it, so the
-merge adds the message instead of decoding the text again (see `merge.Rollups.of`)."""
+Decoded = dict[str, CheckedSketch]
+"""A sketch's base64 text to the sketch as the check decoded it (`CheckedSketch`), so the
+merge adds that instead of decoding the text again (see `merge.Rollups.of`)."""
 
 
 def parse_batch(raw: bytes | str, decoded: Decoded | None = None) -> TelemetryBatch:
-    """The batch in `raw`, checked whole; raises BatchRejected. Its sketches' messages go
+    """The batch in `raw`, checked whole; raises BatchRejected. Its sketches, decoded, go
     into `decoded` when given."""
     if (len(raw.encode()) if isinstance(raw, str) else len(raw)) > MAX_BATCH_BYTES:
         raise BatchRejected(f"batch larger than {MAX_BATCH_BYTES} bytes", seq_of(raw))
