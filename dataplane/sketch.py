@@ -132,10 +132,31 @@ wider index range is forged, and would make a dense sum allocate without bound."
 MAX_BINS = 8192
 
 
-def check_wire(data: bytes) -> None:
-    """Raise ValueError, in words a sender can act on, unless `data` is a sketch that
-    `SketchSum` can add: DDSketch protobuf of this module's index mapping, with finite,
-    non-negative counts in a bounded index range."""
+@dataclass(frozen=True)
+class _Store:
+    """One store of a checked sketch: its dense counts from bin `offset`, and sparse bins."""
+
+    offset: int
+    counts: npt.NDArray[np.float64]
+    sparse: list[tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class CheckedSketch:
+    """A wire sketch that `check_wire` decoded and found sound, in the form
+    `SketchSum.add_checked` adds: the bins are read out of the message once."""
+
+    mapping: Any
+    zero: float
+    positive: _Store
+    negative: _Store
+
+
+def check_wire(data: bytes) -> CheckedSketch:
+    """The sketch in `data`, decoded for `SketchSum.add_checked` (so a checked sketch is
+    not decoded again to be merged); raise ValueError, in words a sender can act on,
+    unless it is a sketch that `SketchSum` can add: DDSketch protobuf of this module's
+    index mapping, with finite, non-negative counts in a bounded index range."""
     message = DDSketchMessage()
     try:
         message.ParseFromString(data)
@@ -147,7 +168,8 @@ def check_wire(data: bytes) -> None:
             f"index mapping gamma={mapping.gamma} differs from the {RELATIVE_ACCURACY:.0%} "
             "relative-accuracy mapping every sketch here uses"
         )
-    counts = [message.zeroCount]
+    total = least = message.zeroCount
+    stores = []
     for store in (message.positiveValues, message.negativeValues):
         contiguous, sparse = store.contiguousBinCounts, store.binCounts
         size = len(contiguous) + len(sparse)
@@ -155,16 +177,25 @@ def check_wire(data: bytes) -> None:
             raise ValueError(f"{size} bins in one store; at most {MAX_BINS}")
         if sparse and max(abs(i) for i in sparse) > MAX_BIN_INDEX:
             raise ValueError(f"a bin index outside -{MAX_BIN_INDEX}..{MAX_BIN_INDEX}")
-        if contiguous:
-            first = store.contiguousBinIndexOffset
-            if max(abs(first), abs(first + len(contiguous) - 1)) > MAX_BIN_INDEX:
+        first = store.contiguousBinIndexOffset
+        # One conversion to an array, checked and later added by numpy: this runs for
+        # every sketch ingested.
+        counts = np.array(contiguous, dtype=float)
+        if counts.size:
+            if max(abs(first), abs(first + counts.size - 1)) > MAX_BIN_INDEX:
                 raise ValueError(f"a bin index outside -{MAX_BIN_INDEX}..{MAX_BIN_INDEX}")
-            counts += contiguous
-        counts += sparse.values()
-    # Builtins over the whole list (this runs for every sketch ingested): a sum is finite
-    # only if no count is infinite or NaN, and with none NaN, min finds a negative one.
-    if not math.isfinite(sum(counts)) or min(counts) < 0:
+            total += float(counts.sum())
+            least = min(least, float(counts.min()))
+        items = list(sparse.items())
+        for _, count in items:
+            total += count
+            least = min(least, count)
+        stores.append(_Store(first, counts, items))
+    # A sum is finite only if no count is infinite or NaN; with none NaN, `least` is the
+    # smallest count.
+    if not math.isfinite(total) or least < 0:
         raise ValueError("a bin count that is negative, infinite or NaN")
+    return CheckedSketch(message.mapping, message.zeroCount, stores[0], stores[1])
 
 
 class SketchSum:
@@ -188,6 +219,15 @@ class SketchSum:
         self._zero += message.zeroCount
         self._positive.add_store(message.positiveValues)
         self._negative.add_store(message.negativeValues)
+
+    def add_checked(self, checked: CheckedSketch) -> None:
+        """Add a sketch as `check_wire` returned it, without decoding it again."""
+        self._add_mapping(checked.mapping)
+        self._zero += checked.zero
+        for bins, store in ((self._positive, checked.positive), (self._negative, checked.negative)):
+            bins.add(store.offset, store.counts)
+            for index, count in store.sparse:
+                bins.add(index, np.array([count]))
 
     def add(self, other: SketchSum) -> None:
         if other._mapping is None:

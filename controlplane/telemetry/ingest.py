@@ -40,8 +40,14 @@ from pydantic import ValidationError
 from agent.protocol import Heartbeat, HeartbeatFrame, TelemetryAck, TelemetryBatch
 from controlplane.inventory import services as inventory_services
 from controlplane.telemetry import metrics, services
+from controlplane.telemetry.pipeline import publish
 from controlplane.telemetry.pipeline.gauges import GaugeBuffer
-from controlplane.telemetry.pipeline.validate import BatchRejected, parse_batch, seq_of
+from controlplane.telemetry.pipeline.validate import (
+    BatchRejected,
+    Decoded,
+    parse_batch,
+    seq_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +199,10 @@ def _store(
     batches: list[TelemetryBatch] = []
     rejected: list[services.Rejection] = []
     refused: dict[int, TelemetryAck] = {}
+    decoded: Decoded = {}
     for index, p in enumerate(pending):
         try:
-            batch = parse_batch(p.frame)
+            batch = parse_batch(p.frame, decoded)
             if batch.node_id != p.node_id:
                 raise BatchRejected(
                     f"node_id {batch.node_id} is not this connection's node", batch.seq
@@ -209,7 +216,9 @@ def _store(
         p.seq = batch.seq
         batches.append(batch)
     try:
-        stored = services.store_batches(batches, gauges, rejected=rejected)
+        stored = services.store_batches(
+            batches, gauges, rejected=rejected, decoded=decoded, watching=publish.watched
+        )
         if heartbeats:
             _record_heartbeats(heartbeats)
     finally:

@@ -4,23 +4,63 @@ A client sends ``{"subscribe": "<stream>"}`` (names from streams.py) and gets
 ``{"type": "subscribed", "stream": ...}`` or ``{"type": "error", "stream": ..., "detail":
 ...}``; then every delta ingest sends to that stream's group arrives as the delta itself
 with ``"stream"`` added. Node deltas are cut down to the gauges the user may read.
+
+A channel layer that stops answering for a while (Redis slow, paused, or this process's
+event loop too far behind to read its reply in time) costs the dashboard the deltas sent
+meanwhile, never its WebSocket: the consumer keeps reading once the layer answers again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from controlplane.telemetry import selectors, streams
 
+log = logging.getLogger(__name__)
+
 UNAUTHENTICATED = 4401
 SUBSCRIBE_HELP = 'Send {"subscribe": "<stream>"}: fleet, node:<id>, deployment:<id> or tenant:<id>.'
+LAYER_UNAVAILABLE = "Live updates are unavailable for a moment; subscribe again."
+
+LAYER_ERRORS = (RedisTimeoutError, RedisConnectionError, TimeoutError, ConnectionError)
+"""What a channel layer raises while Redis (or the way to it) is slow or away."""
+RETRY_FIRST_S = 0.1
+RETRY_MOST_S = 2.0
+
+
+async def receive_through_outages(receive: Callable[[], Awaitable[dict[str, Any]]]) -> Any:
+    """The next channel-layer message, reading again (after a short, growing pause) for as
+    long as the layer fails: a read that timed out is no reason to drop a browser."""
+    pause = RETRY_FIRST_S
+    while True:
+        try:
+            return await receive()
+        except LAYER_ERRORS as exc:
+            log.warning("dashboard channel-layer read failed (%r); reading again", exc)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, RETRY_MOST_S)
 
 
 class DashboardConsumer(AsyncJsonWebsocketConsumer):
+    @property
+    def channel_receive(self) -> Callable[[], Awaitable[Any]]:
+        return self._channel_receive
+
+    @channel_receive.setter
+    def channel_receive(self, receive: Callable[[], Awaitable[Any]]) -> None:
+        """Channels reads the layer through this and ends the consumer (closing the
+        browser's socket) on any error; reading through outages keeps it open."""
+        self._channel_receive = lambda: receive_through_outages(receive)
+
     async def connect(self) -> None:
         self.subscriptions: dict[str, selectors.StreamAccess] = {}
         user = self.scope.get("user")
@@ -30,8 +70,14 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
+        """Leave every group; one the layer cannot reach now expires there by itself."""
         for stream in getattr(self, "subscriptions", {}):
-            await self.channel_layer.group_discard(streams.group_name(stream), self.channel_name)
+            try:
+                await self.channel_layer.group_discard(
+                    streams.group_name(stream), self.channel_name
+                )
+            except LAYER_ERRORS:
+                log.warning("could not leave %s's group; it expires", stream, exc_info=True)
 
     @classmethod
     async def decode_json(cls, text_data: str) -> Any:
@@ -53,7 +99,14 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
             )
             return
         if stream not in self.subscriptions:
-            await self.channel_layer.group_add(streams.group_name(stream), self.channel_name)
+            try:
+                await self.channel_layer.group_add(streams.group_name(stream), self.channel_name)
+            except LAYER_ERRORS:
+                log.warning("could not join %s's group", stream, exc_info=True)
+                await self.send_json(
+                    {"type": "error", "stream": stream, "detail": LAYER_UNAVAILABLE}
+                )
+                return
         self.subscriptions[stream] = access
         await self.send_json({"type": "subscribed", "stream": stream})
 

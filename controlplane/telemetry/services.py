@@ -18,7 +18,7 @@ and counters are always written in the flush's own transaction.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,7 +35,7 @@ from controlplane.telemetry.pipeline import store
 from controlplane.telemetry.pipeline.authorize import Authorizer
 from controlplane.telemetry.pipeline.gauges import DueGauges, GaugeBuffer
 from controlplane.telemetry.pipeline.merge import Rollups
-from controlplane.telemetry.pipeline.publish import deltas_of, publish
+from controlplane.telemetry.pipeline.publish import deltas_of, publish, watched
 
 SHARDS = 16
 """Flushes that can write rollups at once; readers merge the shards' rows of a bucket."""
@@ -65,7 +65,7 @@ def ingest(
     batches: Sequence[TelemetryBatch], *, rejected: Sequence[Rejection] = ()
 ) -> list[TelemetryAck]:
     """Store, then publish the live deltas once the rollups are committed."""
-    stored = store_batches(batches, rejected=rejected)
+    stored = store_batches(batches, rejected=rejected, watching=watched)
     transaction.on_commit(lambda: async_to_sync(publish)(stored.deltas))
     return stored.acks
 
@@ -76,13 +76,18 @@ def store_batches(
     *,
     rejected: Sequence[Rejection] = (),
     now: datetime | None = None,
+    decoded: Mapping[str, Any] | None = None,
+    watching: Callable[[Sequence[str]], set[str]] | None = None,
 ) -> Stored:
     """Merge every new batch into the rollups; duplicates and rejected batches change nothing
     but their node's counts. `rejected` are batches validation refused, counted here too.
 
     With `gauges`, the batches' gauges join that buffer once committed, and the buffer's
     closed buckets (by `now`, the clock by default) are written in this transaction;
-    without, gauges are written at once.
+    without, gauges are written at once. `decoded` holds the sketches validation
+    already decoded (`pipeline.validate.Decoded`). Deltas are built once committed (not
+    under the flush's locks), for the streams `watching` names watched (`publish.watched`;
+    by default, every stream).
     """
     now = now or datetime.now(UTC)
     with _ingest_transaction(gauges, now) as due:
@@ -110,7 +115,7 @@ def store_batches(
             accepted.append(batch)
             acks.append(TelemetryAck(seq=batch.seq, outcome="stored"))
         stored = Stored(acks=acks)
-        rollups = Rollups.of(accepted, with_gauges=gauges is None)
+        rollups = Rollups.of(accepted, with_gauges=gauges is None, decoded=decoded)
         store.write_rollups(rollups, claim_shard())
         if gauges is None:
             store.write_gauges(rollups.gauges)
@@ -120,13 +125,14 @@ def store_batches(
         if accepted:
             heard = {b.node_id for b in accepted}
             transaction.on_commit(lambda: inventory_services.record_heard(heard))
-            stored.deltas = deltas_of(accepted, streams, rollups)
             stored.newest = max(b.interval_end for b in accepted)
             stored.slo_ids = rollups.slo_ids
             if stored.slo_ids and apps.is_installed("controlplane.slo"):
                 slo_ids = sorted(stored.slo_ids)
                 transaction.on_commit(lambda: _evaluate_slos(slo_ids))
         store.write_due(due)
+    if accepted:
+        stored.deltas = deltas_of(accepted, streams, rollups, watching)
     return stored
 
 

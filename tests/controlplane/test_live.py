@@ -205,3 +205,81 @@ async def test_flushes_from_the_agent_websocket_publish_in_order(
     ]
     assert seen == [1.0, 2.0, 3.0, 4.0, 5.0]
     await agent.disconnect()
+
+
+async def test_a_dashboard_outlives_redis_timeouts(
+    connect: Connect, world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis paused past the layer's read timeout: the dashboard's socket stays open and
+    the deltas sent once Redis answers again still reach it."""
+    from channels.layers import channel_layers
+    from channels_redis.core import RedisChannelLayer
+    from django.conf import settings
+    from redis.asyncio import Redis
+
+    if not settings.REDIS_URL:
+        pytest.skip("needs the Redis channel layer")
+    impatient = RedisChannelLayer(hosts=[{"address": settings.REDIS_URL, "socket_timeout": 0.3}])
+    impatient.brpop_timeout = 0.1
+    previous = channel_layers.set("default", impatient)
+    redis = Redis.from_url(settings.REDIS_URL)
+    try:
+        viewer = await subscribed(connect, world.platform, streams.FLEET)
+        caplog.set_level("WARNING", logger="controlplane.telemetry.live")
+        for _ in range(20):  # a busy machine may miss one pause's window
+            await redis.execute_command("CLIENT", "PAUSE", 2000, "ALL")
+            await redis.ping()  # answered when the pause ends
+            if any("reading again" in r.getMessage() for r in caplog.records):
+                break
+        else:
+            pytest.fail("the dashboard's read never timed out")
+        patient = RedisChannelLayer(hosts=[settings.REDIS_URL])
+        delta = {"type": "fleet.delta", "nodes": []}
+        await patient.group_send(
+            streams.group_name(streams.FLEET),
+            {"type": "live.delta", "stream": streams.FLEET, "payload": delta},
+        )
+        assert await viewer.receive_json_from(timeout=10) == {**delta, "stream": streams.FLEET}
+    finally:
+        channel_layers.set("default", previous)
+        await redis.aclose()
+
+
+async def test_streams_nobody_watches_get_no_deltas_and_a_later_snapshot_has_it_all(
+    connect: Connect, world: World, chats: tuple[Any, Any]
+) -> None:
+    """Ingest builds deltas only for subscribed streams; a dashboard subscribing later
+    starts from a snapshot that holds what was ingested while nobody watched."""
+    from controlplane.telemetry import selectors
+    from controlplane.telemetry.pipeline.publish import watched
+
+    def placed_node() -> Any:
+        node = make_node("unwatched-1", gpus=1)
+        place(node, chats[0])
+        return node
+
+    def store(seq: int, utilization: float) -> list[str]:
+        sample = batch(
+            node,
+            seq,
+            deployment=chats[0],
+            ttft=[0.2],
+            gauges={"gpu.0.utilization_pct": utilization},
+        )
+        return [name for name, _ in services.store_batches([sample], watching=watched).deltas]
+
+    node = await sync_to_async(placed_node)()
+    assert await sync_to_async(store)(1, 10.0) == []
+
+    await subscribed(connect, world.viewer_a, streams.node(node.pk))
+    snapshot = await sync_to_async(selectors.fleet_snapshot)(world.viewer_a)
+    (facts,) = [n for n in snapshot["nodes"] if n["id"] == node.pk]
+    assert facts["gauges"]["gpu.0.utilization_pct"] == 10.0
+
+    assert await sync_to_async(store)(2, 20.0) == [streams.node(node.pk)]
+    await subscribed(connect, world.platform, streams.FLEET, streams.tenant(chats[0].tenant_id))
+    assert set(await sync_to_async(store)(3, 30.0)) == {
+        streams.FLEET,
+        streams.node(node.pk),
+        streams.tenant(chats[0].tenant_id),
+    }

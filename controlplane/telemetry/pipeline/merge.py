@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -18,7 +18,7 @@ from uuid import UUID
 
 from agent.protocol import TelemetryBatch
 from controlplane.telemetry.choices import Resolution
-from dataplane.sketch import SketchSum
+from dataplane.sketch import CheckedSketch, SketchSum
 
 USAGE_FIELDS = ("completed", "failed", "rejected", "cancelled", "input_tokens", "output_tokens")
 
@@ -81,9 +81,17 @@ class Rollups:
         return {str(key[2]) for key in self.slo}
 
     @classmethod
-    def of(cls, batches: Sequence[TelemetryBatch], *, with_gauges: bool = True) -> Rollups:
+    def of(
+        cls,
+        batches: Sequence[TelemetryBatch],
+        *,
+        with_gauges: bool = True,
+        decoded: Mapping[str, CheckedSketch] | None = None,
+    ) -> Rollups:
         """Merge at 10 s first (one sum per series), then fold those into 1 min and 1 h;
-        gauges too unless told not to (a GaugeBuffer will fold them)."""
+        gauges too unless told not to (a GaugeBuffer will fold them). A sketch found in
+        `decoded` (validation's, by base64 text) is not decoded again."""
+        decoded = decoded or {}
         latency: dict[Any, SketchSum] = {}
         slo: dict[Any, list[Any]] = {}
         counters: dict[Any, int] = defaultdict(int)
@@ -96,7 +104,11 @@ class Rollups:
                 summed = latency.get(key)
                 if summed is None:
                     summed = latency[key] = SketchSum()
-                summed.add_bytes(base64.b64decode(series.sketch))
+                checked = decoded.get(series.sketch)
+                if checked is None:
+                    summed.add_bytes(base64.b64decode(series.sketch))
+                else:
+                    summed.add_checked(checked)
                 for count in series.thresholds:
                     metric = "availability" if count.threshold_seconds is None else series.metric
                     row = slo.setdefault(
