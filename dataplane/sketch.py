@@ -119,13 +119,10 @@ class _Bins:
             store.contiguousBinCounts.extend(self.counts[nonzero[0] : nonzero[-1] + 1].tolist())
 
 
-def _mapping_of(data: bytes) -> tuple[float, float, int]:
-    message = DDSketchMessage()
-    message.ParseFromString(data)
-    return message.mapping.gamma, message.mapping.indexOffset, message.mapping.interpolation
-
-
-_MAPPING = _mapping_of(LatencySketch().to_bytes())
+_MAPPING_MESSAGE = DDSketchMessage.FromString(LatencySketch().to_bytes()).mapping
+"""The index mapping every sketch here uses; a checked sketch, whose mapping must equal
+it, refers to this one instead of keeping its own message alive."""
+_MAPPING = (_MAPPING_MESSAGE.gamma, _MAPPING_MESSAGE.indexOffset, _MAPPING_MESSAGE.interpolation)
 MAX_BIN_INDEX = 8192
 """Far past any latency a sketch holds (1 ns to 10^6 s is about -1050 to 700 at 1%): a
 wider index range is forged, and would make a dense sum allocate without bound."""
@@ -134,11 +131,14 @@ MAX_BINS = 8192
 
 @dataclass(frozen=True)
 class _Store:
-    """One store of a checked sketch: its dense counts from bin `offset`, and sparse bins."""
+    """One store of a checked sketch: its dense counts from bin `offset`, and its sparse
+    bins' indices and counts (arrays, read-only: a flush keeps every checked sketch until
+    it is merged, so they must be small and are shared)."""
 
     offset: int
     counts: npt.NDArray[np.float64]
-    sparse: list[tuple[int, float]]
+    sparse_indices: npt.NDArray[np.int64]
+    sparse_counts: npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True)
@@ -186,16 +186,19 @@ def check_wire(data: bytes) -> CheckedSketch:
                 raise ValueError(f"a bin index outside -{MAX_BIN_INDEX}..{MAX_BIN_INDEX}")
             total += float(counts.sum())
             least = min(least, float(counts.min()))
-        items = list(sparse.items())
-        for _, count in items:
-            total += count
-            least = min(least, count)
-        stores.append(_Store(first, counts, items))
+        indices = np.fromiter(sparse.keys(), np.int64, len(sparse))
+        weights = np.fromiter(sparse.values(), float, len(sparse))
+        if weights.size:
+            total += float(weights.sum())
+            least = min(least, float(weights.min()))
+        for array in (counts, indices, weights):
+            array.setflags(write=False)
+        stores.append(_Store(first, counts, indices, weights))
     # A sum is finite only if no count is infinite or NaN; with none NaN, `least` is the
     # smallest count.
     if not math.isfinite(total) or least < 0:
         raise ValueError("a bin count that is negative, infinite or NaN")
-    return CheckedSketch(message.mapping, message.zeroCount, stores[0], stores[1])
+    return CheckedSketch(_MAPPING_MESSAGE, message.zeroCount, stores[0], stores[1])
 
 
 class SketchSum:
@@ -226,7 +229,9 @@ class SketchSum:
         self._zero += checked.zero
         for bins, store in ((self._positive, checked.positive), (self._negative, checked.negative)):
             bins.add(store.offset, store.counts)
-            for index, count in store.sparse:
+            for index, count in zip(
+                store.sparse_indices.tolist(), store.sparse_counts.tolist(), strict=True
+            ):
                 bins.add(index, np.array([count]))
 
     def add(self, other: SketchSum) -> None:

@@ -5,9 +5,12 @@ A client sends ``{"subscribe": "<stream>"}`` (names from streams.py) and gets
 ...}``; then every delta ingest sends to that stream's group arrives as the delta itself
 with ``"stream"`` added. Node deltas are cut down to the gauges the user may read.
 
-A channel layer that stops answering for a while (Redis slow, paused, or this process's
-event loop too far behind to read its reply in time) costs the dashboard the deltas sent
-meanwhile, never its WebSocket: the consumer keeps reading once the layer answers again.
+A channel layer that stops answering for a while (Redis slow, paused or restarted, or
+this process's event loop too far behind to read its reply in time) costs the dashboard
+the deltas sent meanwhile, never its WebSocket: the consumer joins its streams' groups
+again (a restarted Redis forgot them) and reads on once the layer answers; the page's
+periodic snapshot fills the gap. A subscribe the layer fails ends the connection, and
+the page connects and subscribes again.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -29,7 +33,6 @@ log = logging.getLogger(__name__)
 
 UNAUTHENTICATED = 4401
 SUBSCRIBE_HELP = 'Send {"subscribe": "<stream>"}: fleet, node:<id>, deployment:<id> or tenant:<id>.'
-LAYER_UNAVAILABLE = "Live updates are unavailable for a moment; subscribe again."
 
 LAYER_ERRORS = (RedisTimeoutError, RedisConnectionError, TimeoutError, ConnectionError)
 """What a channel layer raises while Redis (or the way to it) is slow or away."""
@@ -37,15 +40,25 @@ RETRY_FIRST_S = 0.1
 RETRY_MOST_S = 2.0
 
 
-async def receive_through_outages(receive: Callable[[], Awaitable[dict[str, Any]]]) -> Any:
-    """The next channel-layer message, reading again (after a short, growing pause) for as
-    long as the layer fails: a read that timed out is no reason to drop a browser."""
+async def receive_through_outages(
+    receive: Callable[[], Awaitable[dict[str, Any]]], rejoin: Callable[[], Awaitable[None]]
+) -> Any:
+    """The next channel-layer message, trying again (after a short, growing pause, having
+    joined the groups again) for as long as the layer fails: a read that timed out is no
+    reason to drop a browser. A refused password is: it will not heal."""
     pause = RETRY_FIRST_S
+    failing = False
     while True:
         try:
+            if failing:
+                await rejoin()
             return await receive()
+        except AuthenticationError:
+            raise
         except LAYER_ERRORS as exc:
-            log.warning("dashboard channel-layer read failed (%r); reading again", exc)
+            if not failing:  # once per outage, not once per try
+                log.warning("dashboard channel-layer read failed (%r); reading again", exc)
+            failing = True
             await asyncio.sleep(pause)
             pause = min(pause * 2, RETRY_MOST_S)
 
@@ -59,7 +72,11 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
     def channel_receive(self, receive: Callable[[], Awaitable[Any]]) -> None:
         """Channels reads the layer through this and ends the consumer (closing the
         browser's socket) on any error; reading through outages keeps it open."""
-        self._channel_receive = lambda: receive_through_outages(receive)
+        self._channel_receive = lambda: receive_through_outages(receive, self._rejoin)
+
+    async def _rejoin(self) -> None:
+        for stream in getattr(self, "subscriptions", {}):
+            await self.channel_layer.group_add(streams.group_name(stream), self.channel_name)
 
     async def connect(self) -> None:
         self.subscriptions: dict[str, selectors.StreamAccess] = {}
@@ -70,7 +87,8 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
-        """Leave every group; one the layer cannot reach now expires there by itself."""
+        """Leave every group; one the layer cannot reach now keeps this channel until the
+        layer's group expiry (a day), which costs only deltas sent to nobody."""
         for stream in getattr(self, "subscriptions", {}):
             try:
                 await self.channel_layer.group_discard(
@@ -99,14 +117,7 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
             )
             return
         if stream not in self.subscriptions:
-            try:
-                await self.channel_layer.group_add(streams.group_name(stream), self.channel_name)
-            except LAYER_ERRORS:
-                log.warning("could not join %s's group", stream, exc_info=True)
-                await self.send_json(
-                    {"type": "error", "stream": stream, "detail": LAYER_UNAVAILABLE}
-                )
-                return
+            await self.channel_layer.group_add(streams.group_name(stream), self.channel_name)
         self.subscriptions[stream] = access
         await self.send_json({"type": "subscribed", "stream": stream})
 

@@ -17,6 +17,7 @@ and counters are always written in the flush's own transaction.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -36,6 +37,8 @@ from controlplane.telemetry.pipeline.authorize import Authorizer
 from controlplane.telemetry.pipeline.gauges import DueGauges, GaugeBuffer
 from controlplane.telemetry.pipeline.merge import Rollups
 from controlplane.telemetry.pipeline.publish import deltas_of, publish, watched
+
+log = logging.getLogger(__name__)
 
 SHARDS = 16
 """Flushes that can write rollups at once; readers merge the shards' rows of a bucket."""
@@ -132,7 +135,10 @@ def store_batches(
                 transaction.on_commit(lambda: _evaluate_slos(slo_ids))
         store.write_due(due)
     if accepted:
-        stored.deltas = deltas_of(accepted, streams, rollups, watching)
+        try:  # after the commit: the batches are stored whatever happens here
+            stored.deltas = deltas_of(accepted, streams, rollups, watching)
+        except Exception:
+            log.exception("building live telemetry deltas failed; none sent for this flush")
     return stored
 
 

@@ -210,8 +210,9 @@ async def test_flushes_from_the_agent_websocket_publish_in_order(
 async def test_a_dashboard_outlives_redis_timeouts(
     connect: Connect, world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Redis paused past the layer's read timeout: the dashboard's socket stays open and
-    the deltas sent once Redis answers again still reach it."""
+    """Redis forgets the dashboard's group (as a restart does) and then stalls past the
+    layer's read timeout: the dashboard's socket stays open, it joins again, and the deltas
+    sent once Redis answers still reach it."""
     from channels.layers import channel_layers
     from channels_redis.core import RedisChannelLayer
     from django.conf import settings
@@ -225,6 +226,7 @@ async def test_a_dashboard_outlives_redis_timeouts(
     redis = Redis.from_url(settings.REDIS_URL)
     try:
         viewer = await subscribed(connect, world.platform, streams.FLEET)
+        await redis.delete(impatient._group_key(streams.group_name(streams.FLEET)))
         caplog.set_level("WARNING", logger="controlplane.telemetry.live")
         for _ in range(20):  # a busy machine may miss one pause's window
             await redis.execute_command("CLIENT", "PAUSE", 2000, "ALL")
@@ -268,6 +270,9 @@ async def test_streams_nobody_watches_get_no_deltas_and_a_later_snapshot_has_it_
         )
         return [name for name, _ in services.store_batches([sample], watching=watched).deltas]
 
+    from channels.layers import get_channel_layer
+
+    await get_channel_layer().flush()  # no member left behind by anything before
     node = await sync_to_async(placed_node)()
     assert await sync_to_async(store)(1, 10.0) == []
 

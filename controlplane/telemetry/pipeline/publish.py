@@ -4,9 +4,9 @@ One delta per stream a dashboard watches (the fleet's first: every node row wait
 built from the flush's own batches and merged rollups, not from the database. A stream no
 dashboard subscribes to gets none: most node, deployment and tenant streams have nobody
 watching most of the time, and building and sending their deltas was most of a flush's
-publishing. A dashboard that subscribes later loses nothing by it, since it starts from
-its REST snapshot (the database) either way. The channel layer may drop some deltas too:
-a dashboard heals from its REST snapshot.
+publishing. A dashboard that subscribes later starts from its REST snapshot (the
+database) either way; one flush that lands between its snapshot and its subscribe reaches
+it with its next periodic snapshot, as do deltas the channel layer drops.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from uuid import UUID
 
 import redis
 from channels.layers import InMemoryChannelLayer, get_channel_layer
+from channels_redis.core import RedisChannelLayer
 
 from agent.protocol import TelemetryBatch
 from controlplane.telemetry import streams
@@ -73,10 +74,12 @@ def watched(names: Sequence[str]) -> set[str]:
         return set()
     if isinstance(layer, InMemoryChannelLayer):
         return {n for n in names if layer.groups.get(streams.group_name(n))}
+    if not isinstance(layer, RedisChannelLayer):
+        return set(names)
     group_key = getattr(layer, "_group_key", None)
     hosts = getattr(layer, "hosts", None)
-    if group_key is None or not hosts or any("address" not in host for host in hosts):
-        return set(names)
+    if group_key is None or not hosts or any(set(host) != {"address"} for host in hosts):
+        return set(names)  # a layer of other options (passwords, TLS, sentinels)
     by_host: dict[int, list[str]] = defaultdict(list)
     for name in names:
         by_host[layer.consistent_hash(streams.group_name(name))].append(name)
@@ -87,8 +90,8 @@ def watched(names: Sequence[str]) -> set[str]:
             keys = [group_key(streams.group_name(n)) for n in on_host]
             counts = client.eval(_MEMBERS, len(keys), *keys)
             found.update(n for n, count in zip(on_host, counts, strict=True) if count)
-    except redis.RedisError:
-        log.warning("could not ask Redis which live streams are watched", exc_info=True)
+    except Exception as exc:  # deltas are best effort: never fail a flush over them
+        log.warning("could not ask Redis which live streams are watched: %r", exc)
         return set(names)
     return found
 
