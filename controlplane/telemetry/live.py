@@ -75,7 +75,8 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
         self._channel_receive = lambda: receive_through_outages(receive, self._rejoin)
 
     async def _rejoin(self) -> None:
-        for stream in getattr(self, "subscriptions", {}):
+        # A copy: a subscribe may be handled while a join waits for the layer.
+        for stream in list(getattr(self, "subscriptions", {})):
             await self.channel_layer.group_add(streams.group_name(stream), self.channel_name)
 
     async def connect(self) -> None:
