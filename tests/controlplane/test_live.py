@@ -3,6 +3,7 @@ who may subscribe to which stream, and which deltas reach whom."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -226,6 +227,7 @@ async def test_a_dashboard_outlives_redis_timeouts(
     redis = Redis.from_url(settings.REDIS_URL)
     try:
         viewer = await subscribed(connect, world.platform, streams.FLEET)
+        # Redis forgets the group, as a restart does.
         await redis.delete(impatient._group_key(streams.group_name(streams.FLEET)))
         caplog.set_level("WARNING", logger="controlplane.telemetry.live")
         for _ in range(20):  # a busy machine may miss one pause's window
@@ -235,6 +237,10 @@ async def test_a_dashboard_outlives_redis_timeouts(
                 break
         else:
             pytest.fail("the dashboard's read never timed out")
+        group = impatient._group_key(streams.group_name(streams.FLEET))
+        async with asyncio.timeout(60):  # it joins again once Redis answers
+            while not await redis.zcard(group):
+                await asyncio.sleep(0.05)
         patient = RedisChannelLayer(hosts=[settings.REDIS_URL])
         delta = {"type": "fleet.delta", "nodes": []}
         await patient.group_send(
@@ -269,8 +275,6 @@ async def test_streams_nobody_watches_get_no_deltas_and_a_later_snapshot_has_it_
             gauges={"gpu.0.utilization_pct": utilization},
         )
         return [name for name, _ in services.store_batches([sample], watching=watched).deltas]
-
-    from channels.layers import get_channel_layer
 
     await get_channel_layer().flush()  # no member left behind by anything before
     node = await sync_to_async(placed_node)()
