@@ -107,10 +107,22 @@ class _Bins:
             self.offset, self.counts = low, grown
         self.counts[offset - low : offset - low + counts.size] += counts
 
+    def add_sparse(self, indices: npt.NDArray[np.int64], counts: npt.NDArray[np.float64]) -> None:
+        """Add bins given by index: spread into one dense run, then added at once."""
+        if not indices.size:
+            return
+        low = int(indices.min())
+        dense = np.zeros(int(indices.max()) - low + 1)
+        np.add.at(dense, indices - low, counts)
+        self.add(low, dense)
+
     def add_store(self, store: Any) -> None:
         self.add(store.contiguousBinIndexOffset, np.array(store.contiguousBinCounts, dtype=float))
-        for index, count in store.binCounts.items():
-            self.add(index, np.array([count]))
+        sparse = store.binCounts
+        self.add_sparse(
+            np.fromiter(sparse.keys(), np.int64, len(sparse)),
+            np.fromiter(sparse.values(), float, len(sparse)),
+        )
 
     def write(self, store: Any) -> None:
         nonzero = np.flatnonzero(self.counts)
@@ -120,8 +132,7 @@ class _Bins:
 
 
 _MAPPING_MESSAGE = DDSketchMessage.FromString(LatencySketch().to_bytes()).mapping
-"""The index mapping every sketch here uses; a checked sketch, whose mapping must equal
-it, refers to this one instead of keeping its own message alive."""
+"""The index mapping every sketch here uses (a checked sketch's must equal it)."""
 _MAPPING = (_MAPPING_MESSAGE.gamma, _MAPPING_MESSAGE.indexOffset, _MAPPING_MESSAGE.interpolation)
 MAX_BIN_INDEX = 8192
 """Far past any latency a sketch holds (1 ns to 10^6 s is about -1050 to 700 at 1%): a
@@ -144,9 +155,9 @@ class _Store:
 @dataclass(frozen=True)
 class CheckedSketch:
     """A wire sketch that `check_wire` decoded and found sound, in the form
-    `SketchSum.add_checked` adds: the bins are read out of the message once."""
+    `SketchSum.add_checked` adds: the bins are read out of the message once (its mapping
+    is this module's, or the check fails)."""
 
-    mapping: Any
     zero: float
     positive: _Store
     negative: _Store
@@ -198,7 +209,7 @@ def check_wire(data: bytes) -> CheckedSketch:
     # smallest count.
     if not math.isfinite(total) or least < 0:
         raise ValueError("a bin count that is negative, infinite or NaN")
-    return CheckedSketch(_MAPPING_MESSAGE, message.zeroCount, stores[0], stores[1])
+    return CheckedSketch(message.zeroCount, stores[0], stores[1])
 
 
 class SketchSum:
@@ -225,14 +236,11 @@ class SketchSum:
 
     def add_checked(self, checked: CheckedSketch) -> None:
         """Add a sketch as `check_wire` returned it, without decoding it again."""
-        self._add_mapping(checked.mapping)
+        self._add_mapping(_MAPPING_MESSAGE)
         self._zero += checked.zero
         for bins, store in ((self._positive, checked.positive), (self._negative, checked.negative)):
             bins.add(store.offset, store.counts)
-            for index, count in zip(
-                store.sparse_indices.tolist(), store.sparse_counts.tolist(), strict=True
-            ):
-                bins.add(index, np.array([count]))
+            bins.add_sparse(store.sparse_indices, store.sparse_counts)
 
     def add(self, other: SketchSum) -> None:
         if other._mapping is None:
