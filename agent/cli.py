@@ -95,7 +95,11 @@ async def run_agent(settings: AgentSettings) -> None:
         log.info("node %s (%s) consuming %s", identity.node_id, settings.hostname, identity.queue)
         client = anon.with_credential(identity.credential)
         supervisor = SupervisorSettings(
-            work_dir=settings.state_dir, keep_workers=settings.keep_workers, account=account
+            work_dir=settings.state_dir,
+            host=settings.worker_host,
+            advertise=settings.worker_advertise,
+            keep_workers=settings.keep_workers,
+            account=account,
         )
         if account is not None:
             log.info("inference workers run as %s", account.name)

@@ -416,6 +416,9 @@ class WorkerSpec(_Model):
     tenants: list[TenantServing]
     volume: Name | None = Field(default=None, exclude_if=_unset)
     """The volume a downloadable artifact is staged into; its TensorRT cache lives there too."""
+    peer_key_hash: Sha256Hex | None = Field(default=None, exclude_if=_unset)
+    """The deployment's peer key (its hash): gateways on other nodes read the worker's live
+    state with it. None: only this node's gateway does, over loopback."""
 
     @field_validator("gpu_indices")
     @classmethod
@@ -428,6 +431,27 @@ class WorkerSpec(_Model):
         return _unique(value, lambda t: t.tenant_id, "tenant")
 
 
+class PeerReplica(_Model):
+    """A replica on another node, where that node's agent reported its worker reachable."""
+
+    replica_id: UUID
+    url: Url
+
+
+class PeerDeployment(_Model):
+    """A deployment's replicas on other nodes, and the key their live state is read with."""
+
+    deployment_id: UUID
+    key: Secret
+    """The deployment's peer key; its workers on every node hold its hash."""
+    replicas: list[PeerReplica]
+
+    @field_validator("replicas")
+    @classmethod
+    def _distinct_replicas(cls, value: list[PeerReplica]) -> list[PeerReplica]:
+        return _unique(value, lambda r: r.replica_id, "peer replica")
+
+
 class GatewaySpec(_Model):
     """The node's OpenAI gateway, in front of every deployment the node runs workers of: it
     routes each request to the replica with the lowest predicted TTFT and holds the tenants'
@@ -436,6 +460,14 @@ class GatewaySpec(_Model):
 
     port: Port | None = Field(default=None, exclude_if=_unset)
     """Where it listens; None lets the agent take a free port and report it."""
+    peers: list[PeerDeployment] = Field(default_factory=list, exclude_if=_unset)
+    """The replicas of its deployments that run on other nodes, so each deployment's
+    gateways all reach all of its replicas: one endpoint serves the whole deployment."""
+
+    @field_validator("peers")
+    @classmethod
+    def _distinct_deployments(cls, value: list[PeerDeployment]) -> list[PeerDeployment]:
+        return _unique(value, lambda p: p.deployment_id, "peer deployment")
 
 
 class PoolSpec(_Model):
@@ -641,7 +673,8 @@ class ComponentResult(_Model):
     port: Port | None = Field(default=None, exclude_if=_unset)
     """A worker's or the gateway's port on the node, once it answered as itself."""
     url: Url | None = Field(default=None, exclude_if=_unset)
-    """The gateway's address for clients, as the agent is configured to advertise it."""
+    """The gateway's address for clients, as the agent is configured to advertise it; a
+    worker's address for other nodes' gateways, where the agent lets them reach it."""
 
     @field_validator("error")
     @classmethod

@@ -7,7 +7,7 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -60,6 +60,17 @@ class AgentSettings(BaseSettings):
     `nobody` on a host without it, with a warning. A name with no account on the host stops
     the agent with an error naming this setting; `root` keeps workers root."""
 
+    worker_host: Literal["127.0.0.1", "::1", "0.0.0.0", "::"] = "127.0.0.1"
+    """The address inference workers listen on. Loopback (the default): they serve this
+    node's gateway alone. A wildcard (every interface) lets the gateways of the
+    deployment's other nodes reach them too, so any of its gateways serves all of its
+    replicas; their live state then takes the deployment's peer key from elsewhere. The
+    agent and the node's gateway still reach them over loopback."""
+    worker_advertise: str | None = None
+    """The host name other nodes reach the workers at; unset: `worker_host`, or this
+    machine's name when that is a wildcard. Setting it reports the workers' addresses even
+    while they listen on loopback (nodes sharing one machine)."""
+
     gateway_user: str | None = None
     """The account the node's gateway runs as when the agent runs as root. Unset:
     `tailguard-gateway` (the packages create it), else the workers' account, with a
@@ -81,6 +92,7 @@ class AgentSettings(BaseSettings):
         "worker_user",
         "gateway_user",
         "gateway_advertise",
+        "worker_advertise",
         "gateway_counters_url",
         mode="before",
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -68,10 +69,28 @@ ANNOUNCEMENT_MAX_BYTES = 4096
 WILDCARDS = ("0.0.0.0", "::", "")
 
 
+def advertised_url(host: str, advertise: str | None, port: int) -> str:
+    """`http://name:port`, named as other machines reach it: `advertise`, else the listening
+    `host`, else (a wildcard) this machine's name."""
+    name = advertise or (socket.gethostname() if host in WILDCARDS else host)
+    return f"http://{'[' + name + ']' if ':' in name else name}:{port}"
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class SupervisorSettings:
     work_dir: Path
     host: str = "127.0.0.1"
+    advertise: str | None = None
+    """The host name other nodes' gateways reach the workers at; None: `host` (this
+    machine's name for a wildcard), unless that is loopback: workers then serve this node's
+    gateway alone and no address is reported for them."""
     python: str = sys.executable
     ready_timeout_s: float = 300.0
     health_interval_s: float = 5.0
@@ -83,6 +102,12 @@ class SupervisorSettings:
     next agent to adopt; otherwise they stop with it."""
     account: WorkerAccount | None = None
     """The account workers run as; None: the agent's own."""
+
+    def peer_url(self, port: int | None) -> str | None:
+        """Where other nodes reach a worker listening on `port`; None: they do not."""
+        if port is None or (self.advertise is None and _loopback(self.host)):
+            return None
+        return advertised_url(self.host, self.advertise, port)
 
 
 def materialize_model(
@@ -195,6 +220,7 @@ def render_config(
         runtime=RuntimeConfig.model_validate(spec.runtime_options),
         tenants=_tenants(spec),
         slo_thresholds=_thresholds(spec, components),
+        peer_key_sha256=[spec.peer_key_hash] if spec.peer_key_hash else [],
     )
 
 
@@ -727,7 +753,14 @@ class WorkerSupervisor:
                 current.on_ready = lambda: self.on_change()
                 await current.start()
             await current.wait_ready()
-            return ComponentResult(kind="worker", name=name, ok=True, error=None, port=current.port)
+            return ComponentResult(
+                kind="worker",
+                name=name,
+                ok=True,
+                error=None,
+                port=current.port,
+                url=self._settings.peer_url(current.port),
+            )
         except Exception as exc:  # every failure becomes the component's error text
             log.exception("replica %s failed to converge", spec.replica_id)
             return ComponentResult(
@@ -773,8 +806,7 @@ class GatewaySettings:
     hold a deployment's limits only while one gateway serves it."""
 
     def client_url(self, port: int) -> str:
-        host = self.advertise or (socket.gethostname() if self.host in WILDCARDS else self.host)
-        return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        return advertised_url(self.host, self.advertise, port)
 
 
 def render_gateway_config(
@@ -786,23 +818,34 @@ def render_gateway_config(
     stats_key_sha256: list[str],
 ) -> GatewayConfig:
     """The gateway in front of each deployment the node runs workers of, forwarding to those
-    that answer, at the port and nonce of their current start; its stats served to holders
-    of a key with one of `stats_key_sha256`."""
+    that answer, at the port and nonce of their current start, and to the deployment's
+    replicas on other nodes (their peer key reads the live state of all of them); its stats
+    served to holders of a key with one of `stats_key_sha256`."""
     by_deployment: dict[UUID, list[WorkerSpec]] = {}
     for worker in components.workers:
         by_deployment.setdefault(worker.deployment_id, []).append(worker)
+    peers = {p.deployment_id: p for p in spec.peers}
     routes = []
     for deployment_id, specs in sorted(by_deployment.items(), key=lambda item: str(item[0])):
         running = [workers.get(w.replica_id) for w in specs]
+        peer = peers.get(deployment_id)
+        key = peer.key if peer is not None else None
+        local = [
+            ReplicaConfig(
+                replica_id=str(w.spec.replica_id), base_url=w.url, nonce=w.nonce, peer_key=key
+            )
+            for w in running
+            if w is not None and w.ready and w.url is not None
+        ]
+        remote = [
+            ReplicaConfig(replica_id=str(r.replica_id), base_url=r.url, peer_key=key)
+            for r in (peer.replicas if peer is not None else [])
+        ]
         routes.append(
             DeploymentRoute(
                 deployment_id=str(deployment_id),
                 served_model_name=specs[0].model_name,
-                replicas=[
-                    ReplicaConfig(replica_id=str(w.spec.replica_id), base_url=w.url, nonce=w.nonce)
-                    for w in running
-                    if w is not None and w.ready and w.url is not None
-                ],
+                replicas=local + remote,
                 tenants=_tenants(specs[0]),
                 slo_thresholds=_thresholds(specs[0], components),
             )
@@ -885,9 +928,10 @@ class GatewaySupervisor:
             current = self.process
             if (
                 current is not None
-                and current.spec == spec
+                and current.spec.port == spec.port  # peers come and go on a running one
                 and not current.config.restart_fields_changed(config)
             ):
+                current.spec = spec
                 if config != current.config:
                     current.reconfigure(config)
             else:

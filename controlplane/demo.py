@@ -273,8 +273,8 @@ def _run(
         worker = f"http://127.0.0.1:{replica.port}"
 
         def gateway() -> str | None:
-            urls = fleet_selectors.endpoints(replica.deployment)
-            return next((url for url in urls if _answers(f"{url}/health")), None)
+            url = fleet_selectors.client_url(replica.deployment)
+            return url if url and _answers(f"{url}/health") else None
 
         endpoint = _wait(f"the gateway of {replica.node.hostname} to answer", gateway, procs)
         volume = storage.seed(accounts.tenant, replica.node)

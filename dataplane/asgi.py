@@ -122,16 +122,45 @@ async def wait_disconnect(call: Call) -> None:
         pass
 
 
-def check_internal(call: Call, stats_keys: Collection[str]) -> None:
-    """Internal endpoints take a stats key (one of ``stats_keys``' hashes), or a loopback
-    client when none is configured."""
+PEER_KEY_HEADER = "x-tailguard-peer-key"
+"""Carries a deployment's peer key from its gateways to its workers on other nodes."""
+
+
+def _loopback(call: Call) -> bool:
     client = call.scope.get("client") or ("", 0)
+    return client[0] in LOOPBACK
+
+
+def _peer(call: Call, peer_keys: Collection[str]) -> bool:
+    key = call.header(PEER_KEY_HEADER.encode())
+    return bool(peer_keys) and key is not None and digest_in(key.decode("latin-1"), peer_keys)
+
+
+def check_internal(
+    call: Call, stats_keys: Collection[str], peer_keys: Collection[str] = ()
+) -> None:
+    """Internal endpoints take a stats key (one of ``stats_keys``' hashes), or a loopback
+    client when none is configured; where ``peer_keys`` are given, a peer key too."""
+    if _peer(call, peer_keys):
+        return
     if stats_keys:
         key = call.bearer()
         if key is None or not digest_in(key, stats_keys):
             raise ApiError(401, "A stats key is required.", code="invalid_api_key")
-    elif client[0] not in LOOPBACK:
+    elif not _loopback(call):
         raise ApiError(403, "Stats are served to loopback clients only.", code="forbidden")
+
+
+def check_peer(call: Call, peer_keys: Collection[str]) -> None:
+    """A server given peer keys serves other hosts only through its deployment's gateways:
+    a client not on loopback must carry one, so no tenant bypasses the gateways' fleet-wide
+    limits and shares by calling a worker directly."""
+    if peer_keys and not _loopback(call) and not _peer(call, peer_keys):
+        raise ApiError(
+            403,
+            "This worker serves other hosts through its deployment's gateways only.",
+            code="forbidden",
+        )
 
 
 Handler = Callable[[Call], Awaitable[None]]

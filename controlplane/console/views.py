@@ -134,6 +134,7 @@ class DeploymentPage(DashboardPage):
             "streams": [streams.deployment(deployment.pk)],
             "thresholds": console_selectors.latency_thresholds(deployment),
             "tenant": deployment.tenant,
+            "endpoint": fleet_selectors.client_url(deployment),
             "endpoints": fleet_selectors.endpoints(deployment),
         }
 

@@ -7,6 +7,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from django.utils.crypto import salted_hmac
+
 
 def digest(secret: str) -> str:
     """SHA-256 hex; secrets are 256-bit random, so a fast hash is enough."""
@@ -15,6 +17,12 @@ def digest(secret: str) -> str:
 
 def new_secret(prefix: str) -> str:
     return prefix + secrets.token_urlsafe(32)
+
+
+def derived_secret(purpose: str, subject: str) -> str:
+    """A secret the control plane recomputes (an HMAC under its SECRET_KEY) instead of
+    storing; rotating SECRET_KEY rotates every one of them."""
+    return salted_hmac(f"tailguard.{purpose}", subject, algorithm="sha256").hexdigest()
 
 
 @dataclass(frozen=True)

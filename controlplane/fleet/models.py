@@ -141,6 +141,12 @@ class Replica(BaseModel):
     )
     gpu_indices = models.JSONField(default=list, blank=True)
     port = models.PositiveIntegerField(null=True, blank=True)
+    url = models.CharField(
+        max_length=2048,
+        blank=True,
+        help_text="Where other nodes' gateways reach the worker, as its node's agent reported "
+        "it; empty: the worker serves its own node's gateway alone.",
+    )
     pool = models.ForeignKey(
         "storage.Pool",
         on_delete=models.SET_NULL,

@@ -57,20 +57,39 @@ def visible(queryset: QuerySet[Any], user: Any, field: str = "") -> QuerySet[Any
 
 
 def with_endpoints(queryset: QuerySet[Deployment]) -> QuerySet[Deployment]:
-    """Deployments with the replicas whose node's gateway answers prefetched, for
-    `endpoints` (one query for any number of deployments)."""
-    fronted = Replica.objects.filter(
-        node__gateway=True, node__report__gateway_url__gt=""
-    ).select_related("node__report")
-    return queryset.prefetch_related(Prefetch("instances", fronted, to_attr="fronted"))
+    """Deployments with their placed replicas and those nodes' reports prefetched, for
+    `endpoints` and `client_url` (one query for any number of deployments)."""
+    placed = Replica.objects.filter(node__isnull=False).select_related("node__report")
+    return queryset.prefetch_related(Prefetch("instances", placed, to_attr="placed"))
+
+
+def _placed(deployment: Deployment) -> list[Replica]:
+    placed = getattr(deployment, "placed", None)
+    if placed is None:
+        placed = with_endpoints(Deployment.objects.filter(pk=deployment.pk))[0].placed
+    return list(placed)
+
+
+def _gateway(node: Node) -> str:
+    """Where the node's gateway answers; "" where it runs none or none has answered."""
+    report = getattr(node, "report", None)
+    return report.gateway_url if node.gateway and report is not None else ""
 
 
 def endpoints(deployment: Deployment) -> list[str]:
     """Where clients send the deployment's requests: the gateways of the nodes it runs on."""
-    fronted = getattr(deployment, "fronted", None)
-    if fronted is None:
-        fronted = with_endpoints(Deployment.objects.filter(pk=deployment.pk))[0].fronted
-    return sorted({replica.node.report.gateway_url for replica in fronted})
+    return sorted({url for replica in _placed(deployment) if (url := _gateway(replica.node))})
+
+
+def client_url(deployment: Deployment) -> str | None:
+    """The deployment's one address: the first of its gateways that reaches every replica
+    (its own node's, and those other nodes reported reachable); None while none does."""
+    placed = _placed(deployment)
+    fronting = sorted({(_gateway(r.node), str(r.node_id)) for r in placed if _gateway(r.node)})
+    for url, node_id in fronting:
+        if all(str(r.node_id) == node_id or r.url for r in placed):
+            return url
+    return None
 
 
 def nodes_with_rollout() -> QuerySet[Node]:

@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -32,6 +33,8 @@ from agent.protocol import (
     Components,
     DesiredState,
     GatewaySpec,
+    PeerDeployment,
+    PeerReplica,
     WorkerSpec,
     queue_name,
     sign_state,
@@ -40,6 +43,7 @@ from agent.protocol import (
 from controlplane.celery import app as celery_app
 from controlplane.core import services as core
 from controlplane.core.locks import lock_fleet
+from controlplane.core.secrets import derived_secret, digest
 from controlplane.core.signing import private_key
 from controlplane.fleet import hooks, placement
 from controlplane.fleet import selectors as fleet_selectors
@@ -328,7 +332,7 @@ def _plan(
     raise AssertionError("a plan with the whole fleet never needs more")
 
 
-_STATE = ("node_id", "gpu_indices", "port", "pool_id", "reason", "explanation")
+_STATE = ("node_id", "gpu_indices", "port", "pool_id", "reason", "explanation", "url")
 
 
 def _state(replica: Replica) -> tuple[Any, ...]:
@@ -363,11 +367,18 @@ def reconcile_fleet(
     affected = set(nodes)
     for replica in to_delete:
         affected.add(replica.node_id)
+    left = [r for r in to_save if r.pk in before and before[r.pk][0] != r.node_id]
+    for replica in left:
+        replica.url = ""  # its address was its old node's
+    # Other nodes' gateways reach a replica that had an address: they must forget it.
+    peered = {r.deployment_id for r in to_delete if r.url}
+    peered |= {r.deployment_id for r in left if before[r.pk][-1]}
+    affected |= {r.node_id for r in to_save if r.deployment_id in peered}
     Replica.objects.filter(pk__in=[r.pk for r in to_delete]).delete()
     Replica.objects.bulk_create([r for r in to_save if r.pk not in before])
     Replica.objects.bulk_update(
         [r for r in to_save if r.pk in before and before[r.pk] != _state(r)],
-        ["node", "gpu_indices", "port", "pool", "reason", "explanation"],
+        ["node", "gpu_indices", "port", "pool", "reason", "explanation", "url"],
     )
     for replica in to_save:
         old = before.get(replica.pk)
@@ -428,23 +439,39 @@ def _artifact(deployment: Deployment) -> ArtifactRef:
     )
 
 
+def peer_key(deployment_id: UUID) -> str:
+    """What a deployment's gateways show its workers on other nodes (which hold its hash
+    and answer other hosts only with it); recomputed, never stored."""
+    return derived_secret("peer-key", str(deployment_id))
+
+
 def render_components(nodes: list[Node]) -> dict[UUID, Components]:
     """Each node's desired components from placed replicas and volumes (few queries for any N)."""
     replicas = list(
         Replica.objects.filter(node__in=nodes).select_related("deployment__artifact", "pool")
     )
+    # Replicas other nodes can reach: each gateway of their deployment forwards to them too.
+    reachable: dict[UUID, list[Any]] = defaultdict(list)
+    for row in (
+        Replica.objects.filter(deployment__in={r.deployment_id for r in replicas})
+        .exclude(url="")
+        .filter(node__isnull=False)
+        .order_by("pk")
+        .values_list("deployment_id", "node_id", "pk", "url", named=True)
+    ):
+        reachable[row.deployment_id].append(row)
     served = fleet_selectors.tenants_served({r.deployment for r in replicas})
     tenant_ids = {t for tenants in served.values() for t in tenants}
     policies = tenancy_selectors.policies_for(tenant_ids)
     keys: dict[UUID, list[str]] = defaultdict(list)
-    for tenant_id, digest in (
+    for tenant_id, key_hash in (
         InferenceKey.objects.filter(
             tenant_id__in=tenant_ids, tenant__is_active=True, revoked_at__isnull=True
         )
         .order_by("digest")
         .values_list("tenant_id", "digest")
     ):
-        keys[tenant_id].append(digest)
+        keys[tenant_id].append(key_hash)
     workers: dict[UUID, list[WorkerSpec]] = defaultdict(list)
     for replica in replicas:
         d = replica.deployment
@@ -463,15 +490,36 @@ def render_components(nodes: list[Node]) -> dict[UUID, Components]:
                 max_queue_delay_ms=d.max_queue_delay_ms,
                 max_queue_len=d.max_queue_len,
                 tenants=[policies[t].serving(keys[t]) for t in served[d.pk]],
+                peer_key_hash=digest(peer_key(d.pk)) if reachable[d.pk] else None,
             )
         )
     storage = render_storage(nodes, replicas)
     thresholds = [source(nodes, replicas, served) for source in hooks.threshold_sources]
-    gateway = GatewaySpec(port=settings.GATEWAY_PORT)
+
+    def gateway(node: Node) -> GatewaySpec | None:
+        """In front of the node's deployments, with their replicas on other nodes."""
+        if not (node.gateway and workers[node.pk]):
+            return None
+        fronted = sorted({w.deployment_id for w in workers[node.pk]}, key=str)
+        peers = [
+            PeerDeployment(
+                deployment_id=d,
+                key=peer_key(d),
+                replicas=[
+                    PeerReplica(replica_id=r.pk, url=r.url)
+                    for r in reachable[d]
+                    if r.node_id != node.pk
+                ],
+            )
+            for d in fronted
+            if reachable[d]
+        ]
+        return GatewaySpec(port=settings.GATEWAY_PORT, peers=peers)
+
     return {
         node.pk: Components(
             workers=sorted(workers[node.pk], key=lambda w: str(w.replica_id)),
-            gateway=gateway if node.gateway and workers[node.pk] else None,
+            gateway=gateway(node),
             slo_thresholds=[t for found in thresholds for t in found[node.pk]],
             **storage[node.pk],
         )
@@ -627,7 +675,14 @@ def record_applied_status(node: Node, status: AppliedStatus) -> bool:
             )
         )
         if matched:
-            _record_worker_ports(node, status)
+            readdressed = _record_workers(node, status)
+            if readdressed:  # their other nodes' gateways follow, once this commits
+                nodes = set(
+                    Replica.objects.filter(deployment__in=readdressed, node__isnull=False)
+                    .values_list("node_id", flat=True)
+                    .distinct()
+                )
+                transaction.on_commit(partial(_render, nodes, cause="worker address reported"))
     if status.state == "rejected":
         # Whether or not it names a revision (a tampered one names none).
         return bool(
@@ -644,26 +699,37 @@ def record_applied_status(node: Node, status: AppliedStatus) -> bool:
     return bool(matched)  # False: already stored (or newer news is), or no such revision
 
 
+def _http(url: str | None) -> str:
+    """Only http(s) addresses are shown to clients or given to gateways; else ""."""
+    return url if url is not None and url.startswith(("http://", "https://")) else ""
+
+
 def _gateway_url(status: AppliedStatus) -> str:
-    """Where the node's gateway answers after this status; only http(s) addresses are shown
-    to clients."""
+    """Where the node's gateway answers after this status."""
     for result in status.components:
-        if result.kind == "gateway" and result.ok and result.url is not None:
-            if result.url.startswith(("http://", "https://")):
-                return result.url
+        if result.kind == "gateway" and result.ok and _http(result.url):
+            return _http(result.url)
     return ""
 
 
-def _record_worker_ports(node: Node, status: AppliedStatus) -> None:
-    """Where each worker on the node listens, as its agent found it answering as itself;
-    a node speaks only for replicas placed on it."""
+def _record_workers(node: Node, status: AppliedStatus) -> set[UUID]:
+    """Where each worker on the node listens, as its agent found it answering as itself,
+    and where other nodes reach it (http(s) only); a node speaks only for replicas placed on
+    it. Returns the deployments whose replicas' addresses for other nodes changed."""
+    readdressed = set()
     for result in status.components:
         if result.kind == "worker" and result.ok and result.port is not None:
             replica_id = result.name.removeprefix("replica-")
+            url = _http(result.url)
             with contextlib.suppress(ValidationError):
-                Replica.objects.filter(pk=replica_id, node=node).exclude(port=result.port).update(
-                    port=result.port, updated_at=timezone.now()
+                mine = Replica.objects.filter(pk=replica_id, node=node)
+                moved = mine.exclude(url=url).values_list("deployment_id", flat=True).first()
+                mine.exclude(port=result.port, url=url).update(
+                    port=result.port, url=url, updated_at=timezone.now()
                 )
+                if moved is not None:
+                    readdressed.add(moved)
+    return readdressed
 
 
 def latest_tag(node: Node) -> str | None:

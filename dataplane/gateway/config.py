@@ -38,6 +38,11 @@ class ReplicaConfig(Frozen):
     nonce: str | None = Field(
         default=None, description="what the worker's /health must answer; None: not checked"
     )
+    peer_key: str | None = Field(
+        default=None,
+        description="its deployment's peer key, sent with everything sent to the worker: "
+        "a worker on another node serves this gateway with it",
+    )
 
 
 class AdmissionConfig(Frozen):

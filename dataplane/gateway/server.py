@@ -47,6 +47,7 @@ import aiohttp
 from dataplane.asgi import (
     JSON_HEADERS,
     MODEL_PREFIX,
+    PEER_KEY_HEADER,
     SSE_HEADERS,
     Call,
     ConfigFile,
@@ -58,7 +59,7 @@ from dataplane.asgi import (
     sse,
     wait_disconnect,
 )
-from dataplane.gateway.config import DeploymentRoute, GatewayConfig
+from dataplane.gateway.config import DeploymentRoute, GatewayConfig, ReplicaConfig
 from dataplane.gateway.ledger import InProcessLedger, Ledger, RedisLedger, StartRequest
 from dataplane.gateway.metrics import GatewayMetrics
 from dataplane.gateway.routing import Dispatch, Replica, ReplicaState, choose, choose_ahead
@@ -315,9 +316,9 @@ class Gateway:
 
     # -- replicas ---------------------------------------------------------------------
 
-    def _worker_headers(self) -> dict[str, str]:
+    def _state_headers(self, replica: ReplicaConfig) -> dict[str, str]:
         key = self.config.worker_key
-        return {"authorization": f"Bearer {key}"} if key else {}
+        return {**({"authorization": f"Bearer {key}"} if key else {}), **_peer(replica)}
 
     async def _watch_replica(self, dep: _Deployment, replica: Replica) -> None:
         """Follow a replica's state stream; down while it is broken, retried every health
@@ -338,9 +339,12 @@ class Gateway:
                     raise ValueError(f"/health answers no object at {cfg.base_url}")
                 if cfg.nonce is not None and body.get("nonce") != cfg.nonce:
                     raise ValueError(f"/health answers another nonce than {cfg.replica_id}'s")
+                if cfg.peer_key is not None and body.get("replica_id") != cfg.replica_id:
+                    # a replica of the fleet's (no nonce for another node's) answers as itself
+                    raise ValueError(f"/health answers as another replica than {cfg.replica_id}")
                 async with self.client.get(
                     f"{cfg.base_url}/v1/internal/state",
-                    headers=self._worker_headers(),
+                    headers=self._state_headers(cfg),
                     timeout=timeout,
                     allow_redirects=False,
                 ) as stream:
@@ -778,7 +782,11 @@ class GatewayApp(ModelServer):
             try:
                 try:
                     response = await gateway.client.request(
-                        "POST", url, data=raw, headers=headers, allow_redirects=False
+                        "POST",
+                        url,
+                        data=raw,
+                        headers={**headers, **_peer(current.config)},
+                        allow_redirects=False,
                     )
                     if stream:
                         current.started(dispatch)
@@ -843,11 +851,11 @@ class GatewayApp(ModelServer):
                         # replica sees the request leave.
                         response.release()
                 except asyncio.CancelledError:
-                    if not forward.failed:
-                        raise
                     task = asyncio.current_task()
-                    if task is not None:
-                        task.uncancel()
+                    # Cancelled by the mark-down alone, it fails over; cancelled by the
+                    # client's leaving too (in the same loop iteration), it ends here.
+                    if not forward.failed or (task is not None and task.uncancel() > 0):
+                        raise
                     raise aiohttp.ClientConnectionError("the replica was marked down") from None
             except _TRANSPORT_ERRORS as exc:
                 log.warning("replica %s failed: %s", current.replica_id, exc)
@@ -967,6 +975,11 @@ def _routing(replica: Replica) -> dict[str, Any]:
         "routed": replica.routed_total,
         "predicted_ttft_s": predicted if math.isfinite(predicted) else None,
     }
+
+
+def _peer(replica: ReplicaConfig) -> dict[str, str]:
+    """What lets a worker on another node serve this gateway: its deployment's peer key."""
+    return {PEER_KEY_HEADER: replica.peer_key} if replica.peer_key else {}
 
 
 def _passed_headers(response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:

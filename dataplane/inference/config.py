@@ -177,6 +177,12 @@ class WorkerConfig(ServerConfig):
     runtime: RuntimeConfig = RuntimeConfig()
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
     slo_thresholds: list[SloThreshold] = Field(default_factory=list)
+    peer_key_sha256: list[str] = Field(
+        default_factory=list,
+        description="keys other nodes' gateways read /v1/internal/state with, from anywhere",
+    )
+
+    _peer_hashes = field_validator("peer_key_sha256")(check_hashes)
 
     @model_validator(mode="after")
     def _keys_name_one_tenant(self) -> WorkerConfig:

@@ -44,6 +44,7 @@ from dataplane.asgi import (
     ConfigFile,
     ModelServer,
     check_internal,
+    check_peer,
     digest_in,
     key_digest,
     read_body,
@@ -251,6 +252,7 @@ class InferenceApp(ModelServer):
     # -- plumbing ----------------------------------------------------------------------
 
     def _authenticate(self, call: Call) -> str:
+        check_peer(call, self.worker.config.peer_key_sha256)
         tenant = self.worker.tenant_for(call.require_bearer())
         if tenant is None:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
@@ -609,6 +611,7 @@ class InferenceApp(ModelServer):
         )
 
     async def _metrics(self, call: Call) -> None:
+        check_peer(call, self.worker.config.peer_key_sha256)
         payload = self.worker.metrics.render()
         await call.send(
             {
@@ -627,7 +630,9 @@ class InferenceApp(ModelServer):
         this loop, in the event loop, builds and sends a message when it gets to it, so
         changes that arrive while a message is being sent fold into the next one and a
         slow reader never holds up a step."""
-        self._check_internal(call)
+        check_internal(
+            call, self.worker.config.stats_key_sha256, self.worker.config.peer_key_sha256
+        )
         worker = self.worker
         changed = worker.scheduler.watch()
         self._state_streams.add(changed)

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import httpx
 
-from agent.protocol import Components, GatewaySpec
+from agent.protocol import Components, GatewaySpec, PeerDeployment, PeerReplica
 from agent.supervisor import (
     GatewaySettings,
     GatewaySupervisor,
     ManagedWorker,
     SupervisorSettings,
     WorkerSupervisor,
+    render_gateway_config,
 )
 from dataplane.gateway.config import GatewayConfig
 from tests.agent.test_supervisor import spec
@@ -158,3 +159,36 @@ async def test_a_gateway_no_state_wants_stops_even_one_left_serving_for_the_next
         assert not (tmp_path / "gateway" / "process.json").exists()
     finally:
         await workers.apply(Components())  # a removed worker stops, kept or not
+
+
+def test_a_gateway_reaches_its_deployments_replicas_on_other_nodes(tmp_path: Path) -> None:
+    local = spec(None, uuid.uuid4())
+    there = uuid.uuid4()
+    peer = PeerDeployment(
+        deployment_id=local.deployment_id,
+        key="tg-peer-key-0123456789abcdef",
+        replicas=[PeerReplica(replica_id=there, url="http://gpu-2.example:9001")],
+    )
+    gateway = GatewaySpec(peers=[peer])
+    components = Components(workers=[local], gateway=gateway)
+    config = render_gateway_config(
+        gateway, components, {}, GatewaySettings(gateway_id="n1"), tmp_path / "endpoint.json", []
+    )
+    (route,) = config.deployments
+    # Its own worker has not answered yet; the other node's is reached with the peer key.
+    assert [(r.replica_id, r.base_url, r.nonce, r.peer_key) for r in route.replicas] == [
+        (str(there), "http://gpu-2.example:9001", None, peer.key)
+    ]
+
+
+def test_workers_are_reported_reachable_only_where_other_nodes_can_reach_them(
+    tmp_path: Path,
+) -> None:
+    def url(host: str, advertise: str | None = None) -> str | None:
+        return SupervisorSettings(tmp_path, host=host, advertise=advertise).peer_url(9001)
+
+    assert url("127.0.0.1") is None and url("::1") is None
+    assert url("127.0.0.1", "gpu-1.internal") == "http://gpu-1.internal:9001"
+    assert url("0.0.0.0") == f"http://{socket.gethostname()}:9001"
+    assert url("::", "fd00::5") == "http://[fd00::5]:9001"
+    assert SupervisorSettings(tmp_path, host="0.0.0.0").peer_url(None) is None

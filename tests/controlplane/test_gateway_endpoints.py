@@ -1,8 +1,10 @@
-"""Each node runs a gateway in front of the deployments placed on it, and a deployment's
-clients are told where those gateways answer."""
+"""Each node runs a gateway in front of the deployments placed on it, reaching their
+replicas on other nodes too where those are reachable, and a deployment's clients are told
+where those gateways answer."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 from datetime import timedelta
 from typing import Any
@@ -36,9 +38,9 @@ def report(node: Node, *results: ComponentResult) -> None:
     assert services.record_applied_status(node, status)
 
 
-def worker(replica: Replica, port: int) -> ComponentResult:
+def worker(replica: Replica, port: int, url: str | None = None) -> ComponentResult:
     return ComponentResult(
-        kind="worker", name=f"replica-{replica.pk}", ok=True, error=None, port=port
+        kind="worker", name=f"replica-{replica.pk}", ok=True, error=None, port=port, url=url
     )
 
 
@@ -57,16 +59,16 @@ def test_nodes_run_gateways_for_their_deployments_and_clients_see_where(
     created = client.post(
         "/api/v1/deployments/", {**BODY, "tenant": str(world.tenant_a.id)}, format="json"
     ).json()
-    assert created["endpoints"] == []  # no gateway has answered yet
+    assert created["endpoints"] == [] and created["url"] is None  # no gateway answered yet
     components = Revision.objects.get(node=node).document["state"]["components"]
     assert components["gateway"] == {}  # any free port, reported
     assert not Revision.objects.filter(node=idle).exists()  # nothing placed: no gateway
 
     replica = Replica.objects.get(deployment_id=created["id"])
     report(node, worker(replica, 9001), gateway("http://gpu-1.example:8080"))
-    assert client.get(f"/api/v1/deployments/{created['id']}/").json()["endpoints"] == [
-        "http://gpu-1.example:8080"
-    ]
+    shown = client.get(f"/api/v1/deployments/{created['id']}/").json()
+    assert shown["endpoints"] == ["http://gpu-1.example:8080"]
+    assert shown["url"] == "http://gpu-1.example:8080"  # its one replica is on that node
     listed = client.get("/api/v1/deployments/").json()["results"]
     assert [d["endpoints"] for d in listed] == [["http://gpu-1.example:8080"]]
     assert client_for(world.admin_b).get(f"/api/v1/deployments/{created['id']}/").status_code == 404
@@ -129,3 +131,64 @@ def test_render_nodes_brings_every_node_up_to_a_changed_setting(
     assert head is not None and head.document["state"]["components"]["gateway"] == {"port": 8090}
     call_command("render_nodes", verbosity=0, stdout=out)  # nothing changed since: nothing new
     assert Revision.objects.filter(node=node).count() == 2
+
+
+def components_of(node: Node) -> dict[str, Any]:
+    head = Revision.objects.filter(node=node).order_by("-generation").first()
+    assert head is not None
+    return dict(head.document["state"]["components"])
+
+
+def test_each_gateway_of_a_deployment_reaches_its_replicas_on_other_nodes(
+    world: World, client_for: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    nodes = [make_node(f"gpu-{i}", world.tenant_a, gpus=1) for i in (1, 2)]
+    Node.objects.filter(pk__in=[n.pk for n in nodes]).update(status="ready")
+    client = client_for(world.admin_a)
+    created = client.post(
+        "/api/v1/deployments/",
+        {**BODY, "replicas": 2, "tenant": str(world.tenant_a.id)},
+        format="json",
+    ).json()
+    a, b = (Replica.objects.get(deployment_id=created["id"], node=n) for n in nodes)
+    # No worker is reachable from elsewhere yet: each gateway fronts its own node's.
+    assert all(components_of(n)["gateway"] == {} for n in nodes)
+    assert all("peer_key_hash" not in w for n in nodes for w in components_of(n)["workers"])
+
+    with django_capture_on_commit_callbacks(execute=True):
+        report(nodes[0], worker(a, 9001, "http://gpu-1.example:9001"))
+    (peer,) = components_of(nodes[1])["gateway"]["peers"]
+    assert peer["deployment_id"] == created["id"]
+    assert peer["replicas"] == [{"replica_id": str(a.pk), "url": "http://gpu-1.example:9001"}]
+    # Every worker of the deployment takes its peer key; each gateway reads its own with it.
+    hashes = {w["peer_key_hash"] for n in nodes for w in components_of(n)["workers"]}
+    assert hashes == {hashlib.sha256(peer["key"].encode()).hexdigest()}
+    assert components_of(nodes[0])["gateway"]["peers"] == [{**peer, "replicas": []}]
+    # Node 2's gateway reaches both replicas: the deployment's one address.
+    report(
+        nodes[0], worker(a, 9001, "http://gpu-1.example:9001"), gateway("http://gpu-1.example:8080")
+    )
+    report(nodes[1], worker(b, 9003), gateway("http://gpu-2.example:8080"))
+    shown = client.get(f"/api/v1/deployments/{created['id']}/").json()
+    assert shown["endpoints"] == ["http://gpu-1.example:8080", "http://gpu-2.example:8080"]
+    assert shown["url"] == "http://gpu-2.example:8080"
+
+    # A node speaks only for its own replicas, and only http(s) addresses are passed on.
+    with django_capture_on_commit_callbacks(execute=True):
+        report(nodes[1], worker(a, 9002, "http://elsewhere.example:9002"))
+        report(nodes[1], worker(b, 9003, "javascript://alert(1)"))
+    assert Replica.objects.get(pk=a.pk).url == "http://gpu-1.example:9001"
+    assert Replica.objects.get(pk=b.pk).url == ""
+    with django_capture_on_commit_callbacks(execute=True):
+        report(nodes[1], worker(b, 9003, "http://gpu-2.example:9003"))
+    assert components_of(nodes[0])["gateway"]["peers"][0]["replicas"] == [
+        {"replica_id": str(b.pk), "url": "http://gpu-2.example:9003"}
+    ]
+    shown = client.get(f"/api/v1/deployments/{created['id']}/").json()
+    assert shown["url"] == "http://gpu-1.example:8080"  # both reach both: the first
+
+    # Scaled down to one replica: the other node's gateway forgets the one removed.
+    with django_capture_on_commit_callbacks(execute=True):
+        client.patch(f"/api/v1/deployments/{created['id']}/", {"replicas": 1}, format="json")
+    (kept,) = Replica.objects.filter(deployment_id=created["id"])
+    assert [p["replicas"] for p in components_of(kept.node)["gateway"]["peers"]] == [[]]

@@ -61,6 +61,10 @@ def test_agent_daemonset_gets_gpus_host_network_and_host_paths(tmp_path: Path) -
     assert mounts["sys"]["mountPath"] == str(settings.sysfs_root)
     assert settings.metrics_port == 9810
     assert settings.metrics_bind_address == "0.0.0.0", "Prometheus scrapes it from outside"
+    # Every gateway of a deployment reaches its workers on this node, at the node's address.
+    assert settings.worker_host == "0.0.0.0"
+    env = {e["name"]: e.get("valueFrom", {}) for e in agent["env"]}
+    assert env["TAILGUARD_AGENT_WORKER_ADVERTISE"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
     runs = [
         i["value"]
         for i in DockerfileParser(str(DEPLOY / "Dockerfile")).structure

@@ -133,9 +133,9 @@ def seed_tenant(user_model: Any, port: int) -> tuple[Any, httpx.Client, str]:
 TINY_MODEL = "synthetic://tiny?layers=1&hidden=64&heads=2&kv_heads=2&vocab=320&max_context=256"
 
 
-def deploy_tiny(api: httpx.Client, tenant: Any) -> tuple[str, int]:
+def deploy_tiny(api: httpx.Client, tenant: Any, replicas: int = 1) -> tuple[str, int]:
     """The tenant's deployment `tiny` of a tiny synthetic model (served as `tiny-chat`): its
-    id, and the port its worker listens on once its agent reported it."""
+    id, and the port its (first) worker listens on once its agent reported it."""
     created = api.post(
         "/deployments/",
         json={
@@ -143,6 +143,7 @@ def deploy_tiny(api: httpx.Client, tenant: Any) -> tuple[str, int]:
             "name": "tiny",
             "model_name": "tiny-chat",
             "artifact_uri": TINY_MODEL,
+            "replicas": replicas,
         },
     )
     assert created.status_code == 201, created.text
@@ -155,3 +156,14 @@ def deploy_tiny(api: httpx.Client, tenant: Any) -> tuple[str, int]:
         "the agent to report where the worker listens",
     )
     return deployment_id, port
+
+
+def complete(url: str, key: str) -> None:
+    """A short completion of `tiny-chat` at `url` that must succeed."""
+    response = httpx.post(
+        f"{url}/v1/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "tiny-chat", "prompt": "hello", "max_tokens": 3, "ignore_eos": True},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from django.db.models import Sum
 
@@ -16,7 +15,7 @@ from controlplane.inventory.models import Node
 from controlplane.inventory.services import create_bootstrap_token
 from controlplane.slo.services import create_slo
 from controlplane.telemetry.models import SloRollup
-from tests.e2e.stack import deploy_tiny, running_stack, seed_tenant, wait_for
+from tests.e2e.stack import complete, deploy_tiny, running_stack, seed_tenant, wait_for
 
 THROUGH_GATEWAY = 6
 DIRECT = 4
@@ -25,16 +24,6 @@ DIRECT = 4
 def events(slo_id: Any) -> int:
     rows = SloRollup.objects.filter(slo_id=slo_id, resolution=10)
     return int(rows.aggregate(n=Sum("total"))["n"] or 0)
-
-
-def complete(url: str, key: str) -> None:
-    response = httpx.post(
-        f"{url}/v1/completions",
-        headers={"Authorization": f"Bearer {key}"},
-        json={"model": "tiny-chat", "prompt": "hello", "max_tokens": 3, "ignore_eos": True},
-        timeout=60,
-    )
-    assert response.status_code == 200, response.text
 
 
 @pytest.mark.e2e

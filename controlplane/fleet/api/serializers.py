@@ -55,9 +55,13 @@ class DeploymentSerializer(StrictSerializer):
         required=False,
         help_text="An uploaded model archive of the same tenant; instead of artifact_uri.",
     )
+    url = serializers.SerializerMethodField(
+        help_text="The deployment's one OpenAI address: a gateway that reaches every replica "
+        "(all on its node, or the others' workers reachable across nodes); null while none does."
+    )
     endpoints = serializers.SerializerMethodField(
-        help_text="Where clients send its OpenAI requests: the gateway of each node it runs "
-        "on (with no gateway answering yet, none)."
+        help_text="Every gateway in front of it: the one of each node it runs on (with no "
+        "gateway answering yet, none)."
     )
     shared_with = serializers.PrimaryKeyRelatedField(
         many=True,
@@ -91,6 +95,7 @@ class DeploymentSerializer(StrictSerializer):
             "max_tokens_per_step",
             "max_queue_delay_ms",
             "max_queue_len",
+            "url",
             "endpoints",
             "shared_with",
             "created_at",
@@ -108,6 +113,9 @@ class DeploymentSerializer(StrictSerializer):
         if not self._by_platform_admin():
             data.pop("shared_with", None)
         return data
+
+    def get_url(self, deployment: Deployment) -> str | None:
+        return selectors.client_url(deployment)
 
     def get_endpoints(self, deployment: Deployment) -> list[str]:
         return selectors.endpoints(deployment)

@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from dataplane.asgi import PEER_KEY_HEADER
 from dataplane.gateway.config import GatewayConfig
 from dataplane.gateway.ledger import InProcessLedger
 from dataplane.gateway.routing import Replica, ReplicaState
@@ -59,8 +60,10 @@ class FakeReplicas:
 
     def __init__(self) -> None:
         self.bodies: list[tuple[str, dict[str, Any]]] = []  # (replica id, request body)
+        self.peer_keys: list[tuple[str, str | None]] = []  # (replica id, its peer key header)
         self.tokens = 3
-        self.hang = False
+        self.hang = False  # after its tokens, until released
+        self.stall = False  # before its response starts, until released
         self.broken = False
         self.release = asyncio.Event()
         self.servers: list[TestServer] = []
@@ -80,6 +83,9 @@ class FakeReplicas:
 
     async def handle(self, replica_id: str, request: web.Request) -> web.StreamResponse:
         self.bodies.append((replica_id, json.loads(await request.read())))
+        self.peer_keys.append((replica_id, request.headers.get(PEER_KEY_HEADER)))
+        if self.stall:
+            await self.release.wait()
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
         for index in range(self.tokens):
@@ -116,7 +122,10 @@ class Setup:
         self.loop: asyncio.Task[None] | None = None
 
     @classmethod
-    async def started(cls, tenant: dict[str, Any], replicas: int = 2) -> Setup:
+    async def started(
+        cls, tenant: dict[str, Any], replicas: int = 2, peer_key: str | None = None
+    ) -> Setup:
+        """``peer_key``: the replicas are another node's, reached with it."""
         fake = FakeReplicas()
         urls = {f"r{i}": await fake.start(f"r{i}") for i in range(replicas)}
         config = GatewayConfig.model_validate(
@@ -127,7 +136,8 @@ class Setup:
                         "deployment_id": "d1",
                         "served_model_name": MODEL,
                         "replicas": [
-                            {"replica_id": rid, "base_url": url} for rid, url in urls.items()
+                            {"replica_id": rid, "base_url": url, "peer_key": peer_key}
+                            for rid, url in urls.items()
                         ],
                         "tenants": {"a": {**tenant, "key_sha256": [key_hash(KEY)]}},
                     }
@@ -276,6 +286,18 @@ async def test_a_waiter_gone_during_a_round_is_skipped() -> None:
         await setup.close()
 
 
+async def test_a_request_carries_the_peer_key_to_a_replica_on_another_node() -> None:
+    setup = await Setup.started({}, replicas=1, peer_key="pk-0123456789abcdef")
+    setup.dispatching()
+    try:
+        call = Call(body(max_tokens=3))
+        await setup.app(call.scope, call.receive, call.send)
+        assert call.status == 200
+        assert setup.fake.peer_keys == [("r0", "pk-0123456789abcdef")]
+    finally:
+        await setup.close()
+
+
 async def test_a_completed_stream_is_not_cancelled_by_the_disconnect_after_it() -> None:
     setup = await Setup.started({"tokens_per_s": 1.0, "burst_tokens": 100})
     setup.dispatching()
@@ -305,6 +327,30 @@ async def test_a_client_leaving_mid_stream_pays_for_what_it_was_sent() -> None:
         totals = setup.totals()
         assert (totals["cancelled"], totals["failed"], totals["completed"]) == (1, 0, 0)
         assert setup.bucket() == pytest.approx(100 - 3)
+    finally:
+        await setup.close()
+
+
+async def test_a_client_gone_as_its_replica_goes_down_is_not_sent_elsewhere() -> None:
+    """The client's leaving and the replica's mark-down cancel the forward in one loop
+    iteration, before the replica answered: the request ends, and no other replica is
+    asked on behalf of a client who left."""
+    setup = await Setup.started({})
+    setup.dispatching()
+    setup.fake.stall = True
+    try:
+        call = Call(body(max_tokens=5))
+        served = asyncio.create_task(setup.app(call.scope, call.receive, call.send))
+        async with asyncio.timeout(60):
+            while not setup.fake.bodies:
+                await asyncio.sleep(0.01)
+        ((asked, _),) = setup.fake.bodies
+        served.cancel()  # as the server does once the client is gone
+        setup.dep.replica_down(setup.dep.replicas[asked])
+        async with asyncio.timeout(60):  # sent elsewhere, it would stall there
+            await served
+        assert [replica for replica, _ in setup.fake.bodies] == [asked]
+        assert setup.totals()["cancelled"] == 1
     finally:
         await setup.close()
 
@@ -400,6 +446,7 @@ class FakeWorker:
         self.health_calls = 0
         self.checked = asyncio.Event()  # set on every /health
         self.state_auth: list[str | None] = []  # one per state stream opened
+        self.state_peer: list[str | None] = []  # its peer key header, one per stream
         self.streams: list[asyncio.Queue[dict[str, Any]]] = []
         self.opened = asyncio.Event()  # set on every state stream opened
         self.server: TestServer | None = None
@@ -417,10 +464,11 @@ class FakeWorker:
         self.checked.set()
         if self.health_body is not None:
             return web.json_response(self.health_body)
-        return web.json_response({"status": "ok", "nonce": self.nonce})
+        return web.json_response({"status": "ok", "nonce": self.nonce, "replica_id": "r0"})
 
     async def state(self, request: web.Request) -> web.StreamResponse:
         self.state_auth.append(request.headers.get("authorization"))
+        self.state_peer.append(request.headers.get(PEER_KEY_HEADER))
         messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.streams.append(messages)
         self.opened.set()
@@ -444,9 +492,10 @@ class FakeWorker:
 
 
 async def watched(
-    worker: FakeWorker, nonce: str
+    worker: FakeWorker, nonce: str | None, peer_key: str | None = None
 ) -> tuple[Gateway, _Deployment, Replica, asyncio.Task[None]]:
-    """A gateway watching ``worker`` as a replica that must answer ``nonce``."""
+    """A gateway watching ``worker`` as replica r0 that must answer ``nonce`` (another
+    node's, with ``peer_key``)."""
     assert worker.server is not None
     base_url = str(worker.server.make_url("")).rstrip("/")
     config = GatewayConfig.model_validate(
@@ -459,7 +508,14 @@ async def watched(
                 {
                     "deployment_id": "d1",
                     "served_model_name": MODEL,
-                    "replicas": [{"replica_id": "r0", "base_url": base_url, "nonce": nonce}],
+                    "replicas": [
+                        {
+                            "replica_id": "r0",
+                            "base_url": base_url,
+                            "nonce": nonce,
+                            "peer_key": peer_key,
+                        }
+                    ],
                 }
             ],
         }
@@ -521,6 +577,28 @@ async def test_a_replica_answering_another_nonce_stays_down(
                 worker.checked.clear()
                 await worker.checked.wait()
         assert not replica.up and worker.state_auth == []
+    finally:
+        watcher.cancel()
+        await gateway.stop()
+
+
+@pytest.mark.parametrize("answers_as", ["r0", "r9"])
+async def test_a_replica_on_another_node_is_read_with_its_peer_key_and_must_answer_as_itself(
+    worker: FakeWorker, answers_as: str
+) -> None:
+    worker.health_body = {"status": "ok", "nonce": "any", "replica_id": answers_as}
+    gateway, dep, replica, watcher = await watched(worker, None, peer_key="pk-0123456789abcdef")
+    try:
+        if answers_as == "r0":
+            await worker.send(1, state_message(free_slots=3))
+            await until(dep, lambda: replica.up)
+            assert worker.state_peer == ["pk-0123456789abcdef"]
+        else:  # its address now serves another replica: never up
+            async with asyncio.timeout(60):
+                while worker.health_calls < 2:
+                    worker.checked.clear()
+                    await worker.checked.wait()
+            assert not replica.up and worker.state_peer == []
     finally:
         watcher.cancel()
         await gateway.stop()
