@@ -59,14 +59,21 @@ def visible(queryset: QuerySet[Any], user: Any, field: str = "") -> QuerySet[Any
 def with_endpoints(queryset: QuerySet[Deployment]) -> QuerySet[Deployment]:
     """Deployments with their placed replicas and those nodes' reports prefetched, for
     `endpoints` and `client_url` (one query for any number of deployments)."""
-    placed = Replica.objects.filter(node__isnull=False).select_related("node__report")
+    placed = (
+        Replica.objects.filter(node__isnull=False)
+        .select_related("node__report")
+        .only("deployment", "node", "url", "node__gateway", "node__report__gateway_url")
+    )
     return queryset.prefetch_related(Prefetch("instances", placed, to_attr="placed"))
 
 
 def _placed(deployment: Deployment) -> list[Replica]:
+    """Read once per deployment instance: `endpoints` and `client_url` share it."""
     placed = getattr(deployment, "placed", None)
     if placed is None:
-        placed = with_endpoints(Deployment.objects.filter(pk=deployment.pk))[0].placed
+        placed = deployment.placed = with_endpoints(  # type: ignore[attr-defined]
+            Deployment.objects.filter(pk=deployment.pk)
+        )[0].placed
     return list(placed)
 
 

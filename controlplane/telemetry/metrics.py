@@ -1,42 +1,52 @@
 """The control plane's `/metrics`: fleet state read from the database at scrape time, and
-this process's ingest counters.
+the web processes' ingest counters.
 
 Fleet figures come from a collector object (prometheus client_python's pattern), so a
-scrape always sees the database as it is, whichever process answers; the ingest
-counters are per process, as Prometheus expects of counters behind several processes.
+scrape always sees the database as it is, whichever process answers. Ingest counters live
+in each process; several processes behind one address (uvicorn `--workers N`) share a
+`PROMETHEUS_MULTIPROC_DIR` (client_python's multiprocess mode, set before the processes
+start, emptied at each start), and whichever answers a scrape sums them all, so a counter
+never jumps between processes' values.
 """
 
 from __future__ import annotations
 
 import hmac
+import os
 from collections.abc import Iterator
 
 from django.conf import settings
 from django.db.models import Count
 from django.http import HttpRequest, HttpResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry()
+"""Collectors of what the database holds; apps built on telemetry add theirs (SLO state)."""
+PROCESS = CollectorRegistry()
+"""This process's own metrics; in multiprocess mode, read from every process's files."""
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 BATCHES = Counter(
     "tailguard_telemetry_batches",
-    "Telemetry batches answered by this process, by outcome.",
+    "Telemetry batches answered by the web processes, by outcome.",
     ["outcome"],
-    registry=REGISTRY,
+    registry=PROCESS,
 )
 FLUSH_SECONDS = Histogram(
     "tailguard_telemetry_flush_seconds",
     "Time to store one flush of telemetry batches.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
-    registry=REGISTRY,
+    registry=PROCESS,
 )
 LAG_SECONDS = Gauge(
     "tailguard_telemetry_lag_seconds",
-    "Age of the newest batch in the last flush when it was stored.",
-    registry=REGISTRY,
+    "Age of the newest batch in the last flush when it was stored (by any web process).",
+    registry=PROCESS,
+    multiprocess_mode="mostrecent",
 )
 
 GPU_GAUGES = {
@@ -128,4 +138,14 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
                 status=401,
                 content_type="text/plain",
             )
-    return HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
+    return HttpResponse(generate_latest(_Exposed()), content_type=CONTENT_TYPE_LATEST)
+
+
+class _Exposed(Collector):
+    """What a scrape sees: the database's collectors, and the processes' metrics."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield from REGISTRY.collect()
+        directory = os.environ.get(MULTIPROC_ENV)
+        found = MultiProcessCollector(None, directory) if directory else PROCESS  # type: ignore[no-untyped-call]
+        yield from found.collect()

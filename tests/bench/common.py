@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,9 +51,11 @@ class Processes:
         self.logs = logs
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def spawn(self, name: str, argv: list[str], **env: str) -> subprocess.Popen[bytes]:
         with open(self.logs / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}
+            )
         self.procs.append(proc)
         return proc
 
@@ -96,7 +99,13 @@ def start_web(procs: Processes, port: int, workers: int = 1) -> str:
     from controlplane import processes
 
     url = f"http://127.0.0.1:{port}"
-    procs.spawn("web", processes.web("127.0.0.1", port, workers))
+    # Several processes share their /metrics counters, as in production (docs/operations.md).
+    shared = procs.logs / "web-metrics"
+    shutil.rmtree(shared, ignore_errors=True)
+    shared.mkdir()
+    procs.spawn(
+        "web", processes.web("127.0.0.1", port, workers), PROMETHEUS_MULTIPROC_DIR=str(shared)
+    )
     wait(lambda: _answers(url), 60, "the control plane", procs)
     return url
 

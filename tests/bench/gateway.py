@@ -165,29 +165,36 @@ async def isolation(
     return victim_summary(found[0], found[1] if with_aggressor else [])
 
 
-async def closed(urls: list[str], streams: int, seconds: float, tokens: int) -> tuple[float, int]:
-    """Output tokens per second of ``streams`` closed loops per URL, and every token
-    they received (those after the deadline too)."""
+async def closed(
+    urls: list[str], streams: int, seconds: float, tokens: int
+) -> tuple[float, int, int]:
+    """Output tokens per second of ``streams`` closed loops per URL, every token they
+    received (those after the deadline too), and the requests whose connection broke
+    (counted as errors, not the end of the run)."""
     deadline = time.monotonic() + seconds
-    counted = received = 0
+    counted = received = errors = 0
     started = time.monotonic()
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
 
         async def loop(url: str) -> None:
-            nonlocal counted, received
+            nonlocal counted, received, errors
             while time.monotonic() < deadline:
-                found = await stream(client, url, KEYS["bench"], tokens)
+                try:
+                    found = await stream(client, url, KEYS["bench"], tokens)
+                except httpx.TransportError:
+                    errors += 1
+                    continue
                 counted += sum(1 for t in found.token_times if t <= deadline)
                 received += len(found.token_times)
 
         await asyncio.gather(*(loop(url) for url in urls for _ in range(streams)))
-    return counted / (min(time.monotonic(), deadline) - started), received
+    return counted / (min(time.monotonic(), deadline) - started), received, errors
 
 
 def run(sizes: Sizes, redis_url: str, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
     write_synthetic_model(work / "model", MODEL)
-    tenants = {"bench": {}, "victim": {}, "aggressor": {}}
+    tenants: dict[str, dict[str, Any]] = {"bench": {}, "victim": {}, "aggressor": {}}
     out: dict[str, Any] = {"replicas": 3, "max_batch_size": BATCH, "model": MODEL.__dict__}
     with ExitStack() as stack:
         workers = {}
@@ -235,9 +242,11 @@ def run(sizes: Sizes, redis_url: str, work: Path, log: Callable[[str], None]) ->
         direct = [w.base_url for w in workers.values()]
 
         log("throughput")
-        summed, _ = asyncio.run(closed(direct, BATCH, sizes.throughput_s, sizes.output_tokens))
+        summed, _, direct_errors = asyncio.run(
+            closed(direct, BATCH, sizes.throughput_s, sizes.output_tokens)
+        )
         cpu_before = fleet_process[0].cpu_seconds()
-        through, forwarded = asyncio.run(
+        through, forwarded, gateway_errors = asyncio.run(
             closed([fleet], BATCH * len(direct), sizes.throughput_s, sizes.output_tokens)
         )
         # The gateway's CPU time over the phase per token it forwarded: admission, the
@@ -248,6 +257,8 @@ def run(sizes: Sizes, redis_url: str, work: Path, log: Callable[[str], None]) ->
             "gateway_tokens_per_s": round(through, 1),
             "gateway_tokens_forwarded": forwarded,
             "gateway_cpu_us_per_token": round(cpu / forwarded * 1e6, 1) if forwarded else None,
+            "replicas_errors": direct_errors,
+            "gateway_errors": gateway_errors,
         }
 
         log("isolation: solo")
@@ -309,7 +320,8 @@ def table(out: dict[str, Any]) -> str:
     lines.append(
         f"throughput: gateway {thr['gateway_tokens_per_s']} tok/s vs replicas' sum "
         f"{thr['replicas_sum_tokens_per_s']} tok/s (x{out['throughput_vs_replicas']}); "
-        f"gateway CPU {out['gateway_cpu_us_per_token']} us per forwarded token"
+        f"gateway CPU {out['gateway_cpu_us_per_token']} us per forwarded token; broken "
+        f"connections: {thr['gateway_errors']} via the gateway, {thr['replicas_errors']} direct"
     )
     lines.append(f"load average: {out['load_average']}")
     for key, goal in out["goals"].items():

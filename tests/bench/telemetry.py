@@ -127,8 +127,8 @@ async def probe_http(url: str, seconds: float, samples: list[float]) -> None:
 
 
 def flush_stats(url: str) -> tuple[float, float]:
-    """(count, sum) of the control plane's telemetry flush-time histogram (of the process
-    that answers: with several, one of them)."""
+    """(count, sum) of the control plane's telemetry flush-time histogram, over every web
+    process (they share their counters)."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
     found = {
         name: float(value)

@@ -3,8 +3,12 @@ HTTP fallback, retention and /metrics."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -237,6 +241,29 @@ def test_metrics_show_fleet_and_gpu_gauges(node: Any, settings: Any) -> None:
     scraper = APIClient()
     scraper.credentials(HTTP_AUTHORIZATION="Bearer s3cret-token-for-scrapes")
     assert scraper.get("/metrics").status_code == 200
+
+
+WEB_PROCESS = """
+import sys
+from controlplane.telemetry import metrics
+metrics.BATCHES.labels("stored").inc(int(sys.argv[1]))
+metrics.FLUSH_SECONDS.observe(0.02)
+"""
+
+
+def test_metrics_sum_the_counters_of_every_web_process(
+    node: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Web processes sharing a PROMETHEUS_MULTIPROC_DIR (uvicorn --workers N): whichever
+    answers a scrape shows every process's counters summed, next to the fleet's state."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for count in (3, 4):  # two processes, gone before the scrape as restarted ones are
+        subprocess.run([sys.executable, "-c", WEB_PROCESS, str(count)], env=env, check=True)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    text = APIClient().get("/metrics").content.decode()
+    assert 'tailguard_telemetry_batches_total{outcome="stored"} 7.0' in text
+    assert "tailguard_telemetry_flush_seconds_count 2.0" in text
+    assert 'tailguard_nodes{status="pending"} 1.0' in text
 
 
 @pytest.mark.django_db(transaction=True)

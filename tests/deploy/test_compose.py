@@ -60,6 +60,9 @@ def test_service_commands_are_the_projects_own(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert parse(services["migrate"]["command"])["command"] == "migrate"
     assert parse(services["web"]["command"])["app"] == "controlplane.asgi:application"
+    # its uvicorn workers share /metrics counters in a tmpfs, empty at each start
+    shared = services["web"]["environment"]["PROMETHEUS_MULTIPROC_DIR"]
+    assert any(mount.split(":")[0] == shared for mount in services["web"]["tmpfs"])
     worker = parse(services["worker"]["command"])
     assert worker["command"] == "worker" and "-B" not in services["worker"]["command"]
     assert parse(services["beat"]["command"])["command"] == "beat"

@@ -95,6 +95,11 @@ def test_control_plane_workloads_run_the_projects_commands() -> None:
     assert parse(migrate["command"])["command"] == "migrate"
     (web,) = containers("Deployment", "tailguard-web")
     assert parse(web["command"])["app"] == "controlplane.asgi:application"
+    # its uvicorn workers share /metrics counters on a volume that starts empty
+    (shared,) = [e["value"] for e in web["env"] if e["name"] == "PROMETHEUS_MULTIPROC_DIR"]
+    mount = next(m for m in web["volumeMounts"] if m["mountPath"] == shared)
+    pod = find("Deployment", "tailguard-web")["spec"]["template"]["spec"]
+    assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == mount["name"])
     (worker,) = containers("Deployment", "tailguard-worker")
     assert parse(worker["command"])["command"] == "worker" and "-B" not in worker["command"]
     (beat,) = containers("Deployment", "tailguard-beat")

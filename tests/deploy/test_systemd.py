@@ -62,6 +62,10 @@ def test_web_runs_several_uvicorn_workers_of_the_asgi_application() -> None:
     assert args["program"] == "uvicorn"
     assert args["app"] == "controlplane.asgi:application"
     assert args["workers"] > 1
+    # they share /metrics counters in a directory emptied at each start
+    service = read_unit("tailguard-web")["Service"]
+    assert service["RuntimeDirectory"] == "tailguard-web"
+    assert service["Environment"] == "PROMETHEUS_MULTIPROC_DIR=/run/tailguard-web"
 
 
 def test_worker_runs_without_embedded_beat_and_beat_runs_alone() -> None:
