@@ -221,6 +221,7 @@ def render_config(
         tenants=_tenants(spec),
         slo_thresholds=_thresholds(spec, components),
         peer_key_sha256=[spec.peer_key_hash] if spec.peer_key_hash else [],
+        peers_only=True,
     )
 
 
@@ -496,12 +497,14 @@ class ManagedProcess(ABC, Generic[C]):
             record = json.loads(self._record.read_text())
             found = AdoptedProcess(int(record["pid"]), str(record["nonce"]), self.nonce_env)
             port, gpus = int(record["port"]), list(record["gpu_indices"])
+            host = str(record.get("host", self.bind_host))  # older records: as now
         except (OSError, ValueError, KeyError, TypeError):
             return False
         self.nonce, self.port = found.nonce, port
         if (
             not found.alive()
             or gpus != self.gpu_indices
+            or host != self.bind_host  # who may reach it changed
             or self.fixed_port not in (None, port)
             or running.restart_fields_changed(self.config)
             or not await self._healthy(http)
@@ -541,6 +544,7 @@ class ManagedProcess(ABC, Generic[C]):
                     "pid": process.pid,
                     "nonce": self.nonce,
                     "port": self.port,
+                    "host": self.bind_host,
                     "gpu_indices": self.gpu_indices,
                 }
             )
@@ -819,8 +823,8 @@ def render_gateway_config(
 ) -> GatewayConfig:
     """The gateway in front of each deployment the node runs workers of, forwarding to those
     that answer, at the port and nonce of their current start, and to the deployment's
-    replicas on other nodes (their peer key reads the live state of all of them); its stats
-    served to holders of a key with one of `stats_key_sha256`."""
+    replicas on other nodes (with its peer key, which they require); its stats served to
+    holders of a key with one of `stats_key_sha256`."""
     by_deployment: dict[UUID, list[WorkerSpec]] = {}
     for worker in components.workers:
         by_deployment.setdefault(worker.deployment_id, []).append(worker)
@@ -828,19 +832,20 @@ def render_gateway_config(
     routes = []
     for deployment_id, specs in sorted(by_deployment.items(), key=lambda item: str(item[0])):
         running = [workers.get(w.replica_id) for w in specs]
-        peer = peers.get(deployment_id)
-        key = peer.key if peer is not None else None
-        local = [
-            ReplicaConfig(
-                replica_id=str(w.spec.replica_id), base_url=w.url, nonce=w.nonce, peer_key=key
-            )
+        local = [  # over loopback: no key
+            ReplicaConfig(replica_id=str(w.spec.replica_id), base_url=w.url, nonce=w.nonce)
             for w in running
             if w is not None and w.ready and w.url is not None
         ]
-        remote = [
-            ReplicaConfig(replica_id=str(r.replica_id), base_url=r.url, peer_key=key)
-            for r in (peer.replicas if peer is not None else [])
-        ]
+        peer = peers.get(deployment_id)
+        remote = (
+            [
+                ReplicaConfig(replica_id=str(r.replica_id), base_url=r.url, peer_key=peer.key)
+                for r in peer.replicas
+            ]
+            if peer is not None
+            else []
+        )
         routes.append(
             DeploymentRoute(
                 deployment_id=str(deployment_id),

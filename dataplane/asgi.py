@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -25,7 +26,17 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8 and ::1, also as a dual-stack socket reports IPv4 (::ffff:127.0.0.1)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost"
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
 JSON_HEADERS = [(b"content-type", b"application/json")]
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 MODEL_PREFIX = "/v1/models/"
@@ -128,7 +139,7 @@ PEER_KEY_HEADER = "x-tailguard-peer-key"
 
 def _loopback(call: Call) -> bool:
     client = call.scope.get("client") or ("", 0)
-    return client[0] in LOOPBACK
+    return is_loopback(client[0])
 
 
 def _peer(call: Call, peer_keys: Collection[str]) -> bool:
@@ -152,10 +163,10 @@ def check_internal(
 
 
 def check_peer(call: Call, peer_keys: Collection[str]) -> None:
-    """A server given peer keys serves other hosts only through its deployment's gateways:
-    a client not on loopback must carry one, so no tenant bypasses the gateways' fleet-wide
-    limits and shares by calling a worker directly."""
-    if peer_keys and not _loopback(call) and not _peer(call, peer_keys):
+    """Other hosts reach a worker only through its deployment's gateways: a client not on
+    loopback must carry a peer key (none while ``peer_keys`` is empty), so no tenant
+    bypasses the gateways' fleet-wide limits and shares by calling a worker directly."""
+    if not _loopback(call) and not _peer(call, peer_keys):
         raise ApiError(
             403,
             "This worker serves other hosts through its deployment's gateways only.",

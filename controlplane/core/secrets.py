@@ -21,7 +21,7 @@ def new_secret(prefix: str) -> str:
 
 def derived_secret(purpose: str, subject: str) -> str:
     """A secret the control plane recomputes (an HMAC under its SECRET_KEY) instead of
-    storing; rotating SECRET_KEY rotates every one of them."""
+    keeping one of its own; rotating SECRET_KEY rotates every one of them."""
     return salted_hmac(f"tailguard.{purpose}", subject, algorithm="sha256").hexdigest()
 
 

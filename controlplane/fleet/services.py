@@ -332,7 +332,7 @@ def _plan(
     raise AssertionError("a plan with the whole fleet never needs more")
 
 
-_STATE = ("node_id", "gpu_indices", "port", "pool_id", "reason", "explanation", "url")
+_STATE = ("node_id", "gpu_indices", "port", "pool_id", "reason", "explanation")
 
 
 def _state(replica: Replica) -> tuple[Any, ...]:
@@ -367,18 +367,18 @@ def reconcile_fleet(
     affected = set(nodes)
     for replica in to_delete:
         affected.add(replica.node_id)
+    # A replica's address was its node's: one that moved or went is forgotten, and so is
+    # it by the other nodes' gateways that reached it. (Only these writes touch `url` here:
+    # an agent's report may land while this plans.)
     left = [r for r in to_save if r.pk in before and before[r.pk][0] != r.node_id]
-    for replica in left:
-        replica.url = ""  # its address was its old node's
-    # Other nodes' gateways reach a replica that had an address: they must forget it.
-    peered = {r.deployment_id for r in to_delete if r.url}
-    peered |= {r.deployment_id for r in left if before[r.pk][-1]}
+    peered = {r.deployment_id for r in [*to_delete, *left] if r.url}
     affected |= {r.node_id for r in to_save if r.deployment_id in peered}
+    Replica.objects.filter(pk__in=[r.pk for r in left]).exclude(url="").update(url="")
     Replica.objects.filter(pk__in=[r.pk for r in to_delete]).delete()
     Replica.objects.bulk_create([r for r in to_save if r.pk not in before])
     Replica.objects.bulk_update(
         [r for r in to_save if r.pk in before and before[r.pk] != _state(r)],
-        ["node", "gpu_indices", "port", "pool", "reason", "explanation", "url"],
+        ["node", "gpu_indices", "port", "pool", "reason", "explanation"],
     )
     for replica in to_save:
         old = before.get(replica.pk)
@@ -397,17 +397,20 @@ def reconcile_fleet(
     return _render(affected, cause=cause)
 
 
-def _render(node_ids: set[UUID], *, cause: str) -> list[Revision]:
+def _render(node_ids: set[UUID], *, cause: str, settle_s: float = 0.0) -> list[Revision]:
     """Issue the nodes' revisions now when they are few; else after commit, in bulk, by the
     `fleet.issue_revisions` task (in this process when the broker cannot take it: the
-    change is committed and must still reach its nodes)."""
+    change is committed and must still reach its nodes), `settle_s` later: changes that
+    come in a burst then find most revisions already issued."""
     if len(node_ids) <= INLINE_RENDER_NODES:
         return render_nodes(node_ids, cause=cause)
     ids = sorted(str(pk) for pk in node_ids)
 
     def enqueue() -> None:
         try:
-            celery_app.send_task(RENDER_TASK, args=[ids, cause], retry=False)
+            celery_app.send_task(
+                RENDER_TASK, args=[ids, cause], countdown=settle_s or None, retry=False
+            )
         except OperationalError as exc:
             log.warning("Broker unreachable (%s): rendering %d nodes here.", exc, len(ids))
             render_nodes(ids, cause=cause)
@@ -441,7 +444,7 @@ def _artifact(deployment: Deployment) -> ArtifactRef:
 
 def peer_key(deployment_id: UUID) -> str:
     """What a deployment's gateways show its workers on other nodes (which hold its hash
-    and answer other hosts only with it); recomputed, never stored."""
+    and answer other hosts only with it); recomputed from SECRET_KEY whenever rendered."""
     return derived_secret("peer-key", str(deployment_id))
 
 
@@ -632,6 +635,22 @@ def rollback(revision: Revision) -> Revision:
     )
 
 
+@transaction.atomic
+def delete_node(node: Node) -> None:
+    """Decommission the node. Its replicas are placed anew after commit, in a transaction of
+    their own (as in `release`), which also re-renders the nodes whose gateways reached
+    them there."""
+    placed = Replica.objects.filter(node=node)
+    deployments = set(placed.values_list("deployment_id", flat=True))
+    placed.update(url="")  # its addresses went with it
+    hostname = node.hostname
+    node.delete()
+    if deployments:
+        transaction.on_commit(
+            lambda: reconcile_fleet(cause=f"node {hostname} deleted", touched=deployments)
+        )
+
+
 def release(node: Node) -> None:
     """Un-pin the node; the current plan is rendered for it again after commit, in a
     transaction of its own (re-planning locks tenants, deployments and nodes in that order,
@@ -682,7 +701,9 @@ def record_applied_status(node: Node, status: AppliedStatus) -> bool:
                     .values_list("node_id", flat=True)
                     .distinct()
                 )
-                transaction.on_commit(partial(_render, nodes, cause="worker address reported"))
+                # A deployment rolling out on N nodes reports N addresses at about once.
+                render = partial(_render, nodes, cause="worker address reported", settle_s=2.0)
+                transaction.on_commit(render)
     if status.state == "rejected":
         # Whether or not it names a revision (a tampered one names none).
         return bool(

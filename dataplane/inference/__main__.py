@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             log_level=args.log_level,
             access_log=False,
             timeout_graceful_shutdown=10,
+            proxy_headers=False,  # whether a client is on loopback is the socket's to say
         ),
     )
     server.run(sockets=[sock])

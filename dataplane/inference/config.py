@@ -179,7 +179,12 @@ class WorkerConfig(ServerConfig):
     slo_thresholds: list[SloThreshold] = Field(default_factory=list)
     peer_key_sha256: list[str] = Field(
         default_factory=list,
-        description="keys other nodes' gateways read /v1/internal/state with, from anywhere",
+        description="peer keys: other nodes' gateways reach the worker with one, from anywhere",
+    )
+    peers_only: bool = Field(
+        default=False,
+        description="other hosts are served only with a peer key, none while there is none "
+        "(the agent's workers); False: any client with a tenant key (a worker run by hand)",
     )
 
     _peer_hashes = field_validator("peer_key_sha256")(check_hashes)

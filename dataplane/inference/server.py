@@ -251,8 +251,12 @@ class InferenceApp(ModelServer):
 
     # -- plumbing ----------------------------------------------------------------------
 
+    def _check_peer(self, call: Call) -> None:
+        if self.worker.config.peers_only:
+            check_peer(call, self.worker.config.peer_key_sha256)
+
     def _authenticate(self, call: Call) -> str:
-        check_peer(call, self.worker.config.peer_key_sha256)
+        self._check_peer(call)
         tenant = self.worker.tenant_for(call.require_bearer())
         if tenant is None:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
@@ -611,7 +615,7 @@ class InferenceApp(ModelServer):
         )
 
     async def _metrics(self, call: Call) -> None:
-        check_peer(call, self.worker.config.peer_key_sha256)
+        self._check_peer(call)
         payload = self.worker.metrics.render()
         await call.send(
             {

@@ -249,6 +249,32 @@ async def test_a_restarted_agent_adopts_its_workers_and_no_request_fails_meanwhi
             await asyncio.sleep(0.1)
 
 
+async def test_a_kept_worker_listening_where_it_no_longer_should_is_replaced(
+    tmp_path: Path,
+) -> None:
+    """Workers kept on loopback, and the next agent lets other nodes reach its workers: it
+    starts them anew on every interface (and reports where) instead of adopting them."""
+    replica = uuid.uuid4()
+    settings = SupervisorSettings(work_dir=tmp_path, ready_timeout_s=120, keep_workers=True)
+    components = Components(workers=[spec(None, replica)])
+    first = WorkerSupervisor(settings)
+    (kept,) = await first.apply(components)
+    assert kept.ok and kept.url is None  # loopback: nobody else reaches it
+    pid = first.workers[replica]._process.pid  # type: ignore[union-attr]  # noqa: SLF001
+    await first.close()
+    second = WorkerSupervisor(replace(settings, host="0.0.0.0", keep_workers=False))
+    try:
+        (started,) = await second.apply(components)
+        assert started.ok and started.url == f"http://{socket.gethostname()}:{started.port}"
+        assert not isinstance(second.workers[replica]._process, AdoptedProcess)  # noqa: SLF001
+    finally:
+        await second.close()
+    with pytest.raises(ProcessLookupError):
+        for _ in range(100):
+            os.kill(pid, 0)
+            await asyncio.sleep(0.1)
+
+
 async def test_a_worker_that_leaves_a_fifo_of_garbage_for_its_announcement_is_restarted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -173,6 +173,15 @@ def test_each_gateway_of_a_deployment_reaches_its_replicas_on_other_nodes(
     assert shown["endpoints"] == ["http://gpu-1.example:8080", "http://gpu-2.example:8080"]
     assert shown["url"] == "http://gpu-2.example:8080"
 
+    # The key lets its holder past the gateways: its node's tenant sees the revision without.
+    head = Revision.objects.filter(node=nodes[1]).order_by("-generation").first()
+    assert head is not None
+    shown = client.get(f"/api/v1/revisions/{head.pk}/").json()["document"]["state"]
+    assert shown["components"]["gateway"]["peers"][0]["key"] != peer["key"]
+    assert shown["components"]["workers"] == components_of(nodes[1])["workers"]
+    by_platform = client_for(world.platform).get(f"/api/v1/revisions/{head.pk}/").json()
+    assert by_platform["document"] == head.document
+
     # A node speaks only for its own replicas, and only http(s) addresses are passed on.
     with django_capture_on_commit_callbacks(execute=True):
         report(nodes[1], worker(a, 9002, "http://elsewhere.example:9002"))
@@ -192,3 +201,30 @@ def test_each_gateway_of_a_deployment_reaches_its_replicas_on_other_nodes(
         client.patch(f"/api/v1/deployments/{created['id']}/", {"replicas": 1}, format="json")
     (kept,) = Replica.objects.filter(deployment_id=created["id"])
     assert [p["replicas"] for p in components_of(kept.node)["gateway"]["peers"]] == [[]]
+
+
+def test_a_deleted_node_takes_its_replicas_addresses_with_it(
+    world: World, client_for: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    nodes = [make_node(f"gpu-{i}", gpus=1) for i in (1, 2, 3)]
+    Node.objects.filter(pk__in=[n.pk for n in nodes]).update(status="ready")
+    client = client_for(world.platform)
+    with django_capture_on_commit_callbacks(execute=True):
+        created = client.post(
+            "/api/v1/deployments/",
+            {**BODY, "replicas": 2, "tenant": str(world.tenant_a.id)},
+            format="json",
+        ).json()
+    placed = list(Replica.objects.filter(deployment_id=created["id"]).select_related("node"))
+    for replica in placed:
+        with django_capture_on_commit_callbacks(execute=True):
+            report(replica.node, worker(replica, 9001, f"http://{replica.node.hostname}:9001"))
+    gone, kept = placed
+    assert components_of(kept.node)["gateway"]["peers"][0]["replicas"][0]["url"] == (
+        f"http://{gone.node.hostname}:9001"
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        assert client.delete(f"/api/v1/nodes/{gone.node_id}/").status_code == 204
+    moved = Replica.objects.get(pk=gone.pk)
+    assert moved.node_id not in (None, gone.node_id) and moved.url == ""  # placed anew
+    assert components_of(kept.node)["gateway"]["peers"][0]["replicas"] == []

@@ -1,7 +1,8 @@
 """Who a data-plane server answers. Internal endpoints: loopback clients when no stats key
 is configured, holders of a stats key when one is, and holders of a peer key (another
-node's gateway reading a worker's live state) from anywhere. A worker given peer keys
-serves other hosts only with one, so no tenant calls it past its deployment's gateways."""
+node's gateway reading a worker's live state) from anywhere. An agent's worker
+serves other hosts only with one (none before it has one), so no tenant calls it past its
+deployment's gateways."""
 
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def status(check: Callable[[], None]) -> int:
     ("client", "bearer", "peer", "stats", "expected"),
     [
         (HERE, None, None, [], 200),  # loopback, no stats key configured
+        ("::ffff:127.0.0.1", None, None, [], 200),  # loopback on a dual-stack socket
+        ("::1", None, None, [], 200),
         (ELSEWHERE, None, None, [], 403),
         (ELSEWHERE, None, PEER, [], 200),  # another node's gateway
         (ELSEWHERE, PEER, None, [], 403),  # a peer key is no bearer key
@@ -78,7 +81,8 @@ def test_without_peer_keys_a_peer_key_opens_nothing() -> None:
         (ELSEWHERE, PEER, [digest(PEER)], 200),  # another node's gateway
         (ELSEWHERE, None, [digest(PEER)], 403),  # a tenant calling the worker directly
         (ELSEWHERE, OTHER, [digest(PEER)], 403),
-        (ELSEWHERE, None, [], 200),  # a worker without peer keys, run by hand
+        (ELSEWHERE, None, [], 403),  # no peer key issued yet: other hosts wait for one
+        ("::ffff:127.0.0.1", None, [], 200),
     ],
 )
 def test_a_worker_with_peer_keys_serves_other_hosts_through_gateways_only(

@@ -95,7 +95,7 @@ def test_control_plane_workloads_run_the_projects_commands() -> None:
     assert parse(migrate["command"])["command"] == "migrate"
     (web,) = containers("Deployment", "tailguard-web")
     assert parse(web["command"])["app"] == "controlplane.asgi:application"
-    # its uvicorn workers share /metrics counters on a volume that starts empty
+    # its uvicorn workers share /metrics counters on a volume of the pod's own
     (shared,) = [e["value"] for e in web["env"] if e["name"] == "PROMETHEUS_MULTIPROC_DIR"]
     mount = next(m for m in web["volumeMounts"] if m["mountPath"] == shared)
     pod = find("Deployment", "tailguard-web")["spec"]["template"]["spec"]

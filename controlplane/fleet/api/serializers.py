@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -192,6 +193,9 @@ class ReplicaSerializer(serializers.ModelSerializer):
         return replica.volume_name if replica.pool_id else None
 
 
+REDACTED = "(shown to platform admins only)"
+
+
 class RevisionSummarySerializer(serializers.ModelSerializer):
     class Meta:
         model = Revision
@@ -211,11 +215,22 @@ class RevisionSummarySerializer(serializers.ModelSerializer):
 
 
 class RevisionSerializer(RevisionSummarySerializer):
-    """With the signed document, exactly as the agent received it."""
+    """With the signed document, exactly as the agent received it; its deployments' peer
+    keys (which let a caller past their gateways) shown to platform admins only."""
 
     class Meta(RevisionSummarySerializer.Meta):
         fields = [*RevisionSummarySerializer.Meta.fields, "document"]
         read_only_fields = fields
+
+    def to_representation(self, instance: Revision) -> dict[str, Any]:
+        data = super().to_representation(instance)
+        request = self.context.get("request")
+        if not is_platform_admin(request.user if request else None):
+            data["document"] = copy.deepcopy(data["document"])
+            gateway = data["document"]["state"]["components"].get("gateway") or {}
+            for peer in gateway.get("peers", []):
+                peer["key"] = REDACTED
+        return data
 
 
 class RolloutSerializer(serializers.Serializer):

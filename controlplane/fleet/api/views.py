@@ -24,6 +24,7 @@ from controlplane.fleet.filtersets import DeploymentFilterSet, ReplicaFilterSet,
 from controlplane.fleet.models import Deployment, Replica, Revision
 from controlplane.inventory import services as inventory_services
 from controlplane.inventory.filtersets import NodeFilterSet
+from controlplane.inventory.models import Node
 
 
 class DeploymentViewSet(viewsets.ModelViewSet):
@@ -137,6 +138,9 @@ class NodeViewSet(
         if self.action == "destroy":
             return [IsPlatformAdmin()]
         return [TenantRolePermission()]
+
+    def perform_destroy(self, instance: Node) -> None:
+        services.delete_node(instance)
 
     def perform_update(self, serializer: Serializer) -> None:
         serializer.instance = inventory_services.update_node(
