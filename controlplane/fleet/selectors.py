@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
-from django.db.models import F, OuterRef, Prefetch, Q, QuerySet, Subquery, Value
+from django.db.models import F, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 
 from controlplane.core.scoping import readable_tenant_ids
@@ -56,46 +56,48 @@ def visible(queryset: QuerySet[Any], user: Any, field: str = "") -> QuerySet[Any
     return queryset if tenant_ids is None else queryset.filter(serving(tenant_ids, field))
 
 
-def with_endpoints(queryset: QuerySet[Deployment]) -> QuerySet[Deployment]:
-    """Deployments with their placed replicas and those nodes' reports prefetched, for
-    `endpoints` and `client_url` (one query for any number of deployments)."""
-    placed = (
-        Replica.objects.filter(node__isnull=False)
-        .select_related("node__report")
-        .only("deployment", "node", "url", "node__gateway", "node__report__gateway_url")
+class Placed(NamedTuple):
+    """A placed replica as the deployment's addresses need it."""
+
+    node_id: UUID
+    url: str
+    """Where other nodes' gateways reach it; "" where they do not."""
+    gateway: str
+    """Where its node's gateway answers; "" where it runs none or none has answered."""
+
+
+def attach_addresses(deployments: Iterable[Deployment]) -> None:
+    """Read the placed replicas of these deployments for `endpoints` and `client_url`, as
+    plain rows, in one query for any number of deployments (a list page, or the one a
+    response shows: a deployment on a thousand nodes costs a thousand tuples)."""
+    found: dict[UUID, list[Placed]] = {d.pk: [] for d in deployments}
+    rows = Replica.objects.filter(deployment__in=list(found), node__isnull=False).values_list(
+        "deployment_id", "node_id", "url", "node__gateway", "node__report__gateway_url"
     )
-    return queryset.prefetch_related(Prefetch("instances", placed, to_attr="placed"))
+    for deployment_id, node_id, url, fronted, gateway_url in rows:
+        found[deployment_id].append(Placed(node_id, url, (fronted and gateway_url) or ""))
+    for deployment in deployments:
+        deployment.placed = found[deployment.pk]
 
 
-def _placed(deployment: Deployment) -> list[Replica]:
-    """Read once per deployment instance: `endpoints` and `client_url` share it."""
-    placed = getattr(deployment, "placed", None)
-    if placed is None:
-        placed = deployment.placed = with_endpoints(  # type: ignore[attr-defined]
-            Deployment.objects.filter(pk=deployment.pk)
-        )[0].placed
-    return list(placed)
-
-
-def _gateway(node: Node) -> str:
-    """Where the node's gateway answers; "" where it runs none or none has answered."""
-    report = getattr(node, "report", None)
-    return report.gateway_url if node.gateway and report is not None else ""
+def _placed(deployment: Deployment) -> list[Placed]:
+    if not hasattr(deployment, "placed"):
+        attach_addresses([deployment])
+    return list(deployment.placed)
 
 
 def endpoints(deployment: Deployment) -> list[str]:
     """Where clients send the deployment's requests: the gateways of the nodes it runs on."""
-    return sorted({url for replica in _placed(deployment) if (url := _gateway(replica.node))})
+    return sorted({r.gateway for r in _placed(deployment) if r.gateway})
 
 
 def client_url(deployment: Deployment) -> str | None:
     """The deployment's one address: the first of its gateways that reaches every replica
     (its own node's, and those other nodes reported reachable); None while none does."""
     placed = _placed(deployment)
-    fronting = sorted({(_gateway(r.node), str(r.node_id)) for r in placed if _gateway(r.node)})
-    for url, node_id in fronting:
+    for gateway, node_id in sorted({(r.gateway, str(r.node_id)) for r in placed if r.gateway}):
         if all(str(r.node_id) == node_id or r.url for r in placed):
-            return url
+            return gateway
     return None
 
 

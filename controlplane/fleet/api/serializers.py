@@ -43,6 +43,15 @@ class ServingDeploymentField(serializers.PrimaryKeyRelatedField):
         return queryset if tenant_ids is None else queryset.filter(selectors.serving(tenant_ids))
 
 
+class _AddressedList(serializers.ListSerializer):
+    """Reads a page's deployments' addresses in one query."""
+
+    def to_representation(self, data: Any) -> list[Any]:
+        page = list(data.all() if isinstance(data, QuerySet) else data)
+        selectors.attach_addresses(page)
+        return super().to_representation(page)
+
+
 class DeploymentSerializer(StrictSerializer):
     tenant = WritableTenantField()
     node_selector = serializers.DictField(
@@ -74,6 +83,7 @@ class DeploymentSerializer(StrictSerializer):
 
     class Meta:
         model = Deployment
+        list_serializer_class = _AddressedList
         fields = [
             "id",
             "tenant",

@@ -33,7 +33,7 @@ class DeploymentViewSet(viewsets.ModelViewSet):
     Tenants also read the deployments shared with them; only the owner changes one.
     """
 
-    queryset = selectors.with_endpoints(
+    queryset = (
         Deployment.objects.annotate(
             placed_replicas=Count("instances", filter=Q(instances__node__isnull=False))
         )
