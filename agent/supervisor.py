@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar, cast
 from urllib.parse import parse_qsl, urlsplit
 from uuid import UUID
 
@@ -300,6 +300,8 @@ class ManagedProcess(ABC, Generic[C]):
     """`worker` or `gateway`: its log file's name and its component kind."""
     nonce_env: ClassVar[str]
     module: ClassVar[str]
+    unrecorded_host: ClassVar[str | None] = None
+    """Where a process listens whose record predates recording it; None: where it would now."""
 
     def __init__(self, config: C, directory: Path, settings: SupervisorSettings) -> None:
         self.config = config
@@ -497,7 +499,8 @@ class ManagedProcess(ABC, Generic[C]):
             record = json.loads(self._record.read_text())
             found = AdoptedProcess(int(record["pid"]), str(record["nonce"]), self.nonce_env)
             port, gpus = int(record["port"]), list(record["gpu_indices"])
-            host = str(record.get("host", self.bind_host))  # older records: as now
+            host = str(record.get("host", self.unrecorded_host or self.bind_host))
+            schema = record.get("schema")
         except (OSError, ValueError, KeyError, TypeError):
             return False
         self.nonce, self.port = found.nonce, port
@@ -505,6 +508,7 @@ class ManagedProcess(ABC, Generic[C]):
             not found.alive()
             or gpus != self.gpu_indices
             or host != self.bind_host  # who may reach it changed
+            or schema != self._schema  # it could not read the config written since
             or self.fixed_port not in (None, port)
             or running.restart_fields_changed(self.config)
             or not await self._healthy(http)
@@ -513,6 +517,7 @@ class ManagedProcess(ABC, Generic[C]):
             return False
         self._process = found
         found.send_signal(signal.SIGHUP)  # the config written since
+        self._write_record(found.pid)
         self._served_port = port
         self._ready.set()
         self._answered()
@@ -538,20 +543,28 @@ class ManagedProcess(ABC, Generic[C]):
             if await self._exits_within(0.2):
                 self._served_port = None  # taken meanwhile, maybe: the next start takes any
                 raise await self._down()
-        self._record.write_text(
-            json.dumps(
-                {
-                    "pid": process.pid,
-                    "nonce": self.nonce,
-                    "port": self.port,
-                    "host": self.bind_host,
-                    "gpu_indices": self.gpu_indices,
-                }
-            )
-        )
+        self._write_record(process.pid)
         self._served_port = self.port
         self._ready.set()
         self._answered()
+
+    @property
+    def _schema(self) -> str:
+        """Names the config's schema: a process of other code may not read this one's."""
+        model = cast(type[BaseModel], type(self.config))
+        schema = json.dumps(model.model_json_schema(), sort_keys=True)
+        return hashlib.sha256(schema.encode()).hexdigest()[:16]
+
+    def _write_record(self, pid: int) -> None:
+        record = {
+            "pid": pid,
+            "nonce": self.nonce,
+            "port": self.port,
+            "host": self.bind_host,
+            "gpu_indices": self.gpu_indices,
+            "schema": self._schema,
+        }
+        self._record.write_text(json.dumps(record))
 
     def _answered(self) -> None:
         try:
@@ -630,6 +643,7 @@ class ManagedWorker(ManagedProcess[WorkerConfig]):
     kind = "worker"
     nonce_env = NONCE_ENV
     module = "dataplane.inference"
+    unrecorded_host = "127.0.0.1"  # the only address workers had then
 
     def __init__(
         self, spec: WorkerSpec, config: WorkerConfig, settings: SupervisorSettings

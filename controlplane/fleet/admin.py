@@ -6,7 +6,7 @@ from django.utils.html import format_html
 
 from controlplane.fleet.models import Deployment, Replica, Revision
 from controlplane.fleet.selectors import nodes_with_rollout
-from controlplane.fleet.services import rollout_state
+from controlplane.fleet.services import delete_node, rollout_state
 from controlplane.inventory.admin import DriveInline, GpuInline, NicInline, NumaInline
 from controlplane.inventory.models import Node
 from controlplane.inventory.services import OPERATOR_FIELDS, update_node
@@ -189,6 +189,14 @@ class NodeAdmin(admin.ModelAdmin):
             name: getattr(obj, name) for name in form.changed_data if name in OPERATOR_FIELDS
         }
         return update_node(Node.objects.get(pk=obj.pk), **changes)
+
+    def delete_model(self, request, obj):  # noqa: ANN001, ANN201
+        """Decommissioning places the node's replicas anew, as through the API."""
+        delete_node(obj)
+
+    def delete_queryset(self, request, queryset):  # noqa: ANN001, ANN201
+        for node in queryset:
+            delete_node(node)
 
     def get_readonly_fields(self, request, obj=None):  # noqa: ANN001, ANN201
         return [*self.readonly_fields, "hostname"] if obj else self.readonly_fields

@@ -70,6 +70,7 @@ def attach_addresses(deployments: Iterable[Deployment]) -> None:
     """Read the placed replicas of these deployments for `endpoints` and `client_url`, as
     plain rows, in one query for any number of deployments (a list page, or the one a
     response shows: a deployment on a thousand nodes costs a thousand tuples)."""
+    deployments = list(deployments)
     found: dict[UUID, list[Placed]] = {d.pk: [] for d in deployments}
     rows = Replica.objects.filter(deployment__in=list(found), node__isnull=False).values_list(
         "deployment_id", "node_id", "url", "node__gateway", "node__report__gateway_url"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -249,11 +250,13 @@ async def test_a_restarted_agent_adopts_its_workers_and_no_request_fails_meanwhi
             await asyncio.sleep(0.1)
 
 
-async def test_a_kept_worker_listening_where_it_no_longer_should_is_replaced(
-    tmp_path: Path,
+@pytest.mark.parametrize("change", ["host", "older agent"])
+async def test_a_kept_worker_that_cannot_serve_as_now_asked_is_replaced(
+    tmp_path: Path, change: str
 ) -> None:
-    """Workers kept on loopback, and the next agent lets other nodes reach its workers: it
-    starts them anew on every interface (and reports where) instead of adopting them."""
+    """A kept worker is started anew instead of adopted when the next agent lets other
+    nodes reach its workers (it listens on loopback), or when its record comes from an
+    older agent: its listen address is unknown, and its code may not read today's config."""
     replica = uuid.uuid4()
     settings = SupervisorSettings(work_dir=tmp_path, ready_timeout_s=120, keep_workers=True)
     components = Components(workers=[spec(None, replica)])
@@ -262,11 +265,17 @@ async def test_a_kept_worker_listening_where_it_no_longer_should_is_replaced(
     assert kept.ok and kept.url is None  # loopback: nobody else reaches it
     pid = first.workers[replica]._process.pid  # type: ignore[union-attr]  # noqa: SLF001
     await first.close()
-    second = WorkerSupervisor(replace(settings, host="0.0.0.0", keep_workers=False))
+    host = "0.0.0.0" if change == "host" else "127.0.0.1"
+    if change == "older agent":
+        record = tmp_path / "workers" / str(replica) / "process.json"
+        old = json.loads(record.read_text())
+        record.write_text(json.dumps({k: old[k] for k in ("pid", "nonce", "port", "gpu_indices")}))
+    second = WorkerSupervisor(replace(settings, host=host, keep_workers=False))
     try:
         (started,) = await second.apply(components)
-        assert started.ok and started.url == f"http://{socket.gethostname()}:{started.port}"
-        assert not isinstance(second.workers[replica]._process, AdoptedProcess)  # noqa: SLF001
+        assert started.ok and not isinstance(second.workers[replica]._process, AdoptedProcess)  # noqa: SLF001
+        if change == "host":
+            assert started.url == f"http://{socket.gethostname()}:{started.port}"
     finally:
         await second.close()
     with pytest.raises(ProcessLookupError):

@@ -9,7 +9,9 @@ import io
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from django.core.management import call_command
+from django.test import Client
 from django.utils import timezone
 
 from agent.protocol import AppliedStatus, ComponentResult
@@ -203,8 +205,9 @@ def test_each_gateway_of_a_deployment_reaches_its_replicas_on_other_nodes(
     assert [p["replicas"] for p in components_of(kept.node)["gateway"]["peers"]] == [[]]
 
 
+@pytest.mark.parametrize("where", ["api", "admin"])
 def test_a_deleted_node_takes_its_replicas_addresses_with_it(
-    world: World, client_for: Any, django_capture_on_commit_callbacks: Any
+    world: World, client_for: Any, django_capture_on_commit_callbacks: Any, where: str
 ) -> None:
     nodes = [make_node(f"gpu-{i}", gpus=1) for i in (1, 2, 3)]
     Node.objects.filter(pk__in=[n.pk for n in nodes]).update(status="ready")
@@ -224,7 +227,13 @@ def test_a_deleted_node_takes_its_replicas_addresses_with_it(
         f"http://{gone.node.hostname}:9001"
     )
     with django_capture_on_commit_callbacks(execute=True):
-        assert client.delete(f"/api/v1/nodes/{gone.node_id}/").status_code == 204
+        if where == "api":
+            assert client.delete(f"/api/v1/nodes/{gone.node_id}/").status_code == 204
+        else:
+            admin = Client()
+            admin.force_login(world.platform)
+            deleted = admin.post(f"/admin/inventory/node/{gone.node_id}/delete/", {"post": "yes"})
+            assert deleted.status_code == 302, deleted.content[:500]
     moved = Replica.objects.get(pk=gone.pk)
     assert moved.node_id not in (None, gone.node_id) and moved.url == ""  # placed anew
     assert components_of(kept.node)["gateway"]["peers"][0]["replicas"] == []

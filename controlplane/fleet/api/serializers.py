@@ -7,6 +7,7 @@ from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import QuerySet
+from django.db.models.manager import BaseManager
 from drf_spectacular.utils import extend_schema_field
 from pydantic import ValidationError as PydanticValidationError
 from rest_framework import serializers
@@ -47,7 +48,7 @@ class _AddressedList(serializers.ListSerializer):
     """Reads a page's deployments' addresses in one query."""
 
     def to_representation(self, data: Any) -> list[Any]:
-        page = list(data.all() if isinstance(data, QuerySet) else data)
+        page = list(data.all() if isinstance(data, QuerySet | BaseManager) else data)
         selectors.attach_addresses(page)
         return super().to_representation(page)
 

@@ -106,7 +106,8 @@ class RevisionViewSet(TenantScopedMixin, viewsets.ReadOnlyModelViewSet):
         """Issue this revision's content again as a new generation and hold the node there."""
         revision = self.get_object()
         issued = services.rollback(revision)
-        return Response(s.RevisionSerializer(issued).data, status=status.HTTP_201_CREATED)
+        shown = s.RevisionSerializer(issued, context=self.get_serializer_context())
+        return Response(shown.data, status=status.HTTP_201_CREATED)
 
 
 # Served by the fleet, which builds on inventory, because a node shows its rollout and is
