@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
-import ipaddress
 import json
 import logging
 import os
@@ -49,6 +49,7 @@ from agent.protocol import (
 )
 from agent.retry import backoff
 from agent.staging import ModelStager
+from dataplane.asgi import is_loopback
 from dataplane.gateway.config import NONCE_ENV as GATEWAY_NONCE_ENV
 from dataplane.gateway.config import DeploymentRoute, GatewayConfig, ReplicaConfig
 from dataplane.inference.config import (
@@ -76,13 +77,6 @@ def advertised_url(host: str, advertise: str | None, port: int) -> str:
     return f"http://{'[' + name + ']' if ':' in name else name}:{port}"
 
 
-def _loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 @dataclass(frozen=True)
 class SupervisorSettings:
     work_dir: Path
@@ -105,7 +99,7 @@ class SupervisorSettings:
 
     def peer_url(self, port: int | None) -> str | None:
         """Where other nodes reach a worker listening on `port`; None: they do not."""
-        if port is None or (self.advertise is None and _loopback(self.host)):
+        if port is None or (self.advertise is None and is_loopback(self.host)):
             return None
         return advertised_url(self.host, self.advertise, port)
 
@@ -281,6 +275,12 @@ class RestartAware(Protocol):
 
 
 C = TypeVar("C", bound=RestartAware)
+
+
+@functools.cache
+def _schema_of(model: type[BaseModel]) -> str:
+    schema = json.dumps(model.model_json_schema(), sort_keys=True)
+    return hashlib.sha256(schema.encode()).hexdigest()[:16]
 
 
 class ManagedProcess(ABC, Generic[C]):
@@ -551,9 +551,7 @@ class ManagedProcess(ABC, Generic[C]):
     @property
     def _schema(self) -> str:
         """Names the config's schema: a process of other code may not read this one's."""
-        model = cast(type[BaseModel], type(self.config))
-        schema = json.dumps(model.model_json_schema(), sort_keys=True)
-        return hashlib.sha256(schema.encode()).hexdigest()[:16]
+        return _schema_of(cast(type[BaseModel], type(self.config)))
 
     def _write_record(self, pid: int) -> None:
         record = {

@@ -84,7 +84,8 @@ def attach_addresses(deployments: Iterable[Deployment]) -> None:
 def _placed(deployment: Deployment) -> list[Placed]:
     if not hasattr(deployment, "placed"):
         attach_addresses([deployment])
-    return list(deployment.placed)
+    placed: list[Placed] = deployment.placed
+    return placed
 
 
 def endpoints(deployment: Deployment) -> list[str]:
