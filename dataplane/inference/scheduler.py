@@ -12,10 +12,14 @@ requests, highest priority class first and then by the policy, and hands their p
 to the step loop up to one step's budget; prompts not started yet go first in a step,
 so an admitted request waits for the step under way plus its own first chunk.
 
-With ``tpot_steps`` on, steps are sized to the tightest TPOT objective among the
-running requests' tenants (their ``tpot`` SLO thresholds): from the measured cost of a
-token in a step, decode rows may take up to ``ROWS_SHARE`` of the objective and prompt
-chunks what is left. Rows beyond that are paused (lowest priority class first, then the
+With ``tpot_steps`` on, steps are sized to the tightest TPOT objective (the ``tpot`` SLO
+thresholds) of the tenants with requests running or waiting, or with one in the last
+steps a request takes on average (rows admitted while a tenant is between requests
+would still be decoding at its next). The step loop measures a step's cost as a fixed
+part plus a part per row or prompt token (``stepcost``): decode rows may take up to
+``ROWS_SHARE`` of the objective, and prompt chunks are paid from the time steps leave
+unused, so steps average the objective and a chunk runs only when it is worth its
+forward call. Rows beyond that are paused (lowest priority class first, then the
 tenant furthest past its weighted share of the rows, newest first) and admission holds
 back, so one tenant's many rows do not stretch another's time per output token; the
 throughput given up for it is what the benchmark prints beside it.
@@ -73,6 +77,7 @@ from dataplane.inference.config import (
 )
 from dataplane.inference.engine import FINISH_STOP, BatchEngine, EngineSequence
 from dataplane.inference.metrics import RequestTiming, TelemetryStats, WorkerMetrics
+from dataplane.inference.stepcost import LinearCost
 
 log = logging.getLogger(__name__)
 
@@ -479,10 +484,17 @@ class Scheduler:
         # the batch at the next step.
         self._chunking: list[GenerationRequest] = []
         self._ready: list[GenerationRequest] = []
-        # Seconds a token (a decode row or a prompt token) adds to a step, as measured by
-        # the step thread; 0 until the first step.
-        self._token_seconds = 0.0
-        # The tightest TPOT objective among running requests (set by the event loop).
+        # What a step's decode rows and its prompt tokens cost, fit by the step thread,
+        # and the time steps left unused under a TPOT objective, which pays for prompt
+        # chunks (the step thread's own).
+        self._decode_cost = LinearCost()
+        self._prompt_cost = LinearCost()
+        self._slack = 0.0
+        # Steps taken (counted by the event loop), and the TPOT objectives in force: per
+        # tenant, its tightest and the step until which it holds.
+        self._steps = 0
+        self._objectives: dict[str, tuple[float, int]] = {}
+        # The tightest TPOT objective in force (set by the event loop).
         self._tpot_target: float | None = None
         self._mean_e2e = 1.0
         self._mean_output_tokens = 16.0
@@ -737,13 +749,14 @@ class Scheduler:
     def _admit(self) -> None:
         """Give free slots to waiting requests (pausing others to make room where the
         policy says so) and hand them to the step loop: new prompts up to one step's
-        prompt budget (as the TPOT objective cuts it) beside those not yet started (one
-        over it if it is the only one), so an admitted prompt's first chunk runs in the
-        next step."""
+        prompt budget beside those not yet started (one over it if it is the only one),
+        so an admitted prompt's first chunk runs in the next step (under a TPOT
+        objective, in the first step whose spare time pays for it)."""
         rows = self._row_cap()
         slots = rows - len(self.running)
         starting = sum(len(r.seq.prompt) for r in self._prefilling if not r.seq.prefilled)
-        budget = self._budget(len(self._in_batch) + len(self._joining)) - starting
+        decoding = len(self._in_batch) + len(self._joining)
+        budget = max(1, self.batching.max_tokens_per_step - decoding) - starting
         moves: list[tuple[str, GenerationRequest]] = []
         now = time.perf_counter()
         clock = self._clock()
@@ -842,29 +855,43 @@ class Scheduler:
             log.exception("decode step failed; failing the batch")
             self._engine.reset()
             stepped = None
-        decoded = time.perf_counter()
+        decoded, clock_decoded = time.perf_counter(), self._clock()
+        rows = len(stepped or ())
+        self._decode_cost.observe(rows, clock_decoded - clock_started)
+        target = self._tpot_target
+        spare = None
+        if target is not None:
+            # This step's own time left under the objective, plus what earlier steps left.
+            unused = target - (clock_decoded - clock_started)
+            spare = self._slack + max(0.0, unused)
         completed: list[GenerationRequest] = []
         failed: list[GenerationRequest] = []
         prefill_seconds = None
-        tokens = len(stepped or ())
         prefill_tokens = 0
-        if chunking:
+        budget = self._budget(rows, spare, chunking)
+        if budget:
             before = sum(r.seq.prefilled for r in chunking)
             try:
-                done = set(self._engine.prefill([r.seq for r in chunking], self._budget(tokens)))
+                done = set(self._engine.prefill([r.seq for r in chunking], budget))
             except Exception:
                 log.exception("prefill failed; failing its requests")
                 failed, chunking = chunking, []
             else:
                 prefill_tokens = sum(r.seq.prefilled for r in chunking) - before
-                tokens += prefill_tokens
                 completed = [r for r in chunking if r.seq in done]
                 chunking = [r for r in chunking if r.seq not in done]
             prefill_seconds = time.perf_counter() - decoded
-        if tokens:
-            cost = (self._clock() - clock_started) / tokens
-            weight = _COST_SMOOTHING if self._token_seconds else 1.0
-            self._token_seconds += weight * (cost - self._token_seconds)
+        prompt_seconds = self._clock() - clock_decoded
+        self._prompt_cost.observe(prefill_tokens, prompt_seconds)
+        if target is not None:
+            # Steps that leave less than the prompts' share still earn it, so prompts
+            # progress even where the objective cannot be met.
+            earned = max(target - (clock_decoded - clock_started), (1 - ROWS_SHARE) * target)
+            self._slack = min(
+                self._slack_cap(target), max(0.0, self._slack + earned - prompt_seconds)
+            )
+        else:
+            self._slack = 0.0
         self._chunking, self._ready = chunking, completed
         return _StepReport(
             join,
@@ -877,35 +904,64 @@ class Scheduler:
             prefill_tokens,
         )
 
-    def _budget(self, rows: int) -> int:
-        """Prompt tokens for this step after ``rows`` decode rows: the step's token budget,
-        cut to what keeps the step inside the TPOT objective (one token at least, so
-        every prompt progresses)."""
-        budget = self.batching.max_tokens_per_step - rows
-        target, cost = self._tpot_target, self._token_seconds
-        if target is not None and cost > 0:
-            budget = min(budget, int(target / cost) - rows)
-        return max(1, budget)
+    def _budget(self, rows: int, spare: float | None, chunking: Sequence[GenerationRequest]) -> int:
+        """Prompt tokens for this step after ``rows`` decode rows, of those ``chunking``
+        still needs: the step's token budget (one token at least, so every prompt
+        progresses).
+
+        Under a TPOT objective (``spare`` seconds: this step's unused time plus what
+        earlier steps banked), only what ``spare`` pays for, and nothing until it pays
+        for at least as much prompt work as the chunk's forward call costs by itself
+        (or for every prompt under way): a prompt waits a few steps rather than run
+        one token per call, and steps average the objective however the prompts fall.
+        """
+        pending = sum(len(r.seq.prompt) - r.seq.prefilled for r in chunking)
+        budget = min(pending, max(1, self.batching.max_tokens_per_step - rows))
+        line = self._prompt_cost.line
+        if spare is None or line is None or not budget:
+            return budget
+        worth = min(budget, math.ceil(line.base / line.per_unit) if line.per_unit else 1)
+        affordable = min(budget, line.most_within(spare))
+        return affordable if affordable >= worth else 0
+
+    def _slack_cap(self, target: float) -> float:
+        """The most time steps may bank for prompts: one objective, or a full chunk's
+        cost where that is more, so the largest chunk can always be paid for."""
+        line = self._prompt_cost.line
+        if line is None:
+            return target
+        return max(target, line.seconds(self.batching.max_tokens_per_step))
 
     def _row_cap(self) -> int:
         """Requests that may hold a slot: the batch size, or fewer where their decode
         rows would take more than ``ROWS_SHARE`` of the tightest TPOT objective."""
         cap = self.batching.max_batch_size
-        target, cost = self._tpot_target, self._token_seconds
-        if target is not None and cost > 0:
-            cap = min(cap, max(1, int(ROWS_SHARE * target / cost)))
+        target, line = self._tpot_target, self._decode_cost.line
+        if target is not None and line is not None:
+            cap = min(cap, max(1, line.most_within(ROWS_SHARE * target)))
         return cap
 
     def _set_tpot_target(self) -> None:
+        """The tightest TPOT objective of the tenants with requests running or waiting,
+        or with one in the last steps a request takes on average: rows admitted while a
+        tenant is between requests would still be decoding when its next one comes."""
         if not self.scheduling.tpot_steps:
             self._tpot_target = None
             return
-        objectives = (self._stats.tightest(r.tenant, "tpot") for r in self.running)
-        self._tpot_target = min((t for t in objectives if t is not None), default=None)
+        until = self._steps + math.ceil(self._mean_output_tokens)
+        for tenant in {r.tenant for r in [*self.running, *self.policy.queued()]}:
+            objective = self._stats.tightest(tenant, "tpot")
+            if objective is not None:
+                self._objectives[tenant] = (objective, until)
+        self._objectives = {
+            tenant: held for tenant, held in self._objectives.items() if held[1] >= self._steps
+        }
+        self._tpot_target = min((t for t, _ in self._objectives.values()), default=None)
 
     def _stepped(self, report: _StepReport) -> None:
         """A step's outcome, in the event loop: deliver its tokens and charge them;
         ``stepped`` None means the decode failed and the batch is gone."""
+        self._steps += 1
         self._pausing = [r for r in self._pausing if r not in report.parked]
         for request in report.joined:
             if request in self._joining:

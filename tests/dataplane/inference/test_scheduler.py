@@ -240,7 +240,9 @@ async def test_a_victim_waits_one_step_even_behind_a_long_prompt_under_way(
 async def test_steps_shrink_to_the_tightest_tpot_objective(runtime: OnnxRuntime) -> None:
     """The victim's TPOT objective is 10 tokens' worth of step: while it runs, rows
     take at most 3/4 of it (7), the aggressor's newest rows wait, and every step still
-    carries the victim; once it is done the aggressor has the whole batch again."""
+    carries the victim; the objective holds for a mean request's steps after it is done
+    (rows admitted then would still decode at its next request), then the aggressor
+    has the whole batch again."""
     engine = TokenClock(runtime)
     objective = SloThreshold(tenant="victim", metric="tpot", threshold_seconds=10 * TOKEN_S)
     h = Harness(runtime, [objective], engine, max_batch_size=16)
@@ -258,9 +260,72 @@ async def test_steps_shrink_to_the_tightest_tpot_objective(runtime: OnnxRuntime)
     after = len(engine.steps)
     while not all(r.done for r in aggressors):
         step_once(h.scheduler)
-    assert len(engine.steps[after + 1]) > 7
+    # A mean request is 16.4 steps here (its smoothed output tokens, from 16 and 20).
+    assert max(len(rows) for rows in engine.steps[after : after + 16]) <= 7
+    assert len(engine.steps[after + 18]) > 7
     assert victim.output_ids == alone(runtime, [7, 8, 9], 20)
     assert aggressors[0].output_ids == alone(runtime, [1, 2, 3], 60)
+
+
+CALL_S = 0.005  # what a forward call costs on CallClock's clock, whatever it carries
+
+
+class CallClock(TokenClock):
+    """TokenClock plus a fixed CALL_S for every forward call (a decode step, a prompt
+    chunk): the cost of reading the weights, which a step pays however few rows it has."""
+
+    def now(self) -> float:
+        return super().now() + self.calls * CALL_S
+
+    calls = 0
+
+    def step(
+        self,
+        leave: Collection[EngineSequence] = (),
+        park: Collection[EngineSequence] = (),
+        join: Sequence[EngineSequence] = (),
+    ) -> list[EngineSequence]:
+        stepped = super().step(leave, park, join)
+        self.calls += bool(stepped)
+        return stepped
+
+    def prefill(
+        self, sequences: Sequence[EngineSequence], max_tokens: int | None = None
+    ) -> list[EngineSequence]:
+        before = self.tokens
+        complete = super().prefill(sequences, max_tokens)
+        self.calls += self.tokens > before
+        return complete
+
+
+async def test_steps_under_a_tpot_objective_pay_each_forward_call_once(
+    runtime: OnnxRuntime,
+) -> None:
+    """With a fixed cost per call, the rows allowed are what fits beside it ((15 - 5)
+    token costs: 10 rows), not what a mean cost per token would allow; prompts run
+    whole, paid from the time steps leave unused, and steps average the objective."""
+    engine = CallClock(runtime)
+    objective = SloThreshold(tenant="victim", metric="tpot", threshold_seconds=20 * TOKEN_S)
+    h = Harness(runtime, [objective], engine, max_batch_size=32)
+    aggressors = [h.submit("aggressor", [1 + i % 200, 2, 3, 4, 5, 6, 7, 8], 40) for i in range(64)]
+    for _ in range(3):
+        step_once(h.scheduler)
+    victim = h.submit("victim", [7, 8, 9], 30)
+    started = engine.now()
+    prefill_calls = h.steps("prefill")
+    while not victim.done:
+        step_once(h.scheduler)
+    with_victim = [rows for rows in engine.steps if victim.seq in rows]
+    assert len(with_victim) == 29
+    assert max(len(rows) for rows in with_victim) == 10
+    # Every prompt chunk that ran beside the victim took whole prompts (8 tokens each).
+    assert h.steps("prefill") > prefill_calls
+    assert all(len(r.seq.prompt) == r.seq.prefilled for r in aggressors if r.seq.prefilled)
+    per_step = (engine.now() - started) / (len(with_victim) + 1)
+    assert per_step <= 20 * TOKEN_S * 1.1
+    while not all(r.done for r in aggressors):
+        step_once(h.scheduler)
+    assert victim.output_ids == alone(runtime, [7, 8, 9], 30)
 
 
 async def test_queue_delay_gathers_arrivals_into_one_prefill(harness_factory: Any) -> None:
