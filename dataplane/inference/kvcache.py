@@ -8,9 +8,12 @@ GroupQueryAttention reading ``past_key_values.N.*`` and giving them back as
 preallocated blocks of slots, ``[slots, kv_heads, max_context, head_dim]``, bound as both
 past and present of every forward call (IOBinding), so a step writes one column per row
 where it belongs and copies nothing else. A sequence takes a slot when its prompt starts
-and keeps it until it ends: prefill chunks, decode steps and pauses all work in the slot,
-so joining, leaving, pausing and resuming move no data, and more rows than the blocks
-hold add a block without touching the others. A decode call covers a run of adjacent
+and keeps it until it ends: prefill chunks and decode steps work in the slot, so joining
+and leaving the batch move no data, and more rows than the blocks hold add a block
+without touching the others. A paused row (preempted, or held back by a limit) moves to
+a parking block, one copy of its positions each way, so the rows that decode stay
+packed: a forward call binds a run of adjacent slots, and a paused row left among them
+would split every step into one call per run, each reading all the weights. A decode call covers a run of adjacent
 slots of one block: decoding rows and the free slots between them, which ride along
 writing their own first position. A released slot's host pages go back to the system.
 
@@ -459,8 +462,10 @@ class SlotCache(_RowSharing):
     New rows take the lowest free slots, so the rows in the batch stay packed at the
     start of the blocks. A decode call covers a run of at most ``rows_per_call`` slots
     (0: a whole block) of decoding rows and the free slots between them, which ride
-    along from position 0; a held row that does not decode (paused, being prefilled or
-    waiting to join) ends a run, so no call reads or writes its context. Blocks hold
+    along from position 0; a held row that does not decode (being prefilled or waiting
+    to join) ends a run, so no call reads or writes its context. A paused row waits in
+    a parking block, which no decode call binds, and comes back to the lowest free slot
+    when it joins again. Blocks hold
     ``block_slots`` slots (fewer where ``rows_per_call`` is smaller) and are added when
     the slots run out; a released slot's memory is given back, and empty blocks at the end
     are dropped (the first is kept).
@@ -473,6 +478,7 @@ class SlotCache(_RowSharing):
         self.rows_per_call = rows_per_call
         self.block_slots = max(1, block_slots)
         self._blocks: list[_Block] = []
+        self._parking: list[_Block] = []
 
     @property
     def buffers(self) -> list[SlotBuffers]:
@@ -480,10 +486,10 @@ class SlotCache(_RowSharing):
         return [block.buffers for block in self._blocks]
 
     def slots(self) -> list[tuple[int, int]]:
-        """The (block, slot) of every held row, in order."""
+        """The (block, slot) of every held row, in order (parking blocks last)."""
         return [
             (index, slot)
-            for index, block in enumerate(self._blocks)
+            for index, block in enumerate([*self._blocks, *self._parking])
             for slot, row in enumerate(block.rows)
             if row is not None
         ]
@@ -494,10 +500,14 @@ class SlotCache(_RowSharing):
         assert isinstance(row, _SlotRow)
         return row.block.buffers, row.slot
 
-    def _claim(self, count: int) -> list[tuple[_Block, int, int]]:
-        """``count`` free slots, lowest first, as runs (block, first slot, length)."""
+    def _claim(
+        self, count: int, blocks: list[_Block] | None = None
+    ) -> list[tuple[_Block, int, int]]:
+        """``count`` free slots of ``blocks`` (the decode blocks by default), lowest
+        first, as runs (block, first slot, length); new blocks are added to them."""
+        blocks = self._blocks if blocks is None else blocks
         runs: list[tuple[_Block, int, int]] = []
-        for block in self._blocks:
+        for block in blocks:
             slot = 0
             while slot < len(block.rows) and count > 0:
                 if block.rows[slot] is not None:
@@ -512,7 +522,7 @@ class SlotCache(_RowSharing):
         while count > 0:
             size = min(self.rows_per_call or DEFAULT_BLOCK_SLOTS, self.block_slots)
             block = _Block(self.model.allocate(size), [None] * size)
-            self._blocks.append(block)
+            blocks.append(block)
             runs.append((block, 0, min(size, count)))
             count -= min(size, count)
         return runs
@@ -569,11 +579,36 @@ class SlotCache(_RowSharing):
     def join(self, rows: Sequence[CacheRow]) -> None:
         for row in rows:
             assert isinstance(row, _SlotRow)
+            if self._parked(row):
+                ((block, slot, _),) = self._claim(1)
+                self._move(row, block, slot)
             row.decoding = True
 
     def park(self, row: CacheRow) -> None:
         assert isinstance(row, _SlotRow)
         row.decoding = False
+        if not self._parked(row):
+            ((block, slot, _),) = self._claim(1, self._parking)
+            self._move(row, block, slot)
+
+    def _parked(self, row: _SlotRow) -> bool:
+        return any(row.block is block for block in self._parking)
+
+    def _move(self, row: _SlotRow, block: _Block, slot: int) -> None:
+        """Copy a row's positions to a free slot and free the one it leaves."""
+        self.model.copy_slot(row.block.buffers, row.slot, block.buffers, slot, row.length)
+        left, left_slot = row.block, row.slot
+        block.rows[slot] = row
+        row.block, row.slot = block, slot
+        left.rows[left_slot] = None
+        self.model.free_slot(left.buffers, left_slot)
+        self._drop_empty_blocks()
+
+    def _drop_empty_blocks(self) -> None:
+        """Empty blocks at the end go (the first decode and parking blocks stay)."""
+        for blocks in (self._blocks, self._parking):
+            while len(blocks) > 1 and all(other is None for other in blocks[-1].rows):
+                blocks.pop()
 
     def release(self, row: CacheRow) -> None:
         assert isinstance(row, _SlotRow)
@@ -583,8 +618,7 @@ class SlotCache(_RowSharing):
         row.decoding = False
         row.block.rows[row.slot] = None
         self.model.free_slot(row.block.buffers, row.slot)
-        while len(self._blocks) > 1 and all(other is None for other in self._blocks[-1].rows):
-            self._blocks.pop()
+        self._drop_empty_blocks()
 
     def _runs(self, block: _Block) -> list[tuple[int, int]]:
         """The decode calls over a block, as (first slot, count): runs of decoding rows

@@ -77,7 +77,7 @@ from dataplane.inference.config import (
 )
 from dataplane.inference.engine import FINISH_STOP, BatchEngine, EngineSequence
 from dataplane.inference.metrics import RequestTiming, TelemetryStats, WorkerMetrics
-from dataplane.inference.stepcost import LinearCost
+from dataplane.inference.stepcost import Line, LinearCost
 
 log = logging.getLogger(__name__)
 
@@ -868,6 +868,8 @@ class Scheduler:
         failed: list[GenerationRequest] = []
         prefill_seconds = None
         prefill_tokens = 0
+        # The first waiting prompt's next chunk: what the bank saves up for.
+        first = self._step_budget(rows, chunking[:1])
         budget = self._budget(rows, spare, chunking)
         if budget:
             before = sum(r.seq.prefilled for r in chunking)
@@ -883,15 +885,18 @@ class Scheduler:
             prefill_seconds = time.perf_counter() - decoded
         prompt_seconds = self._clock() - clock_decoded
         self._prompt_cost.observe(prefill_tokens, prompt_seconds)
-        if target is not None:
-            # Steps that leave less than the prompts' share still earn it, so prompts
-            # progress even where the objective cannot be met.
+        if target is None:
+            self._slack = 0.0
+        elif first:
+            # Time is banked only while prompts wait for it, and a step that ran over
+            # leaves a debt (up to one objective). Steps that leave less than the
+            # prompts' share still earn it, so prompts progress even where the
+            # objective cannot be met.
             earned = max(target - (clock_decoded - clock_started), (1 - ROWS_SHARE) * target)
             self._slack = min(
-                self._slack_cap(target), max(0.0, self._slack + earned - prompt_seconds)
+                self._slack_cap(target, first),
+                max(-target, self._slack + earned - prompt_seconds),
             )
-        else:
-            self._slack = 0.0
         self._chunking, self._ready = chunking, completed
         return _StepReport(
             join,
@@ -910,27 +915,40 @@ class Scheduler:
         progresses).
 
         Under a TPOT objective (``spare`` seconds: this step's unused time plus what
-        earlier steps banked), only what ``spare`` pays for, and nothing until it pays
-        for at least as much prompt work as the chunk's forward call costs by itself
-        (or for every prompt under way): a prompt waits a few steps rather than run
-        one token per call, and steps average the objective however the prompts fall.
+        earlier steps banked) and with rows to protect, only what ``spare`` pays for,
+        and nothing until it pays for the first prompt's whole chunk (as far as the
+        step's budget goes) and for at least as much prompt work as the forward call
+        costs by itself: a prompt waits a few steps rather than run one token per call,
+        and steps average the objective however the prompts fall.
         """
-        pending = sum(len(r.seq.prompt) - r.seq.prefilled for r in chunking)
-        budget = min(pending, max(1, self.batching.max_tokens_per_step - rows))
+        budget = self._step_budget(rows, chunking)
         line = self._prompt_cost.line
-        if spare is None or line is None or not budget:
+        if spare is None or line is None or not budget or not rows:
             return budget
-        worth = min(budget, math.ceil(line.base / line.per_unit) if line.per_unit else 1)
+        needed = max(self._step_budget(rows, chunking[:1]), min(budget, self._worth(line)))
         affordable = min(budget, line.most_within(spare))
-        return affordable if affordable >= worth else 0
+        return affordable if affordable >= needed else 0
 
-    def _slack_cap(self, target: float) -> float:
-        """The most time steps may bank for prompts: one objective, or a full chunk's
-        cost where that is more, so the largest chunk can always be paid for."""
+    def _step_budget(self, rows: int, chunking: Sequence[GenerationRequest]) -> int:
+        """The prompt tokens ``chunking`` still needs, up to what a step of ``rows``
+        decode rows leaves of its token budget (one token at least)."""
+        pending = sum(len(r.seq.prompt) - r.seq.prefilled for r in chunking)
+        return min(pending, max(1, self.batching.max_tokens_per_step - rows))
+
+    def _worth(self, line: Line) -> int:
+        """The smallest chunk worth its forward call: as much prompt work as the call's
+        fixed part."""
+        worth = math.ceil(line.base / line.per_unit) if line.per_unit > 0 else 1
+        return max(1, min(worth, self.batching.max_tokens_per_step))
+
+    def _slack_cap(self, target: float, first: int) -> float:
+        """The most time steps may bank for prompts: one objective, or where that is
+        more, what the first waiting prompt's next chunk of ``first`` tokens or the
+        smallest chunk worth its call costs, so that one can always be paid for."""
         line = self._prompt_cost.line
         if line is None:
             return target
-        return max(target, line.seconds(self.batching.max_tokens_per_step))
+        return max(target, line.seconds(max(first, self._worth(line))))
 
     def _row_cap(self) -> int:
         """Requests that may hold a slot: the batch size, or fewer where their decode

@@ -11,12 +11,17 @@ keeps the two parts apart.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 SMOOTHING = 0.1
 """Weight of a new observation in its bucket's means, once it has been seen that often."""
+MIN_SEEN = 4
+"""Observations before a bucket counts in the fit."""
 WEIGHT_CAP = 1000
 """Observations past which a bucket weighs no more in the fit."""
+OUTLIER = 4.0
+"""An observation counts as at most this many times what the line predicts for it."""
 
 
 @dataclass(frozen=True)
@@ -36,35 +41,71 @@ class Line:
         return max(0, math.floor((seconds - self.base) / self.per_unit + 1e-9))
 
 
+class _Bucket:
+    """Means of the counts and seconds seen in one bucket: the median of the first
+    ``MIN_SEEN`` seconds (a first call's stall among them counts for nothing), then
+    a mean that ends up smoothed."""
+
+    def __init__(self) -> None:
+        self.firsts: list[float] = []
+        self.count = 0.0
+        self.seconds = 0.0
+        self.seen = 0
+
+    def observe(self, count: int, seconds: float) -> None:
+        self.seen += 1
+        weight = max(1.0 / self.seen, SMOOTHING)
+        self.count += weight * (count - self.count)
+        if self.seen < MIN_SEEN:
+            self.firsts.append(seconds)
+        elif self.seen == MIN_SEEN:
+            self.seconds = statistics.median([*self.firsts, seconds])
+            self.firsts = []
+        else:
+            self.seconds += weight * (min(seconds, OUTLIER * self.seconds) - self.seconds)
+
+
 class LinearCost:
     """Seconds against a count, fit as a line through per-bucket means.
 
     Counts go into buckets by their power of two (1, 2-3, 4-7, ...). Each bucket keeps
-    its mean count and mean seconds (a plain mean over its first observations, then
-    smoothed) and how often it was seen; a bucket not seen for a while keeps its means,
+    its mean count and mean seconds (from the median of its first observations, then a
+    mean that ends up smoothed) and how often it was seen; a bucket not seen for a while keeps its means,
     so a step held to a few rows still knows what a full batch cost. The line is least
-    squares through the buckets, each weighted by how often it was seen (up to
-    ``WEIGHT_CAP``), so a bucket seen a few times in a burst of interference cannot hold
-    the line up; with one bucket, or a fit that slopes down or crosses below zero, the
-    line goes through the origin instead.
+    squares through the buckets seen ``MIN_SEEN`` times, each weighted by how often it
+    was seen (up to ``WEIGHT_CAP``), and an observation counts as at most ``OUTLIER``
+    times the line's prediction and its bucket's mean, so a stall (a first call, a burst of interference)
+    cannot hold the line up. A fit that crosses below zero goes through the origin.
+    Where the buckets give no line of positive slope (one bucket, or a fit that slopes
+    down), the last line's slope is kept and drawn
+    through the most observed bucket: a step held to one row, which got cheaper, lowers
+    the base and lets more rows in. With no line yet, the most observed bucket's cost
+    is all fixed: a step of one row cannot tell its fixed part from its part per row,
+    and taking it all as per row would hold steps to that row for good, while taking
+    it as fixed lets rows in until larger steps show their cost.
     """
 
     def __init__(self) -> None:
-        self._buckets: dict[int, tuple[float, float, int]] = {}
+        self._buckets: dict[int, _Bucket] = {}
         self.line: Line | None = None
 
     def observe(self, count: int, seconds: float) -> None:
         if count <= 0:
             return
-        key = count.bit_length()
-        x, y, seen = self._buckets.get(key, (0.0, 0.0, 0))
-        seen += 1
-        weight = max(1.0 / seen, SMOOTHING)
-        self._buckets[key] = (x + weight * (count - x), y + weight * (seconds - y), seen)
-        self.line = self._fit()
+        bucket = self._buckets.setdefault(count.bit_length(), _Bucket())
+        if self.line is not None:
+            seconds = min(seconds, OUTLIER * self.line.seconds(count))
+        bucket.observe(count, seconds)
+        self.line = self._fit() or self.line
 
-    def _fit(self) -> Line:
-        points = [(x, y, float(min(seen, WEIGHT_CAP))) for x, y, seen in self._buckets.values()]
+    def _fit(self) -> Line | None:
+        points = [
+            (b.count, b.seconds, float(min(b.seen, WEIGHT_CAP)))
+            for b in self._buckets.values()
+            if b.seen >= MIN_SEEN
+        ]
+        if not points:
+            return None
         sw = sum(w for _, _, w in points)
         sx = sum(w * x for x, _, w in points)
         sy = sum(w * y for _, y, w in points)
@@ -73,7 +114,10 @@ class LinearCost:
         spread = sw * sxx - sx * sx
         if len(points) > 1 and spread > 0:
             per_unit = (sw * sxy - sx * sy) / spread
-            base = (sy - per_unit * sx) / sw
-            if per_unit > 0 and base >= 0:
-                return Line(base, per_unit)
-        return Line(0.0, sxy / sxx)
+            if per_unit > 0:
+                base = (sy - per_unit * sx) / sw
+                # A line that would cross below zero: the best one through the origin.
+                return Line(base, per_unit) if base >= 0 else Line(0.0, sxy / sxx)
+        x, y, _ = max(points, key=lambda point: point[2])
+        per_unit = 0.0 if self.line is None else self.line.per_unit
+        return Line(max(0.0, y - per_unit * x), per_unit)

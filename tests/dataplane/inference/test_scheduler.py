@@ -246,8 +246,13 @@ async def test_steps_shrink_to_the_tightest_tpot_objective(runtime: OnnxRuntime)
     engine = TokenClock(runtime)
     objective = SloThreshold(tenant="victim", metric="tpot", threshold_seconds=10 * TOKEN_S)
     h = Harness(runtime, [objective], engine, max_batch_size=16)
-    aggressors = [h.submit("aggressor", [1 + i, 2, 3], 60) for i in range(16)]
-    while len(engine.steps) < 3:
+    # The aggressor's requests come in two waves: steps of 4 rows, then of 16, show
+    # what a step costs.
+    aggressors = [h.submit("aggressor", [1 + i, 2, 3], 60) for i in range(4)]
+    while len(engine.steps) < 5:
+        step_once(h.scheduler)
+    aggressors += [h.submit("aggressor", [1 + i, 2, 3], 60) for i in range(4, 16)]
+    while len(engine.steps) < 10:
         step_once(h.scheduler)
     assert len(engine.steps[-1]) == 16
     victim = h.submit("victim", [7, 8, 9], 20)
@@ -274,10 +279,13 @@ class CallClock(TokenClock):
     """TokenClock plus a fixed CALL_S for every forward call (a decode step, a prompt
     chunk): the cost of reading the weights, which a step pays however few rows it has."""
 
+    def __init__(self, runtime: OnnxRuntime) -> None:
+        super().__init__(runtime)
+        self.calls = 0
+        self.budgets: list[int | None] = []  # each prompt call's token budget
+
     def now(self) -> float:
         return super().now() + self.calls * CALL_S
-
-    calls = 0
 
     def step(
         self,
@@ -295,6 +303,7 @@ class CallClock(TokenClock):
         before = self.tokens
         complete = super().prefill(sequences, max_tokens)
         self.calls += self.tokens > before
+        self.budgets.append(max_tokens)
         return complete
 
 
@@ -308,18 +317,20 @@ async def test_steps_under_a_tpot_objective_pay_each_forward_call_once(
     objective = SloThreshold(tenant="victim", metric="tpot", threshold_seconds=20 * TOKEN_S)
     h = Harness(runtime, [objective], engine, max_batch_size=32)
     aggressors = [h.submit("aggressor", [1 + i % 200, 2, 3, 4, 5, 6, 7, 8], 40) for i in range(64)]
-    for _ in range(3):
+    for _ in range(6):  # steps of 32 rows, measured
         step_once(h.scheduler)
     victim = h.submit("victim", [7, 8, 9], 30)
     started = engine.now()
-    prefill_calls = h.steps("prefill")
+    budgets = len(engine.budgets)
     while not victim.done:
         step_once(h.scheduler)
     with_victim = [rows for rows in engine.steps if victim.seq in rows]
     assert len(with_victim) == 29
     assert max(len(rows) for rows in with_victim) == 10
-    # Every prompt chunk that ran beside the victim took whole prompts (8 tokens each).
-    assert h.steps("prefill") > prefill_calls
+    # Every prompt chunk that ran beside the victim took whole prompts (the victim's of
+    # 3 tokens, the aggressor's of 8), never a token or two per call.
+    assert engine.budgets[budgets:]
+    assert all(b is not None and b >= 3 for b in engine.budgets[budgets:])
     assert all(len(r.seq.prompt) == r.seq.prefilled for r in aggressors if r.seq.prefilled)
     per_step = (engine.now() - started) / (len(with_victim) + 1)
     assert per_step <= 20 * TOKEN_S * 1.1
