@@ -203,8 +203,10 @@ class BatchEngine:
                 seq.row = None
             else:
                 joining.append(seq)
-        self.cache.join([seq.row for seq in joining if seq.row is not None])
+        # The batch first: rows a failed join leaves behind are the batch's, and a reset
+        # releases them.
         self._running = staying + joining
+        self.cache.join([seq.row for seq in joining if seq.row is not None])
         if not self._running:
             return []
         rows = [seq.row for seq in self._running if seq.row is not None]

@@ -10,10 +10,11 @@ past and present of every forward call (IOBinding), so a step writes one column 
 where it belongs and copies nothing else. A sequence takes a slot when its prompt starts
 and keeps it until it ends: prefill chunks and decode steps work in the slot, so joining
 and leaving the batch move no data, and more rows than the blocks hold add a block
-without touching the others. A paused row (preempted, or held back by a limit) moves to
-a parking block, one copy of its positions each way, so the rows that decode stay
-packed: a forward call binds a run of adjacent slots, and a paused row left among them
-would split every step into one call per run, each reading all the weights. A decode call covers a run of adjacent
+without touching the others. A paused row (preempted, or held back by a limit) that
+would split a decode call moves to a parking block, one copy of its positions each way,
+so the rows that decode stay packed: a forward call binds a run of adjacent slots, and a
+paused row left among them would split every step into one call per run, each reading
+all the weights. A decode call covers a run of adjacent
 slots of one block: decoding rows and the free slots between them, which ride along
 writing their own first position. A released slot's host pages go back to the system.
 
@@ -50,6 +51,9 @@ IntArray = npt.NDArray[np.int64]
 
 DEFAULT_BLOCK_SLOTS = 32
 """Slots per block of a ``SlotCache`` whose forward calls are not limited in rows."""
+PARKING_BLOCK_SLOTS = 4
+"""Slots per parking block: paused rows are few, and a device block is not given back
+until it empties."""
 
 
 class CacheRow:
@@ -448,6 +452,7 @@ class _SlotRow(CacheRow):
     slot: int
     length: int
     decoding: bool = False
+    paused: bool = False
 
 
 @dataclass(eq=False)
@@ -463,12 +468,14 @@ class SlotCache(_RowSharing):
     start of the blocks. A decode call covers a run of at most ``rows_per_call`` slots
     (0: a whole block) of decoding rows and the free slots between them, which ride
     along from position 0; a held row that does not decode (being prefilled or waiting
-    to join) ends a run, so no call reads or writes its context. A paused row waits in
-    a parking block, which no decode call binds, and comes back to the lowest free slot
-    when it joins again. Blocks hold
+    to join) ends a run, so no call reads or writes its context. A paused row with a
+    decoding row after it in its block moves, when a decode comes, to a parking block
+    (``PARKING_BLOCK_SLOTS`` slots) that no decode call binds, and comes back to the
+    lowest free slot when it joins again; a paused row that splits nothing stays. Blocks
+    hold
     ``block_slots`` slots (fewer where ``rows_per_call`` is smaller) and are added when
     the slots run out; a released slot's memory is given back, and empty blocks at the end
-    are dropped (the first is kept).
+    are dropped (the first is kept; empty parking blocks all go).
     """
 
     def __init__(
@@ -486,7 +493,8 @@ class SlotCache(_RowSharing):
         return [block.buffers for block in self._blocks]
 
     def slots(self) -> list[tuple[int, int]]:
-        """The (block, slot) of every held row, in order (parking blocks last)."""
+        """The (block, slot) of every held row, in order; parking blocks are numbered
+        after the decode blocks (``buffers`` lists only those)."""
         return [
             (index, slot)
             for index, block in enumerate([*self._blocks, *self._parking])
@@ -501,10 +509,11 @@ class SlotCache(_RowSharing):
         return row.block.buffers, row.slot
 
     def _claim(
-        self, count: int, blocks: list[_Block] | None = None
+        self, count: int, blocks: list[_Block] | None = None, size: int = 0
     ) -> list[tuple[_Block, int, int]]:
         """``count`` free slots of ``blocks`` (the decode blocks by default), lowest
-        first, as runs (block, first slot, length); new blocks are added to them."""
+        first, as runs (block, first slot, length); new blocks (of ``size`` slots, or
+        the cache's block size) are added to them."""
         blocks = self._blocks if blocks is None else blocks
         runs: list[tuple[_Block, int, int]] = []
         for block in blocks:
@@ -520,7 +529,7 @@ class SlotCache(_RowSharing):
                 count -= end - slot
                 slot = end
         while count > 0:
-            size = min(self.rows_per_call or DEFAULT_BLOCK_SLOTS, self.block_slots)
+            size = size or min(self.rows_per_call or DEFAULT_BLOCK_SLOTS, self.block_slots)
             block = _Block(self.model.allocate(size), [None] * size)
             blocks.append(block)
             runs.append((block, 0, min(size, count)))
@@ -579,20 +588,23 @@ class SlotCache(_RowSharing):
     def join(self, rows: Sequence[CacheRow]) -> None:
         for row in rows:
             assert isinstance(row, _SlotRow)
-            if self._parked(row):
+            if any(row.block is block for block in self._parking):
                 ((block, slot, _),) = self._claim(1)
                 self._move(row, block, slot)
-            row.decoding = True
+            row.decoding, row.paused = True, False
 
     def park(self, row: CacheRow) -> None:
         assert isinstance(row, _SlotRow)
-        row.decoding = False
-        if not self._parked(row):
-            ((block, slot, _),) = self._claim(1, self._parking)
-            self._move(row, block, slot)
+        row.decoding, row.paused = False, True
 
-    def _parked(self, row: _SlotRow) -> bool:
-        return any(row.block is block for block in self._parking)
+    def _park_splitting(self, block: _Block) -> None:
+        """Move the paused rows of a block that have a decoding row after them to a
+        parking block: left in place, each would end a decode call."""
+        last = max((s for s, row in enumerate(block.rows) if row and row.decoding), default=-1)
+        for row in block.rows[:last]:
+            if row is not None and row.paused:
+                ((parking, slot, _),) = self._claim(1, self._parking, PARKING_BLOCK_SLOTS)
+                self._move(row, parking, slot)
 
     def _move(self, row: _SlotRow, block: _Block, slot: int) -> None:
         """Copy a row's positions to a free slot and free the one it leaves."""
@@ -605,17 +617,18 @@ class SlotCache(_RowSharing):
         self._drop_empty_blocks()
 
     def _drop_empty_blocks(self) -> None:
-        """Empty blocks at the end go (the first decode and parking blocks stay)."""
-        for blocks in (self._blocks, self._parking):
-            while len(blocks) > 1 and all(other is None for other in blocks[-1].rows):
-                blocks.pop()
+        """Empty decode blocks at the end go (the first stays), and empty parking
+        blocks."""
+        while len(self._blocks) > 1 and all(other is None for other in self._blocks[-1].rows):
+            self._blocks.pop()
+        self._parking = [b for b in self._parking if any(r is not None for r in b.rows)]
 
     def release(self, row: CacheRow) -> None:
         assert isinstance(row, _SlotRow)
         row.holders -= 1
         if row.holders > 0 or row.block.rows[row.slot] is not row:
             return
-        row.decoding = False
+        row.decoding = row.paused = False
         row.block.rows[row.slot] = None
         self.model.free_slot(row.block.buffers, row.slot)
         self._drop_empty_blocks()
@@ -643,7 +656,8 @@ class SlotCache(_RowSharing):
     def decode(self, rows: Sequence[CacheRow], tokens: IntArray) -> FloatArray:
         token_of = {id(row): int(token) for row, token in zip(rows, tokens, strict=True)}
         logits: dict[int, FloatArray] = {}
-        for block in self._blocks:
+        for block in list(self._blocks):
+            self._park_splitting(block)
             for first, count in self._runs(block):
                 # Free slots in the run get past 0: they write their own position 0.
                 ids = np.zeros((count, 1), np.int64)

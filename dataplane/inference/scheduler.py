@@ -1,15 +1,16 @@
 """Iteration-level continuous batching with per-tenant fair queuing and admission control.
 
-One step loop, in one thread, is the only compute: each step decodes one token for
-every sequence in the batch and then spends what is left of the per-step token budget
-(``max_tokens_per_step`` minus one token per decode row) on prompt chunks, so a long
-prompt is split over steps (chunked prefill, as in Sarathi-Serve and vLLM) and never
-stalls decode, and no second compute thread competes for the cores. It takes
-membership changes (prefill, join, leave, park) from a queue between steps and hands
-each step's tokens to the event loop without waiting for it: a step never waits for
-HTTP work. Admission is an asyncio task that gives free batch slots to waiting
-requests, highest priority class first and then by the policy, and hands their prompts
-to the step loop up to one step's budget; prompts not started yet go first in a step,
+One step loop, in one thread, is the only compute: each step spends what its decode
+rows leave of the per-step token budget (``max_tokens_per_step`` minus one token per
+decode row) on prompt chunks, then decodes one token for every sequence in the batch,
+so a long prompt is split over steps (chunked prefill, as in Sarathi-Serve and vLLM)
+and never stalls decode, and no second compute thread competes for the cores. It
+takes membership changes (prefill, join, leave, park) from a queue between steps and
+hands each half step's tokens to the event loop as soon as they exist, without
+waiting for it: a step never waits for HTTP work. Admission is an asyncio task that
+gives free batch slots to waiting requests, highest priority class first and then by
+the policy, and hands their prompts to the step loop up to one step's budget; prompts
+not started yet go first in a step, and a prompt completed decodes in the same step,
 so an admitted request waits for the step under way plus its own first chunk.
 
 With ``tpot_steps`` on, steps are sized to the tightest TPOT objective (the ``tpot`` SLO
@@ -100,16 +101,18 @@ def _smoothed(previous: float, value: float) -> float:
 
 @dataclass
 class _StepReport:
-    """What one step did, for the event loop: ``stepped`` None if the decode failed."""
+    """One half of a step, for the event loop: its prompt chunks (``completed`` with
+    their first tokens, ``failed``), or its decode (``decode_seconds`` set; ``stepped``
+    None if the decode failed)."""
 
-    joined: list[GenerationRequest]
-    parked: list[GenerationRequest]
-    stepped: list[EngineSequence] | None
-    completed: list[GenerationRequest]
-    failed: list[GenerationRequest]
-    decode_seconds: float
-    prefill_seconds: float | None
-    prefill_tokens: int
+    completed: list[GenerationRequest] = field(default_factory=list)
+    failed: list[GenerationRequest] = field(default_factory=list)
+    prefill_seconds: float | None = None
+    prefill_tokens: int = 0
+    joined: list[GenerationRequest] = field(default_factory=list)
+    parked: list[GenerationRequest] = field(default_factory=list)
+    stepped: list[EngineSequence] | None = field(default_factory=list)
+    decode_seconds: float | None = None
 
 
 class QueueFull(Exception):
@@ -480,10 +483,8 @@ class Scheduler:
         self._admission = asyncio.Event()
         self._commands: SimpleQueue[_Command] = SimpleQueue()
         self._step_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
-        # Owned by the step thread: prompts under way, and prompts complete that join
-        # the batch at the next step.
+        # Owned by the step thread: prompts under way.
         self._chunking: list[GenerationRequest] = []
-        self._ready: list[GenerationRequest] = []
         # What a step's decode rows and its prompt tokens cost, fit by the step thread,
         # and the time steps left unused under a TPOT objective, which pays for prompt
         # chunks (the step thread's own).
@@ -563,6 +564,10 @@ class Scheduler:
             self._stats.count_rejected(request.tenant)
             raise QueueFull(request.tenant, self._retry_after(request.tenant, waiting))
         self.policy.push(request, {r.tenant for r in self.running})
+        if self.scheduling.tpot_steps:
+            # Its TPOT objective is in force from now: rows beyond it pause in the
+            # step that starts its prompt.
+            self._enforce_limits()
         self._admission.set()
         self._changed()
 
@@ -808,7 +813,7 @@ class Scheduler:
         never waits for HTTP work."""
         while True:
             commands: list[_Command] = []
-            if not (self._engine.running or self._chunking or self._ready):
+            if not (self._engine.running or self._chunking):
                 commands.append(self._commands.get())
             with contextlib.suppress(Empty):
                 while True:
@@ -819,20 +824,29 @@ class Scheduler:
                 if isinstance(command, int):
                     self._engine.rows_per_call = command
             moves = [move for command in commands if isinstance(command, list) for move in command]
-            report = self._step(moves)
+
+            def report(outcome: _StepReport) -> None:
+                loop.call_soon_threadsafe(self._stepped, outcome)
+
             try:
-                loop.call_soon_threadsafe(self._stepped, report)
+                self._step(moves, report)
             except RuntimeError:  # the event loop is closed: nobody is listening
                 return
 
-    def _step(self, moves: list[tuple[str, GenerationRequest]]) -> _StepReport:
-        """One step: membership changes, a decode token for every row in the batch, then
-        prompt chunks in what is left of the step's token budget.
+    def _step(
+        self,
+        moves: list[tuple[str, GenerationRequest]],
+        report: Callable[[_StepReport], None],
+    ) -> None:
+        """One step: prompt chunks in what the step's token budget leaves beside its
+        decode rows, then membership changes and a decode token for every row in the
+        batch; each half's outcome goes to ``report`` as soon as it is done.
 
-        Prompts not started yet get the budget first, in admission order, so a request
-        admitted now waits for the step under way and its own first chunk, never for
-        someone's long prompt; a prompt under way takes what is left. A prompt completed
-        in this step has its first token now and joins the batch at the next step.
+        Prompts not started yet get the budget first, in admission order, and run before
+        the decode, so a request admitted now waits for the step under way and its own
+        first chunk, never for someone's long prompt or a decode; a prompt under way takes
+        what is left. A prompt completed in this step has its first token at once and
+        decodes in the same step.
         """
         kinds: dict[str, list[GenerationRequest]] = {
             "join": [],
@@ -843,27 +857,20 @@ class Scheduler:
         for kind, request in moves:
             kinds[kind].append(request)
         leave = {r.seq for r in kinds["leave"]}
-        join = [r for r in [*self._ready, *kinds["join"]] if r.seq not in leave]
+        park = kinds["park"]
+        parking = {r.seq for r in park}
+        join = [r for r in kinds["join"] if r.seq not in leave]
         chunking = [r for r in [*self._chunking, *kinds["prefill"]] if r.seq not in leave]
         chunking.sort(key=lambda r: r.seq.prefilled > 0)
-        park = kinds["park"]
-        started, clock_started = time.perf_counter(), self._clock()
-        stepped: list[EngineSequence] | None
-        try:
-            stepped = self._engine.step(leave, {r.seq for r in park}, [r.seq for r in join])
-        except Exception:
-            log.exception("decode step failed; failing the batch")
-            self._engine.reset()
-            stepped = None
-        decoded, clock_decoded = time.perf_counter(), self._clock()
-        rows = len(stepped or ())
-        self._decode_cost.observe(rows, clock_decoded - clock_started)
+        staying = [s for s in self._engine.running if s not in leave and s not in parking]
+        rows = len(join) + sum(1 for s in staying if s.finish_reason is None)
         target = self._tpot_target
         spare = None
         if target is not None:
             # This step's own time left under the objective, plus what earlier steps left.
-            unused = target - (clock_decoded - clock_started)
-            spare = self._slack + max(0.0, unused)
+            line = self._decode_cost.line
+            decode = line.seconds(rows) if line is not None and rows else 0.0
+            spare = self._slack + max(0.0, target - decode)
         completed: list[GenerationRequest] = []
         failed: list[GenerationRequest] = []
         prefill_seconds = None
@@ -871,6 +878,7 @@ class Scheduler:
         # The first waiting prompt's next chunk: what the bank saves up for.
         first = self._step_budget(rows, chunking[:1])
         budget = self._budget(rows, spare, chunking)
+        started, clock_started = time.perf_counter(), self._clock()
         if budget:
             before = sum(r.seq.prefilled for r in chunking)
             try:
@@ -882,9 +890,29 @@ class Scheduler:
                 prefill_tokens = sum(r.seq.prefilled for r in chunking) - before
                 completed = [r for r in chunking if r.seq in done]
                 chunking = [r for r in chunking if r.seq not in done]
-            prefill_seconds = time.perf_counter() - decoded
-        prompt_seconds = self._clock() - clock_decoded
+            prefill_seconds = time.perf_counter() - started
+            report(
+                _StepReport(
+                    completed=completed,
+                    failed=failed,
+                    prefill_seconds=prefill_seconds,
+                    prefill_tokens=prefill_tokens,
+                )
+            )
+        prefilled, clock_prefilled = time.perf_counter(), self._clock()
+        prompt_seconds = clock_prefilled - clock_started
         self._prompt_cost.observe(prefill_tokens, prompt_seconds)
+        self._chunking = chunking
+        join += completed
+        stepped: list[EngineSequence] | None
+        try:
+            stepped = self._engine.step(leave, parking, [r.seq for r in join])
+        except Exception:
+            log.exception("decode step failed; failing the batch")
+            self._engine.reset()
+            stepped = None
+        decode_seconds = self._clock() - clock_prefilled
+        self._decode_cost.observe(len(stepped or ()), decode_seconds)
         if target is None:
             self._slack = 0.0
         elif first:
@@ -892,21 +920,18 @@ class Scheduler:
             # leaves a debt (up to one objective). Steps that leave less than the
             # prompts' share still earn it, so prompts progress even where the
             # objective cannot be met.
-            earned = max(target - (clock_decoded - clock_started), (1 - ROWS_SHARE) * target)
+            earned = max(target - decode_seconds, (1 - ROWS_SHARE) * target)
             self._slack = min(
                 self._slack_cap(target, first),
                 max(-target, self._slack + earned - prompt_seconds),
             )
-        self._chunking, self._ready = chunking, completed
-        return _StepReport(
-            join,
-            park,
-            stepped,
-            completed,
-            failed,
-            decoded - started,
-            prefill_seconds,
-            prefill_tokens,
+        report(
+            _StepReport(
+                joined=join,
+                parked=park,
+                stepped=stepped,
+                decode_seconds=time.perf_counter() - prefilled,
+            )
         )
 
     def _budget(self, rows: int, spare: float | None, chunking: Sequence[GenerationRequest]) -> int:
@@ -977,9 +1002,10 @@ class Scheduler:
         self._tpot_target = min((t for t, _ in self._objectives.values()), default=None)
 
     def _stepped(self, report: _StepReport) -> None:
-        """A step's outcome, in the event loop: deliver its tokens and charge them;
+        """Half a step's outcome, in the event loop: deliver its tokens and charge them;
         ``stepped`` None means the decode failed and the batch is gone."""
-        self._steps += 1
+        if report.decode_seconds is not None:
+            self._steps += 1
         self._pausing = [r for r in self._pausing if r not in report.parked]
         for request in report.joined:
             if request in self._joining:
@@ -994,7 +1020,7 @@ class Scheduler:
             self._fail([*self._in_batch, *report.joined, *report.parked])
             stepped = []
         self._fail(report.failed)
-        if stepped:
+        if stepped and report.decode_seconds is not None:
             self._metrics.step_seconds.labels("decode").observe(report.decode_seconds)
             self.step_s = _smoothed(self.step_s, report.decode_seconds)
         if report.prefill_seconds is not None:

@@ -21,7 +21,9 @@ MIN_SEEN = 4
 WEIGHT_CAP = 1000
 """Observations past which a bucket weighs no more in the fit."""
 OUTLIER = 4.0
-"""An observation counts as at most this many times what the line predicts for it."""
+"""An observation counts as at most this many times its bucket's mean."""
+STALE = 20_000
+"""Observations after which a bucket not seen among them is forgotten."""
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,11 @@ class _Bucket:
         self.count = 0.0
         self.seconds = 0.0
         self.seen = 0
+        self.last = 0  # the cost model's observation that last fell here
 
-    def observe(self, count: int, seconds: float) -> None:
+    def observe(self, count: int, seconds: float, index: int) -> None:
         self.seen += 1
+        self.last = index
         weight = max(1.0 / self.seen, SMOOTHING)
         self.count += weight * (count - self.count)
         if self.seen < MIN_SEEN:
@@ -70,32 +74,38 @@ class LinearCost:
 
     Counts go into buckets by their power of two (1, 2-3, 4-7, ...). Each bucket keeps
     its mean count and mean seconds (from the median of its first observations, then a
-    mean that ends up smoothed) and how often it was seen; a bucket not seen for a while keeps its means,
-    so a step held to a few rows still knows what a full batch cost. The line is least
-    squares through the buckets seen ``MIN_SEEN`` times, each weighted by how often it
-    was seen (up to ``WEIGHT_CAP``), and an observation counts as at most ``OUTLIER``
-    times the line's prediction and its bucket's mean, so a stall (a first call, a burst of interference)
-    cannot hold the line up. A fit that crosses below zero goes through the origin.
-    Where the buckets give no line of positive slope (one bucket, or a fit that slopes
-    down), the last line's slope is kept and drawn
-    through the most observed bucket: a step held to one row, which got cheaper, lowers
-    the base and lets more rows in. With no line yet, the most observed bucket's cost
-    is all fixed: a step of one row cannot tell its fixed part from its part per row,
-    and taking it all as per row would hold steps to that row for good, while taking
-    it as fixed lets rows in until larger steps show their cost.
+    mean that ends up smoothed) and how often it was seen; a bucket not seen for a while
+    keeps its means, so a step held to a few rows still knows what a full batch cost,
+    until ``STALE`` observations pass without it. The line is least squares through the
+    buckets seen ``MIN_SEEN`` times, each weighted by how often it was seen (up to
+    ``WEIGHT_CAP``); an observation counts as at most ``OUTLIER`` times its bucket's
+    mean, so a stall (a first call, a burst of interference) cannot hold the line up. A
+    fit that crosses below zero goes through the origin. Where the buckets give no line
+    of positive slope (a fit that slopes down, or one bucket among others not seen
+    enough yet), the last line's slope is kept and drawn through the most observed
+    bucket: a step held to one row, which got cheaper, lowers the base and lets more rows
+    in. With no line yet, or no other bucket remembered, the bucket's cost is all fixed:
+    a step of one row cannot tell its fixed part from its part per row, and taking it all
+    as per row would hold steps to that row for good, while taking it as fixed lets rows
+    in until larger steps show their cost (so a bucket that once made larger steps look
+    dear is measured again once forgotten).
     """
 
     def __init__(self) -> None:
         self._buckets: dict[int, _Bucket] = {}
+        self._observed = 0
         self.line: Line | None = None
 
     def observe(self, count: int, seconds: float) -> None:
         if count <= 0:
             return
+        self._observed += 1
         bucket = self._buckets.setdefault(count.bit_length(), _Bucket())
-        if self.line is not None:
-            seconds = min(seconds, OUTLIER * self.line.seconds(count))
-        bucket.observe(count, seconds)
+        bucket.observe(count, seconds, self._observed)
+        if self._observed % 1024 == 0:
+            self._buckets = {
+                key: b for key, b in self._buckets.items() if self._observed - b.last <= STALE
+            }
         self.line = self._fit() or self.line
 
     def _fit(self) -> Line | None:
@@ -119,5 +129,6 @@ class LinearCost:
                 # A line that would cross below zero: the best one through the origin.
                 return Line(base, per_unit) if base >= 0 else Line(0.0, sxy / sxx)
         x, y, _ = max(points, key=lambda point: point[2])
-        per_unit = 0.0 if self.line is None else self.line.per_unit
+        alone = len(self._buckets) == 1
+        per_unit = 0.0 if self.line is None or alone else self.line.per_unit
         return Line(max(0.0, y - per_unit * x), per_unit)

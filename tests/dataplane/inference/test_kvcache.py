@@ -192,12 +192,15 @@ def test_a_paused_row_moves_out_of_the_batch_and_back_to_the_lowest_free_slot(
     engine = BatchEngine(in_place, 4)
     cache = engine.cache
     assert isinstance(cache, SlotCache)
-    seqs = [EngineSequence(p, greedy(30)) for p in prompts()[:3]]
+    # Slots are taken shortest prompt first: the first sequence (3 tokens) takes slot 0,
+    # so pausing it would split the decode of the second.
+    seqs = [EngineSequence(prompts()[i], greedy(30)) for i in (1, 0, 2)]
     engine.prefill(seqs[:2])
     engine.step(join=seqs[:2])
     first = seqs[0].row
     assert first is not None
     buffers, slot = cache.slot_of(first)
+    assert slot == 0
     assert isinstance(buffers, SlotBuffers)
     before = [array[slot].copy() for array in buffers.arrays]
     length = len(seqs[0].prompt) + len(seqs[0].tokens) - 1
@@ -415,6 +418,27 @@ def test_a_paused_row_waits_outside_every_decode_call(in_place: OnnxRuntime) -> 
     while engine.running:
         engine.step()
     assert [s.tokens for s in seqs] == expected
+
+
+def test_a_paused_row_that_splits_no_call_stays_where_it_is(in_place: OnnxRuntime) -> None:
+    recording = Recording(in_place)
+    engine = BatchEngine(recording)
+    cache = engine.cache
+    assert isinstance(cache, SlotCache)
+    seqs = [EngineSequence(prompts()[i], greedy(12)) for i in (1, 0)]
+    engine.prefill(seqs)
+    engine.step(join=seqs)
+    assert seqs[1].row is not None
+    place = cache.slot_of(seqs[1].row)
+    assert place[1] == 1  # the last decoding row
+    engine.step(park=[seqs[1]])
+    for _ in range(3):
+        engine.step()
+    engine.step(join=[seqs[1]])
+    assert cache.slot_of(seqs[1].row) == place and recording.copies == 0
+    while engine.running:
+        engine.step()
+    assert [s.tokens for s in seqs] == [alone(in_place, s.prompt, 12) for s in seqs]
 
 
 def test_a_fork_copies_only_the_rows_positions(in_place: OnnxRuntime) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dataplane.inference.stepcost import MIN_SEEN, Line, LinearCost
+from dataplane.inference.stepcost import MIN_SEEN, STALE, Line, LinearCost
 
 
 def fed(*samples: tuple[int, float, int]) -> LinearCost:
@@ -80,3 +80,26 @@ def test_most_within_counts_what_fits() -> None:
     assert Line(0.0, 0.001).most_within(0.003) == 3
     assert Line(0.002, 0.0).most_within(0.001) == 0
     assert Line(0.002, 0.0).most_within(0.003) > 1000
+
+
+def test_a_dear_bucket_is_forgotten_and_measured_again() -> None:
+    """Steps held to one row by a bucket that once looked dear: once it is forgotten,
+    the one row's cost counts as fixed, more rows get in, and the line follows them."""
+    cost = fed((1, 0.0105, 100), (2, 0.05, 100))
+    assert cost.line is not None and cost.line.most_within(0.02) <= 1
+    for _ in range(STALE + 1024):
+        cost.observe(1, 0.0105)
+    assert cost.line == Line(0.0105, 0.0)
+    assert cost.line.most_within(0.02) > 2
+    for _ in range(20):
+        cost.observe(3, 0.0115)
+    assert cost.line is not None and cost.line.most_within(0.02) > 10
+
+
+def test_a_bucket_far_from_the_first_line_counts_at_its_own_cost() -> None:
+    cost = fed((16, 0.016, 4))
+    assert cost.line == Line(0.016, 0.0)
+    for _ in range(MIN_SEEN):
+        cost.observe(2048, 2.048)
+    assert cost.line is not None
+    assert cost.line.seconds(2048) == pytest.approx(2.048, rel=0.01)
