@@ -115,6 +115,10 @@ class _StepReport:
     decode_seconds: float | None = None
 
 
+class _LoopClosed(Exception):
+    """The event loop a step reports to is closed: the step loop ends."""
+
+
 class QueueFull(Exception):
     """The tenant's queue is at ``max_queue_len``; retry after ``retry_after_s``."""
 
@@ -826,11 +830,14 @@ class Scheduler:
             moves = [move for command in commands if isinstance(command, list) for move in command]
 
             def report(outcome: _StepReport) -> None:
-                loop.call_soon_threadsafe(self._stepped, outcome)
+                try:
+                    loop.call_soon_threadsafe(self._stepped, outcome)
+                except RuntimeError as closed:  # nobody is listening any more
+                    raise _LoopClosed from closed
 
             try:
                 self._step(moves, report)
-            except RuntimeError:  # the event loop is closed: nobody is listening
+            except _LoopClosed:
                 return
 
     def _step(
@@ -863,10 +870,13 @@ class Scheduler:
         chunking = [r for r in [*self._chunking, *kinds["prefill"]] if r.seq not in leave]
         chunking.sort(key=lambda r: r.seq.prefilled > 0)
         staying = [s for s in self._engine.running if s not in leave and s not in parking]
-        rows = len(join) + sum(1 for s in staying if s.finish_reason is None)
+        decoding = len(join) + sum(1 for s in staying if s.finish_reason is None)
+        # The rows this step decodes, counting every waiting prompt as one that completes
+        # now and decodes too: the budget must hold them.
+        rows = decoding + len(chunking)
         target = self._tpot_target
         spare = None
-        if target is not None:
+        if target is not None and decoding:  # rows to protect
             # This step's own time left under the objective, plus what earlier steps left.
             line = self._decode_cost.line
             decode = line.seconds(rows) if line is not None and rows else 0.0
@@ -939,8 +949,8 @@ class Scheduler:
         still needs: the step's token budget (one token at least, so every prompt
         progresses).
 
-        Under a TPOT objective (``spare`` seconds: this step's unused time plus what
-        earlier steps banked) and with rows to protect, only what ``spare`` pays for,
+        Under a TPOT objective with rows to protect (``spare`` seconds: this step's
+        unused time plus what earlier steps banked), only what ``spare`` pays for,
         and nothing until it pays for the first prompt's whole chunk (as far as the
         step's budget goes) and for at least as much prompt work as the forward call
         costs by itself: a prompt waits a few steps rather than run one token per call,
@@ -948,7 +958,7 @@ class Scheduler:
         """
         budget = self._step_budget(rows, chunking)
         line = self._prompt_cost.line
-        if spare is None or line is None or not budget or not rows:
+        if spare is None or line is None or not budget:
             return budget
         needed = max(self._step_budget(rows, chunking[:1]), min(budget, self._worth(line)))
         affordable = min(budget, line.most_within(spare))
@@ -1017,7 +1027,10 @@ class Scheduler:
                 self._joining.append(request)
         stepped = report.stepped
         if stepped is None:
-            self._fail([*self._in_batch, *report.joined, *report.parked])
+            # The batch is gone, with the rows of requests paused while it decoded (their
+            # park had not reached the step yet): those cannot resume.
+            lost = [r for r in self._pausing if r.seq.row is None]
+            self._fail([*self._in_batch, *report.joined, *report.parked, *lost])
             stepped = []
         self._fail(report.failed)
         if stepped and report.decode_seconds is not None:

@@ -79,7 +79,8 @@ class LinearCost:
     until ``STALE`` observations pass without it. The line is least squares through the
     buckets seen ``MIN_SEEN`` times, each weighted by how often it was seen (up to
     ``WEIGHT_CAP``); an observation counts as at most ``OUTLIER`` times its bucket's
-    mean, so a stall (a first call, a burst of interference) cannot hold the line up. A
+    mean and, once buckets give a line, what the line predicts for it, so a stall (a
+    first call, a burst of interference) cannot hold the line up or flatten it. A
     fit that crosses below zero goes through the origin. Where the buckets give no line
     of positive slope (a fit that slopes down, or one bucket among others not seen
     enough yet), the last line's slope is kept and drawn through the most observed
@@ -95,11 +96,14 @@ class LinearCost:
         self._buckets: dict[int, _Bucket] = {}
         self._observed = 0
         self.line: Line | None = None
+        self._fitted = False  # the line is a fit through buckets, not a fallback
 
     def observe(self, count: int, seconds: float) -> None:
         if count <= 0:
             return
         self._observed += 1
+        if self._fitted and self.line is not None:
+            seconds = min(seconds, OUTLIER * self.line.seconds(count))
         bucket = self._buckets.setdefault(count.bit_length(), _Bucket())
         bucket.observe(count, seconds, self._observed)
         if self._observed % 1024 == 0:
@@ -122,12 +126,14 @@ class LinearCost:
         sxx = sum(w * x * x for x, _, w in points)
         sxy = sum(w * x * y for x, y, w in points)
         spread = sw * sxx - sx * sx
-        if len(points) > 1 and spread > 0:
+        self._fitted = len(points) > 1 and spread > 0
+        if self._fitted:
             per_unit = (sw * sxy - sx * sy) / spread
             if per_unit > 0:
                 base = (sy - per_unit * sx) / sw
                 # A line that would cross below zero: the best one through the origin.
                 return Line(base, per_unit) if base >= 0 else Line(0.0, sxy / sxx)
+            self._fitted = False
         x, y, _ = max(points, key=lambda point: point[2])
         alone = len(self._buckets) == 1
         per_unit = 0.0 if self.line is None or alone else self.line.per_unit

@@ -439,6 +439,48 @@ async def test_failed_requests_give_their_slots_back(runtime: OnnxRuntime) -> No
         task.cancel()
 
 
+class FailingDecode(BatchEngine):
+    """The real engine, whose next decode fails once ``fail`` is set."""
+
+    fail = False
+
+    def step(
+        self,
+        leave: Collection[EngineSequence] = (),
+        park: Collection[EngineSequence] = (),
+        join: Sequence[EngineSequence] = (),
+    ) -> list[EngineSequence]:
+        if self.fail:
+            self.fail = False
+            self.reset()
+            raise RuntimeError("injected decode failure")
+        return super().step(leave, park, join)
+
+
+async def test_a_request_paused_while_its_batch_fails_is_failed_not_stranded(
+    runtime: OnnxRuntime,
+) -> None:
+    """A row paused by the event loop while its step decodes loses its cache with the
+    batch when that decode fails: the request fails, it does not wait to resume."""
+    engine = FailingDecode(runtime)
+    h = Harness(runtime, engine=engine, max_batch_size=4)
+    requests = [h.submit("t", [1 + i, 2, 3], 50) for i in range(2)]
+    while not all(r.output_ids for r in requests):
+        step_once(h.scheduler)
+    paused = requests[1]
+    h.scheduler.policy.requeue(paused)
+    h.scheduler._pause(paused)  # as _enforce_limits does; the park reaches the next step
+    engine.fail = True
+    h.scheduler._step([], h.scheduler._stepped)  # the park's step: its decode fails
+    assert paused.done and paused.finish_reason == "error"
+    assert requests[0].finish_reason == "error"
+    after = h.submit("t", [4, 5, 6], 3)
+    while not after.done:
+        step_once(h.scheduler)
+    assert after.output_ids == alone(runtime, [4, 5, 6], 3)
+    assert h.scheduler.running == [] and len(h.scheduler.policy) == 0
+
+
 async def test_a_new_rows_per_call_reaches_the_engine_between_steps(
     runtime: OnnxRuntime,
 ) -> None:
