@@ -1051,6 +1051,10 @@ class Scheduler:
         for tenant, tokens in served.items():
             self.policy.charge(tenant, 0, tokens)
             self._take_tokens(tenant, tokens)
+        if report.decode_seconds is None and not report.failed:
+            # A prefill half: its first tokens are out; limits, admission and the live
+            # state that gateways read follow with the decode half, moments later.
+            return
         self._enforce_limits()
         self._metrics.running.set(len(self.running))
         self._metrics.waiting.set(len(self.policy))
