@@ -133,8 +133,10 @@ class SchedulingConfig(Frozen):
     output_token_weight: float = Field(default=2.0, ge=0)
     tpot_steps: bool = Field(
         default=False,
-        description="size each step to the tightest TPOT SLO threshold among the running "
-        "requests' tenants: rows and prompt tokens beyond it wait, over-share tenants' first",
+        description="size each step to the tightest TPOT SLO threshold of the tenants with "
+        "requests running or waiting (held for a mean request's steps after their last): rows "
+        "beyond it wait, over-share tenants' first, and prompt chunks are paid from the time "
+        "steps leave unused",
     )
 
 

@@ -887,7 +887,7 @@ class Scheduler:
         prefill_tokens = 0
         # The first waiting prompt's next chunk: what the bank saves up for.
         first = self._step_budget(rows, chunking[:1])
-        budget = self._budget(rows, spare, chunking)
+        budget = self._budget(rows, spare, chunking, first)
         started, clock_started = time.perf_counter(), self._clock()
         if budget:
             before = sum(r.seq.prefilled for r in chunking)
@@ -923,9 +923,9 @@ class Scheduler:
             stepped = None
         decode_seconds = self._clock() - clock_prefilled
         self._decode_cost.observe(len(stepped or ()), decode_seconds)
-        if target is None:
-            self._slack = 0.0
-        elif first:
+        if target is None or not first:
+            self._slack = 0.0  # nothing waits: nothing is banked, no debt is kept
+        else:
             # Time is banked only while prompts wait for it, and a step that ran over
             # leaves a debt (up to one objective). Steps that leave less than the
             # prompts' share still earn it, so prompts progress even where the
@@ -944,10 +944,12 @@ class Scheduler:
             )
         )
 
-    def _budget(self, rows: int, spare: float | None, chunking: Sequence[GenerationRequest]) -> int:
+    def _budget(
+        self, rows: int, spare: float | None, chunking: Sequence[GenerationRequest], first: int
+    ) -> int:
         """Prompt tokens for this step after ``rows`` decode rows, of those ``chunking``
-        still needs: the step's token budget (one token at least, so every prompt
-        progresses).
+        still needs (``first`` of them its first prompt's): the step's token budget (one
+        token at least, so every prompt progresses).
 
         Under a TPOT objective with rows to protect (``spare`` seconds: this step's
         unused time plus what earlier steps banked), only what ``spare`` pays for,
@@ -960,7 +962,7 @@ class Scheduler:
         line = self._prompt_cost.line
         if spare is None or line is None or not budget:
             return budget
-        needed = max(self._step_budget(rows, chunking[:1]), min(budget, self._worth(line)))
+        needed = max(first, min(budget, self._worth(line)))
         affordable = min(budget, line.most_within(spare))
         return affordable if affordable >= needed else 0
 
@@ -997,7 +999,8 @@ class Scheduler:
     def _set_tpot_target(self) -> None:
         """The tightest TPOT objective of the tenants with requests running or waiting,
         or with one in the last steps a request takes on average: rows admitted while a
-        tenant is between requests would still be decoding when its next one comes."""
+        tenant is between requests would still be decoding when its next one comes.
+        The hold counts steps, not time: an idle worker keeps it until steps resume."""
         if not self.scheduling.tpot_steps:
             self._tpot_target = None
             return
@@ -1033,7 +1036,7 @@ class Scheduler:
             self._fail([*self._in_batch, *report.joined, *report.parked, *lost])
             stepped = []
         self._fail(report.failed)
-        if stepped and report.decode_seconds is not None:
+        if stepped and report.decode_seconds is not None:  # (a prefill half steps none)
             self._metrics.step_seconds.labels("decode").observe(report.decode_seconds)
             self.step_s = _smoothed(self.step_s, report.decode_seconds)
         if report.prefill_seconds is not None:

@@ -66,7 +66,9 @@ class _Bucket:
             self.seconds = statistics.median([*self.firsts, seconds])
             self.firsts = []
         else:
-            self.seconds += weight * (min(seconds, OUTLIER * self.seconds) - self.seconds)
+            if self.seconds > 0:
+                seconds = min(seconds, OUTLIER * self.seconds)
+            self.seconds += weight * (seconds - self.seconds)
 
 
 class LinearCost:

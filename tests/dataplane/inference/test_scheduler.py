@@ -282,28 +282,18 @@ class CallClock(TokenClock):
 
     def __init__(self, runtime: OnnxRuntime) -> None:
         super().__init__(runtime)
-        self.calls = 0
+        self.prompt_calls = 0
         self.budgets: list[int | None] = []  # each prompt call's token budget
 
     def now(self) -> float:
-        return super().now() + self.calls * CALL_S
-
-    def step(
-        self,
-        leave: Collection[EngineSequence] = (),
-        park: Collection[EngineSequence] = (),
-        join: Sequence[EngineSequence] = (),
-    ) -> list[EngineSequence]:
-        stepped = super().step(leave, park, join)
-        self.calls += bool(stepped)
-        return stepped
+        return super().now() + (len(self.steps) + self.prompt_calls) * CALL_S
 
     def prefill(
         self, sequences: Sequence[EngineSequence], max_tokens: int | None = None
     ) -> list[EngineSequence]:
         before = self.tokens
         complete = super().prefill(sequences, max_tokens)
-        self.calls += self.tokens > before
+        self.prompt_calls += self.tokens > before
         self.budgets.append(max_tokens)
         return complete
 
@@ -338,6 +328,19 @@ async def test_steps_under_a_tpot_objective_pay_each_forward_call_once(
     while not all(r.done for r in aggressors):
         step_once(h.scheduler)
     assert victim.output_ids == alone(runtime, [7, 8, 9], 30)
+
+
+async def test_a_step_publishes_its_live_state_once(runtime: OnnxRuntime) -> None:
+    """A step's prefill half only delivers first tokens: the live state that gateways
+    read goes out once per step, with its decode half."""
+    h = Harness(runtime, max_batch_size=4)
+    request = h.submit("t", [1, 2, 3], 20)
+    published: list[int] = []
+    setattr(h.scheduler, "_changed", lambda: published.append(len(request.output_ids)))  # noqa: B010
+    step_once(h.scheduler)  # the prompt runs, then its first decode in the same step
+    assert request.output_ids and published == [2]
+    step_once(h.scheduler)
+    assert published == [2, 3]
 
 
 async def test_queue_delay_gathers_arrivals_into_one_prefill(harness_factory: Any) -> None:
@@ -439,30 +442,12 @@ async def test_failed_requests_give_their_slots_back(runtime: OnnxRuntime) -> No
         task.cancel()
 
 
-class FailingDecode(BatchEngine):
-    """The real engine, whose next decode fails once ``fail`` is set."""
-
-    fail = False
-
-    def step(
-        self,
-        leave: Collection[EngineSequence] = (),
-        park: Collection[EngineSequence] = (),
-        join: Sequence[EngineSequence] = (),
-    ) -> list[EngineSequence]:
-        if self.fail:
-            self.fail = False
-            self.reset()
-            raise RuntimeError("injected decode failure")
-        return super().step(leave, park, join)
-
-
 async def test_a_request_paused_while_its_batch_fails_is_failed_not_stranded(
     runtime: OnnxRuntime,
 ) -> None:
     """A row paused by the event loop while its step decodes loses its cache with the
     batch when that decode fails: the request fails, it does not wait to resume."""
-    engine = FailingDecode(runtime)
+    engine = BatchEngine(runtime)
     h = Harness(runtime, engine=engine, max_batch_size=4)
     requests = [h.submit("t", [1 + i, 2, 3], 50) for i in range(2)]
     while not all(r.output_ids for r in requests):
@@ -470,8 +455,13 @@ async def test_a_request_paused_while_its_batch_fails_is_failed_not_stranded(
     paused = requests[1]
     h.scheduler.policy.requeue(paused)
     h.scheduler._pause(paused)  # as _enforce_limits does; the park reaches the next step
-    engine.fail = True
+
+    def broken(rows: object, tokens: object) -> None:
+        raise RuntimeError("injected decode failure")
+
+    setattr(engine.cache, "decode", broken)  # noqa: B010
     h.scheduler._step([], h.scheduler._stepped)  # the park's step: its decode fails
+    delattr(engine.cache, "decode")
     assert paused.done and paused.finish_reason == "error"
     assert requests[0].finish_reason == "error"
     after = h.submit("t", [4, 5, 6], 3)
