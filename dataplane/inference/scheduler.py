@@ -923,13 +923,13 @@ class Scheduler:
             stepped = None
         decode_seconds = self._clock() - clock_prefilled
         self._decode_cost.observe(len(stepped or ()), decode_seconds)
-        if target is None or not first:
-            self._slack = 0.0  # nothing waits: nothing is banked, no debt is kept
+        if target is None:
+            self._slack = 0.0
         else:
-            # Time is banked only while prompts wait for it, and a step that ran over
-            # leaves a debt (up to one objective). Steps that leave less than the
-            # prompts' share still earn it, so prompts progress even where the
-            # objective cannot be met.
+            # Steps bank the time they leave unused, up to what the cap allows (one
+            # objective while no prompt waits), and a step that ran over leaves a debt
+            # (up to one objective). Steps that leave less than the prompts' share still
+            # earn it, so prompts progress even where the objective cannot be met.
             earned = max(target - decode_seconds, (1 - ROWS_SHARE) * target)
             self._slack = min(
                 self._slack_cap(target, first),
@@ -980,8 +980,9 @@ class Scheduler:
 
     def _slack_cap(self, target: float, first: int) -> float:
         """The most time steps may bank for prompts: one objective, or where that is
-        more, what the first waiting prompt's next chunk of ``first`` tokens or the
-        smallest chunk worth its call costs, so that one can always be paid for."""
+        more, what the first waiting prompt's next chunk of ``first`` tokens (0: none
+        waits) or the smallest chunk worth its call costs, so that one can always be
+        paid for."""
         line = self._prompt_cost.line
         if line is None:
             return target
