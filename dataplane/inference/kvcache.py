@@ -14,9 +14,9 @@ without touching the others. A paused row (preempted, or held back by a limit) t
 would split a decode call moves to a parking block, one copy of its positions each way,
 so the rows that decode stay packed: a forward call binds a run of adjacent slots, and a
 paused row left among them would split every step into one call per run, each reading
-all the weights. A decode call covers a run of adjacent
-slots of one block: decoding rows and the free slots between them, which ride along
-writing their own first position. A released slot's host pages go back to the system.
+all the weights. A decode call covers a run of adjacent slots of one block: decoding
+rows and the free slots between them, which ride along writing their own first position.
+A released slot's host pages go back to the system.
 
 ``ConcatCache`` (the Optimum export layout: ``present.N.*`` is past and the new
 columns concatenated). Rows are grouped into dense, left-padded batches

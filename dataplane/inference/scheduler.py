@@ -764,8 +764,7 @@ class Scheduler:
         rows = self._row_cap()
         slots = rows - len(self.running)
         starting = sum(len(r.seq.prompt) for r in self._prefilling if not r.seq.prefilled)
-        decoding = len(self._in_batch) + len(self._joining)
-        budget = max(1, self.batching.max_tokens_per_step - decoding) - starting
+        budget = self._token_budget(len(self._in_batch) + len(self._joining)) - starting
         moves: list[tuple[str, GenerationRequest]] = []
         now = time.perf_counter()
         clock = self._clock()
@@ -879,7 +878,7 @@ class Scheduler:
         if target is not None and decoding:  # rows to protect
             # This step's own time left under the objective, plus what earlier steps left.
             line = self._decode_cost.line
-            decode = line.seconds(rows) if line is not None and rows else 0.0
+            decode = line.seconds(rows) if line is not None else 0.0
             spare = self._slack + max(0.0, target - decode)
         completed: list[GenerationRequest] = []
         failed: list[GenerationRequest] = []
@@ -970,7 +969,11 @@ class Scheduler:
         """The prompt tokens ``chunking`` still needs, up to what a step of ``rows``
         decode rows leaves of its token budget (one token at least)."""
         pending = sum(len(r.seq.prompt) - r.seq.prefilled for r in chunking)
-        return min(pending, max(1, self.batching.max_tokens_per_step - rows))
+        return min(pending, self._token_budget(rows))
+
+    def _token_budget(self, rows: int) -> int:
+        """Prompt tokens a step of ``rows`` decode rows leaves (one token at least)."""
+        return max(1, self.batching.max_tokens_per_step - rows)
 
     def _worth(self, line: Line) -> int:
         """The smallest chunk worth its forward call: as much prompt work as the call's
