@@ -215,6 +215,8 @@ LOGGING = {
 # Fleet: how agents are told apart from the dead, and how desired state is signed.
 HEARTBEAT_INTERVAL_S = float(os.environ.get("HEARTBEAT_INTERVAL_S", "10"))
 NODE_UNREACHABLE_AFTER_S = float(os.environ.get("NODE_UNREACHABLE_AFTER_S", "40"))
+# Agents' requests a web process runs at once; the rest wait their turn (core/asgi.py).
+AGENT_REQUEST_THREADS = int(os.environ.get("AGENT_REQUEST_THREADS", "4"))
 BOOTSTRAP_TOKEN_TTL_S = int(os.environ.get("BOOTSTRAP_TOKEN_TTL_S", str(24 * 3600)))
 SIGNING_KEY_FILE = Path(os.environ.get("SIGNING_KEY_FILE", DATA_DIR / "signing_key.pem"))
 # The broker URL agents are given; defaults to the control plane's own.

@@ -10,6 +10,14 @@ and takes it back afterwards, as a threaded WSGI server reuses its threads: requ
 still run side by side, each on its own thread, and a thread serves one request at a
 time.
 
+Agents' requests (`/api/v1/agent/`) take turns: once its body has arrived, an agent's
+request waits on the event loop, in order, until fewer than `AGENT_REQUEST_THREADS` of
+them are being served, and only then takes a thread. A rollout to a thousand nodes
+brings a thousand status reports within seconds; served all at once, each would start a
+thread that fights the others for the interpreter lock and the database pool, and an
+operator's request would get a thousandth of the process. Operators' requests (API,
+console) never wait behind them.
+
 It also runs the middleware chain and the view synchronously, in one call on that
 thread. Django's async chain calls each synchronous middleware hook (all of ours are)
 through its own hop between the event loop and the thread, a dozen per request; under
@@ -19,21 +27,27 @@ report a dozen lock hand-overs late.
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from django.conf import settings
 from django.core.handlers.asgi import ASGIHandler
 from django.http import HttpRequest, HttpResponseBase
 
 MAX_IDLE_THREADS = 64
 """Threads kept for later requests; those a burst needed beyond this end after it."""
 
+AGENT_PATH = "/api/v1/agent/"
+
 
 class PooledThreadASGIHandler(ASGIHandler):
     def __init__(self) -> None:
         super().__init__()
         self._idle: list[ThreadPoolExecutor] = []
+        self._agents = asyncio.Semaphore(settings.AGENT_REQUEST_THREADS)
 
     def load_middleware(self, is_async: bool = False) -> None:
         """The synchronous chain, whatever the caller asks: see the module docstring."""
@@ -49,6 +63,15 @@ class PooledThreadASGIHandler(ASGIHandler):
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
+        if not scope["path"].startswith(AGENT_PATH):
+            await self._serve(scope, receive, send)
+            return
+        # Its body first, while it holds nothing: a slow sender keeps no other agent waiting.
+        arrived = await _body_messages(receive)
+        async with self._agents:
+            await self._serve(scope, _replayed(arrived, receive), send)
+
+    async def _serve(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         executor = (
             self._idle.pop()
             if self._idle
@@ -64,6 +87,28 @@ class PooledThreadASGIHandler(ASGIHandler):
                 self._idle.append(executor)
             else:
                 executor.shutdown(wait=False)
+
+
+async def _body_messages(receive: Any) -> list[dict[str, Any]]:
+    """A request's messages up to the end of its body (or a disconnect); past Django's
+    in-memory size the rest is left to stream in as Django reads it."""
+    messages, size = [], 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        size += len(message.get("body", b""))
+        if not message.get("more_body") or size > settings.FILE_UPLOAD_MAX_MEMORY_SIZE:
+            return messages
+
+
+def _replayed(messages: list[dict[str, Any]], receive: Any) -> Any:
+    """An ASGI `receive` that gives these messages first, then reads on."""
+    pending = deque(messages)
+
+    async def replay() -> dict[str, Any]:
+        return pending.popleft() if pending else await receive()
+
+    return replay
 
 
 def get_asgi_application() -> PooledThreadASGIHandler:

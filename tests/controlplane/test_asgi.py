@@ -68,3 +68,70 @@ async def test_middleware_and_view_run_in_one_synchronous_call(settings: Any) ->
     ) as client:
         response = await client.get("/api/v1/no-such-thing/")
     assert response.status_code == 404 and response.json()
+
+
+class AgentGate(MiddlewareMixin):
+    """Holds agents' requests on their threads until released, counting how many it holds."""
+
+    lock = threading.Lock()
+    held = 0
+    most = 0
+    release = threading.Event()
+
+    def process_request(self, request: Any) -> None:
+        if not request.path.startswith("/api/v1/agent/"):
+            return
+        cls = AgentGate
+        with cls.lock:
+            cls.held += 1
+            cls.most = max(cls.most, cls.held)
+        try:
+            assert cls.release.wait(timeout=60)
+        finally:
+            with cls.lock:
+                cls.held -= 1
+
+
+async def test_agents_requests_take_turns_and_operators_never_wait_behind_them(
+    settings: Any,
+) -> None:
+    """A burst of agents' requests runs at most AGENT_REQUEST_THREADS at a time; the
+    rest wait on the event loop, and an operator's request is served meanwhile."""
+    settings.MIDDLEWARE = [f"{__name__}.AgentGate", *settings.MIDDLEWARE]
+    settings.AGENT_REQUEST_THREADS = 2
+    AgentGate.held = AgentGate.most = 0
+    AgentGate.release.clear()
+    handler = PooledThreadASGIHandler()
+    started: list[str] = []  # Django's first step for a request, on the request's thread
+    request_started.connect(
+        lambda **kwargs: started.append(kwargs["scope"]["path"]),
+        weak=False,
+        dispatch_uid="test_asgi_turns",
+    )
+    try:
+        await _burst_beside_operator(handler, started)
+    finally:
+        request_started.disconnect(dispatch_uid="test_asgi_turns")
+    assert AgentGate.most == 2
+
+
+async def _burst_beside_operator(handler: PooledThreadASGIHandler, started: list[str]) -> None:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=handler), base_url="http://testserver"
+    ) as client:
+        burst = [
+            asyncio.create_task(client.post("/api/v1/agent/status/", json={})) for _ in range(5)
+        ]
+        for _ in range(600):
+            if AgentGate.held == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert AgentGate.held == 2
+        assert started == ["/api/v1/agent/status/"] * 2  # the others took no thread yet
+        operator = await client.get("/api/v1/no-such-thing/")
+        assert operator.status_code == 404  # served while the agents' turns are all taken
+        assert AgentGate.held == 2 and not any(task.done() for task in burst)
+        AgentGate.release.set()
+        answers = await asyncio.gather(*burst)
+    assert [a.status_code for a in answers] == [401] * 5  # no credential: refused, each
+    assert len(started) == 6
