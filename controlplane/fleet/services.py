@@ -744,12 +744,14 @@ def _record_workers(node: Node, status: AppliedStatus) -> set[UUID]:
             url = _http(result.url)
             with contextlib.suppress(ValidationError):
                 mine = Replica.objects.filter(pk=replica_id, node=node)
-                moved = mine.exclude(url=url).values_list("deployment_id", flat=True).first()
-                mine.exclude(port=result.port, url=url).update(
-                    port=result.port, url=url, updated_at=timezone.now()
-                )
-                if moved is not None:
-                    readdressed.add(moved)
+                found = mine.values_list("deployment_id", "port", "url").first()
+                if found is None:
+                    continue
+                deployment_id, port, known_url = found
+                if (port, known_url) != (result.port, url):  # a report repeats them mostly
+                    mine.update(port=result.port, url=url, updated_at=timezone.now())
+                if known_url != url:
+                    readdressed.add(deployment_id)
     return readdressed
 
 
