@@ -63,7 +63,7 @@ class PooledThreadASGIHandler(ASGIHandler):
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
-        if not scope["path"].startswith(AGENT_PATH):
+        if not scope["path"].removeprefix(scope.get("root_path", "")).startswith(AGENT_PATH):
             await self._serve(scope, receive, send)
             return
         # Its body first, while it holds nothing: a slow sender keeps no other agent waiting.
