@@ -183,6 +183,12 @@ def write_rollups(rollups: Rollups, shard: int) -> None:
         ),
         merge=merge_sketch,
         fields=["sketch", "count"],
+        # PostgreSQL's key holds NULL deployments as equal, which ON CONFLICT needs (see `_add`)
+        unique_fields=(
+            ["resolution", "bucket", "tenant", "deployment", "metric", "shard"]
+            if connection.vendor == "postgresql"
+            else None
+        ),
     )
     _add(
         SloRollup,
@@ -303,8 +309,9 @@ def _upsert(
     """Merge `items` into existing rows or create them; the caller owns the rows (its shard),
     or they are locked while merged (`lock`).
 
-    With `unique_fields` (a key without nullable columns) every row goes in one
-    INSERT .. ON CONFLICT UPDATE statement instead of an INSERT and a CASE-per-row UPDATE.
+    With `unique_fields` (a key whose NULLs are equal, if it has nullable columns) every
+    row goes in one INSERT .. ON CONFLICT UPDATE statement instead of an INSERT and a
+    CASE-per-row UPDATE, which costs far more to build.
     """
     if not items:
         return
