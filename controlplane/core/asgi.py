@@ -12,7 +12,8 @@ time.
 
 Agents' requests (`/api/v1/agent/`) take turns: once its body has arrived, an agent's
 request waits on the event loop, in order, until fewer than `AGENT_REQUEST_THREADS` of
-them are being served, and only then takes a thread. A rollout to a thousand nodes
+them are having their responses made, and only then takes a thread; its turn ends when
+its response is ready, so a download streaming for minutes holds none. A rollout to a thousand nodes
 brings a thousand status reports within seconds; served all at once, each would start a
 thread that fights the others for the interpreter lock and the database pool, and an
 operator's request would get a thousandth of the process. Operators' requests (API,
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from typing import Any
 
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
@@ -54,10 +56,17 @@ class PooledThreadASGIHandler(ASGIHandler):
         super().load_middleware(is_async=False)
 
     async def get_response_async(self, request: HttpRequest) -> HttpResponseBase:
-        """Middleware and view in one call on the request's thread."""
-        response: HttpResponseBase = await sync_to_async(self.get_response, thread_sensitive=True)(
-            request
-        )
+        """Middleware and view in one call on the request's thread. An agent's turn ends
+        with it: sending the response (an artifact download streams for minutes) keeps
+        no other agent waiting."""
+        try:
+            response: HttpResponseBase = await sync_to_async(
+                self.get_response, thread_sensitive=True
+            )(request)
+        finally:
+            turn = _TURN.get()
+            if turn is not None:
+                turn.end()
         return response
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -68,8 +77,14 @@ class PooledThreadASGIHandler(ASGIHandler):
             return
         # Its body first, while it holds nothing: a slow sender keeps no other agent waiting.
         arrived = await _body_messages(receive)
-        async with self._agents:
+        turn = _Turn(self._agents)
+        await turn.take()
+        token = _TURN.set(turn)
+        try:
             await self._serve(scope, _replayed(arrived, receive), send)
+        finally:
+            turn.end()
+            _TURN.reset(token)
 
     async def _serve(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         executor = (
@@ -87,6 +102,29 @@ class PooledThreadASGIHandler(ASGIHandler):
                 self._idle.append(executor)
             else:
                 executor.shutdown(wait=False)
+
+
+class _Turn:
+    """An agent's request's turn to be served: taken before any of its work reaches a
+    thread, ended once its response is ready (or the request ends without one)."""
+
+    def __init__(self, turns: asyncio.Semaphore) -> None:
+        self._turns = turns
+        self._held = False
+
+    async def take(self) -> None:
+        await self._turns.acquire()
+        self._held = True
+
+    def end(self) -> None:
+        if self._held:
+            self._held = False
+            self._turns.release()
+
+
+_TURN: ContextVar[_Turn | None] = ContextVar("agent_turn", default=None)
+"""The turn the current request holds; Django serves it in a task of its own, which sees
+the same turn."""
 
 
 async def _body_messages(receive: Any) -> list[dict[str, Any]]:

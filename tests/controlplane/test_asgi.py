@@ -10,6 +10,8 @@ from typing import Any
 
 import httpx
 from django.core.signals import request_started
+from django.http import HttpResponse, StreamingHttpResponse
+from django.urls import path
 from django.utils.deprecation import MiddlewareMixin
 
 from controlplane.core.asgi import PooledThreadASGIHandler
@@ -135,3 +137,43 @@ async def _burst_beside_operator(handler: PooledThreadASGIHandler, started: list
         answers = await asyncio.gather(*burst)
     assert [a.status_code for a in answers] == [401] * 5  # no credential: refused, each
     assert len(started) == 6
+
+
+released = asyncio.Event()
+
+
+async def _held_open() -> Any:
+    yield b"first part"
+    await released.wait()
+    yield b"the rest"
+
+
+def _download(request: Any) -> StreamingHttpResponse:
+    return StreamingHttpResponse(_held_open())
+
+
+def _quick(request: Any) -> HttpResponse:
+    return HttpResponse(b"ok")
+
+
+urlpatterns = [
+    path("api/v1/agent/download/", _download),
+    path("api/v1/agent/quick/", _quick),
+]
+
+
+async def test_an_agents_turn_ends_once_its_response_is_ready(settings: Any) -> None:
+    """A download that streams for minutes keeps no other agent's request waiting."""
+    settings.ROOT_URLCONF = __name__
+    settings.AGENT_REQUEST_THREADS = 1
+    released.clear()
+    handler = PooledThreadASGIHandler()
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=handler), base_url="http://testserver"
+    ) as client:
+        download = asyncio.create_task(client.get("/api/v1/agent/download/"))
+        for _ in range(3):  # each while the download still streams, holding no turn
+            quick = await asyncio.wait_for(client.get("/api/v1/agent/quick/"), 60)
+            assert quick.content == b"ok" and not download.done()
+        released.set()
+        assert (await download).content == b"first partthe rest"
