@@ -13,11 +13,11 @@ time.
 Agents' requests (`/api/v1/agent/`) take turns: once its body has arrived, an agent's
 request waits on the event loop, in order, until fewer than `AGENT_REQUEST_THREADS` of
 them are having their responses made, and only then takes a thread; its turn ends when
-its response is ready, so a download streaming for minutes holds none. A rollout to a thousand nodes
-brings a thousand status reports within seconds; served all at once, each would start a
-thread that fights the others for the interpreter lock and the database pool, and an
-operator's request would get a thousandth of the process. Operators' requests (API,
-console) never wait behind them.
+its response is ready, so a download streaming for minutes holds none. A rollout to a
+thousand nodes brings a thousand status reports within seconds; served all at once,
+each would start a thread that fights the others for the interpreter lock and the
+database pool, and an operator's request would get a thousandth of the process.
+Operators' requests (API, console) never wait behind them.
 
 It also runs the middleware chain and the view synchronously, in one call on that
 thread. Django's async chain calls each synchronous middleware hook (all of ours are)
