@@ -3,18 +3,24 @@ agents' storage reports, and the storage part of the desired state."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from django.conf import settings
 
 from agent.protocol import PoolSpec
+from controlplane.core.asgi import PooledThreadASGIHandler
+from controlplane.core.secrets import digest, new_secret
 from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Replica, Revision
+from controlplane.inventory.models import Node
 from controlplane.storage import services as storage
+from controlplane.storage.api import downloads
 from controlplane.storage.models import Artifact, Export, Pool, Volume
 from tests.controlplane.conftest import World, make_node
 from tests.controlplane.storage_helpers import (
@@ -455,3 +461,68 @@ def test_read_probes_are_set_per_local_volume_and_reach_its_node(
     assert client.patch(url, {"read_probe_per_s": 0}, format="json").status_code == 200
     volumes = {v["name"]: v for v in _components(node)["volumes"]}
     assert "read_probe_per_s" not in volumes[probed.wire_name]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_download_through_the_asgi_server_streams_rather_than_read_whole_first(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Served by the ASGI handler, the first chunk leaves before the rest is read: cutting
+    the file short once it has left shortens the body. (Django reads a synchronous
+    iterator whole into memory first there, which for a model means many GiB.)"""
+    chunk = 64 * 1024  # above the file's read buffer, which may hold a little more
+    monkeypatch.setattr(downloads, "CHUNK_BYTES", chunk)
+    data = bytes(range(256)) * (4 * chunk // 256)  # four chunks
+    node = ready_node("store-8", world.tenant_a)
+    make_pool(node)
+    artifact = Artifact.objects.create(
+        tenant=world.tenant_a,
+        name="tiny",
+        size_bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        unpacked_bytes=1,
+    )
+    artifact.path.parent.mkdir(parents=True, exist_ok=True)
+    artifact.path.write_bytes(data)
+    fleet.create_deployment(
+        tenant=world.tenant_a,
+        name="chat",
+        model_name="chat",
+        artifact=artifact,
+        model_volume_bytes=MIB,
+    )
+    credential = new_secret("tgn_")
+    Node.objects.filter(pk=node.pk).update(credential_digest=digest(credential))
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message.get("body") and not any(m.get("body") for m in sent):
+            artifact.path.write_bytes(data[:chunk])  # the first chunk has left
+        sent.append(message)
+
+    request = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if request:
+            return request.pop()
+        await asyncio.Event().wait()  # the client stays until the response ends
+        raise AssertionError
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": f"/api/v1/agent/artifacts/{artifact.pk}/",
+        "raw_path": f"/api/v1/agent/artifacts/{artifact.pk}/".encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"testserver"), (b"authorization", f"Node {credential}".encode())],
+        "client": ("127.0.0.1", 5000),
+        "server": ("testserver", 80),
+    }
+    asyncio.run(PooledThreadASGIHandler()(scope, receive, send))
+    assert sent[0]["status"] == 200
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    assert chunk <= len(body) < 2 * chunk and body == data[: len(body)]

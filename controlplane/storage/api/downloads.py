@@ -7,10 +7,12 @@ from disk (or not the size recorded) is a 410 that names the artifact, never a s
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpResponseBase, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
@@ -53,6 +55,18 @@ def _chunks(path: Path, start: int, stop: int) -> Iterator[bytes]:
             yield chunk
 
 
+async def _chunks_async(path: Path, start: int, stop: int) -> AsyncIterator[bytes]:
+    """`_chunks` for an ASGI server: Django reads a synchronous iterator whole into memory
+    before it sends a byte there (a model of many GiB), and streams an asynchronous one.
+    Each read happens on a thread, so the event loop never waits for the disk."""
+    chunks = _chunks(path, start, stop)
+    try:
+        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+            yield chunk
+    finally:
+        await asyncio.to_thread(chunks.close)
+
+
 def _check_file(artifact: Artifact) -> None:
     try:
         on_disk: int | None = artifact.path.stat().st_size
@@ -87,8 +101,9 @@ def file_response(request: Request, artifact: Artifact) -> HttpResponseBase:
                 headers={"Content-Range": f"bytes */{size}"},
             )
         (start, stop), status = span, 206
+    chunks = _chunks_async if isinstance(request._request, ASGIRequest) else _chunks
     response = StreamingHttpResponse(
-        _chunks(path, start, stop), status=status, content_type="application/octet-stream"
+        chunks(path, start, stop), status=status, content_type="application/octet-stream"
     )
     response["Content-Length"] = str(stop - start)
     response["Accept-Ranges"] = "bytes"
