@@ -217,6 +217,8 @@ HEARTBEAT_INTERVAL_S = float(os.environ.get("HEARTBEAT_INTERVAL_S", "10"))
 NODE_UNREACHABLE_AFTER_S = float(os.environ.get("NODE_UNREACHABLE_AFTER_S", "40"))
 # Agents' requests a web process runs at once; the rest wait their turn (core/asgi.py).
 AGENT_REQUEST_THREADS = int(os.environ.get("AGENT_REQUEST_THREADS", "4"))
+if AGENT_REQUEST_THREADS < 1:
+    raise ValueError(f"AGENT_REQUEST_THREADS must be at least 1, not {AGENT_REQUEST_THREADS}")
 BOOTSTRAP_TOKEN_TTL_S = int(os.environ.get("BOOTSTRAP_TOKEN_TTL_S", str(24 * 3600)))
 SIGNING_KEY_FILE = Path(os.environ.get("SIGNING_KEY_FILE", DATA_DIR / "signing_key.pem"))
 # The broker URL agents are given; defaults to the control plane's own.

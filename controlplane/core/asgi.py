@@ -17,7 +17,9 @@ its response is ready, so a download streaming for minutes holds none. A rollout
 thousand nodes brings a thousand status reports within seconds; served all at once,
 each would start a thread that fights the others for the interpreter lock and the
 database pool, and an operator's request would get a thousandth of the process.
-Operators' requests (API, console) never wait behind them.
+Operators' requests (API, console) never wait behind them. A request whose agent leaves
+while it waits is dropped (the agent sends it again), and a body larger than any agent
+sends is refused before it takes a turn.
 
 It also runs the middleware chain and the view synchronously, in one call on that
 thread. Django's async chain calls each synchronous middleware hook (all of ours are)
@@ -29,7 +31,10 @@ report a dozen lock hand-overs late.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from typing import Any
@@ -57,16 +62,11 @@ class PooledThreadASGIHandler(ASGIHandler):
 
     async def get_response_async(self, request: HttpRequest) -> HttpResponseBase:
         """Middleware and view in one call on the request's thread. An agent's turn ends
-        with it: sending the response (an artifact download streams for minutes) keeps
-        no other agent waiting."""
-        try:
-            response: HttpResponseBase = await sync_to_async(
-                self.get_response, thread_sensitive=True
-            )(request)
-        finally:
-            turn = _TURN.get()
-            if turn is not None:
-                turn.end()
+        when that call returns: sending the response (an artifact download streams for
+        minutes) keeps no other agent waiting."""
+        turn = _TURN.get()
+        respond = self.get_response if turn is None else turn.held_by(self.get_response)
+        response: HttpResponseBase = await sync_to_async(respond, thread_sensitive=True)(request)
         return response
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -76,15 +76,23 @@ class PooledThreadASGIHandler(ASGIHandler):
             await self._serve(scope, receive, send)
             return
         # Its body first, while it holds nothing: a slow sender keeps no other agent waiting.
-        arrived = await _body_messages(receive)
-        turn = _Turn(self._agents)
-        await turn.take()
-        token = _TURN.set(turn)
         try:
-            await self._serve(scope, _replayed(arrived, receive), send)
+            arrived = await _body_messages(receive)
+        except _BodyTooLarge:
+            await _refuse_too_large(send)
+            return
+        if arrived is None:  # the client left
+            return
+        turn = _Turn(self._agents)
+        token = _TURN.set(turn)
+        left = asyncio.ensure_future(receive())  # after the body only a disconnect can come
+        try:
+            if await turn.take_unless(left):
+                await self._serve(scope, _replayed(arrived, left, receive), send)
         finally:
-            turn.end()
+            turn.end_unless_called()
             _TURN.reset(token)
+            left.cancel()  # no-op once Django has read it
 
     async def _serve(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         executor = (
@@ -104,22 +112,61 @@ class PooledThreadASGIHandler(ASGIHandler):
                 executor.shutdown(wait=False)
 
 
+AGENT_BODY_MAX_BYTES = 8 * 2**20
+"""More than any agent sends (a telemetry batch is at most 4 MiB): a larger body is refused
+before it takes a turn, so that holding a turn never waits for a body to arrive."""
+
+
 class _Turn:
     """An agent's request's turn to be served: taken before any of its work reaches a
-    thread, ended once its response is ready (or the request ends without one)."""
+    thread, ended when its call on the thread returns. A call that outlives its request
+    (the client left) keeps the turn until it returns, so no more than the limit of
+    agents' calls ever run at once."""
 
     def __init__(self, turns: asyncio.Semaphore) -> None:
         self._turns = turns
         self._held = False
+        self._called = False
 
-    async def take(self) -> None:
-        await self._turns.acquire()
-        self._held = True
+    async def take_unless(self, left: asyncio.Future[Any]) -> bool:
+        """Wait for the turn; False, holding none, if the client `left` first: a request
+        its agent gave up on (and will send again) is not served late."""
+        taking = asyncio.ensure_future(self._turns.acquire())
+        try:
+            await asyncio.wait({taking, left}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not taking.done():
+                taking.cancel()
+            elif not taking.cancelled() and taking.exception() is None:
+                self._held = True
+        if left.done():
+            self.end()
+            return False
+        return True
+
+    def held_by(self, call: Callable[[HttpRequest], Any]) -> Callable[[HttpRequest], Any]:
+        """`call`, ending the turn as it returns (from the request's thread)."""
+        loop = asyncio.get_running_loop()
+
+        def holding(request: HttpRequest) -> Any:
+            self._called = True
+            try:
+                return call(request)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop closed: nothing waits
+                    loop.call_soon_threadsafe(self.end)
+
+        return holding
 
     def end(self) -> None:
         if self._held:
             self._held = False
             self._turns.release()
+
+    def end_unless_called(self) -> None:
+        """The request is over: its turn ends now unless its call still runs and ends it."""
+        if not self._called:
+            self.end()
 
 
 _TURN: ContextVar[_Turn | None] = ContextVar("agent_turn", default=None)
@@ -127,24 +174,45 @@ _TURN: ContextVar[_Turn | None] = ContextVar("agent_turn", default=None)
 the same turn."""
 
 
-async def _body_messages(receive: Any) -> list[dict[str, Any]]:
-    """A request's messages up to the end of its body (or a disconnect); past Django's
-    in-memory size the rest is left to stream in as Django reads it."""
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _body_messages(receive: Any) -> list[dict[str, Any]] | None:
+    """A request's messages up to the end of its body; None if the client left first.
+    Raises _BodyTooLarge past `AGENT_BODY_MAX_BYTES`."""
     messages, size = [], 0
     while True:
         message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
         messages.append(message)
         size += len(message.get("body", b""))
-        if not message.get("more_body") or size > settings.FILE_UPLOAD_MAX_MEMORY_SIZE:
+        if size > AGENT_BODY_MAX_BYTES:
+            raise _BodyTooLarge
+        if not message.get("more_body"):
             return messages
 
 
-def _replayed(messages: list[dict[str, Any]], receive: Any) -> Any:
-    """An ASGI `receive` that gives these messages first, then reads on."""
-    pending = deque(messages)
+async def _refuse_too_large(send: Any) -> None:
+    body = json.dumps(
+        {"detail": f"Request body larger than {AGENT_BODY_MAX_BYTES} bytes; no agent sends one."}
+    ).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _replayed(messages: list[dict[str, Any]], after: asyncio.Future[Any], receive: Any) -> Any:
+    """An ASGI `receive` that gives these messages first, then what `after` read, then
+    reads on."""
+    pending, later = deque(messages), [after]
 
     async def replay() -> dict[str, Any]:
-        return pending.popleft() if pending else await receive()
+        if pending:
+            return pending.popleft()
+        message: dict[str, Any] = await (later.pop() if later else receive())
+        return message
 
     return replay
 

@@ -139,8 +139,8 @@ def enroll(message: Enrollment) -> tuple[Node, str]:
 
 
 _NODE_BY_CREDENTIAL_SQL = (
-    f"SELECT {', '.join(f.column for f in Node._meta.concrete_fields)} "
-    f"FROM {Node._meta.db_table} WHERE credential_digest = %s"
+    f"SELECT {', '.join(connection.ops.quote_name(f.column) for f in Node._meta.concrete_fields)} "
+    f"FROM {connection.ops.quote_name(Node._meta.db_table)} WHERE credential_digest = %s"
 )
 
 

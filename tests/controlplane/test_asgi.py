@@ -14,7 +14,7 @@ from django.http import HttpResponse, StreamingHttpResponse
 from django.urls import path
 from django.utils.deprecation import MiddlewareMixin
 
-from controlplane.core.asgi import PooledThreadASGIHandler
+from controlplane.core.asgi import AGENT_BODY_MAX_BYTES, PooledThreadASGIHandler
 
 
 async def test_requests_reuse_threads_and_still_run_side_by_side() -> None:
@@ -177,3 +177,86 @@ async def test_an_agents_turn_ends_once_its_response_is_ready(settings: Any) -> 
             assert quick.content == b"ok" and not download.done()
         released.set()
         assert (await download).content == b"first partthe rest"
+
+
+def _agent_scope(path: str = "/api/v1/agent/status/") -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"testserver"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("testserver", 80),
+    }
+
+
+async def test_a_request_whose_agent_left_while_it_waited_is_not_served(settings: Any) -> None:
+    """An agent that gave up (and will send again) is not answered late, and its request
+    never holds a turn."""
+    settings.MIDDLEWARE = [f"{__name__}.AgentGate", *settings.MIDDLEWARE]
+    settings.AGENT_REQUEST_THREADS = 1
+    AgentGate.held = AgentGate.most = 0
+    AgentGate.release.clear()
+    handler = PooledThreadASGIHandler()
+    gone = asyncio.Event()
+    sent_body: list[bool] = []
+
+    async def leaving() -> dict[str, Any]:
+        if not sent_body:
+            sent_body.append(True)
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    answered: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        answered.append(message)
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=handler), base_url="http://testserver"
+    ) as client:
+        first = asyncio.create_task(client.post("/api/v1/agent/status/", json={}))
+        for _ in range(600):
+            if AgentGate.held == 1:
+                break
+            await asyncio.sleep(0.05)
+        second = asyncio.create_task(handler(_agent_scope(), leaving, send))
+        await asyncio.sleep(0.1)  # it waits for the one turn
+        assert not second.done() and AgentGate.held == 1
+        gone.set()
+        await asyncio.wait_for(second, 60)  # ends at once: no turn, no thread
+        assert answered == [] and AgentGate.held == 1
+        AgentGate.release.set()
+        assert (await first).status_code == 401
+    assert AgentGate.most == 1
+
+
+async def test_a_body_larger_than_any_agent_sends_is_refused_before_it_takes_a_turn(
+    settings: Any,
+) -> None:
+    settings.AGENT_REQUEST_THREADS = 1
+    handler = PooledThreadASGIHandler()
+    chunk = b"x" * (1 << 20)
+    received = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        received += 1
+        return {"type": "http.request", "body": chunk, "more_body": True}  # never ends
+
+    answered: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        answered.append(message)
+
+    await asyncio.wait_for(handler(_agent_scope(), receive, send), 60)
+    assert answered[0]["status"] == 413
+    assert b"larger than" in answered[1]["body"]
+    assert received == AGENT_BODY_MAX_BYTES // len(chunk) + 1  # read no further
