@@ -749,7 +749,9 @@ def _record_workers(node: Node, status: AppliedStatus) -> set[UUID]:
                     continue
                 deployment_id, port, known_url = found
                 if (port, known_url) != (result.port, url):  # a report repeats them mostly
-                    mine.update(port=result.port, url=url, updated_at=timezone.now())
+                    mine.exclude(port=result.port, url=url).update(
+                        port=result.port, url=url, updated_at=timezone.now()
+                    )
                 if known_url != url:
                     readdressed.add(deployment_id)
     return readdressed
