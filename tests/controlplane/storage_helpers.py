@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from rest_framework.test import APIClient
 
 from controlplane.core.secrets import digest, new_secret
+from controlplane.fleet import services as fleet
 from controlplane.inventory.models import Node
 from controlplane.storage import services as storage
 from controlplane.storage.models import Artifact, Pool
@@ -64,10 +66,34 @@ def make_artifact(tenant: Any, name: str = "tiny") -> Artifact:
     )
 
 
-def as_node(node: Node) -> APIClient:
-    """An API client holding a fresh credential of `node`, as its agent would."""
+def deployed_artifact(tenant: Any, node: Node, data: bytes) -> Artifact:
+    """An artifact holding `data` on disk, used by a deployment whose volume lands on
+    `node` (given a pool): its agent may download it."""
+    make_pool(node)
+    artifact = Artifact.objects.create(
+        tenant=tenant,
+        name="tiny",
+        size_bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        unpacked_bytes=1,
+    )
+    artifact.path.parent.mkdir(parents=True, exist_ok=True)
+    artifact.path.write_bytes(data)
+    fleet.create_deployment(
+        tenant=tenant, name="chat", model_name="chat", artifact=artifact, model_volume_bytes=MIB
+    )
+    return artifact
+
+
+def node_credential(node: Node) -> str:
+    """A fresh credential of `node`, as its agent holds one."""
     secret = new_secret("tgn_")
     Node.objects.filter(pk=node.pk).update(credential_digest=digest(secret))
+    return secret
+
+
+def as_node(node: Node) -> APIClient:
+    """An API client holding a fresh credential of `node`, as its agent would."""
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Node {secret}")
+    client.credentials(HTTP_AUTHORIZATION=f"Node {node_credential(node)}")
     return client

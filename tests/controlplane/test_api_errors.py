@@ -3,7 +3,6 @@ unknown URLs, artifacts whose file is gone and filter values the API cannot use.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any
 
@@ -11,14 +10,13 @@ import pytest
 
 from controlplane.fleet import services as fleet
 from controlplane.inventory.models import Node
-from controlplane.storage.models import Artifact
 from controlplane.tenancy.models import Tenant
 from tests.controlplane.alerts_helpers import fire
 from tests.controlplane.conftest import World, make_node
 from tests.controlplane.storage_helpers import (
-    MIB,
     archive_bytes,
     as_node,
+    deployed_artifact,
     make_pool,
     ready_node,
 )
@@ -80,22 +78,8 @@ def test_an_artifact_whose_file_is_gone_is_a_410_naming_it_and_logged(
 ) -> None:
     data = archive_bytes()
     node = ready_node("store-1", world.tenant_a)
-    make_pool(node)
-    artifact = Artifact.objects.create(
-        tenant=world.tenant_a,
-        name="tiny",
-        size_bytes=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        unpacked_bytes=1,
-    )
-    fleet.create_deployment(
-        tenant=world.tenant_a,
-        name="chat",
-        model_name="chat",
-        artifact=artifact,
-        model_volume_bytes=MIB,
-    )
-    artifact.path.unlink(missing_ok=True)
+    artifact = deployed_artifact(world.tenant_a, node, data)
+    artifact.path.unlink()
     downloads = [
         (client_for(world.viewer_a), f"/api/v1/artifacts/{artifact.pk}/download/"),
         (as_node(node), f"/api/v1/agent/artifacts/{artifact.pk}/"),
@@ -111,7 +95,6 @@ def test_an_artifact_whose_file_is_gone_is_a_410_naming_it_and_logged(
         assert [r.levelname for r in caplog.records] == ["ERROR"]
         assert str(artifact.pk) in caplog.records[0].getMessage()
 
-    artifact.path.parent.mkdir(parents=True, exist_ok=True)
     artifact.path.write_bytes(data[:100])
     response = downloads[0][0].get(downloads[0][1])
     assert response.status_code == 410

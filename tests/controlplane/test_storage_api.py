@@ -15,10 +15,8 @@ from django.conf import settings
 
 from agent.protocol import PoolSpec
 from controlplane.core.asgi import PooledThreadASGIHandler
-from controlplane.core.secrets import digest, new_secret
 from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Replica, Revision
-from controlplane.inventory.models import Node
 from controlplane.storage import services as storage
 from controlplane.storage.api import downloads
 from controlplane.storage.models import Artifact, Export, Pool, Volume
@@ -27,8 +25,10 @@ from tests.controlplane.storage_helpers import (
     MIB,
     archive_bytes,
     as_node,
+    deployed_artifact,
     make_artifact,
     make_pool,
+    node_credential,
     ready_node,
     upload,
 )
@@ -378,23 +378,7 @@ def test_deployments_name_exactly_one_model_of_their_own_tenant(
 def test_agents_download_only_artifacts_their_replicas_use(world: World) -> None:
     data = archive_bytes()
     node, stranger = ready_node("store-6", world.tenant_a), make_node("store-7", world.tenant_a)
-    make_pool(node)
-    artifact = Artifact.objects.create(
-        tenant=world.tenant_a,
-        name="tiny",
-        size_bytes=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        unpacked_bytes=1,
-    )
-    artifact.path.parent.mkdir(parents=True, exist_ok=True)
-    artifact.path.write_bytes(data)
-    fleet.create_deployment(
-        tenant=world.tenant_a,
-        name="chat",
-        model_name="chat",
-        artifact=artifact,
-        model_volume_bytes=MIB,
-    )
+    artifact = deployed_artifact(world.tenant_a, node, data)
     url = f"/api/v1/agent/artifacts/{artifact.pk}/"
 
     response = as_node(node).get(url, HTTP_RANGE="bytes=100-")
@@ -474,25 +458,8 @@ def test_a_download_through_the_asgi_server_streams_rather_than_read_whole_first
     monkeypatch.setattr(downloads, "CHUNK_BYTES", chunk)
     data = bytes(range(256)) * (4 * chunk // 256)  # four chunks
     node = ready_node("store-8", world.tenant_a)
-    make_pool(node)
-    artifact = Artifact.objects.create(
-        tenant=world.tenant_a,
-        name="tiny",
-        size_bytes=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        unpacked_bytes=1,
-    )
-    artifact.path.parent.mkdir(parents=True, exist_ok=True)
-    artifact.path.write_bytes(data)
-    fleet.create_deployment(
-        tenant=world.tenant_a,
-        name="chat",
-        model_name="chat",
-        artifact=artifact,
-        model_volume_bytes=MIB,
-    )
-    credential = new_secret("tgn_")
-    Node.objects.filter(pk=node.pk).update(credential_digest=digest(credential))
+    artifact = deployed_artifact(world.tenant_a, node, data)
+    credential = node_credential(node)
     sent: list[dict[str, Any]] = []
 
     async def send(message: dict[str, Any]) -> None:
