@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,8 @@ from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.conf import settings
 from django.core.handlers.asgi import ASGIHandler
 from django.http import HttpRequest, HttpResponseBase
+
+from controlplane.core.metrics import AGENT_LEFT, AGENT_TURN_WAIT
 
 MAX_IDLE_THREADS = 64
 """Threads kept for later requests; those a burst needed beyond this end after it."""
@@ -87,8 +90,13 @@ class PooledThreadASGIHandler(ASGIHandler):
         token = _TURN.set(turn)
         left = asyncio.ensure_future(receive())  # after the body only a disconnect can come
         try:
-            if await turn.take_unless(left):
-                await self._serve(scope, _replayed(arrived, left, receive), send)
+            arrived_at = time.monotonic()
+            taken = await turn.take_unless(left)
+            AGENT_TURN_WAIT.observe(time.monotonic() - arrived_at)
+            if not taken:
+                AGENT_LEFT.inc()
+                return
+            await self._serve(scope, _replayed(arrived, left, receive), send)
         finally:
             turn.end_unless_called()
             _TURN.reset(token)

@@ -24,10 +24,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from controlplane.core.metrics import PROCESS
+
 REGISTRY = CollectorRegistry()
 """Collectors of what the database holds; apps built on telemetry add theirs (SLO state)."""
-PROCESS = CollectorRegistry()
-"""This process's own metrics; in multiprocess mode, read from every process's files."""
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 BATCHES = Counter(

@@ -15,6 +15,7 @@ from django.urls import path
 from django.utils.deprecation import MiddlewareMixin
 
 from controlplane.core.asgi import AGENT_BODY_MAX_BYTES, PooledThreadASGIHandler
+from controlplane.core.metrics import PROCESS
 
 
 async def test_requests_reuse_threads_and_still_run_side_by_side() -> None:
@@ -104,6 +105,7 @@ async def test_agents_requests_take_turns_and_operators_never_wait_behind_them(
     AgentGate.held = AgentGate.most = 0
     AgentGate.release.clear()
     handler = PooledThreadASGIHandler()
+    waited = _sample("tailguard_agent_request_wait_seconds_count")
     started: list[str] = []  # Django's first step for a request, on the request's thread
     request_started.connect(
         lambda **kwargs: started.append(kwargs["scope"]["path"]),
@@ -115,6 +117,11 @@ async def test_agents_requests_take_turns_and_operators_never_wait_behind_them(
     finally:
         request_started.disconnect(dispatch_uid="test_asgi_turns")
     assert AgentGate.most == 2
+    assert _sample("tailguard_agent_request_wait_seconds_count") == waited + 5  # for /metrics
+
+
+def _sample(name: str) -> float:
+    return PROCESS.get_sample_value(name) or 0.0
 
 
 async def _burst_beside_operator(handler: PooledThreadASGIHandler, started: list[str]) -> None:
@@ -204,6 +211,7 @@ async def test_a_request_whose_agent_left_while_it_waited_is_not_served(settings
     AgentGate.held = AgentGate.most = 0
     AgentGate.release.clear()
     handler = PooledThreadASGIHandler()
+    dropped = _sample("tailguard_agent_requests_left_total")
     gone = asyncio.Event()
     sent_body: list[bool] = []
 
@@ -233,6 +241,7 @@ async def test_a_request_whose_agent_left_while_it_waited_is_not_served(settings
         gone.set()
         await asyncio.wait_for(second, 60)  # ends at once: no turn, no thread
         assert answered == [] and AgentGate.held == 1
+        assert _sample("tailguard_agent_requests_left_total") == dropped + 1
         AgentGate.release.set()
         assert (await first).status_code == 401
     assert AgentGate.most == 1
