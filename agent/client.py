@@ -138,8 +138,9 @@ class ControlPlaneClient:
         """POST one serialised TelemetryBatch (the WebSocket's fallback), answered as an ack.
 
         200 and 422 (rejected for good) carry the ack, as the WebSocket would send it; any
-        other 400 is a batch the control plane cannot read, rejected too; 429 means retry
-        after Retry-After. Anything else (5xx, unreachable) raises ControlPlaneError: keep it.
+        other 400, and 413 (larger than any agent may send), is a batch the control plane
+        will never take, rejected too; 429 means retry after Retry-After. Anything else
+        (5xx, unreachable) raises ControlPlaneError: keep it.
         """
         headers = {**self._headers, "Content-Type": "application/json"}
         try:
@@ -151,7 +152,7 @@ class ControlPlaneClient:
             raise ControlPlaneError(0, f"control plane unreachable: {exc!r}") from exc
         if response.status_code in (200, 422):
             return TelemetryAck.model_validate_json(response.content)
-        if response.status_code == 400:
+        if response.status_code in (400, 413):
             return TelemetryAck(seq=seq, outcome="rejected", reason=_detail(response))
         if response.status_code == 429:
             return TelemetryAck(

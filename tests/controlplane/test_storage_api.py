@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import threading
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -493,3 +496,37 @@ def test_a_download_through_the_asgi_server_streams_rather_than_read_whole_first
     assert sent[0]["status"] == 200
     body = b"".join(m.get("body", b"") for m in sent[1:])
     assert chunk <= len(body) < 2 * chunk and body == data[: len(body)]
+
+
+async def test_a_download_whose_client_leaves_mid_read_closes_its_file_after_the_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Django cancels a download whose client left, most likely while a chunk is being read
+    on its thread: the file is closed once that read is over, and nothing else fails."""
+    reading, finish = threading.Event(), threading.Event()
+    closed: list[bool] = []
+
+    def slow_chunks(path: Path, start: int, stop: int) -> Iterator[bytes]:
+        try:
+            yield b"first"
+            reading.set()
+            assert finish.wait(60)
+            yield b"second"
+        finally:
+            closed.append(True)
+
+    monkeypatch.setattr(downloads, "_chunks", slow_chunks)
+    received: list[bytes] = []
+
+    async def download() -> None:
+        async for chunk in downloads._chunks_async(Path("unused"), 0, 10):
+            received.append(chunk)
+
+    task = asyncio.create_task(download())
+    assert await asyncio.to_thread(reading.wait, 60)  # the second read is under way
+    task.cancel()
+    await asyncio.sleep(0)  # the cancellation reaches the download first
+    finish.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert received == [b"first"] and closed == [True]

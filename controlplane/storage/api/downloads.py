@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from django.core.handlers.asgi import ASGIRequest
@@ -58,13 +59,16 @@ def _chunks(path: Path, start: int, stop: int) -> Iterator[bytes]:
 async def _chunks_async(path: Path, start: int, stop: int) -> AsyncIterator[bytes]:
     """`_chunks` for an ASGI server: Django reads a synchronous iterator whole into memory
     before it sends a byte there (a model of many GiB), and streams an asynchronous one.
-    Each read happens on a thread, so the event loop never waits for the disk."""
+    The reads happen on a thread of the download's own, so the event loop never waits for
+    the disk, and closing the file (the client left) waits for a read under way."""
     chunks = _chunks(path, start, stop)
-    try:
-        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
-            yield chunk
-    finally:
-        await asyncio.to_thread(chunks.close)
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="download") as reader:
+        try:
+            while (chunk := await loop.run_in_executor(reader, next, chunks, None)) is not None:
+                yield chunk
+        finally:
+            await loop.run_in_executor(reader, chunks.close)
 
 
 def _check_file(artifact: Artifact) -> None:
