@@ -10,16 +10,16 @@ and takes it back afterwards, as a threaded WSGI server reuses its threads: requ
 still run side by side, each on its own thread, and a thread serves one request at a
 time.
 
-Agents' requests (`/api/v1/agent/`) take turns: once its body has arrived, an agent's
-request waits on the event loop, in order, until fewer than `AGENT_REQUEST_THREADS` of
-them are having their responses made, and only then takes a thread; its turn ends when
-its response is ready, so a download streaming for minutes holds none. A rollout to a
-thousand nodes brings a thousand status reports within seconds; served all at once,
-each would start a thread that fights the others for the interpreter lock and the
-database pool, and an operator's request would get a thousandth of the process.
-Operators' requests (API, console) never wait behind them. A request whose agent leaves
-while it waits is dropped (the agent sends it again), and a body larger than any agent
-sends is refused before it takes a turn.
+Agents' requests (`/api/v1/agent/`) take turns: once its body has arrived (spooled as
+Django spools one), an agent's request waits on the event loop, in order, until fewer
+than `AGENT_REQUEST_THREADS` of them are having their responses made, and only then
+takes a thread; its turn ends when that thread's call returns, so a download streaming
+for minutes holds none. A rollout to a thousand nodes brings a thousand status reports
+within seconds; served all at once, each would start a thread that fights the others
+for the interpreter lock and the database pool, and an operator's request would get a
+thousandth of the process. Operators' requests (API, console) never wait behind them. A
+request whose agent leaves while it waits is dropped (the agent sends it again), and a
+body larger than any agent sends is refused before it takes a turn.
 
 It also runs the middleware chain and the view synchronously, in one call on that
 thread. Django's async chain calls each synchronous middleware hook (all of ours are)
@@ -33,12 +33,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import tempfile
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
-from typing import Any
+from typing import IO, Any
 
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.conf import settings
@@ -80,12 +80,13 @@ class PooledThreadASGIHandler(ASGIHandler):
             return
         # Its body first, while it holds nothing: a slow sender keeps no other agent waiting.
         try:
-            arrived = await _body_messages(receive)
+            arrived = await _body(scope, receive)
         except _BodyTooLarge:
             await _refuse_too_large(send)
             return
         if arrived is None:  # the client left
             return
+        body, size = arrived
         turn = _Turn(self._agents)
         token = _TURN.set(turn)
         left = asyncio.ensure_future(receive())  # after the body only a disconnect can come
@@ -96,11 +97,12 @@ class PooledThreadASGIHandler(ASGIHandler):
             if not taken:
                 AGENT_LEFT.inc()
                 return
-            await self._serve(scope, _replayed(arrived, left, receive), send)
+            await self._serve(scope, _replayed(body, size, left, receive), send)
         finally:
             turn.end_unless_called()
             _TURN.reset(token)
             left.cancel()  # no-op once Django has read it
+            body.close()
 
     async def _serve(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         executor = (
@@ -186,20 +188,28 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def _body_messages(receive: Any) -> list[dict[str, Any]] | None:
-    """A request's messages up to the end of its body; None if the client left first.
-    Raises _BodyTooLarge past `AGENT_BODY_MAX_BYTES`."""
-    messages, size = [], 0
+async def _body(scope: dict[str, Any], receive: Any) -> tuple[IO[bytes], int] | None:
+    """A request's body, spooled as Django spools one (on disk past its in-memory size),
+    and its length; None if the client left first. Raises _BodyTooLarge past
+    `AGENT_BODY_MAX_BYTES`, before reading a byte when the request declares its length."""
+    declared = dict(scope["headers"]).get(b"content-length", b"0")
+    if declared.isdigit() and int(declared) > AGENT_BODY_MAX_BYTES:
+        raise _BodyTooLarge
+    body = tempfile.SpooledTemporaryFile(max_size=settings.FILE_UPLOAD_MAX_MEMORY_SIZE)
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
+            body.close()
             return None
-        messages.append(message)
         size += len(message.get("body", b""))
         if size > AGENT_BODY_MAX_BYTES:
+            body.close()
             raise _BodyTooLarge
+        body.write(message.get("body", b""))
         if not message.get("more_body"):
-            return messages
+            body.seek(0)
+            return body, size
 
 
 async def _refuse_too_large(send: Any) -> None:
@@ -211,14 +221,21 @@ async def _refuse_too_large(send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _replayed(messages: list[dict[str, Any]], after: asyncio.Future[Any], receive: Any) -> Any:
-    """An ASGI `receive` that gives these messages first, then what `after` read, then
-    reads on."""
-    pending, later = deque(messages), [after]
+REPLAY_CHUNK_BYTES = 64 * 1024
+
+
+def _replayed(body: IO[bytes], size: int, after: asyncio.Future[Any], receive: Any) -> Any:
+    """An ASGI `receive` that gives the spooled body (`size` bytes) first, then what
+    `after` read, then reads on."""
+    later = [after]
+    replaying = True
 
     async def replay() -> dict[str, Any]:
-        if pending:
-            return pending.popleft()
+        nonlocal replaying
+        if replaying:
+            chunk = body.read(REPLAY_CHUNK_BYTES)
+            replaying = body.tell() < size
+            return {"type": "http.request", "body": chunk, "more_body": replaying}
         message: dict[str, Any] = await (later.pop() if later else receive())
         return message
 

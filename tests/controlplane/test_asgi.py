@@ -5,6 +5,7 @@ chain and the view there in one synchronous call."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 from typing import Any
 
@@ -13,7 +14,9 @@ from django.core.signals import request_started
 from django.http import HttpResponse, StreamingHttpResponse
 from django.urls import path
 from django.utils.deprecation import MiddlewareMixin
+from django.views.decorators.csrf import csrf_exempt
 
+from agent.client import ControlPlaneClient
 from controlplane.core.asgi import AGENT_BODY_MAX_BYTES, PooledThreadASGIHandler
 from controlplane.core.metrics import PROCESS
 
@@ -163,10 +166,35 @@ def _quick(request: Any) -> HttpResponse:
     return HttpResponse(b"ok")
 
 
+@csrf_exempt
+def _digest(request: Any) -> HttpResponse:
+    return HttpResponse(hashlib.sha256(request.read()).hexdigest().encode())
+
+
 urlpatterns = [
     path("api/v1/agent/download/", _download),
     path("api/v1/agent/quick/", _quick),
+    path("api/v1/agent/digest/", _digest),
 ]
+
+
+async def test_an_agents_body_past_djangos_memory_size_reaches_the_view_whole(
+    settings: Any,
+) -> None:
+    """Spooled before its turn (on disk past FILE_UPLOAD_MAX_MEMORY_SIZE) and replayed."""
+    settings.ROOT_URLCONF = __name__
+    settings.FILE_UPLOAD_MAX_MEMORY_SIZE = 100_000
+    body = bytes(range(256)) * 1200  # 307,200 bytes, sent in 3 parts
+
+    async def parts() -> Any:
+        for start in range(0, len(body), 102_400):
+            yield body[start : start + 102_400]
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=PooledThreadASGIHandler()), base_url="http://testserver"
+    ) as client:
+        answer = await client.post("/api/v1/agent/digest/", content=parts())
+    assert answer.content.decode() == hashlib.sha256(body).hexdigest()
 
 
 async def test_an_agents_turn_ends_once_its_response_is_ready(settings: Any) -> None:
@@ -244,6 +272,9 @@ async def test_a_request_whose_agent_left_while_it_waited_is_not_served(settings
         assert _sample("tailguard_agent_requests_left_total") == dropped + 1
         AgentGate.release.set()
         assert (await first).status_code == 401
+        # The one turn is free again: the dropped request kept none.
+        again = await asyncio.wait_for(client.post("/api/v1/agent/status/", json={}), 60)
+        assert again.status_code == 401
     assert AgentGate.most == 1
 
 
@@ -269,3 +300,61 @@ async def test_a_body_larger_than_any_agent_sends_is_refused_before_it_takes_a_t
     assert answered[0]["status"] == 413
     assert b"larger than" in answered[1]["body"]
     assert received == AGENT_BODY_MAX_BYTES // len(chunk) + 1  # read no further
+
+    # One that says how large it is is refused before a byte of it is read.
+    declared = _agent_scope()
+    declared["headers"].append((b"content-length", b"%d" % (AGENT_BODY_MAX_BYTES + 1)))
+    answered.clear()
+    await asyncio.wait_for(handler(declared, receive, send), 60)
+    assert answered[0]["status"] == 413 and received == AGENT_BODY_MAX_BYTES // len(chunk) + 1
+
+
+async def test_an_agent_drops_a_batch_answered_413() -> None:
+    """The agent's client takes the refusal as final, as it takes a 422."""
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=PooledThreadASGIHandler()), base_url="http://testserver"
+    ) as http:
+        client = ControlPlaneClient(http, "http://testserver", "tgn_unchecked")
+        ack = await client.post_telemetry(7, b"x" * (AGENT_BODY_MAX_BYTES + 1))
+    assert ack.outcome == "rejected" and ack.seq == 7 and "larger than" in (ack.reason or "")
+
+
+async def test_a_call_that_outlives_its_request_keeps_the_turn_until_it_returns(
+    settings: Any,
+) -> None:
+    """A client that leaves while its view runs: the view still runs on its thread, and
+    the next agent's request starts only once it has returned."""
+    settings.MIDDLEWARE = [f"{__name__}.AgentGate", *settings.MIDDLEWARE]
+    settings.AGENT_REQUEST_THREADS = 1
+    AgentGate.held = AgentGate.most = 0
+    AgentGate.release.clear()
+    handler = PooledThreadASGIHandler()
+    gone = asyncio.Event()
+    sent_body: list[bool] = []
+
+    async def leaving() -> dict[str, Any]:
+        if not sent_body:
+            sent_body.append(True)
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    first = asyncio.create_task(handler(_agent_scope(), leaving, send))
+    for _ in range(600):
+        if AgentGate.held == 1:
+            break
+        await asyncio.sleep(0.05)
+    gone.set()  # Django gives the response up; the view goes on
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=handler), base_url="http://testserver"
+    ) as client:
+        second = asyncio.create_task(client.post("/api/v1/agent/status/", json={}))
+        await asyncio.sleep(0.2)  # time enough to start, were the turn free
+        assert AgentGate.held == 1 and not second.done()
+        AgentGate.release.set()
+        assert (await asyncio.wait_for(second, 60)).status_code == 401
+    await asyncio.wait_for(first, 60)
+    assert AgentGate.most == 1
