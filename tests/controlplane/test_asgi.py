@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -98,16 +99,42 @@ class AgentGate(MiddlewareMixin):
                 cls.held -= 1
 
 
+def _gated_handler(settings: Any, turns: int) -> PooledThreadASGIHandler:
+    """A handler with `turns` for agents, whose agents' requests `AgentGate` holds."""
+    settings.MIDDLEWARE = [f"{__name__}.AgentGate", *settings.MIDDLEWARE]
+    settings.AGENT_REQUEST_THREADS = turns
+    AgentGate.held = AgentGate.most = 0
+    AgentGate.release.clear()
+    return PooledThreadASGIHandler()
+
+
+async def _until_held(count: int) -> None:
+    for _ in range(600):
+        if AgentGate.held == count:
+            return
+        await asyncio.sleep(0.05)
+
+
+def _leaves_after_its_body(gone: asyncio.Event) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """An ASGI `receive` of a client that sends a body, then leaves once `gone` is set."""
+    sent: list[bool] = []
+
+    async def receive() -> dict[str, Any]:
+        if not sent:
+            sent.append(True)
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
 async def test_agents_requests_take_turns_and_operators_never_wait_behind_them(
     settings: Any,
 ) -> None:
     """A burst of agents' requests runs at most AGENT_REQUEST_THREADS at a time; the
     rest wait on the event loop, and an operator's request is served meanwhile."""
-    settings.MIDDLEWARE = [f"{__name__}.AgentGate", *settings.MIDDLEWARE]
-    settings.AGENT_REQUEST_THREADS = 2
-    AgentGate.held = AgentGate.most = 0
-    AgentGate.release.clear()
-    handler = PooledThreadASGIHandler()
+    handler = _gated_handler(settings, turns=2)
     waited = _sample("tailguard_agent_request_wait_seconds_count")
     started: list[str] = []  # Django's first step for a request, on the request's thread
     request_started.connect(
@@ -134,10 +161,7 @@ async def _burst_beside_operator(handler: PooledThreadASGIHandler, started: list
         burst = [
             asyncio.create_task(client.post("/api/v1/agent/status/", json={})) for _ in range(5)
         ]
-        for _ in range(600):
-            if AgentGate.held == 2:
-                break
-            await asyncio.sleep(0.05)
+        await _until_held(2)
         assert AgentGate.held == 2
         assert started == ["/api/v1/agent/status/"] * 2  # the others took no thread yet
         operator = await client.get("/api/v1/no-such-thing/")
@@ -234,21 +258,10 @@ def _agent_scope(path: str = "/api/v1/agent/status/") -> dict[str, Any]:
 async def test_a_request_whose_agent_left_while_it_waited_is_not_served(settings: Any) -> None:
     """An agent that gave up (and will send again) is not answered late, and its request
     never holds a turn."""
-    settings.MIDDLEWARE = [f"{__name__}.AgentGate", *settings.MIDDLEWARE]
-    settings.AGENT_REQUEST_THREADS = 1
-    AgentGate.held = AgentGate.most = 0
-    AgentGate.release.clear()
-    handler = PooledThreadASGIHandler()
+    handler = _gated_handler(settings, turns=1)
     dropped = _sample("tailguard_agent_requests_left_total")
     gone = asyncio.Event()
-    sent_body: list[bool] = []
-
-    async def leaving() -> dict[str, Any]:
-        if not sent_body:
-            sent_body.append(True)
-            return {"type": "http.request", "body": b"{}", "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
+    leaving = _leaves_after_its_body(gone)
 
     answered: list[dict[str, Any]] = []
 
@@ -259,10 +272,7 @@ async def test_a_request_whose_agent_left_while_it_waited_is_not_served(settings
         transport=httpx.ASGITransport(app=handler), base_url="http://testserver"
     ) as client:
         first = asyncio.create_task(client.post("/api/v1/agent/status/", json={}))
-        for _ in range(600):
-            if AgentGate.held == 1:
-                break
-            await asyncio.sleep(0.05)
+        await _until_held(1)
         second = asyncio.create_task(handler(_agent_scope(), leaving, send))
         await asyncio.sleep(0.1)  # it waits for the one turn
         assert not second.done() and AgentGate.held == 1
@@ -324,29 +334,15 @@ async def test_a_call_that_outlives_its_request_keeps_the_turn_until_it_returns(
 ) -> None:
     """A client that leaves while its view runs: the view still runs on its thread, and
     the next agent's request starts only once it has returned."""
-    settings.MIDDLEWARE = [f"{__name__}.AgentGate", *settings.MIDDLEWARE]
-    settings.AGENT_REQUEST_THREADS = 1
-    AgentGate.held = AgentGate.most = 0
-    AgentGate.release.clear()
-    handler = PooledThreadASGIHandler()
+    handler = _gated_handler(settings, turns=1)
     gone = asyncio.Event()
-    sent_body: list[bool] = []
-
-    async def leaving() -> dict[str, Any]:
-        if not sent_body:
-            sent_body.append(True)
-            return {"type": "http.request", "body": b"{}", "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
+    leaving = _leaves_after_its_body(gone)
 
     async def send(message: dict[str, Any]) -> None:
         pass
 
     first = asyncio.create_task(handler(_agent_scope(), leaving, send))
-    for _ in range(600):
-        if AgentGate.held == 1:
-            break
-        await asyncio.sleep(0.05)
+    await _until_held(1)
     gone.set()  # Django gives the response up; the view goes on
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=handler), base_url="http://testserver"
