@@ -11,15 +11,16 @@ still run side by side, each on its own thread, and a thread serves one request 
 time.
 
 Agents' requests (`/api/v1/agent/`) take turns: once its body has arrived (spooled as
-Django spools one), an agent's request waits on the event loop, in order, until fewer
-than `AGENT_REQUEST_THREADS` of them are having their responses made, and only then
-takes a thread; its turn ends when that thread's call returns, so a download streaming
-for minutes holds none. A rollout to a thousand nodes brings a thousand status reports
-within seconds; served all at once, each would start a thread that fights the others
-for the interpreter lock and the database pool, and an operator's request would get a
-thousandth of the process. Operators' requests (API, console) never wait behind them. A
-request whose agent leaves while it waits is dropped (the agent sends it again), and a
-body larger than any agent sends is refused before it takes a turn.
+Django spools one, and handed to Django as it is), an agent's request waits on the
+event loop, in order, until fewer than `AGENT_REQUEST_THREADS` of them are having their
+responses made, and only then takes a thread; its turn ends when that thread's call
+returns, so a download streaming for minutes holds none. A rollout to a thousand nodes
+brings a thousand status reports within seconds; served all at once, each would start a
+thread that fights the others for the interpreter lock and the database pool, and an
+operator's request would get a thousandth of the process. Operators' requests (API,
+console) never wait behind them. A request whose agent leaves while it waits is dropped
+(the agent sends it again), and a body larger than any agent sends is refused before it
+takes a turn.
 
 It also runs the middleware chain and the view synchronously, in one call on that
 thread. Django's async chain calls each synchronous middleware hook (all of ours are)
@@ -37,7 +38,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextvars import ContextVar
 from typing import IO, Any
 
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
@@ -46,6 +46,9 @@ from django.core.handlers.asgi import ASGIHandler
 from django.http import HttpRequest, HttpResponseBase
 
 from controlplane.core.metrics import AGENT_LEFT, AGENT_TURN_WAIT
+
+TURN_KEY = "tailguard.agent_turn"
+"""Where an agent's request's scope carries its turn to `get_response_async`."""
 
 MAX_IDLE_THREADS = 64
 """Threads kept for later requests; those a burst needed beyond this end after it."""
@@ -67,7 +70,7 @@ class PooledThreadASGIHandler(ASGIHandler):
         """Middleware and view in one call on the request's thread. An agent's turn ends
         when that call returns: sending the response (an artifact download streams for
         minutes) keeps no other agent waiting."""
-        turn = _TURN.get()
+        turn = getattr(request, "scope", {}).get(TURN_KEY)
         respond = self.get_response if turn is None else turn.held_by(self.get_response)
         response: HttpResponseBase = await sync_to_async(respond, thread_sensitive=True)(request)
         return response
@@ -86,9 +89,7 @@ class PooledThreadASGIHandler(ASGIHandler):
             return
         if arrived is None:  # the client left
             return
-        body, size = arrived
         turn = _Turn(self._agents)
-        token = _TURN.set(turn)
         left = asyncio.ensure_future(receive())  # after the body only a disconnect can come
         try:
             arrived_at = time.monotonic()
@@ -97,12 +98,18 @@ class PooledThreadASGIHandler(ASGIHandler):
             if not taken:
                 AGENT_LEFT.inc()
                 return
-            await self._serve(scope, _replayed(body, size, left, receive), send)
+            await self._serve({**scope, TURN_KEY: turn}, _Arrived(arrived, left, receive), send)
         finally:
             turn.end_unless_called()
-            _TURN.reset(token)
             left.cancel()  # no-op once Django has read it
-            body.close()
+            arrived.close()
+
+    async def read_body(self, receive: Any) -> IO[bytes]:
+        """Django's body file: for an agent's request, the one spooled before its turn."""
+        if isinstance(receive, _Arrived):
+            return receive.body
+        body: IO[bytes] = await super().read_body(receive)
+        return body
 
     async def _serve(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         executor = (
@@ -179,18 +186,13 @@ class _Turn:
             self.end()
 
 
-_TURN: ContextVar[_Turn | None] = ContextVar("agent_turn", default=None)
-"""The turn the current request holds; Django serves it in a task of its own, which sees
-the same turn."""
-
-
 class _BodyTooLarge(Exception):
     pass
 
 
-async def _body(scope: dict[str, Any], receive: Any) -> tuple[IO[bytes], int] | None:
-    """A request's body, spooled as Django spools one (on disk past its in-memory size),
-    and its length; None if the client left first. Raises _BodyTooLarge past
+async def _body(scope: dict[str, Any], receive: Any) -> IO[bytes] | None:
+    """A request's body, spooled as Django spools one (on disk past its in-memory size);
+    None if the client left first. Raises _BodyTooLarge past
     `AGENT_BODY_MAX_BYTES`, before reading a byte when the request declares its length."""
     declared = dict(scope["headers"]).get(b"content-length", b"0")
     if declared.isdigit() and int(declared) > AGENT_BODY_MAX_BYTES:
@@ -209,7 +211,7 @@ async def _body(scope: dict[str, Any], receive: Any) -> tuple[IO[bytes], int] | 
         body.write(message.get("body", b""))
         if not message.get("more_body"):
             body.seek(0)
-            return body, size
+            return body
 
 
 async def _refuse_too_large(send: Any) -> None:
@@ -221,25 +223,19 @@ async def _refuse_too_large(send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-REPLAY_CHUNK_BYTES = 64 * 1024
+class _Arrived:
+    """The `receive` Django gets for an agent's request whose body arrived before its
+    turn: `read_body` takes that body as spooled, and reading on gives what `left` (the
+    read begun while the request waited) reads first."""
 
+    def __init__(self, body: IO[bytes], left: asyncio.Future[Any], receive: Any) -> None:
+        self.body = body
+        self._later = [left]
+        self._receive = receive
 
-def _replayed(body: IO[bytes], size: int, after: asyncio.Future[Any], receive: Any) -> Any:
-    """An ASGI `receive` that gives the spooled body (`size` bytes) first, then what
-    `after` read, then reads on."""
-    later = [after]
-    replaying = True
-
-    async def replay() -> dict[str, Any]:
-        nonlocal replaying
-        if replaying:
-            chunk = body.read(REPLAY_CHUNK_BYTES)
-            replaying = body.tell() < size
-            return {"type": "http.request", "body": chunk, "more_body": replaying}
-        message: dict[str, Any] = await (later.pop() if later else receive())
+    async def __call__(self) -> dict[str, Any]:
+        message: dict[str, Any] = await (self._later.pop() if self._later else self._receive())
         return message
-
-    return replay
 
 
 def get_asgi_application() -> PooledThreadASGIHandler:
