@@ -20,6 +20,7 @@ from django.views.decorators.csrf import csrf_exempt
 from agent.client import ControlPlaneClient
 from controlplane.core.asgi import AGENT_BODY_MAX_BYTES, PooledThreadASGIHandler
 from controlplane.core.metrics import PROCESS
+from tests.controlplane.conftest import http_scope
 
 
 async def test_requests_reuse_threads_and_still_run_side_by_side() -> None:
@@ -238,21 +239,8 @@ async def test_an_agents_turn_ends_once_its_response_is_ready(settings: Any) -> 
         assert (await download).content == b"first partthe rest"
 
 
-def _agent_scope(path: str = "/api/v1/agent/status/") -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"testserver"), (b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 5000),
-        "server": ("testserver", 80),
-    }
+def _agent_scope() -> dict[str, Any]:
+    return http_scope("POST", "/api/v1/agent/status/", [(b"content-type", b"application/json")])
 
 
 async def test_a_request_whose_agent_left_while_it_waited_is_not_served(settings: Any) -> None:

@@ -23,7 +23,7 @@ from controlplane.fleet.models import Replica, Revision
 from controlplane.storage import services as storage
 from controlplane.storage.api import downloads
 from controlplane.storage.models import Artifact, Export, Pool, Volume
-from tests.controlplane.conftest import World, make_node
+from tests.controlplane.conftest import World, http_scope, make_node
 from tests.controlplane.storage_helpers import (
     MIB,
     archive_bytes,
@@ -478,20 +478,11 @@ def test_a_download_through_the_asgi_server_streams_rather_than_read_whole_first
         await asyncio.Event().wait()  # the client stays until the response ends
         raise AssertionError
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": f"/api/v1/agent/artifacts/{artifact.pk}/",
-        "raw_path": f"/api/v1/agent/artifacts/{artifact.pk}/".encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"testserver"), (b"authorization", f"Node {credential}".encode())],
-        "client": ("127.0.0.1", 5000),
-        "server": ("testserver", 80),
-    }
+    scope = http_scope(
+        "GET",
+        f"/api/v1/agent/artifacts/{artifact.pk}/",
+        [(b"authorization", f"Node {credential}".encode())],
+    )
     asyncio.run(PooledThreadASGIHandler()(scope, receive, send))
     assert sent[0]["status"] == 200
     body = b"".join(m.get("body", b"") for m in sent[1:])
