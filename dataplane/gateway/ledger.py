@@ -70,6 +70,57 @@ class StartRequest:
     share_of: int = 0  # the fleet's batch slots, for a request sent on beyond them
 
 
+@dataclass(frozen=True)
+class Finished:
+    """A request that ended: its lease is freed, and ``refund`` (the reserved tokens less
+    those produced) goes back to its tenant's bucket; a negative one is charged."""
+
+    tenant: str
+    lease: str
+    refund: int
+    limits: TenantConfig
+
+
+@dataclass
+class Settlement:
+    """What a gateway owes the ledger since its last call: the requests that ended and the
+    tokens streamed (tenant -> weighted output tokens / weight). It rides on the gateway's
+    next call, so ending a request or streaming a token costs no round trip of its own."""
+
+    finished: list[Finished] = field(default_factory=list)
+    charges: dict[str, float] = field(default_factory=dict)
+    since: float | None = None  # when the oldest of it was owed (time.monotonic)
+
+    def __bool__(self) -> bool:
+        return bool(self.finished or self.charges)
+
+    def end(self, finished: Finished) -> None:
+        self.finished.append(finished)
+        self._owed()
+
+    def charge(self, tenant: str, amount: float) -> None:
+        self.charges[tenant] = self.charges.get(tenant, 0.0) + amount
+        self._owed()
+
+    def _owed(self) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+
+    def take(self) -> Settlement:
+        """Everything owed so far, leaving nothing owed."""
+        taken = Settlement(self.finished, self.charges, self.since)
+        self.finished, self.charges, self.since = [], {}, None
+        return taken
+
+    def restore(self, taken: Settlement) -> None:
+        """Owe again what a failed call took (it is carried by the next one)."""
+        self.finished[:0] = taken.finished
+        for tenant, amount in taken.charges.items():
+            self.charge(tenant, amount)
+        if taken.since is not None:
+            self.since = min(taken.since, self.since or taken.since)
+
+
 class Ledger(Protocol):
     """The shared counters of one deployment's tenants."""
 
@@ -80,21 +131,16 @@ class Ledger(Protocol):
         request: StartRequest,
         waiting: Mapping[str, int],
         tenants: Mapping[str, TenantConfig],
+        owed: Settlement | None = None,
     ) -> Decision:
         """Start ``request`` if the rules allow; ``waiting`` maps the tenants with
         requests waiting at this gateway (the request's own tenant included) to the
-        reservation of the next one."""
+        reservation of the next one. ``owed`` is settled first, in the same call."""
         ...
 
-    async def finish(
-        self, deployment: str, tenant: str, lease: str, refund: int, limits: TenantConfig
-    ) -> None:
-        """Free the lease and settle the reservation: ``refund`` (the reserved tokens less
-        those produced) goes back to the bucket; a negative one is charged."""
-        ...
-
-    async def charge(self, deployment: str, counters: Mapping[str, float]) -> None:
-        """Advance tenants' counters (weighted output tokens / weight)."""
+    async def settle(self, deployment: str, owed: Settlement) -> None:
+        """Free the ended requests' leases, settle their reservations and advance the
+        tenants' counters by the tokens streamed."""
         ...
 
     async def heartbeat(
@@ -212,9 +258,12 @@ class InProcessLedger:
         request: StartRequest,
         waiting: Mapping[str, int],
         tenants: Mapping[str, TenantConfig],
+        owed: Settlement | None = None,
     ) -> Decision:
         now = self._clock()
         book = self._book(deployment)
+        if owed:
+            self._settle(book, owed, now)
         self._register(book, gateway, waiting, now)
         me = request.tenant
         mine = tenants.get(me, _DEFAULT)
@@ -273,20 +322,18 @@ class InProcessLedger:
         level = self._level(book, limits, tenant, now)
         return level is None or level >= min(limits.bucket_tokens, self._need(book, tenant))
 
-    async def finish(
-        self, deployment: str, tenant: str, lease: str, refund: int, limits: TenantConfig
-    ) -> None:
-        now = self._clock()
-        book = self._book(deployment)
-        book.leases.get(tenant, {}).pop(lease, None)
-        level = self._level(book, limits, tenant, now)
-        if level is not None and refund != 0:
-            book.buckets[tenant] = _Bucket(min(float(limits.bucket_tokens), level + refund), now)
-
-    async def charge(self, deployment: str, counters: Mapping[str, float]) -> None:
-        book = self._book(deployment)
-        for tenant, amount in counters.items():
+    def _settle(self, book: _Book, owed: Settlement, now: float) -> None:
+        for done in owed.finished:
+            book.leases.get(done.tenant, {}).pop(done.lease, None)
+            level = self._level(book, done.limits, done.tenant, now)
+            if level is not None and done.refund != 0:
+                cap = float(done.limits.bucket_tokens)
+                book.buckets[done.tenant] = _Bucket(min(cap, level + done.refund), now)
+        for tenant, amount in owed.charges.items():
             book.counters[tenant] = book.counters.get(tenant, 0.0) + amount
+
+    async def settle(self, deployment: str, owed: Settlement) -> None:
+        self._settle(self._book(deployment), owed, self._clock())
 
     async def heartbeat(
         self,
@@ -349,6 +396,29 @@ local function backlogged()
   end
   return set
 end
+-- Settle what a gateway owes, read from ARGV[i] on: the number of ended requests, then
+-- (tenant lease refund rate cap) for each; the number of tenants charged, then (tenant
+-- amount) for each. Returns the index after it.
+local function settle(i)
+  local n = tonumber(ARGV[i])
+  i = i + 1
+  for _ = 1, n do
+    local name, refund, rate, cap = ARGV[i], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+    redis.call('ZREM', prefix .. 'lease:' .. name, ARGV[i + 1])
+    local lvl = level(name, rate, cap)
+    if lvl ~= nil and refund ~= 0 then
+      redis.call('HSET', prefix .. 'bucket:' .. name, 'level', math.min(cap, lvl + refund), 'at', now)
+    end
+    i = i + 5
+  end
+  n = tonumber(ARGV[i])
+  i = i + 1
+  for _ = 1, n do
+    redis.call('HINCRBYFLOAT', vtc, ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
+  return i
+end
 -- The smallest reservation among a tenant's next requests at any gateway.
 local function need(name)
   local found = nil
@@ -392,18 +462,19 @@ local function set_waiting(gw, waiting, reserves, ttl)
 end
 """
 
-# ARGV: prefix gw tenant lease cost reserve lease_ttl backlog_ttl last share_of nwait
-# (waiting tenant, its reservation)... then per tenant of the deployment: name priority
-# weight max_concurrency rate cap (-1 for none).
+# ARGV: prefix, what is owed (see settle), gw tenant lease cost reserve lease_ttl
+# backlog_ttl last share_of nwait (waiting tenant, its reservation)... then per tenant of
+# the deployment: name priority weight max_concurrency rate cap (-1 for none).
 _TRY_START = (
     _LUA_COMMON
     + """
-local gw, me, lease = ARGV[2], ARGV[3], ARGV[4]
-local cost, reserve = tonumber(ARGV[5]), tonumber(ARGV[6])
-local lease_ttl, backlog_ttl, last = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9] == '1'
-local share_of, nwait = tonumber(ARGV[10]), tonumber(ARGV[11])
+local i = settle(2)
+local gw, me, lease = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+local cost, reserve = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+local lease_ttl, backlog_ttl = tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
+local last, share_of, nwait = ARGV[i + 7] == '1', tonumber(ARGV[i + 8]), tonumber(ARGV[i + 9])
 local waiting, reserves = {}, {}
-local i = 12
+i = i + 10
 for _ = 1, nwait do
   waiting[#waiting + 1] = ARGV[i]; reserves[ARGV[i]] = ARGV[i + 1]; i = i + 2
 end
@@ -470,17 +541,11 @@ return {1, '', '0', tostring(mine_c + cost)}
 """
 )
 
-# ARGV: prefix tenant lease refund rate cap
-_FINISH = (
+# ARGV: prefix, what is owed (see settle).
+_SETTLE = (
     _LUA_COMMON
     + """
-local me, lease, refund = ARGV[2], ARGV[3], tonumber(ARGV[4])
-local rate, cap = tonumber(ARGV[5]), tonumber(ARGV[6])
-redis.call('ZREM', prefix .. 'lease:' .. me, lease)
-local lvl = level(me, rate, cap)
-if lvl ~= nil and refund ~= 0 then
-  redis.call('HSET', prefix .. 'bucket:' .. me, 'level', math.min(cap, lvl + refund), 'at', now)
-end
+settle(2)
 return 1
 """
 )
@@ -525,6 +590,18 @@ def _waiting_args(waiting: Mapping[str, int]) -> list[str]:
     return args
 
 
+def _owed_args(owed: Settlement | None) -> list[str]:
+    if owed is None:
+        return ["0", "0"]
+    args = [str(len(owed.finished))]
+    for done in owed.finished:
+        args += [done.tenant, done.lease, str(done.refund), *_limits_args(done.limits)[1:]]
+    args.append(str(len(owed.charges)))
+    for tenant, amount in owed.charges.items():
+        args += [tenant, repr(amount)]
+    return args
+
+
 def _limits_args(limits: TenantConfig) -> list[str]:
     rate = limits.tokens_per_s
     return [
@@ -545,7 +622,7 @@ class RedisLedger:
         self._backlog_ttl = backlog_ttl_s
         self._namespace = namespace
         self._try_start = self._redis.register_script(_TRY_START)
-        self._finish = self._redis.register_script(_FINISH)
+        self._settle = self._redis.register_script(_SETTLE)
         self._heartbeat = self._redis.register_script(_HEARTBEAT)
         self._waiting = self._redis.register_script(_WAITING)
 
@@ -559,10 +636,12 @@ class RedisLedger:
         request: StartRequest,
         waiting: Mapping[str, int],
         tenants: Mapping[str, TenantConfig],
+        owed: Settlement | None = None,
     ) -> Decision:
         table = {request.tenant: _DEFAULT, **tenants}
         args: list[str] = [
             self._prefix(deployment),
+            *_owed_args(owed),
             gateway,
             request.tenant,
             request.lease,
@@ -579,18 +658,8 @@ class RedisLedger:
         ok, reason, wait, counter = await self._try_start(args=args)
         return Decision(bool(ok), _text(reason), float(wait), float(counter))
 
-    async def finish(
-        self, deployment: str, tenant: str, lease: str, refund: int, limits: TenantConfig
-    ) -> None:
-        args = [self._prefix(deployment), tenant, lease, str(refund)]
-        await self._finish(args=args + _limits_args(limits)[1:])
-
-    async def charge(self, deployment: str, counters: Mapping[str, float]) -> None:
-        key = self._prefix(deployment) + "vtc"
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for tenant, amount in counters.items():
-                pipe.hincrbyfloat(key, tenant, amount)
-            await pipe.execute()
+    async def settle(self, deployment: str, owed: Settlement) -> None:
+        await self._settle(args=[self._prefix(deployment), *_owed_args(owed)])
 
     async def heartbeat(
         self,

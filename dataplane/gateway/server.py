@@ -60,7 +60,14 @@ from dataplane.asgi import (
     wait_disconnect,
 )
 from dataplane.gateway.config import DeploymentRoute, GatewayConfig, ReplicaConfig
-from dataplane.gateway.ledger import InProcessLedger, Ledger, RedisLedger, StartRequest
+from dataplane.gateway.ledger import (
+    Finished,
+    InProcessLedger,
+    Ledger,
+    RedisLedger,
+    Settlement,
+    StartRequest,
+)
 from dataplane.gateway.metrics import GatewayMetrics
 from dataplane.gateway.routing import Dispatch, Replica, ReplicaState, choose, choose_ahead
 from dataplane.inference.config import TenantConfig
@@ -75,8 +82,9 @@ DISPATCH_POLL_S = 0.01
 # After the ledger refuses a request going ahead of full replicas, the next try waits
 # this long (or for a slot to free), so a full fleet costs no ledger call per poll.
 AHEAD_BACKOFF_S = 0.05
-# Output tokens are charged to the ledger in batches at most this far apart.
-CHARGE_FLUSH_S = 0.02
+# What a gateway owes the ledger (ended requests, streamed tokens) rides on its next
+# admission; what no admission took within this long is settled on its own.
+SETTLE_AFTER_S = 0.02
 # What a chat request without max_tokens reserves from its tenant's token bucket.
 DEFAULT_CHAT_RESERVE = 256
 # OpenAI's default max_tokens for completions, written into requests that name none.
@@ -160,7 +168,7 @@ class _Deployment:
             route.deployment_id, route.served_model_name, route.slo_thresholds
         )
         self.counters: dict[str, float] = {}
-        self.charges: defaultdict[str, float] = defaultdict(float)
+        self.owed = Settlement()
         self.leases: dict[str, set[str]] = {}
         # Seconds until the tenant's bucket held enough, as the ledger last said.
         self.token_wait: dict[str, float] = {}
@@ -205,6 +213,11 @@ class _Deployment:
 
     def waiting_count(self) -> int:
         return sum(len(queue) for queue in self.waiting.values())
+
+    def settled(self, owed: Settlement) -> None:
+        """The ledger took ``owed``: the counters seen here advance by its charges."""
+        for tenant, amount in owed.charges.items():
+            self.counters[tenant] = self.counters.get(tenant, 0.0) + amount
 
 
 class Gateway:
@@ -265,6 +278,11 @@ class Gateway:
         if self._client is not None:
             await self._client.close()
             self._client = None
+        for dep in self.deployments.values():  # the ends no call carried yet
+            try:
+                await self.settle(dep)
+            except Exception:
+                log.exception("settling with the ledger failed; its leases will expire")
         await self.ledger.close()
 
     def apply(self, new: GatewayConfig) -> None:
@@ -455,13 +473,20 @@ class Gateway:
             request = StartRequest(
                 tenant, waiter.lease, cost, waiter.reserve, len(queue) == 1, share_of=slots
             )
-            decision = await self.ledger.try_start(
-                dep.route.deployment_id,
-                self.config.gateway_id,
-                request,
-                dep.waiting_tenants(),
-                dep.route.tenants,
-            )
+            owed = dep.owed.take()
+            try:
+                decision = await self.ledger.try_start(
+                    dep.route.deployment_id,
+                    self.config.gateway_id,
+                    request,
+                    dep.waiting_tenants(),
+                    dep.route.tenants,
+                    owed,
+                )
+            except Exception:  # taken as not applied: the next call carries it
+                dep.owed.restore(owed)
+                raise
+            dep.settled(owed)
             dep.counters[tenant] = decision.counter
             dep.token_wait[tenant] = decision.wait_s if decision.reason == "tokens" else 0.0
             if not decision.ok:
@@ -478,10 +503,10 @@ class Gateway:
                 else choose(replicas, waiter.prompt_tokens, waiter.priority, admission.queue_ahead)
             )
             if waiter.future.done() or replica is None:
-                await self.ledger.finish(
-                    dep.route.deployment_id, tenant, waiter.lease, waiter.reserve, limits
-                )
+                dep.owed.end(Finished(tenant, waiter.lease, waiter.reserve, limits))
                 if replica is None and not waiter.future.done():
+                    # A new lease: the old one's end may still be on its way to the ledger.
+                    waiter.lease = uuid.uuid4().hex
                     queue.appendleft(waiter)
                     skip.add(tenant)  # the replicas changed meanwhile: next round
                 continue
@@ -493,31 +518,37 @@ class Gateway:
             dep.leases.setdefault(tenant, set()).add(waiter.lease)
             waiter.future.set_result(replica)
 
+    async def settle(self, dep: _Deployment) -> None:
+        """Settle what the deployment owes the ledger, if anything; a call that fails
+        leaves it owed."""
+        if not dep.owed:
+            return
+        owed = dep.owed.take()
+        try:
+            await self.ledger.settle(dep.route.deployment_id, owed)
+        except Exception:
+            dep.owed.restore(owed)
+            raise
+        dep.settled(owed)
+
     async def _flush_loop(self) -> None:
-        """Charge streamed tokens in batches; renew leases and waiting marks."""
+        """Settle what no admission carried; renew leases and waiting marks."""
         beat_every = self.beat_every
         last_beat = 0.0
         while True:
-            await asyncio.sleep(CHARGE_FLUSH_S)
-            beat = time.monotonic() - last_beat >= beat_every
+            await asyncio.sleep(SETTLE_AFTER_S / 2)
+            now = time.monotonic()
+            beat = now - last_beat >= beat_every
             if beat:
-                last_beat = time.monotonic()
+                last_beat = now
             for dep in list(self.deployments.values()):
-                deployment = dep.route.deployment_id
                 try:
-                    if dep.charges:
-                        charges, dep.charges = dict(dep.charges), defaultdict(float)
-                        try:
-                            await self.ledger.charge(deployment, charges)
-                        except BaseException:
-                            for tenant, amount in charges.items():  # charged next time
-                                dep.charges[tenant] += amount
-                            raise
-                        for tenant, amount in charges.items():
-                            dep.counters[tenant] = dep.counters.get(tenant, 0.0) + amount
+                    since = dep.owed.since
+                    if since is not None and now - since >= SETTLE_AFTER_S:
+                        await self.settle(dep)
                     if beat:
                         await self.ledger.heartbeat(
-                            deployment,
+                            dep.route.deployment_id,
                             self.config.gateway_id,
                             dep.waiting_tenants(),
                             {t: ids for t, ids in dep.leases.items() if ids},
@@ -539,23 +570,15 @@ class Gateway:
             if future.done() and not future.cancelled() and future.exception() is None:
                 if waiter.dispatch is not None:
                     future.result().seen(waiter.dispatch)
-                await self.release(dep, tenant, waiter, waiter.reserve)
+                self.release(dep, tenant, waiter, waiter.reserve)
             raise
 
-    async def release(self, dep: _Deployment, tenant: str, waiter: _Waiter, refund: int) -> None:
-        """Free the request's lease and settle its reservation: shielded from the
-        caller's cancellation, and a ledger error is logged (the lease then expires)."""
+    def release(self, dep: _Deployment, tenant: str, waiter: _Waiter, refund: int) -> None:
+        """Free the request's lease here, and owe the ledger its end: the lease and the
+        settled reservation go with the next admission, or the next settling."""
         dep.leases.get(tenant, set()).discard(waiter.lease)
+        dep.owed.end(Finished(tenant, waiter.lease, refund, dep.limits(tenant)))
         dep.wake.set()
-        finish = self.ledger.finish(
-            dep.route.deployment_id, tenant, waiter.lease, refund, dep.limits(tenant)
-        )
-        try:
-            await asyncio.shield(finish)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("releasing a lease of tenant %s failed", tenant)
 
 
 async def watch_disconnect(call: Call, work: asyncio.Task[Any]) -> None:
@@ -737,7 +760,7 @@ class GatewayApp(ModelServer):
             elif outcome == "rejected":
                 dep.stats.count_rejected(tenant)
             # What it did not use goes back to the bucket; what it used beyond is charged.
-            await gateway.release(dep, tenant, waiter, waiter.reserve - waiter.tokens)
+            gateway.release(dep, tenant, waiter, waiter.reserve - waiter.tokens)
 
     async def _forward(
         self,
@@ -810,7 +833,7 @@ class GatewayApp(ModelServer):
                             tokens = _usage_tokens(payload)
                             assert isinstance(timing, _WholeTiming)
                             timing.tokens = waiter.tokens = tokens
-                            dep.charges[tenant] += tokens * weight
+                            dep.owed.charge(tenant, tokens * weight)
                             await call.send(
                                 {
                                     "type": "http.response.start",
@@ -842,7 +865,7 @@ class GatewayApp(ModelServer):
                                     current.observed(predicted, now - (timing.scheduled or now))
                                 timing.token_times.extend([now] * fresh)
                                 waiter.tokens += fresh
-                                dep.charges[tenant] += fresh * weight
+                                dep.owed.charge(tenant, fresh * weight)
                         call.done = True
                         await call.send({"type": "http.response.body", "body": b""})
                         return "failed" if errored else "completed"

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 
 from dataplane.asgi import PEER_KEY_HEADER
 from dataplane.gateway.config import GatewayConfig
-from dataplane.gateway.ledger import InProcessLedger
+from dataplane.gateway.ledger import InProcessLedger, Settlement
 from dataplane.gateway.routing import Replica, ReplicaState
 from dataplane.gateway.server import Gateway, GatewayApp, _Deployment, _Waiter
 from dataplane.inference.config import SloThreshold
@@ -159,7 +159,9 @@ class Setup:
         (found,) = self.dep.stats.collect(0)["requests"]
         return dict(found)
 
-    def bucket(self) -> float:
+    async def settled_bucket(self) -> float:
+        """Tenant a's bucket once the gateway settled what it owes the ledger."""
+        await self.gateway.settle(self.dep)
         return self.ledger._books["d1"].buckets["a"].level
 
 
@@ -308,9 +310,65 @@ async def test_a_completed_stream_is_not_cancelled_by_the_disconnect_after_it() 
         assert call.status == 200 and call.text.endswith("data: [DONE]\n\n")
         totals = setup.totals()
         assert (totals["completed"], totals["cancelled"], totals["failed"]) == (1, 0, 0)
-        assert setup.bucket() == pytest.approx(100 - 3)  # 10 reserved, 7 refunded
+        assert await setup.settled_bucket() == pytest.approx(100 - 3)  # 10 reserved, 7 refunded
         assert not any(setup.dep.leases.values())
     finally:
+        await setup.close()
+
+
+def counting_settlements(setup: Setup) -> list[Settlement]:
+    """What the gateway settles with the ledger on its own, as it is settled."""
+    settled: list[Settlement] = []
+    settle = setup.ledger.settle
+
+    async def counted(deployment: str, owed: Settlement) -> None:
+        settled.append(owed)
+        await settle(deployment, owed)
+
+    setup.ledger.settle = counted  # type: ignore[method-assign]
+    return settled
+
+
+async def test_a_requests_end_rides_on_the_next_admission() -> None:
+    """Ending a request costs no ledger call of its own. With one lease allowed, the
+    second request starts only because its admission carried the first one's end."""
+    setup = await Setup.started({"max_concurrency": 1, "tokens_per_s": 1.0, "burst_tokens": 100})
+    settled = counting_settlements(setup)
+    setup.dispatching()
+    try:
+        for _ in range(2):
+            call = Call(body(max_tokens=10))
+            async with asyncio.timeout(60):
+                await setup.app(call.scope, call.receive, call.send)
+            assert call.status == 200
+        book = setup.ledger._books["d1"]
+        assert settled == [] and len(book.leases["a"]) == 1  # the second's, still owed
+        assert book.buckets["a"].level == pytest.approx(100 - 3 - 10)
+        assert await setup.settled_bucket() == pytest.approx(100 - 3 - 3)
+        assert len(settled) == 1 and not book.leases["a"]
+    finally:
+        await setup.close()
+
+
+async def test_what_no_admission_takes_is_settled_on_its_own() -> None:
+    setup = await Setup.started({"tokens_per_s": 1.0, "burst_tokens": 100})
+    settled = counting_settlements(setup)
+    setup.dispatching()
+    settling = asyncio.create_task(setup.gateway._flush_loop())
+    try:
+        call = Call(body(max_tokens=10))
+        await setup.app(call.scope, call.receive, call.send)
+        book = setup.ledger._books["d1"]
+        async with asyncio.timeout(60):
+            while book.leases["a"] or setup.dep.owed:
+                await asyncio.sleep(0.01)
+        assert book.buckets["a"].level == pytest.approx(100 - 3)
+        # Its end and the 3 tokens it streamed, in one call or two.
+        assert sum(len(owed.finished) for owed in settled) == 1
+        charged = sum(owed.charges.get("a", 0.0) for owed in settled)
+        assert charged == pytest.approx(3 * setup.dep.route.output_token_weight)
+    finally:
+        settling.cancel()
         await setup.close()
 
 
@@ -326,7 +384,7 @@ async def test_a_client_leaving_mid_stream_pays_for_what_it_was_sent() -> None:
         await served
         totals = setup.totals()
         assert (totals["cancelled"], totals["failed"], totals["completed"]) == (1, 0, 0)
-        assert setup.bucket() == pytest.approx(100 - 3)
+        assert await setup.settled_bucket() == pytest.approx(100 - 3)
     finally:
         await setup.close()
 
@@ -367,7 +425,7 @@ async def test_output_beyond_the_reservation_is_capped_and_charged() -> None:
         call = Call(body(max_tokens=4))
         await setup.app(call.scope, call.receive, call.send)
         # 6 of 256, then 6 of 4: the two over the reservation are charged too.
-        assert setup.bucket() == pytest.approx(100 - 6 - 6)
+        assert await setup.settled_bucket() == pytest.approx(100 - 6 - 6)
     finally:
         await setup.close()
 

@@ -17,7 +17,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from dataplane.gateway.ledger import InProcessLedger, Ledger, RedisLedger, StartRequest
+from dataplane.gateway.ledger import (
+    Finished,
+    InProcessLedger,
+    Ledger,
+    RedisLedger,
+    Settlement,
+    StartRequest,
+)
 from dataplane.inference.config import TenantConfig
 
 LONG_TTL = 3600.0
@@ -82,6 +89,10 @@ def start(
     return StartRequest(tenant, uuid.uuid4().hex, cost, reserve, last, share_of)
 
 
+def ended(tenant: str, lease: str, refund: int, limits: TenantConfig) -> Settlement:
+    return Settlement([Finished(tenant, lease, refund, limits)])
+
+
 async def eventually_starts(
     clocked: Clocked, dep: str, request: StartRequest, table: dict[str, TenantConfig]
 ) -> None:
@@ -103,8 +114,25 @@ async def test_concurrency_leases_are_fleet_wide_and_freed(ledger: Ledger, dep: 
     assert (await ledger.try_start(dep, "g2", second, {"a": 10}, table)).ok
     refused = await ledger.try_start(dep, "g1", third, {"a": 10}, table)
     assert (refused.ok, refused.reason) == (False, "concurrency")
-    await ledger.finish(dep, "a", first.lease, 0, table["a"])
+    await ledger.settle(dep, ended("a", first.lease, 0, table["a"]))
     assert (await ledger.try_start(dep, "g1", third, {"a": 10}, table)).ok
+
+
+async def test_a_start_settles_what_is_owed_before_it_decides(ledger: Ledger, dep: str) -> None:
+    table = tenants(a={"max_concurrency": 1, "tokens_per_s": 1.0, "burst_tokens": 100}, b={})
+    first = start("a", cost=0, reserve=60)
+    assert (await ledger.try_start(dep, "g1", first, {"a": 60}, table)).ok
+    # a's one lease is freed and 50 of its 60 tokens refunded by the call that starts
+    # the next request, which needs both; b's charge counts in the same decision.
+    owed = ended("a", first.lease, 50, table["a"])
+    owed.charge("a", 7.0)
+    owed.charge("b", 1000.0)
+    second = start("a", cost=0, reserve=80)
+    decision = await ledger.try_start(dep, "g1", second, {"a": 80}, table, owed)
+    assert decision.ok and decision.counter == pytest.approx(7.0)
+    await ledger.heartbeat(dep, "g2", {"b": 10}, {})
+    behind = await ledger.try_start(dep, "g2", start("b", cost=0), {"b": 10}, table)
+    assert (behind.ok, behind.counter) == (True, pytest.approx(1000.0))
 
 
 async def test_a_dead_gateways_leases_expire_and_renewed_ones_do_not(
@@ -130,7 +158,7 @@ async def test_token_bucket_reserves_and_refunds(ledger: Ledger, dep: str) -> No
     refused = await ledger.try_start(dep, "g1", start("a", reserve=60), {"a": 10}, table)
     assert (refused.ok, refused.reason) == (False, "tokens")
     assert 15 < refused.wait_s <= 21  # 20 tokens short at 1 token/s
-    await ledger.finish(dep, "a", first.lease, 50, table["a"])  # used 10 of its 60
+    await ledger.settle(dep, ended("a", first.lease, 50, table["a"]))  # used 10 of its 60
     assert (await ledger.try_start(dep, "g1", start("a", reserve=60), {"a": 10}, table)).ok
 
 
@@ -185,7 +213,7 @@ async def test_a_higher_class_waiting_anywhere_holds_a_lower_one_back(
     assert (await ledger.try_start(dep, "g2", first_high, {"high": 10}, table)).ok
     # high still waits at g2 but is at its concurrency limit: it holds nobody back.
     assert (await ledger.try_start(dep, "g1", start("low"), {"low": 10}, table)).ok
-    await ledger.finish(dep, "high", first_high.lease, 0, table["high"])
+    await ledger.settle(dep, ended("high", first_high.lease, 0, table["high"]))
     refused = await ledger.try_start(dep, "g1", start("low"), {"low": 10}, table)
     assert (refused.ok, refused.reason) == (False, "priority")
 
@@ -219,10 +247,10 @@ async def test_an_idle_tenant_banks_no_credit(ledger: Ledger, dep: str) -> None:
 async def test_charges_advance_the_counter(ledger: Ledger, dep: str) -> None:
     table = tenants(a={}, b={})
     await ledger.heartbeat(dep, "g2", {"a": 10}, {})
-    await ledger.charge(dep, {"a": 50.0})
+    await ledger.settle(dep, Settlement(charges={"a": 50.0}))
     started = await ledger.try_start(dep, "g1", start("b", cost=0), {"b": 10}, table)
     assert started.ok and started.counter == pytest.approx(50)  # lifted to a's, not past it
-    await ledger.charge(dep, {"b": 100.0})
+    await ledger.settle(dep, Settlement(charges={"b": 100.0}))
     refused = await ledger.try_start(dep, "g1", start("b", cost=0), {"b": 10}, table)
     assert (refused.ok, refused.reason, refused.counter) == (False, "fair", pytest.approx(150))
 
