@@ -12,7 +12,8 @@ HTTP clients; every latency is the client's (request sent -> first token chunk).
   robin straight to the workers, which queue first come first served. The victim's p99
   TTFT beside its p99 alone.
 - throughput: closed-loop streams straight to each replica at once (their sum), then as
-  many through the gateway.
+  many through the gateway, in alternating rounds, so a change in the machine's other
+  load falls on both; the ratio of the totals, and each round's.
 
     .venv/bin/python -m tests.bench.gateway --quick --json
 """
@@ -61,13 +62,19 @@ class Sizes:
     output_tokens: int
     victim_rate: float
     isolation_s: float
-    throughput_s: float
+    throughput_s: float  # each phase of a round
+    throughput_rounds: int
 
 
 QUICK = Sizes(
-    overhead_requests=200, output_tokens=32, victim_rate=4.0, isolation_s=12, throughput_s=8
+    overhead_requests=200,
+    output_tokens=32,
+    victim_rate=4.0,
+    isolation_s=12,
+    throughput_s=4,
+    throughput_rounds=3,
 )
-FULL = replace(QUICK, overhead_requests=1000, isolation_s=40, throughput_s=20)
+FULL = replace(QUICK, overhead_requests=1000, isolation_s=40, throughput_s=8, throughput_rounds=5)
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -242,22 +249,32 @@ def run(sizes: Sizes, redis_url: str, work: Path, log: Callable[[str], None]) ->
         passing = gateway("passing", workers, queue_ahead=100_000)
         direct = [w.base_url for w in workers.values()]
 
-        log("throughput")
-        summed, _, direct_errors = asyncio.run(
-            closed(direct, BATCH, sizes.throughput_s, sizes.output_tokens)
-        )
-        cpu_before = fleet_process[0].cpu_seconds()
-        through, forwarded, gateway_errors = asyncio.run(
-            closed([fleet], BATCH * len(direct), sizes.throughput_s, sizes.output_tokens)
-        )
-        # The gateway's CPU time over the phase per token it forwarded: admission, the
-        # ledger, the workers' state streams and passing the chunks on, all together.
-        cpu = fleet_process[0].cpu_seconds() - cpu_before
+        rounds: list[tuple[float, float]] = []  # (replicas' sum, through the gateway)
+        forwarded = cpu = direct_errors = gateway_errors = 0
+        for index in range(sizes.throughput_rounds):
+            log(f"throughput: round {index + 1} of {sizes.throughput_rounds}")
+            summed, _, errors = asyncio.run(
+                closed(direct, BATCH, sizes.throughput_s, sizes.output_tokens)
+            )
+            direct_errors += errors
+            cpu_before = fleet_process[0].cpu_seconds()
+            through, received, errors = asyncio.run(
+                closed([fleet], BATCH * len(direct), sizes.throughput_s, sizes.output_tokens)
+            )
+            # The gateway's CPU time per token it forwarded: admission, the ledger, the
+            # workers' state streams and passing the chunks on, all together.
+            cpu += fleet_process[0].cpu_seconds() - cpu_before
+            forwarded += received
+            gateway_errors += errors
+            rounds.append((summed, through))
         out["throughput"] = {
-            "replicas_sum_tokens_per_s": round(summed, 1),
-            "gateway_tokens_per_s": round(through, 1),
+            "replicas_sum_tokens_per_s": round(sum(d for d, _ in rounds) / len(rounds), 1),
+            "gateway_tokens_per_s": round(sum(g for _, g in rounds) / len(rounds), 1),
+            "rounds_vs_replicas": [round(g / d, 3) for d, g in rounds],
             "gateway_tokens_forwarded": forwarded,
             "gateway_cpu_us_per_token": round(cpu / forwarded * 1e6, 1) if forwarded else None,
+            # Of the machine's cores, what the gateway took from the replicas' share.
+            "gateway_cpu_cores": round(cpu / (sizes.throughput_s * sizes.throughput_rounds), 3),
             "replicas_errors": direct_errors,
             "gateway_errors": gateway_errors,
         }
@@ -320,8 +337,10 @@ def table(out: dict[str, Any]) -> str:
     thr = out["throughput"]
     lines.append(
         f"throughput: gateway {thr['gateway_tokens_per_s']} tok/s vs replicas' sum "
-        f"{thr['replicas_sum_tokens_per_s']} tok/s (x{out['throughput_vs_replicas']}); "
-        f"gateway CPU {out['gateway_cpu_us_per_token']} us per forwarded token; broken "
+        f"{thr['replicas_sum_tokens_per_s']} tok/s (x{out['throughput_vs_replicas']}; "
+        f"rounds {', '.join(f'x{r}' for r in thr['rounds_vs_replicas'])}); "
+        f"gateway CPU {out['gateway_cpu_us_per_token']} us per forwarded token "
+        f"({thr['gateway_cpu_cores']} of a core); broken "
         f"connections: {thr['gateway_errors']} via the gateway, {thr['replicas_errors']} direct"
     )
     lines.append(f"load average: {out['load_average']}")
