@@ -511,6 +511,7 @@ class Scheduler:
         self.step_s = 0.0
         self.prefill_token_s = 0.0
         self._watchers: set[asyncio.Event] = set()
+        self.version = 0  # counts the changes, so a message built once serves every subscriber
 
     # -- live state ---------------------------------------------------------------------
 
@@ -524,6 +525,7 @@ class Scheduler:
         self._watchers.discard(event)
 
     def _changed(self) -> None:
+        self.version += 1
         for event in self._watchers:
             event.set()
 

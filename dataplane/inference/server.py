@@ -22,7 +22,6 @@ budget or free slots split them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -226,6 +225,8 @@ class InferenceApp(ModelServer):
         self.worker = worker
         self._tasks: list[asyncio.Task[None]] = []
         self._state_streams: set[asyncio.Event] = set()
+        # The state message after its ``seq``, and the scheduler version it was built at.
+        self._state_body: tuple[int, bytes] | None = None
         self._closing = False
         super().__init__({"/v1/internal/state": ("GET", self._state)})
 
@@ -644,24 +645,39 @@ class InferenceApp(ModelServer):
         await call.send({"type": "http.response.start", "status": 200, "headers": headers})
         gone = asyncio.create_task(wait_disconnect(call))
         seq = 0
+        fresh = True  # a stream's first message and its heartbeats are built anew
         try:
             while not (gone.done() or self._closing):
                 changed.clear()
                 seq += 1
-                message = {
-                    "seq": seq,
-                    "replica_id": worker.identity.replica_id,
-                    "nonce": worker.identity.nonce,
-                    **worker.scheduler.state(),
-                }
-                line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+                line = b'{"seq":%d,' % seq + self._state_message(fresh) + b"\n"
                 await call.send({"type": "http.response.body", "body": line, "more_body": True})
-                with contextlib.suppress(TimeoutError):
+                try:
                     await asyncio.wait_for(changed.wait(), STATE_HEARTBEAT_S)
+                    fresh = False
+                except TimeoutError:
+                    fresh = True
         finally:
             worker.scheduler.unwatch(changed)
             self._state_streams.discard(changed)
             gone.cancel()
+
+    def _state_message(self, fresh: bool) -> bytes:
+        """The state message after its opening ``{"seq":N,``: built once per change of
+        the scheduler for all streams, as a deployment's every gateway follows every
+        worker; ``fresh`` builds it anew whatever the version."""
+        scheduler = self.worker.scheduler
+        built = self._state_body
+        if fresh or built is None or built[0] != scheduler.version:
+            identity = self.worker.identity
+            message = {
+                "replica_id": identity.replica_id,
+                "nonce": identity.nonce,
+                **scheduler.state(),
+            }
+            body = json.dumps(message, separators=(",", ":")).encode()
+            built = self._state_body = (scheduler.version, body[1:])
+        return built[1]
 
     async def _stats(self, call: Call) -> None:
         self._check_internal(call)

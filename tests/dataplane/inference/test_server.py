@@ -13,6 +13,9 @@ import httpx
 import openai
 import pytest
 
+from dataplane.inference.config import WorkerConfig
+from dataplane.inference.server import InferenceApp, Worker
+
 from .procs import WorkerProcess, key_hash, worker_config
 
 KEYS = {"alice": "key-alice", "bob": "key-bob"}
@@ -406,3 +409,65 @@ def test_reload_under_load_drops_nothing(model_dir: Path, tmp_path: Path) -> Non
         wait_for(lambda: proc.health()["config_generation"] > generation)
         with pytest.raises(openai.AuthenticationError):
             carol.completions.create(model="synthetic", prompt="hi", max_tokens=2)
+
+
+class _StateReader:
+    """One ``GET /v1/internal/state`` call straight into the ASGI app, from loopback: its
+    lines as they are sent; ``leave`` disconnects."""
+
+    def __init__(self, app: InferenceApp) -> None:
+        scope = {"type": "http", "method": "GET", "path": "/v1/internal/state", "headers": []}
+        self.lines: asyncio.Queue[bytes] = asyncio.Queue()
+        self._left = asyncio.Event()
+        self.task = asyncio.create_task(
+            app({**scope, "client": ("127.0.0.1", 1)}, self._receive, self._send)
+        )
+
+    async def _receive(self) -> dict[str, Any]:
+        await self._left.wait()
+        return {"type": "http.disconnect"}
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        if message.get("body"):
+            self.lines.put_nowait(message["body"])
+
+    async def line(self) -> tuple[int, bytes]:
+        """The next message's seq, and the rest of it."""
+        async with asyncio.timeout(60):
+            found = await self.lines.get()
+        head, _, rest = found.partition(b",")
+        assert json.loads(found)["seq"] == int(head.removeprefix(b'{"seq":'))
+        return int(head.removeprefix(b'{"seq":')), rest
+
+    async def leave(self) -> None:
+        self._left.set()
+        await self.task
+
+
+async def test_a_change_is_encoded_once_for_every_state_stream(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """Every gateway of a deployment follows every worker, so a change is built into a
+    message once and each stream sends it under its own seq."""
+    config = WorkerConfig.model_validate(worker_config(model_dir, tmp_path / "cache", KEYS))
+    worker = Worker(config)
+    built = 0
+    state = worker.scheduler.state
+
+    def counted() -> dict[str, Any]:
+        nonlocal built
+        built += 1
+        return state()
+
+    worker.scheduler.state = counted  # type: ignore[method-assign]
+    app = InferenceApp(worker)
+    readers = [_StateReader(app) for _ in range(3)]
+    first = [await reader.line() for reader in readers]
+    assert built == 3 and [seq for seq, _ in first] == [1, 1, 1]  # each stream's own first
+    worker.scheduler._changed()
+    second = [await reader.line() for reader in readers]
+    assert built == 4
+    assert [seq for seq, _ in second] == [2, 2, 2] and len({rest for _, rest in second}) == 1
+    assert json.loads(b"{" + second[0][1])["replica_id"] == worker.identity.replica_id
+    for reader in readers:
+        await reader.leave()
