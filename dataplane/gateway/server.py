@@ -83,8 +83,11 @@ DISPATCH_POLL_S = 0.01
 # this long (or for a slot to free), so a full fleet costs no ledger call per poll.
 AHEAD_BACKOFF_S = 0.05
 # What a gateway owes the ledger (ended requests, streamed tokens) rides on its next
-# admission; what no admission took within this long is settled on its own.
+# admission; what no admission took once it is this old is settled on its own (the
+# loop looks twice as often).
 SETTLE_AFTER_S = 0.02
+# How long a stopping gateway tries to settle what it owes (its leases expire anyway).
+SETTLE_ON_STOP_S = 2.0
 # What a chat request without max_tokens reserves from its tenant's token bucket.
 DEFAULT_CHAT_RESERVE = 256
 # OpenAI's default max_tokens for completions, written into requests that name none.
@@ -241,6 +244,8 @@ class Gateway:
         self.deployments: dict[str, _Deployment] = {}
         """By deployment id: deployments of different tenants may share a model name."""
         self._dispatchers: dict[str, asyncio.Task[None]] = {}
+        # Deployments removed while requests of theirs ran: settled until those end.
+        self._retired: list[_Deployment] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._client: aiohttp.ClientSession | None = None
 
@@ -278,9 +283,10 @@ class Gateway:
         if self._client is not None:
             await self._client.close()
             self._client = None
-        for dep in self.deployments.values():  # the ends no call carried yet
+        for dep in [*self.deployments.values(), *self._retired]:  # what no call carried yet
             try:
-                await self.settle(dep)
+                async with asyncio.timeout(SETTLE_ON_STOP_S):
+                    await self.settle(dep)
             except Exception:
                 log.exception("settling with the ledger failed; its leases will expire")
         await self.ledger.close()
@@ -297,6 +303,7 @@ class Gateway:
         routes = {route.deployment_id: route for route in new.deployments}
         for deployment_id in [d for d in self.deployments if d not in routes]:
             gone = self.deployments.pop(deployment_id)
+            self._retired.append(gone)
             model = gone.route.served_model_name
             self._dispatchers.pop(deployment_id).cancel()
             for task in gone.watchers.values():
@@ -483,7 +490,7 @@ class Gateway:
                     dep.route.tenants,
                     owed,
                 )
-            except Exception:  # taken as not applied: the next call carries it
+            except BaseException:  # at least once: the next call carries it again
                 dep.owed.restore(owed)
                 raise
             dep.settled(owed)
@@ -526,7 +533,7 @@ class Gateway:
         owed = dep.owed.take()
         try:
             await self.ledger.settle(dep.route.deployment_id, owed)
-        except Exception:
+        except BaseException:  # at least once: a call that failed may have been applied
             dep.owed.restore(owed)
             raise
         dep.settled(owed)
@@ -541,20 +548,26 @@ class Gateway:
             beat = now - last_beat >= beat_every
             if beat:
                 last_beat = now
+            for dep in [*self.deployments.values(), *self._retired]:
+                since = dep.owed.since
+                if since is not None and now - since >= SETTLE_AFTER_S:
+                    try:
+                        await self.settle(dep)
+                    except Exception:
+                        log.exception("settling with the ledger failed; retrying")
+            self._retired = [d for d in self._retired if d.owed or any(d.leases.values())]
+            if not beat:
+                continue
             for dep in list(self.deployments.values()):
                 try:
-                    since = dep.owed.since
-                    if since is not None and now - since >= SETTLE_AFTER_S:
-                        await self.settle(dep)
-                    if beat:
-                        await self.ledger.heartbeat(
-                            dep.route.deployment_id,
-                            self.config.gateway_id,
-                            dep.waiting_tenants(),
-                            {t: ids for t, ids in dep.leases.items() if ids},
-                        )
+                    await self.ledger.heartbeat(
+                        dep.route.deployment_id,
+                        self.config.gateway_id,
+                        dep.waiting_tenants(),
+                        {t: ids for t, ids in dep.leases.items() if ids},
+                    )
                 except Exception:
-                    log.exception("ledger update failed; retrying")
+                    log.exception("renewing leases failed; retrying")
 
     async def admit(self, dep: _Deployment, tenant: str, waiter: _Waiter) -> Replica:
         queue = dep.waiting.setdefault(tenant, deque())

@@ -511,7 +511,8 @@ class Scheduler:
         self.step_s = 0.0
         self.prefill_token_s = 0.0
         self._watchers: set[asyncio.Event] = set()
-        self.version = 0  # counts the changes, so a message built once serves every subscriber
+        # Counts the state's changes, so a message built once serves every subscriber.
+        self.version = 0
 
     # -- live state ---------------------------------------------------------------------
 
@@ -524,8 +525,13 @@ class Scheduler:
     def unwatch(self, event: asyncio.Event) -> None:
         self._watchers.discard(event)
 
-    def _changed(self) -> None:
+    def _moved(self) -> None:
+        """The state moved where no subscriber need be woken for it (the change that
+        follows moments later wakes them); a message built from now on is built anew."""
         self.version += 1
+
+    def _changed(self) -> None:
+        self._moved()
         for event in self._watchers:
             event.set()
 
@@ -785,6 +791,7 @@ class Scheduler:
                 if victim is None:
                     break
                 self._pause(victim)
+                self._moved()
                 slots += 1
                 continue
             self.policy.pop(skip)
@@ -804,6 +811,7 @@ class Scheduler:
                 budget -= 1  # it decodes in the next step too
         if moves:
             self._commands.put(moves)
+            self._moved()
 
     async def _step_lane(self) -> None:
         loop = asyncio.get_running_loop()
@@ -1063,6 +1071,7 @@ class Scheduler:
         if report.decode_seconds is None and not report.failed:
             # A prefill half: its first tokens are out; limits, admission and the live
             # state that gateways read follow with the decode half, moments later.
+            self._moved()
             return
         self._enforce_limits()
         self._metrics.running.set(len(self.running))

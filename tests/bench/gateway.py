@@ -250,17 +250,18 @@ def run(sizes: Sizes, redis_url: str, work: Path, log: Callable[[str], None]) ->
         direct = [w.base_url for w in workers.values()]
 
         rounds: list[tuple[float, float]] = []  # (replicas' sum, through the gateway)
-        forwarded = cpu = direct_errors = gateway_errors = 0
+        forwarded = cpu = busy = direct_errors = gateway_errors = 0
         for index in range(sizes.throughput_rounds):
             log(f"throughput: round {index + 1} of {sizes.throughput_rounds}")
             summed, _, errors = asyncio.run(
                 closed(direct, BATCH, sizes.throughput_s, sizes.output_tokens)
             )
             direct_errors += errors
-            cpu_before = fleet_process[0].cpu_seconds()
+            cpu_before, began = fleet_process[0].cpu_seconds(), time.monotonic()
             through, received, errors = asyncio.run(
                 closed([fleet], BATCH * len(direct), sizes.throughput_s, sizes.output_tokens)
             )
+            busy += time.monotonic() - began
             # The gateway's CPU time per token it forwarded: admission, the ledger, the
             # workers' state streams and passing the chunks on, all together.
             cpu += fleet_process[0].cpu_seconds() - cpu_before
@@ -274,7 +275,7 @@ def run(sizes: Sizes, redis_url: str, work: Path, log: Callable[[str], None]) ->
             "gateway_tokens_forwarded": forwarded,
             "gateway_cpu_us_per_token": round(cpu / forwarded * 1e6, 1) if forwarded else None,
             # Of the machine's cores, what the gateway took from the replicas' share.
-            "gateway_cpu_cores": round(cpu / (sizes.throughput_s * sizes.throughput_rounds), 3),
+            "gateway_cpu_cores": round(cpu / busy, 3),
             "replicas_errors": direct_errors,
             "gateway_errors": gateway_errors,
         }

@@ -372,6 +372,56 @@ async def test_what_no_admission_takes_is_settled_on_its_own() -> None:
         await setup.close()
 
 
+async def test_what_a_failed_admission_carried_goes_with_the_next() -> None:
+    """With one lease allowed, the second request starts only once the first one's end
+    reaches the ledger; the admission that carried it first failed."""
+    setup = await Setup.started({"max_concurrency": 1})
+    try_start = setup.ledger.try_start
+    failures = [ConnectionError("the ledger's server went away")]
+
+    async def failing_once(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await try_start(*args, **kwargs)
+
+    setup.dispatching()
+    try:
+        call = Call(body(max_tokens=10))
+        await setup.app(call.scope, call.receive, call.send)
+        setup.ledger.try_start = failing_once  # type: ignore[method-assign]
+        call = Call(body(max_tokens=10))
+        async with asyncio.timeout(60):
+            await setup.app(call.scope, call.receive, call.send)
+        assert call.status == 200 and not failures
+    finally:
+        await setup.close()
+
+
+async def test_a_removed_deployments_requests_are_settled_as_they_end() -> None:
+    setup = await Setup.started({"tokens_per_s": 1.0, "burst_tokens": 100})
+    setup.dispatching()
+    gateway = setup.gateway
+    assert setup.loop is not None
+    gateway._dispatchers["d1"] = setup.loop
+    settling = asyncio.create_task(gateway._flush_loop())
+    setup.fake.hang = True
+    try:
+        call = Call(body(max_tokens=10))
+        served = asyncio.create_task(setup.app(call.scope, call.receive, call.send))
+        await call.wait_for(lambda: call.text.count("choices") == 3)
+        gateway.apply(gateway.config.model_copy(update={"deployments": []}))
+        setup.fake.release.set()  # the stream ends after its deployment went
+        await served
+        book = setup.ledger._books["d1"]
+        async with asyncio.timeout(60):
+            while book.leases["a"] or gateway._retired:
+                await asyncio.sleep(0.01)
+        assert book.buckets["a"].level == pytest.approx(100 - 3)
+    finally:
+        settling.cancel()
+        await setup.close()
+
+
 async def test_a_client_leaving_mid_stream_pays_for_what_it_was_sent() -> None:
     setup = await Setup.started({"tokens_per_s": 1.0, "burst_tokens": 100})
     setup.dispatching()
