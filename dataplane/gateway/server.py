@@ -82,9 +82,9 @@ DISPATCH_POLL_S = 0.01
 # After the ledger refuses a request going ahead of full replicas, the next try waits
 # this long (or for a slot to free), so a full fleet costs no ledger call per poll.
 AHEAD_BACKOFF_S = 0.05
-# What a gateway owes the ledger (ended requests, streamed tokens) rides on its next
-# admission; what no admission took once it is this old is settled on its own (the
-# loop looks twice as often).
+# What a gateway owes the ledger rides on its next admission. An end with nothing
+# waiting is settled at once; what no call took once it is this old (streamed tokens,
+# mostly) is settled on its own (the loop looks twice as often).
 SETTLE_AFTER_S = 0.02
 # How long a stopping gateway tries to settle what it owes (its leases expire anyway).
 SETTLE_ON_STOP_S = 2.0
@@ -172,6 +172,8 @@ class _Deployment:
         )
         self.counters: dict[str, float] = {}
         self.owed = Settlement()
+        # Settling what ended while nothing waited here to carry it.
+        self.settling: asyncio.Task[None] | None = None
         self.leases: dict[str, set[str]] = {}
         # Seconds until the tenant's bucket held enough, as the ledger last said.
         self.token_wait: dict[str, float] = {}
@@ -277,6 +279,7 @@ class Gateway:
     async def stop(self) -> None:
         tasks = [*self._tasks, *self._dispatchers.values()]
         tasks += [t for d in self.deployments.values() for t in d.watchers.values()]
+        tasks += [d.settling for d in [*self.deployments.values(), *self._retired] if d.settling]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -588,10 +591,22 @@ class Gateway:
 
     def release(self, dep: _Deployment, tenant: str, waiter: _Waiter, refund: int) -> None:
         """Free the request's lease here, and owe the ledger its end: the lease and the
-        settled reservation go with the next admission, or the next settling."""
+        settled reservation go with the admission it wakes, or, with nothing waiting
+        here, at once, off any request's way."""
         dep.leases.get(tenant, set()).discard(waiter.lease)
         dep.owed.end(Finished(tenant, waiter.lease, refund, dep.limits(tenant)))
+        if not dep.waiting_count() and dep.settling is None:
+            dep.settling = asyncio.get_running_loop().create_task(self._settle_idle(dep))
         dep.wake.set()
+
+    async def _settle_idle(self, dep: _Deployment) -> None:
+        try:
+            while dep.owed and not dep.waiting_count():
+                await self.settle(dep)
+        except Exception:
+            log.exception("settling with the ledger failed; retrying")
+        finally:
+            dep.settling = None
 
 
 async def watch_disconnect(call: Call, work: asyncio.Task[Any]) -> None:

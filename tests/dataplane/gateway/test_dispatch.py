@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -329,32 +329,43 @@ def counting_settlements(setup: Setup) -> list[Settlement]:
     return settled
 
 
-async def test_a_requests_end_rides_on_the_next_admission() -> None:
-    """Ending a request costs no ledger call of its own. With one lease allowed, the
-    second request starts only because its admission carried the first one's end."""
-    setup = await Setup.started({"max_concurrency": 1, "tokens_per_s": 1.0, "burst_tokens": 100})
+async def one_running_one_waiting(setup: Setup) -> tuple[Awaitable[Any], Call]:
+    """With one lease allowed, a first request streaming (held open) and a second one
+    waiting for its lease; returns the first's task and the second call."""
+    setup.fake.hang = True
+    first = Call(body(max_tokens=10))
+    running = asyncio.create_task(setup.app(first.scope, first.receive, first.send))
+    await first.wait_for(lambda: first.text.count("choices") == 3)
+    second = Call(body(max_tokens=10))
+    waiting = asyncio.create_task(setup.app(second.scope, second.receive, second.send))
+    async with asyncio.timeout(60):
+        while not setup.dep.waiting_count():
+            await asyncio.sleep(0.01)
+    return asyncio.gather(running, waiting), second
+
+
+async def test_a_requests_end_rides_on_the_admission_it_frees() -> None:
+    """Ending a request costs no ledger call of its own: the second request starts
+    only because its admission carried the first one's end."""
+    setup = await Setup.started({"max_concurrency": 1})
     settled = counting_settlements(setup)
     setup.dispatching()
     try:
-        for _ in range(2):
-            call = Call(body(max_tokens=10))
-            async with asyncio.timeout(60):
-                await setup.app(call.scope, call.receive, call.send)
-            assert call.status == 200
-        book = setup.ledger._books["d1"]
-        assert settled == [] and len(book.leases["a"]) == 1  # the second's, still owed
-        assert book.buckets["a"].level == pytest.approx(100 - 3 - 10)
-        assert await setup.settled_bucket() == pytest.approx(100 - 3 - 3)
-        assert len(settled) == 1 and not book.leases["a"]
+        both, second = await one_running_one_waiting(setup)
+        setup.fake.release.set()
+        async with asyncio.timeout(60):
+            await both
+        # Two ends: the first rode on the second's admission, the second (with nothing
+        # waiting after it) was settled on its own.
+        assert second.status == 200 and [len(owed.finished) for owed in settled] == [1]
     finally:
         await setup.close()
 
 
-async def test_what_no_admission_takes_is_settled_on_its_own() -> None:
+async def test_an_end_with_nothing_waiting_is_settled_at_once() -> None:
     setup = await Setup.started({"tokens_per_s": 1.0, "burst_tokens": 100})
     settled = counting_settlements(setup)
     setup.dispatching()
-    settling = asyncio.create_task(setup.gateway._flush_loop())
     try:
         call = Call(body(max_tokens=10))
         await setup.app(call.scope, call.receive, call.send)
@@ -363,36 +374,55 @@ async def test_what_no_admission_takes_is_settled_on_its_own() -> None:
             while book.leases["a"] or setup.dep.owed:
                 await asyncio.sleep(0.01)
         assert book.buckets["a"].level == pytest.approx(100 - 3)
-        # Its end and the 3 tokens it streamed, in one call or two.
         assert sum(len(owed.finished) for owed in settled) == 1
-        charged = sum(owed.charges.get("a", 0.0) for owed in settled)
-        assert charged == pytest.approx(3 * setup.dep.route.output_token_weight)
+    finally:
+        await setup.close()
+
+
+async def test_tokens_no_call_takes_are_settled_on_their_own() -> None:
+    setup = await Setup.started({})
+    settled = counting_settlements(setup)
+    setup.dispatching()
+    settling = asyncio.create_task(setup.gateway._flush_loop())
+    setup.fake.hang = True
+    try:
+        call = Call(body(max_tokens=10))
+        served = asyncio.create_task(setup.app(call.scope, call.receive, call.send))
+        await call.wait_for(lambda: call.text.count("choices") == 3)
+        weighted = 3 * setup.dep.route.output_token_weight
+        async with asyncio.timeout(60):  # charged while the request still streams
+            while sum(owed.charges.get("a", 0.0) for owed in settled) < weighted:
+                await asyncio.sleep(0.01)
+        assert not served.done()
+        assert setup.ledger._books["d1"].counters["a"] == pytest.approx(setup.dep.counters["a"])
+        setup.fake.release.set()
+        await served
     finally:
         settling.cancel()
         await setup.close()
 
 
 async def test_what_a_failed_admission_carried_goes_with_the_next() -> None:
-    """With one lease allowed, the second request starts only once the first one's end
-    reaches the ledger; the admission that carried it first failed."""
+    """The second request starts only once the first one's end reaches the ledger; the
+    admission that carried it first failed."""
     setup = await Setup.started({"max_concurrency": 1})
     try_start = setup.ledger.try_start
     failures = [ConnectionError("the ledger's server went away")]
 
     async def failing_once(*args: Any, **kwargs: Any) -> Any:
-        if failures:
+        owed = kwargs.get("owed", args[5] if len(args) > 5 else None)
+        if failures and owed is not None and owed.finished:
             raise failures.pop()
         return await try_start(*args, **kwargs)
 
+    setup.ledger.try_start = failing_once  # type: ignore[method-assign]
     setup.dispatching()
     try:
-        call = Call(body(max_tokens=10))
-        await setup.app(call.scope, call.receive, call.send)
-        setup.ledger.try_start = failing_once  # type: ignore[method-assign]
-        call = Call(body(max_tokens=10))
+        both, second = await one_running_one_waiting(setup)
+        setup.fake.release.set()
         async with asyncio.timeout(60):
-            await setup.app(call.scope, call.receive, call.send)
-        assert call.status == 200 and not failures
+            await both
+        assert second.status == 200 and not failures
     finally:
         await setup.close()
 
