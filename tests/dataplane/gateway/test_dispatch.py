@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -329,9 +329,9 @@ def counting_settlements(setup: Setup) -> list[Settlement]:
     return settled
 
 
-async def one_running_one_waiting(setup: Setup) -> tuple[Awaitable[Any], Call]:
-    """With one lease allowed, a first request streaming (held open) and a second one
-    waiting for its lease; returns the first's task and the second call."""
+async def second_after_first(setup: Setup) -> Call:
+    """With one lease allowed: a first request streams, held open, until a second one
+    waits for its lease; then the first ends, and both are awaited. Returns the second."""
     setup.fake.hang = True
     first = Call(body(max_tokens=10))
     running = asyncio.create_task(setup.app(first.scope, first.receive, first.send))
@@ -341,7 +341,9 @@ async def one_running_one_waiting(setup: Setup) -> tuple[Awaitable[Any], Call]:
     async with asyncio.timeout(60):
         while not setup.dep.waiting_count():
             await asyncio.sleep(0.01)
-    return asyncio.gather(running, waiting), second
+        setup.fake.release.set()
+        await asyncio.gather(running, waiting)
+    return second
 
 
 async def test_a_requests_end_rides_on_the_admission_it_frees() -> None:
@@ -351,10 +353,7 @@ async def test_a_requests_end_rides_on_the_admission_it_frees() -> None:
     settled = counting_settlements(setup)
     setup.dispatching()
     try:
-        both, second = await one_running_one_waiting(setup)
-        setup.fake.release.set()
-        async with asyncio.timeout(60):
-            await both
+        second = await second_after_first(setup)
         # Two ends: the first rode on the second's admission, the second (with nothing
         # waiting after it) was settled on its own.
         assert second.status == 200 and [len(owed.finished) for owed in settled] == [1]
@@ -418,10 +417,7 @@ async def test_what_a_failed_admission_carried_goes_with_the_next() -> None:
     setup.ledger.try_start = failing_once  # type: ignore[method-assign]
     setup.dispatching()
     try:
-        both, second = await one_running_one_waiting(setup)
-        setup.fake.release.set()
-        async with asyncio.timeout(60):
-            await both
+        second = await second_after_first(setup)
         assert second.status == 200 and not failures
     finally:
         await setup.close()
