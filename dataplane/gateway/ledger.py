@@ -85,7 +85,8 @@ class Finished:
 class Settlement:
     """What a gateway owes the ledger since its last call: the requests that ended and the
     tokens streamed (tenant -> weighted output tokens / weight). It rides on the gateway's
-    next call, so ending a request or streaming a token costs no round trip of its own."""
+    next call, so under load ending a request or streaming a token costs no round trip of
+    its own."""
 
     finished: list[Finished] = field(default_factory=list)
     charges: dict[str, float] = field(default_factory=dict)
@@ -403,7 +404,8 @@ local function settle(i)
   local n = tonumber(ARGV[i])
   i = i + 1
   for _ = 1, n do
-    local name, refund, rate, cap = ARGV[i], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+    local name, refund = ARGV[i], tonumber(ARGV[i + 2])
+    local rate, cap = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
     redis.call('ZREM', prefix .. 'lease:' .. name, ARGV[i + 1])
     local lvl = level(name, rate, cap)
     if lvl ~= nil and refund ~= 0 then

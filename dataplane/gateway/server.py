@@ -558,7 +558,9 @@ class Gateway:
                         await self.settle(dep)
                     except Exception:
                         log.exception("settling with the ledger failed; retrying")
-            self._retired = [d for d in self._retired if d.owed or any(d.leases.values())]
+            self._retired = [
+                d for d in self._retired if d.owed or d.settling or any(d.leases.values())
+            ]
             if not beat:
                 continue
             for dep in list(self.deployments.values()):
@@ -600,8 +602,10 @@ class Gateway:
         dep.wake.set()
 
     async def _settle_idle(self, dep: _Deployment) -> None:
+        """Settle ends (and the tokens owed beside them) while nothing waits here; tokens
+        alone wait for the settling loop, or a stream would cost a call per token."""
         try:
-            while dep.owed and not dep.waiting_count():
+            while dep.owed.finished and not dep.waiting_count():
                 await self.settle(dep)
         except Exception:
             log.exception("settling with the ledger failed; retrying")
