@@ -86,8 +86,9 @@ AHEAD_BACKOFF_S = 0.05
 # waiting is settled at once; what no call took once it is this old (streamed tokens,
 # mostly) is settled on its own (the loop looks twice as often).
 SETTLE_AFTER_S = 0.02
-# How long a stopping gateway tries to settle what it owes (its leases expire anyway).
-SETTLE_ON_STOP_S = 2.0
+# How long one settling call, or a stopping gateway's settling, may take (what it
+# carried is then owed again; leases expire anyway).
+SETTLE_TIMEOUT_S = 2.0
 # What a chat request without max_tokens reserves from its tenant's token bucket.
 DEFAULT_CHAT_RESERVE = 256
 # OpenAI's default max_tokens for completions, written into requests that name none.
@@ -246,8 +247,10 @@ class Gateway:
         self.deployments: dict[str, _Deployment] = {}
         """By deployment id: deployments of different tenants may share a model name."""
         self._dispatchers: dict[str, asyncio.Task[None]] = {}
-        # Deployments removed while requests of theirs ran: settled until those end.
-        self._retired: list[_Deployment] = []
+        # Deployments removed while requests of theirs ran, with their dispatchers:
+        # settled until those end.
+        self._retired: list[tuple[_Deployment, asyncio.Task[None]]] = []
+        self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._client: aiohttp.ClientSession | None = None
 
@@ -277,19 +280,27 @@ class Gateway:
         ]
 
     async def stop(self) -> None:
+        self._stopping = True  # ends from now on are left to the last settling below
         tasks = [*self._tasks, *self._dispatchers.values()]
         tasks += [t for d in self.deployments.values() for t in d.watchers.values()]
-        tasks += [d.settling for d in [*self.deployments.values(), *self._retired] if d.settling]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._client is not None:
             await self._client.close()
             self._client = None
-        for dep in [*self.deployments.values(), *self._retired]:  # what no call carried yet
+        every = [*self.deployments.values(), *(dep for dep, _ in self._retired)]
+        # Settling under way is let finish, not cancelled: a call cancelled in flight
+        # may have been applied, and what it carried would be settled twice.
+        settling = [dep.settling for dep in every if dep.settling is not None]
+        if settling:
+            _, late = await asyncio.wait(settling, timeout=SETTLE_TIMEOUT_S)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        for dep in every:  # what no call carried yet
             try:
-                async with asyncio.timeout(SETTLE_ON_STOP_S):
-                    await self.settle(dep)
+                await self.settle(dep)
             except Exception:
                 log.exception("settling with the ledger failed; its leases will expire")
         await self.ledger.close()
@@ -306,9 +317,10 @@ class Gateway:
         routes = {route.deployment_id: route for route in new.deployments}
         for deployment_id in [d for d in self.deployments if d not in routes]:
             gone = self.deployments.pop(deployment_id)
-            self._retired.append(gone)
+            dispatcher = self._dispatchers.pop(deployment_id)
+            dispatcher.cancel()
+            self._retired.append((gone, dispatcher))
             model = gone.route.served_model_name
-            self._dispatchers.pop(deployment_id).cancel()
             for task in gone.watchers.values():
                 task.cancel()
             for queue in gone.waiting.values():
@@ -319,6 +331,7 @@ class Gateway:
                                 404, f"The model `{model}` does not exist.", code="model_not_found"
                             )
                         )
+            gone.waiting.clear()
         for deployment_id, route in routes.items():
             dep = self.deployments.get(deployment_id)
             if dep is None:
@@ -535,11 +548,14 @@ class Gateway:
             return
         owed = dep.owed.take()
         try:
-            await self.ledger.settle(dep.route.deployment_id, owed)
+            async with asyncio.timeout(SETTLE_TIMEOUT_S):
+                await self.ledger.settle(dep.route.deployment_id, owed)
         except BaseException:  # at least once: a call that failed may have been applied
             dep.owed.restore(owed)
             raise
         dep.settled(owed)
+        if owed.finished and dep.waiting_count():  # what it freed may let one start
+            dep.wake.set()
 
     async def _flush_loop(self) -> None:
         """Settle what no admission carried; renew leases and waiting marks."""
@@ -551,7 +567,7 @@ class Gateway:
             beat = now - last_beat >= beat_every
             if beat:
                 last_beat = now
-            for dep in [*self.deployments.values(), *self._retired]:
+            for dep in [*self.deployments.values(), *(dep for dep, _ in self._retired)]:
                 since = dep.owed.since
                 if since is not None and now - since >= SETTLE_AFTER_S:
                     try:
@@ -559,7 +575,9 @@ class Gateway:
                     except Exception:
                         log.exception("settling with the ledger failed; retrying")
             self._retired = [
-                d for d in self._retired if d.owed or d.settling or any(d.leases.values())
+                (dep, dispatcher)
+                for dep, dispatcher in self._retired
+                if dep.owed or dep.settling or any(dep.leases.values()) or not dispatcher.done()
             ]
             if not beat:
                 continue
@@ -597,7 +615,7 @@ class Gateway:
         here, at once, off any request's way."""
         dep.leases.get(tenant, set()).discard(waiter.lease)
         dep.owed.end(Finished(tenant, waiter.lease, refund, dep.limits(tenant)))
-        if not dep.waiting_count() and dep.settling is None:
+        if not (dep.waiting_count() or dep.settling or self._stopping):
             dep.settling = asyncio.get_running_loop().create_task(self._settle_idle(dep))
         dep.wake.set()
 
