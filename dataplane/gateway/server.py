@@ -37,6 +37,7 @@ import signal
 import time
 import uuid
 from collections import defaultdict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,8 +221,17 @@ class _Deployment:
     def waiting_count(self) -> int:
         return sum(len(queue) for queue in self.waiting.values())
 
-    def settled(self, owed: Settlement) -> None:
-        """The ledger took ``owed``: the counters seen here advance by its charges."""
+    @contextlib.contextmanager
+    def paying(self) -> Iterator[Settlement]:
+        """What is owed, for one ledger call to carry. If the call fails it is owed again
+        (at least once: a call that failed may have been applied); if it succeeds, the
+        counters seen here advance by its charges."""
+        owed = self.owed.take()
+        try:
+            yield owed
+        except BaseException:
+            self.owed.restore(owed)
+            raise
         for tenant, amount in owed.charges.items():
             self.counters[tenant] = self.counters.get(tenant, 0.0) + amount
 
@@ -496,8 +506,7 @@ class Gateway:
             request = StartRequest(
                 tenant, waiter.lease, cost, waiter.reserve, len(queue) == 1, share_of=slots
             )
-            owed = dep.owed.take()
-            try:
+            with dep.paying() as owed:
                 decision = await self.ledger.try_start(
                     dep.route.deployment_id,
                     self.config.gateway_id,
@@ -506,10 +515,6 @@ class Gateway:
                     dep.route.tenants,
                     owed,
                 )
-            except BaseException:  # at least once: the next call carries it again
-                dep.owed.restore(owed)
-                raise
-            dep.settled(owed)
             dep.counters[tenant] = decision.counter
             dep.token_wait[tenant] = decision.wait_s if decision.reason == "tokens" else 0.0
             if not decision.ok:
@@ -546,14 +551,9 @@ class Gateway:
         leaves it owed."""
         if not dep.owed:
             return
-        owed = dep.owed.take()
-        try:
+        with dep.paying() as owed:
             async with asyncio.timeout(SETTLE_TIMEOUT_S):
                 await self.ledger.settle(dep.route.deployment_id, owed)
-        except BaseException:  # at least once: a call that failed may have been applied
-            dep.owed.restore(owed)
-            raise
-        dep.settled(owed)
         if owed.finished and dep.waiting_count():  # what it freed may let one start
             dep.wake.set()
 
