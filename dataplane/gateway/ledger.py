@@ -26,6 +26,9 @@ both implementations (Redis for several gateways, in-process for one):
   tenants (waiting or holding leases) of its class, as a worker shares its rows.
 - Waiting is registered per gateway, with the reservation of the tenant's next request
   there and an expiry, so a dead gateway's waiting tenants stop holding others back.
+- A call may be asked again after its answer was lost, and counts once: settlements
+  carry ids, applied once (remembered ``SETTLED_TTL_S``), and a start whose lease is
+  already held is let through without a second charge.
 
 Redis runs each decision as one Lua script on Redis's own clock, so gateways on different
 hosts agree on time and no decision sees another half made.
@@ -35,7 +38,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Collection, Mapping
+import uuid
+from collections import deque
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -73,53 +78,85 @@ class StartRequest:
 @dataclass(frozen=True)
 class Finished:
     """A request that ended: its lease is freed, and ``refund`` (the reserved tokens less
-    those produced) goes back to its tenant's bucket; a negative one is charged."""
+    those produced) goes back to its tenant's bucket; a negative one is charged.
+    ``held_only``: a start whose answer was lost, undone (lease freed, reservation
+    refunded) only if it did take the lease."""
 
     tenant: str
     lease: str
     refund: int
     limits: TenantConfig
+    held_only: bool = False
+
+
+SETTLED_TTL_S = 300.0
+"""How long the ledger remembers a settlement it applied: a call carrying it again within
+that time (its first answer lost) changes nothing."""
 
 
 @dataclass
 class Settlement:
-    """What a gateway owes the ledger since its last call: the requests that ended and the
-    tokens streamed (tenant -> weighted output tokens / weight). It rides on the gateway's
-    next call, so under load ending a request or streaming a token costs no round trip of
-    its own."""
+    """What one ledger call carries for a gateway: requests that ended and tokens streamed
+    (tenant -> weighted output tokens / weight). The ledger applies a settlement once,
+    by its id, however often calls whose answers were lost carry it."""
 
     finished: list[Finished] = field(default_factory=list)
     charges: dict[str, float] = field(default_factory=dict)
     since: float | None = None  # when the oldest of it was owed (time.monotonic)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __bool__(self) -> bool:
         return bool(self.finished or self.charges)
 
+
+class Dues:
+    """What a gateway owes the ledger for one deployment. It rides on the gateway's next
+    call, so under load ending a request or streaming a token costs no round trip of its
+    own. Settlements that a failed call carried are carried again as they were, with
+    their ids: that call may have been applied."""
+
+    def __init__(self) -> None:
+        self._fresh = Settlement()
+        self._unsure: list[Settlement] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._fresh or self._unsure)
+
+    @property
+    def since(self) -> float | None:
+        """When the oldest of it was owed (time.monotonic); None if nothing is."""
+        return min((s.since for s in self._all() if s.since is not None), default=None)
+
+    @property
+    def ends(self) -> bool:
+        """Whether ended requests are owed."""
+        return any(s.finished for s in self._all())
+
+    def _all(self) -> list[Settlement]:
+        return [*self._unsure, self._fresh]
+
     def end(self, finished: Finished) -> None:
-        self.finished.append(finished)
+        self._fresh.finished.append(finished)
         self._owed()
 
     def charge(self, tenant: str, amount: float) -> None:
-        self.charges[tenant] = self.charges.get(tenant, 0.0) + amount
+        charges = self._fresh.charges
+        charges[tenant] = charges.get(tenant, 0.0) + amount
         self._owed()
 
     def _owed(self) -> None:
-        if self.since is None:
-            self.since = time.monotonic()
+        if self._fresh.since is None:
+            self._fresh.since = time.monotonic()
 
-    def take(self) -> Settlement:
-        """Everything owed so far, leaving nothing owed."""
-        taken = Settlement(self.finished, self.charges, self.since)
-        self.finished, self.charges, self.since = [], {}, None
+    def take(self) -> list[Settlement]:
+        """Everything owed so far, for one call, leaving nothing owed."""
+        taken = [s for s in self._all() if s]
+        self._fresh, self._unsure = Settlement(), []
         return taken
 
-    def restore(self, taken: Settlement) -> None:
-        """Owe again what a failed call took (it is carried by the next one)."""
-        self.finished[:0] = taken.finished
-        for tenant, amount in taken.charges.items():
-            self.charge(tenant, amount)
-        if taken.since is not None:
-            self.since = min(taken.since, self.since or taken.since)
+    def restore(self, taken: list[Settlement]) -> None:
+        """Owe again what a failed call took, to be carried as it was."""
+        self._unsure[:0] = taken
 
 
 class Ledger(Protocol):
@@ -132,16 +169,19 @@ class Ledger(Protocol):
         request: StartRequest,
         waiting: Mapping[str, int],
         tenants: Mapping[str, TenantConfig],
-        owed: Settlement | None = None,
+        owed: Sequence[Settlement] = (),
     ) -> Decision:
         """Start ``request`` if the rules allow; ``waiting`` maps the tenants with
         requests waiting at this gateway (the request's own tenant included) to the
-        reservation of the next one. ``owed`` is settled first, in the same call."""
+        reservation of the next one. ``owed`` is settled first, in the same call. A
+        request whose lease is already held was started by a call whose answer was
+        lost: it is let start again, and nothing is charged twice."""
         ...
 
-    async def settle(self, deployment: str, owed: Settlement) -> None:
+    async def settle(self, deployment: str, owed: Sequence[Settlement]) -> None:
         """Free the ended requests' leases, settle their reservations and advance the
-        tenants' counters by the tokens streamed."""
+        tenants' counters by the tokens streamed; a settlement applied before is
+        skipped."""
         ...
 
     async def heartbeat(
@@ -175,6 +215,9 @@ class _Book:
     needs: dict[tuple[str, str], int] = field(default_factory=dict)  # (tenant, gw) -> reserve
     leases: dict[str, dict[str, float]] = field(default_factory=dict)  # tenant -> id -> expiry
     buckets: dict[str, _Bucket] = field(default_factory=dict)
+    # Settlements applied: their ids, and (expiry, id) in the order they were applied.
+    settled: set[str] = field(default_factory=set)
+    settled_until: deque[tuple[float, str]] = field(default_factory=deque)
 
 
 class InProcessLedger:
@@ -259,16 +302,17 @@ class InProcessLedger:
         request: StartRequest,
         waiting: Mapping[str, int],
         tenants: Mapping[str, TenantConfig],
-        owed: Settlement | None = None,
+        owed: Sequence[Settlement] = (),
     ) -> Decision:
         now = self._clock()
         book = self._book(deployment)
-        if owed:
-            self._settle(book, owed, now)
+        self._settle(book, owed, now)
         self._register(book, gateway, waiting, now)
         me = request.tenant
         mine = tenants.get(me, _DEFAULT)
         counter = book.counters.get(me, 0.0)
+        if book.leases.get(me, {}).get(request.lease, -math.inf) > now:
+            return Decision(True, counter=counter)  # started by a call whose answer was lost
         for other in self._backlogged(book, now) - {me}:
             limits = tenants.get(other)
             if limits is None or not self._eligible(book, other, limits, now):
@@ -323,17 +367,24 @@ class InProcessLedger:
         level = self._level(book, limits, tenant, now)
         return level is None or level >= min(limits.bucket_tokens, self._need(book, tenant))
 
-    def _settle(self, book: _Book, owed: Settlement, now: float) -> None:
-        for done in owed.finished:
-            book.leases.get(done.tenant, {}).pop(done.lease, None)
-            level = self._level(book, done.limits, done.tenant, now)
-            if level is not None and done.refund != 0:
-                cap = float(done.limits.bucket_tokens)
-                book.buckets[done.tenant] = _Bucket(min(cap, level + done.refund), now)
-        for tenant, amount in owed.charges.items():
-            book.counters[tenant] = book.counters.get(tenant, 0.0) + amount
+    def _settle(self, book: _Book, owed: Sequence[Settlement], now: float) -> None:
+        while book.settled_until and book.settled_until[0][0] <= now:
+            book.settled.discard(book.settled_until.popleft()[1])
+        for settlement in owed:
+            if settlement.id in book.settled:
+                continue
+            book.settled.add(settlement.id)
+            book.settled_until.append((now + SETTLED_TTL_S, settlement.id))
+            for done in settlement.finished:
+                held = book.leases.get(done.tenant, {}).pop(done.lease, None) is not None
+                level = self._level(book, done.limits, done.tenant, now)
+                if level is not None and done.refund != 0 and (held or not done.held_only):
+                    cap = float(done.limits.bucket_tokens)
+                    book.buckets[done.tenant] = _Bucket(min(cap, level + done.refund), now)
+            for tenant, amount in settlement.charges.items():
+                book.counters[tenant] = book.counters.get(tenant, 0.0) + amount
 
-    async def settle(self, deployment: str, owed: Settlement) -> None:
+    async def settle(self, deployment: str, owed: Sequence[Settlement]) -> None:
         self._settle(self._book(deployment), owed, self._clock())
 
     async def heartbeat(
@@ -397,27 +448,37 @@ local function backlogged()
   end
   return set
 end
--- Settle what a gateway owes, read from ARGV[i] on: the number of ended requests, then
--- (tenant lease refund rate cap) for each; the number of tenants charged, then (tenant
--- amount) for each. Returns the index after it.
+-- Settle what a gateway owes, read from ARGV[i] on: the seconds an applied settlement
+-- is remembered, the number of settlements, then for each its id; the number of ended
+-- requests, then (tenant lease refund rate cap held_only) for each; the number of tenants
+-- charged, then (tenant amount) for each. A settlement applied before is skipped.
+-- Returns the index after it.
 local function settle(i)
-  local n = tonumber(ARGV[i])
-  i = i + 1
-  for _ = 1, n do
-    local name, refund = ARGV[i], tonumber(ARGV[i + 2])
-    local rate, cap = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
-    redis.call('ZREM', prefix .. 'lease:' .. name, ARGV[i + 1])
-    local lvl = level(name, rate, cap)
-    if lvl ~= nil and refund ~= 0 then
-      redis.call('HSET', prefix .. 'bucket:' .. name, 'level', math.min(cap, lvl + refund), 'at', now)
-    end
-    i = i + 5
-  end
-  n = tonumber(ARGV[i])
-  i = i + 1
-  for _ = 1, n do
-    redis.call('HINCRBYFLOAT', vtc, ARGV[i], ARGV[i + 1])
+  local ttl, parts = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  i = i + 2
+  for _ = 1, parts do
+    local apply = redis.call('SET', prefix .. 'settled:' .. ARGV[i], 1, 'NX', 'EX', ttl)
+    local n = tonumber(ARGV[i + 1])
     i = i + 2
+    for _ = 1, n do
+      if apply then
+        local name, refund = ARGV[i], tonumber(ARGV[i + 2])
+        local rate, cap = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+        local held = redis.call('ZREM', prefix .. 'lease:' .. name, ARGV[i + 1]) == 1
+        local lvl = level(name, rate, cap)
+        if lvl ~= nil and refund ~= 0 and (held or ARGV[i + 5] == '0') then
+          redis.call('HSET', prefix .. 'bucket:' .. name, 'level', math.min(cap, lvl + refund),
+                     'at', now)
+        end
+      end
+      i = i + 6
+    end
+    n = tonumber(ARGV[i])
+    i = i + 1
+    for _ = 1, n do
+      if apply then redis.call('HINCRBYFLOAT', vtc, ARGV[i], ARGV[i + 1]) end
+      i = i + 2
+    end
   end
   return i
 end
@@ -497,6 +558,10 @@ end
 set_waiting(gw, waiting, reserves, backlog_ttl)
 local mine = info[me]
 local mine_c = counter(me)
+local held = tonumber(redis.call('ZSCORE', prefix .. 'lease:' .. me, lease))
+if held ~= nil and held > now then  -- started by a call whose answer was lost
+  return {1, '', '0', tostring(mine_c)}
+end
 for other in pairs(backlogged()) do
   if other ~= me and eligible(other) then
     local p = info[other].prio
@@ -592,15 +657,16 @@ def _waiting_args(waiting: Mapping[str, int]) -> list[str]:
     return args
 
 
-def _owed_args(owed: Settlement | None) -> list[str]:
-    if owed is None:
-        return ["0", "0"]
-    args = [str(len(owed.finished))]
-    for done in owed.finished:
-        args += [done.tenant, done.lease, str(done.refund), *_limits_args(done.limits)[1:]]
-    args.append(str(len(owed.charges)))
-    for tenant, amount in owed.charges.items():
-        args += [tenant, repr(amount)]
+def _owed_args(owed: Sequence[Settlement]) -> list[str]:
+    args = [repr(SETTLED_TTL_S), str(len(owed))]
+    for settlement in owed:
+        args += [settlement.id, str(len(settlement.finished))]
+        for done in settlement.finished:
+            limits = _limits_args(done.limits)[1:]
+            args += [done.tenant, done.lease, str(done.refund), *limits, str(int(done.held_only))]
+        args.append(str(len(settlement.charges)))
+        for tenant, amount in settlement.charges.items():
+            args += [tenant, repr(amount)]
     return args
 
 
@@ -638,7 +704,7 @@ class RedisLedger:
         request: StartRequest,
         waiting: Mapping[str, int],
         tenants: Mapping[str, TenantConfig],
-        owed: Settlement | None = None,
+        owed: Sequence[Settlement] = (),
     ) -> Decision:
         table = {request.tenant: _DEFAULT, **tenants}
         args: list[str] = [
@@ -660,7 +726,7 @@ class RedisLedger:
         ok, reason, wait, counter = await self._try_start(args=args)
         return Decision(bool(ok), _text(reason), float(wait), float(counter))
 
-    async def settle(self, deployment: str, owed: Settlement) -> None:
+    async def settle(self, deployment: str, owed: Sequence[Settlement]) -> None:
         await self._settle(args=[self._prefix(deployment), *_owed_args(owed)])
 
     async def heartbeat(

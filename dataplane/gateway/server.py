@@ -62,6 +62,7 @@ from dataplane.asgi import (
 )
 from dataplane.gateway.config import DeploymentRoute, GatewayConfig, ReplicaConfig
 from dataplane.gateway.ledger import (
+    Dues,
     Finished,
     InProcessLedger,
     Ledger,
@@ -149,6 +150,8 @@ class _Waiter:
     predicted: float | None = 0.0
     # Output tokens passed to the client so far.
     tokens: int = 0
+    # Its last start was asked by a call whose answer was lost: it may hold its lease.
+    unsure: bool = False
 
 
 @dataclass(eq=False)
@@ -173,7 +176,7 @@ class _Deployment:
             route.deployment_id, route.served_model_name, route.slo_thresholds
         )
         self.counters: dict[str, float] = {}
-        self.owed = Settlement()
+        self.owed = Dues()
         # Settling what ended while nothing waited here to carry it.
         self.settling: asyncio.Task[None] | None = None
         self.leases: dict[str, set[str]] = {}
@@ -205,9 +208,15 @@ class _Deployment:
         return {tenant: queue[0].reserve for tenant, queue in self.waiting.items() if queue}
 
     def unqueue(self, waiter: _Waiter) -> None:
+        """Take the waiter out of its queue, never started; a start that may have
+        happened unseen is undone."""
         queue = self.waiting.get(waiter.tenant)
         if queue is not None and waiter in queue:
             queue.remove(waiter)
+            if waiter.unsure:
+                limits = self.limits(waiter.tenant)
+                ended = Finished(waiter.tenant, waiter.lease, waiter.reserve, limits, True)
+                self.owed.end(ended)
 
     def replica_down(self, replica: Replica) -> None:
         """Mark the replica down and end the requests forwarded to it."""
@@ -222,9 +231,9 @@ class _Deployment:
         return sum(len(queue) for queue in self.waiting.values())
 
     @contextlib.contextmanager
-    def paying(self) -> Iterator[Settlement]:
+    def paying(self) -> Iterator[list[Settlement]]:
         """What is owed, for one ledger call to carry. If the call fails it is owed again
-        (at least once: a call that failed may have been applied); if it succeeds, the
+        as it was (the ledger applies each settlement once); if it succeeds, the
         counters seen here advance by its charges."""
         owed = self.owed.take()
         try:
@@ -232,8 +241,9 @@ class _Deployment:
         except BaseException:
             self.owed.restore(owed)
             raise
-        for tenant, amount in owed.charges.items():
-            self.counters[tenant] = self.counters.get(tenant, 0.0) + amount
+        for settlement in owed:
+            for tenant, amount in settlement.charges.items():
+                self.counters[tenant] = self.counters.get(tenant, 0.0) + amount
 
 
 class Gateway:
@@ -300,8 +310,8 @@ class Gateway:
             await self._client.close()
             self._client = None
         every = [*self.deployments.values(), *(dep for dep, _ in self._retired)]
-        # Settling under way is let finish, not cancelled: a call cancelled in flight
-        # may have been applied, and what it carried would be settled twice.
+        # Settling under way is let finish, not cancelled, so what it carries is
+        # settled before the gateway goes.
         settling = [dep.settling for dep in every if dep.settling is not None]
         if settling:
             _, late = await asyncio.wait(settling, timeout=SETTLE_TIMEOUT_S)
@@ -334,14 +344,14 @@ class Gateway:
             for task in gone.watchers.values():
                 task.cancel()
             for queue in gone.waiting.values():
-                for waiter in queue:
+                for waiter in list(queue):
                     if not waiter.future.done():
                         waiter.future.set_exception(
                             ApiError(
                                 404, f"The model `{model}` does not exist.", code="model_not_found"
                             )
                         )
-            gone.waiting.clear()
+                    gone.unqueue(waiter)
         for deployment_id, route in routes.items():
             dep = self.deployments.get(deployment_id)
             if dep is None:
@@ -506,15 +516,20 @@ class Gateway:
             request = StartRequest(
                 tenant, waiter.lease, cost, waiter.reserve, len(queue) == 1, share_of=slots
             )
-            with dep.paying() as owed:
-                decision = await self.ledger.try_start(
-                    dep.route.deployment_id,
-                    self.config.gateway_id,
-                    request,
-                    dep.waiting_tenants(),
-                    dep.route.tenants,
-                    owed,
-                )
+            try:
+                with dep.paying() as owed:
+                    decision = await self.ledger.try_start(
+                        dep.route.deployment_id,
+                        self.config.gateway_id,
+                        request,
+                        dep.waiting_tenants(),
+                        dep.route.tenants,
+                        owed,
+                    )
+            except BaseException:
+                waiter.unsure = True  # asked again under the same lease, or undone
+                raise
+            waiter.unsure = False  # any answer says whether the lease is held
             dep.counters[tenant] = decision.counter
             dep.token_wait[tenant] = decision.wait_s if decision.reason == "tokens" else 0.0
             if not decision.ok:
@@ -531,7 +546,9 @@ class Gateway:
                 else choose(replicas, waiter.prompt_tokens, waiter.priority, admission.queue_ahead)
             )
             if waiter.future.done() or replica is None:
-                dep.owed.end(Finished(tenant, waiter.lease, waiter.reserve, limits))
+                # Held only: a waiter that left during the call had this start undone
+                # already if an earlier answer was lost.
+                dep.owed.end(Finished(tenant, waiter.lease, waiter.reserve, limits, True))
                 if replica is None and not waiter.future.done():
                     # A new lease: the old one's end may still be on its way to the ledger.
                     waiter.lease = uuid.uuid4().hex
@@ -554,7 +571,7 @@ class Gateway:
         with dep.paying() as owed:
             async with asyncio.timeout(SETTLE_TIMEOUT_S):
                 await self.ledger.settle(dep.route.deployment_id, owed)
-        if owed.finished and dep.waiting_count():  # what it freed may let one start
+        if any(s.finished for s in owed) and dep.waiting_count():  # it may let one start
             dep.wake.set()
 
     async def _flush_loop(self) -> None:
@@ -623,7 +640,7 @@ class Gateway:
         """Settle ends (and the tokens owed beside them) while nothing waits here; tokens
         alone wait for the settling loop, or a stream would cost a call per token."""
         try:
-            while dep.owed.finished and not dep.waiting_count():
+            while dep.owed.ends and not dep.waiting_count():
                 await self.settle(dep)
         except Exception:
             log.exception("settling with the ledger failed; retrying")

@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -20,7 +20,7 @@ from dataplane.asgi import PEER_KEY_HEADER
 from dataplane.gateway.config import GatewayConfig
 from dataplane.gateway.ledger import InProcessLedger, Settlement
 from dataplane.gateway.routing import Replica, ReplicaState
-from dataplane.gateway.server import Gateway, GatewayApp, _Deployment, _Waiter
+from dataplane.gateway.server import Gateway, GatewayApp, _Deployment, _prompt_tokens, _Waiter
 from dataplane.inference.config import SloThreshold
 from tests.dataplane.inference.procs import key_hash
 
@@ -321,8 +321,8 @@ def counting_settlements(setup: Setup) -> list[Settlement]:
     settled: list[Settlement] = []
     settle = setup.ledger.settle
 
-    async def counted(deployment: str, owed: Settlement) -> None:
-        settled.append(owed)
+    async def counted(deployment: str, owed: Sequence[Settlement]) -> None:
+        settled.extend(owed)
         await settle(deployment, owed)
 
     setup.ledger.settle = counted  # type: ignore[method-assign]
@@ -401,16 +401,20 @@ async def test_tokens_no_call_takes_are_settled_on_their_own() -> None:
         await setup.close()
 
 
-async def test_what_a_failed_admission_carried_goes_with_the_next() -> None:
+@pytest.mark.parametrize("applied", [False, True], ids=["lost", "applied"])
+async def test_what_a_failed_admission_carried_goes_with_the_next(applied: bool) -> None:
     """The second request starts only once the first one's end reaches the ledger; the
-    admission that carried it first failed."""
-    setup = await Setup.started({"max_concurrency": 1})
+    admission that carried it first failed, either before the ledger applied it or
+    after (its answer lost). Either way the end and the start count once."""
+    setup = await Setup.started({"max_concurrency": 1, "tokens_per_s": 1.0, "burst_tokens": 100})
     try_start = setup.ledger.try_start
     failures = [ConnectionError("the ledger's server went away")]
 
     async def failing_once(*args: Any, **kwargs: Any) -> Any:
-        owed = kwargs.get("owed", args[5] if len(args) > 5 else None)
-        if failures and owed is not None and owed.finished:
+        owed = kwargs.get("owed", args[5] if len(args) > 5 else ())
+        if failures and any(s.finished for s in owed):
+            if applied:
+                await try_start(*args, **kwargs)
             raise failures.pop()
         return await try_start(*args, **kwargs)
 
@@ -419,6 +423,41 @@ async def test_what_a_failed_admission_carried_goes_with_the_next() -> None:
     try:
         second = await second_after_first(setup)
         assert second.status == 200 and not failures
+        # 10 reserved and 7 refunded per request: a refund or a reservation counted
+        # twice would show here.
+        assert await setup.settled_bucket() == pytest.approx(100 - 3 - 3)
+        started = 2 * _prompt_tokens(body()) * setup.dep.route.input_token_weight
+        streamed = 6 * setup.dep.route.output_token_weight
+        counters = setup.ledger._books["d1"].counters
+        assert counters["a"] == pytest.approx(started + streamed)
+    finally:
+        await setup.close()
+
+
+async def test_a_waiter_whose_start_is_unsure_undoes_it_when_it_leaves() -> None:
+    """The ledger started the request but its answer was lost; the client leaves before
+    the start is asked again: the lease and the reservation go back."""
+    setup = await Setup.started({"max_concurrency": 1, "tokens_per_s": 1.0, "burst_tokens": 100})
+    try_start = setup.ledger.try_start
+    asked = asyncio.Event()
+
+    async def lost(*args: Any, **kwargs: Any) -> Any:
+        await try_start(*args, **kwargs)
+        asked.set()
+        raise ConnectionError("the ledger's answer was lost")
+
+    setup.ledger.try_start = lost  # type: ignore[method-assign]
+    setup.dispatching()
+    try:
+        call = Call(body(max_tokens=10))
+        served = asyncio.create_task(setup.app(call.scope, call.receive, call.send))
+        async with asyncio.timeout(60):
+            await asyncio.wait_for(asked.wait(), 60)
+        book = setup.ledger._books["d1"]
+        assert len(book.leases["a"]) == 1 and book.buckets["a"].level == 90
+        call.leave()
+        await served
+        assert await setup.settled_bucket() == 100 and not book.leases["a"]
     finally:
         await setup.close()
 

@@ -89,8 +89,10 @@ def start(
     return StartRequest(tenant, uuid.uuid4().hex, cost, reserve, last, share_of)
 
 
-def ended(tenant: str, lease: str, refund: int, limits: TenantConfig) -> Settlement:
-    return Settlement([Finished(tenant, lease, refund, limits)])
+def ended(
+    tenant: str, lease: str, refund: int, limits: TenantConfig, held_only: bool = False
+) -> list[Settlement]:
+    return [Settlement([Finished(tenant, lease, refund, limits, held_only)])]
 
 
 async def eventually_starts(
@@ -124,9 +126,7 @@ async def test_a_start_settles_what_is_owed_before_it_decides(ledger: Ledger, de
     assert (await ledger.try_start(dep, "g1", first, {"a": 60}, table)).ok
     # a's one lease is freed and 50 of its 60 tokens refunded by the call that starts
     # the next request, which needs both; b's charge counts in the same decision.
-    owed = ended("a", first.lease, 50, table["a"])
-    owed.charge("a", 7.0)
-    owed.charge("b", 1000.0)
+    owed = [Settlement([Finished("a", first.lease, 50, table["a"])], {"a": 7.0, "b": 1000.0})]
     second = start("a", cost=0, reserve=80)
     decision = await ledger.try_start(dep, "g1", second, {"a": 80}, table, owed)
     assert decision.ok and decision.counter == pytest.approx(7.0)
@@ -247,10 +247,10 @@ async def test_an_idle_tenant_banks_no_credit(ledger: Ledger, dep: str) -> None:
 async def test_charges_advance_the_counter(ledger: Ledger, dep: str) -> None:
     table = tenants(a={}, b={})
     await ledger.heartbeat(dep, "g2", {"a": 10}, {})
-    await ledger.settle(dep, Settlement(charges={"a": 50.0}))
+    await ledger.settle(dep, [Settlement(charges={"a": 50.0})])
     started = await ledger.try_start(dep, "g1", start("b", cost=0), {"b": 10}, table)
     assert started.ok and started.counter == pytest.approx(50)  # lifted to a's, not past it
-    await ledger.settle(dep, Settlement(charges={"b": 100.0}))
+    await ledger.settle(dep, [Settlement(charges={"b": 100.0})])
     refused = await ledger.try_start(dep, "g1", start("b", cost=0), {"b": 10}, table)
     assert (refused.ok, refused.reason, refused.counter) == (False, "fair", pytest.approx(150))
 
@@ -295,3 +295,50 @@ async def test_going_beyond_the_slots_holds_a_tenant_to_its_weighted_share(
     assert (refused.ok, refused.reason) == (False, "share")
     # Within the slots (no share_of), only the usual rules apply.
     assert (await ledger.try_start(dep, "g2", start("b", cost=0), {"b": 10}, table)).ok
+
+
+async def test_a_settlement_carried_again_is_applied_once(ledger: Ledger, dep: str) -> None:
+    """A call whose answer was lost may have been applied: the gateway carries the same
+    settlement again, alone or beside what it owes since."""
+    table = tenants(a={"tokens_per_s": 1.0, "burst_tokens": 200}, b={})
+    first = start("a", cost=0, reserve=100)
+    assert (await ledger.try_start(dep, "g1", first, {"a": 100}, table)).ok
+    owed = [Settlement([Finished("a", first.lease, 50, table["a"])], {"b": 7.0})]
+    await ledger.settle(dep, owed)
+    await ledger.settle(dep, [*owed, Settlement(charges={"b": 1.0})])
+    # Bucket: 200 - 100 + 50, not 200; b's counter: 7 + 1, not 15.
+    refused = await ledger.try_start(dep, "g1", start("a", reserve=160), {"a": 160}, table)
+    assert (refused.ok, refused.reason) == (False, "tokens")
+    assert 5 < refused.wait_s <= 10
+    await ledger.heartbeat(dep, "g2", {"b": 10}, {})
+    started = await ledger.try_start(dep, "g2", start("b", cost=0), {"b": 10}, table, owed)
+    assert started.ok and started.counter == pytest.approx(8.0)
+
+
+async def test_a_start_asked_again_under_its_lease_counts_once(ledger: Ledger, dep: str) -> None:
+    """A start whose answer was lost is asked again with the same lease: it is let
+    start (its lease is held), with no second lease, reservation or counter advance."""
+    table = tenants(a={"max_concurrency": 1, "tokens_per_s": 1.0, "burst_tokens": 100})
+    request = start("a", cost=10, reserve=60)
+    assert (await ledger.try_start(dep, "g1", request, {"a": 60}, table)).ok
+    again = await ledger.try_start(dep, "g1", request, {"a": 60}, table)
+    assert (again.ok, again.counter) == (True, pytest.approx(10.0))
+    await ledger.settle(dep, ended("a", request.lease, 60, table["a"]))
+    # The one lease is freed and the bucket is full again.
+    assert (await ledger.try_start(dep, "g1", start("a", reserve=100), {"a": 100}, table)).ok
+
+
+async def test_an_unsure_start_is_undone_only_if_it_happened(ledger: Ledger, dep: str) -> None:
+    table = tenants(a={"max_concurrency": 2, "tokens_per_s": 1.0, "burst_tokens": 100})
+    taken = start("a", cost=0, reserve=40)
+    assert (await ledger.try_start(dep, "g1", taken, {"a": 40}, table)).ok
+    # Never started: nothing to give back (the bucket stays at 60).
+    await ledger.settle(dep, ended("a", uuid.uuid4().hex, 40, table["a"], held_only=True))
+    refused = await ledger.try_start(dep, "g1", start("a", reserve=70), {"a": 70}, table)
+    assert (refused.ok, refused.reason) == (False, "tokens")
+    # Started: its lease and its 40 tokens come back.
+    await ledger.settle(dep, ended("a", taken.lease, 40, table["a"], held_only=True))
+    for _ in range(2):
+        assert (
+            await ledger.try_start(dep, "g1", start("a", reserve=50, last=False), {"a": 50}, table)
+        ).ok
