@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from dataplane.asgi import PEER_KEY_HEADER
+from dataplane.gateway import server as gateway_server
 from dataplane.gateway.config import GatewayConfig
 from dataplane.gateway.ledger import InProcessLedger, Settlement
 from dataplane.gateway.routing import Replica, ReplicaState
@@ -398,6 +399,100 @@ async def test_tokens_no_call_takes_are_settled_on_their_own() -> None:
         await served
     finally:
         settling.cancel()
+        await setup.close()
+
+
+class GatedSettling:
+    """The ledger's settle calls wait at a gate the test opens, then apply: a ledger
+    whose calls take time, however long that is."""
+
+    def __init__(self, setup: Setup) -> None:
+        self.calls: list[Sequence[Settlement]] = []
+        self.gate = asyncio.Event()
+        settle = setup.ledger.settle
+
+        async def gated(deployment: str, owed: Sequence[Settlement]) -> None:
+            self.calls.append(owed)
+            await self.gate.wait()
+            await settle(deployment, owed)
+
+        setup.ledger.settle = gated  # type: ignore[method-assign]
+
+    async def called(self, times: int) -> None:
+        async with asyncio.timeout(60):
+            while len(self.calls) < times:
+                await asyncio.sleep(0.01)
+
+
+async def ended_while_settling_is_slow(setup: Setup) -> GatedSettling:
+    """A first request streams, then ends with nothing waiting: its end is settled at
+    once, in a call held at the gate. Later requests' streams hang until released."""
+    setup.fake.hang = True
+    first = Call(body(max_tokens=10))
+    running = asyncio.create_task(setup.app(first.scope, first.receive, first.send))
+    await first.wait_for(lambda: first.text.count("choices") == 3)
+    gated = GatedSettling(setup)
+    ending, setup.fake.release = setup.fake.release, asyncio.Event()
+    ending.set()
+    await running
+    await gated.called(1)
+    return gated
+
+
+async def test_tokens_streamed_beside_slow_settling_wait_for_the_loop() -> None:
+    """Settling an idle end takes a while; a stream beside it owes tokens meanwhile.
+    Those wait for the settling loop: a call for them at once would make every token
+    of a stream a call while settling is slow."""
+    setup = await Setup.started({})
+    setup.dispatching()
+    try:
+        gated = await ended_while_settling_is_slow(setup)
+        beside = Call(body(max_tokens=10))
+        streaming = asyncio.create_task(setup.app(beside.scope, beside.receive, beside.send))
+        await beside.wait_for(lambda: beside.text.count("choices") == 3)
+        gated.gate.set()
+        async with asyncio.timeout(60):
+            while setup.dep.settling is not None:
+                await asyncio.sleep(0.01)
+        assert len(gated.calls) == 1 and setup.dep.owed and not setup.dep.owed.ends
+        setup.fake.release.set()
+        await streaming
+    finally:
+        await setup.close()
+
+
+async def test_a_slow_settle_that_frees_a_lease_wakes_the_dispatcher(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request waits for the lease that a settle under way frees: it starts when that
+    settle returns, not when the dispatcher next looks on its own (here: never)."""
+    monkeypatch.setattr(gateway_server, "DISPATCH_POLL_S", 3600.0)
+    setup = await Setup.started({"max_concurrency": 1})
+    refused: list[str] = []
+    try_start = setup.ledger.try_start
+
+    async def recorded(*args: Any, **kwargs: Any) -> Any:
+        decision = await try_start(*args, **kwargs)
+        if not decision.ok:
+            refused.append(decision.reason)
+        return decision
+
+    setup.ledger.try_start = recorded  # type: ignore[method-assign]
+    setup.dispatching()
+    try:
+        gated = await ended_while_settling_is_slow(setup)
+        setup.fake.release.set()
+        second = Call(body(max_tokens=10))
+        waiting = asyncio.create_task(setup.app(second.scope, second.receive, second.send))
+        async with asyncio.timeout(60):
+            while not refused:
+                await asyncio.sleep(0.01)
+        assert refused == ["concurrency"]  # the first's lease is held until the settle
+        gated.gate.set()
+        async with asyncio.timeout(60):
+            await waiting
+        assert second.status == 200
+    finally:
         await setup.close()
 
 
