@@ -864,6 +864,42 @@ class HeartbeatFrame(_Model):
     heartbeat: Heartbeat
 
 
+STATUS_SUBPROTOCOL = "tailguard.agent.3"
+"""Offered, before AGENT_SOCKET_SUBPROTOCOL, by agents that send their status reports over
+the telemetry WebSocket too; a control plane that selects it answers each with a
+`StatusAck` frame. Otherwise reports are POSTed as before."""
+AGENT_SOCKET_SUBPROTOCOLS = (STATUS_SUBPROTOCOL, AGENT_SOCKET_SUBPROTOCOL)
+"""What an agent offers, newest first."""
+STATUS_FRAME_PREFIX = '{"status":'
+"""A text frame on the telemetry WebSocket that starts so is a status report."""
+STATUS_ACK_PREFIX = '{"status_id":'
+"""A frame from the control plane that starts so is a `StatusAck`, not a `TelemetryAck`."""
+
+StatusOutcome = Literal["recorded", "rejected", "retry"]
+
+
+def status_frame(status: AppliedStatus, status_id: int) -> str:
+    """`{"status": <AppliedStatus>, "id": status_id}`, for the telemetry WebSocket; the
+    id, the agent's own, names the report in its ack."""
+    return f'{STATUS_FRAME_PREFIX}{status.model_dump_json()},"id":{status_id}}}'
+
+
+class StatusFrame(_Model):
+    """A status report frame on the telemetry WebSocket (see `status_frame`)."""
+
+    status: AppliedStatus
+    id: Count
+
+
+class StatusAck(_Model):
+    """The control plane's answer to a status frame: `recorded` (stored, or a repeat of one
+    stored), `rejected` (it never will be; `reason` says why) or `retry` (send it again)."""
+
+    status_id: Count
+    outcome: StatusOutcome
+    reason: Annotated[str, StringConstraints(strict=True, max_length=4096)] | None = None
+
+
 # --- Helpers ----------------------------------------------------------------------------
 
 

@@ -264,7 +264,7 @@ class NodeAgent:
                     reraise=True,
                 ):
                     with attempt:
-                        await self._client.post_status(status)
+                        await self._send_status(status)
             except ControlPlaneError as exc:
                 if _worth_retrying(exc):
                     return  # stopped while retrying
@@ -275,6 +275,19 @@ class NodeAgent:
                 )
             if self._unsent and self._unsent[0] is status:
                 self._unsent.popleft()
+
+    async def _send_status(self, status: AppliedStatus) -> None:
+        """Over the telemetry WebSocket where the control plane takes reports there (a
+        frame costs it far less than a request), else by HTTP; its outcome as the HTTP
+        answer would have been (a refused report raises a 4xx, one to retry a 503)."""
+        sender = self.telemetry.sender if self.telemetry is not None else None
+        ack = await sender.send_status(status) if sender is not None else None
+        if ack is None:
+            await self._client.post_status(status)
+        elif ack.outcome == "rejected":
+            raise ControlPlaneError(400, ack.reason or "status report rejected")
+        elif ack.outcome == "retry":
+            raise ControlPlaneError(503, ack.reason or "status report to be sent again")
 
 
 async def _wait_either(stop: asyncio.Event, event: asyncio.Event) -> None:

@@ -13,14 +13,18 @@ counters, and the agent's /metrics).
 acks delete a batch, `rejected` logs the reason and deletes it, `retry` goes back: after
 `retry_after_s` every unacknowledged batch from that sequence number on is sent again, in
 order. The agent's heartbeats go over the same WebSocket while it is open and the control
-plane selected `AGENT_SOCKET_SUBPROTOCOL` (`send_heartbeat`); otherwise they are POSTed. When the WebSocket cannot be opened the same batches go by HTTP POST until the
-next attempt, which comes after a capped, jittered backoff. The control plane treats a
-sequence number at or under its high-watermark as a duplicate, so resending is safe.
+plane selected a subprotocol (`send_heartbeat`), and its status reports while it
+selected `STATUS_SUBPROTOCOL` (`send_status`, which waits for the report's ack);
+otherwise they are POSTed. When the WebSocket cannot be opened the same batches go by
+HTTP POST until the next attempt, which comes after a capped, jittered backoff. The
+control plane treats a sequence number at or under its high-watermark as a duplicate, so
+resending is safe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import random
@@ -41,13 +45,18 @@ from websockets.typing import Subprotocol
 from agent.client import ControlPlaneClient, ControlPlaneError
 from agent.gauges import Collector, Reading
 from agent.protocol import (
-    AGENT_SOCKET_SUBPROTOCOL,
+    AGENT_SOCKET_SUBPROTOCOLS,
+    STATUS_ACK_PREFIX,
+    STATUS_SUBPROTOCOL,
+    AppliedStatus,
     Heartbeat,
     SeriesSketch,
+    StatusAck,
     TelemetryAck,
     TelemetryBatch,
     UsageCount,
     heartbeat_frame,
+    status_frame,
 )
 from agent.retry import backoff
 
@@ -188,6 +197,7 @@ class TelemetrySender:
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
         open_timeout_s: float = 10.0,
+        status_timeout_s: float = 30.0,
     ) -> None:
         self.buffer = buffer
         self.client = client
@@ -206,8 +216,14 @@ class TelemetrySender:
         """Sequence number -> acks still expected for it (0: to be sent again)."""
         self._cursor = 0
         self._pause_until = 0.0
-        self._heartbeat_socket: ClientConnection | None = None
+        self._socket: ClientConnection | None = None
         """The open WebSocket, while the control plane takes heartbeats over it."""
+        self._takes_statuses = False
+        """The control plane takes status reports over the open WebSocket too."""
+        self._status_timeout_s = status_timeout_s
+        self._status_ids = itertools.count(1)
+        self._status_acks: dict[int, asyncio.Future[StatusAck | None]] = {}
+        """Status reports sent on the open WebSocket and not yet answered, by id."""
 
     def wake(self) -> None:
         """A batch was appended (or something else changed): look at the buffer again."""
@@ -217,7 +233,7 @@ class TelemetrySender:
         """Send `heartbeat` over the WebSocket; False when it is not open or the control
         plane did not select AGENT_SOCKET_SUBPROTOCOL (older ones take heartbeats by HTTP
         only), and the caller should POST it."""
-        ws = self._heartbeat_socket
+        ws = self._socket
         if ws is None:
             return False
         try:
@@ -225,6 +241,28 @@ class TelemetrySender:
         except ConnectionClosed:
             return False
         return True
+
+    async def send_status(self, status: AppliedStatus) -> StatusAck | None:
+        """Send `status` over the WebSocket and wait for its ack; None when the control
+        plane does not take reports there (no WebSocket open, or an older control plane)
+        or the WebSocket closed before the ack came, and the caller should POST it.
+        Raises ControlPlaneError (unreachable) when no ack comes within the timeout."""
+        ws = self._socket
+        if ws is None or not self._takes_statuses:
+            return None
+        status_id = next(self._status_ids)
+        answered: asyncio.Future[StatusAck | None] = asyncio.get_running_loop().create_future()
+        self._status_acks[status_id] = answered
+        try:
+            await ws.send(status_frame(status, status_id))
+            async with asyncio.timeout(self._status_timeout_s):
+                return await answered
+        except ConnectionClosed:
+            return None
+        except TimeoutError:
+            raise ControlPlaneError(0, "no answer to a status report on the WebSocket") from None
+        finally:
+            self._status_acks.pop(status_id, None)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Ship over the WebSocket until `stop`, reconnecting after a capped, jittered
@@ -269,7 +307,7 @@ class TelemetrySender:
                 open_timeout=self._open_timeout_s,
                 compression=None,
                 max_size=1 << 20,
-                subprotocols=[Subprotocol(AGENT_SOCKET_SUBPROTOCOL)],
+                subprotocols=[Subprotocol(p) for p in AGENT_SOCKET_SUBPROTOCOLS],
             )
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             if not self._outage:
@@ -280,8 +318,9 @@ class TelemetrySender:
             log.info("telemetry WebSocket connected again")
         self._outage = False
         self.connected = True
-        if ws.subprotocol == AGENT_SOCKET_SUBPROTOCOL:
-            self._heartbeat_socket = ws
+        if ws.subprotocol in AGENT_SOCKET_SUBPROTOCOLS:
+            self._socket = ws
+            self._takes_statuses = ws.subprotocol == STATUS_SUBPROTOCOL
         dropped = False
         try:
             await self._session(ws, stop)
@@ -289,7 +328,10 @@ class TelemetrySender:
             dropped = True
         finally:
             self.connected = False
-            self._heartbeat_socket = None
+            self._socket = None
+            for unanswered in self._status_acks.values():  # to be POSTed
+                if not unanswered.done():
+                    unanswered.set_result(None)
             await ws.close()
         if ws.close_code == CLOSE_BAD_CREDENTIAL:
             log.error("the control plane refused this node's credential on /ws/agent/")
@@ -341,6 +383,9 @@ class TelemetrySender:
 
     async def _read_acks(self, ws: ClientConnection) -> None:
         async for message in ws:
+            if isinstance(message, str) and message.startswith(STATUS_ACK_PREFIX):
+                self._take_status_ack(message)
+                continue
             try:
                 ack = TelemetryAck.model_validate_json(message)
             except ValidationError as exc:
@@ -348,6 +393,16 @@ class TelemetrySender:
                 continue
             self._take_ack(ack, asyncio.get_running_loop().time())
             self._wake.set()
+
+    def _take_status_ack(self, message: str) -> None:
+        try:
+            ack = StatusAck.model_validate_json(message)
+        except ValidationError as exc:
+            log.warning("ignored a malformed status ack: %s", exc)
+            return
+        answered = self._status_acks.get(ack.status_id)
+        if answered is not None and not answered.done():
+            answered.set_result(ack)
 
     def _take_ack(self, ack: TelemetryAck, now: float) -> None:
         self.outcomes[ack.outcome] += 1

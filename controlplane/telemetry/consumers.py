@@ -7,7 +7,9 @@ on the ingestor's thread (see `ingest`), not on the event loop.
 
 An agent that offers the `AGENT_SOCKET_SUBPROTOCOL` subprotocol (and gets it) also sends
 its heartbeats here (`{"heartbeat": ...}` frames, unanswered) instead of POSTing them;
-an older agent offers none and POSTs them as before.
+one that offers `STATUS_SUBPROTOCOL` (and gets it) sends its status reports here too
+(`{"status": ...}` frames, each answered by a `StatusAck` once recorded). An older agent
+offers neither and POSTs both as before.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from agent.protocol import AGENT_SOCKET_SUBPROTOCOL, HEARTBEAT_FRAME_PREFIX, TelemetryAck
+from agent.protocol import (
+    AGENT_SOCKET_SUBPROTOCOLS,
+    HEARTBEAT_FRAME_PREFIX,
+    STATUS_FRAME_PREFIX,
+    STATUS_SUBPROTOCOL,
+    StatusAck,
+    TelemetryAck,
+)
 from controlplane.inventory.models import Node
 from controlplane.inventory.services import authenticate_node
 from controlplane.telemetry.ingest import ingestor
@@ -42,7 +51,9 @@ def node_credential(scope: dict[str, Any]) -> str | None:
 class AgentTelemetryConsumer(AsyncWebsocketConsumer):
     node: Node | None = None
     heartbeats = False
-    """The agent offered AGENT_SOCKET_SUBPROTOCOL: it sends its heartbeats here too."""
+    """The agent offered a subprotocol: it sends its heartbeats here too."""
+    statuses = False
+    """The agent offered STATUS_SUBPROTOCOL: it sends its status reports here too."""
     # No channel layer: acks come from the in-process ingestor, so a channel per agent
     # would only add a Redis poll per connection (hundreds of agents, hundreds of polls).
     channel_layer_alias = "none"
@@ -61,8 +72,11 @@ class AgentTelemetryConsumer(AsyncWebsocketConsumer):
         self.node = (
             await database_sync_to_async(authenticate_node)(credential) if credential else None
         )
-        self.heartbeats = AGENT_SOCKET_SUBPROTOCOL in self.scope.get("subprotocols", ())
-        await self.accept(AGENT_SOCKET_SUBPROTOCOL if self.heartbeats else None)
+        offered = self.scope.get("subprotocols", ())
+        selected = next((p for p in AGENT_SOCKET_SUBPROTOCOLS if p in offered), None)
+        self.heartbeats = selected is not None
+        self.statuses = selected == STATUS_SUBPROTOCOL
+        await self.accept(selected)
         if self.node is None:
             await self.close(code=CLOSE_UNAUTHENTICATED, reason="invalid node credential")
 
@@ -72,18 +86,20 @@ class AgentTelemetryConsumer(AsyncWebsocketConsumer):
         if self.node is None:
             return
         frame = text_data if text_data is not None else (bytes_data or b"")
-        if (
-            self.heartbeats
-            and text_data is not None
-            and text_data.startswith(HEARTBEAT_FRAME_PREFIX)
-        ):
-            ingestor().heartbeat(self.node.pk, text_data)
-            return
+        if self.heartbeats and text_data is not None:
+            if text_data.startswith(HEARTBEAT_FRAME_PREFIX):
+                ingestor().heartbeat(self.node.pk, text_data)
+                return
+            if self.statuses and text_data.startswith(STATUS_FRAME_PREFIX):
+                at_once = ingestor().status(self.node, text_data, reply=self._reply)
+                if at_once is not None:
+                    await self._reply(at_once)
+                return
         ack = ingestor().submit(self.node.pk, frame, reply=self._reply)
         if ack.done():  # answered at once (retry later): the ingestor sends nothing
             await self._reply(ack.result())
 
-    async def _reply(self, ack: TelemetryAck) -> None:
+    async def _reply(self, ack: TelemetryAck | StatusAck) -> None:
         """Send one ack; the ingestor awaits this for every frame of a flush in turn (a send
         never waits for the network), instead of a task per ack."""
         try:

@@ -24,8 +24,13 @@ import uvicorn
 from agent.protocol import (
     AGENT_SOCKET_SUBPROTOCOL,
     HEARTBEAT_FRAME_PREFIX,
+    STATUS_FRAME_PREFIX,
+    STATUS_SUBPROTOCOL,
+    AppliedStatus,
     Heartbeat,
     HeartbeatFrame,
+    StatusAck,
+    StatusFrame,
     TelemetryBatch,
 )
 
@@ -504,7 +509,10 @@ class TelemetryControlPlane:
     (hold acks until the agent pauses, then answer them newest first, as acks may come
     in any order), `heartbeats` (select AGENT_SOCKET_SUBPROTOCOL when offered and take
     heartbeat frames, as control planes since that subprotocol do; without it, this is an
-    older control plane, which reads every frame as a batch).
+    older control plane, which reads every frame as a batch), `statuses` (select
+    STATUS_SUBPROTOCOL when offered, take heartbeats and status reports, and answer
+    each report with the next of `status_script`'s outcomes, `recorded` once it runs
+    out; `close` closes the connection instead, `silent` answers nothing).
     """
 
     def __init__(
@@ -513,6 +521,8 @@ class TelemetryControlPlane:
         *,
         websocket: bool = True,
         heartbeats: bool = False,
+        statuses: bool = False,
+        status_script: list[str] | None = None,
         reject: frozenset[int] = frozenset(),
         retry_once: frozenset[int] = frozenset(),
         http_script: list[int] | None = None,
@@ -523,6 +533,9 @@ class TelemetryControlPlane:
         self.websocket = websocket
         self.takes_heartbeats = heartbeats
         self.heartbeats: list[Heartbeat] = []
+        self.takes_statuses = statuses
+        self.status_script = list(status_script or [])
+        self.statuses: list[AppliedStatus] = []
         self.reject = reject
         self.retry_pending = set(retry_once)
         self.http_script = list(http_script or [])
@@ -566,8 +579,13 @@ class TelemetryControlPlane:
         if not self.websocket:
             await send({"type": "websocket.close", "code": 1008})  # refused: HTTP 403
             return
-        selected = self.takes_heartbeats and AGENT_SOCKET_SUBPROTOCOL in scope["subprotocols"]
-        accept = {"subprotocol": AGENT_SOCKET_SUBPROTOCOL} if selected else {}
+        offered = scope["subprotocols"]
+        selected = None
+        if self.takes_statuses and STATUS_SUBPROTOCOL in offered:
+            selected = STATUS_SUBPROTOCOL
+        elif (self.takes_heartbeats or self.takes_statuses) and AGENT_SOCKET_SUBPROTOCOL in offered:
+            selected = AGENT_SOCKET_SUBPROTOCOL
+        accept = {"subprotocol": selected} if selected else {}
         await send({"type": "websocket.accept", **accept})
         if not self._authorised(scope):
             await send({"type": "websocket.close", "code": 4401})
@@ -590,6 +608,19 @@ class TelemetryControlPlane:
                 self.heartbeats.append(
                     HeartbeatFrame.model_validate_json(message["text"]).heartbeat
                 )
+                continue
+            if selected == STATUS_SUBPROTOCOL and message["text"].startswith(STATUS_FRAME_PREFIX):
+                report = StatusFrame.model_validate_json(message["text"])
+                self.statuses.append(report.status)
+                outcome = self.status_script.pop(0) if self.status_script else "recorded"
+                if outcome == "close":
+                    await send({"type": "websocket.close", "code": 1011})
+                    return
+                if outcome != "silent":
+                    answer = StatusAck.model_validate(
+                        {"status_id": report.id, "outcome": outcome, "reason": outcome}
+                    )
+                    await send({"type": "websocket.send", "text": answer.model_dump_json()})
                 continue
             batch = TelemetryBatch.model_validate_json(message["text"])
             self.received.append(("ws", batch.seq))

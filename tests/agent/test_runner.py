@@ -21,6 +21,8 @@ from agent.protocol import Inventory, SignedDesiredState, sign_state, state_tag
 from agent.reconciler import Reconciler
 from agent.runner import NodeAgent, RootTaskFailed, run_root_tasks
 from agent.settings import AgentSettings
+from agent.shipper import open_shipper
+from tests.agent.fakes import TelemetryControlPlane, serving
 from tests.agent.samples import CONTROL_PLANE_KEY, NODE, desired_state, inventory
 
 
@@ -189,6 +191,57 @@ async def test_a_status_report_the_control_plane_refuses_is_not_retried(
         await asyncio.wait_for(running, 10)
     # The refused report for generation 1 was dropped; generation 2's went through.
     assert [r["generation"] for r in control_plane.taken] == [2]
+
+
+@pytest.mark.parametrize(
+    ("script", "taken"),
+    [(["retry", "recorded"], [1, 1]), (["rejected"], [1, 2])],
+    ids=["retried", "refused"],
+)
+async def test_status_reports_over_the_websocket_go_as_their_acks_say(
+    tmp_path: Path, quick_retries: None, script: list[str], taken: list[int]
+) -> None:
+    """With the telemetry WebSocket open to a control plane that takes reports there, a
+    report answered `retry` is sent again and one answered `rejected` is dropped, as the
+    same answers by HTTP would have it."""
+    credential = "tgn_test"
+    control_plane = TelemetryControlPlane(credential, statuses=True, status_script=script)
+    async with serving(control_plane) as url, httpx.AsyncClient() as http:
+        client = ControlPlaneClient(http, url, credential)
+        shipper = open_shipper(NODE, tmp_path, client, [], interval_s=3600)
+        assert shipper.sender is not None
+        sender = shipper.sender
+        identity = Identity(
+            node_id=NODE,
+            credential=credential,
+            control_plane_public_key="",
+            queue=f"agent.{NODE}",
+            broker_url="memory://",
+            heartbeat_interval_s=60,
+        )
+        agent = NodeAgent(
+            identity,
+            client,
+            Reconciler(NODE, CONTROL_PLANE_KEY.public_key(), [], tmp_path),
+            inventory,
+            inventory_interval_s=60,
+            resync_interval_s=60,
+            telemetry=shipper,
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(agent.run(stop))
+        async with asyncio.timeout(30):
+            while not sender.connected:
+                await asyncio.sleep(0.01)
+            for generation in sorted(set(taken)):
+                agent.receive(signed_state(generation).model_dump(mode="json"))
+            while [s.generation for s in control_plane.statuses] != taken:
+                await asyncio.sleep(0.01)
+            while agent.unsent_reports:
+                await asyncio.sleep(0.01)
+        stop.set()
+        await asyncio.wait_for(running, 10)
+        shipper.close()
 
 
 class PulledControlPlane(ControlPlane):

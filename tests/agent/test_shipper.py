@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent.client import ControlPlaneClient
+from agent.client import ControlPlaneClient, ControlPlaneError
 from agent.gauges import Reading
-from agent.protocol import Heartbeat, TelemetryBatch
+from agent.protocol import AppliedStatus, Heartbeat, TelemetryBatch
 from agent.shipper import (
     BUFFER_FILE,
     DROPPED_COUNTER,
@@ -240,6 +240,22 @@ async def test_batches_collected_during_an_outage_arrive_after_it(
     restarted.close()
 
 
+async def until(done: Callable[[], bool]) -> None:
+    while not done():
+        await asyncio.sleep(0.01)
+
+
+def applied_status() -> AppliedStatus:
+    return AppliedStatus(
+        node_id=NODE,
+        generation=3,
+        content_hash="a" * 64,
+        state="applied",
+        components=[],
+        reported_at=NOW,
+    )
+
+
 @pytest.mark.parametrize("takes_heartbeats", [True, False], ids=["current", "older"])
 async def test_heartbeats_ride_the_websocket_only_where_the_control_plane_takes_them(
     tmp_path: Path, http: httpx.AsyncClient, takes_heartbeats: bool
@@ -258,10 +274,6 @@ async def test_heartbeats_ride_the_websocket_only_where_the_control_plane_takes_
         stop = asyncio.Event()
         task = asyncio.create_task(sender.run(stop))
 
-        async def until(done: Callable[[], bool]) -> None:
-            while not done():
-                await asyncio.sleep(0.01)
-
         await asyncio.wait_for(until(lambda: len(buffer) == 0), 20)  # connected, acked
         assert await sender.send_heartbeat(heartbeat) is takes_heartbeats
         if takes_heartbeats:
@@ -271,3 +283,60 @@ async def test_heartbeats_ride_the_websocket_only_where_the_control_plane_takes_
         assert not await sender.send_heartbeat(heartbeat)  # closed: POST it
     assert control_plane.heartbeats == ([heartbeat] if takes_heartbeats else [])
     assert control_plane.stored == [1, 2, 3]
+
+
+@pytest.mark.parametrize("takes_statuses", [True, False], ids=["current", "older"])
+async def test_status_reports_ride_the_websocket_only_where_the_control_plane_takes_them(
+    tmp_path: Path, http: httpx.AsyncClient, takes_statuses: bool
+) -> None:
+    """A control plane that selects the status subprotocol gets each report as a frame and
+    answers it by its id; with one that selects only the older subprotocol (heartbeats),
+    no report goes over the WebSocket and the caller POSTs it."""
+    status = applied_status()
+    buffer = await filled(tmp_path, 1)
+    control_plane = TelemetryControlPlane(
+        CREDENTIAL, heartbeats=True, statuses=takes_statuses, status_script=["rejected"]
+    )
+    async with serving(control_plane) as url:
+        sender = TelemetrySender(buffer, ControlPlaneClient(http, url, CREDENTIAL))
+        assert await sender.send_status(status) is None  # no WebSocket yet
+        stop = asyncio.Event()
+        task = asyncio.create_task(sender.run(stop))
+        await asyncio.wait_for(until(lambda: len(buffer) == 0), 20)  # connected, acked
+        first, second = await sender.send_status(status), await sender.send_status(status)
+        if takes_statuses:
+            assert first is not None and second is not None
+            assert (first.outcome, second.outcome) == ("rejected", "recorded")
+        else:
+            assert first is None and second is None
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert control_plane.statuses == ([status, status] if takes_statuses else [])
+
+
+@pytest.mark.parametrize("answer", ["close", "silent"])
+async def test_a_status_report_left_unanswered_is_sent_again(
+    tmp_path: Path, http: httpx.AsyncClient, answer: str
+) -> None:
+    """The WebSocket closes before the report's ack: the caller POSTs it (the control plane
+    stores a repeat once). No ack within the timeout: the control plane counts as
+    unreachable, and the caller's retry sends it again."""
+    status = applied_status()
+    buffer = await filled(tmp_path, 1)
+    control_plane = TelemetryControlPlane(CREDENTIAL, statuses=True, status_script=[answer])
+    async with serving(control_plane) as url:
+        client = ControlPlaneClient(http, url, CREDENTIAL)
+        sender = TelemetrySender(buffer, client, status_timeout_s=0.2)
+        stop = asyncio.Event()
+        task = asyncio.create_task(sender.run(stop))
+        await asyncio.wait_for(until(lambda: len(buffer) == 0), 20)
+        if answer == "close":
+            assert await sender.send_status(status) is None
+        else:
+            with pytest.raises(ControlPlaneError) as unanswered:
+                await sender.send_status(status)
+            assert unanswered.value.status == 0
+        assert not sender._status_acks  # nothing left waiting
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert control_plane.statuses == [status]

@@ -9,7 +9,9 @@ agents each (a simulator's one Celery consumer names all its queues in every blo
 pop, so its cost per message grows with its agents; real agents consume one queue each).
 The agents each enroll, heartbeat, consume their own Celery queue and apply revisions
 through the real reconciler (simulated nodes record their workers instead of starting
-them). Each round changes the deployments that hold a replica on every node (one per 256
+them). Each holds its telemetry WebSocket open, as a real agent does, and ships a batch
+over it only every `SIM_TELEMETRY_INTERVAL_S`, so their heartbeats and status reports
+take the way a real agent's do. Each round changes the deployments that hold a replica on every node (one per 256
 agents, one API call each), so every node gets a new signed revision; a node's push time
 is from the start of the round's first API call to the moment the node's applied status
 is stored (the old measure, from the round's first stored revision, is printed beside
@@ -17,9 +19,8 @@ it). Prints p50/p99 over all nodes of all rounds, the worst round's time until t
 node reported, the API call's own time, and the CPU-seconds the control plane's
 processes (web and worker) spent per pushed revision: capacity per core is its inverse.
 The same figure net of what the processes spend with nothing pushed (measured for
-`--idle-seconds` first, a whole number of heartbeat intervals: heartbeats by HTTP, as the
-simulated agents ship no telemetry; each push restarts an agent's pull timer, so neither
-window has pulls) is what a push itself costs.
+`--idle-seconds` first, a whole number of heartbeat intervals; each push restarts an
+agent's pull timer, so neither window has pulls) is what a push itself costs.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ from tests.bench.common import (
     tree_cpu_seconds,
     wait,
 )
+
+SIM_TELEMETRY_INTERVAL_S = 3600
+"""A batch an hour: none during a run, beyond the one each agent ships as it starts."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             web,
             args.agents,
             "--telemetry-interval",
-            "0",
+            str(SIM_TELEMETRY_INTERVAL_S),
             per_process=args.agents_per_process,
         )
         api, deployments = deploy_everywhere(procs, web, args.agents)

@@ -316,3 +316,59 @@ async def test_heartbeats_over_the_agent_websocket(world: Any) -> None:
     ack = TelemetryAck.model_validate_json(await older.receive_from(timeout=10))
     assert ack.outcome == "rejected"
     await older.disconnect()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_status_reports_over_the_agent_websocket(world: Any) -> None:
+    """An agent that offers the status subprotocol sends its status reports as frames:
+    each is recorded as the HTTP view records it, then acked by its id; a report naming
+    another node, or one that does not validate, is rejected by its id. An agent that
+    offers only the older subprotocol gets that one, and POSTs its reports."""
+    from agent.protocol import (
+        AGENT_SOCKET_SUBPROTOCOL,
+        AGENT_SOCKET_SUBPROTOCOLS,
+        STATUS_SUBPROTOCOL,
+        AppliedStatus,
+        StatusAck,
+        status_frame,
+    )
+    from controlplane.fleet.models import Revision
+    from controlplane.inventory.models import AgentReport
+    from tests.controlplane.test_agent_reports import T0, _ready_node_with_revision, _status
+
+    node, credential = await database_sync_to_async(_ready_node_with_revision)(world)
+    status = AppliedStatus.model_validate(await database_sync_to_async(_status)(node))
+    headers = [(b"authorization", f"Node {credential}".encode())]
+
+    async def answer(ws: WebsocketCommunicator, frame: str) -> StatusAck:
+        await ws.send_to(text_data=frame)
+        return StatusAck.model_validate_json(await ws.receive_from(timeout=10))
+
+    ws = WebsocketCommunicator(
+        application, "/ws/agent/", headers=headers, subprotocols=list(AGENT_SOCKET_SUBPROTOCOLS)
+    )
+    connected, subprotocol = await ws.connect()
+    assert connected and subprotocol == STATUS_SUBPROTOCOL
+    another = status.model_copy(update={"node_id": uuid.uuid4(), "state": "failed"})
+    refused = await answer(ws, status_frame(another, 7))
+    assert (refused.status_id, refused.outcome) == (7, "rejected")
+    assert "not this connection's node" in (refused.reason or "")
+    broken = await answer(ws, '{"status": {"generation": 1}, "id": 8}')
+    assert (broken.status_id, broken.outcome) == (8, "rejected")
+    assert (await answer(ws, status_frame(status, 9))).model_dump() == {
+        "status_id": 9,
+        "outcome": "recorded",
+        "reason": None,
+    }
+    assert (await answer(ws, status_frame(status, 10))).outcome == "recorded"  # a repeat
+    await ws.disconnect()
+    revision = await Revision.objects.aget(node=node, generation=1)
+    assert (revision.status, revision.reported_at) == ("applied", T0)
+    assert (await AgentReport.objects.aget(node=node)).applied_generation == 1
+
+    older = WebsocketCommunicator(
+        application, "/ws/agent/", headers=headers, subprotocols=[AGENT_SOCKET_SUBPROTOCOL]
+    )
+    connected, subprotocol = await older.connect()
+    assert connected and subprotocol == AGENT_SOCKET_SUBPROTOCOL
+    await older.disconnect()
