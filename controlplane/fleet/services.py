@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any
 from uuid import UUID
@@ -694,16 +694,7 @@ def record_applied_status(node: Node, status: AppliedStatus) -> bool:
             )
         )
         if matched:
-            readdressed = _record_workers(node, status)
-            if readdressed:  # their other nodes' gateways follow, once this commits
-                nodes = set(
-                    Replica.objects.filter(deployment__in=readdressed, node__isnull=False)
-                    .values_list("node_id", flat=True)
-                    .distinct()
-                )
-                # A deployment rolling out on N nodes reports N addresses at about once.
-                render = partial(_render, nodes, cause="worker address reported", settle_s=2.0)
-                transaction.on_commit(render)
+            _follow_addresses(_record_workers([(node, status)]))
     if status.state == "rejected":
         # Whether or not it names a revision (a tampered one names none).
         return bool(
@@ -720,6 +711,75 @@ def record_applied_status(node: Node, status: AppliedStatus) -> bool:
     return bool(matched)  # False: already stored (or newer news is), or no such revision
 
 
+def record_applied_statuses(reports: Sequence[tuple[Node, AppliedStatus]]) -> None:
+    """Several nodes' reports at once (those that came over the telemetry WebSocket), each
+    recorded as `record_applied_status` records it. Reports of an applied or failed
+    revision, a rollout's thousand, cost no statement of their own: one locked read and one
+    update of their revisions, one read of their workers, one upsert of their agents'
+    reports. Rejections are recorded one by one."""
+    applied: list[tuple[Node, AppliedStatus]] = []
+    for node, status in reports:
+        if status.state == "rejected":
+            record_applied_status(node, status)
+        else:
+            applied.append((node, status))
+    if applied:
+        _record_applied(applied)
+
+
+@transaction.atomic
+def _record_applied(reports: Sequence[tuple[Node, AppliedStatus]]) -> None:
+    newest: dict[tuple[UUID, int], tuple[Node, AppliedStatus]] = {}
+    for node, status in reports:  # the newest report of each revision
+        known = newest.get((node.pk, status.generation))
+        if known is None or known[1].reported_at < status.reported_at:
+            newest[(node.pk, status.generation)] = (node, status)
+    revisions = (
+        Revision.objects.select_for_update(no_key=True)
+        .filter(node__in={n for n, _ in newest}, generation__in={g for _, g in newest})
+        .only("pk", "node_id", "generation", "content_hash", "reported_at")
+        .order_by("pk")  # locked in key order: concurrent flushes never wait crosswise
+    )
+    now = timezone.now()
+    changed: list[Revision] = []
+    matched: list[tuple[Node, AppliedStatus]] = []
+    for revision in revisions:
+        found = newest.get((revision.node_id, revision.generation))
+        if found is None or found[1].content_hash != revision.content_hash:
+            continue
+        status = found[1]
+        if revision.reported_at is not None and revision.reported_at >= status.reported_at:
+            continue  # already stored, or newer news is
+        revision.status = status.state
+        revision.results = [c.model_dump(mode="json") for c in status.components]
+        revision.rejection_reason = ""
+        revision.reported_at = status.reported_at
+        revision.updated_at = now
+        changed.append(revision)
+        matched.append(found)
+    fields = ["status", "results", "rejection_reason", "reported_at", "updated_at"]
+    Revision.objects.bulk_update(changed, fields)
+    _follow_addresses(_record_workers(matched))
+    inventory_services.record_applied_generations(
+        [(node, status.generation, _gateway_url(status)) for node, status in matched]
+    )
+
+
+def _follow_addresses(readdressed: set[UUID]) -> None:
+    """The gateways of the nodes holding these deployments' replicas follow their new
+    addresses, once this commits; a deployment rolling out on N nodes reports N
+    addresses at about once, so their revisions wait a moment for the rest."""
+    if not readdressed:
+        return
+    nodes = set(
+        Replica.objects.filter(deployment__in=readdressed, node__isnull=False)
+        .values_list("node_id", flat=True)
+        .distinct()
+    )
+    render = partial(_render, nodes, cause="worker address reported", settle_s=2.0)
+    transaction.on_commit(render)
+
+
 def _http(url: str | None) -> str:
     """Only http(s) addresses are shown to clients or given to gateways; else ""."""
     return url if url is not None and url.startswith(("http://", "https://")) else ""
@@ -733,27 +793,35 @@ def _gateway_url(status: AppliedStatus) -> str:
     return ""
 
 
-def _record_workers(node: Node, status: AppliedStatus) -> set[UUID]:
-    """Where each worker on the node listens, as its agent found it answering as itself,
-    and where other nodes reach it (http(s) only); a node speaks only for replicas placed on
-    it. Returns the deployments whose replicas' addresses for other nodes changed."""
+def _record_workers(reports: Sequence[tuple[Node, AppliedStatus]]) -> set[UUID]:
+    """Where each worker on these nodes listens, as its agent found it answering as
+    itself, and where other nodes reach it (http(s) only); a node speaks only for
+    replicas placed on it. One read for all; a replica is written only when its address
+    changed, which a report mostly repeats. Returns the deployments whose replicas'
+    addresses for other nodes changed."""
+    reported: dict[UUID, tuple[UUID, int, str]] = {}  # replica -> node, port, url
+    for node, status in reports:
+        for result in status.components:
+            if result.kind == "worker" and result.ok and result.port is not None:
+                with contextlib.suppress(ValueError):
+                    replica_id = UUID(result.name.removeprefix("replica-"))
+                    reported[replica_id] = (node.pk, result.port, _http(result.url))
+    if not reported:
+        return set()
     readdressed = set()
-    for result in status.components:
-        if result.kind == "worker" and result.ok and result.port is not None:
-            replica_id = result.name.removeprefix("replica-")
-            url = _http(result.url)
-            with contextlib.suppress(ValidationError):
-                mine = Replica.objects.filter(pk=replica_id, node=node)
-                found = mine.values_list("deployment_id", "port", "url").first()
-                if found is None:
-                    continue
-                deployment_id, port, known_url = found
-                if (port, known_url) != (result.port, url):  # a report repeats them mostly
-                    mine.exclude(port=result.port, url=url).update(
-                        port=result.port, url=url, updated_at=timezone.now()
-                    )
-                if known_url != url:
-                    readdressed.add(deployment_id)
+    known = Replica.objects.filter(pk__in=reported).values_list(
+        "pk", "node_id", "deployment_id", "port", "url"
+    )
+    for replica_id, node_id, deployment_id, port, known_url in known:
+        reporter, new_port, url = reported[replica_id]
+        if node_id != reporter:
+            continue
+        if (port, known_url) != (new_port, url):
+            Replica.objects.filter(pk=replica_id, node_id=reporter).exclude(
+                port=new_port, url=url
+            ).update(port=new_port, url=url, updated_at=timezone.now())
+        if known_url != url:
+            readdressed.add(deployment_id)
     return readdressed
 
 

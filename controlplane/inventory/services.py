@@ -314,6 +314,39 @@ def record_applied_generation(node: Node, generation: int, gateway_url: str = ""
         )
 
 
+@transaction.atomic(savepoint=False)
+def record_applied_generations(applied: Iterable[tuple[Node, int, str]]) -> None:
+    """Several agents applied generations (node, generation, gateway URL), each recorded as
+    `record_applied_generation` records one: one locked read and one update of their
+    reports for all, and never backwards."""
+    newest: dict[Any, tuple[int, str]] = {}
+    for node, generation, gateway_url in applied:
+        if node.pk not in newest or newest[node.pk][0] <= generation:
+            newest[node.pk] = (generation, gateway_url)
+    if not newest:
+        return
+    reports = (
+        AgentReport.objects.select_for_update(no_key=True)
+        .filter(node__in=newest)
+        .only("node_id", "applied_generation", "gateway_url")
+        .order_by("pk")  # in key order, as heartbeats' upserts take them
+    )
+    raised = []
+    for report in reports:
+        generation, gateway_url = newest.pop(report.node_id)
+        if report.applied_generation <= generation:
+            report.applied_generation, report.gateway_url = generation, gateway_url
+            raised.append(report)
+    AgentReport.objects.bulk_update(raised, ["applied_generation", "gateway_url"])
+    AgentReport.objects.bulk_create(
+        [
+            AgentReport(node_id=pk, applied_generation=generation, gateway_url=gateway_url)
+            for pk, (generation, gateway_url) in newest.items()
+        ],
+        ignore_conflicts=True,
+    )
+
+
 @transaction.atomic
 def mark_silent_nodes_unreachable() -> int:
     """Nodes not heard for NODE_UNREACHABLE_AFTER_S turn unreachable; their replicas are

@@ -42,10 +42,12 @@ from django.db import connection
 from pydantic import ValidationError
 
 from agent.protocol import (
+    AppliedStatus,
     Heartbeat,
     HeartbeatFrame,
     StatusAck,
     StatusFrame,
+    StatusOutcome,
     TelemetryAck,
     TelemetryBatch,
 )
@@ -70,6 +72,9 @@ MAX_PER_FLUSH = 4000
 MIN_FLUSH_INTERVAL_S = 0.2
 """Lets a flush gather what arrives meanwhile; the floor of live-delta latency."""
 RETRY_AFTER_S = 1.0
+MAX_QUEUED_STATUSES = 4
+"""Status reports waiting per node: an agent sends one at a time, and again on a timeout."""
+MAX_STATUS_ID = 2**63 - 1
 _NOT_STORED = "the control plane could not store it"
 
 
@@ -140,9 +145,9 @@ class Ingestor:
 
     def status(self, node: Node, frame: str, reply: StatusReply) -> StatusAck | None:
         """Record a status report frame from `node`'s connection with the next flush, whose
-        ack then goes to `reply`; or, with MAX_QUEUED of the node's waiting, the ack to
-        send at once (retry)."""
-        if self._status_counts[node.pk] >= MAX_QUEUED:
+        ack then goes to `reply`; or, with MAX_QUEUED_STATUSES of the node's waiting, the
+        ack to send at once (retry)."""
+        if self._status_counts[node.pk] >= MAX_QUEUED_STATUSES:
             return _status_retry(frame, "too many status reports from this node are waiting")
         self._status_counts[node.pk] += 1
         self._statuses.append(_Status(node, frame, reply))
@@ -276,7 +281,7 @@ def _store(
         )
         if heartbeats:
             _record_heartbeats(heartbeats)
-        status_acks = [_record_status(status) for status in statuses]
+        status_acks = _record_statuses(statuses)
     finally:
         connection.close()
     if refused:
@@ -291,33 +296,46 @@ def _status_id(frame: str) -> int | None:
         found = json.loads(frame).get("id")
     except (ValueError, AttributeError, RecursionError):
         return None
-    return found if isinstance(found, int) and found >= 0 else None
+    return found if type(found) is int and 0 <= found <= MAX_STATUS_ID else None
 
 
-def _record_status(status: _Status) -> StatusAck | None:
-    """Record one status report as `POST /api/v1/agent/status/` would; a failure fails
-    it alone (its agent sends it again), never the flush."""
+def _record_statuses(statuses: list[_Status]) -> list[StatusAck | None]:
+    """Record the status reports as `POST /api/v1/agent/status/` would, all at once; acks
+    in order. A failure fails them (their agents send them again), never the flush."""
+    acks: list[StatusAck | None] = []
+    valid: list[tuple[Node, AppliedStatus]] = []
+    for status in statuses:
+        try:
+            report = StatusFrame.model_validate_json(status.frame)
+        except ValidationError as exc:
+            status_id = _status_id(status.frame)
+            log.warning("rejected a status frame from node %s: %s", status.node.pk, exc)
+            rejected = str(exc)[:4096]
+            acks.append(None if status_id is None else _status_ack(status_id, "rejected", rejected))
+            continue
+        if report.status.node_id != status.node.pk:
+            reason = f"node_id {report.status.node_id} is not this connection's node"
+            acks.append(_status_ack(report.id, "rejected", reason))
+            continue
+        valid.append((status.node, report.status))
+        acks.append(_status_ack(report.id, "recorded"))
     try:
-        report = StatusFrame.model_validate_json(status.frame)
-    except ValidationError as exc:
-        status_id = _status_id(status.frame)
-        log.warning("rejected a status frame from node %s: %s", status.node.pk, exc)
-        if status_id is None:
-            return None
-        return StatusAck(status_id=status_id, outcome="rejected", reason=str(exc)[:4096])
-    if report.status.node_id != status.node.pk:
-        reason = f"node_id {report.status.node_id} is not this connection's node"
-        return StatusAck(status_id=report.id, outcome="rejected", reason=reason)
-    try:
-        fleet_services.record_applied_status(status.node, report.status)
+        fleet_services.record_applied_statuses(valid)
     except Exception:
-        log.exception("recording a status report from node %s failed", status.node.pk)
-        return _status_retry(status.frame, _NOT_STORED)
-    return StatusAck(status_id=report.id, outcome="recorded")
+        log.exception("recording %d status reports failed; agents will retry", len(valid))
+        acks = [
+            _status_ack(a.status_id, "retry", _NOT_STORED) if a and a.outcome == "recorded" else a
+            for a in acks
+        ]
+    return acks
+
+
+def _status_ack(status_id: int, outcome: StatusOutcome, reason: str | None = None) -> StatusAck:
+    return StatusAck(status_id=status_id, outcome=outcome, reason=reason)
 
 
 def _status_retry(frame: str, reason: str) -> StatusAck:
-    return StatusAck(status_id=_status_id(frame) or 0, outcome="retry", reason=reason)
+    return _status_ack(_status_id(frame) or 0, "retry", reason)
 
 
 def _record_heartbeats(frames: dict[UUID, str | bytes]) -> None:

@@ -270,3 +270,53 @@ def test_a_node_streaming_telemetry_counts_as_heard(
     assert [a.outcome for a in acks] == ["stored"]
     assert inventory.mark_silent_nodes_unreachable() == 0
     assert Node.objects.get(pk=node.pk).status == "ready"
+
+
+def _reports(first: int, count: int, *, at: datetime = T0, state: str = "applied") -> list[Any]:
+    """(node, report) for `count` nodes, each with one revision (generation 1)."""
+    found = []
+    for index in range(first, first + count):
+        node = make_node(f"bulk-{index}")
+        content_hash = f"{index:064x}"
+        Revision.objects.create(node=node, generation=1, content_hash=content_hash, document={})
+        report = AppliedStatus(
+            node_id=node.pk,
+            generation=1,
+            content_hash=content_hash,
+            state=state,  # type: ignore[arg-type]
+            components=[],
+            reported_at=at,
+        )
+        found.append((node, report))
+    return found
+
+
+def test_reports_recorded_together_cost_the_same_statements_however_many(world: World) -> None:
+    """The reports that come over the telemetry WebSocket are recorded together: as one
+    by one (the newest of a revision's reports wins, a repeat writes nothing, an older one
+    never replaces a newer one, a rejection lands on its node), in as many statements for
+    six nodes as for two."""
+    few, many = _reports(0, 2), _reports(10, 6)
+    with CaptureQueriesContext(connection) as two:
+        fleet.record_applied_statuses(few)
+    older = [
+        (node, r.model_copy(update={"reported_at": T0 - timedelta(seconds=1)})) for node, r in many
+    ]
+    with CaptureQueriesContext(connection) as six:
+        fleet.record_applied_statuses([*older, *many])
+    assert len(six) == len(two)
+    for node, _ in [*few, *many]:
+        revision = Revision.objects.get(node=node, generation=1)
+        assert (revision.status, revision.reported_at) == ("applied", T0)
+        assert AgentReport.objects.get(node=node).applied_generation == 1
+
+    late = [(node, r.model_copy(update={"state": "failed"})) for node, r in older]
+    rejected_node, rejected = _reports(20, 1)[0]
+    refusal = rejected.model_copy(update={"state": "rejected", "rejection_reason": "replayed"})
+    with CaptureQueriesContext(connection) as again:
+        fleet.record_applied_statuses([*many, *late, (rejected_node, refusal)])
+    writes = [q["sql"] for q in again if q["sql"].lstrip().upper().startswith(("UPDATE", "INSERT"))]
+    assert len(writes) == 1, writes  # the rejection's, on its node
+    assert {Revision.objects.get(node=n, generation=1).status for n, _ in many} == {"applied"}
+    rejected_node.refresh_from_db()
+    assert rejected_node.last_rejection_reason == "replayed"
