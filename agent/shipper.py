@@ -254,8 +254,8 @@ class TelemetrySender:
         answered: asyncio.Future[StatusAck | None] = asyncio.get_running_loop().create_future()
         self._status_acks[status_id] = answered
         try:
-            await ws.send(status_frame(status, status_id))
             async with asyncio.timeout(self._status_timeout_s):
+                await ws.send(status_frame(status, status_id))
                 return await answered
         except ConnectionClosed:
             return None

@@ -113,7 +113,9 @@ class Dues:
     """What a gateway owes the ledger for one deployment. It rides on the gateway's next
     call, so under load ending a request or streaming a token costs no round trip of its
     own. Settlements that a failed call carried are carried again as they were, with
-    their ids: that call may have been applied."""
+    their ids (that call may have been applied), and alone: what is owed meanwhile waits
+    for the call after, so however long the ledger is away they stay as few as the calls
+    that were under way."""
 
     def __init__(self) -> None:
         self._fresh = Settlement()
@@ -149,9 +151,12 @@ class Dues:
             self._fresh.since = time.monotonic()
 
     def take(self) -> list[Settlement]:
-        """Everything owed so far, for one call, leaving nothing owed."""
-        taken = [s for s in self._all() if s]
-        self._fresh, self._unsure = Settlement(), []
+        """For one call: the settlements failed calls carried, or else what is owed."""
+        if self._unsure:
+            taken, self._unsure = self._unsure, []
+            return taken
+        taken = [self._fresh] if self._fresh else []
+        self._fresh = Settlement()
         return taken
 
     def restore(self, taken: list[Settlement]) -> None:

@@ -318,7 +318,9 @@ class Gateway:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        for dep in every:  # what no call carried yet
+        for dep in every:  # what no call carried yet, starts in doubt undone
+            for waiter in [w for queue in dep.waiting.values() for w in queue if w.unsure]:
+                dep.unqueue(waiter)
             try:
                 await self.settle(dep)
             except Exception:
@@ -527,7 +529,10 @@ class Gateway:
                         owed,
                     )
             except BaseException:
-                waiter.unsure = True  # asked again under the same lease, or undone
+                if waiter.future.done() or waiter not in queue:  # it left during the call
+                    dep.owed.end(Finished(tenant, waiter.lease, waiter.reserve, limits, True))
+                else:
+                    waiter.unsure = True  # asked again under the same lease, or undone
                 raise
             waiter.unsure = False  # any answer says whether the lease is held
             dep.counters[tenant] = decision.counter

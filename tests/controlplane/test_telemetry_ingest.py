@@ -355,6 +355,7 @@ async def test_status_reports_over_the_agent_websocket(world: Any) -> None:
     assert "not this connection's node" in (refused.reason or "")
     broken = await answer(ws, '{"status": {"generation": 1}, "id": 8}')
     assert (broken.status_id, broken.outcome) == (8, "rejected")
+    await ws.send_to(text_data='{"status": 1, "id": true}')  # names no report: no answer
     assert (await answer(ws, status_frame(status, 9))).model_dump() == {
         "status_id": 9,
         "outcome": "recorded",

@@ -439,10 +439,13 @@ async def ended_while_settling_is_slow(setup: Setup) -> GatedSettling:
     return gated
 
 
-async def test_tokens_streamed_beside_slow_settling_wait_for_the_loop() -> None:
+async def test_tokens_streamed_beside_slow_settling_wait_for_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Settling an idle end takes a while; a stream beside it owes tokens meanwhile.
     Those wait for the settling loop: a call for them at once would make every token
     of a stream a call while settling is slow."""
+    monkeypatch.setattr(gateway_server, "SETTLE_TIMEOUT_S", 3600.0)  # slow, never too slow
     setup = await Setup.started({})
     setup.dispatching()
     try:
@@ -467,6 +470,7 @@ async def test_a_slow_settle_that_frees_a_lease_wakes_the_dispatcher(
     """A request waits for the lease that a settle under way frees: it starts when that
     settle returns, not when the dispatcher next looks on its own (here: never)."""
     monkeypatch.setattr(gateway_server, "DISPATCH_POLL_S", 3600.0)
+    monkeypatch.setattr(gateway_server, "SETTLE_TIMEOUT_S", 3600.0)
     setup = await Setup.started({"max_concurrency": 1})
     refused: list[str] = []
     try_start = setup.ledger.try_start
@@ -552,6 +556,38 @@ async def test_a_waiter_whose_start_is_unsure_undoes_it_when_it_leaves() -> None
         assert len(book.leases["a"]) == 1 and book.buckets["a"].level == 90
         call.leave()
         await served
+        assert await setup.settled_bucket() == 100 and not book.leases["a"]
+    finally:
+        await setup.close()
+
+
+async def test_a_start_whose_client_left_during_a_failed_call_is_undone() -> None:
+    """The ledger took the start, the client left while the answer was on its way, and
+    the answer was lost: the lease and the reservation go back."""
+    setup = await Setup.started({"max_concurrency": 1, "tokens_per_s": 1.0, "burst_tokens": 100})
+    try_start = setup.ledger.try_start
+    asked, answer = asyncio.Event(), asyncio.Event()
+
+    async def lost_after_a_while(*args: Any, **kwargs: Any) -> Any:
+        await try_start(*args, **kwargs)
+        asked.set()
+        await answer.wait()
+        raise ConnectionError("the ledger's answer was lost")
+
+    setup.ledger.try_start = lost_after_a_while  # type: ignore[method-assign]
+    setup.dispatching()
+    try:
+        call = Call(body(max_tokens=10))
+        served = asyncio.create_task(setup.app(call.scope, call.receive, call.send))
+        async with asyncio.timeout(60):
+            await asked.wait()
+            call.leave()
+            await served
+        answer.set()
+        book = setup.ledger._books["d1"]
+        async with asyncio.timeout(60):
+            while not setup.dep.owed:
+                await asyncio.sleep(0.01)
         assert await setup.settled_bucket() == 100 and not book.leases["a"]
     finally:
         await setup.close()

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from dataplane.gateway.ledger import (
+    Dues,
     Finished,
     InProcessLedger,
     Ledger,
@@ -342,3 +343,20 @@ async def test_an_unsure_start_is_undone_only_if_it_happened(ledger: Ledger, dep
         assert (
             await ledger.try_start(dep, "g1", start("a", reserve=50, last=False), {"a": 50}, table)
         ).ok
+
+
+def test_what_failed_calls_carried_goes_again_alone_and_as_it_was() -> None:
+    """However many calls fail while the ledger is away, what they carried stays one
+    settlement with one id; what is owed meanwhile goes with the call after it."""
+    limits = TenantConfig.model_validate({})
+    dues = Dues()
+    dues.end(Finished("a", "lease-1", 5, limits))
+    (first,) = dues.take()
+    for _ in range(49):  # calls fail; tokens stream meanwhile
+        dues.restore([first])
+        dues.charge("a", 1.0)
+        assert dues.take() == [first]
+    dues.charge("a", 1.0)
+    (after,) = dues.take()
+    assert after.id != first.id and after.charges == {"a": 50.0} and not after.finished
+    assert not dues
