@@ -757,8 +757,9 @@ def _record_applied(reports: Sequence[tuple[Node, AppliedStatus]]) -> None:
         revision.updated_at = now
         changed.append(revision)
         matched.append(found)
-    fields = ["status", "results", "rejection_reason", "reported_at", "updated_at"]
-    Revision.objects.bulk_update(changed, fields)
+    core.update_each(
+        changed, ["status", "results", "rejection_reason", "reported_at", "updated_at"]
+    )
     _follow_addresses(_record_workers(matched))
     inventory_services.record_applied_generations(
         [(node, status.generation, _gateway_url(status)) for node, status in matched]

@@ -337,7 +337,7 @@ def record_applied_generations(applied: Iterable[tuple[Node, int, str]]) -> None
         if report.applied_generation <= generation:
             report.applied_generation, report.gateway_url = generation, gateway_url
             raised.append(report)
-    AgentReport.objects.bulk_update(raised, ["applied_generation", "gateway_url"])
+    core.update_each(raised, ["applied_generation", "gateway_url"])
     AgentReport.objects.bulk_create(
         [
             AgentReport(node_id=pk, applied_generation=generation, gateway_url=gateway_url)

@@ -16,7 +16,7 @@ from django.db import OperationalError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from agent.protocol import AppliedStatus, Heartbeat
+from agent.protocol import AppliedStatus, ComponentResult, Heartbeat
 from agent.simulate import synthetic_inventory
 from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Deployment, Revision
@@ -284,7 +284,7 @@ def _reports(first: int, count: int, *, at: datetime = T0, state: str = "applied
             generation=1,
             content_hash=content_hash,
             state=state,  # type: ignore[arg-type]
-            components=[],
+            components=[ComponentResult(kind="gateway", name="gateway", ok=False, error="busy")],
             reported_at=at,
         )
         found.append((node, report))
@@ -308,6 +308,9 @@ def test_reports_recorded_together_cost_the_same_statements_however_many(world: 
     for node, _ in [*few, *many]:
         revision = Revision.objects.get(node=node, generation=1)
         assert (revision.status, revision.reported_at) == ("applied", T0)
+        assert revision.results == [
+            {"kind": "gateway", "name": "gateway", "ok": False, "error": "busy"}
+        ]
         assert AgentReport.objects.get(node=node).applied_generation == 1
 
     late = [(node, r.model_copy(update={"state": "failed"})) for node, r in older]
