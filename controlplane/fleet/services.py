@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from functools import partial
 from typing import Any
 from uuid import UUID
@@ -715,8 +716,9 @@ def record_applied_statuses(reports: Sequence[tuple[Node, AppliedStatus]]) -> No
     """Several nodes' reports at once (those that came over the telemetry WebSocket), each
     recorded as `record_applied_status` records it. Reports of an applied or failed
     revision, a rollout's thousand, cost no statement of their own: one locked read and one
-    update of their revisions, one read of their workers, one upsert of their agents'
-    reports. Rejections are recorded one by one."""
+    update of their revisions and one of their agents' reports, then one read of their
+    workers (whose addresses, mostly repeated, are written one by one as they change, as
+    for one report). Rejections are recorded one by one."""
     applied: list[tuple[Node, AppliedStatus]] = []
     for node, status in reports:
         if status.state == "rejected":
@@ -724,19 +726,28 @@ def record_applied_statuses(reports: Sequence[tuple[Node, AppliedStatus]]) -> No
         else:
             applied.append((node, status))
     if applied:
-        _record_applied(applied)
+        _follow_addresses(_record_workers(_record_applied(applied)))
 
 
 @transaction.atomic
-def _record_applied(reports: Sequence[tuple[Node, AppliedStatus]]) -> None:
-    newest: dict[tuple[UUID, int], tuple[Node, AppliedStatus]] = {}
+def _record_applied(
+    reports: Sequence[tuple[Node, AppliedStatus]],
+) -> list[tuple[Node, AppliedStatus]]:
+    """Store the reports that are news for their revisions; returns those."""
+    newest: dict[tuple[UUID, int, str], tuple[Node, AppliedStatus]] = {}
     for node, status in reports:  # the newest report of each revision
-        known = newest.get((node.pk, status.generation))
-        if known is None or known[1].reported_at < status.reported_at:
-            newest[(node.pk, status.generation)] = (node, status)
+        key = (node.pk, status.generation, status.content_hash)
+        if key not in newest or newest[key][1].reported_at < status.reported_at:
+            newest[key] = (node, status)
+    nodes_by_generation: dict[int, set[UUID]] = defaultdict(set)
+    for node_id, generation, _ in newest:
+        nodes_by_generation[generation].add(node_id)
+    exact = Q()  # the revisions named, not every node's every generation named
+    for generation, node_ids in nodes_by_generation.items():
+        exact |= Q(generation=generation, node__in=node_ids)
     revisions = (
         Revision.objects.select_for_update(no_key=True)
-        .filter(node__in={n for n, _ in newest}, generation__in={g for _, g in newest})
+        .filter(exact)
         .only("pk", "node_id", "generation", "content_hash", "reported_at")
         .order_by("pk")  # locked in key order: concurrent flushes never wait crosswise
     )
@@ -744,8 +755,8 @@ def _record_applied(reports: Sequence[tuple[Node, AppliedStatus]]) -> None:
     changed: list[Revision] = []
     matched: list[tuple[Node, AppliedStatus]] = []
     for revision in revisions:
-        found = newest.get((revision.node_id, revision.generation))
-        if found is None or found[1].content_hash != revision.content_hash:
+        found = newest.get((revision.node_id, revision.generation, revision.content_hash))
+        if found is None:
             continue
         status = found[1]
         if revision.reported_at is not None and revision.reported_at >= status.reported_at:
@@ -760,10 +771,10 @@ def _record_applied(reports: Sequence[tuple[Node, AppliedStatus]]) -> None:
     core.update_each(
         changed, ["status", "results", "rejection_reason", "reported_at", "updated_at"]
     )
-    _follow_addresses(_record_workers(matched))
     inventory_services.record_applied_generations(
         [(node, status.generation, _gateway_url(status)) for node, status in matched]
     )
+    return matched
 
 
 def _follow_addresses(readdressed: set[UUID]) -> None:
@@ -800,25 +811,28 @@ def _record_workers(reports: Sequence[tuple[Node, AppliedStatus]]) -> set[UUID]:
     replicas placed on it. One read for all; a replica is written only when its address
     changed, which a report mostly repeats. Returns the deployments whose replicas'
     addresses for other nodes changed."""
-    reported: dict[UUID, tuple[UUID, int, str]] = {}  # replica -> node, port, url
+    # (replica, reporting node) -> the newest report's (reported_at, port, url)
+    reported: dict[tuple[UUID, UUID], tuple[datetime, int, str]] = {}
     for node, status in reports:
         for result in status.components:
             if result.kind == "worker" and result.ok and result.port is not None:
                 with contextlib.suppress(ValueError):
-                    replica_id = UUID(result.name.removeprefix("replica-"))
-                    reported[replica_id] = (node.pk, result.port, _http(result.url))
+                    key = (UUID(result.name.removeprefix("replica-")), node.pk)
+                    if key not in reported or reported[key][0] < status.reported_at:
+                        reported[key] = (status.reported_at, result.port, _http(result.url))
     if not reported:
         return set()
     readdressed = set()
-    known = Replica.objects.filter(pk__in=reported).values_list(
+    known = Replica.objects.filter(pk__in={replica for replica, _ in reported}).values_list(
         "pk", "node_id", "deployment_id", "port", "url"
     )
     for replica_id, node_id, deployment_id, port, known_url in known:
-        reporter, new_port, url = reported[replica_id]
-        if node_id != reporter:
+        found = reported.get((replica_id, node_id))
+        if found is None:  # no report from the node it is placed on
             continue
+        _, new_port, url = found
         if (port, known_url) != (new_port, url):
-            Replica.objects.filter(pk=replica_id, node_id=reporter).exclude(
+            Replica.objects.filter(pk=replica_id, node_id=node_id).exclude(
                 port=new_port, url=url
             ).update(port=new_port, url=url, updated_at=timezone.now())
         if known_url != url:

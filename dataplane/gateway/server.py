@@ -321,10 +321,12 @@ class Gateway:
         for dep in every:  # what no call carried yet, starts in doubt undone
             for waiter in [w for queue in dep.waiting.values() for w in queue if w.unsure]:
                 dep.unqueue(waiter)
-            try:
-                await self.settle(dep)
-            except Exception:
-                log.exception("settling with the ledger failed; its leases will expire")
+            for _ in range(2):  # what failed calls carried goes alone, then the rest
+                try:
+                    await self.settle(dep)
+                except Exception:
+                    log.exception("settling with the ledger failed; its leases will expire")
+                    break
         await self.ledger.close()
 
     def apply(self, new: GatewayConfig) -> None:

@@ -19,7 +19,7 @@ from django.utils import timezone
 from agent.protocol import AppliedStatus, ComponentResult, Heartbeat
 from agent.simulate import synthetic_inventory
 from controlplane.fleet import services as fleet
-from controlplane.fleet.models import Deployment, Revision
+from controlplane.fleet.models import Deployment, Replica, Revision
 from controlplane.inventory import services as inventory
 from controlplane.inventory.models import AgentReport, Node
 from controlplane.telemetry import services as telemetry
@@ -323,3 +323,31 @@ def test_reports_recorded_together_cost_the_same_statements_however_many(world: 
     assert {Revision.objects.get(node=n, generation=1).status for n, _ in many} == {"applied"}
     rejected_node.refresh_from_db()
     assert rejected_node.last_rejection_reason == "replayed"
+
+
+def test_a_worker_address_recorded_together_comes_from_the_node_it_is_placed_on(
+    world: World,
+) -> None:
+    """Other nodes' reports in the same flush name the same replica, later: the replica
+    keeps the address its own node reported."""
+    node, _ = _ready_node_with_revision(world)
+    replica = Replica.objects.get(node=node)
+    others = _reports(30, 3)
+
+    def worker(port: int, url: str) -> ComponentResult:
+        return ComponentResult(
+            kind="worker", name=f"replica-{replica.pk}", ok=True, error=None, port=port, url=url
+        )
+
+    mine = AppliedStatus.model_validate(
+        {**_status(node), "components": [worker(7001, "http://10.0.0.1:7001").model_dump()]}
+    )
+    claims = {
+        "components": [worker(9999, "http://10.0.0.9:9999")],
+        "reported_at": T0 + timedelta(seconds=1),
+    }
+    fleet.record_applied_statuses(
+        [(node, mine), *((other, theirs.model_copy(update=claims)) for other, theirs in others)]
+    )
+    replica.refresh_from_db()
+    assert (replica.port, replica.url) == (7001, "http://10.0.0.1:7001")

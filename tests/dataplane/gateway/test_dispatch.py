@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestServer
 from dataplane.asgi import PEER_KEY_HEADER
 from dataplane.gateway import server as gateway_server
 from dataplane.gateway.config import GatewayConfig
-from dataplane.gateway.ledger import InProcessLedger, Settlement
+from dataplane.gateway.ledger import Finished, InProcessLedger, Settlement, StartRequest
 from dataplane.gateway.routing import Replica, ReplicaState
 from dataplane.gateway.server import Gateway, GatewayApp, _Deployment, _prompt_tokens, _Waiter
 from dataplane.inference.config import SloThreshold
@@ -589,6 +589,24 @@ async def test_a_start_whose_client_left_during_a_failed_call_is_undone() -> Non
             while not setup.dep.owed:
                 await asyncio.sleep(0.01)
         assert await setup.settled_bucket() == 100 and not book.leases["a"]
+    finally:
+        await setup.close()
+
+
+async def test_a_stopping_gateway_settles_what_failed_calls_carried_and_the_rest() -> None:
+    setup = await Setup.started({"tokens_per_s": 1.0, "burst_tokens": 100})
+    limits = setup.dep.limits("a")
+    try:
+        for lease in ("l1", "l2"):
+            request = StartRequest("a", lease, 0.0, 10, True)
+            assert (await setup.ledger.try_start("d1", "g1", request, {"a": 10}, {"a": limits})).ok
+        owed = setup.dep.owed
+        owed.end(Finished("a", "l1", 10, limits))
+        owed.restore(owed.take())  # carried by a call that failed
+        owed.end(Finished("a", "l2", 10, limits))
+        await setup.gateway.stop()
+        book = setup.ledger._books["d1"]
+        assert book.buckets["a"].level == 100 and not book.leases["a"]
     finally:
         await setup.close()
 
