@@ -533,16 +533,20 @@ async def test_what_a_failed_admission_carried_goes_with_the_next(applied: bool)
         await setup.close()
 
 
-async def test_a_waiter_whose_start_is_unsure_undoes_it_when_it_leaves() -> None:
-    """The ledger started the request but its answer was lost; the client leaves before
-    the start is asked again: the lease and the reservation go back."""
+@pytest.mark.parametrize("leaves", ["after the call", "during the call"])
+async def test_a_start_in_doubt_is_undone_when_its_client_leaves(leaves: str) -> None:
+    """The ledger took the start but its answer was lost; the client leaves, after that
+    call or while it was under way: the lease and the reservation go back."""
     setup = await Setup.started({"max_concurrency": 1, "tokens_per_s": 1.0, "burst_tokens": 100})
     try_start = setup.ledger.try_start
-    asked = asyncio.Event()
+    asked, answered = asyncio.Event(), asyncio.Event()
+    if leaves == "after the call":
+        answered.set()
 
     async def lost(*args: Any, **kwargs: Any) -> Any:
         await try_start(*args, **kwargs)
         asked.set()
+        await answered.wait()
         raise ConnectionError("the ledger's answer was lost")
 
     setup.ledger.try_start = lost  # type: ignore[method-assign]
@@ -551,41 +555,12 @@ async def test_a_waiter_whose_start_is_unsure_undoes_it_when_it_leaves() -> None
         call = Call(body(max_tokens=10))
         served = asyncio.create_task(setup.app(call.scope, call.receive, call.send))
         async with asyncio.timeout(60):
-            await asyncio.wait_for(asked.wait(), 60)
-        book = setup.ledger._books["d1"]
-        assert len(book.leases["a"]) == 1 and book.buckets["a"].level == 90
-        call.leave()
-        await served
-        assert await setup.settled_bucket() == 100 and not book.leases["a"]
-    finally:
-        await setup.close()
-
-
-async def test_a_start_whose_client_left_during_a_failed_call_is_undone() -> None:
-    """The ledger took the start, the client left while the answer was on its way, and
-    the answer was lost: the lease and the reservation go back."""
-    setup = await Setup.started({"max_concurrency": 1, "tokens_per_s": 1.0, "burst_tokens": 100})
-    try_start = setup.ledger.try_start
-    asked, answer = asyncio.Event(), asyncio.Event()
-
-    async def lost_after_a_while(*args: Any, **kwargs: Any) -> Any:
-        await try_start(*args, **kwargs)
-        asked.set()
-        await answer.wait()
-        raise ConnectionError("the ledger's answer was lost")
-
-    setup.ledger.try_start = lost_after_a_while  # type: ignore[method-assign]
-    setup.dispatching()
-    try:
-        call = Call(body(max_tokens=10))
-        served = asyncio.create_task(setup.app(call.scope, call.receive, call.send))
-        async with asyncio.timeout(60):
             await asked.wait()
+            book = setup.ledger._books["d1"]
+            assert len(book.leases["a"]) == 1 and book.buckets["a"].level == 90
             call.leave()
             await served
-        answer.set()
-        book = setup.ledger._books["d1"]
-        async with asyncio.timeout(60):
+            answered.set()
             while not setup.dep.owed:
                 await asyncio.sleep(0.01)
         assert await setup.settled_bucket() == 100 and not book.leases["a"]
