@@ -218,8 +218,6 @@ class TelemetrySender:
         self._pause_until = 0.0
         self._socket: ClientConnection | None = None
         """The open WebSocket, while the control plane takes heartbeats over it."""
-        self._takes_statuses = False
-        """The control plane takes status reports over the open WebSocket too."""
         self._status_timeout_s = status_timeout_s
         self._status_ids = itertools.count(1)
         self._status_acks: dict[int, asyncio.Future[StatusAck | None]] = {}
@@ -248,7 +246,7 @@ class TelemetrySender:
         or the WebSocket closed before the ack came, and the caller should POST it.
         Raises ControlPlaneError (unreachable) when no ack comes within the timeout."""
         ws = self._socket
-        if ws is None or not self._takes_statuses:
+        if ws is None or ws.subprotocol != STATUS_SUBPROTOCOL:
             return None
         status_id = next(self._status_ids)
         answered: asyncio.Future[StatusAck | None] = asyncio.get_running_loop().create_future()
@@ -320,7 +318,6 @@ class TelemetrySender:
         self.connected = True
         if ws.subprotocol in AGENT_SOCKET_SUBPROTOCOLS:
             self._socket = ws
-            self._takes_statuses = ws.subprotocol == STATUS_SUBPROTOCOL
         dropped = False
         try:
             await self._session(ws, stop)
