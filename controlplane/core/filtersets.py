@@ -3,7 +3,8 @@
 django-filter reads `?tenant=` as "no filter", `?placed=0` or `?placed=null` as whatever
 its widget guesses and `?numa_node=0.5` as a number; each of those returned a list the
 client did not ask for. Here an empty value, a boolean other than true/false and a
-non-integer for an integer field are refused, naming the parameter.
+non-integer for an integer field are refused, naming the parameter. A text value
+holding NUL is refused too (PostgreSQL text cannot hold one), and the schema says so.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from django import forms
 from django.db import models
 from django_filters.filterset import FILTER_FOR_DBFIELD_DEFAULTS
 from drf_spectacular.utils import extend_schema_field
+from rest_framework import filters
+
+NO_NUL = "^[^\\x00]*$"
 
 
 class BooleanField(forms.Field):
@@ -37,9 +41,17 @@ class IntegerFilter(django_filters.NumberFilter):
     field_class = forms.IntegerField
 
 
-@extend_schema_field({"type": "string", "minLength": 1})
+@extend_schema_field({"type": "string", "minLength": 1, "pattern": NO_NUL})
 class CharFilter(django_filters.CharFilter):
     pass
+
+
+class SearchFilter(filters.SearchFilter):
+    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+        parameters: list[dict[str, Any]] = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            parameter["schema"]["pattern"] = NO_NUL
+        return parameters
 
 
 class NonEmptyParameters(forms.Form):

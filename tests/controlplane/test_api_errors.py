@@ -4,6 +4,7 @@ unknown URLs, artifacts whose file is gone and filter values the API cannot use.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import pytest
@@ -122,6 +123,23 @@ def test_filter_values_the_api_cannot_use_are_a_400_naming_the_field(
     response = client_for(world.platform).get(query)
     assert response.status_code == 400, (query, response.content)
     assert list(response.json()) == [field], response.json()
+
+
+def test_text_filters_refuse_nul_and_the_schema_says_so(world: World, client_for: Any) -> None:
+    """PostgreSQL text cannot hold NUL: a search or text filter holding one is a 400, and
+    the schema's pattern tells generated clients not to send it."""
+    client = client_for(world.platform)
+    for query in ["/api/v1/nodes/?hostname=a%00", "/api/v1/nodes/?search=a%00"]:
+        response = client.get(query)
+        assert response.status_code == 400, (query, response.content)
+        assert "Null characters" in response.content.decode()
+    schema = client.get("/api/schema/", HTTP_ACCEPT="application/json").json()
+    parameters = {
+        p["name"]: p["schema"] for p in schema["paths"]["/api/v1/nodes/"]["get"]["parameters"]
+    }
+    for name in ["hostname", "search"]:
+        assert re.fullmatch(parameters[name]["pattern"], "gpu-a")
+        assert not re.fullmatch(parameters[name]["pattern"], "gpu\x00a")
 
 
 def test_filters_still_take_good_values(world: World, client_for: Any) -> None:
