@@ -79,14 +79,16 @@ class StartRequest:
 class Finished:
     """A request that ended: its lease is freed, and ``refund`` (the reserved tokens less
     those produced) goes back to its tenant's bucket; a negative one is charged.
-    ``held_only``: a start whose answer was lost, undone (lease freed, reservation
-    refunded) only if it did take the lease."""
+    ``held_only``: a start that never reached a replica (its answer lost, or no replica
+    left for it), undone only if it did take the lease: lease freed, reservation refunded
+    and its counter advance (``cost``) taken back, so its next start is charged once."""
 
     tenant: str
     lease: str
     refund: int
     limits: TenantConfig
     held_only: bool = False
+    cost: float = 0.0
 
 
 SETTLED_TTL_S = 300.0
@@ -386,6 +388,8 @@ class InProcessLedger:
                 if level is not None and done.refund != 0 and (held or not done.held_only):
                     cap = float(done.limits.bucket_tokens)
                     book.buckets[done.tenant] = _Bucket(min(cap, level + done.refund), now)
+                if held and done.held_only and done.cost:
+                    book.counters[done.tenant] = book.counters.get(done.tenant, 0.0) - done.cost
             for tenant, amount in settlement.charges.items():
                 book.counters[tenant] = book.counters.get(tenant, 0.0) + amount
 
@@ -455,8 +459,8 @@ local function backlogged()
 end
 -- Settle what a gateway owes, read from ARGV[i] on: the seconds an applied settlement
 -- is remembered, the number of settlements, then for each its id; the number of ended
--- requests, then (tenant lease refund rate cap held_only) for each; the number of tenants
--- charged, then (tenant amount) for each. A settlement applied before is skipped.
+-- requests, then (tenant lease refund rate cap held_only cost) for each; the number of
+-- tenants charged, then (tenant amount) for each. A settlement applied before is skipped.
 -- Returns the index after it.
 local function settle(i)
   local ttl, parts = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
@@ -475,8 +479,11 @@ local function settle(i)
           redis.call('HSET', prefix .. 'bucket:' .. name, 'level', math.min(cap, lvl + refund),
                      'at', now)
         end
+        if held and ARGV[i + 5] == '1' and tonumber(ARGV[i + 6]) > 0 then
+          redis.call('HINCRBYFLOAT', vtc, name, '-' .. ARGV[i + 6])
+        end
       end
-      i = i + 6
+      i = i + 7
     end
     n = tonumber(ARGV[i])
     i = i + 1
@@ -668,7 +675,8 @@ def _owed_args(owed: Sequence[Settlement]) -> list[str]:
         args += [settlement.id, str(len(settlement.finished))]
         for done in settlement.finished:
             limits = _limits_args(done.limits)[1:]
-            args += [done.tenant, done.lease, str(done.refund), *limits, str(int(done.held_only))]
+            args += [done.tenant, done.lease, str(done.refund), *limits]
+            args += [str(int(done.held_only)), repr(done.cost)]
         args.append(str(len(settlement.charges)))
         for tenant, amount in settlement.charges.items():
             args += [tenant, repr(amount)]

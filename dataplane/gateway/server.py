@@ -152,6 +152,12 @@ class _Waiter:
     tokens: int = 0
     # Its last start was asked by a call whose answer was lost: it may hold its lease.
     unsure: bool = False
+    # What its last start asked the ledger to advance its tenant's counter by.
+    cost: float = 0.0
+
+    def undone(self, limits: TenantConfig) -> Finished:
+        """The end of a start that never reached a replica, applied only if it happened."""
+        return Finished(self.tenant, self.lease, self.reserve, limits, True, self.cost)
 
 
 @dataclass(eq=False)
@@ -214,9 +220,7 @@ class _Deployment:
         if queue is not None and waiter in queue:
             queue.remove(waiter)
             if waiter.unsure:
-                limits = self.limits(waiter.tenant)
-                ended = Finished(waiter.tenant, waiter.lease, waiter.reserve, limits, True)
-                self.owed.end(ended)
+                self.owed.end(waiter.undone(self.limits(waiter.tenant)))
 
     def replica_down(self, replica: Replica) -> None:
         """Mark the replica down and end the requests forwarded to it."""
@@ -515,10 +519,10 @@ class Gateway:
             queue = dep.waiting[tenant]
             waiter = queue[0]
             limits = configs.get(tenant, _DEFAULT_TENANT)
-            cost = waiter.prompt_tokens * dep.route.input_token_weight / limits.weight
+            waiter.cost = waiter.prompt_tokens * dep.route.input_token_weight / limits.weight
             slots = sum(r.state.row_cap for r in replicas if r.up and r.state) if full else 0
             request = StartRequest(
-                tenant, waiter.lease, cost, waiter.reserve, len(queue) == 1, share_of=slots
+                tenant, waiter.lease, waiter.cost, waiter.reserve, len(queue) == 1, share_of=slots
             )
             try:
                 with dep.paying() as owed:
@@ -532,7 +536,7 @@ class Gateway:
                     )
             except BaseException:
                 if waiter.future.done() or waiter not in queue:  # it left during the call
-                    dep.owed.end(Finished(tenant, waiter.lease, waiter.reserve, limits, True))
+                    dep.owed.end(waiter.undone(limits))
                 else:
                     waiter.unsure = True  # asked again under the same lease, or undone
                 raise
@@ -555,7 +559,7 @@ class Gateway:
             if waiter.future.done() or replica is None:
                 # Held only: a waiter that left during the call had this start undone
                 # already if an earlier answer was lost.
-                dep.owed.end(Finished(tenant, waiter.lease, waiter.reserve, limits, True))
+                dep.owed.end(waiter.undone(limits))
                 if replica is None and not waiter.future.done():
                     # A new lease: the old one's end may still be on its way to the ledger.
                     waiter.lease = uuid.uuid4().hex

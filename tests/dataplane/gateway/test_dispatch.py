@@ -536,7 +536,8 @@ async def test_what_a_failed_admission_carried_goes_with_the_next(applied: bool)
 @pytest.mark.parametrize("leaves", ["after the call", "during the call"])
 async def test_a_start_in_doubt_is_undone_when_its_client_leaves(leaves: str) -> None:
     """The ledger took the start but its answer was lost; the client leaves, after that
-    call or while it was under way: the lease and the reservation go back."""
+    call or while it was under way: the lease, the reservation and the counter advance
+    go back."""
     setup = await Setup.started({"max_concurrency": 1, "tokens_per_s": 1.0, "burst_tokens": 100})
     try_start = setup.ledger.try_start
     asked, answered = asyncio.Event(), asyncio.Event()
@@ -558,12 +559,52 @@ async def test_a_start_in_doubt_is_undone_when_its_client_leaves(leaves: str) ->
             await asked.wait()
             book = setup.ledger._books["d1"]
             assert len(book.leases["a"]) == 1 and book.buckets["a"].level == 90
+            assert book.counters["a"] > 0
             call.leave()
             await served
             answered.set()
             while not setup.dep.owed:
                 await asyncio.sleep(0.01)
         assert await setup.settled_bucket() == 100 and not book.leases["a"]
+        assert book.counters["a"] == pytest.approx(0.0)
+    finally:
+        await setup.close()
+
+
+async def test_a_start_left_without_a_replica_is_undone_and_charged_once() -> None:
+    """Every replica went down while the ledger decided: the start is undone (its
+    counter advance with it) and asked again once a replica is back, so the request's
+    prompt is charged once."""
+    setup = await Setup.started({}, replicas=1)
+    (replica,) = setup.dep.replicas.values()
+    try_start = setup.ledger.try_start
+    decided: list[bool] = []
+
+    async def replica_lost_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        decision = await try_start(*args, **kwargs)
+        decided.append(decision.ok)
+        if len(decided) == 1:
+            replica.mark_down()
+        return decision
+
+    setup.ledger.try_start = replica_lost_meanwhile  # type: ignore[method-assign]
+    try:
+        call = Call(body())
+        served = asyncio.create_task(setup.app(call.scope, call.receive, call.send))
+        async with asyncio.timeout(60):
+            while setup.dep.waiting_count() == 0:
+                await asyncio.sleep(0.01)
+        await setup.gateway._dispatch_round(setup.dep)
+        assert decided == [True] and setup.dep.waiting_count() == 1
+        replica.update(state())
+        await setup.gateway._dispatch_round(setup.dep)
+        await served
+        assert call.status == 200 and decided == [True, True]
+        await setup.gateway.settle(setup.dep)
+        route = setup.dep.route
+        charged = _prompt_tokens(body()) * route.input_token_weight
+        charged += setup.fake.tokens * route.output_token_weight
+        assert setup.ledger._books["d1"].counters["a"] == pytest.approx(charged)
     finally:
         await setup.close()
 

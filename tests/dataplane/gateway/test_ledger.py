@@ -90,10 +90,8 @@ def start(
     return StartRequest(tenant, uuid.uuid4().hex, cost, reserve, last, share_of)
 
 
-def ended(
-    tenant: str, lease: str, refund: int, limits: TenantConfig, held_only: bool = False
-) -> list[Settlement]:
-    return [Settlement([Finished(tenant, lease, refund, limits, held_only)])]
+def ended(tenant: str, lease: str, refund: int, limits: TenantConfig) -> list[Settlement]:
+    return [Settlement([Finished(tenant, lease, refund, limits)])]
 
 
 async def eventually_starts(
@@ -331,18 +329,22 @@ async def test_a_start_asked_again_under_its_lease_counts_once(ledger: Ledger, d
 
 async def test_an_unsure_start_is_undone_only_if_it_happened(ledger: Ledger, dep: str) -> None:
     table = tenants(a={"max_concurrency": 2, "tokens_per_s": 1.0, "burst_tokens": 100})
-    taken = start("a", cost=0, reserve=40)
+    taken = start("a", cost=12.5, reserve=40)
     assert (await ledger.try_start(dep, "g1", taken, {"a": 40}, table)).ok
-    # Never started: nothing to give back (the bucket stays at 60).
-    await ledger.settle(dep, ended("a", uuid.uuid4().hex, 40, table["a"], held_only=True))
+
+    def undone(lease: str) -> list[Settlement]:
+        return [Settlement([Finished("a", lease, 40, table["a"], held_only=True, cost=12.5)])]
+
+    # Never started: nothing to give back (the bucket stays at 60, the counter at 12.5).
+    await ledger.settle(dep, undone(uuid.uuid4().hex))
     refused = await ledger.try_start(dep, "g1", start("a", reserve=70), {"a": 70}, table)
-    assert (refused.ok, refused.reason) == (False, "tokens")
-    # Started: its lease and its 40 tokens come back.
-    await ledger.settle(dep, ended("a", taken.lease, 40, table["a"], held_only=True))
-    for _ in range(2):
-        assert (
-            await ledger.try_start(dep, "g1", start("a", reserve=50, last=False), {"a": 50}, table)
-        ).ok
+    assert (refused.ok, refused.reason, refused.counter) == (False, "tokens", 12.5)
+    # Started: its lease, its 40 tokens and its counter advance come back.
+    await ledger.settle(dep, undone(taken.lease))
+    for expected in (0.0, 1.0):
+        again = start("a", cost=1.0, reserve=50, last=False)
+        decision = await ledger.try_start(dep, "g1", again, {"a": 50}, table)
+        assert decision.ok and decision.counter == pytest.approx(expected + 1.0)
 
 
 def test_what_failed_calls_carried_goes_again_alone_and_as_it_was() -> None:
