@@ -75,8 +75,8 @@ class DeploymentRoute(Frozen):
         "the objective its admission aims for",
     )
     admission: AdmissionConfig = AdmissionConfig()
-    input_token_weight: float = Field(default=1.0, ge=0)
-    output_token_weight: float = Field(default=2.0, ge=0)
+    input_token_weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    output_token_weight: float = Field(default=2.0, ge=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _check(self) -> DeploymentRoute:

@@ -28,7 +28,8 @@ both implementations (Redis for several gateways, in-process for one):
   there and an expiry, so a dead gateway's waiting tenants stop holding others back.
 - A call may be asked again after its answer was lost, and counts once: settlements
   carry ids, applied once (remembered ``SETTLED_TTL_S``), and a start whose lease is
-  already held is let through without a second charge.
+  already held is let through without a second charge. A start that never reached a
+  replica is undone, if it happened: lease, reservation and counter advance go back.
 
 Redis runs each decision as one Lua script on Redis's own clock, so gateways on different
 hosts agree on time and no decision sees another half made.
@@ -79,8 +80,9 @@ class StartRequest:
 class Finished:
     """A request that ended: its lease is freed, and ``refund`` (the reserved tokens less
     those produced) goes back to its tenant's bucket; a negative one is charged.
-    ``held_only``: a start that never reached a replica (its answer lost, or no replica
-    left for it), undone only if it did take the lease: lease freed, reservation refunded
+    ``held_only``: a start that never reached a replica (its client left while its
+    answer was lost, or no replica had room for it any more), undone only if it did
+    take the lease: lease freed, reservation refunded
     and its counter advance (``cost``) taken back, so its next start is charged once."""
 
     tenant: str
@@ -186,9 +188,9 @@ class Ledger(Protocol):
         ...
 
     async def settle(self, deployment: str, owed: Sequence[Settlement]) -> None:
-        """Free the ended requests' leases, settle their reservations and advance the
-        tenants' counters by the tokens streamed; a settlement applied before is
-        skipped."""
+        """Free the ended requests' leases, settle their reservations (and take back
+        the counter advance of an undone start) and advance the tenants' counters by
+        the tokens streamed; a settlement applied before is skipped."""
         ...
 
     async def heartbeat(
@@ -388,7 +390,7 @@ class InProcessLedger:
                 if level is not None and done.refund != 0 and (held or not done.held_only):
                     cap = float(done.limits.bucket_tokens)
                     book.buckets[done.tenant] = _Bucket(min(cap, level + done.refund), now)
-                if held and done.held_only and done.cost:
+                if held and done.held_only and done.cost > 0:
                     book.counters[done.tenant] = book.counters.get(done.tenant, 0.0) - done.cost
             for tenant, amount in settlement.charges.items():
                 book.counters[tenant] = book.counters.get(tenant, 0.0) + amount

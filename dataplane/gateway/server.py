@@ -519,7 +519,8 @@ class Gateway:
             queue = dep.waiting[tenant]
             waiter = queue[0]
             limits = configs.get(tenant, _DEFAULT_TENANT)
-            waiter.cost = waiter.prompt_tokens * dep.route.input_token_weight / limits.weight
+            if not waiter.unsure:  # asked again under its lease: what the first call charged
+                waiter.cost = waiter.prompt_tokens * dep.route.input_token_weight / limits.weight
             slots = sum(r.state.row_cap for r in replicas if r.up and r.state) if full else 0
             request = StartRequest(
                 tenant, waiter.lease, waiter.cost, waiter.reserve, len(queue) == 1, share_of=slots

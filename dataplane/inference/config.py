@@ -47,7 +47,9 @@ class TenantConfig(Frozen):
     running too.
     """
 
-    weight: float = Field(default=1.0, gt=0, description="share of tokens under fair queuing")
+    weight: float = Field(
+        default=1.0, gt=0, allow_inf_nan=False, description="share of tokens under fair queuing"
+    )
     priority: int = Field(default=0, description="higher classes are served first")
     key_sha256: list[str] = Field(default_factory=list, description="sha256 hex of each key")
     max_concurrency: int | None = Field(
@@ -129,8 +131,8 @@ class SchedulingConfig(Frozen):
     preemption: bool = Field(
         default=True, description="fair policy may pause a running request of an over-served tenant"
     )
-    input_token_weight: float = Field(default=1.0, ge=0)
-    output_token_weight: float = Field(default=2.0, ge=0)
+    input_token_weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    output_token_weight: float = Field(default=2.0, ge=0, allow_inf_nan=False)
     tpot_steps: bool = Field(
         default=False,
         description="size each step to the tightest TPOT SLO threshold of the tenants with "

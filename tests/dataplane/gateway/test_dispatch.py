@@ -533,15 +533,15 @@ async def test_what_a_failed_admission_carried_goes_with_the_next(applied: bool)
         await setup.close()
 
 
-@pytest.mark.parametrize("leaves", ["after the call", "during the call"])
+@pytest.mark.parametrize("leaves", ["after the call", "during the call", "after a reweighing"])
 async def test_a_start_in_doubt_is_undone_when_its_client_leaves(leaves: str) -> None:
     """The ledger took the start but its answer was lost; the client leaves, after that
-    call or while it was under way: the lease, the reservation and the counter advance
-    go back."""
+    call, while it was under way, or after the tenant's weight changed and the start was
+    asked again: the lease, the reservation and the counter advance go back."""
     setup = await Setup.started({"max_concurrency": 1, "tokens_per_s": 1.0, "burst_tokens": 100})
     try_start = setup.ledger.try_start
     asked, answered = asyncio.Event(), asyncio.Event()
-    if leaves == "after the call":
+    if leaves != "during the call":
         answered.set()
 
     async def lost(*args: Any, **kwargs: Any) -> Any:
@@ -560,6 +560,11 @@ async def test_a_start_in_doubt_is_undone_when_its_client_leaves(leaves: str) ->
             book = setup.ledger._books["d1"]
             assert len(book.leases["a"]) == 1 and book.buckets["a"].level == 90
             assert book.counters["a"] > 0
+            if leaves == "after a reweighing":
+                tenants = {"a": setup.dep.route.tenants["a"].model_copy(update={"weight": 4.0})}
+                setup.dep.set_route(setup.dep.route.model_copy(update={"tenants": tenants}))
+                asked.clear()
+                await asked.wait()
             call.leave()
             await served
             answered.set()
