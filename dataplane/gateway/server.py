@@ -75,6 +75,8 @@ from dataplane.gateway.routing import Dispatch, Replica, ReplicaState, choose, c
 from dataplane.inference.config import TenantConfig
 from dataplane.inference.metrics import RequestTiming, TelemetryStats
 from dataplane.inference.protocol import ApiError
+from dataplane.mux import MAX_BODY as MUX_MAX_BODY
+from dataplane.mux import MuxClient, MuxResponse
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +191,8 @@ class _Deployment:
         # Seconds until the tenant's bucket held enough, as the ledger last said.
         self.token_wait: dict[str, float] = {}
         self.forwards: dict[str, set[_Forward]] = defaultdict(set)  # by replica id
+        # The replicas that take requests over one connection (dataplane.mux), by id.
+        self.muxes: dict[str, MuxClient] = {}
         # While every replica is full, no request goes ahead before this (perf_counter).
         self.ahead_after = 0.0
         self.keys: list[tuple[str, str]] = []
@@ -277,6 +281,8 @@ class Gateway:
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._client: aiohttp.ClientSession | None = None
+        # Mux clients closing once the requests on them end.
+        self._retiring: set[asyncio.Task[None]] = set()
 
     @property
     def client(self) -> aiohttp.ClientSession:
@@ -305,7 +311,7 @@ class Gateway:
 
     async def stop(self) -> None:
         self._stopping = True  # ends from now on are left to the last settling below
-        tasks = [*self._tasks, *self._dispatchers.values()]
+        tasks = [*self._tasks, *self._dispatchers.values(), *self._retiring]
         tasks += [t for d in self.deployments.values() for t in d.watchers.values()]
         for task in tasks:
             task.cancel()
@@ -392,6 +398,16 @@ class Gateway:
     async def _watch_replica(self, dep: _Deployment, replica: Replica) -> None:
         """Follow a replica's state stream; down while it is broken, retried every health
         interval."""
+        try:
+            await self._follow_replica(dep, replica)
+        finally:
+            # Its connection goes with it, unless a replica of new config took its place.
+            if dep.replicas.get(replica.replica_id) in (None, replica):
+                mux = dep.muxes.pop(replica.replica_id, None)
+                if mux is not None:
+                    await mux.close()
+
+    async def _follow_replica(self, dep: _Deployment, replica: Replica) -> None:
         cfg = replica.config
         model = dep.route.served_model_name
         while True:
@@ -411,6 +427,7 @@ class Gateway:
                 if cfg.peer_key is not None and body.get("replica_id") != cfg.replica_id:
                     # a replica of the fleet's (no nonce for another node's) answers as itself
                     raise ValueError(f"/health answers as another replica than {cfg.replica_id}")
+                self._use_mux(dep, cfg, body.get("mux"))
                 async with self.client.get(
                     f"{cfg.base_url}/v1/internal/state",
                     headers=self._state_headers(cfg),
@@ -433,8 +450,28 @@ class Gateway:
                 if replica.up:
                     log.warning("replica %s is down: %s", cfg.replica_id, exc)
             dep.replica_down(replica)
+            if (mux := dep.muxes.get(cfg.replica_id)) is not None:
+                await mux.disconnect()  # the next request connects to whatever serves then
             self.metrics.replica_up.labels(model, cfg.replica_id).set(0)
             await asyncio.sleep(interval)
+
+    def _use_mux(self, dep: _Deployment, cfg: ReplicaConfig, path: Any) -> None:
+        """Forward to the replica over one connection where its /health offers one; a
+        replica that stops offering it (an older worker in its place) is sent HTTP. New
+        credentials are for its next connection; a connection to an address no longer
+        used is closed once the requests on it end."""
+        mux = dep.muxes.get(cfg.replica_id)
+        if isinstance(path, str) and path.startswith("/"):
+            url, headers = cfg.base_url + path, self._state_headers(cfg)
+            if mux is not None and mux.url == url:
+                mux.headers = headers
+                return
+            dep.muxes[cfg.replica_id] = MuxClient(self.client, url, headers)
+        elif mux is not None:
+            del dep.muxes[cfg.replica_id]
+        if mux is not None:
+            self._retiring.add(task := asyncio.create_task(mux.retire()))
+            task.add_done_callback(self._retiring.discard)
 
     # -- admission ----------------------------------------------------------------------
 
@@ -879,17 +916,23 @@ class GatewayApp(ModelServer):
             forward = _Forward(asyncio.current_task())
             dep.forwards[current.replica_id].add(forward)
             gateway.metrics.routed.labels(model, current.replica_id).inc()
-            url = current.config.base_url + path
+            mux = dep.muxes.get(current.replica_id) if len(raw) <= MUX_MAX_BODY else None
             started = False
             try:
                 try:
-                    response = await gateway.client.request(
-                        "POST",
-                        url,
-                        data=raw,
-                        headers={**headers, **_peer(current.config)},
-                        allow_redirects=False,
-                    )
+                    response: aiohttp.ClientResponse | MuxResponse
+                    if mux is not None:
+                        response = await mux.request(
+                            path, {**headers, **_peer(current.config)}, raw
+                        )
+                    else:
+                        response = await gateway.client.request(
+                            "POST",
+                            current.config.base_url + path,
+                            data=raw,
+                            headers={**headers, **_peer(current.config)},
+                            allow_redirects=False,
+                        )
                     if stream:
                         current.started(dispatch)
                     try:
@@ -1061,14 +1104,15 @@ class GatewayApp(ModelServer):
         live = {
             "queue_depth": dep.waiting_count(),
             "running": sum(len(ids) for ids in dep.leases.values()),
-            "replicas": [_routing(replica) for replica in dep.replicas.values()],
+            "replicas": [_routing(r, r.replica_id in dep.muxes) for r in dep.replicas.values()],
         }
         await send_json(call.send, 200, {**window, **live})
 
 
-def _routing(replica: Replica) -> dict[str, Any]:
+def _routing(replica: Replica, mux: bool) -> dict[str, Any]:
     """Where this gateway sends requests and why: each replica's routed count since the
-    gateway started, and the TTFT it predicts for a short request sent there now."""
+    gateway started, the TTFT it predicts for a short request sent there now, and how
+    requests reach it (one connection for all, or HTTP each)."""
     predicted = replica.predict(0, 0)
     return {
         "replica_id": replica.replica_id,
@@ -1076,6 +1120,7 @@ def _routing(replica: Replica) -> dict[str, Any]:
         "inflight": replica.inflight,
         "routed": replica.routed_total,
         "predicted_ttft_s": predicted if math.isfinite(predicted) else None,
+        "transport": "mux" if mux else "http",
     }
 
 
@@ -1084,7 +1129,7 @@ def _peer(replica: ReplicaConfig) -> dict[str, str]:
     return {PEER_KEY_HEADER: replica.peer_key} if replica.peer_key else {}
 
 
-def _passed_headers(response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+def _passed_headers(response: aiohttp.ClientResponse | MuxResponse) -> list[tuple[bytes, bytes]]:
     keep = ("content-type", "retry-after", "allow")
     return [
         (name.encode(), value.encode())

@@ -21,6 +21,7 @@ import uvicorn
 from dataplane.asgi import announce, bind
 from dataplane.inference.config import WorkerConfig
 from dataplane.inference.server import Identity, InferenceApp, Worker
+from dataplane.mux import MAX_FRAME
 
 NONCE_ENV = "TAILGUARD_WORKER_NONCE"
 
@@ -58,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             access_log=False,
             timeout_graceful_shutdown=10,
             proxy_headers=False,  # whether a client is on loopback is the socket's to say
+            # The gateways' mux connections: frames of tokens, not worth compressing.
+            ws="websockets-sansio",
+            ws_per_message_deflate=False,
+            ws_max_size=MAX_FRAME,
         ),
     )
     server.run(sockets=[sock])

@@ -42,6 +42,9 @@ from dataplane.asgi import (
     Call,
     ConfigFile,
     ModelServer,
+    Receive,
+    Scope,
+    Send,
     check_internal,
     check_peer,
     digest_in,
@@ -73,6 +76,7 @@ from dataplane.inference.scheduler import (
     Scheduler,
 )
 from dataplane.inference.tokenizer import ChatTemplateError, TextTokenizer
+from dataplane.mux import MUX_PATH, serve
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +253,30 @@ class InferenceApp(ModelServer):
         self._closing = True
         for event in self._state_streams:
             event.set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._mux(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def _mux(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A gateway's connection for its requests to this worker (``dataplane.mux``):
+        opened as the state stream is, each request then checked as over HTTP."""
+        if (await receive())["type"] != "websocket.connect":
+            return
+        try:
+            if scope["path"] != MUX_PATH:
+                raise ApiError(404, f"Unknown path {scope['path']}", code="not_found")
+            config = self.worker.config
+            call = Call(scope, receive, send, time.perf_counter())
+            check_internal(call, config.stats_key_sha256, config.peer_key_sha256)
+        except ApiError as exc:
+            log.warning("mux connection refused: %s", exc)
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await send({"type": "websocket.accept"})
+        await serve(self, scope, receive, send)
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -612,6 +640,7 @@ class InferenceApp(ModelServer):
                 "max_batch_size": worker.config.batching.max_batch_size,
                 "policy": worker.config.scheduling.policy,
                 "config_generation": worker.config_generation,
+                "mux": MUX_PATH,
             },
         )
 

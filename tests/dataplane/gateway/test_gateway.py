@@ -286,6 +286,7 @@ def test_openai_surface_and_measurement(workers: dict[str, WorkerProcess], tmp_p
         assert sum(r["routed"] for r in replicas) == 3
         assert all(r["up"] and r["inflight"] == 0 for r in replicas), replicas
         assert all(0 < r["predicted_ttft_s"] < 60 for r in replicas), replicas
+        assert {r["transport"] for r in replicas} == {"mux"}  # the workers offer one
 
 
 def test_fleet_wide_concurrency_limit_and_a_gateway_restart(
