@@ -68,15 +68,22 @@ class _Session:
         self._writer = asyncio.create_task(self._write())
 
     def received(self, data: bytes) -> None:
+        """Open or cancel a request; a frame that does neither is logged and dropped, and
+        the requests beside it carry on."""
         line, _, body = data.partition(b"\n")
-        head = json.loads(line)
-        request_id = int(head["id"])
+        try:
+            head = json.loads(line)
+            request_id = int(head["id"])
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("a mux frame names no request: %s", exc)
+            return
         if head.get("cancel"):
             if (left := self._left.get(request_id)) is not None:
                 left.set()
             return
         if request_id in self._left:
-            raise ValueError(f"request {request_id} is open already")
+            log.warning("a mux frame opens request %s, open already", request_id)
+            return
         self._left[request_id] = asyncio.Event()
         task = asyncio.create_task(self._run(request_id, head, body))
         self._tasks.add(task)
@@ -112,13 +119,10 @@ class _Session:
             with contextlib.suppress(Exception):
                 await self._send({"type": "websocket.close", "code": 1011})
 
-    async def _run(self, request_id: int, head: dict[str, Any], body: bytes) -> None:
-        left = self._left[request_id]
+    def _request_scope(self, head: dict[str, Any]) -> Scope:
+        """The HTTP scope of the request ``head`` opens, from the connection's client."""
         path = str(head["path"])
-        headers = [
-            (str(k).lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in head["headers"]
-        ]
-        scope: Scope = {
+        return {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
             "http_version": "1.1",
@@ -128,10 +132,16 @@ class _Session:
             "raw_path": path.encode(),
             "query_string": b"",
             "root_path": "",
-            "headers": headers,
+            "headers": [
+                (str(k).lower().encode("latin-1"), str(v).encode("latin-1"))
+                for k, v in head["headers"]
+            ],
             "client": self._scope.get("client"),
             "server": self._scope.get("server"),
         }
+
+    async def _run(self, request_id: int, head: dict[str, Any], body: bytes) -> None:
+        left = self._left[request_id]
         unread = True
         started = ended = False
 
@@ -159,10 +169,10 @@ class _Session:
                     ended = True
                     self._add(_record(request_id, END))
 
-        try:
-            await self._app(scope, receive, send)
+        try:  # a frame that makes no request is answered 500, as HTTP answers a crash
+            await self._app(self._request_scope(head), receive, send)
         except Exception:
-            log.exception("request %s over the mux failed", path)
+            log.exception("request %s over the mux failed", head.get("path"))
         finally:
             del self._left[request_id]
             if not (ended or left.is_set()):
@@ -276,7 +286,7 @@ class _Connection:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._spawn(self._read())
+        self.reader = self._spawn(self._read())
 
     def add(self, request_id: int) -> MuxResponse:
         response = self._open[request_id] = MuxResponse(self, request_id)
@@ -293,10 +303,11 @@ class _Connection:
         """Return once no request is open on it."""
         await self._idle.wait()
 
-    def _spawn(self, work: Awaitable[Any]) -> None:
+    def _spawn(self, work: Awaitable[Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -369,9 +380,11 @@ class MuxClient:
         return response
 
     async def disconnect(self) -> None:
-        """Close the connection; the next request opens a new one."""
-        if self._connection is not None:
-            await self._connection.ws.close()
+        """Close the connection, failing the requests open on it; the next request opens
+        a new one."""
+        if (connection := self._connection) is not None:
+            await connection.ws.close()
+            await asyncio.wait([connection.reader])
 
     async def close(self) -> None:
         async with self._connecting:

@@ -282,7 +282,7 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._client: aiohttp.ClientSession | None = None
         # Mux clients closing once the requests on them end.
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring: dict[MuxClient, asyncio.Task[None]] = {}
 
     @property
     def client(self) -> aiohttp.ClientSession:
@@ -311,11 +311,15 @@ class Gateway:
 
     async def stop(self) -> None:
         self._stopping = True  # ends from now on are left to the last settling below
-        tasks = [*self._tasks, *self._dispatchers.values(), *self._retiring]
+        tasks = [*self._tasks, *self._dispatchers.values()]
         tasks += [t for d in self.deployments.values() for t in d.watchers.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        muxes = [*self._retiring, *(m for d in self.deployments.values() for m in d.muxes.values())]
+        muxes += [m for dep, _ in self._retired for m in dep.muxes.values()]
+        for mux in muxes:
+            await mux.close()
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -405,7 +409,13 @@ class Gateway:
             if dep.replicas.get(replica.replica_id) in (None, replica):
                 mux = dep.muxes.pop(replica.replica_id, None)
                 if mux is not None:
-                    await mux.close()
+                    self._retire(mux)
+
+    def _retire(self, mux: MuxClient) -> None:
+        """Close ``mux`` once the requests on it end (a removed deployment's carry on);
+        a stopping gateway closes it at once."""
+        task = self._retiring[mux] = asyncio.create_task(mux.retire())
+        task.add_done_callback(lambda _: self._retiring.pop(mux, None))
 
     async def _follow_replica(self, dep: _Deployment, replica: Replica) -> None:
         cfg = replica.config
@@ -470,8 +480,7 @@ class Gateway:
         elif mux is not None:
             del dep.muxes[cfg.replica_id]
         if mux is not None:
-            self._retiring.add(task := asyncio.create_task(mux.retire()))
-            task.add_done_callback(self._retiring.discard)
+            self._retire(mux)
 
     # -- admission ----------------------------------------------------------------------
 

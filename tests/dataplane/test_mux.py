@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 
 from dataplane.asgi import Message, Receive, Scope, Send, bind
-from dataplane.mux import MuxClient, serve
+from dataplane.mux import END, RECORD, START, MuxClient, serve
 
 
 class Stepped:
@@ -181,5 +181,28 @@ async def test_a_lost_connection_fails_its_requests_and_the_next_one_reconnects(
             await response.read()
         again = await mux.request("/v1/stream", {}, b'{"steps": 0}')
         assert (again.status, await again.read()) == (200, b"")
-        await app.run_steps(0, 2)  # the first request's app ends, its client long gone
+        await app.run_steps(1, 2)  # the first request's app ends, its client long gone
     assert len(app.sockets) == 2
+
+
+async def test_a_malformed_frame_fails_alone() -> None:
+    """A frame naming no request is dropped, one that makes no request is answered 500,
+    and the connection carries the next request."""
+    app = Stepped()
+    async with served(app) as url, aiohttp.ClientSession() as session:
+        async with session.ws_connect(url) as ws:
+            await ws.send_bytes(b"not json\n")
+            await ws.send_bytes(b'{"id": 1, "path": "/v1/stream"}\n{}')  # no headers
+            await ws.send_bytes(b'{"id": 2, "path": "/v1/stream", "headers": []}\n{"steps": 0}')
+            records: list[tuple[int, int, bytes]] = []
+            async with asyncio.timeout(60):
+                while sum(kind == END for _, kind, _ in records) < 2:
+                    data = (await ws.receive()).data
+                    at = 0
+                    while at < len(data):
+                        request_id, kind, length = RECORD.unpack_from(data, at)
+                        at += RECORD.size
+                        records.append((request_id, kind, data[at : at + length]))
+                        at += length
+    starts = {rid: json.loads(payload)["status"] for rid, kind, payload in records if kind == START}
+    assert starts == {1: 500, 2: 200}
