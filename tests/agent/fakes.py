@@ -9,17 +9,13 @@ use the real libraries' function names and, for NVML, raise pynvml's own excepti
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import socket
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pynvml
-import uvicorn
 
 from agent.protocol import (
     AGENT_SOCKET_SUBPROTOCOL,
@@ -665,20 +661,3 @@ async def _respond(
         }
     )
     await send({"type": "http.response.body", "body": json.dumps(body).encode()})
-
-
-@contextlib.asynccontextmanager
-async def serving(app: Any) -> AsyncIterator[str]:
-    """Serve an ASGI app with uvicorn on a free loopback port; yields its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()

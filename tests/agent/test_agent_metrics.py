@@ -13,8 +13,9 @@ from agent.client import ControlPlaneClient
 from agent.gauges import GpuGauges, Reading
 from agent.metrics import AgentCollector, MetricsServer
 from agent.shipper import BUFFER_FILE, TelemetryBuffer, TelemetrySender, TelemetryShipper
-from tests.agent.fakes import H100, FakeNvml, TelemetryControlPlane, serving
+from tests.agent.fakes import H100, FakeNvml, TelemetryControlPlane
 from tests.agent.samples import DEPLOYMENT, NODE
+from tests.serving import serving
 
 CREDENTIAL = "tgn_8f2d3c4b5a69788796a5b4c3d2e1f0"
 

@@ -22,8 +22,9 @@ from agent.reconciler import Reconciler
 from agent.runner import NodeAgent, RootTaskFailed, run_root_tasks
 from agent.settings import AgentSettings
 from agent.shipper import open_shipper
-from tests.agent.fakes import TelemetryControlPlane, serving
+from tests.agent.fakes import TelemetryControlPlane
 from tests.agent.samples import CONTROL_PLANE_KEY, NODE, desired_state, inventory
+from tests.serving import serving
 
 
 class ControlPlane:

@@ -21,8 +21,9 @@ from agent.shipper import (
     TelemetrySender,
     TelemetryShipper,
 )
-from tests.agent.fakes import TelemetryControlPlane, serving
+from tests.agent.fakes import TelemetryControlPlane
 from tests.agent.samples import NODE, NOW
+from tests.serving import serving
 
 CREDENTIAL = "tgn_8f2d3c4b5a69788796a5b4c3d2e1f0"
 

@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-import uvicorn
 
-from dataplane.asgi import Message, Receive, Scope, Send, bind
+from dataplane.asgi import Message, Receive, Scope, Send
 from dataplane.mux import END, RECORD, START, MuxClient, serve
+from tests.serving import serving
 
 
 class Stepped:
@@ -81,24 +81,10 @@ class Stepped:
 
 @contextlib.asynccontextmanager
 async def served(app: Stepped) -> AsyncIterator[str]:
-    sock = bind("127.0.0.1", 0)
-    config = uvicorn.Config(
-        app,
-        lifespan="off",
-        log_level="warning",
-        ws="websockets-sansio",
-        ws_per_message_deflate=False,
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    async with asyncio.timeout(60):
-        while not server.started:
-            await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/mux"
-    finally:
-        server.should_exit = True
-        await task
+    """The app's mux URL, served as a worker serves it."""
+    options = {"ws": "websockets-sansio", "ws_per_message_deflate": False}
+    async with serving(app, **options) as url:
+        yield f"{url}/mux"
 
 
 @contextlib.asynccontextmanager
