@@ -32,7 +32,8 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict
 
-from dataplane.asgi import Message, Receive, Scope, Send
+from dataplane.asgi import Message, Receive, Scope, Send, send_json
+from dataplane.inference.protocol import ApiError
 
 MUX_PATH = "/v1/internal/mux"
 MAX_FRAME = 16 << 20
@@ -180,11 +181,8 @@ class _Session:
                 if started:
                     self._add(_record(request_id, ABORT))
                 else:
-                    error = {"error": {"message": "Internal error.", "type": "server_error"}}
-                    meta = {"status": 500, "headers": [["content-type", "application/json"]]}
-                    self._add(_record(request_id, START, json.dumps(meta).encode()))
-                    self._add(_record(request_id, BODY, json.dumps(error).encode()))
-                    self._add(_record(request_id, END))
+                    error = ApiError(500, "Internal error.", type_="server_error")
+                    await send_json(send, error.status, error.body())
 
 
 async def serve(app: App, scope: Scope, receive: Receive, send: Send) -> None:
@@ -349,7 +347,7 @@ class MuxClient:
     """The gateway's end of one worker's mux connection: opened on first use, shared by
     every request forwarded to that worker. A broken connection fails the requests on
     it with ``aiohttp.ClientConnectionError``, as a broken HTTP connection would, and
-    the next request opens a new one; a closed or retired client sends none."""
+    the next request opens a new one; a closed client sends none."""
 
     def __init__(
         self, session: aiohttp.ClientSession, url: str, headers: Mapping[str, str]
@@ -386,16 +384,12 @@ class MuxClient:
             await connection.ws.close()
             await asyncio.wait([connection.reader])
 
-    async def close(self) -> None:
+    async def close(self, *, drain: bool = False) -> None:
+        """Send no more requests; close the connection, with ``drain`` once the requests
+        open on it end."""
         async with self._connecting:
             self._closed = True
-        await self.disconnect()
-
-    async def retire(self) -> None:
-        """Send no more requests; close the connection once those open on it end."""
-        async with self._connecting:
-            self._closed = True
-        if self._connection is not None:
+        if drain and self._connection is not None:
             await self._connection.drained()
         await self.disconnect()
 

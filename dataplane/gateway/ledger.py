@@ -82,8 +82,8 @@ class Finished:
     those produced) goes back to its tenant's bucket; a negative one is charged.
     ``held_only``: a start that never reached a replica (its client left while its
     answer was lost, or no replica had room for it any more), undone only if it did
-    take the lease: lease freed, reservation refunded
-    and its counter advance (``cost``) taken back, so its next start is charged once."""
+    take the lease: lease freed, reservation refunded and its counter advance (``cost``)
+    taken back, so its next start is charged once."""
 
     tenant: str
     lease: str

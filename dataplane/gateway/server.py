@@ -414,7 +414,7 @@ class Gateway:
     def _retire(self, mux: MuxClient) -> None:
         """Close ``mux`` once the requests on it end (a removed deployment's carry on);
         a stopping gateway closes it at once."""
-        task = self._retiring[mux] = asyncio.create_task(mux.retire())
+        task = self._retiring[mux] = asyncio.create_task(mux.close(drain=True))
         task.add_done_callback(lambda _: self._retiring.pop(mux, None))
 
     async def _follow_replica(self, dep: _Deployment, replica: Replica) -> None:

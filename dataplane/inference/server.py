@@ -268,9 +268,7 @@ class InferenceApp(ModelServer):
         try:
             if scope["path"] != MUX_PATH:
                 raise ApiError(404, f"Unknown path {scope['path']}", code="not_found")
-            config = self.worker.config
-            call = Call(scope, receive, send, time.perf_counter())
-            check_internal(call, config.stats_key_sha256, config.peer_key_sha256)
+            self._check_gateway(Call(scope, receive, send, time.perf_counter()))
         except ApiError as exc:
             log.warning("mux connection refused: %s", exc)
             await send({"type": "websocket.close", "code": 1008})
@@ -659,14 +657,18 @@ class InferenceApp(ModelServer):
     def _check_internal(self, call: Call) -> None:
         check_internal(call, self.worker.config.stats_key_sha256)
 
+    def _check_gateway(self, call: Call) -> None:
+        """What the deployment's gateways read and send on (state stream, mux): a stats
+        key, loopback, or the deployment's peer key."""
+        config = self.worker.config
+        check_internal(call, config.stats_key_sha256, config.peer_key_sha256)
+
     async def _state(self, call: Call) -> None:
         """Push the scheduler's state as it changes. The scheduler only sets an event;
         this loop, in the event loop, builds and sends a message when it gets to it, so
         changes that arrive while a message is being sent fold into the next one and a
         slow reader never holds up a step."""
-        check_internal(
-            call, self.worker.config.stats_key_sha256, self.worker.config.peer_key_sha256
-        )
+        self._check_gateway(call)
         worker = self.worker
         changed = worker.scheduler.watch()
         self._state_streams.add(changed)
