@@ -17,13 +17,20 @@ With ``tpot_steps`` on, steps are sized to the tightest TPOT objective (the ``tp
 thresholds) of the tenants with requests running or waiting, or with one in the last
 steps a request takes on average (rows admitted while a tenant is between requests
 would still be decoding at its next). The step loop measures a step's cost as a fixed
-part plus a part per row or prompt token (``stepcost``): decode rows may take up to
-``ROWS_SHARE`` of the objective, and prompt chunks are paid from the time steps leave
+part plus a part per row or prompt token (``stepcost``), and the prompt time each
+decode row brings with it (its request's prompt, spread over the steps it decodes).
+Rows are admitted
+while their decode and that prompt time fit in the objective (prompts get a tenth of it
+at least and half at most), and prompt chunks are paid from the time steps leave
 unused, so steps average the objective and a chunk runs only when it is worth its
-forward call. Rows beyond that are paused (lowest priority class first, then the
-tenant furthest past its weighted share of the rows, newest first) and admission holds
-back, so one tenant's many rows do not stretch another's time per output token; the
-throughput given up for it is what the benchmark prints beside it.
+forward call. Past that, admission holds back and rows end on their own; where the rows
+alone take more than the objective, rows of tenants with a looser objective (or none)
+are paused (lowest priority class first, then the loosest objective, then the tenant
+furthest past its weighted share of the rows, newest first), so one tenant's many rows
+do not stretch another's time per output token. A pause is what breaks a request's
+TPOT, so the rows the objective protects are never paused for it, and no request is
+preempted for a same-class tenant with a looser objective. The throughput given up for
+it is what the benchmark prints beside it.
 
 The ``fair`` policy is the Virtual Token Counter of Sheng et al., "Fairness in Serving
 Large Language Models" (OSDI 2024): every tenant has a counter that advances by the
@@ -88,8 +95,12 @@ FINISH_ERROR = "error"
 # Moves for the next step, a new ``rows_per_call`` (applied between steps), or None: stop.
 _Command = list[tuple[str, "GenerationRequest"]] | int | None
 _DEFAULT_TENANT = TenantConfig.model_validate({})
-# Of the tightest TPOT objective, what decode rows may take; prompt chunks get the rest.
-ROWS_SHARE = 0.75
+# Of the tightest TPOT objective, the least and the most that prompt chunks get,
+# whatever they were seen to need.
+PROMPT_SHARES = (0.1, 0.5)
+# Smoothing of the prompt seconds and decode rows a step carries (about a request's
+# lifetime of steps).
+_LOAD_SMOOTHING = 1 / 64
 # Smoothing of the measured seconds per token of a step.
 _COST_SMOOTHING = 0.1
 
@@ -200,9 +211,11 @@ class QueuePolicy(Protocol):
         candidate: GenerationRequest,
         running: Sequence[GenerationRequest],
         max_batch_size: int,
+        keep: Collection[GenerationRequest] = (),
     ) -> GenerationRequest | None:
         """A running request to pause so ``candidate`` gets a slot, already queued again
-        at the head of its tenant's line; None if nobody should be paused."""
+        at the head of its tenant's line; None if nobody should be paused. Requests in
+        ``keep`` are paused only for a higher priority class."""
         ...
 
 
@@ -264,6 +277,7 @@ class FcfsPolicy:
         candidate: GenerationRequest,
         running: Sequence[GenerationRequest],
         max_batch_size: int,
+        keep: Collection[GenerationRequest] = (),
     ) -> GenerationRequest | None:
         return None
 
@@ -361,12 +375,14 @@ class FairPolicy:
         candidate: GenerationRequest,
         running: Sequence[GenerationRequest],
         max_batch_size: int,
+        keep: Collection[GenerationRequest] = (),
     ) -> GenerationRequest | None:
         if not self.preempts or not running:
             return None
         victims = [r for r in running if r.priority < candidate.priority]
         if not victims:
-            victims = self._over_share(candidate, running, max_batch_size)
+            over = self._over_share(candidate, running, max_batch_size)
+            victims = [r for r in over if r not in keep]
         if not victims:
             return None
         victim = min(victims, key=lambda r: (r.priority, -(r.timing.scheduled or 0.0)))
@@ -495,6 +511,11 @@ class Scheduler:
         self._decode_cost = LinearCost()
         self._prompt_cost = LinearCost()
         self._slack = 0.0
+        # Smoothed prompt seconds and decode rows per step (the step thread's own): the
+        # prompt time each row brings with it, as requests end and new ones start.
+        self._prompt_load = 0.0
+        self._rows_load = 0.0
+        self._load_steps = 0
         # Steps taken (counted by the event loop), and the TPOT objectives in force: per
         # tenant, its tightest and the step until which it holds.
         self._steps = 0
@@ -705,23 +726,37 @@ class Scheduler:
                 self.policy.requeue(victim)
                 self._pause(victim)
         self._set_tpot_target()
+        # Past the cap, admission holds back and rows end on their own; rows are paused
+        # only where their decode alone overruns the objective.
+        target, line = self._tpot_target, self._decode_cost.line
+        if target is None or line is None or line.seconds(len(self.running)) <= target:
+            return
         for _ in range(len(self.running) - self._row_cap()):
-            row = self._row_to_pause()
+            row = self._row_to_pause(target)
             if row is None:
                 break
             self.policy.requeue(row)
             self._pause(row)
 
-    def _row_to_pause(self) -> GenerationRequest | None:
-        """The row that waits first when steps must shrink: lowest priority class, then
-        the tenant furthest past its weighted share of the rows, then the newest."""
+    def _row_to_pause(self, target: float) -> GenerationRequest | None:
+        """The row that waits first when steps must shrink to ``target``: of the rows
+        whose tenant's TPOT objective is looser (a pause is what breaks a request's
+        TPOT, so the rows the target protects are not paused for it), the lowest
+        priority class, then the loosest objective (none is loosest), then the tenant
+        furthest past its weighted share of the rows, then the newest."""
         rows = Counter(r.tenant for r in self.running)
 
-        def key(r: GenerationRequest) -> tuple[int, float, float]:
+        def key(r: GenerationRequest) -> tuple[int, float, float, float]:
             weight = self.tenants.get(r.tenant, _DEFAULT_TENANT).weight
-            return (r.priority, -rows[r.tenant] / weight, -(r.timing.scheduled or 0.0))
+            return (
+                r.priority,
+                -self._tpot_objective(r.tenant),
+                -rows[r.tenant] / weight,
+                -(r.timing.scheduled or 0.0),
+            )
 
-        return min(self._in_batch, key=key, default=None)
+        looser = [r for r in self._in_batch if self._tpot_objective(r.tenant) > target]
+        return min(looser, key=key, default=None)
 
     def _pause(self, victim: GenerationRequest) -> None:
         """Take a request (already queued again) out of the batch; its KV is kept."""
@@ -787,7 +822,10 @@ class Scheduler:
             if cost and cost > budget and starting > 0:  # a resumed row has no prompt to wait on
                 break
             if slots <= 0:
-                victim = self.policy.preempt_for(head, self._in_batch, rows)
+                # A tighter TPOT objective than the candidate's is not given up for it.
+                mine = self._tpot_objective(head.tenant)
+                keep = [r for r in self._in_batch if self._tpot_objective(r.tenant) < mine]
+                victim = self.policy.preempt_for(head, self._in_batch, rows, keep)
                 if victim is None:
                     break
                 self._pause(victim)
@@ -931,7 +969,12 @@ class Scheduler:
             self._engine.reset()
             stepped = None
         decode_seconds = self._clock() - clock_prefilled
-        self._decode_cost.observe(len(stepped or ()), decode_seconds)
+        decoded = len(stepped or ())
+        self._decode_cost.observe(decoded, decode_seconds)
+        self._load_steps += 1
+        weight = max(1 / self._load_steps, _LOAD_SMOOTHING)
+        self._prompt_load += weight * (prompt_seconds - self._prompt_load)
+        self._rows_load += weight * (decoded - self._rows_load)
         if target is None:
             self._slack = 0.0
         else:
@@ -939,7 +982,7 @@ class Scheduler:
             # objective while no prompt waits), and a step that ran over leaves a debt
             # (up to one objective). Steps that leave less than the prompts' share still
             # earn it, so prompts progress even where the objective cannot be met.
-            earned = max(target - decode_seconds, (1 - ROWS_SHARE) * target)
+            earned = max(target - decode_seconds, self._prompt_time(decoded, target))
             self._slack = min(
                 self._slack_cap(target, first),
                 max(-target, self._slack + earned - prompt_seconds),
@@ -1003,12 +1046,27 @@ class Scheduler:
 
     def _row_cap(self) -> int:
         """Requests that may hold a slot: the batch size, or fewer where their decode
-        rows would take more than ``ROWS_SHARE`` of the tightest TPOT objective."""
+        rows and the prompt time they bring would take more than the tightest TPOT
+        objective."""
         cap = self.batching.max_batch_size
         target, line = self._tpot_target, self._decode_cost.line
         if target is not None and line is not None:
-            cap = min(cap, max(1, line.most_within(ROWS_SHARE * target)))
+            while cap > 1 and line.seconds(cap) + self._prompt_time(cap, target) > target:
+                cap -= 1
         return cap
+
+    def _prompt_time(self, rows: int, target: float) -> float:
+        """What prompt chunks are due in a step of ``rows`` decode rows under ``target``:
+        the prompt seconds each row was seen to bring (its request's prompt, spread over
+        the steps it decodes), within ``PROMPT_SHARES`` of the objective."""
+        per_row = self._prompt_load / max(1.0, self._rows_load)
+        least, most = PROMPT_SHARES
+        return min(most * target, max(least * target, rows * per_row))
+
+    def _tpot_objective(self, tenant: str) -> float:
+        """The tenant's TPOT objective in force (infinite if none)."""
+        held = self._objectives.get(tenant)
+        return math.inf if held is None else held[0]
 
     def _set_tpot_target(self) -> None:
         """The tightest TPOT objective of the tenants with requests running or waiting,

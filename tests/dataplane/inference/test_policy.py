@@ -140,6 +140,23 @@ def test_under_share_tenant_preempts_the_newest_request_of_the_over_share_one() 
     assert policy.pop() is paused
 
 
+def test_requests_kept_are_paused_for_a_higher_class_only() -> None:
+    policy = fair()
+    running = [request("victim", i) for i in range(4)]
+    for i, r in enumerate(running):
+        r.timing.scheduled = float(i)
+    kept = running[2:]
+    policy.charge("victim", 0, 400)
+    candidate = request("aggressor", 10)
+    policy.push(candidate, active={"victim"})
+    # Over its share, the victim gives up an unkept request, and none of the kept ones.
+    assert policy.preempt_for(candidate, running, max_batch_size=4, keep=kept) is running[1]
+    assert policy.preempt_for(candidate, kept, max_batch_size=4, keep=kept) is None
+    urgent = request("urgent", 11, priority=1)
+    policy.push(urgent, active={"victim"})
+    assert policy.preempt_for(urgent, kept, max_batch_size=4, keep=kept) in kept
+
+
 def test_no_preemption_between_tenants_at_their_share() -> None:
     policy = fair()
     running = [request("a", 0), request("a", 1), request("b", 2), request("b", 3)]
