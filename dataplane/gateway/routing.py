@@ -52,6 +52,9 @@ class ReplicaState:
     rows: Mapping[str, int] = field(default_factory=dict)  # decoding rows, by tenant
     row_cap: int = 0  # rows allowed now (a TPOT objective may hold it under the batch size)
     preempts: bool = False  # whether the worker's policy pauses rows at all
+    # Tenants whose rows the worker's TPOT objective keeps from same-class tenants it
+    # does not cover.
+    protected: frozenset[str] = frozenset()
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> ReplicaState:
@@ -71,6 +74,7 @@ class ReplicaState:
             rows={str(t): int(n) for t, n in message.get("rows", {}).items()},
             row_cap=int(message.get("row_cap", message["max_batch_size"])),
             preempts=bool(message.get("preempts", False)),
+            protected=frozenset(str(t) for t in message.get("protected", ())),
         )
 
     @property
@@ -189,7 +193,8 @@ class Replica:
         nothing of the tenant's class or above is queued there already; a row of a lower
         class (one not already claimed by a request this gateway sent), or, within the
         class, a row of a tenant past its weighted share of the rows allowed while
-        ``tenant`` stays within its own. What this gateway sent that the state does not
+        ``tenant`` stays within its own (not a row the worker's TPOT objective protects,
+        unless it protects ``tenant`` too). What this gateway sent that the state does not
         show yet counts as the tenant's rows. The worker also weighs its own counters; a
         request it does not pause for waits in its queue for the next free row."""
         state = self.state
@@ -216,7 +221,8 @@ class Replica:
 
         if peers.get(tenant, 0) + 1 > share(tenant):
             return False
-        return any(n > share(t) for t, n in peers.items() if t != tenant)
+        kept = frozenset() if tenant in state.protected else state.protected
+        return any(n > share(t) for t, n in peers.items() if t != tenant and t not in kept)
 
     def observed(self, predicted_model_ttft: float, measured: float) -> None:
         """Learn the bias from a TTFT this gateway measured (dispatch to first token)."""

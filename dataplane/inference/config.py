@@ -137,8 +137,9 @@ class SchedulingConfig(Frozen):
         default=False,
         description="size each step to the tightest TPOT SLO threshold of the tenants with "
         "requests running or waiting (held for a mean request's steps after their last): rows "
-        "beyond it wait, over-share tenants' first, and prompt chunks are paid from the time "
-        "steps leave unused",
+        "beyond what it leaves beside their prompts' time wait (paused only where their decode "
+        "alone overruns it, never those of the tenants it protects), and prompt chunks are "
+        "paid from the time steps leave unused",
     )
 
 

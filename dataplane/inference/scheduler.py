@@ -23,14 +23,14 @@ Rows are admitted
 while their decode and that prompt time fit in the objective (prompts get a tenth of it
 at least and half at most), and prompt chunks are paid from the time steps leave
 unused, so steps average the objective and a chunk runs only when it is worth its
-forward call. Past that, admission holds back and rows end on their own; where the rows
-alone take more than the objective, rows of tenants with a looser objective (or none)
-are paused (lowest priority class first, then the loosest objective, then the tenant
-furthest past its weighted share of the rows, newest first), so one tenant's many rows
-do not stretch another's time per output token. A pause is what breaks a request's
-TPOT, so the rows the objective protects are never paused for it, and no request is
-preempted for a same-class tenant with a looser objective. The throughput given up for
-it is what the benchmark prints beside it.
+forward call. Past that, admission holds back and rows end on their own; where the rows'
+decode alone takes more than the objective, rows are paused down to what fits (lowest
+priority class first, then the tenant furthest past its weighted share of the rows,
+newest first), so one tenant's many rows do not stretch another's time per output
+token. A pause is what breaks a request's TPOT, so the rows of the tenants whose
+objective steps are sized to are never paused for it, nor preempted for a same-class
+tenant without that objective; a preemption makes room for its one request, not down
+to the cap. The throughput given up for it is what the benchmark prints beside it.
 
 The ``fair`` policy is the Virtual Token Counter of Sheng et al., "Fairness in Serving
 Large Language Models" (OSDI 2024): every tenant has a counter that advances by the
@@ -381,8 +381,7 @@ class FairPolicy:
             return None
         victims = [r for r in running if r.priority < candidate.priority]
         if not victims:
-            over = self._over_share(candidate, running, max_batch_size)
-            victims = [r for r in over if r not in keep]
+            victims = self._over_share(candidate, running, max_batch_size, keep)
         if not victims:
             return None
         victim = min(victims, key=lambda r: (r.priority, -(r.timing.scheduled or 0.0)))
@@ -394,11 +393,14 @@ class FairPolicy:
         candidate: GenerationRequest,
         running: Sequence[GenerationRequest],
         max_batch_size: int,
+        keep: Collection[GenerationRequest],
     ) -> list[GenerationRequest]:
-        """Same-class requests of the tenant furthest past its weighted slot share, if the
-        candidate's tenant is under its own share and not ahead of that tenant's counter
-        (a newly backlogged tenant is lifted to exactly the active minimum)."""
+        """Same-class requests not in ``keep`` of the tenant furthest past its weighted
+        slot share, if the candidate's tenant is under its own share and not ahead of
+        that tenant's counter (a newly backlogged tenant is lifted to exactly the active
+        minimum)."""
         peers = [r for r in running if r.priority == candidate.priority]
+        free = [r for r in peers if r not in keep]
         slots = Counter(r.tenant for r in peers)
         contenders = {
             *slots,
@@ -418,11 +420,12 @@ class FairPolicy:
             if t != mine
             and slots[t] > share(t)
             and self.counters.get(t, 0.0) >= self.counters.get(mine, 0.0)
+            and any(r.tenant == t for r in free)
         ]
         if not over:
             return []
         target = max(over, key=lambda t: self.counters.get(t, 0.0))
-        return [r for r in peers if r.tenant == target]
+        return [r for r in free if r.tenant == target]
 
 
 def make_policy(scheduling: SchedulingConfig, tenants: Mapping[str, TenantConfig]) -> QueuePolicy:
@@ -511,8 +514,9 @@ class Scheduler:
         self._decode_cost = LinearCost()
         self._prompt_cost = LinearCost()
         self._slack = 0.0
-        # Smoothed prompt seconds and decode rows per step (the step thread's own): the
-        # prompt time each row brings with it, as requests end and new ones start.
+        # Smoothed prompt seconds and decode rows per step (written by the step thread,
+        # read by the event loop): the prompt time each row brings with it, as requests
+        # end and new ones start.
         self._prompt_load = 0.0
         self._rows_load = 0.0
         self._load_steps = 0
@@ -569,10 +573,12 @@ class Scheduler:
         return {
             "running": len(self.running),
             # Decoding rows per tenant (those a waiting request may be given by pausing
-            # one), the rows allowed now, and whether the policy pauses at all: what a
+            # one), the rows allowed now, whether the policy pauses at all, and the
+            # tenants whose rows the TPOT objective protects from the others: what a
             # gateway reads to send a tenant under its share ahead of a full batch.
             "rows": dict(Counter(r.tenant for r in self._in_batch)),
             "row_cap": self._row_cap(),
+            "protected": sorted({r.tenant for r in self._in_batch if self._protected(r.tenant)}),
             "preempts": self.policy.preempts,
             "max_batch_size": self.batching.max_batch_size,
             "free_slots": max(0, self._row_cap() - len(self.running)),
@@ -598,8 +604,8 @@ class Scheduler:
             raise QueueFull(request.tenant, self._retry_after(request.tenant, waiting))
         self.policy.push(request, {r.tenant for r in self.running})
         if self.scheduling.tpot_steps:
-            # Its TPOT objective is in force from now: rows beyond it pause in the
-            # step that starts its prompt.
+            # Its TPOT objective is in force from now: rows whose decode alone overruns
+            # it pause before the step that starts its prompt.
             self._enforce_limits()
         self._admission.set()
         self._changed()
@@ -727,36 +733,30 @@ class Scheduler:
                 self._pause(victim)
         self._set_tpot_target()
         # Past the cap, admission holds back and rows end on their own; rows are paused
-        # only where their decode alone overruns the objective.
+        # only where their decode alone overruns the objective, down to what fits in it.
         target, line = self._tpot_target, self._decode_cost.line
-        if target is None or line is None or line.seconds(len(self.running)) <= target:
+        if target is None or line is None:
             return
-        for _ in range(len(self.running) - self._row_cap()):
-            row = self._row_to_pause(target)
+        for _ in range(len(self.running) - max(1, line.most_within(target))):
+            row = self._row_to_pause()
             if row is None:
                 break
             self.policy.requeue(row)
             self._pause(row)
 
-    def _row_to_pause(self, target: float) -> GenerationRequest | None:
-        """The row that waits first when steps must shrink to ``target``: of the rows
-        whose tenant's TPOT objective is looser (a pause is what breaks a request's
-        TPOT, so the rows the target protects are not paused for it), the lowest
-        priority class, then the loosest objective (none is loosest), then the tenant
-        furthest past its weighted share of the rows, then the newest."""
+    def _row_to_pause(self) -> GenerationRequest | None:
+        """The row that waits first when steps must shrink: of the rows the TPOT
+        objective does not protect (a pause is what breaks a request's TPOT), the
+        lowest priority class, then the tenant furthest past its weighted share of the
+        rows, then the newest."""
         rows = Counter(r.tenant for r in self.running)
 
-        def key(r: GenerationRequest) -> tuple[int, float, float, float]:
+        def key(r: GenerationRequest) -> tuple[int, float, float]:
             weight = self.tenants.get(r.tenant, _DEFAULT_TENANT).weight
-            return (
-                r.priority,
-                -self._tpot_objective(r.tenant),
-                -rows[r.tenant] / weight,
-                -(r.timing.scheduled or 0.0),
-            )
+            return (r.priority, -rows[r.tenant] / weight, -(r.timing.scheduled or 0.0))
 
-        looser = [r for r in self._in_batch if self._tpot_objective(r.tenant) > target]
-        return min(looser, key=key, default=None)
+        unprotected = [r for r in self._in_batch if not self._protected(r.tenant)]
+        return min(unprotected, key=key, default=None)
 
     def _pause(self, victim: GenerationRequest) -> None:
         """Take a request (already queued again) out of the batch; its KV is kept."""
@@ -822,15 +822,20 @@ class Scheduler:
             if cost and cost > budget and starting > 0:  # a resumed row has no prompt to wait on
                 break
             if slots <= 0:
-                # A tighter TPOT objective than the candidate's is not given up for it.
-                mine = self._tpot_objective(head.tenant)
-                keep = [r for r in self._in_batch if self._tpot_objective(r.tenant) < mine]
+                # The rows the TPOT objective protects are not given up for a tenant
+                # it does not protect; the row paused makes room for the head alone
+                # (rows past the cap end on their own).
+                keep = (
+                    []
+                    if self._protected(head.tenant)
+                    else [r for r in self._in_batch if self._protected(r.tenant)]
+                )
                 victim = self.policy.preempt_for(head, self._in_batch, rows, keep)
                 if victim is None:
                     break
                 self._pause(victim)
                 self._moved()
-                slots += 1
+                slots = 1
                 continue
             self.policy.pop(skip)
             if head.timing.scheduled is None:
@@ -1063,10 +1068,11 @@ class Scheduler:
         least, most = PROMPT_SHARES
         return min(most * target, max(least * target, rows * per_row))
 
-    def _tpot_objective(self, tenant: str) -> float:
-        """The tenant's TPOT objective in force (infinite if none)."""
+    def _protected(self, tenant: str) -> bool:
+        """Whether the TPOT objective steps are sized to is the tenant's own."""
         held = self._objectives.get(tenant)
-        return math.inf if held is None else held[0]
+        target = self._tpot_target
+        return held is not None and target is not None and held[0] <= target
 
     def _set_tpot_target(self) -> None:
         """The tightest TPOT objective of the tenants with requests running or waiting,
@@ -1075,6 +1081,7 @@ class Scheduler:
         The hold counts steps, not time: an idle worker keeps it until steps resume."""
         if not self.scheduling.tpot_steps:
             self._tpot_target = None
+            self._objectives = {}
             return
         until = self._steps + math.ceil(self._mean_output_tokens)
         for tenant in {r.tenant for r in [*self.running, *self.policy.queued()]}:

@@ -141,6 +141,16 @@ def test_no_pause_is_expected_where_the_worker_would_not_make_one() -> None:
     assert not replica(**split, row_cap=8).pauses_for("a", table)
 
 
+def test_rows_a_tpot_objective_protects_are_not_expected_to_pause() -> None:
+    table = configs(a={}, b={}, c={})
+    full = {"running": 8, "free_slots": 0, "rows": {"b": 7, "c": 1}}
+    assert replica(**full).pauses_for("a", table)
+    # b's rows are what the worker's TPOT objective protects: a cannot take one of
+    # them, while c, covered by the same objective, can.
+    assert not replica(**full, protected=["b", "c"]).pauses_for("a", table)
+    assert replica(**full, protected=["b", "c"]).pauses_for("c", table)
+
+
 def test_weights_set_the_shares_a_worker_pauses_by() -> None:
     table = configs(a={"weight": 1}, b={"weight": 3})
     # b's share of 8 is 6: at 6 it is not past it, at 7 it is (for one row of a).

@@ -151,10 +151,16 @@ def test_requests_kept_are_paused_for_a_higher_class_only() -> None:
     policy.push(candidate, active={"victim"})
     # Over its share, the victim gives up an unkept request, and none of the kept ones.
     assert policy.preempt_for(candidate, running, max_batch_size=4, keep=kept) is running[1]
-    assert policy.preempt_for(candidate, kept, max_batch_size=4, keep=kept) is None
-    urgent = request("urgent", 11, priority=1)
+    assert policy.preempt_for(candidate, running, max_batch_size=4, keep=running) is None
+    # Another tenant over its share, with nothing kept, gives up its row instead.
+    other = [*running, *(request("other", 12 + i) for i in range(3))]
+    for i, r in enumerate(other):
+        r.timing.scheduled = float(i)
+    policy.charge("other", 0, 500)
+    assert policy.preempt_for(candidate, other, max_batch_size=8, keep=running) is other[-1]
+    urgent = request("urgent", 15, priority=1)
     policy.push(urgent, active={"victim"})
-    assert policy.preempt_for(urgent, kept, max_batch_size=4, keep=kept) in kept
+    assert policy.preempt_for(urgent, running, max_batch_size=4, keep=running) in running
 
 
 def test_no_preemption_between_tenants_at_their_share() -> None:

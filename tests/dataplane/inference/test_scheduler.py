@@ -239,12 +239,11 @@ async def test_a_victim_waits_one_step_even_behind_a_long_prompt_under_way(
 
 
 async def test_steps_shrink_to_the_tightest_tpot_objective(runtime: OnnxRuntime) -> None:
-    """The victim's TPOT objective is 10 tokens' worth of step: while it runs, rows
-    leave prompts their share of it (a tenth at least: 9 rows at most), the
-    aggressor's newest rows wait, and every step still carries the victim; the
-    objective holds for a mean request's steps after it is done (rows admitted then
-    would still decode at its next request), then the aggressor has the whole batch
-    again."""
+    """The victim's TPOT objective is 10 tokens' worth of step: while it runs, the
+    aggressor's newest rows wait until the rest decode within it (10 rows), and every
+    step still carries the victim; the objective holds for a mean request's steps after
+    it is done (rows admitted then would still decode at its next request), then the
+    aggressor has the whole batch again."""
     engine = TokenClock(runtime)
     objective = SloThreshold(tenant="victim", metric="tpot", threshold_seconds=10 * TOKEN_S)
     h = Harness(runtime, [objective], engine, max_batch_size=16)
@@ -262,14 +261,14 @@ async def test_steps_shrink_to_the_tightest_tpot_objective(runtime: OnnxRuntime)
         step_once(h.scheduler)
     with_victim = [rows for rows in engine.steps if victim.seq in rows]
     assert len(with_victim) == 19  # one token a step after its first
-    assert max(len(rows) for rows in with_victim) <= 9
+    assert max(len(rows) for rows in with_victim) <= 10
     assert min(len(rows) for rows in with_victim) >= 2  # the aggressor still decodes
     after = len(engine.steps)
     while not all(r.done for r in aggressors):
         step_once(h.scheduler)
     # A mean request is 16.4 steps here (its smoothed output tokens, from 16 and 20).
-    assert max(len(rows) for rows in engine.steps[after : after + 16]) <= 9
-    assert len(engine.steps[after + 18]) > 9
+    assert max(len(rows) for rows in engine.steps[after : after + 16]) <= 10
+    assert len(engine.steps[after + 18]) > 10
     assert victim.output_ids == alone(runtime, [7, 8, 9], 20)
     assert aggressors[0].output_ids == alone(runtime, [1, 2, 3], 60)
 
@@ -294,10 +293,43 @@ async def test_rows_the_objective_protects_are_never_paused_for_it(
         steps = [i for i, rows in enumerate(engine.steps) if victim.seq in rows]
         assert steps == list(range(steps[0], steps[0] + 29))  # one token a step after its first
     # The aggressor's rows gave way: steps shrank to the objective.
-    assert max(len(rows) for rows in engine.steps[-10:]) <= 10
+    victim_seqs = {r.seq for r in victims}
+    first = next(i for i, rows in enumerate(engine.steps) if victim_seqs & set(rows))
+    after = engine.steps[first + 4 : first + 29]  # once steps of 12 rows are measured
+    assert min(sum(s not in victim_seqs for s in rows) for rows in after) == 2
+    assert max(len(rows) for rows in after) == 10
     while not all(r.done for r in aggressors):
         step_once(h.scheduler)
     assert aggressors[0].output_ids == alone(runtime, [1, 2, 3], 40)
+
+
+async def test_rows_past_the_cap_end_on_their_own_while_their_decode_fits(
+    runtime: OnnxRuntime,
+) -> None:
+    """The aggressor's prompts leave room for fewer rows than it runs, but their decode
+    alone fits in the victim's objective: none is paused for the cap, and the victim
+    (under its share) takes one row's place, not the cap's."""
+    engine = TokenClock(runtime)
+    objective = SloThreshold(tenant="victim", metric="tpot", threshold_seconds=10 * TOKEN_S)
+    h = Harness(runtime, [objective], engine, max_batch_size=16)
+    prompt = list(range(2, 10))
+    aggressors = [h.submit("aggressor", [1 + i, *prompt], 60) for i in range(4)]
+    while len(engine.steps) < 5:  # steps of 4 rows, then of 9, measured
+        step_once(h.scheduler)
+    aggressors += [h.submit("aggressor", [1 + i, *prompt], 60) for i in range(4, 9)]
+    while len(engine.steps) < 10:
+        step_once(h.scheduler)
+    victim = h.submit("victim", [7, 8, 9], 10)
+    step_once(h.scheduler)
+    assert h.scheduler._row_cap() < 9
+    with_victim = [rows for rows in engine.steps if victim.seq in rows]
+    assert len(with_victim[0]) == 9  # 8 of the aggressor's rows and the victim's
+    while not victim.done:
+        step_once(h.scheduler)
+    assert victim.output_ids == alone(runtime, [7, 8, 9], 10)
+    while not all(r.done for r in aggressors):
+        step_once(h.scheduler)
+    assert all(len(r.output_ids) == 60 for r in aggressors)
 
 
 CALL_S = 0.005  # what a forward call costs on CallClock's clock, whatever it carries
