@@ -195,8 +195,8 @@ class Replica:
         class, a row of a tenant past its weighted share of the rows allowed while
         ``tenant`` stays within its own (not a row the worker's TPOT objective protects,
         unless it protects ``tenant`` too). What this gateway sent that the state does not
-        show yet counts as the tenant's rows. The worker also weighs its own counters; a
-        request it does not pause for waits in its queue for the next free row."""
+        show yet counts as the tenant's rows. A request it does not pause for waits in
+        its queue for the next free row."""
         state = self.state
         if not self.up or state is None or not state.preempts:
             return False

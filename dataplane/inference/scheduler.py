@@ -40,9 +40,12 @@ weight instead of handing them all to the tenant that was behind); the next requ
 comes from the backlogged tenant with the smallest counter; a tenant that becomes
 backlogged is lifted to the smallest counter among active tenants, so idling banks no
 credit. With ``preemption`` on, a tenant holding fewer batch slots than its weighted
-share may pause the newest request of a tenant holding more than its own share (and
-not behind it on the counter); the paused request keeps its KV cache and resumes
-without a new prefill. A higher priority class may pause a lower one's request.
+share may pause the newest request of the tenant furthest past its own share, whatever
+their counters say (they order who takes free slots; shares bound who holds them, so a
+tenant under its share waits one step and its own first chunk however bursty its
+arrivals); the paused request keeps its KV cache and resumes without a new prefill. A
+waiting tenant that can neither take a slot nor pause one does not hold back the next.
+A higher priority class may pause a lower one's request.
 ``fcfs`` is plain arrival order, kept for comparison.
 
 Tenant limits hold under either policy and win over it; a limited tenant's requests wait
@@ -396,9 +399,7 @@ class FairPolicy:
         keep: Collection[GenerationRequest],
     ) -> list[GenerationRequest]:
         """Same-class requests not in ``keep`` of the tenant furthest past its weighted
-        slot share, if the candidate's tenant is under its own share and not ahead of
-        that tenant's counter (a newly backlogged tenant is lifted to exactly the active
-        minimum)."""
+        slot share, if the candidate's tenant is under its own share."""
         peers = [r for r in running if r.priority == candidate.priority]
         free = [r for r in peers if r not in keep]
         slots = Counter(r.tenant for r in peers)
@@ -417,14 +418,11 @@ class FairPolicy:
         over = [
             t
             for t in slots
-            if t != mine
-            and slots[t] > share(t)
-            and self.counters.get(t, 0.0) >= self.counters.get(mine, 0.0)
-            and any(r.tenant == t for r in free)
+            if t != mine and slots[t] > share(t) and any(r.tenant == t for r in free)
         ]
         if not over:
             return []
-        target = max(over, key=lambda t: self.counters.get(t, 0.0))
+        target = max(over, key=lambda t: slots[t] / self._weight(t))
         return [r for r in free if r.tenant == target]
 
 
@@ -832,7 +830,9 @@ class Scheduler:
                 )
                 victim = self.policy.preempt_for(head, self._in_batch, rows, keep)
                 if victim is None:
-                    break
+                    # Nothing to pause for this tenant: another may still be owed a row.
+                    skip.add(head.tenant)
+                    continue
                 self._pause(victim)
                 self._moved()
                 slots = 1

@@ -140,6 +140,17 @@ def test_under_share_tenant_preempts_the_newest_request_of_the_over_share_one() 
     assert policy.pop() is paused
 
 
+def test_a_tenant_under_its_share_pauses_one_past_its_own_whatever_the_counters() -> None:
+    policy = fair()
+    running = [request("aggressor", i) for i in range(3)] + [request("victim", 3)]
+    for i, r in enumerate(running):
+        r.timing.scheduled = float(i)
+    policy.charge("victim", 0, 1_000)  # far ahead of the aggressor on the counter
+    candidate = request("victim", 10)
+    policy.push(candidate, active={"aggressor", "victim"})
+    assert policy.preempt_for(candidate, running, max_batch_size=4) is running[2]
+
+
 def test_requests_kept_are_paused_for_a_higher_class_only() -> None:
     policy = fair()
     running = [request("victim", i) for i in range(4)]

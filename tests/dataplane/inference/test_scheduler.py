@@ -238,6 +238,24 @@ async def test_a_victim_waits_one_step_even_behind_a_long_prompt_under_way(
     assert aggressors[0].output_ids == alone(runtime, [1, 2, 3], 30)
 
 
+async def test_a_burst_under_its_share_starts_in_one_step(runtime: OnnxRuntime) -> None:
+    """Three requests of a tenant under its share arrive at once at a batch the
+    aggressor fills: each pauses one of the aggressor's rows, though the first one's
+    prompt puts the tenant ahead on the counter and the aggressor, behind, cannot be
+    given a row itself. All three have their first token after one step."""
+    h = Harness(runtime, max_batch_size=8)
+    aggressors = [h.submit("aggressor", [1 + i, 2, 3], 40) for i in range(12)]
+    step_once(h.scheduler)
+    assert len(h.scheduler.running) == 8
+    victims = [h.submit("victim", [7 + i, 8, 9, 10], 5) for i in range(3)]
+    step_once(h.scheduler)
+    assert all(v.output_ids for v in victims)
+    while not all(r.done for r in [*victims, *aggressors]):
+        step_once(h.scheduler)
+    assert victims[2].output_ids == alone(runtime, [9, 8, 9, 10], 5)
+    assert all(len(r.output_ids) == 40 for r in aggressors)
+
+
 async def test_steps_shrink_to_the_tightest_tpot_objective(runtime: OnnxRuntime) -> None:
     """The victim's TPOT objective is 10 tokens' worth of step: while it runs, the
     aggressor's newest rows wait until the rest decode within it (10 rows), and every
