@@ -190,7 +190,9 @@ class Replica:
     def pauses_for(self, tenant: str, tenants: Mapping[str, TenantConfig]) -> bool:
         """Whether this replica's worker would pause a decoding row for one more request
         of ``tenant``, as its fair scheduler decides: only where its policy preempts and
-        nothing of the tenant's class or above is queued there already; a row of a lower
+        nothing of the tenant's class or above is queued there already (the worker may
+        still pause for it past queued requests that can neither take nor free a row,
+        which the state does not show; a gateway does not count on it); a row of a lower
         class (one not already claimed by a request this gateway sent), or, within the
         class, a row of a tenant past its weighted share of the rows allowed while
         ``tenant`` stays within its own (not a row the worker's TPOT objective protects,

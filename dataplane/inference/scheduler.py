@@ -29,8 +29,8 @@ priority class first, then the tenant furthest past its weighted share of the ro
 newest first), so one tenant's many rows do not stretch another's time per output
 token. A pause is what breaks a request's TPOT, so the rows of the tenants whose
 objective steps are sized to are never paused for it, nor preempted for a same-class
-tenant without that objective; a preemption makes room for its one request, not down
-to the cap. The throughput given up for it is what the benchmark prints beside it.
+tenant without that objective (a looser objective counts as none); a preemption makes
+room for its one request, not down to the cap. The throughput given up for it is what the benchmark prints beside it.
 
 The ``fair`` policy is the Virtual Token Counter of Sheng et al., "Fairness in Serving
 Large Language Models" (OSDI 2024): every tenant has a counter that advances by the
@@ -40,11 +40,12 @@ weight instead of handing them all to the tenant that was behind); the next requ
 comes from the backlogged tenant with the smallest counter; a tenant that becomes
 backlogged is lifted to the smallest counter among active tenants, so idling banks no
 credit. With ``preemption`` on, a tenant holding fewer batch slots than its weighted
-share may pause the newest request of the tenant furthest past its own share, whatever
-their counters say (they order who takes free slots; shares bound who holds them, so a
-tenant under its share waits one step and its own first chunk however bursty its
-arrivals); the paused request keeps its KV cache and resumes without a new prefill. A
-waiting tenant that can neither take a slot nor pause one does not hold back the next.
+share may pause the newest request of the tenant past its own share with the most
+slots per unit of weight, whatever their counters say (they order who takes free slots;
+shares bound who holds them, so a burst of a tenant under its share is not held back
+to let the others' counters catch up); the paused request keeps its KV cache and
+resumes without a new prefill. A waiting tenant that can neither take a slot nor pause
+one does not hold back the next.
 A higher priority class may pause a lower one's request.
 ``fcfs`` is plain arrival order, kept for comparison.
 
@@ -215,10 +216,13 @@ class QueuePolicy(Protocol):
         running: Sequence[GenerationRequest],
         max_batch_size: int,
         keep: Collection[GenerationRequest] = (),
+        held: Sequence[GenerationRequest] = (),
     ) -> GenerationRequest | None:
         """A running request to pause so ``candidate`` gets a slot, already queued again
         at the head of its tenant's line; None if nobody should be paused. Requests in
-        ``keep`` are paused only for a higher priority class."""
+        ``keep`` are paused only for a higher priority class; ``held`` hold slots that
+        cannot be paused now (prompts under way, rows joining) and count toward their
+        tenants' shares."""
         ...
 
 
@@ -281,6 +285,7 @@ class FcfsPolicy:
         running: Sequence[GenerationRequest],
         max_batch_size: int,
         keep: Collection[GenerationRequest] = (),
+        held: Sequence[GenerationRequest] = (),
     ) -> GenerationRequest | None:
         return None
 
@@ -379,12 +384,13 @@ class FairPolicy:
         running: Sequence[GenerationRequest],
         max_batch_size: int,
         keep: Collection[GenerationRequest] = (),
+        held: Sequence[GenerationRequest] = (),
     ) -> GenerationRequest | None:
         if not self.preempts or not running:
             return None
         victims = [r for r in running if r.priority < candidate.priority]
         if not victims:
-            victims = self._over_share(candidate, running, max_batch_size, keep)
+            victims = self._over_share(candidate, running, max_batch_size, keep, held)
         if not victims:
             return None
         victim = min(victims, key=lambda r: (r.priority, -(r.timing.scheduled or 0.0)))
@@ -397,12 +403,14 @@ class FairPolicy:
         running: Sequence[GenerationRequest],
         max_batch_size: int,
         keep: Collection[GenerationRequest],
+        held: Sequence[GenerationRequest],
     ) -> list[GenerationRequest]:
-        """Same-class requests not in ``keep`` of the tenant furthest past its weighted
-        slot share, if the candidate's tenant is under its own share."""
+        """Same-class requests not in ``keep`` of the tenant past its weighted slot share
+        with the most slots per unit of weight, if the candidate's tenant is under its
+        own share (slots counted with ``held``)."""
         peers = [r for r in running if r.priority == candidate.priority]
         free = [r for r in peers if r not in keep]
-        slots = Counter(r.tenant for r in peers)
+        slots = Counter(r.tenant for r in [*peers, *held] if r.priority == candidate.priority)
         contenders = {
             *slots,
             *(t for t in self._backlogged() if self._queues[t][0].priority == candidate.priority),
@@ -576,7 +584,7 @@ class Scheduler:
             # gateway reads to send a tenant under its share ahead of a full batch.
             "rows": dict(Counter(r.tenant for r in self._in_batch)),
             "row_cap": self._row_cap(),
-            "protected": sorted({r.tenant for r in self._in_batch if self._protected(r.tenant)}),
+            "protected": sorted(t for t in self._objectives if self._protected(t)),
             "preempts": self.policy.preempts,
             "max_batch_size": self.batching.max_batch_size,
             "free_slots": max(0, self._row_cap() - len(self.running)),
@@ -828,7 +836,8 @@ class Scheduler:
                     if self._protected(head.tenant)
                     else [r for r in self._in_batch if self._protected(r.tenant)]
                 )
-                victim = self.policy.preempt_for(head, self._in_batch, rows, keep)
+                held = [*self._prefilling, *self._joining]
+                victim = self.policy.preempt_for(head, self._in_batch, rows, keep, held)
                 if victim is None:
                     # Nothing to pause for this tenant: another may still be owed a row.
                     skip.add(head.tenant)

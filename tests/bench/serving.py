@@ -193,26 +193,28 @@ async def closed_loop(base_url: str, sizes: Sizes, duration: float) -> list[Resu
     return results
 
 
-WARM_REQUESTS = 3
-"""Unmeasured requests per tenant before a Poisson phase."""
+WARM_REQUESTS = 4
+"""Unmeasured victim requests, sent together, before a Poisson phase."""
 
 
 async def poisson(
     base_url: str, sizes: Sizes, rates: dict[str, float], duration: float, grace: float = 30.0
 ) -> list[Result]:
-    """Open-loop Poisson arrivals per tenant, one connection per request, after a few
-    unmeasured requests of each tenant (a fresh worker's first forward calls of each
-    shape are slow); at the end the aggressor's requests are dropped and the others get
-    ``grace`` seconds to finish."""
+    """Open-loop Poisson arrivals per tenant, one connection per request, after
+    ``WARM_REQUESTS`` unmeasured ones of the victim (a fresh worker's first forward
+    calls are slow; the aggressor's limits, if any, stay untouched); at the end the
+    aggressor's requests are dropped and the others get ``grace`` seconds to finish."""
     results: list[Result] = []
     inflight: dict[str, list[asyncio.Task[None]]] = {t: [] for t in rates}
-    conn = await Connection.open(base_url)
-    try:
-        for tenant in rates:
-            for _ in range(WARM_REQUESTS):
-                await stream_one(conn, tenant, sizes, random.Random(-1), [])
-    finally:
-        conn.close()
+
+    async def warm(seed: int) -> None:
+        conn = await Connection.open(base_url)
+        try:
+            await stream_one(conn, "victim", sizes, random.Random(-seed), [])
+        finally:
+            conn.close()
+
+    await asyncio.gather(*(warm(i) for i in range(WARM_REQUESTS)))
 
     async def one(tenant: str, rng: random.Random) -> None:
         conn = await Connection.open(base_url)

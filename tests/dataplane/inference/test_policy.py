@@ -151,6 +151,29 @@ def test_a_tenant_under_its_share_pauses_one_past_its_own_whatever_the_counters(
     assert policy.preempt_for(candidate, running, max_batch_size=4) is running[2]
 
 
+def test_the_tenant_with_the_most_slots_per_weight_gives_one_up() -> None:
+    policy = fair(b=TenantConfig(weight=2))
+    running = [request("a", i) for i in range(5)] + [request("b", 5 + i) for i in range(5)]
+    policy.charge("a", 0, 100)
+    policy.charge("b", 0, 900)  # the counters would point at b
+    candidate = request("c", 20)
+    policy.push(candidate, active={"a", "b"})
+    # Of 8 slots, shares of 2 (a), 4 (b) and 2 (c): both are past theirs, a furthest.
+    paused = policy.preempt_for(candidate, running, max_batch_size=8)
+    assert paused is not None and paused.tenant == "a"
+
+
+def test_slots_held_by_prompts_under_way_count_toward_a_share() -> None:
+    policy = fair()
+    running = [request("a", i) for i in range(4)]
+    held = [request("c", 10 + i) for i in range(4)]
+    candidate = request("c", 20)
+    policy.push(candidate, active={"a", "c"})
+    # c's four prompts under way fill its share of 4: its fifth request pauses nothing.
+    assert policy.preempt_for(candidate, running, max_batch_size=8, held=held) is None
+    assert policy.preempt_for(candidate, running, max_batch_size=4) is not None
+
+
 def test_requests_kept_are_paused_for_a_higher_class_only() -> None:
     policy = fair()
     running = [request("victim", i) for i in range(4)]

@@ -305,6 +305,8 @@ async def test_rows_the_objective_protects_are_never_paused_for_it(
     while len(engine.steps) < 5:  # steps of 4 rows, measured
         step_once(h.scheduler)
     victims = [h.submit("victim", [7 + i, 8, 9], 30) for i in range(8)]
+    # Gateways read whose rows are protected, before any of them runs.
+    assert h.scheduler.state()["protected"] == ["victim"]
     while not all(r.done for r in victims):
         step_once(h.scheduler)
     for victim in victims:
