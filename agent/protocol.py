@@ -185,8 +185,8 @@ class _Model(BaseModel):
 def _unset(value: object) -> bool:
     """For `exclude_if` of fields added after schema version 1 shipped: left out of the wire
     form while unset, a state that does not use them stays byte-identical (and hash-identical)
-    to what earlier agents accept. Unset is None, an empty list or 0."""
-    return value is None or value == [] or (type(value) is int and value == 0)
+    to what earlier agents accept. Unset is None, an empty list, 0 or False."""
+    return value is None or value == [] or (type(value) in (int, bool) and not value)
 
 
 class _Message(_Model):
@@ -413,6 +413,8 @@ class WorkerSpec(_Model):
     max_tokens_per_step: Positive
     max_queue_delay_ms: Count
     max_queue_len: Positive
+    tpot_steps: bool = Field(default=False, exclude_if=_unset)
+    """Size each step to the tightest TPOT objective of the tenants served."""
     tenants: list[TenantServing]
     volume: Name | None = Field(default=None, exclude_if=_unset)
     """The volume a downloadable artifact is staged into; its TensorRT cache lives there too."""

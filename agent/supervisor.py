@@ -55,6 +55,7 @@ from dataplane.gateway.config import DeploymentRoute, GatewayConfig, ReplicaConf
 from dataplane.inference.config import (
     BatchingConfig,
     RuntimeConfig,
+    SchedulingConfig,
     SloThreshold,
     TenantConfig,
     WorkerConfig,
@@ -212,6 +213,7 @@ def render_config(
             max_queue_len=spec.max_queue_len,
         ),
         runtime=RuntimeConfig.model_validate(spec.runtime_options),
+        scheduling=SchedulingConfig(tpot_steps=spec.tpot_steps),
         tenants=_tenants(spec),
         slo_thresholds=_thresholds(spec, components),
         peer_key_sha256=[spec.peer_key_hash] if spec.peer_key_hash else [],

@@ -78,6 +78,12 @@ class Deployment(TenantOwnedModel):
     )
     max_queue_delay_ms = models.PositiveIntegerField(default=0)
     max_queue_len = models.PositiveIntegerField(default=128, validators=[MinValueValidator(1)])
+    tpot_steps = models.BooleanField(
+        default=False,
+        help_text="Size each decode step to the tightest TPOT objective of the tenants it "
+        "serves: rows beyond what keeps their time per output token wait, so throughput is "
+        "given up for it.",
+    )
     shared_with = models.ManyToManyField(
         "tenancy.Tenant",
         blank=True,

@@ -87,6 +87,7 @@ RENDERED_FIELDS = frozenset(
         "max_tokens_per_step",
         "max_queue_delay_ms",
         "max_queue_len",
+        "tpot_steps",
     }
 )
 """Deployment fields that change what its workers are told, never where they run: a
@@ -493,6 +494,7 @@ def render_components(nodes: list[Node]) -> dict[UUID, Components]:
                 max_tokens_per_step=d.max_tokens_per_step,
                 max_queue_delay_ms=d.max_queue_delay_ms,
                 max_queue_len=d.max_queue_len,
+                tpot_steps=d.tpot_steps,
                 tenants=[policies[t].serving(keys[t]) for t in served[d.pk]],
                 peer_key_hash=digest(peer_key(d.pk)) if reachable[d.pk] else None,
             )

@@ -74,3 +74,16 @@ def test_bad_limits_are_refused_by_name(fields: dict[str, object], words: str) -
         TenantServing.model_validate(
             {"tenant_id": str(TENANT), "weight": 1.0, "priority": 0, "key_hashes": [], **fields}
         )
+
+
+def test_tpot_sized_steps_reach_the_worker_config_and_stay_off_the_wire_when_off() -> None:
+    plain = TenantServing(tenant_id=TENANT, weight=1.0, priority=0, key_hashes=[])
+    off = worker(plain)
+    assert b"tpot_steps" not in canonical_json(off)
+    config = render_config(off, Components(workers=[off]), Path("/m"), Path("/c"))
+    assert not config.scheduling.tpot_steps
+    on = off.model_copy(update={"tpot_steps": True})
+    assert b'"tpot_steps":true' in canonical_json(on)
+    assert WorkerSpec.model_validate_json(canonical_json(on)) == on
+    config = render_config(on, Components(workers=[on]), Path("/m"), Path("/c"))
+    assert config.scheduling.tpot_steps and config.scheduling.policy == "fair"

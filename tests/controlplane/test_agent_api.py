@@ -269,6 +269,37 @@ def test_a_pull_naming_the_newest_state_is_answered_not_modified(
     assert changed["ETag"] != tag
 
 
+def test_tpot_sized_steps_are_set_on_a_deployment_and_reach_its_workers(
+    enrolled: tuple[Node, str],
+    world: World,
+    client_for: Any,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    node, credential = enrolled
+    Node.objects.filter(pk=node.pk).update(status="ready")
+    deployment = fleet.create_deployment(
+        tenant=world.tenant_a,
+        name="chat",
+        model_name="chat",
+        artifact_uri="synthetic://chat",
+        replicas=1,
+    )
+    state = as_node(credential).get("/api/v1/agent/desired-state/").json()["state"]
+    assert "tpot_steps" not in state["components"]["workers"][0]
+    api = client_for(world.admin_a)
+    assert api.get(f"/api/v1/deployments/{deployment.pk}/").json()["tpot_steps"] is False
+    with django_capture_on_commit_callbacks(execute=True):
+        changed = api.patch(
+            f"/api/v1/deployments/{deployment.pk}/", {"tpot_steps": True}, format="json"
+        )
+    assert changed.status_code == 200, changed.content
+    assert changed.json()["tpot_steps"] is True
+    state = as_node(credential).get("/api/v1/agent/desired-state/").json()["state"]
+    assert state["components"]["workers"][0]["tpot_steps"] is True
+    refused = api.patch(f"/api/v1/deployments/{deployment.pk}/", {"tpot_steps": "often"})
+    assert refused.status_code == 400 and "tpot_steps" in refused.json()
+
+
 def test_bootstrap_tokens_are_for_platform_admins(world: World, client_for: Any) -> None:
     assert (
         client_for(world.admin_a).post("/api/v1/bootstrap-tokens/", {"name": "x"}).status_code

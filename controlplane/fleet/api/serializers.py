@@ -107,6 +107,7 @@ class DeploymentSerializer(StrictSerializer):
             "max_tokens_per_step",
             "max_queue_delay_ms",
             "max_queue_len",
+            "tpot_steps",
             "url",
             "endpoints",
             "shared_with",
