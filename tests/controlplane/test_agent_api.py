@@ -19,7 +19,7 @@ from agent.protocol import (
     verify_state,
 )
 from controlplane.fleet import services as fleet
-from controlplane.fleet.models import Replica, Revision
+from controlplane.fleet.models import Deployment, Replica, Revision
 from controlplane.inventory.models import AgentReport, Node
 from controlplane.inventory.services import create_bootstrap_token, mark_silent_nodes_unreachable
 from tests.agent.samples import inventory as sample_inventory
@@ -238,19 +238,26 @@ def test_desired_state_and_status_round_trip(enrolled: tuple[Node, str], world: 
     assert Revision.objects.get(node=node, generation=1).status == "applied"
 
 
-def test_a_pull_naming_the_newest_state_is_answered_not_modified(
-    enrolled: tuple[Node, str], world: World, django_capture_on_commit_callbacks: Any
-) -> None:
-    node, credential = enrolled
-    client = as_node(credential)
+@pytest.fixture
+def placed(enrolled: tuple[Node, str], world: World) -> Deployment:
+    """A one-replica deployment of tenant A, placed on the enrolled node (made ready)."""
+    node, _ = enrolled
     Node.objects.filter(pk=node.pk).update(status="ready")
-    deployment = fleet.create_deployment(
+    return fleet.create_deployment(
         tenant=world.tenant_a,
         name="chat",
         model_name="chat",
         artifact_uri="synthetic://chat",
         replicas=1,
     )
+
+
+def test_a_pull_naming_the_newest_state_is_answered_not_modified(
+    enrolled: tuple[Node, str], placed: Deployment, django_capture_on_commit_callbacks: Any
+) -> None:
+    _, credential = enrolled
+    client = as_node(credential)
+    deployment = placed
     first = client.get("/api/v1/agent/desired-state/")
     state = first.json()["state"]
     tag = state_tag(state["generation"], state["content_hash"])
@@ -271,19 +278,13 @@ def test_a_pull_naming_the_newest_state_is_answered_not_modified(
 
 def test_tpot_sized_steps_are_set_on_a_deployment_and_reach_its_workers(
     enrolled: tuple[Node, str],
+    placed: Deployment,
     world: World,
     client_for: Any,
     django_capture_on_commit_callbacks: Any,
 ) -> None:
-    node, credential = enrolled
-    Node.objects.filter(pk=node.pk).update(status="ready")
-    deployment = fleet.create_deployment(
-        tenant=world.tenant_a,
-        name="chat",
-        model_name="chat",
-        artifact_uri="synthetic://chat",
-        replicas=1,
-    )
+    _, credential = enrolled
+    deployment = placed
     state = as_node(credential).get("/api/v1/agent/desired-state/").json()["state"]
     assert "tpot_steps" not in state["components"]["workers"][0]
     api = client_for(world.admin_a)
