@@ -15,22 +15,22 @@ so an admitted request waits for the step under way plus its own first chunk.
 
 With ``tpot_steps`` on, steps are sized to the tightest TPOT objective (the ``tpot`` SLO
 thresholds) of the tenants with requests running or waiting, or with one in the last
-steps a request takes on average (rows admitted while a tenant is between requests
-would still be decoding at its next). The step loop measures a step's cost as a fixed
-part plus a part per row or prompt token (``stepcost``), and the prompt time each
-decode row brings with it (its request's prompt, spread over the steps it decodes).
-Rows are admitted
-while their decode and that prompt time fit in the objective (prompts get a tenth of it
-at least and half at most), and prompt chunks are paid from the time steps leave
-unused, so steps average the objective and a chunk runs only when it is worth its
+steps a request takes on average (rows admitted while a tenant is between requests would
+still be decoding at its next). The step loop measures a step's cost as a fixed part
+plus a part per row or prompt token (``stepcost``), and the prompt time each decode row
+brings with it (its request's prompt, spread over the steps it decodes). Rows are
+admitted while their decode and that prompt time fit in the objective (prompts get a
+tenth of it at least and half at most), and prompt chunks are paid from the time steps
+leave unused, so steps average the objective and a chunk runs only when it is worth its
 forward call. Past that, admission holds back and rows end on their own; where the rows'
 decode alone takes more than the objective, rows are paused down to what fits (lowest
 priority class first, then the tenant furthest past its weighted share of the rows,
-newest first), so one tenant's many rows do not stretch another's time per output
-token. A pause is what breaks a request's TPOT, so the rows of the tenants whose
-objective steps are sized to are never paused for it, nor preempted for a same-class
-tenant without that objective (a looser objective counts as none); a preemption makes
-room for its one request, not down to the cap. The throughput given up for it is what the benchmark prints beside it.
+newest first), so one tenant's many rows do not stretch another's time per output token.
+A pause is what breaks a request's TPOT, so the rows of the tenants whose objective
+steps are sized to are never paused for it, nor preempted for a same-class tenant
+without that objective (a looser objective counts as none); a preemption makes room for
+its one request, not down to the cap. The throughput given up for it is what the
+benchmark prints beside it.
 
 The ``fair`` policy is the Virtual Token Counter of Sheng et al., "Fairness in Serving
 Large Language Models" (OSDI 2024): every tenant has a counter that advances by the
@@ -40,14 +40,13 @@ weight instead of handing them all to the tenant that was behind); the next requ
 comes from the backlogged tenant with the smallest counter; a tenant that becomes
 backlogged is lifted to the smallest counter among active tenants, so idling banks no
 credit. With ``preemption`` on, a tenant holding fewer batch slots than its weighted
-share may pause the newest request of the tenant past its own share with the most
-slots per unit of weight, whatever their counters say (they order who takes free slots;
-shares bound who holds them, so a burst of a tenant under its share is not held back
-to let the others' counters catch up); the paused request keeps its KV cache and
-resumes without a new prefill. A waiting tenant that can neither take a slot nor pause
-one does not hold back the next.
-A higher priority class may pause a lower one's request.
-``fcfs`` is plain arrival order, kept for comparison.
+share may pause the newest request of the tenant past its own share with the most slots
+per unit of weight, whatever their counters say (they order who takes free slots; shares
+bound who holds them, so a burst of a tenant under its share is not held back to let the
+others' counters catch up); the paused request keeps its KV cache and resumes without a
+new prefill. A waiting tenant that can neither take a slot nor pause one does not hold
+back the next. A higher priority class may pause a lower one's request. ``fcfs`` is
+plain arrival order, kept for comparison.
 
 Tenant limits hold under either policy and win over it; a limited tenant's requests wait
 in its own queue (429 with Retry-After once that is full) while others are admitted:
