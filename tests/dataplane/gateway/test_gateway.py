@@ -300,7 +300,11 @@ def test_fleet_wide_concurrency_limit_and_a_gateway_restart(
             workers,
             {"a": {"max_concurrency": limit}},
             tmp_path,
-            lease_ttl_s=1.0,
+            # A live gateway renews its leases every quarter of this: long enough that a
+            # busy machine's stalls do not let one lapse under a running request (a lapsed
+            # lease is renewed once its gateway gets to it, after another start may have
+            # taken its place); short enough for the dead gateway's to expire in the test.
+            lease_ttl_s=3.0,
             deployment={"deployment_id": deployment},
         )
         with RunningWatch(workers) as watch, LeaseWatch(deployment, "a") as leases:
