@@ -575,6 +575,7 @@ class Scheduler:
             entry[0] += 1
             entry[1] += 0 if request.seq.tokens else len(request.seq.prompt)
         started = sum(max(0, len(r.seq.prompt) - r.seq.prefilled) for r in self._prefilling)
+        cap = self._row_cap()
         return {
             "running": len(self.running),
             # Decoding rows per tenant (those a waiting request may be given by pausing
@@ -582,11 +583,11 @@ class Scheduler:
             # tenants whose rows the TPOT objective protects from the others: what a
             # gateway reads to send a tenant under its share ahead of a full batch.
             "rows": dict(Counter(r.tenant for r in self._in_batch)),
-            "row_cap": self._row_cap(),
+            "row_cap": cap,
             "protected": sorted(t for t in self._objectives if self._protected(t)),
             "preempts": self.policy.preempts,
             "max_batch_size": self.batching.max_batch_size,
-            "free_slots": max(0, self._row_cap() - len(self.running)),
+            "free_slots": max(0, cap - len(self.running)),
             "queued": [
                 {"priority": priority, "requests": count, "prompt_tokens": tokens}
                 for priority, (count, tokens) in sorted(queued.items(), reverse=True)
