@@ -12,7 +12,11 @@ both implementations (Redis for several gateways, in-process for one):
   after being idle is lifted to the lowest counter among active tenants, so idling banks
   no credit.
 - ``max_concurrency``: a running request holds a lease that expires ``lease_ttl`` after
-  its gateway last renewed it, so the leases of a gateway that died free themselves.
+  its gateway last renewed it, so the leases of a gateway that died free themselves. A
+  lease that lapsed while its gateway lived (stalled, or cut off from the ledger, for
+  longer than the TTL) is taken again at the next renewal only while the tenant is under
+  its limit; otherwise it is lost, and its gateway ends the request, because the ledger
+  may have let another start in its place.
 - ``tokens_per_s``: a token bucket of output tokens, starting full. A request reserves
   its ``max_tokens`` when it starts, which it may do while the bucket holds that many (or
   is full, when that is fewer); when it ends, what it did not use is refunded and what it
@@ -43,6 +47,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Protocol
 
 import redis.asyncio as aioredis
@@ -168,6 +173,20 @@ class Dues:
         self._unsure[:0] = taken
 
 
+@dataclass(frozen=True)
+class Renewal:
+    """What a renewal found of the leases it was given that had lapsed: ``regained``,
+    taken again under the tenant's limit, and ``lost``, which another request may have
+    taken. A lease the ledger freed because its request ended meanwhile is among them
+    too (the end and the renewal crossed), and is nothing to its gateway any more."""
+
+    regained: frozenset[str] = frozenset()
+    lost: frozenset[str] = frozenset()
+
+
+_NO_TENANTS: Mapping[str, TenantConfig] = MappingProxyType({})
+
+
 class Ledger(Protocol):
     """The shared counters of one deployment's tenants."""
 
@@ -199,8 +218,10 @@ class Ledger(Protocol):
         gateway: str,
         waiting: Mapping[str, int],
         leases: Mapping[str, Collection[str]],
-    ) -> None:
-        """Renew this gateway's leases (tenant -> lease ids) and set its waiting tenants
+        tenants: Mapping[str, TenantConfig] = _NO_TENANTS,
+    ) -> Renewal:
+        """Renew this gateway's leases (tenant -> lease ids), take back the lapsed ones
+        the tenants' ``max_concurrency`` still allows, and set its waiting tenants
         (tenant -> the next request's reservation)."""
         ...
 
@@ -404,14 +425,25 @@ class InProcessLedger:
         gateway: str,
         waiting: Mapping[str, int],
         leases: Mapping[str, Collection[str]],
-    ) -> None:
+        tenants: Mapping[str, TenantConfig] = _NO_TENANTS,
+    ) -> Renewal:
         now = self._clock()
         book = self._book(deployment)
+        regained: set[str] = set()
+        lost: set[str] = set()
         for tenant, ids in leases.items():
+            self._leases(book, tenant, now)  # the lapsed ones go
             held = book.leases.setdefault(tenant, {})
+            limit = tenants.get(tenant, _DEFAULT).max_concurrency
             for lease in ids:
+                if lease not in held:
+                    if limit is not None and len(held) >= limit:
+                        lost.add(lease)
+                        continue
+                    regained.add(lease)
                 held[lease] = now + self._lease_ttl
         self._register(book, gateway, waiting, now)
+        return Renewal(frozenset(regained), frozenset(lost))
 
     async def waiting(self, deployment: str) -> set[str]:
         return self._backlogged(self._book(deployment), self._clock())
@@ -632,7 +664,9 @@ return 1
 )
 
 # ARGV: prefix gw lease_ttl backlog_ttl nwait (waiting tenant, its reservation)... then
-# tenant lease pairs.
+# per tenant: name max_concurrency (-1 for none) n, and its n lease ids. Renews the live
+# leases, then takes back lapsed ones while the tenant is under its limit; returns the
+# ones taken back and the ones lost.
 _HEARTBEAT = (
     _LUA_COMMON
     + """
@@ -643,13 +677,33 @@ local i = 6
 for _ = 1, nwait do
   waiting[#waiting + 1] = ARGV[i]; reserves[ARGV[i]] = ARGV[i + 1]; i = i + 2
 end
+local regained, lost = {}, {}
 while i <= #ARGV do
-  redis.call('ZADD', prefix .. 'lease:' .. ARGV[i], now + lease_ttl, ARGV[i + 1])
-  redis.call('SADD', prefix .. 'leased', ARGV[i])
-  i = i + 2
+  local name, maxc, n = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local key = prefix .. 'lease:' .. name
+  local held = leases(name)
+  local lapsed = {}
+  for j = i + 3, i + 2 + n do
+    if redis.call('ZSCORE', key, ARGV[j]) then
+      redis.call('ZADD', key, now + lease_ttl, ARGV[j])
+    else
+      lapsed[#lapsed + 1] = ARGV[j]
+    end
+  end
+  for _, lease in ipairs(lapsed) do
+    if maxc >= 0 and held >= maxc then
+      lost[#lost + 1] = lease
+    else
+      redis.call('ZADD', key, now + lease_ttl, lease)
+      regained[#regained + 1] = lease
+      held = held + 1
+    end
+  end
+  redis.call('SADD', prefix .. 'leased', name)
+  i = i + 3 + n
 end
 set_waiting(gw, waiting, reserves, backlog_ttl)
-return 1
+return {regained, lost}
 """
 )
 
@@ -750,7 +804,8 @@ class RedisLedger:
         gateway: str,
         waiting: Mapping[str, int],
         leases: Mapping[str, Collection[str]],
-    ) -> None:
+        tenants: Mapping[str, TenantConfig] = _NO_TENANTS,
+    ) -> Renewal:
         args = [
             self._prefix(deployment),
             gateway,
@@ -759,9 +814,12 @@ class RedisLedger:
             *_waiting_args(waiting),
         ]
         for tenant, ids in leases.items():
-            for lease in ids:
-                args += [tenant, lease]
-        await self._heartbeat(args=args)
+            limits = tenants.get(tenant, _DEFAULT)
+            args += [tenant, _limits_args(limits)[0], str(len(ids)), *ids]
+        regained, lost = await self._heartbeat(args=args)
+        return Renewal(
+            frozenset(_text(lease) for lease in regained), frozenset(_text(lease) for lease in lost)
+        )
 
     async def waiting(self, deployment: str) -> set[str]:
         names = await self._waiting(args=[self._prefix(deployment)])

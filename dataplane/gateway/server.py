@@ -37,7 +37,7 @@ import signal
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ from dataplane.gateway.ledger import (
     InProcessLedger,
     Ledger,
     RedisLedger,
+    Renewal,
     Settlement,
     StartRequest,
 )
@@ -119,6 +120,16 @@ def _replica_error() -> ApiError:
     )
 
 
+def _lease_error() -> ApiError:
+    return ApiError(
+        503,
+        "The gateway lost this request's place under its tenant's concurrency limit "
+        "(it could not renew it in time); retry the request.",
+        type_="server_error",
+        code="lease_lost",
+    )
+
+
 @dataclass
 class _WholeTiming(RequestTiming):
     """A non-streamed answer: its client sees every token at once, at the end."""
@@ -128,6 +139,15 @@ class _WholeTiming(RequestTiming):
     @property
     def output_tokens(self) -> int:
         return self.tokens
+
+
+@dataclass(eq=False)
+class _Forward:
+    """A request being forwarded to a replica; ``failed`` once the replica is marked
+    down under it (its task is then cancelled, and ends the response as failed)."""
+
+    task: asyncio.Task[Any] | None
+    failed: bool = False
 
 
 @dataclass(eq=False)
@@ -156,19 +176,14 @@ class _Waiter:
     unsure: bool = False
     # What its last start asked the ledger to advance its tenant's counter by.
     cost: float = 0.0
+    # Its lease lapsed and another request may hold its place: it is ended.
+    lost: bool = False
+    # Where it is being forwarded, once it is.
+    forward: _Forward | None = None
 
     def undone(self, limits: TenantConfig) -> Finished:
         """The end of a start that never reached a replica, applied only if it happened."""
         return Finished(self.tenant, self.lease, self.reserve, limits, True, self.cost)
-
-
-@dataclass(eq=False)
-class _Forward:
-    """A request being forwarded to a replica; ``failed`` once the replica is marked
-    down under it (its task is then cancelled, and ends the response as failed)."""
-
-    task: asyncio.Task[Any] | None
-    failed: bool = False
 
 
 class _Deployment:
@@ -187,7 +202,8 @@ class _Deployment:
         self.owed = Dues()
         # Settling what ended while nothing waited here to carry it.
         self.settling: asyncio.Task[None] | None = None
-        self.leases: dict[str, set[str]] = {}
+        # The leases of the requests started here: tenant -> lease id -> request.
+        self.leases: dict[str, dict[str, _Waiter]] = {}
         # Seconds until the tenant's bucket held enough, as the ledger last said.
         self.token_wait: dict[str, float] = {}
         self.forwards: dict[str, set[_Forward]] = defaultdict(set)  # by replica id
@@ -234,6 +250,23 @@ class _Deployment:
                 forward.failed = True
                 forward.task.cancel()
         self.wake.set()
+
+    def renewed(self, sent: Mapping[str, Collection[str]], renewal: Renewal) -> None:
+        """Act on the lapsed leases a renewal of ``sent`` (tenant -> lease ids) found: one
+        taken back for a request that ended meanwhile is freed again, and a request whose
+        lease was lost is ended (another may have started in its place)."""
+        for tenant, ids in sent.items():
+            held = self.leases.get(tenant, {})
+            for lease in renewal.regained.intersection(ids).difference(held):
+                self.owed.end(Finished(tenant, lease, 0, self.limits(tenant)))
+            for lease in renewal.lost.intersection(ids):
+                waiter = held.get(lease)
+                if waiter is None or waiter.lost:
+                    continue
+                log.warning("tenant %s lost a lease under a running request; ending it", tenant)
+                waiter.lost = True
+                if waiter.forward is not None and waiter.forward.task is not None:
+                    waiter.forward.task.cancel()
 
     def waiting_count(self) -> int:
         return sum(len(queue) for queue in self.waiting.values())
@@ -420,8 +453,10 @@ class Gateway:
     async def _follow_replica(self, dep: _Deployment, replica: Replica) -> None:
         cfg = replica.config
         model = dep.route.served_model_name
+        loop = asyncio.get_running_loop()
         while True:
             interval = self.config.health_interval_s
+            heard = loop.time()  # when the replica last answered, or was asked
             # Connecting, and each read, may take a health interval at most.
             timeout = aiohttp.ClientTimeout(total=None, connect=interval, sock_read=interval)
             try:
@@ -448,6 +483,7 @@ class Gateway:
                     self.metrics.replica_up.labels(model, cfg.replica_id).set(1)
                     pending = b""
                     async for chunk in stream.content.iter_any():
+                        heard = loop.time()
                         # Only the newest of the messages read at once matters.
                         pending += chunk
                         *lines, pending = pending.split(b"\n")
@@ -455,6 +491,15 @@ class Gateway:
                             state = ReplicaState.from_message(json.loads(lines[-1]))
                             replica.update(state, messages=len(lines))
                             dep.wake.set()
+            except TimeoutError as exc:
+                # A silence timed out long after it was due: this gateway's own loop was
+                # stalled (its machine, a pause), and what the replica sent meanwhile
+                # waits unread. The replica is asked again, not marked down.
+                if loop.time() - heard > interval * 1.5:
+                    log.warning("replica %s: read after a stall of this gateway", cfg.replica_id)
+                    continue
+                if replica.up:
+                    log.warning("replica %s is down: %s", cfg.replica_id, exc)
             except (*_TRANSPORT_ERRORS, ValueError, KeyError, TypeError, AttributeError) as exc:
                 # Unreachable, or answering what no worker would: down either way.
                 if replica.up:
@@ -618,7 +663,7 @@ class Gateway:
                 None if full else replica.model_ttft(waiter.prompt_tokens, waiter.priority)
             )
             waiter.dispatch = replica.routed(tenant, waiter.prompt_tokens, waiter.stream)
-            dep.leases.setdefault(tenant, set()).add(waiter.lease)
+            dep.leases.setdefault(tenant, {})[waiter.lease] = waiter
             waiter.future.set_result(replica)
 
     async def settle(self, dep: _Deployment) -> None:
@@ -657,15 +702,19 @@ class Gateway:
             if not beat:
                 continue
             for dep in list(self.deployments.values()):
+                sent = {t: list(held) for t, held in dep.leases.items() if held}
                 try:
-                    await self.ledger.heartbeat(
+                    renewal = await self.ledger.heartbeat(
                         dep.route.deployment_id,
                         self.config.gateway_id,
                         dep.waiting_tenants(),
-                        {t: ids for t, ids in dep.leases.items() if ids},
+                        sent,
+                        dep.route.tenants,
                     )
                 except Exception:
                     log.exception("renewing leases failed; retrying")
+                    continue
+                dep.renewed(sent, renewal)
 
     async def admit(self, dep: _Deployment, tenant: str, waiter: _Waiter) -> Replica:
         queue = dep.waiting.setdefault(tenant, deque())
@@ -688,7 +737,7 @@ class Gateway:
         """Free the request's lease here, and owe the ledger its end: the lease and the
         settled reservation go with the admission it wakes, or, with nothing waiting
         here, at once, off any request's way."""
-        dep.leases.get(tenant, set()).discard(waiter.lease)
+        dep.leases.get(tenant, {}).pop(waiter.lease, None)
         dep.owed.end(Finished(tenant, waiter.lease, refund, dep.limits(tenant)))
         if not (dep.waiting_count() or dep.settling or self._stopping):
             dep.settling = asyncio.get_running_loop().create_task(self._settle_idle(dep))
@@ -909,6 +958,8 @@ class GatewayApp(ModelServer):
         dispatch = waiter.dispatch
         predicted = waiter.predicted
         for attempt in range(2):
+            if waiter.lost:
+                raise _lease_error()
             current = replica
             if not current.up:  # down since it was chosen
                 if dispatch is not None:
@@ -922,7 +973,7 @@ class GatewayApp(ModelServer):
                 predicted = current.model_ttft(waiter.prompt_tokens, waiter.priority)
                 dispatch = current.routed(tenant, waiter.prompt_tokens, stream)
             current.inflight += 1
-            forward = _Forward(asyncio.current_task())
+            forward = waiter.forward = _Forward(asyncio.current_task())
             dep.forwards[current.replica_id].add(forward)
             gateway.metrics.routed.labels(model, current.replica_id).inc()
             mux = dep.muxes.get(current.replica_id) if len(raw) <= MUX_MAX_BODY else None
@@ -1006,11 +1057,22 @@ class GatewayApp(ModelServer):
                         response.release()
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
-                    # Cancelled by the mark-down alone, it fails over; cancelled by the
-                    # client's leaving too (in the same loop iteration), it ends here.
-                    if not forward.failed or (task is not None and task.uncancel() > 0):
+                    # Cancelled by the mark-down alone, it fails over; by its lease's loss
+                    # alone, it ends with an error; cancelled by the client's leaving too
+                    # (in the same loop iteration), it ends here.
+                    if not (forward.failed or waiter.lost) or (
+                        task is not None and task.uncancel() > 0
+                    ):
                         raise
-                    raise aiohttp.ClientConnectionError("the replica was marked down") from None
+                    if forward.failed:
+                        raise aiohttp.ClientConnectionError("the replica was marked down") from None
+                    if not started:
+                        raise _lease_error() from None
+                    call.done = True
+                    await call.send(
+                        {"type": "http.response.body", "body": sse(_lease_error().body()) + _DONE}
+                    )
+                    return "failed"
             except _TRANSPORT_ERRORS as exc:
                 log.warning("replica %s failed: %s", current.replica_id, exc)
                 dep.forwards[current.replica_id].discard(forward)  # it ends here, not by cancel

@@ -117,6 +117,15 @@ class ServerProcess(ABC):
         self._proc.send_signal(signal.SIGKILL)
         self._proc.wait()
 
+    def pause(self) -> None:
+        """Stop running (SIGSTOP), as a process stalled by its machine would."""
+        assert self._proc is not None, f"start the {self.name} first"
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._proc is not None, f"start the {self.name} first"
+        self._proc.send_signal(signal.SIGCONT)
+
     def signal_reload(self) -> None:
         assert self._proc is not None, f"start the {self.name} first"
         self._proc.send_signal(signal.SIGHUP)

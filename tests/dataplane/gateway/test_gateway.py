@@ -301,9 +301,8 @@ def test_fleet_wide_concurrency_limit_and_a_gateway_restart(
             {"a": {"max_concurrency": limit}},
             tmp_path,
             # A live gateway renews its leases every quarter of this: long enough that a
-            # busy machine's stalls do not let one lapse under a running request (a lapsed
-            # lease is renewed once its gateway gets to it, after another start may have
-            # taken its place); short enough for the dead gateway's to expire in the test.
+            # busy machine's stalls do not let one lapse under a running request (which
+            # would end it, see below); short enough for the dead gateway's to expire here.
             lease_ttl_s=3.0,
             deployment={"deployment_id": deployment},
         )
@@ -354,6 +353,70 @@ def test_fleet_wide_concurrency_limit_and_a_gateway_restart(
         assert overlap == limit
         first.start()  # restarts and serves again
         assert asyncio.run(one(first.base_url, "a")).status == 200
+
+
+def test_a_gateway_stalled_past_its_leases_ends_the_request_another_took_the_place_of(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """A gateway that could not renew a lease in time (stopped here, as a long stall or a
+    cut to Redis would) finds, when it wakes, that another gateway started a request in
+    its request's place: it ends its own with an error rather than run over the limit.
+    The replica, silent to it only while it was stopped, is not marked down."""
+    with ExitStack() as stack:
+        # The worker paces tenant a at 20 tokens/s, so the stalled stream (20 s long) is
+        # still running when its gateway wakes, however loaded the machine.
+        (replica,) = start_workers(
+            stack, [model_dir], tmp_path, {"a": {"tokens_per_s": 20.0, "burst_tokens": 5}}
+        ).values()
+        deployment = f"dep-{uuid.uuid4().hex[:8]}"
+        first, second = gateways(
+            stack,
+            {"r0": replica},
+            {"a": {"max_concurrency": 1}},
+            tmp_path,
+            # Twice the health interval: the stall is at least this long, and the state
+            # stream's silence over it is read as the gateway's, not the replica's.
+            lease_ttl_s=2.0,
+            health_interval_s=1.0,
+            deployment={"deployment_id": deployment},
+        )
+        ledger = redis.Redis.from_url(redis_url())
+        stack.callback(ledger.close)
+        key = f"tailguard:gw:{{{deployment}}}:lease:a"
+
+        def live() -> set[bytes]:
+            seconds, micros = ledger.time()
+            return set(ledger.zrangebyscore(key, f"({seconds + micros / 1e6}", "+inf"))
+
+        async def scenario() -> tuple[Streamed, Streamed]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                started = asyncio.Event()
+                stalled = asyncio.create_task(
+                    stream(client, first.base_url, KEYS["a"], 400, first_token=started)
+                )
+                waiting = asyncio.create_task(started.wait())
+                await asyncio.wait([waiting, stalled], return_when=asyncio.FIRST_COMPLETED)
+                assert started.is_set(), stalled.result()
+                held = live()
+                assert len(held) == 1
+                first.pause()
+                try:
+                    taking = asyncio.create_task(stream(client, second.base_url, KEYS["a"], 3))
+                    # The first gateway's lease lapses, and the second starts its request.
+                    deadline = time.monotonic() + 60
+                    while not live() - held and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)
+                    assert live() - held, "the second gateway never started its request"
+                finally:
+                    first.resume()
+                return await stalled, await taking
+
+        stalled, taking = asyncio.run(scenario())
+        replicas_seen = first.replicas()
+    assert stalled.error is not None and stalled.error["code"] == "lease_lost", stalled.error
+    assert stalled.done and len(stalled.token_times) < 400
+    assert (taking.status, len(taking.token_times), taking.error) == (200, 3, None)
+    assert [r["up"] for r in replicas_seen] == [True]
 
 
 async def one(base_url: str, tenant: str) -> Streamed:

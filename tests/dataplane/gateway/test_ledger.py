@@ -150,6 +150,33 @@ async def test_a_dead_gateways_leases_expire_and_renewed_ones_do_not(
     await eventually_starts(clocked, dep, start("a"), table)
 
 
+async def test_a_lapsed_lease_is_taken_back_under_the_limit_and_lost_over_it(
+    make_ledger: MakeLedger, dep: str
+) -> None:
+    clocked = make_ledger(EXPIRY_TTL, LONG_TTL)
+    ledger = clocked.ledger
+    table = tenants(a={"max_concurrency": 1})
+    stalled = start("a")
+    assert (await ledger.try_start(dep, "g1", stalled, {"a": 10}, table)).ok
+    # g1 stalls past the TTL, and g2 starts a request in its place.
+    taking = start("a")
+    await eventually_starts(clocked, dep, taking, table)
+    renewal = await ledger.heartbeat(dep, "g1", {}, {"a": [stalled.lease]}, table)
+    assert (renewal.regained, renewal.lost) == (set(), {stalled.lease})
+    # The lost lease is not counted: g2's request alone holds the limit.
+    refused = await ledger.try_start(dep, "g2", start("a"), {"a": 10}, table)
+    assert (refused.ok, refused.reason) == (False, "concurrency")
+    # Once g2's request ends, a lapsed lease is taken back, and holds the limit again; a
+    # live one is renewed and is neither.
+    await ledger.settle(dep, ended("a", taking.lease, 0, table["a"]))
+    renewal = await ledger.heartbeat(dep, "g1", {}, {"a": [stalled.lease]}, table)
+    assert (renewal.regained, renewal.lost) == ({stalled.lease}, set())
+    renewal = await ledger.heartbeat(dep, "g1", {}, {"a": [stalled.lease]}, table)
+    assert (renewal.regained, renewal.lost) == (set(), set())
+    refused = await ledger.try_start(dep, "g2", start("a"), {"a": 10}, table)
+    assert (refused.ok, refused.reason) == (False, "concurrency")
+
+
 async def test_token_bucket_reserves_and_refunds(ledger: Ledger, dep: str) -> None:
     table = tenants(a={"tokens_per_s": 1.0, "burst_tokens": 100})
     first = start("a", reserve=60)
