@@ -16,21 +16,23 @@ so an admitted request waits for the step under way plus its own first chunk.
 With ``tpot_steps`` on, steps are sized to the tightest TPOT objective (the ``tpot`` SLO
 thresholds) of the tenants with requests running or waiting, or with one in the last
 steps a request takes on average (rows admitted while a tenant is between requests would
-still be decoding at its next). The step loop measures a step's cost as a fixed part
-plus a part per row or prompt token (``stepcost``), and the prompt time each decode row
-brings with it (its request's prompt, spread over the steps it decodes). Rows are
-admitted while their decode and that prompt time fit in the objective (prompts get a
-tenth of it at least and half at most), and prompt chunks are paid from the time steps
-leave unused, so steps average the objective and a chunk runs only when it is worth its
-forward call. Past that, admission holds back and rows end on their own; where the rows'
-decode alone takes more than the objective, rows are paused down to what fits (lowest
-priority class first, then the tenant furthest past its weighted share of the rows,
-newest first), so one tenant's many rows do not stretch another's time per output token.
-A pause is what breaks a request's TPOT, so the rows of the tenants whose objective
-steps are sized to are never paused for it, nor preempted for a same-class tenant
-without that objective (a looser objective counts as none); a preemption makes room for
-its one request, not down to the cap. The throughput given up for it is what the
-benchmark prints beside it.
+still be decoding at its next). Steps aim at a target that starts at the objective and
+moves below it by what the protected tenants' finished requests show (``TpotAim``):
+steps average their target, so it is set where 99 in 100 of those requests meet the
+objective. The step loop measures a step's cost as a fixed part plus a part per row or
+prompt token (``stepcost``), and the prompt time each decode row brings with it (its
+request's prompt, spread over the steps it decodes). Rows are admitted while their
+decode and that prompt time fit in the target (prompts get a tenth of it at least and
+half at most), and prompt chunks are paid from the time steps leave unused, so a chunk
+runs only when it is worth its forward call. Past that, admission holds back and rows
+end on their own; where the rows' decode alone takes more than the target, rows are
+paused down to what fits (lowest priority class first, then the tenant furthest past its
+weighted share of the rows, newest first), so one tenant's many rows do not stretch
+another's time per output token. A pause is what breaks a request's TPOT, so the rows of
+the tenants whose objective steps are sized to are never paused for it, nor preempted
+for a same-class tenant without that objective (a looser objective counts as none); a
+preemption makes room for its one request, not down to the cap. The throughput given up
+for it is what the benchmark prints beside it.
 
 The ``fair`` policy is the Virtual Token Counter of Sheng et al., "Fairness in Serving
 Large Language Models" (OSDI 2024): every tenant has a counter that advances by the
@@ -439,6 +441,28 @@ def make_policy(scheduling: SchedulingConfig, tenants: Mapping[str, TenantConfig
     return FairPolicy(tenants, scheduling)
 
 
+@dataclass
+class TpotAim:
+    """Where steps aim under a TPOT objective, as a fraction of it. Steps average their
+    target, so a protected tenant's requests spread around it and some land above it.
+    After each of its requests the aim moves down by ``step`` if the request's TPOT was
+    over the objective and up by ``step * (1 - within) / within`` if not: it settles
+    where the share ``within`` of the requests meet the objective, as an SLO on it asks,
+    giving up as little throughput as that needs."""
+
+    within: float = 0.99
+    step: float = 0.05
+    floor: float = 0.5
+    value: float = 1.0
+
+    def observe(self, tpot: float, objective: float) -> None:
+        if tpot > objective:
+            self.value = max(self.floor, self.value * (1 - self.step))
+        else:
+            rise = self.step * (1 - self.within) / self.within
+            self.value = min(1.0, self.value * (1 + rise))
+
+
 class TokenBucket:
     """A tenant's output-token allowance: ``rate`` per second up to ``capacity``.
 
@@ -529,7 +553,10 @@ class Scheduler:
         # tenant, its tightest and the step until which it holds.
         self._steps = 0
         self._objectives: dict[str, tuple[float, int]] = {}
-        # The tightest TPOT objective in force (set by the event loop).
+        # The tightest TPOT objective in force, and what steps aim at under it (set by
+        # the event loop).
+        self._tpot_objective: float | None = None
+        self._aim = TpotAim()
         self._tpot_target: float | None = None
         self._mean_e2e = 1.0
         self._mean_output_tokens = 16.0
@@ -585,6 +612,8 @@ class Scheduler:
             "rows": dict(Counter(r.tenant for r in self._in_batch)),
             "row_cap": cap,
             "protected": sorted(t for t in self._objectives if self._protected(t)),
+            # What steps aim at under the TPOT objective (None without one).
+            "tpot_target_s": self._tpot_target,
             "preempts": self.policy.preempts,
             "max_batch_size": self.batching.max_batch_size,
             "free_slots": max(0, cap - len(self.running)),
@@ -739,7 +768,7 @@ class Scheduler:
                 self._pause(victim)
         self._set_tpot_target()
         # Past the cap, admission holds back and rows end on their own; rows are paused
-        # only where their decode alone overruns the objective, down to what fits in it.
+        # only where their decode alone overruns the target, down to what fits in it.
         target, line = self._tpot_target, self._decode_cost.line
         if target is None or line is None:
             return
@@ -1022,7 +1051,7 @@ class Scheduler:
         and nothing until it pays for the first prompt's whole chunk (as far as the
         step's budget goes) and for at least as much prompt work as the forward call
         costs by itself: a prompt waits a few steps rather than run one token per call,
-        and steps average the objective however the prompts fall.
+        and steps average the target however the prompts fall.
         """
         budget = self._step_budget(rows, chunking)
         line = self._prompt_cost.line
@@ -1060,8 +1089,7 @@ class Scheduler:
 
     def _row_cap(self) -> int:
         """Requests that may hold a slot: the batch size, or fewer where their decode
-        rows and the prompt time they bring would take more than the tightest TPOT
-        objective."""
+        rows and the prompt time they bring would take more than the TPOT target."""
         cap = self.batching.max_batch_size
         target, line = self._tpot_target, self._decode_cost.line
         if target is not None and line is not None:
@@ -1072,7 +1100,7 @@ class Scheduler:
     def _prompt_time(self, rows: int, target: float) -> float:
         """What prompt chunks are due in a step of ``rows`` decode rows under ``target``:
         the prompt seconds each row was seen to bring (its request's prompt, spread over
-        the steps it decodes), within ``PROMPT_SHARES`` of the objective."""
+        the steps it decodes), within ``PROMPT_SHARES`` of the target."""
         per_row = self._prompt_load / max(1.0, self._rows_load)
         least, most = PROMPT_SHARES
         return min(most * target, max(least * target, rows * per_row))
@@ -1080,16 +1108,17 @@ class Scheduler:
     def _protected(self, tenant: str) -> bool:
         """Whether the TPOT objective steps are sized to is the tenant's own."""
         held = self._objectives.get(tenant)
-        target = self._tpot_target
-        return held is not None and target is not None and held[0] <= target
+        objective = self._tpot_objective
+        return held is not None and objective is not None and held[0] <= objective
 
     def _set_tpot_target(self) -> None:
         """The tightest TPOT objective of the tenants with requests running or waiting,
-        or with one in the last steps a request takes on average: rows admitted while a
-        tenant is between requests would still be decoding when its next one comes.
-        The hold counts steps, not time: an idle worker keeps it until steps resume."""
+        or with one in the last steps a request takes on average (rows admitted while a
+        tenant is between requests would still be decoding when its next one comes),
+        and the target steps aim at under it. The hold counts steps, not time: an idle
+        worker keeps it until steps resume."""
         if not self.scheduling.tpot_steps:
-            self._tpot_target = None
+            self._tpot_objective = self._tpot_target = None
             self._objectives = {}
             return
         until = self._steps + math.ceil(self._mean_output_tokens)
@@ -1100,7 +1129,9 @@ class Scheduler:
         self._objectives = {
             tenant: held for tenant, held in self._objectives.items() if held[1] >= self._steps
         }
-        self._tpot_target = min((t for t, _ in self._objectives.values()), default=None)
+        objective = min((t for t, _ in self._objectives.values()), default=None)
+        self._tpot_objective = objective
+        self._tpot_target = None if objective is None else objective * self._aim.value
 
     def _stepped(self, report: _StepReport) -> None:
         """Half a step's outcome, in the event loop: deliver its tokens and charge them;
@@ -1181,6 +1212,9 @@ class Scheduler:
             return
         self._metrics.observe_request(request.tenant, timing)
         self._stats.record(request.tenant, timing)
+        objective = self._tpot_objective
+        if objective is not None and timing.tpot is not None and self._protected(request.tenant):
+            self._aim.observe(timing.tpot, objective)
         if timing.e2e is not None:
             self._mean_e2e = 0.9 * self._mean_e2e + 0.1 * timing.e2e
         self._mean_output_tokens = 0.9 * self._mean_output_tokens + 0.1 * len(request.output_ids)
