@@ -47,7 +47,6 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Protocol
 
 import redis.asyncio as aioredis
@@ -184,9 +183,6 @@ class Renewal:
     lost: frozenset[str] = frozenset()
 
 
-_NO_TENANTS: Mapping[str, TenantConfig] = MappingProxyType({})
-
-
 class Ledger(Protocol):
     """The shared counters of one deployment's tenants."""
 
@@ -218,7 +214,7 @@ class Ledger(Protocol):
         gateway: str,
         waiting: Mapping[str, int],
         leases: Mapping[str, Collection[str]],
-        tenants: Mapping[str, TenantConfig] = _NO_TENANTS,
+        tenants: Mapping[str, TenantConfig],
     ) -> Renewal:
         """Renew this gateway's leases (tenant -> lease ids), take back the lapsed ones
         the tenants' ``max_concurrency`` still allows, and set its waiting tenants
@@ -425,7 +421,7 @@ class InProcessLedger:
         gateway: str,
         waiting: Mapping[str, int],
         leases: Mapping[str, Collection[str]],
-        tenants: Mapping[str, TenantConfig] = _NO_TENANTS,
+        tenants: Mapping[str, TenantConfig],
     ) -> Renewal:
         now = self._clock()
         book = self._book(deployment)
@@ -804,7 +800,7 @@ class RedisLedger:
         gateway: str,
         waiting: Mapping[str, int],
         leases: Mapping[str, Collection[str]],
-        tenants: Mapping[str, TenantConfig] = _NO_TENANTS,
+        tenants: Mapping[str, TenantConfig],
     ) -> Renewal:
         args = [
             self._prefix(deployment),

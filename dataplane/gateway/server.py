@@ -144,10 +144,20 @@ class _WholeTiming(RequestTiming):
 @dataclass(eq=False)
 class _Forward:
     """A request being forwarded to a replica; ``failed`` once the replica is marked
-    down under it (its task is then cancelled, and ends the response as failed)."""
+    down under it, its task is cancelled (once, whatever else ends it as well) and ends
+    the response as failed."""
 
     task: asyncio.Task[Any] | None
+    call: Call
     failed: bool = False
+    stopped: bool = False
+
+    def stop(self) -> None:
+        """Cancel the forwarding task, unless it was already, or its response is
+        complete (its last bytes may be on their way)."""
+        if not (self.stopped or self.call.done) and self.task is not None:
+            self.stopped = True
+            self.task.cancel()
 
 
 @dataclass(eq=False)
@@ -202,8 +212,10 @@ class _Deployment:
         self.owed = Dues()
         # Settling what ended while nothing waited here to carry it.
         self.settling: asyncio.Task[None] | None = None
-        # The leases of the requests started here: tenant -> lease id -> request.
+        # The leases of the requests started here: tenant -> lease id -> request; and
+        # when the ledger last renewed them (time.monotonic).
         self.leases: dict[str, dict[str, _Waiter]] = {}
+        self.renewed_at = time.monotonic()
         # Seconds until the tenant's bucket held enough, as the ledger last said.
         self.token_wait: dict[str, float] = {}
         self.forwards: dict[str, set[_Forward]] = defaultdict(set)  # by replica id
@@ -246,15 +258,16 @@ class _Deployment:
         """Mark the replica down and end the requests forwarded to it."""
         replica.mark_down()
         for forward in self.forwards.pop(replica.replica_id, set()):
-            if not forward.failed and forward.task is not None:
-                forward.failed = True
-                forward.task.cancel()
+            forward.failed = True
+            forward.stop()
         self.wake.set()
 
     def renewed(self, sent: Mapping[str, Collection[str]], renewal: Renewal) -> None:
         """Act on the lapsed leases a renewal of ``sent`` (tenant -> lease ids) found: one
         taken back for a request that ended meanwhile is freed again, and a request whose
         lease was lost is ended (another may have started in its place)."""
+        self.renewed_at = time.monotonic()
+        self.wake.set()  # starts held back until now may go
         for tenant, ids in sent.items():
             held = self.leases.get(tenant, {})
             for lease in renewal.regained.intersection(ids).difference(held):
@@ -265,8 +278,8 @@ class _Deployment:
                     continue
                 log.warning("tenant %s lost a lease under a running request; ending it", tenant)
                 waiter.lost = True
-                if waiter.forward is not None and waiter.forward.task is not None:
-                    waiter.forward.task.cancel()
+                if waiter.forward is not None:
+                    waiter.forward.stop()
 
     def waiting_count(self) -> int:
         return sum(len(queue) for queue in self.waiting.values())
@@ -454,9 +467,10 @@ class Gateway:
         cfg = replica.config
         model = dep.route.served_model_name
         loop = asyncio.get_running_loop()
+        excused = False  # the last silence was put down to a stall of this gateway
         while True:
             interval = self.config.health_interval_s
-            heard = loop.time()  # when the replica last answered, or was asked
+            heard = loop.time()  # when the replica was last asked, or last answered
             # Connecting, and each read, may take a health interval at most.
             timeout = aiohttp.ClientTimeout(total=None, connect=interval, sock_read=interval)
             try:
@@ -473,6 +487,7 @@ class Gateway:
                     # a replica of the fleet's (no nonce for another node's) answers as itself
                     raise ValueError(f"/health answers as another replica than {cfg.replica_id}")
                 self._use_mux(dep, cfg, body.get("mux"))
+                heard = loop.time()
                 async with self.client.get(
                     f"{cfg.base_url}/v1/internal/state",
                     headers=self._state_headers(cfg),
@@ -483,7 +498,7 @@ class Gateway:
                     self.metrics.replica_up.labels(model, cfg.replica_id).set(1)
                     pending = b""
                     async for chunk in stream.content.iter_any():
-                        heard = loop.time()
+                        heard, excused = loop.time(), False
                         # Only the newest of the messages read at once matters.
                         pending += chunk
                         *lines, pending = pending.split(b"\n")
@@ -494,9 +509,11 @@ class Gateway:
             except TimeoutError as exc:
                 # A silence timed out long after it was due: this gateway's own loop was
                 # stalled (its machine, a pause), and what the replica sent meanwhile
-                # waits unread. The replica is asked again, not marked down.
-                if loop.time() - heard > interval * 1.5:
+                # waits unread. The replica is asked again, not marked down; a second
+                # such silence in a row is the replica's.
+                if loop.time() - heard > interval * 1.5 and not excused:
                     log.warning("replica %s: read after a stall of this gateway", cfg.replica_id)
+                    excused = True
                     continue
                 if replica.up:
                     log.warning("replica %s is down: %s", cfg.replica_id, exc)
@@ -532,8 +549,13 @@ class Gateway:
     async def _dispatch_loop(self, dep: _Deployment) -> None:
         while True:
             dep.wake.clear()
+            # Leases unrenewed for a TTL (a stall, the ledger away) may have lapsed: no
+            # request starts here until a renewal says which were lost, so a start in
+            # their place does not cost this gateway's own running requests.
+            held = any(dep.leases.values())
             try:
-                await self._dispatch_round(dep)
+                if not held or time.monotonic() - dep.renewed_at < self.config.lease_ttl_s:
+                    await self._dispatch_round(dep)
             except Exception:  # the ledger's server may be away: retry, never stop
                 log.exception("dispatch round failed")
             self.metrics.waiting.labels(dep.route.served_model_name).set(dep.waiting_count())
@@ -973,7 +995,7 @@ class GatewayApp(ModelServer):
                 predicted = current.model_ttft(waiter.prompt_tokens, waiter.priority)
                 dispatch = current.routed(tenant, waiter.prompt_tokens, stream)
             current.inflight += 1
-            forward = waiter.forward = _Forward(asyncio.current_task())
+            forward = waiter.forward = _Forward(asyncio.current_task(), call)
             dep.forwards[current.replica_id].add(forward)
             gateway.metrics.routed.labels(model, current.replica_id).inc()
             mux = dep.muxes.get(current.replica_id) if len(raw) <= MUX_MAX_BODY else None

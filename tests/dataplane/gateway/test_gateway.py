@@ -364,7 +364,9 @@ def test_a_gateway_stalled_past_its_leases_ends_the_request_another_took_the_pla
     The replica, silent to it only while it was stopped, is not marked down."""
     with ExitStack() as stack:
         # The worker paces tenant a at 20 tokens/s, so the stalled stream (20 s long) is
-        # still running when its gateway wakes, however loaded the machine.
+        # still running when its gateway wakes, however loaded the machine; and its
+        # bucket goes to the older request, so the second one (holding the lease in the
+        # first's place) cannot end before it either.
         (replica,) = start_workers(
             stack, [model_dir], tmp_path, {"a": {"tokens_per_s": 20.0, "burst_tokens": 5}}
         ).values()

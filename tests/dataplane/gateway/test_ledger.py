@@ -129,7 +129,7 @@ async def test_a_start_settles_what_is_owed_before_it_decides(ledger: Ledger, de
     second = start("a", cost=0, reserve=80)
     decision = await ledger.try_start(dep, "g1", second, {"a": 80}, table, owed)
     assert decision.ok and decision.counter == pytest.approx(7.0)
-    await ledger.heartbeat(dep, "g2", {"b": 10}, {})
+    await ledger.heartbeat(dep, "g2", {"b": 10}, {}, {})
     behind = await ledger.try_start(dep, "g2", start("b", cost=0), {"b": 10}, table)
     assert (behind.ok, behind.counter) == (True, pytest.approx(1000.0))
 
@@ -144,7 +144,7 @@ async def test_a_dead_gateways_leases_expire_and_renewed_ones_do_not(
     assert (await ledger.try_start(dep, "g1", held, {"a": 10}, table)).ok
     for _ in range(3):  # renewed: still held after more than a TTL of renewals
         await clocked.advance(EXPIRY_TTL / 2)
-        await ledger.heartbeat(dep, "g1", {}, {"a": [held.lease]})
+        await ledger.heartbeat(dep, "g1", {}, {"a": [held.lease]}, table)
         assert not (await ledger.try_start(dep, "g2", start("a"), {"a": 10}, table)).ok
     # g1 stops renewing (it died): the lease frees itself.
     await eventually_starts(clocked, dep, start("a"), table)
@@ -205,7 +205,7 @@ async def test_lower_counter_waiting_at_another_gateway_goes_first(
     assert (await ledger.try_start(dep, "g2", start("b", cost=10), {"b": 10}, table)).ok
     assert (await ledger.try_start(dep, "g1", start("a", cost=100), {"a": 10}, table)).ok
     # b waits at g2; a's next request at g1 must let it go first.
-    await ledger.heartbeat(dep, "g2", {"b": 10}, {})
+    await ledger.heartbeat(dep, "g2", {"b": 10}, {}, {})
     refused = await ledger.try_start(dep, "g1", start("a"), {"a": 10}, table)
     assert (refused.ok, refused.reason) == (False, "fair")
     # b (at g2) goes and passes a; then a may go again.
@@ -250,7 +250,7 @@ async def test_a_dead_gateways_waiting_tenants_stop_holding_others_back(
     clocked = make_ledger(LONG_TTL, EXPIRY_TTL)
     ledger = clocked.ledger
     table = tenants(low={}, high={"priority": 1})
-    await ledger.heartbeat(dep, "g2", {"high": 10}, {})
+    await ledger.heartbeat(dep, "g2", {"high": 10}, {}, {})
     assert await ledger.waiting(dep) == {"high"}
     refused = await ledger.try_start(dep, "g1", start("low"), {"low": 10}, table)
     assert refused.reason == "priority"
@@ -272,7 +272,7 @@ async def test_an_idle_tenant_banks_no_credit(ledger: Ledger, dep: str) -> None:
 
 async def test_charges_advance_the_counter(ledger: Ledger, dep: str) -> None:
     table = tenants(a={}, b={})
-    await ledger.heartbeat(dep, "g2", {"a": 10}, {})
+    await ledger.heartbeat(dep, "g2", {"a": 10}, {}, {})
     await ledger.settle(dep, [Settlement(charges={"a": 50.0})])
     started = await ledger.try_start(dep, "g1", start("b", cost=0), {"b": 10}, table)
     assert started.ok and started.counter == pytest.approx(50)  # lifted to a's, not past it
@@ -287,12 +287,12 @@ async def test_a_tenant_its_bucket_holds_back_holds_nobody_back(ledger: Ledger, 
     table = tenants(a={"tokens_per_s": 1.0, "burst_tokens": 60}, b={})
     assert (await ledger.try_start(dep, "g2", start("a", cost=1, reserve=50), {"a": 50}, table)).ok
     assert (await ledger.try_start(dep, "g1", start("b", cost=100), {"b": 10}, table)).ok
-    await ledger.heartbeat(dep, "g2", {"a": 50}, {})
+    await ledger.heartbeat(dep, "g2", {"a": 50}, {}, {})
     refused = await ledger.try_start(dep, "g2", start("a", reserve=50), {"a": 50}, table)
     assert (refused.ok, refused.reason) == (False, "tokens")
     assert (await ledger.try_start(dep, "g1", start("b"), {"b": 10}, table)).ok
     # Once its next request is one its bucket can pay for, a goes first again.
-    await ledger.heartbeat(dep, "g2", {"a": 5}, {})
+    await ledger.heartbeat(dep, "g2", {"a": 5}, {}, {})
     refused = await ledger.try_start(dep, "g1", start("b"), {"b": 10}, table)
     assert (refused.ok, refused.reason) == (False, "fair")
 
@@ -310,7 +310,7 @@ async def test_going_beyond_the_slots_holds_a_tenant_to_its_weighted_share(
     refused = await ledger.try_start(dep, "g1", start("a", share_of=8), {"a": 10}, table)
     assert (refused.ok, refused.reason) == (False, "share")
     # b waiting too: b's share is 6, a's 2 (it holds 8: nothing more beyond the slots).
-    await ledger.heartbeat(dep, "g2", {"b": 10}, {})
+    await ledger.heartbeat(dep, "g2", {"b": 10}, {}, {})
     for _ in range(6):
         assert (
             await ledger.try_start(
@@ -336,7 +336,7 @@ async def test_a_settlement_carried_again_is_applied_once(ledger: Ledger, dep: s
     refused = await ledger.try_start(dep, "g1", start("a", reserve=160), {"a": 160}, table)
     assert (refused.ok, refused.reason) == (False, "tokens")
     assert 5 < refused.wait_s <= 10
-    await ledger.heartbeat(dep, "g2", {"b": 10}, {})
+    await ledger.heartbeat(dep, "g2", {"b": 10}, {}, {})
     started = await ledger.try_start(dep, "g2", start("b", cost=0), {"b": 10}, table, owed)
     assert started.ok and started.counter == pytest.approx(8.0)
 
