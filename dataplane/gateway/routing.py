@@ -196,9 +196,11 @@ class Replica:
         class (one not already claimed by a request this gateway sent), or, within the
         class, a row of a tenant past its weighted share of the rows allowed while
         ``tenant`` stays within its own (not a row the worker's TPOT objective protects,
-        unless it protects ``tenant`` too). What this gateway sent that the state does not
-        show yet counts as the tenant's rows. A request it does not pause for waits in
-        its queue for the next free row."""
+        unless it protects ``tenant`` too); for a tenant that objective protects, any row
+        of its class or below it does not protect, while the tenant stays within its
+        share of the batch size. What this gateway sent that the state does not show yet
+        counts as the tenant's rows. A request it does not pause for waits in its queue
+        for the next free row."""
         state = self.state
         if not self.up or state is None or not state.preempts:
             return False
@@ -216,6 +218,15 @@ class Replica:
         if lower > self.sent:  # a lower-class row is left to pause for each sent here
             return True
         total = sum(config(t).weight for t in peers.keys() | {tenant})
+        if tenant in state.protected:
+            claimable = sum(
+                n
+                for t, n in rows.items()
+                if t != tenant and t not in state.protected and config(t).priority <= mine
+            )
+            batch_share = state.max_batch_size * config(tenant).weight / total
+            if claimable > self.sent and peers.get(tenant, 0) + 1 <= batch_share:
+                return True
         slots = state.row_cap
 
         def share(name: str) -> float:

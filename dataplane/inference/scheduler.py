@@ -17,20 +17,23 @@ With ``tpot_steps`` on, steps are sized to the tightest TPOT objective (the ``tp
 thresholds) of the tenants with requests running or waiting, or with one in the last
 steps a request takes on average (rows admitted while a tenant is between requests would
 still be decoding at its next). Steps aim at a target that starts at the objective and
-moves below it by what the protected tenants' finished requests show (``TpotAim``):
-steps average their target, so it is set where 99 in 100 of those requests meet the
-objective. The step loop measures a step's cost as a fixed part plus a part per row or
-prompt token (``stepcost``), and the prompt time each decode row brings with it (its
-request's prompt, spread over the steps it decodes). Rows are admitted while their
-decode and that prompt time fit in the target (prompts get a tenth of it at least and
-half at most), and prompt chunks are paid from the time steps leave unused, so a chunk
-runs only when it is worth its forward call. Past that, admission holds back and rows
-end on their own; where the rows' decode alone takes more than the target, rows are
-paused down to what fits (lowest priority class first, then the tenant furthest past its
-weighted share of the rows, newest first), so one tenant's many rows do not stretch
-another's time per output token. A pause is what breaks a request's TPOT, so the rows of
-the tenants whose objective steps are sized to are never paused for it, nor preempted
-for a same-class tenant without that objective (a looser objective counts as none); a
+moves below it by what the protected tenants' finished requests show (``TpotAim``, one
+per objective, fed by the requests that were never paused): steps average their target,
+so it is set where 99 in 100 of those requests meet the objective. The step loop
+measures a step's cost as a fixed part plus a part per row or prompt token
+(``stepcost``), and the prompt time each decode row brings with it (its request's
+prompt, spread over the steps it decodes). Rows are admitted while their decode and that
+prompt time fit in the target (prompts get a tenth of it at least and half at most), and
+prompt chunks are paid from the time steps leave unused, so a chunk runs only when it is
+worth its forward call. Past that, admission holds back and rows end on their own; where
+the rows' decode alone takes more than the target, rows are paused down to what fits
+(lowest priority class first, then the tenant furthest past its weighted share of the
+rows, newest first), so one tenant's many rows do not stretch another's time per output
+token. A pause is what breaks a request's TPOT, so the rows of the tenants whose
+objective steps are sized to are never paused for it, nor preempted for a same-class
+tenant without that objective (a looser objective counts as none); its own requests may
+pause the rows it does not protect while its tenant holds less than its weighted share
+of the batch size (the cap shrinks for the objective, the tenant's share does not). A
 preemption makes room for its one request, not down to the cap. The throughput given up
 for it is what the benchmark prints beside it.
 
@@ -100,8 +103,8 @@ FINISH_ERROR = "error"
 # Moves for the next step, a new ``rows_per_call`` (applied between steps), or None: stop.
 _Command = list[tuple[str, "GenerationRequest"]] | int | None
 _DEFAULT_TENANT = TenantConfig.model_validate({})
-# Of the tightest TPOT objective, the least and the most that prompt chunks get,
-# whatever they were seen to need.
+# Of the TPOT target, the least and the most that prompt chunks get, whatever they
+# were seen to need.
 PROMPT_SHARES = (0.1, 0.5)
 # Smoothing of the prompt seconds and decode rows a step carries (about a request's
 # lifetime of steps).
@@ -158,6 +161,8 @@ class GenerationRequest:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cancelled: bool = False
+    # Paused at least once (preempted, or held back by a limit or a TPOT objective).
+    paused: bool = False
     _updated: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -445,10 +450,11 @@ def make_policy(scheduling: SchedulingConfig, tenants: Mapping[str, TenantConfig
 class TpotAim:
     """Where steps aim under a TPOT objective, as a fraction of it. Steps average their
     target, so a protected tenant's requests spread around it and some land above it.
-    After each of its requests the aim moves down by ``step`` if the request's TPOT was
-    over the objective and up by ``step * (1 - within) / within`` if not: it settles
-    where the share ``within`` of the requests meet the objective, as an SLO on it asks,
-    giving up as little throughput as that needs."""
+    After each of its requests that steps alone paced (never paused) the aim moves down
+    by ``step`` if the request's TPOT was over the objective and up by ``step * (1 -
+    within) / within`` if not: it settles where about the share ``within`` of the
+    requests meet the objective, as an SLO on it asks, giving up as little throughput
+    as that needs."""
 
     within: float = 0.99
     step: float = 0.05
@@ -556,7 +562,7 @@ class Scheduler:
         # The tightest TPOT objective in force, and what steps aim at under it (set by
         # the event loop).
         self._tpot_objective: float | None = None
-        self._aim = TpotAim()
+        self._aims: dict[float, TpotAim] = {}  # by objective
         self._tpot_target: float | None = None
         self._mean_e2e = 1.0
         self._mean_output_tokens = 16.0
@@ -779,22 +785,46 @@ class Scheduler:
             self.policy.requeue(row)
             self._pause(row)
 
-    def _row_to_pause(self) -> GenerationRequest | None:
+    def _row_to_pause(self, top: int | None = None) -> GenerationRequest | None:
         """The row that waits first when steps must shrink: of the rows the TPOT
-        objective does not protect (a pause is what breaks a request's TPOT), the
-        lowest priority class, then the tenant furthest past its weighted share of the
-        rows, then the newest."""
+        objective does not protect (a pause is what breaks a request's TPOT), and of no
+        class above ``top``, the lowest priority class, then the tenant furthest past its
+        weighted share of the rows, then the newest."""
         rows = Counter(r.tenant for r in self.running)
 
         def key(r: GenerationRequest) -> tuple[int, float, float]:
             weight = self.tenants.get(r.tenant, _DEFAULT_TENANT).weight
             return (r.priority, -rows[r.tenant] / weight, -(r.timing.scheduled or 0.0))
 
-        unprotected = [r for r in self._in_batch if not self._protected(r.tenant)]
+        unprotected = [
+            r
+            for r in self._in_batch
+            if not self._protected(r.tenant) and (top is None or r.priority <= top)
+        ]
         return min(unprotected, key=key, default=None)
+
+    def _claims_row(self, request: GenerationRequest) -> bool:
+        """Whether a request of a tenant the TPOT objective protects may pause a row it
+        does not protect, although the policy would not: while its tenant holds fewer
+        slots than its weighted share of the batch size among the tenants of its class
+        holding slots or waiting. The row cap shrinks for the objective; the tenant's
+        share does not shrink with it, or a burst of its requests would wait for rows
+        to end."""
+        if not (self.policy.preempts and self._protected(request.tenant)):
+            return False
+        tenant, priority = request.tenant, request.priority
+        peers = {r.tenant for r in [*self.running, *self.policy.queued()] if r.priority == priority}
+
+        def weight(name: str) -> float:
+            return self.tenants.get(name, _DEFAULT_TENANT).weight
+
+        total = sum(weight(t) for t in peers | {tenant})
+        held = sum(1 for r in self.running if r.tenant == tenant)
+        return held + 1 <= self.batching.max_batch_size * weight(tenant) / total
 
     def _pause(self, victim: GenerationRequest) -> None:
         """Take a request (already queued again) out of the batch; its KV is kept."""
+        victim.paused = True
         self._in_batch.remove(victim)
         self.running.remove(victim)
         self._pausing.append(victim)
@@ -867,6 +897,10 @@ class Scheduler:
                 )
                 held = [*self._prefilling, *self._joining]
                 victim = self.policy.preempt_for(head, self._in_batch, rows, keep, held)
+                if victim is None and self._claims_row(head):
+                    victim = self._row_to_pause(head.priority)
+                    if victim is not None:
+                        self.policy.requeue(victim)
                 if victim is None:
                     # Nothing to pause for this tenant: another may still be owed a row.
                     skip.add(head.tenant)
@@ -967,7 +1001,7 @@ class Scheduler:
         target = self._tpot_target
         spare = None
         if target is not None and decoding:  # rows to protect
-            # This step's own time left under the objective, plus what earlier steps left.
+            # This step's own time left under the target, plus what earlier steps left.
             line = self._decode_cost.line
             decode = line.seconds(rows) if line is not None else 0.0
             spare = self._slack + max(0.0, target - decode)
@@ -1022,9 +1056,9 @@ class Scheduler:
             self._slack = 0.0
         else:
             # Steps bank the time they leave unused, up to what the cap allows (one
-            # objective while no prompt waits), and a step that ran over leaves a debt
-            # (up to one objective). Steps that leave less than the prompts' share still
-            # earn it, so prompts progress even where the objective cannot be met.
+            # target while no prompt waits), and a step that ran over leaves a debt (up
+            # to one target). Steps that leave less than the prompts' share still earn
+            # it, so prompts progress even where the target cannot be met.
             earned = max(target - decode_seconds, self._prompt_time(decoded, target))
             self._slack = min(
                 self._slack_cap(target, first),
@@ -1078,7 +1112,7 @@ class Scheduler:
         return max(1, min(worth, self.batching.max_tokens_per_step))
 
     def _slack_cap(self, target: float, first: int) -> float:
-        """The most time steps may bank for prompts: one objective, or where that is
+        """The most time steps may bank for prompts: one target, or where that is
         more, what the first waiting prompt's next chunk of ``first`` tokens (0: none
         waits) or the smallest chunk worth its call costs, so that one can always be
         paid for."""
@@ -1131,7 +1165,10 @@ class Scheduler:
         }
         objective = min((t for t, _ in self._objectives.values()), default=None)
         self._tpot_objective = objective
-        self._tpot_target = None if objective is None else objective * self._aim.value
+        if objective is None:
+            self._tpot_target = None
+        else:
+            self._tpot_target = objective * self._aims.setdefault(objective, TpotAim()).value
 
     def _stepped(self, report: _StepReport) -> None:
         """Half a step's outcome, in the event loop: deliver its tokens and charge them;
@@ -1212,9 +1249,16 @@ class Scheduler:
             return
         self._metrics.observe_request(request.tenant, timing)
         self._stats.record(request.tenant, timing)
+        # What steps aim at learns from the requests it alone paced: a paused one's
+        # TPOT holds its wait (its tenant's own limits, a higher class).
         objective = self._tpot_objective
-        if objective is not None and timing.tpot is not None and self._protected(request.tenant):
-            self._aim.observe(timing.tpot, objective)
+        if (
+            objective is not None
+            and timing.tpot is not None
+            and not request.paused
+            and self._protected(request.tenant)
+        ):
+            self._aims[objective].observe(timing.tpot, objective)
         if timing.e2e is not None:
             self._mean_e2e = 0.9 * self._mean_e2e + 0.1 * timing.e2e
         self._mean_output_tokens = 0.9 * self._mean_output_tokens + 0.1 * len(request.output_ids)

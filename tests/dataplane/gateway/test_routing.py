@@ -151,6 +151,20 @@ def test_rows_a_tpot_objective_protects_are_not_expected_to_pause() -> None:
     assert replica(**full, protected=["b", "c"]).pauses_for("c", table)
 
 
+def test_a_protected_tenant_is_expected_to_claim_rows_up_to_its_share_of_the_batch() -> None:
+    """A TPOT objective holding the rows at 4 of 8: a, whose objective it is, already
+    holds its share of the 4 rows, but not of the 8, so the worker pauses one of b's
+    rows for it; at its share of the 8 it waits."""
+    table = configs(a={}, b={})
+    held = {"running": 4, "free_slots": 0, "row_cap": 4, "protected": ["a"]}
+    assert replica(**held, rows={"a": 2, "b": 2}).pauses_for("a", table)
+    assert replica(**held, rows={"a": 3, "b": 1}).pauses_for("a", table)
+    assert not replica(**held, rows={"a": 4, "b": 0}).pauses_for("a", table)
+    # Without the objective's protection a holds its share of the 4 already.
+    unprotected = {**held, "protected": []}
+    assert not replica(**unprotected, rows={"a": 2, "b": 2}).pauses_for("a", table)
+
+
 def test_weights_set_the_shares_a_worker_pauses_by() -> None:
     table = configs(a={"weight": 1}, b={"weight": 3})
     # b's share of 8 is 6: at 6 it is not past it, at 7 it is (for one row of a).

@@ -361,6 +361,35 @@ async def test_rows_past_the_cap_end_on_their_own_while_their_decode_fits(
     assert all(len(r.output_ids) == 60 for r in aggressors)
 
 
+async def test_a_protected_burst_claims_rows_up_to_its_share_of_the_batch(
+    runtime: OnnxRuntime,
+) -> None:
+    """The victim's objective holds the rows at 7 of 16. A burst of 6 victim requests
+    is more than its share of the 7 rows, but within its share of the batch: each
+    pauses a row of the aggressor, and all 6 start at once instead of waiting for rows
+    to end."""
+    engine = TokenClock(runtime)
+    objective = SloThreshold(tenant="victim", metric="tpot", threshold_seconds=10 * TOKEN_S)
+    h = Harness(runtime, [objective], engine, max_batch_size=16)
+    aggressors = [h.submit("aggressor", [1 + i, 2, 3], 200) for i in range(16)]
+    while len(engine.steps) < 10:  # steps of 16 rows, measured
+        step_once(h.scheduler)
+    victims = [h.submit("victim", [7 + i, 8, 9], 20) for i in range(6)]
+    submitted = len(engine.steps)
+    while not all(v.output_ids for v in victims):
+        step_once(h.scheduler)
+    # Their prompts are paid from the time steps leave (6 steps here); held to their
+    # share of the 7 rows the cap allows, the last would start after a victim's row
+    # ends (24 steps).
+    assert h.scheduler._row_cap() == 7
+    assert len(engine.steps) - submitted <= 8
+    assert sum(1 for r in h.scheduler.running if r.tenant == "aggressor") >= 1
+    while not all(r.done for r in [*victims, *aggressors]):
+        step_once(h.scheduler)
+    assert victims[0].output_ids == alone(runtime, [7, 8, 9], 20)
+    assert aggressors[0].output_ids == alone(runtime, [1, 2, 3], 200)
+
+
 CALL_S = 0.005  # what a forward call costs on CallClock's clock, whatever it carries
 
 
@@ -472,14 +501,16 @@ async def test_steps_aim_below_the_objective_by_what_its_requests_show(
 ) -> None:
     """Each request of the protected tenant over its objective (a microsecond, which no
     request meets) moves the target steps aim at down by one step of the aim, to its
-    floor at most; requests within it (ten seconds) leave the target at the objective."""
+    floor at most; requests within it (ten seconds) leave the target at the objective,
+    and so does a request that was paused (its wait is not the steps')."""
 
-    def targets(threshold: float, requests: int) -> list[float]:
+    def targets(threshold: float, requests: int, paused: bool = False) -> list[float]:
         objective = SloThreshold(tenant="victim", metric="tpot", threshold_seconds=threshold)
         h = Harness(runtime, [objective], TokenClock(runtime), max_batch_size=4)
         seen = []
         for _ in range(requests):
             victim = h.submit("victim", [7, 8, 9], 5)
+            victim.paused = paused
             while not victim.done:
                 step_once(h.scheduler)
             seen.append(h.scheduler.state()["tpot_target_s"])
@@ -490,6 +521,7 @@ async def test_steps_aim_below_the_objective_by_what_its_requests_show(
         [1e-6 * max(aim.floor, (1 - aim.step) ** n) for n in range(1, 17)]
     )
     assert targets(10.0, 3) == [10.0, 10.0, 10.0]
+    assert targets(1e-6, 2, paused=True) == [1e-6, 1e-6]
 
 
 async def test_a_step_publishes_its_live_state_once(runtime: OnnxRuntime) -> None:
