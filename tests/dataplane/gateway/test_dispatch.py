@@ -19,7 +19,13 @@ from aiohttp.test_utils import TestServer
 from dataplane.asgi import PEER_KEY_HEADER
 from dataplane.gateway import server as gateway_server
 from dataplane.gateway.config import GatewayConfig
-from dataplane.gateway.ledger import Finished, InProcessLedger, Settlement, StartRequest
+from dataplane.gateway.ledger import (
+    Finished,
+    InProcessLedger,
+    Renewal,
+    Settlement,
+    StartRequest,
+)
 from dataplane.gateway.routing import Replica, ReplicaState
 from dataplane.gateway.server import Gateway, GatewayApp, _Deployment, _prompt_tokens, _Waiter
 from dataplane.inference.config import SloThreshold
@@ -729,6 +735,71 @@ async def test_a_replica_marked_down_ends_the_streams_it_hangs() -> None:
         assert "replica_failed" in call.text and call.text.endswith("data: [DONE]\n\n")
         totals = setup.totals()
         assert (totals["failed"], totals["cancelled"]) == (1, 0)
+    finally:
+        await setup.close()
+
+
+def lose_lease(setup: Setup) -> None:
+    """A renewal finds the one running request's lease lapsed and taken."""
+    ((lease, _),) = setup.dep.leases["a"].items()
+    setup.dep.renewed({"a": [lease]}, Renewal(lost=frozenset({lease})))
+
+
+@pytest.mark.parametrize("replica_down_too", [False, True])
+async def test_a_stream_whose_lease_was_lost_ends_with_an_error_chunk_once(
+    replica_down_too: bool,
+) -> None:
+    """A lost lease ends its stream with an error chunk and [DONE], counted failed; a
+    mark-down of its replica in the same loop iteration ends it once, not as a client
+    that left."""
+    setup = await Setup.started({"max_concurrency": 1})
+    setup.dispatching()
+    setup.fake.hang = True
+    try:
+        call = Call(body(max_tokens=50))
+        served = asyncio.create_task(setup.app(call.scope, call.receive, call.send))
+        await call.wait_for(lambda: call.text.count("choices") == 3)
+        lose_lease(setup)
+        if replica_down_too:
+            setup.dep.replica_down(setup.dep.replicas[setup.fake.bodies[0][0]])
+        await served
+        error = "replica_failed" if replica_down_too else "lease_lost"
+        assert error in call.text and call.text.endswith("data: [DONE]\n\n")
+        totals = setup.totals()
+        assert (totals["failed"], totals["cancelled"]) == (1, 0)
+        assert not setup.dep.leases["a"]
+    finally:
+        await setup.close()
+
+
+async def test_a_request_whose_lease_was_lost_before_its_answer_gets_a_503() -> None:
+    setup = await Setup.started({"max_concurrency": 1})
+    setup.dispatching()
+    setup.fake.stall = True
+    try:
+        call = Call(body(max_tokens=5))
+        served = asyncio.create_task(setup.app(call.scope, call.receive, call.send))
+        async with asyncio.timeout(60):
+            while not setup.fake.bodies:
+                await asyncio.sleep(0.01)
+        lose_lease(setup)
+        await served
+        assert call.status == 503 and json.loads(call.text)["error"]["code"] == "lease_lost"
+        assert [replica for replica, _ in setup.fake.bodies] == [setup.fake.bodies[0][0]]
+        assert setup.totals()["failed"] == 1
+    finally:
+        await setup.close()
+
+
+async def test_a_lease_taken_back_after_its_request_ended_is_freed_again() -> None:
+    """A renewal under way when a request ended took its lease back: it is owed to
+    the ledger again, with nothing refunded twice."""
+    setup = await Setup.started({"max_concurrency": 1})
+    try:
+        setup.dep.renewed({"a": ["ended"]}, Renewal(regained=frozenset({"ended"})))
+        ((settlement,),) = [setup.dep.owed.take()]
+        ((done,),) = [settlement.finished]
+        assert (done.tenant, done.lease, done.refund, done.held_only) == ("a", "ended", 0, False)
     finally:
         await setup.close()
 
