@@ -218,7 +218,9 @@ class _Deployment:
         self.renewed_at = time.monotonic()
         # Seconds until the tenant's bucket held enough, as the ledger last said.
         self.token_wait: dict[str, float] = {}
-        self.forwards: dict[str, set[_Forward]] = defaultdict(set)  # by replica id
+        # By replica: a replica of new config (a new object under the same id) is not
+        # cut when its predecessor's streams fail.
+        self.forwards: dict[Replica, set[_Forward]] = defaultdict(set)
         # The replicas that take requests over one connection (dataplane.mux), by id.
         self.muxes: dict[str, MuxClient] = {}
         # While every replica is full, no request goes ahead before this (perf_counter).
@@ -257,7 +259,7 @@ class _Deployment:
     def replica_down(self, replica: Replica) -> None:
         """Mark the replica down and end the requests forwarded to it."""
         replica.mark_down()
-        for forward in self.forwards.pop(replica.replica_id, set()):
+        for forward in self.forwards.pop(replica, set()):
             forward.failed = True
             forward.stop()
         self.wake.set()
@@ -996,7 +998,7 @@ class GatewayApp(ModelServer):
                 dispatch = current.routed(tenant, waiter.prompt_tokens, stream)
             current.inflight += 1
             forward = waiter.forward = _Forward(asyncio.current_task(), call)
-            dep.forwards[current.replica_id].add(forward)
+            dep.forwards[current].add(forward)
             gateway.metrics.routed.labels(model, current.replica_id).inc()
             mux = dep.muxes.get(current.replica_id) if len(raw) <= MUX_MAX_BODY else None
             started = False
@@ -1097,7 +1099,7 @@ class GatewayApp(ModelServer):
                     return "failed"
             except _TRANSPORT_ERRORS as exc:
                 log.warning("replica %s failed: %s", current.replica_id, exc)
-                dep.forwards[current.replica_id].discard(forward)  # it ends here, not by cancel
+                dep.forwards[current].discard(forward)  # it ends here, not by cancel
                 if not forward.failed:
                     dep.replica_down(current)
                 if started:
@@ -1112,7 +1114,7 @@ class GatewayApp(ModelServer):
             finally:
                 current.inflight -= 1
                 current.seen(dispatch)
-                dep.forwards[current.replica_id].discard(forward)
+                dep.forwards[current].discard(forward)
                 dispatch = None
         raise _replica_error()
 

@@ -804,6 +804,33 @@ async def test_a_lease_taken_back_after_its_request_ended_is_freed_again() -> No
         await setup.close()
 
 
+async def test_a_replaced_replicas_failure_leaves_its_successors_streams_alone() -> None:
+    """The replica's config changed (a restarted worker's new nonce) while a stream ran
+    on it: a new replica took its id. The old one's failure ends the old stream, not
+    the one the new replica serves."""
+    setup = await Setup.started({}, replicas=1)
+    setup.dispatching()
+    setup.fake.hang = True
+    try:
+        first = Call(body(max_tokens=50))
+        served_first = asyncio.create_task(setup.app(first.scope, first.receive, first.send))
+        await first.wait_for(lambda: first.text.count("choices") == 3)
+        old = setup.dep.replicas["r0"]
+        new = setup.dep.replicas["r0"] = Replica(old.config.model_copy(update={"nonce": "n2"}))
+        new.update(state())
+        second = Call(body(max_tokens=50))
+        served_second = asyncio.create_task(setup.app(second.scope, second.receive, second.send))
+        await second.wait_for(lambda: second.text.count("choices") == 3)
+        setup.dep.replica_down(old)
+        await served_first
+        assert "replica_failed" in first.text
+        setup.fake.release.set()
+        await served_second
+        assert "error" not in second.text and second.text.endswith("data: [DONE]\n\n")
+    finally:
+        await setup.close()
+
+
 async def test_a_replica_down_between_choice_and_forward_is_replaced() -> None:
     setup = await Setup.started({})
     try:
