@@ -143,20 +143,20 @@ class _WholeTiming(RequestTiming):
 
 @dataclass(eq=False)
 class _Forward:
-    """A request being forwarded to a replica; ``failed`` once the replica is marked
-    down under it, its task is cancelled (once, whatever else ends it as well) and ends
-    the response as failed."""
+    """A request being forwarded to a replica. The gateway stops it (cancels its task)
+    once at most, for the first of its replica's mark-down (``failed``: it fails over,
+    or ends with an error) and its lease's loss (it ends with an error)."""
 
     task: asyncio.Task[Any] | None
     call: Call
-    failed: bool = False
     stopped: bool = False
+    failed: bool = False
 
-    def stop(self) -> None:
+    def stop(self, *, failed: bool) -> None:
         """Cancel the forwarding task, unless it was already, or its response is
         complete (its last bytes may be on their way)."""
         if not (self.stopped or self.call.done) and self.task is not None:
-            self.stopped = True
+            self.stopped, self.failed = True, failed
             self.task.cancel()
 
 
@@ -260,8 +260,7 @@ class _Deployment:
         """Mark the replica down and end the requests forwarded to it."""
         replica.mark_down()
         for forward in self.forwards.pop(replica, set()):
-            forward.failed = True
-            forward.stop()
+            forward.stop(failed=True)
         self.wake.set()
 
     def renewed(self, sent: Mapping[str, Collection[str]], renewal: Renewal) -> None:
@@ -281,7 +280,7 @@ class _Deployment:
                 log.warning("tenant %s lost a lease under a running request; ending it", tenant)
                 waiter.lost = True
                 if waiter.forward is not None:
-                    waiter.forward.stop()
+                    waiter.forward.stop(failed=False)
 
     def waiting_count(self) -> int:
         return sum(len(queue) for queue in self.waiting.values())
@@ -1081,12 +1080,10 @@ class GatewayApp(ModelServer):
                         response.release()
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
-                    # Cancelled by the mark-down alone, it fails over; by its lease's loss
+                    # Stopped by the mark-down alone, it fails over; by its lease's loss
                     # alone, it ends with an error; cancelled by the client's leaving too
                     # (in the same loop iteration), it ends here.
-                    if not (forward.failed or waiter.lost) or (
-                        task is not None and task.uncancel() > 0
-                    ):
+                    if not forward.stopped or (task is not None and task.uncancel() > 0):
                         raise
                     if forward.failed:
                         raise aiohttp.ClientConnectionError("the replica was marked down") from None
