@@ -31,11 +31,11 @@ the rows' decode alone takes more than the target, rows are paused down to what 
 rows, newest first), so one tenant's many rows do not stretch another's time per output
 token. A pause is what breaks a request's TPOT, so the rows of the tenants whose
 objective steps are sized to are never paused for it, nor preempted for a same-class
-tenant without that objective (a looser objective counts as none); its own requests may
-pause the rows it does not protect while its tenant holds less than its weighted share
-of the batch size (the cap shrinks for the objective, the tenant's share does not). A
-preemption makes room for its one request, not down to the cap. The throughput given up
-for it is what the benchmark prints beside it.
+tenant without that objective (a looser objective counts as none); its own requests
+pause the rows it does not protect first, while its tenant, with one more slot, stays
+within its weighted share of the batch size (the cap shrinks for the objective, the
+tenant's share does not). A preemption makes room for its one request, not down to the
+cap. The throughput given up for it is what the benchmark prints beside it.
 
 The ``fair`` policy is the Virtual Token Counter of Sheng et al., "Fairness in Serving
 Large Language Models" (OSDI 2024): every tenant has a counter that advances by the
@@ -805,11 +805,12 @@ class Scheduler:
 
     def _claims_row(self, request: GenerationRequest) -> bool:
         """Whether a request of a tenant the TPOT objective protects may pause a row it
-        does not protect, although the policy would not: while its tenant holds fewer
-        slots than its weighted share of the batch size among the tenants of its class
-        holding slots or waiting. The row cap shrinks for the objective; the tenant's
-        share does not shrink with it, or a burst of its requests would wait for rows
-        to end."""
+        does not protect (before the policy pauses any, which counts shares of the cap
+        and could take another protected tenant's): while its tenant, with one more
+        slot, stays within its weighted share of the batch size among the tenants of
+        its class holding slots or waiting. The row cap shrinks for the objective; the
+        tenant's share does not shrink with it, or a burst of its requests would wait
+        for rows to end."""
         if not (self.policy.preempts and self._protected(request.tenant)):
             return False
         tenant, priority = request.tenant, request.priority
@@ -888,19 +889,20 @@ class Scheduler:
                 break
             if slots <= 0:
                 # The rows the TPOT objective protects are not given up for a tenant
-                # it does not protect; the row paused makes room for the head alone
-                # (rows past the cap end on their own).
-                keep = (
-                    []
-                    if self._protected(head.tenant)
-                    else [r for r in self._in_batch if self._protected(r.tenant)]
-                )
-                held = [*self._prefilling, *self._joining]
-                victim = self.policy.preempt_for(head, self._in_batch, rows, keep, held)
-                if victim is None and self._claims_row(head):
-                    victim = self._row_to_pause(head.priority)
-                    if victim is not None:
-                        self.policy.requeue(victim)
+                # it does not protect, and a tenant it protects claims the others' rows
+                # first; the row paused makes room for the head alone (rows past the
+                # cap end on their own).
+                victim = self._row_to_pause(head.priority) if self._claims_row(head) else None
+                if victim is not None:
+                    self.policy.requeue(victim)
+                else:
+                    keep = (
+                        []
+                        if self._protected(head.tenant)
+                        else [r for r in self._in_batch if self._protected(r.tenant)]
+                    )
+                    held = [*self._prefilling, *self._joining]
+                    victim = self.policy.preempt_for(head, self._in_batch, rows, keep, held)
                 if victim is None:
                     # Nothing to pause for this tenant: another may still be owed a row.
                     skip.add(head.tenant)

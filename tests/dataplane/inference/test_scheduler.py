@@ -390,6 +390,32 @@ async def test_a_protected_burst_claims_rows_up_to_its_share_of_the_batch(
     assert aggressors[0].output_ids == alone(runtime, [1, 2, 3], 200)
 
 
+async def test_a_protected_tenant_claims_unprotected_rows_before_anothers(
+    runtime: OnnxRuntime,
+) -> None:
+    """Two tenants share the objective. One holds more than its share of the cap (not
+    of the batch); a request of the other takes an aggressor's row, not one of its."""
+    engine = TokenClock(runtime)
+    objectives = [
+        SloThreshold(tenant=name, metric="tpot", threshold_seconds=10 * TOKEN_S)
+        for name in ("v1", "v2")
+    ]
+    h = Harness(runtime, objectives, engine, max_batch_size=16)
+    aggressors = [h.submit("aggressor", [1 + i, 2, 3], 200) for i in range(16)]
+    while len(engine.steps) < 10:
+        step_once(h.scheduler)
+    first = [h.submit("v1", [7 + i, 8, 9], 40) for i in range(4)]
+    while not all(v.output_ids for v in first):
+        step_once(h.scheduler)
+    second = h.submit("v2", [5, 8, 9], 40)
+    while not second.output_ids:
+        step_once(h.scheduler)
+    assert not any(v.paused for v in first)
+    while not all(r.done for r in [*first, second, *aggressors]):
+        step_once(h.scheduler)
+    assert second.output_ids == alone(runtime, [5, 8, 9], 40)
+
+
 CALL_S = 0.005  # what a forward call costs on CallClock's clock, whatever it carries
 
 
