@@ -36,7 +36,7 @@ import math
 import signal
 import time
 import uuid
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,6 +196,11 @@ class _Waiter:
         return Finished(self.tenant, self.lease, self.reserve, limits, True, self.cost)
 
 
+def _process(replica: Replica) -> tuple[str, str | None]:
+    """The worker process serving a replica: its address and the nonce it answers."""
+    return replica.config.base_url, replica.config.nonce
+
+
 class _Deployment:
     """A deployment's live part of the gateway: replicas, waiting requests, measurement."""
 
@@ -218,9 +223,10 @@ class _Deployment:
         self.renewed_at = time.monotonic()
         # Seconds until the tenant's bucket held enough, as the ledger last said.
         self.token_wait: dict[str, float] = {}
-        # By replica: a replica of new config (a new object under the same id) is not
-        # cut when its predecessor's streams fail.
-        self.forwards: dict[Replica, set[_Forward]] = defaultdict(set)
+        # By the process serving them (address and nonce): a worker restarted under the
+        # same replica id is not cut when its predecessor's streams fail, and a replica
+        # whose config changed around the same process is.
+        self.forwards: dict[tuple[str, str | None], set[_Forward]] = {}
         # The replicas that take requests over one connection (dataplane.mux), by id.
         self.muxes: dict[str, MuxClient] = {}
         # While every replica is full, no request goes ahead before this (perf_counter).
@@ -259,9 +265,21 @@ class _Deployment:
     def replica_down(self, replica: Replica) -> None:
         """Mark the replica down and end the requests forwarded to it."""
         replica.mark_down()
-        for forward in self.forwards.pop(replica, set()):
+        for forward in self.forwards.pop(_process(replica), set()):
             forward.stop(failed=True)
         self.wake.set()
+
+    def forwarding(self, replica: Replica, forward: _Forward) -> None:
+        self.forwards.setdefault(_process(replica), set()).add(forward)
+
+    def forwarded(self, replica: Replica, forward: _Forward) -> None:
+        """The forward ended (or failed): no mark-down is for it any more."""
+        key = _process(replica)
+        held = self.forwards.get(key)
+        if held is not None:
+            held.discard(forward)
+            if not held:
+                del self.forwards[key]
 
     def renewed(self, sent: Mapping[str, Collection[str]], renewal: Renewal) -> None:
         """Act on the lapsed leases a renewal of ``sent`` (tenant -> lease ids) found: one
@@ -997,7 +1015,7 @@ class GatewayApp(ModelServer):
                 dispatch = current.routed(tenant, waiter.prompt_tokens, stream)
             current.inflight += 1
             forward = waiter.forward = _Forward(asyncio.current_task(), call)
-            dep.forwards[current].add(forward)
+            dep.forwarding(current, forward)
             gateway.metrics.routed.labels(model, current.replica_id).inc()
             mux = dep.muxes.get(current.replica_id) if len(raw) <= MUX_MAX_BODY else None
             started = False
@@ -1096,7 +1114,7 @@ class GatewayApp(ModelServer):
                     return "failed"
             except _TRANSPORT_ERRORS as exc:
                 log.warning("replica %s failed: %s", current.replica_id, exc)
-                dep.forwards[current].discard(forward)  # it ends here, not by cancel
+                dep.forwarded(current, forward)  # it ends here, not by cancel
                 if not forward.failed:
                     dep.replica_down(current)
                 if started:
@@ -1111,7 +1129,7 @@ class GatewayApp(ModelServer):
             finally:
                 current.inflight -= 1
                 current.seen(dispatch)
-                dep.forwards[current].discard(forward)
+                dep.forwarded(current, forward)
                 dispatch = None
         raise _replica_error()
 

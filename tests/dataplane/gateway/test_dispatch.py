@@ -807,10 +807,10 @@ async def test_a_lease_taken_back_after_its_request_ended_is_freed_again() -> No
         await setup.close()
 
 
-async def test_a_replaced_replicas_failure_leaves_its_successors_streams_alone() -> None:
-    """The replica's config changed (a restarted worker's new nonce) while a stream ran
-    on it: a new replica took its id. The old one's failure ends the old stream, not
-    the one the new replica serves."""
+async def test_a_restarted_workers_failure_leaves_its_successors_streams_alone() -> None:
+    """The replica's worker restarted (a new nonce) while a stream ran on it: a new
+    replica took its id. The old one's failure ends the old stream, not the one the new
+    replica serves."""
     setup = await Setup.started({}, replicas=1)
     setup.dispatching()
     setup.fake.hang = True
@@ -828,6 +828,28 @@ async def test_a_replaced_replicas_failure_leaves_its_successors_streams_alone()
         setup.fake.release.set()
         await served_second
         assert "error" not in second.text and second.text.endswith("data: [DONE]\n\n")
+        assert not setup.dep.forwards  # nothing kept for ended streams
+    finally:
+        await setup.close()
+
+
+async def test_a_replica_whose_config_changed_around_the_same_worker_fails_as_one() -> None:
+    """Only the replica's peer key changed: the same worker serves the streams begun
+    before, and its failure ends them too."""
+    setup = await Setup.started({}, replicas=1)
+    setup.dispatching()
+    setup.fake.hang = True
+    try:
+        first = Call(body(max_tokens=50))
+        served_first = await setup.streaming(first)
+        old = setup.dep.replicas["r0"]
+        rotated = old.config.model_copy(update={"peer_key": "rotated"})
+        new = setup.dep.replicas["r0"] = Replica(rotated)
+        new.update(state())
+        setup.dep.replica_down(new)
+        async with asyncio.timeout(60):  # left running, it would hang until the test ends
+            await served_first
+        assert "replica_failed" in first.text
     finally:
         await setup.close()
 
