@@ -286,7 +286,6 @@ class _Deployment:
         taken back for a request that ended meanwhile is freed again, and a request whose
         lease was lost is ended (another may have started in its place)."""
         self.renewed_at = time.monotonic()
-        self.wake.set()  # starts held back until now may go
         for tenant, ids in sent.items():
             held = self.leases.get(tenant, {})
             for lease in renewal.regained.intersection(ids).difference(held):
