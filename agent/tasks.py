@@ -17,6 +17,7 @@ from celery import Celery, Task
 from celery.worker import WorkController
 from celery.worker import state as worker_state
 
+from agent.broker import broker_transport
 from agent.protocol import broker_transport_options
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class Consumer:
     def __init__(self, broker_url: str, receivers: dict[str, Receiver], name: str) -> None:
         _receivers.update(receivers)
         app.conf.broker_url = broker_url
+        app.conf.broker_transport = broker_transport(broker_url)
         app.conf.broker_transport_options = consumer_transport_options(broker_url)
         self._worker = WorkController(
             app=app,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import dj_database_url
 
+from agent.broker import broker_transport
 from agent.protocol import broker_transport_options
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -148,6 +149,7 @@ CELERY_BROKER_URL = (
     or REDIS_URL
     or f"filesystem://localhost{DATA_DIR / 'broker'}"
 )
+CELERY_BROKER_TRANSPORT = broker_transport(CELERY_BROKER_URL)
 CELERY_BROKER_TRANSPORT_OPTIONS = broker_transport_options(CELERY_BROKER_URL)
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]

@@ -1,21 +1,27 @@
 """The agent's Celery consumer takes revisions as the control plane sends them (a task on
-the node's queue, no priority) from a real Redis, handing each queue's messages to that
-queue's receiver (the simulator's one consumer serves many queues)."""
+the node's queue, no priority) from a real Redis and from the embedded filesystem broker,
+handing each queue's messages to that queue's receiver (the simulator's one consumer serves
+many queues)."""
 
 from __future__ import annotations
 
 import os
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
+import pytest
 from celery import Celery
 
+from agent.broker import broker_transport
+from agent.protocol import broker_transport_options
 from agent.tasks import APPLY_TASK, Consumer, consumer_transport_options
 
 
-def test_the_consumer_delivers_each_queue_to_its_receiver() -> None:
-    url = os.environ.get("REDIS_URL")
+@pytest.mark.parametrize("broker", ["redis", "filesystem"])
+def test_the_consumer_delivers_each_queue_to_its_receiver(broker: str, tmp_path: Path) -> None:
+    url = os.environ.get("REDIS_URL") if broker == "redis" else f"filesystem://localhost{tmp_path}"
     assert url, "run the tests with ./tailguard test, which starts Redis and sets REDIS_URL"
     queues = [f"agent.{uuid.uuid4()}" for _ in range(5)]
     got: dict[str, list[dict[str, Any]]] = {queue: [] for queue in queues}
@@ -35,6 +41,8 @@ def test_the_consumer_delivers_each_queue_to_its_receiver() -> None:
     consumer.start()
     # What the control plane does (fleet.services.push_after_commit), with its own app.
     producer = Celery("test-control-plane", broker=url, set_as_current=False, fixups=[])
+    producer.conf.broker_transport = broker_transport(url)
+    producer.conf.broker_transport_options = broker_transport_options(url)
     try:
         with producer.producer_or_acquire() as connection:
             for generation in (1, 2):
