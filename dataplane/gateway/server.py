@@ -1077,11 +1077,12 @@ class GatewayApp(ModelServer):
                             await call.send(
                                 {"type": "http.response.body", "body": chunk, "more_body": True}
                             )
-                            pending += chunk
-                            *events, pending = pending.split(b"\n\n")
+                            # The events complete so far; JSON escapes quotes in strings,
+                            # so the markers match only where an event has them.
+                            complete, _, pending = (pending + chunk).rpartition(b"\n\n")
                             now = time.perf_counter()
-                            fresh = sum(1 for event in events if _TOKEN_CHUNK in event)
-                            errored = errored or any(e.startswith(_ERROR_CHUNK) for e in events)
+                            fresh = complete.count(_TOKEN_CHUNK)
+                            errored = errored or _ERROR_CHUNK in complete
                             if fresh:
                                 if waiter.tokens == 0 and predicted is not None:
                                     current.observed(predicted, now - (timing.scheduled or now))

@@ -281,9 +281,12 @@ class TelemetryStats:
         for metric, values in timing.samples().items():
             if not values:
                 continue
-            sketch = window.sketches.setdefault((tenant, metric), LatencySketch())
+            sketch = window.sketches.get((tenant, metric))
+            if sketch is None:  # made once per window, not per request
+                sketch = window.sketches[tenant, metric] = LatencySketch()
             counters = [
-                window.slo.setdefault((tenant, metric, threshold), ThresholdCounter(threshold))
+                window.slo.get((tenant, metric, threshold))
+                or window.slo.setdefault((tenant, metric, threshold), ThresholdCounter(threshold))
                 for threshold in self._thresholds.get((tenant, metric), ())
             ]
             for value in values:
