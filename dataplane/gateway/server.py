@@ -741,7 +741,10 @@ class Gateway:
             ]
             if not beat:
                 continue
-            for dep in list(self.deployments.values()):
+            # A removed deployment's requests run to their ends under leases that must
+            # not lapse meanwhile (unless its id is back: its waiting marks would go).
+            retired = [d for d, _ in self._retired if d.route.deployment_id not in self.deployments]
+            for dep in [*self.deployments.values(), *retired]:
                 sent = {t: list(held) for t, held in dep.leases.items() if held}
                 try:
                     renewal = await self.ledger.heartbeat(

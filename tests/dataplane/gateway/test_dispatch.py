@@ -675,6 +675,39 @@ async def test_a_removed_deployments_requests_are_settled_as_they_end() -> None:
         await setup.close()
 
 
+async def test_a_removed_deployments_running_requests_keep_their_leases() -> None:
+    """Its requests run on after the deployment went: their leases are renewed, so the
+    tenant's concurrency holds fleet-wide until they end."""
+    setup = await Setup.started({"max_concurrency": 1})
+    now = [0.0]
+    setup.gateway.ledger = setup.ledger = InProcessLedger(60.0, 60.0, clock=lambda: now[0])
+    setup.dispatching()
+    gateway = setup.gateway
+    assert setup.loop is not None
+    gateway._dispatchers["d1"] = setup.loop
+    gateway.beat_every = 0.0
+    settling = asyncio.create_task(gateway._flush_loop())
+    setup.fake.hang = True
+    try:
+        served = await setup.streaming(Call(body(max_tokens=10)))
+        gateway.apply(gateway.config.model_copy(update={"deployments": []}))
+        held = setup.ledger._books["d1"].leases["a"]
+        now[0] = 50.0  # within the lease's TTL: a renewal moves its expiry on
+        async with asyncio.timeout(60):
+            while max(held.values()) < 110.0:
+                await asyncio.sleep(0.01)
+        now[0] = 100.0  # past the first expiry: another gateway's start is held back
+        request = StartRequest("a", "elsewhere", 0.0, 10, True)
+        limits = setup.dep.limits("a")
+        decision = await setup.ledger.try_start("d1", "g2", request, {"a": 10}, {"a": limits})
+        assert not decision.ok and decision.reason == "concurrency"
+        setup.fake.release.set()
+        await served
+    finally:
+        settling.cancel()
+        await setup.close()
+
+
 async def test_a_client_leaving_mid_stream_pays_for_what_it_was_sent() -> None:
     setup = await Setup.started({"tokens_per_s": 1.0, "burst_tokens": 100})
     setup.dispatching()
