@@ -17,7 +17,7 @@ own to decode in.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,7 +86,10 @@ class BatchEngine:
         return list(self._running)
 
     def prefill(
-        self, sequences: Sequence[EngineSequence], max_tokens: int | None = None
+        self,
+        sequences: Sequence[EngineSequence],
+        max_tokens: int | None = None,
+        aside: bool = False,
     ) -> list[EngineSequence]:
         """Advance the prompts by at most ``max_tokens`` prompt tokens in all (None: to
         their ends), in the given order; return the sequences whose prompt is complete,
@@ -94,7 +97,9 @@ class BatchEngine:
 
         A prompt the budget cuts keeps its computed part in its row and goes on from
         there in a later call (chunked prefill): prompts that start in this call run
-        together in new rows, a prompt under way extends its own row.
+        together in new rows, a prompt under way extends its own row. ``aside``: new
+        prompts, each unlike the others, started between the forward calls of a decode
+        (from its ``between``) in rows that decode does not touch.
         """
         budget = math.inf if max_tokens is None else max_tokens
         # Identical prompts at the same point (the n choices of a request) run once.
@@ -114,7 +119,7 @@ class BatchEngine:
         # New rows, each held by no sequence yet (the first to take one holds it).
         unclaimed: set[int] = set()
         if starting:
-            logits, rows = self.cache.start([key[0][: chunks[key]] for key in starting])
+            logits, rows = self.cache.start([key[0][: chunks[key]] for key in starting], aside)
             for index, key in enumerate(starting):
                 results[key] = (logits[index], rows[index])
                 unclaimed.add(id(rows[index]))
@@ -172,13 +177,15 @@ class BatchEngine:
         leave: Collection[EngineSequence] = (),
         park: Collection[EngineSequence] = (),
         join: Sequence[EngineSequence] = (),
+        between: Callable[[], None] | None = None,
     ) -> list[EngineSequence]:
         """Apply membership changes, then decode one token for every running sequence.
 
         ``leave`` drops sequences, in the batch or not (cancelled: their rows are freed),
         ``park`` takes them out of the batch with their rows (preempted), ``join`` adds
         prefilled or parked ones. Finished sequences leave by themselves. Returns the
-        sequences that got a token, in order.
+        sequences that got a token, in order. ``between`` runs between the decode's
+        forward calls (see ``KVCache.decode``).
         """
         for seq in leave:
             if seq.row is not None and seq not in self._running:
@@ -211,7 +218,7 @@ class BatchEngine:
             return []
         rows = [seq.row for seq in self._running if seq.row is not None]
         tokens = np.array([seq.tokens[-1] for seq in self._running], np.int64)
-        logits = self.cache.decode(rows, tokens)
+        logits = self.cache.decode(rows, tokens, between)
         sequences = list(self._running)
         self._accept(sequences, logits)
         return sequences

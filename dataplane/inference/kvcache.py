@@ -36,7 +36,7 @@ do not depend on which other sequences share its forward calls.
 from __future__ import annotations
 
 import mmap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Any, Protocol
@@ -80,9 +80,12 @@ class KVCache(Protocol):
 
     rows_per_call: int
 
-    def start(self, prompts: Sequence[Sequence[int]]) -> tuple[FloatArray, list[CacheRow]]:
+    def start(
+        self, prompts: Sequence[Sequence[int]], aside: bool = False
+    ) -> tuple[FloatArray, list[CacheRow]]:
         """Run prompts (or their first chunks) in new rows; return the logits after each
-        one's last token [n, vocab] and its row."""
+        one's last token [n, vocab] and its row. ``aside``: between the calls of a
+        decode, in rows no call of that decode reads or writes."""
         ...
 
     def extend(self, row: CacheRow, ids: IntArray) -> FloatArray:
@@ -110,9 +113,15 @@ class KVCache(Protocol):
         """Drop one holder of a row (in the batch or not); the last frees it."""
         ...
 
-    def decode(self, rows: Sequence[CacheRow], tokens: IntArray) -> FloatArray:
+    def decode(
+        self,
+        rows: Sequence[CacheRow],
+        tokens: IntArray,
+        between: Callable[[], None] | None = None,
+    ) -> FloatArray:
         """Append ``tokens[i]`` to ``rows[i]``, which must be exactly the rows in the
-        batch; return the next-token logits [len(rows), vocab] in that order."""
+        batch; return the next-token logits [len(rows), vocab] in that order. ``between``
+        runs after each forward call but the last (it may ``start`` rows aside)."""
         ...
 
 
@@ -292,7 +301,10 @@ class ConcatCache(_RowSharing):
         takes its positions from the cache width)."""
         return length if self._exact_width else 0
 
-    def start(self, prompts: Sequence[Sequence[int]]) -> tuple[FloatArray, list[CacheRow]]:
+    def start(
+        self, prompts: Sequence[Sequence[int]], aside: bool = False
+    ) -> tuple[FloatArray, list[CacheRow]]:
+        # New rows have caches of their own until they join: always aside.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         logits: list[FloatArray] = [np.empty(0)] * len(prompts)
         rows: list[CacheRow] = [CacheRow()] * len(prompts)
@@ -378,10 +390,17 @@ class ConcatCache(_RowSharing):
                 row.group, row.slot, row.batch = group, slot, None
             self._groups.append(group)
 
-    def decode(self, rows: Sequence[CacheRow], tokens: IntArray) -> FloatArray:
+    def decode(
+        self,
+        rows: Sequence[CacheRow],
+        tokens: IntArray,
+        between: Callable[[], None] | None = None,
+    ) -> FloatArray:
         token_of = {id(row): int(token) for row, token in zip(rows, tokens, strict=True)}
         logits: dict[int, FloatArray] = {}
-        for group in self._groups:
+        for index, group in enumerate(self._groups):
+            if index and between is not None:
+                between()
             live = group.live()
             ids = np.zeros(len(group.slots), np.int64)
             ids[live] = [token_of[id(group.slots[slot])] for slot in live]
@@ -536,7 +555,11 @@ class SlotCache(_RowSharing):
             count -= min(size, count)
         return runs
 
-    def start(self, prompts: Sequence[Sequence[int]]) -> tuple[FloatArray, list[CacheRow]]:
+    def start(
+        self, prompts: Sequence[Sequence[int]], aside: bool = False
+    ) -> tuple[FloatArray, list[CacheRow]]:
+        """Aside, rows start in a parking block, which no decode call binds; they move
+        to a decode block when they join."""
         if any(len(prompt) < 1 for prompt in prompts):
             raise ValueError("every prompt needs at least one token")
         # Similar lengths side by side: a call pads its rows to its longest prompt.
@@ -545,7 +568,12 @@ class SlotCache(_RowSharing):
         rows: list[CacheRow] = [CacheRow()] * len(prompts)
         taken = 0
         claimed: list[_SlotRow] = []
-        for block, first, count in self._claim(len(prompts)):
+        claimed_runs = (
+            self._claim(len(prompts), self._parking, PARKING_BLOCK_SLOTS)
+            if aside
+            else self._claim(len(prompts))
+        )
+        for block, first, count in claimed_runs:
             call = order[taken : taken + count]
             taken += count
             lengths = np.array([len(prompts[i]) for i in call], np.int64)
@@ -653,12 +681,21 @@ class SlotCache(_RowSharing):
             runs.append((first, last - first + 1))
         return runs
 
-    def decode(self, rows: Sequence[CacheRow], tokens: IntArray) -> FloatArray:
+    def decode(
+        self,
+        rows: Sequence[CacheRow],
+        tokens: IntArray,
+        between: Callable[[], None] | None = None,
+    ) -> FloatArray:
         token_of = {id(row): int(token) for row, token in zip(rows, tokens, strict=True)}
         logits: dict[int, FloatArray] = {}
+        calls = 0
         for block in list(self._blocks):
             self._park_splitting(block)
             for first, count in self._runs(block):
+                if calls and between is not None:
+                    between()
+                calls += 1
                 # Free slots in the run get past 0: they write their own position 0.
                 ids = np.zeros((count, 1), np.int64)
                 past = np.zeros(count, np.int64)

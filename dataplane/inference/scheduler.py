@@ -134,6 +134,16 @@ class _StepReport:
     decode_seconds: float | None = None
 
 
+@dataclass
+class _Aside:
+    """Prompt work done between a decode's forward calls: tokens, step-clock seconds and
+    wall seconds, which the step's decode time leaves out."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    wall: float = 0.0
+
+
 class _LoopClosed(Exception):
     """The event loop a step reports to is closed: the step loop ends."""
 
@@ -541,8 +551,11 @@ class Scheduler:
         self._admission = asyncio.Event()
         self._commands: SimpleQueue[_Command] = SimpleQueue()
         self._step_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
-        # Owned by the step thread: prompts under way.
+        # Owned by the step thread: prompts under way; commands read during a decode, for
+        # the next step; prompts completed during a decode, which join at the next.
         self._chunking: list[GenerationRequest] = []
+        self._early: list[_Command] = []
+        self._ready: list[GenerationRequest] = []
         # What a step's decode rows and its prompt tokens cost, fit by the step thread,
         # and the time steps left unused under a TPOT objective, which pays for prompt
         # chunks (the step thread's own).
@@ -942,8 +955,8 @@ class Scheduler:
         otherwise; each step's outcome goes to the event loop as a callback, so a step
         never waits for HTTP work."""
         while True:
-            commands: list[_Command] = []
-            if not (self._engine.running or self._chunking):
+            commands, self._early = self._early, []
+            if not (commands or self._engine.running or self._chunking or self._ready):
                 commands.append(self._commands.get())
             with contextlib.suppress(Empty):
                 while True:
@@ -992,7 +1005,8 @@ class Scheduler:
         leave = {r.seq for r in kinds["leave"]}
         park = kinds["park"]
         parking = {r.seq for r in park}
-        join = [r for r in kinds["join"] if r.seq not in leave]
+        join = [r for r in [*self._ready, *kinds["join"]] if r.seq not in leave]
+        self._ready = []
         chunking = [r for r in [*self._chunking, *kinds["prefill"]] if r.seq not in leave]
         chunking.sort(key=lambda r: r.seq.prefilled > 0)
         staying = [s for s in self._engine.running if s not in leave and s not in parking]
@@ -1040,19 +1054,25 @@ class Scheduler:
         self._prompt_cost.observe(prefill_tokens, prompt_seconds)
         self._chunking = chunking
         join += completed
+        aside = _Aside()
+
+        def between() -> None:
+            if target is None:  # a TPOT objective's steps have no time for more
+                self._start_aside(rows, prefill_tokens, aside, report)
+
         stepped: list[EngineSequence] | None
         try:
-            stepped = self._engine.step(leave, parking, [r.seq for r in join])
+            stepped = self._engine.step(leave, parking, [r.seq for r in join], between)
         except Exception:
             log.exception("decode step failed; failing the batch")
             self._engine.reset()
             stepped = None
-        decode_seconds = self._clock() - clock_prefilled
+        decode_seconds = self._clock() - clock_prefilled - aside.seconds
         decoded = len(stepped or ())
         self._decode_cost.observe(decoded, decode_seconds)
         self._load_steps += 1
         weight = max(1 / self._load_steps, _LOAD_SMOOTHING)
-        self._prompt_load += weight * (prompt_seconds - self._prompt_load)
+        self._prompt_load += weight * (prompt_seconds + aside.seconds - self._prompt_load)
         self._rows_load += weight * (decoded - self._rows_load)
         if target is None:
             self._slack = 0.0
@@ -1071,7 +1091,69 @@ class Scheduler:
                 joined=join,
                 parked=park,
                 stepped=stepped,
-                decode_seconds=time.perf_counter() - prefilled,
+                decode_seconds=time.perf_counter() - prefilled - aside.wall,
+            )
+        )
+
+    def _start_aside(
+        self,
+        rows: int,
+        spent: int,
+        aside: _Aside,
+        report: Callable[[_StepReport], None],
+    ) -> None:
+        """Between a decode's forward calls: prompts admitted while it runs start now,
+        whole and within what the step's token budget left (``spent`` of it before the
+        decode), so a new request waits for one call of the step under way, not all of
+        it. They join the batch at the next step; the other commands read here wait for
+        it too."""
+        with contextlib.suppress(Empty):
+            while True:
+                self._early.append(self._commands.get_nowait())
+        if None in self._early:
+            return
+        moves = [move for command in self._early if isinstance(command, list) for move in command]
+        leaving = {r.seq for kind, r in moves if kind == "leave"}
+        room = self._token_budget(rows) - spent - aside.tokens
+        picked: list[GenerationRequest] = []
+        prompts: set[tuple[int, ...]] = set()  # identical prompts would share a row
+        for kind, request in moves:
+            seq = request.seq
+            prompt = tuple(seq.prompt)
+            if kind != "prefill" or seq.prefilled or seq in leaving or prompt in prompts:
+                continue
+            if len(prompt) <= room:
+                picked.append(request)
+                prompts.add(prompt)
+                room -= len(prompt)
+        if not picked:
+            return
+        taken = {id(r) for r in picked}
+        self._early = [
+            [m for m in command if id(m[1]) not in taken] if isinstance(command, list) else command
+            for command in self._early
+        ]
+        started, clock_started = time.perf_counter(), self._clock()
+        completed: list[GenerationRequest] = []
+        failed: list[GenerationRequest] = []
+        try:
+            done = set(self._engine.prefill([r.seq for r in picked], aside=True))
+        except Exception:
+            log.exception("prefill failed; failing its requests")
+            failed = picked
+        else:
+            completed = [r for r in picked if r.seq in done]
+        tokens = sum(len(r.seq.prompt) for r in completed)
+        seconds = self._clock() - clock_started
+        self._prompt_cost.observe(tokens, seconds)
+        wall = time.perf_counter() - started
+        aside.tokens += tokens
+        aside.seconds += seconds
+        aside.wall += wall
+        self._ready += completed
+        report(
+            _StepReport(
+                completed=completed, failed=failed, prefill_seconds=wall, prefill_tokens=tokens
             )
         )
 

@@ -181,9 +181,11 @@ class CountingCache:
     def rows_per_call(self, rows: int) -> None:
         self.inner.rows_per_call = rows
 
-    def start(self, prompts: Sequence[Sequence[int]]) -> tuple[FloatArray, list[CacheRow]]:
+    def start(
+        self, prompts: Sequence[Sequence[int]], aside: bool = False
+    ) -> tuple[FloatArray, list[CacheRow]]:
         self.calls.append([len(p) for p in prompts])
-        return self.inner.start(prompts)
+        return self.inner.start(prompts, aside)
 
     def extend(self, row: CacheRow, ids: IntArray) -> FloatArray:
         self.calls.append([int(ids.shape[1])])

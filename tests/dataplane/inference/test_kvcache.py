@@ -294,6 +294,40 @@ def alone(runtime: OnnxRuntime, prompt: list[int], tokens: int) -> list[int]:
     return seq.tokens
 
 
+@pytest.mark.parametrize("layout", ["in_place", "concat"])
+def test_prompts_started_between_a_decodes_calls_leave_every_row_as_alone(
+    in_place: OnnxRuntime, concat: OnnxRuntime, layout: str
+) -> None:
+    """Two prompts start between the calls of a three-call decode, in rows that decode
+    does not touch; they join at the next step, and every sequence, old and new, gets
+    the tokens it gets alone."""
+    runtime = in_place if layout == "in_place" else concat
+    engine = BatchEngine(runtime, rows_per_call=2)
+    running = [EngineSequence(p, greedy(6)) for p in prompts()[:5]]
+    engine.prefill(running)
+    engine.step(join=running)
+    late = [EngineSequence(p, greedy(6)) for p in prompts()[5:]]
+    started: list[EngineSequence] = []
+    gaps = 0
+
+    def between() -> None:
+        nonlocal gaps
+        gaps += 1
+        if gaps == 1:
+            started.extend(engine.prefill(late, aside=True))
+            if isinstance(engine.cache, SlotCache):  # parked: past the decode blocks
+                decode_blocks = len(engine.cache.buffers)
+                assert sum(1 for block, _ in engine.cache.slots() if block >= decode_blocks) == 2
+
+    engine.step(between=between)
+    assert gaps == 2 and started == late
+    engine.step(join=late)
+    while engine.running:
+        engine.step()
+    for seq in [*running, *late]:
+        assert seq.tokens == alone(runtime, list(seq.prompt), 6)
+
+
 def test_buffers_held_as_ortvalues_are_bound_and_copied_by_address(
     in_place: OnnxRuntime,
 ) -> None:

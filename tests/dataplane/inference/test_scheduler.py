@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -24,7 +24,13 @@ from dataplane.inference.kvcache import SlotCache
 from dataplane.inference.metrics import RequestTiming, TelemetryStats, WorkerMetrics
 from dataplane.inference.runtime import OnnxRuntime
 from dataplane.inference.sampling import SamplingParams
-from dataplane.inference.scheduler import GenerationRequest, QueueFull, Scheduler, TpotAim
+from dataplane.inference.scheduler import (
+    GenerationRequest,
+    QueueFull,
+    Scheduler,
+    TpotAim,
+    _StepReport,
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +58,22 @@ class TokenClock(BatchEngine):
         leave: Collection[EngineSequence] = (),
         park: Collection[EngineSequence] = (),
         join: Sequence[EngineSequence] = (),
+        between: Callable[[], None] | None = None,
     ) -> list[EngineSequence]:
-        stepped = super().step(leave, park, join)
+        stepped = super().step(leave, park, join, between)
         self.tokens += len(stepped)
         if stepped:
             self.steps.append(stepped)
         return stepped
 
     def prefill(
-        self, sequences: Sequence[EngineSequence], max_tokens: int | None = None
+        self,
+        sequences: Sequence[EngineSequence],
+        max_tokens: int | None = None,
+        aside: bool = False,
     ) -> list[EngineSequence]:
         before = sum(s.prefilled for s in sequences)
-        complete = super().prefill(sequences, max_tokens)
+        complete = super().prefill(sequences, max_tokens, aside)
         self.tokens += sum(s.prefilled for s in sequences) - before
         return complete
 
@@ -245,6 +255,95 @@ async def test_a_victim_waits_one_step_even_behind_a_long_prompt_under_way(
     assert victim.output_ids == alone(runtime, [7, 8, 9, 10, 11], 10)
     assert aggressors[3].output_ids == alone(runtime, long_prompt, 5)
     assert aggressors[0].output_ids == alone(runtime, [1, 2, 3], 30)
+
+
+class ArrivingMidStep(BatchEngine):
+    """The real engine; ``arrive`` runs once, in the first gap between a decode's
+    forward calls, before the scheduler's own work there."""
+
+    arrive: Callable[[], None] | None = None
+
+    def step(
+        self,
+        leave: Collection[EngineSequence] = (),
+        park: Collection[EngineSequence] = (),
+        join: Sequence[EngineSequence] = (),
+        between: Callable[[], None] | None = None,
+    ) -> list[EngineSequence]:
+        def gap() -> None:
+            if self.arrive is not None:
+                arrive, self.arrive = self.arrive, None
+                arrive()
+            if between is not None:
+                between()
+
+        return super().step(leave, park, join, gap)
+
+
+async def test_a_prompt_admitted_during_a_decode_starts_between_its_calls(
+    runtime: OnnxRuntime,
+) -> None:
+    """A victim arriving while a two-call decode runs has its first token from that
+    step, before its decode ends, and joins the batch at the next step."""
+    engine = ArrivingMidStep(runtime, rows_per_call=2)
+    h = Harness(runtime, engine=engine, max_batch_size=6, max_tokens_per_step=64)
+    aggressors = [h.submit("aggressor", [1 + i, 2, 3], 12) for i in range(4)]
+    while not all(r.output_ids for r in aggressors):
+        step_once(h.scheduler)
+    arrived: list[GenerationRequest] = []
+
+    def arrive() -> None:
+        arrived.append(h.submit("victim", [7, 8, 9, 10, 11], 10))
+        h.scheduler._admit()
+
+    engine.arrive = arrive
+    reports: list[_StepReport] = []
+
+    def report(outcome: _StepReport) -> None:
+        reports.append(outcome)
+        h.scheduler._stepped(outcome)
+
+    h.scheduler._step([], report)
+    (victim,) = arrived
+    assert [r.completed for r in reports[:-1]] == [[victim]] and len(victim.output_ids) == 1
+    assert victim.seq not in (reports[-1].stepped or [])
+    step_once(h.scheduler)
+    assert len(victim.output_ids) == 2  # in the batch from the next step
+    while not all(r.done for r in [victim, *aggressors]):
+        step_once(h.scheduler)
+    assert victim.output_ids == alone(runtime, [7, 8, 9, 10, 11], 10)
+    assert aggressors[0].output_ids == alone(runtime, [1, 2, 3], 12)
+
+
+async def test_a_prompt_admitted_during_a_decode_under_a_tpot_objective_waits_for_it(
+    runtime: OnnxRuntime,
+) -> None:
+    """Under a TPOT objective the step's time is spoken for: the victim starts in the
+    next step, as before."""
+    engine = ArrivingMidStep(runtime, rows_per_call=2)
+    h = Harness(
+        runtime,
+        [SloThreshold(tenant="aggressor", metric="tpot", threshold_seconds=10.0)],
+        engine=engine,
+        max_batch_size=6,
+        max_tokens_per_step=64,
+    )
+    aggressors = [h.submit("aggressor", [1 + i, 2, 3], 12) for i in range(4)]
+    while not all(r.output_ids for r in aggressors):
+        step_once(h.scheduler)
+    assert h.scheduler._tpot_target is not None
+    arrived: list[GenerationRequest] = []
+
+    def arrive() -> None:
+        arrived.append(h.submit("victim", [7, 8, 9, 10, 11], 10))
+        h.scheduler._admit()
+
+    engine.arrive = arrive
+    step_once(h.scheduler)
+    (victim,) = arrived
+    assert victim.output_ids == []
+    while not victim.output_ids:
+        step_once(h.scheduler)
 
 
 async def test_a_burst_under_its_share_starts_in_one_step(runtime: OnnxRuntime) -> None:
@@ -432,10 +531,13 @@ class CallClock(TokenClock):
         return super().now() + (len(self.steps) + self.prompt_calls) * CALL_S
 
     def prefill(
-        self, sequences: Sequence[EngineSequence], max_tokens: int | None = None
+        self,
+        sequences: Sequence[EngineSequence],
+        max_tokens: int | None = None,
+        aside: bool = False,
     ) -> list[EngineSequence]:
         before = self.tokens
-        complete = super().prefill(sequences, max_tokens)
+        complete = super().prefill(sequences, max_tokens, aside)
         self.prompt_calls += self.tokens > before
         self.budgets.append(max_tokens)
         return complete
@@ -611,26 +713,30 @@ class FailingOnce(BatchEngine):
         leave: Collection[EngineSequence] = (),
         park: Collection[EngineSequence] = (),
         join: Sequence[EngineSequence] = (),
+        between: Callable[[], None] | None = None,
     ) -> list[EngineSequence]:
         if not self.armed:
-            return super().step(leave, park, join)
+            return super().step(leave, park, join, between)
 
-        def broken(rows: object, tokens: object) -> None:
+        def broken(rows: object, tokens: object, between: object) -> None:
             raise RuntimeError("injected decode failure")
 
         setattr(self.cache, "decode", broken)  # noqa: B010
         try:
-            return super().step(leave, park, join)
+            return super().step(leave, park, join, between)
         finally:
             delattr(self.cache, "decode")
 
     def prefill(
-        self, sequences: Sequence[EngineSequence], max_tokens: int | None = None
+        self,
+        sequences: Sequence[EngineSequence],
+        max_tokens: int | None = None,
+        aside: bool = False,
     ) -> list[EngineSequence]:
         if self.armed:
             self.armed = False
             raise RuntimeError("injected prefill failure")
-        complete = super().prefill(sequences, max_tokens)
+        complete = super().prefill(sequences, max_tokens, aside)
         if not self.tripped and any(0 < s.prefilled < len(s.prompt) for s in sequences):
             self.armed = self.tripped = True
         return complete

@@ -13,7 +13,7 @@ import contextlib
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +93,11 @@ class CountingEngine(BatchEngine):
         leave: Collection[EngineSequence] = (),
         park: Collection[EngineSequence] = (),
         join: Sequence[EngineSequence] = (),
+        between: Callable[[], None] | None = None,
     ) -> list[EngineSequence]:
         with contextlib.suppress(RuntimeError):  # a closed loop: the test is over
             self._caught_up()
-        stepped = super().step(leave, park, join)
+        stepped = super().step(leave, park, join, between)
         if stepped:
             self.rows.append(Counter(self.tenant_of[seq] for seq in stepped))
         return stepped
