@@ -1106,7 +1106,9 @@ class Scheduler:
         whole and within what the step's token budget left (``spent`` of it before the
         decode), so a new request waits for one call of the step under way, not all of
         it. They join the batch at the next step; the other commands read here wait for
-        it too."""
+        it too. Under ``tpot_steps``, a tenant with a TPOT objective starts with the next
+        step, which the objective sizes: started here, its first gap would carry the rest
+        of a step sized for no one."""
         with contextlib.suppress(Empty):
             while True:
                 self._early.append(self._commands.get_nowait())
@@ -1121,6 +1123,11 @@ class Scheduler:
             seq = request.seq
             prompt = tuple(seq.prompt)
             if kind != "prefill" or seq.prefilled or seq in leaving or prompt in prompts:
+                continue
+            if (
+                self.scheduling.tpot_steps
+                and self._stats.tightest(request.tenant, "tpot") is not None
+            ):
                 continue
             if len(prompt) <= room:
                 picked.append(request)
