@@ -568,26 +568,30 @@ class SlotCache(_RowSharing):
         rows: list[CacheRow] = [CacheRow()] * len(prompts)
         taken = 0
         claimed: list[_SlotRow] = []
-        claimed_runs = (
-            self._claim(len(prompts), self._parking, PARKING_BLOCK_SLOTS)
-            if aside
-            else self._claim(len(prompts))
-        )
-        for block, first, count in claimed_runs:
-            call = order[taken : taken + count]
-            taken += count
-            lengths = np.array([len(prompts[i]) for i in call], np.int64)
-            ids = np.zeros((count, int(lengths.max())), np.int64)
-            for position, index in enumerate(call):
-                ids[position, : lengths[position]] = prompts[index]
-            call_logits = self.model.forward_slots(
-                block.buffers, first, ids, np.zeros(count, np.int64), lengths
+        try:
+            claimed_runs = (
+                self._claim(len(prompts), self._parking, PARKING_BLOCK_SLOTS)
+                if aside
+                else self._claim(len(prompts))
             )
-            for position, index in enumerate(call):
-                row = _SlotRow(block, first + position, int(lengths[position]))
-                claimed.append(row)
-                logits[index] = call_logits[position]
-                rows[index] = row
+            for block, first, count in claimed_runs:
+                call = order[taken : taken + count]
+                taken += count
+                lengths = np.array([len(prompts[i]) for i in call], np.int64)
+                ids = np.zeros((count, int(lengths.max())), np.int64)
+                for position, index in enumerate(call):
+                    ids[position, : lengths[position]] = prompts[index]
+                call_logits = self.model.forward_slots(
+                    block.buffers, first, ids, np.zeros(count, np.int64), lengths
+                )
+                for position, index in enumerate(call):
+                    row = _SlotRow(block, first + position, int(lengths[position]))
+                    claimed.append(row)
+                    logits[index] = call_logits[position]
+                    rows[index] = row
+        except Exception:
+            self._drop_empty_blocks()  # blocks added for this start hold no row
+            raise
         # Only once every call has succeeded: a failed one leaves no slot taken.
         for row in claimed:
             row.block.rows[row.slot] = row

@@ -1063,6 +1063,8 @@ class Scheduler:
         stepped: list[EngineSequence] | None
         try:
             stepped = self._engine.step(leave, parking, [r.seq for r in join], between)
+        except _LoopClosed:
+            raise
         except Exception:
             log.exception("decode step failed; failing the batch")
             self._engine.reset()
@@ -1116,23 +1118,23 @@ class Scheduler:
             return
         moves = [move for command in self._early if isinstance(command, list) for move in command]
         leaving = {r.seq for kind, r in moves if kind == "leave"}
+        new = [r for kind, r in moves if kind == "prefill" and not r.seq.prefilled]
+        # Identical prompts (a request's n choices) share one row, which would fork into
+        # the blocks being decoded: they start together in the next step.
+        copies = Counter(tuple(r.seq.prompt) for r in new)
         room = self._token_budget(rows) - spent - aside.tokens
         picked: list[GenerationRequest] = []
-        prompts: set[tuple[int, ...]] = set()  # identical prompts would share a row
-        for kind, request in moves:
-            seq = request.seq
-            prompt = tuple(seq.prompt)
-            if kind != "prefill" or seq.prefilled or seq in leaving or prompt in prompts:
+        for request in new:
+            if request.seq in leaving or copies[tuple(request.seq.prompt)] > 1:
                 continue
             if (
                 self.scheduling.tpot_steps
                 and self._stats.tightest(request.tenant, "tpot") is not None
             ):
                 continue
-            if len(prompt) <= room:
+            if len(request.seq.prompt) <= room:
                 picked.append(request)
-                prompts.add(prompt)
-                room -= len(prompt)
+                room -= len(request.seq.prompt)
         if not picked:
             return
         taken = {id(r) for r in picked}
@@ -1141,15 +1143,16 @@ class Scheduler:
             for command in self._early
         ]
         started, clock_started = time.perf_counter(), self._clock()
-        completed: list[GenerationRequest] = []
-        failed: list[GenerationRequest] = []
         try:
             done = set(self._engine.prefill([r.seq for r in picked], aside=True))
         except Exception:
-            log.exception("prefill failed; failing its requests")
-            failed = picked
-        else:
-            completed = [r for r in picked if r.seq in done]
+            # Its rows are freed and nothing of it kept: the next step tries them again,
+            # as it would have without this start (a parking block may not fit beside
+            # the batch on a device).
+            log.exception("prefill beside a decode failed; leaving it to the next step")
+            self._early.append([("prefill", r) for r in picked])
+            return
+        completed = [r for r in picked if r.seq in done]
         tokens = sum(len(r.seq.prompt) for r in completed)
         seconds = self._clock() - clock_started
         self._prompt_cost.observe(tokens, seconds)
@@ -1158,11 +1161,7 @@ class Scheduler:
         aside.seconds += seconds
         aside.wall += wall
         self._ready += completed
-        report(
-            _StepReport(
-                completed=completed, failed=failed, prefill_seconds=wall, prefill_tokens=tokens
-            )
-        )
+        report(_StepReport(completed=completed, prefill_seconds=wall, prefill_tokens=tokens))
 
     def _budget(
         self, rows: int, spare: float | None, chunking: Sequence[GenerationRequest], first: int
