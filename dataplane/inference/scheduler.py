@@ -137,11 +137,13 @@ class _StepReport:
 @dataclass
 class _Aside:
     """Prompt work done between a decode's forward calls: tokens, step-clock seconds and
-    wall seconds, which the step's decode time leaves out."""
+    wall seconds, which the step's decode time leaves out; ``failed``: a start failed,
+    and none is tried again before the next step."""
 
     tokens: int = 0
     seconds: float = 0.0
     wall: float = 0.0
+    failed: bool = False
 
 
 class _LoopClosed(Exception):
@@ -1057,7 +1059,7 @@ class Scheduler:
         aside = _Aside()
 
         def between() -> None:
-            if target is None:  # a TPOT objective's steps have no time for more
+            if target is None and not aside.failed:  # (a TPOT objective's steps: no time)
                 self._start_aside(rows, prefill_tokens, aside, report)
 
         stepped: list[EngineSequence] | None
@@ -1151,6 +1153,7 @@ class Scheduler:
             # the batch on a device).
             log.exception("prefill beside a decode failed; leaving it to the next step")
             self._early.append([("prefill", r) for r in picked])
+            aside.failed = True
             return
         completed = [r for r in picked if r.seq in done]
         tokens = sum(len(r.seq.prompt) for r in completed)

@@ -316,6 +316,50 @@ async def test_a_prompt_admitted_during_a_decode_starts_between_its_calls(
     assert aggressors[0].output_ids == alone(runtime, [1, 2, 3], 12)
 
 
+class NoRoomAside(ArrivingMidStep):
+    """The real engine, whose starts beside a decode fail (no parking block fits)."""
+
+    attempts = 0
+
+    def prefill(
+        self,
+        sequences: Sequence[EngineSequence],
+        max_tokens: int | None = None,
+        aside: bool = False,
+    ) -> list[EngineSequence]:
+        if aside:
+            self.attempts += 1
+            raise RuntimeError("injected: no room beside the batch")
+        return super().prefill(sequences, max_tokens, aside)
+
+
+async def test_a_failed_start_during_a_decode_is_left_to_the_next_step(
+    runtime: OnnxRuntime,
+) -> None:
+    """Tried once in a three-call decode, then started by the next step as if it had
+    arrived a moment later: not failed."""
+    engine = NoRoomAside(runtime, rows_per_call=2)
+    h = Harness(runtime, engine=engine, max_batch_size=8, max_tokens_per_step=64)
+    aggressors = [h.submit("aggressor", [1 + i, 2, 3], 12) for i in range(6)]
+    while not all(r.output_ids for r in aggressors):
+        step_once(h.scheduler)
+    arrived: list[GenerationRequest] = []
+
+    def arrive() -> None:
+        arrived.append(h.submit("victim", [7, 8, 9, 10, 11], 10))
+        h.scheduler._admit()
+
+    engine.arrive = arrive
+    step_once(h.scheduler)
+    (victim,) = arrived
+    assert engine.attempts == 1 and victim.output_ids == [] and not victim.done
+    step_once(h.scheduler)
+    assert len(victim.output_ids) == 2
+    while not all(r.done for r in [victim, *aggressors]):
+        step_once(h.scheduler)
+    assert victim.output_ids == alone(runtime, [7, 8, 9, 10, 11], 10)
+
+
 @pytest.mark.parametrize("objective_of", ["aggressor", "victim"])
 async def test_a_prompt_admitted_during_a_decode_under_a_tpot_objective_waits_for_it(
     runtime: OnnxRuntime, objective_of: str
