@@ -281,16 +281,17 @@ class ArrivingMidStep(BatchEngine):
         return super().step(leave, park, join, gap)
 
 
-async def test_a_prompt_admitted_during_a_decode_starts_between_its_calls(
-    runtime: OnnxRuntime,
-) -> None:
-    """A victim arriving while a two-call decode runs has its first token from that
-    step, before its decode ends, and joins the batch at the next step."""
-    engine = ArrivingMidStep(runtime, rows_per_call=2)
-    h = Harness(runtime, engine=engine, max_batch_size=6, max_tokens_per_step=64)
-    aggressors = [h.submit("aggressor", [1 + i, 2, 3], 12) for i in range(4)]
+def aggressors_decoding(h: Harness, rows: int) -> list[GenerationRequest]:
+    """``rows`` aggressor requests, stepped until every one decodes."""
+    aggressors = [h.submit("aggressor", [1 + i, 2, 3], 12) for i in range(rows)]
     while not all(r.output_ids for r in aggressors):
         step_once(h.scheduler)
+    return aggressors
+
+
+def victim_in_next_decode(h: Harness, engine: ArrivingMidStep) -> list[GenerationRequest]:
+    """Arms ``engine``: a victim arrives, and is admitted, in the next decode's first gap
+    between calls; the list returned holds it once it has."""
     arrived: list[GenerationRequest] = []
 
     def arrive() -> None:
@@ -298,6 +299,18 @@ async def test_a_prompt_admitted_during_a_decode_starts_between_its_calls(
         h.scheduler._admit()
 
     engine.arrive = arrive
+    return arrived
+
+
+async def test_a_prompt_admitted_during_a_decode_starts_between_its_calls(
+    runtime: OnnxRuntime,
+) -> None:
+    """A victim arriving while a two-call decode runs has its first token from that
+    step, before its decode ends, and joins the batch at the next step."""
+    engine = ArrivingMidStep(runtime, rows_per_call=2)
+    h = Harness(runtime, engine=engine, max_batch_size=6, max_tokens_per_step=64)
+    aggressors = aggressors_decoding(h, 4)
+    arrived = victim_in_next_decode(h, engine)
     reports: list[_StepReport] = []
 
     def report(outcome: _StepReport) -> None:
@@ -340,16 +353,8 @@ async def test_a_failed_start_during_a_decode_is_left_to_the_next_step(
     arrived a moment later: not failed."""
     engine = NoRoomAside(runtime, rows_per_call=2)
     h = Harness(runtime, engine=engine, max_batch_size=8, max_tokens_per_step=64)
-    aggressors = [h.submit("aggressor", [1 + i, 2, 3], 12) for i in range(6)]
-    while not all(r.output_ids for r in aggressors):
-        step_once(h.scheduler)
-    arrived: list[GenerationRequest] = []
-
-    def arrive() -> None:
-        arrived.append(h.submit("victim", [7, 8, 9, 10, 11], 10))
-        h.scheduler._admit()
-
-    engine.arrive = arrive
+    aggressors = aggressors_decoding(h, 6)
+    arrived = victim_in_next_decode(h, engine)
     step_once(h.scheduler)
     (victim,) = arrived
     assert engine.attempts == 1 and victim.output_ids == [] and not victim.done
@@ -375,17 +380,9 @@ async def test_a_prompt_admitted_during_a_decode_under_a_tpot_objective_waits_fo
         max_batch_size=6,
         max_tokens_per_step=64,
     )
-    aggressors = [h.submit("aggressor", [1 + i, 2, 3], 12) for i in range(4)]
-    while not all(r.output_ids for r in aggressors):
-        step_once(h.scheduler)
+    aggressors_decoding(h, 4)
     assert (h.scheduler._tpot_target is not None) == (objective_of == "aggressor")
-    arrived: list[GenerationRequest] = []
-
-    def arrive() -> None:
-        arrived.append(h.submit("victim", [7, 8, 9, 10, 11], 10))
-        h.scheduler._admit()
-
-    engine.arrive = arrive
+    arrived = victim_in_next_decode(h, engine)
     step_once(h.scheduler)
     (victim,) = arrived
     assert victim.output_ids == []
