@@ -14,10 +14,10 @@ decoding the batch.
 
 When every replica is full, a request of a tenant holding less than its share may still
 go ahead to a replica whose worker would pause a row for it (``choose_ahead``): the
-stream also says which tenants hold the batch's rows, and the worker's fair scheduler
-pauses a row of a lower class, or of a tenant past its weighted share of the rows, for a
-tenant under its own. The request then starts at the worker's next step instead of
-waiting here for a slot to free.
+stream also says which tenants hold the batch's rows and its prompts under way, and the
+worker's fair scheduler pauses a row of a lower class, or of a tenant past its weighted
+share of the slots, for a tenant under its own. The request then starts at the worker's
+next step instead of waiting here for a slot to free.
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ class ReplicaState:
     prefill_token_s: float
     mean_e2e_s: float
     rows: Mapping[str, int] = field(default_factory=dict)  # decoding rows, by tenant
+    # Slots of prompts under way and rows joining, by tenant: not paused, but counted
+    # toward their tenants' shares.
+    starting: Mapping[str, int] = field(default_factory=dict)
     row_cap: int = 0  # rows allowed now (a TPOT objective may hold it under the batch size)
     preempts: bool = False  # whether the worker's policy pauses rows at all
     # Tenants whose rows the worker's TPOT objective keeps from same-class tenants it
@@ -72,6 +75,7 @@ class ReplicaState:
             prefill_token_s=float(message["prefill_token_s"]),
             mean_e2e_s=float(message["mean_e2e_s"]),
             rows={str(t): int(n) for t, n in message.get("rows", {}).items()},
+            starting={str(t): int(n) for t, n in message.get("starting", {}).items()},
             row_cap=int(message.get("row_cap", message["max_batch_size"])),
             preempts=bool(message.get("preempts", False)),
             protected=frozenset(str(t) for t in message.get("protected", ())),
@@ -181,10 +185,11 @@ class Replica:
         steps = math.ceil(tokens / budget)
         return wait + step / 2 + tokens * per_token + steps * step
 
-    def rows_of(self, tenant: str) -> int:
-        """The tenant's rows here, with what this gateway sent that the state does not
-        show yet."""
-        shown = self.state.rows.get(tenant, 0) if self.state else 0
+    def slots_of(self, tenant: str) -> int:
+        """The tenant's slots here (rows decoding, prompts under way, rows joining),
+        with what this gateway sent that the state does not show yet."""
+        state = self.state
+        shown = state.rows.get(tenant, 0) + state.starting.get(tenant, 0) if state else 0
         return shown + sum(1 for d in self._unseen if d.tenant == tenant)
 
     def pauses_for(self, tenant: str, tenants: Mapping[str, TenantConfig]) -> bool:
@@ -198,9 +203,10 @@ class Replica:
         ``tenant`` stays within its own (not a row the worker's TPOT objective protects,
         unless it protects ``tenant`` too); for a tenant that objective protects, any row
         of its class or below it does not protect, while the tenant stays within its
-        share of the batch size. What this gateway sent that the state does not show yet
-        counts as the tenant's rows. A request it does not pause for waits in its queue
-        for the next free row."""
+        share of the batch size. Shares count a tenant's slots: its decoding rows, its
+        prompts under way and rows joining (which are not paused), and what this
+        gateway sent that the state does not show yet. A request it does not pause for
+        waits in its queue for the next free row."""
         state = self.state
         if not self.up or state is None or not state.preempts:
             return False
@@ -211,9 +217,10 @@ class Replica:
         mine = config(tenant).priority
         if any(p >= mine and count for p, count, _ in state.queued):
             return False  # requests queued there ahead of it take what a pause frees first
-        rows = Counter(state.rows)
-        rows[tenant] = self.rows_of(tenant)
-        peers = {t: n for t, n in rows.items() if n and config(t).priority == mine}
+        rows = state.rows
+        slots = Counter(rows) + Counter(state.starting)
+        slots[tenant] = self.slots_of(tenant)
+        peers = {t: n for t, n in slots.items() if n and config(t).priority == mine}
         lower = sum(n for t, n in rows.items() if config(t).priority < mine)
         if lower > self.sent:  # a lower-class row is left to pause for each sent here
             return True
@@ -227,15 +234,18 @@ class Replica:
             batch_share = state.max_batch_size * config(tenant).weight / total
             if claimable > self.sent and peers.get(tenant, 0) + 1 <= batch_share:
                 return True
-        slots = state.row_cap
 
         def share(name: str) -> float:
-            return slots * config(name).weight / total
+            return state.row_cap * config(name).weight / total
 
         if peers.get(tenant, 0) + 1 > share(tenant):
             return False
         kept = frozenset() if tenant in state.protected else state.protected
-        return any(n > share(t) for t, n in peers.items() if t != tenant and t not in kept)
+        return any(
+            n > share(t) and rows.get(t, 0)
+            for t, n in peers.items()
+            if t != tenant and t not in kept
+        )
 
     def observed(self, predicted_model_ttft: float, measured: float) -> None:
         """Learn the bias from a TTFT this gateway measured (dispatch to first token)."""
@@ -261,12 +271,12 @@ def choose_ahead(
     replicas: list[Replica], tenant: str, prompt_tokens: int, tenants: Mapping[str, TenantConfig]
 ) -> Replica | None:
     """Where a request of ``tenant`` may go while no replica has room: a replica whose
-    worker would pause a row for it, with the fewest of the tenant's rows there, then the
+    worker would pause a row for it, with the fewest of the tenant's slots there, then the
     lowest predicted TTFT."""
     priority = tenants.get(tenant, _DEFAULT_TENANT).priority
     willing = [r for r in replicas if r.pauses_for(tenant, tenants)]
     return min(
         willing,
-        key=lambda r: (r.rows_of(tenant), r.predict(prompt_tokens, priority, slot_wait=False)),
+        key=lambda r: (r.slots_of(tenant), r.predict(prompt_tokens, priority, slot_wait=False)),
         default=None,
     )

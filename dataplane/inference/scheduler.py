@@ -631,6 +631,9 @@ class Scheduler:
             # tenants whose rows the TPOT objective protects from the others: what a
             # gateway reads to send a tenant under its share ahead of a full batch.
             "rows": dict(Counter(r.tenant for r in self._in_batch)),
+            # Slots of prompts under way and rows joining, per tenant: not paused, but
+            # counted toward their tenants' shares as the policy counts them.
+            "starting": dict(Counter(r.tenant for r in [*self._prefilling, *self._joining])),
             "row_cap": cap,
             "protected": sorted(t for t in self._objectives if self._protected(t)),
             # What steps aim at under the TPOT objective (None without one).

@@ -127,6 +127,24 @@ def test_a_full_worker_pauses_for_a_tenant_under_its_share_only() -> None:
     assert not even.pauses_for("a", table) and not even.pauses_for("b", table)
 
 
+def test_prompts_under_way_count_toward_shares_but_are_not_paused() -> None:
+    table = configs(a={}, b={})
+    # a's 2 prompts under way count toward its share of 4: room for 2 more, not 4.
+    starting = replica(running=8, free_slots=0, rows={"b": 6}, starting={"a": 2})
+    for _ in range(2):
+        assert starting.pauses_for("a", table)
+        starting.routed("a", 10, streamed=True)
+    assert not starting.pauses_for("a", table)
+    # b is past its share by prompts under way: one of its decoding rows is paused for
+    # a, but where it has none there is nothing to pause.
+    assert replica(running=8, free_slots=0, rows={"a": 1, "b": 1}, starting={"b": 6}).pauses_for(
+        "a", table
+    )
+    assert not replica(running=8, free_slots=0, rows={"a": 2}, starting={"b": 6}).pauses_for(
+        "a", table
+    )
+
+
 def test_no_pause_is_expected_where_the_worker_would_not_make_one() -> None:
     table = configs(a={}, b={})
     full = {"running": 8, "free_slots": 0, "rows": {"b": 8}}

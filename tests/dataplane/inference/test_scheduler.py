@@ -709,6 +709,27 @@ async def test_a_step_publishes_its_live_state_once(runtime: OnnxRuntime) -> Non
     assert published == [2, 3]
 
 
+async def test_the_live_state_names_prompts_under_way_apart_from_rows(
+    runtime: OnnxRuntime,
+) -> None:
+    """The policy counts a tenant's prompts under way toward its share but never pauses
+    one: the state gateways read names them apart from the decoding rows."""
+    h = Harness(runtime, max_batch_size=4, max_tokens_per_step=64)
+    decoding = h.submit("a", [1, 2, 3], 30)
+    step_once(h.scheduler)
+    long = h.submit("b", [5 + i % 250 for i in range(300)], 5)
+    h.scheduler._admit()
+    assert h.scheduler.state()["rows"] == {"a": 1}
+    assert h.scheduler.state()["starting"] == {"b": 1}
+    step_once(h.scheduler)  # its first chunk
+    assert 0 < long.seq.prefilled < 300 and h.scheduler.state()["starting"] == {"b": 1}
+    while not long.output_ids:
+        step_once(h.scheduler)
+    step_once(h.scheduler)
+    assert h.scheduler.state()["rows"] == {"a": 1, "b": 1}
+    assert h.scheduler.state()["starting"] == {} and not decoding.done
+
+
 async def test_queue_delay_gathers_arrivals_into_one_prefill(harness_factory: Any) -> None:
     # An idle engine waits for the batch to fill (2) or the delay, whichever comes first.
     h = harness_factory(max_batch_size=2, max_queue_delay_ms=60_000)
