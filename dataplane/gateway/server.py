@@ -105,6 +105,16 @@ _DONE = b"data: [DONE]\n\n"
 # What a replica that cannot be reached, or breaks off or falls silent, raises: aiohttp's
 # connection, payload and timeout errors are all ClientErrors (and timeouts TimeoutErrors).
 _TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
+
+
+def _timed_out_late(exc: BaseException, began: float, timeout: float) -> bool:
+    """Whether ``exc`` is a timeout of ``timeout`` seconds from ``began`` (loop time)
+    that fired long after it was due: this gateway's own loop was stalled (its machine,
+    a pause), which says nothing of the replica."""
+    late = asyncio.get_running_loop().time() - began > timeout * 1.5
+    return isinstance(exc, TimeoutError) and late
+
+
 KEEPALIVE_S = 2.0
 """How long an idle connection to a replica is kept: under the workers' (uvicorn's) 5 s,
 so a request is never sent on a connection the worker is closing at that moment, which
@@ -525,11 +535,10 @@ class Gateway:
                             replica.update(state, messages=len(lines))
                             dep.wake.set()
             except TimeoutError as exc:
-                # A silence timed out long after it was due: this gateway's own loop was
-                # stalled (its machine, a pause), and what the replica sent meanwhile
-                # waits unread. The replica is asked again, not marked down; a second
-                # such silence in a row is the replica's.
-                if loop.time() - heard > interval * 1.5 and not excused:
+                # A silence timed out long after it was due: what the replica sent
+                # meanwhile waits unread. The replica is asked again, not marked down; a
+                # second such silence in a row is the replica's.
+                if _timed_out_late(exc, heard, interval) and not excused:
                     log.warning("replica %s: read after a stall of this gateway", cfg.replica_id)
                     excused = True
                     continue
@@ -1019,6 +1028,7 @@ class GatewayApp(ModelServer):
             forward = waiter.forward = _Forward(asyncio.current_task(), call)
             dep.forwarding(current, forward)
             gateway.metrics.routed.labels(model, current.replica_id).inc()
+            began = asyncio.get_running_loop().time()
             mux = dep.muxes.get(current.replica_id) if len(raw) <= MUX_MAX_BODY else None
             started = False
             try:
@@ -1118,7 +1128,10 @@ class GatewayApp(ModelServer):
             except _TRANSPORT_ERRORS as exc:
                 log.warning("replica %s failed: %s", current.replica_id, exc)
                 dep.forwarded(current, forward)  # it ends here, not by cancel
-                if not forward.failed:
+                # A connect that timed out late is this gateway's stall: the replica's
+                # health watch, not this request, says whether it is down.
+                late = _timed_out_late(exc, began, gateway.config.health_interval_s)
+                if not (forward.failed or late):
                     dep.replica_down(current)
                 if started:
                     tail = sse(_replica_error().body()) + _DONE

@@ -6,10 +6,12 @@ frozen, so nothing depends on the machine's speed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -130,14 +132,20 @@ class Setup:
 
     @classmethod
     async def started(
-        cls, tenant: dict[str, Any], replicas: int = 2, peer_key: str | None = None
+        cls,
+        tenant: dict[str, Any],
+        replicas: int = 2,
+        peer_key: str | None = None,
+        **gateway: Any,
     ) -> Setup:
-        """``peer_key``: the replicas are another node's, reached with it."""
+        """``peer_key``: the replicas are another node's, reached with it; ``gateway``:
+        more of the gateway's config."""
         fake = FakeReplicas()
         urls = {f"r{i}": await fake.start(f"r{i}") for i in range(replicas)}
         config = GatewayConfig.model_validate(
             {
                 "gateway_id": "g1",
+                **gateway,
                 "deployments": [
                     {
                         "deployment_id": "d1",
@@ -902,6 +910,60 @@ async def test_a_replica_down_between_choice_and_forward_is_replaced() -> None:
         await served
         assert call.status == 200
         assert [replica_id for replica_id, _ in setup.fake.bodies] != [chosen.replica_id]
+    finally:
+        await setup.close()
+
+
+@contextlib.contextmanager
+def unanswered_address() -> Iterator[str]:
+    """A base URL whose connects wait until they time out: a listener whose backlog is
+    full and that accepts nothing (Linux then drops the SYNs)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address = listener.getsockname()
+        fillers = [socket.socket() for _ in range(2)]
+        try:
+            for filler in fillers:
+                filler.setblocking(False)
+                filler.connect_ex(address)
+            yield f"http://{address[0]}:{address[1]}"
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+async def test_a_connect_timed_out_by_a_stall_of_the_gateway_leaves_its_replica_up() -> None:
+    """A forward was connecting when the gateway's own loop stalled, so its connect
+    timed out long after it was due. That says nothing of the replica: it stays up (its
+    health watch decides) and the request goes to the other replica. One that times out
+    when due marks the replica down."""
+    setup = await Setup.started({}, health_interval_s=1.0)
+    try:
+        with unanswered_address() as url:
+            hung = setup.dep.replicas["r0"]
+            hung.config = hung.config.model_copy(update={"base_url": url})
+            setup.dep.replicas["r1"].update(state(step_s=0.05))  # r0 is predicted sooner
+            setup.dispatching()
+            call = Call(body(max_tokens=5))
+            served = asyncio.create_task(setup.app(call.scope, call.receive, call.send))
+            async with asyncio.timeout(60):
+                while not hung.inflight:
+                    await asyncio.sleep(0.01)
+            time.sleep(2.0)  # the stall: twice the connect timeout, the loop held
+            await served
+            assert call.status == 200 and "[DONE]" in call.text
+            assert [replica_id for replica_id, _ in setup.fake.bodies] == ["r1"]
+            assert hung.up
+            # Timed out when due, the connect is the replica's failure (a busy machine
+            # may stall this gateway again: each request tries r0 while it is up).
+            for _ in range(5):
+                again = Call(body(max_tokens=5))
+                await setup.app(again.scope, again.receive, again.send)
+                assert again.status == 200
+                if not hung.up:
+                    break
+            assert not hung.up
     finally:
         await setup.close()
 
