@@ -36,20 +36,25 @@ both implementations (Redis for several gateways, in-process for one):
   replica is undone, if it happened: lease, reservation and counter advance go back.
 
 Redis runs each decision as one Lua script on Redis's own clock, so gateways on different
-hosts agree on time and no decision sees another half made.
+hosts agree on time and no decision sees another half made. Both ledgers apply one
+gateway's calls in the order it makes them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from dataplane.inference.config import TenantConfig
 
@@ -176,8 +181,8 @@ class Dues:
 class Renewal:
     """What a renewal found of the leases it was given that had lapsed: ``regained``,
     taken again under the tenant's limit, and ``lost``, which another request may have
-    taken. A lease the ledger freed because its request ended meanwhile is among them
-    too (the end and the renewal crossed), and is nothing to its gateway any more."""
+    taken. A gateway's calls are applied in the order it makes them, so a request that
+    ended after the renewal was sent is settled after it."""
 
     regained: frozenset[str] = frozenset()
     lost: frozenset[str] = frozenset()
@@ -744,8 +749,24 @@ def _limits_args(limits: TenantConfig) -> list[str]:
     ]
 
 
+@dataclass(eq=False)
+class _Call:
+    """A Redis ledger call waiting for its round trip."""
+
+    script: AsyncScript
+    args: list[str]
+    answer: asyncio.Future[Any]
+
+
 class RedisLedger:
-    """The ledger in Redis, shared by every gateway that names the same server."""
+    """The ledger in Redis, shared by every gateway that names the same server.
+
+    A gateway's calls go to Redis in the order they are made, one round trip at a time:
+    the calls made while one is under way go together in the next (a pipeline). A
+    renewal and the settlement of a request that ended after it was sent then cannot
+    cross (the ended lease would be taken back, and could take the place of a lapsed
+    one still in use), nor can a settlement and an admission, and requests that start
+    and end together share a round trip."""
 
     def __init__(
         self, url: str, lease_ttl_s: float, backlog_ttl_s: float, namespace: str = "tailguard:gw"
@@ -758,6 +779,73 @@ class RedisLedger:
         self._settle = self._redis.register_script(_SETTLE)
         self._heartbeat = self._redis.register_script(_HEARTBEAT)
         self._waiting = self._redis.register_script(_WAITING)
+        self._loaded = False
+        self._calls: list[_Call] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def _call(self, script: AsyncScript, args: list[str]) -> Any:
+        """Queue a call for the next round trip and wait for its answer. A caller that
+        leaves before its call was sent takes it out; after, the call is applied and
+        its answer lost (the rules make a call asked again count once)."""
+        call = _Call(script, args, asyncio.get_running_loop().create_future())
+        self._calls.append(call)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send())
+        return await call.answer
+
+    async def _send(self) -> None:
+        while self._calls:
+            batch = [call for call in self._calls if not call.answer.done()]
+            self._calls = []
+            if not batch:
+                continue
+            try:
+                answers = await self._round_trip(batch)
+            except BaseException as exc:
+                failure = (
+                    exc if isinstance(exc, Exception) else ConnectionError("the ledger was closed")
+                )
+                for call in batch:
+                    if not call.answer.done():
+                        call.answer.set_exception(failure)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for call, answer in zip(batch, answers, strict=True):
+                if call.answer.done():
+                    continue
+                if isinstance(answer, Exception):
+                    call.answer.set_exception(answer)
+                else:
+                    call.answer.set_result(answer)
+
+    async def _round_trip(self, batch: list[_Call]) -> list[Any]:
+        """The answers to ``batch``, in one pipeline. The scripts are loaded before the
+        first; after a Redis restart they are gone and the calls fail with NOSCRIPT,
+        unapplied: the scripts are loaded again and those calls sent again, in order."""
+        if not self._loaded:
+            await self._load()
+        answers = await self._pipeline(batch)
+        again = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
+        if again:
+            await self._load()
+            resent = await self._pipeline([batch[i] for i in again])
+            for i, answer in zip(again, resent, strict=True):
+                answers[i] = answer
+        return answers
+
+    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for call in batch:
+            pipe.evalsha(call.script.sha, 0, *call.args)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def _load(self) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for script in (self._try_start, self._settle, self._heartbeat, self._waiting):
+            pipe.script_load(script.script)
+        await pipe.execute()
+        self._loaded = True
 
     def _prefix(self, deployment: str) -> str:
         return f"{self._namespace}:{{{deployment}}}:"
@@ -788,11 +876,11 @@ class RedisLedger:
         ]
         for name, limits in table.items():
             args += [name, str(limits.priority), repr(limits.weight), *_limits_args(limits)]
-        ok, reason, wait, counter = await self._try_start(args=args)
+        ok, reason, wait, counter = await self._call(self._try_start, args)
         return Decision(bool(ok), _text(reason), float(wait), float(counter))
 
     async def settle(self, deployment: str, owed: Sequence[Settlement]) -> None:
-        await self._settle(args=[self._prefix(deployment), *_owed_args(owed)])
+        await self._call(self._settle, [self._prefix(deployment), *_owed_args(owed)])
 
     async def heartbeat(
         self,
@@ -812,16 +900,24 @@ class RedisLedger:
         for tenant, ids in leases.items():
             limits = tenants.get(tenant, _DEFAULT)
             args += [tenant, _limits_args(limits)[0], str(len(ids)), *ids]
-        regained, lost = await self._heartbeat(args=args)
+        regained, lost = await self._call(self._heartbeat, args)
         return Renewal(
             frozenset(_text(lease) for lease in regained), frozenset(_text(lease) for lease in lost)
         )
 
     async def waiting(self, deployment: str) -> set[str]:
-        names = await self._waiting(args=[self._prefix(deployment)])
+        names = await self._call(self._waiting, [self._prefix(deployment)])
         return {_text(name) for name in names}
 
     async def close(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+        for call in self._calls:
+            if not call.answer.done():
+                call.answer.set_exception(ConnectionError("the ledger was closed"))
+        self._calls = []
         await self._redis.aclose()
 
 

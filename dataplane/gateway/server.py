@@ -292,14 +292,13 @@ class _Deployment:
                 del self.forwards[key]
 
     def renewed(self, sent: Mapping[str, Collection[str]], renewal: Renewal) -> None:
-        """Act on the lapsed leases a renewal of ``sent`` (tenant -> lease ids) found: one
-        taken back for a request that ended meanwhile is freed again, and a request whose
-        lease was lost is ended (another may have started in its place)."""
+        """Act on the lapsed leases a renewal of ``sent`` (tenant -> lease ids) found: a
+        request whose lease was lost is ended (another may have started in its place).
+        One taken back for a request that ended meanwhile is freed by that request's
+        settlement, which the ledger applies after the renewal."""
         self.renewed_at = time.monotonic()
         for tenant, ids in sent.items():
             held = self.leases.get(tenant, {})
-            for lease in renewal.regained.intersection(ids).difference(held):
-                self.owed.end(Finished(tenant, lease, 0, self.limits(tenant)))
             for lease in renewal.lost.intersection(ids):
                 waiter = held.get(lease)
                 if waiter is None or waiter.lost:

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+import redis.asyncio as aioredis
 
 from dataplane.gateway.ledger import (
     Dues,
@@ -23,6 +24,7 @@ from dataplane.gateway.ledger import (
     InProcessLedger,
     Ledger,
     RedisLedger,
+    Renewal,
     Settlement,
     StartRequest,
 )
@@ -175,6 +177,44 @@ async def test_a_lapsed_lease_is_taken_back_under_the_limit_and_lost_over_it(
     assert (renewal.regained, renewal.lost) == (set(), set())
     refused = await ledger.try_start(dep, "g2", start("a"), {"a": 10}, table)
     assert (refused.ok, refused.reason) == (False, "concurrency")
+
+
+async def test_a_renewal_made_before_a_requests_end_never_takes_its_lease_back(
+    make_ledger: MakeLedger, dep: str
+) -> None:
+    """A gateway renews a lease while another call of its is under way, and the
+    request ends as that call returns: the renewal finds the lease held (taken back, it
+    could take the place of a lapsed lease still in use), and the end frees it. Each
+    try is a gateway's first calls, on a ledger of its own."""
+    table = tenants(a={"max_concurrency": 1})
+    for _ in range(5):
+        ledger = make_ledger(LONG_TTL, LONG_TTL).ledger
+        request = start("a")
+        assert (await ledger.try_start(dep, "g1", request, {}, table)).ok
+        ahead = asyncio.ensure_future(ledger.waiting(dep))
+        leases = {"a": [request.lease]}
+        renewal = asyncio.ensure_future(ledger.heartbeat(dep, "g1", {}, leases, table))
+        await ahead
+        await ledger.settle(dep, ended("a", request.lease, 0, table["a"]))
+        assert await renewal == Renewal()
+
+
+async def test_the_redis_ledger_loads_its_scripts_again_after_a_flush(dep: str) -> None:
+    """A restarted Redis has no scripts: the calls that found none are sent again once
+    the scripts are loaded, and count once."""
+    url = os.environ["REDIS_URL"]
+    ledger = RedisLedger(url, LONG_TTL, LONG_TTL, namespace=f"test-{uuid.uuid4().hex}")
+    admin = aioredis.Redis.from_url(url)
+    try:
+        table = tenants(a={"max_concurrency": 2})
+        assert (await ledger.try_start(dep, "g1", start("a"), {}, table)).ok
+        await admin.script_flush()
+        assert (await ledger.try_start(dep, "g1", start("a"), {}, table)).ok
+        refused = await ledger.try_start(dep, "g1", start("a"), {}, table)
+        assert (refused.ok, refused.reason) == (False, "concurrency")
+    finally:
+        await ledger.close()
+        await admin.aclose()
 
 
 async def test_token_bucket_reserves_and_refunds(ledger: Ledger, dep: str) -> None:
