@@ -494,7 +494,7 @@ class SlotCache(_RowSharing):
     hold
     ``block_slots`` slots (fewer where ``rows_per_call`` is smaller) and are added when
     the slots run out; a released slot's memory is given back, and empty blocks at the end
-    are dropped (the first is kept; empty parking blocks all go).
+    are dropped (the first decode block and the first parking block are kept).
     """
 
     def __init__(
@@ -649,11 +649,14 @@ class SlotCache(_RowSharing):
         self._drop_empty_blocks()
 
     def _drop_empty_blocks(self) -> None:
-        """Empty decode blocks at the end go (the first stays), and empty parking
-        blocks."""
+        """Empty decode blocks at the end go, and empty parking blocks; the first of each
+        stays, so a pause or a start aside does not allocate a block (on a device,
+        ``max_context`` positions a slot) each time."""
         while len(self._blocks) > 1 and all(other is None for other in self._blocks[-1].rows):
             self._blocks.pop()
-        self._parking = [b for b in self._parking if any(r is not None for r in b.rows)]
+        self._parking = [
+            b for i, b in enumerate(self._parking) if not i or any(r is not None for r in b.rows)
+        ]
 
     def release(self, row: CacheRow) -> None:
         assert isinstance(row, _SlotRow)

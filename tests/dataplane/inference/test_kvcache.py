@@ -224,6 +224,22 @@ def test_a_paused_row_moves_out_of_the_batch_and_back_to_the_lowest_free_slot(
     assert cache.slots() == [] and len(cache.buffers) == 1
 
 
+def test_the_first_parking_block_is_kept_for_the_next_pause(in_place: OnnxRuntime) -> None:
+    """A parking block is allocated once, not at every pause (on a device it holds
+    ``max_context`` positions a slot)."""
+    recording = Recording(in_place)
+    engine = BatchEngine(recording, 4)
+    seqs = [EngineSequence(prompts()[i], greedy(30)) for i in (1, 0)]
+    engine.prefill(seqs)
+    engine.step(join=seqs)
+    allocated = len(recording.allocated)
+    for _ in range(3):
+        engine.step(park=[seqs[0]])  # slot 0 would split the decode of slot 1: it moves
+        engine.step(join=[seqs[0]])  # back to slot 0, and the parking block empties
+    assert len(recording.allocated) == allocated + 1
+    assert recording.copies == 6
+
+
 def test_rows_of_cancelled_prompts_and_paused_sequences_are_freed(in_place: OnnxRuntime) -> None:
     engine = BatchEngine(in_place)
     cache = engine.cache
