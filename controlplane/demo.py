@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from controlplane.fleet import services as fleet
 from controlplane.fleet.models import Deployment, Replica
 from controlplane.inventory.services import create_bootstrap_token
 from controlplane.slo.choices import AlertName
-from controlplane.tenancy.models import InferenceKey
+from controlplane.tenancy.models import InferenceKey, Tenant
 from controlplane.tenancy.services import (
     issue_inference_key,
     remove_tenant_policy,
@@ -345,6 +345,35 @@ def _watch(procs: dict[str, subprocess.Popen[bytes]]) -> int:
         time.sleep(0.5)
 
 
+def _size_steps(
+    quiet: Tenant, uncapped: datetime, procs: dict[str, subprocess.Popen[bytes]]
+) -> None:
+    """The engine's own answer to the noisy neighbour: chat's decode steps sized to acme's
+    TPOT objective while globex is still uncapped (since ``uncapped``), and the
+    throughput beside it."""
+    measured = tour.MEASURED_S + tour.SETTLED_S
+    _hold(max(0.0, measured - (timezone.now() - uncapped).total_seconds()), procs)
+    before_p90, before_rate = tour.tpot_and_throughput(quiet)
+    threshold = tour.size_steps_to_tpot(quiet)
+    print(
+        "Tour: globex still uncapped, chat's workers now size each decode step to acme's "
+        f"TPOT objective ({threshold * 1000:.1f} ms): rows beyond it wait, globex's first...",
+        flush=True,
+    )
+    _hold(measured + 10, procs)  # measured from 10 s after the change
+
+    def ms(p90: float | None) -> str:
+        return "too few requests" if p90 is None else f"{p90 * 1000:.1f} ms"
+
+    after_p90, after_rate = tour.tpot_and_throughput(quiet)
+    print(
+        f"Tour: with steps sized to acme's objective: acme's TPOT p90 {ms(after_p90)} "
+        f"({ms(before_p90)} before), chat's output {after_rate:.0f} tokens/s "
+        f"({before_rate:.0f} before).",
+        flush=True,
+    )
+
+
 def _tour(
     base: str,
     tenants: tour.TourTenants,
@@ -421,12 +450,15 @@ def _tour(
             f"a page needs {factor:g}x): this machine is fast enough to serve both.",
             flush=True,
         )
+    # The page may resolve from here on: steps sized to acme's objective can calm it
+    # before globex is capped again.
+    after_page = len(receiver.received)
+    _size_steps(quiet, removed, procs)
     print("Tour: restoring globex's policy...", flush=True)
-    restored = len(receiver.received)
     set_tenant_policy(tenants.noisy, **NOISY_POLICY)
     if paged:
         resolved = _wait_quietly(
-            lambda: receiver.got("resolved", AlertName.BURN_RATE_PAGE, since=restored),
+            lambda: receiver.got("resolved", AlertName.BURN_RATE_PAGE, since=after_page),
             procs,
             timeout=240,
         )

@@ -11,12 +11,15 @@ long generations from many clients at once.
 Fair queuing admits acme's requests ahead of globex's backlog, so acme's TTFT holds
 either way; but every sequence in a batch makes each decode step longer, so without
 globex's concurrency and token-rate limits acme's time per output token (TPOT) grows
-several times over, and the TPOT SLO pages.
+several times over, and the TPOT SLO pages. The worker can hold acme's TPOT itself: with
+the deployment's steps sized to acme's TPOT objective (`tpot_steps`), globex's rows beyond
+what keeps a step inside it wait, at a cost in throughput the tour prints beside it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import Callable
@@ -39,6 +42,8 @@ from controlplane.slo import selectors as slo_selectors
 from controlplane.slo import services as slo
 from controlplane.slo.models import Slo, SloStatus
 from controlplane.slo.sli import burn_rules, duration_label
+from controlplane.telemetry.choices import Resolution
+from controlplane.telemetry.pipeline.merge import bucket_of
 from controlplane.tenancy.models import InferenceKey, Tenant
 from controlplane.tenancy.services import create_tenant, issue_inference_key, revoke
 
@@ -108,6 +113,41 @@ def calibrate_tpot_slo(quiet: Tenant, since: datetime) -> tuple[float, float] | 
         "per output token",
     )
     return p90, threshold
+
+
+MEASURED_S = 30.0
+"""The span `tpot_and_throughput` reads."""
+SETTLED_S = 10.0
+"""How long before now that span ends at least (at a bucket's start), so every node's
+telemetry for it has arrived."""
+
+
+def tpot_and_throughput(quiet: Tenant) -> tuple[float | None, float]:
+    """Over MEASURED_S that ended SETTLED_S ago: acme's TPOT p90 on chat (None with too
+    few requests) and chat's output tokens per second, both tenants' together."""
+    now = timezone.now()
+    end = bucket_of(now - timedelta(seconds=SETTLED_S), Resolution.TEN_SECONDS)
+    start = end - timedelta(seconds=MEASURED_S)
+    chat = Deployment.objects.get(tenant=quiet, name="chat")
+    p90 = next(
+        (
+            row["p90"]
+            for row in slo_selectors.latency_percentiles(quiet.pk, start, end, now)
+            if row["metric"] == "tpot" and row["deployment_name"] == "chat" and row["count"] >= 20
+        ),
+        None,
+    )
+    return p90, slo_selectors.output_tokens(chat.pk, start, end, now) / MEASURED_S
+
+
+def size_steps_to_tpot(quiet: Tenant) -> float:
+    """Have chat's workers size each decode step to the tightest TPOT objective of the
+    requests running (acme's chat-tpot threshold, which they are sent): rows beyond what
+    keeps a step inside it wait, globex's first. Returns that threshold."""
+    fleet.update_deployment(Deployment.objects.get(tenant=quiet, name="chat"), tpot_steps=True)
+    threshold = Slo.objects.get(tenant=quiet, name="chat-tpot").threshold_seconds
+    assert threshold is not None, "chat-tpot is a latency SLO"
+    return threshold
 
 
 def tpot_burn(quiet: Tenant) -> tuple[float, float]:
@@ -196,13 +236,16 @@ def seed_tour(quiet: Tenant, receiver_url: str) -> TourTenants:
     """Idempotent: the noisy tenant sharing acme's chat, acme's SLOs and webhook endpoint.
 
     A run on kept data starts a fresh story: acme's SLOs go back to their seeded
-    definitions in a new revision (what an earlier run counted and fired is history), and
-    the endpoint is made anew, so nothing queued for an earlier run's receiver is sent."""
+    definitions in a new revision (what an earlier run counted and fired is history),
+    chat's steps are no longer sized to acme's TPOT objective, and the endpoint is made
+    anew, so nothing queued for an earlier run's receiver is sent."""
     noisy = Tenant.objects.filter(slug=NOISY_SLUG).first() or create_tenant(
         slug=NOISY_SLUG, name="Globex Batch", description="Demo tenant with heavy batch traffic"
     )
     chat = Deployment.objects.get(tenant=quiet, name="chat")
     fleet.share_deployment(chat, [noisy])
+    if chat.tpot_steps:  # the story starts with steps that no objective sizes
+        fleet.update_deployment(chat, tpot_steps=False)
     for spec in SLOS:
         seeded = {
             "scope": "deployment",
@@ -249,14 +292,21 @@ class LoadGenerator:
         self._thread.join(timeout=30)
 
     async def _run(self) -> None:
+        """Until stopped; the requests under way then are abandoned, not waited for (one
+        of globex's, capped and behind its steps, may take longer than a stop should)."""
         async with httpx.AsyncClient(timeout=60) as http:
-            await asyncio.gather(
+            clients = asyncio.gather(
                 self._client(http, "quiet", self._quiet, max_tokens=16, pause_s=0.2),
                 *(
                     self._client(http, "noisy", self._noisy, max_tokens=256, pause_s=0.0)
                     for _ in range(self._clients)
                 ),
             )
+            while not (self._stop.is_set() or clients.done()):
+                await asyncio.sleep(0.1)
+            clients.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await clients
 
     async def _client(
         self,

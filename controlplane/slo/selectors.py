@@ -22,7 +22,7 @@ from controlplane.slo.models import Slo, SloRevision
 from controlplane.slo.sli import Counts, tile
 from controlplane.storage.models import Volume
 from controlplane.telemetry.choices import LatencyMetric
-from controlplane.telemetry.models import LatencyRollup, SloRollup
+from controlplane.telemetry.models import CounterRollup, LatencyRollup, SloRollup
 from dataplane.sketch import LatencySketch
 
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "p999": 0.999}
@@ -165,6 +165,15 @@ def latency_percentiles(
         }
         for (deployment_id, name, metric), sketch in merged.items()
     ]
+
+
+def output_tokens(deployment_id: Any, start: datetime, end: datetime, now: datetime) -> int:
+    """Every tenant's output tokens on a deployment over [start, end), as its workers
+    counted them."""
+    rows = CounterRollup.objects.filter(
+        window_filter(start, end, now), deployment_id=deployment_id, name="output_tokens"
+    )
+    return int(rows.aggregate(total=Sum("value"))["total"] or 0)
 
 
 AlertSource = Callable[[Any, datetime, datetime], list[Any]]

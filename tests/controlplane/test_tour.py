@@ -4,6 +4,7 @@ what its workers measured, and the receiver that keeps only verified webhooks.""
 from __future__ import annotations
 
 import json
+import socket
 from datetime import timedelta
 from typing import Any
 
@@ -20,8 +21,9 @@ from controlplane.fleet.models import Deployment
 from controlplane.slo import services
 from controlplane.slo.models import Slo, SloStatus
 from controlplane.telemetry.choices import Resolution
-from controlplane.telemetry.models import LatencyRollup
+from controlplane.telemetry.models import CounterRollup, LatencyRollup
 from controlplane.telemetry.pipeline.merge import bucket_of
+from controlplane.tenancy.models import Tenant
 from controlplane.tenancy.services import seed_demo
 from dataplane.sketch import LatencySketch
 
@@ -78,6 +80,44 @@ def test_the_tpot_threshold_is_fitted_to_what_acme_measured_since_the_start(acme
     assert slo.revisions.get(number=2).threshold_seconds == 0.05
 
 
+def record_tokens(tenant: Any, tokens: int, ago_s: float) -> None:
+    """As ingest does: output tokens of ``tenant`` on chat in every resolution's bucket."""
+    when = timezone.now() - timedelta(seconds=ago_s)
+    chat = Deployment.objects.get(name="chat")
+    for resolution in Resolution:
+        row, _ = CounterRollup.objects.get_or_create(
+            resolution=resolution,
+            bucket=bucket_of(when, resolution),
+            tenant=tenant,
+            deployment=chat,
+            name="output_tokens",
+        )
+        row.value += tokens
+        row.save()
+
+
+def test_tpot_and_throughput_are_read_from_settled_buckets_of_both_tenants(acme: Any) -> None:
+    """acme's TPOT p90 and both tenants' output tokens per second, over the 30 s that ended
+    at least 10 s ago (what came since may not have arrived from every node yet)."""
+    globex = Tenant.objects.get(slug=tour.NOISY_SLUG)
+    record_tpot(acme, [0.001 * (i % 10 + 1) for i in range(30)], ago_s=25)
+    record_tokens(acme, 300, ago_s=25)
+    record_tokens(globex, 600, ago_s=25)
+    for ago_s in (3, 60):  # too recent, and before the span
+        record_tpot(acme, [0.5] * 30, ago_s=ago_s)
+        record_tokens(globex, 5000, ago_s=ago_s)
+    p90, rate = tour.tpot_and_throughput(acme)
+    assert p90 == pytest.approx(0.009, rel=0.02)
+    assert rate == (300 + 600) / tour.MEASURED_S
+
+
+def test_steps_are_sized_to_acme_s_objective_until_the_next_run(acme: Any) -> None:
+    assert tour.size_steps_to_tpot(acme) == 0.05  # chat-tpot's seeded threshold
+    assert Deployment.objects.get(name="chat").tpot_steps
+    tour.seed_tour(acme, "http://127.0.0.1:9/alerts")
+    assert not Deployment.objects.get(name="chat").tpot_steps
+
+
 def test_a_second_run_on_kept_data_starts_a_fresh_story(acme: Any) -> None:
     slo = Slo.objects.get(tenant=acme, name="chat-tpot")
     services.update_slo(slo, threshold_seconds=0.02)
@@ -132,3 +172,19 @@ def test_the_receiver_keeps_verified_deliveries_and_refuses_the_rest(acme: Any) 
         assert not receiver.got("resolved", "SLOBurnRatePage")
     finally:
         receiver.close()
+
+
+def test_stopping_the_load_abandons_the_requests_under_way() -> None:
+    """A stop does not wait for answers: here none ever comes, where the client would
+    wait its 60 s timeout (the stop's own wait is 30 s)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        listener.settimeout(60)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        load = tour.LoadGenerator((url, "k1", "m"), (url, "k2", "m"), noisy_clients=2)
+        load.start()
+        held, _ = listener.accept()  # a request is under way
+        with held:
+            load.stop()
+            assert not load._thread.is_alive()
