@@ -259,6 +259,8 @@ def percentile(values: list[float], q: float) -> float | None:
 
 CONTEXTS = (128, 512, 2048)
 """Context lengths at which a decode step's cost per token is measured."""
+STEP_ROWS = (1, 2, 4, 8, 16)
+"""Rows at which a decode step's time is measured (and at the serving batch size)."""
 CONTEXT_ROWS = 8
 
 
@@ -321,6 +323,17 @@ def measure_engine(
         started = time.perf_counter()
         cache.decode(rows, tokens)
         step_times.append(time.perf_counter() - started)
+    by_rows = {}
+    for count in (r for r in STEP_ROWS if r < sizes.concurrency):
+        few, held = filled_rows(runtime, count, width, rows_per_call)
+        few_tokens = np.ones(count, np.int64)
+        times = []
+        for _ in range(30):
+            started = time.perf_counter()
+            few.decode(held, few_tokens)
+            times.append(time.perf_counter() - started)
+        by_rows[f"decode_step_ms_rows{count}"] = float(np.median(times) * 1000)
+    by_rows[f"decode_step_ms_rows{sizes.concurrency}"] = float(np.median(step_times) * 1000)
     per_token = {
         f"decode_ms_per_token_ctx{context}": decode_ms_per_token(runtime, context)
         for context in CONTEXTS
@@ -374,7 +387,7 @@ def measure_engine(
         ]
     return {
         **per_token,
-        "decode_step_ms_b32": float(np.median(step_times) * 1000),
+        **by_rows,
         "raw_engine_tokens_per_s": lockstep,
         "raw_engine_staggered_tokens_per_s": produced / (time.perf_counter() - started),
     }
@@ -541,10 +554,29 @@ def run(
     out["tpot_fair_over_solo"] = ratio("victim_tpot_p99_fair_s", "victim_tpot_p99_solo_s")
     out["tpot_slo_over_solo"] = ratio("victim_tpot_p99_tpot_slo_s", "victim_tpot_p99_solo_s")
     out["tokens_slo_over_fair"] = ratio("tokens_per_s_tpot_slo", "tokens_per_s_fair")
+    out["tokens_slo_bound"] = objective_bound(out, sizes.concurrency)
     out["decode_ctx2048_over_ctx128"] = ratio(
         "decode_ms_per_token_ctx2048", "decode_ms_per_token_ctx128"
     )
     return out
+
+
+def objective_bound(out: dict[str, Any], batch: int) -> float | None:
+    """The most decode throughput steps inside the victim's TPOT objective can keep, as
+    a share of the full batch's: tokens per second of the most rows whose decode step
+    the engine measured within the objective, against the full batch's. A scheduler
+    sizing steps to the objective cannot beat it (prompts take their share of either)."""
+    solo = out.get("victim_tpot_p99_solo_s")
+    if not solo:
+        return None
+    objective_ms = TPOT_GOAL * solo * 1000
+    steps = {
+        rows: out[f"decode_step_ms_rows{rows}"]
+        for rows in (*STEP_ROWS, batch)
+        if f"decode_step_ms_rows{rows}" in out
+    }
+    fitting = [rows / ms for rows, ms in steps.items() if ms <= objective_ms]
+    return max(fitting, default=0.0) / (batch / steps[batch])
 
 
 TPOT_GOAL = 1.5
@@ -581,6 +613,12 @@ def side_by_side(out: dict[str, Any]) -> list[str]:
         f"{'  TTFT p99 ms':24}" + "".join(cell(f"victim_ttft_p99_{x}_s", 1000) for x in scenarios),
         f"{'  TPOT p99 ms':24}" + "".join(cell(f"victim_tpot_p99_{x}_s", 1000) for x in scenarios),
         f"{'  all tokens/s':24}" + "".join(cell(f"tokens_per_s_{x}") for x in scenarios),
+        f"{'  tpot_slo bound':24}{cell('tokens_slo_bound')} of the full batch's decode "
+        "tokens/s, in steps that fit the objective",
+        f"{'decode step ms':24}"
+        + "".join(f"{str(r) + ' rows':>10}" for r in (*STEP_ROWS, out.get("concurrency"))),
+        f"{'':24}"
+        + "".join(cell(f"decode_step_ms_rows{r}") for r in (*STEP_ROWS, out.get("concurrency"))),
         f"{'decode ms/token':24}" + "".join(f"{'ctx' + str(c):>10}" for c in CONTEXTS),
         f"{'':24}" + "".join(cell(f"decode_ms_per_token_ctx{c}") for c in CONTEXTS),
         f"{'  MB read per token':24}"
