@@ -43,7 +43,6 @@ gateway's calls in the order it makes them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 import uuid
@@ -182,7 +181,9 @@ class Renewal:
     """What a renewal found of the leases it was given that had lapsed: ``regained``,
     taken again under the tenant's limit, and ``lost``, which another request may have
     taken. A gateway's calls are applied in the order it makes them, so a request that
-    ended after the renewal was sent is settled after it."""
+    ended after the renewal was sent is settled after it; one settled before it all the
+    same (a renewal sent again after a Redis restart) is among them too, and is nothing
+    to its gateway any more."""
 
     regained: frozenset[str] = frozenset()
     lost: frozenset[str] = frozenset()
@@ -912,8 +913,7 @@ class RedisLedger:
     async def close(self) -> None:
         if self._sender is not None:
             self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
+            await asyncio.wait([self._sender])
         for call in self._calls:
             if not call.answer.done():
                 call.answer.set_exception(ConnectionError("the ledger was closed"))

@@ -107,11 +107,11 @@ _DONE = b"data: [DONE]\n\n"
 _TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
-def _timed_out_late(exc: BaseException, began: float, timeout: float) -> bool:
+def _timed_out_late(exc: BaseException, began: float, timeout: float | None) -> bool:
     """Whether ``exc`` is a timeout of ``timeout`` seconds from ``began`` (loop time)
     that fired long after it was due: this gateway's own loop was stalled (its machine,
     a pause), which says nothing of the replica."""
-    late = asyncio.get_running_loop().time() - began > timeout * 1.5
+    late = asyncio.get_running_loop().time() - began > (timeout or math.inf) * 1.5
     return isinstance(exc, TimeoutError) and late
 
 
@@ -294,11 +294,14 @@ class _Deployment:
     def renewed(self, sent: Mapping[str, Collection[str]], renewal: Renewal) -> None:
         """Act on the lapsed leases a renewal of ``sent`` (tenant -> lease ids) found: a
         request whose lease was lost is ended (another may have started in its place).
-        One taken back for a request that ended meanwhile is freed by that request's
-        settlement, which the ledger applies after the renewal."""
+        The ledger applies a request's end after a renewal sent before it; one applied
+        first all the same (a call sent again after a Redis restart or a retry) has its
+        lease taken back, which is freed again."""
         self.renewed_at = time.monotonic()
         for tenant, ids in sent.items():
             held = self.leases.get(tenant, {})
+            for lease in renewal.regained.intersection(ids).difference(held):
+                self.owed.end(Finished(tenant, lease, 0, self.limits(tenant)))
             for lease in renewal.lost.intersection(ids):
                 waiter = held.get(lease)
                 if waiter is None or waiter.lost:
@@ -1129,7 +1132,8 @@ class GatewayApp(ModelServer):
                 dep.forwarded(current, forward)  # it ends here, not by cancel
                 # A connect that timed out late is this gateway's stall: the replica's
                 # health watch, not this request, says whether it is down.
-                late = _timed_out_late(exc, began, gateway.config.health_interval_s)
+                connecting = isinstance(exc, aiohttp.ConnectionTimeoutError)
+                late = connecting and _timed_out_late(exc, began, gateway.client.timeout.connect)
                 if not (forward.failed or late):
                     dep.replica_down(current)
                 if started:

@@ -52,8 +52,8 @@ IntArray = npt.NDArray[np.int64]
 DEFAULT_BLOCK_SLOTS = 32
 """Slots per block of a ``SlotCache`` whose forward calls are not limited in rows."""
 PARKING_BLOCK_SLOTS = 4
-"""Slots per parking block: paused rows are few, and a device block is not given back
-until it empties."""
+"""Slots per parking block: paused rows are few, and the first parking block is kept once
+allocated (a device holds its ``max_context`` positions a slot from then on)."""
 
 
 class CacheRow:

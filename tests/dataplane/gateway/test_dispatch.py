@@ -835,6 +835,19 @@ async def test_a_request_whose_lease_was_lost_before_its_answer_gets_a_503() -> 
         await setup.close()
 
 
+async def test_a_lease_taken_back_after_its_request_ended_is_freed_again() -> None:
+    """A renewal applied after the request's end (sent again after a Redis restart)
+    took its lease back: it is owed to the ledger again, with nothing refunded twice."""
+    setup = await Setup.started({"max_concurrency": 1})
+    try:
+        setup.dep.renewed({"a": ["ended"]}, Renewal(regained=frozenset({"ended"})))
+        ((settlement,),) = [setup.dep.owed.take()]
+        ((done,),) = [settlement.finished]
+        assert (done.tenant, done.lease, done.refund, done.held_only) == ("a", "ended", 0, False)
+    finally:
+        await setup.close()
+
+
 async def test_a_restarted_workers_failure_leaves_its_successors_streams_alone() -> None:
     """The replica's worker restarted (a new nonce) while a stream ran on it: a new
     replica took its id. The old one's failure ends the old stream, not the one the new
