@@ -336,6 +336,10 @@ def _hold(seconds: float, procs: dict[str, subprocess.Popen[bytes]]) -> None:
     _wait("a child to exit", lambda: time.monotonic() > deadline, procs, seconds + 5)
 
 
+def _hold_until(moment: datetime, procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    _hold(max(0.0, (moment - timezone.now()).total_seconds()), procs)
+
+
 def _watch(procs: dict[str, subprocess.Popen[bytes]]) -> int:
     while True:
         for name, proc in procs.items():
@@ -350,22 +354,24 @@ def _size_steps(
 ) -> None:
     """The engine's own answer to the noisy neighbour: chat's decode steps sized to acme's
     TPOT objective while globex is still uncapped (since ``uncapped``), and the
-    throughput beside it."""
-    measured = tour.MEASURED_S + tour.SETTLED_S
-    _hold(max(0.0, measured - (timezone.now() - uncapped).total_seconds()), procs)
-    before_p90, before_rate = tour.tpot_and_throughput(quiet)
+    throughput beside it: over the last span before the change (all of it uncapped) and
+    the first that starts ten seconds after it, when the workers have the change."""
+    before = max(tour.last_settled_span(timezone.now()), tour.span_at_or_after(uncapped))
+    _hold_until(tour.settled(before), procs)
+    before_p90, before_rate = tour.tpot_and_throughput(quiet, before)
+    after = tour.span_at_or_after(timezone.now() + timedelta(seconds=10))
     threshold = tour.size_steps_to_tpot(quiet)
     print(
         "Tour: globex still uncapped, chat's workers now size each decode step to acme's "
         f"TPOT objective ({threshold * 1000:.1f} ms): rows beyond it wait, globex's first...",
         flush=True,
     )
-    _hold(measured + 10, procs)  # measured from 10 s after the change
+    _hold_until(tour.settled(after), procs)
+    after_p90, after_rate = tour.tpot_and_throughput(quiet, after)
 
     def ms(p90: float | None) -> str:
         return "too few requests" if p90 is None else f"{p90 * 1000:.1f} ms"
 
-    after_p90, after_rate = tour.tpot_and_throughput(quiet)
     print(
         f"Tour: with steps sized to acme's objective: acme's TPOT p90 {ms(after_p90)} "
         f"({ms(before_p90)} before), chat's output {after_rate:.0f} tokens/s "

@@ -115,25 +115,40 @@ def calibrate_tpot_slo(quiet: Tenant, since: datetime) -> tuple[float, float] | 
     return p90, threshold
 
 
-MEASURED_S = 30.0
-"""The span `tpot_and_throughput` reads."""
+MEASURED_S = 30
+"""A span `tpot_and_throughput` reads: whole rollup buckets of ten seconds."""
 SETTLED_S = 10.0
-"""How long before now that span ends at least (at a bucket's start), so every node's
-telemetry for it has arrived."""
+"""How long after a span's end its telemetry has arrived from every node."""
 
 
-def tpot_and_throughput(quiet: Tenant) -> tuple[float | None, float]:
-    """Over MEASURED_S that ended SETTLED_S ago: acme's TPOT p90 on chat (None with too
-    few requests) and chat's output tokens per second, both tenants' together."""
-    now = timezone.now()
+def span_at_or_after(moment: datetime) -> datetime:
+    """The start of the first span of whole buckets that begins at or after ``moment``."""
+    start = bucket_of(moment, Resolution.TEN_SECONDS)
+    return start if start == moment else start + timedelta(seconds=Resolution.TEN_SECONDS)
+
+
+def last_settled_span(now: datetime) -> datetime:
+    """The start of the latest span whose telemetry has all arrived by ``now``."""
     end = bucket_of(now - timedelta(seconds=SETTLED_S), Resolution.TEN_SECONDS)
-    start = end - timedelta(seconds=MEASURED_S)
+    return end - timedelta(seconds=MEASURED_S)
+
+
+def settled(start: datetime) -> datetime:
+    """When the span from ``start`` has all its telemetry."""
+    return start + timedelta(seconds=MEASURED_S + SETTLED_S)
+
+
+def tpot_and_throughput(quiet: Tenant, start: datetime) -> tuple[float | None, float]:
+    """Over the span from ``start``: acme's TPOT p90 on chat (None with too few requests)
+    and chat's output tokens per second, both tenants' together."""
+    now = timezone.now()
+    end = start + timedelta(seconds=MEASURED_S)
     chat = Deployment.objects.get(tenant=quiet, name="chat")
     p90 = next(
         (
             row["p90"]
             for row in slo_selectors.latency_percentiles(quiet.pk, start, end, now)
-            if row["metric"] == "tpot" and row["deployment_name"] == "chat" and row["count"] >= 20
+            if row["metric"] == "tpot" and row["deployment_name"] == "chat" and row["count"] >= 10
         ),
         None,
     )

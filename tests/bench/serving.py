@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import re
@@ -561,22 +562,28 @@ def run(
     return out
 
 
+def step_rows(out: dict[str, Any]) -> list[int]:
+    """The row counts whose decode step the engine measured, fewest first."""
+    prefix = "decode_step_ms_rows"
+    return sorted(int(key[len(prefix) :]) for key in out if key.startswith(prefix))
+
+
 def objective_bound(out: dict[str, Any], batch: int) -> float | None:
-    """The most decode throughput steps inside the victim's TPOT objective can keep, as
-    a share of the full batch's: tokens per second of the most rows whose decode step
-    the engine measured within the objective, against the full batch's. A scheduler
-    sizing steps to the objective cannot beat it (prompts take their share of either)."""
+    """The most decode throughput steps inside the victim's TPOT objective keep, as a
+    share of the full batch's: tokens per second of the most rows whose decode step
+    fits in the objective (step times interpolated linearly between the row counts
+    measured), against the full batch's. Prompts take their share of either."""
     solo = out.get("victim_tpot_p99_solo_s")
-    if not solo:
+    rows = step_rows(out)
+    if not solo or batch not in rows:
         return None
     objective_ms = TPOT_GOAL * solo * 1000
-    steps = {
-        rows: out[f"decode_step_ms_rows{rows}"]
-        for rows in (*STEP_ROWS, batch)
-        if f"decode_step_ms_rows{rows}" in out
-    }
-    fitting = [rows / ms for rows, ms in steps.items() if ms <= objective_ms]
-    return max(fitting, default=0.0) / (batch / steps[batch])
+    ms = [out[f"decode_step_ms_rows{r}"] for r in rows]
+    best = max((r / t for r, t in zip(rows, ms, strict=True) if t <= objective_ms), default=0.0)
+    for (r0, t0), (r1, t1) in itertools.pairwise(zip(rows, ms, strict=True)):
+        if t0 <= objective_ms < t1:  # the rows a step of exactly the objective holds
+            best = max(best, (r0 + (r1 - r0) * (objective_ms - t0) / (t1 - t0)) / objective_ms)
+    return best / (batch / out[f"decode_step_ms_rows{batch}"])
 
 
 TPOT_GOAL = 1.5
@@ -614,11 +621,9 @@ def side_by_side(out: dict[str, Any]) -> list[str]:
         f"{'  TPOT p99 ms':24}" + "".join(cell(f"victim_tpot_p99_{x}_s", 1000) for x in scenarios),
         f"{'  all tokens/s':24}" + "".join(cell(f"tokens_per_s_{x}") for x in scenarios),
         f"{'  tpot_slo bound':24}{cell('tokens_slo_bound')} of the full batch's decode "
-        "tokens/s, in steps that fit the objective",
-        f"{'decode step ms':24}"
-        + "".join(f"{str(r) + ' rows':>10}" for r in (*STEP_ROWS, out.get("concurrency"))),
-        f"{'':24}"
-        + "".join(cell(f"decode_step_ms_rows{r}") for r in (*STEP_ROWS, out.get("concurrency"))),
+        "tokens/s, in steps that fit the objective (interpolated)",
+        f"{'decode step ms':24}" + "".join(f"{str(r) + ' rows':>10}" for r in step_rows(out)),
+        f"{'':24}" + "".join(cell(f"decode_step_ms_rows{r}") for r in step_rows(out)),
         f"{'decode ms/token':24}" + "".join(f"{'ctx' + str(c):>10}" for c in CONTEXTS),
         f"{'':24}" + "".join(cell(f"decode_ms_per_token_ctx{c}") for c in CONTEXTS),
         f"{'  MB read per token':24}"

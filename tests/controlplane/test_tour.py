@@ -97,16 +97,21 @@ def record_tokens(tenant: Any, tokens: int, ago_s: float) -> None:
 
 
 def test_tpot_and_throughput_are_read_from_settled_buckets_of_both_tenants(acme: Any) -> None:
-    """acme's TPOT p90 and both tenants' output tokens per second, over the 30 s that ended
-    at least 10 s ago (what came since may not have arrived from every node yet)."""
+    """acme's TPOT p90 and both tenants' output tokens per second, over the latest 30 s
+    of whole buckets that ended at least 10 s ago (what came since may not have arrived
+    from every node yet)."""
     globex = Tenant.objects.get(slug=tour.NOISY_SLUG)
-    record_tpot(acme, [0.001 * (i % 10 + 1) for i in range(30)], ago_s=25)
-    record_tokens(acme, 300, ago_s=25)
-    record_tokens(globex, 600, ago_s=25)
-    for ago_s in (3, 60):  # too recent, and before the span
+    now = timezone.now()
+    start = tour.last_settled_span(now)
+    assert start == tour.span_at_or_after(start) and tour.settled(start) <= now
+    inside = (now - start).total_seconds() - 5
+    record_tpot(acme, [0.001 * (i % 10 + 1) for i in range(30)], ago_s=inside)
+    record_tokens(acme, 300, ago_s=inside)
+    record_tokens(globex, 600, ago_s=inside)
+    for ago_s in (inside - tour.MEASURED_S, inside + 10):  # after the span, and before it
         record_tpot(acme, [0.5] * 30, ago_s=ago_s)
         record_tokens(globex, 5000, ago_s=ago_s)
-    p90, rate = tour.tpot_and_throughput(acme)
+    p90, rate = tour.tpot_and_throughput(acme, start)
     assert p90 == pytest.approx(0.009, rel=0.02)
     assert rate == (300 + 600) / tour.MEASURED_S
 
