@@ -293,17 +293,19 @@ def decode_bytes_per_token(model_dir: Path, spec: ModelSpec, context: int) -> fl
     return weights / CONTEXT_ROWS + context * per_position * spec.numpy_kv_dtype.itemsize
 
 
-def decode_ms_per_token(runtime: OnnxRuntime, context: int) -> float:
-    """Median milliseconds per token of a decode step of CONTEXT_ROWS rows that each
-    hold ``context`` tokens, over the runtime's own KV cache (as the engine drives it)."""
-    cache, rows = filled_rows(runtime, CONTEXT_ROWS, context)
-    tokens = np.ones(CONTEXT_ROWS, np.int64)
+def decode_step_ms(
+    runtime: OnnxRuntime, rows: int, context: int, rows_per_call: int = 0, repeats: int = 30
+) -> float:
+    """Median milliseconds of a decode step of ``rows`` rows that each hold ``context``
+    tokens, over the runtime's own KV cache (as the engine drives it)."""
+    cache, held = filled_rows(runtime, rows, context, rows_per_call)
+    tokens = np.ones(rows, np.int64)
     times = []
-    for _ in range(20):
+    for _ in range(repeats):
         started = time.perf_counter()
-        cache.decode(rows, tokens)
+        cache.decode(held, tokens)
         times.append(time.perf_counter() - started)
-    return float(np.median(times) * 1000 / CONTEXT_ROWS)
+    return float(np.median(times) * 1000)
 
 
 def measure_engine(
@@ -317,26 +319,16 @@ def measure_engine(
     runtime = OnnxRuntime(model_dir, cache_dir, runtime_config)
     rng = np.random.default_rng(0)
     width = sizes.prompt_tokens + sizes.output_tokens // 2
-    cache, rows = filled_rows(runtime, sizes.concurrency, width, rows_per_call)
-    tokens = np.ones(sizes.concurrency, np.int64)
-    step_times = []
-    for _ in range(30):
-        started = time.perf_counter()
-        cache.decode(rows, tokens)
-        step_times.append(time.perf_counter() - started)
-    by_rows = {}
-    for count in (r for r in STEP_ROWS if r < sizes.concurrency):
-        few, held = filled_rows(runtime, count, width, rows_per_call)
-        few_tokens = np.ones(count, np.int64)
-        times = []
-        for _ in range(30):
-            started = time.perf_counter()
-            few.decode(held, few_tokens)
-            times.append(time.perf_counter() - started)
-        by_rows[f"decode_step_ms_rows{count}"] = float(np.median(times) * 1000)
-    by_rows[f"decode_step_ms_rows{sizes.concurrency}"] = float(np.median(step_times) * 1000)
+    counts = [*(r for r in STEP_ROWS if r < sizes.concurrency), sizes.concurrency]
+    by_rows = {
+        f"decode_step_ms_rows{count}": decode_step_ms(runtime, count, width, rows_per_call)
+        for count in counts
+    }
     per_token = {
-        f"decode_ms_per_token_ctx{context}": decode_ms_per_token(runtime, context)
+        f"decode_ms_per_token_ctx{context}": decode_step_ms(
+            runtime, CONTEXT_ROWS, context, repeats=20
+        )
+        / CONTEXT_ROWS
         for context in CONTEXTS
     }
     for context in CONTEXTS:
