@@ -535,7 +535,8 @@ class Gateway:
                         if lines:
                             state = ReplicaState.from_message(json.loads(lines[-1]))
                             replica.update(state, messages=len(lines))
-                            dep.wake.set()
+                            if dep.waiting_count():  # room may have freed for them
+                                dep.wake.set()
             except TimeoutError as exc:
                 # A silence timed out long after it was due: what the replica sent
                 # meanwhile waits unread. The replica is asked again, not marked down; a
@@ -780,6 +781,7 @@ class Gateway:
             return await waiter.future
         except asyncio.CancelledError:
             dep.unqueue(waiter)
+            dep.wake.set()  # the count of those waiting changed
             future = waiter.future
             if future.done() and not future.cancelled() and future.exception() is None:
                 if waiter.dispatch is not None:

@@ -111,6 +111,10 @@ PROMPT_SHARES = (0.1, 0.5)
 _LOAD_SMOOTHING = 1 / 64
 # Smoothing of the measured seconds per token of a step.
 _COST_SMOOTHING = 0.1
+# A decode step that moved only the measured costs wakes the state's subscribers once
+# a cost is this far (relative) from what they were last woken with: a message per step
+# would cost every gateway a read and a parse per token, for a drift routing cannot use.
+STATE_COST_DRIFT = 0.1
 
 
 def _smoothed(previous: float, value: float) -> float:
@@ -591,6 +595,10 @@ class Scheduler:
         self._watchers: set[asyncio.Event] = set()
         # Counts the state's changes, so a message built once serves every subscriber.
         self.version = 0
+        # What subscribers were last woken with: who holds and waits for the batch, and
+        # the measured costs.
+        self._woken: tuple[Any, ...] = ()
+        self._woken_costs = (0.0, 0.0, 0.0)
 
     # -- live state ---------------------------------------------------------------------
 
@@ -610,8 +618,37 @@ class Scheduler:
 
     def _changed(self) -> None:
         self._moved()
+        self._woken, self._woken_costs = self._occupancy(), self._costs()
         for event in self._watchers:
             event.set()
+
+    def _occupancy(self) -> tuple[Any, ...]:
+        """The live state apart from the measured costs, as far as a step can move it."""
+        return (
+            tuple(r.tenant for r in self._in_batch),
+            tuple(r.tenant for r in self._joining),
+            tuple(r.tenant for r in self._prefilling),
+            len(self.running),
+            len(self.policy),
+            self._row_cap(),
+            self._tpot_target,
+            tuple(self._objectives),
+        )
+
+    def _costs(self) -> tuple[float, float, float]:
+        return (self.step_s, self.prefill_token_s, self._mean_e2e)
+
+    def _stepped_changed(self) -> None:
+        """A decode step's change: subscribers are woken when the occupancy moved or a
+        cost drifted past ``STATE_COST_DRIFT``; otherwise the next message carries it."""
+        drifted = any(
+            abs(now - then) > STATE_COST_DRIFT * then
+            for now, then in zip(self._costs(), self._woken_costs, strict=True)
+        )
+        if drifted or self._occupancy() != self._woken:
+            self._changed()
+        else:
+            self._moved()
 
     def state(self) -> dict[str, Any]:
         """What a gateway needs to predict a new request's TTFT here: the work queued
@@ -1315,7 +1352,7 @@ class Scheduler:
         self._metrics.running.set(len(self.running))
         self._metrics.waiting.set(len(self.policy))
         self._admission.set()
-        self._changed()
+        self._stepped_changed()
 
     def _deliver(self, request: GenerationRequest, now: float) -> None:
         if request.done:

@@ -6,7 +6,8 @@ one token per chunk as vLLM sends them), ``GET /v1/models[/{id}]`` (those need
 ``GET /v1/internal/stats?after=SEQ`` (sketches, exact SLO counts and request totals for
 the agent, plus the queue depth and running count now; a stats key or a loopback
 client) and ``GET /v1/internal/state`` (the same access rule: newline-delimited JSON, one
-message of live scheduler state whenever it changes, at most one per change the reader
+message of live scheduler state whenever its occupancy changes (a decode step that moved
+only the measured costs sends none until they drift), at most one per change the reader
 keeps up with, and one per ``STATE_HEARTBEAT_S`` regardless, for the gateways' routing). No web framework: a handful of routes, JSON in and out, and streaming that must
 notice a departed client are little enough to write against ASGI directly.
 

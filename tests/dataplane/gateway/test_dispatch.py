@@ -29,7 +29,14 @@ from dataplane.gateway.ledger import (
     StartRequest,
 )
 from dataplane.gateway.routing import Replica, ReplicaState
-from dataplane.gateway.server import Gateway, GatewayApp, _Deployment, _prompt_tokens, _Waiter
+from dataplane.gateway.server import (
+    DISPATCH_POLL_S,
+    Gateway,
+    GatewayApp,
+    _Deployment,
+    _prompt_tokens,
+    _Waiter,
+)
 from dataplane.inference.config import SloThreshold
 from tests.dataplane.inference.procs import key_hash
 
@@ -1087,11 +1094,13 @@ async def watched(
 
 
 async def until(dep: _Deployment, test: Callable[[], bool]) -> None:
-    """Wait for ``test`` to hold, looking again whenever the deployment is woken."""
+    """Wait for ``test`` to hold, looking again whenever the deployment is woken (a state
+    message wakes it only while requests wait) or a poll's interval passed."""
     async with asyncio.timeout(60):
         while not test():
             dep.wake.clear()
-            await dep.wake.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(dep.wake.wait(), DISPATCH_POLL_S)
 
 
 @pytest.fixture

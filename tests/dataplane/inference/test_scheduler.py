@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
@@ -25,6 +26,7 @@ from dataplane.inference.metrics import RequestTiming, TelemetryStats, WorkerMet
 from dataplane.inference.runtime import OnnxRuntime
 from dataplane.inference.sampling import SamplingParams
 from dataplane.inference.scheduler import (
+    STATE_COST_DRIFT,
     GenerationRequest,
     QueueFull,
     Scheduler,
@@ -696,17 +698,36 @@ async def test_steps_aim_below_the_objective_by_what_its_requests_show(
     assert targets(1e-6, 2, paused=True) == [1e-6, 1e-6]
 
 
-async def test_a_step_publishes_its_live_state_once(runtime: OnnxRuntime) -> None:
+async def test_a_step_publishes_its_live_state_only_when_it_moved(
+    runtime: OnnxRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A step's prefill half only delivers first tokens: the live state that gateways
-    read goes out once per step, with its decode half."""
+    read goes out with its decode half, and only when the occupancy moved or a measured
+    cost drifted past ``STATE_COST_DRIFT`` (a message per step would cost every gateway
+    a read and a parse per token)."""
+    ticks = itertools.count()  # every step the same length on the clock costs are read by
+    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks) * 0.001)
     h = Harness(runtime, max_batch_size=4)
-    request = h.submit("t", [1, 2, 3], 20)
+    request = h.submit("t", [1, 2, 3], 12)
     published: list[int] = []
-    setattr(h.scheduler, "_changed", lambda: published.append(len(request.output_ids)))  # noqa: B010
+    changed = h.scheduler._changed
+
+    def recorded() -> None:
+        published.append(len(request.output_ids))
+        changed()
+
+    setattr(h.scheduler, "_changed", recorded)  # noqa: B010
     step_once(h.scheduler)  # the prompt runs, then its first decode in the same step
     assert request.output_ids and published == [2]
+    for _ in range(4):  # the same row at the same cost per step
+        step_once(h.scheduler)
+    assert published == [2]
+    h.scheduler.step_s *= 1 + 3 * STATE_COST_DRIFT  # the decode got dearer
     step_once(h.scheduler)
-    assert published == [2, 3]
+    assert published == [2, 7]
+    while not request.done:
+        step_once(h.scheduler)
+    assert published == [2, 7, 12]  # the end, once
 
 
 async def test_the_live_state_names_prompts_under_way_apart_from_rows(
