@@ -65,11 +65,13 @@ def ensure_packages() -> None:
         )
     print(f"Installing Debian packages: {' '.join(missing)}", file=sys.stderr, flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    # apt's progress goes to stderr: a bench's --json output is stdout, whole.
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, stdout=sys.stderr)
     subprocess.run(
         ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
         check=True,
         env=env,
+        stdout=sys.stderr,
     )
 
 

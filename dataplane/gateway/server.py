@@ -84,8 +84,9 @@ log = logging.getLogger(__name__)
 # While requests wait, the dispatcher looks again at least this often (other gateways'
 # tenants change what this one may start without a message reaching it).
 DISPATCH_POLL_S = 0.01
-# After the ledger refuses a request going ahead of full replicas, the next try waits
-# this long (or for a slot to free), so a full fleet costs no ledger call per poll.
+# After the ledger refuses a request going ahead of full replicas, its tenant's next try
+# waits this long (or for a slot to free), so a full fleet costs no ledger call per poll;
+# another tenant's request, next in line meanwhile, is asked for at once.
 AHEAD_BACKOFF_S = 0.05
 # What a gateway owes the ledger rides on its next admission. An end with nothing
 # waiting is settled at once; what no call took once it is this old (streamed tokens,
@@ -239,8 +240,9 @@ class _Deployment:
         self.forwards: dict[tuple[str, str | None], set[_Forward]] = {}
         # The replicas that take requests over one connection (dataplane.mux), by id.
         self.muxes: dict[str, MuxClient] = {}
-        # While every replica is full, no request goes ahead before this (perf_counter).
-        self.ahead_after = 0.0
+        # While every replica is full, no request of these tenants goes ahead before
+        # this (perf_counter).
+        self.ahead_after: dict[str, float] = {}
         self.keys: list[tuple[str, str]] = []
         self.set_route(route)
 
@@ -655,7 +657,7 @@ class Gateway:
             # With every replica full, only the tenant next in line may go ahead, to a
             # worker that would pause a row for it; the ledger is asked once per backoff.
             if full and (
-                time.perf_counter() < dep.ahead_after
+                time.perf_counter() < dep.ahead_after.get(tenant, 0.0)
                 or not any(r.pauses_for(tenant, configs) for r in replicas)
             ):
                 return
@@ -689,7 +691,9 @@ class Gateway:
             dep.token_wait[tenant] = decision.wait_s if decision.reason == "tokens" else 0.0
             if not decision.ok:
                 if full:
-                    dep.ahead_after = time.perf_counter() + AHEAD_BACKOFF_S
+                    now = time.perf_counter()
+                    dep.ahead_after = {t: at for t, at in dep.ahead_after.items() if at > now}
+                    dep.ahead_after[tenant] = now + AHEAD_BACKOFF_S
                     return
                 skip.add(tenant)
                 continue

@@ -303,6 +303,43 @@ async def test_with_every_replica_full_a_tenant_under_its_share_goes_ahead() -> 
         await setup.close()
 
 
+async def test_a_tenant_refused_going_ahead_holds_back_only_its_own_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With every replica full, the ledger refuses a's second request going ahead (its
+    concurrency is 1): a's next try waits for the backoff, but c, next in line in the
+    round after, goes ahead at once rather than waiting out a's backoff."""
+    monkeypatch.setattr(gateway_server, "AHEAD_BACKOFF_S", 3600.0)
+    setup = await Setup.started({"max_concurrency": 1})
+    asked: list[str] = []
+    try_start = setup.ledger.try_start
+
+    async def recorded(deployment: str, gateway: str, request: Any, *args: Any) -> Any:
+        asked.append(request.tenant)
+        return await try_start(deployment, gateway, request, *args)
+
+    setup.ledger.try_start = recorded  # type: ignore[method-assign]
+    try:
+        for replica in setup.dep.replicas.values():
+            replica.update(state(free_slots=0, running=4, rows={"b": 4}))
+
+        def waiter(tenant: str) -> _Waiter:
+            return _Waiter(tenant, 0, 10, 10, time.perf_counter(), None, stream=True)
+
+        first, second = waiter("a"), waiter("a")
+        setup.dep.waiting["a"] = deque([first, second])
+        await setup.gateway._dispatch_round(setup.dep)
+        assert first.future.done() and not second.future.done()
+        assert asked == ["a", "a"]
+        other = waiter("c")
+        setup.dep.waiting["c"] = deque([other])
+        await setup.gateway._dispatch_round(setup.dep)
+        assert other.future.done() and not second.future.done()
+        assert asked == ["a", "a", "c"]  # a's backoff holds for a alone
+    finally:
+        await setup.close()
+
+
 async def test_a_waiter_gone_during_a_round_is_skipped() -> None:
     setup = await Setup.started({})
     try:
