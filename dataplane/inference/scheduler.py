@@ -623,11 +623,12 @@ class Scheduler:
             event.set()
 
     def _occupancy(self) -> tuple[Any, ...]:
-        """The live state apart from the measured costs, as far as a step can move it."""
+        """The live state apart from the measured costs, as far as a step can move it
+        (a prompt's chunks move what is left of it)."""
         return (
             tuple(r.tenant for r in self._in_batch),
             tuple(r.tenant for r in self._joining),
-            tuple(r.tenant for r in self._prefilling),
+            tuple((r.tenant, r.seq.prefilled) for r in self._prefilling),
             len(self.running),
             len(self.policy),
             self._row_cap(),

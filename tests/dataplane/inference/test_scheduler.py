@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
@@ -707,7 +708,7 @@ async def test_a_step_publishes_its_live_state_only_when_it_moved(
     a read and a parse per token)."""
     ticks = itertools.count()  # every step the same length on the clock costs are read by
     monkeypatch.setattr(time, "perf_counter", lambda: next(ticks) * 0.001)
-    h = Harness(runtime, max_batch_size=4)
+    h = Harness(runtime, max_batch_size=4, max_tokens_per_step=64)
     request = h.submit("t", [1, 2, 3], 12)
     published: list[int] = []
     changed = h.scheduler._changed
@@ -728,6 +729,11 @@ async def test_a_step_publishes_its_live_state_only_when_it_moved(
     while not request.done:
         step_once(h.scheduler)
     assert published == [2, 7, 12]  # the end, once
+    long = h.submit("u", [5 + i % 250 for i in range(200)], 2)
+    published.clear()
+    while not long.output_ids:  # each chunk moves what is left of the prompt
+        step_once(h.scheduler)
+    assert len(published) == math.ceil(200 / 64)
 
 
 async def test_the_live_state_names_prompts_under_way_apart_from_rows(
