@@ -651,6 +651,12 @@ class Scheduler:
         else:
             self._moved()
 
+    @property
+    def decode_cost(self) -> Line | None:
+        """A decode step's seconds by its rows, as the step loop measured them while
+        serving (what steps under a TPOT objective are sized by); None until measured."""
+        return self._decode_cost.line
+
     def state(self) -> dict[str, Any]:
         """What a gateway needs to predict a new request's TTFT here: the work queued
         ahead of it per priority class, the batch's occupancy (and who holds it) and the

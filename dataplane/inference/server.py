@@ -624,6 +624,7 @@ class InferenceApp(ModelServer):
     async def _health(self, call: Call) -> None:
         worker = self.worker
         scheduler = worker.scheduler
+        line = scheduler.decode_cost
         await send_json(
             call.send,
             200,
@@ -640,6 +641,11 @@ class InferenceApp(ModelServer):
                 "policy": worker.config.scheduling.policy,
                 "config_generation": worker.config_generation,
                 "mux": MUX_PATH,
+                # What a decode step costs here while serving: a fixed part and a part
+                # per row (the machine's other work included, unlike the engine alone).
+                "decode_cost": (
+                    None if line is None else {"base_s": line.base, "per_row_s": line.per_unit}
+                ),
             },
         )
 

@@ -116,9 +116,14 @@ def test_stop_string_ends_the_request_early(worker: WorkerProcess) -> None:
 
 def test_models_and_health(worker: WorkerProcess) -> None:
     assert [m.id for m in client(worker).models.list()] == ["synthetic"]
+    client(worker).completions.create(model="synthetic", prompt="cost me", max_tokens=12, **GREEDY)
     health = worker.health()
     assert health["status"] == "ok" and health["deployment_id"] == "dep-test"
     assert health["providers"] == ["CPUExecutionProvider"]
+    # The decode steps served so far give what a step costs here: a one-row step costs.
+    cost = health["decode_cost"]
+    assert cost["base_s"] >= 0 and cost["per_row_s"] >= 0
+    assert cost["base_s"] + cost["per_row_s"] > 0
 
 
 async def test_concurrent_tenants_streaming(worker: WorkerProcess) -> None:
