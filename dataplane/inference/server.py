@@ -26,6 +26,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import signal
 import time
 import uuid
@@ -237,11 +238,18 @@ class InferenceApp(ModelServer):
 
     async def startup(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self.worker.scheduler.run()),
-            loop.create_task(self.worker.watch_config()),
-        ]
+        batching = loop.create_task(self.worker.scheduler.run())
+        batching.add_done_callback(self._scheduler_ended)
+        self._tasks = [batching, loop.create_task(self.worker.watch_config())]
         loop.add_signal_handler(signal.SIGHUP, self.worker.reload)
+
+    def _scheduler_ended(self, task: asyncio.Task[None]) -> None:
+        """A scheduler that stopped by itself admits nothing more while /health still
+        answers: say why, and stop the process, so its supervisor starts it again."""
+        if task.cancelled():
+            return
+        log.critical("the scheduler stopped; stopping the worker", exc_info=task.exception())
+        os.kill(os.getpid(), signal.SIGTERM)
 
     async def shutdown(self) -> None:
         for task in self._tasks:

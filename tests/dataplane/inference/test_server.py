@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from dataplane.inference import server
 from dataplane.inference.config import WorkerConfig
 from dataplane.inference.server import InferenceApp, Worker
 
@@ -447,6 +449,33 @@ class _StateReader:
     async def leave(self) -> None:
         self._left.set()
         await self.task
+
+
+async def test_a_scheduler_that_stops_by_itself_stops_the_worker(
+    model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker whose scheduler failed would answer /health and hold its requests for
+    good: the failure is logged and the process stops, for its supervisor to restart."""
+    config = WorkerConfig.model_validate(worker_config(model_dir, tmp_path / "cache", KEYS))
+    worker = Worker(config)
+
+    async def failing() -> None:
+        raise RuntimeError("admission broke")
+
+    worker.scheduler.run = failing  # type: ignore[method-assign]
+    signals: list[int] = []
+    monkeypatch.setattr(server.os, "kill", lambda pid, sig: signals.append(sig))
+    app = InferenceApp(worker)
+    await app.startup()
+    async with asyncio.timeout(60):
+        while not signals:
+            await asyncio.sleep(0.01)
+    assert signals == [signal.SIGTERM]
+    assert "admission broke" in caplog.text
+    await app.shutdown()
 
 
 async def test_a_change_is_encoded_once_for_every_state_stream(
