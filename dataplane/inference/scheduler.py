@@ -354,7 +354,14 @@ class FairPolicy:
         return True
 
     def requeue(self, request: GenerationRequest) -> None:
-        self._queues.setdefault(request.tenant, deque()).appendleft(request)
+        """Put a paused request back at the head of its tenant's queue. Its tenant may
+        have no counter here (its requests started under the policy this one replaced,
+        at a scheduling change): it gets the lowest of the backlogged tenants'."""
+        tenant = request.tenant
+        if tenant not in self.counters:
+            others = [self.counters[t] for t in self._backlogged() if t in self.counters]
+            self.counters[tenant] = min(others, default=0.0)
+        self._queues.setdefault(tenant, deque()).appendleft(request)
 
     def peek(self, skip: Collection[str] = ()) -> GenerationRequest | None:
         best: GenerationRequest | None = None

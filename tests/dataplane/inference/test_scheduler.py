@@ -20,6 +20,7 @@ from dataplane.inference.config import (
     RuntimeConfig,
     SchedulingConfig,
     SloThreshold,
+    TenantConfig,
 )
 from dataplane.inference.engine import BatchEngine, EngineSequence
 from dataplane.inference.kvcache import SlotCache
@@ -767,6 +768,27 @@ async def test_queue_delay_gathers_arrivals_into_one_prefill(harness_factory: An
     await finished(first)
     await finished(second)
     assert h.steps("prefill") == 1
+
+
+async def test_rows_paused_at_a_scheduling_change_queue_under_the_new_policy(
+    runtime: OnnxRuntime,
+) -> None:
+    """A scheduling change makes a new policy while rows run; rows then paused (here by
+    a concurrency limit of the same change) go back to its queue, and admission goes
+    on (their tenant had no counter under the new policy: admission failed on it)."""
+    h = Harness(runtime, max_batch_size=4)
+    rows = [h.submit("b", [1, 2, 3], 6) for _ in range(3)]
+    step_once(h.scheduler)
+    assert len(h.scheduler._in_batch) == 3
+    h.scheduler.reconfigure(
+        h.scheduler.batching,
+        SchedulingConfig(policy="fair", tpot_steps=True),
+        {"b": TenantConfig.model_validate({"max_concurrency": 1})},
+    )
+    assert h.scheduler.policy.waiting("b") == 2
+    while not all(r.done for r in rows):
+        step_once(h.scheduler)
+    assert all(len(r.output_ids) == 6 for r in rows)
 
 
 async def test_cancel_frees_the_slot_for_the_next_request(harness_factory: Any) -> None:
