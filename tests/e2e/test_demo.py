@@ -135,6 +135,10 @@ def test_demo_serves_tours_the_noisy_neighbour_and_stops_cleanly(tmp_path: Path)
             steps += ["the page still fires: before it resolves, every page window must be calm"]
         found = [tour.find(step) for step in steps]
         assert -1 not in found and found == sorted(found), tour
+        # the deployment kept serving with its steps sized (a worker whose admission had
+        # stopped printed 0 tokens/s here)
+        sized = re.search(r"chat's output (\d+) tokens/s \((\d+) before\)", tour)
+        assert sized is not None and int(sized.group(1)) > 0, tour
         assert "too slow for the story" not in tour, tour
         assert "unverified" not in tour
         report = re.search(r"(\S+/api/v1/slo-reports/\S+format=pdf)", tour).group(1)  # type: ignore[union-attr]
