@@ -337,14 +337,14 @@ class FairPolicy:
         queue = self._queues.setdefault(tenant, deque())
         counter = self.counters.setdefault(tenant, 0.0)
         if not queue:
-            others = [
-                self.counters[t]
-                for t in {*self._backlogged(), *active} - {tenant}
-                if t in self.counters
-            ]
-            if others:
-                self.counters[tenant] = max(counter, min(others))
+            self.counters[tenant] = max(counter, self._lowest_other(tenant, active, counter))
         queue.append(request)
+
+    def _lowest_other(self, tenant: str, active: Collection[str], default: float) -> float:
+        """The lowest counter of the other tenants backlogged or ``active``: where a
+        tenant coming back to the queue starts at the least, so idling earns no credit."""
+        others = {*self._backlogged(), *active} - {tenant}
+        return min((self.counters[t] for t in others if t in self.counters), default=default)
 
     def remove(self, request: GenerationRequest) -> bool:
         queue = self._queues.get(request.tenant)
@@ -359,8 +359,7 @@ class FairPolicy:
         at a scheduling change): it gets the lowest of the backlogged tenants'."""
         tenant = request.tenant
         if tenant not in self.counters:
-            others = [self.counters[t] for t in self._backlogged() if t in self.counters]
-            self.counters[tenant] = min(others, default=0.0)
+            self.counters[tenant] = self._lowest_other(tenant, (), 0.0)
         self._queues.setdefault(tenant, deque()).appendleft(request)
 
     def peek(self, skip: Collection[str] = ()) -> GenerationRequest | None:
@@ -623,9 +622,11 @@ class Scheduler:
         follows moments later wakes them); a message built from now on is built anew."""
         self.version += 1
 
-    def _changed(self) -> None:
+    def _changed(self, occupancy: tuple[Any, ...] | None = None) -> None:
+        """Wake the subscribers (``occupancy``: the state's, if already read)."""
         self._moved()
-        self._woken, self._woken_costs = self._occupancy(), self._costs()
+        self._woken = self._occupancy() if occupancy is None else occupancy
+        self._woken_costs = self._costs()
         for event in self._watchers:
             event.set()
 
@@ -653,8 +654,9 @@ class Scheduler:
             abs(now - then) > STATE_COST_DRIFT * then
             for now, then in zip(self._costs(), self._woken_costs, strict=True)
         )
-        if drifted or self._occupancy() != self._woken:
-            self._changed()
+        occupancy = self._occupancy()
+        if drifted or occupancy != self._woken:
+            self._changed(occupancy)
         else:
             self._moved()
 

@@ -714,9 +714,9 @@ async def test_a_step_publishes_its_live_state_only_when_it_moved(
     published: list[int] = []
     changed = h.scheduler._changed
 
-    def recorded() -> None:
+    def recorded(*occupancy: Any) -> None:
         published.append(len(request.output_ids))
-        changed()
+        changed(*occupancy)
 
     setattr(h.scheduler, "_changed", recorded)  # noqa: B010
     step_once(h.scheduler)  # the prompt runs, then its first decode in the same step
